@@ -1,0 +1,89 @@
+"""Reference detectors every result is compared with: random scores and Isolation Forest.
+
+Both follow one contract, ``fit(X_train)`` then ``score(X) -> (n,)`` with higher meaning more anomalous.
+Missing values (nan) are replaced by the training column means, as Isolation Forest cannot take them.
+
+>>> import numpy as np
+>>> X = np.random.default_rng(0).normal(size=(300, 2))
+>>> forest = IsolationForestScores(seed=0).fit(X)
+>>> bool(forest.score(np.array([[6.0, 6.0]]))[0] > np.median(forest.score(X)))
+True
+>>> RandomScores(seed=1).fit(X).score(X[:3]).shape
+(3,)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _fill_missing(X: np.ndarray, column_means: np.ndarray) -> np.ndarray:
+    X = np.array(X, dtype=np.float64, ndmin=2)
+    missing = ~np.isfinite(X)
+    if missing.any():
+        X[missing] = np.broadcast_to(column_means, X.shape)[missing]
+    return X
+
+
+class RandomScores:
+    """Uniform random scores, seeded: the chance level of every metric (ROC-AUC 0.5, PR-AUC = anomaly rate)."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def fit(self, X_train: np.ndarray) -> "RandomScores":
+        return self
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        return self.rng.random(len(X))
+
+
+class IsolationForestScores:
+    """Isolation Forest (Liu, Ting, Zhou 2008; scikit-learn) fit on one device's training data.
+
+    Strong on readings that are far from the bulk in a few metrics; blind to anomalies that only show in time
+    (it sees each reading alone). Score: the negated ``score_samples`` (higher = more anomalous).
+    """
+
+    def __init__(self, n_estimators: int = 100, seed: int = 0):
+        self.n_estimators = n_estimators
+        self.seed = seed
+        self.forest = None
+        self.column_means: np.ndarray | None = None
+
+    def fit(self, X_train: np.ndarray) -> "IsolationForestScores":
+        from sklearn.ensemble import IsolationForest
+        X_train = np.asarray(X_train, dtype=np.float64)
+        self.column_means = np.nan_to_num(np.nanmean(np.where(np.isfinite(X_train), X_train, np.nan), axis=0))
+        self.forest = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed)
+        self.forest.fit(_fill_missing(X_train, self.column_means))
+        return self
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        if self.forest is None:
+            raise RuntimeError("IsolationForestScores.score before fit")
+        return -self.forest.score_samples(_fill_missing(X, self.column_means))
+
+
+class DBSCANScores:
+    """`models.dbscan.DBSCANDetector` on standardised readings (distance to the nearest core point).
+
+    Standardising with the training mean and deviation keeps one metric with a large range from deciding
+    every distance.
+    """
+
+    def __init__(self, min_samples: int = 10, max_fit_points: int = 2000, seed: int = 0):
+        from models.dbscan import DBSCANDetector
+        from models.scaler import RunningScaler
+        self.scaler = RunningScaler()
+        self.detector = DBSCANDetector(min_samples=min_samples, max_fit_points=max_fit_points, seed=seed)
+
+    def fit(self, X_train: np.ndarray) -> "DBSCANScores":
+        X_train = np.asarray(X_train, dtype=np.float64)
+        self.column_means = np.nan_to_num(np.nanmean(np.where(np.isfinite(X_train), X_train, np.nan), axis=0))
+        X_train = _fill_missing(X_train, self.column_means)
+        self.scaler.learn_many(X_train)
+        self.detector.learn_many(self.scaler.transform_many(X_train))
+        return self
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        return self.detector.score_many(self.scaler.transform_many(_fill_missing(X, self.column_means)))

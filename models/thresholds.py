@@ -1,0 +1,223 @@
+"""Online alert thresholds over a bounded history of recent anomaly scores (no labels).
+
+All three share one contract: ``update_one(score)`` / ``update_many(scores)`` add scores, ``threshold`` is the
+current cut (``inf`` until `MIN_SCORES` scores were seen), ``to_array()`` / ``threshold_from_array(a)``
+serialise the whole state as one flat float64 array. The cut is refitted every `refit_every` scores.
+
+Keeping only the last `history` scores lets the threshold follow a model that keeps learning (its scores fall),
+at a price: a burst of anomalies longer than about ``q * history`` raises the cut for the next `history` scores.
+
+>>> import numpy as np
+>>> scores = np.random.default_rng(0).normal(size=5000)
+>>> for kind in ("sigma", "quantile", "pot"):
+...     t = make_threshold({"kind": kind, "target_false_alarm_rate": 0.01, "sigma_k": 2.33, "history": 2000})
+...     t.update_many(scores)
+...     print(kind, round(t.threshold, 1))
+sigma 2.4
+quantile 2.3
+pot 2.4
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+MIN_SCORES = 20  # below this many scores no cut is meaningful: `threshold` stays inf (no alerts)
+
+
+class _RecentScores:
+    """Ring buffer of the last `capacity` finite scores."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self._buf = np.zeros(self.capacity)
+        self._next = 0
+        self.count = 0
+
+    def extend(self, scores: np.ndarray) -> None:
+        scores = scores[np.isfinite(scores)][-self.capacity:]
+        idx = (self._next + np.arange(scores.shape[0])) % self.capacity
+        self._buf[idx] = scores
+        self._next = (self._next + scores.shape[0]) % self.capacity
+        self.count = min(self.count + scores.shape[0], self.capacity)
+
+    def values(self) -> np.ndarray:
+        """Scores oldest first."""
+        if self.count < self.capacity:
+            return self._buf[:self.count].copy()
+        return np.roll(self._buf, -self._next)
+
+
+class OnlineThreshold:
+    """Base class: history, refit cadence and serialisation; subclasses implement `_fit(scores) -> float`."""
+
+    KIND = 0.0  # code stored first in `to_array`, for `threshold_from_array`
+    PARAMS: tuple[str, ...] = ()  # constructor parameters before `history`, stored in `to_array`
+
+    def __init__(self, history: int = 2000, refit_every: int = 16):
+        self.history = _RecentScores(history)
+        self.refit_every = int(refit_every)
+        self._since_fit = 0
+        self._threshold = math.inf
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    def update_one(self, score: float) -> None:
+        self.update_many(np.array([score], dtype=np.float64))
+
+    def update_many(self, scores: np.ndarray) -> None:
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        self.history.extend(scores)
+        self._since_fit += scores.shape[0]
+        if self._since_fit >= self.refit_every or self._threshold == math.inf:
+            self.refit()
+
+    def refit(self) -> None:
+        """Recompute the cut from the current history now."""
+        self._since_fit = 0
+        if self.history.count >= MIN_SCORES:
+            self._threshold = float(self._fit(self.history.values()))
+
+    def _fit(self, scores: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def to_array(self) -> np.ndarray:
+        """``[kind, history capacity, refit_every, params..., since_fit, threshold, scores oldest first...]``."""
+        params = [getattr(self, name) for name in self.PARAMS]
+        head = [self.KIND, self.history.capacity, self.refit_every, *params, self._since_fit,
+                self._threshold]
+        return np.concatenate([np.array(head, dtype=np.float64), self.history.values()])
+
+    @classmethod
+    def from_array(cls, state: np.ndarray) -> "OnlineThreshold":
+        state = np.asarray(state, dtype=np.float64)
+        n_params = len(cls.PARAMS)
+        params = state[3:3 + n_params].tolist()
+        obj = cls(*params, history=int(state[1]), refit_every=int(state[2]))
+        obj.history.extend(state[5 + n_params:])
+        obj._since_fit = int(state[3 + n_params])
+        obj._threshold = float(state[4 + n_params])
+        return obj
+
+
+class SigmaThreshold(OnlineThreshold):
+    """Cut at mean + k·σ of the recent scores.
+
+    Simple and stable, but only calibrated when scores are roughly Gaussian; reconstruction errors are skewed,
+    so for a target false-alarm rate prefer `QuantileThreshold` or `PotThreshold`. With Gaussian scores
+    k = 2.33 flags 1 %, k = 3 flags 0.13 %.
+    """
+
+    KIND = 1.0
+    PARAMS = ("k",)
+
+    def __init__(self, k: float = 3.0, history: int = 2000, refit_every: int = 16):
+        super().__init__(history, refit_every)
+        self.k = float(k)
+
+    def _fit(self, scores: np.ndarray) -> float:
+        return float(scores.mean() + self.k * scores.std())
+
+
+class QuantileThreshold(OnlineThreshold):
+    """Cut at the empirical (1 − q) quantile of the recent scores.
+
+    Distribution-free, but it cannot place the cut beyond the largest recent score, so with ``q * history``
+    below a handful of scores it is noisy; `PotThreshold` extrapolates the tail instead.
+    """
+
+    KIND = 2.0
+    PARAMS = ("q",)
+
+    def __init__(self, q: float = 0.01, history: int = 2000, refit_every: int = 16):
+        super().__init__(history, refit_every)
+        self.q = float(q)
+
+    def _fit(self, scores: np.ndarray) -> float:
+        return float(np.quantile(scores, 1.0 - self.q))
+
+
+class PotThreshold(OnlineThreshold):
+    """Peaks-Over-Threshold cut for a target false-alarm rate q (Siffer et al., KDD 2017, "SPOT").
+
+    Extreme value theory: excesses over a high initial threshold t follow a Generalized Pareto distribution
+    (Pickands–Balkema–de Haan), whatever the distribution of the scores. We take t as the `level` quantile of
+    the recent scores, fit the GPD to the N_t excesses by the method of moments (not Grimshaw's maximum
+    likelihood: closed form, no root finding; valid for shape γ < 1/2, i.e. tails lighter than a power law with
+    finite variance), and return the SPOT cut
+
+        z_q = t + σ/γ · ((q·n / N_t)^(−γ) − 1)        (γ → 0: z_q = t − σ·log(q·n / N_t))
+
+    over the n recent scores. It differs from SPOT in refitting on a sliding history (like DSPOT's drift
+    handling) instead of growing the peak set forever. Good at small q, where a plain quantile runs out of data.
+
+    Parameters
+    ----------
+    q
+        Target probability of a score above the cut on normal data.
+    level
+        Quantile of the initial threshold t (SPOT uses 0.98). With a short history it is lowered so that at
+        least `MIN_PEAKS` excesses are fitted.
+    """
+
+    KIND = 3.0
+    PARAMS = ("q", "level")
+    MIN_PEAKS = 10  # fewer excesses give a useless moment estimate of the GPD
+
+    def __init__(self, q: float = 0.01, level: float = 0.98, history: int = 2000, refit_every: int = 16):
+        super().__init__(history, refit_every)
+        self.q = float(q)
+        self.level = float(level)
+        self.gamma = 0.0
+        self.sigma = 0.0
+
+    def _fit(self, scores: np.ndarray) -> float:
+        n = scores.shape[0]
+        n_peaks = min(max(self.MIN_PEAKS, math.ceil((1.0 - self.level) * n)), n // 2)
+        t = float(np.partition(scores, n - n_peaks - 1)[n - n_peaks - 1])
+        excesses = scores[scores > t] - t
+        if excesses.shape[0] == 0:
+            return t
+        mean, var = float(excesses.mean()), float(excesses.var())
+        if var <= 0.0:  # all excesses equal: fall back to the exponential tail (γ = 0, σ = mean)
+            self.gamma, self.sigma = 0.0, mean
+        else:
+            ratio = mean * mean / var
+            self.gamma, self.sigma = 0.5 * (1.0 - ratio), 0.5 * mean * (1.0 + ratio)
+        r = self.q * n / excesses.shape[0]
+        if abs(self.gamma) < 1e-9:
+            return t - self.sigma * math.log(r)
+        return t + self.sigma / self.gamma * (r ** (-self.gamma) - 1.0)
+
+
+KINDS: dict[str, type[OnlineThreshold]] = {"sigma": SigmaThreshold, "quantile": QuantileThreshold,
+                                           "pot": PotThreshold}
+
+
+def make_threshold(cfg: Any) -> OnlineThreshold:
+    """The threshold named by ``cfg.kind`` (a `threshold:` config section or a plain dict with the same keys)."""
+    get = cfg.get if isinstance(cfg, Mapping) else lambda k, d=None: getattr(cfg, k, d)
+    kind = get("kind", "pot")
+    q = float(get("target_false_alarm_rate", 0.01))
+    history = int(get("history", 2000))
+    if kind == "sigma":
+        return SigmaThreshold(float(get("sigma_k", 3.0)), history=history)
+    if kind == "quantile":
+        return QuantileThreshold(q, history=history)
+    if kind == "pot":
+        return PotThreshold(q, history=history)
+    raise ValueError(f"threshold.kind: unknown kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+def threshold_from_array(state: np.ndarray) -> OnlineThreshold:
+    """Rebuild any threshold from its `to_array()` state."""
+    by_code = {cls.KIND: cls for cls in KINDS.values()}
+    try:
+        cls = by_code[float(state[0])]
+    except (KeyError, IndexError):
+        raise ValueError(f"not a threshold state (kind code {state[:1]!r})") from None
+    return cls.from_array(state)

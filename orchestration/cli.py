@@ -1,0 +1,60 @@
+"""`flead`: the command line of FLEAD.
+
+Each command lives in its own module, which exposes ``register(subparsers)``: it adds its parser and sets
+``func(args, cfg) -> int``. Modules import heavy libraries (pyflink, pyspark) inside ``func`` only, so
+``flead --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from config import ConfigError, load_config
+
+# Modules that register commands, in the order `flead --help` lists them.
+COMMAND_MODULES = [
+    "orchestration.stack_cli",      # up, down, status
+    "telemetry.cli",                # produce, consume
+    "orchestration.evaluate_cli",   # evaluate
+    "flink_jobs.cli",               # stream
+    "spark_jobs.cli",               # aggregate, evaluate-models, api
+    "visualization.cli",            # superset
+    "orchestration.demo",           # demo, report
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flead", description="Real-time, federated anomaly detection on device telemetry.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that part is not installed in this checkout
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        print(f"flead: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args, cfg) or 0)
+    except KeyboardInterrupt:
+        print("flead: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`flead evaluate`: local vs federated vs centralized detectors and baselines on one labelled split.
+
+The protocol is `models.evaluation`'s; this module only loads the data (`telemetry.datasets`), builds the
+detector factory and the aggregation strategy from the configuration, prints progress and a table, and writes
+the JSON report.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+TABLE_COLUMNS = ("roc_auc", "pr_auc", "f1", "precision", "recall", "best_f1", "f1_pa")
+QUICK = {"devices": 4, "train_rows": 3000, "test_rows": 3000, "rounds": 2}
+# NAB series have one metric: the dense autoencoder then reconstructs a short recent window of it
+# (lags, a rolling mean and deviation, the rate of change) instead of a single number. Fixed a priori.
+NAB_FEATURES = {"lags": [1, 2, 3], "rolling_windows": [6], "rate_of_change": True}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="compare local, federated and centralized detectors with baselines on labelled data",
+        description="Train on the training split, score the test split, report ROC-AUC, PR-AUC, F1 at an operating "
+                    "threshold chosen without test labels, best F1 (an upper bound) and point-adjusted F1.")
+    p.add_argument("--dataset", choices=["asd", "nab", "nsl-kdd"],
+                   help="a reference data set under paths.data_dir (default: asd unless --train/--test are given)")
+    p.add_argument("--train", help="multi-entity CSV[.gz] for training: device_id,timestamp,<metrics...>[,label]")
+    p.add_argument("--test", help="multi-entity CSV[.gz] for testing, with a label column")
+    p.add_argument("--model", choices=["ae", "lstm_ae"], help="per-device network (default: model.kind)")
+    p.add_argument("--rounds", type=int, default=10, help="federated rounds (local/centralized get as many epochs)")
+    p.add_argument("--local-epochs", type=int, default=1, help="epochs over a device's data per round")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="also report the federated model fine-tuned this many local epochs")
+    p.add_argument("--clients", type=int, default=20, help="nsl-kdd: number of client devices")
+    p.add_argument("--non-iid", action="store_true", help="nsl-kdd: clients by service instead of at random")
+    p.add_argument("--keep-train-attacks", action="store_true",
+                   help="nsl-kdd: train on attacks too (default: normal training rows only, selected with the "
+                        "TRAINING labels, the usual semi-supervised protocol)")
+    p.add_argument("--models", default=",".join(("federated", "local", "centralized", "isolation_forest",
+                                                  "dbscan", "random")),
+                   help="comma-separated subset of the models to run")
+    p.add_argument("--seed", type=int, default=0, help="seed of the baselines and of the nsl-kdd client split")
+    p.add_argument("--json", dest="json_out", help="write the report to this JSON file")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['devices']} devices, {QUICK['train_rows']} rows each, "
+                        f"{QUICK['rounds']} rounds (not for reporting)")
+    p.set_defaults(func=run_evaluate)
+
+
+def _load(args, cfg):
+    from telemetry import datasets
+    data = cfg.data_dir
+    if args.train or args.test:
+        if not (args.train and args.test):
+            raise SystemExit("flead evaluate: give both --train and --test")
+        return (args.dataset or Path(args.train).resolve().parent.name,   # e.g. asd for asd/train.csv.gz
+                *datasets.load_multi_entity(args.train, args.test), {})
+    dataset = args.dataset or "asd"
+    if dataset == "asd":
+        return (dataset, *datasets.load_multi_entity(data / "asd" / "train.csv.gz", data / "asd" / "test.csv.gz"),
+                {})
+    if dataset == "nab":
+        return (dataset, *datasets.load_nab(data / "nab"), {"probation": "the first 15 % of each series trains"})
+    train_normal_only = not args.keep_train_attacks
+    train, test, names = datasets.load_nsl_kdd(data / "nsl-kdd" / "KDDTrain+_20Percent.txt",
+                                               data / "nsl-kdd" / "KDDTest+.txt", clients=args.clients,
+                                               non_iid=args.non_iid, seed=args.seed,
+                                               train_normal_only=train_normal_only)
+    test = {d: v for d, v in test.items() if d in train and len(train[d]) >= 10}
+    train = {d: X for d, X in train.items() if d in test}
+    return dataset, train, test, names, {"clients": args.clients, "non_iid": args.non_iid,
+                                         "train_normal_only": train_normal_only}
+
+
+def _shrink(train, test):
+    devices = list(train)[:QUICK["devices"]]
+    return ({d: train[d][:QUICK["train_rows"]] for d in devices},
+            {d: (test[d][0][:QUICK["test_rows"]], test[d][1][:QUICK["test_rows"]]) for d in devices})
+
+
+def _nab_windows(y):
+    from models.metrics import anomaly_segments
+    return [(start, end - 1) for start, end in anomaly_segments(y)]
+
+
+def _nab_scores(evaluation, test, cfg) -> dict:
+    """NAB score (standard profile) per model: at the operating threshold, and at NAB's optimised threshold."""
+    from models.metrics import NAB_STANDARD_PROFILE, nab_score, nab_score_optimised
+    profiles = cfg.data_dir / "nab" / "profiles.json"
+    profile = (json.loads(profiles.read_text())["standard"]["CostMatrix"] if profiles.is_file()
+               else NAB_STANDARD_PROFILE)
+    out = {}
+    for name, scores in evaluation.scores.items():
+        # Our test split starts after NAB's probationary 15 %, so nothing more is skipped. At the operating
+        # point each device has its own threshold: score its flags (1.0 = above the threshold).
+        thresholds = evaluation.thresholds[name]
+        flags = [((scores[d] > thresholds[d]).astype(float), _nab_windows(test[d][1])) for d in scores]
+        series = [(scores[d], _nab_windows(test[d][1])) for d in scores]
+        out[name] = {"operating": nab_score(flags, 1.0, profile, probation_percent=0.0),
+                     "optimised": nab_score_optimised(series, profile, probation_percent=0.0)}
+    return out
+
+
+def _without_nan(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def format_table(report: dict) -> str:
+    """The models × metrics table as GitHub markdown (also readable in a terminal)."""
+    nab = report.get("nab_score")
+    columns = list(TABLE_COLUMNS) + (["nab", "nab_opt"] if nab else [])
+    lines = ["| model | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    for name, m in report["models"].items():
+        cells = [m.get(c) for c in TABLE_COLUMNS]
+        if nab:
+            cells += [nab[name]["operating"]["score"], nab[name]["optimised"]["score"]]
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None or (isinstance(v, float) and math.isnan(v))
+                                                  else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def run_evaluate(args, cfg) -> int:
+    import numpy as np
+
+    from models.aggregation import make_strategy
+    from models.detector import DeviceDetector
+    from models.evaluation import evaluate_fleet
+
+    started = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - started:7.1f}s] {line}", flush=True)
+
+    dataset, train, test, names, facts = _load(args, cfg)
+    rounds = args.rounds
+    if args.quick:
+        train, test = _shrink(train, test)
+        rounds = min(rounds, QUICK["rounds"])
+    kind = args.model or cfg.model.kind
+    # The detector's own online threshold is not used here (the evaluation thresholds calibration scores):
+    # the quantile rule is the cheapest to keep updated while training.
+    overrides = {"kind": kind, "threshold_kind": "quantile", **(NAB_FEATURES if dataset == "nab" else {})}
+    say(f"{dataset}: {len(train)} devices, {sum(len(X) for X in train.values())} training and "
+        f"{sum(len(X) for X, _ in test.values())} test rows, {len(names)} metrics; model {kind}, {rounds} rounds "
+        f"x {args.local_epochs} epoch(s)")
+    threshold_cfg = {k: cfg.threshold[k] for k in ("kind", "target_false_alarm_rate", "sigma_k")}
+    evaluation = evaluate_fleet(
+        train, test, lambda: DeviceDetector.create(names, cfg, **overrides), rounds=rounds,
+        local_epochs=args.local_epochs, strategy=make_strategy(cfg), finetune_epochs=args.finetune_epochs,
+        threshold_cfg=threshold_cfg, seed=args.seed, progress=say,
+        models=[m.strip() for m in args.models.split(",") if m.strip()])
+    report = {"dataset": dataset, "model": kind, "metrics": names if len(names) <= 40 else len(names), **facts,
+              **evaluation.report, "quick": args.quick, "seconds": round(time.monotonic() - started, 1)}
+    if dataset == "nab":
+        report["nab_score"] = _nab_scores(evaluation, test, cfg)
+    print(format_table(report))
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_without_nan(report), indent=1, default=lambda v: v.item()
+                                  if isinstance(v, np.generic) else str(v)) + "\n")
+        say(f"wrote {out}")
+    return 0
+

@@ -1,0 +1,197 @@
+"""The embedded local stack: a KRaft Kafka broker and a MongoDB-compatible server (FerretDB, SQLite backend).
+
+`up(cfg)` starts what the configuration does not point elsewhere (``kafka.bootstrap`` / ``mongo.uri`` empty),
+waits for health, creates the topics of ``kafka.topics`` and initialises the MongoDB collections. `up` when
+already up changes nothing; `down` stops only what `up` started.
+"""
+from __future__ import annotations
+
+import base64
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from config import PROJECT_ROOT, Config
+from orchestration import processes
+from orchestration.processes import StackError
+
+KAFKA = "kafka"
+MONGO = "mongo"
+HEALTH_TIMEOUT_S = 90.0
+
+
+def _kafka_dir(cfg: Config) -> Path:
+    return cfg.state_dir / "kafka"
+
+
+def _kafka_classpath(cfg: Config) -> str:
+    libs = cfg.build_dir / "kafka-libs"
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        raise StackError(f"Kafka broker jars missing in {libs}; run `make setup` (or bash orchestration/setup.sh core)")
+    return f"{libs}/*"
+
+
+def _java_cmd(cfg: Config, main_class: str, *args: str) -> list[str]:
+    heap = cfg.kafka.heap_mb
+    return ["java", f"-Xms{heap}m", f"-Xmx{heap}m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExplicitGCInvokesConcurrent", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={PROJECT_ROOT / 'kafka' / 'log4j2.properties'}",
+            "-cp", _kafka_classpath(cfg), main_class, *args]
+
+
+def _write_server_properties(cfg: Config) -> Path:
+    data = _kafka_dir(cfg) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    template = (PROJECT_ROOT / "kafka" / "server.properties.template").read_text()
+    props = template.format(host=cfg.kafka.host, port=cfg.kafka.port, controller_port=cfg.kafka.controller_port,
+                            log_dir=data, retention_hours=cfg.kafka.retention_hours)
+    path = _kafka_dir(cfg) / "server.properties"
+    path.write_text(props)
+    return path
+
+
+def _format_kafka_storage(cfg: Config, properties: Path) -> None:
+    """Format the KRaft storage once (a new cluster id); later starts reuse it."""
+    if (_kafka_dir(cfg) / "data" / "meta.properties").exists():
+        return
+    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    result = subprocess.run(_java_cmd(cfg, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
+                                      "-c", str(properties)), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+
+def kafka_healthy(bootstrap: str, timeout: float = 3.0) -> bool:
+    """True when the brokers at `bootstrap` answer a metadata request."""
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=timeout)
+        return True
+    except Exception:  # any client error means "not healthy yet"
+        return False
+
+
+def start_kafka(cfg: Config) -> bool:
+    """Start the embedded broker unless it runs already; True if this call started it."""
+    state = cfg.state_dir
+    if processes.running_pid(state, KAFKA):
+        return False
+    processes.ensure_port_free(cfg.kafka.host, cfg.kafka.port, "FLEAD_KAFKA_PORT")
+    processes.ensure_port_free(cfg.kafka.host, cfg.kafka.controller_port, "FLEAD_KAFKA_CONTROLLER_PORT")
+    properties = _write_server_properties(cfg)
+    _format_kafka_storage(cfg, properties)
+    processes.start(state, KAFKA, _java_cmd(cfg, "kafka.Kafka", str(properties)))
+    processes.wait_until(lambda: kafka_healthy(cfg.kafka_bootstrap), "broker metadata", HEALTH_TIMEOUT_S, state, KAFKA)
+    return True
+
+
+def ensure_topics(cfg: Config) -> list[str]:
+    """Create the topics declared in config that do not exist yet; returns the names created."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": cfg.kafka_bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = {cfg.kafka.topics[key]: cfg.kafka.partitions[key] for key in cfg.kafka.topics.to_dict()}
+    missing = [NewTopic(name, num_partitions=parts, replication_factor=1)
+               for name, parts in wanted.items() if name not in existing]
+    if not missing:
+        return []
+    for name, future in admin.create_topics(missing, request_timeout=30).items():
+        try:
+            future.result()
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise StackError(f"could not create topic {name} on {cfg.kafka_bootstrap}: {exc}") from exc
+    return [topic.topic for topic in missing]
+
+
+def _ferretdb_binary(cfg: Config) -> Path:
+    binary = cfg.build_dir / "bin" / "ferretdb"
+    if not binary.exists():
+        raise StackError(f"{binary} missing; run `make setup` (or set FLEAD_MONGO_URI to use your own MongoDB)")
+    return binary
+
+
+def mongo_healthy(uri: str, timeout_ms: int = 2000) -> bool:
+    """True when the MongoDB server at `uri` answers a ping."""
+    import pymongo
+
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
+    try:
+        client.admin.command("ping")
+        return True
+    except Exception:  # any driver error means "not healthy yet"
+        return False
+    finally:
+        client.close()
+
+
+def start_mongo(cfg: Config) -> bool:
+    """Start the embedded FerretDB server unless it runs already; True if this call started it."""
+    state = cfg.state_dir
+    if processes.running_pid(state, MONGO):
+        return False
+    processes.ensure_port_free(cfg.mongo.host, cfg.mongo.port, "FLEAD_MONGO_PORT")
+    data = state / "mongo" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [str(_ferretdb_binary(cfg)), "--handler=sqlite", f"--sqlite-url=file:{data}/",
+           f"--listen-addr={cfg.mongo.host}:{cfg.mongo.port}", f"--state-dir={state / 'mongo'}",
+           "--telemetry=disable", "--debug-addr=-", "--log-level=warn"]
+    processes.start(state, MONGO, cmd)
+    processes.wait_until(lambda: mongo_healthy(cfg.mongo_uri), "MongoDB ping", HEALTH_TIMEOUT_S, state, MONGO)
+    return True
+
+
+def up(cfg: Config, say: Callable[[str], None] = print) -> dict[str, str]:
+    """Start the embedded servers the config needs, create topics and collections; idempotent."""
+    report: dict[str, str] = {}
+    if cfg.kafka_embedded:
+        report[KAFKA] = "started" if start_kafka(cfg) else "already running"
+    elif not kafka_healthy(cfg.kafka_bootstrap, timeout=10):
+        raise StackError(f"FLEAD_KAFKA_BOOTSTRAP={cfg.kafka_bootstrap}: no broker answers there")
+    else:
+        report[KAFKA] = f"external {cfg.kafka_bootstrap}"
+    say(f"kafka   {cfg.kafka_bootstrap:<28} {report[KAFKA]}")
+    created = ensure_topics(cfg)
+    if created:
+        say(f"topics  created {', '.join(created)}")
+    if cfg.mongo_embedded:
+        report[MONGO] = "started" if start_mongo(cfg) else "already running"
+    elif not mongo_healthy(cfg.mongo_uri, timeout_ms=10000):
+        raise StackError(f"FLEAD_MONGO_URI={cfg.mongo_uri}: no MongoDB server answers there")
+    else:
+        report[MONGO] = "external"
+    say(f"mongodb {cfg.mongo_uri:<28} {report[MONGO]}")
+    from storage import mongo as mongo_storage
+
+    mongo_storage.init_db(mongo_storage.connect(cfg), cfg)
+    return report
+
+
+def down(cfg: Config, say: Callable[[str], None] = print) -> list[str]:
+    """Stop every process that flead started in this state directory (servers last); returns their names."""
+    stopped = []
+    run = processes.run_dir(cfg.state_dir)
+    names = sorted(p.stem for p in run.glob("*.pid")) if run.exists() else []
+    for name in sorted(names, key=lambda n: n in (KAFKA, MONGO)):  # clients first, servers last
+        if processes.stop(cfg.state_dir, name):
+            stopped.append(name)
+            say(f"stopped {name}")
+    return stopped
+
+
+def status(cfg: Config) -> dict[str, dict]:
+    """What runs: each managed process (pid) and whether each server answers."""
+    run = processes.run_dir(cfg.state_dir)
+    result: dict[str, dict] = {}
+    for pid_file in sorted(run.glob("*.pid")) if run.exists() else []:
+        pid = processes.running_pid(cfg.state_dir, pid_file.stem)
+        result[pid_file.stem] = {"pid": pid, "running": pid is not None}
+    result.setdefault(KAFKA, {"pid": None, "running": False})["healthy"] = kafka_healthy(cfg.kafka_bootstrap, 2.0)
+    result[KAFKA]["address"] = cfg.kafka_bootstrap
+    result.setdefault(MONGO, {"pid": None, "running": False})["healthy"] = mongo_healthy(cfg.mongo_uri, 1500)
+    result[MONGO]["address"] = cfg.mongo_uri
+    return result
+

@@ -1,0 +1,187 @@
+"""MongoDB access for FLEAD: connection, idempotent collection set-up, and repository functions.
+
+Every write is an upsert keyed by the document's natural id (see docs/contracts.md), so replaying a record
+never duplicates it. Collection names come from `mongo.collections` in the config; functions take the
+collection's *key* (``"predictions"``), not its name.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Iterable, Sequence
+
+import pymongo
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+
+from config import Config
+from storage.schemas import INDEXES, SCHEMAS, SchemaViolation, check_document
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000
+UPSERT_CHUNK = 50  # FerretDB v1 stalls on larger bulk upserts
+
+__all__ = ["connect", "init_db", "collection", "upsert_documents", "write_predictions", "write_device_data",
+           "insert_new", "write_local_models", "latest_local_models", "write_global_model", "latest_global_model",
+           "write_aggregation_round", "write_metrics", "write_dead_letters", "reading_id", "SchemaViolation",
+           "StorageError"]
+
+
+class StorageError(RuntimeError):
+    """MongoDB could not be reached or refused an operation; the message says where and why."""
+
+
+def connect(cfg: Config, timeout_ms: int = 5000) -> Database:
+    """The configured database, after checking the server answers."""
+    client = pymongo.MongoClient(cfg.mongo_uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=True)
+    try:
+        client.admin.command("ping")
+    except PyMongoError as exc:
+        raise StorageError(f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri} ({exc.__class__.__name__}); "
+                           f"start the embedded server with `flead up` or point FLEAD_MONGO_URI at a MongoDB") from exc
+    return client[cfg.mongo.database]
+
+
+def collection(db: Database, cfg: Config, key: str):
+    """The collection configured under `mongo.collections.<key>`."""
+    return db[cfg.mongo.collections[key]]
+
+
+def init_db(db: Database, cfg: Config) -> dict[str, bool]:
+    """Create every collection with its validator (where the server supports them) and indexes; idempotent.
+
+    Returns, per collection key, whether the server enforces the schema itself.
+    """
+    existing = set(db.list_collection_names())
+    enforced: dict[str, bool] = {}
+    for key, schema in SCHEMAS.items():
+        name = cfg.mongo.collections[key]
+        validator = {"$jsonSchema": schema}
+        try:
+            if name in existing:
+                db.command({"collMod": name, "validator": validator, "validationLevel": "strict"})
+            else:
+                db.create_collection(name, validator=validator, validationLevel="strict")
+            enforced[key] = True
+        except OperationFailure as exc:
+            if exc.code not in (238, 115):  # NotImplemented / CommandNotSupported (FerretDB v1)
+                raise StorageError(f"creating collection {name}: {exc}") from exc
+            if name not in existing and name not in db.list_collection_names():
+                db.create_collection(name)
+            enforced[key] = False  # check_document guards writes instead
+        for keys, options in INDEXES[key]:
+            db[name].create_index(keys, **options)
+    return enforced
+
+
+def reading_id(device_id: str, seq: int) -> str:
+    """Natural id of anything about one reading: ``<device_id>:<seq>``."""
+    return f"{device_id}:{seq}"
+
+
+def _checked(key: str, docs: Iterable[dict]) -> list[dict]:
+    """Validate a whole batch before anything is written, so a bad document never leaves half a batch."""
+    docs = list(docs)
+    for doc in docs:
+        if "_id" not in doc:
+            raise SchemaViolation(f"{key}: document without _id: {str(doc)[:120]}")
+        check_document(key, doc)
+    return docs
+
+
+def insert_new(db: Database, cfg: Config, key: str, docs: Iterable[dict]) -> int:
+    """Insert documents that carry their natural `_id`; ones already stored are kept (first write wins).
+
+    Returns how many were new. Replays are therefore harmless. (Plain inserts, not upserts: FerretDB v1
+    stalls on bulk upserts of more than ~100 documents and inserts are ~10x faster.)
+    """
+    docs = _checked(key, docs)
+    inserted = 0
+    batch = cfg.mongo.write_batch_size
+    for start in range(0, len(docs), batch):
+        chunk = docs[start:start + batch]
+        try:
+            inserted += len(collection(db, cfg, key).insert_many(chunk, ordered=False).inserted_ids)
+        except BulkWriteError as exc:
+            other = [e for e in exc.details["writeErrors"] if e.get("code") != DUPLICATE_KEY]
+            if other:
+                raise StorageError(f"writing to {cfg.mongo.collections[key]}: {other[0].get('errmsg')}") from exc
+            inserted += exc.details["nInserted"]
+        except PyMongoError as exc:
+            raise StorageError(f"writing {len(chunk)} documents to {cfg.mongo.collections[key]}: {exc}") from exc
+    return inserted
+
+
+def upsert_documents(db: Database, cfg: Config, key: str, docs: Iterable[dict]) -> int:
+    """Validate and replace-or-insert documents by `_id` (last write wins); returns how many were written."""
+    docs = _checked(key, docs)
+    for start in range(0, len(docs), UPSERT_CHUNK):
+        ops = [pymongo.ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs[start:start + UPSERT_CHUNK]]
+        try:
+            collection(db, cfg, key).bulk_write(ops, ordered=False)
+        except PyMongoError as exc:
+            raise StorageError(f"writing {len(ops)} documents to {cfg.mongo.collections[key]}: {exc}") from exc
+    return len(docs)
+
+
+def write_predictions(db: Database, cfg: Config, records: Sequence[dict]) -> tuple[int, int]:
+    """Store score records in `predictions`, the anomalous ones also in `alerts`; returns how many were new."""
+    docs = [{**r, "_id": reading_id(r["device_id"], r["seq"])} for r in records]
+    alerts = [d for d in docs if d["is_anomaly"]]
+    return insert_new(db, cfg, "predictions", docs), insert_new(db, cfg, "alerts", alerts)
+
+
+def write_device_data(db: Database, cfg: Config, readings: Iterable[dict]) -> int:
+    """Store raw readings (``device_id, seq, ts, metrics[, label]``) in `device_data`; returns how many were new."""
+    return insert_new(db, cfg, "device_data",
+                            ({**r, "_id": reading_id(r["device_id"], r["seq"])} for r in readings))
+
+
+def write_local_models(db: Database, cfg: Config, snapshots: Iterable[dict]) -> int:
+    """Store weight snapshots in `local_models` (id ``<device_id>:<version>``); returns how many were new."""
+    docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s['device_id']}:{s['version']}"}
+            for s in snapshots)
+    return insert_new(db, cfg, "local_models", docs)
+
+
+def latest_local_models(db: Database, cfg: Config, since_ms: int | None = None) -> list[dict]:
+    """The newest snapshot of each device (created after `since_ms` if given), newest first."""
+    query = {} if since_ms is None else {"created_at": {"$gt": since_ms}}
+    latest: dict[str, dict] = {}
+    cursor = collection(db, cfg, "local_models").find(query).sort([("device_id", 1), ("version", -1)])
+    for doc in cursor:
+        latest.setdefault(doc["device_id"], doc)
+    return sorted(latest.values(), key=lambda d: d["created_at"], reverse=True)
+
+
+def write_global_model(db: Database, cfg: Config, model: dict) -> bool:
+    """Store a global model under its version; False (and nothing written) if that version exists already."""
+    doc = {k: v for k, v in model.items() if k != "schema"} | {"_id": model["version"]}
+    check_document("global_models", doc)
+    result = collection(db, cfg, "global_models").update_one({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)
+    return result.upserted_id is not None
+
+
+def latest_global_model(db: Database, cfg: Config) -> dict | None:
+    """The global model with the highest version, or None before the first round."""
+    return collection(db, cfg, "global_models").find_one(sort=[("version", -1)])
+
+
+def write_aggregation_round(db: Database, cfg: Config, round_doc: dict) -> int:
+    """Upsert one aggregation round (id = its `round_id`) into `aggregation_history`."""
+    return upsert_documents(db, cfg, "aggregation_history", [{**round_doc, "_id": round_doc["round_id"]}])
+
+
+def write_metrics(db: Database, cfg: Config, docs: Iterable[dict]) -> int:
+    """Upsert evaluation metrics; each document carries its own `_id` (e.g. ``<version>:<scope>:<device>``)."""
+    return upsert_documents(db, cfg, "metrics", docs)
+
+
+def write_dead_letters(db: Database, cfg: Config, letters: Iterable[dict]) -> int:
+    """Store dead letters; the id hashes source, reason and raw text, so a replay does not duplicate them."""
+    docs = []
+    for letter in letters:
+        digest = hashlib.sha1(f"{letter.get('source')}\0{letter['reason']}\0{letter['raw']}".encode()).hexdigest()
+        docs.append({k: v for k, v in letter.items() if k != "schema"} | {"_id": digest})
+    return insert_new(db, cfg, "dead_letters", docs)

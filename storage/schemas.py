@@ -1,0 +1,142 @@
+"""JSON schemas and indexes of FLEAD's MongoDB collections (keys are `mongo.collections` keys of the config).
+
+Each schema is a MongoDB ``$jsonSchema`` document. A real MongoDB enforces it server-side; servers that do not
+implement validators (FerretDB v1) get the same check client-side from `check_document` before every write,
+so a document that violates its collection's schema is refused with the same clear error everywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+NUMBER = ["double", "int", "long", "decimal"]
+INT = ["int", "long"]
+
+_ids = {"bsonType": "string", "minLength": 1, "maxLength": 200}
+_weights = {"bsonType": "string", "minLength": 1}  # base64 of a models.serialization blob
+_top_metrics = {"bsonType": "array", "items": {"bsonType": "object", "required": ["metric", "share"],
+                                              "properties": {"metric": {"bsonType": "string"},
+                                                             "share": {"bsonType": NUMBER}}}}
+_score_record = {
+    "bsonType": "object",
+    "required": ["device_id", "seq", "ts", "score", "threshold", "is_anomaly", "model_version"],
+    "properties": {
+        "device_id": _ids, "seq": {"bsonType": INT, "minimum": 0}, "ts": {"bsonType": INT},
+        "score": {"bsonType": NUMBER}, "threshold": {"bsonType": NUMBER}, "is_anomaly": {"bsonType": "bool"},
+        "top_metrics": _top_metrics, "model_version": {"bsonType": INT, "minimum": 0},
+        "global_version": {"bsonType": INT, "minimum": 0}, "label": {"bsonType": INT + ["null"]},
+        "scored_at": {"bsonType": INT},
+    },
+}
+
+SCHEMAS: dict[str, dict] = {
+    "device_data": {
+        "bsonType": "object",
+        "required": ["device_id", "seq", "ts", "metrics"],
+        "properties": {"device_id": _ids, "seq": {"bsonType": INT, "minimum": 0}, "ts": {"bsonType": INT},
+                       "metrics": {"bsonType": "object"}, "label": {"bsonType": INT + ["null"]}},
+    },
+    "predictions": _score_record,
+    "alerts": _score_record,
+    "local_models": {
+        "bsonType": "object",
+        "required": ["device_id", "version", "n_samples", "weights", "created_at"],
+        "properties": {"device_id": _ids, "version": {"bsonType": INT, "minimum": 0},
+                       "global_version": {"bsonType": INT, "minimum": 0},
+                       "n_samples": {"bsonType": INT, "minimum": 0}, "n_seen": {"bsonType": INT, "minimum": 0},
+                       "loss": {"bsonType": NUMBER + ["null"]}, "weights": _weights,
+                       "created_at": {"bsonType": INT}},
+    },
+    "global_models": {
+        "bsonType": "object",
+        "required": ["version", "strategy", "participants", "weights", "created_at"],
+        "properties": {"version": {"bsonType": INT, "minimum": 1}, "round_id": {"bsonType": "string"},
+                       "strategy": {"bsonType": "string"}, "participants": {"bsonType": "array"},
+                       "rejected": {"bsonType": "array"}, "n_samples": {"bsonType": INT, "minimum": 0},
+                       "weights": _weights, "created_at": {"bsonType": INT},
+                       "dp_epsilon": {"bsonType": NUMBER + ["null"]}, "cluster": {"bsonType": INT + ["null"]}},
+    },
+    "aggregation_history": {
+        "bsonType": "object",
+        "required": ["round_id", "strategy", "started_at"],
+        "properties": {"round_id": {"bsonType": "string"}, "version": {"bsonType": INT + ["null"]},
+                       "strategy": {"bsonType": "string"}, "n_participants": {"bsonType": INT, "minimum": 0},
+                       "n_rejected": {"bsonType": INT, "minimum": 0}, "started_at": {"bsonType": INT},
+                       "finished_at": {"bsonType": INT}},
+    },
+    "metrics": {
+        "bsonType": "object",
+        "required": ["scope", "created_at"],
+        "properties": {"scope": {"bsonType": "string", "enum": ["fleet", "device"]},
+                       "model_version": {"bsonType": INT + ["null"]}, "device_id": {"bsonType": ["string", "null"]},
+                       "created_at": {"bsonType": INT}},
+    },
+    "dead_letters": {
+        "bsonType": "object",
+        "required": ["reason", "raw", "at"],
+        "properties": {"reason": {"bsonType": "string", "minLength": 1}, "raw": {"bsonType": "string"},
+                       "source": {"bsonType": "string"}, "device_id": {"bsonType": ["string", "null"]},
+                       "at": {"bsonType": INT}},
+    },
+}
+
+# (keys, options) per collection; _id carries each collection's natural key already.
+INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict]]] = {
+    "device_data": [([("device_id", 1), ("ts", -1)], {})],
+    "predictions": [([("device_id", 1), ("ts", -1)], {}), ([("ts", -1)], {}), ([("is_anomaly", 1), ("ts", -1)], {})],
+    "alerts": [([("device_id", 1), ("ts", -1)], {}), ([("ts", -1)], {})],
+    "local_models": [([("device_id", 1), ("version", -1)], {}), ([("created_at", -1)], {})],
+    "global_models": [([("created_at", -1)], {})],
+    "aggregation_history": [([("started_at", -1)], {})],
+    "metrics": [([("model_version", -1), ("scope", 1)], {}), ([("created_at", -1)], {})],
+    "dead_letters": [([("at", -1)], {}), ([("reason", 1)], {})],
+}
+
+_PY_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "object": (dict,), "array": (list, tuple), "bool": (bool,), "null": (type(None),),
+    "int": (int,), "long": (int,), "double": (float, int), "decimal": (float, int),
+}
+
+
+class SchemaViolation(ValueError):
+    """A document that does not match its collection's schema."""
+
+
+def _type_ok(value: Any, bson_types: str | list[str]) -> bool:
+    names = [bson_types] if isinstance(bson_types, str) else bson_types
+    if isinstance(value, bool):
+        return "bool" in names
+    if hasattr(value, "dtype"):  # NumPy scalars: accept numbers by kind
+        value = value.item()
+    return any(isinstance(value, _PY_TYPES[name]) for name in names)
+
+
+def check_document(collection: str, doc: dict) -> None:
+    """Raise `SchemaViolation` naming the collection and field if `doc` breaks the collection's schema."""
+    _check(SCHEMAS[collection], doc, collection)
+
+
+def _check(schema: dict, value: Any, where: str) -> None:
+    if "bsonType" in schema and not _type_ok(value, schema["bsonType"]):
+        raise SchemaViolation(f"{where}: expected {schema['bsonType']}, got {type(value).__name__} ({value!r:.80})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SchemaViolation(f"{where}: not a finite number ({value})")
+    if "enum" in schema and value not in schema["enum"]:
+        raise SchemaViolation(f"{where}: {value!r} is not one of {schema['enum']}")
+    if "minimum" in schema and isinstance(value, (int, float)) and value < schema["minimum"]:
+        raise SchemaViolation(f"{where}: {value} is below the minimum {schema['minimum']}")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            raise SchemaViolation(f"{where}: empty string")
+        if len(value) > schema.get("maxLength", math.inf):
+            raise SchemaViolation(f"{where}: longer than {schema['maxLength']} characters")
+    if isinstance(value, dict):
+        for field in schema.get("required", ()):
+            if field not in value:
+                raise SchemaViolation(f"{where}: missing required field '{field}'")
+        for field, sub in schema.get("properties", {}).items():
+            if field in value:
+                _check(sub, value[field], f"{where}.{field}")
+    if isinstance(value, (list, tuple)) and "items" in schema:
+        for i, item in enumerate(value):
+            _check(schema["items"], item, f"{where}[{i}]")

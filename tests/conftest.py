@@ -1,0 +1,98 @@
+"""Shared fixtures: a real Kafka broker and MongoDB server for the test session, started and stopped here.
+
+- `stack`: session-wide servers on free ports in a temporary state directory (never the user's `var/`).
+- `cfg`: a Config whose topics and database are fresh for the test (unique names), so tests never see
+  each other's data. Its settings are also exported to `os.environ` for the test's duration (child processes
+  such as spark-submit or a Flink job read them); `cfg.to_env()` gives the same variables explicitly.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from config import Config, load_config
+from orchestration import processes, stack as local_stack
+
+
+@dataclass
+class Stack:
+    """The servers of one test session."""
+
+    cfg: Config
+    state_dir: Path
+
+    @property
+    def bootstrap(self) -> str:
+        return self.cfg.kafka_bootstrap
+
+    @property
+    def mongo_uri(self) -> str:
+        return self.cfg.mongo_uri
+
+
+def _session_env(state_dir: Path) -> dict[str, str]:
+    env = {"FLEAD_STATE_DIR": str(state_dir)}
+    if not os.environ.get("FLEAD_KAFKA_BOOTSTRAP"):
+        env |= {"FLEAD_KAFKA_PORT": str(processes.free_port()),
+                "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port())}
+    if not os.environ.get("FLEAD_MONGO_URI"):
+        env["FLEAD_MONGO_PORT"] = str(processes.free_port())
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """Real Kafka + MongoDB for the session (or the external ones named by FLEAD_KAFKA_BOOTSTRAP/FLEAD_MONGO_URI)."""
+    state_dir = Path(tempfile.mkdtemp(prefix="flead-test-"))
+    env = _session_env(state_dir)
+    cfg = load_config(env={**os.environ, **env})
+    try:
+        local_stack.up(cfg, say=lambda line: None)
+        yield Stack(cfg=cfg, state_dir=state_dir)
+    finally:
+        local_stack.down(cfg, say=lambda line: None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cfg(stack):
+    """A Config on the session's servers with this test's own topics and database."""
+    suffix = uuid.uuid4().hex[:8]
+    overrides = {**stack.cfg.to_env()}
+    for key, name in stack.cfg.kafka.topics.to_dict().items():
+        overrides[f"FLEAD_KAFKA_TOPICS_{key.upper()}"] = f"{name}.{suffix}"
+    overrides["FLEAD_MONGO_DATABASE"] = f"{stack.cfg.mongo.database}_{suffix}"
+    test_cfg = load_config(env={**os.environ, **overrides})
+    local_stack.ensure_topics(test_cfg)
+    from storage import mongo
+
+    db = mongo.connect(test_cfg)
+    mongo.init_db(db, test_cfg)
+    saved = {key: os.environ.get(key) for key in overrides}
+    os.environ.update(overrides)
+    try:
+        yield test_cfg
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        db.client.drop_database(db.name)
+        db.client.close()
+
+
+@pytest.fixture
+def db(cfg):
+    """The test's own MongoDB database (dropped afterwards)."""
+    from storage import mongo
+
+    database = mongo.connect(cfg)
+    yield database
+    database.client.close()

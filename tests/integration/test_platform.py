@@ -1,0 +1,109 @@
+"""The platform against the real servers: Kafka round trip, every collection, schemas, idempotent replays,
+and `flead up`/`flead down` as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from orchestration import processes
+from storage import mongo
+from storage.schemas import SchemaViolation
+
+pytestmark = pytest.mark.integration
+
+
+def test_ten_thousand_messages_come_back_in_order_per_device(cfg):
+    topic = cfg.kafka.topics.telemetry
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": 5})
+    devices = [f"dev-{i}" for i in range(20)]
+    for seq in range(500):
+        for device in devices:
+            producer.produce(topic, key=device, value=json.dumps({"device_id": device, "seq": seq}))
+    assert producer.flush(30) == 0
+    consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": "platform-test",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    seen: dict[str, list[int]] = defaultdict(list)
+    deadline = time.monotonic() + 60
+    while sum(map(len, seen.values())) < 10_000 and time.monotonic() < deadline:
+        for msg in consumer.consume(1000, timeout=1.0):
+            assert msg.error() is None, msg.error()
+            record = json.loads(msg.value())
+            seen[record["device_id"]].append(record["seq"])
+    consumer.close()
+    assert sum(map(len, seen.values())) == 10_000
+    assert all(seen[d] == list(range(500)) for d in devices)
+
+
+def _score(device, seq, anomaly=False):
+    return {"device_id": device, "seq": seq, "ts": 1_700_000_000_000 + seq * 1000, "score": 0.1 * seq,
+            "threshold": 1.0, "is_anomaly": anomaly, "model_version": 1, "global_version": 0,
+            "top_metrics": [{"metric": "m00", "share": 1.0}], "label": None, "scored_at": 1}
+
+
+def test_every_collection_is_written_and_read(cfg, db):
+    assert mongo.write_device_data(db, cfg, [{"device_id": "d", "seq": 0, "ts": 1, "metrics": {"a": 1.0}}]) == 1
+    assert mongo.write_predictions(db, cfg, [_score("d", 0), _score("d", 1, anomaly=True)]) == (2, 1)
+    snap = {"schema": "flead.snapshot/1", "device_id": "d", "version": 1, "global_version": 0, "n_samples": 10,
+            "n_seen": 10, "loss": 0.1, "weights": "QUJD", "created_at": 5}
+    assert mongo.write_local_models(db, cfg, [snap, {**snap, "version": 2, "created_at": 6}]) == 2
+    assert mongo.latest_local_models(db, cfg)[0]["version"] == 2
+    model = {"version": 1, "strategy": "fedavg", "participants": ["d"], "weights": "QUJD", "created_at": 7}
+    assert mongo.write_global_model(db, cfg, model) is True
+    assert mongo.write_global_model(db, cfg, model) is False  # the same round again creates nothing
+    assert mongo.latest_global_model(db, cfg)["version"] == 1
+    mongo.write_aggregation_round(db, cfg, {"round_id": "r1", "strategy": "fedavg", "started_at": 1,
+                                            "n_participants": 1, "n_rejected": 0})
+    mongo.write_metrics(db, cfg, [{"_id": "1:fleet:", "scope": "fleet", "model_version": 1, "created_at": 1}])
+    mongo.write_dead_letters(db, cfg, [{"reason": "not JSON", "raw": "{", "source": "t", "at": 1}])
+    for key in ("device_data", "predictions", "alerts", "local_models", "global_models", "aggregation_history",
+                "metrics", "dead_letters"):
+        assert mongo.collection(db, cfg, key).count_documents({}) >= 1, key
+    assert mongo.collection(db, cfg, "alerts").find_one()["seq"] == 1
+
+
+def test_a_document_that_violates_its_schema_is_refused(cfg, db):
+    with pytest.raises(SchemaViolation, match=r"predictions.score: expected"):
+        mongo.write_predictions(db, cfg, [{**_score("d", 0), "score": "high"}])
+    assert mongo.collection(db, cfg, "predictions").count_documents({}) == 0
+
+
+def test_replaying_the_same_records_never_duplicates(cfg, db):
+    records = [_score(f"d{i % 10}", i, anomaly=i % 7 == 0) for i in range(1000)]
+    for _ in range(2):
+        mongo.write_predictions(db, cfg, records)
+    assert mongo.collection(db, cfg, "predictions").count_documents({}) == 1000
+    assert mongo.collection(db, cfg, "alerts").count_documents({}) == len([r for r in records if r["is_anomaly"]])
+
+
+def _flead(env, *args):
+    return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_up_twice_is_a_no_op_and_down_leaves_nothing(tmp_path):
+    env = {**os.environ, "FLEAD_STATE_DIR": str(tmp_path / "state"),
+           "FLEAD_KAFKA_PORT": str(processes.free_port()), "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port()),
+           "FLEAD_MONGO_PORT": str(processes.free_port())}
+    env.pop("FLEAD_KAFKA_BOOTSTRAP", None), env.pop("FLEAD_MONGO_URI", None)
+    first = _flead(env, "up")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "started" in first.stdout
+    pids = {p.stem: p.read_text() for p in (tmp_path / "state" / "run").glob("*.pid")}
+    second = _flead(env, "up")
+    assert second.returncode == 0 and "already running" in second.stdout and "started" not in second.stdout
+    assert {p.stem: p.read_text() for p in (tmp_path / "state" / "run").glob("*.pid")} == pids
+    assert _flead(env, "status").returncode == 0
+    down = _flead(env, "down")
+    assert down.returncode == 0 and "stopped kafka" in down.stdout
+    for pid_text in pids.values():
+        assert not os.path.exists(f"/proc/{pid_text.split()[0]}/cmdline") or \
+            "Z" in open(f"/proc/{pid_text.split()[0]}/stat").read().rsplit(")", 1)[1].split()[0]
+    assert _flead(env, "status").returncode == 1

@@ -1,0 +1,57 @@
+"""The one configuration file: typed, overridable, strict about unknown keys."""
+import pytest
+import yaml
+
+from config import ConfigError, load_config
+
+
+def test_defaults_load_and_resolve_paths():
+    cfg = load_config(env={})
+    assert cfg.kafka.topics.telemetry
+    assert cfg.state_dir.is_absolute()
+    assert cfg.kafka_bootstrap == f"{cfg.kafka.host}:{cfg.kafka.port}"
+    assert cfg.kafka_embedded and cfg.mongo_embedded
+
+
+def test_environment_overrides_are_typed():
+    cfg = load_config(env={"FLEAD_KAFKA_PORT": "19092", "FLEAD_MODEL_HIDDEN": "32,8,32",
+                           "FLEAD_PRIVACY_ENABLED": "yes", "FLEAD_MODEL_LEARNING_RATE": "0.1"})
+    assert cfg.kafka.port == 19092
+    assert cfg.model.hidden == [32, 8, 32]
+    assert cfg.privacy.enabled is True
+    assert cfg.model.learning_rate == 0.1
+
+
+def test_aliases_point_at_external_servers():
+    cfg = load_config(env={"FLEAD_MONGO_URI": "mongodb://db.example:27017/", "FLEAD_KAFKA_BOOTSTRAP": "k:9092"})
+    assert cfg.mongo_uri == "mongodb://db.example:27017/" and not cfg.mongo_embedded
+    assert cfg.kafka_bootstrap == "k:9092" and not cfg.kafka_embedded
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FLEAD_KAFKA_PORT": "ninety"}, "kafka.port"),
+    ({"FLEAD_KAFKA_PROT": "1"}, "FLEAD_KAFKA_PROT"),
+    ({"FLEAD_PRIVACY_ENABLED": "maybe"}, "privacy.enabled"),
+])
+def test_bad_environment_values_name_the_key(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(env=env)
+
+
+def test_user_file_unknown_key_and_wrong_type(tmp_path):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text(yaml.safe_dump({"kafka": {"portt": 1}}))
+    with pytest.raises(ConfigError, match="kafka.portt: unknown setting"):
+        load_config(bad_key, env={})
+    bad_type = tmp_path / "b.yaml"
+    bad_type.write_text(yaml.safe_dump({"stream": {"parallelism": "two"}}))
+    with pytest.raises(ConfigError, match="stream.parallelism"):
+        load_config(bad_type, env={})
+    good = tmp_path / "c.yaml"
+    good.write_text(yaml.safe_dump({"stream": {"parallelism": 4}}))
+    assert load_config(good, env={}).stream.parallelism == 4
+
+
+def test_to_env_reproduces_the_settings():
+    cfg = load_config(env={"FLEAD_KAFKA_PORT": "1234", "FLEAD_MODEL_HIDDEN": "[8, 2, 8]", "FLEAD_PRIVACY_ENABLED": "1"})
+    assert load_config(env=cfg.to_env()).to_dict() == cfg.to_dict()

@@ -1,0 +1,58 @@
+"""models.serialization: exact round trips, and every kind of damage is a SerializationError."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+
+from models.serialization import SerializationError, dumps, from_b64, loads, to_b64
+
+META = {"architecture": "dense_ae/3-2-3/tanh", "model_version": 7, "note": "ü"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(arrays(np.float64, array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)), max_size=4))
+def test_round_trip_is_exact(weights):
+    out, meta = loads(dumps(weights, META))
+    assert meta == META
+    assert len(out) == len(weights)
+    for a, b in zip(weights, out):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)  # NaN and inf included
+
+
+def test_header_names_architecture_version_and_shapes():
+    blob = dumps([np.zeros((2, 3)), np.ones(3)], META)
+    assert blob.startswith(b"FLEADW")
+    assert b'"architecture":"dense_ae/3-2-3/tanh"' in blob and b'"shapes":[[2,3],[3]]' in blob
+
+
+def test_every_single_byte_flip_is_detected():
+    blob = dumps([np.arange(6.0).reshape(2, 3)], {"architecture": "x", "model_version": 1})
+    for i in range(len(blob)):
+        damaged = bytearray(blob)
+        damaged[i] ^= 0x01
+        with pytest.raises(SerializationError):
+            loads(bytes(damaged))
+
+
+@pytest.mark.parametrize("cut", [0, 5, 11, 40, -1])
+def test_truncation_is_detected(cut):
+    blob = dumps([np.arange(6.0)], META)
+    with pytest.raises(SerializationError):
+        loads(blob[:cut])
+
+
+def test_wrong_magic_and_expected_shapes():
+    blob = dumps([np.zeros((2, 2))], META)
+    with pytest.raises(SerializationError, match="magic"):
+        loads(b"PICKLE!!" + blob[8:])
+    with pytest.raises(SerializationError, match="shape mismatch"):
+        loads(blob, expected_shapes=[(2, 3)])
+    assert loads(blob, expected_shapes=[(2, 2)])[0][0].shape == (2, 2)
+
+
+def test_base64_helpers():
+    blob = dumps([np.ones(2)], META)
+    assert from_b64(to_b64(blob)) == blob
+    with pytest.raises(SerializationError, match="base64"):
+        from_b64("not base64 !")

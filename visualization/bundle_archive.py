@@ -1,0 +1,98 @@
+"""Zip ``visualization/bundle/`` into the asset bundle Superset imports (``POST /api/v1/assets/import/``).
+
+The YAML files are Superset's own export format with two additions, filled in here from the configuration:
+
+- ``{{ mongo_sqlalchemy_uri }}`` and ``{{ collections.<name> }}`` placeholders (the database URI, the
+  collection names of ``cfg.mongo.collections``);
+- a dashboard's ``layout``: rows of ``{chart file name: width}`` with a ``height``, expanded into the
+  ``position`` tree Superset stores (ROOT > GRID > ROW > CHART), so a layout stays readable and UUIDs stay
+  written once, in the chart files.
+"""
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import yaml
+
+from config import Config
+
+BUNDLE_DIR = Path(__file__).resolve().parent / "bundle"
+ARCHIVE_ROOT = "flead_dashboards"
+PLACEHOLDER = re.compile(r"\{\{\s*([\w.]+)\s*\}\}")
+
+
+def mongo_sqlalchemy_uri(cfg: Config) -> str:
+    """The pymongosql URI of the FLEAD database: ``cfg.mongo_uri`` with the database path and ``mode=superset``."""
+    parts = urlsplit(cfg.mongo_uri)
+    query = [(key, value) for key, value in parse_qsl(parts.query) if key != "mode"] + [("mode", "superset")]
+    return urlunsplit((parts.scheme, parts.netloc, "/" + cfg.mongo.database, urlencode(query), ""))
+
+
+def _placeholder_values(cfg: Config) -> dict[str, str]:
+    values = {"mongo_sqlalchemy_uri": mongo_sqlalchemy_uri(cfg)}
+    values.update({f"collections.{key}": name for key, name in cfg.mongo.collections.to_dict().items()})
+    return values
+
+
+def _fill(text: str, values: dict[str, str], source: Path) -> str:
+    def replace(match: re.Match) -> str:
+        try:
+            return values[match.group(1)]
+        except KeyError:
+            raise ValueError(f"{source}: unknown placeholder {match.group(0)} "
+                             f"(known: {', '.join(sorted(values))})") from None
+
+    return PLACEHOLDER.sub(replace, text)
+
+
+def _position(layout: list[dict], charts: dict[str, dict], title: str, source: Path) -> dict:
+    """Superset's dashboard ``position`` tree for rows of charts."""
+    position: dict = {
+        "DASHBOARD_VERSION_KEY": "v2",
+        "ROOT_ID": {"type": "ROOT", "id": "ROOT_ID", "children": ["GRID_ID"]},
+        "GRID_ID": {"type": "GRID", "id": "GRID_ID", "children": [], "parents": ["ROOT_ID"]},
+        "HEADER_ID": {"type": "HEADER", "id": "HEADER_ID", "meta": {"text": title}},
+    }
+    for row_number, row in enumerate(layout, start=1):
+        row_id = f"ROW-{row_number}"
+        position["GRID_ID"]["children"].append(row_id)
+        position[row_id] = {"type": "ROW", "id": row_id, "children": [], "parents": ["ROOT_ID", "GRID_ID"],
+                            "meta": {"background": "BACKGROUND_TRANSPARENT"}}
+        for name, width in row["charts"].items():
+            if name not in charts:
+                raise ValueError(f"{source}: layout names chart {name!r}, but charts/{name}.yaml does not exist")
+            chart_id = f"CHART-{name}"
+            position[row_id]["children"].append(chart_id)
+            position[chart_id] = {
+                "type": "CHART", "id": chart_id, "children": [], "parents": ["ROOT_ID", "GRID_ID", row_id],
+                # chartId is a placeholder: the import maps it to the chart's id through the uuid.
+                "meta": {"chartId": len(position), "uuid": charts[name]["uuid"],
+                         "sliceName": charts[name]["slice_name"], "width": width, "height": row["height"]}}
+    return position
+
+
+def bundle_files(cfg: Config, bundle_dir: Path = BUNDLE_DIR) -> dict[str, str]:
+    """Relative path -> YAML text of every file of the bundle, placeholders filled and layouts expanded."""
+    values = _placeholder_values(cfg)
+    texts = {str(path.relative_to(bundle_dir)): _fill(path.read_text(), values, path)
+             for path in sorted(bundle_dir.rglob("*.yaml"))}
+    charts = {Path(rel).stem: yaml.safe_load(text) for rel, text in texts.items() if rel.startswith("charts/")}
+    for rel in [rel for rel in texts if rel.startswith("dashboards/")]:
+        dashboard = yaml.safe_load(texts[rel])
+        layout = dashboard.pop("layout")
+        dashboard["position"] = _position(layout, charts, dashboard["dashboard_title"], bundle_dir / rel)
+        texts[rel] = yaml.safe_dump(dashboard, sort_keys=False)
+    return texts
+
+
+def build_bundle_zip(cfg: Config, bundle_dir: Path = BUNDLE_DIR) -> bytes:
+    """The bundle as ZIP bytes, ready for ``/api/v1/assets/import/``."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for rel, text in bundle_files(cfg, bundle_dir).items():
+            archive.writestr(f"{ARCHIVE_ROOT}/{rel}", text)
+    return buffer.getvalue()
