@@ -189,6 +189,8 @@ class PotThreshold(OnlineThreshold):
             ratio = mean * mean / var
             self.gamma, self.sigma = 0.5 * (1.0 - ratio), 0.5 * mean * (1.0 + ratio)
         r = self.q * n / excesses.shape[0]
+        if r >= 1.0:  # fewer excesses than the target count (ties at t): the tail beyond t is already rarer than q
+            return t
         if abs(self.gamma) < 1e-9:
             return t - self.sigma * math.log(r)
         return t + self.sigma / self.gamma * (r ** (-self.gamma) - 1.0)

@@ -16,6 +16,7 @@ from config import ConfigError, load_config
 COMMAND_MODULES = [
     "orchestration.stack_cli",      # up, down, status
     "telemetry.cli",                # produce, consume
+    "storage.cli",                  # sink
     "orchestration.evaluate_cli",   # evaluate
     "flink_jobs.cli",               # stream
     "spark_jobs.cli",               # aggregate, evaluate-models, api

@@ -25,7 +25,8 @@ UPSERT_CHUNK = 50  # FerretDB v1 stalls on larger bulk upserts
 __all__ = ["connect", "init_db", "collection", "upsert_documents", "write_predictions", "write_device_data",
            "insert_new", "write_local_models", "latest_local_models", "write_global_model", "latest_global_model",
            "write_aggregation_round", "write_metrics", "write_dead_letters", "reading_id", "SchemaViolation",
-           "StorageError"]
+           "StorageError", "latest_local_model_ids", "local_models_by_id", "global_model", "write_cluster_models",
+           "cluster_models", "aggregation_rounds", "device_ids", "device_readings"]
 
 
 class StorageError(RuntimeError):
@@ -138,6 +139,16 @@ def write_device_data(db: Database, cfg: Config, readings: Iterable[dict]) -> in
                             ({**r, "_id": reading_id(r["device_id"], r["seq"])} for r in readings))
 
 
+def device_ids(db: Database, cfg: Config) -> list[str]:
+    """Every device with stored readings in `device_data`, sorted."""
+    return sorted(collection(db, cfg, "device_data").distinct("device_id"))
+
+
+def device_readings(db: Database, cfg: Config, device_id: str) -> list[dict]:
+    """All stored readings of one device, by `seq`."""
+    return list(collection(db, cfg, "device_data").find({"device_id": device_id}, {"_id": 0}).sort([("seq", 1)]))
+
+
 def write_local_models(db: Database, cfg: Config, snapshots: Iterable[dict]) -> int:
     """Store weight snapshots in `local_models` (id ``<device_id>:<version>``); returns how many were new."""
     docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s['device_id']}:{s['version']}"}
@@ -145,14 +156,41 @@ def write_local_models(db: Database, cfg: Config, snapshots: Iterable[dict]) -> 
     return insert_new(db, cfg, "local_models", docs)
 
 
-def latest_local_models(db: Database, cfg: Config, since_ms: int | None = None) -> list[dict]:
-    """The newest snapshot of each device (created after `since_ms` if given), newest first."""
-    query = {} if since_ms is None else {"created_at": {"$gt": since_ms}}
+def _created_between(since_ms: int | None, until_ms: int | None) -> dict:
+    window = {}
+    if since_ms is not None:
+        window["$gt"] = since_ms
+    if until_ms is not None:
+        window["$lte"] = until_ms
+    return {"created_at": window} if window else {}
+
+
+def latest_local_models(db: Database, cfg: Config, since_ms: int | None = None,
+                        until_ms: int | None = None) -> list[dict]:
+    """The newest snapshot of each device (created after `since_ms`, at or before `until_ms`, if given), newest
+    first."""
     latest: dict[str, dict] = {}
-    cursor = collection(db, cfg, "local_models").find(query).sort([("device_id", 1), ("version", -1)])
+    cursor = collection(db, cfg, "local_models").find(_created_between(since_ms, until_ms)).sort(
+        [("device_id", 1), ("version", -1)])
     for doc in cursor:
         latest.setdefault(doc["device_id"], doc)
     return sorted(latest.values(), key=lambda d: d["created_at"], reverse=True)
+
+
+def latest_local_model_ids(db: Database, cfg: Config, since_ms: int | None = None,
+                           until_ms: int | None = None) -> list[str]:
+    """`_id` of the newest snapshot of each device in the window, without the weights (cheap for big fleets)."""
+    latest: dict[str, str] = {}
+    cursor = collection(db, cfg, "local_models").find(
+        _created_between(since_ms, until_ms), {"_id": 1, "device_id": 1, "version": 1})
+    for doc in cursor.sort([("device_id", 1), ("version", -1)]):
+        latest.setdefault(doc["device_id"], doc["_id"])
+    return sorted(latest.values())
+
+
+def local_models_by_id(db: Database, cfg: Config, ids: Sequence[str]) -> list[dict]:
+    """The snapshots with these `_id`s (those that exist)."""
+    return list(collection(db, cfg, "local_models").find({"_id": {"$in": list(ids)}}))
 
 
 def write_global_model(db: Database, cfg: Config, model: dict) -> bool:
@@ -164,8 +202,39 @@ def write_global_model(db: Database, cfg: Config, model: dict) -> bool:
 
 
 def latest_global_model(db: Database, cfg: Config) -> dict | None:
-    """The global model with the highest version, or None before the first round."""
-    return collection(db, cfg, "global_models").find_one(sort=[("version", -1)])
+    """The global model with the highest version, or None before the first round.
+
+    A clustered round also stores one model per cluster under the same version (see `write_cluster_models`);
+    the fleet-wide model (``_id`` = version) is the one returned.
+    """
+    top = collection(db, cfg, "global_models").find_one(sort=[("version", -1)])
+    if top is not None and top.get("cluster") is not None:
+        top = global_model(db, cfg, top["version"])
+    return top
+
+
+def global_model(db: Database, cfg: Config, version: int) -> dict | None:
+    """The fleet-wide global model of `version`, or None."""
+    return collection(db, cfg, "global_models").find_one({"_id": version})
+
+
+def write_cluster_models(db: Database, cfg: Config, models: Iterable[dict]) -> int:
+    """Store the per-cluster models of a clustered round: same `version` as the round's fleet model, `cluster`
+    set, ``_id`` = ``"<version>:c<cluster>"``; first write wins. Returns how many were new."""
+    docs = ({k: v for k, v in m.items() if k != "schema"} | {"_id": f"{m['version']}:c{m['cluster']}"}
+            for m in models)
+    return insert_new(db, cfg, "global_models", docs)
+
+
+def cluster_models(db: Database, cfg: Config, version: int) -> list[dict]:
+    """The per-cluster models of a clustered round's `version`, by cluster number ([] for other strategies)."""
+    return list(collection(db, cfg, "global_models").find({"version": version, "cluster": {"$gte": 0}})
+                .sort([("cluster", 1)]))
+
+
+def aggregation_rounds(db: Database, cfg: Config, limit: int = 50) -> list[dict]:
+    """The newest `limit` aggregation rounds, newest first."""
+    return list(collection(db, cfg, "aggregation_history").find().sort([("started_at", -1)]).limit(limit))
 
 
 def write_aggregation_round(db: Database, cfg: Config, round_doc: dict) -> int:

@@ -16,6 +16,7 @@ from visualization.bundle_archive import BUNDLE_DIR
 pytestmark = pytest.mark.e2e
 
 CHART_TIMEOUT_S = 120
+NO_RESULTS = "No results"  # Superset's empty state: "No results were returned for this query"
 # One entry per chart on the page: its name, viz type, error text, whether it is still loading or drawn.
 CHART_STATES_JS = """
 return Array.from(document.querySelectorAll('[data-test="chart-grid-component"]')).map(chart => {
@@ -57,7 +58,8 @@ def _wait_for_charts(browser, expected: int) -> list[dict]:
     deadline = time.monotonic() + CHART_TIMEOUT_S
     while True:
         states = browser.execute_script(CHART_STATES_JS)
-        settled = len(states) == expected and all(s["error"] or (s["drawn"] and not s["loading"]) for s in states)
+        settled = len(states) == expected and all(
+            s["error"] or (not s["loading"] and (s["drawn"] or NO_RESULTS in s["text"])) for s in states)
         if settled:
             time.sleep(1)  # let the last animations finish before the screenshot
             return browser.execute_script(CHART_STATES_JS)
@@ -97,7 +99,7 @@ def test_dashboard_renders_every_chart_without_error(dashboard, logged_in_browse
     _screenshot(browser, artifacts_dir / f"dashboard-{dashboard['slug']}.png")
     failed = {s["name"]: s["error"] for s in states if s["error"]}
     assert not failed, f"charts with errors on {dashboard['slug']}: {failed}"
-    empty = [s["name"] for s in states if "No results" in s["text"]]
+    empty = [s["name"] for s in states if NO_RESULTS in s["text"]]
     assert not empty, f"charts without data on {dashboard['slug']}: {empty}"
 
 
@@ -130,6 +132,15 @@ def test_alert_device_link_opens_the_filtered_drilldown(logged_in_browser, super
     assert _number(_chart(states, "Anomalies of the device")["text"]) == expected
     rows = browser.find_elements(By.CSS_SELECTOR, '[data-test-chart-name="Alerts of the device"] tbody tr')
     assert rows and {row.find_element(By.CSS_SELECTOR, "a").text for row in rows} == {device}
+
+
+def test_empty_collection_shows_no_rows_not_an_error(logged_in_browser, superset, dashboard_db, dashboard_cfg):
+    dashboard_db[dashboard_cfg.mongo.collections.dead_letters].delete_many({})
+    logged_in_browser.set_window_size(1600, 2400)
+    logged_in_browser.get(f"{superset}/superset/dashboard/flead-data-quality/?standalone=1")
+    states = _wait_for_charts(logged_in_browser, 3)
+    assert not [s for s in states if s["error"]], states
+    assert _number(_chart(states, "Dead letters total")["text"]) == 0
 
 
 def test_importing_twice_keeps_one_copy_of_everything(superset, dashboard_cfg):

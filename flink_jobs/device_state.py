@@ -1,0 +1,38 @@
+"""What the stream job keeps per device in Flink keyed state.
+
+The state object lives in the Python worker's state cache between bundles and is serialised only when the cache
+writes it back to Flink (once per bundle, not once per micro-batch). Pickling goes through the detector's own
+versioned, checksummed format (`DeviceDetector.to_bytes`), so no pickled NumPy internals ever reach a checkpoint.
+"""
+from __future__ import annotations
+
+from models.detector import DeviceDetector
+
+
+class DeviceModelState:
+    """A device's detector plus when and at which reading count it last sent a weight snapshot."""
+
+    __slots__ = ("detector", "last_snapshot_ms", "n_seen_at_snapshot")
+
+    def __init__(self, detector: DeviceDetector, last_snapshot_ms: int, n_seen_at_snapshot: int = 0):
+        self.detector = detector
+        self.last_snapshot_ms = last_snapshot_ms
+        self.n_seen_at_snapshot = n_seen_at_snapshot
+
+    def snapshot_due(self, now_ms: int, every_readings: int, interval_ms: int) -> bool:
+        """True after `every_readings` new readings, or `interval_ms` since the last snapshot if it learned any."""
+        new_readings = self.detector.n_seen - self.n_seen_at_snapshot
+        return new_readings >= every_readings or (new_readings > 0 and now_ms - self.last_snapshot_ms >= interval_ms)
+
+    def take_snapshot(self, now_ms: int) -> dict:
+        """`DeviceDetector.snapshot()`, remembering when it was taken."""
+        self.last_snapshot_ms = now_ms
+        self.n_seen_at_snapshot = self.detector.n_seen
+        return self.detector.snapshot()
+
+    @classmethod
+    def restore(cls, blob: bytes, last_snapshot_ms: int, n_seen_at_snapshot: int) -> "DeviceModelState":
+        return cls(DeviceDetector.from_bytes(blob), last_snapshot_ms, n_seen_at_snapshot)
+
+    def __reduce__(self):
+        return DeviceModelState.restore, (self.detector.to_bytes(), self.last_snapshot_ms, self.n_seen_at_snapshot)

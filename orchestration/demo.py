@@ -1,0 +1,310 @@
+"""`flead demo`: the whole federated pipeline on a real labelled data set, with a live line and a summary.
+
+1. start the local stack and the services (Kafka → MongoDB sink, the Flink stream job, the aggregation
+   scheduler, the global-model API, Superset);
+2. replay each device's training part (devices learn online; snapshots flow out);
+3. run a federated round (Spark) and wait until the stream job has adopted the global model;
+4. replay the labelled test part, watching every score come back on the scores topic;
+5. print throughput, latency, alerts and precision/recall/F1 against the labels, and the dashboard URL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from config import PROJECT_ROOT, Config
+
+SERVICES_STOP_ORDER = ["stream", "scheduler", "api", "sink", "superset"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on a labelled data set and print a summary")
+    p.add_argument("--dataset", default="asd",
+                   help="asd (default), or the path of your own multi-entity test CSV (device_id,timestamp,metrics...,label)")
+    p.add_argument("--train", default=None, help="with a path --dataset: the training CSV (unlabelled, normal operation)")
+    p.add_argument("--devices", type=int, default=0, help="use only the first N devices (0 = all)")
+    p.add_argument("--train-per-device", type=int, default=2000, help="training readings per device (0 = all)")
+    p.add_argument("--test-per-device", type=int, default=0, help="test readings per device (0 = all)")
+    p.add_argument("--rate", type=float, default=None, help="readings/s to replay at (default: as fast as possible)")
+    p.add_argument("--batch", type=int, default=None, help="readings per Kafka message (default: ingest.batch)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="stop replaying the test part after this many seconds")
+    p.add_argument("--timeout", type=float, default=900.0, help="give up waiting for scores after this many seconds")
+    p.add_argument("--no-superset", action="store_true", help="do not start Superset")
+    p.add_argument("--keep-running", action="store_true", help="leave every service running afterwards")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_demo)
+
+
+# --- watching the scores topic ---------------------------------------------------------------------------
+
+@dataclass
+class ScoreWatch:
+    """Everything learned from the score records of this run."""
+
+    count: int = 0
+    anomalies: int = 0
+    max_global_version: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+    latencies_ms: list = field(default_factory=list)
+    seen: set = field(default_factory=set)
+    test_records: list = field(default_factory=list)
+    timeline: list = field(default_factory=list)  # (seconds since start, scores so far)
+
+
+class ScoreWatcher(threading.Thread):
+    """Consumes the scores topic from its current end; matches each score to the time its reading was sent."""
+
+    def __init__(self, cfg: Config, sent_at: dict, test_keys: set):
+        super().__init__(daemon=True)
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.watch = ScoreWatch()
+        self.sent_at, self.test_keys = sent_at, test_keys
+        self.stopping = threading.Event()
+        topic = cfg.kafka.topics.scores
+        self.consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": f"flead-demo-{os.getpid()}",
+                                  "enable.auto.commit": False, "log_level": 3})
+        partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = [TopicPartition(topic, p, self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+                for p in partitions]
+        self.consumer.assign(ends)
+        self.started = time.monotonic()
+
+    def run(self) -> None:
+        w = self.watch
+        while not self.stopping.is_set():
+            for msg in self.consumer.consume(2000, timeout=0.3):
+                if msg.error():
+                    continue
+                record = json.loads(msg.value())
+                key = (record["device_id"], record["seq"])
+                if key in w.seen:  # at-least-once after a restart: count each reading once
+                    continue
+                now = time.time()
+                w.seen.add(key)
+                w.count += 1
+                w.anomalies += bool(record["is_anomaly"])
+                w.max_global_version = max(w.max_global_version, record.get("global_version") or 0)
+                w.first_at = w.first_at or now
+                w.last_at = now
+                if key in self.sent_at:
+                    w.latencies_ms.append((now - self.sent_at[key]) * 1000.0)
+                if key in self.test_keys:
+                    w.test_records.append(record)
+            w.timeline.append((time.monotonic() - self.started, w.count))
+        self.consumer.close()
+
+
+# --- the data -----------------------------------------------------------------------------------------------
+
+def _load_readings(cfg: Config, args) -> tuple[list, list]:
+    """(train readings, test readings), interleaved by time across devices, limited as the options say."""
+    from telemetry.producer import order_by_time
+    from telemetry.readers import MultiEntityCsvReader
+
+    if args.dataset == "asd":
+        train_path, test_path = cfg.data_dir / "asd" / "train.csv.gz", cfg.data_dir / "asd" / "test.csv.gz"
+    else:
+        test_path = Path(args.dataset)
+        train_path = Path(args.train) if args.train else None
+    for path in (train_path, test_path):
+        if path is not None and not Path(path).exists():
+            raise SystemExit(f"flead demo: {path} does not exist")
+
+    def limited(path, per_device: int, keep_devices: list | None) -> list:
+        if path is None:
+            return []
+        taken: dict[str, int] = defaultdict(int)
+        out = []
+        for r in MultiEntityCsvReader(path):
+            if keep_devices is not None and r.device_id not in keep_devices:
+                continue
+            if per_device and taken[r.device_id] >= per_device:
+                continue
+            taken[r.device_id] += 1
+            out.append(r)
+        return out
+
+    test_all = limited(test_path, args.test_per_device, None)
+    devices = list(dict.fromkeys(r.device_id for r in test_all))
+    if args.devices:
+        devices = devices[:args.devices]
+        test_all = [r for r in test_all if r.device_id in devices]
+    train = limited(train_path, args.train_per_device, devices)
+    # test readings continue each device's sequence after its training readings
+    offset = defaultdict(int)
+    for r in train:
+        offset[r.device_id] = max(offset[r.device_id], r.seq + 1)
+    test = [type(r)(r.device_id, r.seq + offset[r.device_id], r.ts, r.metrics, r.label) for r in test_all]
+    return order_by_time(train), order_by_time(test)
+
+
+# --- services -----------------------------------------------------------------------------------------------
+
+def _flead(cfg: Config, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env={**os.environ, **cfg.to_env()},
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise SystemExit(f"flead {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def _start_services(cfg: Config, with_superset: bool, say) -> None:
+    from orchestration import stack
+
+    stack.up(cfg, say=say)
+    for name in ("sink", "stream", "scheduler", "api"):
+        say(_flead(cfg, name, "start").stdout.strip().splitlines()[-1])
+    if with_superset:
+        say(_flead(cfg, "superset", "start").stdout.strip().splitlines()[-1])
+
+
+def _wait_for(condition, timeout: float, what: str, progress=None) -> None:
+    deadline = time.monotonic() + timeout
+    last = 0.0
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"flead demo: timed out after {timeout:.0f} s waiting for {what}")
+        if progress and time.monotonic() - last > 2.0:
+            progress()
+            last = time.monotonic()
+        time.sleep(0.2)
+
+
+def _produce(cfg: Config, readings: list, args, sent_at: dict, say, duration: float | None = None) -> int:
+    from telemetry.producer import produce, producer_config
+
+    def stamped():
+        began = time.monotonic()
+        for r in readings:
+            if duration is not None and time.monotonic() - began > duration:
+                return
+            sent_at[(r.device_id, r.seq)] = time.time()
+            yield r
+
+    result = produce(stamped(), cfg.kafka.topics.telemetry, producer_config(cfg), batch=args.batch or cfg.ingest.batch,
+                     rate=args.rate, max_batch_delay_s=0.05, progress=lambda line: say(f"  produce: {line}"))
+    if result.failed:
+        raise SystemExit(f"flead demo: {result.failed} messages were not delivered: {result.errors[:3]}")
+    return result.readings
+
+
+# --- the summary --------------------------------------------------------------------------------------------
+
+def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float) -> dict:
+    """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data)."""
+    from models.metrics import precision_recall_f1_from_predictions
+    from storage import mongo
+
+    labelled = [r for r in watch.test_records if r.get("label") is not None]
+    y_true = np.array([r["label"] for r in labelled], dtype=int)
+    y_pred = np.array([r["is_anomaly"] for r in labelled], dtype=int)
+    precision, recall, f1 = precision_recall_f1_from_predictions(y_true, y_pred) if labelled else (None, None, None)
+    lat = np.array(watch.latencies_ms) if watch.latencies_ms else np.array([np.nan])
+    span = (watch.last_at - watch.first_at) if watch.first_at and watch.last_at else 0.0
+    top = sorted((r for r in watch.test_records if r["is_anomaly"]),
+                 key=lambda r: r["score"] / max(r["threshold"], 1e-12), reverse=True)[:5]
+    db = mongo.connect(cfg)
+    latest = mongo.latest_global_model(db, cfg)
+    rounds = mongo.collection(db, cfg, "aggregation_history").count_documents({})
+    return {
+        "readings": {"train": n_train, "test": n_test, "scored": watch.count},
+        "throughput_readings_per_s": round(watch.count / span, 1) if span > 0 else None,
+        "produce_seconds": round(produce_seconds, 1),
+        "latency_ms": {"p50": float(np.nanpercentile(lat, 50)), "p95": float(np.nanpercentile(lat, 95)),
+                       "p99": float(np.nanpercentile(lat, 99))},
+        "alerts": {"all": watch.anomalies, "test": int(y_pred.sum()) if labelled else None},
+        "test_accuracy": {"precision": precision, "recall": recall, "f1": f1, "points": len(labelled),
+                          "anomalous_points": int(y_true.sum()) if labelled else None,
+                          "note": "operating thresholds chosen online without labels; no point adjustment"},
+        "federated": {"rounds": rounds, "global_version": latest["version"] if latest else 0,
+                      "adopted_version_in_scores": watch.max_global_version},
+        "top_alerts": [{"device_id": r["device_id"], "seq": r["seq"], "ts": r["ts"],
+                        "score_over_threshold": round(r["score"] / max(r["threshold"], 1e-12), 2),
+                        "metrics": [m["metric"] for m in r.get("top_metrics", [])]} for r in top],
+        "dashboard": f"http://{cfg.superset.host}:{cfg.superset.port}/dashboard/list/",
+        "credentials": str(cfg.state_dir / "superset" / "credentials"),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    acc, lat = summary["test_accuracy"], summary["latency_ms"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print("\n================ FLEAD demo summary ================")
+    print(f"readings     train {summary['readings']['train']:,}  test {summary['readings']['test']:,}  "
+          f"scored {summary['readings']['scored']:,}")
+    print(f"throughput   {summary['throughput_readings_per_s']} readings/s (first to last score)")
+    print(f"latency      p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms (sent → scored)")
+    print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part")
+    print(f"accuracy     precision {fmt(acc['precision'])}  recall {fmt(acc['recall'])}  F1 {fmt(acc['f1'])}  "
+          f"({acc['anomalous_points']} anomalous of {acc['points']} test points; {acc['note']})")
+    fed = summary["federated"]
+    print(f"federated    {fed['rounds']} round(s); global model v{fed['global_version']}; "
+          f"scores carry up to v{fed['adopted_version_in_scores']}")
+    for alert in summary["top_alerts"]:
+        print(f"  alert {alert['device_id']} seq {alert['seq']}: {alert['score_over_threshold']}x threshold, "
+              f"metrics to blame: {', '.join(alert['metrics'])}")
+    print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']})")
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+def cmd_demo(args, cfg: Config) -> int:
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    say("loading data ...")
+    train, test = _load_readings(cfg, args)
+    devices = sorted({r.device_id for r in test})
+    say(f"{len(devices)} devices, {len(train):,} training and {len(test):,} test readings")
+    _start_services(cfg, not args.no_superset, say)
+    from storage import mongo
+
+    db = mongo.connect(cfg)
+    sent_at: dict = {}
+    watcher = ScoreWatcher(cfg, sent_at, {(r.device_id, r.seq) for r in test})
+    watcher.start()
+    w = watcher.watch
+
+    def live():
+        say(f"  live: scored {w.count:,}, anomalies {w.anomalies:,}, global model in scores v{w.max_global_version}")
+
+    try:
+        began = time.monotonic()
+        say("phase 1: devices learn from their training data")
+        _produce(cfg, train, args, sent_at, say)
+        _wait_for(lambda: w.count >= len(train), args.timeout, "the training readings' scores", live)
+        _wait_for(lambda: len({d["device_id"] for d in mongo.latest_local_models(db, cfg)}) >= min(
+            len(devices), cfg.aggregation.min_devices), args.timeout, "weight snapshots in MongoDB", live)
+        say("phase 2: a federated round (Spark)")
+        say(_flead(cfg, "aggregate").stdout.strip())
+        say("phase 3: the labelled test data, scored live")
+        produced = _produce(cfg, test, args, sent_at, say, duration=args.duration)
+        test_keys = {(r.device_id, r.seq) for r in test[:produced]}
+        _wait_for(lambda: test_keys <= w.seen, args.timeout, "every test reading's score", live)
+        produce_seconds = time.monotonic() - began
+        _wait_for(lambda: mongo.collection(db, cfg, "predictions").estimated_document_count() >= w.count,
+                  args.timeout, "the sink to store every score in MongoDB")
+        summary = summarise(cfg, w, len(train), produced, produce_seconds)
+    finally:
+        watcher.stopping.set()
+        watcher.join(timeout=5)
+        if not args.keep_running:
+            from orchestration import stack
+
+            stack.down(cfg, say=say)
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
+    if args.keep_running:
+        say("everything keeps running; `flead down` stops it")
+    return 0

@@ -1,0 +1,37 @@
+"""The SparkSession of FLEAD's batch jobs, and the environment its Python workers need."""
+from __future__ import annotations
+
+import os
+import sys
+
+from config import PROJECT_ROOT, Config
+
+
+def worker_environment() -> dict[str, str]:
+    """Variables that let Spark's Python workers import FLEAD (`models`, `storage`) with this interpreter."""
+    path = os.environ.get("PYTHONPATH", "")
+    if str(PROJECT_ROOT) not in path.split(os.pathsep):
+        path = os.pathsep.join(p for p in (str(PROJECT_ROOT), path) if p)
+    return {"PYTHONPATH": path, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+            "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")}
+
+
+def spark_session(cfg: Config, app_name: str, master: str | None = None):
+    """A SparkSession for FLEAD's jobs (UI off, few shuffle partitions).
+
+    The master is, in order: `master`, the one spark-submit was given (``--master``), `aggregation.spark_master`.
+    """
+    os.environ.update(worker_environment())  # read by the JVM and the workers it forks (local mode)
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    builder = (SparkSession.builder.appName(app_name)
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.shuffle.partitions", str(cfg.aggregation.spark_partitions))
+               .config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
+               .config("spark.python.worker.reuse", "true"))
+    if master or not SparkConf().contains("spark.master"):
+        builder = builder.master(master or cfg.aggregation.spark_master)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark

@@ -1,0 +1,41 @@
+"""`flead sink`: the Kafka → MongoDB sink service."""
+from __future__ import annotations
+
+import signal
+import sys
+
+SINK = "sink"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sink", help="store the stream's topics (scores, snapshots, dead letters, telemetry) in MongoDB")
+    p.add_argument("action", choices=["run", "start", "stop"],
+                   help="run: in the foreground; start/stop: as a background process that `flead down` stops too")
+    p.add_argument("--until-idle", type=float, default=None, metavar="S",
+                   help="run: stop after S seconds without messages (default: run until Ctrl-C)")
+    p.set_defaults(func=cmd_sink)
+
+
+def cmd_sink(args, cfg) -> int:
+    from orchestration import processes
+
+    if args.action == "start":
+        if processes.running_pid(cfg.state_dir, SINK):
+            print("sink already running")
+            return 0
+        pid = processes.start(cfg.state_dir, SINK, [sys.executable, "-m", "orchestration.cli", "sink", "run"],
+                              env=cfg.to_env())
+        print(f"sink started (pid {pid}); log: {processes.log_path(cfg.state_dir, SINK)}")
+        return 0
+    if args.action == "stop":
+        print("sink stopped" if processes.stop(cfg.state_dir, SINK) else "sink was not running")
+        return 0
+    from storage.sink import MongoSink
+
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    sink = MongoSink(cfg)
+    stats = sink.run(until_idle_s=args.until_idle, should_stop=lambda: bool(stopping),
+                     progress=lambda line: print(line, flush=True))
+    print(sink.describe(), flush=True)
+    return 0 if not stats.get("kafka_errors") else 1

@@ -1,0 +1,50 @@
+"""The dashboard bundle as code, without Superset: references, UUIDs, placeholders, the database URI."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import yaml
+
+from config import load_config
+from visualization.bundle_archive import ARCHIVE_ROOT, build_bundle_zip, bundle_files, mongo_sqlalchemy_uri
+
+
+def _parsed(cfg) -> dict[str, dict]:
+    return {rel: yaml.safe_load(text) for rel, text in bundle_files(cfg).items()}
+
+
+def test_every_reference_resolves_and_every_uuid_is_unique():
+    files = _parsed(load_config(env={}))
+    uuids = [doc["uuid"] for rel, doc in files.items() if rel != "metadata.yaml"]
+    assert len(uuids) == len(set(uuids))
+    by_kind = {kind: {doc["uuid"] for rel, doc in files.items() if rel.startswith(kind)}
+               for kind in ("databases", "datasets", "charts")}
+    for rel, doc in files.items():
+        if rel.startswith("datasets/"):
+            assert doc["database_uuid"] in by_kind["databases"], rel
+            assert doc["sql"].lstrip().upper().startswith("SELECT "), f"{rel}: datasets must be virtual"
+        if rel.startswith("charts/"):
+            assert doc["dataset_uuid"] in by_kind["datasets"], rel
+    placed = [item["meta"]["uuid"] for rel, doc in files.items() if rel.startswith("dashboards/")
+              for item in doc["position"].values() if isinstance(item, dict) and item["type"] == "CHART"]
+    assert sorted(placed) == sorted(by_kind["charts"]), "every chart on exactly one dashboard"
+
+
+def test_collection_names_and_database_come_from_the_config():
+    cfg = load_config(env={"FLEAD_MONGO_COLLECTIONS_ALERTS": "alerts_x", "FLEAD_MONGO_DATABASE": "fleet_db",
+                           "FLEAD_MONGO_URI": "mongodb://u:p@db.example:27018/?authSource=admin&mode=x"})
+    files = bundle_files(cfg)
+    assert "FROM alerts_x" in files["datasets/flead_mongodb/alerts.yaml"]
+    assert not [rel for rel, text in files.items() if "{{" in text]
+    assert mongo_sqlalchemy_uri(cfg) == "mongodb://u:p@db.example:27018/fleet_db?authSource=admin&mode=superset"
+    assert yaml.safe_load(files["databases/flead_mongodb.yaml"])["sqlalchemy_uri"] == mongo_sqlalchemy_uri(cfg)
+
+
+def test_zip_holds_the_bundle_under_one_root_folder():
+    cfg = load_config(env={})
+    with zipfile.ZipFile(io.BytesIO(build_bundle_zip(cfg))) as archive:
+        names = archive.namelist()
+    assert f"{ARCHIVE_ROOT}/metadata.yaml" in names
+    assert all(name.startswith(ARCHIVE_ROOT + "/") for name in names)
+    assert len(names) == len(bundle_files(cfg))

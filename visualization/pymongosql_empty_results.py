@@ -1,0 +1,68 @@
+"""Let Superset chart an empty MongoDB collection: no rows instead of "no such table: virtual_table".
+
+pymongosql 0.7.4 in ``mode=superset`` runs the inner SELECT of a virtual dataset on MongoDB, loads the rows into an
+in-memory SQLite table and runs Superset's outer query there. Without rows it creates no table, so every chart of
+an empty collection fails (the data-quality dashboard before the first dead letter, the training dashboard before
+the first round). `install()` swaps in an execution strategy that creates the table with the inner SELECT's
+columns even when there are no rows.
+
+This file runs inside Superset's virtualenv: the generated ``superset_config.py`` loads it by path and calls
+`install()`. It imports only pymongosql.
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+from pymongosql.executor import ExecutionPlanFactory
+from pymongosql.superset_mongodb.detector import SubqueryDetector
+from pymongosql.superset_mongodb.executor import SupersetExecution
+from pymongosql.superset_mongodb.query_db_sqlite import QueryDBSQLite
+
+# The column names of the inner SELECT being executed, per thread (gunicorn serves charts from several threads
+# and pymongosql shares one strategy object between them).
+_inner_select = threading.local()
+
+
+def select_list_names(select: str) -> list[str]:
+    """Column names of a plain ``SELECT a, b AS c, "d" FROM ...``; empty for ``SELECT *``.
+
+    >>> select_list_names('SELECT reason, "at", device_id AS device FROM dead_letters')
+    ['reason', 'at', 'device']
+    """
+    listed = re.match(r"\s*SELECT\s+(.*?)\s+FROM\s", select, re.IGNORECASE | re.DOTALL)
+    if not listed:
+        return []
+    names = [re.split(r"\s+AS\s+", item.strip(), flags=re.IGNORECASE)[-1].strip().strip('"`')
+             for item in listed.group(1).split(",")]
+    return [] if "*" in names else names
+
+
+class QueryDBWithEmptyTables(QueryDBSQLite):
+    """The SQLite stage, creating the table of an inner SELECT without rows instead of skipping it."""
+
+    def insert_records(self, table_name, records, schema=None):
+        names = getattr(_inner_select, "names", [])
+        if not records and names and table_name not in self._tables:
+            self.create_table(table_name, {name: "TEXT" for name in names})
+            return 0
+        return super().insert_records(table_name, records, schema)
+
+
+class SupersetExecutionWithEmptyResults(SupersetExecution):
+    """pymongosql's two-stage Superset execution, answering an empty collection with no rows."""
+
+    def __init__(self) -> None:
+        super().__init__(query_db_factory=QueryDBWithEmptyTables)
+
+    def execute(self, context, connection, parameters=None):
+        query = SubqueryDetector.detect(context.query)
+        _inner_select.names = select_list_names(query.subquery_text) if query.has_subquery else []
+        return super().execute(context, connection, parameters)
+
+
+def install() -> None:
+    """Replace pymongosql's registered Superset strategy by `SupersetExecutionWithEmptyResults`."""
+    strategies = ExecutionPlanFactory._strategies
+    strategies[:] = [SupersetExecutionWithEmptyResults() if type(strategy) is SupersetExecution else strategy
+                     for strategy in strategies]
