@@ -21,7 +21,8 @@ COMMAND_MODULES = [
     "flink_jobs.cli",               # stream
     "spark_jobs.cli",               # aggregate, evaluate-models, api
     "visualization.cli",            # superset
-    "orchestration.demo",           # demo, report
+    "orchestration.demo",           # demo
+    "orchestration.report",         # report
 ]
 
 

@@ -130,6 +130,16 @@ def configured_strategy(cfg: Config, reference_shapes, previous: dict | None):
     return strategy
 
 
+def aggregate(strategy, updates: list[Update], current: list[np.ndarray] | None):
+    """`strategy.aggregate`; DP-FedAvg also gets the current global model to clip deltas from. In the first
+    round there is none, so whole models are clipped (from zero), which bounds sensitivity all the same."""
+    if not (isinstance(strategy, FedAvg) and strategy.privacy is not None):
+        return strategy.aggregate(updates)
+    if current is None and updates:
+        current = [np.zeros_like(w) for w in updates[0].weights]
+    return strategy.aggregate(updates, current=current)
+
+
 def publish(cfg: Config, messages: list[dict]) -> None:
     """Send `flead.global-model/1` messages to the global-model topic; raises if any is not acknowledged."""
     from confluent_kafka import KafkaException, Producer
@@ -169,12 +179,7 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
         updates = [Update(r["device_id"], r["weights"], int(r["n_samples"]), int(r["version"])) for r in decoded]
         strategy = configured_strategy(cfg, reference_shapes, previous)
         try:
-            if isinstance(strategy, FedAvg) and strategy.privacy is not None:
-                # First round: no model to take deltas from, so whole models are clipped (still DP).
-                base = current or [np.zeros_like(w) for w in updates[0].weights] if updates else None
-                result = strategy.aggregate(updates, current=base)
-            else:
-                result = strategy.aggregate(updates)
+            result = aggregate(strategy, updates, current)
         except AggregationError as exc:
             early = "; ".join(f"{d}: {r}" for d, r in rejected)
             return RoundOutcome("skipped", f"round skipped: {exc}" + (f"; undecodable: {early}" if early else ""),

@@ -26,7 +26,8 @@ __all__ = ["connect", "init_db", "collection", "upsert_documents", "write_predic
            "insert_new", "write_local_models", "latest_local_models", "write_global_model", "latest_global_model",
            "write_aggregation_round", "write_metrics", "write_dead_letters", "reading_id", "SchemaViolation",
            "StorageError", "latest_local_model_ids", "local_models_by_id", "global_model", "write_cluster_models",
-           "cluster_models", "aggregation_rounds", "device_ids", "device_readings"]
+           "cluster_models", "aggregation_rounds", "device_ids", "device_readings",
+           "latest_local_model"]
 
 
 class StorageError(RuntimeError):
@@ -191,6 +192,11 @@ def latest_local_model_ids(db: Database, cfg: Config, since_ms: int | None = Non
 def local_models_by_id(db: Database, cfg: Config, ids: Sequence[str]) -> list[dict]:
     """The snapshots with these `_id`s (those that exist)."""
     return list(collection(db, cfg, "local_models").find({"_id": {"$in": list(ids)}}))
+
+
+def latest_local_model(db: Database, cfg: Config, device_id: str) -> dict | None:
+    """The newest snapshot of one device, or None."""
+    return collection(db, cfg, "local_models").find_one({"device_id": device_id}, sort=[("version", -1)])
 
 
 def write_global_model(db: Database, cfg: Config, model: dict) -> bool:

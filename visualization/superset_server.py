@@ -3,7 +3,8 @@
 Superset lives in its own virtualenv (``.venv-superset``, made by ``setup_superset.sh``) because its pins clash
 with Flink's; this module runs in the main venv and drives it through subprocesses and the REST API.
 All state is in ``<state_dir>/superset/``: the generated ``superset_config.py``, the SQLite metadata database,
-the ``credentials`` file (0600; secret key and admin password, generated on first run), the pid file and the log.
+the ``credentials`` file (0600; secret key and admin password, generated on first run); the pid file and log
+are managed by `orchestration.processes` (so `flead down` stops Superset too).
 
 >>> cfg = load_config()                        # doctest: +SKIP
 >>> start(cfg)                                 # doctest: +SKIP  (set up once, serve, import the dashboards)
@@ -14,15 +15,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import requests
 
 from config import PROJECT_ROOT, Config
+from orchestration import processes
 from visualization.bundle_archive import build_bundle_zip
 
 SUPERSET_VENV = PROJECT_ROOT / ".venv-superset"
@@ -31,6 +30,7 @@ ADMIN_USER = "admin"
 INIT_STAMP = "initialised"
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
+PROCESS_NAME = "superset"  # pid file and log: <state_dir>/run/superset.pid, <state_dir>/logs/superset.log
 # Time grains the MongoDB engine spec lacks: ISO duration -> (name shown in Superset, seconds).
 EXTRA_TIME_GRAINS = {"PT5M": ("5 minute", 300), "PT10M": ("10 minute", 600), "PT15M": ("15 minute", 900)}
 
@@ -125,16 +125,6 @@ def initialise(cfg: Config) -> None:
     (home / INIT_STAMP).touch()
 
 
-def _read_pid(cfg: Config) -> int | None:
-    """The server's pid if its pid file names a live process."""
-    try:
-        pid = int((superset_dir(cfg) / "superset.pid").read_text())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
-    return pid
-
-
 def _healthy(cfg: Config) -> bool:
     try:
         return requests.get(base_url(cfg) + "/health", timeout=5).text.strip() == "OK"
@@ -142,84 +132,43 @@ def _healthy(cfg: Config) -> bool:
         return False
 
 
-def _port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex((host, port)) == 0
-
-
 def _serve(cfg: Config) -> None:
-    """Start gunicorn in its own session (pid file and log in the state dir) and wait until /health answers."""
+    """Start gunicorn as a managed process (pid file and log in the state dir) and wait until /health answers."""
     home = superset_dir(cfg)
     host, port = cfg.superset.host, cfg.superset.port
-    if _port_in_use(host, port):
-        raise SupersetError(f"{host}:{port} is taken by another program: stop it or set superset.port "
-                            f"(FLEAD_SUPERSET_PORT)")
-    with open(home / "superset.log", "a") as log:
-        server = subprocess.Popen(
-            [str(SUPERSET_VENV / "bin" / "gunicorn"), "--workers", "2", "--worker-class", "gthread",
-             "--threads", "4", "--timeout", "120", "--graceful-timeout", "5", "--bind", f"{host}:{port}",
-             "superset.app:create_app()"],
-            env=_superset_env(cfg), stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
-    (home / "superset.pid").write_text(str(server.pid))
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while server.poll() is None and not _healthy(cfg):
-        if time.monotonic() > deadline:
-            stop(cfg)
-            raise SupersetError(f"Superset not healthy at {base_url(cfg)} after {START_TIMEOUT_S} s; "
-                                f"see {home / 'superset.log'}")
-        time.sleep(1)
-    if server.poll() is not None:
-        (home / "superset.pid").unlink(missing_ok=True)
-        raise SupersetError(f"Superset exited with {server.returncode}; see {home / 'superset.log'}")
+    try:
+        processes.ensure_port_free(host, port, "FLEAD_SUPERSET_PORT")
+        processes.start(cfg.state_dir, PROCESS_NAME, [
+            str(SUPERSET_VENV / "bin" / "gunicorn"), "--workers", "2", "--worker-class", "gthread",
+            "--threads", "4", "--timeout", "120", "--graceful-timeout", "5", "--bind", f"{host}:{port}",
+            "superset.app:create_app()"], env=_superset_env(cfg), cwd=home)
+        processes.wait_until(lambda: _healthy(cfg), f"/health at {base_url(cfg)}", START_TIMEOUT_S,
+                             cfg.state_dir, PROCESS_NAME)
+    except processes.StackError as exc:
+        stop(cfg)
+        raise SupersetError(str(exc)) from None
 
 
 def start(cfg: Config, import_dashboards: bool = True) -> str:
     """Set up if needed, serve Superset (unless it runs), import the dashboard bundle; returns the URL."""
     initialise(cfg)
-    if _read_pid(cfg) is None:
+    if processes.running_pid(cfg.state_dir, PROCESS_NAME) is None:
         _serve(cfg)
     if import_dashboards:
         import_bundle(cfg)
     return base_url(cfg)
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status if the server is our own child (started in this process), so no zombie lingers."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
 def stop(cfg: Config) -> bool:
     """Stop the server started by `start` (SIGTERM, then SIGKILL); returns whether one was running."""
-    pid = _read_pid(cfg)
-    pid_file = superset_dir(cfg) / "superset.pid"
-    if pid is None:
-        pid_file.unlink(missing_ok=True)
-        return False
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        _reap(pid)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.3)
-    else:
-        os.killpg(pid, signal.SIGKILL)
-        _reap(pid)
-    pid_file.unlink(missing_ok=True)
-    return True
+    return processes.stop(cfg.state_dir, PROCESS_NAME, grace=STOP_TIMEOUT_S)
 
 
 def status(cfg: Config) -> dict:
     """Whether the server runs and answers, where, and where its state is."""
-    pid = _read_pid(cfg)
+    pid = processes.running_pid(cfg.state_dir, PROCESS_NAME)
     return {"running": pid is not None, "pid": pid, "healthy": pid is not None and _healthy(cfg),
-            "url": base_url(cfg), "state_dir": str(superset_dir(cfg))}
+            "url": base_url(cfg), "state_dir": str(superset_dir(cfg)), "log": str(processes.log_path(cfg.state_dir, PROCESS_NAME))}
 
 
 def api_session(cfg: Config) -> requests.Session:

@@ -1,0 +1,410 @@
+"""The FLEAD stream job: telemetry in, per-device scores, alerts and weight snapshots out, global models in.
+
+    .venv/bin/python flink_jobs/anomaly_job.py [--bounded] [--from-savepoint PATH|latest]
+    flink run -py flink_jobs/anomaly_job.py [-pyfs models,telemetry,config,flink_jobs] [-- --bounded]
+
+Data flow (topic names from `cfg.kafka.topics`, shapes in docs/contracts.md):
+
+    telemetry ─ parse + validate ─┬─ key_by device ─┬─ DeviceScorer ─┬─ scores
+                                  │                 │  (keyed state: │─ alerts (anomalies)
+                                  │  global-model ──┘   detector)    │─ model-snapshots
+                                  └──────────── dead letters ────────┴─ dead-letters
+
+Each device's `DeviceDetector` lives in keyed state. Readings are micro-batched per device (`stream.micro_batch_size`
+or `stream.micro_batch_timeout_ms`), scored, then learned. Global models arrive as broadcast state; a device adopts
+the newest (of its cluster, if the model is clustered) at its next batch. Outputs are Kafka topics only: the
+storage sink service writes them to MongoDB idempotently. Sinks are at-least-once: after a restart from a
+checkpoint, readings after it are scored again under the same ids.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))  # `flink run -py` starts this file with only its own folder on the path
+
+import numpy as np  # noqa: E402
+from pyflink.common import Configuration, Duration, Types, WatermarkStrategy  # noqa: E402
+from pyflink.common.serialization import SimpleStringSchema  # noqa: E402
+from pyflink.common.watermark_strategy import TimestampAssigner  # noqa: E402
+from pyflink.datastream import (OutputTag, ProcessFunction, RuntimeContext,  # noqa: E402
+                                StreamExecutionEnvironment, TimeDomain)
+from pyflink.datastream.connectors.base import DeliveryGuarantee  # noqa: E402
+from pyflink.datastream.connectors.kafka import (KafkaOffsetResetStrategy, KafkaOffsetsInitializer,  # noqa: E402
+                                                 KafkaRecordSerializationSchema, KafkaSink, KafkaSource)
+from pyflink.datastream.functions import KeyedBroadcastProcessFunction  # noqa: E402
+from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor  # noqa: E402
+
+from config import load_config  # noqa: E402
+from flink_jobs.device_state import DeviceModelState  # noqa: E402
+from models.detector import DetectorSettings, DeviceDetector  # noqa: E402
+from models.features import NonFiniteMetricError  # noqa: E402
+from models.serialization import SerializationError, from_b64, loads, to_b64  # noqa: E402
+from telemetry.schema import InvalidMessage, decode_message, dead_letter  # noqa: E402
+
+LOG = logging.getLogger("flead.stream")
+CONNECTOR_JAR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
+PROJECT_PACKAGES = ("config", "models", "telemetry", "flink_jobs")  # shipped to the Python workers
+SNAPSHOT_SCHEMA = "flead.snapshot/1"
+GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
+# Event-time timer that only the end-of-input watermark reaches: flushes partial micro-batches of bounded runs
+# (processing-time timers do not fire once the input has ended).
+END_OF_INPUT_MS = 2**62
+UNCLUSTERED = ""  # broadcast-state key of a global model without a cluster
+
+DEAD_LETTERS = OutputTag("dead-letters", Types.STRING())
+ALERTS = OutputTag("alerts", Types.STRING())
+SNAPSHOTS = OutputTag("snapshots", Types.STRING())
+GLOBAL_MODELS = MapStateDescriptor("global-models", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def to_json(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"), allow_nan=False)
+
+
+# -- parse ------------------------------------------------------------------------------------------------------
+
+class TelemetryParser(ProcessFunction):
+    """Decodes each telemetry message once into a column batch ``(device_id, metric_names, X, seqs, ts, labels)``;
+    a message that breaks the contract goes to the dead letters with its reason."""
+
+    def __init__(self, source_topic: str):
+        self.source_topic = source_topic
+
+    def open(self, runtime_context: RuntimeContext):
+        self.dead_letters = runtime_context.get_metrics_group().counter("dead_letters")
+
+    def process_element(self, value: str, ctx: ProcessFunction.Context):
+        try:
+            readings = decode_message(value)
+        except InvalidMessage as exc:
+            self.dead_letters.inc()
+            yield DEAD_LETTERS, dead_letter(value, exc.reason, self.source_topic, exc.device_id).decode()
+            return
+        first = readings[0]
+        names = tuple(first.metrics)
+        if all(len(r.metrics) == len(names) for r in readings):
+            X = np.array([[r.metrics.get(n, math.nan) for n in names] for r in readings], dtype=np.float64)
+        else:  # readings of one message with different metric sets: the union, missing values as nan
+            names = tuple(dict.fromkeys(n for r in readings for n in r.metrics))
+            X = np.array([[r.metrics.get(n, math.nan) for n in names] for r in readings], dtype=np.float64)
+        yield (first.device_id, names, X, [r.seq for r in readings], [r.ts for r in readings],
+               [r.label for r in readings])
+
+
+class LatestReadingTime(TimestampAssigner):
+    """Event time of a batch: its newest reading's ``ts``."""
+
+    def extract_timestamp(self, value, record_timestamp: int) -> int:
+        return max(value[4])
+
+
+# -- score ------------------------------------------------------------------------------------------------------
+
+class DeviceScorer(KeyedBroadcastProcessFunction):
+    """Per device: buffer readings into micro-batches, adopt the newest global model, score then learn, emit
+    score records (anomalies also as alerts) and, every so often, a weight snapshot."""
+
+    def __init__(self, settings: DetectorSettings, stream: dict, topics: dict):
+        self.settings = settings
+        self.batch_size = stream["micro_batch_size"]
+        self.batch_timeout_ms = stream["micro_batch_timeout_ms"]
+        self.snapshot_every = stream["snapshot_every"]
+        self.snapshot_interval_ms = stream["snapshot_interval_s"] * 1000
+        self.global_policy = stream["global_policy"]
+        self.blend_weight = stream["blend_weight"]
+        self.telemetry_topic = topics["telemetry"]
+        self.global_model_topic = topics["global_model"]
+
+    def open(self, runtime_context: RuntimeContext):
+        self.model = runtime_context.get_state(ValueStateDescriptor("detector", Types.PICKLED_BYTE_ARRAY()))
+        self.buffer = runtime_context.get_state(ValueStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
+        metrics = runtime_context.get_metrics_group()
+        self.records_scored = metrics.counter("records_scored")
+        self.anomalies = metrics.counter("anomalies")
+        self.dead_letters = metrics.counter("dead_letters")
+        self.values_imputed = metrics.counter("values_imputed")
+        self.snapshots = metrics.counter("snapshots")
+        self.global_models_adopted = metrics.counter("global_models_adopted")
+        self.global_models_rejected = metrics.counter("global_models_rejected")
+        self.reports_refusals = runtime_context.get_index_of_this_subtask() == 0  # every subtask sees each model
+        self.refused_global = set()  # (device_id, version) whose shapes did not fit: logged once, not retried
+
+    # global models: broadcast side
+
+    def process_broadcast_element(self, value: str, ctx: KeyedBroadcastProcessFunction.Context):
+        try:
+            message = json.loads(value)
+            if message.get("schema") != GLOBAL_MODEL_SCHEMA:
+                raise ValueError(f"schema {message.get('schema')!r}, expected {GLOBAL_MODEL_SCHEMA!r}")
+            version = message["version"]
+            if type(version) is not int or version < 1:
+                raise ValueError(f"version: expected an integer >= 1, got {version!r}")
+            weights, _ = loads(from_b64(message["weights"]))
+            if not all(np.isfinite(w).all() for w in weights):
+                raise ValueError("non-finite weights")
+        except (ValueError, KeyError, TypeError, AttributeError, SerializationError) as exc:
+            self.global_models_rejected.inc()
+            if self.reports_refusals:
+                LOG.warning("refused a global model from %s: %s", self.global_model_topic, exc)
+                yield DEAD_LETTERS, dead_letter(value, f"global model refused: {exc}", self.global_model_topic).decode()
+            return
+        models = ctx.get_broadcast_state(GLOBAL_MODELS)
+        cluster = UNCLUSTERED if message.get("cluster") is None else str(message["cluster"])
+        held = models.get(cluster)
+        if held is None or held[0] < version:
+            models.put(cluster, (version, weights, message.get("assignments") or {}))
+
+    def newest_global(self, ctx, device_id: str):
+        """(version, weights) of the device's cluster model if there is one, else of the unclustered model."""
+        models = ctx.get_broadcast_state(GLOBAL_MODELS)
+        newest = None
+        for cluster, (version, weights, assignments) in models.items():
+            if cluster == UNCLUSTERED or str(assignments.get(device_id)) == cluster:
+                if cluster != UNCLUSTERED or newest is None:
+                    newest = (version, weights)
+        return newest
+
+    def adopt_newest_global(self, ctx, device_id: str, detector: DeviceDetector) -> None:
+        newest = self.newest_global(ctx, device_id)
+        if newest is None or newest[0] <= detector.global_version or (device_id, newest[0]) in self.refused_global:
+            return
+        try:
+            detector.adopt_global(newest[1], newest[0], self.global_policy, self.blend_weight)
+            self.global_models_adopted.inc()
+        except ValueError as exc:  # shapes of another architecture
+            self.refused_global.add((device_id, newest[0]))
+            self.global_models_rejected.inc()
+            LOG.warning("device %s refused global model %d: %s", device_id, newest[0], exc)
+
+    # telemetry: keyed side
+
+    def process_element(self, value, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+        buffered = self.buffer.value()
+        if buffered is None and len(value[3]) >= self.batch_size:  # the message is a micro-batch already
+            yield from self.score(ctx, [value])
+            return
+        if buffered is None:
+            buffered = [value]
+            timers = ctx.timer_service()
+            timers.register_processing_time_timer(timers.current_processing_time() + self.batch_timeout_ms)
+            timers.register_event_time_timer(END_OF_INPUT_MS)
+        else:
+            buffered.append(value)
+        if sum(len(batch[3]) for batch in buffered) >= self.batch_size:
+            self.buffer.clear()
+            yield from self.score(ctx, buffered)
+        else:
+            self.buffer.update(buffered)
+
+    def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
+        buffered = self.buffer.value()
+        if buffered is not None:
+            self.buffer.clear()
+            yield from self.score(ctx, buffered)
+
+    def score(self, ctx, batches: list):
+        device_id = ctx.get_current_key()
+        state = self.model.value()
+        if state is None:
+            state = DeviceModelState(DeviceDetector(batches[0][1], self.settings), now_ms())
+        detector = state.detector
+        self.adopt_newest_global(ctx, device_id, detector)
+        X = np.concatenate([self.columns(detector, batch) for batch in batches])
+        seqs = [s for batch in batches for s in batch[3]]
+        stamps = [t for batch in batches for t in batch[4]]
+        labels = [label for batch in batches for label in batch[5]]
+        try:
+            results = [(slice(None), detector.process_many(X))]
+        except NonFiniteMetricError:  # model.nan_policy = reject: score the good readings, dead-letter the others
+            results = []
+            for i in range(X.shape[0]):
+                try:
+                    results.append((slice(i, i + 1), detector.process_many(X[i:i + 1])))
+                except NonFiniteMetricError as exc:
+                    self.dead_letters.inc()
+                    raw = {"device_id": device_id, "seq": seqs[i], "ts": stamps[i],
+                           "metrics": dict(zip(detector.metric_names, X[i].tolist())), "label": labels[i]}
+                    yield DEAD_LETTERS, dead_letter(json.dumps(raw), str(exc), self.telemetry_topic, device_id).decode()
+        scored_at = now_ms()
+        for rows, result in results:
+            yield from self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result,
+                                          scored_at)
+        if state.snapshot_due(scored_at, self.snapshot_every, self.snapshot_interval_ms):
+            snap = state.take_snapshot(scored_at)
+            self.snapshots.inc()
+            yield SNAPSHOTS, to_json({
+                "schema": SNAPSHOT_SCHEMA, "device_id": device_id, "version": snap["version"],
+                "global_version": snap["global_version"], "n_samples": snap["n_samples"],
+                "n_seen": detector.n_seen, "loss": finite_or_none(snap["loss"]), "weights": to_b64(snap["weights"]),
+                "created_at": scored_at})
+        self.model.update(state)
+
+    @staticmethod
+    def columns(detector: DeviceDetector, batch) -> np.ndarray:
+        """The batch's values in the detector's metric order (a metric the message lacks is missing: nan)."""
+        names, X = batch[1], batch[2]
+        if list(names) == detector.metric_names:
+            return X
+        position = {name: i for i, name in enumerate(names)}
+        out = np.full((X.shape[0], len(detector.metric_names)), math.nan)
+        for j, name in enumerate(detector.metric_names):
+            if name in position:
+                out[:, j] = X[:, position[name]]
+        return out
+
+    def score_records(self, device_id, detector, seqs, stamps, labels, result, scored_at):
+        self.records_scored.inc(len(seqs))
+        self.values_imputed.inc(result.n_imputed)
+        model_version, global_version = detector.model_version, detector.global_version
+        for i, seq in enumerate(seqs):
+            anomaly = bool(result.is_anomaly[i])
+            record = to_json({
+                "device_id": device_id, "seq": seq, "ts": stamps[i], "score": finite_or_none(result.scores[i]),
+                "threshold": finite_or_none(result.thresholds[i]), "is_anomaly": anomaly,
+                "top_metrics": [{"metric": m, "share": share} for m, share in result.top_metrics[i]],
+                "model_version": model_version, "global_version": global_version, "label": labels[i],
+                "scored_at": scored_at})
+            yield record
+            if anomaly:
+                self.anomalies.inc()
+                yield ALERTS, record
+
+
+def finite_or_none(x) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+# -- wiring -----------------------------------------------------------------------------------------------------
+
+def latest_checkpoint(cfg) -> Path | None:
+    """The newest retained checkpoint (a ``chk-N`` folder with ``_metadata``) of any run, or None."""
+    found = sorted(checkpoint_dir(cfg).glob("*/chk-*/_metadata"), key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
+def checkpoint_dir(cfg) -> Path:
+    return cfg.state_dir / "flink" / "checkpoints"
+
+
+def flink_configuration(cfg, recover_from: str | None) -> Configuration:
+    stream = cfg.stream
+    conf = Configuration()
+    conf.set_string("parallelism.default", str(stream.parallelism))
+    conf.set_string("python.fn-execution.bundle.size", str(stream.bundle_size))
+    conf.set_string("python.fn-execution.bundle.time", str(stream.bundle_time_ms))
+    python = stream.python_executable or sys.executable
+    conf.set_string("python.executable", python)
+    conf.set_string("python.client.executable", python)
+    jar = cfg.build_dir / "flink-libs" / CONNECTOR_JAR
+    if jar.exists():  # else it comes from `flink run --jarfile` or the cluster's lib/
+        conf.set_string("pipeline.jars", jar.as_uri())
+    conf.set_string("execution.checkpointing.interval", f"{stream.checkpoint_interval_ms} ms")
+    conf.set_string("execution.checkpointing.dir", checkpoint_dir(cfg).as_uri())
+    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
+    conf.set_string("state.backend.type", stream.state_backend)
+    if recover_from:
+        conf.set_string("execution.state-recovery.path", recover_from)
+    return conf
+
+
+def kafka_source(cfg, topic: str, group_id: str, bounded: bool) -> KafkaSource:
+    builder = (KafkaSource.builder()
+               .set_bootstrap_servers(cfg.kafka_bootstrap)
+               .set_topics(topic)
+               .set_group_id(group_id)
+               .set_starting_offsets(KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST))
+               .set_value_only_deserializer(SimpleStringSchema()))
+    if bounded:
+        builder = builder.set_bounded(KafkaOffsetsInitializer.latest())
+    return builder.build()
+
+
+def kafka_sink(cfg, topic: str) -> KafkaSink:
+    return (KafkaSink.builder()
+            .set_bootstrap_servers(cfg.kafka_bootstrap)
+            .set_record_serializer(KafkaRecordSerializationSchema.builder()
+                                   .set_topic(topic)
+                                   .set_value_serialization_schema(SimpleStringSchema())
+                                   .build())
+            .set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
+            .set_property("linger.ms", str(cfg.ingest.linger_ms))
+            .set_property("compression.type", cfg.ingest.compression)
+            .build())
+
+
+def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
+    """Sources → parse → key_by device (+ broadcast global models) → DeviceScorer → sinks."""
+    topics = cfg.kafka.topics.to_dict()
+    stream = cfg.stream
+    for package in PROJECT_PACKAGES:
+        env.add_python_file(str(PROJECT_ROOT / package))
+
+    telemetry = env.from_source(kafka_source(cfg, topics["telemetry"], stream.consumer_group, bounded),
+                                WatermarkStrategy.no_watermarks(), "telemetry").uid("telemetry-source")
+    parsed = (telemetry.process(TelemetryParser(topics["telemetry"]), output_type=Types.PICKLED_BYTE_ARRAY())
+              .name("parse").uid("parse"))
+    batches = parsed.assign_timestamps_and_watermarks(
+        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(stream.out_of_orderness_ms))
+        .with_timestamp_assigner(LatestReadingTime())
+        .with_idleness(Duration.of_seconds(5))).name("event-time").uid("event-time")
+
+    global_models = env.from_source(
+        kafka_source(cfg, topics["global_model"], f"{stream.consumer_group}-global", bounded),
+        WatermarkStrategy.for_monotonous_timestamps().with_idleness(Duration.of_seconds(1)),
+        "global-models").uid("global-model-source").broadcast(GLOBAL_MODELS)
+
+    scores = (batches.key_by(lambda batch: batch[0], key_type=Types.STRING())
+              .connect(global_models)
+              .process(DeviceScorer(DetectorSettings.from_config(cfg), stream.to_dict(), topics),
+                       output_type=Types.STRING())
+              .name("score").uid("device-scorer"))
+
+    scores.sink_to(kafka_sink(cfg, topics["scores"])).name("scores").uid("scores-sink")
+    scores.get_side_output(ALERTS).sink_to(kafka_sink(cfg, topics["alerts"])).name("alerts").uid("alerts-sink")
+    scores.get_side_output(SNAPSHOTS).sink_to(kafka_sink(cfg, topics["snapshots"])).name("snapshots").uid(
+        "snapshots-sink")
+    (parsed.get_side_output(DEAD_LETTERS).union(scores.get_side_output(DEAD_LETTERS))
+     .sink_to(kafka_sink(cfg, topics["dead_letters"])).name("dead-letters").uid("dead-letters-sink"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bounded", action="store_true",
+                        help="read the telemetry topic up to its current end, then stop (tests, benchmarks)")
+    parser.add_argument("--from-savepoint", metavar="PATH|latest",
+                        help="restore from a savepoint or retained checkpoint ('latest': the newest checkpoint "
+                             "in <state_dir>/flink/checkpoints)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config()
+    recover_from = args.from_savepoint
+    if recover_from == "latest":
+        found = latest_checkpoint(cfg)
+        if found is None:
+            print(f"--from-savepoint latest: no retained checkpoint in {checkpoint_dir(cfg)}", file=sys.stderr)
+            return 2
+        recover_from = str(found)
+    # Python workers as separate processes, like on a cluster (else the driver runs every UDF: one core only).
+    os.environ.setdefault("_python_worker_execution_mode", "process")
+    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, recover_from))
+    build_job(env, cfg, args.bounded)
+    LOG.info("starting (bounded=%s, recover from %s, parallelism %d)", args.bounded, recover_from,
+             cfg.stream.parallelism)
+    env.execute("flead-anomaly-detection")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

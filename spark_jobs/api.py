@@ -1,0 +1,224 @@
+"""The global model server (FastAPI): read the models and rounds, trigger a round, accept devices' snapshots.
+
+    python -m spark_jobs.api          # or `flead api start`; uvicorn on api.host:api.port, OpenAPI at /docs
+
+Reads are open. Writes (``POST``) need ``Authorization: Bearer <token>``: `api.token`, or when that is empty a
+token generated on first start into ``<state_dir>/api_token`` (mode 0600). Refusals: 401 without a token,
+403 with a wrong one, 400/409/422 with the reason for a bad payload, 503 when MongoDB cannot be reached.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from pymongo.errors import PyMongoError
+
+from config import Config, load_config
+from models.aggregation import Update, validate_updates
+from models.serialization import SerializationError, from_b64, loads
+from storage import mongo
+
+MAX_INT = 2**53  # JSON numbers above this lose precision in most clients
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,199}$"  # no ":" (it separates the parts of document ids)
+MAX_WEIGHTS_CHARS = 16_000_000
+MODEL_FIELDS = {"rejected": [], "dp_epsilon": None, "cluster": None}  # may be absent in stored documents
+HISTORY_FIELDS = ("round_id", "version", "strategy", "n_participants", "n_rejected", "rejected", "n_samples",
+                  "mean_loss", "started_at", "finished_at", "duration_s", "timings", "norms", "dp_epsilon",
+                  "cluster_sizes", "published")
+
+
+def api_token(cfg: Config) -> str:
+    """`api.token`, else the token in ``<state_dir>/api_token``, created (0600) on first use."""
+    if cfg.api.token:
+        return cfg.api.token
+    path = Path(cfg.state_dir) / "api_token"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it meanwhile
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        return token
+
+
+class LocalUpdate(BaseModel):
+    """A `flead.snapshot/1` weight snapshot from a device outside the stream job."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["flead.snapshot/1"] | None = Field(None, alias="schema")
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    version: int = Field(ge=0, le=MAX_INT)
+    global_version: int = Field(0, ge=0, le=MAX_INT)
+    n_samples: int = Field(ge=1, le=MAX_INT, description="readings learned since the previous snapshot")
+    n_seen: int | None = Field(None, ge=0, le=MAX_INT)
+    loss: float | None = Field(None, allow_inf_nan=False)
+    weights: str = Field(min_length=1, max_length=MAX_WEIGHTS_CHARS, description="base64 models.serialization blob")
+    created_at: int | None = Field(None, ge=0, le=MAX_INT, description="epoch ms; default: time of receipt")
+
+
+class Runs:
+    """Aggregation rounds triggered through the API: one at a time, in a background thread."""
+
+    def __init__(self, run_round: Callable[[], dict]):
+        self._run_round = run_round
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flead-aggregate")
+        self._lock = threading.Lock()
+        self.runs: dict[str, dict] = {}
+        self.running: str | None = None
+
+    def start(self) -> str | None:
+        """Start a round and return its id, or None when one is running already."""
+        with self._lock:
+            if self.running:
+                return None
+            run_id = uuid.uuid4().hex[:12]
+            self.running = run_id
+            self.runs[run_id] = {"run_id": run_id, "status": "running", "started_at": int(time.time() * 1000)}
+        self._pool.submit(self._run, run_id)
+        return run_id
+
+    def _run(self, run_id: str) -> None:
+        run = self.runs[run_id]
+        try:
+            run["outcome"] = self._run_round()
+            run["status"] = "finished"
+        except Exception as exc:  # reported through GET /api/runs/{id}
+            run["status"], run["error"] = "failed", f"{exc.__class__.__name__}: {exc}"
+        run["finished_at"] = int(time.time() * 1000)
+        with self._lock:
+            self.running = None
+
+
+def spark_round_runner(cfg: Config) -> Callable[[], dict]:
+    """A round on a SparkSession created on first use and then kept warm in this process."""
+    session: dict[str, Any] = {}
+
+    def run() -> dict:
+        from spark_jobs.aggregate_job import run_round
+        from spark_jobs.session import spark_session
+
+        if "spark" not in session:
+            session["spark"] = spark_session(cfg, "flead-api-aggregate")
+        return run_round(session["spark"], cfg).to_dict()
+    return run
+
+
+def model_view(doc: dict) -> dict:
+    """A stored global model as a `flead.global-model/1` message."""
+    return {"schema": "flead.global-model/1", **MODEL_FIELDS, **{k: v for k, v in doc.items() if k != "_id"}}
+
+
+def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None = None) -> FastAPI:
+    """The API on the configured MongoDB; `run_round` runs one aggregation round (default: warm Spark)."""
+    cfg = cfg or load_config()
+    token = api_token(cfg)
+    runs = Runs(run_round or spark_round_runner(cfg))
+    database: dict[str, Any] = {}
+    bearer = HTTPBearer(auto_error=False, description="api.token or <state_dir>/api_token")
+
+    def db():
+        if "db" not in database:
+            database["db"] = mongo.connect(cfg)
+        return database["db"]
+
+    def writer(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None:
+            raise HTTPException(401, "writes need 'Authorization: Bearer <token>' (api.token or "
+                                     "<state_dir>/api_token)", headers={"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(403, "wrong API token")
+
+    app = FastAPI(title="FLEAD global model server", version="1",
+                  description="Federated global models, aggregation rounds and device snapshots.")
+
+    @app.exception_handler(mongo.StorageError)
+    @app.exception_handler(PyMongoError)
+    async def storage_unavailable(request, exc):
+        return JSONResponse({"detail": f"MongoDB: {exc}"}, status_code=503)
+
+    @app.get("/api/global-model", summary="The newest global model, or one version")
+    def get_global_model(version: int | None = Query(None, ge=1, le=MAX_INT)) -> dict:
+        doc = mongo.latest_global_model(db(), cfg) if version is None else mongo.global_model(db(), cfg, version)
+        if doc is None:
+            raise HTTPException(404, "no global model yet" if version is None else f"no global model v{version}")
+        return model_view(doc)
+
+    @app.get("/api/status", summary="Newest model, newest round, aggregation in progress")
+    def get_status() -> dict:
+        model = mongo.latest_global_model(db(), cfg)
+        rounds = mongo.aggregation_rounds(db(), cfg, limit=1)
+        return {"latest_version": model["version"] if model else None,
+                "latest_created_at": model["created_at"] if model else None,
+                "strategy": cfg.aggregation.strategy, "schedule_minutes": cfg.aggregation.schedule_minutes,
+                "last_round": {k: rounds[0].get(k) for k in HISTORY_FIELDS} if rounds else None,
+                "running": runs.running}
+
+    @app.get("/api/history", summary="Aggregation rounds, newest first")
+    def get_history(limit: int = Query(20, ge=1, le=500)) -> list[dict]:
+        return [{k: r.get(k) for k in HISTORY_FIELDS} for r in mongo.aggregation_rounds(db(), cfg, limit)]
+
+    @app.post("/api/aggregate", status_code=202, dependencies=[Depends(writer)],
+              summary="Start an aggregation round now; poll GET /api/runs/{run_id}")
+    def post_aggregate() -> dict:
+        run_id = runs.start()
+        if run_id is None:
+            raise HTTPException(409, f"aggregation run {runs.running} is in progress")
+        return {"run_id": run_id, "status": "running"}
+
+    @app.get("/api/runs/{run_id}", summary="A triggered aggregation run")
+    def get_run(run_id: str) -> dict:
+        if run_id not in runs.runs:
+            raise HTTPException(404, f"no run {run_id!r} in this server's lifetime")
+        return runs.runs[run_id]
+
+    @app.post("/api/local-update", status_code=201, dependencies=[Depends(writer)],
+              summary="Store a device's weight snapshot after checking it")
+    def post_local_update(update: LocalUpdate) -> dict:
+        try:
+            weights, _ = loads(from_b64(update.weights))
+        except (SerializationError, ValueError, TypeError) as exc:
+            raise HTTPException(400, f"weights: {exc}")
+        current = mongo.latest_global_model(db(), cfg)
+        shapes = [w.shape for w in loads(from_b64(current["weights"]))[0]] if current else [w.shape for w in weights]
+        _, rejected, _ = validate_updates([Update(update.device_id, weights, update.n_samples)], shapes,
+                                          max_norm_ratio=math.inf, min_cosine=None)
+        if rejected:
+            where = f" (current global model v{current['version']})" if current else ""
+            raise HTTPException(400, f"weights: {rejected[0][1]}{where}")
+        snapshot = update.model_dump(exclude={"schema_"}, exclude_none=True)
+        snapshot.setdefault("created_at", int(time.time() * 1000))
+        snapshot_id = f"{update.device_id}:{update.version}"
+        if not mongo.write_local_models(db(), cfg, [snapshot]):
+            raise HTTPException(409, f"snapshot {snapshot_id} exists already; send a higher version")
+        return {"id": snapshot_id, "stored": True}
+
+    return app
+
+
+def main() -> int:
+    import uvicorn
+
+    cfg = load_config()
+    uvicorn.run(create_app(cfg), host=cfg.api.host, port=cfg.api.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

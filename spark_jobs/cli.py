@@ -1,0 +1,119 @@
+"""`flead aggregate`, `flead evaluate-models`, `flead scheduler {start,stop}`, `flead api {start,stop}`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SCHEDULER = "scheduler"
+API = "api"
+API_START_TIMEOUT_S = 60.0
+
+
+def register(sub) -> None:
+    for name, job, help_text in (
+            ("aggregate", "aggregate_job", "run one federated aggregation round now (Spark)"),
+            ("evaluate-models", "evaluate_job", "score stored telemetry with the newest global and local models")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--spark-submit", action="store_true",
+                       help="run through spark-submit (a fresh Spark application) instead of in this process")
+        p.add_argument("--master", help="Spark master, e.g. local[2] or spark://host:7077 "
+                                        "(default: aggregation.spark_master)")
+        p.set_defaults(func=cmd_job, job=job)
+    p = sub.add_parser(SCHEDULER, help="background scheduler: aggregation then evaluation every "
+                                       "aggregation.schedule_minutes")
+    p.add_argument("action", choices=["start", "stop"])
+    p.set_defaults(func=cmd_scheduler)
+    p = sub.add_parser(API, help="the global model REST server (api.host:api.port, OpenAPI at /docs)")
+    p.add_argument("action", choices=["start", "stop"])
+    p.set_defaults(func=cmd_api)
+
+
+def spark_submit_path() -> str:
+    """The venv's spark-submit (next to this interpreter), else the one on PATH."""
+    beside = Path(sys.executable).parent / "spark-submit"
+    found = str(beside) if beside.exists() else shutil.which("spark-submit")
+    if not found:
+        raise SystemExit("flead: spark-submit not found next to this python or on PATH; install pyspark")
+    return found
+
+
+def cmd_job(args, cfg) -> int:
+    from config import PROJECT_ROOT
+    from spark_jobs.session import worker_environment
+
+    if args.spark_submit:
+        cmd = [spark_submit_path(), *(["--master", args.master] if args.master else []),
+               "--conf", "spark.ui.enabled=false", str(PROJECT_ROOT / "spark_jobs" / f"{args.job}.py")]
+        env = {**os.environ, **cfg.to_env(), **worker_environment()}
+        return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT).returncode
+    from spark_jobs.session import spark_session
+
+    spark = spark_session(cfg, f"flead-{args.job}", args.master)
+    try:
+        if args.job == "aggregate_job":
+            from spark_jobs.aggregate_job import run_round
+            outcome = run_round(spark, cfg)
+        else:
+            from spark_jobs.evaluate_job import run_evaluation
+            outcome = run_evaluation(spark, cfg)
+    finally:
+        spark.stop()
+    print(outcome.message)
+    for problem in getattr(outcome, "problems", []):
+        print(f"  {problem['device_id']}: {problem['problem']}")
+    return 0
+
+
+def _start_background(cfg, name: str, module: str) -> None:
+    from config import PROJECT_ROOT
+    from orchestration import processes
+    from spark_jobs.session import worker_environment
+
+    pid = processes.running_pid(cfg.state_dir, name)
+    if pid:
+        print(f"{name} already running (pid {pid})")
+        return
+    env = {**cfg.to_env(), **worker_environment()}
+    pid = processes.start(cfg.state_dir, name, [sys.executable, "-m", module], env=env, cwd=PROJECT_ROOT)
+    print(f"{name} started (pid {pid}), log {processes.log_path(cfg.state_dir, name)}")
+
+
+def _stop_background(cfg, name: str) -> int:
+    from orchestration import processes
+
+    print(f"{name} stopped" if processes.stop(cfg.state_dir, name) else f"{name} was not running")
+    return 0
+
+
+def cmd_scheduler(args, cfg) -> int:
+    if args.action == "stop":
+        return _stop_background(cfg, SCHEDULER)
+    _start_background(cfg, SCHEDULER, "spark_jobs.scheduler")
+    return 0
+
+
+def cmd_api(args, cfg) -> int:
+    from orchestration import processes
+
+    if args.action == "stop":
+        return _stop_background(cfg, API)
+    if processes.running_pid(cfg.state_dir, API) is None:
+        processes.ensure_port_free(cfg.api.host, cfg.api.port, "FLEAD_API_PORT")
+    from spark_jobs.api import api_token
+
+    api_token(cfg)  # created here, so it exists before the first request
+    _start_background(cfg, API, "spark_jobs.api")
+    try:
+        processes.wait_until(lambda: processes.port_open(cfg.api.host, cfg.api.port), "HTTP port open",
+                             API_START_TIMEOUT_S, cfg.state_dir, API)
+    except processes.StackError as exc:
+        print(f"flead api: {exc}")
+        return 1
+    where = "api.token" if cfg.api.token else str(cfg.state_dir / "api_token")
+    print(json.dumps({"url": f"http://{cfg.api.host}:{cfg.api.port}", "docs": f"http://{cfg.api.host}:"
+                      f"{cfg.api.port}/docs", "token": where}))
+    return 0

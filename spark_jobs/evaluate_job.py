@@ -1,0 +1,213 @@
+"""Model quality per global version: score stored telemetry with the newest global model and each device's
+newest local model, write per-device and fleet metrics to `metrics`.
+
+    spark-submit spark_jobs/evaluate_job.py [--master spark://host:7077]
+
+Read top to bottom (`run_evaluation`):
+
+1. The newest global model (nothing to do before the first round) and the devices in `device_data`.
+2. Spark: devices are spread over partitions; each partition reads a device's readings from MongoDB (by seq)
+   and scores them. Network weights alone are not a detector: inputs must be scaled as the device scales them.
+   So each device gets a `DeviceDetector` whose feature buffer and running scaler learn the FIRST
+   `aggregation.evaluation_fit_fraction` of its readings; then the evaluated weights are put in, its
+   threshold (`threshold.*`, no labels) is fitted on the scores of that same first part, and the REST is scored
+   (out of sample). The same scaler serves the global and the local model, so only the weights differ.
+3. Driver: per device and pooled over the fleet, score mean / p50 / p99 and, where readings carry labels,
+   precision / recall / F1 at that threshold, ROC-AUC and PR-AUC (`models.metrics`).
+4. `metrics` documents, ``_id`` = ``<global version>:<scope>:<device_id | fleet>`` for the global model and the
+   same with ``:local`` appended for the local models, so a re-run for one version overwrites, never duplicates.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by spark-submit: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from functools import partial  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from config import Config, load_config  # noqa: E402
+from models.detector import DeviceDetector  # noqa: E402
+from models.metrics import average_precision, precision_recall_f1, roc_auc  # noqa: E402
+from models.serialization import SerializationError, from_b64, loads  # noqa: E402
+from models.thresholds import make_threshold  # noqa: E402
+from storage import mongo  # noqa: E402
+
+log = logging.getLogger("flead.evaluate")
+MODELS = ("global", "local")
+
+
+@dataclass
+class EvaluationOutcome:
+    """What one call of `run_evaluation` did: ``evaluated`` or ``skipped``."""
+
+    status: str
+    message: str
+    version: int | None = None
+    n_devices: int = 0
+    n_documents: int = 0
+    problems: list[dict] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- executors
+
+def score_device(cfg: Config, global_weights: list[np.ndarray], readings: list[dict],
+                 local_snapshot: dict | None) -> dict:
+    """Scores of one device's held-out readings under the global and its local model (see module docstring)."""
+    metric_names = sorted({name for r in readings for name in r["metrics"]})
+    X = np.array([[_number(r["metrics"].get(name)) for name in metric_names] for r in readings])
+    labels = [r.get("label") for r in readings]
+    n_fit = int(len(readings) * cfg.aggregation.evaluation_fit_fraction)
+    row = {"n_fit": n_fit, "labels": None, "scores": {}, "thresholds": {}, "problems": [], "local_version": None}
+    if n_fit < 1 or n_fit >= len(readings):
+        row["problems"].append(f"{len(readings)} readings: too few to fit a scaler on "
+                               f"{cfg.aggregation.evaluation_fit_fraction:g} of them and score the rest")
+        return row
+    if all(label is not None for label in labels[n_fit:]):
+        row["labels"] = np.array(labels[n_fit:], dtype=int)
+    detector = DeviceDetector.create(metric_names, cfg)
+    detector.learn_many(X[:n_fit])  # fits the feature buffer and scaler; the network is replaced below
+    candidates = {"global": global_weights}
+    if local_snapshot is not None:
+        try:
+            candidates["local"] = loads(from_b64(local_snapshot["weights"]))[0]
+            row["local_version"] = local_snapshot["version"]
+        except SerializationError as exc:
+            row["problems"].append(f"local model v{local_snapshot['version']}: {exc}")
+    for model, weights in candidates.items():
+        try:
+            detector.set_weights(weights)
+        except ValueError as exc:
+            row["problems"].append(f"{model} model does not fit this device's {len(metric_names)} metrics: {exc}")
+            continue
+        threshold = make_threshold(cfg.threshold)
+        threshold.update_many(detector.score_many(X[:n_fit]))
+        row["scores"][model] = detector.score_many(X[n_fit:])
+        row["thresholds"][model] = float(threshold.threshold)
+    return row
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def score_partition(cfg_values: dict, global_b64: str, device_ids):
+    """Executor side: read each device's readings and newest snapshot from MongoDB, and score them."""
+    ids = list(device_ids)
+    if not ids:
+        return
+    cfg = Config(cfg_values)
+    global_weights = loads(from_b64(global_b64))[0]
+    db = mongo.connect(cfg)
+    try:
+        for device_id in ids:
+            row = score_device(cfg, global_weights, mongo.device_readings(db, cfg, device_id),
+                               mongo.latest_local_model(db, cfg, device_id))
+            yield {"device_id": device_id, **row}
+    finally:
+        db.client.close()
+
+
+# ---------------------------------------------------------------- driver
+
+def quality(scores: np.ndarray, labels: np.ndarray | None, thresholds: float | np.ndarray) -> dict:
+    """Score statistics and, with labels, threshold and ranking metrics (NaN, e.g. one class only, → None)."""
+    doc: dict = {"n_points": int(len(scores)), "score_mean": float(np.mean(scores)),
+                 "score_p50": float(np.percentile(scores, 50)), "score_p99": float(np.percentile(scores, 99))}
+    if labels is not None:
+        precision, recall, f1 = precision_recall_f1(labels, scores, thresholds)
+        doc |= {"n_anomalies": int(labels.sum()), "precision": precision, "recall": recall, "f1": f1,
+                "roc_auc": roc_auc(labels, scores), "pr_auc": average_precision(labels, scores)}
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in doc.items()}
+
+
+def metric_documents(rows: list[dict], version: int, created_at: int) -> list[dict]:
+    """Per-device and fleet documents for each model that scored at least one device."""
+    docs = []
+    for model in MODELS:
+        scored = [r for r in rows if model in r["scores"] and len(r["scores"][model])]
+        suffix = "" if model == "global" else ":local"
+        for r in scored:
+            threshold = r["thresholds"][model]
+            docs.append({"_id": f"{version}:device:{r['device_id']}{suffix}", "model_version": version,
+                         "model": model, "scope": "device", "device_id": r["device_id"], "created_at": created_at,
+                         "threshold": threshold if math.isfinite(threshold) else None,
+                         "local_version": r["local_version"] if model == "local" else None,
+                         **quality(r["scores"][model], r["labels"], threshold)})
+        if scored:
+            scores = np.concatenate([r["scores"][model] for r in scored])
+            labelled = [r for r in scored if r["labels"] is not None]
+            fleet = quality(scores, None, math.inf)
+            if labelled:  # label metrics over the devices that have labels, each at its own threshold
+                fleet |= {k: v for k, v in quality(
+                    np.concatenate([r["scores"][model] for r in labelled]),
+                    np.concatenate([r["labels"] for r in labelled]),
+                    np.concatenate([np.full(len(r["labels"]), r["thresholds"][model]) for r in labelled]),
+                ).items() if k not in fleet}
+            docs.append({"_id": f"{version}:fleet:fleet{suffix}", "model_version": version, "model": model,
+                         "scope": "fleet", "device_id": None, "created_at": created_at, "n_devices": len(scored),
+                         **fleet})
+    return docs
+
+
+def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
+    """Score every device's stored telemetry with the newest global model and its local model; write metrics."""
+    clock = time.perf_counter()
+    db = mongo.connect(cfg)
+    try:
+        model = mongo.latest_global_model(db, cfg)
+        if model is None:
+            return EvaluationOutcome("skipped", "no global model yet: run an aggregation round first")
+        devices = mongo.device_ids(db, cfg)
+        if not devices:
+            return EvaluationOutcome("skipped", f"no telemetry in {cfg.mongo.collections.device_data} to score",
+                                     version=model["version"])
+        rows = (spark.sparkContext.parallelize(devices, max(1, min(len(devices), cfg.aggregation.spark_partitions)))
+                .mapPartitions(partial(score_partition, cfg.to_dict(), model["weights"])).collect())
+        docs = metric_documents(rows, model["version"], int(time.time() * 1000))
+        mongo.write_metrics(db, cfg, docs)
+        problems = [{"device_id": r["device_id"], "problem": p} for r in rows for p in r["problems"]]
+        duration = time.perf_counter() - clock
+        return EvaluationOutcome(
+            "evaluated", f"global model v{model['version']}: {len(docs)} metric document(s) for {len(devices)} "
+                         f"device(s), {len(problems)} problem(s), {duration:.2f} s",
+            version=model["version"], n_devices=len(devices), n_documents=len(docs), problems=problems,
+            duration_s=duration)
+    finally:
+        db.client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Score stored telemetry with the newest global and local models.")
+    parser.add_argument("--master", help="Spark master (default: spark-submit's --master, else "
+                                         "aggregation.spark_master)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config()
+    from spark_jobs.session import spark_session
+
+    spark = spark_session(cfg, "flead-evaluate", args.master)
+    try:
+        outcome = run_evaluation(spark, cfg)
+    finally:
+        spark.stop()
+    log.info(outcome.message)
+    print(json.dumps({"outcome": outcome.to_dict()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

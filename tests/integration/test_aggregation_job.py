@@ -1,0 +1,205 @@
+"""The aggregation job on real Spark (local[2]) and the session's MongoDB and Kafka."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer
+
+from config import PROJECT_ROOT, load_config
+from models.aggregation import fedavg
+from models.serialization import dumps, from_b64, loads, to_b64
+from spark_jobs.aggregate_job import run_round
+from spark_jobs.session import spark_session, worker_environment
+from storage import mongo
+
+pytestmark = [pytest.mark.integration, pytest.mark.spark]
+
+SHAPES = [(6, 8), (8,), (8, 6), (6,)]
+SPARK_SUBMIT = Path(sys.executable).parent / "spark-submit"
+
+
+@pytest.fixture(scope="module")
+def spark():
+    session = spark_session(load_config(), "flead-test-aggregate", master="local[2]")
+    yield session
+    session.stop()
+
+
+def snapshot(device_id: str, weights, n_samples: int, version: int = 1, created_at: int | None = None) -> dict:
+    return {"schema": "flead.snapshot/1", "device_id": device_id, "version": version, "global_version": 0,
+            "n_samples": n_samples, "n_seen": n_samples * version, "loss": 0.01,
+            "weights": to_b64(dumps(weights, {"architecture": "dense_ae", "model_version": version})),
+            "created_at": created_at or int(time.time() * 1000) - 1000}
+
+
+def fleet(n_devices: int, seed: int = 0):
+    """Honest devices near one model, then NaN, 100× scaled and sign-flipped ones; returns (snapshots, valid)."""
+    rng = np.random.default_rng(seed)
+    base = [rng.normal(size=s) for s in SHAPES]
+    snaps, valid = [], []
+    for i in range(n_devices):
+        weights = [b + 0.05 * rng.normal(size=b.shape) for b in base]
+        n = int(rng.integers(50, 500))
+        kind = ("nan", "scaled", "flipped")[i % 3] if i % 20 == 0 else "honest"
+        if kind == "nan":
+            weights[1][0] = np.nan
+        elif kind == "scaled":
+            weights = [100 * w for w in weights]
+        elif kind == "flipped":
+            weights = [-w for w in weights]
+        else:
+            valid.append((weights, n))
+        snaps.append((f"dev-{i:03d}", kind, snapshot(f"dev-{i:03d}", weights, n, version=2)))
+    return snaps, valid
+
+
+def read_global_messages(cfg, expected: int, timeout: float = 30.0) -> list[dict]:
+    consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": "test-aggregate",
+                         "auto.offset.reset": "earliest"})
+    consumer.subscribe([cfg.kafka.topics.global_model])
+    messages, deadline = [], time.monotonic() + timeout
+    while len(messages) < expected and time.monotonic() < deadline:
+        for msg in consumer.consume(10, timeout=1.0):
+            assert msg.error() is None, msg.error()
+            messages.append(json.loads(msg.value()))
+    consumer.close()
+    return messages
+
+
+def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg, db):
+    snaps, valid = fleet(200)
+    stale = [snapshot(d, [np.full(s, 9.0) for s in SHAPES], 1000, version=1) for d, _, _ in snaps[:5]]
+    mongo.write_local_models(db, cfg, stale + [s for _, _, s in snaps])
+
+    outcome = run_round(spark, cfg)
+
+    assert outcome.status == "aggregated", outcome.message
+    model = mongo.latest_global_model(db, cfg)
+    assert model["version"] == 1 and model["round_id"] == "r1" and model["strategy"] == "fedavg"
+    weights, _ = loads(from_b64(model["weights"]))
+    for got, want in zip(weights, fedavg(valid)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    reasons = {r["device_id"]: r["reason"] for r in model["rejected"]}
+    for device, kind, _ in snaps:
+        if kind == "honest":
+            assert device in model["participants"]
+        else:
+            assert {"nan": "non-finite", "scaled": "exceeds", "flipped": "cosine"}[kind] in reasons[device]
+    assert len(model["participants"]) == len(valid) == 190
+    assert model["n_samples"] == sum(n for _, n in valid)
+    history = mongo.aggregation_rounds(db, cfg)
+    assert len(history) == 1 and history[0]["n_rejected"] == 10 and history[0]["mean_loss"] == pytest.approx(0.01)
+    assert history[0]["norms"]["max"] > 50 * history[0]["norms"]["median"]
+
+    again = run_round(spark, cfg)
+    assert again.status == "skipped" and "no new snapshots" in again.message
+    assert mongo.collection(db, cfg, "global_models").count_documents({}) == 1
+    assert len(mongo.aggregation_rounds(db, cfg)) == 1
+
+    messages = read_global_messages(cfg, expected=1)
+    assert [m["version"] for m in messages] == [1]
+    assert messages[0]["schema"] == "flead.global-model/1" and messages[0]["weights"] == model["weights"]
+
+
+def test_too_few_valid_updates_skip_the_round_with_reasons(spark, cfg, db):
+    good = snapshot("good", [np.ones(s) for s in SHAPES], 10)
+    bad = snapshot("bad", [np.ones(s) for s in SHAPES], 10) | {"device_id": "bad", "weights": "bm90IGEgYmxvYg=="}
+    mongo.write_local_models(db, cfg, [good, bad])
+
+    outcome = run_round(spark, cfg, publish_model=False)
+
+    assert outcome.status == "skipped"
+    assert "needs at least 2" in outcome.message and "bad: weights: " in outcome.message
+    assert mongo.latest_global_model(db, cfg) is None
+
+
+def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(spark, cfg, db):
+    rng = np.random.default_rng(1)
+    centres = [[rng.normal(size=s) for s in SHAPES] for _ in range(3)]
+    snaps = [snapshot(f"c{k}-{i}", [c + 0.01 * rng.normal(size=c.shape) for c in centres[k]], 100)
+             for k in range(3) for i in range(4)]
+    mongo.write_local_models(db, cfg, snaps)
+    clustered = load_config(env={**os.environ, "FLEAD_AGGREGATION_STRATEGY": "clustered",
+                                 "FLEAD_AGGREGATION_MIN_COSINE": "-1.0"})
+
+    outcome = run_round(spark, clustered, publish_model=False)
+
+    assert outcome.status == "aggregated", outcome.message
+    fleet_model = mongo.latest_global_model(db, cfg)
+    assert fleet_model["_id"] == 1 and fleet_model.get("cluster") is None and fleet_model["cluster_sizes"] == [4, 4, 4]
+    clusters = mongo.cluster_models(db, cfg, 1)
+    assert [c["_id"] for c in clusters] == ["1:c0", "1:c1", "1:c2"]
+    for c in clusters:
+        assert len({device.split("-")[0] for device in c["participants"]}) == 1  # one true group per cluster
+
+
+def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(spark, cfg, db):
+    snaps, _ = fleet(20, seed=3)
+    mongo.write_local_models(db, cfg, [s for _, _, s in snaps])
+    assert run_round(spark, cfg, publish_model=False).status == "aggregated"
+    time.sleep(0.01)
+    later = int(time.time() * 1000)
+    rng = np.random.default_rng(4)
+    fresh = [snapshot(f"dev-{i:03d}", [rng.normal(size=s) * 0.01 + 1 for s in SHAPES], 100, 3, later)
+             for i in range(6)]
+    wrong_shape = snapshot("dev-wrong", [np.ones((7, 8)), np.ones(8), np.ones((8, 6)), np.ones(6)], 100, 3, later)
+    tampered = snapshot("dev-tampered", [np.ones(s) for s in SHAPES], 100, 3, later)
+    tampered["weights"] = to_b64(from_b64(tampered["weights"])[:-8] + b"\x00" * 8)
+    mongo.write_local_models(db, cfg, fresh + [wrong_shape, tampered])
+
+    started = time.monotonic()
+    result = subprocess.run([str(SPARK_SUBMIT), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+                             str(PROJECT_ROOT / "spark_jobs" / "aggregate_job.py")],
+                            env={**os.environ, **worker_environment()}, capture_output=True, text=True,
+                            timeout=300, cwd=PROJECT_ROOT)
+    print(f"spark-submit took {time.monotonic() - started:.1f} s")
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])["outcome"]
+    assert outcome["status"] == "aggregated" and outcome["version"] == 2, outcome
+    model = mongo.latest_global_model(db, cfg)
+    assert model["version"] == 2 and len(model["participants"]) == 6
+    reasons = {r["device_id"]: r["reason"] for r in model["rejected"]}
+    assert "wrong shape (7, 8)" in reasons["dev-wrong"]
+    assert "SHA-256" in reasons["dev-tampered"]
+
+
+def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db):
+    from models.detector import DeviceDetector
+    from spark_jobs.evaluate_job import run_evaluation
+
+    rng = np.random.default_rng(5)
+    metrics = ["cpu", "mem", "net"]
+    readings, snaps = [], []
+    for d in range(3):
+        X = rng.normal(0.5, 0.05, size=(400, 3)) @ np.array([[1, 0.5, 0], [0, 1, 0.5], [0, 0, 1]])
+        y = np.zeros(400, dtype=int)
+        y[350::10] = 1
+        X[y == 1, 2] += 1.0  # clear anomalies, all in the scored (held-out) part
+        detector = DeviceDetector.create(metrics, cfg)
+        detector.learn_many(X[:300])
+        snaps.append(snapshot(f"dev-{d}", detector.get_weights(), 300) | {"version": 1})
+        readings += [{"device_id": f"dev-{d}", "seq": i, "ts": 1_700_000_000_000 + i,
+                      "metrics": dict(zip(metrics, map(float, X[i]))), "label": int(y[i])} for i in range(400)]
+    mongo.write_device_data(db, cfg, readings)
+    mongo.write_local_models(db, cfg, snaps)
+    assert run_round(spark, cfg, publish_model=False).status == "aggregated"
+
+    outcome = run_evaluation(spark, cfg)
+
+    assert outcome.status == "evaluated" and outcome.problems == [], outcome
+    docs = {d["_id"]: d for d in mongo.collection(db, cfg, "metrics").find()}
+    assert set(docs) == {f"1:device:dev-{d}{s}" for d in range(3) for s in ("", ":local")} | {"1:fleet:fleet",
+                                                                                             "1:fleet:fleet:local"}
+    fleet = docs["1:fleet:fleet"]
+    assert fleet["n_points"] == 3 * 280 and fleet["n_devices"] == 3 and fleet["model"] == "global"
+    assert fleet["roc_auc"] > 0.9 and fleet["pr_auc"] > 0.5 and 0 <= fleet["f1"] <= 1
+    assert docs["1:device:dev-0:local"]["local_version"] == 1
+    assert run_evaluation(spark, cfg).n_documents == len(docs)  # a re-run overwrites
+    assert mongo.collection(db, cfg, "metrics").count_documents({}) == len(docs)

@@ -1,0 +1,149 @@
+"""The global model server against the session's MongoDB: auth, validation, reads, and a bounded fuzz run."""
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from config import load_config
+from models.serialization import dumps, to_b64
+from orchestration import processes
+from spark_jobs.api import api_token, create_app
+from storage import mongo
+
+pytestmark = pytest.mark.integration
+
+SHAPES = [(4, 3), (3,), (3, 4), (4,)]
+TOKEN = "test-token-123"
+
+
+def blob(shapes=SHAPES, value=0.5) -> str:
+    return to_b64(dumps([np.full(s, value) for s in shapes], {"architecture": "dense_ae"}))
+
+
+def snapshot(device_id="dev-1", version=1, **fields) -> dict:
+    return {"schema": "flead.snapshot/1", "device_id": device_id, "version": version, "n_samples": 100,
+            "n_seen": 100, "loss": 0.02, "weights": blob()} | fields
+
+
+@pytest.fixture
+def api_cfg(cfg):
+    return load_config(env={**os.environ, "FLEAD_API_TOKEN": TOKEN})
+
+
+def stub_round() -> dict:
+    return {"status": "skipped", "message": "stub round"}
+
+
+@pytest.fixture
+def client(api_cfg):
+    with TestClient(create_app(api_cfg, run_round=stub_round)) as test_client:
+        yield test_client
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_writes_without_or_with_a_wrong_token_are_refused(client, api_cfg, db):
+    assert client.post("/api/local-update", json=snapshot()).status_code == 401
+    assert client.post("/api/aggregate").status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert client.post("/api/local-update", json=snapshot(), headers=wrong).status_code == 403
+    assert client.post("/api/aggregate", headers=wrong).status_code == 403
+    assert mongo.collection(db, api_cfg, "local_models").count_documents({}) == 0
+
+
+def test_valid_update_is_stored_and_bad_ones_get_the_reason(client, api_cfg, db):
+    ok = client.post("/api/local-update", json=snapshot(), headers=AUTH)
+    assert ok.status_code == 201 and ok.json() == {"id": "dev-1:1", "stored": True}
+    stored = mongo.latest_local_model(db, api_cfg, "dev-1")
+    assert stored["n_samples"] == 100 and stored["created_at"] > 0
+    assert client.post("/api/local-update", json=snapshot(), headers=AUTH).status_code == 409
+
+    mongo.write_global_model(db, api_cfg, {"version": 1, "round_id": "r1", "strategy": "fedavg",
+                                           "participants": ["dev-1"], "weights": blob(), "created_at": 1})
+    cases = {
+        "not base64": (snapshot(version=2, weights="***"), 400, "not base64"),
+        "not a blob": (snapshot(version=2, weights="aGVsbG8gd29ybGQgaGVsbG8="), 400, "magic"),
+        "wrong shape": (snapshot(version=2, weights=blob([(5, 3), (3,), (3, 4), (4,)])), 400, "wrong shape"),
+        "non-finite": (snapshot(version=2, weights=blob(value=np.nan)), 400, "non-finite"),
+        "zero samples": (snapshot(version=2, n_samples=0), 422, "n_samples"),
+        "bad device id": (snapshot(device_id="a:b"), 422, "device_id"),
+        "unknown field": (snapshot(version=2, colour="red"), 422, "colour"),
+        "missing weights": ({k: v for k, v in snapshot(version=2).items() if k != "weights"}, 422, "weights"),
+    }
+    for name, (body, status, reason) in cases.items():
+        response = client.post("/api/local-update", json=body, headers=AUTH)
+        assert response.status_code == status, (name, response.text)
+        assert reason in response.text, (name, response.text)
+    assert client.post("/api/local-update", content=b"{not json", headers=AUTH).status_code == 422
+
+
+def test_reads_and_triggered_run(client, api_cfg, db):
+    assert client.get("/api/global-model").status_code == 404
+    mongo.write_global_model(db, api_cfg, {"version": 1, "round_id": "r1", "strategy": "fedavg",
+                                           "participants": ["dev-1"], "weights": blob(), "created_at": 1})
+    mongo.write_aggregation_round(db, api_cfg, {"round_id": "r1", "version": 1, "strategy": "fedavg",
+                                                "started_at": 1, "n_participants": 1, "n_rejected": 0})
+    model = client.get("/api/global-model").json()
+    assert model["schema"] == "flead.global-model/1" and model["version"] == 1 and model["cluster"] is None
+    assert client.get("/api/global-model", params={"version": 1}).json()["round_id"] == "r1"
+    assert client.get("/api/global-model", params={"version": 2}).status_code == 404
+    assert client.get("/api/status").json()["latest_version"] == 1
+    assert [r["round_id"] for r in client.get("/api/history").json()] == ["r1"]
+
+    run = client.post("/api/aggregate", headers=AUTH)
+    assert run.status_code == 202
+    run_id = run.json()["run_id"]
+    deadline = time.monotonic() + 10
+    while client.get(f"/api/runs/{run_id}").json()["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get(f"/api/runs/{run_id}").json()["outcome"] == stub_round()
+    assert client.get("/docs").status_code == 200
+
+
+def test_generated_token_file_is_private(cfg):
+    token = api_token(cfg)
+    path = cfg.state_dir / "api_token"
+    assert len(token) >= 32 and path.read_text().strip() == token
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert api_token(cfg) == token
+
+
+@pytest.fixture
+def api_schema(api_cfg, db):
+    mongo.write_global_model(db, api_cfg, {"version": 1, "round_id": "r1", "strategy": "fedavg",
+                                           "participants": ["dev-1"], "weights": blob(), "created_at": 1})
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(api_cfg, run_round=stub_round))
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzzed.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_never_get_a_server_error(case):
+    case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
+
+
+def test_flead_api_start_serves_and_stop_stops(cfg):
+    from orchestration.cli import main
+
+    env_cfg = load_config(env={**os.environ, "FLEAD_API_PORT": str(processes.free_port())})
+    os.environ["FLEAD_API_PORT"] = str(env_cfg.api.port)
+    try:
+        assert main(["api", "start"]) == 0
+        response = httpx.get(f"http://{env_cfg.api.host}:{env_cfg.api.port}/api/status", timeout=10)
+        assert response.status_code == 200 and response.json()["latest_version"] is None
+    finally:
+        assert main(["api", "stop"]) == 0
+        os.environ.pop("FLEAD_API_PORT")
+    assert processes.running_pid(cfg.state_dir, "api") is None

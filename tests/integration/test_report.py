@@ -1,0 +1,82 @@
+"""`flead report` on documents written through storage.mongo: every section, embedded plots, the right F1."""
+import html
+import random
+import re
+
+import pytest
+
+from orchestration import report
+from storage import mongo
+
+pytestmark = pytest.mark.integration
+
+DEVICES = ["dev-a", "dev-b", "dev-c"]
+READINGS_PER_DEVICE = 120
+START_MS = 1_706_659_200_000
+
+
+def _predictions(seed: int = 7) -> list[dict]:
+    """Labelled scores with one anomalous stretch per device, some caught, some missed, some false alarms."""
+    rng = random.Random(seed)
+    records = []
+    for d, device in enumerate(DEVICES):
+        anomalous = range(60 + 10 * d, 75 + 10 * d)
+        for seq in range(READINGS_PER_DEVICE):
+            label = int(seq in anomalous)
+            score = (2.0 + rng.random()) * (1 + d) if label and rng.random() < 0.7 else rng.random() * (1 + d)
+            threshold = 1.0 * (1 + d)
+            records.append({"device_id": device, "seq": seq, "ts": START_MS + seq * 1000, "score": score,
+                            "threshold": threshold, "is_anomaly": score > threshold or rng.random() < 0.02,
+                            "top_metrics": [{"metric": "m00", "share": 1.0}], "model_version": 1,
+                            "global_version": 1 if seq < 50 else 2, "label": label,
+                            "scored_at": START_MS + seq * 1000 + 300})
+    return records
+
+
+def _table_row(page: str, first_cell: str) -> list[str]:
+    match = re.search(rf"<tr><td>{re.escape(first_cell)}</td>(.*?)</tr>", page)
+    assert match, f"no table row starting with {first_cell!r}"
+    return [first_cell] + [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", match.group(1))]
+
+
+def test_report_shows_every_section_with_plots_and_the_streams_f1(cfg, db, tmp_path):
+    records = _predictions()
+    mongo.write_predictions(db, cfg, records)
+    mongo.write_metrics(db, cfg, [{"_id": "2:fleet:", "model_version": 2, "model": "ae", "scope": "fleet",
+                                   "device_id": None, "f1": 0.61, "roc_auc": 0.87, "pr_auc": 0.55,
+                                   "created_at": START_MS + 200_000}])
+    mongo.write_aggregation_round(db, cfg, {
+        "round_id": "r2", "version": 2, "strategy": "fedavg", "n_participants": 2, "n_rejected": 1,
+        "participants": ["dev-a", "dev-b"], "rejected": [{"device_id": "dev-c", "reason": "non-finite weights"}],
+        "started_at": START_MS + 50_000, "finished_at": START_MS + 52_000, "duration_s": 2.0})
+    mongo.write_dead_letters(db, cfg, [{"source": "flead.telemetry", "reason": "missing field 'ts'", "raw": "{}",
+                                        "device_id": None, "at": START_MS + 1}])
+
+    out = report.write_report(db, cfg, tmp_path / "report.html", n_devices=2)
+
+    page = out.read_text()
+    for heading in ("Score traces", "Accuracy against labels", "Quality per global model version", "Throughput",
+                    "Federated rounds", "Dead letters"):
+        assert f"<h2>{heading}</h2>" in page
+    assert page.count("src='data:image/png;base64,") == 2  # traces and throughput
+    tp = sum(r["is_anomaly"] and r["label"] == 1 for r in records)
+    flagged = sum(r["is_anomaly"] for r in records)
+    anomalous = sum(r["label"] for r in records)
+    precision, recall = tp / flagged, tp / anomalous
+    overall = _table_row(page, "all devices")
+    assert overall[report.ACCURACY_HEADERS.index("F1")] == f"{2 * precision * recall / (precision + recall):.3f}"
+    assert overall[report.ACCURACY_HEADERS.index("labelled points")] == str(len(records))
+    assert _table_row(page, "2")[:5] == ["2", "ae", "fleet", "1", "0.610"]  # metrics: version, model, scope, docs, F1
+    assert _table_row(page, "v2")[1] == str(sum(r["global_version"] == 2 for r in records))
+    assert "dev-c: non-finite weights" in page
+    assert _table_row(page, "missing field &#x27;ts&#x27;")[1] == "1"
+
+
+def test_report_says_so_when_nothing_is_stored_and_writes_markdown(cfg, db, tmp_path):
+    out = report.write_report(db, cfg, tmp_path / "report.md", fmt="md")
+
+    text = out.read_text()
+    assert "## Accuracy against labels" in text
+    assert "The `metrics` collection is empty" in text
+    assert "No dead letters." in text
+    assert not list(tmp_path.glob("*.png"))

@@ -1,0 +1,203 @@
+"""The PyFlink stream job against the real broker: Kafka → Flink (local MiniCluster) → Kafka.
+
+Each test runs `flink_jobs/anomaly_job.py` as a child process (bounded unless it is the failure test) and reads the
+output topics back. Slices of ASD keep each test to about a minute on 2 cores.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Producer
+
+from config import PROJECT_ROOT, load_config
+from models.detector import DeviceDetector
+from models.serialization import dumps, loads, from_b64, to_b64
+from orchestration import processes
+from telemetry.consumer import iter_messages
+from telemetry.producer import produce, producer_config
+from telemetry.readers import open_reader
+from telemetry.schema import Reading
+
+pytestmark = [pytest.mark.integration, pytest.mark.flink]
+
+JOB = PROJECT_ROOT / "flink_jobs" / "anomaly_job.py"
+JOB_TIMEOUT_S = 300
+READINGS_PER_DEVICE = 1500
+
+
+def asd_slice(cfg, split: str, devices: int, per_device: int, rename: str = "") -> list[Reading]:
+    """The first `per_device` readings of the first `devices` devices of ASD `split` (ids prefixed by `rename`)."""
+    out, counts = [], {}
+    for r in open_reader("asd", cfg.data_dir / f"asd/{split}.csv.gz"):
+        if r.device_id not in counts and len(counts) == devices:
+            break
+        counts[r.device_id] = counts.get(r.device_id, 0) + 1
+        if counts[r.device_id] <= per_device:
+            out.append(Reading(rename + r.device_id, r.seq, r.ts, r.metrics, r.label))
+    return out
+
+
+def run_bounded(tmp_path: Path, *args: str, env: dict | None = None) -> None:
+    log = tmp_path / "job.log"
+    with open(log, "wb") as out:
+        proc = subprocess.run([sys.executable, str(JOB), "--bounded", *args], stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})}, timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 0, log.read_text(errors="replace")[-4000:]
+
+
+def read_topic(cfg, key: str, timeout_s: float = 3.0) -> list[dict]:
+    return [json.loads(m.value()) for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics[key],
+                                                         from_beginning=True, timeout_s=timeout_s)]
+
+
+def send_raw(cfg, topic_key: str, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    for value in values:
+        producer.produce(cfg.kafka.topics[topic_key], value, key=b"bad")
+    assert producer.flush(10) == 0
+
+
+def global_model_message(weights, version: int, cluster=None, assignments=None) -> bytes:
+    return json.dumps({"schema": "flead.global-model/1", "version": version, "round_id": f"r{version}",
+                       "strategy": "fedavg", "participants": [], "rejected": [], "n_samples": 1000,
+                       "weights": to_b64(dumps(weights, {"model_version": version})), "created_at": 0,
+                       "dp_epsilon": None, "cluster": cluster, "assignments": assignments}).encode()
+
+
+def by_id(scores: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    out: dict[tuple[str, int], list[dict]] = {}
+    for s in scores:
+        out.setdefault((s["device_id"], s["seq"]), []).append(s)
+    return out
+
+
+def test_replay_scores_every_reading_once_dead_letters_bad_messages_and_learns(cfg, tmp_path):
+    anomalous = asd_slice(cfg, "test", 3, READINGS_PER_DEVICE)
+    normal = asd_slice(cfg, "train", 2, READINGS_PER_DEVICE, rename="train-")
+    bad = [b"not json at all", b'{"schema": "flead.telemetry/1", "device_id": "omi-1", "seq": 1, "metrics": {"m00": 1}}',
+           b'{"schema": "flead.telemetry/1", "device_id": "x", "seq": 1, "ts": 5, "metrics": {"m00": "high"}}']
+    produce(anomalous[:2000], cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
+    send_raw(cfg, "telemetry", bad)
+    result = produce(anomalous[2000:] + normal, cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
+    assert result.failed == 0
+
+    started = time.monotonic()
+    run_bounded(tmp_path)
+    print(f"bounded job over {len(anomalous) + len(normal)} readings: {time.monotonic() - started:.1f} s")
+
+    scores = by_id(read_topic(cfg, "scores"))
+    expected = {(r.device_id, r.seq) for r in anomalous + normal}
+    assert set(scores) == expected
+    assert all(len(copies) == 1 for copies in scores.values())  # a clean run: exactly one score per reading
+    record = scores[(anomalous[-1].device_id, anomalous[-1].seq)][0]
+    assert set(record) == {"device_id", "seq", "ts", "score", "threshold", "is_anomaly", "top_metrics",
+                           "model_version", "global_version", "label", "scored_at"}
+    assert record["ts"] == anomalous[-1].ts and record["label"] == anomalous[-1].label
+    assert {m["metric"] for m in record["top_metrics"]} <= set(anomalous[-1].metrics)
+
+    dead = read_topic(cfg, "dead_letters")
+    reasons = sorted(d["reason"] for d in dead)
+    assert len(dead) == 3 and {d["source"] for d in dead} == {cfg.kafka.topics.telemetry}
+    assert reasons[0] == "metrics.m00: expected a number, got str"
+    assert reasons[1] == "missing field 'ts'" and reasons[2].startswith("not JSON")
+
+    alerts = read_topic(cfg, "alerts")
+    flagged = [copies[0] for copies in scores.values() if copies[0]["is_anomaly"]]
+    assert len(alerts) == len(flagged) > 0
+
+    for device in {r.device_id for r in normal}:
+        ordered = [scores[(device, seq)][0]["score"] for seq in range(READINGS_PER_DEVICE)]
+        early, late = np.mean(ordered[:100]), np.mean(ordered[-500:])
+        assert late < 0.5 * early, (device, early, late)  # the score falls as the device's model learns
+
+    snapshots = read_topic(cfg, "snapshots")
+    for device in {r.device_id for r in anomalous + normal}:
+        mine = [s for s in snapshots if s["device_id"] == device]
+        assert [s["version"] for s in mine] == list(range(1, len(mine) + 1)) and len(mine) >= 2
+        weights, _ = loads(from_b64(mine[-1]["weights"]))
+        assert sum(s["n_samples"] for s in mine) == mine[-1]["n_seen"]
+
+
+def test_global_models_are_adopted_by_version_and_cluster_and_poison_is_refused(cfg, tmp_path):
+    readings = asd_slice(cfg, "test", 2, 600)
+    names = list(readings[0].metrics)
+    weights = DeviceDetector.create(names, cfg).get_weights()
+    garbled = bytearray(dumps(weights, {"model_version": 9}))
+    garbled[-5] ^= 0xFF
+    poisoned = json.loads(global_model_message(weights, 9))
+    poisoned["weights"] = to_b64(bytes(garbled))
+    send_raw(cfg, "global_model", [global_model_message(weights, 7),
+                                   global_model_message(weights, 8, cluster=1, assignments={"omi-10": 1}),
+                                   json.dumps(poisoned).encode()])
+    produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
+
+    run_bounded(tmp_path)
+
+    scores = read_topic(cfg, "scores")
+    assert len(scores) == len(readings)
+    for device, version in (("omi-1", 7), ("omi-10", 8)):
+        mine = sorted((s for s in scores if s["device_id"] == device), key=lambda s: s["seq"])
+        versions = [s["global_version"] for s in mine]
+        assert versions == sorted(versions) and versions[-1] == version, (device, set(versions))
+    assert 9 not in {s["global_version"] for s in scores}
+    dead = read_topic(cfg, "dead_letters")
+    assert len(dead) == 1 and dead[0]["reason"].startswith("global model refused")
+    assert dead[0]["source"] == cfg.kafka.topics.global_model
+
+
+def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg, tmp_path):
+    """Kill -9 mid-stream, restart from the newest retained checkpoint: every reading scored, models continue.
+
+    The sinks are at-least-once, so readings after the checkpoint may be scored twice under the same
+    (device_id, seq) — the MongoDB sink upserts by that id. We assert: the distinct (device_id, seq) set is
+    complete, no id appears more than twice, and model versions and reading counts continue across the restart.
+    """
+    readings = asd_slice(cfg, "test", 3, 1200)
+    env = {"FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "1000",
+           "FLEAD_STREAM_SNAPSHOT_EVERY": "200"}
+    job_cfg = load_config(env={**os.environ, **env})
+    producer = threading.Thread(target=produce, args=(readings, cfg.kafka.topics.telemetry, producer_config(cfg)),
+                                kwargs={"batch": 10, "rate": 150.0})
+    pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
+    try:
+        producer.start()
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        scored = 0
+        while time.monotonic() < deadline:
+            scored = sum(1 for _ in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
+                                                  from_beginning=True, timeout_s=0.5))
+            checkpoints = list((tmp_path / "flink" / "checkpoints").glob("*/chk-*/_metadata"))
+            if scored >= len(readings) // 3 and checkpoints:
+                break
+            assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
+            time.sleep(1)
+        assert scored < len(readings) - 300, "the job finished before it could be killed mid-stream"
+        os.killpg(pid, signal.SIGKILL)
+    finally:
+        processes.stop(tmp_path, "stream", grace=5)
+        producer.join()
+
+    from flink_jobs.anomaly_job import latest_checkpoint
+    assert latest_checkpoint(job_cfg) is not None
+    run_bounded(tmp_path, "--from-savepoint", "latest", env=env)
+
+    scores = read_topic(cfg, "scores")
+    copies = by_id(scores)
+    assert set(copies) == {(r.device_id, r.seq) for r in readings}  # none missing
+    assert max(len(c) for c in copies.values()) <= 2
+    duplicated = sum(len(c) > 1 for c in copies.values())
+    print(f"{len(scores)} score records, {len(copies)} distinct readings, {duplicated} scored twice")
+    snapshots = read_topic(cfg, "snapshots")
+    for device in {r.device_id for r in readings}:
+        mine = [s for s in snapshots if s["device_id"] == device]
+        # state lost would restart n_seen (and versions) near 0 and end well below the readings sent
+        assert max(s["n_seen"] for s in mine) >= 1200 - 200, device
+        assert max(s["version"] for s in mine) >= 5, device
+        assert max(c["model_version"] for c in copies[(device, 1199)]) >= 5, device
