@@ -298,9 +298,11 @@ def checkpoint_dir(cfg) -> Path:
     return cfg.state_dir / "flink" / "checkpoints"
 
 
-def flink_configuration(cfg, recover_from: str | None) -> Configuration:
+def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configuration:
     stream = cfg.stream
     conf = Configuration()
+    if bounded:  # a failure should surface, not replay the input from the start into the output topics
+        conf.set_string("restart-strategy.type", "none")
     conf.set_string("parallelism.default", str(stream.parallelism))
     conf.set_string("python.fn-execution.bundle.size", str(stream.bundle_size))
     conf.set_string("python.fn-execution.bundle.time", str(stream.bundle_time_ms))
@@ -398,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         recover_from = str(found)
     # Python workers as separate processes, like on a cluster (else the driver runs every UDF: one core only).
     os.environ.setdefault("_python_worker_execution_mode", "process")
-    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, recover_from))
+    log_dir = cfg.state_dir / "logs" / "flink"  # the local MiniCluster's log (default: inside site-packages)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
+    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, args.bounded, recover_from))
     build_job(env, cfg, args.bounded)
     LOG.info("starting (bounded=%s, recover from %s, parallelism %d)", args.bounded, recover_from,
              cfg.stream.parallelism)

@@ -1,0 +1,88 @@
+"""Headless-browser helpers shared by the dashboard and demo tests: log in, wait for charts, read figures."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from visualization.bundle_archive import BUNDLE_DIR
+
+CHART_TIMEOUT_S = 120
+NO_RESULTS = "No results"  # Superset's empty state: "No results were returned for this query"
+# One entry per chart on the page: its name, viz type, error text, whether it is still loading or drawn.
+CHART_STATES_JS = """
+return Array.from(document.querySelectorAll('[data-test="chart-grid-component"]')).map(chart => {
+  const body = chart.querySelector('[data-test="slice-container"]');
+  const error = chart.querySelector('.ant-alert-error');
+  return {
+    name: chart.getAttribute('data-test-chart-name'),
+    viz: chart.getAttribute('data-test-viz-type'),
+    error: error ? error.innerText : null,
+    loading: !!chart.querySelector('[data-test="loading-indicator"], .loading'),
+    drawn: !!(body && body.querySelector('canvas, svg, table, .header-line')),
+    text: body ? body.innerText : '',
+  };
+});
+"""
+
+
+def bundle_yaml(kind: str) -> list[dict]:
+    return [yaml.safe_load(path.read_text()) for path in sorted((BUNDLE_DIR / kind).rglob("*.yaml"))]
+
+
+DASHBOARDS = bundle_yaml("dashboards")
+
+
+def log_in(browser, url: str, login: dict) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/login/")
+    WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.ID, "username"))
+    browser.find_element(By.ID, "username").send_keys(login["username"])
+    browser.find_element(By.ID, "password").send_keys(login["password"])
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, 60).until(lambda b: "/login" not in b.current_url)
+
+
+def wait_for_charts(browser, expected: int) -> list[dict]:
+    """Wait until all `expected` charts of the page are drawn or failed; their final states."""
+    deadline = time.monotonic() + CHART_TIMEOUT_S
+    while True:
+        states = browser.execute_script(CHART_STATES_JS)
+        settled = len(states) == expected and all(
+            s["error"] or (not s["loading"] and (s["drawn"] or NO_RESULTS in s["text"])) for s in states)
+        if settled:
+            time.sleep(1)  # let the last animations finish before the screenshot
+            return browser.execute_script(CHART_STATES_JS)
+        if time.monotonic() > deadline:
+            pytest.fail(f"charts not drawn after {CHART_TIMEOUT_S} s: {states}")
+        time.sleep(0.5)
+
+
+def chart(states: list[dict], name: str) -> dict:
+    return next(s for s in states if s["name"] == name)
+
+
+def number(text: str) -> int:
+    return int(text.strip().replace(",", ""))
+
+
+def screenshot(browser, path) -> None:
+    """Screenshot of the whole page (the window is grown to the page's height first)."""
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1600, max(1200, height))
+    browser.save_screenshot(str(path))
+
+
+def expected_charts(dashboard: dict) -> int:
+    """How many charts the dashboard's layout places."""
+    return sum(len(row["charts"]) for row in dashboard["layout"])
+
+
+def open_dashboard(browser, base_url: str, slug: str, expected: int) -> list[dict]:
+    """Open a dashboard standalone with every chart in view, and wait until all are drawn or failed."""
+    browser.set_window_size(1600, 2400)  # Superset draws charts only when visible
+    browser.get(f"{base_url}/superset/dashboard/{slug}/?standalone=1")
+    return wait_for_charts(browser, expected)
