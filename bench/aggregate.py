@@ -73,13 +73,14 @@ def spark_submit_round(cfg, env: dict) -> tuple[float, float]:
 
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[*]",
-                             "--conf", "spark.ui.enabled=false", str(ROOT / "spark_jobs" / "aggregate_job.py")],
+                             "--conf", "spark.ui.enabled=false", str(ROOT / "spark_jobs" / "aggregate_job.py"),
+                             "--no-publish"],
                             env={**os.environ, **env, **cfg.to_env(), **worker_environment()},
                             capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"spark-submit failed:\n{result.stderr[-3000:]}")
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])["outcome"]
+    outcome = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"outcome"'))["outcome"]
     if outcome["status"] != "aggregated":
         raise SystemExit(f"spark-submit round did not aggregate: {outcome['message']}")
     return wall, outcome["duration_s"]

@@ -166,7 +166,8 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
         base_version = previous["version"] if previous else 0
         ids = mongo.latest_local_model_ids(db, cfg, since, started)
         if not ids:
-            return RoundOutcome("skipped", f"no new snapshots since global model v{base_version}; nothing to do",
+            since_what = f"since global model v{base_version}" if previous else "stored yet"
+            return RoundOutcome("skipped", f"no new snapshots {since_what}; nothing to do",
                                 duration_s=time.perf_counter() - clock)
         current = loads(from_b64(previous["weights"]))[0] if previous else None
         reference_shapes = [w.shape for w in current] if current else None
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="One FLEAD aggregation round on Spark.")
     parser.add_argument("--master", help="Spark master (default: spark-submit's --master, else "
                                          "aggregation.spark_master), e.g. local[2] or spark://host:7077")
+    parser.add_argument("--no-publish", action="store_true",
+                        help="store the model in MongoDB only, do not send it to the global-model topic")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config()
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spark = spark_session(cfg, "flead-aggregate", args.master)
     try:
-        outcome = run_round(spark, cfg)
+        outcome = run_round(spark, cfg, publish_model=not args.no_publish)
     finally:
         spark.stop()
     log.info(outcome.message)

@@ -27,6 +27,7 @@ def spark_session(cfg: Config, app_name: str, master: str | None = None):
 
     builder = (SparkSession.builder.appName(app_name)
                .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")
                .config("spark.sql.shuffle.partitions", str(cfg.aggregation.spark_partitions))
                .config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
                .config("spark.python.worker.reuse", "true"))

@@ -161,7 +161,7 @@ def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(s
                             timeout=300, cwd=PROJECT_ROOT)
     print(f"spark-submit took {time.monotonic() - started:.1f} s")
     assert result.returncode == 0, result.stderr[-3000:]
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])["outcome"]
+    outcome = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"outcome"'))["outcome"]
     assert outcome["status"] == "aggregated" and outcome["version"] == 2, outcome
     model = mongo.latest_global_model(db, cfg)
     assert model["version"] == 2 and len(model["participants"]) == 6

@@ -152,6 +152,18 @@ def test_global_models_are_adopted_by_version_and_cluster_and_poison_is_refused(
     assert dead[0]["source"] == cfg.kafka.topics.global_model
 
 
+def wait_for_scores(cfg, state_dir: Path, pid: int, enough) -> list[dict]:
+    """Poll the scores topic until `enough(scores)`; fail with the job's log if it died."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        scores = read_topic(cfg, "scores", timeout_s=0.5)
+        if enough(scores):
+            return scores
+        assert processes.running_pid(state_dir, "stream") == pid, processes.log_tail(state_dir, "stream", 60)
+        time.sleep(1)
+    raise AssertionError(f"not enough scores after {JOB_TIMEOUT_S} s")
+
+
 def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg, tmp_path):
     """Kill -9 mid-stream, restart from the newest retained checkpoint: every reading scored, models continue.
 
@@ -160,6 +172,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
     complete, no id appears more than twice, and model versions and reading counts continue across the restart.
     """
     readings = asd_slice(cfg, "test", 3, 1200)
+    expected = {(r.device_id, r.seq) for r in readings}
     env = {"FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "1000",
            "FLEAD_STREAM_SNAPSHOT_EVERY": "200"}
     job_cfg = load_config(env={**os.environ, **env})
@@ -168,17 +181,10 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
     try:
         producer.start()
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        scored = 0
-        while time.monotonic() < deadline:
-            scored = sum(1 for _ in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
-                                                  from_beginning=True, timeout_s=0.5))
-            checkpoints = list((tmp_path / "flink" / "checkpoints").glob("*/chk-*/_metadata"))
-            if scored >= len(readings) // 3 and checkpoints:
-                break
-            assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
-            time.sleep(1)
-        assert scored < len(readings) - 300, "the job finished before it could be killed mid-stream"
+        checkpoints = tmp_path / "flink" / "checkpoints"
+        scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: len(scores) >= len(readings) // 3
+                                 and any(checkpoints.glob("*/chk-*/_metadata")))
+        assert len(scores) < len(readings) - 300, "the job finished before it could be killed mid-stream"
         os.killpg(pid, signal.SIGKILL)
     finally:
         processes.stop(tmp_path, "stream", grace=5)
@@ -186,18 +192,22 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
 
     from flink_jobs.anomaly_job import latest_checkpoint
     assert latest_checkpoint(job_cfg) is not None
-    run_bounded(tmp_path, "--from-savepoint", "latest", env=env)
+    pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB), "--from-savepoint", "latest"], env=env)
+    try:
+        scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: {(s["device_id"], s["seq"]) for s in scores}
+                                 >= expected)
+    finally:
+        processes.stop(tmp_path, "stream", grace=5)
 
-    scores = read_topic(cfg, "scores")
     copies = by_id(scores)
-    assert set(copies) == {(r.device_id, r.seq) for r in readings}  # none missing
+    assert set(copies) == expected  # none missing
     assert max(len(c) for c in copies.values()) <= 2
     duplicated = sum(len(c) > 1 for c in copies.values())
     print(f"{len(scores)} score records, {len(copies)} distinct readings, {duplicated} scored twice")
     snapshots = read_topic(cfg, "snapshots")
     for device in {r.device_id for r in readings}:
         mine = [s for s in snapshots if s["device_id"] == device]
-        # state lost would restart n_seen (and versions) near 0 and end well below the readings sent
+        # lost state would restart n_seen and versions near 0 and end well below the readings sent
         assert max(s["n_seen"] for s in mine) >= 1200 - 200, device
         assert max(s["version"] for s in mine) >= 5, device
         assert max(c["model_version"] for c in copies[(device, 1199)]) >= 5, device
