@@ -33,9 +33,8 @@ sys.path.insert(0, str(PROJECT_ROOT))  # `flink run -py` starts this file with o
 import numpy as np  # noqa: E402
 from pyflink.common import Configuration, Duration, Types, WatermarkStrategy  # noqa: E402
 from pyflink.common.serialization import SimpleStringSchema  # noqa: E402
-from pyflink.common.watermark_strategy import TimestampAssigner  # noqa: E402
 from pyflink.datastream import (OutputTag, ProcessFunction, RuntimeContext,  # noqa: E402
-                                StreamExecutionEnvironment, TimeDomain)
+                                StreamExecutionEnvironment)
 from pyflink.datastream.connectors.base import DeliveryGuarantee  # noqa: E402
 from pyflink.datastream.connectors.kafka import (KafkaOffsetResetStrategy, KafkaOffsetsInitializer,  # noqa: E402
                                                  KafkaRecordSerializationSchema, KafkaSink, KafkaSource)
@@ -54,9 +53,11 @@ CONNECTOR_JAR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
 PROJECT_PACKAGES = ("config", "models", "telemetry", "flink_jobs")  # shipped to the Python workers
 SNAPSHOT_SCHEMA = "flead.snapshot/1"
 GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
-# Event-time timer that only the end-of-input watermark reaches: flushes partial micro-batches of bounded runs
-# (processing-time timers do not fire once the input has ended).
-END_OF_INPUT_MS = 2**62
+# Partial micro-batches of a bounded run are flushed by an event-time timer this far after the batch's first
+# message: the end-of-input watermark fires it (processing-time timers do not fire once the input has ended), a
+# live stream flushes by processing time long before. It also becomes the Kafka timestamp of what the flush emits,
+# so it must stay well inside the broker's accepted range (message.timestamp.after.max.ms, 1 h by default).
+END_OF_INPUT_FLUSH_DELAY_MS = 30 * 60 * 1000
 UNCLUSTERED = ""  # broadcast-state key of a global model without a cluster
 
 DEAD_LETTERS = OutputTag("dead-letters", Types.STRING())
@@ -101,13 +102,6 @@ class TelemetryParser(ProcessFunction):
             X = np.array([[r.metrics.get(n, math.nan) for n in names] for r in readings], dtype=np.float64)
         yield (first.device_id, names, X, [r.seq for r in readings], [r.ts for r in readings],
                [r.label for r in readings])
-
-
-class LatestReadingTime(TimestampAssigner):
-    """Event time of a batch: its newest reading's ``ts``."""
-
-    def extract_timestamp(self, value, record_timestamp: int) -> int:
-        return max(value[4])
 
 
 # -- score ------------------------------------------------------------------------------------------------------
@@ -199,7 +193,7 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
             buffered = [value]
             timers = ctx.timer_service()
             timers.register_processing_time_timer(timers.current_processing_time() + self.batch_timeout_ms)
-            timers.register_event_time_timer(END_OF_INPUT_MS)
+            timers.register_event_time_timer(ctx.timestamp() + END_OF_INPUT_FLUSH_DELAY_MS)
         else:
             buffered.append(value)
         if sum(len(batch[3]) for batch in buffered) >= self.batch_size:
@@ -353,21 +347,23 @@ def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
     for package in PROJECT_PACKAGES:
         env.add_python_file(str(PROJECT_ROOT / package))
 
-    telemetry = env.from_source(kafka_source(cfg, topics["telemetry"], stream.consumer_group, bounded),
-                                WatermarkStrategy.no_watermarks(), "telemetry").uid("telemetry-source")
+    # Event time = the Kafka record timestamp (when the device's message entered Kafka): watermarks come from the
+    # source without a second JSON decode, and every output record carries a current Kafka timestamp (reading
+    # `ts` values of a replayed data set may be years old, which time-based topic retention would delete at once).
+    telemetry = env.from_source(
+        kafka_source(cfg, topics["telemetry"], stream.consumer_group, bounded),
+        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(stream.out_of_orderness_ms))
+        .with_idleness(Duration.of_seconds(5)),
+        "telemetry").uid("telemetry-source")
     parsed = (telemetry.process(TelemetryParser(topics["telemetry"]), output_type=Types.PICKLED_BYTE_ARRAY())
               .name("parse").uid("parse"))
-    batches = parsed.assign_timestamps_and_watermarks(
-        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(stream.out_of_orderness_ms))
-        .with_timestamp_assigner(LatestReadingTime())
-        .with_idleness(Duration.of_seconds(5))).name("event-time").uid("event-time")
 
     global_models = env.from_source(
         kafka_source(cfg, topics["global_model"], f"{stream.consumer_group}-global", bounded),
         WatermarkStrategy.for_monotonous_timestamps().with_idleness(Duration.of_seconds(1)),
         "global-models").uid("global-model-source").broadcast(GLOBAL_MODELS)
 
-    scores = (batches.key_by(lambda batch: batch[0], key_type=Types.STRING())
+    scores = (parsed.key_by(lambda batch: batch[0], key_type=Types.STRING())
               .connect(global_models)
               .process(DeviceScorer(DetectorSettings.from_config(cfg), stream.to_dict(), topics),
                        output_type=Types.STRING())

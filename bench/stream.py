@@ -1,0 +1,201 @@
+"""End-to-end throughput and latency of the stream job (Kafka → PyFlink → Kafka) beside a plain-NumPy floor.
+
+    .venv/bin/python bench/stream.py [--quick] [--json OUT]
+
+Starts its own Kafka broker (temporary state dir, free ports), then:
+1. throughput: preloads N ASD readings as per-device batch messages, runs the job ``--bounded`` and reports
+   readings/s from the first to the last score (job start-up excluded);
+2. latency: runs the job in the background, produces batch messages at a fixed rate below capacity, each
+   reading stamped with its send time, and reports p50/p99 of ``scored_at`` − send time;
+3. floor: `DeviceDetector.process_many` over the same readings in one process, same micro-batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from config import PROJECT_ROOT, load_config  # noqa: E402
+from models.detector import DeviceDetector  # noqa: E402
+from orchestration import processes, stack  # noqa: E402
+from telemetry.consumer import iter_messages  # noqa: E402
+from telemetry.producer import produce, producer_config  # noqa: E402
+from telemetry.readers import open_reader  # noqa: E402
+from telemetry.schema import Reading, encode_batch  # noqa: E402
+
+JOB = PROJECT_ROOT / "flink_jobs" / "anomaly_job.py"
+
+
+def asd_readings(cfg, per_device: int) -> list[Reading]:
+    out, counts = [], {}
+    for r in open_reader("asd", cfg.data_dir / "asd/test.csv.gz"):
+        counts[r.device_id] = counts.get(r.device_id, 0) + 1
+        if counts[r.device_id] <= per_device:
+            out.append(r)
+    return out
+
+
+def fresh_topics(base_env: dict) -> tuple[dict, object]:
+    """Env with unique topic names, and the Config it gives (topics created)."""
+    suffix = uuid.uuid4().hex[:8]
+    base = load_config(env={**os.environ, **base_env})
+    env = {**base_env, **{f"FLEAD_KAFKA_TOPICS_{k.upper()}": f"{v}.{suffix}"
+                          for k, v in base.kafka.topics.to_dict().items()}}
+    cfg = load_config(env={**os.environ, **env})
+    stack.ensure_topics(cfg)
+    return env, cfg
+
+
+def scores_of(cfg, timeout_s: float = 3.0) -> list[dict]:
+    return [json.loads(m.value()) for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
+                                                         from_beginning=True, timeout_s=timeout_s)]
+
+
+def throughput(base_env: dict, readings: list[Reading], message_batch: int) -> dict:
+    env, cfg = fresh_topics(base_env)
+    produced = produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=message_batch)
+    assert produced.failed == 0, produced.errors
+    started = time.monotonic()
+    job = subprocess.run([sys.executable, str(JOB), "--bounded"], env={**os.environ, **env}, capture_output=True,
+                         text=True)
+    if job.returncode != 0:
+        raise RuntimeError(f"the bounded job failed:\n{job.stdout[-3000:]}\n{job.stderr[-3000:]}")
+    wall = time.monotonic() - started
+    scores = scores_of(cfg)
+    at = np.array([s["scored_at"] for s in scores], dtype=np.int64)
+    span_s = max((at.max() - at.min()) / 1000.0, 1e-3)
+    distinct = len({(s["device_id"], s["seq"]) for s in scores})
+    return {"readings": len(readings), "scores": len(scores), "distinct": distinct, "span_s": span_s,
+            "readings_per_s": len(scores) / span_s, "job_wall_s": wall}
+
+
+def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float, message_batch: int) -> dict:
+    """Produce at `rate` readings/s for `seconds` into a running job; each reading's ts is its send time."""
+    from confluent_kafka import Producer
+
+    env, cfg = fresh_topics(base_env)
+    state_dir = Path(env["FLEAD_STATE_DIR"])
+    pid = processes.start(state_dir, "stream-bench", [sys.executable, str(JOB)], env=env)
+    producer = Producer(producer_config(cfg, **{"linger.ms": 5}))
+    try:
+        by_device: dict[str, list[Reading]] = {}
+        for r in readings:
+            by_device.setdefault(r.device_id, []).append(r)
+        devices = sorted(by_device)
+        position = {d: 0 for d in devices}
+        seq = {d: 0 for d in devices}
+
+        def send_round() -> int:
+            sent_at = int(time.time() * 1000)
+            for d in devices:
+                rows = by_device[d][position[d]:position[d] + message_batch] or by_device[d][:message_batch]
+                position[d] = (position[d] + message_batch) % len(by_device[d])
+                batch = [Reading(d, seq[d] + i, sent_at, r.metrics, r.label) for i, r in enumerate(rows)]
+                seq[d] += len(batch)
+                producer.produce(cfg.kafka.topics.telemetry, encode_batch(d, batch), key=d)
+            producer.poll(0)
+            return len(devices) * message_batch
+
+        send_round()  # wait for the job to be up before timing anything
+        producer.flush(10)
+        deadline = time.monotonic() + 180
+        while not any(True for _ in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
+                                                  from_beginning=True, timeout_s=0.5, max_messages=1)):
+            if time.monotonic() > deadline or processes.running_pid(state_dir, "stream-bench") != pid:
+                raise RuntimeError("the stream job did not start: " + processes.log_tail(state_dir, "stream-bench"))
+        first_timed = dict(seq)
+        interval = len(devices) * message_batch / rate
+        began = time.monotonic()
+        next_round, sent = began, 0
+        while time.monotonic() - began < seconds:
+            sent += send_round()
+            next_round += interval
+            time.sleep(max(0.0, next_round - time.monotonic()))
+        producer.flush(10)
+        expected = sum(seq[d] - first_timed[d] for d in devices)
+        timed: list[dict] = []
+        deadline = time.monotonic() + 60
+        while len(timed) < expected and time.monotonic() < deadline:
+            timed = [s for s in scores_of(cfg, 1.0) if s["seq"] >= first_timed[s["device_id"]]]
+        lat = np.array([s["scored_at"] - s["ts"] for s in timed], dtype=np.float64)
+        return {"rate": rate, "seconds": seconds, "sent": sent, "scored": len(timed),
+                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                "max_ms": float(lat.max())}
+    finally:
+        processes.stop(state_dir, "stream-bench", grace=5)
+
+
+def numpy_floor(cfg, readings: list[Reading], micro_batch: int) -> float:
+    """`DeviceDetector.process_many` per device in micro-batches, one process, readings/s."""
+    by_device: dict[str, list[Reading]] = {}
+    for r in readings:
+        by_device.setdefault(r.device_id, []).append(r)
+    names = list(readings[0].metrics)
+    matrices = {d: np.array([[r.metrics[n] for n in names] for r in rs]) for d, rs in by_device.items()}
+    detectors = {d: DeviceDetector.create(names, cfg) for d in matrices}
+    started = time.perf_counter()
+    for d, X in matrices.items():
+        for i in range(0, X.shape[0], micro_batch):
+            detectors[d].process_many(X[i:i + micro_batch])
+    return len(readings) / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer readings, shorter latency run")
+    parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    parser.add_argument("--message-batch", type=int, default=16, help="readings per telemetry message")
+    parser.add_argument("--rate", type=float, default=5000.0, help="latency run: readings/s produced")
+    args = parser.parse_args()
+
+    state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-stream-"))
+    base_env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_KAFKA_PORT": str(processes.free_port()),
+                "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port())}
+    cfg = load_config(env={**os.environ, **base_env})
+    try:
+        stack.start_kafka(cfg)
+        readings = asd_readings(cfg, 1000 if args.quick else 4320)
+        floor = numpy_floor(cfg, readings, cfg.stream.micro_batch_size)
+        thr = throughput(base_env, readings, args.message_batch)
+        lat = latency(base_env, readings, args.rate, 10.0 if args.quick else 30.0, 10)
+    finally:
+        stack.down(cfg, say=lambda line: None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    rows = [
+        {"name": "NumPy floor: DeviceDetector.process_many, 1 process", "value": round(floor), "unit": "readings/s"},
+        {"name": f"stream job bounded, parallelism {cfg.stream.parallelism}, {args.message_batch}-reading messages",
+         "value": round(thr["readings_per_s"]), "unit": "readings/s"},
+        {"name": f"event-to-score latency p50 at {args.rate:.0f} readings/s", "value": round(lat["p50_ms"]),
+         "unit": "ms"},
+        {"name": f"event-to-score latency p99 at {args.rate:.0f} readings/s", "value": round(lat["p99_ms"]),
+         "unit": "ms"},
+    ]
+    print(f"{'measure':<72} {'value':>10}  unit")
+    for row in rows:
+        print(f"{row['name']:<72} {row['value']:>10,}  {row['unit']}")
+    print(f"throughput run: {thr}\nlatency run: {lat}")
+    result = {"headline": {"name": "stream job readings/s end to end (Kafka → PyFlink → Kafka)",
+                           "value": round(thr["readings_per_s"]), "unit": "readings/s", "floor": round(floor)},
+              "rows": rows, "throughput": thr, "latency": lat,
+              "settings": {k: cfg.stream[k] for k in ("parallelism", "micro_batch_size", "bundle_size",
+                                                       "bundle_time_ms", "micro_batch_timeout_ms")},
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
