@@ -29,6 +29,14 @@ def conf_dir(cfg) -> Path:
     return cfg.state_dir / "flink" / "conf"
 
 
+def distribution_java_opts() -> str:
+    """`env.java.opts.all` of the pip distribution's own conf/config.yaml (the JVM module flags Flink needs)."""
+    import yaml
+
+    shipped = yaml.safe_load((FLINK_HOME / "conf" / "config.yaml").read_text()) or {}
+    return str(((shipped.get("env") or {}).get("java") or {}).get("opts", {}).get("all", ""))
+
+
 def write_conf(cfg) -> Path:
     """The cluster's config.yaml (plus the distribution's log4j files) in the state directory."""
     target = conf_dir(cfg)
@@ -44,8 +52,15 @@ def write_conf(cfg) -> Path:
         "taskmanager.numberOfTaskSlots": cfg.stream.task_slots, "parallelism.default": cfg.stream.parallelism,
         "python.executable": python, "python.client.executable": python,
         "env.log.dir": str(cfg.state_dir / "logs" / "flink-cluster"),
+        # the distribution's --add-opens/--add-exports for Java 17 (without them `flink run` fails with
+        # "Can not register process function transformation translator")
+        "env.java.opts.all": distribution_java_opts(),
     }
     (target / "config.yaml").write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
+    # start-cluster.sh reads the hosts from these (the distribution ships none); 127.0.0.1 is started without ssh
+    (target / "masters").write_text(f"127.0.0.1:{cfg.stream.rest_port}\n")
+    (target / "workers").write_text("127.0.0.1\n")
+    (cfg.state_dir / "logs" / "flink-cluster").mkdir(parents=True, exist_ok=True)  # the daemons do not create it
     return target
 
 
@@ -56,13 +71,28 @@ def flink_env(cfg) -> dict[str, str]:
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
 
 
+def lib_dir(cfg) -> Path:
+    """The daemons' lib/: the distribution's lib/ plus opt/flink-python (the pip package keeps it in opt/, so a
+    cluster started from it fails Python jobs with ClassNotFoundException ExternalPythonProcessOperator). The Kafka
+    connector is not added: the job ships it (`pipeline.jars`). Symlinks: site-packages stays untouched."""
+    target = cfg.state_dir / "flink" / "lib"
+    target.mkdir(parents=True, exist_ok=True)
+    for old in target.glob("*.jar"):
+        old.unlink()
+    jars = [*(FLINK_HOME / "lib").glob("*.jar"), *(FLINK_HOME / "opt").glob("flink-python*.jar")]
+    for jar in jars:
+        (target / jar.name).symlink_to(jar)
+    return target
+
+
 def start(cfg) -> None:
     """Start the job manager and one task manager; returns when the REST port answers."""
     if port_open("127.0.0.1", cfg.stream.rest_port):
         raise StackError(f"127.0.0.1:{cfg.stream.rest_port} is taken (a cluster already running?); "
                          "choose another with FLEAD_STREAM_REST_PORT")
     write_conf(cfg)
-    subprocess.run([str(FLINK_HOME / "bin" / "start-cluster.sh")], env=flink_env(cfg), check=True)
+    subprocess.run([str(FLINK_HOME / "bin" / "start-cluster.sh")],
+                   env={**flink_env(cfg), "FLINK_LIB_DIR": str(lib_dir(cfg))}, check=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not port_open("127.0.0.1", cfg.stream.rest_port):
         if time.monotonic() > deadline:

@@ -1,28 +1,60 @@
-"""Gradient-descent optimisers for the NumPy networks, with state as plain arrays.
+"""Gradient-descent optimisers for the NumPy networks, over one flat parameter vector, with state as plain arrays.
+
+A network keeps all its parameters in one flat float64 vector; `ParameterLayout` gives each layer's array as a
+view into it. Clipping and an optimiser step are then a handful of vector operations, whatever the layer count.
 
 >>> import numpy as np
->>> w = [np.array([1.0, -2.0])]
+>>> w = np.array([1.0, -2.0])
 >>> opt = make_optimizer("adam", learning_rate=0.1)
->>> opt.step(w, [np.array([0.5, -0.5])])
->>> w[0].round(3).tolist()
+>>> opt.step(w, np.array([0.5, -0.5]))
+>>> w.round(3).tolist()
 [0.9, -1.9]
->>> clip_by_global_norm([np.array([3.0]), np.array([4.0])], 1.0)[0].round(6).tolist()
-[0.6]
+>>> clip_by_global_norm(np.array([3.0, 4.0]), 1.0).round(6).tolist()
+[0.6, 0.8]
 """
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import numpy as np
 
 
-def clip_by_global_norm(grads: list[np.ndarray], max_norm: float) -> list[np.ndarray]:
-    """Scale all gradients together so their joint L2 norm is at most `max_norm` (no-op if `max_norm` <= 0)."""
+class ParameterLayout:
+    """Where each of a network's parameter arrays lives in its flat vector (in order, C order each)."""
+
+    def __init__(self, shapes: Sequence[Sequence[int]]):
+        self.shapes = [tuple(int(n) for n in shape) for shape in shapes]
+        ends = np.cumsum([math.prod(shape) for shape in self.shapes]).tolist()
+        self.bounds = list(zip([0] + ends[:-1], ends))
+        self.size = ends[-1] if ends else 0
+
+    def views(self, flat: np.ndarray) -> list[np.ndarray]:
+        """The arrays as views of `flat`: writing to a view writes to `flat`."""
+        return [flat[start:end].reshape(shape) for (start, end), shape in zip(self.bounds, self.shapes)]
+
+    def flatten(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """A new flat float64 vector holding `arrays`, which must have this layout's shapes."""
+        shapes = [np.shape(a) for a in arrays]
+        if shapes != self.shapes:
+            raise ValueError(f"expected arrays of shapes {self.shapes}, got {shapes}")
+        flat = np.empty(self.size)
+        for view, array in zip(self.views(flat), arrays):
+            view[...] = array
+        return flat
+
+
+def clip_by_global_norm(grad: np.ndarray, max_norm: float) -> np.ndarray:
+    """Scale the flat gradient `grad` in place so its L2 norm is at most `max_norm` (no-op if `max_norm` <= 0);
+    a non-finite norm zeroes it. Returns `grad`."""
     if max_norm <= 0:
-        return grads
-    norm = np.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-    if norm <= max_norm or not np.isfinite(norm):
-        return grads if np.isfinite(norm) else [np.zeros_like(g) for g in grads]
-    scale = max_norm / norm
-    return [g * scale for g in grads]
+        return grad
+    norm = math.sqrt(float(np.dot(grad, grad)))
+    if not math.isfinite(norm):
+        grad.fill(0.0)
+    elif norm > max_norm:
+        grad *= max_norm / norm
+    return grad
 
 
 class Sgd:
@@ -33,14 +65,14 @@ class Sgd:
     def __init__(self, learning_rate: float = 0.01):
         self.learning_rate = float(learning_rate)
 
-    def step(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
-        for p, g in zip(params, grads):
-            p -= self.learning_rate * g
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        """Update the flat vector `params` in place from the flat gradient `grad`."""
+        params -= self.learning_rate * grad
 
-    def state_arrays(self) -> list[np.ndarray]:
+    def state_arrays(self, layout: ParameterLayout) -> list[np.ndarray]:
         return []
 
-    def load_state_arrays(self, arrays: list[np.ndarray]) -> None:
+    def load_state_arrays(self, arrays: list[np.ndarray], layout: ParameterLayout) -> None:
         if arrays:
             raise ValueError(f"SGD has no state, got {len(arrays)} arrays")
 
@@ -48,7 +80,8 @@ class Sgd:
 class Adam:
     """Adam (Kingma & Ba, ICLR 2015) with the paper's defaults β1 = 0.9, β2 = 0.999, ε = 1e-8.
 
-    Moments are created lazily at the first step, shaped like the parameters.
+    The moments are flat vectors like the parameters, created at the first step; one step is a fused update of
+    the whole vector, in place, into two scratch vectors.
     """
 
     name = "adam"
@@ -59,32 +92,49 @@ class Adam:
     def __init__(self, learning_rate: float = 0.001):
         self.learning_rate = float(learning_rate)
         self.t = 0
-        self.m: list[np.ndarray] = []
-        self.v: list[np.ndarray] = []
+        self.m: np.ndarray | None = None
+        self.v: np.ndarray | None = None
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None
 
-    def step(self, params: list[np.ndarray], grads: list[np.ndarray]) -> None:
-        if not self.m:
-            self.m = [np.zeros_like(p) for p in params]
-            self.v = [np.zeros_like(p) for p in params]
+    def step(self, params: np.ndarray, grad: np.ndarray) -> None:
+        """Update the flat vector `params` in place from the flat gradient `grad`."""
+        if self.m is None:
+            self.m, self.v = np.zeros_like(params), np.zeros_like(params)
+        if self._scratch is None or self._scratch[0].shape != params.shape:
+            self._scratch = (np.empty_like(params), np.empty_like(params))
+        update, denom = self._scratch
+        m, v = self.m, self.v
         self.t += 1
         # Bias corrections folded into the step size (Kingma & Ba, section 2).
-        lr = self.learning_rate * np.sqrt(1 - self.BETA2 ** self.t) / (1 - self.BETA1 ** self.t)
-        for p, g, m, v in zip(params, grads, self.m, self.v):
-            m *= self.BETA1
-            m += (1 - self.BETA1) * g
-            v *= self.BETA2
-            v += (1 - self.BETA2) * g * g
-            p -= lr * m / (np.sqrt(v) + self.EPS)
+        lr = self.learning_rate * math.sqrt(1 - self.BETA2 ** self.t) / (1 - self.BETA1 ** self.t)
+        m *= self.BETA1                                   # m = β1·m + (1 − β1)·g
+        m += np.multiply(grad, 1 - self.BETA1, out=update)
+        v *= self.BETA2                                   # v = β2·v + (1 − β2)·g²
+        np.multiply(grad, 1 - self.BETA2, out=update)
+        v += np.multiply(update, grad, out=update)
+        np.sqrt(v, out=denom)                             # p -= lr·m / (√v + ε)
+        denom += self.EPS
+        np.multiply(m, lr, out=update)
+        params -= np.divide(update, denom, out=update)
 
-    def state_arrays(self) -> list[np.ndarray]:
-        """``[t], m..., v...`` (just ``[t]`` before the first step)."""
-        return [np.array([float(self.t)])] + self.m + self.v
+    def state_arrays(self, layout: ParameterLayout) -> list[np.ndarray]:
+        """``[t]``, then m and v each split into arrays shaped like the parameters (just ``[t]`` before the
+        first step)."""
+        state = [np.array([float(self.t)])]
+        if self.m is not None:
+            state += [a.copy() for a in layout.views(self.m) + layout.views(self.v)]
+        return state
 
-    def load_state_arrays(self, arrays: list[np.ndarray]) -> None:
+    def load_state_arrays(self, arrays: list[np.ndarray], layout: ParameterLayout) -> None:
+        """Inverse of `state_arrays`."""
+        n = len(layout.shapes)
+        if len(arrays) not in (1, 1 + 2 * n):
+            raise ValueError(f"Adam state: expected 1 or {1 + 2 * n} arrays, got {len(arrays)}")
         self.t = int(arrays[0][0])
-        k = (len(arrays) - 1) // 2
-        self.m = [a.copy() for a in arrays[1:1 + k]]
-        self.v = [a.copy() for a in arrays[1 + k:]]
+        if len(arrays) == 1:
+            self.m = self.v = None
+        else:
+            self.m, self.v = layout.flatten(arrays[1:1 + n]), layout.flatten(arrays[1 + n:])
 
 
 OPTIMIZERS = {"adam": Adam, "sgd": Sgd}

@@ -22,7 +22,8 @@ _score_record = {
     "required": ["device_id", "seq", "ts", "score", "threshold", "is_anomaly", "model_version"],
     "properties": {
         "device_id": _ids, "seq": {"bsonType": INT, "minimum": 0}, "ts": {"bsonType": INT},
-        "score": {"bsonType": NUMBER}, "threshold": {"bsonType": NUMBER}, "is_anomaly": {"bsonType": "bool"},
+        # threshold is null while a device warms up (no cut fitted yet: nothing can be flagged)
+        "score": {"bsonType": NUMBER}, "threshold": {"bsonType": NUMBER + ["null"]}, "is_anomaly": {"bsonType": "bool"},
         "top_metrics": _top_metrics, "model_version": {"bsonType": INT, "minimum": 0},
         "global_version": {"bsonType": INT, "minimum": 0}, "label": {"bsonType": INT + ["null"]},
         "scored_at": {"bsonType": INT},

@@ -98,9 +98,15 @@ class MongoSink:
         log.warning("%s: schema violation in batch (%s); storing record by record", key, first_error)
         writers: dict[str, Callable] = {"scores": mongo.write_predictions, "snapshots": mongo.write_local_models,
                                         "dead_letters": mongo.write_dead_letters}
+        stored = {"snapshots": "local_models", "dead_letters": "dead_letters"}.get(key)
         for record in records:
             try:
-                writers[key](self.db, self.cfg, [record])
+                written = writers[key](self.db, self.cfg, [record])
+                if key == "scores":
+                    self.stats["predictions"] += written[0]
+                    self.stats["alerts"] += written[1]
+                else:
+                    self.stats[stored] += written
             except SchemaViolation as exc:
                 self.stats[f"{key}_invalid"] += 1
                 mongo.write_dead_letters(self.db, self.cfg, [{

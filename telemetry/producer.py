@@ -57,6 +57,7 @@ def producer_config(cfg, **overrides) -> dict:
         "batch.size": cfg.ingest.kafka_batch_bytes,
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,
+        "log_level": 4,  # warnings and errors; librdkafka's info lines (e.g. at shutdown) are noise here
     }
     config.update(overrides)
     return config

@@ -25,6 +25,9 @@ def _top_metrics(rng: random.Random) -> list[dict]:
     return [{"metric": name, "share": round(share / total, 3)} for name, share in zip(names, shares)]
 
 
+WARMUP = 20  # readings per device without a threshold
+
+
 def write_sample_documents(db, cfg: Config, now_ms: int, seed: int = 3) -> None:
     """Create the collections of ``db`` and write sample documents ending at ``now_ms`` into them."""
     rng = random.Random(seed)
@@ -33,11 +36,12 @@ def write_sample_documents(db, cfg: Config, now_ms: int, seed: int = 3) -> None:
     for d, device in enumerate(DEVICES):
         anomaly_rate = 0.03 + 0.02 * d  # later devices misbehave more, so the rankings are clear
         for seq, ts in enumerate(range(start, now_ms, READING_INTERVAL_MS)):
-            is_anomaly = seq > 20 and rng.random() < anomaly_rate
+            is_anomaly = seq > WARMUP and rng.random() < anomaly_rate
             threshold = 0.6 + 0.05 * rng.random()
             score = threshold * (1.2 + rng.random()) if is_anomaly else threshold * rng.random() * 0.9
             predictions.append({"device_id": device, "seq": seq, "ts": ts, "score": round(score, 4),
-                                "threshold": round(threshold, 4), "is_anomaly": is_anomaly,
+                                # no threshold while the device warms up, as the stream job emits it
+                                "threshold": round(threshold, 4) if seq >= WARMUP else None, "is_anomaly": is_anomaly,
                                 "top_metrics": _top_metrics(rng), "model_version": 1 + seq // 60,
                                 "global_version": min(ROUNDS, seq // 40), "label": int(is_anomaly),
                                 "scored_at": ts + 350})

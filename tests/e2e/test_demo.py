@@ -21,7 +21,7 @@ from visualization import superset_server
 
 pytestmark = pytest.mark.e2e
 
-DEVICES, TRAIN, TEST = 3, 600, 600
+DEVICES, TRAIN, TEST = 3, 600, 1000  # ASD's first anomalies come ~740 readings into the test part
 
 
 @pytest.fixture(scope="module")
