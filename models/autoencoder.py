@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.optim import clip_by_global_norm, make_optimizer
+from models.optim import ParameterLayout, clip_by_global_norm, make_optimizer
 
 
 def _tanh_grad(a: np.ndarray) -> np.ndarray:
@@ -79,9 +79,14 @@ class DenseAutoencoder:
         self.grad_clip = float(grad_clip)
         self.seed = int(seed)
         self.optimizer = make_optimizer(optimizer, learning_rate)
+        self._activate, self._activation_grad = ACTIVATIONS[activation]
         self.n_features: int | None = None
-        self.params: list[np.ndarray] = []  # [W0, b0, W1, b1, ...]; W is (fan_in, fan_out)
+        self.layout: ParameterLayout | None = None
+        self.flat = np.zeros(0)             # every parameter, in the order of `params`
+        self.params: list[np.ndarray] = []  # [W0, b0, W1, b1, ...] as views of `flat`; W is (fan_in, fan_out)
         self.loss: float | None = None      # mean squared error of the last optimiser step
+        self._grad = np.zeros(0)            # scratch flat gradient of `_step`, and its per-parameter views
+        self._grad_views: list[np.ndarray] = []
 
     @property
     def architecture(self) -> str:
@@ -93,11 +98,20 @@ class DenseAutoencoder:
         """Create the weights for `n_features` inputs (done lazily by the first observation)."""
         rng = np.random.default_rng(self.seed)
         widths = [n_features, *self.hidden, n_features]
-        self.params = []
+        params = []
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             limit = np.sqrt(6.0 / (fan_in + fan_out))
-            self.params += [rng.uniform(-limit, limit, size=(fan_in, fan_out)), np.zeros(fan_out)]
-        self.n_features = n_features
+            params += [rng.uniform(-limit, limit, size=(fan_in, fan_out)), np.zeros(fan_out)]
+        self._store(params)
+
+    def _store(self, params: list[np.ndarray]) -> None:
+        """Lay `params` out in a new flat vector, with the gradient scratch to match."""
+        self.layout = ParameterLayout([np.shape(p) for p in params])
+        self.flat = self.layout.flatten(params)
+        self.params = self.layout.views(self.flat)
+        self._grad = np.zeros(self.layout.size)
+        self._grad_views = self.layout.views(self._grad)
+        self.n_features = self.params[0].shape[0]
 
     def _ensure(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -111,29 +125,36 @@ class DenseAutoencoder:
 
     def _forward(self, X: np.ndarray) -> list[np.ndarray]:
         """Outputs of every layer, input first, reconstruction last."""
-        act = ACTIVATIONS[self.activation][0]
         outputs = [X]
-        n_layers = len(self.params) // 2
-        for i in range(n_layers):
-            z = outputs[-1] @ self.params[2 * i] + self.params[2 * i + 1]
-            outputs.append(z if i == n_layers - 1 else act(z))
+        last = len(self.params) // 2 - 1
+        for i in range(last + 1):
+            z = np.dot(outputs[-1], self.params[2 * i])  # np.dot: less call overhead than @ on small arrays
+            z += self.params[2 * i + 1]
+            outputs.append(z if i == last else self._activate(z))
         return outputs
+
+    def _backprop(self, X: np.ndarray, grads: list[np.ndarray]) -> float:
+        """Write the gradient of the mean squared reconstruction error of `X` into `grads` (arrays shaped like
+        `params`); return the error."""
+        outputs = self._forward(X)
+        diff = outputs[-1]
+        diff -= X
+        loss = float(np.add.reduce(diff * diff, axis=None)) / diff.size
+        delta = diff * 2.0
+        delta /= diff.size
+        for i in reversed(range(len(self.params) // 2)):
+            np.dot(outputs[i].T, delta, out=grads[2 * i])
+            np.add.reduce(delta, axis=0, out=grads[2 * i + 1])
+            if i:
+                delta = np.dot(delta, self.params[2 * i].T)
+                delta *= self._activation_grad(outputs[i])
+        return loss
 
     def loss_and_gradients(self, X: np.ndarray) -> tuple[float, list[np.ndarray]]:
         """Mean squared reconstruction error of `X` and its gradient for every parameter (backpropagation)."""
         X = self._ensure(X)
-        outputs = self._forward(X)
-        diff = outputs[-1] - X
-        loss = float(np.mean(diff * diff))
-        act_grad = ACTIVATIONS[self.activation][1]
-        grads: list[np.ndarray] = [None] * len(self.params)  # type: ignore[list-item]
-        delta = 2.0 * diff / diff.size
-        for i in reversed(range(len(self.params) // 2)):
-            grads[2 * i] = outputs[i].T @ delta
-            grads[2 * i + 1] = delta.sum(axis=0)
-            if i:
-                delta = (delta @ self.params[2 * i].T) * act_grad(outputs[i])
-        return loss, grads
+        grads = self.layout.views(np.empty(self.layout.size))
+        return self._backprop(X, grads), grads
 
     def learn_one(self, x: np.ndarray) -> None:
         self._step(self._ensure(x))
@@ -145,14 +166,15 @@ class DenseAutoencoder:
             self._step(X[start:start + self.batch_size])
 
     def _step(self, X: np.ndarray) -> None:
-        self.loss, grads = self.loss_and_gradients(X)
-        self.optimizer.step(self.params, clip_by_global_norm(grads, self.grad_clip))
+        self.loss = self._backprop(X, self._grad_views)
+        self.optimizer.step(self.flat, clip_by_global_norm(self._grad, self.grad_clip))
 
     def feature_errors(self, X: np.ndarray) -> np.ndarray:
         """Squared reconstruction error of every feature, shape (n, d): where a reading is off."""
         X = self._ensure(X)
-        diff = self._forward(X)[-1] - X
-        return diff * diff
+        diff = self._forward(X)[-1]
+        diff -= X
+        return np.multiply(diff, diff, out=diff)
 
     def score_one(self, x: np.ndarray) -> float:
         return float(self.score_many(x)[0])
@@ -165,19 +187,22 @@ class DenseAutoencoder:
         return [p.copy() for p in self.params]
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
-        if self.params:
-            check_weight_shapes(self.params, weights)
-        self.params = [np.array(w, dtype=np.float64) for w in weights]
-        self.n_features = self.params[0].shape[0]
+        """Copy `weights` into the parameters (shapes must match once initialised); optimiser state is kept."""
+        if not self.params:
+            self._store([np.asarray(w, dtype=np.float64) for w in weights])
+            return
+        check_weight_shapes(self.params, weights)
+        for p, w in zip(self.params, weights):
+            p[...] = w
 
     def get_state(self) -> list[np.ndarray]:
         """Weights followed by the optimiser's state: everything `set_state` needs to resume training."""
-        return self.get_weights() + self.optimizer.state_arrays()
+        return self.get_weights() + self.optimizer.state_arrays(self.layout)
 
     def set_state(self, arrays: list[np.ndarray]) -> None:
         n = 2 * (len(self.hidden) + 1)
         self.set_weights(arrays[:n])
-        self.optimizer.load_state_arrays(arrays[n:])
+        self.optimizer.load_state_arrays(arrays[n:], self.layout)
 
 
 def check_weight_shapes(expected: list[np.ndarray], given: list[np.ndarray]) -> None:

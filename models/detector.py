@@ -107,6 +107,7 @@ class DeviceDetector:
 
     def __init__(self, metric_names: Sequence[str], settings: DetectorSettings):
         self.metric_names = list(metric_names)
+        self._metric_name_array = np.array(self.metric_names, dtype=object)  # for indexing by top-k positions
         self.settings = s = settings
         self.features = FeatureBuilder(self.metric_names, s.rolling_windows, s.lags, s.rate_of_change, s.nan_policy)
         self.scaler = RunningScaler()
@@ -142,53 +143,65 @@ class DeviceDetector:
                              f"got {X.shape[1]} columns")
         return X
 
-    def _feature_errors(self, X: np.ndarray) -> np.ndarray:
-        return self.network.feature_errors(self.scaler.transform_many(self.features.transform_many(X)))
+    def _feature_errors(self, F: np.ndarray) -> np.ndarray:
+        """Squared reconstruction error of each feature of the feature rows `F` (current scaler and network)."""
+        return self.network.feature_errors(self.scaler.transform_many(F))
 
     def score_many(self, X: np.ndarray) -> np.ndarray:
         """Anomaly score of each reading; changes no state (apart from the network's lazy set-up)."""
-        return self._feature_errors(self._readings(X)).mean(axis=1)
+        return self._feature_errors(self.features.transform_many(self._readings(X))).mean(axis=1)
 
     def learn_many(self, X: np.ndarray) -> None:
         """Learn from the readings: features, scaler, network, and the threshold from their scores."""
-        X = self._readings(X)
-        self._learn(X, self._feature_errors(X).mean(axis=1))
+        F = self.features.transform_and_learn_many(self._readings(X))
+        self._learn(F, self._feature_errors(F).mean(axis=1))
 
-    def _learn(self, X: np.ndarray, scores: np.ndarray) -> None:
-        F = self.features.transform_many(X)
-        self.features.learn_many(X)
+    def _learn(self, F: np.ndarray, scores: np.ndarray) -> None:
+        """Learn from the features `F` of readings the feature buffer has already taken, and from their `scores`:
+        scaler, then network (on the updated scaling), then threshold."""
         self.scaler.learn_many(F)
         self.network.learn_many(self.scaler.transform_many(F))
         first_for_threshold = max(0, int(self.settings.warmup * THRESHOLD_START_FRACTION) - self.n_seen)
         self.threshold.update_many(scores[first_for_threshold:])
-        self.n_seen += X.shape[0]
-        self._n_since_snapshot += X.shape[0]
+        self.n_seen += F.shape[0]
+        self._n_since_snapshot += F.shape[0]
 
     def process_many(self, X: np.ndarray) -> DetectionResult:
         """Score the batch against the current threshold, then learn from it."""
         X = self._readings(X)
-        errors = self._feature_errors(X)
-        scores = errors.mean(axis=1)
-        cut = self.threshold.threshold
-        warm = self.n_seen + np.arange(X.shape[0]) >= self.settings.warmup
+        n = X.shape[0]
         imputed_before = self.features.n_imputed
-        self._learn(X, scores)
-        return DetectionResult(scores=scores, thresholds=np.full(X.shape[0], cut), is_anomaly=warm & (scores > cut),
-                               top_metrics=self.top_metrics(errors),
-                               n_imputed=self.features.n_imputed - imputed_before)
+        F = self.features.transform_and_learn_many(X)  # features as before the batch: scoring sees no learning
+        errors = self._feature_errors(F)
+        scores = np.add.reduce(errors, axis=1) / errors.shape[1]  # = errors.mean(axis=1), without its overhead
+        cut = self.threshold.threshold
+        is_anomaly = scores > cut
+        if self.n_seen < self.settings.warmup:
+            is_anomaly &= self.n_seen + np.arange(n) >= self.settings.warmup
+        top_metrics = self.top_metrics(errors)
+        self._learn(F, scores)
+        return DetectionResult(scores=scores, thresholds=np.full(n, cut), is_anomaly=is_anomaly,
+                               top_metrics=top_metrics, n_imputed=self.features.n_imputed - imputed_before)
 
     def process_one(self, x: np.ndarray) -> DetectionResult:
         return self.process_many(np.asarray(x, dtype=np.float64)[None, :])
 
     def top_metrics(self, feature_errors: np.ndarray) -> list[list[tuple[str, float]]]:
         """Per reading, the `top_k_metrics` metrics with the largest share of its error (derived features count
-        for their metric)."""
+        for their metric); ties go to the metric listed first."""
         n, d = feature_errors.shape[0], len(self.metric_names)
-        per_metric = feature_errors.reshape(n, self.features.blocks, d).sum(axis=1)
-        total = per_metric.sum(axis=1, keepdims=True)
-        shares = np.divide(per_metric, total, out=np.zeros_like(per_metric), where=total > 0)
+        per_metric = np.add.reduce(feature_errors.reshape(n, self.features.blocks, d), axis=1)
+        total = np.add.reduce(per_metric, axis=1, keepdims=True)
+        positive = total > 0
+        if positive.all():
+            shares = per_metric / total
+        else:
+            shares = np.divide(per_metric, total, out=np.zeros_like(per_metric), where=positive)
         top = np.argsort(-shares, axis=1, kind="stable")[:, :self.settings.top_k_metrics]
-        return [[(self.metric_names[j], float(shares[i, j])) for j in top[i]] for i in range(n)]
+        pairs = list(zip(self._metric_name_array[top].ravel().tolist(),
+                         shares[np.arange(n)[:, None], top].ravel().tolist()))
+        k = top.shape[1]
+        return [pairs[i:i + k] for i in range(0, n * k, k)]
 
     # -- federation ---------------------------------------------------------------------------------------------
 

@@ -128,6 +128,8 @@ class FeatureBuilder:
         return np.where(finite, X, filled), int((~finite).sum())
 
     def _features(self, clean: np.ndarray) -> np.ndarray:
+        if self.blocks == 1:  # raw metrics only
+            return clean
         history = np.vstack([self._recent, clean])
         n, offset = clean.shape[0], self._recent.shape[0]
         rows = offset + np.arange(n)  # position of each new reading in `history`
@@ -156,13 +158,27 @@ class FeatureBuilder:
     def transform_one(self, x: np.ndarray) -> np.ndarray:
         return self.transform_many(np.asarray(x, dtype=np.float64)[None, :])[0]
 
+    def transform_and_learn_many(self, X: np.ndarray) -> np.ndarray:
+        """`transform_many(X)`, then `learn_many(X)`, cleaning `X` only once."""
+        X = np.array(X, dtype=np.float64, ndmin=2)
+        clean, n_replaced = self.clean_many(X)
+        features = self._features(clean)
+        self._remember(X, clean, n_replaced)
+        return features
+
     def learn_many(self, X: np.ndarray) -> None:
         """Remember the (cleaned) readings and count the imputed values."""
         X = np.array(X, dtype=np.float64, ndmin=2)
-        clean, n_replaced = self.clean_many(X)
+        self._remember(X, *self.clean_many(X))
+
+    def _remember(self, X: np.ndarray, clean: np.ndarray, n_replaced: int) -> None:
+        """Take the readings `X`, cleaned by `clean_many` into `clean` with `n_replaced` values imputed."""
         self.n_imputed += n_replaced
-        seen = np.isfinite(X).any(axis=0)
-        self._last_finite[seen] = clean[-1, seen]  # forward-filled, so the last finite value of each metric
+        if n_replaced:
+            seen = np.isfinite(X).any(axis=0)
+            self._last_finite[seen] = clean[-1, seen]  # forward-filled, so the last finite value of each metric
+        else:
+            self._last_finite[:] = clean[-1]
         if self.memory:
             self._recent = np.vstack([self._recent, clean])[-self.memory:]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.autoencoder import check_weight_shapes
-from models.optim import clip_by_global_norm, make_optimizer
+from models.optim import ParameterLayout, clip_by_global_norm, make_optimizer
 
 SCORE_CHUNK = 1024  # windows scored at once: bounds the forward caches to ~20 MB with the default sizes
 FORGET_BIAS = 1.0  # forget gates start open, so gradients flow through time early on (Jozefowicz et al., 2015)
@@ -107,7 +107,9 @@ class LSTMAutoencoder:
         self.train_stride = int(train_stride)
         self.optimizer = make_optimizer(optimizer, learning_rate)
         self.n_features: int | None = None
-        self.params: list[np.ndarray] = []  # [W_enc, b_enc, W_dec, b_dec, W_out, b_out]
+        self.layout: ParameterLayout | None = None
+        self.flat = np.zeros(0)             # every parameter, in the order of `params`
+        self.params: list[np.ndarray] = []  # [W_enc, b_enc, W_dec, b_dec, W_out, b_out] as views of `flat`
         self.loss: float | None = None
         self.n_seen = 0                     # readings learned, for the stride
         self._recent: np.ndarray | None = None  # last window - 1 learned readings, oldest first
@@ -129,10 +131,16 @@ class LSTMAutoencoder:
             b[H:2 * H] = FORGET_BIAS
             return b
 
-        self.params = [glorot(d + H, 4 * H), gate_bias(), glorot(2 * H, 4 * H), gate_bias(), glorot(H, d),
-                       np.zeros(d)]
+        self._store([glorot(d + H, 4 * H), gate_bias(), glorot(2 * H, 4 * H), gate_bias(), glorot(H, d),
+                     np.zeros(d)])
         self.n_features = d
         self._recent = np.zeros((0, d))
+
+    def _store(self, params: list[np.ndarray]) -> None:
+        """Lay `params` out in a new flat vector."""
+        self.layout = ParameterLayout([np.shape(p) for p in params])
+        self.flat = self.layout.flatten(params)
+        self.params = self.layout.views(self.flat)
 
     def _ensure(self, X: np.ndarray) -> np.ndarray:
         X = np.array(X, dtype=np.float64, ndmin=2)
@@ -180,7 +188,7 @@ class LSTMAutoencoder:
         chosen = np.flatnonzero((self.n_seen + np.arange(X.shape[0])) % self.train_stride == 0)
         for start in range(0, chosen.shape[0], self.batch_size):
             self.loss, grads = self.loss_and_gradients(xs[:, chosen[start:start + self.batch_size]])
-            self.optimizer.step(self.params, clip_by_global_norm(grads, self.grad_clip))
+            self.optimizer.step(self.flat, clip_by_global_norm(self.layout.flatten(grads), self.grad_clip))
         self.n_seen += X.shape[0]
         if self.window > 1:
             self._recent = np.vstack([self._recent, X])[-(self.window - 1):]
@@ -207,20 +215,24 @@ class LSTMAutoencoder:
         return [p.copy() for p in self.params]
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
+        """Copy `weights` into the parameters (shapes must match once initialised); optimiser state is kept."""
         if self.params:
             check_weight_shapes(self.params, weights)
-        self.params = [np.array(w, dtype=np.float64) for w in weights]
+            for p, w in zip(self.params, weights):
+                p[...] = w
+        else:
+            self._store([np.asarray(w, dtype=np.float64) for w in weights])
         if self.n_features is None:
             self.n_features = self.params[-1].shape[0]
             self._recent = np.zeros((0, self.n_features))
 
     def get_state(self) -> list[np.ndarray]:
         """Weights, optimiser state, then the remembered readings and ``[n_seen]``."""
-        return self.get_weights() + self.optimizer.state_arrays() + [self._recent.copy(),
-                                                                     np.array([float(self.n_seen)])]
+        return (self.get_weights() + self.optimizer.state_arrays(self.layout)
+                + [self._recent.copy(), np.array([float(self.n_seen)])])
 
     def set_state(self, arrays: list[np.ndarray]) -> None:
         self.set_weights(arrays[:6])
-        self.optimizer.load_state_arrays(arrays[6:-2])
+        self.optimizer.load_state_arrays(arrays[6:-2], self.layout)
         self._recent = np.array(arrays[-2], dtype=np.float64).reshape(-1, self.n_features)
         self.n_seen = int(arrays[-1][0])

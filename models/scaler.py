@@ -34,6 +34,7 @@ class RunningScaler:
         self.n = 0
         self.mean: np.ndarray | None = None
         self._m2: np.ndarray | None = None  # sum of squared deviations from the mean
+        self._divisor: np.ndarray | None = None  # `std`, cached until the next update
 
     def _init(self, d: int) -> None:
         self.mean = np.zeros(d)
@@ -55,6 +56,7 @@ class RunningScaler:
         if self.mean is None:
             self._init(x.shape[0])
         self.n += 1
+        self._divisor = None
         delta = x - self.mean
         self.mean += delta / self.n
         self._m2 += delta * (x - self.mean)
@@ -66,13 +68,15 @@ class RunningScaler:
         if self.mean is None:
             self._init(X.shape[1])
         n_b = X.shape[0]
-        mean_b = X.mean(axis=0)
-        m2_b = ((X - mean_b) ** 2).sum(axis=0)
+        mean_b = np.add.reduce(X, axis=0) / n_b
+        deviations = X - mean_b
+        m2_b = np.add.reduce(deviations * deviations, axis=0)
         n = self.n + n_b
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + delta ** 2 * (self.n * n_b / n)
+        self._m2 = self._m2 + m2_b + delta * delta * (self.n * n_b / n)
         self.n = n
+        self._divisor = None
 
     def transform_one(self, x: np.ndarray) -> np.ndarray:
         return self.transform_many(np.asarray(x, dtype=np.float64)[None, :])[0]
@@ -82,7 +86,9 @@ class RunningScaler:
         X = np.asarray(X, dtype=np.float64)
         if self.mean is None:
             return X.copy()
-        return (X - self.mean) / self.std
+        if self._divisor is None:
+            self._divisor = self.std
+        return (X - self.mean) / self._divisor
 
     def to_array(self) -> np.ndarray:
         """State as one flat float64 array: ``[min_std, n, d, mean..., m2...]``."""

@@ -47,7 +47,7 @@ class _RecentScores:
         """Scores oldest first."""
         if self.count < self.capacity:
             return self._buf[:self.count].copy()
-        return np.roll(self._buf, -self._next)
+        return np.concatenate((self._buf[self._next:], self._buf[:self._next]))
 
 
 class OnlineThreshold:
@@ -180,15 +180,18 @@ class PotThreshold(OnlineThreshold):
         n_peaks = min(max(self.MIN_PEAKS, math.ceil((1.0 - self.level) * n)), n // 2)
         t = float(np.partition(scores, n - n_peaks - 1)[n - n_peaks - 1])
         excesses = scores[scores > t] - t
-        if excesses.shape[0] == 0:
+        n_excesses = excesses.shape[0]
+        if n_excesses == 0:
             return t
-        mean, var = float(excesses.mean()), float(excesses.var())
+        mean = float(np.add.reduce(excesses)) / n_excesses  # = excesses.mean() and .var(), without their overhead
+        deviations = excesses - mean
+        var = float(np.add.reduce(deviations * deviations)) / n_excesses
         if var <= 0.0:  # all excesses equal: fall back to the exponential tail (γ = 0, σ = mean)
             self.gamma, self.sigma = 0.0, mean
         else:
             ratio = mean * mean / var
             self.gamma, self.sigma = 0.5 * (1.0 - ratio), 0.5 * mean * (1.0 + ratio)
-        r = self.q * n / excesses.shape[0]
+        r = self.q * n / n_excesses
         if r >= 1.0:  # fewer excesses than the target count (ties at t): the tail beyond t is already rarer than q
             return t
         if abs(self.gamma) < 1e-9:

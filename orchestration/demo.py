@@ -57,6 +57,7 @@ class ScoreWatch:
     latencies_ms: list = field(default_factory=list)
     seen: set = field(default_factory=set)
     test_records: list = field(default_factory=list)
+    train_scores: dict = field(default_factory=lambda: defaultdict(list))  # device → scores of its training part
     test_started_at: float | None = None  # when the test part's replay began
     test_last_at: float | None = None     # when its last score arrived
     timeline: list = field(default_factory=list)  # (seconds since start, scores so far)
@@ -101,6 +102,8 @@ class ScoreWatcher(threading.Thread):
                 if key in self.test_keys:
                     w.test_records.append(record)
                     w.test_last_at = now
+                else:
+                    w.train_scores[record["device_id"]].append(record["score"])
             w.timeline.append((time.monotonic() - self.started, w.count))
         self.consumer.close()
 
@@ -201,6 +204,35 @@ def _produce(cfg: Config, readings: list, args, sent_at: dict, say, duration: fl
 
 # --- the summary --------------------------------------------------------------------------------------------
 
+def ranking_quality(watch: ScoreWatch, labelled: list[dict]) -> dict:
+    """ROC-AUC and PR-AUC of the raw test scores: pooled over the fleet after normalising each device's scores by
+    its own training-part scores (no labels), and the mean over devices."""
+    from models.evaluation import robust_normaliser
+    from models.metrics import average_precision, roc_auc
+
+    by_device: dict[str, list[dict]] = defaultdict(list)
+    for r in labelled:
+        by_device[r["device_id"]].append(r)
+    pooled_scores, pooled_labels, per_device = [], [], []
+    for device, records in by_device.items():
+        reference = np.array(watch.train_scores.get(device) or [r["score"] for r in records], dtype=float)
+        scores = robust_normaliser(reference)(np.array([r["score"] for r in records], dtype=float))
+        labels = np.array([r["label"] for r in records], dtype=int)
+        pooled_scores.append(scores)
+        pooled_labels.append(labels)
+        if 0 < labels.sum() < len(labels):
+            per_device.append((roc_auc(labels, scores), average_precision(labels, scores)))
+    if not pooled_scores:
+        return {}
+    y, s = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
+    if not 0 < y.sum() < len(y):
+        return {}
+    means = np.mean(per_device, axis=0) if per_device else (None, None)
+    return {"roc_auc": roc_auc(y, s), "pr_auc": average_precision(y, s),
+            "roc_auc_device_mean": None if means[0] is None else float(means[0]),
+            "pr_auc_device_mean": None if means[1] is None else float(means[1]), "anomaly_rate": float(y.mean())}
+
+
 def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float) -> dict:
     """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data)."""
     from models.metrics import precision_recall_f1_from_predictions
@@ -210,6 +242,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
     y_true = np.array([r["label"] for r in labelled], dtype=int)
     y_pred = np.array([r["is_anomaly"] for r in labelled], dtype=int)
     precision, recall, f1 = precision_recall_f1_from_predictions(y_true, y_pred) if labelled else (None, None, None)
+    ranking = ranking_quality(watch, labelled)
     lat = np.array(watch.latencies_ms) if watch.latencies_ms else np.array([np.nan])
     span = (watch.test_last_at - watch.test_started_at) if watch.test_started_at and watch.test_last_at else 0.0
     top = sorted((r for r in watch.test_records if r["is_anomaly"]),
@@ -226,7 +259,8 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         "alerts": {"all": watch.anomalies, "test": int(y_pred.sum()) if labelled else None},
         "test_accuracy": {"precision": precision, "recall": recall, "f1": f1, "points": len(labelled),
                           "anomalous_points": int(y_true.sum()) if labelled else None,
-                          "note": "operating thresholds chosen online without labels; no point adjustment"},
+                          "note": "operating thresholds chosen online without labels; no point adjustment",
+                          **ranking},
         "federated": {"rounds": rounds, "global_version": latest["version"] if latest else 0,
                       "adopted_version_in_scores": watch.max_global_version},
         "top_alerts": [{"device_id": r["device_id"], "seq": r["seq"], "ts": r["ts"],
@@ -248,6 +282,10 @@ def print_summary(summary: dict) -> None:
     print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part")
     print(f"accuracy     precision {fmt(acc['precision'])}  recall {fmt(acc['recall'])}  F1 {fmt(acc['f1'])}  "
           f"({acc['anomalous_points']} anomalous of {acc['points']} test points; {acc['note']})")
+    if acc.get("roc_auc") is not None:
+        print(f"ranking      ROC-AUC {fmt(acc['roc_auc'])}  PR-AUC {fmt(acc['pr_auc'])} pooled (scores normalised per "
+              f"device by its training part, no labels); per-device mean ROC-AUC {fmt(acc['roc_auc_device_mean'])}  "
+              f"PR-AUC {fmt(acc['pr_auc_device_mean'])}; chance PR-AUC = {acc['anomaly_rate']:.3f}")
     fed = summary["federated"]
     print(f"federated    {fed['rounds']} round(s); global model v{fed['global_version']}; "
           f"scores carry up to v{fed['adopted_version_in_scores']}")

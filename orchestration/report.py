@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from config import Config
+from models.evaluation import robust_normaliser
 from models.metrics import anomaly_segments, average_precision, precision_recall_f1_from_predictions, roc_auc
 from storage import mongo
 
@@ -27,7 +28,6 @@ ROUND_FIELDS = ("round_id", "version", "strategy", "participants", "n_participan
                 "duration_s")
 ACCURACY_HEADERS = ["devices", "labelled points", "anomalous", "flagged", "precision", "recall", "F1",
                     "ROC-AUC", "PR-AUC"]
-MAD_TO_SIGMA = 1.4826  # the MAD of normal data times this is its standard deviation
 NICE_BUCKET_SECONDS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400)
 THROUGHPUT_BUCKETS = 120  # about this many buckets over the whole run
 LOG_SCALE_SPREAD = 50  # plot scores on a log axis when the largest is this many times the median
@@ -105,13 +105,6 @@ class Predictions:
         return self.label >= 0
 
 
-def robust_z(scores: np.ndarray) -> np.ndarray:
-    """Scores relative to their median in (MAD-estimated) standard deviations; uses no labels."""
-    median = np.median(scores)
-    spread = MAD_TO_SIGMA * np.median(np.abs(scores - median))
-    return (scores - median) / (spread if spread > 0 else (np.std(scores) or 1.0))
-
-
 def load_predictions(db, cfg: Config) -> Predictions:
     """Every score record's fields this report needs, in one pass over `predictions`."""
     columns: dict[str, list] = {name: [] for name in PREDICTION_FIELDS}
@@ -128,7 +121,7 @@ def load_predictions(db, cfg: Config) -> Predictions:
     rows_of = {str(d): slice(int(s), int(s + n)) for d, s, n in zip(names, starts, counts)}
     normalised = np.empty_like(score)
     for rows in rows_of.values():
-        normalised[rows] = robust_z(score[rows])
+        normalised[rows] = robust_normaliser(score[rows])(score[rows])
     return Predictions(
         device_id=device, ts=ts, score=score,
         threshold=np.array(columns["threshold"], dtype=np.float64)[order],

@@ -180,15 +180,23 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
                                 kwargs={"batch": 10, "rate": 150.0})
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
     try:
-        producer.start()
         checkpoints = tmp_path / "flink" / "checkpoints"
+        # produce only once the job runs (it checkpoints): a job started under load that then drains a backlog
+        # faster than the producer's rate would finish before it could be killed mid-stream
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not any(checkpoints.glob("*/chk-*/_metadata")):
+            assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
+            assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
+            time.sleep(0.5)
+        producer.start()
         scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: len(scores) >= len(readings) // 3
                                  and any(checkpoints.glob("*/chk-*/_metadata")))
         assert len(scores) < len(readings) - 300, "the job finished before it could be killed mid-stream"
         os.killpg(pid, signal.SIGKILL)
     finally:
         processes.stop(tmp_path, "stream", grace=5)
-        producer.join()
+        if producer.ident is not None:  # started
+            producer.join()
 
     from flink_jobs.anomaly_job import latest_checkpoint
     assert latest_checkpoint(job_cfg) is not None

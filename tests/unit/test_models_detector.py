@@ -160,3 +160,27 @@ def test_score_many_changes_no_state():
 def test_wrong_number_of_metrics_is_an_error():
     with pytest.raises(ValueError, match="expected 4 metrics"):
         make().process_many(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"rolling_windows": [4], "lags": [1], "rate_of_change": True}])
+def test_process_many_is_score_many_then_learn_many(overrides):
+    X = normal_readings(96)
+    X[5, 1] = np.nan
+    fused, split = make(**overrides), make(**overrides)
+    for i in range(0, 96, 16):
+        result = fused.process_many(X[i:i + 16])
+        scores = split.score_many(X[i:i + 16])
+        split.learn_many(X[i:i + 16])
+        np.testing.assert_array_equal(result.scores, scores)
+    assert fused.to_bytes() == split.to_bytes()
+
+
+def test_top_metrics_sum_derived_features_and_break_ties_in_order():
+    det = make(rolling_windows=[3])  # 3 feature blocks per metric
+    errors = np.random.default_rng(2).random((5, 3 * len(METRICS)))
+    per_metric = errors.reshape(5, 3, len(METRICS)).sum(axis=1)
+    shares = per_metric / per_metric.sum(axis=1, keepdims=True)
+    expected = [sorted(((METRICS[j], shares[i, j]) for j in range(len(METRICS))), key=lambda p: -p[1])[:3]
+                for i in range(5)]
+    assert det.top_metrics(errors) == expected
+    assert det.top_metrics(np.zeros((1, 3 * len(METRICS)))) == [[("cpu", 0.0), ("mem", 0.0), ("disk", 0.0)]]

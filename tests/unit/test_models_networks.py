@@ -5,6 +5,7 @@ import pytest
 
 from models.autoencoder import DenseAutoencoder
 from models.lstm_autoencoder import LSTMAutoencoder
+from models.optim import Adam, ParameterLayout
 
 FD_STEP = 1e-6       # central-difference step
 GRAD_RTOL = 1e-5     # float64 central differences agree to ~1e-8 relative; leave margin
@@ -130,3 +131,44 @@ def test_lstm_train_stride_learns_from_fewer_windows():
     model = LSTMAutoencoder(window=4, hidden=3, batch_size=4, train_stride=4)
     model.learn_many(X)
     assert model.optimizer.t == 4  # 16 windows, 4 per step
+
+
+def test_parameters_are_views_of_one_flat_vector():
+    ae = DenseAutoencoder(hidden=(4, 2, 4), seed=0)
+    ae.initialize(3)
+    ae.set_weights([np.full_like(w, 0.5) for w in ae.get_weights()])
+    assert ae.flat.shape == (sum(w.size for w in ae.get_weights()),)
+    assert all(np.shares_memory(p, ae.flat) for p in ae.params)
+    np.testing.assert_array_equal(ae.flat, 0.5)
+
+
+def test_adam_fused_step_equals_the_per_array_formula():
+    """The flat, in-place update is Kingma & Ba's step, array by array, to the last bit."""
+    rng = np.random.default_rng(6)
+    shapes = [(3, 4), (4,), (4, 2)]
+    layout = ParameterLayout(shapes)
+    params = [rng.normal(size=s) for s in shapes]
+    flat = layout.flatten(params)
+    m, v = [np.zeros(s) for s in shapes], [np.zeros(s) for s in shapes]
+    adam = Adam(learning_rate=0.01)
+    for t in range(1, 4):
+        grads = [rng.normal(size=s) for s in shapes]
+        adam.step(flat, layout.flatten(grads))
+        lr = 0.01 * np.sqrt(1 - Adam.BETA2 ** t) / (1 - Adam.BETA1 ** t)
+        for p, g, m_i, v_i in zip(params, grads, m, v):
+            m_i[...] = Adam.BETA1 * m_i + (1 - Adam.BETA1) * g
+            v_i[...] = Adam.BETA2 * v_i + (1 - Adam.BETA2) * g * g
+            p -= lr * m_i / (np.sqrt(v_i) + Adam.EPS)
+    for got, want in zip(layout.views(flat), params):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_state_keeps_one_array_per_parameter(optimizer):
+    """`get_state` splits the optimiser's flat moments per parameter array, as blobs written before the flat
+    layout do, so those blobs still load."""
+    ae = DenseAutoencoder(hidden=(4, 2, 4), optimizer=optimizer, seed=0)
+    ae.learn_many(np.random.default_rng(7).normal(size=(32, 3)))
+    shapes = [w.shape for w in ae.get_weights()]
+    moments = [(1,)] + shapes + shapes if optimizer == "adam" else []
+    assert [s.shape for s in ae.get_state()] == shapes + moments
