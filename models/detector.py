@@ -141,6 +141,8 @@ class DeviceDetector:
         if X.shape[1] != len(self.metric_names):
             raise ValueError(f"expected {len(self.metric_names)} metrics ({', '.join(self.metric_names)}), "
                              f"got {X.shape[1]} columns")
+        if X.shape[0] == 0:
+            raise ValueError("empty batch: give at least one reading")
         return X
 
     def _feature_errors(self, F: np.ndarray) -> np.ndarray:

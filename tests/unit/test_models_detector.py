@@ -184,3 +184,14 @@ def test_top_metrics_sum_derived_features_and_break_ties_in_order():
                 for i in range(5)]
     assert det.top_metrics(errors) == expected
     assert det.top_metrics(np.zeros((1, 3 * len(METRICS)))) == [[("cpu", 0.0), ("mem", 0.0), ("disk", 0.0)]]
+
+
+def test_an_empty_batch_is_a_clear_error():
+    import numpy as np
+    import pytest
+
+    from models.detector import DeviceDetector
+
+    detector = DeviceDetector.create(["a", "b"], hidden=[4, 2, 4])
+    with pytest.raises(ValueError, match="empty batch"):
+        detector.process_many(np.zeros((0, 2)))
