@@ -1,6 +1,6 @@
 """One federated aggregation round: MongoDB snapshots → decode and check on Spark → strategy → MongoDB + Kafka.
 
-    spark-submit spark_jobs/aggregate_job.py                 # master: aggregation.spark_master (local[*])
+    spark-submit spark_jobs/aggregate_job.py                 # master: spark-submit's default, local[*]
     spark-submit --master spark://host:7077 spark_jobs/aggregate_job.py
 
 Read top to bottom (`run_round`):

@@ -1,4 +1,5 @@
-"""`flead aggregate`, `flead evaluate-models`, `flead scheduler {start,stop}`, `flead api {start,stop}`."""
+"""`flead aggregate`, `flead evaluate-models`, `flead scheduler {start,stop}`, `flead api {start,stop}`,
+`flead spark-cluster {start,stop}`."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 
 SCHEDULER = "scheduler"
 API = "api"
+SPARK_CLUSTER = "spark-cluster"
 API_START_TIMEOUT_S = 60.0
 
 
@@ -30,6 +32,10 @@ def register(sub) -> None:
     p = sub.add_parser(API, help="the global model REST server (api.host:api.port, OpenAPI at /docs)")
     p.add_argument("action", choices=["start", "stop"])
     p.set_defaults(func=cmd_api)
+    p = sub.add_parser(SPARK_CLUSTER, help="a local Spark standalone master and worker "
+                                           "(spark://127.0.0.1:aggregation.spark_master_port) for --master")
+    p.add_argument("action", choices=["start", "stop"])
+    p.set_defaults(func=cmd_spark_cluster)
 
 
 def spark_submit_path() -> str:
@@ -46,7 +52,7 @@ def cmd_job(args, cfg) -> int:
     from spark_jobs.session import worker_environment
 
     if args.spark_submit:
-        cmd = [spark_submit_path(), *(["--master", args.master] if args.master else []),
+        cmd = [spark_submit_path(), "--master", args.master or cfg.aggregation.spark_master,
                "--conf", "spark.ui.enabled=false", str(PROJECT_ROOT / "spark_jobs" / f"{args.job}.py")]
         env = {**os.environ, **cfg.to_env(), **worker_environment()}
         return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT).returncode
@@ -116,4 +122,19 @@ def cmd_api(args, cfg) -> int:
     where = "api.token" if cfg.api.token else str(cfg.state_dir / "api_token")
     print(json.dumps({"url": f"http://{cfg.api.host}:{cfg.api.port}", "docs": f"http://{cfg.api.host}:"
                       f"{cfg.api.port}/docs", "token": where}))
+    return 0
+
+
+def cmd_spark_cluster(args, cfg) -> int:
+    from orchestration.processes import StackError
+    from spark_jobs import standalone
+
+    if args.action == "stop":
+        standalone.stop(cfg)
+        return 0
+    try:
+        standalone.start(cfg)
+    except StackError as exc:
+        print(f"flead spark-cluster: {exc}")
+        return 1
     return 0

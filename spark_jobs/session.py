@@ -16,13 +16,22 @@ def worker_environment() -> dict[str, str]:
             "SPARK_LOCAL_IP": os.environ.get("SPARK_LOCAL_IP", "127.0.0.1")}
 
 
+def submitted_master() -> str | None:
+    """The master of the spark-submit that runs this script (local[*] if given no ``--master``), else None."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # set by spark-submit, whose JVM is already running
+        return None
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connect to that JVM: until then SparkConf() is empty and sees no master
+    return SparkConf().get("spark.master", None)
+
+
 def spark_session(cfg: Config, app_name: str, master: str | None = None):
     """A SparkSession for FLEAD's jobs (UI off, few shuffle partitions).
 
     The master is, in order: `master`, the one spark-submit was given (``--master``), `aggregation.spark_master`.
     """
     os.environ.update(worker_environment())  # read by the JVM and the workers it forks (local mode)
-    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     builder = (SparkSession.builder.appName(app_name)
@@ -31,8 +40,6 @@ def spark_session(cfg: Config, app_name: str, master: str | None = None):
                .config("spark.sql.shuffle.partitions", str(cfg.aggregation.spark_partitions))
                .config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
                .config("spark.python.worker.reuse", "true"))
-    if master or not SparkConf().contains("spark.master"):
-        builder = builder.master(master or cfg.aggregation.spark_master)
-    spark = builder.getOrCreate()
+    spark = builder.master(master or submitted_master() or cfg.aggregation.spark_master).getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -1,4 +1,4 @@
-"""The aggregation job on real Spark (local[2]) and the session's MongoDB and Kafka."""
+"""The aggregation job on real Spark (local[2], and a local standalone cluster) and the session's MongoDB and Kafka."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,9 @@ from confluent_kafka import Consumer
 from config import PROJECT_ROOT, load_config
 from models.aggregation import fedavg
 from models.serialization import dumps, from_b64, loads, to_b64
+from orchestration import processes
 from spark_jobs.aggregate_job import run_round
+from spark_jobs import standalone
 from spark_jobs.session import spark_session, worker_environment
 from storage import mongo
 
@@ -203,3 +205,64 @@ def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db)
     assert docs["1:device:dev-0:local"]["local_version"] == 1
     assert run_evaluation(spark, cfg).n_documents == len(docs)  # a re-run overwrites
     assert mongo.collection(db, cfg, "metrics").count_documents({}) == len(docs)
+
+
+def processes_in_session(session_ids: set[int]) -> list[int]:
+    """Pids of live processes whose session is one of `session_ids` (the daemons and everything they forked)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) in session_ids and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_spark_submit_runs_a_round_on_a_local_standalone_cluster(cfg, db):
+    snaps, valid = fleet(40, seed=6)
+    mongo.write_local_models(db, cfg, [s for _, _, s in snaps])
+    env = {**os.environ, **{f"FLEAD_AGGREGATION_{key.upper()}": str(processes.free_port()) for key in
+                            ("spark_master_port", "spark_master_webui_port", "spark_worker_webui_port")}}
+    cluster_cfg = load_config(env=env)
+    flead = [sys.executable, "-m", "orchestration.cli", "spark-cluster"]
+
+    started = time.monotonic()
+    up = subprocess.run([*flead, "start"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        daemons = {processes.running_pid(cfg.state_dir, name) for name in (standalone.MASTER, standalone.WORKER)}
+        assert None not in daemons
+        result = subprocess.run([str(SPARK_SUBMIT), "--master", standalone.master_url(cluster_cfg),
+                                 "--conf", "spark.ui.enabled=false",
+                                 str(PROJECT_ROOT / "spark_jobs" / "aggregate_job.py")],
+                                env={**env, **worker_environment()}, capture_output=True, text=True,
+                                timeout=120, cwd=PROJECT_ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        deadline = time.monotonic() + 15  # the master marks the application finished once the driver has left
+        while not (state := standalone.master_state(cluster_cfg) or {}).get("completedapps") \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        down = subprocess.run([*flead, "stop"], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=60)
+    print(f"standalone start + spark-submit + stop took {time.monotonic() - started:.1f} s")
+
+    outcome = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"outcome"'))["outcome"]
+    assert outcome["status"] == "aggregated" and outcome["version"] == 1, outcome
+    model = mongo.latest_global_model(db, cfg)
+    weights, _ = loads(from_b64(model["weights"]))
+    for got, want in zip(weights, fedavg(valid)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert len(model["participants"]) == len(valid) == 38
+    apps = state["completedapps"]
+    assert [a["name"] for a in apps] == ["flead-aggregate"] and apps[0]["state"] == "FINISHED", apps
+    assert state["activeapps"] == []
+
+    assert down.returncode == 0 and "stopped spark-worker, spark-master" in down.stdout, down.stdout + down.stderr
+    deadline = time.monotonic() + 10
+    while (left := processes_in_session(daemons)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert left == [], f"left running: {left}"
+    assert not processes.port_open(standalone.HOST, cluster_cfg.aggregation.spark_master_port)

@@ -177,7 +177,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
            "FLEAD_STREAM_SNAPSHOT_EVERY": "200"}
     job_cfg = load_config(env={**os.environ, **env})
     producer = threading.Thread(target=produce, args=(readings, cfg.kafka.topics.telemetry, producer_config(cfg)),
-                                kwargs={"batch": 10, "rate": 150.0})
+                                kwargs={"batch": 10, "rate": 100.0})
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
     try:
         checkpoints = tmp_path / "flink" / "checkpoints"
@@ -189,7 +189,8 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.5)
         producer.start()
-        scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: len(scores) >= len(readings) // 3
+        # kill early: a job that lags under load catches up fast, and the producer's 36 s must not run out first
+        scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: len(scores) >= len(readings) // 6
                                  and any(checkpoints.glob("*/chk-*/_metadata")))
         assert len(scores) < len(readings) - 300, "the job finished before it could be killed mid-stream"
         os.killpg(pid, signal.SIGKILL)
