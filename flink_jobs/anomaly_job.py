@@ -318,6 +318,9 @@ def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configu
     conf.set_string("parallelism.default", str(stream.parallelism))
     conf.set_string("python.fn-execution.bundle.size", str(stream.bundle_size))
     conf.set_string("python.fn-execution.bundle.time", str(stream.bundle_time_ms))
+    conf.set_string("python.state.cache-size", str(stream.state_cache_size))
+    conf.set_string("execution.buffer-timeout.interval", f"{stream.buffer_timeout_ms} ms")
+    conf.set_string("pipeline.object-reuse", str(stream.object_reuse).lower())
     python = stream.python_executable or sys.executable
     conf.set_string("python.executable", python)
     conf.set_string("python.client.executable", python)
@@ -339,7 +342,8 @@ def kafka_source(cfg, topic: str, group_id: str, bounded: bool) -> KafkaSource:
                .set_topics(topic)
                .set_group_id(group_id)
                .set_starting_offsets(KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST))
-               .set_value_only_deserializer(SimpleStringSchema()))
+               .set_value_only_deserializer(SimpleStringSchema())
+               .set_property("fetch.max.wait.ms", str(cfg.stream.source_fetch_max_wait_ms)))
     if bounded:
         builder = builder.set_bounded(KafkaOffsetsInitializer.latest())
     return builder.build()
@@ -353,8 +357,8 @@ def kafka_sink(cfg, topic: str) -> KafkaSink:
                                    .set_value_serialization_schema(SimpleStringSchema())
                                    .build())
             .set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
-            .set_property("linger.ms", str(cfg.ingest.linger_ms))
-            .set_property("compression.type", cfg.ingest.compression)
+            .set_property("linger.ms", str(cfg.stream.sink_linger_ms))
+            .set_property("compression.type", cfg.stream.sink_compression)
             .build())
 
 

@@ -40,7 +40,7 @@ from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from config import Config, load_config  # noqa: E402
+from config import Config  # noqa: E402
 from models.aggregation import AggregationError, FedAvg, Update, make_strategy, validate_updates  # noqa: E402
 from models.serialization import SerializationError, dumps, from_b64, loads, to_b64  # noqa: E402
 from storage import mongo  # noqa: E402
@@ -254,19 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-publish", action="store_true",
                         help="store the model in MongoDB only, do not send it to the global-model topic")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config()
-    from spark_jobs.session import spark_session
+    from spark_jobs.session import run_job
 
-    spark = spark_session(cfg, "flead-aggregate", args.master)
-    try:
-        outcome = run_round(spark, cfg, publish_model=not args.no_publish)
-    finally:
-        spark.stop()
-    log.info(outcome.message)
-    print(json.dumps({"outcome": outcome.to_dict()}))
-    return 0
-
+    return run_job("flead-aggregate", lambda spark, cfg: run_round(spark, cfg, publish_model=not args.no_publish), args.master)
 
 if __name__ == "__main__":
     sys.exit(main())

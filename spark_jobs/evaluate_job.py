@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -35,7 +34,7 @@ from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from config import Config, load_config  # noqa: E402
+from config import Config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.metrics import average_precision, precision_recall_f1, roc_auc  # noqa: E402
 from models.serialization import SerializationError, from_b64, loads  # noqa: E402
@@ -195,19 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", help="Spark master (default: spark-submit's --master, else "
                                          "aggregation.spark_master)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config()
-    from spark_jobs.session import spark_session
+    from spark_jobs.session import run_job
 
-    spark = spark_session(cfg, "flead-evaluate", args.master)
-    try:
-        outcome = run_evaluation(spark, cfg)
-    finally:
-        spark.stop()
-    log.info(outcome.message)
-    print(json.dumps({"outcome": outcome.to_dict()}))
-    return 0
-
+    return run_job("flead-evaluate", run_evaluation, args.master)
 
 if __name__ == "__main__":
     sys.exit(main())

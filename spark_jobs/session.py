@@ -43,3 +43,22 @@ def spark_session(cfg: Config, app_name: str, master: str | None = None):
     spark = builder.master(master or submitted_master() or cfg.aggregation.spark_master).getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def run_job(app_name: str, job, master: str | None = None) -> int:
+    """Script entry of a Spark job: logging, config, a session, `job(spark, cfg)`, its outcome as a JSON line."""
+    import json
+    import logging
+
+    from config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config()
+    spark = spark_session(cfg, app_name, master)
+    try:
+        outcome = job(spark, cfg)
+    finally:
+        spark.stop()
+    logging.getLogger(app_name).info(outcome.message)
+    print(json.dumps({"outcome": outcome.to_dict()}))
+    return 0
