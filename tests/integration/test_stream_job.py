@@ -152,11 +152,39 @@ def test_global_models_are_adopted_by_version_and_cluster_and_poison_is_refused(
     assert dead[0]["source"] == cfg.kafka.topics.global_model
 
 
+def read_to_end(cfg, key: str) -> list[dict]:
+    """The topic's records up to its end offsets as of the call. (Reading until the topic is quiet for a while, as
+    `read_topic` does, may not return while a live job keeps writing.)"""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = cfg.kafka.topics[key]
+    consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": f"test-{time.monotonic_ns()}",
+                         "enable.auto.commit": False})
+    try:
+        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        pending = {p for p in partitions if ends[p] > 0}
+        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
+        out, deadline = [], time.monotonic() + 60
+        while pending and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            if msg.offset() < ends[msg.partition()]:
+                out.append(json.loads(msg.value()))
+            if msg.offset() >= ends[msg.partition()] - 1:
+                pending.discard(msg.partition())
+        assert not pending, f"could not read {topic} to its end"
+        return out
+    finally:
+        consumer.close()
+
+
 def wait_for_scores(cfg, state_dir: Path, pid: int, enough) -> list[dict]:
     """Poll the scores topic until `enough(scores)`; fail with the job's log if it died."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
-        scores = read_topic(cfg, "scores", timeout_s=0.5)
+        scores = read_to_end(cfg, "scores")
         if enough(scores):
             return scores
         assert processes.running_pid(state_dir, "stream") == pid, processes.log_tail(state_dir, "stream", 60)
