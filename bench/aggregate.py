@@ -32,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench_output import write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.aggregation import Update, make_strategy  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
@@ -154,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 "floor": by_name[f"numpy one process, read+decode+fedavg, {largest} devices"]}
     result = {"headline": headline, "rows": rows, "spark_session_start_s": session_start_s, "quick": args.quick,
               "python": platform.python_version(), "numpy": np.__version__, "cores": os.cpu_count()}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -17,7 +17,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # before NumPy loads BLAS: one thread, so "per core" is honest
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -26,6 +25,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_output import write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.autoencoder import DenseAutoencoder  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
@@ -174,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"headline": headline, "rows": rows, "data": source, "quick": args.quick,
               "python": platform.python_version(), "numpy": np.__version__,
               "settings": {"dense": dense, "lstm": lstm}}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

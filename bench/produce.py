@@ -10,7 +10,6 @@ Python producer pays for Kafka itself, measured in the same run on the same brok
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_output import write_json  # noqa: E402  (beside this script)
 
 from config import load_config  # noqa: E402
 from orchestration import processes, stack  # noqa: E402
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.down(cfg, say=lambda line: None)
         shutil.rmtree(state_dir, ignore_errors=True)
     print_table(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     return 0
 
 

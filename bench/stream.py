@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_output import write_json  # noqa: E402  (beside this script)
 from config import PROJECT_ROOT, load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from orchestration import processes, stack  # noqa: E402
@@ -274,8 +275,7 @@ def main() -> int:
                                                        "bundle_time_ms", "micro_batch_timeout_ms",
                                                        "buffer_timeout_ms", "sink_linger_ms")},
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 
