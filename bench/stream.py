@@ -17,7 +17,6 @@ Starts its own Kafka broker (temporary state dir, free ports), then:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,7 +37,7 @@ from orchestration import processes, stack  # noqa: E402
 from telemetry.consumer import iter_messages  # noqa: E402
 from telemetry.producer import produce, producer_config  # noqa: E402
 from telemetry.readers import open_reader  # noqa: E402
-from telemetry.schema import Reading, encode_batch  # noqa: E402
+from telemetry.schema import Reading, decode_scores, encode_batch  # noqa: E402
 
 JOB = PROJECT_ROOT / "flink_jobs" / "anomaly_job.py"
 
@@ -64,8 +63,8 @@ def fresh_topics(base_env: dict) -> tuple[dict, object]:
 
 
 def scores_of(cfg, timeout_s: float = 3.0) -> list[dict]:
-    return [json.loads(m.value()) for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
-                                                         from_beginning=True, timeout_s=timeout_s)]
+    return [record for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
+                                          from_beginning=True, timeout_s=timeout_s) for record in decode_scores(m.value())]
 
 
 def throughput(base_env: dict, readings: list[Reading], message_batch: int, overrides: dict | None = None) -> dict:
@@ -177,7 +176,7 @@ def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float
         timed: list[tuple[int, int, dict]] = []
         while time.monotonic() < deadline:
             timed = [(at, appended, s) for at, appended, s in
-                     ((at, appended, json.loads(v)) for at, appended, v in list(watcher.received))
+                     ((at, appended, s) for at, appended, v in list(watcher.received) for s in decode_scores(v))
                      if s["seq"] >= first_timed[s["device_id"]]]
             if len(timed) >= expected:
                 break

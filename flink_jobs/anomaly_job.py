@@ -5,16 +5,19 @@
 
 Data flow (topic names from `cfg.kafka.topics`, shapes in docs/contracts.md):
 
-    telemetry ─ parse + validate ─┬─ key_by device ─┬─ DeviceScorer ─┬─ scores
-                                  │                 │  (keyed state: │─ alerts (anomalies)
-                                  │  global-model ──┘   detector)    │─ model-snapshots
-                                  └──────────── dead letters ────────┴─ dead-letters
+    telemetry ── key by device (JVM) ──┬─ DeviceScorer ──────────┬─ scores (one batch record per micro-batch)
+                                       │  decode + validate,     │─ alerts (one record per anomaly)
+    global-model ── broadcast ─────────┘  keyed state: detector  │─ model-snapshots
+                                                                 └─ dead-letters (with the reason)
 
-Each device's `DeviceDetector` lives in keyed state. Readings are micro-batched per device (`stream.micro_batch_size`
-or `stream.micro_batch_timeout_ms`), scored, then learned. Global models arrive as broadcast state; a device adopts
-the newest (of its cluster, if the model is clustered) at its next batch. Outputs are Kafka topics only: the
-storage sink service writes them to MongoDB idempotently. Sinks are at-least-once: after a restart from a
-checkpoint, readings after it are scored again under the same ids.
+The JVM reads each telemetry record's Kafka key (the device id) and partitions by it, so the messages cross into
+Python once, in the scorer, which decodes and validates them (`telemetry.schema.decode_columns`). Each device's
+`DeviceDetector` lives in keyed state. Readings are micro-batched per device (`stream.micro_batch_size` or
+`stream.micro_batch_timeout_ms`), scored, then learned; a micro-batch's score records leave as one
+`flead.scores/1` Kafka record. Global models arrive as broadcast state; a device adopts the newest (of its
+cluster, if the model is clustered) at its next batch. Outputs are Kafka topics only: the storage sink service
+writes them to MongoDB idempotently. Sinks are at-least-once: after a restart from a checkpoint, readings after it
+are scored again under the same ids.
 """
 from __future__ import annotations
 
@@ -31,26 +34,24 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))  # `flink run -py` starts this file with only its own folder on the path
 
 import numpy as np  # noqa: E402
-try:
-    import orjson
-except ImportError:  # the standard library does the same, a few times slower
-    orjson = None
 from pyflink.common import Configuration, Duration, Types, WatermarkStrategy  # noqa: E402
 from pyflink.common.serialization import SimpleStringSchema  # noqa: E402
-from pyflink.datastream import (OutputTag, ProcessFunction, RuntimeContext,  # noqa: E402
+from pyflink.datastream import (KeyedStream, OutputTag, RuntimeContext,  # noqa: E402
                                 StreamExecutionEnvironment)
 from pyflink.datastream.connectors.base import DeliveryGuarantee  # noqa: E402
 from pyflink.datastream.connectors.kafka import (KafkaOffsetResetStrategy, KafkaOffsetsInitializer,  # noqa: E402
                                                  KafkaRecordSerializationSchema, KafkaSink, KafkaSource)
 from pyflink.datastream.functions import KeyedBroadcastProcessFunction  # noqa: E402
 from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor  # noqa: E402
+from pyflink.java_gateway import get_gateway  # noqa: E402
+from pyflink.table import StreamTableEnvironment  # noqa: E402
 
 from config import load_config  # noqa: E402
 from flink_jobs.device_state import DeviceModelState  # noqa: E402
 from models.detector import DetectorSettings, DeviceDetector  # noqa: E402
 from models.features import NonFiniteMetricError  # noqa: E402
 from models.serialization import SerializationError, from_b64, loads, to_b64  # noqa: E402
-from telemetry.schema import InvalidMessage, decode_message, dead_letter  # noqa: E402
+from telemetry.schema import Columns, InvalidMessage, dead_letter, decode_columns, dumps_json, encode_scores  # noqa: E402
 
 LOG = logging.getLogger("flead.stream")
 CONNECTOR_JAR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
@@ -75,39 +76,8 @@ def now_ms() -> int:
 
 
 def to_json(record: dict) -> str:
-    if orjson is not None:  # several times faster; the records hold no non-finite floats (`finite_or_none`)
-        return orjson.dumps(record).decode()
-    return json.dumps(record, separators=(",", ":"), allow_nan=False)
-
-
-# -- parse ------------------------------------------------------------------------------------------------------
-
-class TelemetryParser(ProcessFunction):
-    """Decodes each telemetry message once into a column batch ``(device_id, metric_names, X, seqs, ts, labels)``;
-    a message that breaks the contract goes to the dead letters with its reason."""
-
-    def __init__(self, source_topic: str):
-        self.source_topic = source_topic
-
-    def open(self, runtime_context: RuntimeContext):
-        self.dead_letters = runtime_context.get_metrics_group().counter("dead_letters")
-
-    def process_element(self, value: str, ctx: ProcessFunction.Context):
-        try:
-            readings = decode_message(value)
-        except InvalidMessage as exc:
-            self.dead_letters.inc()
-            yield DEAD_LETTERS, dead_letter(value, exc.reason, self.source_topic, exc.device_id).decode()
-            return
-        first = readings[0]
-        names = tuple(first.metrics)
-        if all(len(r.metrics) == len(names) for r in readings):
-            X = np.array([[r.metrics.get(n, math.nan) for n in names] for r in readings], dtype=np.float64)
-        else:  # readings of one message with different metric sets: the union, missing values as nan
-            names = tuple(dict.fromkeys(n for r in readings for n in r.metrics))
-            X = np.array([[r.metrics.get(n, math.nan) for n in names] for r in readings], dtype=np.float64)
-        yield (first.device_id, names, X, [r.seq for r in readings], [r.ts for r in readings],
-               [r.label for r in readings])
+    """Compact JSON, non-finite floats as null."""
+    return dumps_json(record).decode()
 
 
 # -- score ------------------------------------------------------------------------------------------------------
@@ -135,11 +105,13 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         self.anomalies = metrics.counter("anomalies")
         self.dead_letters = metrics.counter("dead_letters")
         self.values_imputed = metrics.counter("values_imputed")
+        self.metric_values_ignored = metrics.counter("metric_values_ignored")
         self.snapshots = metrics.counter("snapshots")
         self.global_models_adopted = metrics.counter("global_models_adopted")
         self.global_models_rejected = metrics.counter("global_models_rejected")
         self.reports_refusals = runtime_context.get_index_of_this_subtask() == 0  # every subtask sees each model
         self.refused_global = set()  # (device_id, version) whose shapes did not fit: logged once, not retried
+        self.reported_unknown = set()  # (device_id, metric names) dead-lettered once: `report_unknown_metrics`
         self.globals = None  # cluster -> (version, weights, assignments): see `global_models`
 
     # global models: broadcast side
@@ -200,9 +172,15 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
 
     # telemetry: keyed side
 
-    def process_element(self, value, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+    def process_element(self, message: bytes | None, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+        try:
+            value = self.parse(message, ctx.get_current_key())
+        except InvalidMessage as exc:
+            self.dead_letters.inc()
+            yield DEAD_LETTERS, dead_letter(message, exc.reason, self.telemetry_topic, exc.device_id).decode()
+            return
         buffered = self.buffer.value()
-        if buffered is None and len(value[3]) >= self.batch_size:  # the message is a micro-batch already
+        if buffered is None and len(value.seqs) >= self.batch_size:  # the message is a micro-batch already
             yield from self.score(ctx, [value])
             return
         if buffered is None:
@@ -212,11 +190,21 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
             timers.register_event_time_timer(ctx.timestamp() + END_OF_INPUT_FLUSH_DELAY_MS)
         else:
             buffered.append(value)
-        if sum(len(batch[3]) for batch in buffered) >= self.batch_size:
+        if sum(len(batch.seqs) for batch in buffered) >= self.batch_size:
             self.buffer.clear()
             yield from self.score(ctx, buffered)
         else:
             self.buffer.update(buffered)
+
+    @staticmethod
+    def parse(message: bytes | None, key: str) -> Columns:
+        """The message as columns; `InvalidMessage` if it breaks the contract or is not the keyed device's."""
+        if message is None:
+            raise InvalidMessage("no value (a tombstone record)")
+        columns = decode_columns(message)
+        if columns.device_id != key:
+            raise InvalidMessage(f"device_id {columns.device_id!r} under the Kafka key {key!r}", columns.device_id)
+        return columns
 
     def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
         buffered = self.buffer.value()
@@ -228,13 +216,15 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         device_id = ctx.get_current_key()
         state = self.model.value()
         if state is None:
-            state = DeviceModelState(DeviceDetector(batches[0][1], self.settings), now_ms())
+            state = DeviceModelState(DeviceDetector(list(batches[0].names), self.settings), now_ms())
         detector = state.detector
         self.adopt_newest_global(ctx, device_id, detector)
-        X = np.concatenate([self.columns(detector, batch) for batch in batches])
-        seqs = [s for batch in batches for s in batch[3]]
-        stamps = [t for batch in batches for t in batch[4]]
-        labels = [label for batch in batches for label in batch[5]]
+        X = np.concatenate([self.model_columns(detector, batch) for batch in batches])
+        for batch in batches:
+            yield from self.report_unknown_metrics(device_id, detector, batch)
+        seqs = [s for batch in batches for s in batch.seqs]
+        stamps = [t for batch in batches for t in batch.ts]
+        labels = [label for batch in batches for label in batch.labels]
         try:
             results = [(slice(None), detector.process_many(X))]
         except NonFiniteMetricError:  # model.nan_policy = reject: score the good readings, dead-letter the others
@@ -257,45 +247,58 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
             yield SNAPSHOTS, to_json({
                 "schema": SNAPSHOT_SCHEMA, "device_id": device_id, "version": snap["version"],
                 "global_version": snap["global_version"], "n_samples": snap["n_samples"],
-                "n_seen": detector.n_seen, "loss": finite_or_none(snap["loss"]), "weights": to_b64(snap["weights"]),
-                "created_at": scored_at})
+                "n_seen": detector.n_seen, "loss": None if snap["loss"] is None else float(snap["loss"]),
+                "weights": to_b64(snap["weights"]), "created_at": scored_at})
         self.model.update(state)
 
     @staticmethod
-    def columns(detector: DeviceDetector, batch) -> np.ndarray:
-        """The batch's values in the detector's metric order (a metric the message lacks is missing: nan)."""
-        names, X = batch[1], batch[2]
-        if list(names) == detector.metric_names:
-            return X
-        position = {name: i for i, name in enumerate(names)}
-        out = np.full((X.shape[0], len(detector.metric_names)), math.nan)
+    def model_columns(detector: DeviceDetector, batch: Columns) -> np.ndarray:
+        """The batch's values in the detector's metric order (a metric the message lacks is missing: nan, imputed
+        and counted by the detector; one the model does not know is left out: `report_unknown_metrics`)."""
+        if list(batch.names) == detector.metric_names:
+            return batch.X
+        position = {name: i for i, name in enumerate(batch.names)}
+        out = np.full((batch.X.shape[0], len(detector.metric_names)), math.nan)
         for j, name in enumerate(detector.metric_names):
             if name in position:
-                out[:, j] = X[:, position[name]]
+                out[:, j] = batch.X[:, position[name]]
         return out
 
+    def report_unknown_metrics(self, device_id: str, detector: DeviceDetector, batch: Columns):
+        """Metrics the device's model was not created with cannot be scored: their values are counted
+        (`metric_values_ignored`), and the first message of a device bringing a new such set is dead-lettered
+        with the reason (one per set and worker, so a device that keeps sending them does not flood the topic)."""
+        if list(batch.names) == detector.metric_names:
+            return
+        unknown = tuple(sorted(set(batch.names) - set(detector.metric_names)))
+        if not unknown:
+            return
+        self.metric_values_ignored.inc(len(unknown) * len(batch.seqs))
+        if (device_id, unknown) not in self.reported_unknown:
+            self.reported_unknown.add((device_id, unknown))
+            reason = (f"metrics {', '.join(unknown)} are not in the device's model (created with "
+                      f"{len(detector.metric_names)} metrics): their values are ignored, the others scored")
+            first = {"device_id": device_id, "seq": batch.seqs[0], "ts": batch.ts[0],
+                     "metrics": dict(zip(batch.names, batch.X[0].tolist()))}
+            yield DEAD_LETTERS, dead_letter(to_json(first), reason, self.telemetry_topic, device_id).decode()
+
     def score_records(self, device_id, detector, seqs, stamps, labels, result, scored_at):
+        """One `flead.scores/1` batch of the micro-batch's score records (one Kafka record: Beam's per-element
+        cost, the JVM's and the broker's are per record, not per reading); each anomaly also as an alert."""
         self.records_scored.inc(len(seqs))
         self.values_imputed.inc(result.n_imputed)
         model_version, global_version = detector.model_version, detector.global_version
-        scores = [finite_or_none(x) for x in result.scores.tolist()]
-        thresholds = [finite_or_none(x) for x in result.thresholds.tolist()]
-        flags = result.is_anomaly.tolist()
-        for seq, ts, score, threshold, anomaly, top, label in zip(seqs, stamps, scores, thresholds, flags,
-                                                                 result.top_metrics, labels):
-            record = to_json({
-                "device_id": device_id, "seq": seq, "ts": ts, "score": score, "threshold": threshold,
-                "is_anomaly": anomaly, "top_metrics": [{"metric": m, "share": share} for m, share in top],
-                "model_version": model_version, "global_version": global_version, "label": label,
-                "scored_at": scored_at})
-            yield record
-            if anomaly:
+        scores = [{"seq": seq, "ts": ts, "score": score, "threshold": threshold, "is_anomaly": anomaly,
+                   "top_metrics": [{"metric": m, "share": share} for m, share in top], "label": label}
+                  for seq, ts, score, threshold, anomaly, top, label in zip(
+                      seqs, stamps, result.scores.tolist(), result.thresholds.tolist(), result.is_anomaly.tolist(),
+                      result.top_metrics, labels)]
+        yield encode_scores(device_id, model_version, global_version, scored_at, scores).decode()
+        for record in scores:
+            if record["is_anomaly"]:
                 self.anomalies.inc()
-                yield ALERTS, record
-
-
-def finite_or_none(x) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
+                yield ALERTS, to_json({"device_id": device_id, **record, "model_version": model_version,
+                                       "global_version": global_version, "scored_at": scored_at})
 
 
 # -- wiring -----------------------------------------------------------------------------------------------------
@@ -362,30 +365,70 @@ def kafka_sink(cfg, topic: str) -> KafkaSink:
             .build())
 
 
+def sql_string(value) -> str:
+    """A Flink SQL string literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def keyed_telemetry(env: StreamExecutionEnvironment, cfg, bounded: bool) -> KeyedStream:
+    """The telemetry topic keyed by device, read and partitioned on the JVM side.
+
+    `DataStream.key_by` runs its key selector in a Python operator of its own: every message would cross the
+    JVM/Python boundary twice more and wait one more bundle, and the selector would have to decode it. Instead the
+    Kafka table connector reads the record key (producers key each message by its ``device_id``, which also keeps a
+    device's messages in order in one partition) and the value as raw bytes; a record without a key is keyed by
+    the ``device_id`` Flink SQL's `JSON_VALUE` finds in it ("" if none). A message whose ``device_id`` differs
+    from its key, or that has none, is dead-lettered by the scorer. The JVM then partitions
+    ``Row(device_id, message, rowtime)`` by its first field with the key selector `key_by` itself uses (so the
+    scorer sees the message as its value and the key as `ctx.get_current_key()`); `to_append_stream` because the
+    Python operator needs a `RowTypeInfo` (`to_data_stream` gives an `ExternalTypeInfo`). What it saves is
+    measured in flink_jobs/README.md, "Throughput".
+
+    Event time is the Kafka record timestamp (when the message entered Kafka): watermarks come from the source
+    without a JSON decode, and every output record carries a current Kafka timestamp (the ``ts`` of a replayed
+    data set may be years old, which time-based topic retention would delete at once).
+    """
+    stream = cfg.stream
+    options = {
+        "connector": "kafka", "topic": cfg.kafka.topics.telemetry,
+        "properties.bootstrap.servers": cfg.kafka_bootstrap, "properties.group.id": stream.consumer_group,
+        "scan.startup.mode": "group-offsets", "properties.auto.offset.reset": "earliest",
+        "properties.fetch.max.wait.ms": stream.source_fetch_max_wait_ms, "scan.watermark.idle-timeout": "5 s",
+        "key.format": "raw", "key.fields": "device_key", "value.format": "raw", "value.fields-include": "EXCEPT_KEY"}
+    if bounded:
+        options["scan.bounded.mode"] = "latest-offset"
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(f"""
+        CREATE TEMPORARY TABLE telemetry (
+            device_key STRING,
+            message BYTES,
+            rowtime TIMESTAMP_LTZ(3) METADATA FROM 'timestamp' VIRTUAL,
+            WATERMARK FOR rowtime AS rowtime - INTERVAL '{stream.out_of_orderness_ms / 1000:.3f}' SECOND
+        ) WITH ({", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in options.items())})""")
+    rows = t_env.to_append_stream(t_env.sql_query("""
+        SELECT CASE WHEN device_key IS NULL OR device_key = ''
+                    THEN COALESCE(JSON_VALUE(CAST(message AS STRING), '$.device_id'), '')
+                    ELSE device_key END AS device_id,
+               message, rowtime
+        FROM telemetry"""), Types.ROW([Types.STRING(), Types.PRIMITIVE_ARRAY(Types.BYTE()), Types.INSTANT()]))
+    key_by_first_field = get_gateway().jvm.org.apache.flink.streaming.api.functions.python.KeyByKeySelector()
+    return KeyedStream(rows._j_data_stream.keyBy(key_by_first_field, Types.ROW([Types.STRING()]).get_java_type_info()),
+                       Types.PRIMITIVE_ARRAY(Types.BYTE()), rows)
+
+
 def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
-    """Sources → parse → key_by device (+ broadcast global models) → DeviceScorer → sinks."""
+    """Sources → key by device (JVM) (+ broadcast global models) → DeviceScorer (parse, score) → sinks."""
     topics = cfg.kafka.topics.to_dict()
     stream = cfg.stream
     for package in PROJECT_PACKAGES:
         env.add_python_file(str(PROJECT_ROOT / package))
-
-    # Event time = the Kafka record timestamp (when the device's message entered Kafka): watermarks come from the
-    # source without a second JSON decode, and every output record carries a current Kafka timestamp (reading
-    # `ts` values of a replayed data set may be years old, which time-based topic retention would delete at once).
-    telemetry = env.from_source(
-        kafka_source(cfg, topics["telemetry"], stream.consumer_group, bounded),
-        WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(stream.out_of_orderness_ms))
-        .with_idleness(Duration.of_seconds(5)),
-        "telemetry").uid("telemetry-source")
-    parsed = (telemetry.process(TelemetryParser(topics["telemetry"]), output_type=Types.PICKLED_BYTE_ARRAY())
-              .name("parse").uid("parse"))
 
     global_models = env.from_source(
         kafka_source(cfg, topics["global_model"], f"{stream.consumer_group}-global", bounded),
         WatermarkStrategy.for_monotonous_timestamps().with_idleness(Duration.of_seconds(1)),
         "global-models").uid("global-model-source").broadcast(GLOBAL_MODELS)
 
-    scores = (parsed.key_by(lambda batch: batch[0], key_type=Types.STRING())
+    scores = (keyed_telemetry(env, cfg, bounded)
               .connect(global_models)
               .process(DeviceScorer(DetectorSettings.from_config(cfg), stream.to_dict(), topics),
                        output_type=Types.STRING())
@@ -395,7 +438,7 @@ def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
     scores.get_side_output(ALERTS).sink_to(kafka_sink(cfg, topics["alerts"])).name("alerts").uid("alerts-sink")
     scores.get_side_output(SNAPSHOTS).sink_to(kafka_sink(cfg, topics["snapshots"])).name("snapshots").uid(
         "snapshots-sink")
-    (parsed.get_side_output(DEAD_LETTERS).union(scores.get_side_output(DEAD_LETTERS))
+    (scores.get_side_output(DEAD_LETTERS)
      .sink_to(kafka_sink(cfg, topics["dead_letters"])).name("dead-letters").uid("dead-letters-sink"))
 
 

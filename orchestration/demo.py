@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from config import PROJECT_ROOT, Config
+from telemetry.schema import decode_scores
 
 SERVICES_STOP_ORDER = ["stream", "scheduler", "api", "sink", "superset"]
 
@@ -85,10 +86,9 @@ class ScoreWatcher(threading.Thread):
     def run(self) -> None:
         w = self.watch
         while not self.stopping.is_set():
-            for msg in self.consumer.consume(2000, timeout=0.3):
-                if msg.error():
-                    continue
-                record = json.loads(msg.value())
+            records = (record for msg in self.consumer.consume(2000, timeout=0.3) if not msg.error()
+                       for record in decode_scores(msg.value()))
+            for record in records:
                 key = (record["device_id"], record["seq"])
                 if key in w.seen:  # at-least-once after a restart: count each reading once
                     continue

@@ -7,7 +7,7 @@ batch is stored — at-least-once delivery plus idempotent writes gives exactly 
     topic (cfg.kafka.topics)   →  collection(s)
     telemetry                  →  device_data            (decoded with telemetry.schema; invalid ones skipped:
                                                           the stream job dead-letters them)
-    scores                     →  predictions, alerts    (alerts = the anomalous ones)
+    scores                     →  predictions, alerts    (batches of score records; alerts = the anomalous ones)
     snapshots                  →  local_models
     dead_letters               →  dead_letters
 """
@@ -22,6 +22,7 @@ from typing import Callable
 from config import Config
 from storage import mongo
 from storage.schemas import SchemaViolation
+from telemetry.schema import InvalidMessage, decode_scores
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ POLL_TIMEOUT_S = 0.5
 
 
 def _device_data(raw_values: list[bytes]) -> tuple[list[dict], int]:
-    from telemetry.schema import InvalidMessage, decode_message
+    from telemetry.schema import decode_message
 
     docs, invalid = [], 0
     for raw in raw_values:
@@ -75,9 +76,13 @@ class MongoSink:
         records, bad = [], []
         for raw in values:
             try:
-                records.append(json.loads(raw))
+                if key == "scores":  # a batch of one device's score records (or a single record)
+                    records.extend(decode_scores(raw))
+                else:
+                    records.append(json.loads(raw))
             except ValueError as exc:
-                bad.append({"reason": f"{key}: not JSON ({exc})", "raw": raw.decode("utf-8", "replace")[:10_000],
+                reason = exc.reason if isinstance(exc, InvalidMessage) else f"not JSON ({exc})"
+                bad.append({"reason": f"{key}: {reason}", "raw": raw.decode("utf-8", "replace")[:10_000],
                             "source": self.cfg.kafka.topics[key], "device_id": None, "at": int(time.time() * 1000)})
         if bad:
             self.stats["dead_letters_from_sink"] += mongo.write_dead_letters(db, cfg, bad)

@@ -1,4 +1,5 @@
-"""The telemetry message `flead.telemetry/1` and the dead letter `flead.dead-letter/1` (docs/contracts.md).
+"""The telemetry message `flead.telemetry/1`, the score batch `flead.scores/1` and the dead letter
+`flead.dead-letter/1` (docs/contracts.md).
 
 The producer encodes with this module and the stream job decodes with it, so both sides agree by construction.
 `decode_message` is on the stream job's hot path: it parses with orjson when installed (falling back to the
@@ -19,7 +20,10 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from itertools import chain
+from typing import Any, Iterable, Mapping, NamedTuple
+
+import numpy as np
 
 try:
     import orjson
@@ -27,6 +31,7 @@ except ImportError:  # the standard library does the same job, a few times slowe
     orjson = None
 
 SCHEMA = "flead.telemetry/1"
+SCORES_SCHEMA = "flead.scores/1"
 DEAD_LETTER_SCHEMA = "flead.dead-letter/1"
 
 MAX_DEVICE_ID_CHARS = 200
@@ -70,7 +75,7 @@ def _reading_body(r: Reading) -> dict:
     return body
 
 
-def _dumps(obj: Any) -> bytes:
+def dumps_json(obj: Any) -> bytes:
     """Compact UTF-8 JSON; non-finite floats become ``null`` (valid JSON, decoded back as nan)."""
     if orjson is not None:
         return orjson.dumps(obj)
@@ -87,9 +92,38 @@ def _nulls_for_non_finite(obj: Any) -> Any:
     return obj
 
 
+def encode_scores(device_id: str, model_version: int, global_version: int, scored_at: int,
+                  scores: list[dict]) -> bytes:
+    """One device's score records of one micro-batch as one scores-topic message. Each item of `scores` holds a
+    reading's ``seq, ts, score, threshold, is_anomaly, top_metrics, label``; the rest is shared by the batch."""
+    return dumps_json({"schema": SCORES_SCHEMA, "device_id": device_id, "model_version": model_version,
+                   "global_version": global_version, "scored_at": scored_at, "scores": scores})
+
+
+def decode_scores(raw: bytes | str) -> list[dict]:
+    """The complete score records (``device_id`` … ``scored_at`` each) of one scores-topic message: a batch from
+    `encode_scores`, or a single record. Field values are checked where they are stored (storage.schemas).
+
+    >>> decode_scores(encode_scores("omi-1", 4, 2, 1706659200450, [{"seq": 17, "score": 0.8}]))
+    [{'device_id': 'omi-1', 'model_version': 4, 'global_version': 2, 'scored_at': 1706659200450, 'seq': 17, 'score': 0.8}]
+    """
+    msg = _loads(raw)
+    if type(msg) is not dict:
+        raise InvalidMessage(f"not a JSON object: got {type(msg).__name__}")
+    if "scores" not in msg:
+        return [msg]
+    if msg.get("schema") != SCORES_SCHEMA:
+        raise InvalidMessage(f"a batch of scores with schema {_show(msg.get('schema'))} (expected {SCORES_SCHEMA!r})")
+    scores = msg.pop("scores")
+    del msg["schema"]
+    if type(scores) is not list or not all(type(item) is dict for item in scores):
+        raise InvalidMessage("scores: expected a list of objects", msg.get("device_id"))
+    return [{**msg, **item} for item in scores]
+
+
 def encode_reading(r: Reading) -> bytes:
     """One reading as a single-reading message."""
-    return _dumps({"schema": SCHEMA, "device_id": r.device_id, **_reading_body(r)})
+    return dumps_json({"schema": SCHEMA, "device_id": r.device_id, **_reading_body(r)})
 
 
 def encode_batch(device_id: str, readings: Iterable[Reading]) -> bytes:
@@ -101,7 +135,7 @@ def encode_batch(device_id: str, readings: Iterable[Reading]) -> bytes:
         bodies.append(_reading_body(r))
     if not bodies:
         raise ValueError("encode_batch: no readings")
-    return _dumps({"schema": SCHEMA, "device_id": device_id, "readings": bodies})
+    return dumps_json({"schema": SCHEMA, "device_id": device_id, "readings": bodies})
 
 
 def _loads(raw: bytes | str) -> Any:
@@ -194,7 +228,10 @@ def decode_message(raw: bytes | str) -> list[Reading]:
     ``null``, ``NaN`` and ``Infinity`` metric values become ``float('nan')``; unknown extra fields are ignored
     (newer producers may add some). Raises `InvalidMessage` naming the first problem found.
     """
-    msg = _loads(raw)
+    return _readings(_loads(raw))
+
+
+def _readings(msg: Any) -> list[Reading]:
     if type(msg) is not dict:
         raise InvalidMessage(f"not a JSON object: got {type(msg).__name__}")
     schema = msg.get("schema")
@@ -213,6 +250,78 @@ def decode_message(raw: bytes | str) -> list[Reading]:
     except InvalidMessage as exc:
         exc.device_id = device_id
         raise
+
+
+class Columns(NamedTuple):
+    """One telemetry message as columns: ``X[i, j]`` is reading i's value of metric ``names[j]`` (nan: missing)."""
+
+    device_id: str
+    names: tuple[str, ...]
+    X: np.ndarray
+    seqs: list[int]
+    ts: list[int]
+    labels: list[int | None]
+
+
+def decode_columns(raw: bytes | str) -> Columns:
+    """`decode_message` as columns (the stream job's input): the same checks, errors and values. A batch whose
+    readings all list the same metrics in the same order (what producers send) is checked column-wise; anything
+    else takes `decode_message`'s path, which names the problem or takes the union of the metric sets."""
+    msg = _loads(raw)
+    fast = _uniform_batch_columns(msg)
+    if fast is not None:
+        return fast
+    readings = _readings(msg)
+    names = tuple(readings[0].metrics)
+    if not all(tuple(r.metrics) == names for r in readings):
+        names = tuple(dict.fromkeys(n for r in readings for n in r.metrics))
+    X = np.array([[r.metrics.get(n, math.nan) for n in names] for r in readings], dtype=np.float64)
+    return Columns(readings[0].device_id, names, X, [r.seq for r in readings], [r.ts for r in readings],
+                   [r.label for r in readings])
+
+
+_NUMBER_TYPES = frozenset((float, int, type(None)))
+_LABEL_TYPES = frozenset((int, type(None)))
+
+
+def _uniform_batch_columns(msg: Any) -> Columns | None:
+    """`decode_columns` of a valid batch whose readings share one metric list; None for anything else."""
+    if type(msg) is not dict or msg.get("schema") != SCHEMA or "metrics" in msg:
+        return None
+    device_id, items = msg.get("device_id"), msg.get("readings")
+    if (type(device_id) is not str or not device_id.strip() or len(device_id) > MAX_DEVICE_ID_CHARS
+            or type(items) is not list or not items or len(items) > MAX_BATCH_READINGS):
+        return None
+    try:
+        metric_objects = [item["metrics"] for item in items]
+        seqs = [item["seq"] for item in items]
+        ts = [item["ts"] for item in items]
+        labels = [item.get("label") for item in items]
+    except (TypeError, KeyError, AttributeError):  # an item that is not an object, or lacks a field
+        return None
+    first = metric_objects[0]
+    if type(first) is not dict or not first or len(first) > MAX_METRICS:
+        return None
+    names = tuple(first)
+    if (not all(type(m) is dict and tuple(m) == names for m in metric_objects)
+            or not all(0 < len(name) <= MAX_METRIC_NAME_CHARS for name in names)):
+        return None
+    values = [list(m.values()) for m in metric_objects]
+    if (not set(map(type, chain.from_iterable(values))) <= _NUMBER_TYPES  # bool is not int here: refused
+            or set(map(type, seqs)) != {int} or set(map(type, ts)) != {int}
+            or not set(map(type, labels)) <= _LABEL_TYPES or not set(labels) <= {None, 0, 1}):
+        return None
+    try:
+        X = np.array(values, dtype=np.float64)  # null -> nan
+        seq_array, ts_array = np.array(seqs, dtype=np.int64), np.array(ts, dtype=np.int64)
+    except OverflowError:
+        return None
+    finite = np.isfinite(X)
+    if ((np.abs(X[finite]) > MAX_ABS_VALUE).any() or seq_array.min() < 0 or ts_array.min() < -MAX_INT64
+            or (seq_array[1:] <= seq_array[:-1]).any()):  # compared, not subtracted: no int64 overflow
+        return None
+    X[~finite] = math.nan  # NaN, +-Infinity: missing, the detector's nan_policy decides
+    return Columns(device_id, names, X, seqs, ts, labels)
 
 
 def _batch(device_id: str, items: Any) -> list[Reading]:
@@ -244,7 +353,7 @@ def dead_letter(raw: bytes | str | None, reason: str, source: str, device_id: st
         text = bytes(raw).decode("utf-8", errors="replace")
     else:
         text = "" if raw is None else str(raw)
-    return _dumps({
+    return dumps_json({
         "schema": DEAD_LETTER_SCHEMA,
         "source": source,
         "reason": reason,

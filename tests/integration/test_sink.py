@@ -6,7 +6,7 @@ from confluent_kafka import Producer
 
 from storage import mongo
 from storage.sink import MongoSink
-from telemetry.schema import Reading, encode_batch
+from telemetry.schema import Reading, encode_batch, encode_scores
 
 pytestmark = pytest.mark.integration
 
@@ -20,11 +20,17 @@ def _score(device, seq, anomaly=False):
 def test_sink_stores_each_record_once_and_dead_letters_bad_ones(cfg, db):
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
     topics = cfg.kafka.topics
-    for seq in range(300):
-        # every score twice: at-least-once delivery must still give one document
-        for _ in range(2):
-            producer.produce(topics.scores, key="d1", value=json.dumps(_score("d1", seq, anomaly=seq % 50 == 0)))
+    for seq in range(0, 300, 10):
+        # every score twice (at-least-once delivery must still give one document), as the stream job sends them
+        # (batches of one device's records) and as single records
+        batch = [_score("d1", s, anomaly=s % 50 == 0) for s in range(seq, seq + 10)]
+        shared = ("device_id", "model_version", "global_version", "scored_at")
+        producer.produce(topics.scores, key="d1", value=encode_scores(
+            "d1", 1, 0, batch[0]["scored_at"], [{k: v for k, v in r.items() if k not in shared} for r in batch]))
+        for record in batch:
+            producer.produce(topics.scores, key="d1", value=json.dumps(record))
     producer.produce(topics.scores, key="d1", value=b"{not json")
+    producer.produce(topics.scores, key="d1", value=b'{"schema": "flead.scores/1", "scores": "none"}')
     producer.produce(topics.scores, key="d1", value=json.dumps({**_score("d1", 999), "score": "high"}))
     readings = [Reading("d1", seq, 1_700_000_000_000 + seq, {"m00": 0.1, "m01": float("nan")}) for seq in range(100)]
     producer.produce(topics.telemetry, key="d1", value=encode_batch("d1", readings))
@@ -39,6 +45,7 @@ def test_sink_stores_each_record_once_and_dead_letters_bad_ones(cfg, db):
     assert mongo.collection(db, cfg, "device_data").find_one({"seq": 5})["metrics"]["m01"] is None
     reasons = [d["reason"] for d in mongo.collection(db, cfg, "dead_letters").find()]
     assert any("not JSON" in r for r in reasons) and any("predictions.score" in r for r in reasons)
+    assert "scores: scores: expected a list of objects" in reasons
     assert stats["telemetry_invalid"] == 1 and stats["scores_invalid"] == 1
 
 

@@ -4,7 +4,6 @@
 The cluster gets its own REST port, state directory and logs; the job reads the test's topics (the `cfg` fixture
 exports them to the environment, which the submitting client reads).
 """
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from orchestration import processes
 from telemetry.consumer import iter_messages
 from telemetry.producer import produce, producer_config
 from telemetry.readers import open_reader
+from telemetry.schema import decode_scores
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink]
 
@@ -50,8 +50,8 @@ def test_cluster_start_submit_score_stop(cfg, tmp_path):
         deadline = time.monotonic() + DEADLINE_S
         scores = []
         while time.monotonic() < deadline and len(scores) < len(readings):
-            scores = [json.loads(m.value()) for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
-                                                                   from_beginning=True, timeout_s=1.0)]
+            scores = [s for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores, from_beginning=True,
+                                               timeout_s=1.0) for s in decode_scores(m.value())]
         ids = {(s["device_id"], s["seq"]) for s in scores}
         assert ids == {(r.device_id, r.seq) for r in readings}, f"{len(ids)} of {len(readings)} scored"
     finally:

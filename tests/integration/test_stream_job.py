@@ -23,7 +23,7 @@ from orchestration import processes
 from telemetry.consumer import iter_messages
 from telemetry.producer import produce, producer_config
 from telemetry.readers import open_reader
-from telemetry.schema import Reading
+from telemetry.schema import Reading, decode_scores, encode_reading
 
 pytestmark = [pytest.mark.integration, pytest.mark.flink]
 
@@ -52,15 +52,20 @@ def run_bounded(tmp_path: Path, *args: str, env: dict | None = None) -> None:
     assert proc.returncode == 0, log.read_text(errors="replace")[-4000:]
 
 
+def records(key: str, value: bytes) -> list[dict]:
+    """The records of one message of the topic `key` (a scores message is a batch of score records)."""
+    return decode_scores(value) if key == "scores" else [json.loads(value)]
+
+
 def read_topic(cfg, key: str, timeout_s: float = 3.0) -> list[dict]:
-    return [json.loads(m.value()) for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics[key],
-                                                         from_beginning=True, timeout_s=timeout_s)]
+    return [record for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics[key], from_beginning=True,
+                                          timeout_s=timeout_s) for record in records(key, m.value())]
 
 
-def send_raw(cfg, topic_key: str, values: list[bytes]) -> None:
+def send_raw(cfg, topic_key: str, values: list[bytes], key: bytes = b"bad") -> None:
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
     for value in values:
-        producer.produce(cfg.kafka.topics[topic_key], value, key=b"bad")
+        producer.produce(cfg.kafka.topics[topic_key], value, key=key)
     assert producer.flush(10) == 0
 
 
@@ -83,8 +88,12 @@ def test_replay_scores_every_reading_once_dead_letters_bad_messages_and_learns(c
     normal = asd_slice(cfg, "train", 2, READINGS_PER_DEVICE, rename="train-")
     bad = [b"not json at all", b'{"schema": "flead.telemetry/1", "device_id": "omi-1", "seq": 1, "metrics": {"m00": 1}}',
            b'{"schema": "flead.telemetry/1", "device_id": "x", "seq": 1, "ts": 5, "metrics": {"m00": "high"}}']
+    bad.append(b'{"schema": "flead.telemetry/1", "device_id": "y", "seq": 1, "ts": 5, "metrics": {"m00": 1}}')
+    # a device whose second message brings a metric its model was not created with: scored on the others
+    grown = [Reading("grown-1", 0, 5, {"m00": 1.0}), Reading("grown-1", 1, 6, {"m00": 2.0, "zz": 3.0})]
     produce(anomalous[:2000], cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
     send_raw(cfg, "telemetry", bad)
+    send_raw(cfg, "telemetry", [encode_reading(r) for r in grown], key=b"grown-1")
     result = produce(anomalous[2000:] + normal, cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
     assert result.failed == 0
 
@@ -93,7 +102,7 @@ def test_replay_scores_every_reading_once_dead_letters_bad_messages_and_learns(c
     print(f"bounded job over {len(anomalous) + len(normal)} readings: {time.monotonic() - started:.1f} s")
 
     scores = by_id(read_topic(cfg, "scores"))
-    expected = {(r.device_id, r.seq) for r in anomalous + normal}
+    expected = {(r.device_id, r.seq) for r in anomalous + normal + grown}
     assert set(scores) == expected
     assert all(len(copies) == 1 for copies in scores.values())  # a clean run: exactly one score per reading
     record = scores[(anomalous[-1].device_id, anomalous[-1].seq)][0]
@@ -104,9 +113,12 @@ def test_replay_scores_every_reading_once_dead_letters_bad_messages_and_learns(c
 
     dead = read_topic(cfg, "dead_letters")
     reasons = sorted(d["reason"] for d in dead)
-    assert len(dead) == 3 and {d["source"] for d in dead} == {cfg.kafka.topics.telemetry}
-    assert reasons[0] == "metrics.m00: expected a number, got str"
-    assert reasons[1] == "missing field 'ts'" and reasons[2].startswith("not JSON")
+    assert len(dead) == 5 and {d["source"] for d in dead} == {cfg.kafka.topics.telemetry}
+    assert reasons[0] == "device_id 'y' under the Kafka key 'bad'"
+    assert reasons[1] == ("metrics zz are not in the device's model (created with 1 metrics): their values are "
+                          "ignored, the others scored")
+    assert reasons[2] == "metrics.m00: expected a number, got str"
+    assert reasons[3] == "missing field 'ts'" and reasons[4].startswith("not JSON")
 
     alerts = read_topic(cfg, "alerts")
     flagged = [copies[0] for copies in scores.values() if copies[0]["is_anomaly"]]
@@ -171,7 +183,7 @@ def read_to_end(cfg, key: str) -> list[dict]:
             if msg is None or msg.error() is not None:
                 continue
             if msg.offset() < ends[msg.partition()]:
-                out.append(json.loads(msg.value()))
+                out.extend(records(key, msg.value()))
             if msg.offset() >= ends[msg.partition()] - 1:
                 pending.discard(msg.partition())
         assert not pending, f"could not read {topic} to its end"

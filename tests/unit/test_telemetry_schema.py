@@ -2,11 +2,13 @@
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from telemetry.schema import (DEAD_LETTER_SCHEMA, MAX_DEAD_LETTER_RAW_CHARS, SCHEMA, InvalidMessage, Reading,
-                              dead_letter, decode_message, encode_batch, encode_reading)
+                              dead_letter, decode_columns, decode_message, decode_scores, encode_batch,
+                              encode_reading, encode_scores)
 
 device_ids = st.text(min_size=1, max_size=200).filter(lambda s: s.strip())
 metric_names = st.text(min_size=1, max_size=30)
@@ -115,13 +117,88 @@ INVALID = [
 ]
 
 
+@pytest.mark.parametrize("decode", [decode_message, decode_columns])
 @pytest.mark.parametrize("raw, reason", [(raw, reason) for _, raw, reason in INVALID],
                          ids=[name for name, _, _ in INVALID])
-def test_invalid_message_gives_its_reason(raw, reason):
+def test_invalid_message_gives_its_reason(decode, raw, reason):
     with pytest.raises(InvalidMessage) as info:
-        decode_message(raw)
+        decode(raw)
     assert info.value.reason.startswith(reason), info.value.reason
     assert str(info.value) == info.value.reason
+
+
+def reference_columns(raw):
+    """`decode_columns` spelled out on top of `decode_message`: what the fast path must agree with."""
+    readings = decode_message(raw)
+    names = list(dict.fromkeys(n for r in readings for n in r.metrics))
+    X = np.array([[r.metrics.get(n, math.nan) for n in names] for r in readings], dtype=np.float64)
+    return (readings[0].device_id, tuple(names), X, [r.seq for r in readings], [r.ts for r in readings],
+            [r.label for r in readings])
+
+
+# Batches whose readings share one metric list (decode_columns' fast path); some with one value spoiled.
+good_value = st.one_of(st.floats(), st.integers(-2**70, 2**70), st.none())
+bad_value = st.sampled_from([True, "0.5", [1], {}, 1e301, -10**301, 10**400])
+bad_int = st.sampled_from([-1, True, 1.5, "3", None, 2**63, -2**63, 2**64])
+
+
+@st.composite
+def uniform_batches(draw):
+    names = draw(st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=4, unique=True))
+    items = [{"seq": i, "ts": draw(st.integers(-2**63 + 1, 2**63 - 1)),
+              "metrics": {n: draw(good_value) for n in names}, "label": draw(st.sampled_from([None, 0, 1]))}
+             for i in range(draw(st.integers(1, 6)))]
+    spoil = draw(st.sampled_from(["nothing", "metric", "seq", "ts", "label", "order", "name"]))
+    item = draw(st.sampled_from(items))
+    if spoil == "metric":
+        item["metrics"][draw(st.sampled_from(names))] = draw(bad_value)
+    elif spoil in ("seq", "ts"):
+        item[spoil] = draw(bad_int)
+    elif spoil == "label":
+        item["label"] = draw(st.sampled_from([2, -1, True, "1", 0.0]))
+    elif spoil == "order":  # the same metrics in another order: the slow path, same result
+        item["metrics"] = dict(reversed(item["metrics"].items()))
+    elif spoil == "name":
+        item["metrics"][""] = 1.0
+    return json.dumps({"schema": SCHEMA, "device_id": "d1", "readings": items})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(uniform_batches(), st.builds(lambda r: encode_reading(r), readings())))
+def test_decode_columns_agrees_with_decode_message(raw):
+    try:
+        expected = reference_columns(raw)
+    except InvalidMessage as exc:
+        with pytest.raises(InvalidMessage) as info:
+            decode_columns(raw)
+        assert info.value.reason == exc.reason and info.value.device_id == exc.device_id
+        return
+    got = decode_columns(raw)
+    assert (got.device_id, got.names, got.seqs, got.ts, got.labels) == expected[:2] + expected[3:]
+    assert got.X.dtype == np.float64 and np.array_equal(got.X, expected[2], equal_nan=True)
+
+
+def test_decode_columns_takes_the_union_of_differing_metric_sets():
+    got = decode_columns(batch({**GOOD, "metrics": {"a": 1, "b": 2}}, {**GOOD, "seq": 2, "metrics": {"c": 3, "a": 4}}))
+    assert got.names == ("a", "b", "c")
+    assert np.array_equal(got.X, [[1, 2, math.nan], [4, math.nan, 3]], equal_nan=True)
+
+
+def test_score_batches_decode_to_complete_records():
+    raw = encode_scores("omi-1", 4, 2, 99, [{"seq": 1, "score": 0.5}, {"seq": 2, "score": float("nan")}])
+    assert decode_scores(raw) == [
+        {"device_id": "omi-1", "model_version": 4, "global_version": 2, "scored_at": 99, "seq": 1, "score": 0.5},
+        {"device_id": "omi-1", "model_version": 4, "global_version": 2, "scored_at": 99, "seq": 2, "score": None}]
+    single = {"device_id": "omi-1", "seq": 3, "score": 0.1}
+    assert decode_scores(json.dumps(single)) == [single]
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"[1]", "not a JSON object"), (b'{"scores": []}', "a batch of scores with schema None"),
+    (b'{"schema": "flead.scores/1", "scores": [1]}', "scores: expected a list of objects")])
+def test_bad_score_batches_give_a_reason(raw, reason):
+    with pytest.raises(InvalidMessage, match=reason):
+        decode_scores(raw)
 
 
 def test_invalid_message_names_the_device_when_readable():
