@@ -1,13 +1,14 @@
 """MongoDB access for FLEAD: connection, idempotent collection set-up, and repository functions.
 
-Every write is an upsert keyed by the document's natural id (see docs/contracts.md), so replaying a record
-never duplicates it. Collection names come from `mongo.collections` in the config; functions take the
+Every write is keyed by the document's natural id (see docs/contracts.md), so replaying a record never
+duplicates it; `score_rollups` sums only the score records new to `predictions`. Collection names come from `mongo.collections` in the config; functions take the
 collection's *key* (``"predictions"``), not its name.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Iterable, Sequence
 
 import pymongo
@@ -27,7 +28,7 @@ __all__ = ["connect", "init_db", "collection", "upsert_documents", "write_predic
            "write_aggregation_round", "write_metrics", "write_dead_letters", "reading_id", "SchemaViolation",
            "StorageError", "latest_local_model_ids", "local_models_by_id", "global_model", "write_cluster_models",
            "cluster_models", "aggregation_rounds", "device_ids", "device_readings",
-           "latest_local_model"]
+           "latest_local_model", "score_rollups", "add_to_rollups"]
 
 
 class StorageError(RuntimeError):
@@ -92,27 +93,30 @@ def _checked(key: str, docs: Iterable[dict]) -> list[dict]:
     return docs
 
 
-def insert_new(db: Database, cfg: Config, key: str, docs: Iterable[dict]) -> int:
+def insert_new(db: Database, cfg: Config, key: str, docs: Iterable[dict]) -> list[dict]:
     """Insert documents that carry their natural `_id`; ones already stored are kept (first write wins).
 
-    Returns how many were new. Replays are therefore harmless. (Plain inserts, not upserts: FerretDB v1
+    Returns the documents that were new. Replays are therefore harmless. (Plain inserts, not upserts: FerretDB v1
     stalls on bulk upserts of more than ~100 documents and inserts are ~10x faster.)
     """
     docs = _checked(key, docs)
-    inserted = 0
+    new = []
     batch = cfg.mongo.write_batch_size
     for start in range(0, len(docs), batch):
         chunk = docs[start:start + batch]
         try:
-            inserted += len(collection(db, cfg, key).insert_many(chunk, ordered=False).inserted_ids)
+            collection(db, cfg, key).insert_many(chunk, ordered=False)
+            new.extend(chunk)
         except BulkWriteError as exc:
-            other = [e for e in exc.details["writeErrors"] if e.get("code") != DUPLICATE_KEY]
+            errors = exc.details["writeErrors"]
+            other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
             if other:
                 raise StorageError(f"writing to {cfg.mongo.collections[key]}: {other[0].get('errmsg')}") from exc
-            inserted += exc.details["nInserted"]
+            stored_before = {e["index"] for e in errors}
+            new.extend(doc for i, doc in enumerate(chunk) if i not in stored_before)
         except PyMongoError as exc:
             raise StorageError(f"writing {len(chunk)} documents to {cfg.mongo.collections[key]}: {exc}") from exc
-    return inserted
+    return new
 
 
 def upsert_documents(db: Database, cfg: Config, key: str, docs: Iterable[dict]) -> int:
@@ -128,16 +132,70 @@ def upsert_documents(db: Database, cfg: Config, key: str, docs: Iterable[dict]) 
 
 
 def write_predictions(db: Database, cfg: Config, records: Sequence[dict]) -> tuple[int, int]:
-    """Store score records in `predictions`, the anomalous ones also in `alerts`; returns how many were new."""
+    """Store score records in `predictions`, the anomalous ones also in `alerts`, and add the new ones to
+    `score_rollups`; returns how many predictions and alerts were new.
+
+    A record delivered twice is counted once: only records new to `predictions` reach the roll-ups. (If the
+    process dies between the two writes, the roll-ups miss that batch's new records: a replay finds them stored.)
+    """
     docs = [{**r, "_id": reading_id(r["device_id"], r["seq"])} for r in records]
-    alerts = [d for d in docs if d["is_anomaly"]]
-    return insert_new(db, cfg, "predictions", docs), insert_new(db, cfg, "alerts", alerts)
+    new = insert_new(db, cfg, "predictions", docs)
+    add_to_rollups(db, cfg, score_rollups(new, cfg.mongo.rollup_bucket_s * 1000))
+    return len(new), len(insert_new(db, cfg, "alerts", [d for d in docs if d["is_anomaly"]]))
+
+
+def score_rollups(records: Iterable[dict], bucket_ms: int) -> list[dict]:
+    """Score records summed per device and event-time bucket (``ts`` = the bucket's start): readings ``n``,
+    ``anomalies``, ``score_sum`` and the largest ``score``, ``threshold`` and score of an anomaly.
+
+    >>> [r["n"] for r in score_rollups([{"device_id": "a", "ts": t, "score": 1.0, "threshold": None,
+    ...                                   "is_anomaly": False} for t in (0, 599_999, 600_000)], 600_000)]
+    [2, 1]
+    """
+    buckets: dict[tuple[str, int], dict] = {}
+    for r in records:
+        start = r["ts"] - r["ts"] % bucket_ms
+        b = buckets.get((r["device_id"], start))
+        if b is None:
+            b = buckets[(r["device_id"], start)] = {"_id": f"{r['device_id']}:{start}", "device_id": r["device_id"],
+                                                    "ts": start, "n": 0, "anomalies": 0, "score_sum": 0.0,
+                                                    "score_max": -math.inf}
+        b["n"] += 1
+        b["score_sum"] += r["score"]
+        b["score_max"] = max(b["score_max"], r["score"])
+        if r.get("threshold") is not None:
+            b["threshold_max"] = max(b.get("threshold_max", -math.inf), r["threshold"])
+        if r["is_anomaly"]:
+            b["anomalies"] += 1
+            b["anomaly_score_max"] = max(b.get("anomaly_score_max", -math.inf), r["score"])
+    return list(buckets.values())
+
+
+def add_to_rollups(db: Database, cfg: Config, rollups: Sequence[dict]) -> None:
+    """Add `score_rollups` results to the stored buckets (counts and sums added, maxima kept). Buckets not
+    stored yet are inserted, the others updated: FerretDB v1 runs upserts at ~100/s, inserts at ~10,000/s."""
+    rollups = _checked("score_rollups", rollups)
+    buckets, ids, batch = collection(db, cfg, "score_rollups"), [r["_id"] for r in rollups], cfg.mongo.write_batch_size
+    stored = {d["_id"] for start in range(0, len(ids), batch)
+              for d in buckets.find({"_id": {"$in": ids[start:start + batch]}}, {"_id": 1})}
+    fresh = [r for r in rollups if r["_id"] not in stored]
+    inserted = {d["_id"] for d in insert_new(db, cfg, "score_rollups", fresh)}
+    ops = [pymongo.UpdateOne({"_id": r["_id"]}, {
+        "$inc": {"n": r["n"], "anomalies": r["anomalies"], "score_sum": r["score_sum"]},
+        "$max": {k: r[k] for k in ("score_max", "threshold_max", "anomaly_score_max") if k in r}})
+        for r in rollups if r["_id"] not in inserted]  # stored before, or by another writer in between
+    for start in range(0, len(ops), UPSERT_CHUNK):
+        try:
+            buckets.bulk_write(ops[start:start + UPSERT_CHUNK], ordered=False)
+        except PyMongoError as exc:
+            raise StorageError(f"updating {len(ops[start:start + UPSERT_CHUNK])} buckets of "
+                               f"{cfg.mongo.collections.score_rollups}: {exc}") from exc
 
 
 def write_device_data(db: Database, cfg: Config, readings: Iterable[dict]) -> int:
     """Store raw readings (``device_id, seq, ts, metrics[, label]``) in `device_data`; returns how many were new."""
-    return insert_new(db, cfg, "device_data",
-                            ({**r, "_id": reading_id(r["device_id"], r["seq"])} for r in readings))
+    return len(insert_new(db, cfg, "device_data", ({**r, "_id": reading_id(r["device_id"], r["seq"])}
+                                                   for r in readings)))
 
 
 def device_ids(db: Database, cfg: Config) -> list[str]:
@@ -154,7 +212,7 @@ def write_local_models(db: Database, cfg: Config, snapshots: Iterable[dict]) -> 
     """Store weight snapshots in `local_models` (id ``<device_id>:<version>``); returns how many were new."""
     docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s['device_id']}:{s['version']}"}
             for s in snapshots)
-    return insert_new(db, cfg, "local_models", docs)
+    return len(insert_new(db, cfg, "local_models", docs))
 
 
 def _created_between(since_ms: int | None, until_ms: int | None) -> dict:
@@ -229,7 +287,7 @@ def write_cluster_models(db: Database, cfg: Config, models: Iterable[dict]) -> i
     set, ``_id`` = ``"<version>:c<cluster>"``; first write wins. Returns how many were new."""
     docs = ({k: v for k, v in m.items() if k != "schema"} | {"_id": f"{m['version']}:c{m['cluster']}"}
             for m in models)
-    return insert_new(db, cfg, "global_models", docs)
+    return len(insert_new(db, cfg, "global_models", docs))
 
 
 def cluster_models(db: Database, cfg: Config, version: int) -> list[dict]:
@@ -259,4 +317,4 @@ def write_dead_letters(db: Database, cfg: Config, letters: Iterable[dict]) -> in
     for letter in letters:
         digest = hashlib.sha1(f"{letter.get('source')}\0{letter['reason']}\0{letter['raw']}".encode()).hexdigest()
         docs.append({k: v for k, v in letter.items() if k != "schema"} | {"_id": digest})
-    return insert_new(db, cfg, "dead_letters", docs)
+    return len(insert_new(db, cfg, "dead_letters", docs))

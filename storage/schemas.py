@@ -31,6 +31,14 @@ _score_record = {
 }
 
 SCHEMAS: dict[str, dict] = {
+    "score_rollups": {
+        "bsonType": "object",
+        "required": ["device_id", "ts", "n", "anomalies", "score_sum", "score_max"],
+        "properties": {"device_id": _ids, "ts": {"bsonType": INT}, "n": {"bsonType": INT, "minimum": 1},
+                       "anomalies": {"bsonType": INT, "minimum": 0}, "score_sum": {"bsonType": NUMBER},
+                       "score_max": {"bsonType": NUMBER}, "threshold_max": {"bsonType": NUMBER},
+                       "anomaly_score_max": {"bsonType": NUMBER}},
+    },
     "device_data": {
         "bsonType": "object",
         "required": ["device_id", "seq", "ts", "metrics"],
@@ -91,6 +99,7 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict]]] = {
     "aggregation_history": [([("started_at", -1)], {})],
     "metrics": [([("model_version", -1), ("scope", 1)], {}), ([("created_at", -1)], {})],
     "dead_letters": [([("at", -1)], {}), ([("reason", 1)], {})],
+    "score_rollups": [([("device_id", 1), ("ts", -1)], {}), ([("ts", -1)], {})],
 }
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {

@@ -7,7 +7,8 @@ batch is stored — at-least-once delivery plus idempotent writes gives exactly 
     topic (cfg.kafka.topics)   →  collection(s)
     telemetry                  →  device_data            (decoded with telemetry.schema; invalid ones skipped:
                                                           the stream job dead-letters them)
-    scores                     →  predictions, alerts    (batches of score records; alerts = the anomalous ones)
+    scores                     →  predictions, alerts, score_rollups  (batches of score records; alerts = the
+                                                          anomalous ones; roll-ups sum the new ones)
     snapshots                  →  local_models
     dead_letters               →  dead_letters
 """

@@ -41,6 +41,9 @@ def test_sink_stores_each_record_once_and_dead_letters_bad_ones(cfg, db):
 
     assert mongo.collection(db, cfg, "predictions").count_documents({}) == 300
     assert mongo.collection(db, cfg, "alerts").count_documents({}) == 6
+    rollups = list(mongo.collection(db, cfg, "score_rollups").find())  # each new record summed once
+    assert sum(r["n"] for r in rollups) == 300 and sum(r["anomalies"] for r in rollups) == 6
+    assert max(r["anomaly_score_max"] for r in rollups if r["anomalies"]) == 0.5
     assert mongo.collection(db, cfg, "device_data").count_documents({}) == 100
     assert mongo.collection(db, cfg, "device_data").find_one({"seq": 5})["metrics"]["m01"] is None
     reasons = [d["reason"] for d in mongo.collection(db, cfg, "dead_letters").find()]
@@ -57,3 +60,12 @@ def test_a_second_sink_run_resumes_from_committed_offsets(cfg, db):
     assert MongoSink(cfg).run(until_idle_s=2.0)["predictions"] == 50
     assert MongoSink(cfg).run(until_idle_s=2.0)["predictions"] == 0
     assert mongo.collection(db, cfg, "predictions").count_documents({}) == 50
+
+
+def test_rollups_add_only_new_records_to_stored_buckets(cfg, db):
+    first = [_score("d3", seq, anomaly=seq == 5) for seq in range(10)]
+    mongo.write_predictions(db, cfg, first)
+    mongo.write_predictions(db, cfg, first[5:] + [{**_score("d3", seq), "score": 2.5} for seq in range(10, 20)])
+    [bucket] = mongo.collection(db, cfg, "score_rollups").find({"device_id": "d3"})
+    assert (bucket["n"], bucket["anomalies"], bucket["score_sum"]) == (20, 1, 10 * 0.5 + 10 * 2.5)
+    assert (bucket["score_max"], bucket["anomaly_score_max"], bucket["threshold_max"]) == (2.5, 0.5, 1.0)
