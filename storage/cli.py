@@ -9,8 +9,9 @@ SINK = "sink"
 
 def register(sub) -> None:
     p = sub.add_parser("sink", help="store the stream's topics (scores, snapshots, dead letters, telemetry) in MongoDB")
-    p.add_argument("action", choices=["run", "start", "stop"],
-                   help="run: in the foreground; start/stop: as a background process that `flead down` stops too")
+    p.add_argument("action", choices=["run", "start", "stop", "rebuild-rollups"],
+                   help="run: in the foreground; start/stop: as a background process that `flead down` stops too; "
+                        "rebuild-rollups: recompute score_rollups from predictions (with the sink stopped)")
     p.add_argument("--until-idle", type=float, default=None, metavar="S",
                    help="run: stop after S seconds without messages (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_sink)
@@ -29,6 +30,15 @@ def cmd_sink(args, cfg) -> int:
         return 0
     if args.action == "stop":
         print("sink stopped" if processes.stop(cfg.state_dir, SINK) else "sink was not running")
+        return 0
+    if args.action == "rebuild-rollups":
+        from storage import mongo
+
+        if processes.running_pid(cfg.state_dir, SINK):
+            print("flead sink rebuild-rollups: the sink is running; stop it first (`flead sink stop`)", file=sys.stderr)
+            return 2
+        read, written = mongo.rebuild_rollups(mongo.connect(cfg), cfg)
+        print(f"score_rollups rebuilt: {read} predictions in {written} buckets")
         return 0
     from storage.sink import MongoSink
 

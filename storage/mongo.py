@@ -28,7 +28,7 @@ __all__ = ["connect", "init_db", "collection", "upsert_documents", "write_predic
            "write_aggregation_round", "write_metrics", "write_dead_letters", "reading_id", "SchemaViolation",
            "StorageError", "latest_local_model_ids", "local_models_by_id", "global_model", "write_cluster_models",
            "cluster_models", "aggregation_rounds", "device_ids", "device_readings",
-           "latest_local_model", "score_rollups", "add_to_rollups"]
+           "latest_local_model", "score_rollups", "add_to_rollups", "rebuild_rollups"]
 
 
 class StorageError(RuntimeError):
@@ -136,12 +136,23 @@ def write_predictions(db: Database, cfg: Config, records: Sequence[dict]) -> tup
     `score_rollups`; returns how many predictions and alerts were new.
 
     A record delivered twice is counted once: only records new to `predictions` reach the roll-ups. (If the
-    process dies between the two writes, the roll-ups miss that batch's new records: a replay finds them stored.)
+    process dies between the two writes, the roll-ups miss that batch's new records, as a replay finds them stored:
+    `rebuild_rollups`, `flead sink rebuild-rollups`.)
     """
     docs = [{**r, "_id": reading_id(r["device_id"], r["seq"])} for r in records]
     new = insert_new(db, cfg, "predictions", docs)
     add_to_rollups(db, cfg, score_rollups(new, cfg.mongo.rollup_bucket_s * 1000))
     return len(new), len(insert_new(db, cfg, "alerts", [d for d in docs if d["is_anomaly"]]))
+
+
+def rebuild_rollups(db: Database, cfg: Config) -> tuple[int, int]:
+    """Recompute `score_rollups` from `predictions` (after a sink died between its two writes, or a change of
+    `mongo.rollup_bucket_s`); returns (predictions read, buckets written). Run it while the sink is stopped."""
+    predictions = collection(db, cfg, "predictions").find(
+        {}, {"device_id": 1, "ts": 1, "score": 1, "threshold": 1, "is_anomaly": 1})
+    rollups = score_rollups(predictions, cfg.mongo.rollup_bucket_s * 1000)
+    collection(db, cfg, "score_rollups").delete_many({})
+    return sum(r["n"] for r in rollups), len(insert_new(db, cfg, "score_rollups", rollups))
 
 
 def score_rollups(records: Iterable[dict], bucket_ms: int) -> list[dict]:
