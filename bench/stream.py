@@ -63,8 +63,8 @@ def fresh_topics(base_env: dict) -> tuple[dict, object]:
 
 
 def scores_of(cfg, timeout_s: float = 3.0) -> list[dict]:
-    return [record for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores,
-                                          from_beginning=True, timeout_s=timeout_s) for record in decode_scores(m.value())]
+    messages = iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores, from_beginning=True, timeout_s=timeout_s)
+    return [record for m in messages for record in decode_scores(m.value())]
 
 
 def throughput(base_env: dict, readings: list[Reading], message_batch: int, overrides: dict | None = None) -> dict:

@@ -51,7 +51,8 @@ from flink_jobs.device_state import DeviceModelState  # noqa: E402
 from models.detector import DetectorSettings, DeviceDetector  # noqa: E402
 from models.features import NonFiniteMetricError  # noqa: E402
 from models.serialization import SerializationError, from_b64, loads, to_b64  # noqa: E402
-from telemetry.schema import Columns, InvalidMessage, dead_letter, decode_columns, dumps_json, encode_scores  # noqa: E402
+from telemetry.schema import (Columns, InvalidMessage, dead_letter, decode_columns, dumps_json,  # noqa: E402
+                              encode_scores)
 
 LOG = logging.getLogger("flead.stream")
 CONNECTOR_JAR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
