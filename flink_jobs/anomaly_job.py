@@ -200,8 +200,6 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
     @staticmethod
     def parse(message: bytes | None, key: str) -> Columns:
         """The message as columns; `InvalidMessage` if it breaks the contract or is not the keyed device's."""
-        if message is None:
-            raise InvalidMessage("no value (a tombstone record)")
         columns = decode_columns(message)
         if columns.device_id != key:
             raise InvalidMessage(f"device_id {columns.device_id!r} under the Kafka key {key!r}", columns.device_id)
@@ -237,7 +235,7 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
                     self.dead_letters.inc()
                     raw = {"device_id": device_id, "seq": seqs[i], "ts": stamps[i],
                            "metrics": dict(zip(detector.metric_names, X[i].tolist())), "label": labels[i]}
-                    yield DEAD_LETTERS, dead_letter(json.dumps(raw), str(exc), self.telemetry_topic, device_id).decode()
+                    yield DEAD_LETTERS, dead_letter(to_json(raw), str(exc), self.telemetry_topic, device_id).decode()
         scored_at = now_ms()
         for rows, result in results:
             yield from self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result,

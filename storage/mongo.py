@@ -1,8 +1,8 @@
 """MongoDB access for FLEAD: connection, idempotent collection set-up, and repository functions.
 
 Every write is keyed by the document's natural id (see docs/contracts.md), so replaying a record never
-duplicates it; `score_rollups` sums only the score records new to `predictions`. Collection names come from `mongo.collections` in the config; functions take the
-collection's *key* (``"predictions"``), not its name.
+duplicates it; `score_rollups` sums only the score records new to `predictions`. Collection names come from
+`mongo.collections` in the config; functions take the collection's *key* (``"predictions"``), not its name.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def write_predictions(db: Database, cfg: Config, records: Sequence[dict]) -> tup
     process dies between the two writes, the roll-ups miss that batch's new records, as a replay finds them stored:
     `rebuild_rollups`, `flead sink rebuild-rollups`.)
     """
-    docs = [{**r, "_id": reading_id(r["device_id"], r["seq"])} for r in records]
+    docs = [{**r, "_id": reading_id(r.get("device_id"), r.get("seq"))} for r in records]  # checked on insert
     new = insert_new(db, cfg, "predictions", docs)
     add_to_rollups(db, cfg, score_rollups(new, cfg.mongo.rollup_bucket_s * 1000))
     return len(new), len(insert_new(db, cfg, "alerts", [d for d in docs if d["is_anomaly"]]))
@@ -221,8 +221,8 @@ def device_readings(db: Database, cfg: Config, device_id: str) -> list[dict]:
 
 def write_local_models(db: Database, cfg: Config, snapshots: Iterable[dict]) -> int:
     """Store weight snapshots in `local_models` (id ``<device_id>:<version>``); returns how many were new."""
-    docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s['device_id']}:{s['version']}"}
-            for s in snapshots)
+    docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s.get('device_id')}:{s.get('version')}"}
+            for s in snapshots)  # the schema check on insert names a missing field
     return len(insert_new(db, cfg, "local_models", docs))
 
 
@@ -326,6 +326,7 @@ def write_dead_letters(db: Database, cfg: Config, letters: Iterable[dict]) -> in
     """Store dead letters; the id hashes source, reason and raw text, so a replay does not duplicate them."""
     docs = []
     for letter in letters:
-        digest = hashlib.sha1(f"{letter.get('source')}\0{letter['reason']}\0{letter['raw']}".encode()).hexdigest()
+        identity = f"{letter.get('source')}\0{letter.get('reason')}\0{letter.get('raw')}"
+        digest = hashlib.sha1(identity.encode()).hexdigest()
         docs.append({k: v for k, v in letter.items() if k != "schema"} | {"_id": digest})
     return len(insert_new(db, cfg, "dead_letters", docs))

@@ -23,7 +23,7 @@ from typing import Callable
 from config import Config
 from storage import mongo
 from storage.schemas import SchemaViolation
-from telemetry.schema import InvalidMessage, decode_scores
+from telemetry.schema import InvalidMessage, decode_scores, load_object
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,10 @@ class MongoSink:
             return
         records, bad = [], []
         for raw in values:
-            try:
-                if key == "scores":  # a batch of one device's score records (or a single record)
-                    records.extend(decode_scores(raw))
-                else:
-                    records.append(json.loads(raw))
-            except ValueError as exc:
-                reason = exc.reason if isinstance(exc, InvalidMessage) else f"not JSON ({exc})"
-                bad.append({"reason": f"{key}: {reason}", "raw": raw.decode("utf-8", "replace")[:10_000],
+            try:  # a scores message is a batch of one device's score records (or a single record)
+                records.extend(decode_scores(raw) if key == "scores" else [load_object(raw)])
+            except InvalidMessage as exc:
+                bad.append({"reason": f"{key}: {exc.reason}", "raw": (raw or b"").decode("utf-8", "replace")[:10_000],
                             "source": self.cfg.kafka.topics[key], "device_id": None, "at": int(time.time() * 1000)})
         if bad:
             self.stats["dead_letters_from_sink"] += mongo.write_dead_letters(db, cfg, bad)

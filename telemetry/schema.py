@@ -97,7 +97,7 @@ def encode_scores(device_id: str, model_version: int, global_version: int, score
     """One device's score records of one micro-batch as one scores-topic message. Each item of `scores` holds a
     reading's ``seq, ts, score, threshold, is_anomaly, top_metrics, label``; the rest is shared by the batch."""
     return dumps_json({"schema": SCORES_SCHEMA, "device_id": device_id, "model_version": model_version,
-                   "global_version": global_version, "scored_at": scored_at, "scores": scores})
+                       "global_version": global_version, "scored_at": scored_at, "scores": scores})
 
 
 def decode_scores(raw: bytes | str) -> list[dict]:
@@ -107,9 +107,7 @@ def decode_scores(raw: bytes | str) -> list[dict]:
     >>> decode_scores(encode_scores("omi-1", 4, 2, 1706659200450, [{"seq": 17, "score": 0.8}]))
     [{'device_id': 'omi-1', 'model_version': 4, 'global_version': 2, 'scored_at': 1706659200450, 'seq': 17, 'score': 0.8}]
     """
-    msg = _loads(raw)
-    if type(msg) is not dict:
-        raise InvalidMessage(f"not a JSON object: got {type(msg).__name__}")
+    msg = load_object(raw)
     if "scores" not in msg:
         return [msg]
     if msg.get("schema") != SCORES_SCHEMA:
@@ -138,7 +136,17 @@ def encode_batch(device_id: str, readings: Iterable[Reading]) -> bytes:
     return dumps_json({"schema": SCHEMA, "device_id": device_id, "readings": bodies})
 
 
-def _loads(raw: bytes | str) -> Any:
+def load_object(raw: bytes | str | None) -> dict:
+    """A Kafka record's value as a JSON object; `InvalidMessage` if it is missing, not JSON or not an object."""
+    value = _loads(raw)
+    if type(value) is not dict:
+        raise InvalidMessage(f"not a JSON object: got {type(value).__name__}")
+    return value
+
+
+def _loads(raw: bytes | str | None) -> Any:
+    if raw is None:
+        raise InvalidMessage("no value (a tombstone record)")
     if orjson is not None:
         try:
             return orjson.loads(raw)

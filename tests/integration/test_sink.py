@@ -78,3 +78,26 @@ def test_rebuilt_rollups_equal_the_ones_the_sink_kept(cfg, db):
     rollups.delete_many({"ts": {"$gte": kept[len(kept) // 2]["ts"]}})  # as if a sink died between its writes
     assert mongo.rebuild_rollups(db, cfg) == (300, len(kept))
     assert sorted(rollups.find(), key=lambda r: r["_id"]) == kept
+
+
+def test_records_the_sink_cannot_store_become_dead_letters_not_crashes(cfg, db):
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    bad = {"scores": [{"device_id": "d5", "score": 1.0}, [1], None,
+                      {"schema": "flead.scores/1", "device_id": "d5", "scores": [{"score": 2.0}]}],
+           "snapshots": [{"device_id": "d5"}, [1], None], "dead_letters": [{"source": "x"}, "text"],
+           "telemetry": [None]}
+    for key, values in bad.items():
+        for value in values:
+            producer.produce(cfg.kafka.topics[key], None if value is None else json.dumps(value), key="d5")
+    assert producer.flush(30) == 0
+
+    stats = MongoSink(cfg).run(until_idle_s=3.0)
+
+    reasons = sorted(d["reason"] for d in mongo.collection(db, cfg, "dead_letters").find())
+    assert reasons == sorted([
+        "schema: predictions: missing required field 'seq'", "schema: predictions: missing required field 'seq'",
+        "scores: not a JSON object: got list", "scores: no value (a tombstone record)",
+        "schema: local_models: missing required field 'version'", "snapshots: not a JSON object: got list",
+        "snapshots: no value (a tombstone record)", "schema: dead_letters: missing required field 'reason'",
+        "dead_letters: not a JSON object: got str"])
+    assert stats["telemetry_invalid"] == 1  # the stream job dead-letters telemetry; the sink counts it

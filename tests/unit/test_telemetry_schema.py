@@ -73,6 +73,7 @@ def batch(*items):
 GOOD = {"seq": 1, "ts": 1000, "metrics": {"m00": 0.5}}
 
 INVALID = [
+    ("tombstone", None, "no value (a tombstone record)"),
     ("not json", b"{nope", "not JSON: "),
     ("invalid utf-8", b'{"a": "\xff"}', "not JSON: "),
     ("empty", b"", "not JSON: "),
