@@ -18,6 +18,7 @@ from pathlib import Path
 import pyflink
 
 from config import PROJECT_ROOT, load_config
+from flink_jobs import WORKER_PACKAGES
 from orchestration.processes import StackError, port_open
 
 FLINK_HOME = Path(pyflink.__file__).resolve().parent
@@ -107,7 +108,7 @@ def stop(cfg) -> None:
 
 def submit(cfg, *job_args: str) -> None:
     """`flink run -d` the stream job on the local cluster (project packages shipped with -pyfs)."""
-    packages = ",".join(str(PROJECT_ROOT / p) for p in ("config", "models", "telemetry", "flink_jobs"))
+    packages = ",".join(str(PROJECT_ROOT / p) for p in WORKER_PACKAGES)
     subprocess.run([str(FLINK_HOME / "bin" / "flink"), "run", "-d", "-py", str(JOB), "-pyfs", packages,
                     *job_args], env=flink_env(cfg), check=True, cwd=PROJECT_ROOT)
 

@@ -1,5 +1,7 @@
-"""The telemetry message `flead.telemetry/1`, the score batch `flead.scores/1` and the dead letter
-`flead.dead-letter/1` (docs/contracts.md).
+"""Every wire format FLEAD's parts exchange (docs/contracts.md): the telemetry message `flead.telemetry/1`, the
+score batch `flead.scores/1`, the dead letter `flead.dead-letter/1`, and the records of `RECORD_FORMATS`: weight
+snapshots `flead.snapshot/1`, global models `flead.global-model/1`, incidents `flead.incident/1` and drift events
+`flead.drift/1`.
 
 The producer encodes with this module and the stream job decodes with it, so both sides agree by construction.
 `decode_message` is on the stream job's hot path: it parses with orjson when installed (falling back to the
@@ -33,6 +35,10 @@ except ImportError:  # the standard library does the same job, a few times slowe
 SCHEMA = "flead.telemetry/1"
 SCORES_SCHEMA = "flead.scores/1"
 DEAD_LETTER_SCHEMA = "flead.dead-letter/1"
+SNAPSHOT_SCHEMA = "flead.snapshot/1"
+GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
+INCIDENT_SCHEMA = "flead.incident/1"
+DRIFT_SCHEMA = "flead.drift/1"
 
 MAX_DEVICE_ID_CHARS = 200
 MAX_METRICS = 1000
@@ -357,15 +363,125 @@ def _batch(device_id: str, items: Any) -> list[Reading]:
 def dead_letter(raw: bytes | str | None, reason: str, source: str, device_id: str | None = None,
                 at: int | None = None) -> bytes:
     """A `flead.dead-letter/1` record for a message that was refused; ``at`` defaults to now (epoch ms)."""
+    return dumps_json(dead_letter_record(raw, reason, source, device_id, at))
+
+
+def dead_letter_record(raw: bytes | str | None, reason: str, source: str, device_id: str | None = None,
+                       at: int | None = None) -> dict:
+    """`dead_letter` as a dict (for writers that store it directly); ``raw`` is cut to 10,000 characters."""
     if isinstance(raw, (bytes, bytearray, memoryview)):
         text = bytes(raw).decode("utf-8", errors="replace")
     else:
         text = "" if raw is None else str(raw)
-    return dumps_json({
-        "schema": DEAD_LETTER_SCHEMA,
-        "source": source,
-        "reason": reason,
-        "raw": text[:MAX_DEAD_LETTER_RAW_CHARS],
-        "device_id": device_id,
-        "at": int(time.time() * 1000) if at is None else at,
-    })
+    return DEAD_LETTER.make(source=source, reason=reason, raw=text[:MAX_DEAD_LETTER_RAW_CHARS], device_id=device_id,
+                            at=int(time.time() * 1000) if at is None else at)
+
+
+# -- records: snapshots, global models, incidents, drift events ------------------------------------------------
+
+class FieldType(NamedTuple):
+    """What a record field may hold: a name for messages, the accepted Python types, and whether null is allowed."""
+
+    name: str
+    types: tuple[type, ...]
+    nullable: bool = False
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if type(value) is float and not math.isfinite(value):
+            return False
+        if type(value) is int and not -MAX_INT64 <= value <= MAX_INT64:
+            return False
+        return type(value) in self.types  # exact types: bool is not an int here
+
+
+INTEGER = FieldType("an integer", (int,))
+NUMBER = FieldType("a finite number", (int, float))
+TEXT = FieldType("a string", (str,))
+LIST = FieldType("a list", (list,))
+OBJECT = FieldType("an object", (dict,))
+
+
+def nullable(field: FieldType) -> FieldType:
+    return FieldType(f"{field.name} or null", field.types, True)
+
+
+class RecordFormat(NamedTuple):
+    """One record wire format: its schema tag, the fields every record has and the optional ones (name → type).
+
+    Fields not listed pass through unchecked (a newer writer may add some); `decode` checks the listed ones."""
+
+    schema: str
+    required: Mapping[str, FieldType]
+    optional: Mapping[str, FieldType] = {}
+
+    def make(self, **fields: Any) -> dict:
+        """The record with its schema tag; `ValueError` naming the field if one is missing or of the wrong type."""
+        try:
+            return self.check({"schema": self.schema, **fields})
+        except InvalidMessage as exc:
+            raise ValueError(f"{self.schema}: {exc.reason}") from None
+
+    def encode(self, **fields: Any) -> bytes:
+        return dumps_json(self.make(**fields))
+
+    def decode(self, raw: bytes | str | None) -> dict:
+        """The record of a Kafka value; `InvalidMessage` if it is not this format or a field is wrong."""
+        return self.check(load_object(raw))
+
+    def check(self, record: dict) -> dict:
+        if record.get("schema") != self.schema:
+            raise InvalidMessage(f"schema {_show(record.get('schema'))}, expected {self.schema!r}")
+        for name, field in self.required.items():
+            if name not in record:
+                raise InvalidMessage(f"missing field {name!r}", _readable_device(record))
+            if not field.accepts(record[name]):
+                raise InvalidMessage(f"{name}: expected {field.name}, got {_show(record[name])}",
+                                     _readable_device(record))
+        for name, field in self.optional.items():
+            if name in record and not field.accepts(record[name]):
+                raise InvalidMessage(f"{name}: expected {field.name}, got {_show(record[name])}",
+                                     _readable_device(record))
+        return record
+
+
+def _readable_device(record: dict) -> str | None:
+    device_id = record.get("device_id")
+    return device_id if type(device_id) is str else None
+
+
+SNAPSHOT = RecordFormat(SNAPSHOT_SCHEMA, {
+    "device_id": TEXT, "version": INTEGER, "global_version": INTEGER, "n_samples": INTEGER, "n_seen": INTEGER,
+    "loss": nullable(NUMBER), "weights": TEXT, "created_at": INTEGER})
+"""A device's weight snapshot: ``weights`` is the base64 `models.serialization` blob of its federated weights,
+``n_samples`` the readings learned since its previous snapshot, ``n_seen`` since it was created."""
+
+GLOBAL_MODEL = RecordFormat(GLOBAL_MODEL_SCHEMA, {
+    "version": INTEGER, "weights": TEXT, "created_at": INTEGER}, {
+    "round_id": TEXT, "strategy": TEXT, "participants": LIST, "rejected": LIST, "n_samples": INTEGER,
+    "dp_epsilon": nullable(NUMBER), "cluster": nullable(INTEGER), "assignments": nullable(OBJECT)})
+"""A global model of the aggregator: ``cluster`` is null for the fleet model, else the cluster whose members
+(``assignments``: device → cluster) adopt it."""
+
+INCIDENT = RecordFormat(INCIDENT_SCHEMA, {
+    "incident_id": TEXT, "device_id": TEXT, "status": TEXT, "start_seq": INTEGER, "end_seq": INTEGER,
+    "start_ts": INTEGER, "end_ts": INTEGER, "n_flagged": INTEGER, "n_readings": INTEGER, "peak_score": NUMBER,
+    "peak_ratio": nullable(NUMBER), "metrics_to_blame": LIST, "model_version": INTEGER,
+    "global_version": INTEGER, "updated_at": INTEGER})
+"""One state of an incident (flagged readings of one device close in time): ``status`` ``open`` or
+``resolved``; ``incident_id`` = ``<device_id>:<start_seq>``; a later state replaces an earlier one."""
+
+DRIFT = RecordFormat(DRIFT_SCHEMA, {
+    "event_id": TEXT, "device_id": TEXT, "seq": INTEGER, "ts": INTEGER, "reason": TEXT,
+    "flag_rate": NUMBER, "target_rate": NUMBER, "window": INTEGER, "detected_at": INTEGER,
+    "model_version": INTEGER})
+"""A device's detector re-baselined itself after a label-free drift test fired; ``event_id`` =
+``<device_id>:<seq>``."""
+
+DEAD_LETTER = RecordFormat(DEAD_LETTER_SCHEMA, {
+    "source": TEXT, "reason": TEXT, "raw": TEXT, "device_id": nullable(TEXT), "at": INTEGER})
+"""A message some part refused: ``source`` is the topic (or part) it came from, ``raw`` its value, cut."""
+
+RECORD_FORMATS: dict[str, RecordFormat] = {f.schema: f for f in (SNAPSHOT, GLOBAL_MODEL, INCIDENT, DRIFT,
+                                                                 DEAD_LETTER)}

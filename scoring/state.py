@@ -9,7 +9,7 @@ from __future__ import annotations
 from models.detector import DeviceDetector
 
 
-class DeviceModelState:
+class DeviceState:
     """A device's detector plus when and at which reading count it last sent a weight snapshot."""
 
     __slots__ = ("detector", "last_snapshot_ms", "n_seen_at_snapshot")
@@ -31,8 +31,8 @@ class DeviceModelState:
         return self.detector.snapshot()
 
     @classmethod
-    def restore(cls, blob: bytes, last_snapshot_ms: int, n_seen_at_snapshot: int) -> "DeviceModelState":
+    def restore(cls, blob: bytes, last_snapshot_ms: int, n_seen_at_snapshot: int) -> "DeviceState":
         return cls(DeviceDetector.from_bytes(blob), last_snapshot_ms, n_seen_at_snapshot)
 
     def __reduce__(self):
-        return DeviceModelState.restore, (self.detector.to_bytes(), self.last_snapshot_ms, self.n_seen_at_snapshot)
+        return DeviceState.restore, (self.detector.to_bytes(), self.last_snapshot_ms, self.n_seen_at_snapshot)

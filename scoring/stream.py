@@ -1,0 +1,275 @@
+"""The stream job's decisions for one device, without Flink: parse, micro-batch, adopt, score then learn, emit.
+
+`StreamScoring` is created once per job with the detector settings and the `stream` options, shipped to every
+Python worker, and called by the Flink operator (`flink_jobs.anomaly_job.DeviceScorer`) from its callbacks:
+
+    columns = scoring.parse(message, key)              # or InvalidMessage -> scoring.refused(...)
+    step = scoring.buffer(buffered, columns)           # what to score now, what to keep, whether to set timers
+    state, emitted = scoring.score(state, device_id, batches, global_models, now_ms)
+    model, emitted = scoring.receive_global_model(value, global_models, report)
+
+Everything the operator sends on is in `Emitted`: the main output (one `flead.scores/1` record per micro-batch)
+and the side outputs, plus counter increments by name (`COUNTERS`).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+from models.detector import DetectionResult, DetectorSettings, DeviceDetector
+from models.features import NonFiniteMetricError
+from models.serialization import to_b64
+from scoring.global_models import GlobalModel, GlobalModels, decode_global_model
+from scoring.state import DeviceState
+from telemetry.schema import (SNAPSHOT, Columns, InvalidMessage, dead_letter, decode_columns, dumps_json,
+                              encode_scores)
+
+COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
+            "global_models_adopted", "global_models_rejected")
+"""Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """The `stream.*` settings the per-device logic uses, and the topics it names in dead letters."""
+
+    micro_batch_size: int
+    snapshot_every: int
+    snapshot_interval_ms: int
+    global_policy: str
+    blend_weight: float
+    telemetry_topic: str
+    global_model_topic: str
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "StreamOptions":
+        stream, topics = cfg.stream, cfg.kafka.topics
+        return cls(micro_batch_size=stream.micro_batch_size, snapshot_every=stream.snapshot_every,
+                   snapshot_interval_ms=stream.snapshot_interval_s * 1000, global_policy=stream.global_policy,
+                   blend_weight=stream.blend_weight, telemetry_topic=topics.telemetry,
+                   global_model_topic=topics.global_model)
+
+
+@dataclass
+class Emitted:
+    """What one callback sends on: records per output (UTF-8 JSON) and counter increments."""
+
+    scores: list[str] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)
+    snapshots: list[str] = field(default_factory=list)
+    dead_letters: list[str] = field(default_factory=list)
+    incidents: list[str] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+
+class Buffering(NamedTuple):
+    """`StreamScoring.buffer`'s decision: ``ready`` batches to score now (or None), what stays ``buffered`` (or
+    None: clear the buffer), and whether a new buffer was started (the operator then sets its flush timers)."""
+
+    ready: list[Columns] | None
+    buffered: list[Columns] | None
+    started: bool
+
+
+def to_json(record: Mapping) -> str:
+    """Compact JSON, non-finite floats as null."""
+    return dumps_json(record).decode()
+
+
+class StreamScoring:
+    """The per-device logic of the stream job (module docstring). Holds no device state itself, only what a
+    worker remembers so as not to repeat itself: refused global models and reported unknown metric sets."""
+
+    def __init__(self, settings: DetectorSettings, options: StreamOptions):
+        self.settings = settings
+        self.options = options
+        self.refused_global: set[tuple[str, int]] = set()  # (device, version) whose shapes did not fit
+        self.reported_unknown: set[tuple[str, tuple[str, ...]]] = set()  # (device, metric names) dead-lettered
+
+    def __getstate__(self):  # shipped to the workers: what they remember starts empty
+        return {"settings": self.settings, "options": self.options}
+
+    def __setstate__(self, values):
+        self.__init__(values["settings"], values["options"])
+
+    # -- input -----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def parse(message: bytes | None, key: str) -> Columns:
+        """The message as columns; `InvalidMessage` if it breaks the contract or is not the keyed device's."""
+        columns = decode_columns(message)
+        if columns.device_id != key:
+            raise InvalidMessage(f"device_id {columns.device_id!r} under the Kafka key {key!r}", columns.device_id)
+        return columns
+
+    def refused(self, message: bytes | None, error: InvalidMessage) -> Emitted:
+        """A telemetry message `parse` refused, as a dead letter with the reason."""
+        out = Emitted()
+        self._dead_letter(out, message, error.reason, self.options.telemetry_topic, error.device_id)
+        return out
+
+    def buffer(self, buffered: list[Columns] | None, columns: Columns) -> Buffering:
+        """Add a device's message to its micro-batch buffer: score once `micro_batch_size` readings are together
+        (a message that is a micro-batch already is scored at once, without buffering)."""
+        size = self.options.micro_batch_size
+        if buffered is None:
+            if len(columns.seqs) >= size:
+                return Buffering([columns], None, False)
+            return Buffering(None, [columns], True)
+        buffered = [*buffered, columns]
+        if sum(len(batch.seqs) for batch in buffered) >= size:
+            return Buffering(buffered, None, False)
+        return Buffering(None, buffered, False)
+
+    # -- global models ---------------------------------------------------------------------------------------
+
+    def receive_global_model(self, value: bytes | str, models: GlobalModels, report: bool
+                             ) -> tuple[tuple[str, GlobalModel] | None, Emitted]:
+        """Take a record of the global-model topic: ``(cluster, model)`` if it is newer than what the worker holds
+        (the operator then checkpoints it), else None. A refused record is counted, and dead-lettered with the
+        reason when `report` (every worker sees every model: one of them reports)."""
+        out = Emitted()
+        try:
+            cluster, model = decode_global_model(value)
+        except InvalidMessage as exc:
+            out.counts["global_models_rejected"] += 1
+            if report:
+                self._dead_letter(out, value, f"global model refused: {exc.reason}", self.options.global_model_topic)
+            return None, out
+        return ((cluster, model) if models.offer(cluster, model) else None), out
+
+    def adopt_newest(self, models: GlobalModels, device_id: str, detector: DeviceDetector, out: Emitted) -> None:
+        """Adopt the device's newest global model if it is newer than the one it has (`stream.global_policy`).
+        A model whose shapes do not fit the device's is refused once and not retried."""
+        newest = models.newest_for(device_id)
+        if (newest is None or newest.version <= detector.global_version
+                or (device_id, newest.version) in self.refused_global):
+            return
+        try:
+            detector.adopt_global(newest.weights, newest.version, self.options.global_policy,
+                                  self.options.blend_weight)
+            out.counts["global_models_adopted"] += 1
+        except ValueError as exc:  # shapes of another architecture
+            out.counts["global_models_rejected"] += 1
+            if not any(version == newest.version for _, version in self.refused_global):  # once per version
+                self._dead_letter(out, None, f"global model v{newest.version} does not fit the model of device "
+                                             f"{device_id} (and maybe others): {exc}",
+                                  self.options.global_model_topic, device_id)
+            self.refused_global.add((device_id, newest.version))
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+
+    def score(self, state: DeviceState | None, device_id: str, batches: list[Columns], models: GlobalModels,
+              now_ms: int) -> tuple[DeviceState, Emitted]:
+        """Score then learn a device's micro-batch (one or more messages), after adopting its newest global model;
+        the score records, alerts and, when due, a weight snapshot. A device's model is built on the metrics of
+        its first message."""
+        out = Emitted()
+        if state is None:
+            state = DeviceState(DeviceDetector(list(batches[0].names), self.settings), now_ms)
+        detector = state.detector
+        self.adopt_newest(models, device_id, detector, out)
+        X = np.concatenate([self.model_columns(detector, batch) for batch in batches])
+        for batch in batches:
+            self.report_unknown_metrics(device_id, detector, batch, out)
+        seqs = [s for batch in batches for s in batch.seqs]
+        stamps = [t for batch in batches for t in batch.ts]
+        labels = [label for batch in batches for label in batch.labels]
+        for rows, result in self._process(detector, device_id, X, seqs, stamps, labels, out):
+            self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result, now_ms, out)
+        if state.snapshot_due(now_ms, self.options.snapshot_every, self.options.snapshot_interval_ms):
+            self.snapshot(state, device_id, now_ms, out)
+        return state, out
+
+    def _process(self, detector: DeviceDetector, device_id: str, X: np.ndarray, seqs, stamps, labels, out: Emitted
+                 ) -> list[tuple[slice, DetectionResult]]:
+        """`process_many` of the batch; under ``model.nan_policy: reject`` a batch with a missing value is scored
+        reading by reading and the readings with one are dead-lettered."""
+        try:
+            return [(slice(None), detector.process_many(X))]
+        except NonFiniteMetricError:
+            pass
+        results = []
+        for i in range(X.shape[0]):
+            try:
+                results.append((slice(i, i + 1), detector.process_many(X[i:i + 1])))
+            except NonFiniteMetricError as exc:
+                raw = {"device_id": device_id, "seq": seqs[i], "ts": stamps[i],
+                       "metrics": dict(zip(detector.metric_names, X[i].tolist())), "label": labels[i]}
+                self._dead_letter(out, to_json(raw), str(exc), self.options.telemetry_topic, device_id)
+        return results
+
+    @staticmethod
+    def model_columns(detector: DeviceDetector, batch: Columns) -> np.ndarray:
+        """The batch's values in the detector's metric order (a metric the message lacks is missing: nan, imputed
+        and counted by the detector; one the model does not know is left out: `report_unknown_metrics`)."""
+        if list(batch.names) == detector.metric_names:
+            return batch.X
+        position = {name: i for i, name in enumerate(batch.names)}
+        out = np.full((batch.X.shape[0], len(detector.metric_names)), math.nan)
+        for j, name in enumerate(detector.metric_names):
+            if name in position:
+                out[:, j] = batch.X[:, position[name]]
+        return out
+
+    def report_unknown_metrics(self, device_id: str, detector: DeviceDetector, batch: Columns, out: Emitted) -> None:
+        """Metrics the device's model was not created with cannot be scored: their values are counted
+        (``metric_values_ignored``), and the first message of a device bringing a new such set is dead-lettered
+        with the reason (once per set and worker, so a device that keeps sending them does not flood the topic)."""
+        if list(batch.names) == detector.metric_names:
+            return
+        unknown = tuple(sorted(set(batch.names) - set(detector.metric_names)))
+        if not unknown:
+            return
+        out.counts["metric_values_ignored"] += len(unknown) * len(batch.seqs)
+        if (device_id, unknown) in self.reported_unknown:
+            return
+        self.reported_unknown.add((device_id, unknown))
+        reason = (f"metrics {', '.join(unknown)} are not in the device's model (created with "
+                  f"{len(detector.metric_names)} metrics): their values are ignored, the others scored")
+        first = {"device_id": device_id, "seq": batch.seqs[0], "ts": batch.ts[0],
+                 "metrics": dict(zip(batch.names, batch.X[0].tolist()))}
+        self._dead_letter(out, to_json(first), reason, self.options.telemetry_topic, device_id)
+
+    @staticmethod
+    def score_records(device_id: str, detector: DeviceDetector, seqs, stamps, labels, result: DetectionResult,
+                      scored_at: int, out: Emitted) -> None:
+        """One `flead.scores/1` batch of the micro-batch's score records (one Kafka record: per-record costs in
+        Beam, the JVM and the broker dominate); each anomaly also as an alert."""
+        out.counts["records_scored"] += len(seqs)
+        out.counts["values_imputed"] += result.n_imputed
+        model_version, global_version = detector.model_version, detector.global_version
+        scores = [{"seq": seq, "ts": ts, "score": score, "threshold": threshold, "is_anomaly": anomaly,
+                   "top_metrics": [{"metric": m, "share": share} for m, share in top], "label": label}
+                  for seq, ts, score, threshold, anomaly, top, label in zip(
+                      seqs, stamps, result.scores.tolist(), result.thresholds.tolist(), result.is_anomaly.tolist(),
+                      result.top_metrics, labels)]
+        out.scores.append(encode_scores(device_id, model_version, global_version, scored_at, scores).decode())
+        for record in scores:
+            if record["is_anomaly"]:
+                out.counts["anomalies"] += 1
+                out.alerts.append(to_json({"device_id": device_id, **record, "model_version": model_version,
+                                           "global_version": global_version, "scored_at": scored_at}))
+
+    @staticmethod
+    def snapshot(state: DeviceState, device_id: str, now_ms: int, out: Emitted) -> None:
+        """A `flead.snapshot/1` record of the device's federated weights."""
+        snap = state.take_snapshot(now_ms)
+        out.counts["snapshots"] += 1
+        loss = snap["loss"]
+        out.snapshots.append(to_json(SNAPSHOT.make(
+            device_id=device_id, version=snap["version"], global_version=snap["global_version"],
+            n_samples=snap["n_samples"], n_seen=state.detector.n_seen,
+            loss=None if loss is None or not math.isfinite(loss) else float(loss),
+            weights=to_b64(snap["weights"]), created_at=now_ms)))
+
+    @staticmethod
+    def _dead_letter(out: Emitted, raw: bytes | str | None, reason: str, source: str,
+                     device_id: str | None = None) -> None:
+        out.counts["dead_letters"] += 1
+        out.dead_letters.append(dead_letter(raw, reason, source, device_id).decode())

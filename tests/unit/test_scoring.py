@@ -1,0 +1,317 @@
+"""The stream job's per-device logic (`scoring`), without Flink — and the Flink adapter driven by fakes."""
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+from models.detector import DetectorSettings, DeviceDetector
+from models.serialization import dumps, from_b64, loads, to_b64
+from scoring.global_models import FLEET, GlobalModel, GlobalModels, decode_global_model
+from scoring.state import DeviceState
+from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring
+from telemetry.schema import (GLOBAL_MODEL, SNAPSHOT, InvalidMessage, Reading, decode_columns, decode_scores,
+                              encode_batch, encode_reading)
+
+METRICS = ["cpu", "mem", "disk"]
+
+
+@pytest.fixture
+def settings(cfg_defaults) -> DetectorSettings:
+    return DetectorSettings.from_config(cfg_defaults, kind="ae", hidden=(4, 2, 4), warmup=40, history=200)
+
+
+@pytest.fixture
+def cfg_defaults():
+    from config import load_config
+    return load_config(env={})
+
+
+def options(**overrides) -> StreamOptions:
+    values = dict(micro_batch_size=4, snapshot_every=50, snapshot_interval_ms=60_000, global_policy="replace",
+                  blend_weight=0.5, telemetry_topic="t.telemetry", global_model_topic="t.global")
+    return StreamOptions(**{**values, **overrides})
+
+
+def message(device: str, first_seq: int, n: int, values=None, names=METRICS) -> bytes:
+    rng = np.random.default_rng(first_seq)
+    rows = values if values is not None else rng.normal(0.5, 0.05, size=(n, len(names)))
+    return encode_batch(device, [Reading(device, first_seq + i, 1_000 * (first_seq + i),
+                                         dict(zip(names, map(float, row))), label=0) for i, row in enumerate(rows)])
+
+
+def columns(device: str, first_seq: int, n: int, **kw):
+    return decode_columns(message(device, first_seq, n, **kw))
+
+
+def model_record(weights, version: int, cluster=None, assignments=None) -> bytes:
+    return GLOBAL_MODEL.encode(version=version, weights=to_b64(dumps(weights, {"model_version": version})),
+                               created_at=0, cluster=cluster, assignments=assignments)
+
+
+def run(scoring: StreamScoring, device: str, n_messages: int, per_message: int = 4, models=None, state=None,
+        now=1_000):
+    models = models or GlobalModels()
+    emitted = []
+    for k in range(n_messages):
+        state, out = scoring.score(state, device, [columns(device, k * per_message, per_message)], models, now)
+        emitted.append(out)
+    return state, emitted
+
+
+# -- parse and buffer ----------------------------------------------------------------------------------------
+
+def test_parse_refuses_a_message_under_another_devices_key(settings):
+    scoring = StreamScoring(settings, options())
+    assert scoring.parse(message("a", 0, 2), "a").device_id == "a"
+    with pytest.raises(InvalidMessage) as err:
+        scoring.parse(message("a", 0, 2), "b")
+    out = scoring.refused(b"raw", err.value)
+    letter = json.loads(out.dead_letters[0])
+    assert letter["reason"] == "device_id 'a' under the Kafka key 'b'" and letter["source"] == "t.telemetry"
+    assert letter["device_id"] == "a" and out.counts == {"dead_letters": 1}
+
+
+def test_buffer_scores_full_messages_at_once_and_collects_partial_ones(settings):
+    scoring = StreamScoring(settings, options(micro_batch_size=4))
+    full, small, other = columns("a", 0, 4), columns("a", 4, 1), columns("a", 5, 2)
+    assert scoring.buffer(None, full) == ([full], None, False)
+    assert scoring.buffer(None, small) == (None, [small], True)
+    assert scoring.buffer([small], other) == (None, [small, other], False)
+    step = scoring.buffer([small, other], columns("a", 7, 3))
+    assert step.ready is not None and len(step.ready) == 3 and step.buffered is None and not step.started
+
+
+# -- scoring -------------------------------------------------------------------------------------------------
+
+def test_score_emits_one_scores_record_per_batch_alerts_and_snapshots(settings):
+    scoring = StreamScoring(settings, options(snapshot_every=40))
+    state, emitted = run(scoring, "a", 30)
+    records = [r for out in emitted for raw in out.scores for r in decode_scores(raw)]
+    assert [r["seq"] for r in records] == list(range(120)) and all(r["device_id"] == "a" for r in records)
+    assert all(len(out.scores) == 1 for out in emitted)
+    snapshots = [SNAPSHOT.decode(raw) for out in emitted for raw in out.snapshots]
+    assert [s["version"] for s in snapshots] == [1, 2, 3]
+    assert [s["n_samples"] for s in snapshots] == [40, 40, 40] and snapshots[-1]["n_seen"] == 120
+    weights, _ = loads(from_b64(snapshots[0]["weights"]))
+    assert [w.shape for w in weights] == [w.shape for w in state.detector.get_weights()]
+    total = sum((out.counts for out in emitted), start=type(emitted[0].counts)())
+    assert total["records_scored"] == 120 and total["snapshots"] == 3
+
+    spike = np.tile([0.5, 0.5, 0.5], (4, 1))
+    spike[2, 2] = 9.0
+    state, out = scoring.score(state, "a", [columns("a", 120, 4, values=spike)], GlobalModels(), 2_000)
+    alerts = [json.loads(a) for a in out.alerts]
+    assert [a["seq"] for a in alerts] == [122] and alerts[0]["top_metrics"][0]["metric"] == "disk"
+    assert alerts[0]["model_version"] == 3 and out.counts["anomalies"] == 1
+
+
+def test_snapshot_is_due_by_time_when_the_device_learned_something(settings):
+    scoring = StreamScoring(settings, options(snapshot_every=10_000, snapshot_interval_ms=1_000))
+    state, emitted = run(scoring, "a", 1, now=0)
+    assert not emitted[0].snapshots
+    state, out = scoring.score(state, "a", [columns("a", 4, 4)], GlobalModels(), 1_000)
+    assert len(out.snapshots) == 1
+
+
+def test_unknown_metrics_are_counted_and_reported_once_missing_ones_imputed(settings):
+    scoring = StreamScoring(settings, options())
+    state, _ = run(scoring, "a", 1)
+    grown = columns("a", 4, 4, names=[*METRICS, "zz"])
+    state, out = scoring.score(state, "a", [grown], GlobalModels(), 1_000)
+    assert out.counts["metric_values_ignored"] == 4 and len(out.dead_letters) == 1
+    assert "metrics zz are not in the device's model" in json.loads(out.dead_letters[0])["reason"]
+    state, out = scoring.score(state, "a", [columns("a", 8, 4, names=[*METRICS, "zz"])], GlobalModels(), 1_000)
+    assert out.counts["metric_values_ignored"] == 4 and not out.dead_letters
+    shrunk = columns("a", 12, 4, names=["cpu", "disk"])
+    state, out = scoring.score(state, "a", [shrunk], GlobalModels(), 1_000)
+    assert out.counts["values_imputed"] == 4 and not out.dead_letters and len(decode_scores(out.scores[0])) == 4
+
+
+def test_reject_policy_dead_letters_readings_with_missing_values_and_scores_the_rest(cfg_defaults):
+    settings = DetectorSettings.from_config(cfg_defaults, kind="ae", hidden=(4, 2, 4), nan_policy="reject")
+    scoring = StreamScoring(settings, options())
+    values = np.full((4, 3), 0.5)
+    values[1, 0] = math.nan
+    state, out = scoring.score(None, "a", [columns("a", 0, 4, values=values)], GlobalModels(), 1_000)
+    assert [r["seq"] for raw in out.scores for r in decode_scores(raw)] == [0, 2, 3]
+    assert len(out.dead_letters) == 1 and json.loads(json.loads(out.dead_letters[0])["raw"])["seq"] == 1
+
+
+# -- global models -------------------------------------------------------------------------------------------
+
+def test_global_models_newer_ones_are_kept_bad_ones_refused_and_reported_once(settings):
+    scoring = StreamScoring(settings, options())
+    models = GlobalModels()
+    weights = DeviceDetector(METRICS, settings).get_weights()
+    kept, out = scoring.receive_global_model(model_record(weights, 2), models, report=True)
+    assert kept[0] == FLEET and kept[1].version == 2 and not out.dead_letters
+    assert scoring.receive_global_model(model_record(weights, 1), models, report=True)[0] is None
+    bad = json.dumps({"schema": "flead.global-model/1", "version": 3, "weights": "not base64!", "created_at": 0})
+    for report, letters in ((True, 1), (False, 0)):
+        kept, out = scoring.receive_global_model(bad, models, report=report)
+        assert kept is None and len(out.dead_letters) == letters and out.counts["global_models_rejected"] == 1
+    assert "global model refused: weights:" in json.loads(
+        scoring.receive_global_model(bad, models, True)[1].dead_letters[0])["reason"]
+    with pytest.raises(InvalidMessage, match="non-finite"):
+        decode_global_model(model_record([np.array([np.nan])], 4))
+    with pytest.raises(InvalidMessage, match=">= 1"):
+        decode_global_model(model_record(weights, 0))
+
+
+def test_a_device_adopts_its_clusters_model_unless_a_newer_fleet_model_came():
+    w = [np.zeros(2)]
+    models = GlobalModels([(FLEET, GlobalModel(3, w, {}))])
+    assert models.newest_for("a").version == 3
+    models.offer("1", GlobalModel(4, w, {"a": 1, "b": 0}))
+    models.offer("0", GlobalModel(4, w, {"a": 1, "b": 0}))
+    assert models.newest_for("a") is models.by_cluster["1"] and models.newest_for("b") is models.by_cluster["0"]
+    assert models.newest_for("c").version == 3
+    models.offer(FLEET, GlobalModel(5, w, {}))
+    assert models.newest_for("a").version == 5
+    assert not models.offer(FLEET, GlobalModel(5, w, {}))
+
+
+def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_once(settings):
+    scoring = StreamScoring(settings, options())
+    other = DeviceDetector(METRICS, settings).get_weights()
+    target = [np.full_like(w, 0.01) for w in other]
+    models = GlobalModels()
+    scoring.receive_global_model(model_record(target, 1), models, report=False)
+    state, emitted = run(scoring, "a", 1, models=models)
+    assert state.detector.global_version == 1 and emitted[0].counts["global_models_adopted"] == 1
+    state, out = scoring.score(state, "a", [columns("a", 4, 4)], models, 1_000)
+    assert "global_models_adopted" not in out.counts
+    scoring.receive_global_model(model_record([np.zeros(3)], 2), models, report=False)
+    state, out = scoring.score(state, "a", [columns("a", 8, 4)], models, 1_000)
+    assert out.counts["global_models_rejected"] == 1 and len(out.dead_letters) == 1
+    state, out = scoring.score(state, "a", [columns("a", 12, 4)], models, 1_000)
+    assert "global_models_rejected" not in out.counts and state.detector.global_version == 1
+    _, out = scoring.score(None, "b", [columns("b", 0, 4)], models, 1_000)
+    assert out.counts["global_models_rejected"] == 1 and not out.dead_letters  # one dead letter per version
+
+
+def test_state_and_scoring_survive_pickling(settings):
+    scoring = StreamScoring(settings, options())
+    state, _ = run(scoring, "a", 3)
+    copy = pickle.loads(pickle.dumps(state))
+    assert isinstance(copy, DeviceState) and copy.detector.n_seen == 12
+    assert copy.detector.to_bytes() == state.detector.to_bytes()
+    scoring.reported_unknown.add(("a", ("zz",)))
+    assert pickle.loads(pickle.dumps(scoring)).reported_unknown == set()
+
+
+# -- the Flink adapter, driven by fakes ----------------------------------------------------------------------
+
+class FakeValueState:
+    def __init__(self):
+        self.v = None
+
+    def value(self):
+        return self.v
+
+    def update(self, v):
+        self.v = v
+
+    def clear(self):
+        self.v = None
+
+
+class FakeBroadcastState(dict):
+    def put(self, key, value):
+        self[key] = value
+
+
+class FakeTimers:
+    def __init__(self):
+        self.processing, self.event = [], []
+
+    def current_processing_time(self):
+        return 5_000
+
+    def register_processing_time_timer(self, t):
+        self.processing.append(t)
+
+    def register_event_time_timer(self, t):
+        self.event.append(t)
+
+
+class FakeContext:
+    def __init__(self, key="a"):
+        self.key, self.timers, self.broadcast = key, FakeTimers(), FakeBroadcastState()
+
+    def get_current_key(self):
+        return self.key
+
+    def timer_service(self):
+        return self.timers
+
+    def timestamp(self):
+        return 7_000
+
+    def get_broadcast_state(self, descriptor):
+        return self.broadcast
+
+
+class FakeCounter:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self, n=1):
+        self.n += n
+
+
+class FakeRuntime:
+    def __init__(self):
+        self.states = {}
+        self.counters = {}
+
+    def get_state(self, descriptor):
+        return self.states.setdefault(descriptor.name, FakeValueState())
+
+    def get_metrics_group(self):
+        return self
+
+    def counter(self, name):
+        return self.counters.setdefault(name, FakeCounter())
+
+    def get_index_of_this_subtask(self):
+        return 0
+
+
+def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
+    pytest.importorskip("pyflink")
+    from flink_jobs.anomaly_job import ALERTS, DEAD_LETTERS, DRIFT, INCIDENTS, SNAPSHOTS, DeviceScorer
+
+    scorer = DeviceScorer(StreamScoring(settings, options(micro_batch_size=4, snapshot_every=8)), batch_timeout_ms=100)
+    runtime, ctx = FakeRuntime(), FakeContext()
+    scorer.open(runtime)
+    assert set(runtime.counters) == set(COUNTERS)
+
+    weights = DeviceDetector(METRICS, settings).get_weights()
+    assert list(scorer.process_broadcast_element(model_record(weights, 1), ctx)) == []
+    assert ctx.broadcast[FLEET].version == 1
+    assert list(scorer.process_broadcast_element(model_record(weights, 1), ctx)) == []  # not newer: not kept again
+    assert [tag for tag, _ in scorer.process_broadcast_element(b"junk", ctx)] == [DEAD_LETTERS]
+
+    assert [tag for tag, _ in scorer.process_element(message("b", 0, 2), ctx)] == [DEAD_LETTERS]
+    assert list(scorer.process_element(message("a", 0, 2), ctx)) == []  # buffered, timers set
+    assert ctx.timers.processing == [5_100] and ctx.timers.event == [7_000 + 30 * 60 * 1000]
+    assert list(scorer.process_element(message("a", 2, 1), ctx)) == []  # still buffered
+    out = list(scorer.process_element(message("a", 3, 1), ctx))  # 4 readings: scored
+    assert len(out) == 1 and isinstance(out[0], str) and runtime.states["buffer"].v is None
+    assert list(scorer.on_timer(0, ctx)) == []  # nothing buffered
+    list(scorer.process_element(message("a", 4, 1), ctx))
+    out = list(scorer.on_timer(0, ctx))  # flushes the partial batch
+    assert len(out) == 1 and runtime.states["detector"].v.detector.n_seen == 5
+    out = list(scorer.process_element(message("a", 5, 4), ctx))  # 9 learned since the start: snapshot due
+    assert [o[0] for o in out if isinstance(o, tuple)] == [SNAPSHOTS]
+    assert runtime.counters["records_scored"].n == 9 and runtime.counters["global_models_adopted"].n == 1
+
+    everything = Emitted(scores=["s"], alerts=["a"], snapshots=["n"], dead_letters=["d"], incidents=["i"],
+                         drift=["r"])
+    everything.counts["anomalies"] = 2
+    assert list(scorer.emit(everything)) == ["s", (ALERTS, "a"), (SNAPSHOTS, "n"), (DEAD_LETTERS, "d"),
+                                             (INCIDENTS, "i"), (DRIFT, "r")]
+    assert runtime.counters["anomalies"].n == 2
