@@ -231,7 +231,8 @@ def main() -> int:
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-stream-"))
     base_env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_KAFKA_PORT": str(processes.free_port()),
-                "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port())}
+                "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port()),
+                "FLEAD_STREAM_TIMESTAMP_WINDOW_S": "0"}  # a replay of recorded ASD data
     cfg = load_config(env={**os.environ, **base_env})
     try:
         stack.start_kafka(cfg)

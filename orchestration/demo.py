@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import PROJECT_ROOT, Config
+from config import PROJECT_ROOT, Config, load_config
 from telemetry.schema import decode_scores
 
 SERVICES_STOP_ORDER = ["stream", "scheduler", "api", "sink", "superset"]
@@ -299,6 +299,8 @@ def print_summary(summary: dict) -> None:
 
 def cmd_demo(args, cfg: Config) -> int:
     say = lambda line: print(line, flush=True)  # noqa: E731
+    # The demo replays recorded data: its event times are years old, which a live stream's window would refuse.
+    cfg = load_config(env={**os.environ, **cfg.to_env(), "FLEAD_STREAM_TIMESTAMP_WINDOW_S": "0"})
     say("loading data ...")
     train, test = _load_readings(cfg, args)
     devices = sorted({r.device_id for r in test})

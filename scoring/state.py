@@ -10,14 +10,17 @@ from models.detector import DeviceDetector
 
 
 class DeviceState:
-    """A device's detector plus when and at which reading count it last sent a weight snapshot."""
+    """A device's detector, when and at which reading count it last sent a weight snapshot, and the highest
+    ``seq`` it has scored (a reading at or below it is a duplicate: neither scored nor learned again)."""
 
-    __slots__ = ("detector", "last_snapshot_ms", "n_seen_at_snapshot")
+    __slots__ = ("detector", "last_snapshot_ms", "n_seen_at_snapshot", "last_seq")
 
-    def __init__(self, detector: DeviceDetector, last_snapshot_ms: int, n_seen_at_snapshot: int = 0):
+    def __init__(self, detector: DeviceDetector, last_snapshot_ms: int, n_seen_at_snapshot: int = 0,
+                 last_seq: int = -1):
         self.detector = detector
         self.last_snapshot_ms = last_snapshot_ms
         self.n_seen_at_snapshot = n_seen_at_snapshot
+        self.last_seq = last_seq
 
     def snapshot_due(self, now_ms: int, every_readings: int, interval_ms: int) -> bool:
         """True after `every_readings` new readings, or `interval_ms` since the last snapshot if it learned any."""
@@ -31,8 +34,9 @@ class DeviceState:
         return self.detector.snapshot()
 
     @classmethod
-    def restore(cls, blob: bytes, last_snapshot_ms: int, n_seen_at_snapshot: int) -> "DeviceState":
-        return cls(DeviceDetector.from_bytes(blob), last_snapshot_ms, n_seen_at_snapshot)
+    def restore(cls, blob: bytes, last_snapshot_ms: int, n_seen_at_snapshot: int, last_seq: int) -> "DeviceState":
+        return cls(DeviceDetector.from_bytes(blob), last_snapshot_ms, n_seen_at_snapshot, last_seq)
 
     def __reduce__(self):
-        return DeviceState.restore, (self.detector.to_bytes(), self.last_snapshot_ms, self.n_seen_at_snapshot)
+        return DeviceState.restore, (self.detector.to_bytes(), self.last_snapshot_ms, self.n_seen_at_snapshot,
+                                     self.last_seq)

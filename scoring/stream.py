@@ -29,7 +29,7 @@ from telemetry.schema import (SNAPSHOT, Columns, InvalidMessage, dead_letter, de
                               encode_scores)
 
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
-            "global_models_adopted", "global_models_rejected")
+            "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -38,6 +38,7 @@ class StreamOptions:
     """The `stream.*` settings the per-device logic uses, and the topics it names in dead letters."""
 
     micro_batch_size: int
+    timestamp_window_ms: int  # 0: any event time is accepted (replays)
     snapshot_every: int
     snapshot_interval_ms: int
     global_policy: str
@@ -48,7 +49,8 @@ class StreamOptions:
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamOptions":
         stream, topics = cfg.stream, cfg.kafka.topics
-        return cls(micro_batch_size=stream.micro_batch_size, snapshot_every=stream.snapshot_every,
+        return cls(micro_batch_size=stream.micro_batch_size, timestamp_window_ms=stream.timestamp_window_s * 1000,
+                   snapshot_every=stream.snapshot_every,
                    snapshot_interval_ms=stream.snapshot_interval_s * 1000, global_policy=stream.global_policy,
                    blend_weight=stream.blend_weight, telemetry_topic=topics.telemetry,
                    global_model_topic=topics.global_model)
@@ -180,11 +182,43 @@ class StreamScoring:
         seqs = [s for batch in batches for s in batch.seqs]
         stamps = [t for batch in batches for t in batch.ts]
         labels = [label for batch in batches for label in batch.labels]
+        admitted = self.admit(state, device_id, seqs, stamps, now_ms, out)
+        if not admitted.all():
+            X = X[admitted]
+            seqs, stamps, labels = ([v for v, keep in zip(column, admitted.tolist()) if keep]
+                                    for column in (seqs, stamps, labels))
+            if not seqs:
+                return state, out
+        state.last_seq = max(state.last_seq, seqs[-1])
         for rows, result in self._process(detector, device_id, X, seqs, stamps, labels, out):
             self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result, now_ms, out)
         if state.snapshot_due(now_ms, self.options.snapshot_every, self.options.snapshot_interval_ms):
             self.snapshot(state, device_id, now_ms, out)
         return state, out
+
+    def admit(self, state: DeviceState, device_id: str, seqs: list[int], stamps: list[int], now_ms: int,
+              out: Emitted) -> np.ndarray:
+        """Which readings to score: not duplicates (a ``seq`` at or below the highest the device has scored, e.g. a
+        producer's retry or a replay; counted, not dead-lettered) and, with `stream.timestamp_window_s`, an event
+        time within that window of now (refused ones are counted and dead-lettered, one letter per batch)."""
+        seq = np.asarray(seqs, dtype=np.int64)
+        highest_before = np.maximum.accumulate(np.concatenate(([state.last_seq], seq[:-1])))
+        admitted = seq > highest_before
+        out.counts["duplicates_dropped"] += int(admitted.size - np.count_nonzero(admitted))
+        window = self.options.timestamp_window_ms
+        if window:
+            outside = admitted & (np.abs(np.asarray(stamps, dtype=np.int64) - now_ms) > window)
+            if outside.any():
+                first = int(np.argmax(outside))
+                n = int(np.count_nonzero(outside))
+                out.counts["timestamps_refused"] += n
+                reason = (f"{n} reading(s) with an event time more than stream.timestamp_window_s = "
+                          f"{window // 1000} s from now (first: seq {seqs[first]}, ts {stamps[first]}); "
+                          f"set it to 0 to replay recorded data")
+                self._dead_letter(out, to_json({"device_id": device_id, "seq": seqs[first], "ts": stamps[first]}),
+                                  reason, self.options.telemetry_topic, device_id)
+                admitted &= ~outside
+        return admitted
 
     def _process(self, detector: DeviceDetector, device_id: str, X: np.ndarray, seqs, stamps, labels, out: Emitted
                  ) -> list[tuple[slice, DetectionResult]]:

@@ -47,6 +47,10 @@ MAX_BATCH_READINGS = 10_000
 # Larger magnitudes overflow the detector's squared errors (1e300 ** 2 is inf), so they are refused, not imputed.
 MAX_ABS_VALUE = 1e300
 MAX_INT64 = 2**63 - 1
+# Event times outside 1970-01-01 .. 2100-01-01 are not telemetry but corrupt or hostile values (they overflowed
+# date arithmetic downstream); a live stream narrows this further with `stream.timestamp_window_s`.
+MIN_TS_MS = 0
+MAX_TS_MS = 4_102_444_800_000
 MAX_DEAD_LETTER_RAW_CHARS = 10_000
 MAX_REASON_VALUE_CHARS = 40
 
@@ -182,6 +186,14 @@ def _int_field(obj: dict, name: str, where: str, minimum: int | None) -> int:
     return value
 
 
+def _ts_field(obj: dict, where: str) -> int:
+    value = _int_field(obj, "ts", where, None)
+    if not MIN_TS_MS <= value <= MAX_TS_MS:
+        raise InvalidMessage(f"{where}ts: {value} is not between 1970-01-01 and 2100-01-01 "
+                             f"(epoch ms {MIN_TS_MS} .. {MAX_TS_MS})")
+    return value
+
+
 def _metrics(obj: dict, where: str) -> dict[str, float]:
     try:
         metrics = obj["metrics"]
@@ -256,7 +268,7 @@ def _readings(msg: Any) -> list[Reading]:
     device_id = _device_id(msg)
     try:
         if "readings" not in msg:
-            return [Reading(device_id, _int_field(msg, "seq", "", 0), _int_field(msg, "ts", "", None),
+            return [Reading(device_id, _int_field(msg, "seq", "", 0), _ts_field(msg, ""),
                             _metrics(msg, ""), _label(msg, ""))]
         if "metrics" in msg:
             raise InvalidMessage("both 'metrics' and 'readings': a message is one reading or a batch, not both")
@@ -331,7 +343,7 @@ def _uniform_batch_columns(msg: Any) -> Columns | None:
     except OverflowError:
         return None
     finite = np.isfinite(X)
-    if ((np.abs(X[finite]) > MAX_ABS_VALUE).any() or seq_array.min() < 0 or ts_array.min() < -MAX_INT64
+    if ((np.abs(X[finite]) > MAX_ABS_VALUE).any() or seq_array.min() < 0 or ts_array.min() < MIN_TS_MS or ts_array.max() > MAX_TS_MS
             or (seq_array[1:] <= seq_array[:-1]).any()):  # compared, not subtracted: no int64 overflow
         return None
     X[~finite] = math.nan  # NaN, +-Infinity: missing, the detector's nan_policy decides
@@ -355,7 +367,7 @@ def _batch(device_id: str, items: Any) -> list[Reading]:
         if seq <= previous_seq:
             raise InvalidMessage(f"{where}seq: {seq} does not increase (previous {previous_seq})")
         previous_seq = seq
-        out.append(Reading(device_id, seq, _int_field(item, "ts", where, None), _metrics(item, where),
+        out.append(Reading(device_id, seq, _ts_field(item, where), _metrics(item, where),
                            _label(item, where)))
     return out
 

@@ -37,7 +37,7 @@ class Stack:
 
 
 def _session_env(state_dir: Path) -> dict[str, str]:
-    env = {"FLEAD_STATE_DIR": str(state_dir)}
+    env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_STREAM_TIMESTAMP_WINDOW_S": "0"}  # tests replay recorded data
     if not os.environ.get("FLEAD_KAFKA_BOOTSTRAP"):
         env |= {"FLEAD_KAFKA_PORT": str(processes.free_port()),
                 "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port())}

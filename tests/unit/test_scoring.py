@@ -29,7 +29,7 @@ def cfg_defaults():
 
 
 def options(**overrides) -> StreamOptions:
-    values = dict(micro_batch_size=4, snapshot_every=50, snapshot_interval_ms=60_000, global_policy="replace",
+    values = dict(micro_batch_size=4, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000, global_policy="replace",
                   blend_weight=0.5, telemetry_topic="t.telemetry", global_model_topic="t.global")
     return StreamOptions(**{**values, **overrides})
 
@@ -137,6 +137,31 @@ def test_reject_policy_dead_letters_readings_with_missing_values_and_scores_the_
     state, out = scoring.score(None, "a", [columns("a", 0, 4, values=values)], GlobalModels(), 1_000)
     assert [r["seq"] for raw in out.scores for r in decode_scores(raw)] == [0, 2, 3]
     assert len(out.dead_letters) == 1 and json.loads(json.loads(out.dead_letters[0])["raw"])["seq"] == 1
+
+
+def test_duplicates_are_neither_scored_nor_learned_again(settings):
+    scoring = StreamScoring(settings, options())
+    state, _ = run(scoring, "a", 2)  # seqs 0..7
+    again = columns("a", 4, 4)
+    n_seen = state.detector.n_seen
+    state, out = scoring.score(state, "a", [again], GlobalModels(), 1_000)
+    assert not out.scores and out.counts["duplicates_dropped"] == 4 and state.detector.n_seen == n_seen
+    overlapping = [columns("a", 6, 4), columns("a", 6, 4)]  # the same message twice in one micro-batch
+    state, out = scoring.score(state, "a", overlapping, GlobalModels(), 1_000)
+    assert [r["seq"] for r in decode_scores(out.scores[0])] == [8, 9]
+    assert out.counts["duplicates_dropped"] == 6 and state.last_seq == 9 and state.detector.n_seen == n_seen + 2
+
+
+def test_event_times_outside_the_window_are_dead_lettered_the_rest_scored(settings):
+    scoring = StreamScoring(settings, options(timestamp_window_ms=10_000))
+    # the readings are at ts 0, 1000, 2000, 3000 (seq * 1000): only the first is more than 10 s before 10.5 s
+    state, out = scoring.score(None, "a", [columns("a", 0, 4)], GlobalModels(), 10_500)
+    assert [r["seq"] for r in decode_scores(out.scores[0])] == [1, 2, 3]
+    assert out.counts["timestamps_refused"] == 1 and len(out.dead_letters) == 1
+    reason = json.loads(out.dead_letters[0])["reason"]
+    assert reason.startswith("1 reading(s) with an event time more than stream.timestamp_window_s = 10 s from now")
+    _, out = scoring.score(state, "a", [columns("a", 4, 4)], GlobalModels(), 10**12)
+    assert not out.scores and out.counts["timestamps_refused"] == 4
 
 
 # -- global models -------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from telemetry.schema import (DEAD_LETTER_SCHEMA, MAX_DEAD_LETTER_RAW_CHARS, SCHEMA, InvalidMessage, Reading,
+from telemetry.schema import (DEAD_LETTER_SCHEMA, MAX_DEAD_LETTER_RAW_CHARS, MAX_TS_MS, MIN_TS_MS, SCHEMA, InvalidMessage, Reading,
                               dead_letter, decode_columns, decode_message, decode_scores, encode_batch,
                               encode_reading, encode_scores)
 
@@ -16,11 +16,12 @@ values = st.floats(min_value=-1e300, max_value=1e300, allow_nan=False)
 metrics = st.dictionaries(metric_names, values, min_size=1, max_size=20)
 labels = st.sampled_from([None, 0, 1])
 int64 = st.integers(min_value=0, max_value=2**63 - 1)
+event_times = st.integers(min_value=MIN_TS_MS, max_value=MAX_TS_MS)
 
 
 @st.composite
 def readings(draw, device_id=None):
-    return Reading(device_id or draw(device_ids), draw(int64), draw(int64), draw(metrics), draw(labels))
+    return Reading(device_id or draw(device_ids), draw(int64), draw(event_times), draw(metrics), draw(labels))
 
 
 @settings(max_examples=200, deadline=None)
@@ -30,7 +31,7 @@ def test_single_reading_round_trips(r):
 
 
 @settings(max_examples=100, deadline=None)
-@given(device_ids, st.lists(st.tuples(st.integers(0, 5), int64, metrics, labels), min_size=1, max_size=10))
+@given(device_ids, st.lists(st.tuples(st.integers(0, 5), event_times, metrics, labels), min_size=1, max_size=10))
 def test_batch_round_trips_in_order(device_id, steps):
     seq, batch = 0, []
     for gap, ts, m, label in steps:
@@ -94,6 +95,8 @@ INVALID = [
     ("no ts", message(ts=...), "missing field 'ts'"),
     ("ts float", message(ts=1000.5), "ts: expected integer epoch milliseconds, got float"),
     ("ts str", message(ts="2024-01-01"), "ts: expected integer epoch milliseconds, got str"),
+    ("ts before 1970", message(ts=-(2**63 - 1)), "ts: -9223372036854775807 is not between 1970-01-01 and 2100"),
+    ("ts in year 3000", message(ts=32_503_680_000_000), "ts: 32503680000000 is not between 1970-01-01 and 2100"),
     ("no metrics", message(metrics=...), "missing field 'metrics'"),
     ("metrics list", message(metrics=[1]), "metrics: expected an object, got list"),
     ("metrics empty", message(metrics={}), "metrics: empty"),
