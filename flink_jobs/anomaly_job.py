@@ -175,8 +175,14 @@ def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configu
     conf.set_string("python.executable", python)
     conf.set_string("python.client.executable", python)
     jar = cfg.build_dir / "flink-libs" / CONNECTOR_JAR
-    if jar.exists():  # else it comes from `flink run --jarfile` or the cluster's lib/
-        conf.set_string("pipeline.jars", jar.as_uri())
+    jars = [jar.as_uri()] if jar.exists() else []  # else it comes from `flink run --jarfile` or the cluster's lib/
+    # the job's own metrics: Flink's Prometheus reporter on 127.0.0.1 (monitoring/flink_metrics.py)
+    from monitoring.flink_metrics import prometheus_reporter
+    reporter, reporter_jars = prometheus_reporter(cfg)
+    for key, value in reporter.items():
+        conf.set_string(key, value)
+    if jars + reporter_jars:
+        conf.set_string("pipeline.jars", ";".join(jars + reporter_jars))
     conf.set_string("execution.checkpointing.interval", f"{stream.checkpoint_interval_ms} ms")
     conf.set_string("execution.checkpointing.dir", checkpoint_dir(cfg).as_uri())
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")

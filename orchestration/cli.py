@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "orchestration.evaluate_cli",   # evaluate
     "flink_jobs.cli",               # stream
     "spark_jobs.cli",               # aggregate, evaluate-models, api
+    "monitoring.cli",               # router, health
     "visualization.cli",            # superset
     "orchestration.demo",           # demo
     "orchestration.report",         # report

@@ -70,6 +70,46 @@ if [ -z "${FLEAD_MONGO_URI:-}" ]; then
   fi
 fi
 
+# --- Flink's Prometheus reporter, bound to one address (monitoring/flink_reporter) -------------------------
+# flink-metrics-prometheus (build/flink-libs, from flink_jobs/pom.xml) listens on all interfaces; this small factory
+# serves the same reporter on metrics.flink_reporter_host. The stream job loads both jars through pipeline.jars.
+reporter_src=monitoring/flink_reporter/src
+key=$(stamp_of flink_jobs/pom.xml "$reporter_src"/io/flead/metrics/*.java "$reporter_src"/META-INF/services/*)
+reporter_jar=$BUILD/flink-libs/flead-prometheus-reporter.jar
+if ! fresh flink-reporter "$key" || [ ! -f "$reporter_jar" ]; then
+  say "Flink Prometheus reporter factory (javac) -> build/flink-libs/flead-prometheus-reporter.jar"
+  command -v javac >/dev/null || die "javac is required for the Flink metrics reporter (a JDK: apt-get install openjdk-17-jdk-headless)"
+  flink_lib=$(.venv/bin/python -c 'import os, pyflink; print(os.path.join(os.path.dirname(pyflink.__file__), "lib"))') \
+    || die "the virtualenv has no pyflink (see the lines above)"
+  prometheus_jar=$(ls "$BUILD"/flink-libs/flink-metrics-prometheus-*.jar 2>/dev/null | head -1)
+  [ -f "$prometheus_jar" ] || die "flink-metrics-prometheus missing in build/flink-libs (flink_jobs/pom.xml)"
+  classes=$(mktemp -d)
+  javac --release 17 -nowarn -d "$classes" -cp "$prometheus_jar:$flink_lib/*" "$reporter_src"/io/flead/metrics/*.java \
+    || die "javac of $reporter_src failed"
+  cp -r "$reporter_src/META-INF" "$classes/" && jar cf "$reporter_jar" -C "$classes" . || die "jar of the reporter failed"
+  rm -rf "$classes"
+  mark flink-reporter "$key"
+fi
+
+# --- Alertmanager, built from the Go module proxy: the incident router's tests deliver to a real one ------------
+ALERTMANAGER_VERSION=v0.35.0
+key=$(echo "alertmanager $ALERTMANAGER_VERSION" | sha256sum | cut -c1-16)
+if ! fresh alertmanager "$key" || [ ! -x "$BUILD/bin/alertmanager" ]; then
+  command -v go >/dev/null || die "the Go toolchain is required to build Alertmanager (the incident routing tests use it)"
+  say "Alertmanager $ALERTMANAGER_VERSION (go build; without its web UI: FLEAD uses its API)"
+  src=$(cd /tmp && go mod download -json "github.com/prometheus/alertmanager@$ALERTMANAGER_VERSION" | awk -F'"' '/"Dir"/ {print $4}')
+  [ -d "$src" ] || die "go could not download Alertmanager $ALERTMANAGER_VERSION (is the Go module proxy reachable?)"
+  rm -rf "$BUILD/alertmanager-src" && cp -r "$src" "$BUILD/alertmanager-src" && chmod -R u+w "$BUILD/alertmanager-src"
+  # ui/web.go embeds ui/app/dist, which the module leaves out (it is built by npm): a placeholder page lets it build
+  mkdir -p "$BUILD/alertmanager-src/ui/app/dist"
+  echo '<!doctype html><title>Alertmanager</title><p>Web UI not built; the API is at /api/v2.' \
+    > "$BUILD/alertmanager-src/ui/app/dist/index.html"
+  (cd "$BUILD/alertmanager-src" && go build -buildvcs=false \
+     -ldflags "-X github.com/prometheus/common/version.Version=${ALERTMANAGER_VERSION#v}" \
+     -o "$BUILD/bin/alertmanager" ./cmd/alertmanager) || die "go build of Alertmanager failed"
+  mark alertmanager "$key"
+fi
+
 # --- Superset (own virtualenv) and the headless browser for dashboard checks -----------------------------
 if [ "$WHAT" = all ] && [ -f visualization/setup_superset.sh ]; then
   bash visualization/setup_superset.sh

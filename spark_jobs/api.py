@@ -27,6 +27,7 @@ from pymongo.errors import PyMongoError
 from config import Config, load_config
 from models.aggregation import Update, validate_updates
 from models.serialization import SerializationError, from_b64, loads
+from spark_jobs.api_monitoring import monitoring_routes
 from storage import mongo
 
 MAX_INT = 2**53  # JSON numbers above this lose precision in most clients
@@ -147,6 +148,8 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
 
     app = FastAPI(title="FLEAD global model server", version="1",
                   description="Federated global models, aggregation rounds and device snapshots.")
+
+    app.include_router(monitoring_routes(cfg, db, writer))  # /metrics, /healthz, incidents, feedback, suppressions
 
     @app.exception_handler(mongo.StorageError)
     @app.exception_handler(PyMongoError)
