@@ -179,10 +179,10 @@ class IncidentRouter:
             return
         self.store.failed(delivery, now, outcome.error or "failed", None)
         self.stats["dead"] += 1
-        why = f"after {attempt} attempts" if outcome.retry else "refused"
+        why = f"failed after {attempt} attempts" if outcome.retry else "was refused"
         log.warning("delivery %s is dead (%s): %s", delivery["_id"], why, outcome.error)
         mongo.write_dead_letters(self.db, self.cfg, [{
-            "reason": f"delivery to {receiver.kind} {receiver.url} failed {why}: {outcome.error}",
+            "reason": f"delivery to {receiver.kind} {receiver.url} {why}: {outcome.error}",
             "raw": json.dumps({"delivery_id": delivery["_id"], "incident": delivery["incident"]}, default=str)[:10_000],
             "source": f"router:{receiver.kind}", "device_id": delivery["device_id"], "at": now}])
 
