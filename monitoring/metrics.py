@@ -1,8 +1,9 @@
 """Prometheus metrics of the pipeline, read at scrape time from MongoDB and Kafka (`GET /metrics` on the API).
 
 `PipelineCollector` is a `prometheus_client` custom collector: each scrape yields metric families built from one
-*reading* of the stores (`PipelineReader`, consumer lag, health), taken at most every `metrics.cache_s` seconds —
-scrapes in between reuse it, so a scrape costs a few milliseconds and many scrapers cost MongoDB nothing more.
+*reading* of the stores (`PipelineReader`, consumer lag, health). A reading older than `metrics.cache_s` is
+refreshed in a background thread while scrapes keep getting the previous one, so a scrape costs milliseconds
+whatever the stores cost, and many scrapers cost MongoDB nothing more.
 A figure that could not be read is left out of that scrape (and `flead_metrics_read_errors_total` counts it), so one
 unavailable source never hides the others.
 
@@ -91,20 +92,36 @@ class PipelineCollector(Collector):
         self._lock = threading.Lock()
         self._reading: Reading | None = None
         self._read_at = -math.inf
+        self._refreshing = False
         self.read_errors: dict[str, int] = {}
         self.last_read_seconds = 0.0
 
     # -- reading (cached) -----------------------------------------------------------------------------------------
 
     def reading(self) -> Reading:
-        """The cached reading, refreshed when older than `metrics.cache_s` (one refresh at a time)."""
+        """The newest reading. Once it is `metrics.cache_s` old, a refresh starts in the background (one at a
+        time) and scrapes keep getting the previous reading meanwhile: a scrape never waits for the stores, except
+        the very first. `flead_metrics_read_timestamp_seconds` says when the reading shown was taken."""
         with self._lock:
-            if self._reading is None or self._clock() - self._read_at >= self.cfg.metrics.cache_s:
-                started = time.perf_counter()
-                self._reading = self.read()
-                self.last_read_seconds = time.perf_counter() - started
-                self._read_at = self._clock()
+            if self._reading is None:
+                self._refresh()
+            elif self._clock() - self._read_at >= self.cfg.metrics.cache_s and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._refresh_in_background, name="flead-metrics", daemon=True).start()
             return self._reading
+
+    def _refresh(self) -> None:
+        read_at, started, wall = self._clock(), time.perf_counter(), time.time()
+        reading = self.read()
+        reading["read_at"] = wall
+        self.last_read_seconds = time.perf_counter() - started
+        self._reading, self._read_at = reading, read_at
+
+    def _refresh_in_background(self) -> None:
+        try:
+            self._refresh()
+        finally:
+            self._refreshing = False
 
     def _try(self, reading: Reading, name: str, fetch: Callable[[], Any]) -> None:
         try:
@@ -127,11 +144,13 @@ class PipelineCollector(Collector):
             log.warning("metrics: MongoDB unavailable: %s", exc)
             source = None
         if source is not None:
-            self._try(reading, "device_totals", source.device_totals)
-            if "device_totals" in reading:
-                devices = select_devices(reading["device_totals"], metrics.top_devices, metrics.device_allow_list)
-                reading["devices"] = devices
-                self._try(reading, "latest_buckets", lambda: source.latest_buckets(devices))
+            self._try(reading, "device_summaries", source.devices)
+            if "device_summaries" in reading:
+                summaries = reading.pop("device_summaries")
+                reading["device_totals"] = {d: (s.readings, s.anomalies) for d, s in summaries.items()}
+                reading["devices"] = select_devices(reading["device_totals"], metrics.top_devices,
+                                                    metrics.device_allow_list)
+                reading["latest_buckets"] = {d: summaries[d].latest for d in reading["devices"] if d in summaries}
             self._try(reading, "dead_letters", source.dead_letters_by_reason)
             self._try(reading, "incidents", source.incidents_by_status)
             self._try(reading, "drift_events", source.drift_events)
@@ -165,6 +184,9 @@ class PipelineCollector(Collector):
         yield errors
         yield GaugeMetricFamily("flead_metrics_read_seconds", "Time the last refresh of /metrics' sources took",
                                 value=self.last_read_seconds)
+        yield GaugeMetricFamily("flead_metrics_read_timestamp_seconds", "When the reading these figures come from "
+                                "was taken (refreshed in the background every metrics.cache_s)",
+                                value=reading["read_at"])
 
     def _readings(self, reading: Reading) -> Iterator[Metric]:
         if "device_totals" not in reading:

@@ -8,7 +8,7 @@ FerretDB v1 computes only the first accumulator of a ``$group`` stage (a second 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from pymongo.database import Database
 
@@ -24,6 +24,15 @@ def group_sum(collection, key: str, value: Any = 1, match: dict | None = None) -
     return {doc["_id"]: doc["total"] for doc in collection.aggregate(stages)}
 
 
+class DeviceSummary(NamedTuple):
+    """One device in the roll-ups: totals, and its newest bucket (``ts``, ``n``, ``score_sum``, ``score_max``,
+    ``threshold_max`` — absent while the device warms up)."""
+
+    readings: int
+    anomalies: int
+    latest: dict
+
+
 class PipelineReader:
     """The pipeline's figures as stored in MongoDB (see the module docstring)."""
 
@@ -34,23 +43,21 @@ class PipelineReader:
     def _collection(self, key: str):
         return mongo.collection(self.db, self.cfg, key)
 
-    def device_totals(self) -> dict[str, tuple[int, int]]:
-        """Per device: (readings scored, anomalies), all time."""
-        rollups = self._collection("score_rollups")
-        readings = group_sum(rollups, "device_id", "$n")
-        anomalies = group_sum(rollups, "device_id", "$anomalies")
-        return {device: (int(n), int(anomalies.get(device, 0))) for device, n in readings.items()
-                if isinstance(device, str)}
-
-    def latest_buckets(self, devices: list[str]) -> dict[str, dict]:
-        """Per device (of `devices`), its newest roll-up bucket: ``ts``, ``n``, ``score_sum``, ``score_max``,
-        ``threshold_max`` (absent while it warms up)."""
-        rollups = self._collection("score_rollups")
-        out = {}
-        for device in devices:
-            doc = rollups.find_one({"device_id": device}, {"_id": 0}, sort=[("ts", -1)])
-            if doc is not None:
-                out[device] = doc
+    def devices(self) -> dict[str, DeviceSummary]:
+        """Per device: readings scored and anomalies (all time) and its newest roll-up bucket. One pass over the
+        roll-ups: FerretDB uses no index to sort per device (a query per device took seconds), and two
+        single-accumulator ``$group`` pipelines (see the module docstring) would each cost that pass."""
+        out: dict[str, DeviceSummary] = {}
+        fields = {"_id": 0, "device_id": 1, "ts": 1, "n": 1, "anomalies": 1, "score_sum": 1, "score_max": 1,
+                  "threshold_max": 1}
+        for doc in self._collection("score_rollups").find({}, fields):
+            held = out.get(doc["device_id"])
+            if held is None:
+                out[doc["device_id"]] = DeviceSummary(doc["n"], doc["anomalies"], doc)
+            else:
+                newer = doc if doc["ts"] > held.latest["ts"] else held.latest
+                out[doc["device_id"]] = DeviceSummary(held.readings + doc["n"], held.anomalies + doc["anomalies"],
+                                                      newer)
         return out
 
     def dead_letters_by_reason(self) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 from confluent_kafka import Producer
@@ -11,6 +12,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import load_config
+from http_receivers import wait_for
 from monitoring.records import decode_feedback, sample_incident
 from spark_jobs.api import create_app
 from storage import mongo
@@ -29,11 +31,17 @@ def api_cfg(**env):
 
 
 def samples(client) -> dict[tuple[str, tuple], float]:
-    """Every sample of a /metrics scrape: (name, sorted labels) -> value."""
-    response = client.get("/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    """Every sample of a /metrics scrape, (name, sorted labels) -> value, from a reading taken after this call (the
+    collector refreshes in the background: scrape until the reading shown is new enough)."""
+    since = time.time()
+
+    def scrape():
+        response = client.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+        return got if got[("flead_metrics_read_timestamp_seconds", ())] >= since else None
+    return wait_for(scrape, 30, "a /metrics reading taken after the change", step_s=0.05)
 
 
 def send_scores(cfg, device: str, seqs: range, anomalous=lambda seq: False) -> None:

@@ -4,6 +4,7 @@ import doctest
 import importlib
 import json
 import re
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -176,3 +177,35 @@ def test_health_assessment():
     assert not died["ok"] and died["problems"] == ["sink: down"]
     no_kafka = assess({"kafka": False, "mongo": True}, {}, None, groups, max_lag=1000)
     assert not no_kafka["ok"] and "kafka: down" in no_kafka["problems"]
+
+
+def test_scrapes_never_wait_for_a_refresh_after_the_first():
+    import threading
+
+    from config import load_config
+    from monitoring.metrics import PipelineCollector, Reading
+
+    now = [0.0]
+    release = threading.Event()
+    reads = []
+
+    class Counting(PipelineCollector):
+        def read(self):
+            reads.append(now[0])
+            if len(reads) > 1:
+                release.wait(10)  # a slow database
+            return Reading(figure=len(reads))
+
+    collector = Counting(load_config(env={"FLEAD_METRICS_CACHE_S": "10"}), db=lambda: None, clock=lambda: now[0])
+    assert collector.reading()["figure"] == 1 and reads == [0.0]  # the first scrape reads
+    now[0] = 5.0
+    assert collector.reading()["figure"] == 1 and len(reads) == 1  # within metrics.cache_s: cached
+    now[0] = 11.0
+    assert collector.reading()["figure"] == 1  # stale: the previous reading at once, a refresh starts
+    assert collector.reading()["figure"] == 1  # ... and only one
+    release.set()
+    deadline = time.monotonic() + 10
+    while collector.reading()["figure"] != 2:
+        assert time.monotonic() < deadline, reads
+        time.sleep(0.01)
+    assert len(reads) == 2 and "flead_metrics_read_timestamp_seconds" in {f.name for f in collector.collect()}
