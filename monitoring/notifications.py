@@ -130,7 +130,8 @@ def alertmanager_alert(incident: dict, settings: NotificationSettings, now_ms: i
 
 def webhook_body(incident: dict, settings: NotificationSettings, idempotency_key: str, sent_at_ms: int) -> dict:
     """The generic webhook's JSON body: the incident record itself, with the event, severity and links."""
-    return {"schema": NOTIFICATION_SCHEMA, "event": f"incident_{'resolved' if incident['status'] == 'resolved' else 'opened'}",
+    event = "incident_resolved" if incident["status"] == "resolved" else "incident_opened"
+    return {"schema": NOTIFICATION_SCHEMA, "event": event,
             "idempotency_key": idempotency_key, "severity": severity(incident, settings.critical_ratio),
             "summary": summary(incident), "incident": {k: v for k, v in incident.items() if k != "schema"},
             "links": {"drilldown": drilldown_link(settings.drilldown_url, incident["device_id"]),

@@ -4,33 +4,34 @@ the stream job) and operators' verdicts (`flead.feedback/1`, written by the API 
 Both topics can be written by others, so reading checks every field the router or the stream job relies on and
 raises `InvalidMessage` with the reason (the caller dead-letters the record).
 
->>> record = decode_incident(json.dumps(sample_incident()))
+>>> record = decode_incident(dumps_json(sample_incident()))
 >>> record["incident_id"], record["status"]
 ('dev-1:100', 'open')
->>> decode_incident(json.dumps({**sample_incident(), "status": "closed"}))
+>>> decode_incident(dumps_json({**sample_incident(), "status": "closed"}))
 Traceback (most recent call last):
 ...
 telemetry.schema.InvalidMessage: status: expected 'open' or 'resolved', got 'closed'
 """
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
-from telemetry.schema import InvalidMessage, dumps_json, load_object
+from telemetry.schema import (INCIDENT, INCIDENT_SCHEMA, INTEGER, LIST, NUMBER, TEXT, InvalidMessage, RecordFormat,
+                              dumps_json, load_object, nullable)
 
-INCIDENT_SCHEMA = "flead.incident/1"
 FEEDBACK_SCHEMA = "flead.feedback/1"
 STATUSES = ("open", "resolved")
 VERDICTS = ("false_positive", "confirmed")
 MAX_ID_CHARS = 500  # incident ids are "<device_id>:<start_seq>", device ids at most 200 characters
 MAX_BLAMED_METRICS = 100
 MAX_METRIC_NAME_CHARS = 200
-MAX_INT64 = 2**63 - 1
 
-_INTEGERS = ("start_seq", "end_seq", "start_ts", "end_ts", "n_flagged", "n_readings", "model_version",
-             "global_version", "updated_at")
+FEEDBACK = RecordFormat(FEEDBACK_SCHEMA, {
+    "incident_id": TEXT, "device_id": TEXT, "verdict": TEXT, "peak_score": nullable(NUMBER),
+    "peak_ratio": nullable(NUMBER), "metrics_to_blame": LIST, "start_ts": nullable(INTEGER),
+    "model_version": nullable(INTEGER), "created_at": INTEGER})
+"""An operator's verdict on an incident, for the stream job: ``verdict`` ``false_positive`` or ``confirmed``; the
+incident's peak and metrics to blame are what `monitoring.false_positives.apply_feedback` needs."""
 
 
 def _show(value: Any) -> str:
@@ -38,34 +39,19 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:40] + "..."
 
 
-def _text(record: dict, name: str, limit: int) -> str:
-    value = record.get(name)
-    if type(value) is not str or not value or len(value) > limit:
-        raise InvalidMessage(f"{name}: expected a string of 1 to {limit} characters, got {_show(value)}",
-                             record.get("device_id") if type(record.get("device_id")) is str else None)
-    return value
+def _ids(record: dict) -> str:
+    """The record's device id, after checking it and the incident id are non-empty and of bounded length."""
+    for name in ("device_id", "incident_id"):
+        if not 0 < len(record[name]) <= MAX_ID_CHARS:
+            raise InvalidMessage(f"{name}: expected 1 to {MAX_ID_CHARS} characters, got {len(record[name])}",
+                                 record["device_id"] or None)
+    return record["device_id"]
 
 
-def _integer(record: dict, name: str, nullable: bool = False) -> None:
-    value = record.get(name)
-    if value is None and nullable:
-        return
-    if type(value) is not int or not -MAX_INT64 <= value <= MAX_INT64:
-        raise InvalidMessage(f"{name}: expected an integer, got {_show(value)}", record["device_id"])
-
-
-def _number(record: dict, name: str, nullable: bool = False) -> None:
-    value = record.get(name)
-    if value is None and nullable:
-        return
-    if type(value) not in (int, float) or not math.isfinite(value):
-        raise InvalidMessage(f"{name}: expected a finite number, got {_show(value)}", record["device_id"])
-
-
-def check_blame(blame: Any, device_id: str | None = None) -> list[dict]:
-    """``metrics_to_blame``: a list of ``{"metric": name, "share": number in [0, 1]}``."""
-    if type(blame) is not list or len(blame) > MAX_BLAMED_METRICS:
-        raise InvalidMessage(f"metrics_to_blame: expected a list of at most {MAX_BLAMED_METRICS} objects", device_id)
+def check_blame(blame: list, device_id: str | None = None) -> list[dict]:
+    """``metrics_to_blame``: at most `MAX_BLAMED_METRICS` items ``{"metric": name, "share": number in [0, 1]}``."""
+    if len(blame) > MAX_BLAMED_METRICS:
+        raise InvalidMessage(f"metrics_to_blame: {len(blame)} items, at most {MAX_BLAMED_METRICS}", device_id)
     for i, item in enumerate(blame):
         if (type(item) is not dict or type(item.get("metric")) is not str
                 or not 0 < len(item["metric"]) <= MAX_METRIC_NAME_CHARS):
@@ -78,20 +64,15 @@ def check_blame(blame: Any, device_id: str | None = None) -> list[dict]:
 
 
 def check_incident(record: dict) -> dict:
-    """`record` if it is a `flead.incident/1` the router can deliver; else `InvalidMessage` naming the field."""
-    if record.get("schema") != INCIDENT_SCHEMA:
-        raise InvalidMessage(f"schema {_show(record.get('schema'))}, expected {INCIDENT_SCHEMA!r}")
-    device_id = _text(record, "device_id", MAX_ID_CHARS)
-    incident_id = _text(record, "incident_id", MAX_ID_CHARS)
-    if not incident_id.startswith(device_id + ":"):
-        raise InvalidMessage(f"incident_id {_show(incident_id)} is not '<device_id>:<start_seq>'", device_id)
-    if record.get("status") not in STATUSES:
-        raise InvalidMessage(f"status: expected 'open' or 'resolved', got {_show(record.get('status'))}", device_id)
-    for name in _INTEGERS:
-        _integer(record, name, nullable=name == "end_ts" and record["status"] == "open")
-    _number(record, "peak_score")
-    _number(record, "peak_ratio", nullable=True)
-    check_blame(record.get("metrics_to_blame"), device_id)
+    """`record` if it is a `flead.incident/1` (`telemetry.schema.INCIDENT`) the router can deliver: also a known
+    status, ``incident_id`` = ``<device_id>:...``, well-formed metrics to blame; else `InvalidMessage`."""
+    INCIDENT.check(record)
+    device_id = _ids(record)
+    if not record["incident_id"].startswith(device_id + ":"):
+        raise InvalidMessage(f"incident_id {_show(record['incident_id'])} is not '<device_id>:<start_seq>'", device_id)
+    if record["status"] not in STATUSES:
+        raise InvalidMessage(f"status: expected 'open' or 'resolved', got {_show(record['status'])}", device_id)
+    check_blame(record["metrics_to_blame"], device_id)
     return record
 
 
@@ -100,15 +81,25 @@ def decode_incident(raw: bytes | str | None) -> dict:
     return check_incident(load_object(raw))
 
 
+def _plain(value: Any) -> Any:
+    """A number read back from MongoDB as a plain int or float (pymongo gives `bson.Int64` for 64-bit integers)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    return float(value) if isinstance(value, float) else value
+
+
 def feedback_record(incident: dict, verdict: str, created_at: int) -> dict:
-    """The `flead.feedback/1` record of an operator's verdict on a stored incident: what the stream job needs to
-    mute the incident's pattern on its device (`monitoring.false_positives.apply_feedback`)."""
+    """The `flead.feedback/1` record of an operator's verdict on a stored incident."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict: expected one of {VERDICTS}, got {verdict!r}")
-    return {"schema": FEEDBACK_SCHEMA, "incident_id": incident["incident_id"], "device_id": incident["device_id"],
-            "verdict": verdict, "peak_score": incident.get("peak_score"), "peak_ratio": incident.get("peak_ratio"),
-            "metrics_to_blame": incident.get("metrics_to_blame") or [], "start_ts": incident.get("start_ts"),
-            "model_version": incident.get("model_version"), "created_at": created_at}
+    blame = [{"metric": item["metric"], "share": _plain(item["share"])}
+             for item in incident.get("metrics_to_blame") or []]
+    return FEEDBACK.make(incident_id=incident["incident_id"], device_id=incident["device_id"], verdict=verdict,
+                         peak_score=_plain(incident.get("peak_score")), peak_ratio=_plain(incident.get("peak_ratio")),
+                         metrics_to_blame=blame, start_ts=_plain(incident.get("start_ts")),
+                         model_version=_plain(incident.get("model_version")), created_at=created_at)
 
 
 def encode_feedback(record: dict) -> bytes:
@@ -117,17 +108,11 @@ def encode_feedback(record: dict) -> bytes:
 
 def decode_feedback(raw: bytes | str | None) -> dict:
     """A `flead.feedback/1` record of the feedback topic; `InvalidMessage` naming the field if it is wrong."""
-    record = load_object(raw)
-    if record.get("schema") != FEEDBACK_SCHEMA:
-        raise InvalidMessage(f"schema {_show(record.get('schema'))}, expected {FEEDBACK_SCHEMA!r}")
-    device_id = _text(record, "device_id", MAX_ID_CHARS)
-    _text(record, "incident_id", MAX_ID_CHARS)
-    if record.get("verdict") not in VERDICTS:
-        raise InvalidMessage(f"verdict: expected one of {VERDICTS}, got {_show(record.get('verdict'))}", device_id)
-    _number(record, "peak_score", nullable=True)
-    _number(record, "peak_ratio", nullable=True)
-    _integer(record, "created_at")
-    check_blame(record.get("metrics_to_blame"), device_id)
+    record = FEEDBACK.decode(raw)
+    device_id = _ids(record)
+    if record["verdict"] not in VERDICTS:
+        raise InvalidMessage(f"verdict: expected one of {VERDICTS}, got {_show(record['verdict'])}", device_id)
+    check_blame(record["metrics_to_blame"], device_id)
     return record
 
 
@@ -143,6 +128,3 @@ def sample_incident(**fields: Any) -> dict:
         record["incident_id"] = f"{fields['device_id']}:{record['start_seq']}"
     return record
 
-
-__all__ = ["INCIDENT_SCHEMA", "FEEDBACK_SCHEMA", "STATUSES", "VERDICTS", "check_incident", "decode_incident",
-           "feedback_record", "encode_feedback", "decode_feedback", "check_blame", "sample_incident"]

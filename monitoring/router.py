@@ -31,7 +31,7 @@ from monitoring.receivers import ALERTMANAGER, HttpReceiver, receivers_from_conf
 from monitoring.records import check_incident
 from monitoring.suppression import matching_rule
 from storage import mongo
-from telemetry.schema import InvalidMessage, load_object
+from telemetry.schema import InvalidMessage, dead_letter_record, load_object
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,8 @@ class IncidentRouter:
                 incident = check_incident(load_object(msg.value()))
             except InvalidMessage as exc:
                 self.stats["incidents_invalid"] += 1
-                mongo.write_dead_letters(self.db, self.cfg, [{
-                    "reason": f"incident: {exc.reason}", "raw": (msg.value() or b"").decode("utf-8", "replace")[:10_000],
-                    "source": self.topic, "device_id": exc.device_id, "at": self.clock()}])
+                mongo.write_dead_letters(self.db, self.cfg, [dead_letter_record(
+                    msg.value(), f"incident: {exc.reason}", self.topic, exc.device_id, self.clock())])
                 continue
             self.stats["incidents"] += 1
             self.plan(incident)
@@ -181,10 +180,10 @@ class IncidentRouter:
         self.stats["dead"] += 1
         why = f"failed after {attempt} attempts" if outcome.retry else "was refused"
         log.warning("delivery %s is dead (%s): %s", delivery["_id"], why, outcome.error)
-        mongo.write_dead_letters(self.db, self.cfg, [{
-            "reason": f"delivery to {receiver.kind} {receiver.url} {why}: {outcome.error}",
-            "raw": json.dumps({"delivery_id": delivery["_id"], "incident": delivery["incident"]}, default=str)[:10_000],
-            "source": f"router:{receiver.kind}", "device_id": delivery["device_id"], "at": now}])
+        raw = json.dumps({"delivery_id": delivery["_id"], "incident": delivery["incident"]}, default=str)
+        mongo.write_dead_letters(self.db, self.cfg, [dead_letter_record(
+            raw, f"delivery to {receiver.kind} {receiver.url} {why}: {outcome.error}", f"router:{receiver.kind}",
+            delivery["device_id"], now)])
 
     def resend_open(self) -> int:
         """Re-send open incidents to Alertmanager receivers (keeps them firing there); returns how many were sent."""

@@ -136,7 +136,8 @@ def test_failing_deliveries_become_dead_letters_and_can_be_retried(cfg, db):
         assert stats["incidents"] == 1 and stats["incidents_invalid"] == 2 and stats["dead"] == 2
         assert len(failing.requests) == 3 and len(refusing.requests) == 1  # a refusal is not retried
         reasons = [d["reason"] for d in mongo.collection(db, rcfg, "dead_letters").find()]
-        assert any(r.startswith(f"delivery to webhook {failing.url} failed after 3 attempts: HTTP 503") for r in reasons)
+        failed = f"delivery to webhook {failing.url} failed after 3 attempts: HTTP 503"
+        assert any(r.startswith(failed) for r in reasons)
         assert f"delivery to webhook {refusing.url} was refused: HTTP 400" in reasons
         assert sum("incident: " in r for r in reasons) == 2  # the bad records, with their reasons
         failing.status = 200

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -33,9 +34,10 @@ def send_readings(cfg, start: int, n: int) -> None:
     """`n` readings per device from `start` on, in 16-reading messages keyed by device."""
     rng = np.random.default_rng(start)
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": 5})
+    t0 = int(time.time() * 1000) - 3_600_000  # within stream.timestamp_window_s of now
     for device in (f"met-{i}" for i in range(DEVICES)):
         for first in range(start, start + n, MESSAGE):
-            readings = [Reading(device, seq, 1_700_000_000_000 + seq * 1000,
+            readings = [Reading(device, seq, t0 + seq * 1000,
                                 {f"m{j}": float(v) for j, v in enumerate(rng.normal(0.5, 0.05, 4))})
                         for seq in range(first, min(first + MESSAGE, start + n))]
             producer.produce(cfg.kafka.topics.telemetry, key=device.encode(), value=encode_batch(device, readings))

@@ -209,3 +209,12 @@ def test_scrapes_never_wait_for_a_refresh_after_the_first():
         assert time.monotonic() < deadline, reads
         time.sleep(0.01)
     assert len(reads) == 2 and "flead_metrics_read_timestamp_seconds" in {f.name for f in collector.collect()}
+
+
+def test_feedback_record_of_an_incident_read_back_from_mongodb():
+    from bson.int64 import Int64
+
+    stored = sample_incident(start_ts=Int64(1_706_659_200_000), model_version=Int64(3), peak_score=Int64(12))
+    record = feedback_record(stored, "confirmed", 5)
+    assert type(record["start_ts"]) is int and type(record["peak_score"]) is int
+    assert decode_feedback(encode_feedback(record))["start_ts"] == 1_706_659_200_000
