@@ -29,7 +29,7 @@ from config import Config
 from monitoring.deliveries import ensure_collections
 from monitoring.health import check_health
 from monitoring.metrics import metrics_registry
-from monitoring.notifications import drilldown_link, summary
+from monitoring.notifications import NotificationSettings, drilldown_link, rfc3339, summary
 from monitoring.records import encode_feedback, feedback_record
 from monitoring.suppression import check_rule
 from storage import mongo
@@ -130,8 +130,7 @@ def monitoring_routes(cfg: Config, db: Callable[[], Any], writer: Callable) -> A
             {"incident_id": incident_id}, {"_id": 1, "kind": 1, "status": 1, "state": 1, "attempts": 1,
                                            "delivered_at": 1, "last_error": 1}))
         return {"incident": incident, "feedback": feedback, "deliveries": deliveries,
-                "links": {"drilldown": drilldown_link(cfg.router.drilldown_url or
-                                                      f"http://{cfg.superset.host}:{cfg.superset.port}",
+                "links": {"drilldown": drilldown_link(NotificationSettings.from_config(cfg).drilldown_url,
                                                       incident["device_id"])}}
 
     @router.post("/api/incidents/{incident_id}/feedback", status_code=201, dependencies=[Depends(writer)],
@@ -170,7 +169,8 @@ def monitoring_routes(cfg: Config, db: Callable[[], Any], writer: Callable) -> A
     def feedback_page(incident_id: str = INCIDENT_ID) -> HTMLResponse:
         incident = collection("incidents").find_one({"_id": incident_id}, {"_id": 0})
         verdict = collection("incident_feedback").find_one({"_id": incident_id}, {"verdict": 1})
-        return HTMLResponse(feedback_html(incident_id, incident, verdict and verdict.get("verdict")),
+        return HTMLResponse(feedback_html(incident_id, incident, verdict and verdict.get("verdict"),
+                                          NotificationSettings.from_config(cfg).drilldown_url),
                             status_code=200 if incident else 404)
 
     @router.get("/api/suppressions", tags=["suppressions"], summary="Suppression rules")
@@ -199,16 +199,19 @@ def monitoring_routes(cfg: Config, db: Callable[[], Any], writer: Callable) -> A
     return router
 
 
-def feedback_html(incident_id: str, incident: dict | None, verdict: str | None) -> str:
+def feedback_html(incident_id: str, incident: dict | None, verdict: str | None, drilldown_url: str) -> str:
     """The feedback page: the incident in words, the current verdict, two buttons. Every value is escaped (incident
     fields come from Kafka); the POST goes to this API with the token the operator typed (kept in localStorage)."""
     esc = html.escape
     if incident is None:
         body = f"<p>No incident <code>{esc(incident_id)}</code> is stored.</p>"
     else:
-        body = (f"<p>{esc(summary(incident))}</p><p>Started {esc(str(incident.get('start_ts')))} (epoch ms), "
-                f"{esc(str(incident.get('n_flagged')))} readings flagged. Current verdict: "
-                f"<b id=verdict>{esc(verdict or 'none')}</b></p>"
+        started = rfc3339(incident["start_ts"]) if isinstance(incident.get("start_ts"), int) else "?"
+        body = (f"<p>{esc(summary(incident))}</p><p>Started {esc(started)} (UTC), "
+                f"{esc(str(incident.get('n_flagged')))} of {esc(str(incident.get('n_readings')))} readings flagged, "
+                f"model v{esc(str(incident.get('model_version')))}. "
+                f"<a href=\"{esc(drilldown_link(drilldown_url, str(incident.get('device_id'))))}\">"
+                f"Device drill-down</a></p><p>Current verdict: <b id=verdict>{esc(verdict or 'none')}</b></p>"
                 "<label>API token <input id=token type=password size=40></label><br>"
                 "<label>Note <input id=note size=60 maxlength=2000></label><br>"
                 "<button data-verdict=false_positive>False positive</button> "
