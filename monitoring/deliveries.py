@@ -28,7 +28,6 @@ from config import Config
 from storage import mongo
 
 PENDING, DELIVERED, DEAD, SUPPRESSED = "pending", "delivered", "dead", "suppressed"
-STATES = (PENDING, DELIVERED, DEAD, SUPPRESSED)
 
 INDEXES: dict[str, list[list[tuple[str, int]]]] = {
     "deliveries": [[("state", 1), ("next_attempt_at", 1)], [("incident_id", 1)],
@@ -111,14 +110,6 @@ class DeliveryStore:
     def resent(self, delivery_id: str, now: int, resend_at: int, error: str | None) -> None:
         self.deliveries.update_one({"_id": delivery_id, "resolved": False},
                                    {"$set": {"resend_at": resend_at, "updated_at": now, "last_error": error}})
-
-    def counts(self) -> dict[tuple[str, str, str], int]:
-        """Number of deliveries per (receiver kind, status, state)."""
-        out: dict[tuple[str, str, str], int] = {}
-        for doc in self.deliveries.find({}, {"kind": 1, "status": 1, "state": 1, "_id": 0}):
-            key = (doc.get("kind", "?"), doc.get("status", "?"), doc.get("state", "?"))
-            out[key] = out.get(key, 0) + 1
-        return out
 
     def retry_dead(self, now: int) -> int:
         """Make every dead delivery pending again (after a receiver was fixed); returns how many."""
