@@ -1,7 +1,14 @@
-"""Federated aggregation: pure rules over weighted updates, validation, and thin strategies.
+"""Federated aggregation: pure rules over weighted updates, per-device and cohort checks, and thin strategies.
 
-The rules follow Flower's ``aggregate.py``: plain functions over ``list[(weights, n_samples)]`` returning one
-list of arrays. A strategy validates the updates, decides who takes part and calls one rule.
+The rules follow Flower's ``aggregate.py``: plain functions over ``list[(weights, weight)]`` returning one list of
+arrays. A strategy (`models.updates.Strategy`: ``aggregate(updates, current=None)``) checks the updates, decides
+who takes part and with which weight, and calls one rule. `make_strategy` builds the configured one once per
+round, with differential privacy (`models.privacy.DifferentiallyPrivate`) or secure aggregation
+(`models.secure_aggregation.SecureAggregation`) wrapped around it.
+
+Bounded influence: a FedAvg weight is ``min(n_samples, cap)`` with ``cap`` = the cohort's median ``n_samples`` ×
+`aggregation.sample_cap_factor`, so claiming 2⁵³ readings buys no more than a few honest devices' weight;
+`newest_plausible` keeps one update per device, the newest whose counters follow its previous snapshot.
 
 >>> a = ([np.array([0.0, 0.0])], 1)
 >>> b = ([np.array([3.0, 6.0])], 2)
@@ -9,6 +16,8 @@ list of arrays. A strategy validates the updates, decides who takes part and cal
 array([2., 4.])
 >>> coordinate_median([a, b, ([np.array([1.0, 1.0])], 5)])[0]
 array([1., 1.])
+>>> bounded_weights([100, 120, 90, 2 ** 53], cap_factor=2.0).tolist()
+[100.0, 120.0, 90.0, 220.0]
 """
 from __future__ import annotations
 
@@ -18,64 +27,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-Weights = list[np.ndarray]
-WeightedWeights = tuple[Weights, int]
+from models.updates import (AggregationError, AggregationResult, Update, Weights, WeightedWeights, flatten,
+                            unflatten)
 
-
-class AggregationError(ValueError):
-    """The updates of a round cannot be aggregated (too few, or a rule's precondition does not hold)."""
-
-
-@dataclass(frozen=True)
-class Update:
-    """One device's model after local training: its network weights and the readings they learned from."""
-
-    device_id: str
-    weights: Weights
-    n_samples: int
-    version: int = 0
-    metadata: dict = field(default_factory=dict)
-
-
-@dataclass
-class AggregationResult:
-    """The outcome of one round.
-
-    ``weights`` is the new global model. ``rejected`` holds ``(device_id, reason)`` pairs, ``norms`` the L2 norm
-    of every structurally valid update. ``extra`` carries strategy-specific facts: ``dp_epsilon`` (differential
-    privacy), ``clusters`` (device → cluster) and ``cluster_weights`` (one model per cluster).
-    """
-
-    weights: Weights
-    participants: list[str]
-    rejected: list[tuple[str, str]]
-    norms: dict[str, float]
-    strategy: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.extra.get("n_samples", 0))
+__all__ = ["AggregationError", "AggregationResult", "Update", "fedavg", "coordinate_median", "trimmed_mean",
+           "kmeans", "cosine_similarity", "bounded_weights", "structure_problem", "snapshot_problem",
+           "newest_plausible", "validate_updates", "ValidationPolicy", "SnapshotLimits", "FedAvg", "FedMedian",
+           "FedTrimmedAvg", "ClusteredFedAvg", "make_strategy"]
 
 
 # ---------------------------------------------------------------- rules
-
-def flatten(weights: Sequence[np.ndarray]) -> np.ndarray:
-    """All layers as one float64 vector (the geometry norms, cosines and clustering work in)."""
-    if not weights:
-        return np.zeros(0)
-    return np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in weights])
-
-
-def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> Weights:
-    """Split a flat vector back into layers shaped (and typed) like ``like``."""
-    out, start = [], 0
-    for layer in like:
-        size = int(np.prod(layer.shape))
-        out.append(vector[start:start + size].reshape(layer.shape).astype(layer.dtype))
-        start += size
-    return out
-
 
 def _stack(results: Sequence[WeightedWeights]) -> tuple[np.ndarray, np.ndarray, Weights]:
     if not results:
@@ -160,11 +121,33 @@ def kmeans(points: np.ndarray, k: int, seed: int, restarts: int = 5, iterations:
     return np.array([order[label] for label in best_labels.tolist()])
 
 
-# ---------------------------------------------------------------- validation
+def bounded_weights(n_samples: Sequence[float], cap_factor: float | None) -> np.ndarray:
+    """FedAvg weights ``min(n, cap)``, ``cap`` = median(n) × ``cap_factor`` (None: the counts as they are).
 
-def _structure_problem(update: Update, reference_shapes: Sequence[tuple[int, ...]]) -> str | None:
-    if not isinstance(update.n_samples, (int, np.integer)) or update.n_samples <= 0:
-        return f"n_samples must be a positive integer, got {update.n_samples!r}"
+    The median moves only if half of the cohort lies, so one device claiming any count weighs at most
+    ``cap_factor`` honest medians.
+    """
+    counts = np.asarray(n_samples, dtype=np.float64)
+    if cap_factor is None or counts.size == 0:
+        return counts
+    if cap_factor < 1:
+        raise AggregationError(f"aggregation.sample_cap_factor must be ≥ 1 (a cap below the median would cut "
+                               f"honest devices' weights), got {cap_factor}")
+    return np.minimum(counts, float(np.median(counts)) * cap_factor)
+
+
+# ---------------------------------------------------------------- per-device checks
+
+def structure_problem(update: Update, reference_shapes: Sequence[tuple[int, ...]]) -> str | None:
+    """Why ``update`` cannot take part on its own (counts, layers, shapes, dtype, finite values), or None.
+
+    Depends on nothing but the update and the architecture's shapes, so it may run under differential privacy.
+    """
+    n = update.n_samples
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
+        return f"n_samples must be a positive integer, got {n!r}"
+    if update.n_seen is not None and update.n_seen < n:
+        return f"n_samples {n} exceeds n_seen {update.n_seen}: a device cannot learn from more readings than it saw"
     if len(update.weights) != len(reference_shapes):
         return f"wrong number of layers: {len(update.weights)}, expected {len(reference_shapes)}"
     for i, (layer, shape) in enumerate(zip(update.weights, reference_shapes)):
@@ -178,17 +161,81 @@ def _structure_problem(update: Update, reference_shapes: Sequence[tuple[int, ...
     return None
 
 
+@dataclass(frozen=True)
+class SnapshotLimits:
+    """How fast a device's counters may grow between two of its snapshots (`snapshot_problem`).
+
+    ``max_readings_per_s``: readings one device can learn per second of ``created_at`` (replays run much faster
+    than real time, so this is generous; it still makes 2⁵³ readings take millennia).
+    """
+
+    max_readings_per_s: float = 10_000.0
+
+
+def snapshot_problem(update: Update, previous: Update | None, limits: SnapshotLimits) -> str | None:
+    """Why ``update`` cannot follow ``previous`` (the same device's preceding snapshot), or None.
+
+    Each snapshot needs at least one new reading (versions cannot outrun readings); the readings learned since
+    the previous snapshot (``n_samples``) cannot exceed those seen since (``n_seen`` growth); and ``n_seen``
+    cannot grow faster than ``limits.max_readings_per_s`` over the ``created_at`` gap.
+    """
+    if update.n_seen is not None and update.version > update.n_seen:
+        return f"version {update.version} exceeds n_seen {update.n_seen}: every snapshot needs a new reading"
+    if previous is None:
+        return None
+    if update.version <= previous.version:
+        return f"version {update.version} does not follow the device's previous snapshot v{previous.version}"
+    if update.n_seen is None or previous.n_seen is None:
+        return "n_seen missing: cannot check the snapshot against the device's previous one"
+    seen = update.n_seen - previous.n_seen
+    if seen < update.version - previous.version:
+        return (f"v{previous.version} → v{update.version} with {seen} new readings: every snapshot needs a new "
+                "reading")
+    if update.n_samples > seen:
+        return (f"n_samples {update.n_samples} exceeds the {seen} readings seen since the device's previous "
+                f"snapshot v{previous.version}")
+    if update.created_at is not None and previous.created_at is not None:
+        elapsed_s = max(update.created_at - previous.created_at, 0) / 1000
+        allowed = limits.max_readings_per_s * max(elapsed_s, 1.0)
+        if seen > allowed:
+            return (f"{seen} readings in {elapsed_s:.0f} s since v{previous.version} exceeds "
+                    f"{limits.max_readings_per_s:g} readings/s (aggregation.max_readings_per_s)")
+    return None
+
+
+def newest_plausible(candidates: Sequence[Update], limits: SnapshotLimits,
+                     previous: Update | None = None) -> tuple[Update | None, list[tuple[str, str]]]:
+    """One device's update for a round: the newest of ``candidates`` (its snapshots in the round's window,
+    checked on their own already) whose counters follow the device's preceding accepted snapshot.
+
+    Returns the chosen update (None if none is plausible) and ``(device_id, reason)`` for the ones skipped. A
+    forged version 10⁶ cannot displace the device's honest snapshot: it fails against its predecessor and the
+    honest one is chosen.
+    """
+    chosen, rejected = None, []
+    reference = previous
+    for update in sorted(candidates, key=lambda u: u.version):
+        problem = snapshot_problem(update, reference, limits)
+        if problem:
+            rejected.append((update.device_id, f"v{update.version}: {problem}"))
+        else:
+            chosen = reference = update
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------- cohort checks
+
 def validate_updates(updates: Sequence[Update], reference_shapes: Sequence[tuple[int, ...]] | None = None,
-                     max_norm_ratio: float = 10.0, min_cosine: float | None = 0.0,
+                     max_norm_ratio: float | None = 10.0, min_cosine: float | None = 0.0,
                      ) -> tuple[list[Update], list[tuple[str, str]], dict[str, float]]:
     """Split updates into accepted and rejected ``(device_id, reason)``; also return the L2 norm of each.
 
-    Checks, in order: positive ``n_samples``; number of layers and shapes against ``reference_shapes`` (default:
-    the shapes most updates share); floating dtype; finite values; L2 norm at most ``max_norm_ratio`` × the
-    cohort's median norm (scaled-up updates); cosine similarity to the coordinate-wise median of the cohort at
-    least ``min_cosine`` (sign-flipped updates keep their norm but point the other way). The cosine check needs
-    three or more updates, since with two the median is the mean and cannot say which one is honest; ``None``
-    switches it off.
+    Checks, in order: one update per device; `structure_problem` against ``reference_shapes`` (default: the
+    shapes most updates share); then, relative to the cohort, L2 norm at most ``max_norm_ratio`` × the cohort's
+    median norm (scaled-up updates) and cosine similarity to the coordinate-wise median of the cohort at least
+    ``min_cosine`` (sign-flipped updates keep their norm but point the other way). The cosine check needs three
+    or more updates, since with two the median is the mean and cannot say which one is honest. ``None`` switches
+    a cohort check off; with both off, whether a device is accepted depends on nothing but its own update.
     """
     if reference_shapes is None:
         signatures = Counter(tuple(np.shape(w) for w in u.weights) for u in updates)
@@ -201,7 +248,7 @@ def validate_updates(updates: Sequence[Update], reference_shapes: Sequence[tuple
             rejected.append((update.device_id, "duplicate update from the same device in this round"))
             continue
         seen.add(update.device_id)
-        problem = _structure_problem(update, reference_shapes)
+        problem = structure_problem(update, reference_shapes)
         if problem:
             rejected.append((update.device_id, problem))
         else:
@@ -210,15 +257,17 @@ def validate_updates(updates: Sequence[Update], reference_shapes: Sequence[tuple
         return [], rejected, {}
     vectors = {u.device_id: flatten(u.weights) for u in valid}
     norms = {d: float(np.linalg.norm(v)) for d, v in vectors.items()}
-    median_norm = float(np.median(list(norms.values())))
-    limit = max_norm_ratio * median_norm
-    within: list[Update] = []
-    for u in valid:
-        if median_norm > 0 and norms[u.device_id] > limit:
-            rejected.append((u.device_id, f"norm {norms[u.device_id]:.4g} exceeds {max_norm_ratio:g} × the "
-                                          f"cohort median norm {median_norm:.4g}"))
-        else:
-            within.append(u)
+    within = valid
+    if max_norm_ratio is not None:
+        median_norm = float(np.median(list(norms.values())))
+        limit = max_norm_ratio * median_norm
+        within = []
+        for u in valid:
+            if median_norm > 0 and norms[u.device_id] > limit:
+                rejected.append((u.device_id, f"norm {norms[u.device_id]:.4g} exceeds {max_norm_ratio:g} × the "
+                                              f"cohort median norm {median_norm:.4g}"))
+            else:
+                within.append(u)
     if min_cosine is None or len(within) < 3:
         return within, rejected, norms
     median_vector = np.median(np.stack([vectors[u.device_id] for u in within]), axis=0)
@@ -240,25 +289,38 @@ class _Validated:
     accepted: list[Update]
     rejected: list[tuple[str, str]]
     norms: dict[str, float]
+    weights: np.ndarray
 
     @property
     def pairs(self) -> list[WeightedWeights]:
-        return [(u.weights, int(u.n_samples)) for u in self.accepted]
+        return [(u.weights, float(w)) for u, w in zip(self.accepted, self.weights)]
 
     def result(self, weights: Weights, strategy: str, **extra: Any) -> AggregationResult:
-        extra.setdefault("n_samples", int(sum(u.n_samples for u in self.accepted)))
+        extra.setdefault("n_samples", int(round(float(self.weights.sum()))))
         return AggregationResult(weights=weights, participants=[u.device_id for u in self.accepted],
                                  rejected=self.rejected, norms=self.norms, strategy=strategy, extra=extra)
 
 
 @dataclass
 class ValidationPolicy:
-    """What every strategy checks first (see `validate_updates`), and how many devices a round needs."""
+    """What every strategy checks first (see `validate_updates`), how many devices a round needs, and how a
+    device's claimed ``n_samples`` turns into its weight (`bounded_weights`; None: as claimed)."""
 
     min_devices: int = 2
-    max_norm_ratio: float = 10.0
+    max_norm_ratio: float | None = 10.0
     min_cosine: float | None = 0.0
     reference_shapes: list[tuple[int, ...]] | None = None
+    sample_cap_factor: float | None = 2.0
+
+    @property
+    def cohort_checks(self) -> bool:
+        """Whether accepting one device depends on the others' updates (norm ratio, cosine, sample cap)."""
+        return self.max_norm_ratio is not None or self.min_cosine is not None or self.sample_cap_factor is not None
+
+    def individual(self) -> "ValidationPolicy":
+        """This policy without the checks that compare devices: what differential privacy and secure
+        aggregation allow (each device's acceptance must not depend on another's update)."""
+        return ValidationPolicy(self.min_devices, None, None, self.reference_shapes, None)
 
     def apply(self, updates: Sequence[Update], strategy: str, needed: int = 1, why: str = "") -> _Validated:
         accepted, rejected, norms = validate_updates(updates, self.reference_shapes, self.max_norm_ratio,
@@ -268,37 +330,21 @@ class ValidationPolicy:
             reasons = "; ".join(f"{d}: {r}" for d, r in rejected) or "none rejected"
             raise AggregationError(f"{strategy}: {len(accepted)} valid update(s), needs at least {needed}"
                                    f"{' (' + why + ')' if why else ''}; rejected: {reasons}")
-        return _Validated(accepted, rejected, norms)
+        weights = bounded_weights([u.n_samples for u in accepted], self.sample_cap_factor)
+        return _Validated(accepted, rejected, norms, weights)
 
 
 @dataclass
 class FedAvg:
-    """Sample-weighted mean of the valid updates (McMahan et al. 2017). Efficient, not robust by itself.
-
-    With ``privacy`` (a `models.privacy.DPFedAvgMechanism`) the updates' deltas from ``current`` are clipped
-    and the mean is noised (DP-FedAvg); ``extra["dp_epsilon"]`` then reports the privacy spent so far.
-    With ``secure_aggregation`` the mean is computed from pairwise-masked vectors
-    (`models.secure_aggregation.secure_fedavg`); the server then never sees one update, so only the structural
-    checks (layers, shapes, dtype, finite values, which clients run before masking) apply, not norms or cosines.
-    """
+    """Weighted mean of the valid updates (McMahan et al. 2017), each weighing ``min(n_samples, cap)``.
+    Efficient, not robust by itself: the policy's norm and cosine checks keep scaled and flipped updates out."""
 
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
-    privacy: Any = None
-    secure_aggregation: bool = False
-    rounds_done: int = 0
+    name: str = "fedavg"
 
     def aggregate(self, updates: Sequence[Update], current: Weights | None = None) -> AggregationResult:
-        if self.secure_aggregation:
-            from models.secure_aggregation import secure_fedavg
-            structural = ValidationPolicy(self.policy.min_devices, np.inf, None, self.policy.reference_shapes)
-            checked = structural.apply(updates, "secure-fedavg")
-            self.rounds_done += 1
-            return checked.result(secure_fedavg(checked.accepted, round_seed=self.rounds_done), "secure-fedavg")
-        checked = self.policy.apply(updates, "fedavg")
-        if self.privacy is None:
-            return checked.result(fedavg(checked.pairs), "fedavg")
-        weights = self.privacy.aggregate([u.weights for u in checked.accepted], current)
-        return checked.result(weights, "dp-fedavg", dp_epsilon=self.privacy.epsilon(), dp_delta=self.privacy.delta)
+        checked = self.policy.apply(updates, self.name)
+        return checked.result(fedavg(checked.pairs), self.name)
 
 
 @dataclass
@@ -306,11 +352,12 @@ class FedMedian:
     """Coordinate-wise median: robust while fewer than half of the updates are poisoned (needs ≥ 3 to out-vote one)."""
 
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
+    name: str = "median"
 
-    def aggregate(self, updates: Sequence[Update]) -> AggregationResult:
-        checked = self.policy.apply(updates, "median", needed=3,
+    def aggregate(self, updates: Sequence[Update], current: Weights | None = None) -> AggregationResult:
+        checked = self.policy.apply(updates, self.name, needed=3,
                                     why="the median of two values is their mean, so it cannot out-vote a bad one")
-        return checked.result(coordinate_median(checked.pairs), "median")
+        return checked.result(coordinate_median(checked.pairs), self.name)
 
 
 @dataclass
@@ -319,12 +366,13 @@ class FedTrimmedAvg:
 
     trim_fraction: float = 0.1
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
+    name: str = "trimmed_mean"
 
-    def aggregate(self, updates: Sequence[Update]) -> AggregationResult:
+    def aggregate(self, updates: Sequence[Update], current: Weights | None = None) -> AggregationResult:
         needed = int(np.ceil(1 / self.trim_fraction)) if self.trim_fraction > 0 else 1
-        checked = self.policy.apply(updates, "trimmed_mean", needed=needed,
+        checked = self.policy.apply(updates, self.name, needed=needed,
                                     why=f"β={self.trim_fraction} trims ⌊βn⌋ updates per end, 0 below n=1/β")
-        return checked.result(trimmed_mean(checked.pairs, self.trim_fraction), "trimmed_mean",
+        return checked.result(trimmed_mean(checked.pairs, self.trim_fraction), self.name,
                               trim_fraction=self.trim_fraction)
 
 
@@ -340,9 +388,10 @@ class ClusteredFedAvg:
     clusters: int = 3
     seed: int = 7
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
+    name: str = "clustered"
 
-    def aggregate(self, updates: Sequence[Update]) -> AggregationResult:
-        checked = self.policy.apply(updates, "clustered", needed=self.clusters,
+    def aggregate(self, updates: Sequence[Update], current: Weights | None = None) -> AggregationResult:
+        checked = self.policy.apply(updates, self.name, needed=self.clusters,
                                     why=f"k-means into {self.clusters} clusters needs at least one device each")
         points = np.stack([flatten(u.weights) for u in checked.accepted])
         labels = kmeans(points, self.clusters, self.seed)
@@ -350,30 +399,49 @@ class ClusteredFedAvg:
         cluster_weights = [fedavg([p for p, label in zip(pairs, labels) if label == c])
                            for c in range(self.clusters)]
         assignment = {u.device_id: int(label) for u, label in zip(checked.accepted, labels)}
-        return checked.result(fedavg(pairs), "clustered", clusters=assignment, cluster_weights=cluster_weights)
+        return checked.result(fedavg(pairs), self.name, clusters=assignment, cluster_weights=cluster_weights)
 
 
-def make_strategy(cfg, reference_shapes: list[tuple[int, ...]] | None = None):
-    """The strategy named by ``cfg.aggregation.strategy``, with DP-FedAvg when ``cfg.privacy.enabled``."""
-    agg = cfg.aggregation
+# Strategies whose rule is a weighted sum: the only ones that combine with differential privacy (noise calibrated
+# to a sum of clipped updates) and secure aggregation (which reveals only a sum).
+SUM_STRATEGIES = ("fedavg",)
+
+
+def make_strategy(cfg, reference_shapes: list[tuple[int, ...]] | None = None, dp_history: dict | None = None,
+                  secure_round=None):
+    """The strategy named by ``cfg.aggregation.strategy``, built once for one round.
+
+    With ``cfg.privacy.enabled`` it is wrapped in `models.privacy.DifferentiallyPrivate` (accounting resumed from
+    ``dp_history``, the previous global model's ``dp`` field); with ``cfg.privacy.secure_aggregation`` in
+    `models.secure_aggregation.SecureAggregation` (``secure_round``: the round's announced cohort and the pair
+    seeds survivors revealed for dropped devices). Both need a sum strategy and per-device checks only.
+    """
+    agg, privacy = cfg.aggregation, cfg.privacy
     policy = ValidationPolicy(min_devices=agg.min_devices, max_norm_ratio=agg.max_norm_ratio,
-                              min_cosine=agg.min_cosine, reference_shapes=reference_shapes)
+                              min_cosine=agg.min_cosine, reference_shapes=reference_shapes,
+                              sample_cap_factor=agg.sample_cap_factor)
     name = agg.strategy
-    if (cfg.privacy.enabled or cfg.privacy.secure_aggregation) and name != "fedavg":
-        raise AggregationError(f"privacy.enabled and privacy.secure_aggregation need aggregation.strategy fedavg, "
-                               f"got {name!r}: DP noise is calibrated to a mean of clipped updates, and secure "
-                               "aggregation reveals only a sum, not the individual values a median needs")
+    wrapped = privacy.enabled or privacy.secure_aggregation
+    if wrapped and name not in SUM_STRATEGIES:
+        raise AggregationError(
+            f"privacy.enabled and privacy.secure_aggregation combine only with aggregation.strategy "
+            f"{' or '.join(SUM_STRATEGIES)}, got {name!r}: DP noise is calibrated to a sum of clipped updates, "
+            f"and secure aggregation reveals only the sum, not the individual updates that a median, a trimmed "
+            f"mean, clustering or norm and cosine checks need")
+    if privacy.enabled and privacy.secure_aggregation:
+        raise AggregationError("privacy.enabled with privacy.secure_aggregation is not supported: DP-FedAvg clips "
+                               "each update on the aggregator, which secure aggregation hides from it (that needs "
+                               "clipping and noise on the devices: distributed DP)")
     if name == "fedavg":
-        privacy = None
-        if cfg.privacy.enabled:
-            from models.privacy import DPFedAvgMechanism
-            privacy = DPFedAvgMechanism(clip_norm=cfg.privacy.clip_norm,
-                                        noise_multiplier=cfg.privacy.noise_multiplier,
-                                        delta=cfg.privacy.delta, seed=cfg.model.seed)
-        if privacy is not None and cfg.privacy.secure_aggregation:
-            raise AggregationError("privacy.enabled with privacy.secure_aggregation is not supported: DP-FedAvg "
-                                   "clips each update on the server, which secure aggregation hides from it")
-        return FedAvg(policy=policy, privacy=privacy, secure_aggregation=cfg.privacy.secure_aggregation)
+        if privacy.enabled:
+            from models.privacy import DifferentiallyPrivate
+            return DifferentiallyPrivate.from_config(FedAvg(policy=policy.individual()), privacy, dp_history)
+        if privacy.secure_aggregation:
+            from models.secure_aggregation import SecureAggregation
+            if secure_round is None:
+                raise AggregationError("secure aggregation: no announced cohort for this round")
+            return SecureAggregation(FedAvg(policy=policy.individual()), secure_round)
+        return FedAvg(policy=policy)
     if name == "median":
         return FedMedian(policy=policy)
     if name == "trimmed_mean":

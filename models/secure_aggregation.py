@@ -1,111 +1,261 @@
-"""Simulated secure aggregation with pairwise additive masks (Bonawitz et al. 2017, "Practical Secure
-Aggregation for Privacy-Preserving Machine Learning").
+"""Secure aggregation with pairwise masks agreed between devices (after Bonawitz et al. 2017, "Practical Secure
+Aggregation for Privacy-Preserving Machine Learning"): the aggregator learns the sum of a round's updates, never
+one of them.
 
-Every pair of clients (a, b) shares a seed (in the real protocol, from a Diffie-Hellman key agreement; here
-derived from the round seed). Client a adds the pseudo-random mask of each pair with a later client and
-subtracts the mask of each pair with an earlier one, so all masks cancel in the sum. Vectors are encoded in
-fixed point as integers modulo 2⁶⁴: a masked vector is then uniformly distributed and reveals nothing about
-the update, and the masks cancel exactly, leaving only the fixed-point rounding (``2⁻²⁴`` per client).
+The protocol, one round (who runs what: docs/privacy.md):
 
-Dropouts: if a client's masked vector never arrives, its masks with the survivors would not cancel. The
-survivors then reveal their pair seeds with the dropped client (in the real protocol the server rebuilds them
-from t-of-n Shamir shares) and the aggregator removes those masks. Limitation of this simulation: it has no
-second, per-client "self" mask, so a client declared dropped whose vector arrives late would be exposed; the
-real protocol's double masking closes that hole.
+1. Each device holds an X25519 key pair in its state (`generate_key_pair`) and publishes its public key with its
+   snapshots.
+2. The aggregator announces the round's cohort (`Cohort`: round id, members and their public keys, vector length,
+   fixed-point scale), signed, on the global-model topic.
+3. Each member encodes ``[w·v, w]`` (its update vector ``v`` times its weight ``w``, then ``w``) in fixed point
+   and adds, for every other member, a mask drawn from a seed that only the two of them can compute (X25519
+   agreement, HKDF-SHA256 bound to the round and the pair, ChaCha20 as the generator): `masked_update`. The lower
+   id adds the mask, the higher one subtracts it, so over the whole cohort the masks cancel; modulo 2⁶⁴ a masked
+   vector is uniformly distributed whatever the update.
+4. The aggregator adds the masked vectors (`unmask_sum`) and divides: FedAvg of the cohort, exact up to the
+   fixed-point rounding. If members dropped out, each survivor reveals its pair seeds with the dropped ones
+   (`reveal_pair_seeds`) and the aggregator removes those masks.
 
->>> session = SecureAggregationSession(["a", "b", "c"], length=2, round_seed=1)
->>> masked = {c: session.mask(c, v) for c, v in
-...           {"a": np.array([1.0, 2.0]), "b": np.array([0.5, 0.5]), "c": np.array([-1.0, 0.0])}.items()}
->>> np.round(session.unmasked_sum(masked), 6)
-array([0.5, 2.5])
+What the real protocol adds (not built here, see docs/privacy.md): a second, per-device "self" mask and t-of-n
+Shamir shares of both secrets, so that a device declared dropped whose masked vector arrives late is not exposed
+and the aggregator can recover dropouts without asking the survivors; and signatures on the key announcements
+against an active aggregator.
+
+>>> keys = {d: generate_key_pair() for d in ("a", "b", "c")}
+>>> cohort = Cohort("r1", {d: pub for d, (_, pub) in keys.items()}, length=2)
+>>> masked = {d: masked_update(np.array(v), 1.0, d, keys[d][0], cohort)
+...           for d, v in {"a": [1.0, 2.0], "b": [0.5, 0.5], "c": [-1.0, 0.0]}.items()}
+>>> np.round(unmask_sum(masked, cohort), 6)
+array([0.5, 2.5, 3. ])
 """
 from __future__ import annotations
 
-import hashlib
+import base64
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from models.aggregation import Update, Weights, flatten, unflatten
+from models.updates import AggregationError, AggregationResult, Update, Weights, flatten, unflatten
 
-FIXED_POINT_BITS = 24   # fractional bits of the encoding: resolution 6e-8, range ±2³⁹ before wrap-around
-_SCALE = float(2 ** FIXED_POINT_BITS)
+FIXED_POINT_BITS = 24   # fractional bits: resolution 6e-8
+RING_BITS = 64          # words are uint64: arithmetic modulo 2⁶⁴
+_RAW = serialization.Encoding.Raw
 
 
-def encode_fixed_point(vector: np.ndarray) -> np.ndarray:
-    """Float vector → uint64 ring elements (two's complement of round(x · 2²⁴))."""
+def generate_key_pair() -> tuple[bytes, bytes]:
+    """A device's X25519 key pair as raw bytes (private, public), 32 bytes each, from OS entropy."""
+    private = X25519PrivateKey.generate()
+    return (private.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
+            private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw))
+
+
+def public_key_b64(public: bytes) -> str:
+    return base64.b64encode(public).decode("ascii")
+
+
+def public_key_from_b64(text: str) -> bytes:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != 32:
+        raise ValueError(f"an X25519 public key has 32 bytes, got {len(raw)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """One round's members (device id → X25519 public key), the vector length each masks (update + weight) and
+    the fixed-point scale. Announced by the aggregator; every member masks against every other."""
+
+    round_id: str
+    members: Mapping[str, bytes]
+    length: int
+    fixed_point_bits: int = FIXED_POINT_BITS
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(self.members)
+
+    def max_abs(self) -> float:
+        """The largest |value| a member may encode so that the cohort's sum cannot wrap around the ring."""
+        return 2.0 ** (RING_BITS - 2 - self.fixed_point_bits) / max(len(self.members), 1)
+
+
+def encode_fixed_point(vector: np.ndarray, bits: int, max_abs: float) -> np.ndarray:
+    """Float vector → ring elements (two's complement of round(x · 2^bits), as uint64)."""
     vector = np.asarray(vector, dtype=np.float64)
     if not np.all(np.isfinite(vector)):
         raise ValueError("secure aggregation: cannot encode non-finite values (NaN or infinity)")
-    if np.any(np.abs(vector) >= 2.0 ** (63 - FIXED_POINT_BITS)):
-        raise ValueError(f"secure aggregation: values must stay below 2^{63 - FIXED_POINT_BITS} in magnitude")
-    return np.round(vector * _SCALE).astype(np.int64).view(np.uint64)
+    if np.any(np.abs(vector) > max_abs):
+        raise ValueError(f"secure aggregation: |values| above {max_abs:.3g} would let the cohort's sum wrap around")
+    return np.round(vector * 2.0 ** bits).astype(np.int64).view(np.uint64)
 
 
-def decode_fixed_point(ring: np.ndarray) -> np.ndarray:
-    """uint64 ring elements → float vector (inverse of `encode_fixed_point`, also for sums)."""
-    return ring.view(np.int64).astype(np.float64) / _SCALE
+def decode_fixed_point(ring: np.ndarray, bits: int) -> np.ndarray:
+    """Ring elements → float vector (inverse of `encode_fixed_point`, also for sums)."""
+    return np.asarray(ring, dtype=np.uint64).view(np.int64).astype(np.float64) / 2.0 ** bits
 
 
-class SecureAggregationSession:
-    """One round of masked summation among ``client_ids`` over vectors of ``length`` numbers."""
+def pair_seed(own_private: bytes, peer_public: bytes, round_id: str, own_id: str, peer_id: str) -> bytes:
+    """The 32-byte seed two members share for one round: HKDF-SHA256 of their X25519 secret, bound to the round
+    and the (sorted) pair, so seeds of other rounds or pairs say nothing about it."""
+    shared = X25519PrivateKey.from_private_bytes(own_private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+    low, high = sorted((own_id, peer_id))
+    info = f"flead.secagg/1|{round_id}|{low}|{high}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
-    def __init__(self, client_ids: Sequence[str], length: int, round_seed: int):
-        if len(set(client_ids)) != len(client_ids):
-            raise ValueError("secure aggregation: client ids must be unique")
-        self.client_ids = list(client_ids)
-        self.length = length
-        self.round_seed = round_seed
 
-    def _pair_mask(self, a: str, b: str) -> np.ndarray:
-        low, high = sorted((a, b))
-        digest = hashlib.sha256(f"{self.round_seed}|{low}|{high}".encode()).digest()
-        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        return rng.integers(0, 2 ** 64, size=self.length, dtype=np.uint64)
+def mask_from_seed(seed: bytes, length: int) -> np.ndarray:
+    """``length`` uniformly random uint64 words: the ChaCha20 key stream of ``seed``."""
+    stream = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor().update(b"\x00" * (8 * length))
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
 
-    def _net_mask(self, client: str, peers: Sequence[str]) -> np.ndarray:
-        """Σ masks with later peers − Σ masks with earlier peers (mod 2⁶⁴), in the sorted order of ids."""
-        total = np.zeros(self.length, dtype=np.uint64)
-        for peer in peers:
-            if peer == client:
-                continue
-            if client < peer:
-                total += self._pair_mask(client, peer)
+
+def _signed_mask(own_id: str, peer_id: str, seed: bytes, length: int) -> np.ndarray:
+    mask = mask_from_seed(seed, length)
+    return mask if own_id < peer_id else (np.uint64(0) - mask)
+
+
+def masked_update(vector: np.ndarray, weight: float, device_id: str, own_private: bytes, cohort: Cohort
+                  ) -> np.ndarray:
+    """Device side: ``[weight·vector, weight]`` in fixed point plus this device's pairwise masks (uint64 words).
+
+    ``vector`` is the device's federated vector (`models.updates.VectorCodec`); ``weight`` its FedAvg weight,
+    capped by the device (the aggregator cannot cap what it cannot see).
+    """
+    if device_id not in cohort.members:
+        raise ValueError(f"secure aggregation: {device_id!r} is not in the cohort of round {cohort.round_id}")
+    payload = np.append(weight * np.asarray(vector, dtype=np.float64), float(weight))
+    if payload.shape != (cohort.length,):
+        raise ValueError(f"secure aggregation: round {cohort.round_id} masks vectors of {cohort.length - 1} "
+                         f"numbers, this update has {payload.size - 1}")
+    total = encode_fixed_point(payload, cohort.fixed_point_bits, cohort.max_abs())
+    for peer in cohort.ids:
+        if peer != device_id:
+            seed = pair_seed(own_private, cohort.members[peer], cohort.round_id, device_id, peer)
+            total = total + _signed_mask(device_id, peer, seed, cohort.length)
+    return total
+
+
+def reveal_pair_seeds(device_id: str, own_private: bytes, cohort: Cohort, dropped: Sequence[str]) -> dict[str, bytes]:
+    """Survivor side, after dropouts: this device's pair seeds with the dropped members (never with survivors)."""
+    return {peer: pair_seed(own_private, cohort.members[peer], cohort.round_id, device_id, peer)
+            for peer in dropped if peer != device_id and peer in cohort.members}
+
+
+def unmask_sum(masked: Mapping[str, np.ndarray], cohort: Cohort,
+               revealed: Mapping[str, Mapping[str, bytes]] | None = None) -> np.ndarray:
+    """Aggregator side: the sum of the survivors' ``[w·v, w]`` vectors.
+
+    ``revealed[survivor][dropped]`` are the seeds survivors gave up for dropped members: their masks did not
+    cancel and are removed here. Raises if a dropped member's seed is missing from any survivor.
+    """
+    unknown = set(masked) - set(cohort.members)
+    if unknown:
+        raise AggregationError(f"secure aggregation: vectors from devices outside the cohort of round "
+                               f"{cohort.round_id}: {sorted(unknown)}")
+    if not masked:
+        raise AggregationError(f"secure aggregation: no masked vector arrived for round {cohort.round_id}")
+    total = np.zeros(cohort.length, dtype=np.uint64)
+    for device, vector in masked.items():
+        vector = np.asarray(vector)
+        if vector.dtype != np.uint64 or vector.shape != (cohort.length,):
+            raise AggregationError(f"secure aggregation: {device}'s masked vector is {vector.dtype} "
+                                   f"{vector.shape}, expected uint64 ({cohort.length},)")
+        total = total + vector
+    dropped = [d for d in cohort.ids if d not in masked]
+    revealed = revealed or {}
+    for survivor in masked:
+        for gone in dropped:
+            seed = revealed.get(survivor, {}).get(gone)
+            if seed is None:
+                raise AggregationError(f"secure aggregation: {gone} dropped out of round {cohort.round_id} and "
+                                       f"{survivor} has not revealed their pair seed: the sum stays masked")
+            total = total - _signed_mask(survivor, gone, seed, cohort.length)
+    return decode_fixed_point(total, cohort.fixed_point_bits)
+
+
+def encode_words(words: np.ndarray) -> str:
+    """Masked words as base64 of little-endian uint64 (the ``weights`` field of a masked snapshot)."""
+    return base64.b64encode(np.asarray(words, dtype="<u8").tobytes()).decode("ascii")
+
+
+def decode_words(text: str, length: int) -> np.ndarray:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != 8 * length:
+        raise ValueError(f"masked vector of {len(raw)} bytes, round expects {length} words ({8 * length} bytes)")
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+
+
+@dataclass
+class SecureRound:
+    """What the aggregator holds for one secure round: the announced cohort and the seeds survivors revealed."""
+
+    cohort: Cohort
+    revealed: dict[str, dict[str, bytes]] = field(default_factory=dict)
+
+
+@dataclass
+class SecureAggregation:
+    """A sum strategy run over masked vectors: each `Update` carries one uint64 array (`masked_update`); the
+    result is the weighted mean the wrapped FedAvg would give on the plain updates.
+
+    Only checks that look at a device alone can run on the devices before masking; norms, cosines, medians and
+    clusters cannot run here, so `models.aggregation.make_strategy` refuses those strategies.
+    """
+
+    inner: object
+    round: SecureRound
+    name: str = ""
+
+    def __post_init__(self):
+        if getattr(self.inner, "policy", None) is None or self.inner.policy.cohort_checks:
+            raise AggregationError("secure aggregation reveals only the cohort's sum: norm ratio, cosine and "
+                                   "sample-cap checks need individual updates and cannot run")
+        self.name = self.name or f"secure-{self.inner.name}"
+
+    def aggregate(self, updates: Sequence[Update], current: Weights | None = None) -> AggregationResult:
+        """FedAvg from the masked vectors; ``current`` (or the policy's shapes) gives the layers to rebuild."""
+        cohort = self.round.cohort
+        masked, rejected = {}, []
+        for update in updates:
+            words = update.weights[0] if len(update.weights) == 1 else None
+            if update.device_id not in cohort.members:
+                rejected.append((update.device_id, f"not in the cohort of round {cohort.round_id}"))
+            elif words is None or words.dtype != np.uint64 or words.shape != (cohort.length,):
+                rejected.append((update.device_id, f"not a masked vector of {cohort.length} words"))
+            elif update.device_id in masked:
+                rejected.append((update.device_id, "duplicate update from the same device in this round"))
             else:
-                total -= self._pair_mask(client, peer)
-        return total
-
-    def mask(self, client_id: str, vector: np.ndarray) -> np.ndarray:
-        """What ``client_id`` sends: its encoded vector plus its pairwise masks (looks uniformly random)."""
-        if client_id not in self.client_ids:
-            raise ValueError(f"secure aggregation: {client_id!r} is not in this round")
-        if np.shape(vector) != (self.length,):
-            raise ValueError(f"secure aggregation: expected a vector of {self.length}, got shape {np.shape(vector)}")
-        return encode_fixed_point(vector) + self._net_mask(client_id, self.client_ids)
-
-    def unmasked_sum(self, masked: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The sum of the received clients' vectors; masks of pairs with dropped clients are rebuilt and removed."""
-        unknown = set(masked) - set(self.client_ids)
-        if unknown:
-            raise ValueError(f"secure aggregation: vectors from clients not in this round: {sorted(unknown)}")
-        if not masked:
-            raise ValueError("secure aggregation: no client vectors arrived")
-        total = np.zeros(self.length, dtype=np.uint64)
-        for vector in masked.values():
-            total += vector
-        dropped = [c for c in self.client_ids if c not in masked]
-        for survivor in masked:
-            # The survivor's masks with dropped peers did not cancel; remove exactly those.
-            total -= self._net_mask(survivor, dropped)
-        return decode_fixed_point(total)
+                masked[update.device_id] = words
+        if len(masked) < self.inner.policy.min_devices:
+            raise AggregationError(f"{self.name}: {len(masked)} masked update(s) for round {cohort.round_id}, needs "
+                                   f"at least {self.inner.policy.min_devices}")
+        total = unmask_sum(masked, cohort, self.round.revealed)
+        if total[-1] <= 0:
+            raise AggregationError(f"{self.name}: the cohort's total weight is not positive")
+        mean = total[:-1] / total[-1]
+        like = current if current is not None else [np.zeros(s) for s in self.inner.policy.reference_shapes or []]
+        weights = unflatten(mean, like) if like else [mean]
+        return AggregationResult(weights=weights, participants=sorted(masked), rejected=rejected, norms={},
+                                 strategy=self.name, extra={"n_samples": int(round(total[-1])),
+                                                            "dropped": [d for d in cohort.ids if d not in masked]})
 
 
-def secure_fedavg(updates: Sequence[Update], round_seed: int) -> Weights:
-    """FedAvg computed from masked vectors only: each device sends ``[n·w, n]`` masked; the sum gives the mean."""
+def secure_fedavg(updates: Sequence[Update], max_weight: float | None = None) -> Weights:
+    """FedAvg of plain updates through the whole protocol, in one process (fresh keys, one round): for tests and
+    the simulation in docs/privacy.md. Equals `models.aggregation.fedavg` within the fixed-point tolerance."""
     if not updates:
-        raise ValueError("secure FedAvg: no updates")
-    vectors = {u.device_id: np.append(u.n_samples * flatten(u.weights), float(u.n_samples)) for u in updates}
-    length = len(next(iter(vectors.values())))
-    session = SecureAggregationSession(list(vectors), length, round_seed)
-    total = session.unmasked_sum({d: session.mask(d, v) for d, v in vectors.items()})
+        raise AggregationError("secure FedAvg: no updates")
+    keys = {u.device_id: generate_key_pair() for u in updates}
+    length = len(flatten(updates[0].weights)) + 1
+    cohort = Cohort("simulation", {d: pub for d, (_, pub) in keys.items()}, length)
+    weights = {u.device_id: min(u.n_samples, max_weight) if max_weight else u.n_samples for u in updates}
+    masked = {u.device_id: masked_update(flatten(u.weights), weights[u.device_id], u.device_id, keys[u.device_id][0],
+                                         cohort) for u in updates}
+    total = unmask_sum(masked, cohort)
     return unflatten(total[:-1] / total[-1], updates[0].weights)

@@ -1,25 +1,25 @@
-"""One federated aggregation round: MongoDB snapshots → decode and check on Spark → strategy → MongoDB + Kafka.
+"""One federated aggregation round: MongoDB snapshots → check on Spark → strategy → MongoDB + Kafka.
 
     spark-submit spark_jobs/aggregate_job.py                 # master: spark-submit's default, local[*]
     spark-submit --master spark://host:7077 spark_jobs/aggregate_job.py
 
-Read top to bottom (`run_round`):
+Read top to bottom (`run_round`); the I/O steps are thin, the round itself is the pure `round_documents`:
 
-1. Window. The round takes each device's newest snapshot created after the previous global model's
+1. Window (`read_window`). The round takes the snapshots created after the previous global model's
    ``created_at`` and at or before the round's start (its cut-off). The new model's ``created_at`` is that
    cut-off, so every snapshot falls into exactly one round, and a re-run with nothing new writes nothing.
-2. Spark. The ids of those snapshots are spread over `aggregation.spark_partitions` partitions; each partition
-   fetches its snapshots from MongoDB and decodes and checks each one on its own (base64, blob integrity,
-   layers and shapes against the current global model, finite values, positive n_samples).
-3. Driver. The decoded updates (a few MB) are collected and aggregated in NumPy by the configured strategy,
-   which adds the checks that need the whole cohort (majority shapes in the first round, norm ratio, cosine to
-   the median). Collect-then-NumPy beat every distributed reduction we measured (see PLATFORM-NOTES).
-4. Output. `global_models`: version n+1 (``_id`` = version, the fleet-wide model). A clustered round also
-   stores one model per cluster under the SAME version, ``_id`` ``"<version>:c<k>"``, ``cluster`` = k,
-   ``participants`` = the cluster's members: versions stay one per round, the newest fleet model is always
-   ``_id`` = highest version, and a device finds its cluster's model by membership. `aggregation_history`
-   gets the round (``_id`` = ``r<version>``); the models go to the global-model topic as
-   `flead.global-model/1` messages (fleet model first, then the clusters').
+2. Spark (`check_on_spark`). Each device's snapshots in the window go to one partition, which fetches them from
+   MongoDB and checks each on its own (`spark_jobs.snapshots`: signature, blob, shapes, counters), then keeps one
+   per device: the newest whose counters follow the device's previous snapshot. A forged or implausible snapshot
+   cannot displace a device's honest one.
+3. Driver (`round_documents`). The strategy built by `make_strategy` (with differential privacy or secure
+   aggregation wrapped around it when configured) aggregates the chosen updates in the vector space of the
+   architecture's codec (`models.updates.codec_for`); the result becomes the signed global model (version n+1,
+   ``previous_version`` n, ``issuer`` the aggregator), the per-cluster models of a clustered round (same version,
+   ``_id`` ``"<version>:c<k>"``) and the round's history document. Under differential privacy these carry counts,
+   the noised model and the privacy spent (ε per round and over the model's history), nothing per device.
+4. Output (`write_round`, `publish`). `global_models`, then the global-model topic (`flead.global-model/1`, fleet
+   model first), then `aggregation_history` (``_id`` = ``r<version>``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -41,24 +40,30 @@ from functools import partial  # noqa: E402
 import numpy as np  # noqa: E402
 
 from config import Config  # noqa: E402
-from models.aggregation import AggregationError, FedAvg, Update, make_strategy, validate_updates  # noqa: E402
-from models.serialization import SerializationError, dumps, from_b64, loads, to_b64  # noqa: E402
+from models.aggregation import AggregationError, AggregationResult, make_strategy  # noqa: E402
+from models.integrity import AGGREGATOR_ISSUER, signing_key, sign_record  # noqa: E402
+from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
+from models.updates import Update, codec_for, flatten  # noqa: E402
+from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, DeviceChoice, check_snapshot, choose_per_device,  # noqa: E402
+                                  snapshot_limits)
 from storage import mongo  # noqa: E402
 
 log = logging.getLogger("flead.aggregate")
-GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
+DP_HISTORY_FIELDS = ("epsilon", "round_epsilon", "delta", "sampling_rate", "noise_multiplier", "clip_norm", "rounds")
 
 
 @dataclass
 class RoundOutcome:
     """What one call of `run_round` did: ``aggregated``, ``skipped`` (nothing or too little to aggregate) or
-    ``exists`` (another run wrote this version first)."""
+    ``exists`` (another run wrote this version first). Under differential privacy ``rejected`` is empty and
+    ``n_rejected`` the only trace of refused updates."""
 
     status: str
     message: str
     version: int | None = None
     round_id: str | None = None
     n_participants: int = 0
+    n_rejected: int = 0
     rejected: list[dict] = field(default_factory=list)
     published: bool = False
     duration_s: float = 0.0
@@ -68,46 +73,132 @@ class RoundOutcome:
         return asdict(self)
 
 
+@dataclass
+class RoundDocuments:
+    """What a round writes: the signed fleet model, the signed cluster models, the history document."""
+
+    model: dict
+    clusters: list[dict]
+    history: dict
+    result: AggregationResult
+    rejected: list[dict]
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-# ---------------------------------------------------------------- executors
+# ---------------------------------------------------------------- 1. window
 
-def decode_snapshot(doc: dict, reference_shapes: list[tuple[int, ...]] | None) -> dict:
-    """Decode one snapshot document and check it on its own; ``problem`` says why it cannot take part."""
-    row = {"device_id": doc["device_id"], "version": doc.get("version", 0), "n_samples": doc.get("n_samples"),
-           "loss": doc.get("loss"), "weights": None, "architecture": None, "problem": None}
-    try:
-        weights, meta = loads(from_b64(doc["weights"]))
-    except SerializationError as exc:
-        row["problem"] = f"weights: {exc}"
-        return row
-    shapes = reference_shapes or [w.shape for w in weights]
-    _, rejected, _ = validate_updates([Update(row["device_id"], weights, row["n_samples"])], shapes,
-                                      max_norm_ratio=math.inf, min_cosine=None)
-    if rejected:
-        row["problem"] = rejected[0][1]
-    else:
-        row["weights"], row["architecture"] = weights, meta.get("architecture")
-    return row
+def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list[str]]]:
+    """The previous global model and the ids of the window's snapshots, grouped per device."""
+    previous = mongo.latest_global_model(db, cfg)
+    window = {"$lte": started}
+    if previous:
+        window["$gt"] = previous["created_at"]
+    by_device: dict[str, list[str]] = {}
+    for doc in mongo.collection(db, cfg, "local_models").find({"created_at": window}, {"_id": 1, "device_id": 1}):
+        by_device.setdefault(str(doc.get("device_id")), []).append(doc["_id"])
+    return previous, [by_device[d] for d in sorted(by_device)]
 
 
-def decode_partition(cfg_values: dict, reference_shapes, snapshot_ids):
-    """Executor side: fetch this partition's snapshots from MongoDB and decode each one."""
-    ids = list(snapshot_ids)
+# ---------------------------------------------------------------- 2. Spark
+
+def check_partition(cfg_values: dict, key: bytes, reference_shapes, device_groups):
+    """Executor side: fetch this partition's devices' snapshots, check each, keep one per device."""
+    ids = [i for group in device_groups for i in group]
     if not ids:
         return
     cfg = Config(cfg_values)
     db = mongo.connect(cfg)
     try:
-        for doc in mongo.local_models_by_id(db, cfg, ids):
-            yield decode_snapshot(doc, reference_shapes)
+        docs = mongo.local_models_by_id(db, cfg, ids)
     finally:
         db.client.close()
+    yield from choose_per_device([check_snapshot(doc, key, reference_shapes, cfg) for doc in docs],
+                                 snapshot_limits(cfg))
 
 
-# ---------------------------------------------------------------- driver
+def check_on_spark(spark, cfg: Config, key: bytes, groups: list[list[str]], reference_shapes) -> list[DeviceChoice]:
+    partitions = max(1, min(len(groups), cfg.aggregation.spark_partitions))
+    return (spark.sparkContext.parallelize(groups, partitions)
+            .mapPartitions(partial(check_partition, cfg.to_dict(), key, reference_shapes)).collect())
+
+
+# ---------------------------------------------------------------- 3. the round (pure)
+
+def global_weights(model: dict | None):
+    return loads(from_b64(model["weights"]))[0] if model else None
+
+
+def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoice], started: int, key: bytes,
+                    secure_round=None) -> RoundDocuments:
+    """The round from the devices' chosen updates: strategy, signed models, history. Raises `AggregationError`
+    when the strategy cannot aggregate them (the caller skips the round)."""
+    current = global_weights(previous)
+    early = [r for c in choices for r in c.rejected]
+    chosen = [c for c in choices if c.update is not None]
+    if not chosen:
+        raise AggregationError("no usable update" + (f"; rejected: {_reasons(early)}" if early else ""))
+    architecture = Counter(c.architecture for c in chosen).most_common(1)[0][0]
+    codec = codec_for(architecture)
+    like = current if current is not None else chosen[0].update.weights
+    updates = [Update(c.device_id, [codec.federated_vector(c.update.weights)], c.update.n_samples, c.update.version,
+                      c.update.n_seen, c.update.created_at) for c in chosen]
+    length = updates[0].weights[0].shape
+    strategy = make_strategy(cfg, [length] if current is not None else None,
+                             dp_history=(previous or {}).get("dp"), secure_round=secure_round)
+    try:
+        result = strategy.aggregate(updates, [codec.federated_vector(current)] if current is not None else None)
+    except AggregationError as exc:
+        raise AggregationError(str(exc) + (f"; also refused before the strategy: {_reasons(early)}"
+                                           if early and not cfg.privacy.enabled else "")) from None
+
+    base_version = previous["version"] if previous else 0
+    version, round_id = base_version + 1, f"r{base_version + 1}"
+    rejected = [{"device_id": d, "reason": r} for d, r in early + result.rejected]
+    private = result.private
+    blob_meta = {"architecture": architecture, "model_version": version}
+    model = {"schema": GLOBAL_MODEL_SCHEMA, "version": version, "previous_version": base_version,
+             "issuer": AGGREGATOR_ISSUER, "round_id": round_id, "strategy": result.strategy,
+             "participants": [] if private else result.participants,
+             "rejected": [] if private else rejected, "n_participants": len(result.participants),
+             "n_rejected": len(rejected), "n_samples": result.n_samples, "created_at": started,
+             "window_start": previous["created_at"] if previous else None, "cluster": None,
+             "dp_epsilon": result.extra["dp"]["epsilon"] if "dp" in result.extra else None,
+             "weights": to_b64(dumps(codec.weights_from_vector(flatten(result.weights), like), blob_meta))}
+    if "dp" in result.extra:
+        model["dp"] = result.extra["dp"]
+    clusters = []
+    if "cluster_weights" in result.extra:
+        members: dict[int, list[str]] = {}
+        for device, k in result.extra["clusters"].items():
+            members.setdefault(k, []).append(device)
+        model["cluster_sizes"] = [len(members.get(k, [])) for k in range(len(result.extra["cluster_weights"]))]
+        n_samples = {u.device_id: u.n_samples for u in updates}
+        for k, weights in enumerate(result.extra["cluster_weights"]):
+            cluster = {**model, "cluster": k, "participants": members.get(k, []),
+                       "n_samples": int(sum(n_samples[d] for d in members.get(k, []))),
+                       "weights": to_b64(dumps(codec.weights_from_vector(flatten(weights), like),
+                                               {**blob_meta, "cluster": k}))}
+            clusters.append(sign_record(cluster, key))
+    history = {"round_id": round_id, "version": version, "strategy": result.strategy,
+               "n_participants": len(result.participants), "n_rejected": len(rejected), "started_at": started,
+               "cluster_sizes": model.get("cluster_sizes")}
+    if private:  # counts and the privacy spent only: nothing per device, nothing unnoised about the updates
+        history |= {f"dp_{k}": result.extra["dp"][k] for k in DP_HISTORY_FIELDS}
+    else:
+        losses = [c.loss for c in chosen if c.device_id in set(result.participants) and c.loss is not None]
+        history |= {"participants": result.participants, "rejected": rejected, "n_samples": result.n_samples,
+                    "mean_loss": float(np.mean(losses)) if losses else None, "norms": norm_summary(result.norms),
+                    "update_norms": [{"device_id": d, "norm": n} for d, n in result.norms.items()],
+                    "dp_epsilon": None}
+    return RoundDocuments(sign_record(model, key), clusters, history, result, [] if private else rejected)
+
+
+def _reasons(rejected: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{d}: {r}" for d, r in rejected)
+
 
 def norm_summary(norms: dict[str, float]) -> dict[str, float] | None:
     """min / median / mean / max of the update norms (None without any)."""
@@ -118,27 +209,7 @@ def norm_summary(norms: dict[str, float]) -> dict[str, float] | None:
             "max": float(values.max())}
 
 
-def configured_strategy(cfg: Config, reference_shapes, previous: dict | None):
-    """`make_strategy`, with DP accounting resumed from the previous round and fresh noise each round."""
-    strategy = make_strategy(cfg, reference_shapes)
-    if isinstance(strategy, FedAvg) and strategy.privacy is not None:
-        from models.privacy import DPFedAvgMechanism
-        version = previous["version"] + 1 if previous else 1
-        strategy.privacy = DPFedAvgMechanism(
-            clip_norm=cfg.privacy.clip_norm, noise_multiplier=cfg.privacy.noise_multiplier, delta=cfg.privacy.delta,
-            seed=cfg.model.seed * 1_000_003 + version, rounds_done=(previous or {}).get("dp_rounds", 0))
-    return strategy
-
-
-def aggregate(strategy, updates: list[Update], current: list[np.ndarray] | None):
-    """`strategy.aggregate`; DP-FedAvg also gets the current global model to clip deltas from. In the first
-    round there is none, so whole models are clipped (from zero), which bounds sensitivity all the same."""
-    if not (isinstance(strategy, FedAvg) and strategy.privacy is not None):
-        return strategy.aggregate(updates)
-    if current is None and updates:
-        current = [np.zeros_like(w) for w in updates[0].weights]
-    return strategy.aggregate(updates, current=current)
-
+# ---------------------------------------------------------------- 4. output
 
 def publish(cfg: Config, messages: list[dict]) -> None:
     """Send `flead.global-model/1` messages to the global-model topic; raises if any is not acknowledged."""
@@ -159,89 +230,50 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
     """One aggregation round (see the module docstring); never writes a version twice."""
     started = now_ms()
     clock = time.perf_counter()
+    key = signing_key(cfg)
     db = mongo.connect(cfg)
     try:
-        previous = mongo.latest_global_model(db, cfg)
-        since = previous["created_at"] if previous else None
-        base_version = previous["version"] if previous else 0
-        ids = mongo.latest_local_model_ids(db, cfg, since, started)
-        if not ids:
-            since_what = f"since global model v{base_version}" if previous else "stored yet"
-            return RoundOutcome("skipped", f"no new snapshots {since_what}; nothing to do",
+        previous, groups = read_window(db, cfg, started)
+        if not groups:
+            since = f"since global model v{previous['version']}" if previous else "stored yet"
+            return RoundOutcome("skipped", f"no new snapshots {since}; nothing to do",
                                 duration_s=time.perf_counter() - clock)
-        current = loads(from_b64(previous["weights"]))[0] if previous else None
-        reference_shapes = [w.shape for w in current] if current else None
-
-        rows = (spark.sparkContext.parallelize(ids, max(1, min(len(ids), cfg.aggregation.spark_partitions)))
-                .mapPartitions(partial(decode_partition, cfg.to_dict(), reference_shapes)).collect())
-        decoded_at = time.perf_counter()
-        rejected = [(r["device_id"], r["problem"]) for r in rows if r["problem"]]
-        decoded = [r for r in rows if not r["problem"]]
-        updates = [Update(r["device_id"], r["weights"], int(r["n_samples"]), int(r["version"])) for r in decoded]
-        strategy = configured_strategy(cfg, reference_shapes, previous)
+        current = global_weights(previous)
+        choices = check_on_spark(spark, cfg, key, groups, [w.shape for w in current] if current else None)
+        checked_at = time.perf_counter()
         try:
-            result = aggregate(strategy, updates, current)
+            documents = round_documents(cfg, previous, choices, started, key)
         except AggregationError as exc:
-            early = "; ".join(f"{d}: {r}" for d, r in rejected)
-            return RoundOutcome("skipped", f"round skipped: {exc}" + (f"; undecodable: {early}" if early else ""),
-                                rejected=[{"device_id": d, "reason": r} for d, r in rejected],
-                                duration_s=time.perf_counter() - clock)
+            early = [{"device_id": d, "reason": r} for c in choices for d, r in c.rejected]
+            private = cfg.privacy.enabled
+            return RoundOutcome("skipped", f"round skipped: {exc}", n_rejected=len(early),
+                                rejected=[] if private else early, duration_s=time.perf_counter() - clock)
         aggregated_at = time.perf_counter()
-
-        version, round_id = base_version + 1, f"r{base_version + 1}"
-        rejected += result.rejected
-        rejected_docs = [{"device_id": d, "reason": r} for d, r in rejected]
-        by_device = {r["device_id"]: r for r in decoded}
-        architecture = Counter(by_device[d]["architecture"] for d in result.participants).most_common(1)[0][0]
-        model = {"schema": GLOBAL_MODEL_SCHEMA, "version": version, "round_id": round_id,
-                 "strategy": result.strategy, "participants": result.participants, "rejected": rejected_docs,
-                 "n_samples": result.n_samples, "created_at": started, "dp_epsilon": result.extra.get("dp_epsilon"),
-                 "cluster": None, "norms": norm_summary(result.norms),
-                 "weights": to_b64(dumps(result.weights, {"architecture": architecture, "model_version": version}))}
-        if result.extra.get("dp_epsilon") is not None:
-            model["dp_rounds"] = strategy.privacy.rounds_done
-        cluster_docs = []
-        if "cluster_weights" in result.extra:
-            members: dict[int, list[str]] = {}
-            for device, k in result.extra["clusters"].items():
-                members.setdefault(k, []).append(device)
-            model["cluster_sizes"] = [len(members.get(k, [])) for k in range(len(result.extra["cluster_weights"]))]
-            for k, weights in enumerate(result.extra["cluster_weights"]):
-                cluster_docs.append({**model, "cluster": k, "participants": members.get(k, []),
-                                     "n_samples": int(sum(by_device[d]["n_samples"] for d in members.get(k, []))),
-                                     "weights": to_b64(dumps(weights, {"architecture": architecture,
-                                                                       "model_version": version, "cluster": k}))})
+        model, version = documents.model, documents.model["version"]
+        outcome = RoundOutcome("aggregated", "", version=version, round_id=model["round_id"],
+                               n_participants=model["n_participants"], n_rejected=model["n_rejected"],
+                               rejected=documents.rejected)
         if not mongo.write_global_model(db, cfg, model):
             return RoundOutcome("exists", f"global model v{version} was written by another run meanwhile; "
-                                          "nothing written", version=version, round_id=round_id,
+                                          "nothing written", version=version, round_id=model["round_id"],
                                 duration_s=time.perf_counter() - clock)
-        mongo.write_cluster_models(db, cfg, cluster_docs)
-
-        outcome = RoundOutcome("aggregated", "", version=version, round_id=round_id,
-                               n_participants=len(result.participants), rejected=rejected_docs)
+        mongo.write_cluster_models(db, cfg, documents.clusters)
         if publish_model:
             try:
-                publish(cfg, [model, *cluster_docs])
+                publish(cfg, [model, *documents.clusters])
                 outcome.published = True
             except Exception as exc:  # the model is stored; consumers can still fetch it from MongoDB or the API
                 log.error("global model v%d stored but not published: %s", version, exc)
-        losses = [by_device[d]["loss"] for d in result.participants
-                  if isinstance(by_device[d]["loss"], (int, float)) and math.isfinite(by_device[d]["loss"])]
-        finished = now_ms()
         outcome.duration_s = time.perf_counter() - clock
-        outcome.timings = {"decode_s": decoded_at - clock, "aggregate_s": aggregated_at - decoded_at,
+        outcome.timings = {"decode_s": checked_at - clock, "aggregate_s": aggregated_at - checked_at,
                            "write_s": outcome.duration_s - (aggregated_at - clock)}
-        mongo.write_aggregation_round(db, cfg, {
-            "round_id": round_id, "version": version, "strategy": result.strategy,
-            "n_participants": len(result.participants), "n_rejected": len(rejected_docs),
-            "participants": result.participants, "rejected": rejected_docs, "n_samples": result.n_samples,
-            "mean_loss": float(np.mean(losses)) if losses else None, "started_at": started, "finished_at": finished,
-            "duration_s": outcome.duration_s, "timings": outcome.timings, "norms": norm_summary(result.norms),
-            "update_norms": [{"device_id": d, "norm": n} for d, n in result.norms.items()],
-            "dp_epsilon": model["dp_epsilon"], "cluster_sizes": model.get("cluster_sizes"),
-            "published": outcome.published})
-        outcome.message = (f"{round_id}: global model v{version} from {len(result.participants)} device(s) "
-                           f"({result.strategy}), {len(rejected_docs)} rejected, {outcome.duration_s:.2f} s")
+        mongo.write_aggregation_round(db, cfg, {**documents.history, "finished_at": now_ms(),
+                                                "duration_s": outcome.duration_s, "timings": outcome.timings,
+                                                "published": outcome.published})
+        outcome.message = (f"{model['round_id']}: global model v{version} from {model['n_participants']} device(s) "
+                           f"({model['strategy']}), {model['n_rejected']} rejected, {outcome.duration_s:.2f} s"
+                           + (f", ε = {model['dp_epsilon']:.3g} (δ = {model['dp']['delta']:g})"
+                              if model.get("dp") else ""))
         return outcome
     finally:
         db.client.close()
@@ -256,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from spark_jobs.session import run_job
 
-    return run_job("flead-aggregate", lambda spark, cfg: run_round(spark, cfg, publish_model=not args.no_publish), args.master)
+    return run_job("flead-aggregate", lambda spark, cfg: run_round(spark, cfg, publish_model=not args.no_publish),
+                   args.master)
+
 
 if __name__ == "__main__":
     sys.exit(main())

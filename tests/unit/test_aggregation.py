@@ -5,9 +5,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from config import load_config
-from models.aggregation import (AggregationError, ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, Update,
-                                ValidationPolicy, coordinate_median, fedavg, flatten, make_strategy, trimmed_mean,
-                                validate_updates)
+from models.aggregation import (AggregationError, ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, SnapshotLimits,
+                                ValidationPolicy, bounded_weights, coordinate_median, cosine_similarity, fedavg,
+                                make_strategy, newest_plausible, snapshot_problem, trimmed_mean, validate_updates)
+from models.updates import Update, flatten
 
 SHAPES = [(3, 2), (2,)]
 
@@ -130,20 +131,92 @@ def test_make_strategy_reads_the_config(name, cls):
     assert strategy.policy.min_cosine == cfg.aggregation.min_cosine
 
 
-def test_make_strategy_with_privacy_reports_epsilon():
+def test_make_strategy_with_privacy_wraps_fedavg_and_reports_epsilon():
     cfg = load_config(env={"FLEAD_PRIVACY_ENABLED": "true"})
-    strategy = make_strategy(cfg)
-    updates = honest_updates(5)
-    result = strategy.aggregate(updates, current=[np.ones(s) for s in SHAPES])
-    assert result.strategy == "dp-fedavg" and result.extra["dp_epsilon"] > 0
+    strategy = make_strategy(cfg, dp_history={"accountant": None})
+    result = strategy.aggregate(honest_updates(5), current=[np.ones(s) for s in SHAPES])
+    assert result.strategy == "dp-fedavg" and result.extra["dp"]["epsilon"] > 0 and result.private
+    resumed = make_strategy(cfg, dp_history=result.extra["dp"]).aggregate(honest_updates(5),
+                                                                          current=[np.ones(s) for s in SHAPES])
+    assert resumed.extra["dp"]["rounds"] == 2 and resumed.extra["dp"]["epsilon"] > result.extra["dp"]["epsilon"]
     with pytest.raises(AggregationError, match="fedavg"):
         make_strategy(load_config(env={"FLEAD_PRIVACY_ENABLED": "true", "FLEAD_AGGREGATION_STRATEGY": "median"}))
+    with pytest.raises(AggregationError, match="distributed DP"):
+        make_strategy(load_config(env={"FLEAD_PRIVACY_ENABLED": "true", "FLEAD_PRIVACY_SECURE_AGGREGATION": "true"}))
+    with pytest.raises(AggregationError, match="cohort"):
+        make_strategy(load_config(env={"FLEAD_PRIVACY_SECURE_AGGREGATION": "true"}))
 
 
-def test_secure_fedavg_strategy_matches_plain_fedavg():
-    cfg = load_config(env={"FLEAD_PRIVACY_SECURE_AGGREGATION": "true"})
-    updates = honest_updates(5)
-    secure = make_strategy(cfg).aggregate(updates)
-    plain = FedAvg().aggregate(updates)
-    assert secure.strategy == "secure-fedavg"
-    np.testing.assert_allclose(flatten(secure.weights), flatten(plain.weights), atol=1e-6)
+def test_every_strategy_has_one_interface():
+    current = [np.ones(s) for s in SHAPES]
+    for name in ("fedavg", "median", "trimmed_mean", "clustered"):
+        strategy = make_strategy(load_config(env={"FLEAD_AGGREGATION_STRATEGY": name}))
+        assert strategy.aggregate(honest_updates(10), current).strategy == strategy.name == name
+        assert strategy.aggregate(honest_updates(10)).participants
+
+
+# ---------------------------------------------------------------- bounded influence (issue 14.2)
+
+def test_bounded_weights_cap_at_the_median_times_the_factor():
+    assert bounded_weights([10, 20, 30], None).tolist() == [10, 20, 30]
+    assert bounded_weights([10, 20, 2 ** 53], 2.0).tolist() == [10, 20, 40]
+    with pytest.raises(AggregationError, match="≥ 1"):
+        bounded_weights([1, 2], 0.5)
+
+
+def crafted_attack(honest, rng):
+    """The probe of issue 14.1: an update 6x the median norm at cosine 0.05 to the honest direction, claiming
+    n_samples = 2^53 (inside the norm and cosine limits)."""
+    mean = flatten(fedavg([(u.weights, u.n_samples) for u in honest]))
+    direction = mean / np.linalg.norm(mean)
+    orthogonal = rng.normal(size=mean.shape)
+    orthogonal -= (orthogonal @ direction) * direction
+    orthogonal /= np.linalg.norm(orthogonal)
+    median_norm = np.median([np.linalg.norm(flatten(u.weights)) for u in honest])
+    vector = 6 * median_norm * (0.05 * direction + np.sqrt(1 - 0.05 ** 2) * orthogonal)
+    like = honest[0].weights
+    from models.updates import unflatten
+    return Update("attacker", unflatten(vector, like), 2 ** 53), vector, mean
+
+
+def test_crafted_n_samples_update_does_not_take_over_fedavg():
+    """Issue 14.1: before, the global model was the attacker's (cosine 1.000); now its weight is capped."""
+    rng = np.random.default_rng(11)
+    shapes = [(19, 16), (16,), (16, 4), (4,), (4, 16), (16,), (16, 19), (19,)]   # the default detector, 28 devices
+    centre = [rng.normal(size=s) for s in shapes]
+    honest = [Update(f"d{i}", [c + 0.1 * rng.normal(size=c.shape) for c in centre], int(rng.integers(400, 600)))
+              for i in range(28)]
+    attack, attack_vector, honest_mean = crafted_attack(honest, rng)
+    assert [d for d, _ in validate_updates(honest + [attack], shapes, 10.0, 0.0)[1]] == []   # passes both checks
+    result = FedAvg(policy=ValidationPolicy(max_norm_ratio=10.0, min_cosine=0.0)).aggregate(honest + [attack])
+    model = flatten(result.weights)
+    assert "attacker" in result.participants
+    assert cosine_similarity(model, attack_vector) < 0.5
+    assert cosine_similarity(model, honest_mean) > 0.9
+    uncapped = FedAvg(policy=ValidationPolicy(sample_cap_factor=None)).aggregate(honest + [attack])
+    assert cosine_similarity(flatten(uncapped.weights), attack_vector) > 0.999   # what the probe saw before
+
+
+def snap(version, n_seen, n_samples=10, created_at=None, device="dev"):
+    return Update(device, [np.ones(2)], n_samples, version, n_seen, created_at)
+
+
+def test_snapshot_counters_must_follow_the_previous_snapshot():
+    limits = SnapshotLimits(max_readings_per_s=100.0)
+    previous = snap(4, 2000, created_at=0)
+    assert snapshot_problem(snap(5, 2500, 500, created_at=60_000), previous, limits) is None
+    assert "does not follow" in snapshot_problem(snap(4, 2600, created_at=60_000), previous, limits)
+    assert "exceeds the 500 readings seen" in snapshot_problem(snap(5, 2500, 501, created_at=60_000), previous, limits)
+    assert "new reading" in snapshot_problem(snap(10 ** 6, 2500, created_at=60_000), previous, limits)
+    assert "readings/s" in snapshot_problem(snap(5, 2000 + 2 ** 40, 2 ** 40, created_at=60_000), previous, limits)
+    assert "new reading" in snapshot_problem(snap(10 ** 6, 50), None, limits)
+
+
+def test_version_one_million_does_not_displace_the_honest_snapshot():
+    """Issue 14.1: a snapshot with version 10^6 for a real device must not replace its honest update."""
+    limits = SnapshotLimits(max_readings_per_s=10_000.0)
+    honest = [snap(3, 1500, 500, created_at=0), snap(4, 2000, 500, created_at=60_000)]
+    forged = snap(10 ** 6, 10 ** 6 + 10, 2 ** 53, created_at=61_000)
+    chosen, skipped = newest_plausible(honest + [forged], limits)
+    assert chosen is honest[1]
+    assert skipped and skipped[0][1].startswith("v1000000")

@@ -1,54 +1,155 @@
-"""Pairwise-masked secure aggregation."""
+"""Secure aggregation with X25519-agreed pairwise masks: device side, aggregator side, and a whole-round simulation
+over everything that would be stored."""
+import itertools
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models.aggregation import Update, fedavg, flatten
-from models.secure_aggregation import SecureAggregationSession, secure_fedavg
+from models.aggregation import FedAvg, ValidationPolicy, fedavg, make_strategy
+from models.secure_aggregation import (Cohort, SecureAggregation, SecureRound, decode_words, encode_words,
+                                       generate_key_pair, masked_update, pair_seed, reveal_pair_seeds, secure_fedavg,
+                                       unmask_sum)
+from models.updates import AggregationError, Update, flatten
+
+LENGTH = 40
 
 
-def vectors(n, length=50, seed=0):
+def round_of(n, seed=0, length=LENGTH):
+    """Keys, cohort, plain vectors and weights of n devices."""
     rng = np.random.default_rng(seed)
-    return {f"c{i}": rng.normal(size=length) for i in range(n)}
+    keys = {f"dev-{i}": generate_key_pair() for i in range(n)}
+    cohort = Cohort("r7", {d: pub for d, (_, pub) in keys.items()}, length=length + 1)
+    vectors = {d: rng.normal(size=length) for d in keys}
+    weights = {d: float(rng.integers(10, 500)) for d in keys}
+    return keys, cohort, vectors, weights
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.integers(2, 8), st.integers(0, 10 ** 6))
-def test_sum_of_masked_vectors_is_the_true_sum(n, seed):
-    data = vectors(n, seed=seed % 1000)
-    session = SecureAggregationSession(list(data), 50, round_seed=seed)
-    masked = {c: session.mask(c, v) for c, v in data.items()}
-    np.testing.assert_allclose(session.unmasked_sum(masked), sum(data.values()), atol=1e-6)
+def mask_all(keys, cohort, vectors, weights, devices=None):
+    return {d: masked_update(vectors[d], weights[d], d, keys[d][0], cohort) for d in (devices or keys)}
 
 
-def test_one_masked_vector_reveals_nothing():
-    data = vectors(5)
-    session = SecureAggregationSession(list(data), 50, round_seed=3)
-    for client, vector in data.items():
-        seen = session.mask(client, vector).view(np.int64).astype(np.float64) / 2 ** 24   # decoded as if plain
-        assert np.abs(seen - vector).mean() > 1e6          # nowhere near the update
-        assert abs(np.corrcoef(seen, vector)[0, 1]) < 0.5   # and not even correlated with it
+def plain_sum(vectors, weights, devices):
+    return sum(np.append(weights[d] * vectors[d], weights[d]) for d in devices)
 
 
-def test_dropped_clients_masks_are_rebuilt():
-    data = vectors(6)
-    session = SecureAggregationSession(list(data), 50, round_seed=4)
-    masked = {c: session.mask(c, v) for c, v in data.items() if c not in ("c2", "c5")}
-    expected = sum(v for c, v in data.items() if c not in ("c2", "c5"))
-    np.testing.assert_allclose(session.unmasked_sum(masked), expected, atol=1e-6)
+def test_pair_seeds_agree_between_the_two_devices_only():
+    keys, cohort, _, _ = round_of(3)
+    a, b, c = sorted(keys)
+    ab = pair_seed(keys[a][0], keys[b][1], "r7", a, b)
+    assert ab == pair_seed(keys[b][0], keys[a][1], "r7", b, a)
+    assert ab != pair_seed(keys[a][0], keys[c][1], "r7", a, c)
+    assert ab != pair_seed(keys[a][0], keys[b][1], "r8", a, b)   # bound to the round
 
 
-def test_rejects_what_it_cannot_encode():
-    session = SecureAggregationSession(["a", "b"], 2, round_seed=0)
-    with pytest.raises(ValueError, match="non-finite"):
-        session.mask("a", np.array([np.nan, 0.0]))
-    with pytest.raises(ValueError, match="not in this round"):
-        session.mask("z", np.zeros(2))
+@settings(max_examples=10, deadline=None)
+@given(st.integers(2, 7), st.integers(0, 1000))
+def test_unmasked_sum_equals_the_plain_sum(n, seed):
+    keys, cohort, vectors, weights = round_of(n, seed)
+    total = unmask_sum(mask_all(keys, cohort, vectors, weights), cohort)
+    np.testing.assert_allclose(total, plain_sum(vectors, weights, keys), atol=n * 2.0 ** -23)
 
 
-def test_secure_fedavg_equals_fedavg():
+def test_dropouts_are_recovered_from_the_seeds_survivors_reveal():
+    keys, cohort, vectors, weights = round_of(6)
+    dropped = ["dev-2", "dev-5"]
+    survivors = [d for d in keys if d not in dropped]
+    masked = mask_all(keys, cohort, vectors, weights, survivors)
+    with pytest.raises(AggregationError, match="dropped out"):
+        unmask_sum(masked, cohort)
+    revealed = {d: reveal_pair_seeds(d, keys[d][0], cohort, dropped) for d in survivors}
+    assert all(set(seeds) == set(dropped) for seeds in revealed.values())   # nothing about survivor pairs
+    np.testing.assert_allclose(unmask_sum(masked, cohort, revealed), plain_sum(vectors, weights, survivors),
+                               atol=1e-5)
+
+
+def chi_square_uniform_bytes(words: np.ndarray) -> float:
+    """p-value of a chi-square test that the bytes of ``words`` are uniform over 0..255."""
+    from scipy.stats import chisquare
+
+    counts = np.bincount(np.asarray(words, dtype="<u8").view(np.uint8), minlength=256)
+    return float(chisquare(counts).pvalue)
+
+
+def test_whole_round_simulation_over_all_stored_data():
+    """Issue 17 'done when': every stored masked document looks uniform, no device's update can be recovered
+    from all stored data, and the unmasked sum equals plain FedAvg within the fixed-point tolerance."""
+    n, length = 6, 2000
+    keys, cohort, vectors, weights = round_of(n, seed=3, length=length)
+    # A real-looking update: small weights near a shared model, so a leak would be visible.
+    base = np.random.default_rng(9).normal(size=length)
+    vectors = {d: base + 0.01 * v for d, v in vectors.items()}
+    stored_documents = {d: encode_words(masked_update(vectors[d], weights[d], d, keys[d][0], cohort)) for d in keys}
+    announcement = {"round": cohort.round_id, "members": {d: pub.hex() for d, pub in cohort.members.items()}}
+
+    # 1. each stored masked vector is indistinguishable from uniform words (chi-square on its bytes)
+    masked = {d: decode_words(text, cohort.length) for d, text in stored_documents.items()}
+    p_values = [chi_square_uniform_bytes(words) for words in masked.values()]
+    assert min(p_values) > 1e-4, p_values
+    plain_words = np.round(np.append(vectors["dev-0"], 1.0) * 2 ** 24).astype(np.int64).view(np.uint64)
+    assert chi_square_uniform_bytes(plain_words) < 1e-12   # the same test does see an unmasked update
+
+    # 2. no device's update (or any strict subset's sum) can be read off the stored data: only the whole
+    #    cohort's masks cancel, and no private key or pair seed is stored
+    for size in range(1, n):
+        for subset in itertools.combinations(sorted(masked), size):
+            values = sum(masked[d] for d in subset).view(np.int64).astype(np.float64) / 2 ** 24
+            truth = plain_sum(vectors, weights, subset)
+            assert np.median(np.abs(values - truth)) > 1e6, subset
+            assert abs(np.corrcoef(values[:-1], truth[:-1])[0, 1]) < 0.1, subset
+    stored_bytes = "".join(stored_documents.values()) + str(announcement)
+    for device, (private, _) in keys.items():
+        assert private.hex() not in stored_bytes
+        for peer in keys:
+            if peer != device:
+                assert pair_seed(private, cohort.members[peer], "r7", device, peer).hex() not in stored_bytes
+
+    # 3. the aggregator's unmasked sum gives FedAvg within the fixed-point tolerance
+    total = unmask_sum(masked, cohort)
+    expected = fedavg([([vectors[d]], weights[d]) for d in keys])[0]
+    tolerance = n * 2.0 ** -24 / sum(weights.values()) * 4
+    np.testing.assert_allclose(total[:-1] / total[-1], expected, atol=max(tolerance, 1e-9))
+
+
+def test_secure_strategy_equals_fedavg_and_refuses_outsiders():
+    keys, cohort, vectors, weights = round_of(5)
+    updates = [Update(d, [masked_update(vectors[d], weights[d], d, keys[d][0], cohort)], 1) for d in keys]
+    updates.append(Update("intruder", [np.zeros(cohort.length, dtype=np.uint64)], 1))
+    strategy = SecureAggregation(FedAvg(policy=ValidationPolicy(2, None, None, None, None)), SecureRound(cohort))
+    result = strategy.aggregate(updates)
+    expected = fedavg([([vectors[d]], weights[d]) for d in keys])[0]
+    np.testing.assert_allclose(flatten(result.weights), expected, atol=1e-6)
+    assert result.strategy == "secure-fedavg" and result.norms == {}
+    assert result.rejected == [("intruder", "not in the cohort of round r7")]
+
+
+def test_secure_fedavg_in_one_process_equals_fedavg():
     rng = np.random.default_rng(5)
     updates = [Update(f"d{i}", [rng.normal(size=(3, 2)), rng.normal(size=2)], int(rng.integers(1, 500)))
                for i in range(5)]
-    np.testing.assert_allclose(flatten(secure_fedavg(updates, round_seed=1)),
+    np.testing.assert_allclose(flatten(secure_fedavg(updates)),
                                flatten(fedavg([(u.weights, u.n_samples) for u in updates])), atol=1e-6)
+
+
+def test_what_cannot_be_masked_is_refused():
+    keys, cohort, vectors, weights = round_of(2)
+    with pytest.raises(ValueError, match="non-finite"):
+        masked_update(np.full(LENGTH, np.nan), 1.0, "dev-0", keys["dev-0"][0], cohort)
+    with pytest.raises(ValueError, match="not in the cohort"):
+        masked_update(vectors["dev-0"], 1.0, "zz", keys["dev-0"][0], cohort)
+    with pytest.raises(ValueError, match="wrap around"):
+        masked_update(np.full(LENGTH, 1e30), 1.0, "dev-0", keys["dev-0"][0], cohort)
+    assert cohort.max_abs() * 2 ** 24 * len(cohort.members) <= 2 ** 62
+
+
+@pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "clustered"])
+def test_strategies_needing_individual_updates_refuse_secure_aggregation(strategy):
+    from config import load_config
+
+    cfg = load_config(env={"FLEAD_PRIVACY_SECURE_AGGREGATION": "true", "FLEAD_AGGREGATION_STRATEGY": strategy})
+    with pytest.raises(AggregationError, match="reveals only the sum"):
+        make_strategy(cfg)
+    with pytest.raises(AggregationError, match="cannot run"):
+        SecureAggregation(FedAvg(), SecureRound(Cohort("r", {}, 1)))
+    assert math.isfinite(Cohort("r", {}, 1).max_abs())

@@ -1,0 +1,128 @@
+"""What a weight snapshot must pass to enter a round: one set of checks for the Spark job and the REST API.
+
+A stored snapshot (`local_models`) is checked on its own, in this order: signature (`models.integrity`), blob
+(base64, magic, SHA-256), structure (layers and shapes of the current global model, or of the configured
+architecture at the snapshot's input width when there is none; floating dtype; finite values; ``n_samples`` ≥ 1
+and ≤ ``n_seen``). Then, per device, `models.aggregation.newest_plausible` picks one snapshot for the round: the
+newest whose counters follow the device's previous one. None of these checks looks at another device.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.aggregation import SnapshotLimits, newest_plausible, structure_problem
+from models.integrity import verify_record, wire_form
+from models.serialization import SerializationError, from_b64, loads
+from models.updates import Update
+
+SNAPSHOT_SCHEMA = "flead.snapshot/1"
+GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
+COUNTER_FIELDS = ("version", "n_samples", "n_seen", "created_at")
+
+
+@dataclass
+class Candidate:
+    """One stored snapshot after its own checks: ``update`` when usable, else ``problem`` says why not."""
+
+    device_id: str
+    version: object
+    update: Update | None = None
+    loss: float | None = None
+    architecture: str | None = None
+    problem: str | None = None
+
+
+@dataclass
+class DeviceChoice:
+    """A device's update for the round (None if none of its snapshots qualifies) and why others were skipped."""
+
+    device_id: str
+    update: Update | None
+    loss: float | None = None
+    architecture: str | None = None
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def snapshot_limits(cfg) -> SnapshotLimits:
+    return SnapshotLimits(max_readings_per_s=cfg.aggregation.max_readings_per_s)
+
+
+@functools.lru_cache(maxsize=64)
+def _detector_shapes(settings_json: str, n_metrics: int) -> tuple[tuple[int, ...], ...]:
+    from models.detector import DetectorSettings, DeviceDetector
+
+    settings = DetectorSettings.from_dict(json.loads(settings_json))
+    detector = DeviceDetector([f"m{i}" for i in range(n_metrics)], settings)
+    return tuple(tuple(w.shape) for w in detector.get_weights())
+
+
+def architecture_shapes(cfg, weights: list[np.ndarray]) -> list[tuple[int, ...]] | None:
+    """The layer shapes the configured model (`model.*`) has at ``weights``' input width (its last layer's
+    length), or None when no number of metrics gives that width."""
+    from models.detector import DetectorSettings
+
+    if not weights or np.ndim(weights[-1]) != 1:
+        return None
+    settings_json = json.dumps(DetectorSettings.from_config(cfg).to_dict(), sort_keys=True)
+    per_metric = _detector_shapes(settings_json, 1)[-1][0]
+    width = int(np.shape(weights[-1])[0])
+    if width <= 0 or width % per_metric:
+        return None
+    return list(_detector_shapes(settings_json, width // per_metric))
+
+
+def counters_problem(doc: dict) -> str | None:
+    """Why a snapshot's counters cannot be used (missing, not integers, out of range), or None."""
+    for name in COUNTER_FIELDS:
+        value = doc.get(name)
+        if type(value) is not int or value < (1 if name == "n_samples" else 0):
+            return f"{name}: expected an integer ≥ {1 if name == 'n_samples' else 0}, got {value!r:.40}"
+    return None
+
+
+def check_snapshot(doc: dict, key: bytes, reference_shapes: list[tuple[int, ...]] | None, cfg) -> Candidate:
+    """One stored snapshot checked on its own (see the module docstring)."""
+    device_id = str(doc.get("device_id"))
+    candidate = Candidate(device_id, doc.get("version"))
+    candidate.problem = (verify_record(wire_form(doc, SNAPSHOT_SCHEMA), key) or counters_problem(doc))
+    if candidate.problem:
+        return candidate
+    try:
+        weights, meta = loads(from_b64(doc["weights"]))
+    except (SerializationError, KeyError, TypeError) as exc:
+        candidate.problem = f"weights: {exc}"
+        return candidate
+    shapes = reference_shapes or architecture_shapes(cfg, weights)
+    if shapes is None:
+        candidate.problem = "weights: no layout of the configured model (model.*) has these layers"
+        return candidate
+    update = Update(device_id, weights, doc["n_samples"], doc["version"], doc["n_seen"], doc["created_at"])
+    candidate.problem = structure_problem(update, shapes)
+    if candidate.problem is None:
+        loss = doc.get("loss")
+        candidate.update = update
+        candidate.loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+        candidate.architecture = meta.get("architecture")
+    return candidate
+
+
+def choose_per_device(candidates: list[Candidate], limits: SnapshotLimits) -> list[DeviceChoice]:
+    """One `DeviceChoice` per device among ``candidates`` (a device's snapshots in the round's window)."""
+    by_device: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        by_device.setdefault(c.device_id, []).append(c)
+    choices = []
+    for device_id, own in by_device.items():
+        rejected = [(device_id, f"v{c.version}: {c.problem}") for c in own if c.problem]
+        usable = {id(c.update): c for c in own if c.update is not None}
+        chosen, implausible = newest_plausible([c.update for c in usable.values()], limits)
+        choice = DeviceChoice(device_id, chosen, rejected=rejected + implausible)
+        if chosen is not None:
+            choice.loss, choice.architecture = usable[id(chosen)].loss, usable[id(chosen)].architecture
+        choices.append(choice)
+    return choices
