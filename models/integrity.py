@@ -36,9 +36,23 @@ KEY_BYTES = 32
 
 
 def canonical_json(record: Mapping[str, Any]) -> bytes:
-    """Sorted keys, no spaces, UTF-8, no NaN: the byte string a signature covers (``signature`` left out)."""
-    body = {k: v for k, v in record.items() if k != SIGNATURE_FIELD}
+    """Sorted keys, no spaces, UTF-8, no NaN: the byte string a signature covers (``signature`` left out).
+
+    A field whose value is null counts as absent and -0.0 as 0.0, at any depth: stores differ there (FerretDB
+    drops null fields and the sign of zero), and a record must verify after a round trip through MongoDB.
+    """
+    body = _canonical({k: v for k, v in record.items() if k != SIGNATURE_FIELD})
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _canonical(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float):
+        return value + 0.0  # -0.0 -> 0.0
+    return value
 
 
 def _mac(record: Mapping[str, Any], key: bytes) -> str:

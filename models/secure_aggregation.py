@@ -193,10 +193,12 @@ def decode_words(text: str, length: int) -> np.ndarray:
 
 @dataclass
 class SecureRound:
-    """What the aggregator holds for one secure round: the announced cohort and the seeds survivors revealed."""
+    """What the aggregator holds for one secure round: the announced cohort, the seeds survivors revealed, and
+    the layer shapes of the devices' wire weights (from their enrolments)."""
 
     cohort: Cohort
     revealed: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    shapes: list[tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -259,3 +261,93 @@ def secure_fedavg(updates: Sequence[Update], max_weight: float | None = None) ->
                                          cohort) for u in updates}
     total = unmask_sum(masked, cohort)
     return unflatten(total[:-1] / total[-1], updates[0].weights)
+
+
+# ---------------------------------------------------------------- wire records of a secure round
+
+COHORT_SCHEMA = "flead.cohort/1"
+ENROLMENT = "enrolment/1"          # a snapshot that only announces the device's public key (no weights)
+MASKED = "masked-u64/1"            # a snapshot whose weights are masked words for one round
+SEED_REVEAL = "seed-reveal/1"      # a survivor's pair seeds with the round's dropped members
+NO_WEIGHTS = "-"                   # the weights field of records that carry none
+
+
+def enrolment_record(device_id: str, public_key: bytes, vector_length: int, shapes: Sequence[Sequence[int]],
+                     version: int, n_seen: int, created_at: int) -> dict:
+    """Device side, secure aggregation on: a `flead.snapshot/1` that announces the device's key and layout
+    instead of its weights (sent instead of a plain snapshot until a cohort includes the device)."""
+    return {"schema": "flead.snapshot/1", "encoding": ENROLMENT, "device_id": device_id, "version": version,
+            "n_samples": 1, "n_seen": n_seen, "created_at": created_at, "public_key": public_key_b64(public_key),
+            "vector_length": int(vector_length), "shapes": [list(s) for s in shapes], "weights": NO_WEIGHTS}
+
+
+def choose_cohort(enrolments: Sequence[Mapping], round_id: str, base_version: int, max_weight: float,
+                  created_at: int, issuer: str) -> dict:
+    """Aggregator side: the `flead.cohort/1` announcement of a round from the devices' newest enrolments (one
+    per device, all of the most common layout). Unsigned: the caller signs it."""
+    newest: dict[str, Mapping] = {}
+    for e in enrolments:
+        if e["device_id"] not in newest or e["created_at"] > newest[e["device_id"]]["created_at"]:
+            newest[e["device_id"]] = e
+    layouts: dict[tuple, list[str]] = {}
+    for device, e in newest.items():
+        layouts.setdefault((int(e["vector_length"]), json_shapes(e["shapes"])), []).append(device)
+    if not layouts:
+        raise AggregationError("secure aggregation: no device has announced its key yet (enrolment snapshots)")
+    (length, shapes), members = max(layouts.items(), key=lambda item: len(item[1]))
+    return {"schema": COHORT_SCHEMA, "round_id": round_id, "base_version": base_version,
+            "members": {d: newest[d]["public_key"] for d in sorted(members)}, "length": length + 1,
+            "shapes": [list(s) for s in shapes], "fixed_point_bits": FIXED_POINT_BITS, "max_weight": max_weight,
+            "dropped": [], "created_at": created_at, "issuer": issuer}
+
+
+def json_shapes(shapes) -> tuple:
+    return tuple(tuple(int(n) for n in s) for s in shapes)
+
+
+def cohort_from_record(record: Mapping) -> Cohort:
+    """The `Cohort` of a (verified) `flead.cohort/1` announcement; ValueError if it is malformed."""
+    try:
+        members = {str(d): public_key_from_b64(k) for d, k in record["members"].items()}
+        return Cohort(str(record["round_id"]), members, int(record["length"]), int(record["fixed_point_bits"]))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{COHORT_SCHEMA}: malformed announcement ({exc})") from None
+
+
+def answer_cohort(record: Mapping, device_id: str, own_private: bytes, vector: np.ndarray, n_samples: int,
+                  version: int, n_seen: int, created_at: int) -> dict | None:
+    """Device side: the masked `flead.snapshot/1` with which a member of an announced cohort answers (None if the
+    device is not a member). ``vector`` is its federated vector (`models.updates.codec_for(...)`); its weight is
+    ``min(n_samples, max_weight)``, capped here because the aggregator cannot see it. Unsigned."""
+    cohort = cohort_from_record(record)
+    if device_id not in cohort.members:
+        return None
+    weight = float(min(n_samples, record["max_weight"]))
+    words = masked_update(vector, weight, device_id, own_private, cohort)
+    return {"schema": "flead.snapshot/1", "encoding": MASKED, "secure_round": cohort.round_id,
+            "device_id": device_id, "version": version, "n_samples": n_samples, "n_seen": n_seen,
+            "created_at": created_at, "weights": encode_words(words)}
+
+
+def answer_dropouts(record: Mapping, device_id: str, own_private: bytes, created_at: int, version: int,
+                    n_seen: int) -> dict | None:
+    """Device side, after a recovery announcement (the cohort record again, with ``dropped``): this survivor's
+    pair seeds with the dropped members (None if it is not a member or nobody dropped). Unsigned."""
+    cohort = cohort_from_record(record)
+    dropped = [d for d in record.get("dropped") or [] if d != device_id]
+    if device_id not in cohort.members or device_id in (record.get("dropped") or []) or not dropped:
+        return None
+    seeds = reveal_pair_seeds(device_id, own_private, cohort, dropped)
+    return {"schema": "flead.snapshot/1", "encoding": SEED_REVEAL, "secure_round": cohort.round_id,
+            "device_id": device_id, "version": version, "n_samples": 1, "n_seen": n_seen, "created_at": created_at,
+            "revealed_seeds": {d: s.hex() for d, s in seeds.items()}, "weights": NO_WEIGHTS}
+
+
+def revealed_from_records(records: Sequence[Mapping], cohort: Cohort) -> dict[str, dict[str, bytes]]:
+    """Aggregator side: ``revealed[survivor][dropped]`` from verified seed-reveal records of the round."""
+    revealed: dict[str, dict[str, bytes]] = {}
+    for r in records:
+        if r.get("secure_round") == cohort.round_id and r["device_id"] in cohort.members:
+            revealed[r["device_id"]] = {d: bytes.fromhex(s) for d, s in (r.get("revealed_seeds") or {}).items()
+                                        if d in cohort.members}
+    return revealed

@@ -142,11 +142,15 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
         raise AggregationError("no usable update" + (f"; rejected: {_reasons(early)}" if early else ""))
     architecture = Counter(c.architecture for c in chosen).most_common(1)[0][0]
     codec = codec_for(architecture)
-    like = current if current is not None else chosen[0].update.weights
-    updates = [Update(c.device_id, [codec.federated_vector(c.update.weights)], c.update.n_samples, c.update.version,
-                      c.update.n_seen, c.update.created_at) for c in chosen]
-    length = updates[0].weights[0].shape
-    strategy = make_strategy(cfg, [length] if current is not None else None,
+    if secure_round is None:  # plain updates: into the codec's vector space here
+        like = current if current is not None else chosen[0].update.weights
+        updates = [Update(c.device_id, [codec.federated_vector(c.update.weights)], c.update.n_samples,
+                          c.update.version, c.update.n_seen, c.update.created_at) for c in chosen]
+    else:  # masked words of vectors the devices encoded themselves
+        like = current if current is not None else [np.zeros(shape) for shape in secure_round.shapes]
+        updates = [c.update for c in chosen]
+    length = codec.federated_vector(like).shape
+    strategy = make_strategy(cfg, [length] if current is not None or secure_round else None,
                              dp_history=(previous or {}).get("dp"), secure_round=secure_round)
     try:
         result = strategy.aggregate(updates, [codec.federated_vector(current)] if current is not None else None)
@@ -196,8 +200,10 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
     return RoundDocuments(sign_record(model, key), clusters, history, result, [] if private else rejected)
 
 
-def _reasons(rejected: list[tuple[str, str]]) -> str:
-    return "; ".join(f"{d}: {r}" for d, r in rejected)
+def _reasons(rejected: list[tuple[str, str]], shown: int = 5) -> str:
+    """The first ``shown`` refusals, and how many more (a message, not a report: the round documents list all)."""
+    text = "; ".join(f"{d}: {r}" for d, r in rejected[:shown])
+    return text + (f"; and {len(rejected) - shown} more" if len(rejected) > shown else "")
 
 
 def norm_summary(norms: dict[str, float]) -> dict[str, float] | None:
@@ -232,17 +238,29 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
     clock = time.perf_counter()
     key = signing_key(cfg)
     db = mongo.connect(cfg)
+    send = partial(publish, cfg) if publish_model else (lambda messages: None)
     try:
-        previous, groups = read_window(db, cfg, started)
-        if not groups:
-            since = f"since global model v{previous['version']}" if previous else "stored yet"
-            return RoundOutcome("skipped", f"no new snapshots {since}; nothing to do",
-                                duration_s=time.perf_counter() - clock)
-        current = global_weights(previous)
-        choices = check_on_spark(spark, cfg, key, groups, [w.shape for w in current] if current else None)
+        secure = None
+        if cfg.privacy.secure_aggregation:  # a round over several runs: spark_jobs/secure_round.py
+            from spark_jobs.secure_round import secure_round_step
+
+            previous = mongo.latest_global_model(db, cfg)
+            secure = secure_round_step(db, cfg, key, previous, started, send)
+            if secure.status != "ready":
+                return RoundOutcome("skipped", secure.message, duration_s=time.perf_counter() - clock)
+            choices = secure.choices
+        else:
+            previous, groups = read_window(db, cfg, started)
+            if not groups:
+                since = f"since global model v{previous['version']}" if previous else "stored yet"
+                return RoundOutcome("skipped", f"no new snapshots {since}; nothing to do",
+                                    duration_s=time.perf_counter() - clock)
+            current = global_weights(previous)
+            choices = check_on_spark(spark, cfg, key, groups, [w.shape for w in current] if current else None)
         checked_at = time.perf_counter()
         try:
-            documents = round_documents(cfg, previous, choices, started, key)
+            documents = round_documents(cfg, previous, choices, started, key,
+                                        secure.secure_round if secure else None)
         except AggregationError as exc:
             early = [{"device_id": d, "reason": r} for c in choices for d, r in c.rejected]
             private = cfg.privacy.enabled
@@ -258,6 +276,10 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
                                           "nothing written", version=version, round_id=model["round_id"],
                                 duration_s=time.perf_counter() - clock)
         mongo.write_cluster_models(db, cfg, documents.clusters)
+        if secure:
+            from spark_jobs.secure_round import finish
+
+            finish(db, cfg, secure.protocol, version)
         if publish_model:
             try:
                 publish(cfg, [model, *documents.clusters])

@@ -2,13 +2,22 @@
 
     python -m spark_jobs.api          # or `flead api start`; uvicorn on api.host:api.port, OpenAPI at /docs
 
-Reads are open. Writes (``POST``) need ``Authorization: Bearer <token>``: `api.token`, or when that is empty a
-token generated on first start into ``<state_dir>/api_token`` (mode 0600). Refusals: 401 without a token,
-403 with a wrong one, 400/409/422 with the reason for a bad payload, 503 when MongoDB cannot be reached.
+Reads are open. Writes (``POST``) need ``Authorization: Bearer <token>``:
+
+- the admin token (`api.token`, or when that is empty a token generated on first start into
+  ``<state_dir>/api_token``, mode 0600) starts rounds and issues device tokens (``POST /api/device-tokens/{id}``);
+- a device token (HMAC of the device id under the deployment's signing key) sends that device's snapshots, and
+  only that device's: ``POST /api/local-update`` checks a snapshot as the aggregation round does
+  (`spark_jobs.snapshots`: structure against the global model or the configured architecture, counters that
+  follow the device's previous snapshot, norm and direction against the global model), then stores it signed.
+
+Refusals: 401 without a token (before the body is read), 403 with a wrong one, 413 for a body over
+`api.max_body_bytes` (before it is read), 400/409/422 with the reason for a bad payload, 503 when MongoDB cannot be
+reached.
 """
 from __future__ import annotations
 
-import math
+import json
 import os
 import secrets
 import threading
@@ -18,16 +27,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.errors import PyMongoError
 
 from config import Config, load_config
-from models.aggregation import Update, validate_updates
-from models.serialization import SerializationError, from_b64, loads
+from models.aggregation import snapshot_problem
+from models.integrity import device_token, sign_record, signing_key, wire_form
+from models.serialization import from_b64, loads
 from spark_jobs.api_monitoring import monitoring_routes
+from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, SNAPSHOT_SCHEMA, check_snapshot, global_model_problem,
+                                  previous_update, snapshot_limits)
 from storage import mongo
 
 MAX_INT = 2**53  # JSON numbers above this lose precision in most clients
@@ -36,7 +48,59 @@ MAX_WEIGHTS_CHARS = 16_000_000
 MODEL_FIELDS = {"rejected": [], "dp_epsilon": None, "cluster": None}  # may be absent in stored documents
 HISTORY_FIELDS = ("round_id", "version", "strategy", "n_participants", "n_rejected", "rejected", "n_samples",
                   "mean_loss", "started_at", "finished_at", "duration_s", "timings", "norms", "dp_epsilon",
+                  "dp_round_epsilon", "dp_delta", "dp_sampling_rate", "dp_noise_multiplier", "dp_rounds",
                   "cluster_sizes", "published")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 before it is read (Content-Length), or as
+    soon as the bytes received pass the limit (chunked bodies); a write without ``Authorization`` gets 401
+    before its body is read."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send, 413, f"request body over api.max_body_bytes ({self.limit} bytes)")
+        if scope["method"] == "POST" and b"authorization" not in headers:
+            return await self._refuse(send, 401, "writes need 'Authorization: Bearer <token>' (api.token or "
+                                                 "<state_dir>/api_token; a device token for /api/local-update)")
+        received, started = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:  # an HTTPException, so FastAPI's body parsing passes it on as 413
+                    raise HTTPException(413, f"request body over api.max_body_bytes ({self.limit} bytes)")
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except HTTPException as exc:  # raised by limited_receive outside FastAPI's handlers
+            if exc.status_code != 413 or started:
+                raise
+            await self._refuse(send, 413, exc.detail)
+
+    @staticmethod
+    async def _refuse(send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def api_token(cfg: Config) -> str:
@@ -68,10 +132,11 @@ class LocalUpdate(BaseModel):
     version: int = Field(ge=0, le=MAX_INT)
     global_version: int = Field(0, ge=0, le=MAX_INT)
     n_samples: int = Field(ge=1, le=MAX_INT, description="readings learned since the previous snapshot")
-    n_seen: int | None = Field(None, ge=0, le=MAX_INT)
+    n_seen: int = Field(ge=1, le=MAX_INT, description="readings seen in all (at least n_samples)")
     loss: float | None = Field(None, allow_inf_nan=False)
     weights: str = Field(min_length=1, max_length=MAX_WEIGHTS_CHARS, description="base64 models.serialization blob")
-    created_at: int | None = Field(None, ge=0, le=MAX_INT, description="epoch ms; default: time of receipt")
+    created_at: int | None = Field(None, ge=0, le=MAX_INT,
+                                   description="ignored: the server stores the time of receipt")
 
 
 class Runs:
@@ -122,14 +187,17 @@ def spark_round_runner(cfg: Config) -> Callable[[], dict]:
 
 
 def model_view(doc: dict) -> dict:
-    """A stored global model as a `flead.global-model/1` message."""
-    return {"schema": "flead.global-model/1", **MODEL_FIELDS, **{k: v for k, v in doc.items() if k != "_id"}}
+    """A stored global model as the `flead.global-model/1` message it was published as: a signed one exactly as
+    signed (clients verify it), an unsigned one with defaults for fields older documents lack."""
+    wire = wire_form(doc, GLOBAL_MODEL_SCHEMA)
+    return wire if "signature" in wire else {**MODEL_FIELDS, **wire}
 
 
 def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None = None) -> FastAPI:
     """The API on the configured MongoDB; `run_round` runs one aggregation round (default: warm Spark)."""
     cfg = cfg or load_config()
     token = api_token(cfg)
+    key = signing_key(cfg)
     runs = Runs(run_round or spark_round_runner(cfg))
     database: dict[str, Any] = {}
     bearer = HTTPBearer(auto_error=False, description="api.token or <state_dir>/api_token")
@@ -139,15 +207,19 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
             database["db"] = mongo.connect(cfg)
         return database["db"]
 
-    def writer(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def presented(credentials: HTTPAuthorizationCredentials | None) -> str:
         if credentials is None:
             raise HTTPException(401, "writes need 'Authorization: Bearer <token>' (api.token or "
                                      "<state_dir>/api_token)", headers={"WWW-Authenticate": "Bearer"})
-        if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
+        return credentials.credentials
+
+    def writer(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not secrets.compare_digest(presented(credentials).encode(), token.encode()):
             raise HTTPException(403, "wrong API token")
 
     app = FastAPI(title="FLEAD global model server", version="1",
                   description="Federated global models, aggregation rounds and device snapshots.")
+    app.add_middleware(BodyLimit, limit=cfg.api.max_body_bytes)
 
     app.include_router(monitoring_routes(cfg, db, writer))  # /metrics, /healthz, incidents, feedback, suppressions
 
@@ -191,24 +263,37 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
             raise HTTPException(404, f"no run {run_id!r} in this server's lifetime")
         return runs.runs[run_id]
 
-    @app.post("/api/local-update", status_code=201, dependencies=[Depends(writer)],
-              summary="Store a device's weight snapshot after checking it")
-    def post_local_update(update: LocalUpdate) -> dict:
-        try:
-            weights, _ = loads(from_b64(update.weights))
-        except (SerializationError, ValueError, TypeError) as exc:
-            raise HTTPException(400, f"weights: {exc}")
+    @app.post("/api/device-tokens/{device_id}", status_code=201, dependencies=[Depends(writer)],
+              summary="The token with which one device sends its own snapshots")
+    def post_device_token(device_id: str = PathParam(pattern=DEVICE_ID_PATTERN)) -> dict:
+        return {"device_id": device_id, "token": device_token(key, device_id)}
+
+    @app.post("/api/local-update", status_code=201,
+              summary="Store a device's weight snapshot after the checks of an aggregation round")
+    def post_local_update(update: LocalUpdate,
+                          credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+        if not secrets.compare_digest(presented(credentials).encode(), device_token(key, update.device_id).encode()):
+            raise HTTPException(403, f"not the device token of {update.device_id!r}: a device may only send its own "
+                                     "snapshots (POST /api/device-tokens/{device_id} with the admin token)")
         current = mongo.latest_global_model(db(), cfg)
-        shapes = [w.shape for w in loads(from_b64(current["weights"]))[0]] if current else [w.shape for w in weights]
-        _, rejected, _ = validate_updates([Update(update.device_id, weights, update.n_samples)], shapes,
-                                          max_norm_ratio=math.inf, min_cosine=None)
-        if rejected:
-            where = f" (current global model v{current['version']})" if current else ""
-            raise HTTPException(400, f"weights: {rejected[0][1]}{where}")
-        snapshot = update.model_dump(exclude={"schema_"}, exclude_none=True)
-        snapshot.setdefault("created_at", int(time.time() * 1000))
+        current_weights = loads(from_b64(current["weights"]))[0] if current else None
+        record = sign_record({"schema": SNAPSHOT_SCHEMA, **update.model_dump(exclude={"schema_"}, exclude_none=True),
+                              "created_at": int(time.time() * 1000)}, key)
+        stored = {k: v for k, v in record.items() if k != "schema"}
+        candidate = check_snapshot(stored, key, [w.shape for w in current_weights] if current_weights else None, cfg)
+        where = f" (current global model v{current['version']})" if current else ""
+        if candidate.problem:
+            raise HTTPException(400, f"{candidate.problem}{where}")
+        previous = previous_update(mongo.latest_local_model(db(), cfg, update.device_id))
         snapshot_id = f"{update.device_id}:{update.version}"
-        if not mongo.write_local_models(db(), cfg, [snapshot]):
+        if previous is not None and update.version <= previous.version:
+            raise HTTPException(409, f"snapshot {snapshot_id}: the device's newest stored snapshot is "
+                                     f"v{previous.version}; send a higher version")
+        problem = (snapshot_problem(candidate.update, previous, snapshot_limits(cfg))
+                   or global_model_problem(candidate.update.weights, current_weights, cfg))
+        if problem:
+            raise HTTPException(400, f"{problem}{where}")
+        if not mongo.write_local_models(db(), cfg, [record]):
             raise HTTPException(409, f"snapshot {snapshot_id} exists already; send a higher version")
         return {"id": snapshot_id, "stored": True}
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.aggregation import SnapshotLimits, newest_plausible, structure_problem
+from models.aggregation import SnapshotLimits, cosine_similarity, newest_plausible, structure_problem
 from models.integrity import verify_record, wire_form
 from models.serialization import SerializationError, from_b64, loads
-from models.updates import Update
+from models.updates import Update, flatten
 
 SNAPSHOT_SCHEMA = "flead.snapshot/1"
 GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
@@ -80,7 +80,7 @@ def counters_problem(doc: dict) -> str | None:
     """Why a snapshot's counters cannot be used (missing, not integers, out of range), or None."""
     for name in COUNTER_FIELDS:
         value = doc.get(name)
-        if type(value) is not int or value < (1 if name == "n_samples" else 0):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "n_samples" else 0):
             return f"{name}: expected an integer ≥ {1 if name == 'n_samples' else 0}, got {value!r:.40}"
     return None
 
@@ -101,7 +101,7 @@ def check_snapshot(doc: dict, key: bytes, reference_shapes: list[tuple[int, ...]
     if shapes is None:
         candidate.problem = "weights: no layout of the configured model (model.*) has these layers"
         return candidate
-    update = Update(device_id, weights, doc["n_samples"], doc["version"], doc["n_seen"], doc["created_at"])
+    update = Update(device_id, weights, *(int(doc[name]) for name in ("n_samples", "version", "n_seen", "created_at")))
     candidate.problem = structure_problem(update, shapes)
     if candidate.problem is None:
         loss = doc.get("loss")
@@ -126,3 +126,27 @@ def choose_per_device(candidates: list[Candidate], limits: SnapshotLimits) -> li
             choice.loss, choice.architecture = usable[id(chosen)].loss, usable[id(chosen)].architecture
         choices.append(choice)
     return choices
+
+
+def global_model_problem(weights: list[np.ndarray], global_weights: list[np.ndarray] | None, cfg) -> str | None:
+    """A single update has no cohort to compare with (the REST API): its norm and direction are judged against
+    the current global model instead, with the round's limits (`aggregation.max_norm_ratio`, `min_cosine`)."""
+    if global_weights is None:
+        return None
+    vector, reference = flatten(weights), flatten(global_weights)
+    ratio, min_cosine = cfg.aggregation.max_norm_ratio, cfg.aggregation.min_cosine
+    norm, reference_norm = float(np.linalg.norm(vector)), float(np.linalg.norm(reference))
+    if reference_norm > 0 and norm > ratio * reference_norm:
+        return f"norm {norm:.4g} exceeds {ratio:g} × the global model's norm {reference_norm:.4g}"
+    cosine = cosine_similarity(vector, reference)
+    if reference_norm > 0 and cosine < min_cosine:
+        return (f"cosine similarity {cosine:.3f} to the global model is below {min_cosine:g} (points away from "
+                "it, e.g. a sign flip)")
+    return None
+
+
+def previous_update(doc: dict | None) -> Update | None:
+    """A device's stored snapshot as the reference its next one must follow (counters only)."""
+    if doc is None or counters_problem(doc):
+        return None
+    return Update(str(doc["device_id"]), [], *(int(doc[name]) for name in ("n_samples", "version", "n_seen", "created_at")))

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer
 
 from config import PROJECT_ROOT, load_config
 from models.aggregation import fedavg
+from models.integrity import global_model_verdict, sign_record, signing_key, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
 from orchestration import processes
 from spark_jobs.aggregate_job import run_round
@@ -23,7 +24,8 @@ from storage import mongo
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 
-SHAPES = [(6, 8), (8,), (8, 6), (6,)]
+# the configured model (dense autoencoder 16-4-16) of a device with 6 metrics
+SHAPES = [(6, 16), (16,), (16, 4), (4,), (4, 16), (16,), (16, 6), (6,)]
 SPARK_SUBMIT = Path(sys.executable).parent / "spark-submit"
 
 
@@ -34,11 +36,14 @@ def spark():
     session.stop()
 
 
-def snapshot(device_id: str, weights, n_samples: int, version: int = 1, created_at: int | None = None) -> dict:
-    return {"schema": "flead.snapshot/1", "device_id": device_id, "version": version, "global_version": 0,
-            "n_samples": n_samples, "n_seen": n_samples * version, "loss": 0.01,
-            "weights": to_b64(dumps(weights, {"architecture": "dense_ae", "model_version": version})),
-            "created_at": created_at or int(time.time() * 1000) - 1000}
+def snapshot(device_id: str, weights, n_samples: int, version: int = 1, created_at: int | None = None,
+             signed: bool = True) -> dict:
+    """A `flead.snapshot/1` as the stream job sends it: signed with the deployment's key (the test's state dir)."""
+    record = {"schema": "flead.snapshot/1", "device_id": device_id, "version": version, "global_version": 0,
+              "n_samples": n_samples, "n_seen": n_samples * version, "loss": 0.01,
+              "weights": to_b64(dumps(weights, {"architecture": "dense_ae", "model_version": version})),
+              "created_at": created_at or int(time.time() * 1000) - 1000}
+    return sign_record(record, signing_key(load_config())) if signed else record
 
 
 def fleet(n_devices: int, seed: int = 0):
@@ -63,7 +68,7 @@ def fleet(n_devices: int, seed: int = 0):
 
 
 def read_global_messages(cfg, expected: int, timeout: float = 30.0) -> list[dict]:
-    consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": "test-aggregate",
+    consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": f"test-aggregate-{time.time_ns()}",
                          "auto.offset.reset": "earliest"})
     consumer.subscribe([cfg.kafka.topics.global_model])
     messages, deadline = [], time.monotonic() + timeout
@@ -77,8 +82,11 @@ def read_global_messages(cfg, expected: int, timeout: float = 30.0) -> list[dict
 
 def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg, db):
     snaps, valid = fleet(200)
-    stale = [snapshot(d, [np.full(s, 9.0) for s in SHAPES], 1000, version=1) for d, _, _ in snaps[:5]]
-    mongo.write_local_models(db, cfg, stale + [s for _, _, s in snaps])
+    stale = [snapshot(d, [np.full(s, 9.0) for s in SHAPES], 10, version=1) for d, _, _ in snaps[:5]]
+    honest_id = snaps[1][0]
+    forged = snapshot(honest_id, [np.full(s, 50.0) for s in SHAPES], 2 ** 53, version=10 ** 6, signed=False)
+    forged["n_seen"] = 2 ** 53 + 10 ** 6
+    mongo.write_local_models(db, cfg, stale + [s for _, _, s in snaps] + [forged])
 
     outcome = run_round(spark, cfg)
 
@@ -88,7 +96,9 @@ def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg
     weights, _ = loads(from_b64(model["weights"]))
     for got, want in zip(weights, fedavg(valid)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    reasons = {r["device_id"]: r["reason"] for r in model["rejected"]}
+    reasons: dict[str, str] = {}
+    for r in model["rejected"]:   # a device whose newest snapshot fails falls back to an older one, also judged
+        reasons[r["device_id"]] = reasons.get(r["device_id"], "") + r["reason"] + "; "
     for device, kind, _ in snaps:
         if kind == "honest":
             assert device in model["participants"]
@@ -96,8 +106,14 @@ def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg
             assert {"nan": "non-finite", "scaled": "exceeds", "flipped": "cosine"}[kind] in reasons[device]
     assert len(model["participants"]) == len(valid) == 190
     assert model["n_samples"] == sum(n for _, n in valid)
+    assert reasons[honest_id].startswith("v1000000: unsigned") and honest_id in model["participants"]
+    key = signing_key(cfg)
+    assert verify_record(wire_form(model, "flead.global-model/1"), key) is None
+    assert model["previous_version"] == 0 and global_model_verdict(wire_form(model, "flead.global-model/1"), key,
+                                                                   0, None, cfg.integrity.max_version_gap).adopt
     history = mongo.aggregation_rounds(db, cfg)
-    assert len(history) == 1 and history[0]["n_rejected"] == 10 and history[0]["mean_loss"] == pytest.approx(0.01)
+    assert len(history) == 1 and history[0]["n_rejected"] == len(model["rejected"]) == 12
+    assert history[0]["mean_loss"] == pytest.approx(0.01)
     assert history[0]["norms"]["max"] > 50 * history[0]["norms"]["median"]
 
     again = run_round(spark, cfg)
@@ -108,6 +124,24 @@ def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg
     messages = read_global_messages(cfg, expected=1)
     assert [m["version"] for m in messages] == [1]
     assert messages[0]["schema"] == "flead.global-model/1" and messages[0]["weights"] == model["weights"]
+    assert verify_record(messages[0], key) is None
+
+
+def test_dp_round_writes_counts_noised_model_and_epsilon_only(spark, cfg, db):
+    snaps, valid = fleet(30, seed=8)
+    mongo.write_local_models(db, cfg, [s for _, _, s in snaps])
+    private = load_config(env={**os.environ, "FLEAD_PRIVACY_ENABLED": "true"})
+
+    outcome = run_round(spark, private, publish_model=False)
+
+    assert outcome.status == "aggregated", outcome.message
+    assert outcome.rejected == [] and outcome.n_rejected == 1 and "ε = " in outcome.message  # the NaN one
+    model = mongo.latest_global_model(db, cfg)
+    history = mongo.aggregation_rounds(db, cfg)[0]
+    written = str(model) + str(history)
+    assert not any(device in written for device, _, _ in snaps)
+    assert model["participants"] == [] and model["n_participants"] == 29 and model["dp_epsilon"] > 0
+    assert history["dp_epsilon"] == model["dp_epsilon"] and "norms" not in history and "mean_loss" not in history
 
 
 def test_too_few_valid_updates_skip_the_round_with_reasons(spark, cfg, db):
@@ -151,9 +185,10 @@ def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(s
     rng = np.random.default_rng(4)
     fresh = [snapshot(f"dev-{i:03d}", [rng.normal(size=s) * 0.01 + 1 for s in SHAPES], 100, 3, later)
              for i in range(6)]
-    wrong_shape = snapshot("dev-wrong", [np.ones((7, 8)), np.ones(8), np.ones((8, 6)), np.ones(6)], 100, 3, later)
-    tampered = snapshot("dev-tampered", [np.ones(s) for s in SHAPES], 100, 3, later)
+    wrong_shape = snapshot("dev-wrong", [np.ones((7, 16))] + [np.ones(s) for s in SHAPES[1:]], 100, 3, later)
+    tampered = snapshot("dev-tampered", [np.ones(s) for s in SHAPES], 100, 3, later, signed=False)
     tampered["weights"] = to_b64(from_b64(tampered["weights"])[:-8] + b"\x00" * 8)
+    tampered = sign_record(tampered, signing_key(cfg))  # signed, but the blob inside is corrupt
     mongo.write_local_models(db, cfg, fresh + [wrong_shape, tampered])
 
     started = time.monotonic()
@@ -168,7 +203,7 @@ def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(s
     model = mongo.latest_global_model(db, cfg)
     assert model["version"] == 2 and len(model["participants"]) == 6
     reasons = {r["device_id"]: r["reason"] for r in model["rejected"]}
-    assert "wrong shape (7, 8)" in reasons["dev-wrong"]
+    assert "wrong shape (7, 16)" in reasons["dev-wrong"]
     assert "SHA-256" in reasons["dev-tampered"]
 
 
@@ -266,3 +301,59 @@ def test_spark_submit_runs_a_round_on_a_local_standalone_cluster(cfg, db):
         time.sleep(0.25)
     assert left == [], f"left running: {left}"
     assert not processes.port_open(standalone.HOST, cluster_cfg.aggregation.spark_master_port)
+
+
+def test_secure_round_announces_collects_recovers_a_dropout_and_unmasks_only_the_sum(spark, cfg, db):
+    """Issue 17.4 with the devices simulated by the device-side functions the stream job calls: the aggregator
+    announces a cohort, members answer with masked snapshots, one drops out, survivors reveal their seeds with it,
+    and the round's model is FedAvg of the survivors; MongoDB holds masked words only."""
+    from scipy.stats import chisquare
+
+    from models.secure_aggregation import (answer_cohort, answer_dropouts, decode_words, enrolment_record,
+                                           generate_key_pair)
+
+    secure = load_config(env={**os.environ, "FLEAD_PRIVACY_SECURE_AGGREGATION": "true",
+                              "FLEAD_PRIVACY_SECURE_ROUND_TIMEOUT_S": "0"})
+    key = signing_key(secure)
+    rng = np.random.default_rng(12)
+    devices = {f"sec-{i}": generate_key_pair() for i in range(5)}
+    models = {d: [rng.normal(size=s) for s in SHAPES] for d in devices}
+    counts = {d: int(rng.integers(100, 2000)) for d in devices}
+    now = int(time.time() * 1000) - 1000
+    length = sum(int(np.prod(s)) for s in SHAPES)
+    mongo.write_local_models(db, cfg, [sign_record(enrolment_record(d, pub, length, SHAPES, 1, 10, now), key)
+                                       for d, (_, pub) in devices.items()])
+
+    announced = run_round(spark, secure)                       # 1. announce
+    assert announced.status == "skipped" and "announced" in announced.message
+    cohort = read_global_messages(cfg, expected=1)[0]
+    assert cohort["schema"] == "flead.cohort/1" and verify_record(cohort, key) is None
+    assert sorted(cohort["members"]) == sorted(devices)
+
+    dropped = "sec-3"
+    answers = [answer_cohort(cohort, d, devices[d][0], np.concatenate([w.ravel() for w in models[d]]), counts[d],
+                             2, 10 + counts[d], now + 1) for d in devices if d != dropped]
+    mongo.write_local_models(db, cfg, [sign_record(a, key) for a in answers])
+    waiting = run_round(spark, secure)                         # 2. a member is missing: ask for seeds
+    assert waiting.status == "skipped" and "dropped out" in waiting.message
+    recovery = read_global_messages(cfg, expected=2)[1]
+    assert recovery["dropped"] == [dropped] and verify_record(recovery, key) is None
+    reveals = [answer_dropouts(recovery, d, devices[d][0], now + 2, 3, 11 + counts[d]) for d in devices if d != dropped]
+    mongo.write_local_models(db, cfg, [sign_record(r, key) for r in reveals])
+
+    outcome = run_round(spark, secure)                         # 3. unmask the survivors' sum
+    assert outcome.status == "aggregated" and outcome.n_participants == 4, outcome.message
+    model = mongo.latest_global_model(db, cfg)
+    weights, _ = loads(from_b64(model["weights"]))
+    survivors = [d for d in devices if d != dropped]
+    expected = fedavg([(models[d], min(counts[d], secure.privacy.secure_max_weight)) for d in survivors])
+    for got, want in zip(weights, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert model["strategy"] == "secure-fedavg"
+    assert global_model_verdict(wire_form(model, "flead.global-model/1"), key, 0, None, 10).adopt
+
+    stored = list(mongo.collection(db, cfg, "local_models").find({"encoding": "masked-u64/1"}))
+    assert len(stored) == 4
+    for doc in stored:   # what MongoDB holds of an update: words indistinguishable from uniform
+        words = decode_words(doc["weights"], length + 1)
+        assert chisquare(np.bincount(words.view(np.uint8), minlength=256)).pvalue > 1e-4

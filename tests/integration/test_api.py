@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from config import load_config
+from models.detector import DeviceDetector
+from models.integrity import device_token, sign_record, signing_key, verify_record, wire_form
 from models.serialization import dumps, to_b64
 from orchestration import processes
 from spark_jobs.api import api_token, create_app
@@ -21,7 +23,7 @@ from storage import mongo
 
 pytestmark = pytest.mark.integration
 
-SHAPES = [(4, 3), (3,), (3, 4), (4,)]
+SHAPES = [w.shape for w in DeviceDetector.create(["cpu", "mem", "disk", "net"], load_config()).get_weights()]
 TOKEN = "test-token-123"
 
 
@@ -30,6 +32,7 @@ def blob(shapes=SHAPES, value=0.5) -> str:
 
 
 def snapshot(device_id="dev-1", version=1, **fields) -> dict:
+    """A REST snapshot with the architecture of the configured model at 3 metrics (SHAPES)."""
     return {"schema": "flead.snapshot/1", "device_id": device_id, "version": version, "n_samples": 100,
             "n_seen": 100, "loss": 0.02, "weights": blob()} | fields
 
@@ -52,6 +55,19 @@ def client(api_cfg):
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+def device_auth(cfg, device_id="dev-1") -> dict:
+    return {"Authorization": f"Bearer {device_token(signing_key(cfg), device_id)}"}
+
+
+def store_global_model(db, cfg, value=0.5, shapes=SHAPES, version=1):
+    model = sign_record({"schema": "flead.global-model/1", "version": version, "previous_version": version - 1,
+                         "issuer": "flead-aggregator", "round_id": f"r{version}", "strategy": "fedavg",
+                         "participants": ["dev-1"], "weights": blob(shapes, value), "created_at": version},
+                        signing_key(cfg))
+    mongo.write_global_model(db, cfg, model)
+    return model
+
+
 def test_writes_without_or_with_a_wrong_token_are_refused(client, api_cfg, db):
     assert client.post("/api/local-update", json=snapshot()).status_code == 401
     assert client.post("/api/aggregate").status_code == 401
@@ -62,18 +78,19 @@ def test_writes_without_or_with_a_wrong_token_are_refused(client, api_cfg, db):
 
 
 def test_valid_update_is_stored_and_bad_ones_get_the_reason(client, api_cfg, db):
+    AUTH = device_auth(api_cfg)  # noqa: N806 (the device's own token from here on)
     ok = client.post("/api/local-update", json=snapshot(), headers=AUTH)
     assert ok.status_code == 201 and ok.json() == {"id": "dev-1:1", "stored": True}
     stored = mongo.latest_local_model(db, api_cfg, "dev-1")
     assert stored["n_samples"] == 100 and stored["created_at"] > 0
+    assert verify_record(wire_form(stored, "flead.snapshot/1"), signing_key(api_cfg)) is None  # stored signed
     assert client.post("/api/local-update", json=snapshot(), headers=AUTH).status_code == 409
 
-    mongo.write_global_model(db, api_cfg, {"version": 1, "round_id": "r1", "strategy": "fedavg",
-                                           "participants": ["dev-1"], "weights": blob(), "created_at": 1})
+    store_global_model(db, api_cfg)
     cases = {
         "not base64": (snapshot(version=2, weights="***"), 400, "not base64"),
         "not a blob": (snapshot(version=2, weights="aGVsbG8gd29ybGQgaGVsbG8="), 400, "magic"),
-        "wrong shape": (snapshot(version=2, weights=blob([(5, 3), (3,), (3, 4), (4,)])), 400, "wrong shape"),
+        "wrong shape": (snapshot(version=2, weights=blob([(5, 16)] + SHAPES[1:])), 400, "wrong shape"),
         "non-finite": (snapshot(version=2, weights=blob(value=np.nan)), 400, "non-finite"),
         "zero samples": (snapshot(version=2, n_samples=0), 422, "n_samples"),
         "bad device id": (snapshot(device_id="a:b"), 422, "device_id"),
@@ -87,14 +104,93 @@ def test_valid_update_is_stored_and_bad_ones_get_the_reason(client, api_cfg, db)
     assert client.post("/api/local-update", content=b"{not json", headers=AUTH).status_code == 422
 
 
+def test_issue_14_probes_of_local_update_are_refused(client, api_cfg, db):
+    """Each REST probe of issue 14.1 (all answered 201 before)."""
+    own = device_auth(api_cfg)
+    other_model = blob([(4, 8), (8,), (8, 4), (4,)])   # a smaller autoencoder than the configured one
+    response = client.post("/api/local-update", json=snapshot(weights=other_model), headers=own)
+    assert response.status_code == 400 and "wrong number of layers" in response.text  # while no global model exists
+    assert client.post("/api/local-update", json=snapshot(), headers=own).status_code == 201
+    store_global_model(db, api_cfg)
+    cases = {
+        "10^6 x norm": (snapshot(version=2, n_seen=200, weights=blob(value=0.5e6)), own, 400, "norm"),
+        "sign flip": (snapshot(version=2, n_seen=200, weights=blob(value=-0.5)), own, 400, "cosine"),
+        "n_samples 2^53": (snapshot(version=2, n_seen=2 ** 53, n_samples=2 ** 53), own, 400, "exceeds the"),
+        "n_seen jump": (snapshot(version=2, n_seen=2 ** 40, n_samples=100), own, 400, "readings/s"),
+        "version 10^6": (snapshot(version=10 ** 6, n_seen=300), own, 400, "new reading"),
+        "another device's id": (snapshot(device_id="dev-2", version=2), own, 403, "dev-2"),
+        "the admin token": (snapshot(version=2, n_seen=200), AUTH, 403, "device token"),
+    }
+    for name, (body, headers, status, reason) in cases.items():
+        response = client.post("/api/local-update", json=body, headers=headers)
+        assert response.status_code == status, (name, response.text)
+        assert reason in response.text, (name, response.text)
+    assert client.post("/api/local-update", json=snapshot(version=2, n_seen=200), headers=own).status_code == 201
+    assert mongo.latest_local_model(db, api_cfg, "dev-2") is None
+
+
+def test_device_tokens_come_from_the_admin(client, api_cfg):
+    issued = client.post("/api/device-tokens/dev-9", headers=AUTH)
+    assert issued.status_code == 201 and issued.json()["token"] == device_token(signing_key(api_cfg), "dev-9")
+    assert client.post("/api/device-tokens/dev-9", headers=device_auth(api_cfg, "dev-9")).status_code == 403
+    body = snapshot(device_id="dev-9")
+    assert client.post("/api/local-update", json=body,
+                       headers={"Authorization": f"Bearer {issued.json()['token']}"}).status_code == 201
+
+
+def test_large_bodies_are_refused_before_they_are_read(api_cfg):
+    small = load_config(env={**os.environ, "FLEAD_API_TOKEN": TOKEN, "FLEAD_API_MAX_BODY_BYTES": "10000"})
+    app = create_app(small, run_round=stub_round)
+    with TestClient(app) as client:
+        declared = client.post("/api/local-update", content=b"x" * 20_000,
+                               headers={**AUTH, "Content-Type": "application/json"})
+        assert declared.status_code == 413 and "api.max_body_bytes" in declared.text
+
+        def chunks():
+            for _ in range(50):
+                yield b"y" * 1000
+        streamed = client.post("/api/local-update", content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+        assert streamed.status_code == 413
+        unauthenticated = client.post("/api/local-update", content=b"{}", headers={"Content-Type": "application/json"})
+        assert unauthenticated.status_code == 401
+
+
+def test_body_limit_answers_before_reading(api_cfg):
+    """A 200 MB unauthenticated body (issue 14.7) is answered without being read: the ASGI app never receives it."""
+    import asyncio
+
+    from spark_jobs.api import BodyLimit
+
+    received = []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"z" * 1_000_000, "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive_, send_):
+        raise AssertionError("the app must not run")
+
+    scope = {"type": "http", "method": "POST", "path": "/api/local-update",
+             "headers": [(b"content-length", b"200000000")]}
+    asyncio.run(BodyLimit(app, 20_000_000)(scope, receive, send))
+    assert sent[0]["status"] == 413 and received == []
+    asyncio.run(BodyLimit(app, 20_000_000)({**scope, "headers": []}, receive, send))
+    assert sent[2]["status"] == 401 and received == []
+
+
 def test_reads_and_triggered_run(client, api_cfg, db):
     assert client.get("/api/global-model").status_code == 404
-    mongo.write_global_model(db, api_cfg, {"version": 1, "round_id": "r1", "strategy": "fedavg",
-                                           "participants": ["dev-1"], "weights": blob(), "created_at": 1})
+    stored = store_global_model(db, api_cfg)
     mongo.write_aggregation_round(db, api_cfg, {"round_id": "r1", "version": 1, "strategy": "fedavg",
                                                 "started_at": 1, "n_participants": 1, "n_rejected": 0})
     model = client.get("/api/global-model").json()
-    assert model["schema"] == "flead.global-model/1" and model["version"] == 1 and model["cluster"] is None
+    assert model["schema"] == "flead.global-model/1" and model["version"] == 1 and model == stored
+    assert verify_record(model, signing_key(api_cfg)) is None   # clients can check what they download
     assert client.get("/api/global-model", params={"version": 1}).json()["round_id"] == "r1"
     assert client.get("/api/global-model", params={"version": 2}).status_code == 404
     assert client.get("/api/status").json()["latest_version"] == 1
@@ -119,8 +215,7 @@ def test_generated_token_file_is_private(cfg):
 
 
 def test_fuzzed_requests_never_get_a_server_error(api_cfg, db):
-    mongo.write_global_model(db, api_cfg, {"version": 1, "round_id": "r1", "strategy": "fedavg",
-                                           "participants": ["dev-1"], "weights": blob(), "created_at": 1})
+    store_global_model(db, api_cfg)
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(api_cfg, run_round=stub_round))
     fuzzed, statuses = [], set()
     for result in schema.get_all_operations():
@@ -129,13 +224,16 @@ def test_fuzzed_requests_never_get_a_server_error(api_cfg, db):
         @given(case=operation.as_strategy())
         @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def fuzz(case):
-            response = case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
+            headers = AUTH
+            if isinstance(case.body, dict) and isinstance(case.body.get("device_id"), str):
+                headers = device_auth(api_cfg, case.body["device_id"])   # reach the checks behind the token
+            response = case.call_and_validate(headers=headers, checks=[not_a_server_error])
             statuses.add((operation.label, response.status_code))
 
         fuzz()
         fuzzed.append(operation.label)
     assert ("POST /api/local-update", 400) in statuses  # bodies reached the checks behind the schema
-    assert "POST /api/local-update" in fuzzed and len(fuzzed) == 6 + 9  # + the operator routes (api_monitoring)
+    assert "POST /api/local-update" in fuzzed and len(fuzzed) == 7 + 9  # + the operator routes (api_monitoring)
 
 
 def test_flead_api_start_serves_and_stop_stops(cfg):

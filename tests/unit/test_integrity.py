@@ -80,3 +80,11 @@ def test_adoption_rule():
     assert verdict(model(1), held=0, known=None).adopt       # a fresh consumer takes the first model it sees
     # after refusing v1000 the consumer still adopts the aggregator's next real version
     assert not verdict(model(1000)).adopt and verdict(model(4)).adopt
+
+
+def test_a_record_verifies_after_a_store_drops_nulls_and_the_sign_of_zero():
+    record = sign_record({"schema": "flead.global-model/1", "dp_epsilon": None, "x": -0.0,
+                          "nested": {"a": None, "b": [None, -0.0]}}, KEY)
+    stored = {"schema": "flead.global-model/1", "x": 0.0, "nested": {"b": [None, 0.0]},
+              "signature": record["signature"]}
+    assert verify_record(stored, KEY) is None

@@ -1,0 +1,129 @@
+"""The aggregation round without Spark or servers: snapshot checks (`spark_jobs.snapshots`) and the pure
+`round_documents` of the aggregate job."""
+import json
+import time
+
+import numpy as np
+import pytest
+
+from config import load_config
+from models.aggregation import AggregationError
+from models.integrity import AGGREGATOR_ISSUER, global_model_verdict, sign_record, verify_record, wire_form
+from models.serialization import dumps, from_b64, loads, to_b64
+from spark_jobs.aggregate_job import round_documents
+from spark_jobs.snapshots import architecture_shapes, check_snapshot, choose_per_device, snapshot_limits
+
+KEY = bytes(range(32))
+METRICS = 5
+
+
+def detector_shapes(cfg, n_metrics=METRICS):
+    from models.detector import DeviceDetector
+    return [w.shape for w in DeviceDetector.create([f"m{i}" for i in range(n_metrics)], cfg).get_weights()]
+
+
+def stored_snapshot(device_id, weights, n_samples=100, version=1, n_seen=None, created_at=None, key=KEY, **extra):
+    record = {"schema": "flead.snapshot/1", "device_id": device_id, "version": version, "global_version": 0,
+              "n_samples": n_samples, "n_seen": n_samples * version if n_seen is None else n_seen, "loss": 0.01,
+              "weights": to_b64(dumps(weights, {"architecture": "dense_ae", "model_version": version})),
+              "created_at": created_at or 1_700_000_000_000 + version * 60_000, **extra}
+    signed = sign_record(record, key) if key else record
+    return {k: v for k, v in signed.items() if k != "schema"} | {"_id": f"{device_id}:{version}"}
+
+
+def fleet(cfg, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    centre = [rng.normal(size=s) for s in detector_shapes(cfg)]
+    return [stored_snapshot(f"dev-{i:02d}", [c + 0.05 * rng.normal(size=c.shape) for c in centre],
+                            int(rng.integers(100, 300))) for i in range(n)]
+
+
+def choices_for(cfg, docs, reference_shapes=None):
+    return choose_per_device([check_snapshot(d, KEY, reference_shapes, cfg) for d in docs], snapshot_limits(cfg))
+
+
+def test_snapshot_checks_name_each_problem():
+    cfg = load_config()
+    good = fleet(cfg, 1)[0]
+    weights = loads(from_b64(good["weights"]))[0]
+    cases = {
+        "good": (good, None),
+        "unsigned": (stored_snapshot("u", weights, key=None), "unsigned"),
+        "other key": (stored_snapshot("f", weights, key=bytes(32)), "bad signature"),
+        "n_samples edited after signing": ({**good, "n_samples": 2 ** 53}, "bad signature"),
+        "no layout of the model": (stored_snapshot("w", [np.ones((5, 7)), np.ones(7), np.ones((7, 5))]), "weights"),
+        "more learned than seen": (stored_snapshot("t", weights, n_samples=500, n_seen=100), "exceeds n_seen"),
+        "counter missing": (stored_snapshot("c", weights, n_seen="many"), "n_seen: expected an integer"),
+    }
+    for name, (doc, expected) in cases.items():
+        problem = check_snapshot(doc, KEY, None, cfg).problem
+        assert (problem is None) if expected is None else (expected in problem), (name, problem)
+
+
+def test_shapes_come_from_the_configured_model_when_there_is_no_global_model():
+    cfg = load_config()
+    assert architecture_shapes(cfg, [np.zeros(s) for s in detector_shapes(cfg, 7)]) == detector_shapes(cfg, 7)
+    lstm = load_config(env={"FLEAD_MODEL_KIND": "lstm_ae"})
+    dense_weights = [np.zeros(s) for s in detector_shapes(cfg, 7)]
+    weights = [np.zeros(s) for s in detector_shapes(lstm, 7)]
+    assert architecture_shapes(lstm, weights) == detector_shapes(lstm, 7)
+    doc = stored_snapshot("d", dense_weights)
+    assert "wrong" in check_snapshot(doc, KEY, None, lstm).problem   # a dense model where an LSTM is configured
+
+
+def test_round_writes_a_signed_model_that_devices_adopt():
+    cfg = load_config()
+    docs = fleet(cfg)
+    documents = round_documents(cfg, None, choices_for(cfg, docs), 1_700_000_999_000, KEY)
+    model = documents.model
+    assert model["version"] == 1 and model["previous_version"] == 0 and model["issuer"] == AGGREGATOR_ISSUER
+    assert verify_record(model, KEY) is None
+    assert global_model_verdict(model, KEY, 0, None, 10).adopt
+    assert len(model["participants"]) == 12 and documents.history["norms"]["max"] > 0
+    later = round_documents(cfg, {**model, "_id": 1}, choices_for(cfg, fleet(cfg, seed=1)), 1_700_001_999_000, KEY)
+    assert later.model["version"] == 2 and later.model["previous_version"] == 1
+    assert global_model_verdict(later.model, KEY, 1, 1, 10).adopt
+    stored = {k: v for k, v in later.model.items() if k != "schema"} | {"_id": 2}
+    assert json.loads(json.dumps(wire_form(stored, "flead.global-model/1"))) == later.model
+
+
+def test_forged_snapshots_do_not_take_a_devices_place():
+    cfg = load_config()
+    docs = fleet(cfg)
+    honest_weights = loads(from_b64(docs[0]["weights"]))[0]
+    forged = stored_snapshot("dev-00", [100 * w for w in honest_weights], n_samples=2 ** 53, version=10 ** 6,
+                             n_seen=10 ** 6 + 2 ** 53, key=bytes(32))
+    documents = round_documents(cfg, None, choices_for(cfg, docs + [forged]), 1_700_000_999_000, KEY)
+    assert "dev-00" in documents.model["participants"]
+    reasons = [r["reason"] for r in documents.model["rejected"] if r["device_id"] == "dev-00"]
+    assert reasons == ["v1000000: bad signature: the record was altered or signed with another key"]
+    plain = round_documents(cfg, None, choices_for(cfg, docs), 1_700_000_999_000, KEY)
+    assert loads(from_b64(documents.model["weights"]))[0][0].tolist() == \
+        loads(from_b64(plain.model["weights"]))[0][0].tolist()
+
+
+def test_under_dp_nothing_per_device_or_unnoised_is_written():
+    """Issue 17: with DP on, the round's documents carry counts, the noised model and ε only."""
+    cfg = load_config(env={"FLEAD_PRIVACY_ENABLED": "true"})
+    docs = fleet(cfg) + [stored_snapshot("broken", [np.ones((2, 2))])]
+    documents = round_documents(cfg, None, choices_for(cfg, docs), 1_700_000_999_000, KEY)
+    model, history = documents.model, documents.history
+    written = json.dumps([model, history])
+    for doc in docs:
+        assert doc["device_id"] not in written
+    assert model["participants"] == [] and model["rejected"] == [] and documents.rejected == []
+    assert model["n_participants"] == 12 and model["n_rejected"] == 1
+    for field in ("norms", "update_norms", "mean_loss", "participants", "rejected", "n_samples"):
+        assert field not in history
+    assert history["dp_epsilon"] == model["dp_epsilon"] == model["dp"]["epsilon"] > 0
+    assert history["dp_round_epsilon"] == pytest.approx(model["dp_epsilon"]) and history["dp_rounds"] == 1
+    second = round_documents(cfg, {**model, "_id": 1}, choices_for(cfg, fleet(cfg, seed=2)), 1_700_001_999_000, KEY)
+    assert second.model["dp"]["rounds"] == 2 and second.model["dp_epsilon"] > model["dp_epsilon"]
+    assert second.history["dp_round_epsilon"] == pytest.approx(history["dp_round_epsilon"])
+
+
+def test_too_few_usable_updates_raise_with_the_reasons():
+    cfg = load_config()
+    docs = fleet(cfg, 1) + [stored_snapshot("bad", [np.ones(3)], key=None)]
+    with pytest.raises(AggregationError, match="needs at least 2.*bad: v1: unsigned"):
+        round_documents(cfg, None, choices_for(cfg, docs), int(time.time() * 1000), KEY)
