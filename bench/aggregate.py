@@ -36,6 +36,7 @@ from bench_output import write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.aggregation import Update, make_strategy  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
+from models.integrity import sign_record, signing_key  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from orchestration import processes, stack  # noqa: E402
 from storage import mongo  # noqa: E402
@@ -48,10 +49,11 @@ def snapshots(cfg, n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     base = DeviceDetector.create(METRICS, cfg).get_weights()
     created = int(time.time() * 1000) - 1000
-    return [{"device_id": f"dev-{i:05d}", "version": 1, "global_version": 0, "n_samples": int(rng.integers(100, 600)),
-             "n_seen": 500, "loss": 0.01, "created_at": created,
-             "weights": to_b64(dumps([w + 0.01 * rng.normal(size=w.shape) for w in base],
-                                     {"architecture": "dense_ae", "model_version": 1}))}
+    key = signing_key(cfg)
+    return [sign_record({"schema": "flead.snapshot/1", "device_id": f"dev-{i:05d}", "version": 1, "global_version": 0,
+                         "n_samples": int(rng.integers(100, 600)), "n_seen": 600, "loss": 0.01, "created_at": created,
+                         "weights": to_b64(dumps([w + 0.01 * rng.normal(size=w.shape) for w in base],
+                                                 {"architecture": "dense_ae", "model_version": 1}))}, key)
             for i in range(n)]
 
 

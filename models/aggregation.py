@@ -327,10 +327,10 @@ class ValidationPolicy:
                                                      self.min_cosine)
         needed = max(needed, self.min_devices)
         if len(accepted) < needed:
-            reasons = "; ".join(f"{d}: {r}" for d, r in rejected[:5]) or "none rejected"
+            reasons = "; ".join(f"{d}: {r}" for d, r in rejected[:5])
             reasons += f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
             raise AggregationError(f"{strategy}: {len(accepted)} valid update(s), needs at least {needed}"
-                                   f"{' (' + why + ')' if why else ''}; rejected: {reasons}")
+                                   f"{' (' + why + ')' if why else ''}" + (f"; rejected: {reasons}" if reasons else ""))
         weights = bounded_weights([u.n_samples for u in accepted], self.sample_cap_factor)
         return _Validated(accepted, rejected, norms, weights)
 

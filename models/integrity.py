@@ -38,8 +38,9 @@ KEY_BYTES = 32
 def canonical_json(record: Mapping[str, Any]) -> bytes:
     """Sorted keys, no spaces, UTF-8, no NaN: the byte string a signature covers (``signature`` left out).
 
-    A field whose value is null counts as absent and -0.0 as 0.0, at any depth: stores differ there (FerretDB
-    drops null fields and the sign of zero), and a record must verify after a round trip through MongoDB.
+    A field whose value is null, [] or {} counts as absent, and -0.0 as 0.0, at any depth: stores differ there
+    (FerretDB drops null and empty fields and the sign of zero), and a record must verify after a round trip
+    through MongoDB.
     """
     body = _canonical({k: v for k, v in record.items() if k != SIGNATURE_FIELD})
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
@@ -47,7 +48,8 @@ def canonical_json(record: Mapping[str, Any]) -> bytes:
 
 def _canonical(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {k: _canonical(v) for k, v in value.items() if v is not None}
+        return {k: _canonical(v) for k, v in value.items() if v is not None and not (isinstance(v, (list, tuple, Mapping))
+                                                                                     and len(v) == 0)}
     if isinstance(value, (list, tuple)):
         return [_canonical(v) for v in value]
     if isinstance(value, float):

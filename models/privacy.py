@@ -169,8 +169,8 @@ class RdpAccountant:
         return epsilon_from_rdp(self.orders, self.rdp, delta) if self.rounds else 0.0
 
     def to_dict(self) -> dict:
-        """JSON-ready: an order whose bound did not converge (infinite RDP) is stored as null."""
-        return {"orders": list(self.orders), "rdp": [r if math.isfinite(r) else None for r in self.rdp.tolist()],
+        """JSON-ready: an order whose bound did not converge (infinite RDP) is stored as "inf"."""
+        return {"orders": list(self.orders), "rdp": [r if math.isfinite(r) else "inf" for r in self.rdp.tolist()],
                 "rounds": self.rounds}
 
     @classmethod
@@ -180,7 +180,7 @@ class RdpAccountant:
             return cls()
         if len(state["orders"]) != len(state["rdp"]):
             raise AggregationError("privacy accounting: stored orders and RDP values differ in length")
-        rdp = [math.inf if r is None else float(r) for r in state["rdp"]]
+        rdp = [float(r) for r in state["rdp"]]  # float("inf") reads the stored "inf"
         return cls(tuple(state["orders"]), np.array(rdp, dtype=np.float64), int(state["rounds"]))
 
 

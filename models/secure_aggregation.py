@@ -278,7 +278,7 @@ def enrolment_record(device_id: str, public_key: bytes, vector_length: int, shap
     instead of its weights (sent instead of a plain snapshot until a cohort includes the device)."""
     return {"schema": "flead.snapshot/1", "encoding": ENROLMENT, "device_id": device_id, "version": version,
             "n_samples": 1, "n_seen": n_seen, "created_at": created_at, "public_key": public_key_b64(public_key),
-            "vector_length": int(vector_length), "shapes": [list(s) for s in shapes], "weights": NO_WEIGHTS}
+            "vector_length": int(vector_length), "shapes": shapes_text(shapes), "weights": NO_WEIGHTS}
 
 
 def choose_cohort(enrolments: Sequence[Mapping], round_id: str, base_version: int, max_weight: float,
@@ -297,12 +297,18 @@ def choose_cohort(enrolments: Sequence[Mapping], round_id: str, base_version: in
     (length, shapes), members = max(layouts.items(), key=lambda item: len(item[1]))
     return {"schema": COHORT_SCHEMA, "round_id": round_id, "base_version": base_version,
             "members": {d: newest[d]["public_key"] for d in sorted(members)}, "length": length + 1,
-            "shapes": [list(s) for s in shapes], "fixed_point_bits": FIXED_POINT_BITS, "max_weight": max_weight,
+            "shapes": shapes_text(shapes), "fixed_point_bits": FIXED_POINT_BITS, "max_weight": max_weight,
             "dropped": [], "created_at": created_at, "issuer": issuer}
 
 
-def json_shapes(shapes) -> tuple:
-    return tuple(tuple(int(n) for n in s) for s in shapes)
+def shapes_text(shapes: Sequence[Sequence[int]]) -> list[str]:
+    """Layer shapes as ``["19x16", "16", ...]`` (MongoDB documents in FerretDB cannot hold nested arrays)."""
+    return ["x".join(str(int(n)) for n in s) for s in shapes]
+
+
+def json_shapes(shapes: Sequence[str]) -> tuple:
+    """Inverse of `shapes_text`, as a tuple of tuples (hashable); ValueError on anything else."""
+    return tuple(tuple(int(n) for n in str(s).split("x")) for s in shapes)
 
 
 def cohort_from_record(record: Mapping) -> Cohort:

@@ -155,7 +155,7 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
     try:
         result = strategy.aggregate(updates, [codec.federated_vector(current)] if current is not None else None)
     except AggregationError as exc:
-        raise AggregationError(str(exc) + (f"; also refused before the strategy: {_reasons(early)}"
+        raise AggregationError(str(exc) + (f"; refused before: {_reasons(early)}"
                                            if early and not cfg.privacy.enabled else "")) from None
 
     base_version = previous["version"] if previous else 0
@@ -218,13 +218,14 @@ def norm_summary(norms: dict[str, float]) -> dict[str, float] | None:
 # ---------------------------------------------------------------- 4. output
 
 def publish(cfg: Config, messages: list[dict]) -> None:
-    """Send `flead.global-model/1` messages to the global-model topic; raises if any is not acknowledged."""
+    """Send `flead.global-model/1` (and `flead.cohort/1`) messages to the global-model topic, keyed by version
+    (round id); raises if any is not acknowledged."""
     from confluent_kafka import KafkaException, Producer
 
     errors: list[str] = []
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "message.max.bytes": 10_000_000})
     for message in messages:
-        producer.produce(cfg.kafka.topics.global_model, key=str(message["version"]).encode(),
+        producer.produce(cfg.kafka.topics.global_model, key=str(message.get("version", message.get("round_id"))).encode(),
                          value=json.dumps(message).encode(),
                          on_delivery=lambda err, _msg: err and errors.append(str(err)))
     if producer.flush(30) or errors:

@@ -140,19 +140,21 @@ def test_dp_round_writes_counts_noised_model_and_epsilon_only(spark, cfg, db):
     history = mongo.aggregation_rounds(db, cfg)[0]
     written = str(model) + str(history)
     assert not any(device in written for device, _, _ in snaps)
-    assert model["participants"] == [] and model["n_participants"] == 29 and model["dp_epsilon"] > 0
+    assert model.get("participants", []) == [] and model["n_participants"] == 29 and model["dp_epsilon"] > 0
+    assert verify_record(wire_form(model, "flead.global-model/1"), signing_key(cfg)) is None
     assert history["dp_epsilon"] == model["dp_epsilon"] and "norms" not in history and "mean_loss" not in history
 
 
 def test_too_few_valid_updates_skip_the_round_with_reasons(spark, cfg, db):
     good = snapshot("good", [np.ones(s) for s in SHAPES], 10)
-    bad = snapshot("bad", [np.ones(s) for s in SHAPES], 10) | {"device_id": "bad", "weights": "bm90IGEgYmxvYg=="}
+    bad = snapshot("bad", [np.ones(s) for s in SHAPES], 10, signed=False) | {"weights": "bm90IGEgYmxvYg=="}
+    bad = sign_record(bad, signing_key(cfg))   # signed, but not a weight blob
     mongo.write_local_models(db, cfg, [good, bad])
 
     outcome = run_round(spark, cfg, publish_model=False)
 
     assert outcome.status == "skipped"
-    assert "needs at least 2" in outcome.message and "bad: weights: " in outcome.message
+    assert "needs at least 2" in outcome.message and "bad: v1: weights: " in outcome.message
     assert mongo.latest_global_model(db, cfg) is None
 
 

@@ -82,9 +82,9 @@ def test_adoption_rule():
     assert not verdict(model(1000)).adopt and verdict(model(4)).adopt
 
 
-def test_a_record_verifies_after_a_store_drops_nulls_and_the_sign_of_zero():
-    record = sign_record({"schema": "flead.global-model/1", "dp_epsilon": None, "x": -0.0,
-                          "nested": {"a": None, "b": [None, -0.0]}}, KEY)
+def test_a_record_verifies_after_a_store_drops_nulls_empties_and_the_sign_of_zero():
+    record = sign_record({"schema": "flead.global-model/1", "dp_epsilon": None, "x": -0.0, "participants": [],
+                          "nested": {"a": None, "b": [None, -0.0], "c": {}}}, KEY)
     stored = {"schema": "flead.global-model/1", "x": 0.0, "nested": {"b": [None, 0.0]},
               "signature": record["signature"]}
     assert verify_record(stored, KEY) is None
