@@ -121,12 +121,17 @@ IDENTITY = IdentityCodec()
 _CODECS: dict[str, Callable[[], VectorCodec]] = {}
 
 
-def register_codec(architecture: str, factory: Callable[[], VectorCodec]) -> None:
-    """Declare the codec of an architecture whose weights must not be averaged as they are (see module doc)."""
-    _CODECS[architecture] = factory
+def register_codec(kind: str, factory: Callable[[], VectorCodec]) -> None:
+    """Declare the codec of a model kind whose weights must not be averaged as they are (see module doc)."""
+    _CODECS[kind] = factory
 
 
 def codec_for(architecture: str | None) -> VectorCodec:
-    """The codec registered for ``architecture``, else `IDENTITY`."""
-    factory = _CODECS.get(architecture or "")
+    """The codec registered for the kind of ``architecture`` (a blob's ``"subspace/19-4"`` → ``"subspace"``),
+    else `IDENTITY`.
+
+    >>> codec_for("dense_ae/19-16-4-16-19/tanh") is IDENTITY
+    True
+    """
+    factory = _CODECS.get((architecture or "").split("/")[0])
     return factory() if factory else IDENTITY

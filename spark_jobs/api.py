@@ -242,6 +242,9 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
         return {"latest_version": model["version"] if model else None,
                 "latest_created_at": model["created_at"] if model else None,
                 "strategy": cfg.aggregation.strategy, "schedule_minutes": cfg.aggregation.schedule_minutes,
+                "differential_privacy": cfg.privacy.enabled, "secure_aggregation": cfg.privacy.secure_aggregation,
+                "dp_epsilon": model.get("dp_epsilon") if model else None,
+                "dp_delta": (model.get("dp") or {}).get("delta") if model else None,
                 "last_round": {k: rounds[0].get(k) for k in HISTORY_FIELDS} if rounds else None,
                 "running": runs.running}
 

@@ -127,3 +127,27 @@ def test_too_few_usable_updates_raise_with_the_reasons():
     docs = fleet(cfg, 1) + [stored_snapshot("bad", [np.ones(3)], key=None)]
     with pytest.raises(AggregationError, match="needs at least 2.*bad: v1: unsigned"):
         round_documents(cfg, None, choices_for(cfg, docs), int(time.time() * 1000), KEY)
+
+
+def test_a_registered_codec_decides_the_space_of_the_average():
+    """The hook for model kinds whose weights do not average as they are (e.g. a low-rank factor)."""
+    from models.updates import _CODECS, flatten, register_codec, unflatten
+
+    class Doubling:   # a toy codec: averages 2·w, rebuilds w
+        def federated_vector(self, weights):
+            return 2 * flatten(weights)
+
+        def weights_from_vector(self, vector, like):
+            return unflatten(vector / 2, like)
+
+    cfg = load_config()
+    docs = fleet(cfg, 4)
+    plain = round_documents(cfg, None, choices_for(cfg, docs), 1_700_000_999_000, KEY)
+    register_codec("dense_ae", Doubling)
+    try:
+        coded = round_documents(cfg, None, choices_for(cfg, docs), 1_700_000_999_000, KEY)
+    finally:
+        del _CODECS["dense_ae"]
+    for a, b in zip(loads(from_b64(plain.model["weights"]))[0], loads(from_b64(coded.model["weights"]))[0]):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    assert plain.history["norms"]["max"] * 2 == pytest.approx(coded.history["norms"]["max"])  # norms in its space
