@@ -44,8 +44,8 @@ from models.aggregation import AggregationError, AggregationResult, make_strateg
 from models.integrity import AGGREGATOR_ISSUER, signing_key, sign_record  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from models.updates import Update, codec_for, flatten  # noqa: E402
-from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, DeviceChoice, check_snapshot, choose_per_device,  # noqa: E402
-                                  snapshot_limits)
+from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, ConfiguredLayout, DeviceChoice, check_snapshot,  # noqa: E402
+                                  choose_per_device, snapshot_limits)
 from storage import mongo  # noqa: E402
 
 log = logging.getLogger("flead.aggregate")
@@ -115,7 +115,8 @@ def check_partition(cfg_values: dict, key: bytes, reference_shapes, device_group
         docs = mongo.local_models_by_id(db, cfg, ids)
     finally:
         db.client.close()
-    yield from choose_per_device([check_snapshot(doc, key, reference_shapes, cfg) for doc in docs],
+    layout = ConfiguredLayout(cfg)
+    yield from choose_per_device([check_snapshot(doc, key, reference_shapes, layout) for doc in docs],
                                  snapshot_limits(cfg))
 
 
@@ -246,7 +247,7 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
             from spark_jobs.secure_round import secure_round_step
 
             previous = mongo.latest_global_model(db, cfg)
-            secure = secure_round_step(db, cfg, key, previous, started, send)
+            secure = secure_round_step(spark, db, cfg, key, previous, started, send)
             if secure.status != "ready":
                 return RoundOutcome("skipped", secure.message, duration_s=time.perf_counter() - clock)
             choices = secure.choices

@@ -38,8 +38,8 @@ from models.aggregation import snapshot_problem
 from models.integrity import device_token, sign_record, signing_key, wire_form
 from models.serialization import from_b64, loads
 from spark_jobs.api_monitoring import monitoring_routes
-from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, SNAPSHOT_SCHEMA, check_snapshot, global_model_problem,
-                                  previous_update, snapshot_limits)
+from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, SNAPSHOT_SCHEMA, ConfiguredLayout, check_snapshot,
+                                  global_model_problem, previous_update, snapshot_limits)
 from storage import mongo
 
 MAX_INT = 2**53  # JSON numbers above this lose precision in most clients
@@ -198,6 +198,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
     cfg = cfg or load_config()
     token = api_token(cfg)
     key = signing_key(cfg)
+    layout = ConfiguredLayout(cfg)
     runs = Runs(run_round or spark_round_runner(cfg))
     database: dict[str, Any] = {}
     bearer = HTTPBearer(auto_error=False, description="api.token or <state_dir>/api_token")
@@ -283,7 +284,8 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
         record = sign_record({"schema": SNAPSHOT_SCHEMA, **update.model_dump(exclude={"schema_"}, exclude_none=True),
                               "created_at": int(time.time() * 1000)}, key)
         stored = {k: v for k, v in record.items() if k != "schema"}
-        candidate = check_snapshot(stored, key, [w.shape for w in current_weights] if current_weights else None, cfg)
+        candidate = check_snapshot(stored, key, [w.shape for w in current_weights] if current_weights else None,
+                                   layout)
         where = f" (current global model v{current['version']})" if current else ""
         if candidate.problem:
             raise HTTPException(400, f"{candidate.problem}{where}")

@@ -10,11 +10,15 @@ A round takes several runs of the aggregate job, its state kept in `aggregation_
    again with ``dropped``; survivors answer with their pair seeds with the dropped; once all have, the round is
    aggregated without the dropped. Another timeout without them → abandoned, and the next run announces anew.
 
-The aggregator reads masked words and revealed seeds only; it never holds a private key or a survivor pair's seed.
+The aggregator reads masked words (checked and decoded on Spark's executors) and revealed seeds only; it never
+holds a private key or a survivor pair's seed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+
+from config import Config
 
 from models.integrity import AGGREGATOR_ISSUER, sign_record, verify_record, wire_form
 from models.secure_aggregation import (ENROLMENT, MASKED, SEED_REVEAL, SecureRound, choose_cohort,
@@ -70,7 +74,42 @@ def announce(db, cfg, key: bytes, base_version: int, attempt: int, now: int, pub
                                  "their masked updates", protocol)
 
 
-def secure_round_step(db, cfg, key: bytes, previous: dict | None, now: int, publish) -> SecureStep:
+def masked_partition(cfg_values: dict, key: bytes, round_id: str, members: list[str], length: int, ids):
+    """Executor side: fetch masked snapshots, keep the signed ones of members whose words decode."""
+    ids = list(ids)
+    if not ids:
+        return
+    cfg = Config(cfg_values)
+    db = mongo.connect(cfg)
+    try:
+        docs = _verified(mongo.local_models_by_id(db, cfg, ids), key)
+    finally:
+        db.client.close()
+    for doc in docs:
+        if doc.get("secure_round") == round_id and doc["device_id"] in members:
+            try:
+                yield {**doc, "words": decode_words(doc["weights"], length)}
+            except ValueError:
+                continue  # not a masked vector of this round's length: the device counts as not answered
+
+
+def masked_answers(spark, cfg, db, key: bytes, cohort) -> list[dict]:
+    """Each member's newest verified masked answer for the round (decoded on Spark's executors)."""
+    ids = [d["_id"] for d in mongo.collection(db, cfg, "local_models").find(
+        {"encoding": MASKED, "secure_round": cohort.round_id}, {"_id": 1})]
+    if not ids:
+        return []
+    rows = (spark.sparkContext.parallelize(ids, max(1, min(len(ids), cfg.aggregation.spark_partitions)))
+            .mapPartitions(partial(masked_partition, cfg.to_dict(), key, cohort.round_id, cohort.ids, cohort.length))
+            .collect())
+    newest: dict[str, dict] = {}
+    for row in rows:
+        if row["version"] > newest.get(row["device_id"], {}).get("version", -1):
+            newest[row["device_id"]] = row
+    return list(newest.values())
+
+
+def secure_round_step(spark, db, cfg, key: bytes, previous: dict | None, now: int, publish) -> SecureStep:
     """One run's step of the secure round that builds on ``previous`` (see the module docstring)."""
     base = previous["version"] if previous else 0
     protocol = open_protocol(db, cfg, base)
@@ -80,12 +119,7 @@ def secure_round_step(db, cfg, key: bytes, previous: dict | None, now: int, publ
     if verify_record(record, key):
         raise RuntimeError(f"{protocol['round_id']}: the stored cohort announcement does not verify")
     cohort = cohort_from_record(record)
-    masked = _verified(mongo.collection(db, cfg, "local_models").find(
-        {"encoding": MASKED, "secure_round": cohort.round_id}), key)
-    newest = {}
-    for doc in masked:
-        if doc["device_id"] in cohort.members and doc["version"] >= newest.get(doc["device_id"], {}).get("version", -1):
-            newest[doc["device_id"]] = doc
+    newest = {doc["device_id"]: doc for doc in masked_answers(spark, cfg, db, key, cohort)}
     missing = sorted(set(cohort.members) - set(newest))
     timeout_ms = cfg.privacy.secure_round_timeout_s * 1000
     revealed = {}
@@ -111,7 +145,7 @@ def secure_round_step(db, cfg, key: bytes, previous: dict | None, now: int, publ
                 return SecureStep("waiting", f"{cohort.round_id}: abandoned (survivors did not reveal their seeds "
                                              "in time); the next run announces a new cohort", protocol)
             return SecureStep("waiting", f"{cohort.round_id}: waiting for survivors' pair seeds", protocol)
-    choices = [DeviceChoice(d, Update(d, [decode_words(doc["weights"], cohort.length)], int(doc["n_samples"]),
+    choices = [DeviceChoice(d, Update(d, [doc["words"]], int(doc["n_samples"]),
                                       int(doc["version"]), int(doc["n_seen"]), int(doc["created_at"])))
                for d, doc in sorted(newest.items())]
     return SecureStep("ready", "", protocol, choices,

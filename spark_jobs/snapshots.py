@@ -61,19 +61,24 @@ def _detector_shapes(settings_json: str, n_metrics: int) -> tuple[tuple[int, ...
     return tuple(tuple(w.shape) for w in detector.get_weights())
 
 
-def architecture_shapes(cfg, weights: list[np.ndarray]) -> list[tuple[int, ...]] | None:
-    """The layer shapes the configured model (`model.*`) has at ``weights``' input width (its last layer's
-    length), or None when no number of metrics gives that width."""
-    from models.detector import DetectorSettings
+class ConfiguredLayout:
+    """The layer shapes of the configured model (`model.*`) at a given input width (built once per process)."""
 
-    if not weights or np.ndim(weights[-1]) != 1:
-        return None
-    settings_json = json.dumps(DetectorSettings.from_config(cfg).to_dict(), sort_keys=True)
-    per_metric = _detector_shapes(settings_json, 1)[-1][0]
-    width = int(np.shape(weights[-1])[0])
-    if width <= 0 or width % per_metric:
-        return None
-    return list(_detector_shapes(settings_json, width // per_metric))
+    def __init__(self, cfg):
+        from models.detector import DetectorSettings
+
+        self.settings_json = json.dumps(DetectorSettings.from_config(cfg).to_dict(), sort_keys=True)
+        self.per_metric = _detector_shapes(self.settings_json, 1)[-1][0]
+
+    def shapes(self, weights: list[np.ndarray]) -> list[tuple[int, ...]] | None:
+        """The configured model's shapes at ``weights``' input width (its last layer's length), or None when no
+        number of metrics gives that width."""
+        if not weights or np.ndim(weights[-1]) != 1:
+            return None
+        width = int(np.shape(weights[-1])[0])
+        if width <= 0 or width % self.per_metric:
+            return None
+        return list(_detector_shapes(self.settings_json, width // self.per_metric))
 
 
 def counters_problem(doc: dict) -> str | None:
@@ -85,8 +90,10 @@ def counters_problem(doc: dict) -> str | None:
     return None
 
 
-def check_snapshot(doc: dict, key: bytes, reference_shapes: list[tuple[int, ...]] | None, cfg) -> Candidate:
-    """One stored snapshot checked on its own (see the module docstring)."""
+def check_snapshot(doc: dict, key: bytes, reference_shapes: list[tuple[int, ...]] | None,
+                   layout: ConfiguredLayout) -> Candidate:
+    """One stored snapshot checked on its own (see the module docstring); ``reference_shapes`` are the global
+    model's (None before the first), ``layout`` the configured model's."""
     device_id = str(doc.get("device_id"))
     candidate = Candidate(device_id, doc.get("version"))
     candidate.problem = (verify_record(wire_form(doc, SNAPSHOT_SCHEMA), key) or counters_problem(doc))
@@ -97,7 +104,7 @@ def check_snapshot(doc: dict, key: bytes, reference_shapes: list[tuple[int, ...]
     except (SerializationError, KeyError, TypeError) as exc:
         candidate.problem = f"weights: {exc}"
         return candidate
-    shapes = reference_shapes or architecture_shapes(cfg, weights)
+    shapes = reference_shapes or layout.shapes(weights)
     if shapes is None:
         candidate.problem = "weights: no layout of the configured model (model.*) has these layers"
         return candidate

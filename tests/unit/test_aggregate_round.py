@@ -11,7 +11,7 @@ from models.aggregation import AggregationError
 from models.integrity import AGGREGATOR_ISSUER, global_model_verdict, sign_record, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
 from spark_jobs.aggregate_job import round_documents
-from spark_jobs.snapshots import architecture_shapes, check_snapshot, choose_per_device, snapshot_limits
+from spark_jobs.snapshots import ConfiguredLayout, check_snapshot, choose_per_device, snapshot_limits
 
 KEY = bytes(range(32))
 METRICS = 5
@@ -39,7 +39,8 @@ def fleet(cfg, n=12, seed=0):
 
 
 def choices_for(cfg, docs, reference_shapes=None):
-    return choose_per_device([check_snapshot(d, KEY, reference_shapes, cfg) for d in docs], snapshot_limits(cfg))
+    layout = ConfiguredLayout(cfg)
+    return choose_per_device([check_snapshot(d, KEY, reference_shapes, layout) for d in docs], snapshot_limits(cfg))
 
 
 def test_snapshot_checks_name_each_problem():
@@ -56,19 +57,19 @@ def test_snapshot_checks_name_each_problem():
         "counter missing": (stored_snapshot("c", weights, n_seen="many"), "n_seen: expected an integer"),
     }
     for name, (doc, expected) in cases.items():
-        problem = check_snapshot(doc, KEY, None, cfg).problem
+        problem = check_snapshot(doc, KEY, None, ConfiguredLayout(cfg)).problem
         assert (problem is None) if expected is None else (expected in problem), (name, problem)
 
 
 def test_shapes_come_from_the_configured_model_when_there_is_no_global_model():
     cfg = load_config()
-    assert architecture_shapes(cfg, [np.zeros(s) for s in detector_shapes(cfg, 7)]) == detector_shapes(cfg, 7)
+    assert ConfiguredLayout(cfg).shapes([np.zeros(s) for s in detector_shapes(cfg, 7)]) == detector_shapes(cfg, 7)
     lstm = load_config(env={"FLEAD_MODEL_KIND": "lstm_ae"})
     dense_weights = [np.zeros(s) for s in detector_shapes(cfg, 7)]
     weights = [np.zeros(s) for s in detector_shapes(lstm, 7)]
-    assert architecture_shapes(lstm, weights) == detector_shapes(lstm, 7)
+    assert ConfiguredLayout(lstm).shapes(weights) == detector_shapes(lstm, 7)
     doc = stored_snapshot("d", dense_weights)
-    assert "wrong" in check_snapshot(doc, KEY, None, lstm).problem   # a dense model where an LSTM is configured
+    assert "wrong" in check_snapshot(doc, KEY, None, ConfiguredLayout(lstm)).problem   # a dense model where an LSTM is configured
 
 
 def test_round_writes_a_signed_model_that_devices_adopt():
