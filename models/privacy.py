@@ -127,11 +127,12 @@ def epsilon_from_rdp(orders: Sequence[float], rdp: Sequence[float], delta: float
         raise ValueError(f"δ must be in (0, 1), got {delta}")
     best = math.inf
     for alpha, r in zip(orders, rdp):
+        r = float(r)
         if r < 0 or delta ** 2 + math.expm1(-r) > 0:  # below the KL bound δ ≥ sqrt(1 − e^(−r)): ε = 0
             return 0.0
         if alpha > 1.01:  # the bound is unstable as α → 1 and useless there
             best = min(best, r + math.log1p(-1 / alpha) - math.log(delta * alpha) / (alpha - 1))
-    return max(0.0, best)
+    return float(max(0.0, best))
 
 
 def compute_epsilon(sampling_rate: float, noise_multiplier: float, rounds: int, delta: float,

@@ -277,7 +277,8 @@ def enrolment_record(device_id: str, public_key: bytes, vector_length: int, shap
     """Device side, secure aggregation on: a `flead.snapshot/1` that announces the device's key and layout
     instead of its weights (sent instead of a plain snapshot until a cohort includes the device)."""
     return {"schema": "flead.snapshot/1", "encoding": ENROLMENT, "device_id": device_id, "version": version,
-            "n_samples": 1, "n_seen": n_seen, "created_at": created_at, "public_key": public_key_b64(public_key),
+            "global_version": 0, "loss": None, "n_samples": 1, "n_seen": n_seen, "created_at": created_at,
+            "public_key": public_key_b64(public_key),
             "vector_length": int(vector_length), "shapes": shapes_text(shapes), "weights": NO_WEIGHTS}
 
 
@@ -331,8 +332,9 @@ def answer_cohort(record: Mapping, device_id: str, own_private: bytes, vector: n
     weight = float(min(n_samples, record["max_weight"]))
     words = masked_update(vector, weight, device_id, own_private, cohort)
     return {"schema": "flead.snapshot/1", "encoding": MASKED, "secure_round": cohort.round_id,
-            "device_id": device_id, "version": version, "n_samples": n_samples, "n_seen": n_seen,
-            "created_at": created_at, "weights": encode_words(words)}
+            "device_id": device_id, "version": version, "global_version": int(record.get("base_version", 0)),
+            "loss": None, "n_samples": n_samples, "n_seen": n_seen, "created_at": created_at,
+            "weights": encode_words(words)}
 
 
 def answer_dropouts(record: Mapping, device_id: str, own_private: bytes, created_at: int, version: int,
@@ -345,7 +347,8 @@ def answer_dropouts(record: Mapping, device_id: str, own_private: bytes, created
         return None
     seeds = reveal_pair_seeds(device_id, own_private, cohort, dropped)
     return {"schema": "flead.snapshot/1", "encoding": SEED_REVEAL, "secure_round": cohort.round_id,
-            "device_id": device_id, "version": version, "n_samples": 1, "n_seen": n_seen, "created_at": created_at,
+            "device_id": device_id, "version": version, "global_version": int(record.get("base_version", 0)),
+            "loss": None, "n_samples": 1, "n_seen": n_seen, "created_at": created_at,
             "revealed_seeds": {d: s.hex() for d, s in seeds.items()}, "weights": NO_WEIGHTS}
 
 

@@ -44,9 +44,10 @@ from models.aggregation import AggregationError, AggregationResult, make_strateg
 from models.integrity import AGGREGATOR_ISSUER, signing_key, sign_record  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from models.updates import Update, codec_for, flatten  # noqa: E402
-from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, ConfiguredLayout, DeviceChoice, check_snapshot,  # noqa: E402
-                                  choose_per_device, snapshot_limits)
+from spark_jobs.snapshots import (ConfiguredLayout, DeviceChoice, check_snapshot, choose_per_device,  # noqa: E402
+                                  snapshot_limits)
 from storage import mongo  # noqa: E402
+from telemetry.schema import GLOBAL_MODEL  # noqa: E402
 
 log = logging.getLogger("flead.aggregate")
 DP_HISTORY_FIELDS = ("epsilon", "round_epsilon", "delta", "sampling_rate", "noise_multiplier", "clip_norm", "rounds")
@@ -164,14 +165,13 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
     rejected = [{"device_id": d, "reason": r} for d, r in early + result.rejected]
     private = result.private
     blob_meta = {"architecture": architecture, "model_version": version}
-    model = {"schema": GLOBAL_MODEL_SCHEMA, "version": version, "previous_version": base_version,
-             "issuer": AGGREGATOR_ISSUER, "round_id": round_id, "strategy": result.strategy,
-             "participants": [] if private else result.participants,
-             "rejected": [] if private else rejected, "n_participants": len(result.participants),
-             "n_rejected": len(rejected), "n_samples": result.n_samples, "created_at": started,
-             "window_start": previous["created_at"] if previous else None, "cluster": None,
-             "dp_epsilon": result.extra["dp"]["epsilon"] if "dp" in result.extra else None,
-             "weights": to_b64(dumps(codec.weights_from_vector(flatten(result.weights), like), blob_meta))}
+    model = GLOBAL_MODEL.make(
+        version=version, previous_version=base_version, issuer=AGGREGATOR_ISSUER, round_id=round_id,
+        strategy=result.strategy, participants=[] if private else result.participants,
+        rejected=[] if private else rejected, n_participants=len(result.participants), n_rejected=len(rejected),
+        n_samples=result.n_samples, created_at=started, window_start=previous["created_at"] if previous else None,
+        cluster=None, dp_epsilon=result.extra["dp"]["epsilon"] if "dp" in result.extra else None,
+        weights=to_b64(dumps(codec.weights_from_vector(flatten(result.weights), like), blob_meta)))
     if "dp" in result.extra:
         model["dp"] = result.extra["dp"]
     clusters = []

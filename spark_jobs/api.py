@@ -38,9 +38,10 @@ from models.aggregation import snapshot_problem
 from models.integrity import device_token, sign_record, signing_key, wire_form
 from models.serialization import from_b64, loads
 from spark_jobs.api_monitoring import monitoring_routes
-from spark_jobs.snapshots import (GLOBAL_MODEL_SCHEMA, SNAPSHOT_SCHEMA, ConfiguredLayout, check_snapshot,
-                                  global_model_problem, previous_update, snapshot_limits)
+from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, global_model_problem, previous_update,
+                                  snapshot_limits)
 from storage import mongo
+from telemetry.schema import GLOBAL_MODEL_SCHEMA, SNAPSHOT
 
 MAX_INT = 2**53  # JSON numbers above this lose precision in most clients
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,199}$"  # no ":" (it separates the parts of document ids)
@@ -281,8 +282,8 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
                                      "snapshots (POST /api/device-tokens/{device_id} with the admin token)")
         current = mongo.latest_global_model(db(), cfg)
         current_weights = loads(from_b64(current["weights"]))[0] if current else None
-        record = sign_record({"schema": SNAPSHOT_SCHEMA, **update.model_dump(exclude={"schema_"}, exclude_none=True),
-                              "created_at": int(time.time() * 1000)}, key)
+        record = sign_record(SNAPSHOT.make(**update.model_dump(exclude={"schema_", "created_at"}),
+                                           created_at=int(time.time() * 1000)), key)
         stored = {k: v for k, v in record.items() if k != "schema"}
         candidate = check_snapshot(stored, key, [w.shape for w in current_weights] if current_weights else None,
                                    layout)

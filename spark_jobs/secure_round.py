@@ -24,8 +24,9 @@ from models.integrity import AGGREGATOR_ISSUER, sign_record, verify_record, wire
 from models.secure_aggregation import (ENROLMENT, MASKED, SEED_REVEAL, SecureRound, choose_cohort,
                                        cohort_from_record, decode_words, json_shapes, revealed_from_records)
 from models.updates import Update
-from spark_jobs.snapshots import SNAPSHOT_SCHEMA, DeviceChoice, counters_problem
+from spark_jobs.snapshots import DeviceChoice, counters_problem
 from storage import mongo
+from telemetry.schema import SNAPSHOT_SCHEMA
 
 OPEN = ("collecting", "recovering")
 

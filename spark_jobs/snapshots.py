@@ -19,9 +19,8 @@ from models.aggregation import SnapshotLimits, cosine_similarity, newest_plausib
 from models.integrity import verify_record, wire_form
 from models.serialization import SerializationError, from_b64, loads
 from models.updates import Update, flatten
+from telemetry.schema import SNAPSHOT_SCHEMA
 
-SNAPSHOT_SCHEMA = "flead.snapshot/1"
-GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
 COUNTER_FIELDS = ("version", "n_samples", "n_seen", "created_at")
 
 

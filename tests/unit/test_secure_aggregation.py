@@ -153,3 +153,26 @@ def test_strategies_needing_individual_updates_refuse_secure_aggregation(strateg
     with pytest.raises(AggregationError, match="cannot run"):
         SecureAggregation(FedAvg(), SecureRound(Cohort("r", {}, 1)))
     assert math.isfinite(Cohort("r", {}, 1).max_abs())
+
+
+def test_device_records_are_valid_snapshots_and_round_trip():
+    """Enrolment, masked answer and seed reveal are `flead.snapshot/1` records every reader of the format takes."""
+    from models.secure_aggregation import (answer_cohort, answer_dropouts, choose_cohort, cohort_from_record,
+                                           enrolment_record)
+    from telemetry.schema import SNAPSHOT
+
+    keys = {d: generate_key_pair() for d in ("a", "b", "c")}
+    shapes = [(2, 3), (3,)]
+    enrolments = [enrolment_record(d, pub, 9, shapes, 1, 10, 1000 + i) for i, (d, (_, pub)) in enumerate(keys.items())]
+    enrolments.append(enrolment_record("odd", generate_key_pair()[1], 5, [(5,)], 1, 10, 2000))   # another layout
+    record = choose_cohort(enrolments, "r1.1", 0, 1000, 3000, "flead-aggregator")
+    assert sorted(record["members"]) == ["a", "b", "c"] and record["length"] == 10 and record["shapes"] == ["2x3", "3"]
+    assert cohort_from_record(record).members["b"] == keys["b"][1]
+    answer = answer_cohort(record, "a", keys["a"][0], np.ones(9), 50, 2, 60, 4000)
+    assert answer_cohort(record, "odd", keys["a"][0], np.ones(9), 50, 2, 60, 4000) is None
+    reveal = answer_dropouts({**record, "dropped": ["c"]}, "a", keys["a"][0], 5000, 3, 61)
+    assert set(reveal["revealed_seeds"]) == {"c"}
+    for r in (*enrolments, answer, reveal):
+        SNAPSHOT.check(dict(r))
+    with pytest.raises(ValueError, match="malformed"):
+        cohort_from_record({"round_id": "r", "members": {"a": "not base64!"}, "length": 2, "fixed_point_bits": 24})
