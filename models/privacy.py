@@ -24,7 +24,7 @@ Google's ``dp-accounting`` library, whose RdpAccountant the tests check this one
 rounds.
 
 >>> round(compute_epsilon(sampling_rate=1.0, noise_multiplier=1.0, rounds=1, delta=1e-5), 2)
-4.54
+4.73
 """
 from __future__ import annotations
 

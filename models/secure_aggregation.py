@@ -23,7 +23,7 @@ and the aggregator can recover dropouts without asking the survivors; and signat
 against an active aggregator.
 
 >>> keys = {d: generate_key_pair() for d in ("a", "b", "c")}
->>> cohort = Cohort("r1", {d: pub for d, (_, pub) in keys.items()}, length=2)
+>>> cohort = Cohort("r1", {d: pub for d, (_, pub) in keys.items()}, length=3)   # 2 numbers + the weight
 >>> masked = {d: masked_update(np.array(v), 1.0, d, keys[d][0], cohort)
 ...           for d, v in {"a": [1.0, 2.0], "b": [0.5, 0.5], "c": [-1.0, 0.0]}.items()}
 >>> np.round(unmask_sum(masked, cohort), 6)

@@ -220,3 +220,12 @@ def test_version_one_million_does_not_displace_the_honest_snapshot():
     chosen, skipped = newest_plausible(honest + [forged], limits)
     assert chosen is honest[1]
     assert skipped and skipped[0][1].startswith("v1000000")
+
+
+@pytest.mark.parametrize("name", ["updates", "aggregation", "privacy", "secure_aggregation", "integrity"])
+def test_docstring_examples_of_the_federated_core(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"models.{name}"))
+    assert result.failed == 0 and result.attempted > 0
