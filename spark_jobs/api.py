@@ -68,7 +68,7 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._refuse(send, 413, f"request body over api.max_body_bytes ({self.limit} bytes)")
-        if scope["method"] == "POST" and b"authorization" not in headers:
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and b"authorization" not in headers:
             return await self._refuse(send, 401, "writes need 'Authorization: Bearer <token>' (api.token or "
                                                  "<state_dir>/api_token; a device token for /api/local-update)")
         received, started = 0, False
