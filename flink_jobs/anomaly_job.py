@@ -5,15 +5,16 @@
 
 Data flow (topic names from `cfg.kafka.topics`, shapes in docs/contracts.md):
 
-    telemetry ── key by device (JVM) ──┬─ DeviceScorer ──────────┬─ scores (one batch record per micro-batch)
-                                       │  (scoring.stream)       ├─ alerts (one record per anomaly)
-    global-model ── broadcast ─────────┘  keyed state:           ├─ model-snapshots
-                                          DeviceState            ├─ incidents, drift-events
+    telemetry ─── key by device (JVM) ──┬─ DeviceScorer ─────────┬─ scores (one batch record per micro-batch)
+                                        │  (scoring.stream)      ├─ alerts (one record per anomaly)
+    global-model + feedback ─ broadcast ┘  keyed state:          ├─ model-snapshots (signed)
+                                           DeviceState           ├─ incidents, drift-events
                                                                  └─ dead-letters (with the reason)
 
 The JVM reads each telemetry record's Kafka key (the device id) and partitions by it, so the messages cross into
 Python once, in the scorer. `DeviceScorer` is wiring: it holds the keyed state (a `scoring.state.DeviceState` and
-a micro-batch buffer), the flush timers and the broadcast global models, and hands every callback to
+a micro-batch buffer), the flush timers and the broadcast state (verified global models, secure-aggregation cohorts,
+operators' feedback), and hands every callback to
 `scoring.stream.StreamScoring`, which decides (validate, micro-batch, adopt, score then learn, emit) and is unit-tested
 without Flink. Outputs are Kafka topics only: the storage sink service writes them to MongoDB idempotently. Sinks
 are at-least-once: after a restart from a checkpoint, readings after it are scored again under the same ids.
@@ -45,7 +46,8 @@ from pyflink.table import StreamTableEnvironment  # noqa: E402
 from config import load_config  # noqa: E402
 from flink_jobs import WORKER_PACKAGES  # noqa: E402
 from models.detector import DetectorSettings  # noqa: E402
-from scoring.global_models import GlobalModels  # noqa: E402
+from models.integrity import key_from, key_source  # noqa: E402
+from scoring.broadcasts import Broadcasts  # noqa: E402
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring  # noqa: E402
 from telemetry.schema import InvalidMessage  # noqa: E402
 
@@ -62,7 +64,7 @@ ALERTS = OutputTag("alerts", Types.STRING())
 SNAPSHOTS = OutputTag("snapshots", Types.STRING())
 INCIDENTS = OutputTag("incidents", Types.STRING())
 DRIFT = OutputTag("drift", Types.STRING())
-GLOBAL_MODELS = MapStateDescriptor("global-models", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+BROADCASTS = MapStateDescriptor("broadcasts", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
 
 
 def now_ms() -> int:
@@ -73,33 +75,36 @@ def now_ms() -> int:
 
 class DeviceScorer(KeyedBroadcastProcessFunction):
     """Flink's side of `scoring.stream.StreamScoring`: keyed state (the device's `DeviceState` and its micro-batch
-    buffer), flush timers, the broadcast global models, counters, and the outputs. Every decision is the
-    scoring module's."""
+    buffer), flush timers, the broadcast state (global models, cohorts, feedback), counters, the signing key, and
+    the outputs. Every decision is the scoring module's."""
 
-    def __init__(self, scoring: StreamScoring, batch_timeout_ms: int):
+    def __init__(self, scoring: StreamScoring, batch_timeout_ms: int, key_source: tuple, max_feedback: int):
         self.scoring = scoring
         self.batch_timeout_ms = batch_timeout_ms
+        self.key_source = key_source  # (integrity.key, key file): each worker loads the key in `open`
+        self.max_feedback = max_feedback
 
     def open(self, runtime_context: RuntimeContext):
         self.device = runtime_context.get_state(ValueStateDescriptor("detector", Types.PICKLED_BYTE_ARRAY()))
         self.buffer = runtime_context.get_state(ValueStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
         metrics = runtime_context.get_metrics_group()
         self.counters = {name: metrics.counter(name) for name in COUNTERS}
-        self.reports_refusals = runtime_context.get_index_of_this_subtask() == 0  # every subtask sees each model
-        self.models = None  # GlobalModels: see `global_models`
+        self.reports_refusals = runtime_context.get_index_of_this_subtask() == 0  # every subtask sees each record
+        self.scoring.use_key(key_from(*self.key_source))
+        self.held = None  # Broadcasts: see `broadcasts`
 
-    def global_models(self, ctx) -> GlobalModels:
+    def broadcasts(self, ctx) -> Broadcasts:
         """The broadcast state as a local object: read from Flink once (after a restore it holds the restored
-        models), then kept in step by `process_broadcast_element` (every subtask sees every global model). Reading
-        the broadcast state itself costs a round trip to the JVM per call."""
-        if self.models is None:
-            self.models = GlobalModels(ctx.get_broadcast_state(GLOBAL_MODELS).items())
-        return self.models
+        entries), then kept in step by `process_broadcast_element` (every subtask sees every broadcast record).
+        Reading the broadcast state itself costs a round trip to the JVM per call."""
+        if self.held is None:
+            self.held = Broadcasts(ctx.get_broadcast_state(BROADCASTS).items(), self.max_feedback)
+        return self.held
 
     def process_broadcast_element(self, value: str, ctx: KeyedBroadcastProcessFunction.Context):
-        kept, emitted = self.scoring.receive_global_model(value, self.global_models(ctx), self.reports_refusals)
-        if kept is not None:
-            ctx.get_broadcast_state(GLOBAL_MODELS).put(*kept)  # checkpointed copy
+        entry, emitted = self.scoring.receive_broadcast(value, self.broadcasts(ctx), self.reports_refusals)
+        if entry is not None:
+            ctx.get_broadcast_state(BROADCASTS).put(*entry)  # checkpointed copy
         yield from self.emit(emitted)
 
     def process_element(self, message: bytes | None, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
@@ -128,7 +133,7 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
 
     def score(self, ctx, batches: list):
         state, emitted = self.scoring.score(self.device.value(), ctx.get_current_key(), batches,
-                                            self.global_models(ctx), now_ms())
+                                            self.broadcasts(ctx), now_ms())
         self.device.update(state)
         yield from self.emit(emitted)
 
@@ -192,10 +197,10 @@ def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configu
     return conf
 
 
-def kafka_source(cfg, topic: str, group_id: str, bounded: bool) -> KafkaSource:
+def kafka_source(cfg, topics: list[str], group_id: str, bounded: bool) -> KafkaSource:
     builder = (KafkaSource.builder()
                .set_bootstrap_servers(cfg.kafka_bootstrap)
-               .set_topics(topic)
+               .set_topics(*topics)
                .set_group_id(group_id)
                .set_starting_offsets(KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST))
                .set_value_only_deserializer(SimpleStringSchema())
@@ -270,21 +275,22 @@ def keyed_telemetry(env: StreamExecutionEnvironment, cfg, bounded: bool) -> Keye
 
 
 def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
-    """Sources → key by device (JVM) (+ broadcast global models) → DeviceScorer (parse, score) → sinks."""
+    """Sources → key by device (JVM) (+ broadcast global models and feedback) → DeviceScorer (parse, score) → sinks."""
     topics = cfg.kafka.topics.to_dict()
     stream = cfg.stream
     for package in WORKER_PACKAGES:
         env.add_python_file(str(PROJECT_ROOT / package))
 
-    global_models = env.from_source(
-        kafka_source(cfg, topics["global_model"], f"{stream.consumer_group}-global", bounded),
+    broadcasts = env.from_source(
+        kafka_source(cfg, [topics["global_model"], topics["feedback"]], f"{stream.consumer_group}-global", bounded),
         WatermarkStrategy.for_monotonous_timestamps().with_idleness(Duration.of_seconds(1)),
-        "global-models").uid("global-model-source").broadcast(GLOBAL_MODELS)
+        "global-models-and-feedback").uid("global-model-source").broadcast(BROADCASTS)
 
+    scoring = StreamScoring(DetectorSettings.from_config(cfg), StreamOptions.from_config(cfg))
     scores = (keyed_telemetry(env, cfg, bounded)
-              .connect(global_models)
-              .process(DeviceScorer(StreamScoring(DetectorSettings.from_config(cfg), StreamOptions.from_config(cfg)),
-                                    stream.micro_batch_timeout_ms),
+              .connect(broadcasts)
+              .process(DeviceScorer(scoring, stream.micro_batch_timeout_ms, key_source(cfg),
+                                    cfg.feedback.max_patterns),
                        output_type=Types.STRING())
               .name("score").uid("device-scorer"))
 

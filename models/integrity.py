@@ -160,7 +160,16 @@ def global_model_verdict(record: Mapping[str, Any], key: bytes, held_version: in
 def signing_key(cfg) -> bytes:
     """The deployment's signing key: `integrity.key` (hex) if set, else the file `integrity.key_file` in the
     state directory, created on first use (0600)."""
-    if cfg.integrity.key:
-        return _parse_key(cfg.integrity.key, "integrity.key")
+    return key_from(*key_source(cfg))
+
+
+def key_source(cfg) -> tuple[str, Path]:
+    """Where `signing_key` finds the key: (`integrity.key`, the absolute path of `integrity.key_file`), for a
+    process that must load it later and elsewhere (the stream job's workers) without carrying the key itself."""
     path = Path(cfg.integrity.key_file)
-    return load_or_create_key(path if path.is_absolute() else cfg.state_dir / path)
+    return cfg.integrity.key, path if path.is_absolute() else cfg.state_dir / path
+
+
+def key_from(key_hex: str, key_file: Path) -> bytes:
+    """The key given as hex if any, else the one in `key_file` (created on first use, 0600)."""
+    return _parse_key(key_hex, "integrity.key") if key_hex else load_or_create_key(key_file)

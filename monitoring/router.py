@@ -28,7 +28,7 @@ from config import Config
 from monitoring.deliveries import PENDING, SUPPRESSED, DeliveryStore, ensure_collections
 from monitoring.notifications import alert_labels, backoff_delay_s, delivery_id
 from monitoring.receivers import ALERTMANAGER, HttpReceiver, receivers_from_config
-from monitoring.records import check_incident
+from telemetry.schema import check_incident
 from monitoring.suppression import matching_rule
 from storage import mongo
 from telemetry.schema import InvalidMessage, dead_letter_record, load_object

@@ -7,20 +7,33 @@ versioned, checksummed format (`DeviceDetector.to_bytes`), so no pickled NumPy i
 from __future__ import annotations
 
 from models.detector import DeviceDetector
+from models.secure_aggregation import generate_key_pair
 
 
 class DeviceState:
-    """A device's detector, when and at which reading count it last sent a weight snapshot, and the highest
-    ``seq`` it has scored (a reading at or below it is a duplicate: neither scored nor learned again)."""
+    """A device's detector, when and at which reading count it last sent a weight snapshot, the highest ``seq`` it
+    has scored (a reading at or below it is a duplicate: neither scored nor learned again), and, with secure
+    aggregation, its X25519 key pair and the rounds it has answered."""
 
-    __slots__ = ("detector", "last_snapshot_ms", "n_seen_at_snapshot", "last_seq")
+    __slots__ = ("detector", "last_snapshot_ms", "n_seen_at_snapshot", "last_seq", "secure_private",
+                 "secure_public", "answered_round", "revealed_round")
 
     def __init__(self, detector: DeviceDetector, last_snapshot_ms: int, n_seen_at_snapshot: int = 0,
-                 last_seq: int = -1):
+                 last_seq: int = -1, secure_private: bytes | None = None, secure_public: bytes | None = None,
+                 answered_round: str | None = None, revealed_round: str | None = None):
         self.detector = detector
         self.last_snapshot_ms = last_snapshot_ms
         self.n_seen_at_snapshot = n_seen_at_snapshot
         self.last_seq = last_seq
+        self.secure_private, self.secure_public = secure_private, secure_public
+        self.answered_round, self.revealed_round = answered_round, revealed_round
+
+    def secure_keys(self) -> tuple[bytes, bytes]:
+        """The device's (private, public) X25519 key pair for secure aggregation, made on first use; it stays in
+        keyed state (checkpointed with the model), so a restart answers cohorts under the same public key."""
+        if self.secure_private is None:
+            self.secure_private, self.secure_public = generate_key_pair()
+        return self.secure_private, self.secure_public
 
     def snapshot_due(self, now_ms: int, every_readings: int, interval_ms: int) -> bool:
         """True after `every_readings` new readings, or `interval_ms` since the last snapshot if it learned any."""
@@ -34,9 +47,10 @@ class DeviceState:
         return self.detector.snapshot()
 
     @classmethod
-    def restore(cls, blob: bytes, last_snapshot_ms: int, n_seen_at_snapshot: int, last_seq: int) -> "DeviceState":
-        return cls(DeviceDetector.from_bytes(blob), last_snapshot_ms, n_seen_at_snapshot, last_seq)
+    def restore(cls, blob: bytes, *fields) -> "DeviceState":
+        return cls(DeviceDetector.from_bytes(blob), *fields)
 
     def __reduce__(self):
         return DeviceState.restore, (self.detector.to_bytes(), self.last_snapshot_ms, self.n_seen_at_snapshot,
-                                     self.last_seq)
+                                     self.last_seq, self.secure_private, self.secure_public, self.answered_round,
+                                     self.revealed_round)

@@ -5,11 +5,16 @@ Python worker, and called by the Flink operator (`flink_jobs.anomaly_job.DeviceS
 
     columns = scoring.parse(message, key)              # or InvalidMessage -> scoring.refused(...)
     step = scoring.buffer(buffered, columns)           # what to score now, what to keep, whether to set timers
-    state, emitted = scoring.score(state, device_id, batches, global_models, now_ms)
-    model, emitted = scoring.receive_global_model(value, global_models, report)
+    state, emitted = scoring.score(state, device_id, batches, broadcasts, now_ms)
+    entry, emitted = scoring.receive_broadcast(value, broadcasts, report)
 
 Everything the operator sends on is in `Emitted`: the main output (one `flead.scores/1` record per micro-batch)
 and the side outputs, plus counter increments by name (`COUNTERS`).
+
+Trust: snapshots leave signed (`models.integrity`, the deployment's key, which the operator hands in with
+`use_key` and which never travels with the job); global models, cohort announcements and operators' feedback are
+taken only when their signature verifies, and a global model only under `global_model_verdict` (issued by the
+aggregator, newer, building on a version the worker has seen).
 """
 from __future__ import annotations
 
@@ -20,16 +25,21 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from models import secure_aggregation as secagg
 from models.detector import DetectionResult, DetectorSettings, DeviceDetector
 from models.features import NonFiniteMetricError
+from models.integrity import global_model_verdict, sign_record, verify_record
 from models.serialization import to_b64
-from scoring.global_models import GlobalModel, GlobalModels, decode_global_model
+from models.updates import codec_for
+from scoring.broadcasts import FLEET, Broadcasts, global_model_of, model_entry
+from scoring.feedback import FeedbackSettings, MutePattern, apply_feedback, mute_mask
 from scoring.state import DeviceState
-from telemetry.schema import (SNAPSHOT, Columns, InvalidMessage, dead_letter, decode_columns, dumps_json,
-                              encode_scores)
+from telemetry.schema import (FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL_SCHEMA, SNAPSHOT, Columns, InvalidMessage,
+                              check_feedback, dead_letter, decode_columns, dumps_json, encode_scores, load_object)
 
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
-            "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused")
+            "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
+            "feedback_applied", "broadcasts_rejected", "anomalies_muted")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -45,6 +55,10 @@ class StreamOptions:
     blend_weight: float
     telemetry_topic: str
     global_model_topic: str
+    feedback_topic: str
+    max_version_gap: int  # integrity.max_version_gap
+    secure_aggregation: bool  # privacy.secure_aggregation: snapshots answer cohorts with masked vectors
+    feedback: FeedbackSettings
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamOptions":
@@ -53,7 +67,9 @@ class StreamOptions:
                    snapshot_every=stream.snapshot_every,
                    snapshot_interval_ms=stream.snapshot_interval_s * 1000, global_policy=stream.global_policy,
                    blend_weight=stream.blend_weight, telemetry_topic=topics.telemetry,
-                   global_model_topic=topics.global_model)
+                   global_model_topic=topics.global_model, feedback_topic=topics.feedback,
+                   max_version_gap=cfg.integrity.max_version_gap, secure_aggregation=cfg.privacy.secure_aggregation,
+                   feedback=FeedbackSettings.from_config(cfg))
 
 
 @dataclass
@@ -85,15 +101,24 @@ def to_json(record: Mapping) -> str:
 
 class StreamScoring:
     """The per-device logic of the stream job (module docstring). Holds no device state itself, only what a
-    worker remembers so as not to repeat itself: refused global models and reported unknown metric sets."""
+    worker remembers so as not to repeat itself (refused global models, reported unknown metric sets, devices'
+    mute patterns derived from the feedback it holds) and the signing key (`use_key`)."""
 
     def __init__(self, settings: DetectorSettings, options: StreamOptions):
         self.settings = settings
         self.options = options
+        self.key: bytes | None = None
         self.refused_global: set[tuple[str, int]] = set()  # (device, version) whose shapes did not fit
         self.reported_unknown: set[tuple[str, tuple[str, ...]]] = set()  # (device, metric names) dead-lettered
+        self.patterns: dict[str, tuple[tuple, tuple[MutePattern, ...]]] = {}  # device -> (feedback seen, patterns)
 
-    def __getstate__(self):  # shipped to the workers: what they remember starts empty
+    def use_key(self, key: bytes) -> "StreamScoring":
+        """The deployment's signing key (`models.integrity.signing_key`): snapshots are signed with it, broadcasts
+        verified. Set in each worker, never shipped with the job."""
+        self.key = key
+        return self
+
+    def __getstate__(self):  # shipped to the workers: what they remember starts empty, the key stays behind
         return {"settings": self.settings, "options": self.options}
 
     def __setstate__(self, values):
@@ -128,27 +153,53 @@ class StreamScoring:
             return Buffering(buffered, None, False)
         return Buffering(None, buffered, False)
 
-    # -- global models ---------------------------------------------------------------------------------------
+    # -- broadcasts: global models, cohorts, feedback ---------------------------------------------------------
 
-    def receive_global_model(self, value: bytes | str, models: GlobalModels, report: bool
-                             ) -> tuple[tuple[str, GlobalModel] | None, Emitted]:
-        """Take a record of the global-model topic: ``(cluster, model)`` if it is newer than what the worker holds
-        (the operator then checkpoints it), else None. A refused record is counted, and dead-lettered with the
-        reason when `report` (every worker sees every model: one of them reports)."""
+    def receive_broadcast(self, value: bytes | str, broadcasts: Broadcasts, report: bool
+                          ) -> tuple[tuple[str, Any] | None, Emitted]:
+        """Take a record of the broadcast topics (global models and cohort announcements, operators' feedback):
+        the broadcast-state entry to checkpoint if the worker keeps it, else None. A refused record is counted, and
+        dead-lettered with the reason when `report` (every worker sees every record: one of them reports)."""
         out = Emitted()
+        schema = None
         try:
-            cluster, model = decode_global_model(value)
+            record = load_object(value)
+            schema = record.get("schema")
+            if schema == GLOBAL_MODEL_SCHEMA:
+                return self._keep_global_model(GLOBAL_MODEL.check(record), broadcasts), out
+            problem = verify_record(record, self._require_key())
+            if problem:
+                raise InvalidMessage(problem)
+            if schema == FEEDBACK_SCHEMA:
+                return broadcasts.keep_feedback(check_feedback(record)), out
+            if schema == secagg.COHORT_SCHEMA:
+                return broadcasts.keep_cohort(record), out
+            raise InvalidMessage(f"schema {schema!r} is none of {GLOBAL_MODEL_SCHEMA}, {secagg.COHORT_SCHEMA}, "
+                                 f"{FEEDBACK_SCHEMA}")
         except InvalidMessage as exc:
-            out.counts["global_models_rejected"] += 1
+            out.counts["global_models_rejected" if schema == GLOBAL_MODEL_SCHEMA else "broadcasts_rejected"] += 1
             if report:
-                self._dead_letter(out, value, f"global model refused: {exc.reason}", self.options.global_model_topic)
+                source = (self.options.feedback_topic if schema == FEEDBACK_SCHEMA
+                          else self.options.global_model_topic)
+                self._dead_letter(out, value, f"broadcast refused: {exc.reason}", source)
             return None, out
-        return ((cluster, model) if models.offer(cluster, model) else None), out
 
-    def adopt_newest(self, models: GlobalModels, device_id: str, detector: DeviceDetector, out: Emitted) -> None:
+    def _keep_global_model(self, record: dict, broadcasts: Broadcasts) -> tuple[str, Any] | None:
+        cluster = FLEET if record.get("cluster") is None else str(record["cluster"])
+        models = broadcasts.models
+        if record["version"] <= models.held_version(cluster):
+            return None  # not newer than what the worker holds (e.g. the topic read again after a restart)
+        verdict = global_model_verdict(record, self._require_key(), models.held_version(cluster),
+                                       models.newest_version(), self.options.max_version_gap)
+        if not verdict.adopt:
+            raise InvalidMessage(verdict.reason)
+        cluster, model = global_model_of(record)
+        return model_entry(cluster, model) if models.offer(cluster, model) else None
+
+    def adopt_newest(self, broadcasts: Broadcasts, device_id: str, detector: DeviceDetector, out: Emitted) -> None:
         """Adopt the device's newest global model if it is newer than the one it has (`stream.global_policy`).
         A model whose shapes do not fit the device's is refused once and not retried."""
-        newest = models.newest_for(device_id)
+        newest = broadcasts.models.newest_for(device_id)
         if (newest is None or newest.version <= detector.global_version
                 or (device_id, newest.version) in self.refused_global):
             return
@@ -164,9 +215,31 @@ class StreamScoring:
                                   self.options.global_model_topic, device_id)
             self.refused_global.add((device_id, newest.version))
 
+    def mute_patterns(self, broadcasts: Broadcasts, device_id: str, out: Emitted) -> tuple[MutePattern, ...]:
+        """The device's false-positive patterns (`scoring.feedback`), derived from the verdicts the worker holds
+        (recomputed only when they change)."""
+        verdicts = broadcasts.feedback_for(device_id)
+        if not verdicts:
+            return ()
+        seen = tuple((v["incident_id"], v["created_at"]) for v in verdicts)
+        held = self.patterns.get(device_id)
+        if held is not None and held[0] == seen:
+            return held[1]
+        patterns: tuple[MutePattern, ...] = ()
+        for verdict in verdicts:
+            patterns = apply_feedback(patterns, verdict, self.options.feedback)
+        out.counts["feedback_applied"] += len(seen) - (0 if held is None else len(set(seen) & set(held[0])))
+        self.patterns[device_id] = (seen, patterns)
+        return patterns
+
+    def _require_key(self) -> bytes:
+        if self.key is None:
+            raise RuntimeError("StreamScoring.use_key was not called: the worker has no signing key")
+        return self.key
+
     # -- scoring ---------------------------------------------------------------------------------------------
 
-    def score(self, state: DeviceState | None, device_id: str, batches: list[Columns], models: GlobalModels,
+    def score(self, state: DeviceState | None, device_id: str, batches: list[Columns], broadcasts: Broadcasts,
               now_ms: int) -> tuple[DeviceState, Emitted]:
         """Score then learn a device's micro-batch (one or more messages), after adopting its newest global model;
         the score records, alerts and, when due, a weight snapshot. A device's model is built on the metrics of
@@ -175,7 +248,7 @@ class StreamScoring:
         if state is None:
             state = DeviceState(DeviceDetector(list(batches[0].names), self.settings), now_ms)
         detector = state.detector
-        self.adopt_newest(models, device_id, detector, out)
+        self.adopt_newest(broadcasts, device_id, detector, out)
         X = np.concatenate([self.model_columns(detector, batch) for batch in batches])
         for batch in batches:
             self.report_unknown_metrics(device_id, detector, batch, out)
@@ -190,10 +263,16 @@ class StreamScoring:
             if not seqs:
                 return state, out
         state.last_seq = max(state.last_seq, seqs[-1])
+        patterns = self.mute_patterns(broadcasts, device_id, out)
         for rows, result in self._process(detector, device_id, X, seqs, stamps, labels, out):
+            if patterns:
+                muted = mute_mask(patterns, result.scores, result.thresholds, result.is_anomaly, result.top_metrics,
+                                  now_ms, self.options.feedback)
+                result.is_anomaly &= ~muted
+                out.counts["anomalies_muted"] += int(np.count_nonzero(muted))
             self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result, now_ms, out)
         if state.snapshot_due(now_ms, self.options.snapshot_every, self.options.snapshot_interval_ms):
-            self.snapshot(state, device_id, now_ms, out)
+            self.snapshot(state, device_id, broadcasts, now_ms, out)
         return state, out
 
     def admit(self, state: DeviceState, device_id: str, seqs: list[int], stamps: list[int], now_ms: int,
@@ -290,17 +369,68 @@ class StreamScoring:
                 out.alerts.append(to_json({"device_id": device_id, **record, "model_version": model_version,
                                            "global_version": global_version, "scored_at": scored_at}))
 
-    @staticmethod
-    def snapshot(state: DeviceState, device_id: str, now_ms: int, out: Emitted) -> None:
-        """A `flead.snapshot/1` record of the device's federated weights."""
+    def snapshot(self, state: DeviceState, device_id: str, broadcasts: Broadcasts, now_ms: int, out: Emitted) -> None:
+        """A signed `flead.snapshot/1` record of the device's federated weights; with secure aggregation, its
+        answers to the aggregator's cohort instead (`secure_records`), and nothing while the device has answered
+        the current round (its readings then count towards the next answer)."""
+        if self.options.secure_aggregation and self.secure_round_answered(state, device_id, broadcasts):
+            return
         snap = state.take_snapshot(now_ms)
-        out.counts["snapshots"] += 1
-        loss = snap["loss"]
-        out.snapshots.append(to_json(SNAPSHOT.make(
-            device_id=device_id, version=snap["version"], global_version=snap["global_version"],
-            n_samples=snap["n_samples"], n_seen=state.detector.n_seen,
-            loss=None if loss is None or not math.isfinite(loss) else float(loss),
-            weights=to_b64(snap["weights"]), created_at=now_ms)))
+        detector = state.detector
+        if self.options.secure_aggregation:
+            records = self.secure_records(state, device_id, snap, broadcasts, now_ms)
+        else:
+            loss = snap["loss"]
+            records = [SNAPSHOT.make(
+                device_id=device_id, version=snap["version"], global_version=snap["global_version"],
+                n_samples=snap["n_samples"], n_seen=detector.n_seen,
+                loss=None if loss is None or not math.isfinite(loss) else float(loss),
+                weights=to_b64(snap["weights"]), created_at=now_ms)]
+        key = self._require_key()
+        for record in records:
+            out.counts["snapshots"] += 1
+            out.snapshots.append(to_json(sign_record(record, key)))
+
+    @staticmethod
+    def secure_round_answered(state: DeviceState, device_id: str, broadcasts: Broadcasts) -> bool:
+        """Whether the device has sent everything the newest cohort asks of it."""
+        cohort = broadcasts.cohort
+        if cohort is None or state.secure_public is None:
+            return False
+        listed = cohort.get("members", {}).get(device_id) == secagg.public_key_b64(state.secure_public)
+        round_id = cohort["round_id"]
+        return (listed and state.answered_round == round_id
+                and (not cohort.get("dropped") or state.revealed_round == round_id))
+
+    @staticmethod
+    def secure_records(state: DeviceState, device_id: str, snap: dict, broadcasts: Broadcasts, now_ms: int
+                       ) -> list[dict]:
+        """Secure aggregation, device side (`models.secure_aggregation`): the masked answer to the newest cohort
+        that lists the device under its current public key (once per round), and the pair seeds with its dropped
+        members when the aggregator asks (once); else an enrolment that announces the device's key and layout.
+        The plain weights never leave the device."""
+        detector = state.detector
+        private, public = state.secure_keys()
+        version, n_seen = snap["version"], detector.n_seen
+        cohort = broadcasts.cohort
+        if cohort is None or cohort.get("members", {}).get(device_id) != secagg.public_key_b64(public):
+            weights = detector.get_weights()
+            vector = codec_for(detector.network.architecture).federated_vector(weights)
+            return [secagg.enrolment_record(device_id, public, vector.size, [w.shape for w in weights], version,
+                                            n_seen, now_ms)]
+        records = []
+        round_id = cohort["round_id"]
+        if state.answered_round != round_id:
+            vector = codec_for(detector.network.architecture).federated_vector(detector.get_weights())
+            records.append(secagg.answer_cohort(cohort, device_id, private, vector, snap["n_samples"], version,
+                                                n_seen, now_ms))
+            state.answered_round = round_id
+        if cohort.get("dropped") and state.revealed_round != round_id:
+            revealed = secagg.answer_dropouts(cohort, device_id, private, now_ms, version, n_seen)
+            if revealed is not None:
+                records.append(revealed)
+            state.revealed_round = round_id
+        return records
 
     @staticmethod
     def _dead_letter(out: Emitted, raw: bytes | str | None, reason: str, source: str,

@@ -30,6 +30,7 @@ from monitoring.deliveries import ensure_collections
 from monitoring.health import check_health
 from monitoring.metrics import metrics_registry
 from monitoring.notifications import NotificationSettings, drilldown_link, rfc3339, summary
+from models.integrity import sign_record, signing_key
 from monitoring.records import encode_feedback, feedback_record
 from monitoring.suppression import check_rule
 from storage import mongo
@@ -73,6 +74,7 @@ def monitoring_routes(cfg: Config, db: Callable[[], Any], writer: Callable) -> A
     """The routes above, on the API's lazily connected database `db()` and its token check `writer`."""
     router = APIRouter()
     registry, _ = metrics_registry(cfg, db)
+    key = signing_key(cfg)
     ready: dict[str, Any] = {}
     lock = threading.Lock()
 
@@ -138,7 +140,7 @@ def monitoring_routes(cfg: Config, db: Callable[[], Any], writer: Callable) -> A
     def post_feedback(body: FeedbackIn, incident_id: str = INCIDENT_ID) -> dict:
         incident = incident_or_404(incident_id)
         now = now_ms()
-        record = feedback_record(incident, body.verdict, now)
+        record = sign_record(feedback_record(incident, body.verdict, now), key)  # the stream job verifies it
         entry = {"verdict": body.verdict, "note": body.note, "by": body.by, "at": now}
         stored = collection("incident_feedback").find_one({"_id": incident_id}) or {}
         doc = {"_id": incident_id, "incident_id": incident_id, "device_id": incident["device_id"],

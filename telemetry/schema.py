@@ -39,6 +39,7 @@ SNAPSHOT_SCHEMA = "flead.snapshot/1"
 GLOBAL_MODEL_SCHEMA = "flead.global-model/1"
 INCIDENT_SCHEMA = "flead.incident/1"
 DRIFT_SCHEMA = "flead.drift/1"
+FEEDBACK_SCHEMA = "flead.feedback/1"
 
 MAX_DEVICE_ID_CHARS = 200
 MAX_METRICS = 1000
@@ -491,9 +492,82 @@ DRIFT = RecordFormat(DRIFT_SCHEMA, {
 """A device's detector re-baselined itself after a label-free drift test fired; ``event_id`` =
 ``<device_id>:<seq>``."""
 
+# -- incidents and operators' feedback: the rules their readers rely on --------------------------------------
+
+STATUSES = ("open", "resolved")
+VERDICTS = ("false_positive", "confirmed")
+MAX_ID_CHARS = 500  # incident ids are "<device_id>:<start_seq>", device ids at most 200 characters
+MAX_BLAMED_METRICS = 100
+
+FEEDBACK = RecordFormat(FEEDBACK_SCHEMA, {
+    "incident_id": TEXT, "device_id": TEXT, "verdict": TEXT, "peak_score": nullable(NUMBER),
+    "peak_ratio": nullable(NUMBER), "metrics_to_blame": LIST, "start_ts": nullable(INTEGER),
+    "model_version": nullable(INTEGER), "created_at": INTEGER})
+"""An operator's verdict on an incident, for the stream job: ``verdict`` ``false_positive`` or ``confirmed``; the
+incident's peak and metrics to blame are what `scoring.feedback.apply_feedback` needs."""
+
+
+def _ids(record: dict) -> str:
+    """The record's device id, after checking it and the incident id are non-empty and of bounded length."""
+    for name in ("device_id", "incident_id"):
+        if not 0 < len(record[name]) <= MAX_ID_CHARS:
+            raise InvalidMessage(f"{name}: expected 1 to {MAX_ID_CHARS} characters, got {len(record[name])}",
+                                 record["device_id"] or None)
+    return record["device_id"]
+
+
+def check_blame(blame: list, device_id: str | None = None) -> list[dict]:
+    """``metrics_to_blame``: at most `MAX_BLAMED_METRICS` items ``{"metric": name, "share": number in [0, 1]}``."""
+    if len(blame) > MAX_BLAMED_METRICS:
+        raise InvalidMessage(f"metrics_to_blame: {len(blame)} items, at most {MAX_BLAMED_METRICS}", device_id)
+    for i, item in enumerate(blame):
+        if (type(item) is not dict or type(item.get("metric")) is not str
+                or not 0 < len(item["metric"]) <= MAX_METRIC_NAME_CHARS):
+            raise InvalidMessage(f"metrics_to_blame[{i}]: expected {{'metric': name, 'share': number}}", device_id)
+        share = item.get("share")
+        if type(share) not in (int, float) or not 0.0 <= share <= 1.0:
+            raise InvalidMessage(f"metrics_to_blame[{i}].share: expected a number in [0, 1], got {_show(share)}",
+                                 device_id)
+    return blame
+
+
+def check_incident(record: dict) -> dict:
+    """`record` if it is a `flead.incident/1` (`telemetry.schema.INCIDENT`) the router can deliver: also a known
+    status, ``incident_id`` = ``<device_id>:...``, well-formed metrics to blame; else `InvalidMessage`."""
+    INCIDENT.check(record)
+    device_id = _ids(record)
+    if not record["incident_id"].startswith(device_id + ":"):
+        raise InvalidMessage(f"incident_id {_show(record['incident_id'])} is not '<device_id>:<start_seq>'", device_id)
+    if record["status"] not in STATUSES:
+        raise InvalidMessage(f"status: expected 'open' or 'resolved', got {_show(record['status'])}", device_id)
+    check_blame(record["metrics_to_blame"], device_id)
+    return record
+
+
+def decode_incident(raw: bytes | str | None) -> dict:
+    """The incident record of a Kafka value (see `check_incident`)."""
+    return check_incident(load_object(raw))
+
+
+def decode_feedback(raw: bytes | str | None) -> dict:
+    """A `flead.feedback/1` record of the feedback topic; `InvalidMessage` naming the field if it is wrong."""
+    return check_feedback(load_object(raw))
+
+
+def check_feedback(record: dict) -> dict:
+    """`record` if it is a `flead.feedback/1` the stream job can apply (`FEEDBACK`, a known verdict, well-formed
+    metrics to blame); else `InvalidMessage`."""
+    FEEDBACK.check(record)
+    device_id = _ids(record)
+    if record["verdict"] not in VERDICTS:
+        raise InvalidMessage(f"verdict: expected one of {VERDICTS}, got {_show(record['verdict'])}", device_id)
+    check_blame(record["metrics_to_blame"], device_id)
+    return record
+
+
 DEAD_LETTER = RecordFormat(DEAD_LETTER_SCHEMA, {
     "source": TEXT, "reason": TEXT, "raw": TEXT, "device_id": nullable(TEXT), "at": INTEGER})
 """A message some part refused: ``source`` is the topic (or part) it came from, ``raw`` its value, cut."""
 
 RECORD_FORMATS: dict[str, RecordFormat] = {f.schema: f for f in (SNAPSHOT, GLOBAL_MODEL, INCIDENT, DRIFT,
-                                                                 DEAD_LETTER)}
+                                                                 DEAD_LETTER, FEEDBACK)}

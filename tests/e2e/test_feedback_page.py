@@ -11,7 +11,8 @@ import uvicorn
 from selenium.webdriver.common.by import By
 
 from config import load_config
-from monitoring.records import decode_feedback, sample_incident
+from monitoring.records import sample_incident
+from telemetry.schema import decode_feedback
 from orchestration import processes
 from spark_jobs.api import create_app
 from storage import mongo

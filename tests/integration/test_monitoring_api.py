@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config import load_config
 from http_receivers import wait_for
-from monitoring.records import decode_feedback, sample_incident
+from monitoring.records import sample_incident
+from telemetry.schema import decode_feedback
 from spark_jobs.api import create_app
 from storage import mongo
 from storage.sink import MongoSink

@@ -18,6 +18,7 @@ from confluent_kafka import Producer
 
 from config import PROJECT_ROOT, load_config
 from models.detector import DeviceDetector
+from models.integrity import AGGREGATOR_ISSUER, sign_record, signing_key
 from models.serialization import dumps, loads, from_b64, to_b64
 from orchestration import processes
 from telemetry.consumer import iter_messages
@@ -69,11 +70,15 @@ def send_raw(cfg, topic_key: str, values: list[bytes], key: bytes = b"bad") -> N
     assert producer.flush(10) == 0
 
 
-def global_model_message(weights, version: int, cluster=None, assignments=None) -> bytes:
-    return json.dumps({"schema": "flead.global-model/1", "version": version, "round_id": f"r{version}",
-                       "strategy": "fedavg", "participants": [], "rejected": [], "n_samples": 1000,
-                       "weights": to_b64(dumps(weights, {"model_version": version})), "created_at": 0,
-                       "dp_epsilon": None, "cluster": cluster, "assignments": assignments}).encode()
+def global_model_message(weights, version: int, cluster=None, assignments=None, key: bytes | None = None) -> bytes:
+    """A global model as the aggregator publishes it: signed with the deployment's key (or `key`), building on the
+    version before it."""
+    record = {"schema": "flead.global-model/1", "version": version, "round_id": f"r{version}",
+              "strategy": "fedavg", "participants": [], "rejected": [], "n_samples": 1000,
+              "weights": to_b64(dumps(weights, {"model_version": version})), "created_at": 0,
+              "dp_epsilon": None, "cluster": cluster, "assignments": assignments,
+              "previous_version": version - 1, "issuer": AGGREGATOR_ISSUER}
+    return json.dumps(sign_record(record, key or signing_key(load_config()))).encode()
 
 
 def by_id(scores: list[dict]) -> dict[tuple[str, int], list[dict]]:
@@ -145,9 +150,10 @@ def test_global_models_are_adopted_by_version_and_cluster_and_poison_is_refused(
     garbled[-5] ^= 0xFF
     poisoned = json.loads(global_model_message(weights, 9))
     poisoned["weights"] = to_b64(bytes(garbled))
+    forged = json.loads(global_model_message(weights, 1000, key=bytes(32)))  # not the deployment's key
     send_raw(cfg, "global_model", [global_model_message(weights, 7),
                                    global_model_message(weights, 8, cluster=1, assignments={"omi-10": 1}),
-                                   json.dumps(poisoned).encode()])
+                                   json.dumps(poisoned).encode(), json.dumps(forged).encode()])
     produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
 
     run_bounded(tmp_path)
@@ -158,10 +164,11 @@ def test_global_models_are_adopted_by_version_and_cluster_and_poison_is_refused(
         mine = sorted((s for s in scores if s["device_id"] == device), key=lambda s: s["seq"])
         versions = [s["global_version"] for s in mine]
         assert versions == sorted(versions) and versions[-1] == version, (device, set(versions))
-    assert 9 not in {s["global_version"] for s in scores}
-    dead = read_topic(cfg, "dead_letters")
-    assert len(dead) == 1 and dead[0]["reason"].startswith("global model refused")
-    assert dead[0]["source"] == cfg.kafka.topics.global_model
+    assert not {9, 1000} & {s["global_version"] for s in scores}
+    dead = sorted(read_topic(cfg, "dead_letters"), key=lambda d: d["reason"])
+    assert [d["reason"].split(":")[:2] for d in dead] == [["broadcast refused", " bad signature"],
+                                                          ["broadcast refused", " bad signature"]]
+    assert {d["source"] for d in dead} == {cfg.kafka.topics.global_model}
 
 
 def read_to_end(cfg, key: str) -> list[dict]:

@@ -1,11 +1,11 @@
-"""The false-positive rule (`monitoring.false_positives`) on a real `DeviceDetector`: marking an incident a false
+"""The false-positive rule (`scoring.feedback`) on a real `DeviceDetector`: marking an incident a false
 positive stops the same pattern from alerting on that device; a confirmed verdict changes nothing; a stronger or
 differently blamed anomaly still alerts. Plus properties of `apply_feedback`."""
 import numpy as np
 from hypothesis import given, strategies as st
 
 from models.detector import DeviceDetector
-from monitoring.false_positives import (FeedbackSettings, MutePattern, apply_feedback, blame_similarity,
+from scoring.feedback import (FeedbackSettings, MutePattern, apply_feedback, blame_similarity,
                                         mute_mask)
 
 METRICS = [f"m{i}" for i in range(6)]

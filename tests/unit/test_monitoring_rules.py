@@ -13,15 +13,14 @@ from monitoring.health import assess
 from monitoring.metrics import OTHER, reason_class, select_devices
 from monitoring.notifications import (NotificationSettings, alert_labels, alertmanager_alert, backoff_delay_s,
                                       delivery_id, drilldown_link, rfc3339, rison_string, signature, webhook_body)
-from monitoring.records import (check_incident, decode_feedback, decode_incident, encode_feedback,
-                                feedback_record, sample_incident)
+from monitoring.records import encode_feedback, feedback_record, sample_incident
 from monitoring.suppression import check_rule, matching_rule, rule_matches
-from telemetry.schema import InvalidMessage
+from telemetry.schema import InvalidMessage, check_incident, decode_feedback, decode_incident
 
 SETTINGS = NotificationSettings("http://superset:8088", "http://api:8000", critical_ratio=3.0, resend_interval_s=60)
 
 
-@pytest.mark.parametrize("name", ["records", "notifications", "suppression", "false_positives", "metrics", "lag",
+@pytest.mark.parametrize("name", ["records", "notifications", "suppression", "metrics", "lag",
                                   "health"])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(f"monitoring.{name}"))

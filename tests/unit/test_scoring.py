@@ -6,15 +6,20 @@ import pickle
 import numpy as np
 import pytest
 
+from models import secure_aggregation as secagg
 from models.detector import DetectorSettings, DeviceDetector
+from models.integrity import AGGREGATOR_ISSUER, sign_record, verify_record
 from models.serialization import dumps, from_b64, loads, to_b64
-from scoring.global_models import FLEET, GlobalModel, GlobalModels, decode_global_model
+from scoring.broadcasts import FLEET, Broadcasts, GlobalModel, GlobalModels, global_model_of
+from scoring.feedback import FeedbackSettings
 from scoring.state import DeviceState
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring
-from telemetry.schema import (GLOBAL_MODEL, SNAPSHOT, InvalidMessage, Reading, decode_columns, decode_scores,
-                              encode_batch, encode_reading)
+from telemetry.schema import (FEEDBACK, GLOBAL_MODEL, SNAPSHOT, InvalidMessage, Reading, decode_columns,
+                              decode_scores, encode_batch)
 
 METRICS = ["cpu", "mem", "disk"]
+KEY = bytes(range(32))
+FEEDBACK_SETTINGS = FeedbackSettings(ratio_margin=0.25, min_similarity=0.8, max_patterns=8, expire_days=30)
 
 
 @pytest.fixture
@@ -29,9 +34,15 @@ def cfg_defaults():
 
 
 def options(**overrides) -> StreamOptions:
-    values = dict(micro_batch_size=4, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000, global_policy="replace",
-                  blend_weight=0.5, telemetry_topic="t.telemetry", global_model_topic="t.global")
+    values = dict(micro_batch_size=4, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
+                  global_policy="replace", blend_weight=0.5, telemetry_topic="t.telemetry",
+                  global_model_topic="t.global", feedback_topic="t.feedback", max_version_gap=10,
+                  secure_aggregation=False, feedback=FEEDBACK_SETTINGS)
     return StreamOptions(**{**values, **overrides})
+
+
+def scoring_with(settings, **overrides) -> StreamScoring:
+    return StreamScoring(settings, options(**overrides)).use_key(KEY)
 
 
 def message(device: str, first_seq: int, n: int, values=None, names=METRICS) -> bytes:
@@ -45,14 +56,17 @@ def columns(device: str, first_seq: int, n: int, **kw):
     return decode_columns(message(device, first_seq, n, **kw))
 
 
-def model_record(weights, version: int, cluster=None, assignments=None) -> bytes:
-    return GLOBAL_MODEL.encode(version=version, weights=to_b64(dumps(weights, {"model_version": version})),
-                               created_at=0, cluster=cluster, assignments=assignments)
+def model_record(weights, version: int, cluster=None, assignments=None, key=KEY) -> bytes:
+    """A global model as the aggregator publishes it: signed, building on the version before it."""
+    record = GLOBAL_MODEL.make(version=version, weights=to_b64(dumps(weights, {"model_version": version})),
+                               created_at=0, cluster=cluster, assignments=assignments, previous_version=version - 1,
+                               issuer=AGGREGATOR_ISSUER)
+    return json.dumps(sign_record(record, key)).encode()
 
 
 def run(scoring: StreamScoring, device: str, n_messages: int, per_message: int = 4, models=None, state=None,
         now=1_000):
-    models = models or GlobalModels()
+    models = models or Broadcasts()
     emitted = []
     for k in range(n_messages):
         state, out = scoring.score(state, device, [columns(device, k * per_message, per_message)], models, now)
@@ -63,7 +77,7 @@ def run(scoring: StreamScoring, device: str, n_messages: int, per_message: int =
 # -- parse and buffer ----------------------------------------------------------------------------------------
 
 def test_parse_refuses_a_message_under_another_devices_key(settings):
-    scoring = StreamScoring(settings, options())
+    scoring = scoring_with(settings)
     assert scoring.parse(message("a", 0, 2), "a").device_id == "a"
     with pytest.raises(InvalidMessage) as err:
         scoring.parse(message("a", 0, 2), "b")
@@ -74,7 +88,7 @@ def test_parse_refuses_a_message_under_another_devices_key(settings):
 
 
 def test_buffer_scores_full_messages_at_once_and_collects_partial_ones(settings):
-    scoring = StreamScoring(settings, options(micro_batch_size=4))
+    scoring = scoring_with(settings, micro_batch_size=4)
     full, small, other = columns("a", 0, 4), columns("a", 4, 1), columns("a", 5, 2)
     assert scoring.buffer(None, full) == ([full], None, False)
     assert scoring.buffer(None, small) == (None, [small], True)
@@ -86,7 +100,7 @@ def test_buffer_scores_full_messages_at_once_and_collects_partial_ones(settings)
 # -- scoring -------------------------------------------------------------------------------------------------
 
 def test_score_emits_one_scores_record_per_batch_alerts_and_snapshots(settings):
-    scoring = StreamScoring(settings, options(snapshot_every=40))
+    scoring = scoring_with(settings, snapshot_every=40)
     state, emitted = run(scoring, "a", 30)
     records = [r for out in emitted for raw in out.scores for r in decode_scores(raw)]
     assert [r["seq"] for r in records] == list(range(120)) and all(r["device_id"] == "a" for r in records)
@@ -101,88 +115,173 @@ def test_score_emits_one_scores_record_per_batch_alerts_and_snapshots(settings):
 
     spike = np.tile([0.5, 0.5, 0.5], (4, 1))
     spike[2, 2] = 9.0
-    state, out = scoring.score(state, "a", [columns("a", 120, 4, values=spike)], GlobalModels(), 2_000)
+    state, out = scoring.score(state, "a", [columns("a", 120, 4, values=spike)], Broadcasts(), 2_000)
     alerts = [json.loads(a) for a in out.alerts]
     assert [a["seq"] for a in alerts] == [122] and alerts[0]["top_metrics"][0]["metric"] == "disk"
     assert alerts[0]["model_version"] == 3 and out.counts["anomalies"] == 1
 
 
 def test_snapshot_is_due_by_time_when_the_device_learned_something(settings):
-    scoring = StreamScoring(settings, options(snapshot_every=10_000, snapshot_interval_ms=1_000))
+    scoring = scoring_with(settings, snapshot_every=10_000, snapshot_interval_ms=1_000)
     state, emitted = run(scoring, "a", 1, now=0)
     assert not emitted[0].snapshots
-    state, out = scoring.score(state, "a", [columns("a", 4, 4)], GlobalModels(), 1_000)
+    state, out = scoring.score(state, "a", [columns("a", 4, 4)], Broadcasts(), 1_000)
     assert len(out.snapshots) == 1
 
 
 def test_unknown_metrics_are_counted_and_reported_once_missing_ones_imputed(settings):
-    scoring = StreamScoring(settings, options())
+    scoring = scoring_with(settings)
     state, _ = run(scoring, "a", 1)
     grown = columns("a", 4, 4, names=[*METRICS, "zz"])
-    state, out = scoring.score(state, "a", [grown], GlobalModels(), 1_000)
+    state, out = scoring.score(state, "a", [grown], Broadcasts(), 1_000)
     assert out.counts["metric_values_ignored"] == 4 and len(out.dead_letters) == 1
     assert "metrics zz are not in the device's model" in json.loads(out.dead_letters[0])["reason"]
-    state, out = scoring.score(state, "a", [columns("a", 8, 4, names=[*METRICS, "zz"])], GlobalModels(), 1_000)
+    state, out = scoring.score(state, "a", [columns("a", 8, 4, names=[*METRICS, "zz"])], Broadcasts(), 1_000)
     assert out.counts["metric_values_ignored"] == 4 and not out.dead_letters
     shrunk = columns("a", 12, 4, names=["cpu", "disk"])
-    state, out = scoring.score(state, "a", [shrunk], GlobalModels(), 1_000)
+    state, out = scoring.score(state, "a", [shrunk], Broadcasts(), 1_000)
     assert out.counts["values_imputed"] == 4 and not out.dead_letters and len(decode_scores(out.scores[0])) == 4
 
 
 def test_reject_policy_dead_letters_readings_with_missing_values_and_scores_the_rest(cfg_defaults):
     settings = DetectorSettings.from_config(cfg_defaults, kind="ae", hidden=(4, 2, 4), nan_policy="reject")
-    scoring = StreamScoring(settings, options())
+    scoring = scoring_with(settings)
     values = np.full((4, 3), 0.5)
     values[1, 0] = math.nan
-    state, out = scoring.score(None, "a", [columns("a", 0, 4, values=values)], GlobalModels(), 1_000)
+    state, out = scoring.score(None, "a", [columns("a", 0, 4, values=values)], Broadcasts(), 1_000)
     assert [r["seq"] for raw in out.scores for r in decode_scores(raw)] == [0, 2, 3]
     assert len(out.dead_letters) == 1 and json.loads(json.loads(out.dead_letters[0])["raw"])["seq"] == 1
 
 
 def test_duplicates_are_neither_scored_nor_learned_again(settings):
-    scoring = StreamScoring(settings, options())
+    scoring = scoring_with(settings)
     state, _ = run(scoring, "a", 2)  # seqs 0..7
     again = columns("a", 4, 4)
     n_seen = state.detector.n_seen
-    state, out = scoring.score(state, "a", [again], GlobalModels(), 1_000)
+    state, out = scoring.score(state, "a", [again], Broadcasts(), 1_000)
     assert not out.scores and out.counts["duplicates_dropped"] == 4 and state.detector.n_seen == n_seen
     overlapping = [columns("a", 6, 4), columns("a", 6, 4)]  # the same message twice in one micro-batch
-    state, out = scoring.score(state, "a", overlapping, GlobalModels(), 1_000)
+    state, out = scoring.score(state, "a", overlapping, Broadcasts(), 1_000)
     assert [r["seq"] for r in decode_scores(out.scores[0])] == [8, 9]
     assert out.counts["duplicates_dropped"] == 6 and state.last_seq == 9 and state.detector.n_seen == n_seen + 2
 
 
 def test_event_times_outside_the_window_are_dead_lettered_the_rest_scored(settings):
-    scoring = StreamScoring(settings, options(timestamp_window_ms=10_000))
+    scoring = scoring_with(settings, timestamp_window_ms=10_000)
     # the readings are at ts 0, 1000, 2000, 3000 (seq * 1000): only the first is more than 10 s before 10.5 s
-    state, out = scoring.score(None, "a", [columns("a", 0, 4)], GlobalModels(), 10_500)
+    state, out = scoring.score(None, "a", [columns("a", 0, 4)], Broadcasts(), 10_500)
     assert [r["seq"] for r in decode_scores(out.scores[0])] == [1, 2, 3]
     assert out.counts["timestamps_refused"] == 1 and len(out.dead_letters) == 1
     reason = json.loads(out.dead_letters[0])["reason"]
     assert reason.startswith("1 reading(s) with an event time more than stream.timestamp_window_s = 10 s from now")
-    _, out = scoring.score(state, "a", [columns("a", 4, 4)], GlobalModels(), 10**12)
+    _, out = scoring.score(state, "a", [columns("a", 4, 4)], Broadcasts(), 10**12)
     assert not out.scores and out.counts["timestamps_refused"] == 4
 
 
-# -- global models -------------------------------------------------------------------------------------------
+# -- broadcasts: global models, feedback, cohorts -------------------------------------------------------------
 
-def test_global_models_newer_ones_are_kept_bad_ones_refused_and_reported_once(settings):
-    scoring = StreamScoring(settings, options())
-    models = GlobalModels()
+def test_global_models_verified_newer_ones_kept_forged_ones_refused_and_reported_once(settings):
+    scoring = scoring_with(settings)
+    held = Broadcasts()
     weights = DeviceDetector(METRICS, settings).get_weights()
-    kept, out = scoring.receive_global_model(model_record(weights, 2), models, report=True)
-    assert kept[0] == FLEET and kept[1].version == 2 and not out.dead_letters
-    assert scoring.receive_global_model(model_record(weights, 1), models, report=True)[0] is None
-    bad = json.dumps({"schema": "flead.global-model/1", "version": 3, "weights": "not base64!", "created_at": 0})
-    for report, letters in ((True, 1), (False, 0)):
-        kept, out = scoring.receive_global_model(bad, models, report=report)
-        assert kept is None and len(out.dead_letters) == letters and out.counts["global_models_rejected"] == 1
-    assert "global model refused: weights:" in json.loads(
-        scoring.receive_global_model(bad, models, True)[1].dead_letters[0])["reason"]
+    entry, out = scoring.receive_broadcast(model_record(weights, 2), held, report=True)
+    assert entry[0] == "model:" + FLEET and entry[1][0] == 2 and not out.dead_letters
+    assert held.models.newest_for("any").version == 2
+    entry, out = scoring.receive_broadcast(model_record(weights, 1), held, report=True)
+    assert entry is None and not out.dead_letters and not out.counts  # older: a replay, nothing to say
+    forged = [model_record(weights, 1000, key=bytes(32)),  # signed with another key
+              json.dumps({**json.loads(model_record(weights, 3)), "version": 1000}),  # altered after signing
+              model_record(weights, 1000),  # validly signed, but far ahead of anything published
+              json.dumps({"schema": "flead.global-model/1", "version": 3, "weights": "AAAA", "created_at": 0})]
+    reasons = []
+    for record in forged:
+        for report, letters in ((False, 0), (True, 1)):
+            entry, out = scoring.receive_broadcast(record, held, report=report)
+            assert entry is None and len(out.dead_letters) == letters and out.counts["global_models_rejected"] == 1
+        reasons.append(json.loads(out.dead_letters[0])["reason"])
+    assert "bad signature" in reasons[0] and "bad signature" in reasons[1]
+    assert "more than 10 ahead of the newest version seen (v2)" in reasons[2] and "unsigned" in reasons[3]
+    entry, _ = scoring.receive_broadcast(model_record(weights, 3), held, report=True)
+    assert entry is not None and held.models.newest_for("x").version == 3  # the real next version still comes in
     with pytest.raises(InvalidMessage, match="non-finite"):
-        decode_global_model(model_record([np.array([np.nan])], 4))
-    with pytest.raises(InvalidMessage, match=">= 1"):
-        decode_global_model(model_record(weights, 0))
+        global_model_of({"version": 4, "weights": to_b64(dumps([np.array([np.nan])], {}))})
+    entry, out = scoring.receive_broadcast(b"junk", held, report=True)
+    assert entry is None and out.counts["broadcasts_rejected"] == 1 and "not JSON" in out.dead_letters[0]
+
+
+def feedback_record(device="a", incident="a:8", verdict="false_positive", ratio=3.0, created_at=1, key=KEY):
+    record = FEEDBACK.make(incident_id=incident, device_id=device, verdict=verdict, peak_score=ratio,
+                           peak_ratio=ratio, metrics_to_blame=[{"metric": "disk", "share": 0.9},
+                                                               {"metric": "cpu", "share": 0.1}],
+                           start_ts=0, model_version=1, created_at=created_at)
+    return json.dumps(sign_record(record, key)).encode()
+
+
+def test_a_false_positive_mutes_the_same_pattern_on_its_device_only(settings):
+    scoring = scoring_with(settings)
+    held = Broadcasts()
+    state, _ = run(scoring, "a", 30, models=held)
+    other, _ = run(scoring, "b", 30, models=held)
+    spike = np.tile([0.5, 0.5, 0.5], (4, 1))
+    spike[2, 2] = 9.0
+    state, out = scoring.score(state, "a", [columns("a", 120, 4, values=spike)], held, 2_000)
+    assert len(out.alerts) == 1
+    ratio = 20.0  # the operator calls a disk-blamed incident that peaked at 20 x the threshold a false positive
+    for bad in (feedback_record(key=bytes(32)), b'{"schema": "flead.feedback/1"}'):
+        entry, out = scoring.receive_broadcast(bad, held, report=True)
+        assert entry is None and out.counts["broadcasts_rejected"] == 1 and len(out.dead_letters) == 1
+    assert json.loads(out.dead_letters[0])["source"] == "t.feedback"
+    entry, out = scoring.receive_broadcast(feedback_record(ratio=ratio), held, report=True)
+    assert entry[0] == "feedback:a" and not out.dead_letters
+    spike = np.tile([0.5, 0.5, 0.5], (4, 1))
+    spike[1, 2] = 9.0
+    state, out = scoring.score(state, "a", [columns("a", 124, 4, values=spike)], held, 3_000)
+    assert not out.alerts and out.counts["anomalies_muted"] == 1 and out.counts["feedback_applied"] == 1
+    _, out = scoring.score(other, "b", [columns("b", 120, 4, values=spike)], held, 3_000)
+    assert len(out.alerts) == 1  # another device: not muted
+    stronger = spike.copy()
+    stronger[1, 2] = 90.0
+    state, out = scoring.score(state, "a", [columns("a", 128, 4, values=stronger)], held, 3_000)
+    assert len(out.alerts) == 1 and "feedback_applied" not in out.counts  # a stronger anomaly still alerts
+    assert len(scoring.mute_patterns(held, "a", Emitted())) == 1
+    scoring.receive_broadcast(feedback_record(verdict="confirmed", ratio=ratio, created_at=2), held, report=True)
+    assert scoring.mute_patterns(held, "a", Emitted()) == ()  # confirmed replaces the false positive: no pattern
+    restored = Broadcasts([("feedback:a", held.feedback["a"])])
+    assert restored.feedback_for("a") == held.feedback_for("a")
+
+
+def test_snapshots_are_signed_and_secure_aggregation_answers_cohorts_with_masked_vectors(settings):
+    plain = scoring_with(settings, snapshot_every=4)
+    _, emitted = run(plain, "a", 1)
+    snap = json.loads(emitted[0].snapshots[0])
+    assert verify_record(snap, KEY) is None and verify_record({**snap, "n_samples": 2**53}, KEY) is not None
+
+    scoring = scoring_with(settings, snapshot_every=4, secure_aggregation=True)
+    held = Broadcasts()
+    states, first = {}, {}
+    for device in ("a", "b", "c"):
+        states[device], emitted = run(scoring, device, 1, models=held)
+        first[device] = json.loads(emitted[0].snapshots[0])
+    assert all(r["encoding"] == secagg.ENROLMENT and r["weights"] == secagg.NO_WEIGHTS for r in first.values())
+    assert all(verify_record(r, KEY) is None for r in first.values())
+    cohort = sign_record(secagg.choose_cohort(list(first.values()), "r1", 0, 1000.0, 5, AGGREGATOR_ISSUER), KEY)
+    entry, out = scoring.receive_broadcast(json.dumps(cohort), held, report=True)
+    assert entry == ("cohort", cohort) and not out.dead_letters
+    masked, vectors = {}, {}
+    for device in ("a", "b", "c"):
+        states[device], out = scoring.score(states[device], device, [columns(device, 4, 4)], held, 2_000)
+        [record] = [json.loads(r) for r in out.snapshots]
+        assert record["encoding"] == secagg.MASKED and record["secure_round"] == "r1"
+        assert verify_record(record, KEY) is None
+        masked[device] = secagg.decode_words(record["weights"], cohort["length"])
+        vectors[device] = np.concatenate([w.ravel() for w in states[device].detector.get_weights()])
+        states[device], out = scoring.score(states[device], device, [columns(device, 8, 4)], held, 3_000)
+        assert out.snapshots == []  # one answer per round
+    total = secagg.unmask_sum(masked, secagg.cohort_from_record(cohort))
+    assert total[-1] == pytest.approx(3 * 4)  # each answered with the 4 readings learned since its enrolment
+    assert np.allclose(total[:-1] / total[-1], np.mean(list(vectors.values()), axis=0), atol=1e-4)
+    copy = pickle.loads(pickle.dumps(states["a"]))
+    assert copy.secure_keys() == states["a"].secure_keys() and copy.answered_round == "r1"
 
 
 def test_a_device_adopts_its_clusters_model_unless_a_newer_fleet_model_came():
@@ -199,16 +298,16 @@ def test_a_device_adopts_its_clusters_model_unless_a_newer_fleet_model_came():
 
 
 def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_once(settings):
-    scoring = StreamScoring(settings, options())
+    scoring = scoring_with(settings)
     other = DeviceDetector(METRICS, settings).get_weights()
     target = [np.full_like(w, 0.01) for w in other]
-    models = GlobalModels()
-    scoring.receive_global_model(model_record(target, 1), models, report=False)
+    models = Broadcasts()
+    scoring.receive_broadcast(model_record(target, 1), models, report=False)
     state, emitted = run(scoring, "a", 1, models=models)
     assert state.detector.global_version == 1 and emitted[0].counts["global_models_adopted"] == 1
     state, out = scoring.score(state, "a", [columns("a", 4, 4)], models, 1_000)
     assert "global_models_adopted" not in out.counts
-    scoring.receive_global_model(model_record([np.zeros(3)], 2), models, report=False)
+    scoring.receive_broadcast(model_record([np.zeros(3)], 2), models, report=False)
     state, out = scoring.score(state, "a", [columns("a", 8, 4)], models, 1_000)
     assert out.counts["global_models_rejected"] == 1 and len(out.dead_letters) == 1
     state, out = scoring.score(state, "a", [columns("a", 12, 4)], models, 1_000)
@@ -218,7 +317,7 @@ def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_onc
 
 
 def test_state_and_scoring_survive_pickling(settings):
-    scoring = StreamScoring(settings, options())
+    scoring = scoring_with(settings)
     state, _ = run(scoring, "a", 3)
     copy = pickle.loads(pickle.dumps(state))
     assert isinstance(copy, DeviceState) and copy.detector.n_seen == 12
@@ -309,14 +408,15 @@ def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
     pytest.importorskip("pyflink")
     from flink_jobs.anomaly_job import ALERTS, DEAD_LETTERS, DRIFT, INCIDENTS, SNAPSHOTS, DeviceScorer
 
-    scorer = DeviceScorer(StreamScoring(settings, options(micro_batch_size=4, snapshot_every=8)), batch_timeout_ms=100)
+    scorer = DeviceScorer(StreamScoring(settings, options(micro_batch_size=4, snapshot_every=8)), batch_timeout_ms=100,
+                          key_source=(KEY.hex(), None), max_feedback=8)
     runtime, ctx = FakeRuntime(), FakeContext()
     scorer.open(runtime)
     assert set(runtime.counters) == set(COUNTERS)
 
     weights = DeviceDetector(METRICS, settings).get_weights()
     assert list(scorer.process_broadcast_element(model_record(weights, 1), ctx)) == []
-    assert ctx.broadcast[FLEET].version == 1
+    assert ctx.broadcast["model:" + FLEET][0] == 1
     assert list(scorer.process_broadcast_element(model_record(weights, 1), ctx)) == []  # not newer: not kept again
     assert [tag for tag, _ in scorer.process_broadcast_element(b"junk", ctx)] == [DEAD_LETTERS]
 
