@@ -1,4 +1,4 @@
-"""Reference detectors every result is compared with: random scores and Isolation Forest.
+"""Reference detectors every result is compared with: random scores, Isolation Forest, classic PCA and DBSCAN.
 
 Both follow one contract, ``fit(X_train)`` then ``score(X) -> (n,)`` with higher meaning more anomalous.
 Missing values (nan) are replaced by the training column means, as Isolation Forest cannot take them.
@@ -10,6 +10,9 @@ Missing values (nan) are replaced by the training column means, as Isolation For
 True
 >>> RandomScores(seed=1).fit(X).score(X[:3]).shape
 (3,)
+>>> pca = PCAScores().fit(X @ np.array([[1.0, 1.0], [0.0, 0.1]]))
+>>> bool(pca.score(np.array([[1.0, -1.0]]))[0] > pca.score(np.array([[1.0, 1.0]]))[0])
+True
 """
 from __future__ import annotations
 
@@ -62,6 +65,38 @@ class IsolationForestScores:
         if self.forest is None:
             raise RuntimeError("IsolationForestScores.score before fit")
         return -self.forest.score_samples(_fill_missing(X, self.column_means))
+
+
+class PCAScores:
+    """Classic PCA detector (Shyu et al., 2003): standardise each column with the training mean and deviation,
+    keep the k principal components explaining `explained_variance` of the training variance, score a reading
+    by its squared reconstruction error (summed over columns, not normalised per column). One reading at a
+    time, fit once: the textbook baseline the online windowed subspace detector (`models.subspace`) extends.
+    """
+
+    def __init__(self, explained_variance: float = 0.9):
+        self.explained_variance = float(explained_variance)
+        self.column_means: np.ndarray | None = None
+
+    def fit(self, X_train: np.ndarray) -> "PCAScores":
+        X_train = np.asarray(X_train, dtype=np.float64)
+        self.column_means = np.nan_to_num(np.nanmean(np.where(np.isfinite(X_train), X_train, np.nan), axis=0))
+        X = _fill_missing(X_train, self.column_means)
+        self.mean, std = X.mean(axis=0), X.std(axis=0)
+        self.std = np.where(std > 1e-12, std, 1.0)
+        values, vectors = np.linalg.eigh(np.cov(((X - self.mean) / self.std).T, bias=True).reshape(X.shape[1], -1))
+        values, vectors = values[::-1], vectors[:, ::-1]
+        explained = np.cumsum(values) / max(values.sum(), 1e-300)
+        k = int(min(np.searchsorted(explained, self.explained_variance) + 1, len(values)))
+        self.components = vectors[:, :k]
+        return self
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        if self.column_means is None:
+            raise RuntimeError("PCAScores.score before fit")
+        Z = (_fill_missing(X, self.column_means) - self.mean) / self.std
+        residual = Z - (Z @ self.components) @ self.components.T
+        return (residual * residual).sum(axis=1)
 
 
 class DBSCANScores:

@@ -1,33 +1,53 @@
-"""One device's anomaly detector: features → running scaler → autoencoder → online threshold.
+"""One device's anomaly detector: features → running scaler → model → normalised residuals → online threshold,
+with conformal p-values, incidents and a drift monitor.
 
-This is the keyed state of the stream job and the unit of evaluation. Only the network weights are federated
-(`get_weights`, `set_weights`, `adopt_global`); the scaler, the feature buffer and the threshold stay local.
+This is the keyed state of the stream job and the unit of evaluation. Only the model's weights are federated
+(`get_weights`, `set_weights`, `adopt_global`); the scaler, the feature buffer, the residual scales, the
+threshold, the incident tracker and the drift monitor stay local.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from models.autoencoder import DenseAutoencoder, check_weight_shapes
+from models.drift import DriftEvent, DriftMonitor
 from models.features import FeatureBuilder
+from models.federation import blend_weights
+from models.incidents import Incident, IncidentTracker
 from models.lstm_autoencoder import LSTMAutoencoder
+from models.residuals import ResidualScale, metric_shares
 from models.scaler import RunningScaler
 from models.serialization import SerializationError, dumps, loads
-from models.thresholds import make_threshold, threshold_from_array
+from models.subspace import SubspaceModel
+from models.thresholds import make_threshold, threshold_from_arrays
 
-ARCHITECTURE = "flead.device-detector/1"  # format of `to_bytes`
-THRESHOLD_START_FRACTION = 0.5  # scores of the first half of warm-up come from a barely trained network and
-#                                 would inflate the threshold: it learns only from scores after this share
+ARCHITECTURE = "flead.device-detector/2"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace)
+KINDS = ("subspace", "ae", "lstm_ae")
+THRESHOLD_START_FRACTION = 0.5  # scores of the first half of warm-up come from a barely trained model and would
+#                                 inflate the threshold and the residual scales: they learn only from later ones
+
+# Settings read from sections other than `model.*` / `threshold.*`: field -> (section path, key).
+NESTED_SETTINGS = {
+    "subspace_window": ("model.subspace", "window"), "explained_variance": ("model.subspace", "explained_variance"),
+    "subspace_rank": ("model.subspace", "rank"), "subspace_half_life": ("model.subspace", "half_life"),
+    "normalise_residuals": ("model.scoring", "normalise"), "residual_half_life": ("model.scoring", "half_life"),
+    "residual_floor": ("model.scoring", "floor"),
+    "drift_enabled": ("drift", "enabled"), "drift_block_readings": ("drift", "block_readings"),
+    "drift_blocks": ("drift", "blocks"), "drift_alpha": ("drift", "alpha"),
+    "incident_gap_readings": ("incidents", "gap_readings"), "incident_gap_ms": ("incidents", "gap_ms"),
+}
 
 
 @dataclass(frozen=True)
 class DetectorSettings:
-    """Every setting the detector uses: `model.*` (features flattened) and `threshold.*` (`kind` as
-    `threshold_kind`) of the configuration."""
+    """Every setting the detector uses: `model.*` (features flattened), `threshold.*` (`kind` as
+    `threshold_kind`), and the fields of `NESTED_SETTINGS` (`model.subspace.*`, `model.scoring.*`, `drift.*`,
+    `incidents.*`) of the configuration."""
 
     kind: str
     hidden: tuple[int, ...]
@@ -49,17 +69,35 @@ class DetectorSettings:
     sigma_k: float
     warmup: int
     history: int
+    subspace_window: int = 5
+    explained_variance: float = 0.9
+    subspace_rank: int = 16
+    subspace_half_life: float = 2000.0
+    normalise_residuals: bool = True
+    residual_half_life: float = 2000.0
+    residual_floor: float = 0.1
+    drift_enabled: bool = True
+    drift_block_readings: int = 72
+    drift_blocks: int = 4
+    drift_alpha: float = 1e-3
+    incident_gap_readings: int = 10
+    incident_gap_ms: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "DetectorSettings":
-        """Read `cfg.model` and `cfg.threshold`, then apply keyword `overrides` (field names of this class)."""
+        """Read the configuration, then apply keyword `overrides` (field names of this class)."""
         model, threshold = cfg.model, cfg.threshold
         features = model.features
         values = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls)
-                  if f.name in model and f.name != "features"}
+                  if f.name in model and f.name != "features" and f.name not in NESTED_SETTINGS}
         values.update({name: features[name] for name in ("rolling_windows", "lags", "rate_of_change")})
         values.update({name: threshold[name] for name in ("target_false_alarm_rate", "sigma_k", "warmup", "history")})
         values["threshold_kind"] = threshold.kind
+        for name, (path, key) in NESTED_SETTINGS.items():
+            section = cfg
+            for part in path.split("."):
+                section = section[part]
+            values[name] = section[key]
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown detector setting(s) {unknown}; known: "
@@ -75,55 +113,90 @@ class DetectorSettings:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    @property
+    def feature_lags(self) -> tuple[int, ...]:
+        """Lags the feature builder adds: the configured ones, and for the subspace kind its causal window
+        (lags 1 … window − 1: the window of the last `subspace_window` readings, flattened)."""
+        window = range(1, self.subspace_window) if self.kind == "subspace" else ()
+        return tuple(sorted(set(self.lags) | set(window)))
+
 
 @dataclass
 class DetectionResult:
     """What `process_many` returns for a batch of n readings."""
 
-    scores: np.ndarray           # (n,) anomaly score (reconstruction error of the scaled features)
-    thresholds: np.ndarray       # (n,) the cut each score was compared with
+    scores: np.ndarray           # (n,) anomaly score: mean of the squared residuals, each divided by its typical one
+    thresholds: np.ndarray       # (n,) the cut each score was compared with (inf while no cut is fitted)
     is_anomaly: np.ndarray       # (n,) bool; all False while the device is warming up
-    top_metrics: list            # n lists of (metric, share of the reading's error), largest first
+    top_metrics: list            # n lists of (metric, share of the reading's normalised residuals), largest first
     n_imputed: int               # non-finite values imputed in this batch
+    p_values: np.ndarray = field(default_factory=lambda: np.zeros(0))   # (n,) conformal p-value, NaN in warm-up
+    z_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))   # (n,) robust z, NaN in warm-up
+    metric_shares: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (n, metrics) shares of blame
+    incident_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,) start_seq
+    #                              of the reading's incident (`models.incidents.incident_id`), -1 if not flagged
+    incidents: list = field(default_factory=list)  # `Incident` states that changed in this batch, in time order
+    drift: DriftEvent | None = None  # a drift detected in this batch (the device re-baselined after the batch)
 
 
 class DeviceDetector:
-    """Score, then learn, a device's readings; flag scores above an online threshold after a warm-up.
+    """Score, then learn, a device's readings; flag scores above an online threshold after a warm-up; group flags
+    into incidents; watch the flag rate for drift.
 
     Create with `create`; see docs/contracts.md for the contract. Scores are honest out-of-sample errors: a
-    batch is scored before anything (scaler, network, threshold) learns from it.
+    batch is scored before anything (scaler, model, residual scales, threshold) learns from it. Every reading
+    is learned, flagged or not (learning only from unflagged readings was tried: after a change of regime every
+    reading is flagged and nothing is learned again).
+
+    The score is the mean of the model's squared residuals, each divided by the device's typical residual for
+    that input (`models.residuals.ResidualScale`); the metrics to blame are the shares of those normalised
+    residuals, inputs derived from a metric (window lags, rolling statistics) counted for it. Kinds: ``subspace``
+    (`models.subspace.SubspaceModel` over a causal window of readings), ``ae`` (`DenseAutoencoder`), ``lstm_ae``
+    (`LSTMAutoencoder`).
 
     >>> import numpy as np
-    >>> det = DeviceDetector.create(["cpu", "mem", "disk"], hidden=[4, 2, 4], warmup=100, seed=0)
+    >>> det = DeviceDetector.create(["cpu", "mem", "disk"], kind="subspace", warmup=100, seed=0)
     >>> rng = np.random.default_rng(0)
-    >>> normal = rng.normal(0.5, 0.05, size=(400, 3))
+    >>> load = rng.normal(0.5, 0.1, size=(400, 1))
+    >>> normal = np.hstack([load, 0.5 * load + 0.2, 1.0 - load]) + rng.normal(0, 0.01, size=(400, 3))
     >>> flagged = sum(det.process_many(normal[i:i + 16]).is_anomaly.sum() for i in range(0, 400, 16))
-    >>> res = det.process_many(np.array([[0.5, 0.5, 3.0]]))
-    >>> bool(res.is_anomaly[0]), res.top_metrics[0][0][0]
-    (True, 'disk')
+    >>> res = det.process_many(np.array([[0.5, 0.45, 0.9]]), seqs=[400])   # disk breaks its usual relation
+    >>> bool(res.is_anomaly[0]), res.top_metrics[0][0][0], round(float(res.p_values[0]), 4)
+    (True, 'disk', 0.0033)
+    >>> res.incidents[0].status, res.incidents[0].start_seq, int(res.incident_starts[0])
+    ('open', 400, 400)
     >>> DeviceDetector.from_bytes(det.to_bytes()).n_seen
     401
     """
 
     def __init__(self, metric_names: Sequence[str], settings: DetectorSettings):
+        if settings.kind not in KINDS:
+            raise ValueError(f"model.kind: unknown model {settings.kind!r} (known: {', '.join(KINDS)})")
         self.metric_names = list(metric_names)
         self._metric_name_array = np.array(self.metric_names, dtype=object)  # for indexing by top-k positions
         self.settings = s = settings
-        self.features = FeatureBuilder(self.metric_names, s.rolling_windows, s.lags, s.rate_of_change, s.nan_policy)
+        self.features = FeatureBuilder(self.metric_names, s.rolling_windows, s.feature_lags, s.rate_of_change,
+                                       s.nan_policy)
         self.scaler = RunningScaler()
-        self.network = _make_network(s)
-        self.network.initialize(self.features.n_features)
+        self.model = _make_model(s)
+        self.model.initialize(self.features.n_features)
+        self.residual_scale = ResidualScale(s.residual_half_life, s.residual_floor,
+                                            recent_half_life=s.drift_block_readings)
         self.threshold = make_threshold({"kind": s.threshold_kind, "target_false_alarm_rate":
                                          s.target_false_alarm_rate, "sigma_k": s.sigma_k, "history": s.history})
+        self.drift = DriftMonitor(s.target_false_alarm_rate, s.drift_block_readings, s.drift_blocks, s.drift_alpha)
+        self.incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
+                                         s.top_k_metrics)
         self.n_seen = 0
         self.model_version = 0
         self.global_version = 0
         self._n_since_snapshot = 0
+        self._loss: float | None = None  # mean squared residual of the last batch (models without their own loss)
 
     @classmethod
     def create(cls, metric_names: Sequence[str], cfg: Any = None, **overrides: Any) -> "DeviceDetector":
         """A fresh detector for readings with `metric_names`, set up from `cfg` (default: `load_config()`) and
-        keyword `overrides` of `DetectorSettings` fields (``hidden=[8]``, ``warmup=50``, ``threshold_kind=...``)."""
+        keyword `overrides` of `DetectorSettings` fields (``kind="ae"``, ``warmup=50``, ``threshold_kind=...``)."""
         if cfg is None:
             from config import load_config  # only here: models does not depend on config otherwise
             cfg = load_config()
@@ -133,8 +206,17 @@ class DeviceDetector:
 
     @property
     def loss(self) -> float | None:
-        """Training loss of the network's last optimiser step."""
-        return self.network.loss
+        """Training loss of the network's last optimiser step; for the subspace model, the mean squared residual
+        of the last batch learned (before learning it)."""
+        return getattr(self.model, "loss", self._loss)
+
+    @property
+    def n_drift_events(self) -> int:
+        return self.drift.n_events
+
+    @property
+    def n_incidents(self) -> int:
+        return self.incidents.n_incidents
 
     def _readings(self, X: np.ndarray) -> np.ndarray:
         X = np.array(X, dtype=np.float64, ndmin=2)
@@ -145,60 +227,127 @@ class DeviceDetector:
             raise ValueError("empty batch: give at least one reading")
         return X
 
-    def _feature_errors(self, F: np.ndarray) -> np.ndarray:
-        """Squared reconstruction error of each feature of the feature rows `F` (current scaler and network)."""
-        return self.network.feature_errors(self.scaler.transform_many(F))
+    def _errors(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For feature rows `F` (current scaler, model and residual scales): squared residuals, normalised squared
+        residuals and scores."""
+        errors = self.model.feature_errors(self.scaler.transform_many(F))
+        normalised = self.residual_scale.normalise(errors) if self.settings.normalise_residuals else errors
+        return errors, normalised, np.add.reduce(normalised, axis=1) / normalised.shape[1]
 
     def score_many(self, X: np.ndarray) -> np.ndarray:
-        """Anomaly score of each reading; changes no state (apart from the network's lazy set-up)."""
-        return self._feature_errors(self.features.transform_many(self._readings(X))).mean(axis=1)
+        """Anomaly score of each reading; changes no state (apart from the model's lazy set-up)."""
+        return self._errors(self.features.transform_many(self._readings(X)))[2]
 
-    def learn_many(self, X: np.ndarray) -> None:
-        """Learn from the readings: features, scaler, network, and the threshold from their scores."""
-        F = self.features.transform_and_learn_many(self._readings(X))
-        self._learn(F, self._feature_errors(F).mean(axis=1))
+    def learn_many(self, X: np.ndarray, seqs: Sequence[int] | None = None, ts: Sequence[int] | None = None) -> None:
+        """Learn from the readings: everything `process_many` changes (features, scaler, model, residual scales,
+        threshold, incidents, drift), without building the result."""
+        self._process(X, seqs, ts, describe=False)
 
-    def _learn(self, F: np.ndarray, scores: np.ndarray) -> None:
-        """Learn from the features `F` of readings the feature buffer has already taken, and from their `scores`:
-        scaler, then network (on the updated scaling), then threshold."""
-        self.scaler.learn_many(F)
-        self.network.learn_many(self.scaler.transform_many(F))
-        first_for_threshold = max(0, int(self.settings.warmup * THRESHOLD_START_FRACTION) - self.n_seen)
-        self.threshold.update_many(scores[first_for_threshold:])
-        self.n_seen += F.shape[0]
-        self._n_since_snapshot += F.shape[0]
+    def process_many(self, X: np.ndarray, seqs: Sequence[int] | None = None,
+                     ts: Sequence[int] | None = None) -> DetectionResult:
+        """Score the batch against the current threshold, then learn from it.
 
-    def process_many(self, X: np.ndarray) -> DetectionResult:
-        """Score the batch against the current threshold, then learn from it."""
+        `seqs` / `ts`: the readings' sequence numbers and event times (epoch ms), for incidents and drift events
+        (default: readings counted from 0, no times)."""
+        return self._process(X, seqs, ts, describe=True)
+
+    def process_one(self, x: np.ndarray, seq: int | None = None, ts: int | None = None) -> DetectionResult:
+        return self.process_many(np.asarray(x, dtype=np.float64)[None, :], None if seq is None else [seq],
+                                 None if ts is None else [ts])
+
+    def _process(self, X: np.ndarray, seqs, ts, describe: bool) -> DetectionResult | None:
         X = self._readings(X)
         n = X.shape[0]
         imputed_before = self.features.n_imputed
         F = self.features.transform_and_learn_many(X)  # features as before the batch: scoring sees no learning
-        errors = self._feature_errors(F)
-        scores = np.add.reduce(errors, axis=1) / errors.shape[1]  # = errors.mean(axis=1), without its overhead
+        errors, normalised, scores = self._errors(F)
         cut = self.threshold.threshold
         is_anomaly = scores > cut
-        if self.n_seen < self.settings.warmup:
+        warming = self.n_seen < self.settings.warmup
+        if warming:
             is_anomaly &= self.n_seen + np.arange(n) >= self.settings.warmup
-        top_metrics = self.top_metrics(errors)
-        self._learn(F, scores)
-        return DetectionResult(scores=scores, thresholds=np.full(n, cut), is_anomaly=is_anomaly,
-                               top_metrics=top_metrics, n_imputed=self.features.n_imputed - imputed_before)
+        seqs = self.n_seen + np.arange(n) if seqs is None else np.asarray(seqs, dtype=np.int64)
+        ts = None if ts is None else np.asarray(ts, dtype=np.int64)
+        thresholds = np.full(n, cut)
+        flagged = np.flatnonzero(is_anomaly)
+        shares = (metric_shares(normalised, self.features.blocks) if describe
+                  else metric_shares(normalised[flagged], self.features.blocks))
+        incidents = self.incidents.update(is_anomaly, scores, thresholds, shares[flagged] if describe else shares,
+                                          seqs, ts, self.model_version, self.global_version)
+        drift = None
+        if self.settings.drift_enabled:
+            detected = self.drift.update(is_anomaly)
+            if detected is not None:
+                at, rate = detected
+                drift = DriftEvent(int(seqs[at]), None if ts is None else int(ts[at]), self.drift.describe(),
+                                   rate, self.settings.target_false_alarm_rate, self.drift.window)
+        result = None
+        if describe:
+            p_values, z_scores = self.threshold.p_values(scores), self.threshold.robust_z(scores)
+            if warming:
+                early = self.n_seen + np.arange(n) < self.settings.warmup
+                p_values[early] = z_scores[early] = math.nan
+            result = DetectionResult(scores=scores, thresholds=thresholds, is_anomaly=is_anomaly,
+                                     top_metrics=self._top_metrics(shares),
+                                     n_imputed=self.features.n_imputed - imputed_before, p_values=p_values,
+                                     z_scores=z_scores, metric_shares=shares, incident_starts=incidents.starts,
+                                     incidents=incidents.changes, drift=drift)
+        self._learn(F, errors, scores, calibration=~incidents.during | (
+            (incidents.ranks > 0) & (incidents.ranks <= self.calibration_run)))
+        if drift is not None:
+            self._rebaseline()
+        return result
 
-    def process_one(self, x: np.ndarray) -> DetectionResult:
-        return self.process_many(np.asarray(x, dtype=np.float64)[None, :])
+    @property
+    def calibration_run(self) -> int:
+        """Flags of one incident that still count as calibration evidence for the threshold: as many as readings
+        one reading can push above the cut (the window it is part of). Normal exceedances come alone or in such
+        short clumps; the rest of a longer incident is an anomaly episode, and learning the threshold from it
+        would raise the cut it is judged by (a device 5 % anomalous under a 1 % target would have only 1 % of its
+        readings flagged). A lasting new regime is left to the drift monitor, which resets the threshold."""
+        reach = self.features.memory + 1
+        return reach + self.settings.window - 1 if self.settings.kind == "lstm_ae" else reach
 
-    def top_metrics(self, feature_errors: np.ndarray) -> list[list[tuple[str, float]]]:
-        """Per reading, the `top_k_metrics` metrics with the largest share of its error (derived features count
-        for their metric); ties go to the metric listed first."""
-        n, d = feature_errors.shape[0], len(self.metric_names)
-        per_metric = np.add.reduce(feature_errors.reshape(n, self.features.blocks, d), axis=1)
-        total = np.add.reduce(per_metric, axis=1, keepdims=True)
-        positive = total > 0
-        if positive.all():
-            shares = per_metric / total
-        else:
-            shares = np.divide(per_metric, total, out=np.zeros_like(per_metric), where=positive)
+    def _learn(self, F: np.ndarray, errors: np.ndarray, scores: np.ndarray, calibration: np.ndarray) -> None:
+        """Learn from the features `F` of readings the feature buffer has already taken, their squared residuals
+        `errors` and `scores` (both from before learning): scaler, then model (on the updated scaling), then
+        residual scales, then the threshold from the scores marked `calibration`."""
+        n = F.shape[0]
+        start = int(self.settings.warmup * THRESHOLD_START_FRACTION)
+        self.scaler.learn_many(F)
+        self.model.learn_many(self.scaler.transform_many(F))
+        self._loss = float(np.add.reduce(errors, axis=None)) / errors.size
+        first = max(0, start - self.n_seen)  # rows from here on are past the start
+        if first:  # before the start the residual scales learn too: scores need a scale meanwhile
+            self.residual_scale.learn_many(errors[:first])
+        if first < n:
+            if 0 < start and self.n_seen <= start:  # the start is in this batch: forget the early residuals
+                self.residual_scale.restart()
+            self.residual_scale.learn_many(errors[first:])
+            self.threshold.update_many(scores[first:][calibration[first:]])
+        self.n_seen += n
+        self._n_since_snapshot += n
+
+    def _rebaseline(self) -> None:
+        """After a drift: residual scales from the recent residuals, the threshold from scores to come, and the
+        subspace model's statistics worth no more than the drift window, so that recent readings dominate."""
+        window = self.drift.window
+        self.residual_scale.rebaseline(window)
+        self.threshold.reset()
+        if isinstance(self.model, SubspaceModel):
+            self.model.rebaseline(window)
+
+    def expire_incidents(self, now_ts: int) -> list[Incident]:
+        """Resolve the open incident if `incidents.gap_ms` passed since its last flag (a device gone silent)."""
+        return self.incidents.expire(now_ts)
+
+    def top_metrics(self, normalised_errors: np.ndarray) -> list[list[tuple[str, float]]]:
+        """Per reading, the `top_k_metrics` metrics with the largest share of its normalised squared residuals
+        (derived inputs count for their metric); ties go to the metric listed first."""
+        return self._top_metrics(metric_shares(normalised_errors, self.features.blocks))
+
+    def _top_metrics(self, shares: np.ndarray) -> list[list[tuple[str, float]]]:
+        n = shares.shape[0]
         top = np.argsort(-shares, axis=1, kind="stable")[:, :self.settings.top_k_metrics]
         pairs = list(zip(self._metric_name_array[top].ravel().tolist(),
                          shares[np.arange(n)[:, None], top].ravel().tolist()))
@@ -207,28 +356,49 @@ class DeviceDetector:
 
     # -- federation ---------------------------------------------------------------------------------------------
 
+    @property
+    def architecture(self) -> str:
+        """The model's architecture string (equal strings: compatible weights; `models.federation` codecs)."""
+        return self.model.architecture
+
     def get_weights(self) -> list[np.ndarray]:
-        return self.network.get_weights()
+        """What a snapshot carries: the network's weights, or the subspace model's factor, mean and variances
+        (float32)."""
+        return self.model.get_weights()
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
-        self.network.set_weights(weights)
+        self.model.set_weights(weights)
 
     def adopt_global(self, weights: list[np.ndarray], version: int, policy: str = "replace",
                      blend_weight: float = 0.5) -> None:
-        """Take a global model: ``replace`` the weights, or ``blend`` them (``(1 − b)·local + b·global``).
+        """Take a global model: ``replace`` the weights, or ``blend`` them, ``(1 − b)·local + b·global`` in the
+        federated space of `models.federation` (network weights; for the subspace model the mean and second
+        moment, i.e. the covariances, not the factors).
 
-        The optimiser's moments are kept: they describe the loss surface locally and re-adapt within a few
-        hundred steps.
+        For the subspace model `blend_weight` is the global models' share of the device's statistics after the
+        adoption: its statistics still hold part of the global models adopted before (decayed by the readings
+        learned since), so only the missing part is blended in. Blending b of each new global model every round
+        would compound: with a round every 500 readings and a half-life of 2000, a device would keep only ~14 %
+        of its own statistics instead of 1 − b. Optimiser moments, residual scales and the threshold are kept:
+        they describe the device and re-adapt.
         """
         local = self.get_weights()
         check_weight_shapes(local, weights)
+        if not 0.0 <= blend_weight <= 1.0:
+            raise ValueError(f"stream.blend_weight must be in [0, 1], got {blend_weight}")
+        subspace = isinstance(self.model, SubspaceModel)
         if policy == "replace":
             self.set_weights(weights)
+            if subspace:
+                self.model.global_share = 1.0
         elif policy == "blend":
-            if not 0.0 <= blend_weight <= 1.0:
-                raise ValueError(f"stream.blend_weight must be in [0, 1], got {blend_weight}")
-            self.set_weights([(1.0 - blend_weight) * w + blend_weight * np.asarray(g, dtype=np.float64)
-                              for w, g in zip(local, weights)])
+            if subspace:
+                held = self.model.global_share
+                missing = 0.0 if held >= blend_weight else (blend_weight - held) / (1.0 - held)
+                self.set_weights(blend_weights(local, weights, missing, self.architecture))
+                self.model.global_share = max(held, blend_weight)
+            else:
+                self.set_weights(blend_weights(local, weights, blend_weight, self.architecture))
         else:
             raise ValueError(f"stream.global_policy: unknown policy {policy!r} (known: replace, blend)")
         self.global_version = int(version)
@@ -239,7 +409,7 @@ class DeviceDetector:
         self.model_version += 1
         snap = {"n_samples": self._n_since_snapshot, "loss": self.loss, "version": self.model_version,
                 "global_version": self.global_version,
-                "weights": dumps(self.get_weights(), {"architecture": self.network.architecture,
+                "weights": dumps(self.get_weights(), {"architecture": self.architecture,
                                                       "model_version": self.model_version,
                                                       "global_version": self.global_version})}
         self._n_since_snapshot = 0
@@ -248,37 +418,45 @@ class DeviceDetector:
     # -- persistence --------------------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """The whole state (settings, features buffer, scaler, network and optimiser, threshold, counters)."""
+        """The whole state (settings, feature buffer, scaler, model, residual scales, threshold, drift monitor,
+        incident tracker, counters)."""
         loss = math.nan if self.loss is None else self.loss
         counters = np.array([self.n_seen, self.model_version, self.global_version, self._n_since_snapshot, loss])
-        arrays = [counters, self.features.to_array(), self.scaler.to_array(), self.threshold.to_array(),
-                  *self.network.get_state()]
+        arrays = [counters, self.features.to_array(), self.scaler.to_array(), self.residual_scale.to_array(),
+                  *self.threshold.to_arrays(), self.drift.to_array(), self.incidents.to_array(),
+                  *self.model.get_state()]
         return dumps(arrays, {"architecture": ARCHITECTURE, "model_version": self.model_version,
-                              "network": self.network.architecture, "metric_names": self.metric_names,
+                              "network": self.architecture, "metric_names": self.metric_names,
                               "settings": self.settings.to_dict()})
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "DeviceDetector":
         arrays, meta = loads(blob)
         if meta.get("architecture") != ARCHITECTURE:
-            raise SerializationError(f"not a device detector: architecture {meta.get('architecture')!r}, "
-                                     f"expected {ARCHITECTURE!r}")
+            raise SerializationError(f"not a device detector state of this version: architecture "
+                                     f"{meta.get('architecture')!r}, expected {ARCHITECTURE!r}")
         det = cls(meta["metric_names"], DetectorSettings.from_dict(meta["settings"]))
-        counters, features, scaler, threshold, *network = arrays
+        counters, features, scaler, residual_scale, threshold_head, threshold_scores, drift, incidents, *model = arrays
         det.n_seen, det.model_version, det.global_version, det._n_since_snapshot = (int(c) for c in counters[:4])
         det.features = FeatureBuilder.from_array(features, det.metric_names)
         det.scaler = RunningScaler.from_array(scaler)
-        det.threshold = threshold_from_array(threshold)
-        det.network.set_state(network)
-        det.network.loss = None if math.isnan(counters[4]) else float(counters[4])
+        det.residual_scale = ResidualScale.from_array(residual_scale)
+        det.threshold = threshold_from_arrays([threshold_head, threshold_scores])
+        det.drift = DriftMonitor.from_array(drift)
+        det.incidents = IncidentTracker.from_array(incidents, det.metric_names)
+        det.model.set_state(model)
+        loss = None if math.isnan(counters[4]) else float(counters[4])
+        if hasattr(det.model, "loss"):
+            det.model.loss = loss
+        else:
+            det._loss = loss
         return det
 
 
-def _make_network(s: DetectorSettings) -> DenseAutoencoder | LSTMAutoencoder:
+def _make_model(s: DetectorSettings) -> SubspaceModel | DenseAutoencoder | LSTMAutoencoder:
+    if s.kind == "subspace":
+        return SubspaceModel(s.explained_variance, s.subspace_rank, s.subspace_half_life)
     if s.kind == "ae":
         return DenseAutoencoder(s.hidden, s.activation, s.optimizer, s.learning_rate, s.batch_size, s.grad_clip,
                                 s.seed)
-    if s.kind == "lstm_ae":
-        return LSTMAutoencoder(s.window, s.lstm_hidden, s.optimizer, s.learning_rate, s.batch_size, s.grad_clip,
-                               s.seed)
-    raise ValueError(f"model.kind: unknown model {s.kind!r} (known: ae, lstm_ae)")
+    return LSTMAutoencoder(s.window, s.lstm_hidden, s.optimizer, s.learning_rate, s.batch_size, s.grad_clip, s.seed)

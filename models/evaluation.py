@@ -1,24 +1,32 @@
-"""Offline comparison of local, federated and centralized detectors and two baselines on the same split.
+"""Offline comparison of local, federated and centralized detectors and baselines on the same split.
 
 Protocol (no test label is used for anything but the final metrics):
 
-1. Each device's training series is split in time: the first ``1 − validation_fraction`` trains, the last
-   ``validation_fraction`` calibrates (it is never learned from, so its scores are out-of-sample like test's).
-2. Models: ``local`` (one network per device), ``federated`` (every device starts from the same seeded network,
-   trains ``local_epochs`` per round, a strategy, FedAvg by default, aggregates, for ``rounds`` rounds; with
-   ``finetune_epochs`` also ``federated_finetuned``: local epochs on top of the final global model),
-   ``centralized`` (one network on the pooled training data of all devices, devices interleaved in chunks),
-   ``isolation_forest`` and ``dbscan`` (one per device), ``random``, plus any ``extra_models``. Networks get the same number
-   of epochs over their data: ``rounds × local_epochs``. In ``local`` and ``federated`` the input scaler stays
-   on the device, as in the stream job.
-3. Fleet pooling: a device's test scores are normalised by its own calibration scores (robust z-score:
+1. Each device's training series is split in time: the first ``1 − validation_fraction`` fits, the last
+   ``validation_fraction`` calibrates.
+2. Detectors (`DeviceDetector`s from ``model_factory``) run as in the stream job (``protocol="stream"``, the
+   default): each device's detector scores, then learns, every reading of its fit, calibration and test parts
+   in micro-batches of ``micro_batch`` readings, in time order; its scores are out-of-sample (a batch is scored
+   before it is learned) and its flags come from its own online threshold, label-free.
+   ``local``: every device alone. ``federated``: every ``round_every`` readings per device, each device
+   snapshots, the strategy (FedAvg by default) aggregates the snapshots in the vector space of
+   `models.federation`, and every device adopts the result by ``global_policy`` (blend 0.5 by default), as
+   the stream job does with the Spark aggregation job. ``centralized``: one model learns every device's
+   readings (interleaved micro-batch by micro-batch); the per-device parts (feature buffer, scaler, residual
+   scales, threshold) stay per device, so only how the model is shared differs from ``federated``.
+   ``protocol="batch"`` is the earlier offline protocol: ``rounds × local_epochs`` epochs over the fit part, a
+   frozen model scores calibration and test, and flags come from the configured threshold rule fit on the
+   calibration scores (with ``finetune_epochs`` also ``federated_finetuned``).
+3. Baselines, one per device, fit on the fit part: ``isolation_forest``, ``pca`` (classic PCA reconstruction
+   error, k at 90 % variance), ``dbscan``, ``random``, plus any ``extra_models``; their operating flags come
+   from the configured threshold rule (POT by default) fit on their calibration scores.
+4. Fleet pooling: a device's test scores are normalised by its own calibration scores (robust z-score:
    ``(s − median) / (1.4826 · MAD)``), so devices with larger errors do not dominate, then pooled.
-4. Operating threshold: per device, as in the stream job, the configured threshold rule (POT by default) fit
-   on that device's calibration scores, at ``target_false_alarm_rate``.
-5. Metrics (`models.metrics.detection_metrics`) on the pooled scores and flags, and their mean over devices.
-   The pooled ``best_f1`` is the best single fleet-wide threshold on the pooled normalised scores: per-device
-   thresholds can beat it, so on the pooled data it bounds fleet-wide thresholds only; per device it is an
-   upper bound as usual.
+5. Metrics (`models.metrics`) on the pooled scores and flags, and their mean over devices: ROC-AUC, PR-AUC,
+   F1 at the operating flags, best F1 (an upper bound: the best single fleet-wide threshold on the pooled
+   normalised scores, picked with the labels), point-adjusted F1 (inflated, for comparison only), and the
+   event-level incident precision / recall / F1 (flags grouped into incidents as the stream job groups them,
+   gap ``incident_gap`` readings) and the composite F1 of Garg et al. (2021).
 """
 from __future__ import annotations
 
@@ -29,14 +37,16 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from models.aggregation import FedAvg, Update
-from models.baselines import DBSCANScores, IsolationForestScores, RandomScores
-from models.metrics import detection_metrics
-from models.thresholds import make_threshold
+from models.baselines import DBSCANScores, IsolationForestScores, PCAScores, RandomScores
+from models.federation import federated_vector, weights_from_vector
+from models.metrics import detection_metrics_from_flags, event_counts, event_metrics
+from models.serialization import loads
+from models.thresholds import MAD_TO_STD, make_threshold
 
-MAD_TO_STD = 1.4826          # MAD × this estimates the standard deviation of a normal distribution
 MIN_SPREAD = 1e-12           # a constant calibration score gives spread 0: divide by this instead
-ALL_MODELS = ("federated", "local", "centralized", "isolation_forest", "dbscan", "random")
-CENTRALIZED_CHUNK = 256      # rows per device in turn when training on pooled data (keeps short-term order)
+ALL_MODELS = ("federated", "local", "centralized", "isolation_forest", "pca", "dbscan", "random")
+PROTOCOLS = ("stream", "batch")
+CENTRALIZED_CHUNK = 256      # batch protocol: rows per device in turn when training on pooled data
 
 Train = Mapping[str, np.ndarray]
 Test = Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -46,11 +56,25 @@ Progress = Callable[[str], None]
 @dataclass
 class FleetEvaluation:
     """``report``: JSON-ready results; ``scores[model][device]``: normalised test scores;
-    ``thresholds[model][device]``: the operating threshold on that scale."""
+    ``flags[model][device]``: the operating flags on the test part; ``p_values[model][device]``: conformal
+    p-values of the test scores (the detector's own online ones in the stream protocol, else against the
+    device's calibration scores)."""
 
     report: dict[str, Any]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    flags: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    p_values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelOutput:
+    """One model's raw output on one device: calibration scores, test scores, and (detectors in the stream
+    protocol) the test flags and p-values the detector gave itself."""
+
+    calibration: np.ndarray
+    test: np.ndarray
+    flags: np.ndarray | None = None
+    p_values: np.ndarray | None = None
 
 
 def split_for_calibration(X: np.ndarray, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +103,13 @@ def operating_threshold(calibration_scores: np.ndarray, threshold_cfg: Mapping[s
     return rule.threshold
 
 
+def calibration_p_values(calibration_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Conformal p-values of `scores` against fixed calibration scores: ``(1 + #{cal ≥ s}) / (n + 1)``."""
+    calibration = np.sort(calibration_scores[np.isfinite(calibration_scores)])
+    n = calibration.shape[0]
+    return (1.0 + n - np.searchsorted(calibration, scores, side="left")) / (n + 1.0)
+
+
 def _model_bytes(weights: list[np.ndarray]) -> int:
     return int(sum(np.asarray(w).nbytes for w in weights))
 
@@ -86,13 +117,18 @@ def _model_bytes(weights: list[np.ndarray]) -> int:
 class FleetEvaluator:
     """Runs the protocol of the module docstring; `evaluate_fleet` is its one-call form."""
 
-    def __init__(self, train: Train, test: Test, model_factory: Callable[[], Any], rounds: int, local_epochs: int,
-                 strategy: Any = None, finetune_epochs: int = 0, validation_fraction: float = 0.2,
-                 threshold_cfg: Mapping[str, Any] | None = None, extra_models: Mapping[str, Callable[[], Any]] | None = None,
-                 seed: int = 0, progress: Progress | None = None):
+    def __init__(self, train: Train, test: Test, model_factory: Callable[[], Any], rounds: int = 10,
+                 local_epochs: int = 1, strategy: Any = None, finetune_epochs: int = 0,
+                 validation_fraction: float = 0.2, threshold_cfg: Mapping[str, Any] | None = None,
+                 extra_models: Mapping[str, Callable[[], Any]] | None = None, seed: int = 0,
+                 progress: Progress | None = None, protocol: str = "stream", micro_batch: int = 16,
+                 round_every: int = 500, global_policy: str = "blend", blend_weight: float = 0.5,
+                 incident_gap: int = 10):
         missing = sorted(set(test) - set(train))
         if missing:
             raise ValueError(f"devices in test without training data: {missing[:5]}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: unknown {protocol!r} (known: {', '.join(PROTOCOLS)})")
         self.devices = [d for d in train if d in test]
         self.fit = {}
         self.calibration = {}
@@ -108,45 +144,140 @@ class FleetEvaluator:
         self.extra_models = dict(extra_models or {})
         self.seed = seed
         self.say = progress or (lambda line: None)
+        self.protocol = protocol
+        self.micro_batch, self.round_every = int(micro_batch), int(round_every)
+        self.global_policy, self.blend_weight = global_policy, float(blend_weight)
+        self.incident_gap = int(incident_gap)
         self.result = FleetEvaluation(report={})
 
     # -- scoring and metrics -------------------------------------------------------------------------------------
 
-    def _record(self, name: str, calibration: dict[str, np.ndarray], test_scores: dict[str, np.ndarray],
-                **facts: Any) -> None:
-        """Normalise and threshold per device, pool, and store the metrics of one model."""
-        normalised_test, thresholds = {}, {}
+    def _record(self, name: str, outputs: dict[str, ModelOutput], **facts: Any) -> None:
+        """Normalise per device, take the detector's flags or threshold calibration scores, pool, and store the
+        metrics of one model."""
+        normalised, flags, p_values, thresholds, rule_flags = {}, {}, {}, {}, {}
         for d in self.devices:
-            normalise = robust_normaliser(calibration[d])
-            normalised_test[d] = normalise(test_scores[d])
-            thresholds[d] = operating_threshold(normalise(calibration[d]), self.threshold_cfg)
+            out = outputs[d]
+            normalise = robust_normaliser(out.calibration)
+            normalised[d] = normalise(out.test)
+            thresholds[d] = operating_threshold(normalise(out.calibration), self.threshold_cfg)
+            rule_flags[d] = normalised[d] > thresholds[d]
+            flags[d] = rule_flags[d] if out.flags is None else np.asarray(out.flags, dtype=bool)
+            p_values[d] = (out.p_values if out.p_values is not None
+                           else calibration_p_values(out.calibration, out.test))
         y = np.concatenate([self.test[d][1] for d in self.devices])
-        point_thresholds = np.concatenate([np.full(len(normalised_test[d]), thresholds[d]) for d in self.devices])
-        pooled = detection_metrics(y, np.concatenate([normalised_test[d] for d in self.devices]), point_thresholds)
-        per_device = {d: detection_metrics(self.test[d][1], normalised_test[d], thresholds[d]) for d in self.devices}
+        pooled = detection_metrics_from_flags(y, np.concatenate([normalised[d] for d in self.devices]),
+                                              np.concatenate([flags[d] for d in self.devices]))
+        counts = {d: event_counts(self.test[d][1], flags[d], self.incident_gap) for d in self.devices}
+        pooled.update(event_metrics({k: sum(c[k] for c in counts.values()) for k in next(iter(counts.values()))}))
+        per_device = {d: {**detection_metrics_from_flags(self.test[d][1], normalised[d], flags[d]),
+                          **event_metrics(counts[d])} for d in self.devices}
         device_mean = {k: float(np.nanmean([m[k] for m in per_device.values()]))
                        if not all(math.isnan(m[k]) for m in per_device.values()) else math.nan
-                       for k in pooled}
+                       for k in per_device[self.devices[0]]}
         for d in self.devices:
-            per_device[d]["threshold"] = thresholds[d]
+            per_device[d]["flag_rate"] = float(np.mean(flags[d]))
+            per_device[d]["calibration_threshold"] = thresholds[d]
+        if any(outputs[d].flags is not None for d in self.devices):
+            # The same operating rule as the baselines' (threshold fit on calibration scores), for comparison.
+            ruled = detection_metrics_from_flags(y, np.concatenate([normalised[d] for d in self.devices]),
+                                                 np.concatenate([rule_flags[d] for d in self.devices]))
+            pooled.update({f"{k}_calibration_rule": ruled[k] for k in ("f1", "precision", "recall")})
         self.result.report.setdefault("models", {})[name] = {
-            **pooled, "per_device_mean": device_mean, "per_device": per_device, **facts}
-        self.result.scores[name] = normalised_test
-        self.result.thresholds[name] = thresholds
+            **pooled, "flag_rate": float(np.mean(np.concatenate(list(flags.values())))),
+            "per_device_mean": device_mean, "per_device": per_device, **facts}
+        self.result.scores[name] = normalised
+        self.result.flags[name] = flags
+        self.result.p_values[name] = p_values
         self.say(f"{name:<22} roc_auc={pooled['roc_auc']:.3f} pr_auc={pooled['pr_auc']:.3f} "
-                 f"f1={pooled['f1']:.3f} best_f1={pooled['best_f1']:.3f}")
+                 f"f1={pooled['f1']:.3f} best_f1={pooled['best_f1']:.3f} incident_f1={pooled['incident_f1']:.3f}")
 
-    def _score_all(self, model_of: Callable[[str], Any], method: str = "score_many"
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        calibration, test = {}, {}
+    def _score_all(self, model_of: Callable[[str], Any], method: str = "score_many") -> dict[str, ModelOutput]:
+        outputs = {}
         for d in self.devices:
             score = getattr(model_of(d), method)
-            calibration[d], test[d] = score(self.calibration[d]), score(self.test[d][0])
-        return calibration, test
+            outputs[d] = ModelOutput(score(self.calibration[d]), score(self.test[d][0]))
+        return outputs
 
-    # -- the models --------------------------------------------------------------------------------------------
+    # -- detectors as the stream runs them -------------------------------------------------------------------------
 
-    def run_local(self) -> None:
+    def _stream(self, detectors: dict[str, Any], federate: bool) -> tuple[dict[str, ModelOutput], dict]:
+        """Every device's detector scores then learns its whole series (fit, calibration, test) in micro-batches,
+        devices in lockstep; with `federate`, a round of snapshots → aggregation → adoption every `round_every`
+        readings per device."""
+        series = {d: np.vstack([self.fit[d], self.calibration[d], self.test[d][0]]) for d in self.devices}
+        scores = {d: np.empty(len(X)) for d, X in series.items()}
+        flags = {d: np.zeros(len(X), dtype=bool) for d, X in series.items()}
+        p_values = {d: np.full(len(X), math.nan) for d, X in series.items()}
+        longest = max(len(X) for X in series.values())
+        facts: dict[str, Any] = {"rounds": 0, "bytes_per_round": 0, "drift_events": 0, "incidents": 0}
+        for start in range(0, longest, self.micro_batch):
+            for d, X in series.items():
+                if start < len(X):
+                    stop = min(start + self.micro_batch, len(X))
+                    result = detectors[d].process_many(X[start:stop], seqs=np.arange(start, stop))
+                    scores[d][start:stop] = result.scores
+                    flags[d][start:stop] = result.is_anomaly
+                    p_values[d][start:stop] = result.p_values
+            done = start + self.micro_batch
+            if federate and done // self.round_every > start // self.round_every and done < longest:
+                self._federated_round(detectors, series, done, facts)
+        outputs = {}
+        for d, X in series.items():
+            n_fit, n_cal = len(self.fit[d]), len(self.calibration[d])
+            calibration, test = slice(n_fit, n_fit + n_cal), slice(n_fit + n_cal, len(X))
+            outputs[d] = ModelOutput(scores[d][calibration], scores[d][test], flags[d][test], p_values[d][test])
+        facts["drift_events"] = int(sum(det.n_drift_events for det in detectors.values()))
+        facts["incidents"] = int(sum(det.n_incidents for det in detectors.values()))
+        return outputs, facts
+
+    def _federated_round(self, detectors: dict[str, Any], series: dict[str, np.ndarray], done: int,
+                         facts: dict) -> None:
+        """Snapshot the devices still streaming, aggregate their snapshots' federated vectors, adopt the result."""
+        active = [d for d in self.devices if len(series[d]) >= done]
+        updates, like, architecture, upload = [], None, None, 0
+        for d in active:
+            snap = detectors[d].snapshot()
+            weights, meta = loads(snap["weights"])
+            like, architecture = weights, meta["architecture"]
+            upload += len(snap["weights"])
+            updates.append(Update(d, [federated_vector(weights, architecture)], n_samples=snap["n_samples"],
+                                  version=snap["version"]))
+        facts["rounds"] += 1
+        aggregated = (self.strategy.aggregate(updates, current=None) if isinstance(self.strategy, FedAvg)
+                      else self.strategy.aggregate(updates))
+        clusters = aggregated.extra.get("clusters", {})
+        cluster_weights = aggregated.extra.get("cluster_weights")
+        global_weights = weights_from_vector(aggregated.weights[0], like, architecture)
+        for d in active:  # every device adopts, as in the stream job (a rejected update does not exclude a device)
+            if cluster_weights is not None and d in clusters:
+                adopted = weights_from_vector(cluster_weights[clusters[d]][0], like, architecture)
+            else:
+                adopted = global_weights
+            detectors[d].adopt_global(adopted, facts["rounds"], self.global_policy, self.blend_weight)
+        # Every participant uploads its snapshot and downloads the new global model (same size as a snapshot).
+        facts["bytes_per_round"] = 2 * upload
+        facts["model_bytes"] = _model_bytes(global_weights)
+
+    def _stream_model(self, name: str, federate: bool = False, shared: bool = False) -> None:
+        detectors = {d: self.model_factory() for d in self.devices}
+        if shared:
+            model = detectors[self.devices[0]].model
+            for det in detectors.values():
+                det.model = model
+        outputs, facts = self._stream(detectors, federate)
+        if not federate:
+            facts = {k: v for k, v in facts.items() if k not in ("rounds", "bytes_per_round", "model_bytes")}
+        else:
+            facts["strategy"] = type(self.strategy).__name__
+            facts["global_policy"] = self.global_policy
+            self.result.report["bytes_per_round"] = facts["bytes_per_round"]
+            self.result.report["model_bytes"] = facts.get("model_bytes")
+        self._record(name, outputs, protocol="stream", **facts)
+
+    # -- detectors in the batch protocol --------------------------------------------------------------------------
+
+    def _batch_local(self) -> None:
         models = {}
         for i, d in enumerate(self.devices):
             models[d] = self.model_factory()
@@ -154,10 +285,11 @@ class FleetEvaluator:
                 models[d].learn_many(self.fit[d])
             if (i + 1) % max(1, len(self.devices) // 4) == 0:
                 self.say(f"local: {i + 1}/{len(self.devices)} devices trained")
-        self._record("local", *self._score_all(models.__getitem__), bytes_per_round=0)
+        self._record("local", self._score_all(models.__getitem__), protocol="batch", bytes_per_round=0)
 
-    def run_federated(self) -> None:
+    def _batch_federated(self) -> None:
         models = {d: self.model_factory() for d in self.devices}
+        architecture = models[self.devices[0]].architecture
         global_weights = None
         round_bytes = 0
         for r in range(1, self.rounds + 1):
@@ -167,11 +299,12 @@ class FleetEvaluator:
                     model.set_weights(global_weights)
                 for _ in range(self.local_epochs):
                     model.learn_many(self.fit[d])
-                updates.append(Update(d, model.get_weights(), n_samples=len(self.fit[d]), version=r))
-            current = global_weights or updates[0].weights
-            aggregated = (self.strategy.aggregate(updates, current=current) if isinstance(self.strategy, FedAvg)
+                updates.append(Update(d, [federated_vector(model.get_weights(), architecture)],
+                                      n_samples=len(self.fit[d]), version=r))
+            like = models[self.devices[0]].get_weights()
+            aggregated = (self.strategy.aggregate(updates, current=None) if isinstance(self.strategy, FedAvg)
                           else self.strategy.aggregate(updates))
-            global_weights = aggregated.weights
+            global_weights = weights_from_vector(aggregated.weights[0], like, architecture)
             # Every participant uploads its model and downloads the new global one.
             round_bytes = 2 * len(updates) * _model_bytes(global_weights)
             losses = [m.loss for m in models.values() if getattr(m, "loss", None) is not None]
@@ -179,18 +312,19 @@ class FleetEvaluator:
                      f"{len(aggregated.rejected)} rejected, mean local loss {np.mean(losses) if losses else math.nan:.4f}")
         for model in models.values():
             model.set_weights(global_weights)
-        facts = {"bytes_per_round": round_bytes, "rounds": self.rounds, "strategy": aggregated.strategy}
-        self._record("federated", *self._score_all(models.__getitem__), **facts)
+        facts = {"protocol": "batch", "bytes_per_round": round_bytes, "rounds": self.rounds,
+                 "strategy": aggregated.strategy}
+        self._record("federated", self._score_all(models.__getitem__), **facts)
         if self.finetune_epochs:
             for d, model in models.items():
                 for _ in range(self.finetune_epochs):
                     model.learn_many(self.fit[d])
-            self._record("federated_finetuned", *self._score_all(models.__getitem__),
+            self._record("federated_finetuned", self._score_all(models.__getitem__),
                          finetune_epochs=self.finetune_epochs, **facts)
         self.result.report["bytes_per_round"] = round_bytes
         self.result.report["model_bytes"] = _model_bytes(global_weights)
 
-    def run_centralized(self) -> None:
+    def _batch_centralized(self) -> None:
         model = self.model_factory()
         chunks = {d: [X[i:i + CENTRALIZED_CHUNK] for i in range(0, len(X), CENTRALIZED_CHUNK)]
                   for d, X in self.fit.items()}
@@ -200,18 +334,26 @@ class FleetEvaluator:
             for chunk in interleaved:
                 model.learn_many(chunk)
         raw_bytes = int(sum(X.nbytes for X in self.fit.values()))
-        self._record("centralized", *self._score_all(lambda d: model), bytes_total=raw_bytes)
+        self._record("centralized", self._score_all(lambda d: model), protocol="batch", bytes_total=raw_bytes)
+
+    # -- baselines ------------------------------------------------------------------------------------------------
 
     def run_per_device_baseline(self, name: str, make: Callable[[int], Any]) -> None:
         fitted = {d: make(self.seed + i).fit(self.fit[d]) for i, d in enumerate(self.devices)}
-        self._record(name, *self._score_all(fitted.__getitem__, method="score"))
+        self._record(name, self._score_all(fitted.__getitem__, method="score"))
 
     def run(self, models: tuple[str, ...] = ALL_MODELS) -> FleetEvaluation:
-        runners = {"federated": self.run_federated, "local": self.run_local, "centralized": self.run_centralized,
-                   "isolation_forest": lambda: self.run_per_device_baseline(
-                       "isolation_forest", lambda seed: IsolationForestScores(seed=seed)),
-                   "dbscan": lambda: self.run_per_device_baseline("dbscan", lambda seed: DBSCANScores(seed=seed)),
-                   "random": lambda: self.run_per_device_baseline("random", lambda seed: RandomScores(seed=seed))}
+        stream = self.protocol == "stream"
+        runners = {
+            "federated": (lambda: self._stream_model("federated", federate=True)) if stream else self._batch_federated,
+            "local": (lambda: self._stream_model("local")) if stream else self._batch_local,
+            "centralized": (lambda: self._stream_model("centralized", shared=True)) if stream
+            else self._batch_centralized,
+            "isolation_forest": lambda: self.run_per_device_baseline(
+                "isolation_forest", lambda seed: IsolationForestScores(seed=seed)),
+            "pca": lambda: self.run_per_device_baseline("pca", lambda seed: PCAScores()),
+            "dbscan": lambda: self.run_per_device_baseline("dbscan", lambda seed: DBSCANScores(seed=seed)),
+            "random": lambda: self.run_per_device_baseline("random", lambda seed: RandomScores(seed=seed))}
         unknown = sorted(set(models) - set(runners))
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(runners)}")
@@ -220,23 +362,32 @@ class FleetEvaluator:
         for name, make in self.extra_models.items():
             self.run_per_device_baseline(name, lambda seed, make=make: make())
         y = np.concatenate([self.test[d][1] for d in self.devices])
-        self.result.report.update({"devices": len(self.devices), "rounds": self.rounds,
-                                   "local_epochs": self.local_epochs, "test_rows": int(len(y)),
-                                   "anomaly_rate": float(y.mean()) if len(y) else math.nan,
-                                   "protocol": "robust z per device from calibration scores; threshold "
-                                               f"{self.threshold_cfg.get('kind')} on calibration scores"})
+        detectors = ("the detector's own online threshold (score, then learn, every reading)" if stream
+                     else f"threshold {self.threshold_cfg.get('kind')} on calibration scores")
+        self.result.report.update({
+            "devices": len(self.devices), "protocol": self.protocol, "test_rows": int(len(y)),
+            "anomaly_rate": float(y.mean()) if len(y) else math.nan, "incident_gap": self.incident_gap,
+            **({"micro_batch": self.micro_batch, "round_every": self.round_every, "global_policy": self.global_policy,
+                "blend_weight": self.blend_weight} if stream else {"rounds": self.rounds,
+                                                                    "local_epochs": self.local_epochs}),
+            "normalisation": "robust z per device from calibration scores",
+            "operating_flags": f"detectors: {detectors}; baselines: threshold {self.threshold_cfg.get('kind')} "
+                               "on calibration scores"})
         return self.result
 
 
 def evaluate_fleet(train: Train, test: Test, model_factory: Callable[[], Any], rounds: int = 10,
                    local_epochs: int = 1, **options: Any) -> FleetEvaluation:
-    """Compare local, federated, centralized, Isolation Forest, DBSCAN and random on one split (module docstring).
+    """Compare local, federated, centralized, Isolation Forest, PCA, DBSCAN and random on one split (module
+    docstring).
 
     ``train``: device → X (n, d); ``test``: device → (X, y). ``model_factory()`` returns a fresh, identically
-    seeded model with ``learn_many``, ``score_many``, ``get_weights``, ``set_weights`` (e.g. a `DeviceDetector`).
-    ``options``: ``strategy`` (default `FedAvg()`), ``finetune_epochs``, ``validation_fraction``, ``threshold_cfg``,
-    ``extra_models`` (name → factory of a ``fit``/``score`` detector, run per device), ``seed``, ``progress``,
-    ``models`` (which of `ALL_MODELS` to run).
+    seeded `DeviceDetector` (or any model with ``process_many`` / ``snapshot`` / ``adopt_global`` for the stream
+    protocol, ``learn_many`` / ``score_many`` / ``get_weights`` / ``set_weights`` / ``architecture`` for the
+    batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``global_policy``,
+    ``blend_weight``, ``incident_gap``, ``strategy`` (default `FedAvg()`), ``finetune_epochs``,
+    ``validation_fraction``, ``threshold_cfg``, ``extra_models`` (name → factory of a ``fit``/``score`` detector,
+    run per device), ``seed``, ``progress``, ``models`` (which of `ALL_MODELS` to run).
     """
     models = options.pop("models", ALL_MODELS)
     return FleetEvaluator(train, test, model_factory, rounds, local_epochs, **options).run(tuple(models))

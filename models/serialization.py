@@ -1,4 +1,4 @@
-"""Model weights as bytes: a magic header, a JSON header and raw little-endian float64 arrays. No pickle.
+"""Model weights as bytes: a magic header, a JSON header and raw little-endian float64 or float32 arrays. No pickle.
 
 Layout::
 
@@ -15,6 +15,12 @@ byte, truncating the blob or editing a shape is caught by `loads`.
 ([(2, 2), (3,)], 4)
 >>> loads(from_b64(to_b64(blob)))[0][0].tolist()
 [[1.0, 0.0], [0.0, 1.0]]
+
+float32 arrays (a snapshot's low-rank factor) travel as float32, everything else as float64 (format 2 when a
+blob holds float32 arrays; a blob of float64 arrays only keeps format 1, so older readers still read it):
+
+>>> [w.dtype.name for w in loads(dumps([np.ones(2, dtype=np.float32), np.ones(2)]))[0]]
+['float32', 'float64']
 """
 from __future__ import annotations
 
@@ -29,7 +35,9 @@ import numpy as np
 
 MAGIC = b"FLEADW\x00\x01"
 FORMAT_VERSION = 1
-DTYPE = "<f8"  # every array travels as little-endian float64: exact for weights and for counters below 2**53
+FORMAT_VERSION_MIXED = 2  # per-array dtypes ("dtypes"): float32 arrays stay float32
+DTYPE = "<f8"  # arrays travel as little-endian float64 (exact for weights and for counters below 2**53) ...
+DTYPE_SMALL = "<f4"  # ... or float32, when they are float32 already (compact weights chosen by the model)
 _LENGTH = struct.Struct("<I")
 
 
@@ -47,21 +55,26 @@ def _digest(header: dict, payload: bytes) -> str:
 
 
 def dumps(weights: Sequence[np.ndarray], meta: dict[str, Any] | None = None) -> bytes:
-    """Serialise `weights` (cast to float64) with a JSON-serialisable `meta` dict.
+    """Serialise `weights` (float32 arrays as float32, anything else cast to float64) with a JSON-serialisable
+    `meta` dict.
 
     `meta["architecture"]` and `meta["model_version"]`, when present, are also copied to the header's top level.
     """
     meta = dict(meta or {})
-    arrays = [np.require(np.asarray(w, dtype=DTYPE), requirements="C") for w in weights]
+    dtypes = [DTYPE_SMALL if np.asarray(w).dtype == np.float32 else DTYPE for w in weights]
+    arrays = [np.require(np.asarray(w, dtype=dtype), requirements="C") for w, dtype in zip(weights, dtypes)]
     payload = b"".join(a.tobytes() for a in arrays)
+    mixed = DTYPE_SMALL in dtypes
     header = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION_MIXED if mixed else FORMAT_VERSION,
         "architecture": meta.get("architecture"),
         "model_version": meta.get("model_version"),
         "dtype": DTYPE,
         "shapes": [list(a.shape) for a in arrays],
         "meta": meta,
     }
+    if mixed:
+        header["dtypes"] = dtypes
     header["sha256"] = _digest(header, payload)
     header_bytes = _canonical(header)
     return MAGIC + _LENGTH.pack(len(header_bytes)) + header_bytes + payload
@@ -82,12 +95,16 @@ def loads(blob: bytes, expected_shapes: Sequence[Sequence[int]] | None = None) -
         header = json.loads(blob[start:start + header_len].decode("utf-8"))
         shapes = [tuple(int(n) for n in shape) for shape in header["shapes"]]
         version, dtype, digest = header["format_version"], header["dtype"], header["sha256"]
+        dtypes = header["dtypes"] if version == FORMAT_VERSION_MIXED else [dtype] * len(shapes)
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise SerializationError(f"corrupt header: {exc}") from None
-    if version != FORMAT_VERSION or dtype != DTYPE:
-        raise SerializationError(f"unsupported format {version} / dtype {dtype} (this reader: {FORMAT_VERSION}, {DTYPE})")
+    if (version not in (FORMAT_VERSION, FORMAT_VERSION_MIXED) or dtype != DTYPE or not isinstance(dtypes, list)
+            or len(dtypes) != len(shapes) or not set(dtypes) <= {DTYPE, DTYPE_SMALL}):
+        raise SerializationError(f"unsupported format {version} / dtype {dtype} (this reader: formats "
+                                 f"{FORMAT_VERSION}, {FORMAT_VERSION_MIXED}; arrays {DTYPE} or {DTYPE_SMALL})")
     payload = blob[start + header_len:]
-    sizes = [int(np.prod(shape, dtype=np.int64)) * 8 for shape in shapes]
+    itemsizes = [np.dtype(d).itemsize for d in dtypes]
+    sizes = [int(np.prod(shape, dtype=np.int64)) * size for shape, size in zip(shapes, itemsizes)]
     if len(payload) != sum(sizes):
         raise SerializationError(f"payload is {len(payload)} bytes, shapes {shapes} need {sum(sizes)}: truncated?")
     if _digest(header, payload) != digest:
@@ -95,8 +112,9 @@ def loads(blob: bytes, expected_shapes: Sequence[Sequence[int]] | None = None) -
     if expected_shapes is not None and [tuple(s) for s in expected_shapes] != shapes:
         raise SerializationError(f"shape mismatch: blob has {shapes}, expected {[tuple(s) for s in expected_shapes]}")
     weights, offset = [], 0
-    for shape, size in zip(shapes, sizes):
-        weights.append(np.frombuffer(payload, dtype=DTYPE, count=size // 8, offset=offset).reshape(shape).copy())
+    for shape, size, dtype, itemsize in zip(shapes, sizes, dtypes, itemsizes):
+        weights.append(np.frombuffer(payload, dtype=dtype, count=size // itemsize, offset=offset).reshape(shape)
+                       .astype(np.dtype(dtype).newbyteorder("=")))
         offset += size
     return weights, header["meta"]
 

@@ -1,11 +1,18 @@
 """Online alert thresholds over a bounded history of recent anomaly scores (no labels).
 
 All three share one contract: ``update_one(score)`` / ``update_many(scores)`` add scores, ``threshold`` is the
-current cut (``inf`` until `MIN_SCORES` scores were seen), ``to_array()`` / ``threshold_from_array(a)``
-serialise the whole state as one flat float64 array. The cut is refitted every `refit_every` scores.
+current cut (``inf`` until `MIN_SCORES` scores were seen), ``to_arrays()`` / ``threshold_from_arrays(arrays)``
+serialise the whole state (settings as float64, the recent scores as float32: half the bytes of keyed state).
+The cut is refitted every `refit_every` scores.
+
+The recent scores are also the device's calibration set: ``p_values(scores)`` gives each new score's conformal
+p-value against them and ``robust_z(scores)`` its robust z-score, so one fleet-wide cut means the same
+false-alarm rate on every device.
 
 Keeping only the last `history` scores lets the threshold follow a model that keeps learning (its scores fall),
 at a price: a burst of anomalies longer than about ``q * history`` raises the cut for the next `history` scores.
+The detector therefore leaves the readings of long incidents out of the history (`DeviceDetector`), and resets
+it after a drift (`reset`).
 
 >>> import numpy as np
 >>> scores = np.random.default_rng(0).normal(size=5000)
@@ -16,6 +23,10 @@ at a price: a burst of anomalies longer than about ``q * history`` raises the cu
 sigma 2.4
 quantile 2.3
 pot 2.4
+>>> t.p_values(np.array([0.0, 2.33, 10.0])).round(4).tolist()   # 1/(n + 1) beyond every calibration score
+[0.5037, 0.011, 0.0005]
+>>> t.robust_z(np.array([0.0, 2.0])).round(2).tolist()
+[-0.01, 1.93]
 """
 from __future__ import annotations
 
@@ -25,14 +36,15 @@ from typing import Any, Mapping
 import numpy as np
 
 MIN_SCORES = 20  # below this many scores no cut is meaningful: `threshold` stays inf (no alerts)
+MAD_TO_STD = 1.4826  # MAD × this estimates the standard deviation of a normal distribution
 
 
 class _RecentScores:
-    """Ring buffer of the last `capacity` finite scores."""
+    """Ring buffer of the last `capacity` finite scores, kept as float32 (scores need no more precision)."""
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
-        self._buf = np.zeros(self.capacity)
+        self._buf = np.zeros(self.capacity, dtype=np.float32)
         self._next = 0
         self.count = 0
 
@@ -43,24 +55,30 @@ class _RecentScores:
         self._next = (self._next + scores.shape[0]) % self.capacity
         self.count = min(self.count + scores.shape[0], self.capacity)
 
+    def clear(self) -> None:
+        self._next = self.count = 0
+
     def values(self) -> np.ndarray:
-        """Scores oldest first."""
+        """Scores oldest first, as float64."""
         if self.count < self.capacity:
-            return self._buf[:self.count].copy()
-        return np.concatenate((self._buf[self._next:], self._buf[:self._next]))
+            return self._buf[:self.count].astype(np.float64)
+        return np.concatenate((self._buf[self._next:], self._buf[:self._next])).astype(np.float64)
 
 
 class OnlineThreshold:
-    """Base class: history, refit cadence and serialisation; subclasses implement `_fit(scores) -> float`."""
+    """Base class: history, refit cadence, calibration and serialisation; subclasses implement
+    `_fit(scores) -> float`."""
 
-    KIND = 0.0  # code stored first in `to_array`, for `threshold_from_array`
-    PARAMS: tuple[str, ...] = ()  # constructor parameters before `history`, stored in `to_array`
+    KIND = 0.0  # code stored first in `to_arrays`, for `threshold_from_arrays`
+    PARAMS: tuple[str, ...] = ()  # constructor parameters before `history`, stored in `to_arrays`
 
     def __init__(self, history: int = 2000, refit_every: int = 16):
         self.history = _RecentScores(history)
         self.refit_every = int(refit_every)
         self._since_fit = 0
         self._threshold = math.inf
+        self._sorted: np.ndarray | None = None  # the history sorted, cached until the next update
+        self._centre_spread: tuple[float, float] | None = None
 
     @property
     def threshold(self) -> float:
@@ -72,6 +90,7 @@ class OnlineThreshold:
     def update_many(self, scores: np.ndarray) -> None:
         scores = np.asarray(scores, dtype=np.float64).ravel()
         self.history.extend(scores)
+        self._sorted = self._centre_spread = None
         self._since_fit += scores.shape[0]
         if self._since_fit >= self.refit_every or self._threshold == math.inf:
             self.refit()
@@ -85,20 +104,69 @@ class OnlineThreshold:
     def _fit(self, scores: np.ndarray) -> float:
         raise NotImplementedError
 
-    def to_array(self) -> np.ndarray:
-        """``[kind, history capacity, refit_every, params..., since_fit, threshold, scores oldest first...]``."""
+    def reset(self) -> None:
+        """Forget every score: the cut is ``inf`` again until `MIN_SCORES` new scores (after a re-baselining)."""
+        self.history.clear()
+        self._sorted = self._centre_spread = None
+        self._since_fit = 0
+        self._threshold = math.inf
+
+    # -- calibration ------------------------------------------------------------------------------------------
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether there are enough recent scores (`MIN_SCORES`) to calibrate new ones."""
+        return self.history.count >= MIN_SCORES
+
+    def _calibration(self) -> np.ndarray:
+        if self._sorted is None:
+            self._sorted = np.sort(self.history.values())
+        return self._sorted
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """Conformal p-value of each score against the recent scores: ``(1 + #{recent ≥ s}) / (n + 1)``, in
+        (0, 1]; on normal data P(p ≤ α) ≤ α, on every device alike (Vovk et al., 2005). NaN until calibrated."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if not self.calibrated:
+            return np.full(scores.shape, math.nan)
+        recent = self._calibration()
+        n = recent.shape[0]
+        at_least = n - np.searchsorted(recent, scores, side="left")
+        return (1.0 + at_least) / (n + 1.0)
+
+    def robust_z(self, scores: np.ndarray) -> np.ndarray:
+        """``(s − median) / (1.4826 · MAD)`` of the recent scores (the standard deviation if the MAD is 0).
+        NaN until calibrated."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if not self.calibrated:
+            return np.full(scores.shape, math.nan)
+        if self._centre_spread is None:
+            recent = self._calibration()
+            centre = float(np.median(recent))
+            spread = MAD_TO_STD * float(np.median(np.abs(recent - centre)))
+            if spread <= 0.0:
+                spread = max(float(recent.std()), 1e-12)
+            self._centre_spread = (centre, spread)
+        centre, spread = self._centre_spread
+        return (scores - centre) / spread
+
+    # -- persistence ------------------------------------------------------------------------------------------
+
+    def to_arrays(self) -> list[np.ndarray]:
+        """``[[kind, history capacity, refit_every, params..., since_fit, threshold], scores oldest first]``, the
+        scores as float32."""
         params = [getattr(self, name) for name in self.PARAMS]
         head = [self.KIND, self.history.capacity, self.refit_every, *params, self._since_fit,
                 self._threshold]
-        return np.concatenate([np.array(head, dtype=np.float64), self.history.values()])
+        return [np.array(head, dtype=np.float64), self.history.values().astype(np.float32)]
 
     @classmethod
-    def from_array(cls, state: np.ndarray) -> "OnlineThreshold":
-        state = np.asarray(state, dtype=np.float64)
+    def from_arrays(cls, arrays: list[np.ndarray]) -> "OnlineThreshold":
+        state, scores = np.asarray(arrays[0], dtype=np.float64), np.asarray(arrays[1], dtype=np.float32)
         n_params = len(cls.PARAMS)
         params = state[3:3 + n_params].tolist()
         obj = cls(*params, history=int(state[1]), refit_every=int(state[2]))
-        obj.history.extend(state[5 + n_params:])
+        obj.history.extend(scores)
         obj._since_fit = int(state[3 + n_params])
         obj._threshold = float(state[4 + n_params])
         return obj
@@ -218,11 +286,11 @@ def make_threshold(cfg: Any) -> OnlineThreshold:
     raise ValueError(f"threshold.kind: unknown kind {kind!r} (known: {', '.join(KINDS)})")
 
 
-def threshold_from_array(state: np.ndarray) -> OnlineThreshold:
-    """Rebuild any threshold from its `to_array()` state."""
+def threshold_from_arrays(arrays: list[np.ndarray]) -> OnlineThreshold:
+    """Rebuild any threshold from its `to_arrays()` state."""
     by_code = {cls.KIND: cls for cls in KINDS.values()}
     try:
-        cls = by_code[float(state[0])]
-    except (KeyError, IndexError):
-        raise ValueError(f"not a threshold state (kind code {state[:1]!r})") from None
-    return cls.from_array(state)
+        cls = by_code[float(arrays[0][0])]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"not a threshold state (kind code {arrays[0][:1] if len(arrays) else None!r})") from None
+    return cls.from_arrays(arrays)

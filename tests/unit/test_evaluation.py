@@ -28,33 +28,63 @@ def synthetic_fleet(devices=3, seed=0):
 
 @pytest.fixture(scope="module")
 def evaluation():
+    """The stream protocol (the default) with the default detector (subspace), every model."""
     train, test = synthetic_fleet()
-    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, hidden=[6, 2, 6], seed=0, warmup=20),
-                          rounds=3, local_epochs=1, finetune_epochs=1)
+    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, warmup=50, seed=0), micro_batch=16,
+                          round_every=100)
 
 
-def test_every_model_is_reported_with_every_metric(evaluation):
-    models = evaluation.report["models"]
-    assert set(models) == set(ALL_MODELS) | {"federated_finetuned"}
-    for name, m in models.items():
-        for key in ("roc_auc", "pr_auc", "f1", "precision", "recall", "best_f1", "f1_pa", "per_device_mean"):
-            assert key in m, (name, key)
-        assert set(m["per_device"]) == {"dev-0", "dev-1", "dev-2"}
-        for device in m["per_device"].values():   # on one device, best F1 bounds the F1 of any one threshold
-            assert device["f1"] <= device["best_f1"] + 1e-12
+@pytest.fixture(scope="module")
+def batch_evaluation():
+    train, test = synthetic_fleet()
+    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, kind="ae", hidden=[6, 2, 6], seed=0,
+                                                                    warmup=20),
+                          rounds=3, local_epochs=1, finetune_epochs=1, protocol="batch",
+                          models=("federated", "local", "centralized", "random"))
 
 
-def test_networks_find_the_broken_correlation_and_random_does_not(evaluation):
-    models = evaluation.report["models"]
-    for name in ("federated", "local", "centralized"):
-        assert models[name]["roc_auc"] > 0.85, (name, models[name]["roc_auc"])
-    assert abs(models["random"]["roc_auc"] - 0.5) < 0.15
+METRICS = ("roc_auc", "pr_auc", "f1", "precision", "recall", "best_f1", "f1_pa", "incident_precision",
+           "incident_recall", "incident_f1", "composite_f1", "per_device_mean")
 
 
-def test_federation_costs_are_reported(evaluation):
-    report = evaluation.report
+def test_every_model_is_reported_with_every_metric(evaluation, batch_evaluation):
+    assert set(evaluation.report["models"]) == set(ALL_MODELS)
+    assert set(batch_evaluation.report["models"]) == {"federated", "federated_finetuned", "local", "centralized",
+                                                      "random"}
+    for report in (evaluation.report, batch_evaluation.report):
+        for name, m in report["models"].items():
+            for key in METRICS:
+                assert key in m, (name, key)
+            assert set(m["per_device"]) == {"dev-0", "dev-1", "dev-2"}
+            for device in m["per_device"].values():   # on one device, best F1 bounds the F1 of any one threshold
+                assert device["f1"] <= device["best_f1"] + 1e-12
+    for name in ("federated", "local", "centralized"):  # stream detectors: own flags, and the baselines' rule
+        assert "f1_calibration_rule" in evaluation.report["models"][name]
+        assert evaluation.report["models"][name]["protocol"] == "stream"
+
+
+def test_detectors_find_the_broken_correlation_and_random_does_not(evaluation, batch_evaluation):
+    for report in (evaluation.report, batch_evaluation.report):
+        models = report["models"]
+        for name in ("federated", "local", "centralized"):
+            assert models[name]["roc_auc"] > 0.85, (name, models[name]["roc_auc"])
+        assert abs(models["random"]["roc_auc"] - 0.5) < 0.15
+    stream = evaluation.report["models"]
+    for name in ("federated", "local"):   # every anomalous range is found, as one incident or a few
+        assert stream[name]["incident_recall"] == 1.0 and stream[name]["composite_f1"] > 0.3, stream[name]
+
+
+def test_federation_costs_are_reported(evaluation, batch_evaluation):
+    report = batch_evaluation.report
     weights = 2 * (4 * 6 + 6 + 6 * 2 + 2 + 2 * 6 + 6 + 6 * 4 + 4) * 8       # up and down, float64
     assert report["bytes_per_round"] == 3 * weights and report["rounds"] == 3
+    federated = evaluation.report["models"]["federated"]
+    # 900 readings per device, a round every 100: 8 rounds; the subspace snapshot is a float32 factor (20 inputs:
+    # 4 metrics x a window of 5; rank 16), mean and variances, plus its header, up and down for 3 devices.
+    assert federated["rounds"] == 8
+    assert report["model_bytes"] == weights // 2
+    assert evaluation.report["model_bytes"] == (20 * 16 + 20 + 20) * 4
+    assert 3 * 2 * evaluation.report["model_bytes"] < federated["bytes_per_round"] < 3 * 2 * 2000 * 4
     assert set(evaluation.scores["federated"]) == {"dev-0", "dev-1", "dev-2"}
 
 
@@ -82,9 +112,14 @@ def test_flead_evaluate_quick_on_a_csv_pair(tmp_path, capsys):
         path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "report.json"
     code = main(["evaluate", "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv"),
-                 "--rounds", "2", "--models", "federated,isolation_forest,random", "--json", str(out)])
+                 "--models", "federated,isolation_forest,pca,random", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
-    assert set(report["models"]) == {"federated", "isolation_forest", "random"}
-    assert report["rounds"] == 2 and report["bytes_per_round"] > 0
+    assert set(report["models"]) == {"federated", "isolation_forest", "pca", "random"}
+    assert report["protocol"] == "stream" and report["bytes_per_round"] > 0 and report["model"] == "subspace"
     assert "| federated |" in capsys.readouterr().out
+    code = main(["evaluate", "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv"),
+                 "--protocol", "batch", "--model", "ae", "--rounds", "2", "--models", "federated,random",
+                 "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["rounds"] == 2 and report["protocol"] == "batch"

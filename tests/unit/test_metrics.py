@@ -124,3 +124,29 @@ def test_nab_random_detector_scores_near_the_published_baseline():
         series.append((rng.random(len(ts)), idx))
     result = nab_score_optimised(series)
     assert 5 < result["score"] < 25   # seeds 0-2 give 13.0, 17.0, 10.2
+
+
+def test_event_metrics_pool_incidents_and_ranges():
+    from models.metrics import event_counts, event_metrics, flag_groups
+    y = np.array([0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0])
+    flags = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    assert flag_groups(flags, gap_readings=1) == [(0, 1), (3, 4), (6, 7), (17, 18)]
+    assert flag_groups(flags, gap_readings=2) == [(0, 7), (17, 18)]
+    counts = event_counts(y, flags, gap_readings=1)
+    assert counts == {"incidents": 4, "true_incidents": 1, "ranges": 2, "detected_ranges": 1, "ranges_flagged": 1,
+                      "flagged": 4, "true_flagged": 1}
+    m = event_metrics(counts)
+    assert (m["incident_precision"], m["incident_recall"]) == (0.25, 0.5)
+    assert m["composite_f1"] == pytest.approx(2 * 0.25 * 0.5 / 0.75)
+    wide = event_counts(y, flags, gap_readings=2)   # one incident spans the first range
+    assert wide["detected_ranges"] == 1 and wide["true_incidents"] == 1 and wide["incidents"] == 2
+    assert event_metrics({k: 0 for k in counts})["incident_f1"] == 0.0
+
+
+def test_metrics_from_flags_equal_metrics_at_a_threshold():
+    from models.metrics import detection_metrics, detection_metrics_from_flags
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.1).astype(int)
+    s = rng.random(500) + y
+    a, b = detection_metrics(y, s, 0.9), detection_metrics_from_flags(y, s, s > 0.9)
+    assert a == pytest.approx(b, nan_ok=True)

@@ -4,8 +4,8 @@ import importlib
 
 import pytest
 
-MODULES = ["autoencoder", "dbscan", "detector", "features", "lstm_autoencoder", "optim", "scaler",
-           "serialization", "thresholds"]
+MODULES = ["autoencoder", "baselines", "dbscan", "detector", "drift", "features", "federation", "incidents",
+           "lstm_autoencoder", "metrics", "optim", "residuals", "scaler", "serialization", "subspace", "thresholds"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -56,3 +56,17 @@ def test_base64_helpers():
     assert from_b64(to_b64(blob)) == blob
     with pytest.raises(SerializationError, match="base64"):
         from_b64("not base64 !")
+
+
+def test_float32_arrays_stay_float32_and_float64_blobs_keep_format_1():
+    factor = np.arange(6, dtype=np.float32).reshape(2, 3)
+    blob = dumps([factor, np.ones(2)], META)
+    out, _ = loads(blob)
+    assert out[0].dtype == np.float32 and out[1].dtype == np.float64
+    np.testing.assert_array_equal(out[0], factor)
+    assert len(blob) < len(dumps([factor.astype(np.float64), np.ones(2)], META))
+    assert b'"format_version":1' in dumps([np.ones(2)], META) and b'"format_version":2' in blob
+    damaged = bytearray(blob)
+    damaged[-1] ^= 0x01
+    with pytest.raises(SerializationError):
+        loads(bytes(damaged))

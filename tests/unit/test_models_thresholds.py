@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from models.thresholds import (MIN_SCORES, PotThreshold, QuantileThreshold, SigmaThreshold, make_threshold,
-                               threshold_from_array)
+                               threshold_from_arrays)
 
 N = 20000
 Q = 0.01
@@ -52,7 +52,7 @@ def test_state_round_trip(kind):
     t = make_threshold({"kind": kind, "target_false_alarm_rate": Q, "sigma_k": 3.0, "history": 500})
     scores = np.random.default_rng(0).exponential(size=1300)
     t.update_many(scores[:1000])
-    restored = threshold_from_array(t.to_array())
+    restored = threshold_from_arrays(t.to_arrays())
     assert type(restored) is type(t) and restored.threshold == t.threshold
     t.update_many(scores[1000:])
     restored.update_many(scores[1000:])
@@ -62,6 +62,28 @@ def test_state_round_trip(kind):
 def test_make_threshold_reads_config_section():
     from config import load_config
     t = make_threshold(load_config(env={}).threshold)
-    assert isinstance(t, PotThreshold) and t.q == pytest.approx(0.01)
+    assert isinstance(t, QuantileThreshold) and t.q == pytest.approx(0.01)
     with pytest.raises(ValueError, match="threshold.kind"):
         make_threshold({"kind": "magic"})
+
+
+def test_calibration_p_values_and_robust_z():
+    t = QuantileThreshold(Q, history=1000)
+    assert np.isnan(t.p_values(np.array([1.0]))).all() and np.isnan(t.robust_z(np.array([1.0]))).all()
+    calibration = np.random.default_rng(3).normal(size=1000)
+    t.update_many(calibration)
+    p = t.p_values(np.array([-10.0, 0.0, 10.0]))
+    assert p[0] == 1.0 and p[2] == pytest.approx(1 / 1001) and 0.4 < p[1] < 0.6
+    fresh = np.random.default_rng(4).normal(size=20000)   # conformal: P(p <= a) <= a on exchangeable scores
+    for a in (0.01, 0.05, 0.2):
+        assert np.mean(t.p_values(fresh) <= a) <= a * 1.15
+    assert abs(t.robust_z(np.array([0.0]))[0]) < 0.1 and 1.8 < t.robust_z(np.array([2.0]))[0] < 2.2
+
+
+def test_reset_forgets_and_history_is_float32():
+    t = QuantileThreshold(Q, history=100)
+    t.update_many(np.arange(200.0))
+    head, scores = t.to_arrays()
+    assert scores.dtype == np.float32 and scores.shape == (100,) and np.isfinite(t.threshold)
+    t.reset()
+    assert t.threshold == np.inf and t.history.count == 0 and not t.calibrated

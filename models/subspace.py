@@ -1,0 +1,269 @@
+"""Online linear-subspace (PCA) model: a low-rank covariance with exponential forgetting, updated per batch."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from models.autoencoder import check_weight_shapes
+
+LEARN_CHUNK = 64       # rows per learning step: larger batches are learned in steps of this many rows
+NEW_DIRECTIONS = 4     # directions a learning step may add to the tracked subspace (see `SubspaceModel._step`)
+_SKETCHES: dict[int, np.ndarray] = {}  # fixed ±1 sketch matrices by number of rows (deterministic learning)
+
+
+def forgetting_factor(half_life: float) -> float:
+    """Weight kept per reading so that a reading's weight halves every `half_life` readings (0: no forgetting)."""
+    if half_life < 0:
+        raise ValueError(f"model.subspace.half_life must be >= 0 readings (0: no forgetting), got {half_life}")
+    return 1.0 if half_life == 0 else 0.5 ** (1.0 / half_life)
+
+
+def _sketch(rows: int) -> np.ndarray:
+    """A fixed (rows, NEW_DIRECTIONS) matrix of random signs: random combinations of a batch's residual rows
+    capture its dominant directions (Halko, Martinsson & Tropp, 2011); fixed, so learning is deterministic."""
+    if rows not in _SKETCHES:
+        _SKETCHES[rows] = np.random.default_rng(rows).choice([-1.0, 1.0], size=(rows, NEW_DIRECTIONS))
+    return _SKETCHES[rows]
+
+
+class SubspaceModel:
+    """Keep a device's readings' mean and the top `rank` eigenpairs of their covariance, with forgetting; score a
+    reading by how far it lies from the subspace of the top k components.
+
+    k is the fewest components whose eigenvalues explain `explained_variance` of the total variance, measured
+    against the exact trace (a per-dimension variance is kept beside the low-rank factor). The residual — what
+    the k components cannot reconstruct — is the anomaly signal: a reading that breaks the usual correlations
+    between its inputs (one metric off while its peers are normal; over a window of readings, also a broken
+    rhythm) has a large residual. Linear and cheap, it beats deep reconstruction models on server telemetry
+    without point adjustment (Schmidl et al., VLDB 2022; Liu & Paparrizos, TSB-AD, NeurIPS 2024); it cannot
+    model non-linear structure, and what lies inside the subspace (a large but correlated excursion) scores low.
+
+    Learning is an incremental truncated eigendecomposition (in the spirit of Ross et al., IJCV 2008, with
+    forgetting): each batch of at most `LEARN_CHUNK` rows decays the old statistics by ``λ^b`` (λ from
+    `half_life`), adds the batch's weighted scatter and the mean-shift term of merging two groups, and
+    re-diagonalises in the tracked basis extended by `NEW_DIRECTIONS` directions that sketch the batch's
+    residual. With ``rank`` ≥ the number of inputs it is exact: the covariance equals NumPy's weighted one.
+    State is O(d·rank), never a d×d matrix.
+
+    Parameters
+    ----------
+    explained_variance
+        Share of the variance the scoring components explain (0.90: the usual rule of thumb).
+    rank
+        Components tracked (capped at the number of inputs); keep it above the k you expect.
+    half_life
+        Readings after which a reading's weight in the mean and covariance has halved; 0 keeps everything.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(2000, 2)) @ np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]) + 0.05 * rng.normal(size=(2000, 3))
+    >>> model = SubspaceModel(explained_variance=0.9, rank=3, half_life=0)
+    >>> model.learn_many(X)
+    >>> model.k, np.allclose(model.covariance, np.cov(X.T, bias=True))
+    (2, True)
+    >>> bool(model.score_one(np.array([1.0, -1.0, 1.0])) > 100 * model.score_many(X).mean())
+    True
+    """
+
+    def __init__(self, explained_variance: float = 0.9, rank: int = 16, half_life: float = 2000.0):
+        if not 0.0 < explained_variance <= 1.0:
+            raise ValueError(f"model.subspace.explained_variance must be in (0, 1], got {explained_variance}")
+        if rank < 1:
+            raise ValueError(f"model.subspace.rank must be >= 1, got {rank}")
+        self.explained_variance = float(explained_variance)
+        self.rank = int(rank)
+        self.half_life = float(half_life)
+        self.forgetting = forgetting_factor(self.half_life)
+        self.n_features: int | None = None
+        self.weight = 0.0               # total weight of the readings learned (≈ their count, after forgetting)
+        self.n_seen = 0
+        self.mean = np.zeros(0)
+        self.scatter_diag = np.zeros(0)  # weighted sum of squared deviations per input: the exact trace
+        self.basis = np.zeros((0, 0), dtype=np.float32)  # (d, r) orthonormal eigenvectors, largest first
+        self.eigenvalues = np.zeros(0)   # (r,) of the weighted scatter matrix (covariance × weight)
+        self.k = 0
+        self.global_share = 0.0          # share of the statistics' weight adopted from global models (federation)
+        self._scoring_basis: np.ndarray | None = None
+
+    @property
+    def architecture(self) -> str:
+        """``subspace/<inputs>/r<rank>``: equal strings, compatible weights."""
+        return f"subspace/{self.n_features}/r{self.basis.shape[1]}"
+
+    def initialize(self, n_features: int) -> None:
+        d = int(n_features)
+        r = min(self.rank, d)
+        self.n_features = d
+        self.mean = np.zeros(d)
+        self.scatter_diag = np.zeros(d)
+        self.basis = np.eye(d, r, dtype=np.float32)
+        self.eigenvalues = np.zeros(r)
+        self.weight, self.n_seen, self.k, self.global_share = 0.0, 0, 0, 0.0
+        self._scoring_basis = None
+
+    def _ensure(self, X: np.ndarray) -> np.ndarray:
+        X = np.array(X, dtype=np.float64, ndmin=2)
+        if self.n_features is None:
+            self.initialize(X.shape[1])
+        elif X.shape[1] != self.n_features:
+            raise ValueError(f"expected {self.n_features} features, got {X.shape[1]}")
+        return X
+
+    # -- statistics -----------------------------------------------------------------------------------------------
+
+    @property
+    def variances(self) -> np.ndarray:
+        """Variance of each input (exact, with forgetting)."""
+        return self.scatter_diag / self.weight if self.weight > 0 else np.zeros_like(self.scatter_diag)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """The rank-r covariance with the exact diagonal (what the model knows), (d, d). For tests and federation."""
+        U = self.basis.astype(np.float64)
+        C = (U * (self.eigenvalues / max(self.weight, 1e-300))) @ U.T
+        C[np.diag_indices_from(C)] = self.variances
+        return C
+
+    @property
+    def explained_ratio(self) -> float:
+        """Share of the total variance the k scoring components explain."""
+        total = float(self.scatter_diag.sum())
+        return float(self.eigenvalues[:self.k].sum()) / total if total > 0 else 0.0
+
+    def _choose_k(self) -> None:
+        total = float(self.scatter_diag.sum())
+        if total <= 0:
+            self.k = 0
+        else:
+            explained = np.cumsum(self.eigenvalues) / total
+            self.k = int(min(np.searchsorted(explained, self.explained_variance * (1 - 1e-12)) + 1,
+                             len(self.eigenvalues)))
+        self._scoring_basis = None
+
+    # -- learning -------------------------------------------------------------------------------------------------
+
+    def learn_one(self, x: np.ndarray) -> None:
+        self.learn_many(x)
+
+    def learn_many(self, X: np.ndarray) -> None:
+        """Learn the rows in order, in steps of at most `LEARN_CHUNK` rows (each row weighs 1 when learned)."""
+        X = self._ensure(X)
+        for start in range(0, X.shape[0], LEARN_CHUNK):
+            self._step(X[start:start + LEARN_CHUNK])
+        self.n_seen += X.shape[0]
+        self._choose_k()
+
+    def _step(self, X: np.ndarray) -> None:
+        b = X.shape[0]
+        lam = self.forgetting
+        w = lam ** np.arange(b - 1, -1, -1, dtype=np.float64)  # the newest row weighs 1
+        decay = lam ** b
+        old_weight = self.weight * decay
+        batch_weight = float(w.sum())
+        new_weight = old_weight + batch_weight
+        batch_mean = (w @ X) / batch_weight
+        # Rows whose scatter is the batch's contribution: weighted centred rows, and the mean-shift term of merging
+        # two groups, W_old·W_b/W · (μ_old − μ_b)(μ_old − μ_b)ᵀ (Chan et al.'s parallel variance, in matrix form).
+        rows = np.empty((b + 1, X.shape[1]))
+        np.multiply(X - batch_mean, np.sqrt(w)[:, None], out=rows[:b])
+        rows[b] = math.sqrt(old_weight * batch_weight / new_weight) * (self.mean - batch_mean)
+        self.mean = (old_weight * self.mean + batch_weight * batch_mean) / new_weight
+        self.scatter_diag = decay * self.scatter_diag + np.einsum("ij,ij->j", rows, rows)
+        self.global_share *= old_weight / new_weight
+        U = self.basis.astype(np.float64)
+        d, r = U.shape
+        if self.weight == 0.0:  # first step: an orthonormal basis spanning the batch (and filling up to r)
+            basis = np.linalg.qr(np.hstack([rows.T, np.eye(d, r)]))[0]
+        elif r < d:  # the tracked basis, extended by a sketch of what it cannot reconstruct in this batch
+            extension = (rows - (rows @ U) @ U.T).T @ _sketch(b + 1)[:, :d - r]
+            extension -= U @ (U.T @ extension)  # again: U is float32, so only nearly orthonormal
+            basis = np.hstack([U, np.linalg.qr(extension)[0]])
+        else:  # the tracked basis is complete: the update is exact
+            basis = U
+        projected = rows @ basis
+        gram = projected.T @ projected
+        if self.weight > 0.0:
+            gram[np.arange(r), np.arange(r)] += decay * self.eigenvalues
+        values, vectors = np.linalg.eigh(gram)
+        top = np.argsort(values)[::-1][:r]
+        self.basis = (basis @ vectors[:, top]).astype(np.float32)
+        self.eigenvalues = np.maximum(values[top], 0.0)
+        self.weight = new_weight
+
+    def rebaseline(self, max_weight: float) -> None:
+        """Let recent readings dominate: scale the statistics down to a weight of at most `max_weight` readings."""
+        if self.weight > max_weight > 0:
+            shrink = max_weight / self.weight
+            self.eigenvalues = self.eigenvalues * shrink
+            self.scatter_diag = self.scatter_diag * shrink
+            self.weight = float(max_weight)
+
+    # -- scoring --------------------------------------------------------------------------------------------------
+
+    def residuals(self, X: np.ndarray) -> np.ndarray:
+        """What the k components cannot reconstruct of each row, (n, d)."""
+        X = self._ensure(X)
+        if self._scoring_basis is None:
+            self._scoring_basis = self.basis[:, :self.k].astype(np.float64)
+        centred = X - self.mean
+        P = self._scoring_basis
+        return centred - np.dot(np.dot(centred, P), P.T)
+
+    def feature_errors(self, X: np.ndarray) -> np.ndarray:
+        """Squared residual of every input, (n, d)."""
+        R = self.residuals(X)
+        return np.multiply(R, R, out=R)
+
+    def score_many(self, X: np.ndarray) -> np.ndarray:
+        """Mean squared residual per row (the detector divides each input by its typical residual first)."""
+        return self.feature_errors(X).mean(axis=1)
+
+    def score_one(self, x: np.ndarray) -> float:
+        return float(self.score_many(x)[0])
+
+    # -- federation and persistence -----------------------------------------------------------------------------
+
+    def get_weights(self) -> list[np.ndarray]:
+        """What a snapshot carries, float32: the covariance factor L (d, r) with ``L Lᵀ`` the rank-r covariance,
+        the mean (d,) and each input's variance (d,) (the exact diagonal)."""
+        scale = np.sqrt(self.eigenvalues / self.weight) if self.weight > 0 else np.zeros_like(self.eigenvalues)
+        return [(self.basis * scale).astype(np.float32), self.mean.astype(np.float32),
+                self.variances.astype(np.float32)]
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        """Take a factor, mean and variances (`get_weights`' layout) as this model's statistics, keeping its weight
+        (a fresh model takes them as worth as many readings as it has inputs)."""
+        factor, mean, var = (np.asarray(w, dtype=np.float64) for w in weights)
+        if self.n_features is None:
+            self.initialize(mean.shape[0])
+        check_weight_shapes([np.zeros(self.basis.shape), self.mean, self.scatter_diag], [factor, mean, var])
+        if self.weight <= 0.0:
+            self.weight = float(self.n_features)
+        norms = np.sqrt(np.einsum("ij,ij->j", factor, factor))
+        order = np.argsort(norms)[::-1]
+        norms, factor = norms[order], factor[:, order]
+        safe = np.where(norms > 0, norms, 1.0)
+        basis = factor / safe
+        if (norms == 0).any():  # complete a rank-deficient factor with an orthonormal basis
+            basis = np.linalg.qr(np.hstack([basis[:, norms > 0], np.eye(*basis.shape)]))[0][:, :basis.shape[1]]
+        self.basis = basis.astype(np.float32)
+        self.eigenvalues = norms * norms * self.weight
+        self.mean = mean.copy()
+        self.scatter_diag = np.maximum(var, 0.0) * self.weight
+        self._choose_k()
+
+    def get_state(self) -> list[np.ndarray]:
+        """Everything `set_state` needs: basis (float32), eigenvalues, mean, scatter diagonal, counters."""
+        return [self.basis.copy(), self.eigenvalues.copy(), self.mean.copy(), self.scatter_diag.copy(),
+                np.array([self.weight, self.n_seen, self.global_share])]
+
+    def set_state(self, arrays: list[np.ndarray]) -> None:
+        basis, eigenvalues, mean, scatter_diag, counters = arrays
+        self.n_features = int(mean.shape[0])
+        self.basis = np.asarray(basis, dtype=np.float32).reshape(self.n_features, -1).copy()
+        self.eigenvalues = np.array(eigenvalues, dtype=np.float64)
+        self.mean = np.array(mean, dtype=np.float64)
+        self.scatter_diag = np.array(scatter_diag, dtype=np.float64)
+        self.weight, self.n_seen, self.global_share = float(counters[0]), int(counters[1]), float(counters[2])
+        self._choose_k()

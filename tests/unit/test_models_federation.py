@@ -1,0 +1,79 @@
+"""models.federation: aggregation strategies average in a space where averaging means something."""
+import numpy as np
+import pytest
+
+from models.aggregation import FedAvg, Update, coordinate_median, fedavg
+from models.federation import blend_weights, federated_vector, subspace_moments, weights_from_vector
+from models.subspace import SubspaceModel
+
+ARCH = "subspace/8/r8"
+
+
+def device_model(seed, shift=0.0, n=800):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3)) @ rng.normal(size=(3, 8)) + 0.2 * rng.normal(size=(n, 8)) + shift
+    model = SubspaceModel(rank=8, half_life=0)   # full rank: the weights carry the exact covariance
+    model.learn_many(X)
+    return model, X
+
+
+def test_fedavg_of_vectors_is_the_pooled_mean_and_covariance():
+    """FedAvg weighted by samples of [mean, vech(second moment)] = the mean and covariance of the pooled data."""
+    (a, Xa), (b, Xb) = device_model(0), device_model(1, shift=2.0, n=400)
+    vectors = [federated_vector(m.get_weights(), ARCH) for m in (a, b)]
+    pooled = weights_from_vector(fedavg([([vectors[0]], 800), ([vectors[1]], 400)])[0], a.get_weights(), ARCH)
+    mean, C = subspace_moments(pooled)
+    X = np.vstack([Xa, Xb])
+    np.testing.assert_allclose(mean, X.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(C, np.cov(X.T, bias=True), atol=2e-4)
+
+
+def test_round_trip_is_the_identity_on_consistent_weights_and_keeps_dtypes():
+    model, _ = device_model(2)
+    weights = model.get_weights()
+    back = weights_from_vector(federated_vector(weights, ARCH), weights, ARCH)
+    assert [w.dtype for w in back] == [w.dtype for w in weights]
+    for w, v in zip(subspace_moments(weights), subspace_moments(back)):
+        np.testing.assert_allclose(w, v, atol=1e-4)
+
+
+def test_truncation_drops_what_a_median_or_noise_makes_negative():
+    """A coordinate-wise median of second moments need not be positive semi-definite: the inverse keeps only the
+    top-r non-negative eigenpairs, so any vector gives valid weights."""
+    weights = device_model(3)[0].get_weights()
+    noisy = federated_vector(weights, ARCH) + np.random.default_rng(0).normal(scale=5.0, size=8 + 36)
+    factor, mean, var = weights_from_vector(noisy, weights, ARCH)
+    assert np.isfinite(factor).all() and (var >= 0).all()
+    vectors = [[federated_vector(device_model(s)[0].get_weights(), ARCH)] for s in range(3)]
+    assert weights_from_vector(coordinate_median([(v, 1) for v in vectors])[0], weights, ARCH)[0].shape == (8, 8)
+
+
+def test_strategies_run_unchanged_on_codec_vectors():
+    updates = [Update(f"d{s}", [federated_vector(device_model(s)[0].get_weights(), ARCH)], 100) for s in range(4)]
+    result = FedAvg().aggregate(updates)
+    assert len(result.participants) == 4 and result.weights[0].shape == (8 + 36,)
+
+
+def test_autoencoder_codec_is_the_identity_and_blend_is_linear():
+    like = [np.ones((2, 3)), np.zeros(3)]
+    vector = federated_vector(like, "dense_ae/2-3-2/tanh")
+    assert vector.shape == (9,)
+    out = weights_from_vector(np.arange(9.0), like, "dense_ae/2-3-2/tanh")
+    np.testing.assert_array_equal(out[0], np.arange(6.0).reshape(2, 3))
+    mixed = blend_weights(like, [np.zeros((2, 3)), np.ones(3)], 0.25, "dense_ae/2-3-2/tanh")
+    np.testing.assert_allclose(mixed[0], 0.75) and np.testing.assert_allclose(mixed[1], 0.25)
+    with pytest.raises(ValueError, match="need 9 entries"):
+        weights_from_vector(np.zeros(8), like, "dense_ae/2-3-2/tanh")
+    with pytest.raises(ValueError, match="blend_weight"):
+        blend_weights(like, like, 1.5, "dense_ae/2-3-2/tanh")
+
+
+def test_subspace_blend_is_the_mixture_of_the_two_distributions():
+    (a, Xa), (b, Xb) = device_model(4), device_model(5, shift=1.0)
+    mixed = blend_weights(a.get_weights(), b.get_weights(), 0.5, ARCH)
+    mean, C = subspace_moments(mixed)
+    X = np.vstack([Xa, Xb])   # equal sizes: the 0.5/0.5 mixture is the pooled data
+    np.testing.assert_allclose(mean, X.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(C, np.cov(X.T, bias=True), atol=2e-4)
+    with pytest.raises(ValueError, match="entries"):
+        weights_from_vector(np.zeros(10), a.get_weights(), ARCH)

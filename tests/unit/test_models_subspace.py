@@ -1,0 +1,110 @@
+"""SubspaceModel: the online covariance against NumPy's, forgetting, scoring, weights and state."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from models.subspace import LEARN_CHUNK, SubspaceModel, forgetting_factor
+
+
+def correlated(n, d=6, latent=2, seed=0, noise=0.1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, latent)) @ rng.normal(size=(latent, d)) + noise * rng.normal(size=(n, d)) + 3.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3 * LEARN_CHUNK), st.sampled_from([0, 50, 400]), st.integers(1, 40), st.integers(0, 99))
+def test_full_rank_covariance_matches_numpy_weighted_covariance(n, half_life, batch, seed):
+    """With rank >= inputs the update is exact: mean and covariance equal NumPy's, with each reading weighted by
+    the forgetting factor to the power of its age."""
+    X = correlated(n, seed=seed)
+    model = SubspaceModel(rank=6, half_life=half_life)
+    for i in range(0, n, batch):
+        model.learn_many(X[i:i + batch])
+    ages = np.arange(n - 1, -1, -1)
+    weights = forgetting_factor(half_life) ** ages
+    assert model.weight == pytest.approx(weights.sum())
+    np.testing.assert_allclose(model.mean, weights @ X / weights.sum(), atol=1e-9)
+    expected = np.cov(X.T, aweights=weights, bias=True) if n > 1 else np.zeros((6, 6))
+    np.testing.assert_allclose(model.covariance, expected, atol=1e-5)
+
+
+def test_low_rank_tracks_the_top_eigenpairs_and_the_exact_trace():
+    X = correlated(3000, d=30, latent=4, seed=1)
+    model = SubspaceModel(explained_variance=0.9, rank=8, half_life=0)
+    for i in range(0, 3000, 16):
+        model.learn_many(X[i:i + 16])
+    C = np.cov(X.T, bias=True)
+    values, vectors = np.linalg.eigh(C)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    np.testing.assert_allclose(model.eigenvalues[:4] / model.weight, values[:4], rtol=0.01)
+    np.testing.assert_allclose(model.variances, np.diag(C), rtol=1e-9)        # the trace is exact
+    assert model.k == int(np.searchsorted(np.cumsum(values) / values.sum(), 0.9) + 1)
+    U = model.basis[:, :model.k].astype(float)   # the tracked subspace is the top one
+    captured = np.trace(U.T @ C @ U) / values[:model.k].sum()
+    assert captured > 0.999
+
+
+def test_forgetting_tracks_a_level_shift():
+    X = correlated(4200, seed=2)
+    X[2000:] += 5.0
+    forgetful, stubborn = SubspaceModel(rank=3, half_life=200), SubspaceModel(rank=3, half_life=0)
+    for i in range(0, 4000, 16):
+        forgetful.learn_many(X[i:i + 16])
+        stubborn.learn_many(X[i:i + 16])
+    level = X[3000:].mean(axis=0)
+    assert np.abs(forgetful.mean - level).max() < 0.3           # 2000 readings = 10 half-lives after the shift
+    assert np.abs(stubborn.mean - level).max() > 2.0            # no forgetting: halfway between the levels
+    after = X[4000:]
+    assert forgetful.score_many(after).mean() < stubborn.score_many(after).mean() / 5
+
+
+def test_residual_is_what_k_components_cannot_reconstruct():
+    X = correlated(2000, d=5, latent=1, seed=4, noise=0.01)
+    model = SubspaceModel(explained_variance=0.9, rank=4, half_life=0)
+    model.learn_many(X)
+    assert model.k == 1
+    direction = model.basis[:, 0].astype(float)
+    inside = model.mean + 3.0 * direction * np.sqrt(model.eigenvalues[0] / model.weight)
+    outside = model.mean + np.linalg.qr(np.c_[direction, np.eye(5)])[0][:, 1]
+    assert model.score_one(inside) < 1e-6 < 0.1 < model.score_one(outside)
+
+
+def test_weights_are_a_small_float32_factor_and_set_weights_round_trips():
+    model = SubspaceModel(rank=3, half_life=0)
+    X = correlated(500, seed=5)
+    model.learn_many(X)
+    factor, mean, var = model.get_weights()
+    assert factor.dtype == mean.dtype == var.dtype == np.float32 and factor.shape == (6, 3)
+    np.testing.assert_allclose(factor @ factor.T, model.covariance - np.diag(np.diag(model.covariance))
+                               + np.diag(np.einsum("ij,ij->i", factor, factor)), atol=1e-4)
+    other = SubspaceModel(rank=3, half_life=0)
+    other.set_weights(model.get_weights())
+    assert other.weight == 6 and other.k == model.k    # a fresh model takes them as worth d readings
+    np.testing.assert_allclose(other.score_many(X[:50]), model.score_many(X[:50]), rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="weight array"):
+        other.set_weights([factor[:, :2], mean, var])
+
+
+def test_state_round_trip_and_rebaseline():
+    model = SubspaceModel(rank=3, half_life=100)
+    model.learn_many(correlated(300, seed=6))
+    clone = SubspaceModel(rank=3, half_life=100)
+    clone.set_state(model.get_state())
+    X = correlated(64, seed=7)
+    np.testing.assert_array_equal(clone.score_many(X), model.score_many(X))
+    model.learn_many(X)
+    clone.learn_many(X)
+    np.testing.assert_array_equal(clone.score_many(X), model.score_many(X))
+    model.rebaseline(10.0)
+    assert model.weight == 10.0 and model.variances == pytest.approx(clone.variances)
+
+
+def test_bad_settings_are_errors():
+    with pytest.raises(ValueError, match="explained_variance"):
+        SubspaceModel(explained_variance=1.5)
+    with pytest.raises(ValueError, match="half_life"):
+        SubspaceModel(half_life=-1)
+    with pytest.raises(ValueError, match="expected 6 features"):
+        model = SubspaceModel()
+        model.learn_many(np.zeros((2, 6)))
+        model.score_many(np.zeros((2, 5)))
