@@ -205,6 +205,17 @@ class DenseAutoencoder:
         self.optimizer.load_state_arrays(arrays[n:], self.layout)
 
 
+def checked_rows(model, X: np.ndarray) -> np.ndarray:
+    """`X` as float64 rows for `model` (anything with ``n_features`` and ``initialize``), which it sets up lazily
+    on the first rows; a different number of columns later is a ValueError."""
+    X = np.array(X, dtype=np.float64, ndmin=2)
+    if model.n_features is None:
+        model.initialize(X.shape[1])
+    elif X.shape[1] != model.n_features:
+        raise ValueError(f"expected {model.n_features} features, got {X.shape[1]}")
+    return X
+
+
 def check_weight_shapes(expected: list[np.ndarray], given: list[np.ndarray]) -> None:
     """Raise ValueError naming the first weight array whose shape differs."""
     if len(given) != len(expected):

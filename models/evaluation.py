@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from models.aggregation import FedAvg, Update
+from models.aggregation import AggregationError, FedAvg, Update
 from models.baselines import DBSCANScores, IsolationForestScores, PCAScores, RandomScores
 from models.federation import federated_vector, weights_from_vector
 from models.metrics import detection_metrics_from_flags, event_counts, event_metrics
@@ -55,13 +55,14 @@ Progress = Callable[[str], None]
 
 @dataclass
 class FleetEvaluation:
-    """``report``: JSON-ready results; ``scores[model][device]``: normalised test scores;
-    ``flags[model][device]``: the operating flags on the test part; ``p_values[model][device]``: conformal
-    p-values of the test scores (the detector's own online ones in the stream protocol, else against the
-    device's calibration scores)."""
+    """``report``: JSON-ready results; ``scores[model][device]``: normalised test scores; ``raw_scores``: the
+    model's own test scores; ``flags[model][device]``: the operating flags on the test part;
+    ``p_values[model][device]``: conformal p-values of the test scores (the detector's own online ones in the
+    stream protocol, else against the device's calibration scores)."""
 
     report: dict[str, Any]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    raw_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     flags: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     p_values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -187,6 +188,7 @@ class FleetEvaluator:
             **pooled, "flag_rate": float(np.mean(np.concatenate(list(flags.values())))),
             "per_device_mean": device_mean, "per_device": per_device, **facts}
         self.result.scores[name] = normalised
+        self.result.raw_scores[name] = {d: outputs[d].test for d in self.devices}
         self.result.flags[name] = flags
         self.result.p_values[name] = p_values
         self.say(f"{name:<22} roc_auc={pooled['roc_auc']:.3f} pr_auc={pooled['pr_auc']:.3f} "
@@ -243,9 +245,14 @@ class FleetEvaluator:
             upload += len(snap["weights"])
             updates.append(Update(d, [federated_vector(weights, architecture)], n_samples=snap["n_samples"],
                                   version=snap["version"]))
+        try:
+            aggregated = (self.strategy.aggregate(updates, current=None) if isinstance(self.strategy, FedAvg)
+                          else self.strategy.aggregate(updates))
+        except AggregationError as exc:  # e.g. too few devices still streaming: as in the job, no new model
+            facts["rounds_skipped"] = facts.get("rounds_skipped", 0) + 1
+            facts["last_skip_reason"] = str(exc)
+            return
         facts["rounds"] += 1
-        aggregated = (self.strategy.aggregate(updates, current=None) if isinstance(self.strategy, FedAvg)
-                      else self.strategy.aggregate(updates))
         clusters = aggregated.extra.get("clusters", {})
         cluster_weights = aggregated.extra.get("cluster_weights")
         global_weights = weights_from_vector(aggregated.weights[0], like, architecture)

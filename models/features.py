@@ -130,7 +130,7 @@ class FeatureBuilder:
     def _features(self, clean: np.ndarray) -> np.ndarray:
         if self.blocks == 1:  # raw metrics only
             return clean
-        history = np.vstack([self._recent, clean])
+        history = np.concatenate((self._recent, clean))
         n, offset = clean.shape[0], self._recent.shape[0]
         rows = offset + np.arange(n)  # position of each new reading in `history`
         blocks = [clean]
@@ -148,7 +148,7 @@ class FeatureBuilder:
             blocks.append(history[np.where(rows >= lag, rows - lag, rows)])
         if self.rate_of_change:
             blocks.append(clean - history[np.maximum(rows - 1, 0)])
-        return np.hstack(blocks)
+        return np.concatenate(blocks, axis=1)
 
     def transform_many(self, X: np.ndarray) -> np.ndarray:
         """Features of each reading in `X` (in order, each seeing the earlier ones), shape (n, n_features)."""
@@ -180,7 +180,7 @@ class FeatureBuilder:
         else:
             self._last_finite[:] = clean[-1]
         if self.memory:
-            self._recent = np.vstack([self._recent, clean])[-self.memory:]
+            self._recent = np.concatenate((self._recent, clean))[-self.memory:]
 
     def learn_one(self, x: np.ndarray) -> None:
         self.learn_many(np.asarray(x, dtype=np.float64)[None, :])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.autoencoder import check_weight_shapes
+from models.autoencoder import check_weight_shapes, checked_rows
 from models.optim import ParameterLayout, clip_by_global_norm, make_optimizer
 
 SCORE_CHUNK = 1024  # windows scored at once: bounds the forward caches to ~20 MB with the default sizes
@@ -143,12 +143,7 @@ class LSTMAutoencoder:
         self.params = self.layout.views(self.flat)
 
     def _ensure(self, X: np.ndarray) -> np.ndarray:
-        X = np.array(X, dtype=np.float64, ndmin=2)
-        if self.n_features is None:
-            self.initialize(X.shape[1])
-        elif X.shape[1] != self.n_features:
-            raise ValueError(f"expected {self.n_features} features, got {X.shape[1]}")
-        return X
+        return checked_rows(self, X)
 
     def windows(self, X: np.ndarray) -> np.ndarray:
         """The window ending at each reading of `X`, after the remembered readings: shape (window, n, d)."""

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from models.autoencoder import check_weight_shapes
+from models.autoencoder import check_weight_shapes, checked_rows
 
 LEARN_CHUNK = 64       # rows per learning step: larger batches are learned in steps of this many rows
 NEW_DIRECTIONS = 4     # directions a learning step may add to the tracked subspace (see `SubspaceModel._step`)
@@ -25,6 +25,19 @@ def _sketch(rows: int) -> np.ndarray:
     if rows not in _SKETCHES:
         _SKETCHES[rows] = np.random.default_rng(rows).choice([-1.0, 1.0], size=(rows, NEW_DIRECTIONS))
     return _SKETCHES[rows]
+
+
+def orthonormal_columns(E: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of the tall matrix `E` (Cholesky QR: a few times cheaper than
+    `np.linalg.qr` for a handful of columns; Householder QR when the columns are (nearly) dependent)."""
+    try:
+        L = np.linalg.cholesky(E.T @ E)
+        Q = np.linalg.solve(L, E.T).T
+        if np.abs(Q.T @ Q - np.eye(Q.shape[1])).max() < 1e-6:
+            return Q
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.qr(E)[0]
 
 
 class SubspaceModel:
@@ -103,12 +116,7 @@ class SubspaceModel:
         self._scoring_basis = None
 
     def _ensure(self, X: np.ndarray) -> np.ndarray:
-        X = np.array(X, dtype=np.float64, ndmin=2)
-        if self.n_features is None:
-            self.initialize(X.shape[1])
-        elif X.shape[1] != self.n_features:
-            raise ValueError(f"expected {self.n_features} features, got {X.shape[1]}")
-        return X
+        return checked_rows(self, X)
 
     # -- statistics -----------------------------------------------------------------------------------------------
 
@@ -178,7 +186,7 @@ class SubspaceModel:
         elif r < d:  # the tracked basis, extended by a sketch of what it cannot reconstruct in this batch
             extension = (rows - (rows @ U) @ U.T).T @ _sketch(b + 1)[:, :d - r]
             extension -= U @ (U.T @ extension)  # again: U is float32, so only nearly orthonormal
-            basis = np.hstack([U, np.linalg.qr(extension)[0]])
+            basis = np.concatenate([U, orthonormal_columns(extension)], axis=1)
         else:  # the tracked basis is complete: the update is exact
             basis = U
         projected = rows @ basis

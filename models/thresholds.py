@@ -142,11 +142,14 @@ class OnlineThreshold:
             return np.full(scores.shape, math.nan)
         if self._centre_spread is None:
             recent = self._calibration()
-            centre = float(np.median(recent))
-            spread = MAD_TO_STD * float(np.median(np.abs(recent - centre)))
+            n = recent.shape[0]
+            centre = 0.5 * (recent[(n - 1) // 2] + recent[n // 2])   # the median of the sorted scores
+            deviations = np.abs(recent - centre)
+            middle = np.partition(deviations, ((n - 1) // 2, n // 2))
+            spread = MAD_TO_STD * 0.5 * (middle[(n - 1) // 2] + middle[n // 2])
             if spread <= 0.0:
                 spread = max(float(recent.std()), 1e-12)
-            self._centre_spread = (centre, spread)
+            self._centre_spread = (float(centre), float(spread))
         centre, spread = self._centre_spread
         return (scores - centre) / spread
 
@@ -206,7 +209,13 @@ class QuantileThreshold(OnlineThreshold):
         self.q = float(q)
 
     def _fit(self, scores: np.ndarray) -> float:
-        return float(np.quantile(scores, 1.0 - self.q))
+        # np.quantile's default (linear interpolation between the order statistics around (1 − q)(n − 1)), from
+        # a partial sort: several times faster on a few thousand scores.
+        position = (1.0 - self.q) * (scores.shape[0] - 1)
+        below = int(math.floor(position))
+        above = min(below + 1, scores.shape[0] - 1)
+        part = np.partition(scores, (below, above))
+        return float(part[below] + (position - below) * (part[above] - part[below]))
 
 
 class PotThreshold(OnlineThreshold):
