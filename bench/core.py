@@ -33,7 +33,7 @@ from config import load_config  # noqa: E402
 from models.autoencoder import DenseAutoencoder  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.lstm_autoencoder import LSTMAutoencoder  # noqa: E402
-from models.subspace import NEW_DIRECTIONS, SubspaceModel, forgetting_factor, orthonormal_columns  # noqa: E402
+from models.subspace import NEW_DIRECTIONS, SubspaceModel, forgetting_factor  # noqa: E402
 
 def load_readings(n: int, data_dir: Path) -> tuple[np.ndarray, list[str], str]:
     """The first `n` ASD training rows of one server (under `paths.data_dir`), or synthetic correlated metrics if
@@ -122,7 +122,7 @@ def subspace_floor(W: np.ndarray, micro_batch: int, rank: int, half_life: float,
         diag = decay * diag + (rows * rows).sum(axis=0)
         extension = (rows - (rows @ U) @ U.T).T @ sketch[:, :d - r]
         extension -= U @ (U.T @ extension)
-        basis = np.concatenate([U, orthonormal_columns(extension)], axis=1)
+        basis = np.concatenate([U, np.linalg.qr(extension)[0]], axis=1)
         projected = rows @ basis
         gram = projected.T @ projected
         gram[np.arange(r), np.arange(r)] += decay * values

@@ -111,6 +111,10 @@ class DriftMonitor:
         detected and the flag rate over the window (the monitor then starts afresh and counts the rest); else
         None."""
         flags = np.asarray(flags, dtype=bool)
+        if self.in_block + flags.shape[0] < self.block_readings:  # no block completes: just count
+            self.in_block += flags.shape[0]
+            self.flags_in_block += int(np.count_nonzero(flags))
+            return None
         position, detected = 0, None
         while position < flags.shape[0]:
             take = min(self.block_readings - self.in_block, flags.shape[0] - position)
@@ -118,7 +122,7 @@ class DriftMonitor:
             self.in_block += take
             position += take
             if self.in_block == self.block_readings:
-                self.completed = np.roll(self.completed, -1)
+                self.completed[:-1] = self.completed[1:]
                 self.completed[-1] = self.flags_in_block
                 self.n_completed += 1
                 self.in_block = self.flags_in_block = 0

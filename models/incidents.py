@@ -142,6 +142,8 @@ class IncidentTracker:
         starts = np.full(n, -1, dtype=np.int64)
         ranks = np.zeros(n, dtype=np.int64)
         during = flags.copy()
+        if not self.is_open and not flags.any():  # the usual case: nothing to do
+            return IncidentBatch(starts, ranks, during, [])
         changes: list[Incident] = []
         grew = False
         cursor = 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.subspace import forgetting_factor
+from models.subspace import age_weights, forgetting_factor
 
 
 class ResidualScale:
@@ -83,7 +83,7 @@ class ResidualScale:
         """Exponentially weighted mean of the rows of `E` after `mean` (of total weight `weight`); the newest row
         weighs 1 and each older one λ times the next."""
         b = E.shape[0]
-        w = lam ** np.arange(b - 1, -1, -1, dtype=np.float64)
+        w = age_weights(lam, b)
         old = weight * lam ** b
         total = old + float(w.sum())
         merged = w @ E if mean is None or old == 0.0 else old * mean + w @ E

@@ -10,6 +10,18 @@ from models.autoencoder import check_weight_shapes, checked_rows
 LEARN_CHUNK = 64       # rows per learning step: larger batches are learned in steps of this many rows
 NEW_DIRECTIONS = 4     # directions a learning step may add to the tracked subspace (see `SubspaceModel._step`)
 _SKETCHES: dict[int, np.ndarray] = {}  # fixed ±1 sketch matrices by number of rows (deterministic learning)
+_AGES: dict[tuple[float, int], np.ndarray] = {}  # forgetting weights of a batch: λ^(b-1), ..., λ, 1
+
+
+def age_weights(forgetting: float, rows: int) -> np.ndarray:
+    """The weights of `rows` readings learned together, oldest first: the newest weighs 1, each older one
+    `forgetting` times the next (cached: batches come in a few sizes). Do not modify the result."""
+    key = (forgetting, rows)
+    if key not in _AGES:
+        if len(_AGES) > 256:
+            _AGES.clear()
+        _AGES[key] = forgetting ** np.arange(rows - 1, -1, -1, dtype=np.float64)
+    return _AGES[key]
 
 
 def forgetting_factor(half_life: float) -> float:
@@ -25,19 +37,6 @@ def _sketch(rows: int) -> np.ndarray:
     if rows not in _SKETCHES:
         _SKETCHES[rows] = np.random.default_rng(rows).choice([-1.0, 1.0], size=(rows, NEW_DIRECTIONS))
     return _SKETCHES[rows]
-
-
-def orthonormal_columns(E: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of the columns of the tall matrix `E` (Cholesky QR: a few times cheaper than
-    `np.linalg.qr` for a handful of columns; Householder QR when the columns are (nearly) dependent)."""
-    try:
-        L = np.linalg.cholesky(E.T @ E)
-        Q = np.linalg.solve(L, E.T).T
-        if np.abs(Q.T @ Q - np.eye(Q.shape[1])).max() < 1e-6:
-            return Q
-    except np.linalg.LinAlgError:
-        pass
-    return np.linalg.qr(E)[0]
 
 
 class SubspaceModel:
@@ -165,7 +164,7 @@ class SubspaceModel:
     def _step(self, X: np.ndarray) -> None:
         b = X.shape[0]
         lam = self.forgetting
-        w = lam ** np.arange(b - 1, -1, -1, dtype=np.float64)  # the newest row weighs 1
+        w = age_weights(lam, b)  # the newest row weighs 1
         decay = lam ** b
         old_weight = self.weight * decay
         batch_weight = float(w.sum())
@@ -186,7 +185,7 @@ class SubspaceModel:
         elif r < d:  # the tracked basis, extended by a sketch of what it cannot reconstruct in this batch
             extension = (rows - (rows @ U) @ U.T).T @ _sketch(b + 1)[:, :d - r]
             extension -= U @ (U.T @ extension)  # again: U is float32, so only nearly orthonormal
-            basis = np.concatenate([U, orthonormal_columns(extension)], axis=1)
+            basis = np.concatenate([U, np.linalg.qr(extension)[0]], axis=1)
         else:  # the tracked basis is complete: the update is exact
             basis = U
         projected = rows @ basis

@@ -119,8 +119,8 @@ class OnlineThreshold:
         return self.history.count >= MIN_SCORES
 
     def _calibration(self) -> np.ndarray:
-        if self._sorted is None:
-            self._sorted = np.sort(self.history.values())
+        if self._sorted is None:  # the ring buffer's order does not matter for a sorted copy
+            self._sorted = np.sort(self.history._buf[:self.history.count]).astype(np.float64)
         return self._sorted
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
