@@ -28,6 +28,7 @@ from models.thresholds import make_threshold, threshold_from_arrays
 
 ARCHITECTURE = "flead.device-detector/2"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace)
 KINDS = ("subspace", "ae", "lstm_ae")
+SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
 THRESHOLD_START_FRACTION = 0.5  # scores of the first half of warm-up come from a barely trained model and would
 #                                 inflate the threshold and the residual scales: they learn only from later ones
 
@@ -35,7 +36,8 @@ THRESHOLD_START_FRACTION = 0.5  # scores of the first half of warm-up come from 
 NESTED_SETTINGS = {
     "subspace_window": ("model.subspace", "window"), "explained_variance": ("model.subspace", "explained_variance"),
     "subspace_rank": ("model.subspace", "rank"), "subspace_half_life": ("model.subspace", "half_life"),
-    "normalise_residuals": ("model.scoring", "normalise"), "residual_half_life": ("model.scoring", "half_life"),
+    "normalise_residuals": ("model.scoring", "normalise"), "score_inputs": ("model.scoring", "inputs"),
+    "residual_half_life": ("model.scoring", "half_life"),
     "residual_floor": ("model.scoring", "floor"),
     "drift_enabled": ("drift", "enabled"), "drift_block_readings": ("drift", "block_readings"),
     "drift_blocks": ("drift", "blocks"), "drift_alpha": ("drift", "alpha"),
@@ -74,6 +76,7 @@ class DetectorSettings:
     subspace_rank: int = 16
     subspace_half_life: float = 2000.0
     normalise_residuals: bool = True
+    score_inputs: str = "reading"
     residual_half_life: float = 2000.0
     residual_floor: float = 0.1
     drift_enabled: bool = True
@@ -172,6 +175,9 @@ class DeviceDetector:
     def __init__(self, metric_names: Sequence[str], settings: DetectorSettings):
         if settings.kind not in KINDS:
             raise ValueError(f"model.kind: unknown model {settings.kind!r} (known: {', '.join(KINDS)})")
+        if settings.score_inputs not in SCORE_INPUTS:
+            raise ValueError(f"model.scoring.inputs: unknown {settings.score_inputs!r} (known: "
+                             f"{', '.join(SCORE_INPUTS)})")
         self.metric_names = list(metric_names)
         self._metric_name_array = np.array(self.metric_names, dtype=object)  # for indexing by top-k positions
         self.settings = s = settings
@@ -227,11 +233,23 @@ class DeviceDetector:
             raise ValueError("empty batch: give at least one reading")
         return X
 
+    @property
+    def _scored_blocks(self) -> int:
+        """Feature blocks whose residuals make the score: with ``model.scoring.inputs: reading`` only the first,
+        the reading's own metric values (its window's lags and derived features still shape the reconstruction);
+        with ``all`` every block."""
+        return 1 if self.settings.score_inputs == "reading" else self.features.blocks
+
     def _errors(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For feature rows `F` (current scaler, model and residual scales): squared residuals, normalised squared
-        residuals and scores."""
+        """For feature rows `F` (current scaler, model and residual scales): squared residuals of every input, the
+        normalised squared residuals of the scored inputs, and the scores.
+
+        By default only the reading's own values are scored: a window's older readings were scored when they
+        arrived, and scoring them again would make one anomalous reading raise the scores of the `window` − 1
+        readings after it (an isolated spike would give five flags, and at most one of them could be right)."""
         errors = self.model.feature_errors(self.scaler.transform_many(F))
-        normalised = self.residual_scale.normalise(errors) if self.settings.normalise_residuals else errors
+        scored = errors[:, :self._scored_blocks * len(self.metric_names)]
+        normalised = self.residual_scale.normalise(scored) if self.settings.normalise_residuals else scored
         return errors, normalised, np.add.reduce(normalised, axis=1) / normalised.shape[1]
 
     def score_many(self, X: np.ndarray) -> np.ndarray:
@@ -270,8 +288,8 @@ class DeviceDetector:
         ts = None if ts is None else np.asarray(ts, dtype=np.int64)
         thresholds = np.full(n, cut)
         flagged = np.flatnonzero(is_anomaly)
-        shares = (metric_shares(normalised, self.features.blocks) if describe
-                  else metric_shares(normalised[flagged], self.features.blocks))
+        shares = (metric_shares(normalised, self._scored_blocks) if describe
+                  else metric_shares(normalised[flagged], self._scored_blocks))
         incidents = self.incidents.update(is_anomaly, scores, thresholds, shares[flagged] if describe else shares,
                                           seqs, ts, self.model_version, self.global_version)
         drift = None

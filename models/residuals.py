@@ -62,16 +62,18 @@ class ResidualScale:
             return np.ones(0 if self.mean_square is None else self.mean_square.shape[0])
         return np.sqrt(np.maximum(self.mean_square, self.floor * self.floor))
 
-    def _inverse_squares(self, d: int) -> np.ndarray:
-        if self._inverse is None or self._inverse.shape[0] != d:
+    def _inverse_squares(self) -> np.ndarray | None:
+        if self._inverse is None:
             scales = self.scales
-            self._inverse = np.ones(d) if scales.shape[0] != d else 1.0 / (scales * scales)
+            self._inverse = 1.0 / (scales * scales) if scales.shape[0] else None
         return self._inverse
 
     def normalise(self, squared_residuals: np.ndarray) -> np.ndarray:
-        """Squared residuals (n, d) divided by the squared scales: each input in units of its typical residual."""
+        """Squared residuals (n, d') divided by the squared scales of the first d' inputs: each input in units of
+        its typical residual (unchanged before any residual was learned)."""
         E = np.asarray(squared_residuals, dtype=np.float64)
-        return E * self._inverse_squares(E.shape[1])
+        inverse = self._inverse_squares()
+        return E.copy() if inverse is None else E * inverse[:E.shape[1]]
 
     def score_many(self, squared_residuals: np.ndarray) -> np.ndarray:
         """The anomaly score of each row: the mean of its normalised squared residuals."""

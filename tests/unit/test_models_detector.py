@@ -258,11 +258,28 @@ def test_normalised_score_is_plain_mse_when_every_scale_is_one(squared_residuals
     det.residual_scale.learn_many(np.ones((1, 20)))      # every typical residual exactly 1
     assert (det.residual_scale.scales == 1.0).all()
     np.testing.assert_allclose(det.residual_scale.score_many(squared_residuals), squared_residuals.mean(axis=1))
-    plain = make(kind="subspace", normalise_residuals=False)
-    feed(plain, normal_readings(64))
-    X = normal_readings(8, seed=3)
-    errors = plain.model.feature_errors(plain.scaler.transform_many(plain.features.transform_many(X)))
-    np.testing.assert_allclose(plain.score_many(X), errors.mean(axis=1))
+    for inputs, scored in (("reading", slice(0, len(METRICS))), ("all", slice(None))):
+        plain = make(kind="subspace", normalise_residuals=False, score_inputs=inputs)
+        feed(plain, normal_readings(64))
+        X = normal_readings(8, seed=3)
+        errors = plain.model.feature_errors(plain.scaler.transform_many(plain.features.transform_many(X)))
+        np.testing.assert_allclose(plain.score_many(X), errors[:, scored].mean(axis=1))
+
+
+def test_a_spike_raises_its_own_score_not_the_next_readings():
+    """The window's older readings shape the reconstruction, but only the reading's own values are scored: on
+    readings independent in time, one anomalous reading is one flag, not one per reading whose window holds it.
+    (Where readings are correlated in time, the model reconstructs a reading from its window, so a spike still
+    disturbs the next few reconstructions.)"""
+    rng = np.random.default_rng(4)
+    load = rng.normal(0.5, 0.1, size=(1300, 1))
+    X = np.hstack([load, 0.8 * load + 0.1, 1.0 - load, 0.5 * load]) + rng.normal(0, 0.01, size=(1300, 4))
+    X[1250, 2] += 0.6
+    for inputs, echo in (("reading", False), ("all", True)):
+        det = make(kind="subspace", score_inputs=inputs)
+        flags = np.concatenate([r.is_anomaly for r in feed(det, X)])
+        assert flags[1250]
+        assert flags[1251:1255].any() == echo, (inputs, flags[1248:1256])
 
 
 def level_shift(n_before=1500, n_after=1500, seed=0):
