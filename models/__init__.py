@@ -10,8 +10,9 @@ Per-device detection (River-style: ``learn_one``/``score_one`` and ``*_many`` ba
 - `models.subspace.SubspaceModel` — online PCA (low-rank covariance with forgetting) over windows: the default.
 - `models.residuals.ResidualScale` — each input's typical residual; the score is the mean of squared residuals
   divided by it. `models.incidents.IncidentTracker`, `models.drift.DriftMonitor` — incidents and drift.
-- `models.federation` — ``federated_vector(weights, architecture)`` / ``weights_from_vector(vector, like,
-  architecture)`` / ``blend_weights``: the space aggregation strategies average in, per architecture.
+- `models.federation` — `SubspaceCodec`, the subspace kind's `models.updates.VectorCodec` (registered when
+  `models` is imported, so ``models.updates.codec_for("subspace/...")`` finds it wherever aggregation runs);
+  ``blend_weights`` (adoption by blending, in codec space).
 - `models.features.FeatureBuilder` — rolling mean/std, lags, rate of change; NaN policy (impute | reject,
   `NonFiniteMetricError`).
 - `models.scaler.RunningScaler` — running mean/variance (Welford; Chan for batches).
@@ -24,3 +25,5 @@ Per-device detection (River-style: ``learn_one``/``score_one`` and ``*_many`` ba
 - `models.serialization` — ``dumps(weights, meta) -> bytes``, ``loads(blob, expected_shapes=None)``,
   ``to_b64``/``from_b64``, `SerializationError`. No pickle.
 """
+
+from models import federation  # noqa: E402,F401  (registers the subspace codec for `models.updates.codec_for`)

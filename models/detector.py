@@ -76,7 +76,7 @@ class DetectorSettings:
     subspace_rank: int = 16
     subspace_half_life: float = 2000.0
     normalise_residuals: bool = True
-    score_inputs: str = "reading"
+    score_inputs: str = "all"
     residual_half_life: float = 2000.0
     residual_floor: float = 0.1
     drift_enabled: bool = True
@@ -235,18 +235,19 @@ class DeviceDetector:
 
     @property
     def _scored_blocks(self) -> int:
-        """Feature blocks whose residuals make the score: with ``model.scoring.inputs: reading`` only the first,
-        the reading's own metric values (its window's lags and derived features still shape the reconstruction);
-        with ``all`` every block."""
+        """Feature blocks whose residuals make the score: with ``model.scoring.inputs: all`` (the default) every
+        input, the window's older readings included; with ``reading`` only the first block, the reading's own
+        metric values (its window's lags and derived features still shape the reconstruction)."""
         return 1 if self.settings.score_inputs == "reading" else self.features.blocks
 
     def _errors(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For feature rows `F` (current scaler, model and residual scales): squared residuals of every input, the
         normalised squared residuals of the scored inputs, and the scores.
 
-        By default only the reading's own values are scored: a window's older readings were scored when they
-        arrived, and scoring them again would make one anomalous reading raise the scores of the `window` − 1
-        readings after it (an isolated spike would give five flags, and at most one of them could be right)."""
+        Scoring every input of a window (the default, as issue 12 specifies it) also scores the window's older
+        readings again: one anomalous reading raises the scores of the `window` − 1 readings after it too (an
+        isolated spike gives up to `window` flags, at most one of them right), while a sustained anomaly is seen
+        from several angles. ``inputs: reading`` scores only the reading's own values."""
         errors = self.model.feature_errors(self.scaler.transform_many(F))
         scored = errors[:, :self._scored_blocks * len(self.metric_names)]
         normalised = self.residual_scale.normalise(scored) if self.settings.normalise_residuals else scored

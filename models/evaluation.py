@@ -10,10 +10,11 @@ Protocol (no test label is used for anything but the final metrics):
    before it is learned) and its flags come from its own online threshold, label-free.
    ``local``: every device alone. ``federated``: every ``round_every`` readings per device, each device
    snapshots, the strategy (FedAvg by default) aggregates the snapshots in the vector space of
-   `models.federation`, and every device adopts the result by ``global_policy`` (blend 0.5 by default), as
-   the stream job does with the Spark aggregation job. ``centralized``: one model learns every device's
-   readings (interleaved micro-batch by micro-batch); the per-device parts (feature buffer, scaler, residual
-   scales, threshold) stay per device, so only how the model is shared differs from ``federated``.
+   `models.updates.codec_for` (`models.federation` for the subspace kind), and every device adopts the result
+   by ``global_policy`` (blend 0.5 by default), as the stream job does with the Spark aggregation job.
+   ``centralized``: one model learns every device's readings (interleaved micro-batch by micro-batch); the
+   per-device parts (feature buffer, scaler, residual scales, threshold) stay per device, so only how the model
+   is shared differs from ``federated``.
    ``protocol="batch"`` is the earlier offline protocol: ``rounds × local_epochs`` epochs over the fit part, a
    frozen model scores calibration and test, and flags come from the configured threshold rule fit on the
    calibration scores (with ``finetune_epochs`` also ``federated_finetuned``).
@@ -38,7 +39,7 @@ import numpy as np
 
 from models.aggregation import AggregationError, FedAvg, Update
 from models.baselines import DBSCANScores, IsolationForestScores, PCAScores, RandomScores
-from models.federation import federated_vector, weights_from_vector
+from models.updates import codec_for
 from models.metrics import detection_metrics_from_flags, event_counts, event_metrics
 from models.serialization import loads
 from models.thresholds import MAD_TO_STD, make_threshold
@@ -237,17 +238,16 @@ class FleetEvaluator:
                          facts: dict) -> None:
         """Snapshot the devices still streaming, aggregate their snapshots' federated vectors, adopt the result."""
         active = [d for d in self.devices if len(series[d]) >= done]
-        updates, like, architecture, upload = [], None, None, 0
+        updates, like, codec, upload = [], None, None, 0
         for d in active:
             snap = detectors[d].snapshot()
             weights, meta = loads(snap["weights"])
-            like, architecture = weights, meta["architecture"]
+            like, codec = weights, codec_for(meta["architecture"])
             upload += len(snap["weights"])
-            updates.append(Update(d, [federated_vector(weights, architecture)], n_samples=snap["n_samples"],
+            updates.append(Update(d, [codec.federated_vector(weights)], n_samples=snap["n_samples"],
                                   version=snap["version"]))
         try:
-            aggregated = (self.strategy.aggregate(updates, current=None) if isinstance(self.strategy, FedAvg)
-                          else self.strategy.aggregate(updates))
+            aggregated = self.strategy.aggregate(updates)
         except AggregationError as exc:  # e.g. too few devices still streaming: as in the job, no new model
             facts["rounds_skipped"] = facts.get("rounds_skipped", 0) + 1
             facts["last_skip_reason"] = str(exc)
@@ -255,10 +255,10 @@ class FleetEvaluator:
         facts["rounds"] += 1
         clusters = aggregated.extra.get("clusters", {})
         cluster_weights = aggregated.extra.get("cluster_weights")
-        global_weights = weights_from_vector(aggregated.weights[0], like, architecture)
+        global_weights = codec.weights_from_vector(aggregated.weights[0], like)
         for d in active:  # every device adopts, as in the stream job (a rejected update does not exclude a device)
             if cluster_weights is not None and d in clusters:
-                adopted = weights_from_vector(cluster_weights[clusters[d]][0], like, architecture)
+                adopted = codec.weights_from_vector(cluster_weights[clusters[d]][0], like)
             else:
                 adopted = global_weights
             detectors[d].adopt_global(adopted, facts["rounds"], self.global_policy, self.blend_weight)
@@ -296,7 +296,7 @@ class FleetEvaluator:
 
     def _batch_federated(self) -> None:
         models = {d: self.model_factory() for d in self.devices}
-        architecture = models[self.devices[0]].architecture
+        codec = codec_for(models[self.devices[0]].architecture)
         global_weights = None
         round_bytes = 0
         for r in range(1, self.rounds + 1):
@@ -306,17 +306,17 @@ class FleetEvaluator:
                     model.set_weights(global_weights)
                 for _ in range(self.local_epochs):
                     model.learn_many(self.fit[d])
-                updates.append(Update(d, [federated_vector(model.get_weights(), architecture)],
-                                      n_samples=len(self.fit[d]), version=r))
+                updates.append(Update(d, [codec.federated_vector(model.get_weights())], n_samples=len(self.fit[d]),
+                                      version=r))
             like = models[self.devices[0]].get_weights()
-            aggregated = (self.strategy.aggregate(updates, current=None) if isinstance(self.strategy, FedAvg)
-                          else self.strategy.aggregate(updates))
-            global_weights = weights_from_vector(aggregated.weights[0], like, architecture)
+            aggregated = self.strategy.aggregate(updates)
+            global_weights = codec.weights_from_vector(aggregated.weights[0], like)
             # Every participant uploads its model and downloads the new global one.
             round_bytes = 2 * len(updates) * _model_bytes(global_weights)
             losses = [m.loss for m in models.values() if getattr(m, "loss", None) is not None]
+            mean_loss = np.mean(losses) if losses else math.nan
             self.say(f"federated round {r}/{self.rounds}: {len(aggregated.participants)} participants, "
-                     f"{len(aggregated.rejected)} rejected, mean local loss {np.mean(losses) if losses else math.nan:.4f}")
+                     f"{len(aggregated.rejected)} rejected, mean local loss {mean_loss:.4f}")
         for model in models.values():
             model.set_weights(global_weights)
         facts = {"protocol": "batch", "bytes_per_round": round_bytes, "rounds": self.rounds,

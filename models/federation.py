@@ -1,33 +1,30 @@
-"""Codecs between a model's wire weights and the vector space federated strategies average in, per architecture.
+"""The subspace model's codec for aggregation (`models.updates.VectorCodec`), and blending in codec space.
 
-Strategies (FedAvg, median, trimmed mean, clustering, differential privacy, secure aggregation) are generic over
-vectors; what a vector means is the model's business:
+Strategies (FedAvg, median, trimmed mean, clustering, differential privacy, secure aggregation) work on
+vectors; `models.updates.codec_for(architecture)` says what a vector means. The autoencoders' codec is the
+identity. The subspace model (``subspace/<d>/r<r>``) sends a low-rank covariance factor L (d, r), the mean μ
+and the per-input variances v (float32, ~6.8 KB for d = 95): averaging factors is meaningless (their columns
+have arbitrary signs and order), so `SubspaceCodec` maps them to ``[μ, vech(C + μμᵀ)]``, the mean and the upper
+triangle of the second moment, with ``C = L Lᵀ`` whose diagonal is replaced by the exact variances. A weighted
+mean of such vectors is exactly the mean and second moment of the devices' pooled distribution, so FedAvg of
+them is the covariance of the pooled data, and the coordinate-wise robust rules stay meaningful. The inverse
+rebuilds C and truncates its eigendecomposition back to a rank-r factor (negative eigenvalues, which noise or a
+coordinate-wise median can create, are dropped). The vector lives only inside the aggregator (O(d²) floats,
+37 KB for d = 95, transient); what devices send and receive stays the small factor.
 
-- autoencoders (``dense_ae/...``, ``lstm_ae/...``): the weights themselves, flattened (the identity);
-- the subspace model (``subspace/<d>/r<r>``): its wire weights are a low-rank covariance factor L (d, r), the
-  mean μ and the per-input variances v (float32, ~6 KB for d = 95). Averaging factors is meaningless (their
-  columns have arbitrary signs and order), so the vector is ``[μ, vech(C + μμᵀ)]``: the mean and the upper
-  triangle of the second moment, with ``C = L Lᵀ`` whose diagonal is replaced by the exact variances. A weighted
-  mean of such vectors is exactly the mean and second moment of the devices' pooled distribution, so FedAvg
-  of them is the covariance of the pooled data, and the coordinate-wise robust rules stay meaningful. The
-  inverse rebuilds C and truncates its eigendecomposition back to a rank-r factor (negative eigenvalues, which
-  noise or a coordinate-wise median can create, are dropped).
-
-The vector lives only inside the aggregator (O(d²) floats, 37 KB for d = 95, transient); what devices send and
-receive stays the small factor.
+The codec registers itself for the ``subspace`` kind when `models` is imported (`models/__init__.py`).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> factor = rng.normal(size=(4, 2)).astype(np.float32)
 >>> a = [factor, np.ones(4, np.float32), (factor ** 2).sum(axis=1)]   # variances: the rank-2 model's own
->>> vector = federated_vector(a, "subspace/4/r2")
+>>> codec = codec_for("subspace/4/r2")
+>>> vector = codec.federated_vector(a)
 >>> vector.shape                                       # 4 means + 10 entries of the upper triangle
 (14,)
->>> back = weights_from_vector(vector, a, "subspace/4/r2")
+>>> back = codec.weights_from_vector(vector, a)
 >>> np.allclose(back[0] @ back[0].T, factor @ factor.T, atol=1e-5), np.allclose(back[1], 1.0)
 (True, True)
->>> weights_from_vector(federated_vector([np.ones(3)], "dense_ae/3"), [np.ones(3)], "dense_ae/3")[0].tolist()
-[1.0, 1.0, 1.0]
 """
 from __future__ import annotations
 
@@ -35,11 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
-SUBSPACE_PREFIX = "subspace/"
+from models.updates import codec_for, register_codec
 
-
-def is_subspace(architecture: str | None) -> bool:
-    return bool(architecture) and str(architecture).startswith(SUBSPACE_PREFIX)
+SUBSPACE_KIND = "subspace"
 
 
 def subspace_moments(weights: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -66,19 +61,16 @@ def subspace_weights(mean: np.ndarray, C: np.ndarray, like: Sequence[np.ndarray]
     return [w.astype(np.asarray(ref).dtype) for w, ref in zip(out, like)]
 
 
-def federated_vector(weights: Sequence[np.ndarray], architecture: str) -> np.ndarray:
-    """The float64 vector that aggregation strategies average, for wire weights of `architecture`."""
-    if is_subspace(architecture):
+class SubspaceCodec:
+    """Subspace wire weights ↔ ``[μ, vech(C + μμᵀ)]`` (module docstring)."""
+
+    def federated_vector(self, weights: Sequence[np.ndarray]) -> np.ndarray:
         mean, C = subspace_moments(weights)
         second_moment = C + np.outer(mean, mean)
         return np.concatenate([mean, second_moment[np.triu_indices(mean.shape[0])]])
-    return np.concatenate([np.asarray(w, dtype=np.float64).ravel() for w in weights]) if len(weights) else np.zeros(0)
 
-
-def weights_from_vector(vector: np.ndarray, like: Sequence[np.ndarray], architecture: str) -> list[np.ndarray]:
-    """Wire weights shaped and typed like `like` from an (aggregated) `federated_vector` of `architecture`."""
-    vector = np.asarray(vector, dtype=np.float64).ravel()
-    if is_subspace(architecture):
+    def weights_from_vector(self, vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+        vector = np.asarray(vector, dtype=np.float64).ravel()
         d = np.shape(like[1])[0]
         if vector.shape[0] != d + d * (d + 1) // 2:
             raise ValueError(f"a subspace vector of {d} inputs has {d + d * (d + 1) // 2} entries, got "
@@ -88,20 +80,18 @@ def weights_from_vector(vector: np.ndarray, like: Sequence[np.ndarray], architec
         second_moment[np.triu_indices(d)] = vector[d:]
         second_moment = second_moment + np.triu(second_moment, 1).T
         return subspace_weights(mean, second_moment - np.outer(mean, mean), like)
-    sizes = [int(np.prod(np.shape(w))) for w in like]
-    if vector.shape[0] != sum(sizes):
-        raise ValueError(f"weights of shapes {[np.shape(w) for w in like]} need {sum(sizes)} entries, got "
-                         f"{vector.shape[0]}")
-    parts = np.split(vector, np.cumsum(sizes)[:-1])
-    return [p.reshape(np.shape(w)).astype(np.asarray(w).dtype) for p, w in zip(parts, like)]
+
+
+register_codec(SUBSPACE_KIND, SubspaceCodec)
 
 
 def blend_weights(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], blend_weight: float,
                   architecture: str) -> list[np.ndarray]:
-    """``(1 − b)·local + b·global`` in the federated vector space (for the subspace model: blend the mean and
-    second moment, i.e. the mixture of the two distributions, not the factors)."""
+    """``(1 − b)·local + b·global`` in the architecture's codec space (network weights as they are; for the
+    subspace model the mean and second moment, i.e. the mixture of the two distributions, not the factors)."""
     if not 0.0 <= blend_weight <= 1.0:
         raise ValueError(f"stream.blend_weight must be in [0, 1], got {blend_weight}")
-    mixed = ((1.0 - blend_weight) * federated_vector(local, architecture)
-             + blend_weight * federated_vector(global_weights, architecture))
-    return weights_from_vector(mixed, local, architecture)
+    codec = codec_for(architecture)
+    mixed = ((1.0 - blend_weight) * codec.federated_vector(local)
+             + blend_weight * codec.federated_vector(global_weights))
+    return codec.weights_from_vector(mixed, list(local))

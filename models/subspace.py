@@ -69,7 +69,8 @@ class SubspaceModel:
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> X = rng.normal(size=(2000, 2)) @ np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]) + 0.05 * rng.normal(size=(2000, 3))
+    >>> X = rng.normal(size=(2000, 2)) @ np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    >>> X += 0.05 * rng.normal(size=(2000, 3))
     >>> model = SubspaceModel(explained_variance=0.9, rank=3, half_life=0)
     >>> model.learn_many(X)
     >>> model.k, np.allclose(model.covariance, np.cov(X.T, bias=True))
@@ -171,7 +172,7 @@ class SubspaceModel:
         new_weight = old_weight + batch_weight
         batch_mean = (w @ X) / batch_weight
         # Rows whose scatter is the batch's contribution: weighted centred rows, and the mean-shift term of merging
-        # two groups, W_old·W_b/W · (μ_old − μ_b)(μ_old − μ_b)ᵀ (Chan et al.'s parallel variance, in matrix form).
+        # two groups, W_old·W_b/W · (μ_old − μ_b)(μ_old − μ_b)ᵀ (Chan et al.'s parallel variance for matrices).
         rows = np.empty((b + 1, X.shape[1]))
         np.multiply(X - batch_mean, np.sqrt(w)[:, None], out=rows[:b])
         rows[b] = math.sqrt(old_weight * batch_weight / new_weight) * (self.mean - batch_mean)

@@ -36,6 +36,13 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(autouse=True)
+def dense_autoencoder_kind(monkeypatch):
+    """These tests build dense-autoencoder snapshots (`SHAPES`, 6 metrics) and the aggregator checks snapshots
+    against the configured model, so they configure that kind (the default is the subspace model)."""
+    monkeypatch.setenv("FLEAD_MODEL_KIND", "ae")
+
+
 def snapshot(device_id: str, weights, n_samples: int, version: int = 1, created_at: int | None = None,
              signed: bool = True) -> dict:
     """A `flead.snapshot/1` as the stream job sends it: signed with the deployment's key (the test's state dir)."""

@@ -73,3 +73,14 @@ def test_tracker_groups_flags_as_the_evaluation_does(flags, gap, batch):
     if tracker.is_open:
         resolved.append((tracker.start_seq, tracker.end_seq + 1))
     assert resolved == flag_groups(np.array(flags, dtype=int), gap)
+
+
+def test_records_pass_the_wire_formats_of_telemetry_schema():
+    from models.drift import DriftEvent
+    from telemetry.schema import DRIFT, INCIDENT
+    tracker = IncidentTracker(NAMES, gap_readings=1)
+    _, _, changes = run(tracker, [1, 1, 0, 0], batch=4, ts=[1000, 2000, 3000, 4000])
+    for change in changes:
+        INCIDENT.check(change.to_record("omi-1", updated_at=5000))
+    event = DriftEvent(seq=7, ts=7000, reason="r", flag_rate=0.3, target_rate=0.01, window=288)
+    DRIFT.check(event.to_record("omi-1", detected_at=8000, model_version=2))
