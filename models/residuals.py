@@ -17,7 +17,8 @@ class ResidualScale:
     ``mean_j (r_j / s_j)²``, which is the plain MSE when every ``s_j`` is 1.
 
     The typical residual is the root mean square of the model's out-of-sample residuals (the detector scores a
-    batch before learning it), exponentially weighted, kept on the device like the input scaler. Each scale is
+    batch before learning it) of readings that were not flagged, exponentially weighted, kept on the device like
+    the input scaler. Each scale is
     at least `floor`, in the units of the (standardised) input: an input the model reconstructs almost perfectly
     cannot turn rounding noise into alarms. A second, fast tracker (`recent_half_life`) follows the last few
     dozen readings, for `rebaseline` after a drift.
@@ -91,11 +92,17 @@ class ResidualScale:
         merged = w @ E if mean is None or old == 0.0 else old * mean + w @ E
         return merged / total, total
 
-    def learn_many(self, squared_residuals: np.ndarray) -> None:
+    def learn_many(self, squared_residuals: np.ndarray, typical: np.ndarray | None = None) -> None:
+        """Learn squared residuals (n, d). With the mask `typical`, the slow tracker learns only those rows (the
+        detector leaves out flagged readings: an anomaly must not raise the scale it is judged by; the threshold
+        is a quantile of the scores, so this does not change how many readings are flagged); the fast tracker,
+        which a re-baselining after a drift takes, learns every row."""
         E = np.array(squared_residuals, dtype=np.float64, ndmin=2)
         if E.shape[0] == 0:
             return
-        self.mean_square, self.weight = self._merge(self.mean_square, self.weight, E, self._forgetting)
+        usual = E if typical is None else E[np.asarray(typical, dtype=bool)]
+        if usual.shape[0]:
+            self.mean_square, self.weight = self._merge(self.mean_square, self.weight, usual, self._forgetting)
         self.recent_mean_square, self.recent_weight = self._merge(self.recent_mean_square, self.recent_weight, E,
                                                                   self._recent_forgetting)
         self._inverse = None

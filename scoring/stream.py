@@ -415,13 +415,13 @@ class StreamScoring:
         cohort = broadcasts.cohort
         if cohort is None or cohort.get("members", {}).get(device_id) != secagg.public_key_b64(public):
             weights = detector.get_weights()
-            vector = codec_for(detector.network.architecture).federated_vector(weights)
+            vector = codec_for(detector.architecture).federated_vector(weights)
             return [secagg.enrolment_record(device_id, public, vector.size, [w.shape for w in weights], version,
                                             n_seen, now_ms)]
         records = []
         round_id = cohort["round_id"]
         if state.answered_round != round_id:
-            vector = codec_for(detector.network.architecture).federated_vector(detector.get_weights())
+            vector = codec_for(detector.architecture).federated_vector(detector.get_weights())
             records.append(secagg.answer_cohort(cohort, device_id, private, vector, snap["n_samples"], version,
                                                 n_seen, now_ms))
             state.answered_round = round_id
