@@ -12,7 +12,7 @@ import time
 import pytest
 
 from config import PROJECT_ROOT, load_config
-from orchestration import processes
+from services import processes
 from telemetry.consumer import iter_messages
 from telemetry.producer import produce, producer_config
 from telemetry.readers import open_reader
