@@ -65,14 +65,10 @@ def recorded_pid(state_dir: Path, name: str) -> tuple[int, str] | None:
 
 
 def running_pid(state_dir: Path, name: str) -> int | None:
-    """The pid of our process `name` if it is alive, else None (a stale pid file is removed)."""
+    """The pid of our process `name` if it is alive, else None. (A stale pid file stays: it tells `stop` and the
+    supervisor which session's leftovers to kill; the start time in it keeps a recycled pid from passing.)"""
     recorded = recorded_pid(state_dir, name)
-    if recorded is None:
-        return None
-    if _alive(*recorded):
-        return recorded[0]
-    pid_file(state_dir, name).unlink(missing_ok=True)
-    return None
+    return recorded[0] if recorded is not None and _alive(*recorded) else None
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -159,6 +155,7 @@ def stop(state_dir: Path, name: str, grace: float = 20.0) -> bool:
     if pid is None:
         if recorded is not None:
             kill_session_leftovers(*recorded)
+            pid_file(state_dir, name).unlink(missing_ok=True)
         return False
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
