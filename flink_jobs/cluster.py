@@ -18,6 +18,7 @@ from pathlib import Path
 from config import PROJECT_ROOT, load_config
 from flink_jobs import WORKER_PACKAGES
 from flink_jobs.binding import LOOPBACK, LOOPBACK_SETTINGS, flink_home, lib_dir
+from services import processes
 from services.processes import ServiceError, port_open
 
 FLINK_HOME = flink_home()
@@ -50,6 +51,7 @@ def write_conf(cfg) -> Path:
         "taskmanager.numberOfTaskSlots": cfg.stream.task_slots, "parallelism.default": cfg.stream.parallelism,
         "python.executable": python, "python.client.executable": python,
         "env.log.dir": str(cfg.state_dir / "logs" / "flink-cluster"),
+        "env.pid.dir": str(processes.private_dir(cfg.state_dir / "flink" / "run")),  # not /tmp: ours only
         # the distribution's --add-opens/--add-exports for Java 17 (without them `flink run` fails with
         # "Can not register process function transformation translator")
         "env.java.opts.all": distribution_java_opts(),

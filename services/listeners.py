@@ -101,6 +101,28 @@ def state_dir_processes(state_dir: Path) -> dict[int, str]:
     return owned
 
 
+def processes_mentioning(text: str, name: str) -> dict[int, str]:
+    """Live processes whose command line contains `text` (e.g. a state dir that daemons were started with), and
+    all their descendants: pid → `name`."""
+    parents: dict[int, int] = {}
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.add(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return {pid: name for pid in found}
+
+
 def listeners(pids: dict[int, str]) -> list[Listener]:
     """The listening sockets held by `pids` (pid → service name)."""
     sockets = listening_sockets()

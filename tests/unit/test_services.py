@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 
@@ -173,3 +174,17 @@ def test_registrations_are_listed_servers_first(state):
     Service(state, "z-server", SLEEP, priority=SERVER_PRIORITY).start()
     assert [spec["name"] for spec in registered(state)] == ["z-server", "a-client"]
     assert json.loads((state / "run" / "a-client.json").read_text())["name"] == "a-client"
+
+
+def test_processes_mentioning_a_path_include_their_children(tmp_path):
+    marker = str(tmp_path / "conf")
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                               "'-c', 'import time; time.sleep(300)']); time.sleep(300)", marker])
+    try:
+        wait_for(lambda: len(listeners.processes_mentioning(marker, "daemon")) == 2)
+        found = listeners.processes_mentioning(marker, "daemon")
+        assert parent.pid in found and set(found.values()) == {"daemon"}
+    finally:
+        for pid in listeners.processes_mentioning(marker, "daemon"):
+            os.kill(pid, signal.SIGKILL)
+        parent.wait()
