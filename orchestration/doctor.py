@@ -27,7 +27,8 @@ class Finding:
 
 def examine(cfg: Config) -> list[Finding]:
     """Run every check (repairing what it can) and return the findings in order."""
-    from orchestration import stack
+    from storage.mongo import mongo_healthy
+    from telemetry.brokers import kafka_healthy
 
     state = cfg.state_dir
     findings = []
@@ -51,8 +52,8 @@ def examine(cfg: Config) -> list[Finding]:
     else:
         findings.append(Finding(supervisor.NAME, OK if was_running else FIXED,
                                 f"running (pid {pid})" if was_running else f"was not running; started (pid {pid})"))
-    for name, healthy, where in (("kafka", stack.kafka_healthy(cfg.kafka_bootstrap, 3.0), cfg.kafka_bootstrap),
-                                 ("mongo", stack.mongo_healthy(cfg.mongo_uri, 3000), cfg.mongo_uri)):
+    for name, healthy, where in (("kafka", kafka_healthy(cfg.kafka_bootstrap, 3.0), cfg.kafka_bootstrap),
+                                 ("mongo", mongo_healthy(cfg.mongo_uri, 3000), cfg.mongo_uri)):
         findings.append(Finding(name, OK if healthy else FAIL,
                                 f"answers at {where}" if healthy else f"does not answer at {where}; `flead up`"))
     fixed = ensure_private_modes(state)

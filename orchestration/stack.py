@@ -17,6 +17,8 @@ from services import processes, supervisor
 from services.processes import ServiceError
 from services.service import (SERVER_PRIORITY, Service, ensure_private_modes, known_services, registered,
                               stop_by_name)
+from storage.mongo import mongo_healthy
+from telemetry.brokers import kafka_healthy
 
 KAFKA = "kafka"
 MONGO = "mongo"
@@ -63,17 +65,6 @@ def _format_kafka_storage(cfg: Config, properties: Path) -> None:
         raise ServiceError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
 
 
-def kafka_healthy(bootstrap: str, timeout: float = 3.0) -> bool:
-    """True when the brokers at `bootstrap` answer a metadata request."""
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=timeout)
-        return True
-    except Exception:  # any client error means "not healthy yet"
-        return False
-
-
 def start_kafka(cfg: Config) -> bool:
     """Start the embedded broker unless it runs already; True if this call started it."""
     state = cfg.state_dir
@@ -114,20 +105,6 @@ def _ferretdb_binary(cfg: Config) -> Path:
     if not binary.exists():
         raise ServiceError(f"{binary} missing; run `make setup` (or set FLEAD_MONGO_URI to use your own MongoDB)")
     return binary
-
-
-def mongo_healthy(uri: str, timeout_ms: int = 2000) -> bool:
-    """True when the MongoDB server at `uri` answers a ping."""
-    import pymongo
-
-    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
-    try:
-        client.admin.command("ping")
-        return True
-    except Exception:  # any driver error means "not healthy yet"
-        return False
-    finally:
-        client.close()
 
 
 def start_mongo(cfg: Config) -> bool:

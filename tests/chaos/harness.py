@@ -33,6 +33,7 @@ DRAIN_WITHIN_S = 300.0      # ... and every reading stored by then
 # Settings of the pipeline under test (FLEAD_* overrides): frequent checkpoints and snapshots, so a restart
 # replays little and model versions move during a phase; a quick first back-off.
 PIPELINE_SETTINGS = {
+    "FLEAD_STREAM_TIMESTAMP_WINDOW_S": "0",  # a replay of recorded data (2024): no window around now
     "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "2000",
     "FLEAD_STREAM_SNAPSHOT_EVERY": "200",
     "FLEAD_SUPERVISION_BACKOFF_INITIAL_S": "1.0",
