@@ -38,7 +38,8 @@ from models.aggregation import Update, make_strategy  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.integrity import sign_record, signing_key  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
-from orchestration import processes, stack  # noqa: E402
+from orchestration import stack  # noqa: E402
+from services import processes  # noqa: E402
 from storage import mongo  # noqa: E402
 
 METRICS = [f"m{i:02d}" for i in range(19)]

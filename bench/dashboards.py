@@ -25,7 +25,8 @@ sys.path.insert(0, str(PROJECT_ROOT / "tests" / "e2e"))
 from bench_output import write_json  # noqa: E402  (beside this script)
 from browser import DASHBOARDS, expected_charts, log_in, open_dashboard  # noqa: E402  (the dashboard tests' helpers)
 from config import load_config  # noqa: E402
-from orchestration import processes, stack  # noqa: E402
+from orchestration import stack  # noqa: E402
+from services import processes  # noqa: E402
 from storage import mongo  # noqa: E402
 from visualization import superset_server  # noqa: E402
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_output import write_json  # noqa: E402  (beside this script)
 from config import PROJECT_ROOT, load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
-from orchestration import processes, stack  # noqa: E402
+from orchestration import stack  # noqa: E402
+from services import processes  # noqa: E402
 from telemetry.consumer import iter_messages  # noqa: E402
 from telemetry.producer import produce, producer_config  # noqa: E402
 from telemetry.readers import open_reader  # noqa: E402

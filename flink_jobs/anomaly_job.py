@@ -1,6 +1,6 @@
 """The FLEAD stream job: telemetry in, per-device scores, alerts and weight snapshots out, global models in.
 
-    .venv/bin/python flink_jobs/anomaly_job.py [--bounded] [--from-savepoint PATH|latest]
+    .venv/bin/python flink_jobs/anomaly_job.py [--bounded] [--from-savepoint PATH|latest|auto]
     flink run -py flink_jobs/anomaly_job.py [-pyfs config,models,telemetry,scoring,flink_jobs] [-- --bounded]
 
 Data flow (topic names from `cfg.kafka.topics`, shapes in docs/contracts.md):
@@ -45,6 +45,7 @@ from pyflink.table import StreamTableEnvironment  # noqa: E402
 
 from config import load_config  # noqa: E402
 from flink_jobs import WORKER_PACKAGES  # noqa: E402
+from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run  # noqa: E402
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
 from scoring.broadcasts import Broadcasts  # noqa: E402
@@ -192,6 +193,8 @@ def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configu
     conf.set_string("execution.checkpointing.dir", checkpoint_dir(cfg).as_uri())
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("state.backend.type", stream.state_backend)
+    for key, value in LOOPBACK_SETTINGS.items():  # every server on 127.0.0.1 (flink_jobs/binding.py)
+        conf.set_string(key, value)
     if recover_from:
         conf.set_string("execution.state-recovery.path", recover_from)
     return conf
@@ -305,24 +308,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bounded", action="store_true",
                         help="read the telemetry topic up to its current end, then stop (tests, benchmarks)")
-    parser.add_argument("--from-savepoint", metavar="PATH|latest",
+    parser.add_argument("--from-savepoint", metavar="PATH|latest|auto",
                         help="restore from a savepoint or retained checkpoint ('latest': the newest checkpoint "
-                             "in <state_dir>/flink/checkpoints)")
+                             "in <state_dir>/flink/checkpoints; 'auto': that one if there is one, else start fresh)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config()
     recover_from = args.from_savepoint
-    if recover_from == "latest":
+    if recover_from in ("latest", "auto"):
         found = latest_checkpoint(cfg)
-        if found is None:
+        if found is None and recover_from == "latest":
             print(f"--from-savepoint latest: no retained checkpoint in {checkpoint_dir(cfg)}", file=sys.stderr)
             return 2
-        recover_from = str(found)
+        recover_from = str(found) if found else None
     # Python workers as separate processes, like on a cluster (else the driver runs every UDF: one core only).
     os.environ.setdefault("_python_worker_execution_mode", "process")
     log_dir = cfg.state_dir / "logs" / "flink"  # the local MiniCluster's log (default: inside site-packages)
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
+    use_loopback_lib_for_local_run(cfg)
     env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, args.bounded, recover_from))
     build_job(env, cfg, args.bounded)
     LOG.info("starting (bounded=%s, recover from %s, parallelism %d)", args.bounded, recover_from,

@@ -7,18 +7,25 @@ import sys
 
 from config import PROJECT_ROOT
 
-PROCESS = "stream"  # name under which orchestration.processes knows the job (so `flead down` stops it)
+PROCESS = "stream"  # the job's service name (pid file, log, registration): `flead down` stops it too
 JOB = PROJECT_ROOT / "flink_jobs" / "anomaly_job.py"
+RESUME = "auto"  # the job's --from-savepoint value for "the newest retained checkpoint, if there is one"
 
 
 def register(sub) -> None:
     p = sub.add_parser("stream", help="the PyFlink stream job: score telemetry, snapshot models, adopt global models")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    a = actions.add_parser("start", help="run the job in the background (local MiniCluster)")
+    a = actions.add_parser("start", help="run the job in the background (local MiniCluster), supervised; it resumes "
+                                         "from its newest retained checkpoint, so models continue after a crash")
     a.add_argument("--bounded", action="store_true",
                    help="read the telemetry topic to its current end in the foreground, then stop")
-    a.add_argument("--from-savepoint", metavar="PATH|latest",
-                   help="restore from a savepoint or retained checkpoint ('latest': the newest retained checkpoint)")
+    start_from = a.add_mutually_exclusive_group()
+    start_from.add_argument("--from-savepoint", metavar="PATH|latest",
+                            help="restore from this savepoint or retained checkpoint ('latest': the newest retained "
+                                 "checkpoint, an error if there is none; default: the newest one if any)")
+    start_from.add_argument("--fresh", action="store_true",
+                            help="start without restoring state: every device's model starts anew (restarts after a "
+                                 "crash still resume from the checkpoints this run makes)")
     a.set_defaults(func=cmd_start)
     actions.add_parser("stop", help="stop the background job").set_defaults(func=cmd_stop)
     actions.add_parser("status", help="is the background job running").set_defaults(func=cmd_status)
@@ -28,45 +35,45 @@ def register(sub) -> None:
         func=cmd_cluster, cluster_action="stop")
 
 
-def cmd_start(args, cfg) -> int:
-    from orchestration import processes
+def stream_service(cfg, start_from: str | None = RESUME):
+    """The job as a supervised service; it first starts from `start_from` (None: fresh), and a restart after a
+    crash always resumes from the newest retained checkpoint."""
+    from services.service import Service
 
-    cmd = [sys.executable, str(JOB)]
-    if args.from_savepoint:
-        cmd += ["--from-savepoint", args.from_savepoint]
+    job = [sys.executable, str(JOB)]
+    return Service(cfg.state_dir, PROCESS, job + (["--from-savepoint", start_from] if start_from else []),
+                   env=cfg.to_env(), cwd=PROJECT_ROOT, restart_argv=job + ["--from-savepoint", RESUME])
+
+
+def cmd_start(args, cfg) -> int:
     if args.bounded:
-        return subprocess.run([*cmd, "--bounded"], env={**os.environ, **cfg.to_env()}).returncode
-    pid = processes.running_pid(cfg.state_dir, PROCESS)
-    if pid is not None:
-        print(f"stream job already running (pid {pid})")
-        return 0
-    pid = processes.start(cfg.state_dir, PROCESS, cmd, env=cfg.to_env(), cwd=PROJECT_ROOT)
-    print(f"stream job started (pid {pid}); log: {processes.log_path(cfg.state_dir, PROCESS)}")
+        cmd = [sys.executable, str(JOB), "--bounded"] + (["--from-savepoint", args.from_savepoint]
+                                                         if args.from_savepoint else [])
+        return subprocess.run(cmd, env={**os.environ, **cfg.to_env()}).returncode
+    start_from = None if args.fresh else args.from_savepoint or RESUME
+    print(stream_service(cfg, start_from).start())
     return 0
 
 
 def cmd_stop(args, cfg) -> int:
-    from orchestration import processes
-
-    print("stream job stopped" if processes.stop(cfg.state_dir, PROCESS) else "stream job was not running")
+    print("stream job stopped" if stream_service(cfg).stop() else "stream job was not running")
     return 0
 
 
 def cmd_status(args, cfg) -> int:
-    from orchestration import processes
-
-    pid = processes.running_pid(cfg.state_dir, PROCESS)
-    print(f"stream job running (pid {pid})" if pid else "stream job not running")
-    return 0 if pid else 1
+    status = stream_service(cfg).status()
+    print(f"stream job running (pid {status['pid']}, {status['restarts']} restart(s) by the supervisor)"
+          if status["running"] else "stream job not running")
+    return 0 if status["running"] else 1
 
 
 def cmd_cluster(args, cfg) -> int:
     from flink_jobs import cluster
-    from orchestration.processes import StackError
+    from services.processes import ServiceError
 
     try:
         getattr(cluster, args.cluster_action)(cfg)
-    except StackError as exc:
+    except ServiceError as exc:
         print(f"flead stream: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -2,9 +2,9 @@
 
     .venv/bin/python -m flink_jobs.cluster {start,stop,submit}
 
-The cluster's configuration is generated into ``<state_dir>/flink/conf`` (bound to 127.0.0.1, REST on
-``stream.rest_port``, ``stream.task_slots`` slots, the workers on this virtualenv's Python); its logs go to
-``<state_dir>/logs/flink-cluster``. `submit` runs the stream job on it with `flink run -d`.
+The cluster's configuration is generated into ``<state_dir>/flink/conf`` (every server on 127.0.0.1, see
+`flink_jobs.binding`; REST on ``stream.rest_port``, ``stream.task_slots`` slots, the workers on this virtualenv's
+Python), its lib folder into ``<state_dir>/flink/lib``; its logs go to ``<state_dir>/logs/flink-cluster``. `submit` runs the stream job on it with `flink run -d`.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import pyflink
-
 from config import PROJECT_ROOT, load_config
 from flink_jobs import WORKER_PACKAGES
-from orchestration.processes import StackError, port_open
+from flink_jobs.binding import LOOPBACK, LOOPBACK_SETTINGS, flink_home, lib_dir
+from services import processes
+from services.processes import ServiceError, port_open
 
-FLINK_HOME = Path(pyflink.__file__).resolve().parent
+FLINK_HOME = flink_home()
 START_TIMEOUT_S = 60
 JOB = PROJECT_ROOT / "flink_jobs" / "anomaly_job.py"
 
@@ -46,21 +46,20 @@ def write_conf(cfg) -> Path:
         shutil.copy(log_conf, target / log_conf.name)
     python = cfg.stream.python_executable or sys.executable
     settings = {
-        "jobmanager.rpc.address": "127.0.0.1", "jobmanager.bind-host": "127.0.0.1",
-        "taskmanager.host": "127.0.0.1", "taskmanager.bind-host": "127.0.0.1",
-        "rest.address": "127.0.0.1", "rest.bind-address": "127.0.0.1", "rest.port": cfg.stream.rest_port,
+        **LOOPBACK_SETTINGS, "rest.port": cfg.stream.rest_port,
         "jobmanager.memory.process.size": "1024m", "taskmanager.memory.process.size": "1728m",
         "taskmanager.numberOfTaskSlots": cfg.stream.task_slots, "parallelism.default": cfg.stream.parallelism,
         "python.executable": python, "python.client.executable": python,
         "env.log.dir": str(cfg.state_dir / "logs" / "flink-cluster"),
+        "env.pid.dir": str(processes.private_dir(cfg.state_dir / "flink" / "run")),  # not /tmp: ours only
         # the distribution's --add-opens/--add-exports for Java 17 (without them `flink run` fails with
         # "Can not register process function transformation translator")
         "env.java.opts.all": distribution_java_opts(),
     }
     (target / "config.yaml").write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
     # start-cluster.sh reads the hosts from these (the distribution ships none); 127.0.0.1 is started without ssh
-    (target / "masters").write_text(f"127.0.0.1:{cfg.stream.rest_port}\n")
-    (target / "workers").write_text("127.0.0.1\n")
+    (target / "masters").write_text(f"{LOOPBACK}:{cfg.stream.rest_port}\n")
+    (target / "workers").write_text(f"{LOOPBACK}\n")
     (cfg.state_dir / "logs" / "flink-cluster").mkdir(parents=True, exist_ok=True)  # the daemons do not create it
     return target
 
@@ -72,32 +71,19 @@ def flink_env(cfg) -> dict[str, str]:
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
 
 
-def lib_dir(cfg) -> Path:
-    """The daemons' lib/: the distribution's lib/ plus opt/flink-python (the pip package keeps it in opt/, so a
-    cluster started from it fails Python jobs with ClassNotFoundException ExternalPythonProcessOperator). The Kafka
-    connector is not added: the job ships it (`pipeline.jars`). Symlinks: site-packages stays untouched."""
-    target = cfg.state_dir / "flink" / "lib"
-    target.mkdir(parents=True, exist_ok=True)
-    for old in target.glob("*.jar"):
-        old.unlink()
-    jars = [*(FLINK_HOME / "lib").glob("*.jar"), *(FLINK_HOME / "opt").glob("flink-python*.jar")]
-    for jar in jars:
-        (target / jar.name).symlink_to(jar)
-    return target
-
-
 def start(cfg) -> None:
     """Start the job manager and one task manager; returns when the REST port answers."""
-    if port_open("127.0.0.1", cfg.stream.rest_port):
-        raise StackError(f"127.0.0.1:{cfg.stream.rest_port} is taken (a cluster already running?); "
+    if port_open(LOOPBACK, cfg.stream.rest_port):
+        raise ServiceError(f"{LOOPBACK}:{cfg.stream.rest_port} is taken (a cluster already running?); "
                          "choose another with FLEAD_STREAM_REST_PORT")
     write_conf(cfg)
     subprocess.run([str(FLINK_HOME / "bin" / "start-cluster.sh")],
-                   env={**flink_env(cfg), "FLINK_LIB_DIR": str(lib_dir(cfg))}, check=True)
+                   env={**flink_env(cfg), "FLINK_LIB_DIR": str(lib_dir(cfg, "lib", with_flink_python=True))},
+                   check=True)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not port_open("127.0.0.1", cfg.stream.rest_port):
+    while not port_open(LOOPBACK, cfg.stream.rest_port):
         if time.monotonic() > deadline:
-            raise StackError(f"Flink REST port {cfg.stream.rest_port} not answering after {START_TIMEOUT_S} s; "
+            raise ServiceError(f"Flink REST port {cfg.stream.rest_port} not answering after {START_TIMEOUT_S} s; "
                              f"see {cfg.state_dir / 'logs' / 'flink-cluster'}")
         time.sleep(0.5)
 

@@ -26,20 +26,19 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_health)
 
 
-def cmd_router(args, cfg) -> int:
-    from orchestration import processes
+def router_service(cfg):
+    """The incident router as a supervised background service of the state directory."""
+    from services.service import Service
 
+    return Service(cfg.state_dir, ROUTER, [sys.executable, "-m", "orchestration.cli", ROUTER, "run"], env=cfg.to_env())
+
+
+def cmd_router(args, cfg) -> int:
     if args.action == "start":
-        pid = processes.running_pid(cfg.state_dir, ROUTER)
-        if pid:
-            print(f"router already running (pid {pid})")
-            return 0
-        pid = processes.start(cfg.state_dir, ROUTER, [sys.executable, "-m", "orchestration.cli", ROUTER, "run"],
-                              env=cfg.to_env())
-        print(f"router started (pid {pid}); log: {processes.log_path(cfg.state_dir, ROUTER)}")
+        print(router_service(cfg).start())
         return 0
     if args.action == "stop":
-        print("router stopped" if processes.stop(cfg.state_dir, ROUTER) else "router was not running")
+        print("router stopped" if router_service(cfg).stop() else "router was not running")
         return 0
     if args.action == "retry-dead":
         from monitoring.router import retry_dead

@@ -66,7 +66,7 @@ def assess(servers: Mapping[str, bool], process_states: Mapping[str, str], group
 
 def process_states(cfg: Config) -> dict[str, str]:
     """up / down / not started for every process flead manages in this state directory."""
-    from orchestration import processes
+    from services import processes
 
     run = processes.run_dir(cfg.state_dir)
     names = set(MANAGED) | ({p.stem for p in run.glob("*.pid")} if run.exists() else set())
@@ -83,7 +83,8 @@ def check_health(cfg: Config, lags: list | None = None) -> dict[str, Any]:
     """Observe servers, processes and consumer lag now (or use `lags`, `monitoring.lag.consumer_lags` just read),
     and `assess` them."""
     from monitoring.lag import consumer_lags, total_lag_by_group
-    from orchestration.stack import kafka_healthy, mongo_healthy
+    from storage.mongo import mongo_healthy
+    from telemetry.brokers import kafka_healthy
 
     kafka_up = kafka_healthy(cfg.kafka_bootstrap, timeout=3.0)
     servers = {"kafka": kafka_up, "mongo": mongo_healthy(cfg.mongo_uri, timeout_ms=3000)}

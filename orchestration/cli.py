@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from config import ConfigError, load_config
+from services import supervisor
+from services.processes import PRIVATE_UMASK
+from services.service import SERVICE_VARIABLE
 
 # Modules that register commands, in the order `flead --help` lists them.
 COMMAND_MODULES = [
-    "orchestration.stack_cli",      # up, down, status
+    "orchestration.stack_cli",      # up, down, status, doctor
     "telemetry.cli",                # produce, consume
     "storage.cli",                  # sink
     "orchestration.evaluate_cli",   # evaluate
@@ -25,6 +29,10 @@ COMMAND_MODULES = [
     "orchestration.demo",           # demo
     "orchestration.report",         # report
 ]
+
+# `down` stops the supervisor; `up` starts it itself. (Nor does a service's own process, e.g. `flead sink run`
+# started by `flead sink start`, marked by SERVICE_VARIABLE: it may be exiting because `flead down` stops it.)
+COMMANDS_WITHOUT_SUPERVISOR = {"down", "up"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flead: configuration error: {exc}", file=sys.stderr)
         return 2
+    saved_umask = os.umask(PRIVATE_UMASK)  # what flead writes (state dir, logs, databases, credentials) is private
     try:
         return int(args.func(args, cfg) or 0)
     except KeyboardInterrupt:
         print("flead: interrupted", file=sys.stderr)
         return 130
+    finally:
+        os.umask(saved_umask)  # `main` also runs inside other programs (tests)
+        if args.command not in COMMANDS_WITHOUT_SUPERVISOR and SERVICE_VARIABLE not in os.environ:
+            supervisor.ensure_running(cfg)  # back if it died: services that died since are restarted
 
 
 if __name__ == "__main__":

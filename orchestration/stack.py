@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 from config import PROJECT_ROOT, Config
-from orchestration import processes
-from orchestration.processes import StackError
+from services import processes, supervisor
+from services.processes import ServiceError
+from services.service import (SERVER_PRIORITY, Service, ensure_private_modes, known_services, registered,
+                              stop_by_name)
+from storage.mongo import mongo_healthy
+from telemetry.brokers import kafka_healthy
 
 KAFKA = "kafka"
 MONGO = "mongo"
@@ -28,7 +32,7 @@ def _kafka_dir(cfg: Config) -> Path:
 def _kafka_classpath(cfg: Config) -> str:
     libs = cfg.build_dir / "kafka-libs"
     if not any(libs.glob("kafka_2.13-*.jar")):
-        raise StackError(f"Kafka broker jars missing in {libs}; run `make setup` (or bash orchestration/setup.sh core)")
+        raise ServiceError(f"Kafka broker jars missing in {libs}; run `make setup` (or bash orchestration/setup.sh core)")
     return f"{libs}/*"
 
 
@@ -41,8 +45,7 @@ def _java_cmd(cfg: Config, main_class: str, *args: str) -> list[str]:
 
 
 def _write_server_properties(cfg: Config) -> Path:
-    data = _kafka_dir(cfg) / "data"
-    data.mkdir(parents=True, exist_ok=True)
+    data = processes.private_dir(_kafka_dir(cfg) / "data")
     template = (PROJECT_ROOT / "kafka" / "server.properties.template").read_text()
     props = template.format(host=cfg.kafka.host, port=cfg.kafka.port, controller_port=cfg.kafka.controller_port,
                             log_dir=data, retention_hours=cfg.kafka.retention_hours)
@@ -59,18 +62,7 @@ def _format_kafka_storage(cfg: Config, properties: Path) -> None:
     result = subprocess.run(_java_cmd(cfg, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
                                       "-c", str(properties)), capture_output=True, text=True)
     if result.returncode != 0:
-        raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
-
-
-def kafka_healthy(bootstrap: str, timeout: float = 3.0) -> bool:
-    """True when the brokers at `bootstrap` answer a metadata request."""
-    from confluent_kafka.admin import AdminClient
-
-    try:
-        AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}).list_topics(timeout=timeout)
-        return True
-    except Exception:  # any client error means "not healthy yet"
-        return False
+        raise ServiceError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
 
 
 def start_kafka(cfg: Config) -> bool:
@@ -82,8 +74,9 @@ def start_kafka(cfg: Config) -> bool:
     processes.ensure_port_free(cfg.kafka.host, cfg.kafka.controller_port, "FLEAD_KAFKA_CONTROLLER_PORT")
     properties = _write_server_properties(cfg)
     _format_kafka_storage(cfg, properties)
-    processes.start(state, KAFKA, _java_cmd(cfg, "kafka.Kafka", str(properties)))
-    processes.wait_until(lambda: kafka_healthy(cfg.kafka_bootstrap), "broker metadata", HEALTH_TIMEOUT_S, state, KAFKA)
+    Service(state, KAFKA, _java_cmd(cfg, "kafka.Kafka", str(properties)), priority=SERVER_PRIORITY,
+            ready=lambda: kafka_healthy(cfg.kafka_bootstrap), ready_what="broker metadata",
+            ready_timeout=HEALTH_TIMEOUT_S).start()
     return True
 
 
@@ -103,29 +96,15 @@ def ensure_topics(cfg: Config) -> list[str]:
             future.result()
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise StackError(f"could not create topic {name} on {cfg.kafka_bootstrap}: {exc}") from exc
+                raise ServiceError(f"could not create topic {name} on {cfg.kafka_bootstrap}: {exc}") from exc
     return [topic.topic for topic in missing]
 
 
 def _ferretdb_binary(cfg: Config) -> Path:
     binary = cfg.build_dir / "bin" / "ferretdb"
     if not binary.exists():
-        raise StackError(f"{binary} missing; run `make setup` (or set FLEAD_MONGO_URI to use your own MongoDB)")
+        raise ServiceError(f"{binary} missing; run `make setup` (or set FLEAD_MONGO_URI to use your own MongoDB)")
     return binary
-
-
-def mongo_healthy(uri: str, timeout_ms: int = 2000) -> bool:
-    """True when the MongoDB server at `uri` answers a ping."""
-    import pymongo
-
-    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
-    try:
-        client.admin.command("ping")
-        return True
-    except Exception:  # any driver error means "not healthy yet"
-        return False
-    finally:
-        client.close()
 
 
 def start_mongo(cfg: Config) -> bool:
@@ -134,23 +113,30 @@ def start_mongo(cfg: Config) -> bool:
     if processes.running_pid(state, MONGO):
         return False
     processes.ensure_port_free(cfg.mongo.host, cfg.mongo.port, "FLEAD_MONGO_PORT")
-    data = state / "mongo" / "data"
-    data.mkdir(parents=True, exist_ok=True)
+    data = processes.private_dir(state / "mongo" / "data")
     cmd = [str(_ferretdb_binary(cfg)), "--handler=sqlite", f"--sqlite-url=file:{data}/",
            f"--listen-addr={cfg.mongo.host}:{cfg.mongo.port}", f"--state-dir={state / 'mongo'}",
            "--telemetry=disable", "--debug-addr=-", "--log-level=warn"]
-    processes.start(state, MONGO, cmd)
-    processes.wait_until(lambda: mongo_healthy(cfg.mongo_uri), "MongoDB ping", HEALTH_TIMEOUT_S, state, MONGO)
+    Service(state, MONGO, cmd, priority=SERVER_PRIORITY, ready=lambda: mongo_healthy(cfg.mongo_uri),
+            ready_what="MongoDB ping", ready_timeout=HEALTH_TIMEOUT_S).start()
     return True
 
 
 def up(cfg: Config, say: Callable[[str], None] = print) -> dict[str, str]:
-    """Start the embedded servers the config needs, create topics and collections; idempotent."""
+    """Start the embedded servers the config needs, create topics and collections, restart any registered
+    service that died, make the state directory private and start the supervisor; idempotent."""
+    processes.private_dir(cfg.state_dir)
+    fixed = ensure_private_modes(cfg.state_dir)
+    if fixed:
+        say(f"state   {len(fixed)} file(s) and folder(s) under {cfg.state_dir} made private (0600/0700)")
+    restarted = supervisor.from_config(cfg).check(immediately=True)
     report: dict[str, str] = {}
     if cfg.kafka_embedded:
-        report[KAFKA] = "started" if start_kafka(cfg) else "already running"
+        report[KAFKA] = "started" if start_kafka(cfg) else "restarted" if KAFKA in restarted else "already running"
+        processes.wait_until(lambda: kafka_healthy(cfg.kafka_bootstrap), "broker metadata", HEALTH_TIMEOUT_S,
+                             cfg.state_dir, KAFKA)
     elif not kafka_healthy(cfg.kafka_bootstrap, timeout=10):
-        raise StackError(f"FLEAD_KAFKA_BOOTSTRAP={cfg.kafka_bootstrap}: no broker answers there")
+        raise ServiceError(f"FLEAD_KAFKA_BOOTSTRAP={cfg.kafka_bootstrap}: no broker answers there")
     else:
         report[KAFKA] = f"external {cfg.kafka_bootstrap}"
     say(f"kafka   {cfg.kafka_bootstrap:<28} {report[KAFKA]}")
@@ -158,40 +144,49 @@ def up(cfg: Config, say: Callable[[str], None] = print) -> dict[str, str]:
     if created:
         say(f"topics  created {', '.join(created)}")
     if cfg.mongo_embedded:
-        report[MONGO] = "started" if start_mongo(cfg) else "already running"
+        report[MONGO] = "started" if start_mongo(cfg) else "restarted" if MONGO in restarted else "already running"
+        processes.wait_until(lambda: mongo_healthy(cfg.mongo_uri), "MongoDB ping", HEALTH_TIMEOUT_S,
+                             cfg.state_dir, MONGO)
     elif not mongo_healthy(cfg.mongo_uri, timeout_ms=10000):
-        raise StackError(f"FLEAD_MONGO_URI={cfg.mongo_uri}: no MongoDB server answers there")
+        raise ServiceError(f"FLEAD_MONGO_URI={cfg.mongo_uri}: no MongoDB server answers there")
     else:
         report[MONGO] = "external"
     say(f"mongodb {cfg.mongo_uri:<28} {report[MONGO]}")
+    for name in restarted:
+        if name not in (KAFKA, MONGO):
+            report[name] = "restarted"
+            say(f"{name:<7} had died: restarted (log {processes.log_path(cfg.state_dir, name)})")
     from storage import mongo as mongo_storage
 
     mongo_storage.init_db(mongo_storage.connect(cfg), cfg)
+    report[supervisor.NAME] = f"pid {supervisor.ensure_running(cfg)}"
     return report
 
 
 def down(cfg: Config, say: Callable[[str], None] = print) -> list[str]:
-    """Stop every process that flead started in this state directory (servers last); returns their names."""
-    stopped = []
-    run = processes.run_dir(cfg.state_dir)
-    names = sorted(p.stem for p in run.glob("*.pid")) if run.exists() else []
-    for name in sorted(names, key=lambda n: n in (KAFKA, MONGO)):  # clients first, servers last
-        if processes.stop(cfg.state_dir, name):
+    """Stop the supervisor, then every process that flead started in this state directory (servers last);
+    returns their names."""
+    stopped = [supervisor.NAME] if supervisor.stop(cfg) else []
+    names = known_services(cfg.state_dir) - {supervisor.NAME}
+    for name in sorted(names, key=lambda n: (n in (KAFKA, MONGO), n)):  # clients first, servers last
+        if stop_by_name(cfg.state_dir, name):
             stopped.append(name)
             say(f"stopped {name}")
     return stopped
 
 
 def status(cfg: Config) -> dict[str, dict]:
-    """What runs: each managed process (pid) and whether each server answers."""
-    run = processes.run_dir(cfg.state_dir)
+    """What runs: each managed process (pid, restarts by the supervisor) and whether each server answers."""
     result: dict[str, dict] = {}
-    for pid_file in sorted(run.glob("*.pid")) if run.exists() else []:
-        pid = processes.running_pid(cfg.state_dir, pid_file.stem)
-        result[pid_file.stem] = {"pid": pid, "running": pid is not None}
+    names = known_services(cfg.state_dir)
+    specs = {spec["name"]: spec for spec in registered(cfg.state_dir)}
+    for name in sorted(names):
+        pid = processes.running_pid(cfg.state_dir, name)
+        spec = specs.get(name, {})
+        result[name] = {"pid": pid, "running": pid is not None, "supervised": bool(spec),
+                        "restarts": spec.get("restarts", 0)}
     result.setdefault(KAFKA, {"pid": None, "running": False})["healthy"] = kafka_healthy(cfg.kafka_bootstrap, 2.0)
     result[KAFKA]["address"] = cfg.kafka_bootstrap
     result.setdefault(MONGO, {"pid": None, "running": False})["healthy"] = mongo_healthy(cfg.mongo_uri, 1500)
     result[MONGO]["address"] = cfg.mongo_uri
     return result
-

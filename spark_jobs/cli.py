@@ -74,49 +74,44 @@ def cmd_job(args, cfg) -> int:
     return 0
 
 
-def _start_background(cfg, name: str, module: str) -> None:
+def background_service(cfg, name: str, module: str = "", ready=None, ready_what: str = "ready"):
+    """A supervised background service running ``python -m module`` with Spark's worker environment."""
     from config import PROJECT_ROOT
-    from orchestration import processes
+    from services.service import Service
     from spark_jobs.session import worker_environment
 
-    pid = processes.running_pid(cfg.state_dir, name)
-    if pid:
-        print(f"{name} already running (pid {pid})")
-        return
-    env = {**cfg.to_env(), **worker_environment()}
-    pid = processes.start(cfg.state_dir, name, [sys.executable, "-m", module], env=env, cwd=PROJECT_ROOT)
-    print(f"{name} started (pid {pid}), log {processes.log_path(cfg.state_dir, name)}")
+    return Service(cfg.state_dir, name, [sys.executable, "-m", module], env={**cfg.to_env(), **worker_environment()},
+                   cwd=PROJECT_ROOT, ready=ready, ready_what=ready_what, ready_timeout=API_START_TIMEOUT_S)
 
 
 def _stop_background(cfg, name: str) -> int:
-    from orchestration import processes
-
-    print(f"{name} stopped" if processes.stop(cfg.state_dir, name) else f"{name} was not running")
+    print(f"{name} stopped" if background_service(cfg, name).stop() else f"{name} was not running")
     return 0
 
 
 def cmd_scheduler(args, cfg) -> int:
     if args.action == "stop":
         return _stop_background(cfg, SCHEDULER)
-    _start_background(cfg, SCHEDULER, "spark_jobs.scheduler")
+    print(background_service(cfg, SCHEDULER, "spark_jobs.scheduler").start())
     return 0
 
 
 def cmd_api(args, cfg) -> int:
-    from orchestration import processes
+    from services import processes
 
     if args.action == "stop":
         return _stop_background(cfg, API)
-    if processes.running_pid(cfg.state_dir, API) is None:
-        processes.ensure_port_free(cfg.api.host, cfg.api.port, "FLEAD_API_PORT")
-    from spark_jobs.api import api_token
-
-    api_token(cfg)  # created here, so it exists before the first request
-    _start_background(cfg, API, "spark_jobs.api")
+    service = background_service(cfg, API, "spark_jobs.api", ready=lambda: processes.port_open(cfg.api.host,
+                                                                                              cfg.api.port),
+                                 ready_what="HTTP port open")
     try:
-        processes.wait_until(lambda: processes.port_open(cfg.api.host, cfg.api.port), "HTTP port open",
-                             API_START_TIMEOUT_S, cfg.state_dir, API)
-    except processes.StackError as exc:
+        if service.pid is None:
+            processes.ensure_port_free(cfg.api.host, cfg.api.port, "FLEAD_API_PORT")
+        from spark_jobs.api import api_token
+
+        api_token(cfg)  # created here, so it exists before the first request
+        print(service.start())
+    except processes.ServiceError as exc:
         print(f"flead api: {exc}")
         return 1
     where = "api.token" if cfg.api.token else str(cfg.state_dir / "api_token")
@@ -126,7 +121,7 @@ def cmd_api(args, cfg) -> int:
 
 
 def cmd_spark_cluster(args, cfg) -> int:
-    from orchestration.processes import StackError
+    from services.processes import ServiceError
     from spark_jobs import standalone
 
     if args.action == "stop":
@@ -134,7 +129,7 @@ def cmd_spark_cluster(args, cfg) -> int:
         return 0
     try:
         standalone.start(cfg)
-    except StackError as exc:
+    except ServiceError as exc:
         print(f"flead spark-cluster: {exc}")
         return 1
     return 0

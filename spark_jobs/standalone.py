@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from config import PROJECT_ROOT, Config
-from orchestration import processes
+from services import processes
+from services.service import Service, stop_by_name
 from spark_jobs.session import worker_environment
 
 MASTER = "spark-master"
@@ -31,7 +32,7 @@ def spark_home() -> Path:
     """The pip-installed Spark distribution: the pyspark package directory (found without importing it)."""
     spec = importlib.util.find_spec("pyspark")
     if spec is None or spec.origin is None:
-        raise processes.StackError("pyspark is not installed in this Python environment")
+        raise processes.ServiceError("pyspark is not installed in this Python environment")
     return Path(spec.origin).parent
 
 
@@ -67,22 +68,21 @@ def start(cfg: Config, say: Callable[[str], None] = print) -> None:
     spark_class = str(spark_home() / "bin" / "spark-class")
     env = {**cfg.to_env(), **worker_environment(), "SPARK_HOME": str(spark_home()), "SPARK_LOCAL_IP": HOST,
            "SPARK_DAEMON_MEMORY": DAEMON_MEMORY}
-    work_dir = cfg.state_dir / WORKER
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = processes.private_dir(cfg.state_dir / WORKER)
     try:
-        processes.start(cfg.state_dir, MASTER, [
+        Service(cfg.state_dir, MASTER, [
             spark_class, "org.apache.spark.deploy.master.Master", "--host", HOST,
             "--port", str(cfg.aggregation.spark_master_port),
-            "--webui-port", str(cfg.aggregation.spark_master_webui_port)], env=env, cwd=PROJECT_ROOT)
-        processes.wait_until(lambda: processes.port_open(HOST, cfg.aggregation.spark_master_port),
-                             "master port open", START_TIMEOUT_S, cfg.state_dir, MASTER)
-        processes.start(cfg.state_dir, WORKER, [
+            "--webui-port", str(cfg.aggregation.spark_master_webui_port)], env=env, cwd=PROJECT_ROOT,
+            ready=lambda: processes.port_open(HOST, cfg.aggregation.spark_master_port), ready_what="master port open",
+            ready_timeout=START_TIMEOUT_S).start()
+        Service(cfg.state_dir, WORKER, [
             spark_class, "org.apache.spark.deploy.worker.Worker", master_url(cfg), "--host", HOST,
             "--cores", "1", "--memory", WORKER_MEMORY, "--work-dir", str(work_dir),
-            "--webui-port", str(cfg.aggregation.spark_worker_webui_port)], env=env, cwd=PROJECT_ROOT)
-        processes.wait_until(lambda: _alive_workers(cfg) >= 1, "worker registered with the master",
-                             START_TIMEOUT_S, cfg.state_dir, WORKER)
-    except processes.StackError:
+            "--webui-port", str(cfg.aggregation.spark_worker_webui_port)], env=env, cwd=PROJECT_ROOT,
+            ready=lambda: _alive_workers(cfg) >= 1, ready_what="worker registered with the master",
+            ready_timeout=START_TIMEOUT_S).start()
+    except processes.ServiceError:
         stop(cfg, say=lambda line: None)
         raise
     say(f"Spark cluster started: master {master_url(cfg)}, web UI {master_webui_url(cfg)}, "
@@ -91,6 +91,6 @@ def start(cfg: Config, say: Callable[[str], None] = print) -> None:
 
 def stop(cfg: Config, say: Callable[[str], None] = print) -> list[str]:
     """Stop the worker (and its executors), then the master; returns the names of those that were running."""
-    stopped = [name for name in (WORKER, MASTER) if processes.stop(cfg.state_dir, name)]
+    stopped = [name for name in (WORKER, MASTER) if stop_by_name(cfg.state_dir, name)]
     say(f"stopped {', '.join(stopped)}" if stopped else "Spark cluster was not running")
     return stopped

@@ -17,24 +17,24 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_sink)
 
 
-def cmd_sink(args, cfg) -> int:
-    from orchestration import processes
+def sink_service(cfg):
+    """The sink as a background service of the state directory (supervised: restarted if it dies)."""
+    from services.service import Service
 
+    return Service(cfg.state_dir, SINK, [sys.executable, "-m", "orchestration.cli", "sink", "run"], env=cfg.to_env())
+
+
+def cmd_sink(args, cfg) -> int:
     if args.action == "start":
-        if processes.running_pid(cfg.state_dir, SINK):
-            print("sink already running")
-            return 0
-        pid = processes.start(cfg.state_dir, SINK, [sys.executable, "-m", "orchestration.cli", "sink", "run"],
-                              env=cfg.to_env())
-        print(f"sink started (pid {pid}); log: {processes.log_path(cfg.state_dir, SINK)}")
+        print(sink_service(cfg).start())
         return 0
     if args.action == "stop":
-        print("sink stopped" if processes.stop(cfg.state_dir, SINK) else "sink was not running")
+        print("sink stopped" if sink_service(cfg).stop() else "sink was not running")
         return 0
     if args.action == "rebuild-rollups":
         from storage import mongo
 
-        if processes.running_pid(cfg.state_dir, SINK):
+        if sink_service(cfg).pid:
             print("flead sink rebuild-rollups: the sink is running; stop it first (`flead sink stop`)", file=sys.stderr)
             return 2
         read, written = mongo.rebuild_rollups(mongo.connect(cfg), cfg)

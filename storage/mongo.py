@@ -28,7 +28,7 @@ __all__ = ["connect", "init_db", "collection", "upsert_documents", "write_predic
            "write_aggregation_round", "write_metrics", "write_dead_letters", "reading_id", "SchemaViolation",
            "StorageError", "latest_local_model_ids", "local_models_by_id", "global_model", "write_cluster_models",
            "cluster_models", "aggregation_rounds", "device_ids", "device_readings",
-           "latest_local_model", "score_rollups", "add_to_rollups", "rebuild_rollups"]
+           "latest_local_model", "score_rollups", "add_to_rollups", "rebuild_rollups", "mongo_healthy"]
 
 
 class StorageError(RuntimeError):
@@ -44,6 +44,18 @@ def connect(cfg: Config, timeout_ms: int = 5000) -> Database:
         raise StorageError(f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri} ({exc.__class__.__name__}); "
                            f"start the embedded server with `flead up` or point FLEAD_MONGO_URI at a MongoDB") from exc
     return client[cfg.mongo.database]
+
+
+def mongo_healthy(uri: str, timeout_ms: int = 2000) -> bool:
+    """True when the MongoDB server at `uri` answers a ping (`flead up`/`status`/`doctor`, `/healthz`)."""
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms)
+    try:
+        client.admin.command("ping")
+        return True
+    except PyMongoError:  # any driver error means "not healthy yet"
+        return False
+    finally:
+        client.close()
 
 
 def collection(db: Database, cfg: Config, key: str):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from config import Config, load_config
-from orchestration import processes, stack as local_stack
+from orchestration import stack as local_stack
+from services import processes
 
 
 @dataclass

@@ -4,7 +4,7 @@ Superset lives in its own virtualenv (``.venv-superset``, made by ``setup_supers
 with Flink's; this module runs in the main venv and drives it through subprocesses and the REST API.
 All state is in ``<state_dir>/superset/``: the generated ``superset_config.py``, the SQLite metadata database,
 the ``credentials`` file (0600; secret key and admin password, generated on first run); the pid file and log
-are managed by `orchestration.processes` (so `flead down` stops Superset too).
+are managed by `services` (so `flead down` stops Superset too, and the supervisor restarts it if it dies).
 
 >>> cfg = load_config()                        # doctest: +SKIP
 >>> start(cfg)                                 # doctest: +SKIP  (set up once, serve, import the dashboards)
@@ -21,7 +21,8 @@ from pathlib import Path
 import requests
 
 from config import PROJECT_ROOT, Config
-from orchestration import processes
+from services import processes
+from services.service import Service
 from visualization.bundle_archive import build_bundle_zip
 
 SUPERSET_VENV = PROJECT_ROOT / ".venv-superset"
@@ -132,27 +133,29 @@ def _healthy(cfg: Config) -> bool:
         return False
 
 
-def _serve(cfg: Config) -> None:
-    """Start gunicorn as a managed process (pid file and log in the state dir) and wait until /health answers."""
-    home = superset_dir(cfg)
+def service(cfg: Config) -> Service:
+    """gunicorn serving Superset as a supervised service (pid file and log in the state dir)."""
     host, port = cfg.superset.host, cfg.superset.port
+    return Service(cfg.state_dir, PROCESS_NAME, [
+        str(SUPERSET_VENV / "bin" / "gunicorn"), "--workers", "2", "--worker-class", "gthread",
+        "--threads", "4", "--timeout", "120", "--graceful-timeout", "5", "--bind", f"{host}:{port}",
+        "superset.app:create_app()"], env=_superset_env(cfg), cwd=superset_dir(cfg), ready=lambda: _healthy(cfg),
+        ready_what=f"/health at {base_url(cfg)}", ready_timeout=START_TIMEOUT_S, stop_grace=STOP_TIMEOUT_S)
+
+
+def _serve(cfg: Config) -> None:
+    """Start gunicorn and wait until /health answers."""
     try:
-        processes.ensure_port_free(host, port, "FLEAD_SUPERSET_PORT")
-        processes.start(cfg.state_dir, PROCESS_NAME, [
-            str(SUPERSET_VENV / "bin" / "gunicorn"), "--workers", "2", "--worker-class", "gthread",
-            "--threads", "4", "--timeout", "120", "--graceful-timeout", "5", "--bind", f"{host}:{port}",
-            "superset.app:create_app()"], env=_superset_env(cfg), cwd=home)
-        processes.wait_until(lambda: _healthy(cfg), f"/health at {base_url(cfg)}", START_TIMEOUT_S,
-                             cfg.state_dir, PROCESS_NAME)
-    except processes.StackError as exc:
-        stop(cfg)
+        processes.ensure_port_free(cfg.superset.host, cfg.superset.port, "FLEAD_SUPERSET_PORT")
+        service(cfg).start()
+    except processes.ServiceError as exc:
         raise SupersetError(str(exc)) from None
 
 
 def start(cfg: Config, import_dashboards: bool = True) -> str:
     """Set up if needed, serve Superset (unless it runs), import the dashboard bundle; returns the URL."""
     initialise(cfg)
-    if processes.running_pid(cfg.state_dir, PROCESS_NAME) is None:
+    if service(cfg).pid is None:
         _serve(cfg)
     if import_dashboards:
         import_bundle(cfg)
@@ -161,14 +164,12 @@ def start(cfg: Config, import_dashboards: bool = True) -> str:
 
 def stop(cfg: Config) -> bool:
     """Stop the server started by `start` (SIGTERM, then SIGKILL); returns whether one was running."""
-    return processes.stop(cfg.state_dir, PROCESS_NAME, grace=STOP_TIMEOUT_S)
+    return service(cfg).stop()
 
 
 def status(cfg: Config) -> dict:
     """Whether the server runs and answers, where, and where its state is."""
-    pid = processes.running_pid(cfg.state_dir, PROCESS_NAME)
-    return {"running": pid is not None, "pid": pid, "healthy": pid is not None and _healthy(cfg),
-            "url": base_url(cfg), "state_dir": str(superset_dir(cfg)), "log": str(processes.log_path(cfg.state_dir, PROCESS_NAME))}
+    return {**service(cfg).status(), "url": base_url(cfg), "state_dir": str(superset_dir(cfg))}
 
 
 def api_session(cfg: Config) -> requests.Session:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from config import PROJECT_ROOT, load_config
-from orchestration import processes
+from services import processes
 from sample_documents import write_sample_documents
 from visualization import superset_server
 

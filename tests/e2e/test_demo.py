@@ -16,7 +16,7 @@ import pytest
 
 from browser import DASHBOARDS, expected_charts, log_in, open_dashboard, screenshot
 from config import PROJECT_ROOT, load_config
-from orchestration import processes
+from services import processes
 from visualization import superset_server
 
 pytestmark = pytest.mark.e2e

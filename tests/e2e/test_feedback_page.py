@@ -12,11 +12,11 @@ from selenium.webdriver.common.by import By
 
 from config import load_config
 from monitoring.records import sample_incident
-from telemetry.schema import decode_feedback
-from orchestration import processes
+from services import processes
 from spark_jobs.api import create_app
 from storage import mongo
 from telemetry.consumer import iter_messages
+from telemetry.schema import decode_feedback
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from config import PROJECT_ROOT
-from orchestration.processes import free_port
+from services.processes import free_port
 
 
 class RecordingReceiver:

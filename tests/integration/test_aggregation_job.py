@@ -16,7 +16,7 @@ from config import PROJECT_ROOT, load_config
 from models.aggregation import fedavg
 from models.integrity import global_model_verdict, sign_record, signing_key, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
-from orchestration import processes
+from services import processes
 from spark_jobs.aggregate_job import run_round
 from spark_jobs import standalone
 from spark_jobs.session import spark_session, worker_environment

@@ -17,7 +17,7 @@ from config import load_config
 from models.detector import DeviceDetector
 from models.integrity import device_token, sign_record, signing_key, verify_record, wire_form
 from models.serialization import dumps, to_b64
-from orchestration import processes
+from services import processes
 from spark_jobs.api import api_token, create_app
 from storage import mongo
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from orchestration import processes
+from services import processes
 from storage import mongo
 from storage.schemas import SchemaViolation
 

@@ -185,7 +185,7 @@ def test_a_router_that_died_before_sending_leaves_nothing_lost_or_doubled(cfg, d
 
 def test_flead_router_start_and_stop(cfg, db):
     from orchestration.cli import main
-    from orchestration import processes
+    from services import processes
 
     hook = RecordingReceiver().start()
     env = {"FLEAD_ROUTER_WEBHOOK_URLS": json.dumps([hook.url]), **FAST_RETRIES}

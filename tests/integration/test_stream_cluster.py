@@ -12,7 +12,7 @@ import time
 import pytest
 
 from config import PROJECT_ROOT, load_config
-from orchestration import processes
+from services import listeners, processes
 from telemetry.consumer import iter_messages
 from telemetry.producer import produce, producer_config
 from telemetry.readers import open_reader
@@ -54,6 +54,9 @@ def test_cluster_start_submit_score_stop(cfg, tmp_path):
                                                timeout_s=1.0) for s in decode_scores(m.value())]
         ids = {(s["device_id"], s["seq"]) for s in scores}
         assert ids == {(r.device_id, r.seq) for r in readings}, f"{len(ids)} of {len(readings)} scored"
+        # the daemons (started with our conf dir) and their Python workers listen on 127.0.0.1 only
+        cluster = listeners.listeners(listeners.processes_mentioning(str(tmp_path), "flink-cluster"))
+        assert len(cluster) >= 2 and [str(item) for item in cluster if not item.loopback_only] == [], cluster
     finally:
         stopped = flead("stream", "cluster-stop", env=env)
         logs = job_cfg.state_dir / "logs" / "flink-cluster"

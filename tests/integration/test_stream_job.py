@@ -20,7 +20,7 @@ from config import PROJECT_ROOT, load_config
 from models.detector import DeviceDetector
 from models.integrity import AGGREGATOR_ISSUER, sign_record, signing_key
 from models.serialization import dumps, loads, from_b64, to_b64
-from orchestration import processes
+from services import processes
 from telemetry.consumer import iter_messages
 from telemetry.producer import produce, producer_config
 from telemetry.readers import open_reader

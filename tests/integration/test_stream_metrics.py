@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config import PROJECT_ROOT, load_config
 from http_receivers import wait_for
-from orchestration import processes
+from services import processes
 from spark_jobs.api import create_app
 from storage.sink import MongoSink
 from telemetry.schema import Reading, encode_batch
