@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -140,6 +140,10 @@ class DetectionResult:
     #                              of the reading's incident (`models.incidents.incident_id`), -1 if not flagged
     incidents: list = field(default_factory=list)  # `Incident` states that changed in this batch, in time order
     drift: DriftEvent | None = None  # a drift detected in this batch (the device re-baselined after the batch)
+    n_muted: int = 0  # flags the `mute` callable of `process_many` dropped
+
+
+Muting = Callable[[np.ndarray, np.ndarray, np.ndarray, Mapping[int, list]], np.ndarray]
 
 
 class DeviceDetector:
@@ -263,18 +267,21 @@ class DeviceDetector:
         self._process(X, seqs, ts, describe=False)
 
     def process_many(self, X: np.ndarray, seqs: Sequence[int] | None = None,
-                     ts: Sequence[int] | None = None) -> DetectionResult:
+                     ts: Sequence[int] | None = None, mute: Muting | None = None) -> DetectionResult:
         """Score the batch against the current threshold, then learn from it.
 
         `seqs` / `ts`: the readings' sequence numbers and event times (epoch ms), for incidents and drift events
-        (default: readings counted from 0, no times)."""
-        return self._process(X, seqs, ts, describe=True)
+        (default: readings counted from 0, no times). `mute(scores, thresholds, is_anomaly, top_metrics)` (e.g.
+        an operator's false-positive patterns, `scoring.feedback.mute_mask`) returns which flags to drop before
+        incidents and drift see them; ``top_metrics[i]`` is given for the flagged readings."""
+        return self._process(X, seqs, ts, describe=True, mute=mute)
 
     def process_one(self, x: np.ndarray, seq: int | None = None, ts: int | None = None) -> DetectionResult:
         return self.process_many(np.asarray(x, dtype=np.float64)[None, :], None if seq is None else [seq],
                                  None if ts is None else [ts])
 
-    def _process(self, X: np.ndarray, seqs, ts, describe: bool) -> DetectionResult | None:
+    def _process(self, X: np.ndarray, seqs, ts, describe: bool, mute: Muting | None = None
+                 ) -> DetectionResult | None:
         X = self._readings(X)
         n = X.shape[0]
         imputed_before = self.features.n_imputed
@@ -285,6 +292,14 @@ class DeviceDetector:
         warming = self.n_seen < self.settings.warmup
         if warming:
             is_anomaly &= self.n_seen + np.arange(n) >= self.settings.warmup
+        n_muted = 0
+        if mute is not None and is_anomaly.any():
+            flagged = np.flatnonzero(is_anomaly)
+            top = dict(zip(flagged.tolist(), self._top_metrics(metric_shares(normalised[flagged],
+                                                                             self._scored_blocks))))
+            muted = np.asarray(mute(scores, np.full(n, cut), is_anomaly, top), dtype=bool)
+            n_muted = int(np.count_nonzero(muted & is_anomaly))
+            is_anomaly &= ~muted
         seqs = self.n_seen + np.arange(n) if seqs is None else np.asarray(seqs, dtype=np.int64)
         ts = None if ts is None else np.asarray(ts, dtype=np.int64)
         thresholds = np.full(n, cut)
@@ -310,7 +325,7 @@ class DeviceDetector:
                                      top_metrics=self._top_metrics(shares),
                                      n_imputed=self.features.n_imputed - imputed_before, p_values=p_values,
                                      z_scores=z_scores, metric_shares=shares, incident_starts=incidents.starts,
-                                     incidents=incidents.changes, drift=drift)
+                                     incidents=incidents.changes, drift=drift, n_muted=n_muted)
         self._learn(F, errors, scores, calibration=~incidents.during | (
             (incidents.ranks > 0) & (incidents.ranks <= self.calibration_run)), flagged=is_anomaly)
         if drift is not None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DRIFT_SCHEMA = "flead.drift/1"
 
 
 def binomial_tail(n: int, p: float, k: int) -> float:
@@ -44,9 +43,9 @@ class DriftEvent:
     target_rate: float
     window: int            # readings the rate was measured over
 
-    def to_record(self, device_id: str, detected_at: int, model_version: int) -> dict:
-        """The `flead.drift/1` record (docs/contracts.md)."""
-        return {"schema": DRIFT_SCHEMA, "event_id": f"{device_id}:{self.seq}", "device_id": device_id,
+    def record_fields(self, device_id: str, detected_at: int, model_version: int) -> dict:
+        """The fields of its `flead.drift/1` record (docs/contracts.md; `telemetry.schema.DRIFT.make(**fields)`)."""
+        return {"event_id": f"{device_id}:{self.seq}", "device_id": device_id,
                 "seq": self.seq, "ts": self.ts, "reason": self.reason, "flag_rate": self.flag_rate,
                 "target_rate": self.target_rate, "window": self.window, "detected_at": int(detected_at),
                 "model_version": int(model_version)}

@@ -7,7 +7,6 @@ from typing import Sequence
 
 import numpy as np
 
-INCIDENT_SCHEMA = "flead.incident/1"
 OPEN, RESOLVED = "open", "resolved"
 
 
@@ -46,10 +45,10 @@ class Incident:
     model_version: int
     global_version: int
 
-    def to_record(self, device_id: str, updated_at: int) -> dict:
-        """The `flead.incident/1` record (docs/contracts.md); a later state of the same ``incident_id`` replaces
-        an earlier one."""
-        return {"schema": INCIDENT_SCHEMA, "incident_id": incident_id(device_id, self.start_seq),
+    def record_fields(self, device_id: str, updated_at: int) -> dict:
+        """The fields of its `flead.incident/1` record (docs/contracts.md; `telemetry.schema.INCIDENT.make`); a
+        later state of the same ``incident_id`` replaces an earlier one."""
+        return {"incident_id": incident_id(device_id, self.start_seq),
                 "device_id": device_id, "status": self.status, "start_seq": self.start_seq,
                 "end_seq": self.end_seq, "start_ts": self.start_ts, "end_ts": self.end_ts,
                 "n_flagged": self.n_flagged, "n_readings": self.n_readings, "peak_score": self.peak_score,

@@ -34,12 +34,14 @@ from models.updates import codec_for
 from scoring.broadcasts import FLEET, Broadcasts, global_model_of, model_entry
 from scoring.feedback import FeedbackSettings, MutePattern, apply_feedback, mute_mask
 from scoring.state import DeviceState
-from telemetry.schema import (FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL_SCHEMA, SNAPSHOT, Columns, InvalidMessage,
-                              check_feedback, dead_letter, decode_columns, dumps_json, encode_scores, load_object)
+from models.incidents import incident_id
+from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL_SCHEMA, INCIDENT, SNAPSHOT, Columns,
+                              InvalidMessage, check_feedback, dead_letter, decode_columns, dumps_json, encode_scores,
+                              load_object)
 
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
-            "feedback_applied", "broadcasts_rejected", "anomalies_muted")
+            "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -264,13 +266,15 @@ class StreamScoring:
                 return state, out
         state.last_seq = max(state.last_seq, seqs[-1])
         patterns = self.mute_patterns(broadcasts, device_id, out)
-        for rows, result in self._process(detector, device_id, X, seqs, stamps, labels, out):
-            if patterns:
-                muted = mute_mask(patterns, result.scores, result.thresholds, result.is_anomaly, result.top_metrics,
-                                  now_ms, self.options.feedback)
-                result.is_anomaly &= ~muted
-                out.counts["anomalies_muted"] += int(np.count_nonzero(muted))
+        mute = None
+        if patterns:
+            def mute(scores, thresholds, is_anomaly, top_metrics):
+                return mute_mask(patterns, scores, thresholds, is_anomaly, top_metrics, now_ms, self.options.feedback)
+        incidents_before = detector.n_incidents
+        for rows, result in self._process(detector, device_id, X, seqs, stamps, labels, mute, out):
             self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result, now_ms, out)
+            self.event_records(device_id, detector, result, now_ms, out)
+        out.counts["incidents_opened"] += detector.n_incidents - incidents_before
         if state.snapshot_due(now_ms, self.options.snapshot_every, self.options.snapshot_interval_ms):
             self.snapshot(state, device_id, broadcasts, now_ms, out)
         return state, out
@@ -299,18 +303,19 @@ class StreamScoring:
                 admitted &= ~outside
         return admitted
 
-    def _process(self, detector: DeviceDetector, device_id: str, X: np.ndarray, seqs, stamps, labels, out: Emitted
-                 ) -> list[tuple[slice, DetectionResult]]:
+    def _process(self, detector: DeviceDetector, device_id: str, X: np.ndarray, seqs, stamps, labels, mute,
+                 out: Emitted) -> list[tuple[slice, DetectionResult]]:
         """`process_many` of the batch; under ``model.nan_policy: reject`` a batch with a missing value is scored
         reading by reading and the readings with one are dead-lettered."""
         try:
-            return [(slice(None), detector.process_many(X))]
+            return [(slice(None), detector.process_many(X, seqs, stamps, mute))]
         except NonFiniteMetricError:
             pass
         results = []
         for i in range(X.shape[0]):
             try:
-                results.append((slice(i, i + 1), detector.process_many(X[i:i + 1])))
+                results.append((slice(i, i + 1), detector.process_many(X[i:i + 1], seqs[i:i + 1], stamps[i:i + 1],
+                                                                       mute)))
             except NonFiniteMetricError as exc:
                 raw = {"device_id": device_id, "seq": seqs[i], "ts": stamps[i],
                        "metrics": dict(zip(detector.metric_names, X[i].tolist())), "label": labels[i]}
@@ -356,18 +361,33 @@ class StreamScoring:
         Beam, the JVM and the broker dominate); each anomaly also as an alert."""
         out.counts["records_scored"] += len(seqs)
         out.counts["values_imputed"] += result.n_imputed
+        out.counts["anomalies_muted"] += result.n_muted
         model_version, global_version = detector.model_version, detector.global_version
+        incident_ids = [None if start < 0 else incident_id(device_id, start) for start in result.incident_starts.tolist()]
         scores = [{"seq": seq, "ts": ts, "score": score, "threshold": threshold, "is_anomaly": anomaly,
-                   "top_metrics": [{"metric": m, "share": share} for m, share in top], "label": label}
-                  for seq, ts, score, threshold, anomaly, top, label in zip(
+                   "p_value": p_value, "top_metrics": [{"metric": m, "share": share} for m, share in top],
+                   "incident_id": incident, "label": label}
+                  for seq, ts, score, threshold, anomaly, p_value, top, incident, label in zip(
                       seqs, stamps, result.scores.tolist(), result.thresholds.tolist(), result.is_anomaly.tolist(),
-                      result.top_metrics, labels)]
+                      result.p_values.tolist(), result.top_metrics, incident_ids, labels)]
         out.scores.append(encode_scores(device_id, model_version, global_version, scored_at, scores).decode())
         for record in scores:
             if record["is_anomaly"]:
                 out.counts["anomalies"] += 1
                 out.alerts.append(to_json({"device_id": device_id, **record, "model_version": model_version,
                                            "global_version": global_version, "scored_at": scored_at}))
+
+    @staticmethod
+    def event_records(device_id: str, detector: DeviceDetector, result: DetectionResult, scored_at: int,
+                      out: Emitted) -> None:
+        """The incidents that opened, grew or resolved in the batch (`flead.incident/1`) and a drift event
+        (`flead.drift/1`) if the device re-baselined."""
+        for incident in result.incidents:
+            out.incidents.append(to_json(INCIDENT.make(**incident.record_fields(device_id, scored_at))))
+        if result.drift is not None:
+            out.counts["drift_events"] += 1
+            out.drift.append(to_json(DRIFT.make(**result.drift.record_fields(device_id, scored_at,
+                                                                          detector.model_version))))
 
     def snapshot(self, state: DeviceState, device_id: str, broadcasts: Broadcasts, now_ms: int, out: Emitted) -> None:
         """A signed `flead.snapshot/1` record of the device's federated weights; with secure aggregation, its

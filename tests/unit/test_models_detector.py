@@ -298,8 +298,8 @@ def test_drift_rebaselines_and_brings_the_flag_rate_back_to_target():
     assert len(events) >= 1 and det.n_drift_events == len(events)
     event = events[0]
     assert 1500 < event.seq < 1500 + 2 * det.drift.window and event.flag_rate > 0.07 and event.window == 288
-    record = event.to_record("dev-1", detected_at=7, model_version=det.model_version)
-    assert record["event_id"] == f"dev-1:{event.seq}" and record["schema"] == "flead.drift/1"
+    record = event.record_fields("dev-1", detected_at=7, model_version=det.model_version)
+    assert record["event_id"] == f"dev-1:{event.seq}" and record["device_id"] == "dev-1"
     assert flags[200:1500].mean() < 0.03                   # before: about the target rate (0.01)
     assert flags[-1000:].mean() < 0.03                    # after re-baselining: back near the target
     stubborn_flags = np.concatenate([r.is_anomaly for r in stubborn_results])

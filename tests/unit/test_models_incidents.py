@@ -34,12 +34,12 @@ def test_an_incident_opens_grows_and_is_resolved_after_the_gap():
         ("open", 102, 102, 1, 1),      # batch 1: opened
         ("open", 102, 106, 3, 5),      # batch 2: grew
         ("resolved", 102, 106, 3, 5)]  # batch 3: more than 3 unflagged readings after the last flag
-    record = changes[-1].to_record("omi-1", updated_at=99)
+    record = changes[-1].record_fields("omi-1", updated_at=99)
     assert record["incident_id"] == "omi-1:102" == incident_id("omi-1", 102)
-    assert record["schema"] == "flead.incident/1" and record["status"] == "resolved"
+    assert record["status"] == "resolved"
     assert record["metrics_to_blame"][0] == {"metric": "cpu", "share": pytest.approx(0.6)}
     assert record["peak_score"] == 4.0 and record["peak_ratio"] == 2.0 and record["updated_at"] == 99
-    assert set(record) == {"schema", "incident_id", "device_id", "status", "start_seq", "end_seq", "start_ts",
+    assert set(record) == {"incident_id", "device_id", "status", "start_seq", "end_seq", "start_ts",
                            "end_ts", "n_flagged", "n_readings", "peak_score", "peak_ratio", "metrics_to_blame",
                            "model_version", "global_version", "updated_at"}
     assert tracker.n_incidents == 1 and not tracker.is_open
@@ -81,6 +81,6 @@ def test_records_pass_the_wire_formats_of_telemetry_schema():
     tracker = IncidentTracker(NAMES, gap_readings=1)
     _, _, changes = run(tracker, [1, 1, 0, 0], batch=4, ts=[1000, 2000, 3000, 4000])
     for change in changes:
-        INCIDENT.check(change.to_record("omi-1", updated_at=5000))
+        INCIDENT.make(**change.record_fields("omi-1", updated_at=5000))
     event = DriftEvent(seq=7, ts=7000, reason="r", flag_rate=0.3, target_rate=0.01, window=288)
-    DRIFT.check(event.to_record("omi-1", detected_at=8000, model_version=2))
+    DRIFT.make(**event.record_fields("omi-1", detected_at=8000, model_version=2))

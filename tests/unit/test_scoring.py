@@ -121,6 +121,29 @@ def test_score_emits_one_scores_record_per_batch_alerts_and_snapshots(settings):
     assert alerts[0]["model_version"] == 3 and out.counts["anomalies"] == 1
 
 
+def test_flags_become_incidents_with_ids_on_their_scores_and_alerts(cfg_defaults):
+    settings = DetectorSettings.from_config(cfg_defaults, warmup=40)  # the default kind
+    scoring = scoring_with(settings, micro_batch_size=8)
+    state, _ = run(scoring, "a", 40, per_message=8)
+    spike = np.tile([0.5, 0.5, 0.5], (8, 1))
+    spike[3:5, 2] = 9.0
+    state, out = scoring.score(state, "a", [columns("a", 320, 8, values=spike)], Broadcasts(), 5_000)
+    records = decode_scores(out.scores[0])
+    assert all(r["p_value"] is None or 0 < r["p_value"] <= 1 for r in records)
+    flagged = [r for r in records if r["is_anomaly"]]
+    assert flagged and {r["incident_id"] for r in flagged} == {"a:323"}
+    assert all(r["incident_id"] is None for r in records if not r["is_anomaly"])
+    assert {json.loads(a)["incident_id"] for a in out.alerts} == {"a:323"}
+    opened = [json.loads(i) for i in out.incidents]
+    assert opened[0]["status"] == "open" and opened[0]["incident_id"] == "a:323" and out.counts["incidents_opened"] == 1
+    for k in range(3):  # quiet readings: the incident resolves after its gap
+        state, out = scoring.score(state, "a", [columns("a", 328 + 8 * k, 8)], Broadcasts(), 6_000)
+        if out.incidents:
+            break
+    resolved = json.loads(out.incidents[-1])
+    assert resolved["status"] == "resolved" and resolved["incident_id"] == "a:323" and resolved["end_seq"] >= 324
+
+
 def test_snapshot_is_due_by_time_when_the_device_learned_something(settings):
     scoring = scoring_with(settings, snapshot_every=10_000, snapshot_interval_ms=1_000)
     state, emitted = run(scoring, "a", 1, now=0)
