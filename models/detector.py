@@ -29,6 +29,14 @@ from models.thresholds import make_threshold, threshold_from_arrays
 ARCHITECTURE = "flead.device-detector/2"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace)
 KINDS = ("subspace", "ae", "lstm_ae")
 SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
+# Learning is winsorised: once the scaler has seen PLAUSIBLE_AFTER readings, a value further than PLAUSIBLE_SIGMAS
+# standard deviations from its mean is learned as that bound (it is still scored as it is, and flagged). Ten is far
+# beyond any normal fluctuation, so genuine readings are untouched; a lasting change of level beyond it is taken
+# up after the drift monitor re-baselines. Scaled inputs are also capped at MAX_SCALED_VALUE when scored, so a
+# reading near the float limit (1e300) gives a huge but finite score.
+PLAUSIBLE_SIGMAS = 10.0
+PLAUSIBLE_AFTER = 30
+MAX_SCALED_VALUE = 1e6
 THRESHOLD_START_FRACTION = 0.5  # scores of the first half of warm-up come from a barely trained model and would
 #                                 inflate the threshold and the residual scales: they learn only from later ones
 
@@ -198,6 +206,7 @@ class DeviceDetector:
         self.incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
                                          s.top_k_metrics)
         self.n_seen = 0
+        self.n_winsorised = 0  # values learned at the plausibility bound (PLAUSIBLE_SIGMAS) since this object was made
         self.model_version = 0
         self.global_version = 0
         self._n_since_snapshot = 0
@@ -252,7 +261,9 @@ class DeviceDetector:
         readings again: one anomalous reading raises the scores of the `window` − 1 readings after it too (an
         isolated spike gives up to `window` flags, at most one of them right), while a sustained anomaly is seen
         from several angles. ``inputs: reading`` scores only the reading's own values."""
-        errors = self.model.feature_errors(self.scaler.transform_many(F))
+        scaled = self.scaler.transform_many(F)
+        np.clip(scaled, -MAX_SCALED_VALUE, MAX_SCALED_VALUE, out=scaled)  # scores stay finite for any finite input
+        errors = self.model.feature_errors(scaled)
         scored = errors[:, :self._scored_blocks * len(self.metric_names)]
         normalised = self.residual_scale.normalise(scored) if self.settings.normalise_residuals else scored
         return errors, normalised, np.add.reduce(normalised, axis=1) / normalised.shape[1]
@@ -292,14 +303,16 @@ class DeviceDetector:
         warming = self.n_seen < self.settings.warmup
         if warming:
             is_anomaly &= self.n_seen + np.arange(n) >= self.settings.warmup
-        n_muted = 0
+        # Muting (an operator's false-positive patterns) changes what is reported (flags, incidents), not what
+        # is learned: the residual scales, the threshold and the drift monitor see the detector's own flags, so a
+        # muted pattern cannot make later, stronger anomalies of the same metrics look normal.
+        own_flags, muted = is_anomaly, np.zeros(n, dtype=bool)
         if mute is not None and is_anomaly.any():
             flagged = np.flatnonzero(is_anomaly)
             top = dict(zip(flagged.tolist(), self._top_metrics(metric_shares(normalised[flagged],
                                                                              self._scored_blocks))))
-            muted = np.asarray(mute(scores, np.full(n, cut), is_anomaly, top), dtype=bool)
-            n_muted = int(np.count_nonzero(muted & is_anomaly))
-            is_anomaly &= ~muted
+            muted = np.asarray(mute(scores, np.full(n, cut), is_anomaly, top), dtype=bool) & is_anomaly
+            is_anomaly = is_anomaly & ~muted
         seqs = self.n_seen + np.arange(n) if seqs is None else np.asarray(seqs, dtype=np.int64)
         ts = None if ts is None else np.asarray(ts, dtype=np.int64)
         thresholds = np.full(n, cut)
@@ -310,7 +323,7 @@ class DeviceDetector:
                                           seqs, ts, self.model_version, self.global_version)
         drift = None
         if self.settings.drift_enabled:
-            detected = self.drift.update(is_anomaly)
+            detected = self.drift.update(own_flags)
             if detected is not None:
                 at, rate = detected
                 drift = DriftEvent(int(seqs[at]), None if ts is None else int(ts[at]), self.drift.describe(),
@@ -325,9 +338,10 @@ class DeviceDetector:
                                      top_metrics=self._top_metrics(shares),
                                      n_imputed=self.features.n_imputed - imputed_before, p_values=p_values,
                                      z_scores=z_scores, metric_shares=shares, incident_starts=incidents.starts,
-                                     incidents=incidents.changes, drift=drift, n_muted=n_muted)
-        self._learn(F, errors, scores, calibration=~incidents.during | (
-            (incidents.ranks > 0) & (incidents.ranks <= self.calibration_run)), flagged=is_anomaly)
+                                     incidents=incidents.changes, drift=drift,
+                                     n_muted=int(np.count_nonzero(muted)))
+        calibration = ~incidents.during | ((incidents.ranks > 0) & (incidents.ranks <= self.calibration_run))
+        self._learn(F, errors, scores, calibration=calibration & ~muted, flagged=own_flags)
         if drift is not None:
             self._rebaseline()
         return result
@@ -350,6 +364,8 @@ class DeviceDetector:
         marked `calibration`."""
         n = F.shape[0]
         start = int(self.settings.warmup * THRESHOLD_START_FRACTION)
+        F, n_winsorised = self.scaler.winsorise(F, PLAUSIBLE_SIGMAS, PLAUSIBLE_AFTER)
+        self.n_winsorised += n_winsorised
         self.scaler.learn_many(F)
         self.model.learn_many(self.scaler.transform_many(F))
         self._loss = float(np.add.reduce(errors, axis=None)) / errors.size
@@ -368,6 +384,7 @@ class DeviceDetector:
         """After a drift: residual scales from the recent residuals, the threshold from scores to come, and the
         subspace model's statistics worth no more than the drift window, so that recent readings dominate."""
         window = self.drift.window
+        self.scaler.rebaseline(window)
         self.residual_scale.rebaseline(window)
         self.threshold.reset()
         if isinstance(self.model, SubspaceModel):

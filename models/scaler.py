@@ -78,6 +78,27 @@ class RunningScaler:
         self.n = n
         self._divisor = None
 
+    def winsorise(self, X: np.ndarray, sigmas: float, min_readings: int) -> tuple[np.ndarray, int]:
+        """`X` with each value clipped to ``mean ± sigmas · std`` of what the scaler has learned, and how many
+        values were clipped; `X` itself until `min_readings` readings were learned. A detector learns from this
+        copy, so one absurd but finite value (1e20) cannot blow up the scale every later reading is judged by."""
+        if self.mean is None or self.n < min_readings:
+            return X, 0
+        reach = sigmas * self.std
+        low, high = self.mean - reach, self.mean + reach
+        outside = (X < low) | (X > high)
+        if not outside.any():
+            return X, 0
+        return np.clip(X, low, high), int(np.count_nonzero(outside))
+
+    def rebaseline(self, readings: int) -> None:
+        """Weigh everything learned so far as `readings` readings at most (same mean and variance), so that what
+        comes next dominates: after a drift, the new regime's scale is learned within about that many readings."""
+        if self.n > readings > 0:
+            self._m2 = self._m2 * (readings / self.n)
+            self.n = readings
+            self._divisor = None
+
     def transform_one(self, x: np.ndarray) -> np.ndarray:
         return self.transform_many(np.asarray(x, dtype=np.float64)[None, :])[0]
 

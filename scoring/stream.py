@@ -41,7 +41,7 @@ from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL
 
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
-            "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events")
+            "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events", "values_winsorised")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -270,11 +270,12 @@ class StreamScoring:
         if patterns:
             def mute(scores, thresholds, is_anomaly, top_metrics):
                 return mute_mask(patterns, scores, thresholds, is_anomaly, top_metrics, now_ms, self.options.feedback)
-        incidents_before = detector.n_incidents
+        incidents_before, winsorised_before = detector.n_incidents, detector.n_winsorised
         for rows, result in self._process(detector, device_id, X, seqs, stamps, labels, mute, out):
             self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result, now_ms, out)
             self.event_records(device_id, detector, result, now_ms, out)
         out.counts["incidents_opened"] += detector.n_incidents - incidents_before
+        out.counts["values_winsorised"] += detector.n_winsorised - winsorised_before
         if state.snapshot_due(now_ms, self.options.snapshot_every, self.options.snapshot_interval_ms):
             self.snapshot(state, device_id, broadcasts, now_ms, out)
         return state, out

@@ -8,6 +8,7 @@ from config import load_config
 from models.detector import DeviceDetector
 from models.features import NonFiniteMetricError
 from models.serialization import SerializationError, loads
+from models.scaler import RunningScaler
 
 METRICS = ["cpu", "mem", "disk", "net"]
 WARMUP = 100
@@ -320,3 +321,32 @@ def test_an_empty_batch_is_a_clear_error():
     detector = DeviceDetector.create(["a", "b"], hidden=[4, 2, 4])
     with pytest.raises(ValueError, match="empty batch"):
         detector.process_many(np.zeros((0, 2)))
+
+
+@pytest.mark.parametrize("extreme", [1e20, 1e100, 1e300])
+def test_one_absurd_value_neither_blinds_its_metric_nor_makes_scores_infinite(extreme):
+    """Issue 14: one finite but absurd value (1e20) used to blow up the scale its metric is judged by, so a real
+    anomaly there went unseen afterwards. What is learned is winsorised; what is scored stays finite."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(0.5, 0.05, size=(2800, 5))
+    X[2003, 2] = extreme
+    X[2700, 2] = 1.5  # 20 standard deviations: a real anomaly on the same metric, later
+    det = DeviceDetector.create([f"m{i}" for i in range(5)], load_config(env={}))
+    results = [det.process_many(X[i:i + 16], seqs=np.arange(i, min(i + 16, 2800))) for i in range(0, 2800, 16)]
+    scores = np.concatenate([r.scores for r in results])
+    flags = np.concatenate([r.is_anomaly for r in results])
+    assert np.isfinite(scores).all() and flags[2003] and flags[2700]
+    assert det.n_winsorised > 0
+    assert np.isfinite(det.threshold.threshold) and det.threshold.threshold < 10 * np.median(scores[1000:2000])
+
+
+def test_scaler_winsorises_only_after_enough_readings_and_rebaselines_to_a_weight():
+    scaler = RunningScaler()
+    X = np.random.default_rng(1).normal(0.0, 1.0, size=(100, 2))
+    assert scaler.winsorise(X, 10.0, 30) == (X, 0)  # nothing learned yet
+    scaler.learn_many(X)
+    clipped, n = scaler.winsorise(np.array([[0.5, 1e20]]), 10.0, 30)
+    assert n == 1 and clipped[0, 0] == 0.5 and clipped[0, 1] == pytest.approx(scaler.mean[1] + 10 * scaler.std[1])
+    var = scaler.var.copy()
+    scaler.rebaseline(20)
+    assert scaler.n == 20 and np.allclose(scaler.var, var)
