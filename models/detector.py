@@ -170,7 +170,8 @@ class DeviceDetector:
     (`LSTMAutoencoder`).
 
     >>> import numpy as np
-    >>> det = DeviceDetector.create(["cpu", "mem", "disk"], kind="subspace", warmup=100, seed=0)
+    >>> from config import load_config
+    >>> det = DeviceDetector.create(["cpu", "mem", "disk"], load_config(), kind="subspace", warmup=100, seed=0)
     >>> rng = np.random.default_rng(0)
     >>> load = rng.normal(0.5, 0.1, size=(400, 1))
     >>> normal = np.hstack([load, 0.5 * load + 0.2, 1.0 - load]) + rng.normal(0, 0.01, size=(400, 3))
@@ -213,12 +214,10 @@ class DeviceDetector:
         self._loss: float | None = None  # mean squared residual of the last batch (models without their own loss)
 
     @classmethod
-    def create(cls, metric_names: Sequence[str], cfg: Any = None, **overrides: Any) -> "DeviceDetector":
-        """A fresh detector for readings with `metric_names`, set up from `cfg` (default: `load_config()`) and
-        keyword `overrides` of `DetectorSettings` fields (``kind="ae"``, ``warmup=50``, ``threshold_kind=...``)."""
-        if cfg is None:
-            from config import load_config  # only here: models does not depend on config otherwise
-            cfg = load_config()
+    def create(cls, metric_names: Sequence[str], cfg: Any, **overrides: Any) -> "DeviceDetector":
+        """A fresh detector for readings with `metric_names`, set up from `cfg` (a `config.Config`: its `model`,
+        `threshold`, `drift`, `incidents` sections) and keyword `overrides` of `DetectorSettings` fields
+        (``kind="ae"``, ``warmup=50``, ``threshold_kind=...``)."""
         return cls(metric_names, DetectorSettings.from_config(cfg, **overrides))
 
     # -- scoring and learning ---------------------------------------------------------------------------------

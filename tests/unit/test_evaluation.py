@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from config import load_config
 from models.detector import DeviceDetector
 from models.evaluation import ALL_MODELS, evaluate_fleet, operating_threshold, robust_normaliser, split_for_calibration
 
@@ -30,14 +31,14 @@ def synthetic_fleet(devices=3, seed=0):
 def evaluation():
     """The stream protocol (the default) with the default detector (subspace), every model."""
     train, test = synthetic_fleet()
-    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, warmup=50, seed=0), micro_batch=16,
+    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0), micro_batch=16,
                           round_every=100)
 
 
 @pytest.fixture(scope="module")
 def batch_evaluation():
     train, test = synthetic_fleet()
-    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, kind="ae", hidden=[6, 2, 6], seed=0,
+    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, load_config(env={}), kind="ae", hidden=[6, 2, 6], seed=0,
                                                                     warmup=20),
                           rounds=3, local_epochs=1, finetune_epochs=1, protocol="batch",
                           models=("federated", "local", "centralized", "random"))

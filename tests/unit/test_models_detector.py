@@ -44,7 +44,7 @@ def test_create_reads_config_and_overrides():
     assert det.settings.threshold_kind == "quantile" and det.settings.top_k_metrics == 3
     assert det.n_seen == 0 and det.model_version == 0 and det.global_version == 0
     assert make().settings.hidden == (8, 3, 8) and make().settings.feature_lags == ()
-    assert DeviceDetector.create(METRICS, hidden=[2]).settings.hidden == (2,)  # cfg defaults to load_config()
+    assert DeviceDetector.create(METRICS, load_config(env={}), hidden=[2]).settings.hidden == (2,)
     with pytest.raises(ValueError, match="unknown detector setting"):
         make(hiden=[3])
     with pytest.raises(ValueError, match="model.kind"):
@@ -318,7 +318,7 @@ def test_learning_goes_on_during_incidents():
 
 
 def test_an_empty_batch_is_a_clear_error():
-    detector = DeviceDetector.create(["a", "b"], hidden=[4, 2, 4])
+    detector = DeviceDetector.create(["a", "b"], load_config(env={}), hidden=[4, 2, 4])
     with pytest.raises(ValueError, match="empty batch"):
         detector.process_many(np.zeros((0, 2)))
 

@@ -4,9 +4,9 @@ differently blamed anomaly still alerts. Plus properties of `apply_feedback`."""
 import numpy as np
 from hypothesis import given, strategies as st
 
+from config import load_config
 from models.detector import DeviceDetector
-from scoring.feedback import (FeedbackSettings, MutePattern, apply_feedback, blame_similarity,
-                                        mute_mask)
+from scoring.feedback import FeedbackSettings, MutePattern, apply_feedback, blame_similarity, mute_mask
 
 METRICS = [f"m{i}" for i in range(6)]
 SETTINGS = FeedbackSettings(ratio_margin=0.25, min_similarity=0.8, max_patterns=8, expire_days=30)
@@ -54,7 +54,7 @@ def feedback(incident, verdict, at=0):
 
 
 def trained_detector(rng):
-    detector = DeviceDetector.create(METRICS, seed=0)
+    detector = DeviceDetector.create(METRICS, load_config(env={}), seed=0)
     run(detector, normal(rng, 3000, 0))
     return detector
 
