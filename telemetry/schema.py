@@ -45,6 +45,7 @@ MAX_DEVICE_ID_CHARS = 200
 MAX_METRICS = 1000
 MAX_METRIC_NAME_CHARS = 200
 MAX_BATCH_READINGS = 10_000
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a full batch of 10,000 readings of 20 metrics is about 4 MB
 # Larger magnitudes overflow the detector's squared errors (1e300 ** 2 is inf), so they are refused, not imputed.
 MAX_ABS_VALUE = 1e300
 MAX_INT64 = 2**63 - 1
@@ -255,7 +256,14 @@ def decode_message(raw: bytes | str) -> list[Reading]:
     ``null``, ``NaN`` and ``Infinity`` metric values become ``float('nan')``; unknown extra fields are ignored
     (newer producers may add some). Raises `InvalidMessage` naming the first problem found.
     """
-    return _readings(_loads(raw))
+    return _readings(_loads_telemetry(raw))
+
+
+def _loads_telemetry(raw: bytes | str | None) -> Any:
+    """`_loads` of a telemetry message, refused unread when it is larger than `MAX_MESSAGE_BYTES`."""
+    if raw is not None and len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"message of {len(raw):,} bytes, at most {MAX_MESSAGE_BYTES:,} (send smaller batches)")
+    return _loads(raw)
 
 
 def _readings(msg: Any) -> list[Reading]:
@@ -294,7 +302,7 @@ def decode_columns(raw: bytes | str) -> Columns:
     """`decode_message` as columns (the stream job's input): the same checks, errors and values. A batch whose
     readings all list the same metrics in the same order (what producers send) is checked column-wise; anything
     else takes `decode_message`'s path, which names the problem or takes the union of the metric sets."""
-    msg = _loads(raw)
+    msg = _loads_telemetry(raw)
     fast = _uniform_batch_columns(msg)
     if fast is not None:
         return fast

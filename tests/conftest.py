@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from config import Config, load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules shared by the test folders (stream_support)
 from orchestration import stack as local_stack
 from services import processes
 

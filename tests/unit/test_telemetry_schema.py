@@ -235,3 +235,11 @@ def test_dead_letter_follows_the_contract():
     assert record["device_id"] == "x" and record["at"] == 123
     assert len(record["raw"]) == MAX_DEAD_LETTER_RAW_CHARS and "\ufffd" in record["raw"]
     assert json.loads(dead_letter(None, "r", "s"))["device_id"] is None
+
+
+def test_a_message_larger_than_the_limit_is_refused_unread():
+    huge = json.dumps({"schema": SCHEMA, "device_id": "d", "seq": 1, "ts": 5, "metrics": {"m": 1},
+                       "padding": "x" * (8 * 1024 * 1024)}).encode()
+    for decode in (decode_message, decode_columns):
+        with pytest.raises(InvalidMessage, match=r"message of 8,388,[0-9]+ bytes, at most 8,388,608"):
+            decode(huge)
