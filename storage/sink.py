@@ -1,51 +1,93 @@
-"""Kafka → MongoDB sink: the stream's outputs (and the raw telemetry) become documents, idempotently.
+"""Kafka → MongoDB sink: the stream's outputs (and the raw telemetry) become documents, each exactly once.
 
 The stream job writes only to Kafka (MongoDB is far slower than the job); this service consumes the topics,
-writes each batch with natural ids (a replay never duplicates), and commits Kafka offsets only after the
-batch is stored — at-least-once delivery plus idempotent writes gives exactly one document per record.
+gathers messages for `sink.flush_interval_ms`, stores them as one batch and commits the Kafka offsets only after
+the batch is stored: at-least-once delivery plus idempotent writes gives one copy of everything.
 
     topic (cfg.kafka.topics)   →  collection(s)
-    telemetry                  →  device_data            (decoded with telemetry.schema; invalid ones skipped:
-                                                          the stream job dead-letters them)
-    scores                     →  predictions, alerts, score_rollups  (batches of score records; alerts = the
-                                                          anomalous ones; roll-ups sum the new ones)
+    telemetry                  →  device_data + metric_rollups   (one bucket document per device per batch;
+                                                                  invalid messages skipped: the stream job
+                                                                  dead-letters them)
+    scores                     →  predictions + alerts + score/daily/fleet roll-ups
+    incidents                  →  incidents           (by incident_id; a later state replaces an earlier one)
+    drift                      →  drift_events
     snapshots                  →  local_models
     dead_letters               →  dead_letters
+
+Bad input never stops it: a message or record it cannot store (not JSON, a schema violation, a non-finite or
+oversized number, a timestamp whose roll-up bucket overflows 64 bits, a field name MongoDB cannot hold) becomes
+one dead letter, ``_id`` = its Kafka position (``<topic>:<partition>:<offset>[:<record>]``), with a reason, and a
+counter goes up; the rest of the batch is stored as usual. When MongoDB is unreachable the sink retries the same
+batch with exponential back-off (`sink.retry_*`), never exiting. Roll-ups a crash left unwritten are written when
+it starts again (storage.writer). It also deletes what is past its retention horizon (`retention.*`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from config import Config
-from storage import mongo
-from storage.schemas import SchemaViolation
-from telemetry.schema import InvalidMessage, decode_scores, load_object
+from storage.buckets import MAX_ABS_TS, valid_scores
+from storage.mongo import Store, StorageUnavailable, incident_rank
+from storage.schemas import SchemaViolation, check_document, check_field_names
+from storage.writer import BucketWriter
+from telemetry.schema import Columns, InvalidMessage, decode_columns, decode_scores, load_object
 
 log = logging.getLogger(__name__)
 
-SOURCE_TOPICS = ("telemetry", "scores", "snapshots", "dead_letters")
-POLL_BATCH = 2000
+SOURCE_TOPICS = ("telemetry", "scores", "snapshots", "dead_letters", "incidents", "drift")
 POLL_TIMEOUT_S = 0.5
+MAX_RAW_CHARS = 10_000
+# Records stored as sent (their own fields): the collection each one goes to, and the field of its natural id.
+EVENT_COLLECTIONS = {"snapshots": ("local_models", None), "incidents": ("incidents", "incident_id"),
+                     "drift": ("drift_events", "event_id"), "dead_letters": ("dead_letters", None)}
 
 
-def _device_data(raw_values: list[bytes]) -> tuple[list[dict], int]:
-    from telemetry.schema import decode_message
+@dataclass
+class Batch:
+    """One flush's decoded input, ready to store."""
 
-    docs, invalid = [], 0
-    for raw in raw_values:
-        try:
-            readings = decode_message(raw)
-        except InvalidMessage:
-            invalid += 1
-            continue
-        for r in readings:
-            metrics = {k: (v if v == v else None) for k, v in r.metrics.items()}  # NaN → null (BSON-safe, JSON-safe)
-            docs.append({"device_id": r.device_id, "seq": r.seq, "ts": r.ts, "metrics": metrics, "label": r.label})
-    return docs, invalid
+    scores: list[dict] = field(default_factory=list)
+    readings: list[Columns] = field(default_factory=list)
+    events: dict[str, list[dict]] = field(default_factory=lambda: {key: [] for key in EVENT_COLLECTIONS})
+    refused: list[dict] = field(default_factory=list)  # dead letters for what the sink could not store
+
+
+def _text(raw) -> str:
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw).decode("utf-8", "replace")[:MAX_RAW_CHARS]
+    return ("" if raw is None else str(raw))[:MAX_RAW_CHARS]
+
+
+def storable_rows(block: Columns) -> np.ndarray | None:
+    """Rows of a telemetry block whose timestamp can be stored and rolled up (None: all)."""
+    ts = np.asarray(block.ts, dtype=np.int64)
+    ok = (ts >= -MAX_ABS_TS) & (ts <= MAX_ABS_TS)
+    return None if ok.all() else ok
+
+
+def event_document(key: str, record: dict, position: str) -> dict:
+    """The document a snapshot / incident / drift event / dead letter record (read at Kafka `position`) becomes;
+    `SchemaViolation` if it cannot be stored (the reason names the field)."""
+    collection, id_field = EVENT_COLLECTIONS[key]
+    check_field_names(record, key)
+    doc = {k: v for k, v in record.items() if k != "schema"}
+    if key == "snapshots":
+        doc["_id"] = f"{record.get('device_id')}:{record.get('version')}"
+    elif id_field is not None:
+        doc["_id"] = record.get(id_field)
+    else:  # dead letters: each message is one (identical ones stay apart), a replay finds it stored
+        doc["_id"] = position
+    check_document(collection, doc)
+    if key == "incidents" and doc["end_seq"] < doc["start_seq"]:
+        raise SchemaViolation(f"incidents: end_seq {doc['end_seq']} is before start_seq {doc['start_seq']}")
+    return doc
 
 
 class MongoSink:
@@ -55,99 +97,212 @@ class MongoSink:
         from confluent_kafka import Consumer
 
         self.cfg = cfg
-        self.db = mongo.connect(cfg)
         self.topic_keys = {cfg.kafka.topics[key]: key for key in topics}
         self.consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": group_id,
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False,
                                   "log_level": 3})
         self.assigned_at: float | None = None  # idle time counts from the first partition assignment
+        self.reassigned = False                # partitions moved: another sink may have written meanwhile
         self.consumer.subscribe(list(self.topic_keys), on_assign=self._on_assign)
         self.stats: Counter = Counter()
+        self.store: Store | None = None
+        self.writer: BucketWriter | None = None
+        self.next_prune = 0.0
 
     def _on_assign(self, consumer, partitions) -> None:
+        if self.assigned_at is not None:
+            self.reassigned = True
         self.assigned_at = self.assigned_at or time.monotonic()
 
-    def _store(self, key: str, values: list[bytes]) -> None:
-        cfg, db = self.cfg, self.db
-        if key == "telemetry":
-            docs, invalid = _device_data(values)
-            self.stats["telemetry_invalid"] += invalid
-            self.stats["device_data"] += mongo.write_device_data(db, cfg, docs)
-            return
-        records, bad = [], []
-        for raw in values:
-            try:  # a scores message is a batch of one device's score records (or a single record)
-                records.extend(decode_scores(raw) if key == "scores" else [load_object(raw)])
-            except InvalidMessage as exc:
-                bad.append({"reason": f"{key}: {exc.reason}", "raw": (raw or b"").decode("utf-8", "replace")[:10_000],
-                            "source": self.cfg.kafka.topics[key], "device_id": None, "at": int(time.time() * 1000)})
-        if bad:
-            self.stats["dead_letters_from_sink"] += mongo.write_dead_letters(db, cfg, bad)
-        try:
-            if key == "scores":
-                new_predictions, new_alerts = mongo.write_predictions(db, cfg, records)
-                self.stats["predictions"] += new_predictions
-                self.stats["alerts"] += new_alerts
-            elif key == "snapshots":
-                self.stats["local_models"] += mongo.write_local_models(db, cfg, records)
-            elif key == "dead_letters":
-                self.stats["dead_letters"] += mongo.write_dead_letters(db, cfg, records)
-        except SchemaViolation as exc:
-            # One bad record must not block the batch: store the good ones, dead-letter the rest with the reason.
-            self._store_one_by_one(key, records, first_error=exc)
+    # --- MongoDB, retried -------------------------------------------------------------------------------------
 
-    def _store_one_by_one(self, key: str, records: list[dict], first_error: Exception) -> None:
-        log.warning("%s: schema violation in batch (%s); storing record by record", key, first_error)
-        writers: dict[str, Callable] = {"scores": mongo.write_predictions, "snapshots": mongo.write_local_models,
-                                        "dead_letters": mongo.write_dead_letters}
-        stored = {"snapshots": "local_models", "dead_letters": "dead_letters"}.get(key)
-        for record in records:
+    def _retrying(self, action: Callable, what: str, should_stop: Callable[[], bool]):
+        """Run `action` until it succeeds; while MongoDB is unreachable wait with exponential back-off. Raises
+        `StorageUnavailable` only when asked to stop meanwhile."""
+        delay = self.cfg.sink.retry_initial_s
+        while True:
             try:
-                written = writers[key](self.db, self.cfg, [record])
-                if key == "scores":
-                    self.stats["predictions"] += written[0]
-                    self.stats["alerts"] += written[1]
-                else:
-                    self.stats[stored] += written
-            except SchemaViolation as exc:
-                self.stats[f"{key}_invalid"] += 1
-                mongo.write_dead_letters(self.db, self.cfg, [{
-                    "reason": f"schema: {exc}", "raw": json.dumps(record, default=str)[:10_000],
-                    "source": self.cfg.kafka.topics[key], "device_id": record.get("device_id"),
-                    "at": int(time.time() * 1000)}])
+                return action()
+            except StorageUnavailable as exc:
+                self.stats["mongo_retries"] += 1
+                log.warning("%s: MongoDB unavailable (%s); retrying in %.1f s", what, exc, delay)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline:
+                    if should_stop():
+                        raise
+                    time.sleep(min(0.2, delay))
+                delay = min(delay * 2, self.cfg.sink.retry_max_s)
 
-    def poll_once(self) -> int:
-        """Consume one batch, store it, commit its offsets; returns the number of messages handled."""
-        messages = self.consumer.consume(POLL_BATCH, timeout=POLL_TIMEOUT_S)
-        by_topic: dict[str, list[bytes]] = defaultdict(list)
+    def _connect(self) -> None:
+        if self.store is None:
+            self.store = Store(self.cfg)
+        if self.writer is None or self.writer.store is not self.store:
+            writer = BucketWriter(self.store)
+            found = writer.load()
+            self.writer = writer
+            if found["repaired_generations"]:
+                self.stats["rollup_generations_repaired"] += len(found["repaired_generations"])
+
+    # --- decoding ---------------------------------------------------------------------------------------------
+
+    def _refuse(self, batch: Batch, letter_id: str, topic: str, reason: str, raw, device_id=None) -> None:
+        key = self.topic_keys[topic]
+        self.stats[f"{key}_refused"] += 1
+        batch.refused.append({"_id": letter_id, "source": topic, "reason": f"{key}: {reason}", "raw": _text(raw),
+                              "device_id": device_id if isinstance(device_id, str) else None,
+                              "at": int(time.time() * 1000)})
+
+    def decode(self, messages: list) -> Batch:
+        """The records of these Kafka messages, checked; what cannot be stored becomes a dead letter."""
+        batch = Batch()
         for msg in messages:
             if msg.error():
                 self.stats["kafka_errors"] += 1
                 log.warning("kafka: %s", msg.error())
                 continue
-            by_topic[msg.topic()].append(msg.value())
-        for topic, values in by_topic.items():
-            self._store(self.topic_keys[topic], values)
-        if messages:
+            topic, raw = msg.topic(), msg.value()
+            key, position = self.topic_keys[topic], f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
+            if key == "telemetry":
+                self._decode_telemetry(batch, msg, position)
+            elif key == "scores":
+                try:
+                    records = decode_scores(raw)
+                except InvalidMessage as exc:
+                    self._refuse(batch, position, topic, exc.reason, raw, exc.device_id)
+                    continue
+                good, bad = valid_scores(records)
+                batch.scores += good
+                for index, reason in bad:
+                    record = records[index]
+                    self._refuse(batch, f"{position}:{index}", topic, reason, json.dumps(record, default=str),
+                                 record.get("device_id") if type(record) is dict else None)
+            else:
+                try:
+                    record = load_object(raw)
+                    batch.events[key].append(event_document(key, record, position))
+                except InvalidMessage as exc:
+                    self._refuse(batch, position, topic, exc.reason, raw)
+                except SchemaViolation as exc:
+                    self._refuse(batch, position, topic, str(exc), raw, record.get("device_id"))
+        return batch
+
+    def _decode_telemetry(self, batch: Batch, msg, position: str) -> None:
+        try:
+            block = decode_columns(msg.value())
+        except InvalidMessage:
+            self.stats["telemetry_invalid"] += 1  # the stream job dead-letters it (and so refuses to score it)
+            return
+        key = (msg.key() or b"").decode("utf-8", "replace")
+        if key and key != block.device_id:
+            self.stats["telemetry_invalid"] += 1  # the stream job dead-letters a device_id under another key
+            return
+        ok = storable_rows(block)
+        if ok is not None:
+            for i in np.flatnonzero(~ok):
+                self._refuse(batch, f"{position}:{i}", msg.topic(),
+                             f"readings[{i}].ts: {block.ts[i]} is outside the storable range (|ts| <= 2^62 ms)",
+                             msg.value(), block.device_id)
+            rows = np.flatnonzero(ok)
+            block = Columns(block.device_id, block.names, block.X[rows], [block.seqs[i] for i in rows],
+                            [block.ts[i] for i in rows], [block.labels[i] for i in rows])
+        if len(block.seqs):
+            batch.readings.append(block)
+
+    # --- storing ----------------------------------------------------------------------------------------------
+
+    def store_batch(self, batch: Batch) -> None:
+        """Write one batch (idempotent: repeating it after a failure stores nothing twice)."""
+        store = self.store
+        written = self.writer.write(scores=batch.scores, readings=batch.readings)
+        events = batch.events
+        new = {"local_models": len(store.insert_new("local_models", events["snapshots"])),
+               "incidents": store.replace_newer("incidents", events["incidents"], incident_rank),
+               "drift_events": len(store.insert_new("drift_events", events["drift"])),
+               "dead_letters": len(store.insert_new("dead_letters", events["dead_letters"])),
+               "dead_lettered": len(store.insert_new("dead_letters", batch.refused))}
+        now = int(time.time() * 1000)
+        for docs in (*events.values(), batch.refused):
+            for doc in docs:
+                doc.setdefault("stored_at", now)
+        self.stats.update(predictions=written.predictions, alerts=written.alerts, device_data=written.device_data,
+                          replayed=written.replayed, **new)
+
+    def _flush(self, messages: list, should_stop: Callable[[], bool]) -> None:
+        batch = self.decode(messages)
+        now = int(time.time() * 1000)
+        for docs in (*batch.events.values(), batch.refused):
+            for doc in docs:
+                doc["stored_at"] = now
+        self._retrying(self._prepared(lambda: self.store_batch(batch)), "storing a batch", should_stop)
+        try:
             self.consumer.commit(asynchronous=False)
-        return len(messages)
+        except Exception as exc:  # a rebalance meanwhile: the messages come again and are found stored
+            self.stats["commit_failures"] += 1
+            log.warning("kafka: committing offsets failed (%s); the batch will be read again", exc)
+
+    def _prepared(self, action: Callable) -> Callable:
+        """`action` after (re)connecting, and reloading what is stored when partitions moved."""
+        def run():
+            if self.reassigned:
+                self.writer = None
+                self.reassigned = False
+            self._connect()
+            return action()
+        return run
+
+    def _maintain(self, should_stop: Callable[[], bool], force: bool = False) -> None:
+        """Close the roll-up generation when due; prune what is past its horizon when due."""
+        self._retrying(self._prepared(lambda: self.writer.close_generation(force)), "writing roll-ups",
+                       should_stop)
+        if time.monotonic() >= self.next_prune:
+            deleted = self._retrying(self._prepared(lambda: self.store.prune()), "pruning", should_stop)
+            for key, n in deleted.items():
+                self.stats[f"pruned_{key}"] += n
+            self.next_prune = time.monotonic() + self.cfg.retention.prune_interval_s
+
+    def _gather(self) -> list:
+        """Messages of one flush: until `sink.flush_interval_ms` passed since the first, or
+        `sink.max_batch_messages` arrived; [] after `POLL_TIMEOUT_S` without any."""
+        limit, window = self.cfg.sink.max_batch_messages, self.cfg.sink.flush_interval_ms / 1000
+        messages = self.consumer.consume(limit, timeout=POLL_TIMEOUT_S)
+        if not messages:
+            return []
+        deadline = time.monotonic() + window
+        while len(messages) < limit and (left := deadline - time.monotonic()) > 0:
+            messages += self.consumer.consume(limit - len(messages), timeout=min(left, POLL_TIMEOUT_S))
+        return messages
 
     def run(self, until_idle_s: float | None = None, should_stop: Callable[[], bool] = lambda: False,
             progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0) -> Counter:
         """Consume until `should_stop()`, or until no message came for `until_idle_s` seconds."""
         last_message = last_report = time.monotonic()
+        stopped_cleanly = False
         try:
+            self._retrying(self._prepared(lambda: None), "starting", should_stop)
             while not should_stop():
-                if self.poll_once():
+                messages = self._gather()
+                if messages:
+                    self._flush(messages, should_stop)
                     last_message = time.monotonic()
                 elif (until_idle_s is not None and self.assigned_at is not None
                       and time.monotonic() - max(last_message, self.assigned_at) >= until_idle_s):
                     break
+                self._maintain(should_stop)
                 if progress and time.monotonic() - last_report >= progress_every_s:
                     progress(self.describe())
                     last_report = time.monotonic()
+            stopped_cleanly = True
+        except StorageUnavailable:
+            log.warning("stopping while MongoDB is unavailable: the last batch will be read again next time")
         finally:
+            if stopped_cleanly and self.writer is not None:  # roll up what this run stored
+                try:
+                    self.writer.close_generation(force=True)
+                except StorageUnavailable as exc:
+                    log.warning("roll-ups of the last generation not written (%s): written at the next start", exc)
             self.consumer.close()
+            if self.store is not None:
+                self.store.close()
         return self.stats
 
     def describe(self) -> str:
