@@ -142,8 +142,10 @@ class BucketWriter:
         written = Written()
         predictions, alerts, new_scores = self._plan_scores(scores, stored_at, written)
         device_data, new_readings = self._plan_readings(readings, stored_at, written)
-        self.store.insert_new("predictions", predictions)
+        # Alerts before their buckets: once a bucket is stored its readings count as stored, so a crash in
+        # between must leave the alerts written (a repeat finds them), never the bucket without its alerts.
         written.alerts = len(self.store.insert_new("alerts", alerts))
+        self.store.insert_new("predictions", predictions)
         self.store.insert_new("device_data", device_data)
         for device, cols in new_scores:
             self.indexes["predictions"].add(device, cols["seq"])
