@@ -235,7 +235,7 @@ def ranking_quality(watch: ScoreWatch, labelled: list[dict]) -> dict:
 def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float) -> dict:
     """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data)."""
     from models.metrics import precision_recall_f1_from_predictions
-    from storage import mongo
+    from storage.mongo import Store
 
     labelled = [r for r in watch.test_records if r.get("label") is not None]
     y_true = np.array([r["label"] for r in labelled], dtype=int)
@@ -246,9 +246,9 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
     span = (watch.test_last_at - watch.test_started_at) if watch.test_started_at and watch.test_last_at else 0.0
     top = sorted((r for r in watch.test_records if r["is_anomaly"]),
                  key=lambda r: r["score"] / max(r["threshold"], 1e-12), reverse=True)[:5]
-    db = mongo.connect(cfg)
-    latest = mongo.latest_global_model(db, cfg)
-    rounds = mongo.collection(db, cfg, "aggregation_history").count_documents({})
+    with Store(cfg) as store:
+        latest = store.latest_global_model()
+        rounds = store.collection("aggregation_history").count_documents({})
     return {
         "readings": {"train": n_train, "test": n_test, "scored": watch.count},
         "throughput_readings_per_s": round(len(watch.test_records) / span, 1) if span > 0 else None,
@@ -306,9 +306,9 @@ def cmd_demo(args, cfg: Config) -> int:
     devices = sorted({r.device_id for r in test})
     say(f"{len(devices)} devices, {len(train):,} training and {len(test):,} test readings")
     _start_services(cfg, not args.no_superset, say)
-    from storage import mongo
+    from storage.mongo import Store
 
-    db = mongo.connect(cfg)
+    store = Store(cfg)
     sent_at: dict = {}
     watcher = ScoreWatcher(cfg, sent_at, {(r.device_id, r.seq) for r in test})
     watcher.start()
@@ -322,7 +322,7 @@ def cmd_demo(args, cfg: Config) -> int:
         say("phase 1: devices learn from their training data")
         _produce(cfg, train, args, sent_at, say)
         _wait_for(lambda: w.count >= len(train), args.timeout, "the training readings' scores", live)
-        _wait_for(lambda: len({d["device_id"] for d in mongo.latest_local_models(db, cfg)}) >= min(
+        _wait_for(lambda: len({d["device_id"] for d in store.latest_local_models()}) >= min(
             len(devices), cfg.aggregation.min_devices), args.timeout, "weight snapshots in MongoDB", live)
         say("phase 2: a federated round (Spark)")
         say(_flead(cfg, "aggregate").stdout.strip())
@@ -332,12 +332,15 @@ def cmd_demo(args, cfg: Config) -> int:
         test_keys = {(r.device_id, r.seq) for r in test[:produced]}
         _wait_for(lambda: test_keys <= w.seen, args.timeout, "every test reading's score", live)
         produce_seconds = time.monotonic() - began
-        _wait_for(lambda: mongo.collection(db, cfg, "predictions").estimated_document_count() >= w.count,
-                  args.timeout, "the sink to store every score in MongoDB")
+        _wait_for(lambda: store.count_readings() >= w.count, args.timeout,
+                  "the sink to store every score in MongoDB")
+        _wait_for(lambda: store.count_readings("fleet_rollups") >= w.count, args.timeout,
+                  "the sink to roll them up for the dashboards")
         summary = summarise(cfg, w, len(train), produced, produce_seconds)
     finally:
         watcher.stopping.set()
         watcher.join(timeout=5)
+        store.close()
         if not args.keep_running:
             from orchestration import stack
 

@@ -11,7 +11,8 @@ Four levels (widths from ``cfg.rollups``, buckets by event time, ``ts`` = a buck
 The embedded MongoDB server updates documents slowly (it scans the collection for each one), so roll-ups are
 written insert-only: the sink sums what it stored during one *generation* (``rollups.generation_s``) and inserts
 one partial document per group and bucket, ``_id`` = ``<group>:<bucket start>:<generation>``. Readers add
-partials up (``SUM(n)``, ``MAX(score_max)``), which is what the dashboards do anyway. Every stored bucket
+partials up (``SUM(n)``, ``MAX(score_max)``), which is what the dashboards do anyway. A generation also closes
+when the input pauses, so the dashboards show everything stored once the stream is quiet. Every stored bucket
 document carries its generation, so the partials of a generation are a pure function of stored documents: a sink
 that died mid-generation recomputes them at start, and re-inserting a partial that exists is a no-op.
 

@@ -250,9 +250,10 @@ class MongoSink:
             return action()
         return run
 
-    def _maintain(self, should_stop: Callable[[], bool], force: bool = False) -> None:
-        """Close the roll-up generation when due; prune what is past its horizon when due."""
-        self._retrying(self._prepared(lambda: self.writer.close_generation(force)), "writing roll-ups",
+    def _maintain(self, should_stop: Callable[[], bool], idle: bool = False) -> None:
+        """Close the roll-up generation when due, or at once when the input pauses (`idle`: the dashboards
+        then show everything stored); prune what is past its horizon when due."""
+        self._retrying(self._prepared(lambda: self.writer.close_generation(force=idle)), "writing roll-ups",
                        should_stop)
         if time.monotonic() >= self.next_prune:
             deleted = self._retrying(self._prepared(lambda: self.store.prune()), "pruning", should_stop)
@@ -287,7 +288,7 @@ class MongoSink:
                 elif (until_idle_s is not None and self.assigned_at is not None
                       and time.monotonic() - max(last_message, self.assigned_at) >= until_idle_s):
                     break
-                self._maintain(should_stop)
+                self._maintain(should_stop, idle=not messages)
                 if progress and time.monotonic() - last_report >= progress_every_s:
                     progress(self.describe())
                     last_report = time.monotonic()

@@ -100,5 +100,5 @@ def store(cfg):
 
 @pytest.fixture
 def db(store):
-    """The test's own database as a raw pymongo Database, for checks below the `Store`."""
-    return store.db
+    """The same `Store` under the name older tests use (raw pymongo below it: ``db.db``)."""
+    return store

