@@ -3,7 +3,7 @@
 1. start the local stack and the services (Kafka → MongoDB sink, the Flink stream job, the aggregation
    scheduler, the global-model API, Superset);
 2. replay each device's training part (devices learn online; snapshots flow out);
-3. run a federated round (Spark) and wait until the stream job has adopted the global model;
+3. run a federated round (Spark); only then start the aggregation scheduler, so the two never race for a version;
 4. replay the labelled test part, watching every score come back on the scores topic;
 5. print throughput, latency, alerts and precision/recall/F1 against the labels, and the dashboard URL.
 """
@@ -165,7 +165,7 @@ def _start_services(cfg: Config, with_superset: bool, say) -> None:
     from orchestration import stack
 
     stack.up(cfg, say=say)
-    for name in ("sink", "stream", "scheduler", "api"):
+    for name in ("sink", "stream", "api"):  # the scheduler starts after the demo's own round
         say(_flead(cfg, name, "start").stdout.strip().splitlines()[-1])
     if with_superset:
         say(_flead(cfg, "superset", "start").stdout.strip().splitlines()[-1])
@@ -326,6 +326,7 @@ def cmd_demo(args, cfg: Config) -> int:
             len(devices), cfg.aggregation.min_devices), args.timeout, "weight snapshots in MongoDB", live)
         say("phase 2: a federated round (Spark)")
         say(_flead(cfg, "aggregate").stdout.strip())
+        say(_flead(cfg, "scheduler", "start").stdout.strip().splitlines()[-1])  # later rounds: every few minutes
         say("phase 3: the labelled test data, scored live")
         w.test_started_at = time.time()
         produced = _produce(cfg, test, args, sent_at, say, duration=args.duration)
