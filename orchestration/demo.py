@@ -6,7 +6,8 @@
 3. run a federated round (Spark); only then start the aggregation scheduler, so the two never race for a version;
 4. replay the labelled test part, watching every score come back on the scores topic, plus a small share of
    malformed messages (the stream job dead-letters them; the data-quality dashboard shows them by reason);
-5. print throughput, latency, alerts and precision/recall/F1 against the labels, and the dashboard URL.
+5. print throughput, latency, alerts and precision/recall/F1 against the labels; stop the data path and leave the
+   dashboards (Superset and the database) up at the printed URL until `flead down` (`--keep-running`: leave all).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 from config import PROJECT_ROOT, Config, load_config
 from telemetry.schema import decode_scores
 
-SERVICES_STOP_ORDER = ["stream", "scheduler", "api", "sink", "superset"]
+DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the demo; the dashboards stay up
 
 
 def register(sub) -> None:
@@ -333,7 +334,9 @@ def print_summary(summary: dict) -> None:
     for alert in summary["top_alerts"]:
         print(f"  alert {alert['device_id']} seq {alert['seq']}: {alert['score_over_threshold']}x threshold, "
               f"metrics to blame: {', '.join(alert['metrics'])}")
-    print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']})")
+    if summary["dashboard"]:
+        print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']}); they stay up until "
+              "`flead down`")
 
 
 # --- the command --------------------------------------------------------------------------------------------
@@ -387,9 +390,16 @@ def cmd_demo(args, cfg: Config) -> int:
         watcher.join(timeout=5)
         store.close()
         if not args.keep_running:
-            from orchestration import stack
+            from orchestration import processes, stack
 
-            stack.down(cfg, say=say)
+            if sys.exc_info()[0] is None and not args.no_superset:  # keep what the dashboards need
+                for name in DATA_PATH_SERVICES:
+                    if processes.stop(cfg.state_dir, name):
+                        say(f"stopped {name}")
+            else:
+                stack.down(cfg, say=say)
+    if args.no_superset:
+        summary["dashboard"] = None
     print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=float))
