@@ -1,10 +1,13 @@
-"""Let Superset chart an empty MongoDB collection: no rows instead of "no such table: virtual_table".
+"""Let Superset chart an empty MongoDB collection (no rows instead of "no such table: virtual_table"), and run a
+virtual dataset's ``collection.aggregate('<pipeline>', '<options>')`` in MongoDB.
 
 pymongosql 0.7.4 in ``mode=superset`` runs the inner SELECT of a virtual dataset on MongoDB, loads the rows into an
 in-memory SQLite table and runs Superset's outer query there. Without rows it creates no table, so every chart of
 an empty collection fails (the data-quality dashboard before the first dead letter, the training dashboard before
-the first round). `install()` swaps in an execution strategy that creates the table with the inner SELECT's
-columns even when there are no rows.
+the first round). And its two-stage path runs every inner SELECT as a find, so an inner
+``SELECT ... FROM coll.aggregate('[...]', '{}')`` (which pymongosql runs as a pipeline on its own) silently read the
+whole collection instead. `install()` swaps in an execution strategy that creates the table with the inner
+SELECT's columns even when there are no rows, and runs an inner aggregate() as the pipeline it names.
 
 This file runs inside Superset's virtualenv: the generated ``superset_config.py`` loads it by path and calls
 `install()`. It imports only pymongosql.
@@ -59,6 +62,11 @@ class SupersetExecutionWithEmptyResults(SupersetExecution):
         query = SubqueryDetector.detect(context.query)
         _inner_select.names = select_list_names(query.subquery_text) if query.has_subquery else []
         return super().execute(context, connection, parameters)
+
+    def _execute_find_plan(self, execution_plan, connection=None, parameters=None):
+        if getattr(execution_plan, "is_aggregate_query", False):
+            return self._execute_aggregate_plan(execution_plan, connection, parameters)
+        return super()._execute_find_plan(execution_plan, connection, parameters)
 
 
 def install() -> None:
