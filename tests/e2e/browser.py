@@ -86,3 +86,17 @@ def open_dashboard(browser, base_url: str, slug: str, expected: int) -> list[dic
     browser.set_window_size(1600, 2400)  # Superset draws charts only when visible
     browser.get(f"{base_url}/superset/dashboard/{slug}/?standalone=1")
     return wait_for_charts(browser, expected)
+
+
+def device_url(base_url: str, device: str) -> str:
+    """The device drill-down with its device filter set (as the device links of the tables open it)."""
+    return (f"{base_url}/superset/dashboard/flead-device/?standalone=1&native_filters=(NATIVE_FILTER-flead-device:"
+            f"(extraFormData:(filters:!((col:device_id,op:IN,val:!('{device}')))),filterState:(value:!('{device}'))))")
+
+
+def open_device(browser, base_url: str, device: str) -> list[dict]:
+    """Open the drill-down of one device and wait until every chart is drawn or failed."""
+    browser.set_window_size(1600, 2400)
+    browser.get(device_url(base_url, device))
+    drilldown = next(d for d in DASHBOARDS if d["slug"] == "flead-device")
+    return wait_for_charts(browser, expected_charts(drilldown))

@@ -49,3 +49,26 @@ def test_zip_holds_the_bundle_under_one_root_folder():
     assert f"{ARCHIVE_ROOT}/metadata.yaml" in names
     assert all(name.startswith(ARCHIVE_ROOT + "/") for name in names)
     assert len(names) == len(bundle_files(cfg))
+
+
+TIME_SERIES_LINES = ("echarts_timeseries_line", "mixed_timeseries")  # (a step chart of versions holds its value)
+# Number formats that print at most 3 significant figures (or whole counts).
+SHORT_FORMATS = {",d", "SMART_NUMBER", ".3r", ".3p", "~g"}
+
+
+def test_lines_over_time_leave_gaps_and_numbers_are_short():
+    files = _parsed(load_config(env={}))
+    datasets = {doc["uuid"]: doc for rel, doc in files.items() if rel.startswith("datasets/")}
+    for rel, doc in files.items():
+        if rel.startswith("charts/"):
+            params = doc["params"]
+            temporal = {c["column_name"] for c in datasets[doc["dataset_uuid"]]["columns"] if c.get("is_dttm")}
+            if doc["viz_type"] in TIME_SERIES_LINES and params.get("x_axis") in temporal:
+                assert params.get("resample_method") == "asfreq", f"{rel}: a gap would be drawn as a line"
+            for key in ("y_axis_format",):
+                assert params.get(key, ",d") in SHORT_FORMATS, f"{rel}: {key} {params[key]}"
+            for column, config in (params.get("column_config") or {}).items():
+                assert config["d3NumberFormat"] in SHORT_FORMATS, f"{rel}: {column}"
+        if rel.startswith("datasets/"):
+            for metric in doc.get("metrics", []):
+                assert metric.get("d3format", ",d") in SHORT_FORMATS, f"{rel}: {metric['metric_name']}"
