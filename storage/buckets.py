@@ -5,23 +5,25 @@ readings of one flush as columns. The columns are packed little-endian arrays (B
 server (FerretDB v1) arrays of numbers cost ~6x more to store than the same numbers packed, and metric values
 dominate (docs/contracts.md, "Bucketed readings and scores", has the document shapes).
 
-    >>> cols = score_columns([{"device_id": "a", "seq": 3, "ts": 1000, "score": 0.5, "threshold": None,
-    ...                        "is_anomaly": False, "model_version": 1}])
-    >>> doc = score_bucket("a", cols, generation=1, stored_at=2000)
+    >>> block = records_block("a", [{"device_id": "a", "seq": 3, "ts": 1000, "score": 0.5, "threshold": None,
+    ...                              "is_anomaly": False, "model_version": 1}])
+    >>> doc = score_bucket("a", block.cols, generation=1, stored_at=2000)
     >>> doc["_id"], doc["n"], float(unpack_columns(doc, SCORE_COLUMNS)["score"][0])
     ('a:3', 1, 0.5)
 
 `SeqIndex` remembers which sequence numbers of each device are stored, so replaying the same input with any
-batching stores every reading exactly once. `check_score` / `valid_scores` refuse what cannot be stored
+batching stores every reading exactly once. `score_block` / `check_score` refuse what cannot be stored
 (non-finite or oversized numbers, timestamps whose roll-up bucket would overflow 64 bits) with a reason.
 """
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
+from bson.binary import Binary
 
 from storage.schemas import SchemaViolation, check_document
 
@@ -39,15 +41,26 @@ MAX_ABS_NUMBER = 1e300
 MAX_INT64 = 2**63 - 1
 # One bucket document stays far below MongoDB's 16 MB document limit.
 MAX_BUCKET_BYTES = 4_000_000
+ZLIB_SUBTYPE = 0x80  # BSON binary subtype 128 (user-defined): a zlib-compressed packed column
+MIN_COMPRESSED_BYTES = 256
 
 
 def pack(values, dtype: str) -> bytes:
-    """`values` as the packed little-endian bytes of a column."""
-    return np.ascontiguousarray(values, dtype=np.dtype(dtype)).tobytes()
+    """`values` as a packed column: little-endian bytes, zlib-compressed (BSON binary subtype `ZLIB_SUBTYPE`)
+    when that is smaller. Telemetry compresses well (repeated values, few digits; ASD: to 13 %), and the embedded
+    server's cost grows with the bytes it stores."""
+    raw = np.ascontiguousarray(values, dtype=np.dtype(dtype)).tobytes()
+    if len(raw) >= MIN_COMPRESSED_BYTES:
+        compressed = zlib.compress(raw, 1)
+        if len(compressed) < len(raw):
+            return Binary(compressed, ZLIB_SUBTYPE)
+    return raw
 
 
 def unpack(raw: bytes, dtype: str) -> np.ndarray:
-    """A packed column back as a NumPy array (read-only view of `raw`)."""
+    """A packed column back as a NumPy array (read-only)."""
+    if isinstance(raw, Binary) and raw.subtype == ZLIB_SUBTYPE:
+        raw = zlib.decompress(raw)
     return np.frombuffer(raw, dtype=np.dtype(dtype))
 
 
@@ -165,85 +178,156 @@ def check_score(record: dict) -> str | None:
     return None
 
 
-_FAST_FIELDS = ("device_id", "seq", "ts", "score", "threshold", "is_anomaly", "model_version")
+@dataclass
+class ScorePart:
+    """The score records of one scores-topic message: fields shared by the batch, and one dict per record (a single
+    complete record is a part without shared fields). ``position`` names the message (its Kafka position)."""
+
+    position: str | None
+    shared: dict
+    items: list
+
+    @property
+    def device_id(self):
+        if "device_id" in self.shared:
+            return self.shared["device_id"]
+        return self.items[0].get("device_id") if self.items and type(self.items[0]) is dict else None
+
+    def record(self, i: int):
+        return {**self.shared, **self.items[i]} if type(self.items[i]) is dict else self.items[i]
 
 
-def valid_scores(records: Sequence[dict]) -> tuple[list[dict], list[tuple[int, str]]]:
-    """Split score records into the storable ones and ``(index, reason)`` of the others.
+@dataclass
+class ScoreBlock:
+    """One device's valid score records as columns (`SCORE_COLUMNS`, ``incident_ids``), and the complete record of
+    each anomalous row (it becomes an alert)."""
 
-    Well-formed batches (the stream job's) are checked column-wise; a batch with any doubt is checked record by
-    record (`check_score`), so each bad record gets its own reason."""
-    try:
-        columns = {name: [r[name] for r in records] for name in _FAST_FIELDS}
-        optional = {name: [r.get(name) for r in records] for name in ("p_value", "global_version", "scored_at",
-                                                                       "label", "incident_id")}
-    except (KeyError, TypeError):
-        columns = None
-    if columns is not None and _fast_batch_ok(records, columns, optional):
-        return list(records), []
-    good, bad = [], []
-    for i, record in enumerate(records):
-        reason = check_score(record) if type(record) is dict else f"expected an object, got {type(record).__name__}"
-        if reason is None:
-            good.append(record)
+    device_id: str
+    cols: dict[str, np.ndarray]
+    alerts: dict[int, dict]
+
+
+_REQUIRED = ("seq", "ts", "score", "threshold", "is_anomaly", "model_version")
+_OPTIONAL = ("p_value", "label", "incident_id", "global_version", "scored_at")
+
+
+def _column(parts: Sequence[ScorePart], name: str) -> list:
+    out: list = []
+    for part in parts:
+        if name in part.shared:
+            out += [part.shared[name]] * len(part.items)
+        elif name in _REQUIRED:
+            out += [item[name] for item in part.items]  # KeyError: not well-formed, checked record by record
         else:
-            bad.append((i, reason))
-    return good, bad
+            out += [item.get(name) for item in part.items]
+    return out
 
 
-def _fast_batch_ok(records: Sequence[dict], columns: dict, optional: dict) -> bool:
-    if not {type(d) for d in columns["device_id"]} <= {str}:
-        return False
-    if any(not 0 < len(d) <= 200 for d in set(columns["device_id"])):
-        return False
-    ints = ("seq", "ts", "model_version")
-    if any(not {type(v) for v in columns[name]} <= {int} for name in ints):
-        return False
-    if not {type(v) for v in columns["is_anomaly"]} <= {bool}:
-        return False
-    if not {type(v) for v in columns["score"]} <= {float, int}:
-        return False
-    if not {type(v) for v in columns["threshold"] + optional["p_value"]} <= {float, int, type(None)}:
-        return False
-    if not {type(v) for v in optional["global_version"] + optional["scored_at"]} <= {int, type(None)}:
-        return False
-    if not set(optional["label"]) <= {0, 1, None} or not {type(v) for v in optional["label"]} <= {int, type(None)}:
-        return False
-    try:
-        seq, ts = np.array(columns["seq"], dtype=np.int64), np.array(columns["ts"], dtype=np.int64)
-        versions = np.array(columns["model_version"] + [v or 0 for v in optional["global_version"]], dtype=np.int64)
-    except OverflowError:
-        return False
-    numbers = np.array(columns["score"] + [v for v in columns["threshold"] if v is not None], dtype=np.float64)
-    p_values = np.array([v for v in optional["p_value"] if v is not None], dtype=np.float64)
-    if (seq.min() < 0 or versions.min() < 0 or np.abs(ts).max() > MAX_ABS_TS
-            or not (np.abs(numbers) <= MAX_ABS_NUMBER).all() or not ((p_values > 0) & (p_values <= 1)).all()):
-        return False
-    # anomalous records become alerts, which carry top_metrics and incident_id: check them as documents
-    return all(check_score(r) is None for r, flagged in zip(records, columns["is_anomaly"]) if flagged)
+def score_block(device_id, parts: Sequence[ScorePart]) -> tuple[ScoreBlock | None, list[tuple]]:
+    """The valid records of one device's parts as a `ScoreBlock` (None without any), and
+    ``(position, index in its message, reason, record)`` of each record that cannot be stored.
+
+    Well-formed parts (the stream job's) are checked column-wise, all of a device's at once; with any doubt each
+    record is checked on its own (`check_score`), so each bad one gets its own reason and dead letter."""
+    cols = None
+    if type(device_id) is str and 0 < len(device_id) <= 200:
+        try:
+            if all(p.device_id == device_id for p in parts) and all(
+                    type(item) is dict and item.get("device_id", device_id) == device_id
+                    for p in parts for item in p.items):
+                cols = _fast_columns({name: _column(parts, name) for name in (*_REQUIRED, *_OPTIONAL)})
+        except (KeyError, TypeError, AttributeError):
+            cols = None
+    if cols is not None:
+        rows = [(part, i) for part in parts for i in range(len(part.items))]
+        alerts = {row: rows[row][0].record(rows[row][1]) for row in np.flatnonzero(cols["is_anomaly"]).tolist()}
+        if all(check_score(record) is None for record in alerts.values()):  # alerts are stored whole: check them
+            return ScoreBlock(device_id, cols, alerts), []
+    good, bad = [], []
+    for part in parts:
+        for i in range(len(part.items)):
+            record = part.record(i)
+            if type(record) is not dict:
+                reason = f"expected an object, got {type(record).__name__}"
+            elif record.get("device_id") != device_id:
+                reason = f"device_id {str(record.get('device_id'))[:60]!r} in a batch of {str(device_id)[:60]!r}"
+            else:
+                reason = check_score(record)
+            if reason is None:
+                good.append(record)
+            else:
+                bad.append((part.position, i, reason, record))
+    return (records_block(device_id, good) if good else None), bad
 
 
-def score_columns(records: Sequence[dict]) -> dict[str, np.ndarray]:
-    """Valid score records (of one device) as columns in `SCORE_COLUMNS` order, plus ``incident_ids``: the
-    distinct incident ids the ``incident`` column indexes (-1: none)."""
-    incident_ids: dict[str, int] = {}
-    incident = [NO_INCIDENT if r.get("incident_id") is None else incident_ids.setdefault(r["incident_id"],
-                                                                                          len(incident_ids))
-                for r in records]
+def records_block(device_id: str, records: Sequence[dict]) -> ScoreBlock:
+    """Complete, valid score records (`check_score`) of one device as a `ScoreBlock`."""
+    part = ScorePart(None, {}, list(records))
+    cols = _fast_columns({name: _column([part], name) for name in (*_REQUIRED, *_OPTIONAL)}, check=False)
+    return ScoreBlock(device_id, cols, {int(i): dict(records[i]) for i in np.flatnonzero(cols["is_anomaly"])})
+
+
+def concat_blocks(blocks: Sequence[ScoreBlock]) -> ScoreBlock:
+    """Several blocks of one device as one (rows in order; incident indexes and alert rows renumbered)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    cols: dict[str, list] = {name: [] for name in SCORE_COLUMNS}
+    incident_ids: list = []
+    alerts: dict[int, dict] = {}
+    rows = 0
+    for block in blocks:
+        for name in SCORE_COLUMNS:
+            values = block.cols[name]
+            if name == "incident":
+                values = np.where(values >= 0, values + len(incident_ids), values)
+            cols[name].append(values)
+        incident_ids += list(block.cols["incident_ids"])
+        alerts.update({rows + row: record for row, record in block.alerts.items()})
+        rows += len(block.cols["seq"])
+    merged = {name: np.concatenate(parts) for name, parts in cols.items()}
+    merged["incident_ids"] = np.array(incident_ids, dtype=object)
+    return ScoreBlock(blocks[0].device_id, merged, alerts)
+
+
+def _types(values: list) -> set:
+    return set(map(type, values))
+
+
+def _fast_columns(raw: dict[str, list], check: bool = True) -> dict[str, np.ndarray] | None:
+    """Columns (`SCORE_COLUMNS`, ``incident_ids``) of records given as lists of field values; with `check`, None
+    unless every value has its type and range (`check_score` would then pass each, alerts' extra fields aside)."""
+    none = type(None)
+    if check and not (_types(raw["seq"]) | _types(raw["ts"]) | _types(raw["model_version"]) <= {int}
+                      and _types(raw["is_anomaly"]) <= {bool} and _types(raw["score"]) <= {float, int}
+                      and _types(raw["threshold"]) | _types(raw["p_value"]) <= {float, int, none}
+                      and _types(raw["global_version"]) | _types(raw["scored_at"]) <= {int, none}
+                      and _types(raw["label"]) <= {int, none} and set(raw["label"]) <= {0, 1, None}
+                      and _types(raw["incident_id"]) <= {str, none}):
+        return None
     nan = math.nan
-    cols = {
-        "seq": np.array([r["seq"] for r in records], dtype=np.int64),
-        "ts": np.array([r["ts"] for r in records], dtype=np.int64),
-        "score": np.array([r["score"] for r in records], dtype=np.float64),
-        "threshold": np.array([nan if r["threshold"] is None else r["threshold"] for r in records], dtype=np.float64),
-        "p_value": np.array([nan if r.get("p_value") is None else r["p_value"] for r in records], dtype=np.float64),
-        "is_anomaly": np.array([r["is_anomaly"] for r in records], dtype=np.uint8),
-        "label": np.array([NO_LABEL if r.get("label") is None else r["label"] for r in records], dtype=np.int8),
-        "model_version": np.array([r["model_version"] for r in records], dtype=np.int64),
-        "global_version": np.array([r.get("global_version") or 0 for r in records], dtype=np.int64),
-        "scored_at": np.array([r.get("scored_at") or 0 for r in records], dtype=np.int64),
-        "incident": np.array(incident, dtype=np.int32),
-    }
+    try:
+        cols = {"seq": np.array(raw["seq"], dtype=np.int64), "ts": np.array(raw["ts"], dtype=np.int64),
+                "score": np.array(raw["score"], dtype=np.float64),
+                "threshold": np.array([nan if v is None else v for v in raw["threshold"]], dtype=np.float64),
+                "p_value": np.array([nan if v is None else v for v in raw["p_value"]], dtype=np.float64),
+                "is_anomaly": np.array(raw["is_anomaly"], dtype=np.uint8),
+                "label": np.array([NO_LABEL if v is None else v for v in raw["label"]], dtype=np.int8),
+                "model_version": np.array(raw["model_version"], dtype=np.int64),
+                "global_version": np.array([v or 0 for v in raw["global_version"]], dtype=np.int64),
+                "scored_at": np.array([v or 0 for v in raw["scored_at"]], dtype=np.int64)}
+    except OverflowError:
+        return None
+    if check and len(cols["seq"]):
+        p = cols["p_value"][~np.isnan(cols["p_value"])]
+        t = cols["threshold"][~np.isnan(cols["threshold"])]
+        if (cols["seq"].min() < 0 or cols["model_version"].min() < 0 or cols["global_version"].min() < 0
+                or np.abs(cols["ts"]).max() > MAX_ABS_TS or not (np.abs(cols["score"]) <= MAX_ABS_NUMBER).all()
+                or not (np.abs(t) <= MAX_ABS_NUMBER).all() or not ((p > 0) & (p <= 1)).all()
+                or any(not 0 < len(i) <= 400 for i in raw["incident_id"] if i is not None)):
+            return None
+    incident_ids: dict[str, int] = {}
+    cols["incident"] = np.array([NO_INCIDENT if i is None else incident_ids.setdefault(i, len(incident_ids))
+                                 for i in raw["incident_id"]], dtype=np.int32)
     cols["incident_ids"] = np.array(list(incident_ids), dtype=object)
     return cols
 

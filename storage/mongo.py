@@ -23,7 +23,7 @@ import pymongo
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
 
 from config import Config
-from storage.buckets import MAX_ABS_TS, READING_COLUMNS, SCORE_COLUMNS, unpack_columns, valid_scores
+from storage.buckets import MAX_ABS_TS, READING_COLUMNS, SCORE_COLUMNS, ScorePart, score_block, unpack_columns
 from storage.schemas import INDEXES, SCHEMAS, SchemaViolation, check_document
 
 log = logging.getLogger(__name__)
@@ -278,11 +278,16 @@ class Store:
         """Store score records (bucketed into `predictions`, anomalous ones also in `alerts`) and their roll-ups;
         returns how many readings and alerts were new. If any record cannot be stored, nothing is written and
         `SchemaViolation` names the first such record and why."""
-        records = list(records)
-        _, bad = valid_scores(records)
-        if bad:
-            raise SchemaViolation(f"score record {bad[0][0]}: {bad[0][1]}")
-        written = self.writer.write(scores=records)
+        by_device: dict = defaultdict(list)
+        for record in records:
+            by_device[record.get("device_id") if isinstance(record, dict) else None].append(record)
+        blocks = []
+        for device, device_records in by_device.items():
+            block, bad = score_block(device, [ScorePart(None, {}, device_records)])
+            if bad:
+                raise SchemaViolation(f"score record {bad[0][3]!r:.120}: {bad[0][2]}")
+            blocks.append(block)
+        written = self.writer.write(scores=blocks)
         self.writer.close_generation(force=True)
         return written.predictions, written.alerts
 

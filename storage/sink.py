@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,11 +35,11 @@ from typing import Callable
 import numpy as np
 
 from config import Config
-from storage.buckets import MAX_ABS_TS, valid_scores
+from storage.buckets import MAX_ABS_TS, ScoreBlock, ScorePart, score_block
 from storage.mongo import Store, StorageUnavailable, incident_rank
 from storage.schemas import SchemaViolation, check_document, check_field_names
 from storage.writer import BucketWriter
-from telemetry.schema import Columns, InvalidMessage, decode_columns, decode_scores, load_object
+from telemetry.schema import SCORES_SCHEMA, Columns, InvalidMessage, decode_columns, decode_scores, load_object
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ EVENT_COLLECTIONS = {"snapshots": ("local_models", None), "incidents": ("inciden
 class Batch:
     """One flush's decoded input, ready to store."""
 
-    scores: list[dict] = field(default_factory=list)
+    scores: list[ScoreBlock] = field(default_factory=list)
     readings: list[Columns] = field(default_factory=list)
     events: dict[str, list[dict]] = field(default_factory=lambda: {key: [] for key in EVENT_COLLECTIONS})
     refused: list[dict] = field(default_factory=list)  # dead letters for what the sink could not store
@@ -70,6 +72,22 @@ def storable_rows(block: Columns) -> np.ndarray | None:
     ts = np.asarray(block.ts, dtype=np.int64)
     ok = (ts >= -MAX_ABS_TS) & (ts <= MAX_ABS_TS)
     return None if ok.all() else ok
+
+
+def score_part(raw: bytes, position: str) -> ScorePart:
+    """A scores-topic message as a `ScorePart`: a `flead.scores/1` batch keeps its shared fields apart (the records
+    are checked column-wise and merged only to become alerts), a single record is a part of one. The same
+    checks and reasons as `telemetry.schema.decode_scores`, which merges every record."""
+    msg = load_object(raw)
+    if "scores" not in msg:
+        return ScorePart(position, {}, [msg])
+    if msg.get("schema") != SCORES_SCHEMA:
+        return ScorePart(position, {}, decode_scores(raw))  # raises InvalidMessage with its reason
+    items = msg.pop("scores")
+    del msg["schema"]
+    if type(items) is not list or not all(type(item) is dict for item in items):
+        return ScorePart(position, {}, decode_scores(raw))  # raises InvalidMessage with its reason
+    return ScorePart(position, msg, items)
 
 
 def event_document(key: str, record: dict, position: str) -> dict:
@@ -108,6 +126,8 @@ class MongoSink:
         self.store: Store | None = None
         self.writer: BucketWriter | None = None
         self.next_prune = 0.0
+        self.input_paused = threading.Event()  # no message came for a while: roll up what is stored now
+        self.seconds: Counter = Counter()  # time spent decoding (consuming thread) and storing (storing thread)
 
     def _on_assign(self, consumer, partitions) -> None:
         if self.assigned_at is not None:
@@ -155,6 +175,7 @@ class MongoSink:
     def decode(self, messages: list) -> Batch:
         """The records of these Kafka messages, checked; what cannot be stored becomes a dead letter."""
         batch = Batch()
+        score_parts: dict[str, list[ScorePart]] = {}
         for msg in messages:
             if msg.error():
                 self.stats["kafka_errors"] += 1
@@ -166,16 +187,12 @@ class MongoSink:
                 self._decode_telemetry(batch, msg, position)
             elif key == "scores":
                 try:
-                    records = decode_scores(raw)
+                    part = score_part(raw, position)
                 except InvalidMessage as exc:
                     self._refuse(batch, position, topic, exc.reason, raw, exc.device_id)
                     continue
-                good, bad = valid_scores(records)
-                batch.scores += good
-                for index, reason in bad:
-                    record = records[index]
-                    self._refuse(batch, f"{position}:{index}", topic, reason, json.dumps(record, default=str),
-                                 record.get("device_id") if type(record) is dict else None)
+                device = part.device_id
+                score_parts.setdefault(device if isinstance(device, str) else repr(device), []).append(part)
             else:
                 try:
                     record = load_object(raw)
@@ -184,6 +201,14 @@ class MongoSink:
                     self._refuse(batch, position, topic, exc.reason, raw)
                 except SchemaViolation as exc:
                     self._refuse(batch, position, topic, str(exc), raw, record.get("device_id"))
+        scores_topic = self.cfg.kafka.topics.scores
+        for device, parts in score_parts.items():  # checked per device, not per message: one pass each
+            block, bad = score_block(parts[0].device_id, parts)
+            if block is not None:
+                batch.scores.append(block)
+            for position, index, reason, record in bad:
+                self._refuse(batch, f"{position}:{index}", scores_topic, reason, json.dumps(record, default=str),
+                             record.get("device_id") if type(record) is dict else None)
         return batch
 
     def _decode_telemetry(self, batch: Batch, msg, position: str) -> None:
@@ -220,25 +245,8 @@ class MongoSink:
                "drift_events": len(store.insert_new("drift_events", events["drift"])),
                "dead_letters": len(store.insert_new("dead_letters", events["dead_letters"])),
                "dead_lettered": len(store.insert_new("dead_letters", batch.refused))}
-        now = int(time.time() * 1000)
-        for docs in (*events.values(), batch.refused):
-            for doc in docs:
-                doc.setdefault("stored_at", now)
         self.stats.update(predictions=written.predictions, alerts=written.alerts, device_data=written.device_data,
                           replayed=written.replayed, **new)
-
-    def _flush(self, messages: list, should_stop: Callable[[], bool]) -> None:
-        batch = self.decode(messages)
-        now = int(time.time() * 1000)
-        for docs in (*batch.events.values(), batch.refused):
-            for doc in docs:
-                doc["stored_at"] = now
-        self._retrying(self._prepared(lambda: self.store_batch(batch)), "storing a batch", should_stop)
-        try:
-            self.consumer.commit(asynchronous=False)
-        except Exception as exc:  # a rebalance meanwhile: the messages come again and are found stored
-            self.stats["commit_failures"] += 1
-            log.warning("kafka: committing offsets failed (%s); the batch will be read again", exc)
 
     def _prepared(self, action: Callable) -> Callable:
         """`action` after (re)connecting, and reloading what is stored when partitions moved."""
@@ -273,38 +281,127 @@ class MongoSink:
             messages += self.consumer.consume(limit - len(messages), timeout=min(left, POLL_TIMEOUT_S))
         return messages
 
-    def run(self, until_idle_s: float | None = None, should_stop: Callable[[], bool] = lambda: False,
-            progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0) -> Counter:
-        """Consume until `should_stop()`, or until no message came for `until_idle_s` seconds."""
-        last_message = last_report = time.monotonic()
-        stopped_cleanly = False
+    @staticmethod
+    def _next_offsets(messages: list) -> list:
+        """The offsets to commit once these messages are stored: per partition, the last one's + 1."""
+        from confluent_kafka import TopicPartition
+
+        last: dict = {}
+        for msg in messages:
+            if not msg.error():
+                key = (msg.topic(), msg.partition())
+                last[key] = max(last.get(key, -1), msg.offset())
+        return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
+
+    def _commit(self, offsets: list) -> None:
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # a rebalance meanwhile: the messages come again and are found stored
+            self.stats["commit_failures"] += 1
+            log.warning("kafka: committing offsets failed (%s); the batch will be read again", exc)
+
+    def _store_loop(self, work: queue.Queue, done: queue.Queue, should_stop: Callable[[], bool]) -> None:
+        """The storing thread: batches from `work` (None: stop), their offsets to `done` once stored; roll-ups
+        and pruning when due or when the input pauses. Kafka stays with the consuming thread (the consumer is
+        not thread-safe)."""
         try:
             self._retrying(self._prepared(lambda: None), "starting", should_stop)
-            while not should_stop():
+            while True:
+                try:
+                    item = work.get(timeout=POLL_TIMEOUT_S)
+                except queue.Empty:
+                    self._maintain(should_stop, idle=self.input_paused.is_set())
+                    continue
+                if item is None:
+                    break
+                batch, offsets = item
+                started = time.perf_counter()
+                self._retrying(self._prepared(lambda: self.store_batch(batch)), "storing a batch", should_stop)
+                self.seconds["storing"] += time.perf_counter() - started
+                done.put(offsets)
+                self._maintain(should_stop, idle=False)
+            if self.writer is not None:  # roll up what this run stored
+                self.writer.close_generation(force=True)
+        except StorageUnavailable:
+            log.warning("stopping while MongoDB is unavailable: the last batch will be read again next time")
+        except BaseException as exc:  # handed to the consuming thread, which raises it
+            done.put(exc)
+        finally:
+            done.put("stopped")
+
+    def run(self, until_idle_s: float | None = None, should_stop: Callable[[], bool] = lambda: False,
+            progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0) -> Counter:
+        """Consume until `should_stop()`, or until no message came for `until_idle_s` seconds.
+
+        Two threads: this one consumes and decodes the next batch while the other stores the previous one
+        (decoding is Python work, storing mostly waits for MongoDB), so the two overlap on separate cores."""
+        work: queue.Queue = queue.Queue(maxsize=1)
+        done: queue.Queue = queue.Queue()
+        storing = threading.Thread(target=self._store_loop, args=(work, done, should_stop), name="sink-store",
+                                   daemon=True)
+        storing.start()
+        last_message = last_report = time.monotonic()
+        in_flight = 0
+        try:
+            while not should_stop() and storing.is_alive():
+                while not done.empty():
+                    item = done.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, list):
+                        self._commit(item)
+                        in_flight -= 1
                 messages = self._gather()
                 if messages:
-                    self._flush(messages, should_stop)
+                    self.input_paused.clear()
+                    started = time.perf_counter()
+                    batch = self.decode(messages)
+                    self.seconds["decoding"] += time.perf_counter() - started
+                    now = int(time.time() * 1000)
+                    for docs in (*batch.events.values(), batch.refused):
+                        for doc in docs:
+                            doc["stored_at"] = now
+                    while storing.is_alive():
+                        try:  # waits while the storing thread is busy with the previous batch
+                            work.put((batch, self._next_offsets(messages)), timeout=POLL_TIMEOUT_S)
+                            in_flight += 1
+                            break
+                        except queue.Full:
+                            if should_stop():
+                                break
                     last_message = time.monotonic()
-                elif (until_idle_s is not None and self.assigned_at is not None
-                      and time.monotonic() - max(last_message, self.assigned_at) >= until_idle_s):
-                    break
-                self._maintain(should_stop, idle=not messages)
+                else:
+                    self.input_paused.set()
+                    if (until_idle_s is not None and self.assigned_at is not None and in_flight == 0
+                            and time.monotonic() - max(last_message, self.assigned_at) >= until_idle_s):
+                        break
                 if progress and time.monotonic() - last_report >= progress_every_s:
                     progress(self.describe())
                     last_report = time.monotonic()
-            stopped_cleanly = True
-        except StorageUnavailable:
-            log.warning("stopping while MongoDB is unavailable: the last batch will be read again next time")
         finally:
-            if stopped_cleanly and self.writer is not None:  # roll up what this run stored
+            while storing.is_alive():
                 try:
-                    self.writer.close_generation(force=True)
-                except StorageUnavailable as exc:
-                    log.warning("roll-ups of the last generation not written (%s): written at the next start", exc)
+                    work.put(None, timeout=POLL_TIMEOUT_S)
+                    break
+                except queue.Full:
+                    continue
+            storing.join()
+            error = None
+            while not done.empty():
+                item = done.get()
+                if isinstance(item, list):
+                    self._commit(item)
+                elif isinstance(item, BaseException):
+                    error = item
             self.consumer.close()
             if self.store is not None:
                 self.store.close()
+            if error is not None:
+                raise error
         return self.stats
 
     def describe(self) -> str:
-        return "sink: " + ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())) if self.stats else "sink: idle"
+        if not self.stats:
+            return "sink: idle"
+        spent = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.seconds.items()))
+        return "sink: " + ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()) if v) + f" ({spent})"

@@ -26,9 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from storage.buckets import (READING_COLUMNS, SCORE_COLUMNS, SeqIndex, bucket_spans, chunks, first_of_each_seq,
-                             max_bucket_rows, reading_bucket, score_bucket, score_columns, select_rows,
-                             unpack_columns)
+from storage.buckets import (READING_COLUMNS, SCORE_COLUMNS, ScoreBlock, SeqIndex, bucket_spans, chunks,
+                             concat_blocks, first_of_each_seq, max_bucket_rows, reading_bucket, score_bucket,
+                             select_rows, unpack_columns)
 from storage.rollups import RollupAccumulator, levels
 from storage.schemas import SCHEMAS
 
@@ -134,9 +134,9 @@ class BucketWriter:
         self.last_stored_at = max(self.last_stored_at, int(time.time() * 1000))  # never backwards
         return self.last_stored_at
 
-    def write(self, scores: Sequence[dict] = (), readings: Sequence = ()) -> Written:
-        """Store valid score records (`storage.buckets.valid_scores`) and reading blocks
-        (`telemetry.schema.Columns`, timestamps within ``±MAX_ABS_TS``), each reading once."""
+    def write(self, scores: Sequence[ScoreBlock] = (), readings: Sequence = ()) -> Written:
+        """Store valid score records (`storage.buckets.ScoreBlock`s, as `score_block` makes them) and reading
+        blocks (`telemetry.schema.Columns`, timestamps within ``±MAX_ABS_TS``), each reading once."""
         self.dirty = True
         stored_at = self._stored_at()
         written = Written()
@@ -156,17 +156,18 @@ class BucketWriter:
         self.dirty = False
         return written
 
-    def _plan_scores(self, records: Sequence[dict], stored_at: int, written: Written):
-        by_device: dict[str, list[dict]] = defaultdict(list)
-        for record in records:
-            by_device[record["device_id"]].append(record)
+    def _plan_scores(self, blocks: Sequence[ScoreBlock], stored_at: int, written: Written):
+        by_device: dict[str, list[ScoreBlock]] = defaultdict(list)
+        for block in blocks:
+            by_device[block.device_id].append(block)
         docs, alerts, new = [], [], []
         rows_per_bucket = max_bucket_rows(len(SCORE_COLUMNS))
-        for device, recs in by_device.items():
-            cols = score_columns(recs)
+        for device, device_blocks in by_device.items():
+            block = concat_blocks(device_blocks)
+            cols = block.cols
             keep = first_of_each_seq(cols["seq"])
             keep = keep[self.indexes["predictions"].unstored(device, cols["seq"][keep])]
-            written.replayed += len(recs) - len(keep)
+            written.replayed += len(cols["seq"]) - len(keep)
             if not len(keep):
                 continue
             kept = select_rows(cols, keep)
@@ -174,8 +175,8 @@ class BucketWriter:
             written.predictions += len(keep)
             docs += [score_bucket(device, select_rows(kept, rows), self.generation, stored_at)
                      for rows in chunks(len(keep), rows_per_bucket)]
-            for i in keep[kept["is_anomaly"].astype(bool)]:
-                record = recs[i]
+            for row in keep[kept["is_anomaly"].astype(bool)].tolist():
+                record = block.alerts[row]
                 alerts.append({k: record[k] for k in ALERT_FIELDS if k in record}
                               | {"_id": f"{device}:{record['seq']}", "stored_at": stored_at})
         return docs, alerts, new

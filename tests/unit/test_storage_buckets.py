@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from config import load_config
-from storage.buckets import (SCORE_COLUMNS, SeqIndex, score_bucket, score_columns, score_records, unpack_columns,
-                             valid_scores)
+from storage.buckets import (SCORE_COLUMNS, ScorePart, SeqIndex, pack, records_block, score_block, score_bucket,
+                             score_records, unpack, unpack_columns)
 from storage.mongo import retention_cutoffs
 from storage.writer import BucketWriter
 from telemetry.schema import Columns
@@ -67,6 +67,14 @@ def _score(device, seq, anomaly=False, score=0.5):
             "incident_id": f"{device}:{seq}" if anomaly else None}
 
 
+def blocks(records):
+    """Score records as the sink passes them to the writer: one block per device."""
+    by_device = defaultdict(list)
+    for r in records:
+        by_device[r["device_id"]].append(r)
+    return [score_block(device, [ScorePart(None, {}, recs)])[0] for device, recs in by_device.items()]
+
+
 def stored_readings(store, key="predictions"):
     """(device, seq) of every reading in the bucket documents of `key`, with repeats."""
     out = []
@@ -78,7 +86,7 @@ def stored_readings(store, key="predictions"):
 def test_a_bucket_round_trips_its_records():
     records = [_score("a", s, anomaly=s == 2) for s in range(5)]
     records[0]["threshold"], records[1]["label"], records[3]["p_value"] = None, None, None
-    doc = score_bucket("a", score_columns(records), generation=3, stored_at=9)
+    doc = score_bucket("a", records_block("a", records).cols, generation=3, stored_at=9)
     assert (doc["_id"], doc["n"], doc["anomalies"], doc["seq_first"], doc["seq_last"]) == ("a:0", 5, 1, 0, 4)
     back = score_records(doc)
     for original, stored in zip(records, back):
@@ -115,14 +123,14 @@ def test_replaying_with_any_batching_stores_each_reading_once(seed, first_batch,
     writer.load()
     cut = rng.randrange(len(records))
     for start in range(0, cut, first_batch):  # first run: stops at `cut`
-        writer.write(scores=records[start:min(start + first_batch, cut)])
+        writer.write(scores=blocks(records[start:min(start + first_batch, cut)]))
         writer.close_generation(force=rng.random() < 0.3)
     restarted = BucketWriter(store)  # a new sink process: the index comes from the database
     restarted.load()
     replay_from = rng.randrange(cut + 1)
     replay = records[replay_from:] + records[replay_from:replay_from + 10]  # and duplicates inside a batch
     for start in range(0, len(replay), second_batch):
-        restarted.write(scores=replay[start:start + second_batch])
+        restarted.write(scores=blocks(replay[start:start + second_batch]))
     restarted.close_generation(force=True)
 
     stored = stored_readings(store)
@@ -139,8 +147,8 @@ def test_a_late_reading_fills_its_gap_and_is_stored():
     store = MemoryStore(CFG)
     writer = BucketWriter(store)
     writer.load()
-    writer.write(scores=[_score("d", s) for s in (0, 1, 2, 5, 6)])
-    writer.write(scores=[_score("d", s) for s in (3, 4, 5)])
+    writer.write(scores=[records_block("d", [_score("d", s) for s in (0, 1, 2, 5, 6)])])
+    writer.write(scores=[records_block("d", [_score("d", s) for s in (3, 4, 5)])])
     assert sorted(stored_readings(store)) == [("d", s) for s in range(7)]
 
 
@@ -148,9 +156,9 @@ def test_roll_ups_of_a_generation_the_sink_did_not_close_are_written_at_the_next
     store = MemoryStore(CFG)
     writer = BucketWriter(store)
     writer.load()
-    writer.write(scores=[_score("d", s) for s in range(10)])
+    writer.write(scores=[records_block("d", [_score("d", s) for s in range(10)])])
     writer.close_generation(force=True)
-    writer.write(scores=[_score("d", s) for s in range(10, 25)])  # ... and the process dies here
+    writer.write(scores=[records_block("d", [_score("d", s) for s in range(10, 25)])])  # ... and the process dies
     assert sum(d["n"] for d in store.collections["fleet_rollups"].docs.values()) == 10
 
     found = BucketWriter(store).load()
@@ -185,19 +193,40 @@ def test_readings_with_changing_metric_sets_keep_every_value():
     ({"p_value": 0.0}, "outside (0, 1]"),
     ({"is_anomaly": 1}, "is_anomaly: expected"),
     ({"is_anomaly": True, "top_metrics": [{"metric": 3}]}, "missing required field 'share'"),
-    ({"device_id": ""}, "empty string"),
 ])
 def test_records_that_cannot_be_stored_are_named_with_a_reason(change, reason):
     records = [_score("d", s) for s in range(5)]
     records[2] = {**records[2], **change}
-    good, bad = valid_scores(records)
-    assert [i for i, _ in bad] == [2] and reason in bad[0][1]
-    assert [r["seq"] for r in good] == [0, 1, 3, 4]
+    block, bad = score_block("d", [ScorePart("t:0:7", {}, records)])
+    assert [(p, i) for p, i, _, _ in bad] == [("t:0:7", 2)] and reason in bad[0][2]
+    assert block.cols["seq"].tolist() == [0, 1, 3, 4]
 
 
-def test_a_well_formed_batch_passes_whole():
-    records = [_score("d", s, anomaly=s % 3 == 0) for s in range(50)]
-    assert valid_scores(records) == (records, [])
+def test_a_well_formed_batch_is_checked_column_wise_and_keeps_its_alerts():
+    shared = {"device_id": "d", "model_version": 3, "global_version": 1, "scored_at": 9}
+    items = [{k: v for k, v in _score("d", s, anomaly=s % 3 == 0).items() if k not in shared} for s in range(50)]
+    parts = [ScorePart("t:0:1", shared, items[:20]), ScorePart("t:0:2", shared, items[20:])]
+    block, bad = score_block("d", parts)
+    assert bad == [] and block.cols["seq"].tolist() == list(range(50))
+    assert block.cols["model_version"].tolist() == [3] * 50 and sorted(block.alerts) == list(range(0, 50, 3))
+    assert block.alerts[3] == {**shared, **items[3]}
+
+
+def test_a_record_of_another_device_in_a_batch_is_refused_and_so_is_an_empty_device_id():
+    items = [_score("d", 0), _score("e", 1)]
+    block, bad = score_block("d", [ScorePart("t:0:1", {}, items)])
+    assert block.cols["seq"].tolist() == [0] and "in a batch of 'd'" in bad[0][2]
+    block, bad = score_block("", [ScorePart("t:0:2", {}, [_score("", 0)])])
+    assert block is None and "device_id: empty string" in bad[0][2]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(allow_nan=True), max_size=300), st.sampled_from(["<f8", "<i8", "|u1"]))
+def test_packed_columns_round_trip_compressed_or_not(values, dtype):
+    floats = np.array(values, dtype=np.float64)
+    array = floats if dtype == "<f8" else np.nan_to_num(floats, nan=0, posinf=0, neginf=0).clip(0, 255).astype(dtype)
+    assert np.array_equal(unpack(pack(array, dtype), dtype), array, equal_nan=True)
+    assert len(pack(np.zeros(1000), "<f8")) < 100  # repetitive columns are stored compressed
 
 
 def test_retention_cuts_raw_data_sooner_than_summaries_and_zero_keeps_forever():
