@@ -12,7 +12,9 @@ The embedded MongoDB server updates documents slowly (it scans the collection fo
 written insert-only: the sink sums what it stored during one *generation* (``rollups.generation_s``) and inserts
 one partial document per group and bucket, ``_id`` = ``<group>:<bucket start>:<generation>``. Readers add
 partials up (``SUM(n)``, ``MAX(score_max)``), which is what the dashboards do anyway. A generation also closes
-when the input pauses, so the dashboards show everything stored once the stream is quiet. Every stored bucket
+when the input pauses, so the dashboards show everything stored once the stream is quiet. The sink merges the
+partials of each bucket every `rollups.compact_interval_s` (`BucketWriter.compact_rollups`), so a live stream
+leaves about one document per bucket. Every stored bucket
 document carries its generation, so the partials of a generation are a pure function of stored documents: a sink
 that died mid-generation recomputes them at start, and re-inserting a partial that exists is a no-op.
 
@@ -215,3 +217,15 @@ def merged(partials: Iterable[dict], source: str) -> dict:
         into["metrics"] = {k: v for k, v in sorted(into.get("metrics", {}).items())}
     return into
 
+
+def merged_document(level: Level, partials: Sequence[dict]) -> dict:
+    """One document holding several partials of one group and bucket: ``_id`` ``<group>:<bucket>:<newest
+    generation>c``, `stored_at` the newest of theirs (retention counts from when the data came)."""
+    first = partials[0]
+    group = first.get("device_id", FLEET)
+    generation = max(p["generation"] for p in partials)
+    acc = RollupAccumulator([level])
+    acc.stats[level.key][(group, first["ts"])] = merged(partials, level.source)
+    [doc] = acc.documents(generation, max(p["stored_at"] for p in partials))[level.key]
+    doc["_id"] += "c"  # not the id of the partial of that generation
+    return doc

@@ -19,7 +19,8 @@ oversized number, a timestamp whose roll-up bucket overflows 64 bits, a field na
 one dead letter, ``_id`` = its Kafka position (``<topic>:<partition>:<offset>[:<record>]``), with a reason, and a
 counter goes up; the rest of the batch is stored as usual. When MongoDB is unreachable the sink retries the same
 batch with exponential back-off (`sink.retry_*`), never exiting. Roll-ups a crash left unwritten are written when
-it starts again (storage.writer). It also deletes what is past its retention horizon (`retention.*`).
+it starts again (storage.writer). It also merges roll-up partials (`rollups.compact_interval_s`) and deletes what
+is past its retention horizon (`retention.*`).
 """
 from __future__ import annotations
 
@@ -126,6 +127,7 @@ class MongoSink:
         self.store: Store | None = None
         self.writer: BucketWriter | None = None
         self.next_prune = 0.0
+        self.next_compaction = time.monotonic() + cfg.rollups.compact_interval_s
         self.input_paused = threading.Event()  # no message came for a while: roll up what is stored now
         self.seconds: Counter = Counter()  # time spent decoding (consuming thread) and storing (storing thread)
 
@@ -268,6 +270,11 @@ class MongoSink:
             for key, n in deleted.items():
                 self.stats[f"pruned_{key}"] += n
             self.next_prune = time.monotonic() + self.cfg.retention.prune_interval_s
+        if time.monotonic() >= self.next_compaction:
+            merged = self._retrying(self._prepared(lambda: self.writer.compact_rollups()), "compacting roll-ups",
+                                    should_stop)
+            self.stats["rollup_partials_merged"] += sum(merged.values())
+            self.next_compaction = time.monotonic() + self.cfg.rollups.compact_interval_s
 
     def _gather(self) -> list:
         """Messages of one flush: until `sink.flush_interval_ms` passed since the first, or

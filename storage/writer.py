@@ -29,12 +29,13 @@ import numpy as np
 from storage.buckets import (READING_COLUMNS, SCORE_COLUMNS, ScoreBlock, SeqIndex, bucket_spans, chunks,
                              concat_blocks, first_of_each_seq, max_bucket_rows, reading_bucket, score_bucket,
                              select_rows, unpack_columns)
-from storage.rollups import RollupAccumulator, levels
+from storage.rollups import FLEET, RollupAccumulator, levels, merged_document
 from storage.schemas import SCHEMAS
 
 log = logging.getLogger(__name__)
 
 ROLLUP_STATE = "rollups"
+COMPACTION_STATE = "compaction"
 ALERT_FIELDS = tuple(SCHEMAS["alerts"]["properties"])
 BUCKETED = ("predictions", "device_data")
 
@@ -95,6 +96,8 @@ class BucketWriter:
         rolled up (a sink that died between its writes); returns what it found."""
         for index in self.indexes.values():
             index.clear()
+        self.accumulator = RollupAccumulator(self.levels)
+        self._finish_compaction()
         emitted = self.store.sink_state(ROLLUP_STATE).get("emitted_through", 0)
         pending: dict[int, RollupAccumulator] = {}
         newest = emitted
@@ -219,6 +222,53 @@ class BucketWriter:
         state = self.store.sink_state(ROLLUP_STATE)
         self.store.set_sink_state(ROLLUP_STATE, {"emitted_through": max(generation,
                                                                         state.get("emitted_through", 0))})
+
+    # --- compaction ---------------------------------------------------------------------------------------
+
+    def compact_rollups(self, max_sources: int = 20_000) -> dict[str, int]:
+        """Merge the partials of each group and bucket into one document (`storage.rollups`: a live stream
+        leaves one partial per generation), so the dashboards read fewer documents; returns partials removed per
+        collection. Crash-safe: the partials about to go are noted in `sink_state` "compaction" first, the merged
+        documents (``_id`` ``<group>:<bucket>:<newest generation>c``) are inserted, then the partials deleted;
+        `load` finishes a compaction that a crash interrupted. Only generations whose roll-ups are written are
+        touched, and at most `max_sources` partials per call."""
+        self._finish_compaction()
+        emitted = self.store.sink_state(ROLLUP_STATE).get("emitted_through", 0)
+        removed = {}
+        for level in self.levels:
+            groups: dict[tuple, list[dict]] = defaultdict(list)
+            for doc in self.store.find(level.key):
+                if doc["generation"] <= emitted:
+                    groups[(doc.get("device_id", FLEET), doc["ts"])].append(doc)
+            sources = [docs for docs in groups.values() if len(docs) > 1]
+            batch, count = [], 0
+            for docs in sources:
+                if count + len(docs) > max_sources:
+                    break
+                batch.append(docs)
+                count += len(docs)
+            if batch:
+                self.store.set_sink_state(COMPACTION_STATE, {"key": level.key,
+                                                             "sources": [d["_id"] for docs in batch for d in docs]})
+                self._finish_compaction()
+                removed[level.key] = count
+        return removed
+
+    def _finish_compaction(self) -> None:
+        """Complete the compaction noted in `sink_state` (if any): merged documents in, sources out."""
+        state = self.store.sink_state(COMPACTION_STATE)
+        if not state.get("sources"):
+            return
+        level = next(level for level in self.levels if level.key == state["key"])
+        present = self.store.find(level.key, {"_id": {"$in": state["sources"]}})
+        if len(present) == len(state["sources"]):  # none deleted yet: (re)make the merged documents
+            groups: dict[tuple, list[dict]] = defaultdict(list)
+            for doc in present:
+                groups[(doc.get("device_id", FLEET), doc["ts"])].append(doc)
+            self.store.insert_new(level.key, [merged_document(level, docs) for docs in groups.values()])
+        if present:
+            self.store.collection(level.key).delete_many({"_id": {"$in": state["sources"]}})
+        self.store.set_sink_state(COMPACTION_STATE, {"key": level.key, "sources": []})
 
     def rebuild_rollups(self) -> tuple[int, int]:
         """Delete every roll-up and recompute it from the buckets, as one generation; returns (readings read,
