@@ -221,13 +221,14 @@ MALFORMED = (
 
 
 def _send_malformed(cfg: Config, devices: list[str], n_readings: int, args) -> int:
-    """Send ``--malformed`` × the number of telemetry messages of the run as malformed messages; returns how many."""
+    """Send ``--malformed`` × the number of telemetry messages of the run (at least one of each kind) as malformed
+    messages; returns how many."""
     from confluent_kafka import Producer
 
-    messages = n_readings / (args.batch or cfg.ingest.batch)
-    count = int(round(messages * args.malformed))
-    if count <= 0:
+    if args.malformed <= 0:
         return 0
+    messages = n_readings / (args.batch or cfg.ingest.batch)
+    count = max(len(MALFORMED), int(round(messages * args.malformed)))  # at least one of each kind
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "log_level": 3})
     for i in range(count):
         device = devices[i % len(devices)]
