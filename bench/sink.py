@@ -34,7 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_output import write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
-from orchestration import processes, stack  # noqa: E402
+from orchestration import stack  # noqa: E402
+from services import processes  # noqa: E402
 from storage.mongo import Store  # noqa: E402
 from storage.sink import MongoSink  # noqa: E402
 from telemetry.readers import open_reader  # noqa: E402

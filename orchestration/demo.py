@@ -391,11 +391,12 @@ def cmd_demo(args, cfg: Config) -> int:
         watcher.join(timeout=5)
         store.close()
         if not args.keep_running:
-            from orchestration import processes, stack
+            from orchestration import stack
+            from services.service import stop_by_name
 
             if sys.exc_info()[0] is None and not args.no_superset:  # keep what the dashboards need
-                for name in DATA_PATH_SERVICES:
-                    if processes.stop(cfg.state_dir, name):
+                for name in DATA_PATH_SERVICES:  # deregistered: the supervisor does not restart them
+                    if stop_by_name(cfg.state_dir, name):
                         say(f"stopped {name}")
             else:
                 stack.down(cfg, say=say)

@@ -43,6 +43,7 @@ MAX_INT64 = 2**63 - 1
 MAX_BUCKET_BYTES = 4_000_000
 ZLIB_SUBTYPE = 0x80  # BSON binary subtype 128 (user-defined): a zlib-compressed packed column
 MIN_COMPRESSED_BYTES = 256
+MAX_INCIDENT_ID_CHARS = 500  # "<device_id>:<start_seq>" (telemetry.schema.MAX_ID_CHARS)
 
 
 def pack(values, dtype: str) -> bytes:
@@ -173,8 +174,9 @@ def check_score(record: dict) -> str | None:
     if not -MAX_ABS_TS <= record["ts"] <= MAX_ABS_TS:
         return f"ts: {record['ts']} is outside the storable range (|ts| ≤ 2^62 ms)"
     incident = record.get("incident_id")
-    if incident is not None and not (type(incident) is str and 0 < len(incident) <= 400):
-        return f"incident_id: expected a string of 1 to 400 characters or null, got {str(incident)[:60]!r}"
+    if incident is not None and not (type(incident) is str and 0 < len(incident) <= MAX_INCIDENT_ID_CHARS):
+        return (f"incident_id: expected a string of 1 to {MAX_INCIDENT_ID_CHARS} characters or null, "
+                f"got {str(incident)[:60]!r}")
     return None
 
 
@@ -323,7 +325,7 @@ def _fast_columns(raw: dict[str, list], check: bool = True) -> dict[str, np.ndar
         if (cols["seq"].min() < 0 or cols["model_version"].min() < 0 or cols["global_version"].min() < 0
                 or np.abs(cols["ts"]).max() > MAX_ABS_TS or not (np.abs(cols["score"]) <= MAX_ABS_NUMBER).all()
                 or not (np.abs(t) <= MAX_ABS_NUMBER).all() or not ((p > 0) & (p <= 1)).all()
-                or any(not 0 < len(i) <= 400 for i in raw["incident_id"] if i is not None)):
+                or any(not 0 < len(i) <= MAX_INCIDENT_ID_CHARS for i in raw["incident_id"] if i is not None)):
             return None
     incident_ids: dict[str, int] = {}
     cols["incident"] = np.array([NO_INCIDENT if i is None else incident_ids.setdefault(i, len(incident_ids))

@@ -85,7 +85,7 @@ SCHEMAS: dict[str, dict] = {
         "bsonType": "object",
         "required": ["incident_id", "device_id", "status", "start_seq", "end_seq", "start_ts", "end_ts",
                      "n_flagged", "peak_score"],
-        "properties": {"incident_id": {"bsonType": "string", "minLength": 1, "maxLength": 400}, "device_id": _ids,
+        "properties": {"incident_id": {"bsonType": "string", "minLength": 1, "maxLength": 500}, "device_id": _ids,
                        "status": {"bsonType": "string", "enum": ["open", "resolved"]},
                        "start_seq": {"bsonType": INT, "minimum": 0}, "end_seq": {"bsonType": INT, "minimum": 0},
                        "start_ts": {"bsonType": INT}, "end_ts": {"bsonType": INT},
@@ -98,7 +98,7 @@ SCHEMAS: dict[str, dict] = {
     "drift_events": {
         "bsonType": "object",
         "required": ["event_id", "device_id", "seq", "ts", "reason"],
-        "properties": {"event_id": {"bsonType": "string", "minLength": 1, "maxLength": 400}, "device_id": _ids,
+        "properties": {"event_id": {"bsonType": "string", "minLength": 1, "maxLength": 500}, "device_id": _ids,
                        "seq": {"bsonType": INT, "minimum": 0}, "ts": {"bsonType": INT},
                        "reason": {"bsonType": "string", "minLength": 1}, "flag_rate": {"bsonType": NUMBER + ["null"]},
                        "target_rate": {"bsonType": NUMBER + ["null"]}, "window": {"bsonType": INT + ["null"]},

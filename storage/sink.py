@@ -40,7 +40,8 @@ from storage.buckets import MAX_ABS_TS, ScoreBlock, ScorePart, score_block
 from storage.mongo import Store, StorageUnavailable, incident_rank
 from storage.schemas import SchemaViolation, check_document, check_field_names
 from storage.writer import BucketWriter
-from telemetry.schema import SCORES_SCHEMA, Columns, InvalidMessage, decode_columns, decode_scores, load_object
+from telemetry.schema import (DRIFT, SCORES_SCHEMA, Columns, InvalidMessage, decode_columns, decode_incident,
+                              decode_scores, load_object)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ MAX_RAW_CHARS = 10_000
 # Records stored as sent (their own fields): the collection each one goes to, and the field of its natural id.
 EVENT_COLLECTIONS = {"snapshots": ("local_models", None), "incidents": ("incidents", "incident_id"),
                      "drift": ("drift_events", "event_id"), "dead_letters": ("dead_letters", None)}
+# The wire-format checks of telemetry.schema first; the others are read as JSON objects and checked as documents.
+EVENT_DECODERS = {"incidents": decode_incident, "drift": DRIFT.decode}
 
 
 @dataclass
@@ -197,7 +200,7 @@ class MongoSink:
                 score_parts.setdefault(device if isinstance(device, str) else repr(device), []).append(part)
             else:
                 try:
-                    record = load_object(raw)
+                    record = EVENT_DECODERS.get(key, load_object)(raw)
                     batch.events[key].append(event_document(key, record, position))
                 except InvalidMessage as exc:
                     self._refuse(batch, position, topic, exc.reason, raw)

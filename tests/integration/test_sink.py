@@ -13,7 +13,8 @@ import pytest
 from confluent_kafka import Producer
 
 from config import PROJECT_ROOT, load_config
-from orchestration import processes, stack as local_stack
+from orchestration import stack as local_stack
+from services import processes
 from storage.buckets import SCORE_COLUMNS, unpack_columns
 from storage.mongo import Store
 from storage.sink import MongoSink
