@@ -34,6 +34,8 @@ RAW_KEYS = ("device_data", "predictions", "alerts", "local_models")
 SUMMARY_KEYS = ("score_rollups", "daily_rollups", "fleet_rollups", "metric_rollups", "incidents", "drift_events",
                 "dead_letters")
 DAY_MS = 86_400_000
+# Retention counts from when the sink stored a document (`stored_at`), except for signed records, stored as sent.
+RETENTION_FIELD = {"local_models": "created_at"}
 
 __all__ = ["Store", "StorageError", "StorageUnavailable", "SchemaViolation", "reading_id", "retention_cutoffs",
            "mongo_healthy"]
@@ -377,10 +379,9 @@ class Store:
 
     def write_local_models(self, snapshots: Iterable[dict]) -> int:
         """Store weight snapshots in `local_models` (id ``<device_id>:<version>``); returns how many were new."""
-        now = int(time.time() * 1000)
-        docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s.get('device_id')}:{s.get('version')}",
-                                                                  "stored_at": now}
-                for s in snapshots)  # the schema check on insert names a missing field
+        docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s.get('device_id')}:{s.get('version')}"}
+                for s in snapshots)  # the schema check on insert names a missing field; no field of ours is added:
+        # a snapshot is stored as signed (models.integrity.wire_form), so retention counts from its created_at
         return len(self.insert_new("local_models", docs))
 
     def latest_local_models(self, since_ms: int | None = None, until_ms: int | None = None) -> list[dict]:
@@ -490,7 +491,8 @@ class Store:
         deleted = {}
         for key, cutoff in retention_cutoffs(self.cfg, now_ms).items():
             try:
-                deleted[key] = self.collection(key).delete_many({"stored_at": {"$lt": cutoff}}).deleted_count
+                query = {RETENTION_FIELD.get(key, "stored_at"): {"$lt": cutoff}}
+                deleted[key] = self.collection(key).delete_many(query).deleted_count
             except PyMongoError as exc:
                 raise _failure(exc, f"pruning {self.cfg.mongo.collections[key]}") from exc
         return deleted

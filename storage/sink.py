@@ -15,7 +15,8 @@ the batch is stored: at-least-once delivery plus idempotent writes gives one cop
     dead_letters               →  dead_letters
 
 Bad input never stops it: a message or record it cannot store (not JSON, a schema violation, a non-finite or
-oversized number, a timestamp whose roll-up bucket overflows 64 bits, a field name MongoDB cannot hold) becomes
+oversized number, a score's timestamp whose roll-up bucket overflows 64 bits (telemetry's own are bounded by
+its wire format), a field name MongoDB cannot hold) becomes
 one dead letter, ``_id`` = its Kafka position (``<topic>:<partition>:<offset>[:<record>]``), with a reason, and a
 counter goes up; the rest of the batch is stored as usual. When MongoDB is unreachable the sink retries the same
 batch with exponential back-off (`sink.retry_*`), never exiting. Roll-ups a crash left unwritten are written when
@@ -33,10 +34,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 from config import Config
-from storage.buckets import MAX_ABS_TS, ScoreBlock, ScorePart, score_block
+from storage.buckets import ScoreBlock, ScorePart, score_block
 from storage.mongo import Store, StorageUnavailable, incident_rank
 from storage.schemas import SchemaViolation, check_document, check_field_names
 from storage.writer import BucketWriter
@@ -69,13 +68,6 @@ def _text(raw) -> str:
     if isinstance(raw, (bytes, bytearray)):
         return bytes(raw).decode("utf-8", "replace")[:MAX_RAW_CHARS]
     return ("" if raw is None else str(raw))[:MAX_RAW_CHARS]
-
-
-def storable_rows(block: Columns) -> np.ndarray | None:
-    """Rows of a telemetry block whose timestamp can be stored and rolled up (None: all)."""
-    ts = np.asarray(block.ts, dtype=np.int64)
-    ok = (ts >= -MAX_ABS_TS) & (ts <= MAX_ABS_TS)
-    return None if ok.all() else ok
 
 
 def score_part(raw: bytes, position: str) -> ScorePart:
@@ -226,15 +218,6 @@ class MongoSink:
         if key and key != block.device_id:
             self.stats["telemetry_invalid"] += 1  # the stream job dead-letters a device_id under another key
             return
-        ok = storable_rows(block)
-        if ok is not None:
-            for i in np.flatnonzero(~ok):
-                self._refuse(batch, f"{position}:{i}", msg.topic(),
-                             f"readings[{i}].ts: {block.ts[i]} is outside the storable range (|ts| <= 2^62 ms)",
-                             msg.value(), block.device_id)
-            rows = np.flatnonzero(ok)
-            block = Columns(block.device_id, block.names, block.X[rows], [block.seqs[i] for i in rows],
-                            [block.ts[i] for i in rows], [block.labels[i] for i in rows])
         if len(block.seqs):
             batch.readings.append(block)
 
@@ -368,8 +351,8 @@ class MongoSink:
                     batch = self.decode(messages)
                     self.seconds["decoding"] += time.perf_counter() - started
                     now = int(time.time() * 1000)
-                    for docs in (*batch.events.values(), batch.refused):
-                        for doc in docs:
+                    for key, docs in (*batch.events.items(), ("refused", batch.refused)):
+                        for doc in docs if key != "snapshots" else ():  # snapshots are stored as signed
                             doc["stored_at"] = now
                     while storing.is_alive():
                         try:  # waits while the storing thread is busy with the previous batch
