@@ -241,8 +241,11 @@ def score_block(device_id, parts: Sequence[ScorePart]) -> tuple[ScoreBlock | Non
         except (KeyError, TypeError, AttributeError):
             cols = None
     if cols is not None:
-        rows = [(part, i) for part in parts for i in range(len(part.items))]
-        alerts = {row: rows[row][0].record(rows[row][1]) for row in np.flatnonzero(cols["is_anomaly"]).tolist()}
+        starts = np.cumsum([0] + [len(part.items) for part in parts])
+        alerts = {}
+        for row in np.flatnonzero(cols["is_anomaly"]).tolist():
+            p = int(np.searchsorted(starts, row, side="right")) - 1
+            alerts[row] = parts[p].record(row - int(starts[p]))
         if all(check_score(record) is None for record in alerts.values()):  # alerts are stored whole: check them
             return ScoreBlock(device_id, cols, alerts), []
     good, bad = [], []

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import queue
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -68,6 +70,25 @@ def _text(raw) -> str:
     if isinstance(raw, (bytes, bytearray)):
         return bytes(raw).decode("utf-8", "replace")[:MAX_RAW_CHARS]
     return ("" if raw is None else str(raw))[:MAX_RAW_CHARS]
+
+
+def decode_telemetry(messages: list[tuple[bytes | None, bytes]]) -> tuple[list[Columns], int]:
+    """Telemetry messages (Kafka key, value) as reading blocks, and how many were invalid: refused by the wire
+    format, or a device_id under another Kafka key (the stream job dead-letters both). Runs in the decoding process
+    (`sink.decode_processes`): the sink's heaviest decoding, overlapping with the rest."""
+    blocks, invalid = [], 0
+    for key, value in messages:
+        try:
+            block = decode_columns(value)
+        except InvalidMessage:
+            invalid += 1
+            continue
+        key = (key or b"").decode("utf-8", "replace")
+        if key and key != block.device_id:
+            invalid += 1
+        elif len(block.seqs):
+            blocks.append(block)
+    return blocks, invalid
 
 
 def score_part(raw: bytes, position: str) -> ScorePart:
@@ -125,6 +146,7 @@ class MongoSink:
         self.next_compaction = time.monotonic() + cfg.rollups.compact_interval_s
         self.input_paused = threading.Event()  # no message came for a while: roll up what is stored now
         self.seconds: Counter = Counter()  # time spent decoding (consuming thread) and storing (storing thread)
+        self.decoder: ProcessPoolExecutor | None = None
 
     def _on_assign(self, consumer, partitions) -> None:
         if self.assigned_at is not None:
@@ -170,9 +192,13 @@ class MongoSink:
                               "at": int(time.time() * 1000)})
 
     def decode(self, messages: list) -> Batch:
-        """The records of these Kafka messages, checked; what cannot be stored becomes a dead letter."""
+        """The records of these Kafka messages, checked; what cannot be stored becomes a dead letter. Telemetry
+        (the costliest to decode) goes to the decoding process, if there is one, while this one does the rest."""
         batch = Batch()
         score_parts: dict[str, list[ScorePart]] = {}
+        telemetry = [(msg.key(), msg.value()) for msg in messages
+                     if not msg.error() and self.topic_keys[msg.topic()] == "telemetry"]
+        decoding = self._decoder().submit(decode_telemetry, telemetry) if self._decoder() else None
         for msg in messages:
             if msg.error():
                 self.stats["kafka_errors"] += 1
@@ -181,7 +207,7 @@ class MongoSink:
             topic, raw = msg.topic(), msg.value()
             key, position = self.topic_keys[topic], f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
             if key == "telemetry":
-                self._decode_telemetry(batch, msg, position)
+                continue
             elif key == "scores":
                 try:
                     part = score_part(raw, position)
@@ -206,20 +232,16 @@ class MongoSink:
             for position, index, reason, record in bad:
                 self._refuse(batch, f"{position}:{index}", scores_topic, reason, json.dumps(record, default=str),
                              record.get("device_id") if type(record) is dict else None)
+        batch.readings, invalid = decoding.result() if decoding else decode_telemetry(telemetry)
+        self.stats["telemetry_invalid"] += invalid  # the stream job dead-letters them (and so refuses to score them)
         return batch
 
-    def _decode_telemetry(self, batch: Batch, msg, position: str) -> None:
-        try:
-            block = decode_columns(msg.value())
-        except InvalidMessage:
-            self.stats["telemetry_invalid"] += 1  # the stream job dead-letters it (and so refuses to score it)
-            return
-        key = (msg.key() or b"").decode("utf-8", "replace")
-        if key and key != block.device_id:
-            self.stats["telemetry_invalid"] += 1  # the stream job dead-letters a device_id under another key
-            return
-        if len(block.seqs):
-            batch.readings.append(block)
+    def _decoder(self):
+        """The process that decodes telemetry (`sink.decode_processes`; None: this process does)."""
+        if self.decoder is None and self.cfg.sink.decode_processes > 0:
+            context = multiprocessing.get_context("spawn")  # not fork: the Kafka client's threads would not follow
+            self.decoder = ProcessPoolExecutor(self.cfg.sink.decode_processes, mp_context=context)
+        return self.decoder
 
     # --- storing ----------------------------------------------------------------------------------------------
 
@@ -387,6 +409,9 @@ class MongoSink:
                 elif isinstance(item, BaseException):
                     error = item
             self.consumer.close()
+            if self.decoder is not None:
+                self.decoder.shutdown(cancel_futures=True)
+                self.decoder = None
             if self.store is not None:
                 self.store.close()
             if error is not None:

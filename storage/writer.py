@@ -72,7 +72,8 @@ def stack_readings(blocks: Sequence) -> tuple[list[str], np.ndarray, np.ndarray,
             row += len(b.seqs)
     seq = np.concatenate([np.asarray(b.seqs, dtype=np.int64) for b in blocks])
     ts = np.concatenate([np.asarray(b.ts, dtype=np.int64) for b in blocks])
-    labels = np.array([-1 if label is None else label for b in blocks for label in b.labels], dtype=np.int8)
+    labels = np.concatenate([np.array(b.labels, dtype=np.float64) for b in blocks])  # None -> nan
+    labels = np.where(np.isnan(labels), -1, labels).astype(np.int8)
     return names, seq, ts, labels, values
 
 
