@@ -72,3 +72,5 @@ def test_lines_over_time_leave_gaps_and_numbers_are_short():
         if rel.startswith("datasets/"):
             for metric in doc.get("metrics", []):
                 assert metric.get("d3format", ",d") in SHORT_FORMATS, f"{rel}: {metric['metric_name']}"
+                # (an unquoted expression with a comma splits into a stray key Superset's import refuses)
+                assert set(metric) <= {"metric_name", "verbose_name", "expression", "d3format"}, f"{rel}: {metric}"
