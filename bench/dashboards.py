@@ -31,6 +31,7 @@ from browser import DASHBOARDS, expected_charts, log_in, open_dashboard, open_de
 from config import load_config  # noqa: E402
 from orchestration import stack  # noqa: E402
 from services import processes  # noqa: E402
+from storage.buckets import records_block  # noqa: E402
 from storage.mongo import Store  # noqa: E402
 from telemetry.schema import Columns  # noqa: E402
 from visualization import superset_server  # noqa: E402
@@ -97,7 +98,10 @@ def stream_chunks(n: int, seed: int = 1):
 def store_stream(store: Store, n: int) -> None:
     """Store `n` readings the way the sink does (see `stream_chunks`), plus a few dead letters."""
     for scores, blocks, incidents, drift in stream_chunks(n):
-        store.writer.write(scores=scores, readings=blocks)
+        by_device: dict[str, list[dict]] = {}
+        for record in scores:
+            by_device.setdefault(record["device_id"], []).append(record)
+        store.writer.write(scores=[records_block(d, recs) for d, recs in by_device.items()], readings=blocks)
         store.writer.close_generation(force=True)
         store.write_incidents(incidents)
         store.write_drift_events(drift)
