@@ -40,7 +40,7 @@ from models.integrity import sign_record, signing_key  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from orchestration import stack  # noqa: E402
 from services import processes  # noqa: E402
-from storage import mongo  # noqa: E402
+from storage.mongo import Store  # noqa: E402
 
 METRICS = [f"m{i:02d}" for i in range(19)]
 
@@ -61,13 +61,13 @@ def snapshots(cfg, n: int, seed: int = 0) -> list[dict]:
 def numpy_round(cfg) -> tuple[float, float]:
     """(read + decode + FedAvg seconds, FedAvg alone seconds) in this process."""
     start = time.perf_counter()
-    db = mongo.connect(cfg)
-    docs = mongo.latest_local_models(db, cfg)
+    db = Store(cfg)
+    docs = db.latest_local_models()
     updates = [Update(d["device_id"], loads(from_b64(d["weights"]))[0], d["n_samples"]) for d in docs]
     before = time.perf_counter()
     make_strategy(cfg).aggregate(updates)
     end = time.perf_counter()
-    db.client.close()
+    db.close()
     return end - start, end - before
 
 
@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("warm", "submit"):
                 db_env = {"FLEAD_MONGO_DATABASE": f"bench_{mode}_{n}"}
                 per_db[mode] = (load_config(env={**os.environ, **db_env}), db_env)
-                db = mongo.connect(per_db[mode][0])
-                mongo.init_db(db, per_db[mode][0])
+                db = Store(per_db[mode][0])
+                db.init()
                 t = time.perf_counter()
-                mongo.write_local_models(db, per_db[mode][0], snaps)
+                db.write_local_models(snaps)
                 insert_s = time.perf_counter() - t
-                db.client.close()
+                db.close()
             numpy_s, fedavg_s = numpy_round(per_db["warm"][0])
             spark_round = run_round(spark, per_db["warm"][0], publish_model=False)
             assert spark_round.status == "aggregated", spark_round.message

@@ -1,12 +1,14 @@
-"""First load of each Superset dashboard in headless Chromium, with an empty database and with N predictions.
+"""First load of each Superset dashboard in headless Chromium, with an empty database and with N readings stored.
 
-    .venv/bin/python bench/dashboards.py [--quick] [--json OUT]
+    .venv/bin/python bench/dashboards.py [--quick] [--readings N] [--json OUT]
 
 Starts its own MongoDB (FerretDB) and Superset (temporary state dir, free ports), imports the bundle, and times
 how long each dashboard takes until every chart is drawn: first on an empty database (the floor: Superset's and
-the browser's own cost), then after storing N score records of 12 devices, one reading a minute each, through
-`storage.mongo.write_predictions` (as the sink does: predictions, alerts, score roll-ups; the write time is a row
-too). The headline is the fleet overview at N. Needs Superset and Chromium from `visualization/setup_superset.sh`.
+the browser's own cost), then after storing N readings of 100 devices, one a minute each (about a week), through
+`storage.mongo.Store` as the sink stores them: bucketed telemetry (8 metrics) and score records, alerts, roll-ups,
+and the incidents, drift events and dead letters such a stream has (the write time is a row too). The drill-down
+is timed with one device picked. The headline is the fleet overview at N (default 1,000,000; --quick 100,000).
+Needs Superset and Chromium from `visualization/setup_superset.sh`.
 """
 from __future__ import annotations
 
@@ -19,34 +21,93 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "e2e"))
 from bench_output import write_json  # noqa: E402  (beside this script)
-from browser import DASHBOARDS, expected_charts, log_in, open_dashboard  # noqa: E402  (the dashboard tests' helpers)
+from browser import DASHBOARDS, expected_charts, log_in, open_dashboard, open_device  # noqa: E402  (the tests')
 from config import load_config  # noqa: E402
 from orchestration import stack  # noqa: E402
 from services import processes  # noqa: E402
-from storage import mongo  # noqa: E402
+from storage.buckets import records_block  # noqa: E402
+from storage.mongo import Store  # noqa: E402
+from telemetry.schema import Columns  # noqa: E402
 from visualization import superset_server  # noqa: E402
 
-DEVICES = [f"dev-{i:02d}" for i in range(12)]
+DEVICES = [f"dev-{i:03d}" for i in range(100)]
+METRICS = tuple(f"m{i:02d}" for i in range(8))
 READING_INTERVAL_MS = 60_000
+START_MS = 1_767_225_600_000  # 2026-01-01
+CHUNK_MINUTES = 500  # readings per device per write (a sink flush of 8 minutes of a 100-device fleet)
 HEADLINE_DASHBOARD = "flead-fleet"
+TIMING = {"settle_s": 0.0, "poll_s": 0.1}  # the clock stops when the last chart is drawn
 
 
-def score_records(n: int, seed: int = 1) -> list[dict]:
-    """`n` score records, spread over `DEVICES`, ~3 % anomalous."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        device, seq = DEVICES[i % len(DEVICES)], i // len(DEVICES)
-        ts = 1_700_000_000_000 + seq * READING_INTERVAL_MS
-        anomaly = rng.random() < 0.03
-        out.append({"device_id": device, "seq": seq, "ts": ts, "score": rng.random() + anomaly, "threshold": 1.0,
-                    "is_anomaly": anomaly, "top_metrics": [{"metric": "m00", "share": 1.0}], "model_version": 1,
-                    "global_version": 0, "label": int(anomaly), "scored_at": ts + 300})
-    return out
+def stream_chunks(n: int, seed: int = 1):
+    """Score records, telemetry blocks, incidents and drift events of `n` readings, `CHUNK_MINUTES` at a time."""
+    rng = np.random.default_rng(seed)
+    per_device = n // len(DEVICES)
+    burst = {d: 0 for d in DEVICES}
+    open_run: dict[str, dict] = {}
+    for start in range(0, per_device, CHUNK_MINUTES):
+        seqs = np.arange(start, min(start + CHUNK_MINUTES, per_device))
+        ts = START_MS + seqs * READING_INTERVAL_MS
+        scores, blocks, incidents, drift = [], [], [], []
+        for d, device in enumerate(DEVICES):
+            values = np.sin(seqs[:, None] / (10 + np.arange(len(METRICS)))) + 0.1 * rng.random((len(seqs), len(METRICS)))
+            threshold = 1.0 + 0.1 * np.sin(seqs / 300)
+            flagged = np.zeros(len(seqs), dtype=bool)
+            for i in range(len(seqs)):  # anomalies in runs: ~1 % of readings
+                if not burst[device] and rng.random() < 0.002:
+                    burst[device] = int(rng.integers(2, 8))
+                flagged[i], burst[device] = burst[device] > 0, max(0, burst[device] - 1)
+            score = np.where(flagged, threshold * (1.2 + rng.random(len(seqs))), threshold * rng.random(len(seqs)) * 0.9)
+            values[flagged, 3] += 2.0
+            blocks.append(Columns(device, METRICS, values, seqs.tolist(), ts.tolist(), [int(f) for f in flagged]))
+            for i, seq in enumerate(seqs.tolist()):
+                incident = None
+                if flagged[i]:
+                    run = open_run.get(device)
+                    if run is None or seq - run["end_seq"] > 3:
+                        if run is not None:
+                            incidents.append({**run, "status": "resolved"})
+                        run = open_run[device] = {"incident_id": f"{device}:{seq}", "device_id": device,
+                                                  "start_seq": seq, "start_ts": int(ts[i]), "n_flagged": 0,
+                                                  "peak_score": 0.0, "peak_ratio": 0.0}
+                    run.update(end_seq=seq, end_ts=int(ts[i]) + READING_INTERVAL_MS, n_flagged=run["n_flagged"] + 1,
+                               n_readings=seq - run["start_seq"] + 1, peak_score=max(run["peak_score"], float(score[i])),
+                               peak_ratio=max(run["peak_ratio"], float(score[i] / threshold[i])),
+                               metrics_to_blame=[{"metric": "m03", "share": 0.7}], model_version=1 + seq // 500,
+                               global_version=seq // 1000, updated_at=int(ts[i]) + 300)
+                    incident = run["incident_id"]
+                scores.append({"device_id": device, "seq": seq, "ts": int(ts[i]), "score": float(score[i]),
+                               "threshold": float(threshold[i]), "is_anomaly": bool(flagged[i]),
+                               "top_metrics": [{"metric": "m03", "share": 0.7}], "model_version": 1 + seq // 500,
+                               "global_version": seq // 1000, "label": int(flagged[i]), "scored_at": int(ts[i]) + 300,
+                               "p_value": 0.5, "incident_id": incident})
+            if rng.random() < 0.01:
+                seq = int(seqs[-1])
+                drift.append({"event_id": f"{device}:{seq}", "device_id": device, "seq": seq, "ts": int(ts[-1]),
+                              "reason": "flag rate above target for the window", "flag_rate": 0.05,
+                              "target_rate": 0.01, "window": 200, "detected_at": int(ts[-1]) + 500, "model_version": 2})
+        yield scores, blocks, incidents + [{**r, "status": "open"} for r in open_run.values()], drift
+
+
+def store_stream(store: Store, n: int) -> None:
+    """Store `n` readings the way the sink does (see `stream_chunks`), plus a few dead letters."""
+    for scores, blocks, incidents, drift in stream_chunks(n):
+        by_device: dict[str, list[dict]] = {}
+        for record in scores:
+            by_device.setdefault(record["device_id"], []).append(record)
+        store.writer.write(scores=[records_block(d, recs) for d, recs in by_device.items()], readings=blocks)
+        store.writer.close_generation(force=True)
+        store.write_incidents(incidents)
+        store.write_drift_events(drift)
+    rng = random.Random(2)
+    store.write_dead_letters([{"source": "flead.telemetry", "reason": rng.choice(["not JSON", "missing field 'ts'"]),
+                               "raw": "{", "device_id": None, "at": START_MS + i * 60_000} for i in range(200)])
 
 
 def chromium():
@@ -61,14 +122,17 @@ def chromium():
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
-def load_times(browser, url: str) -> dict[str, float]:
+def load_times(browser, url: str, device: str) -> dict[str, float]:
     """Seconds until every chart of each dashboard is drawn (an error in a chart fails the benchmark)."""
     times = {}
     for dashboard in DASHBOARDS:
         started = time.monotonic()
-        states = open_dashboard(browser, url, dashboard["slug"], expected_charts(dashboard))
+        if dashboard["slug"] == "flead-device":
+            states = open_device(browser, url, device, **TIMING)
+        else:
+            states = open_dashboard(browser, url, dashboard["slug"], expected_charts(dashboard), **TIMING)
         times[dashboard["slug"]] = time.monotonic() - started
-        failed = [s["name"] for s in states if s["error"]]
+        failed = [(s["name"], s["error"]) for s in states if s["error"]]
         if failed:
             raise RuntimeError(f"{dashboard['slug']}: charts failed: {failed}")
     return times
@@ -76,10 +140,12 @@ def load_times(browser, url: str) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10,000 predictions instead of 75,000")
+    parser.add_argument("--quick", action="store_true", help="100,000 readings instead of 1,000,000")
+    parser.add_argument("--readings", type=int, default=None, help="readings to store (overrides --quick)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    parser.add_argument("--screenshots", metavar="DIR", help="also save a screenshot of each dashboard with data here")
     args = parser.parse_args()
-    n = 10_000 if args.quick else 75_000
+    n = args.readings or (100_000 if args.quick else 1_000_000)
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-dashboards-"))
     env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_MONGO_PORT": str(processes.free_port()),
@@ -89,20 +155,34 @@ def main() -> int:
     browser = None
     try:
         stack.start_mongo(cfg)
-        db = mongo.connect(cfg)
-        mongo.init_db(db, cfg)
-        url = superset_server.start(cfg)
-        browser = chromium()
-        log_in(browser, url, superset_server.credentials(cfg))
-        empty = load_times(browser, url)
-        print(f"empty database: {', '.join(f'{k} {v:.1f} s' for k, v in empty.items())}", flush=True)
-        records = score_records(n)
-        started = time.monotonic()
-        for i in range(0, n, 5_000):
-            mongo.write_predictions(db, cfg, records[i:i + 5_000])
-        write_s = time.monotonic() - started
-        print(f"stored {n:,} predictions with their alerts and roll-ups in {write_s:.1f} s", flush=True)
-        full = load_times(browser, url)
+        with Store(cfg) as store:
+            store.init()
+            url = superset_server.start(cfg)
+            browser = chromium()
+            log_in(browser, url, superset_server.credentials(cfg))
+            empty = load_times(browser, url, DEVICES[0])
+            print(f"empty database: {', '.join(f'{k} {v:.1f} s' for k, v in empty.items())}", flush=True)
+            started = time.monotonic()
+            store_stream(store, n)
+            write_s = time.monotonic() - started
+            stored = store.count_readings()
+            counts = {key: store.collection(key).count_documents({}) for key in (
+                "predictions", "device_data", "alerts", "incidents", "score_rollups", "metric_rollups",
+                "daily_rollups", "fleet_rollups")}
+            print(f"stored {stored:,} readings (scores and telemetry) in {write_s:.1f} s; documents: {counts}",
+                  flush=True)
+            full = load_times(browser, url, DEVICES[0])
+            if args.screenshots:  # look at what was timed
+                from browser import screenshot
+
+                Path(args.screenshots).mkdir(parents=True, exist_ok=True)
+                for dashboard in DASHBOARDS:
+                    if dashboard["slug"] == "flead-device":
+                        open_device(browser, url, DEVICES[0])
+                    else:
+                        open_dashboard(browser, url, dashboard["slug"], expected_charts(dashboard))
+                    screenshot(browser, Path(args.screenshots) / f"{dashboard['slug']}.png")
+            again = load_times(browser, url, DEVICES[0])
     finally:
         if browser is not None:
             browser.quit()
@@ -110,18 +190,20 @@ def main() -> int:
         stack.down(cfg, say=lambda line: None)
         shutil.rmtree(state_dir, ignore_errors=True)
 
-    rows = [{"name": f"store {n:,} score records (predictions, alerts, roll-ups)", "value": round(write_s, 1),
-             "unit": "s"}]
+    rows = [{"name": f"store {stored:,} readings: telemetry, scores, alerts, incidents, roll-ups",
+             "value": round(write_s, 1), "unit": "s"}]
     for slug in empty:
         rows.append({"name": f"{slug}: first load, empty database", "value": round(empty[slug], 1), "unit": "s"})
-        rows.append({"name": f"{slug}: first load, {n:,} predictions", "value": round(full[slug], 1), "unit": "s"})
-    print(f"{'measure':<60} {'value':>8}  unit")
+        rows.append({"name": f"{slug}: first load, {stored:,} readings", "value": round(full[slug], 1), "unit": "s"})
+        rows.append({"name": f"{slug}: second load, {stored:,} readings", "value": round(again[slug], 1), "unit": "s"})
+    print(f"{'measure':<70} {'value':>8}  unit")
     for row in rows:
-        print(f"{row['name']:<60} {row['value']:>8}  {row['unit']}")
+        print(f"{row['name']:<70} {row['value']:>8}  {row['unit']}")
     write_json(args.json, {
-        "headline": {"name": f"{HEADLINE_DASHBOARD} first load with {n:,} predictions", "unit": "s",
+        "headline": {"name": f"{HEADLINE_DASHBOARD} first load with {stored:,} readings stored", "unit": "s",
                      "value": round(full[HEADLINE_DASHBOARD], 1), "floor": round(empty[HEADLINE_DASHBOARD], 1)},
-        "rows": rows, "predictions": n, "rollup_bucket_s": cfg.mongo.rollup_bucket_s})
+        "rows": rows, "readings": stored, "documents": counts, "devices": len(DEVICES),
+        "rollups": cfg.rollups.to_dict()})
     return 0
 
 

@@ -25,7 +25,7 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from config import Config
-from storage import mongo
+from storage.mongo import Store
 
 PENDING, DELIVERED, DEAD, SUPPRESSED = "pending", "delivered", "dead", "suppressed"
 
@@ -51,8 +51,8 @@ def ensure_collections(db: Database, cfg: Config) -> None:
 class DeliveryStore:
     """The router's outbox (see the module docstring); `now` arguments are epoch ms."""
 
-    def __init__(self, db: Database, cfg: Config):
-        self.deliveries = mongo.collection(db, cfg, "deliveries")
+    def __init__(self, db: Store, cfg: Config):
+        self.deliveries = db.collection("deliveries")
 
     def get(self, delivery_id: str) -> dict | None:
         return self.deliveries.find_one({"_id": delivery_id})

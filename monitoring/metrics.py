@@ -221,7 +221,7 @@ class PipelineCollector(Collector):
         if buckets is None:
             return
         score_max = GaugeMetricFamily("flead_device_score_max", "Highest anomaly score of the device's newest "
-                                      "roll-up bucket (mongo.rollup_bucket_s of event time)", labels=["device"])
+                                      "roll-up bucket (rollups.device_bucket_s of event time)", labels=["device"])
         score_mean = GaugeMetricFamily("flead_device_score_mean", "Mean anomaly score of the device's newest "
                                        "roll-up bucket", labels=["device"])
         threshold = GaugeMetricFamily("flead_device_threshold", "Highest threshold of the device's newest roll-up "

@@ -30,7 +30,7 @@ from monitoring.notifications import alert_labels, backoff_delay_s, delivery_id
 from monitoring.receivers import ALERTMANAGER, HttpReceiver, receivers_from_config
 from telemetry.schema import check_incident
 from monitoring.suppression import matching_rule
-from storage import mongo
+from storage.mongo import Store
 from telemetry.schema import InvalidMessage, dead_letter_record, load_object
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class IncidentRouter:
         self.by_id = {r.id: r for r in self.receivers}
         self.clock = clock
         self.uniform = uniform
-        self.db = mongo.connect(cfg)
-        ensure_collections(self.db, cfg)
+        self.db = Store(cfg)
+        ensure_collections(self.db.db, cfg)
         self.store = DeliveryStore(self.db, cfg)
         self.topic = cfg.kafka.topics.incidents
         self.consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": self.router.consumer_group,
@@ -77,7 +77,7 @@ class IncidentRouter:
     def rules(self) -> list[dict]:
         """The suppression rules, read again at most every `RULES_CACHE_S`."""
         if time.monotonic() - self._rules_read_at >= RULES_CACHE_S:
-            self._rules = list(mongo.collection(self.db, self.cfg, "suppressions").find())
+            self._rules = list(self.db.collection("suppressions").find())
             self._rules_read_at = time.monotonic()
         return self._rules
 
@@ -93,7 +93,7 @@ class IncidentRouter:
                 incident = check_incident(load_object(msg.value()))
             except InvalidMessage as exc:
                 self.stats["incidents_invalid"] += 1
-                mongo.write_dead_letters(self.db, self.cfg, [dead_letter_record(
+                self.db.write_dead_letters([dead_letter_record(
                     msg.value(), f"incident: {exc.reason}", self.topic, exc.device_id, self.clock())])
                 continue
             self.stats["incidents"] += 1
@@ -181,7 +181,7 @@ class IncidentRouter:
         why = f"failed after {attempt} attempts" if outcome.retry else "was refused"
         log.warning("delivery %s is dead (%s): %s", delivery["_id"], why, outcome.error)
         raw = json.dumps({"delivery_id": delivery["_id"], "incident": delivery["incident"]}, default=str)
-        mongo.write_dead_letters(self.db, self.cfg, [dead_letter_record(
+        self.db.write_dead_letters([dead_letter_record(
             raw, f"delivery to {receiver.kind} {receiver.url} {why}: {outcome.error}", f"router:{receiver.kind}",
             delivery["device_id"], now)])
 
@@ -227,11 +227,11 @@ class IncidentRouter:
         return self.stats
 
     def pending(self) -> int:
-        return mongo.collection(self.db, self.cfg, "deliveries").count_documents({"state": PENDING})
+        return self.db.collection("deliveries").count_documents({"state": PENDING})
 
     def close(self) -> None:
         self.consumer.close()
-        self.db.client.close()
+        self.db.close()
 
     def describe(self) -> str:
         return "router: " + (", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())) or "idle")
@@ -239,9 +239,9 @@ class IncidentRouter:
 
 def retry_dead(cfg: Config) -> int:
     """Make dead deliveries pending again (`flead router retry-dead`); returns how many."""
-    db = mongo.connect(cfg)
+    db = Store(cfg)
     try:
         return DeliveryStore(db, cfg).retry_dead(now_ms())
     finally:
-        db.client.close()
+        db.close()
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from pymongo.database import Database
 
 from config import Config
-from storage import mongo
+from storage.mongo import Store
 
 
 def group_sum(collection, key: str, value: Any = 1, match: dict | None = None) -> dict[Any, float]:
@@ -36,12 +35,12 @@ class DeviceSummary(NamedTuple):
 class PipelineReader:
     """The pipeline's figures as stored in MongoDB (see the module docstring)."""
 
-    def __init__(self, db: Database, cfg: Config):
+    def __init__(self, db: Store, cfg: Config):
         self.db = db
         self.cfg = cfg
 
     def _collection(self, key: str):
-        return mongo.collection(self.db, self.cfg, key)
+        return self.db.collection(key)
 
     def devices(self) -> dict[str, DeviceSummary]:
         """Per device: readings scored and anomalies (all time) and its newest roll-up bucket. One pass over the
@@ -73,11 +72,11 @@ class PipelineReader:
         return {str(v): int(n) for v, n in group_sum(self._collection("incident_feedback"), "verdict").items()}
 
     def last_round(self) -> dict | None:
-        rounds = mongo.aggregation_rounds(self.db, self.cfg, limit=1)
+        rounds = self.db.aggregation_rounds(limit=1)
         return rounds[0] if rounds else None
 
     def latest_global_version(self) -> int | None:
-        model = mongo.latest_global_model(self.db, self.cfg)
+        model = self.db.latest_global_model()
         return model["version"] if model else None
 
     def devices_by_global_version(self, since_ms: int) -> dict[int, int]:

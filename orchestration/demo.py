@@ -3,9 +3,11 @@
 1. start the local stack and the services (Kafka → MongoDB sink, the Flink stream job, the aggregation
    scheduler, the global-model API, Superset);
 2. replay each device's training part (devices learn online; snapshots flow out);
-3. run a federated round (Spark) and wait until the stream job has adopted the global model;
-4. replay the labelled test part, watching every score come back on the scores topic;
-5. print throughput, latency, alerts and precision/recall/F1 against the labels, and the dashboard URL.
+3. run a federated round (Spark); only then start the aggregation scheduler, so the two never race for a version;
+4. replay the labelled test part, watching every score come back on the scores topic, plus a small share of
+   malformed messages (the stream job dead-letters them; the data-quality dashboard shows them by reason);
+5. print throughput, latency, alerts and precision/recall/F1 against the labels; stop the data path and leave the
+   dashboards (Superset and the database) up at the printed URL until `flead down` (`--keep-running`: leave all).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import numpy as np
 from config import PROJECT_ROOT, Config, load_config
 from telemetry.schema import decode_scores
 
-SERVICES_STOP_ORDER = ["stream", "scheduler", "api", "sink", "superset"]
+DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the demo; the dashboards stay up
 
 
 def register(sub) -> None:
@@ -37,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--test-per-device", type=int, default=0, help="test readings per device (0 = all)")
     p.add_argument("--rate", type=float, default=None, help="readings/s to replay at (default: as fast as possible)")
     p.add_argument("--batch", type=int, default=None, help="readings per Kafka message (default: ingest.batch)")
+    p.add_argument("--malformed", type=float, default=0.005, metavar="SHARE",
+                   help="also send this share of malformed telemetry messages, as a real feed has (default 0.005; "
+                        "0 = none): they become dead letters with reasons")
     p.add_argument("--duration", type=float, default=None,
                    help="stop replaying the test part after this many seconds")
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting for scores after this many seconds")
@@ -165,7 +170,7 @@ def _start_services(cfg: Config, with_superset: bool, say) -> None:
     from orchestration import stack
 
     stack.up(cfg, say=say)
-    for name in ("sink", "stream", "scheduler", "api"):
+    for name in ("sink", "stream", "api"):  # the scheduler starts after the demo's own round
         say(_flead(cfg, name, "start").stdout.strip().splitlines()[-1])
     if with_superset:
         say(_flead(cfg, "superset", "start").stdout.strip().splitlines()[-1])
@@ -201,6 +206,38 @@ def _produce(cfg: Config, readings: list, args, sent_at: dict, say, duration: fl
     return result.readings
 
 
+# Malformed telemetry, one of each kind in turn: what the stream job dead-letters (with these reasons).
+MALFORMED = (
+    lambda device, seq: b"{not json",
+    lambda device, seq: json.dumps({"schema": "flead.telemetry/1", "device_id": device, "seq": seq,
+                                    "metrics": {"m00": 0.5}}).encode(),                       # missing 'ts'
+    lambda device, seq: json.dumps({"schema": "flead.telemetry/1", "device_id": device, "seq": seq,
+                                    "ts": 1_706_659_200_000, "metrics": {"m00": "high"}}).encode(),  # not a number
+    lambda device, seq: json.dumps({"schema": "flead.telemetry/9", "device_id": device, "seq": seq,
+                                    "ts": 1_706_659_200_000, "metrics": {"m00": 0.5}}).encode(),     # unknown schema
+    lambda device, seq: json.dumps({"schema": "flead.telemetry/1", "device_id": device, "seq": -seq - 1,
+                                    "ts": 1_706_659_200_000, "metrics": {"m00": 0.5}}).encode(),     # negative seq
+)
+
+
+def _send_malformed(cfg: Config, devices: list[str], n_readings: int, args) -> int:
+    """Send ``--malformed`` × the number of telemetry messages of the run (at least one of each kind) as malformed
+    messages; returns how many."""
+    from confluent_kafka import Producer
+
+    if args.malformed <= 0:
+        return 0
+    messages = n_readings / (args.batch or cfg.ingest.batch)
+    count = max(len(MALFORMED), int(round(messages * args.malformed)))  # at least one of each kind
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "log_level": 3})
+    for i in range(count):
+        device = devices[i % len(devices)]
+        producer.produce(cfg.kafka.topics.telemetry, key=device, value=MALFORMED[i % len(MALFORMED)](device, i))
+    if producer.flush(30):
+        raise SystemExit("flead demo: the malformed messages were not all delivered")
+    return count
+
+
 # --- the summary --------------------------------------------------------------------------------------------
 
 def ranking_quality(watch: ScoreWatch, labelled: list[dict]) -> dict:
@@ -232,10 +269,11 @@ def ranking_quality(watch: ScoreWatch, labelled: list[dict]) -> dict:
             "pr_auc_device_mean": None if means[1] is None else float(means[1]), "anomaly_rate": float(y.mean())}
 
 
-def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float) -> dict:
+def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float,
+              malformed: int = 0) -> dict:
     """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data)."""
     from models.metrics import precision_recall_f1_from_predictions
-    from storage import mongo
+    from storage.mongo import Store
 
     labelled = [r for r in watch.test_records if r.get("label") is not None]
     y_true = np.array([r["label"] for r in labelled], dtype=int)
@@ -246,9 +284,10 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
     span = (watch.test_last_at - watch.test_started_at) if watch.test_started_at and watch.test_last_at else 0.0
     top = sorted((r for r in watch.test_records if r["is_anomaly"]),
                  key=lambda r: r["score"] / max(r["threshold"], 1e-12), reverse=True)[:5]
-    db = mongo.connect(cfg)
-    latest = mongo.latest_global_model(db, cfg)
-    rounds = mongo.collection(db, cfg, "aggregation_history").count_documents({})
+    with Store(cfg) as store:
+        latest = store.latest_global_model()
+        rounds = store.collection("aggregation_history").count_documents({})
+        dead_letters = store.collection("dead_letters").count_documents({})
     return {
         "readings": {"train": n_train, "test": n_test, "scored": watch.count},
         "throughput_readings_per_s": round(len(watch.test_records) / span, 1) if span > 0 else None,
@@ -256,6 +295,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         "latency_ms": {"p50": float(np.nanpercentile(lat, 50)), "p95": float(np.nanpercentile(lat, 95)),
                        "p99": float(np.nanpercentile(lat, 99))},
         "alerts": {"all": watch.anomalies, "test": int(y_pred.sum()) if labelled else None},
+        "bad_input": {"malformed_sent": malformed, "dead_letters_stored": dead_letters},
         "test_accuracy": {"precision": precision, "recall": recall, "f1": f1, "points": len(labelled),
                           "anomalous_points": int(y_true.sum()) if labelled else None,
                           "note": "operating thresholds chosen online without labels; no point adjustment",
@@ -286,13 +326,18 @@ def print_summary(summary: dict) -> None:
         print(f"ranking      ROC-AUC {fmt(acc['roc_auc'])}  PR-AUC {fmt(acc['pr_auc'])} pooled (scores normalised per "
               f"device by its training part, no labels); per-device mean ROC-AUC {fmt(acc['roc_auc_device_mean'])}  "
               f"PR-AUC {fmt(acc['pr_auc_device_mean'])}; chance PR-AUC = {acc['anomaly_rate']:.3f}")
+    bad = summary["bad_input"]
+    print(f"bad input    {bad['malformed_sent']} malformed messages sent; {bad['dead_letters_stored']} dead letters "
+          "stored, each with its reason")
     fed = summary["federated"]
     print(f"federated    {fed['rounds']} round(s); global model v{fed['global_version']}; "
           f"scores carry up to v{fed['adopted_version_in_scores']}")
     for alert in summary["top_alerts"]:
         print(f"  alert {alert['device_id']} seq {alert['seq']}: {alert['score_over_threshold']}x threshold, "
               f"metrics to blame: {', '.join(alert['metrics'])}")
-    print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']})")
+    if summary["dashboard"]:
+        print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']}); they stay up until "
+              "`flead down`")
 
 
 # --- the command --------------------------------------------------------------------------------------------
@@ -306,9 +351,9 @@ def cmd_demo(args, cfg: Config) -> int:
     devices = sorted({r.device_id for r in test})
     say(f"{len(devices)} devices, {len(train):,} training and {len(test):,} test readings")
     _start_services(cfg, not args.no_superset, say)
-    from storage import mongo
+    from storage.mongo import Store
 
-    db = mongo.connect(cfg)
+    store = Store(cfg)
     sent_at: dict = {}
     watcher = ScoreWatcher(cfg, sent_at, {(r.device_id, r.seq) for r in test})
     watcher.start()
@@ -322,26 +367,41 @@ def cmd_demo(args, cfg: Config) -> int:
         say("phase 1: devices learn from their training data")
         _produce(cfg, train, args, sent_at, say)
         _wait_for(lambda: w.count >= len(train), args.timeout, "the training readings' scores", live)
-        _wait_for(lambda: len({d["device_id"] for d in mongo.latest_local_models(db, cfg)}) >= min(
+        _wait_for(lambda: len({d["device_id"] for d in store.latest_local_models()}) >= min(
             len(devices), cfg.aggregation.min_devices), args.timeout, "weight snapshots in MongoDB", live)
         say("phase 2: a federated round (Spark)")
         say(_flead(cfg, "aggregate").stdout.strip())
+        say(_flead(cfg, "scheduler", "start").stdout.strip().splitlines()[-1])  # later rounds: every few minutes
         say("phase 3: the labelled test data, scored live")
         w.test_started_at = time.time()
         produced = _produce(cfg, test, args, sent_at, say, duration=args.duration)
+        malformed = _send_malformed(cfg, devices, len(train) + produced, args)
         test_keys = {(r.device_id, r.seq) for r in test[:produced]}
         _wait_for(lambda: test_keys <= w.seen, args.timeout, "every test reading's score", live)
         produce_seconds = time.monotonic() - began
-        _wait_for(lambda: mongo.collection(db, cfg, "predictions").estimated_document_count() >= w.count,
-                  args.timeout, "the sink to store every score in MongoDB")
-        summary = summarise(cfg, w, len(train), produced, produce_seconds)
+        _wait_for(lambda: store.count_readings() >= w.count, args.timeout,
+                  "the sink to store every score in MongoDB")
+        _wait_for(lambda: store.count_readings("fleet_rollups") >= w.count, args.timeout,
+                  "the sink to roll them up for the dashboards")
+        _wait_for(lambda: store.collection("dead_letters").count_documents({}) >= malformed, args.timeout,
+                  "the malformed messages' dead letters")
+        summary = summarise(cfg, w, len(train), produced, produce_seconds, malformed)
     finally:
         watcher.stopping.set()
         watcher.join(timeout=5)
+        store.close()
         if not args.keep_running:
             from orchestration import stack
+            from services.service import stop_by_name
 
-            stack.down(cfg, say=say)
+            if sys.exc_info()[0] is None and not args.no_superset:  # keep what the dashboards need
+                for name in DATA_PATH_SERVICES:  # deregistered: the supervisor does not restart them
+                    if stop_by_name(cfg.state_dir, name):
+                        say(f"stopped {name}")
+            else:
+                stack.down(cfg, say=say)
+    if args.no_superset:
+        summary["dashboard"] = None
     print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=float))

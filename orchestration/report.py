@@ -20,9 +20,8 @@ import numpy as np
 from config import Config
 from models.evaluation import robust_normaliser
 from models.metrics import anomaly_segments, average_precision, precision_recall_f1_from_predictions, roc_auc
-from storage import mongo
+from storage.mongo import Store
 
-PREDICTION_FIELDS = ("device_id", "ts", "score", "threshold", "is_anomaly", "label", "global_version", "scored_at")
 METRIC_FIELDS = ("model_version", "model", "scope", "device_id", "f1", "roc_auc", "pr_auc", "created_at")
 ROUND_FIELDS = ("round_id", "version", "strategy", "participants", "n_participants", "rejected", "started_at",
                 "duration_s")
@@ -105,31 +104,24 @@ class Predictions:
         return self.label >= 0
 
 
-def load_predictions(db, cfg: Config) -> Predictions:
-    """Every score record's fields this report needs, in one pass over `predictions`."""
-    columns: dict[str, list] = {name: [] for name in PREDICTION_FIELDS}
-    projection = {"_id": 0, **dict.fromkeys(PREDICTION_FIELDS, 1)}
-    for doc in mongo.collection(db, cfg, "predictions").find({}, projection, batch_size=10_000):
-        for name in PREDICTION_FIELDS:
-            columns[name].append(doc.get(name))
-    device = np.array(columns["device_id"], dtype=str)
-    ts = np.array(columns["ts"], dtype=np.int64)
+def load_predictions(store: Store) -> Predictions:
+    """Every stored score record's fields this report needs, in one pass over the `predictions` buckets."""
+    cols = store.score_columns()
+    device = cols["device_id"].astype(str)
+    ts, score = cols["ts"], cols["score"]
     order = np.lexsort((ts, device))
-    device, ts = device[order], ts[order]
-    score = np.array(columns["score"], dtype=np.float64)[order]
+    device, ts, score = device[order], ts[order], score[order]
     names, starts, counts = np.unique(device, return_index=True, return_counts=True)
     rows_of = {str(d): slice(int(s), int(s + n)) for d, s, n in zip(names, starts, counts)}
     normalised = np.empty_like(score)
     for rows in rows_of.values():
         normalised[rows] = robust_normaliser(score[rows])(score[rows])
+    scored_at = cols["scored_at"].astype(np.float64)[order]
+    scored_at[scored_at == 0] = math.nan  # records without scored_at
     return Predictions(
-        device_id=device, ts=ts, score=score,
-        threshold=np.array(columns["threshold"], dtype=np.float64)[order],
-        is_anomaly=np.array(columns["is_anomaly"], dtype=bool)[order],
-        label=np.array([-1 if v is None else int(v) for v in columns["label"]], dtype=np.int8)[order],
-        global_version=np.array([v or 0 for v in columns["global_version"]], dtype=np.int64)[order],
-        scored_at=np.array([math.nan if v is None else v for v in columns["scored_at"]], dtype=np.float64)[order],
-        normalised=normalised, rows_of=rows_of)
+        device_id=device, ts=ts, score=score, threshold=cols["threshold"][order],
+        is_anomaly=cols["is_anomaly"].astype(bool)[order], label=cols["label"][order],
+        global_version=cols["global_version"][order], scored_at=scored_at, normalised=normalised, rows_of=rows_of)
 
 
 def accuracy_row(name: str, p: Predictions, rows, scores: np.ndarray) -> list:
@@ -312,17 +304,16 @@ def png_of(fig) -> bytes:
     return buffer.getvalue()
 
 
-def build_sections(db, cfg: Config, n_devices: int) -> list[Section]:
+def build_sections(store: Store, n_devices: int) -> list[Section]:
     """Read each collection once and turn it into the report's sections."""
     import matplotlib
 
     matplotlib.use("Agg")
 
     def read(key: str, fields) -> list[dict]:
-        projection = {"_id": 0, **dict.fromkeys(fields, 1)}
-        return list(mongo.collection(db, cfg, key).find({}, projection, batch_size=10_000))
+        return store.find(key, None, fields, batch_size=10_000)
 
-    p = load_predictions(db, cfg)
+    p = load_predictions(store)
     return [trace_section(p, n_devices), accuracy_section(p), versions_section(p, read("metrics", METRIC_FIELDS)),
             throughput_section(p), rounds_section(read("aggregation_history", ROUND_FIELDS)),
             dead_letter_section(read("dead_letters", ("reason", "at")))]
@@ -372,12 +363,12 @@ def render_markdown(title: str, intro: str, sections: list[Section], out: Path) 
     return "\n".join(lines)
 
 
-def write_report(db, cfg: Config, out: Path, n_devices: int = 6, fmt: str = "html") -> Path:
-    """Write the report of everything stored in `db` to `out` (HTML, or Markdown with PNGs beside it)."""
-    sections = build_sections(db, cfg, n_devices)
+def write_report(store: Store, out: Path, n_devices: int = 6, fmt: str = "html") -> Path:
+    """Write the report of everything in `store` to `out` (HTML, or Markdown with PNGs beside it)."""
+    sections = build_sections(store, n_devices)
     title = "FLEAD report"
     now_ms = datetime.now(timezone.utc).timestamp() * 1000
-    intro = f"Database {db.name} at {cfg.mongo_uri}, generated {utc(now_ms)} UTC."
+    intro = f"Database {store.name} at {store.cfg.mongo_uri}, generated {utc(now_ms)} UTC."
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_html(title, intro, sections) if fmt == "html" else render_markdown(title, intro, sections, out)
     out.write_text(text, encoding="utf-8")
@@ -386,10 +377,7 @@ def write_report(db, cfg: Config, out: Path, n_devices: int = 6, fmt: str = "htm
 
 def cmd_report(args, cfg: Config) -> int:
     out = Path(args.out) if args.out else cfg.state_dir / "report" / f"report.{args.format}"
-    db = mongo.connect(cfg)
-    try:
-        print(f"reading {db.name} ...", flush=True)
-        print(f"report written to {write_report(db, cfg, out, args.devices, args.format)}")
-    finally:
-        db.client.close()
+    with Store(cfg) as store:
+        print(f"reading {store.name} ...", flush=True)
+        print(f"report written to {write_report(store, out, args.devices, args.format)}")
     return 0

@@ -156,9 +156,10 @@ def up(cfg: Config, say: Callable[[str], None] = print) -> dict[str, str]:
         if name not in (KAFKA, MONGO):
             report[name] = "restarted"
             say(f"{name:<7} had died: restarted (log {processes.log_path(cfg.state_dir, name)})")
-    from storage import mongo as mongo_storage
+    from storage.mongo import Store
 
-    mongo_storage.init_db(mongo_storage.connect(cfg), cfg)
+    with Store(cfg) as store:
+        store.init()
     report[supervisor.NAME] = f"pid {supervisor.ensure_running(cfg)}"
     return report
 

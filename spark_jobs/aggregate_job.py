@@ -46,7 +46,7 @@ from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from models.updates import Update, codec_for, flatten  # noqa: E402
 from spark_jobs.snapshots import (ConfiguredLayout, DeviceChoice, check_snapshot, choose_per_device,  # noqa: E402
                                   snapshot_limits)
-from storage import mongo  # noqa: E402
+from storage.mongo import Store  # noqa: E402
 from telemetry.schema import GLOBAL_MODEL  # noqa: E402
 
 log = logging.getLogger("flead.aggregate")
@@ -93,12 +93,12 @@ def now_ms() -> int:
 
 def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list[str]]]:
     """The previous global model and the ids of the window's snapshots, grouped per device."""
-    previous = mongo.latest_global_model(db, cfg)
+    previous = db.latest_global_model()
     window = {"$lte": started}
     if previous:
         window["$gt"] = previous["created_at"]
     by_device: dict[str, list[str]] = {}
-    for doc in mongo.collection(db, cfg, "local_models").find({"created_at": window}, {"_id": 1, "device_id": 1}):
+    for doc in db.collection("local_models").find({"created_at": window}, {"_id": 1, "device_id": 1}):
         by_device.setdefault(str(doc.get("device_id")), []).append(doc["_id"])
     return previous, [by_device[d] for d in sorted(by_device)]
 
@@ -111,11 +111,11 @@ def check_partition(cfg_values: dict, key: bytes, reference_shapes, device_group
     if not ids:
         return
     cfg = Config(cfg_values)
-    db = mongo.connect(cfg)
+    db = Store(cfg)
     try:
-        docs = mongo.local_models_by_id(db, cfg, ids)
+        docs = db.local_models_by_id(ids)
     finally:
-        db.client.close()
+        db.close()
     layout = ConfiguredLayout(cfg)
     yield from choose_per_device([check_snapshot(doc, key, reference_shapes, layout) for doc in docs],
                                  snapshot_limits(cfg))
@@ -239,14 +239,14 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
     started = now_ms()
     clock = time.perf_counter()
     key = signing_key(cfg)
-    db = mongo.connect(cfg)
+    db = Store(cfg)
     send = partial(publish, cfg) if publish_model else (lambda messages: None)
     try:
         secure = None
         if cfg.privacy.secure_aggregation:  # a round over several runs: spark_jobs/secure_round.py
             from spark_jobs.secure_round import secure_round_step
 
-            previous = mongo.latest_global_model(db, cfg)
+            previous = db.latest_global_model()
             secure = secure_round_step(spark, db, cfg, key, previous, started, send)
             if secure.status != "ready":
                 return RoundOutcome("skipped", secure.message, duration_s=time.perf_counter() - clock)
@@ -273,11 +273,11 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
         outcome = RoundOutcome("aggregated", "", version=version, round_id=model["round_id"],
                                n_participants=model["n_participants"], n_rejected=model["n_rejected"],
                                rejected=documents.rejected)
-        if not mongo.write_global_model(db, cfg, model):
+        if not db.write_global_model(model):
             return RoundOutcome("exists", f"global model v{version} was written by another run meanwhile; "
                                           "nothing written", version=version, round_id=model["round_id"],
                                 duration_s=time.perf_counter() - clock)
-        mongo.write_cluster_models(db, cfg, documents.clusters)
+        db.write_cluster_models(documents.clusters)
         if secure:
             from spark_jobs.secure_round import finish
 
@@ -291,7 +291,7 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
         outcome.duration_s = time.perf_counter() - clock
         outcome.timings = {"decode_s": checked_at - clock, "aggregate_s": aggregated_at - checked_at,
                            "write_s": outcome.duration_s - (aggregated_at - clock)}
-        mongo.write_aggregation_round(db, cfg, {**documents.history, "finished_at": now_ms(),
+        db.write_aggregation_round({**documents.history, "finished_at": now_ms(),
                                                 "duration_s": outcome.duration_s, "timings": outcome.timings,
                                                 "published": outcome.published})
         outcome.message = (f"{model['round_id']}: global model v{version} from {model['n_participants']} device(s) "
@@ -300,7 +300,7 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
                               if model.get("dp") else ""))
         return outcome
     finally:
-        db.client.close()
+        db.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from models.serialization import from_b64, loads
 from spark_jobs.api_monitoring import monitoring_routes
 from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, global_model_problem, previous_update,
                                   snapshot_limits)
-from storage import mongo
+from storage.mongo import StorageError, Store
 from telemetry.schema import GLOBAL_MODEL_SCHEMA, SNAPSHOT
 
 MAX_INT = 2**53  # JSON numbers above this lose precision in most clients
@@ -206,7 +206,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
 
     def db():
         if "db" not in database:
-            database["db"] = mongo.connect(cfg)
+            database["db"] = Store(cfg)
         return database["db"]
 
     def presented(credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -225,22 +225,22 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
 
     app.include_router(monitoring_routes(cfg, db, writer))  # /metrics, /healthz, incidents, feedback, suppressions
 
-    @app.exception_handler(mongo.StorageError)
+    @app.exception_handler(StorageError)
     @app.exception_handler(PyMongoError)
     async def storage_unavailable(request, exc):
         return JSONResponse({"detail": f"MongoDB: {exc}"}, status_code=503)
 
     @app.get("/api/global-model", summary="The newest global model, or one version")
     def get_global_model(version: int | None = Query(None, ge=1, le=MAX_INT)) -> dict:
-        doc = mongo.latest_global_model(db(), cfg) if version is None else mongo.global_model(db(), cfg, version)
+        doc = db().latest_global_model() if version is None else db().global_model(version)
         if doc is None:
             raise HTTPException(404, "no global model yet" if version is None else f"no global model v{version}")
         return model_view(doc)
 
     @app.get("/api/status", summary="Newest model, newest round, aggregation in progress")
     def get_status() -> dict:
-        model = mongo.latest_global_model(db(), cfg)
-        rounds = mongo.aggregation_rounds(db(), cfg, limit=1)
+        model = db().latest_global_model()
+        rounds = db().aggregation_rounds(limit=1)
         return {"latest_version": model["version"] if model else None,
                 "latest_created_at": model["created_at"] if model else None,
                 "strategy": cfg.aggregation.strategy, "schedule_minutes": cfg.aggregation.schedule_minutes,
@@ -252,7 +252,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
 
     @app.get("/api/history", summary="Aggregation rounds, newest first")
     def get_history(limit: int = Query(20, ge=1, le=500)) -> list[dict]:
-        return [{k: r.get(k) for k in HISTORY_FIELDS} for r in mongo.aggregation_rounds(db(), cfg, limit)]
+        return [{k: r.get(k) for k in HISTORY_FIELDS} for r in db().aggregation_rounds(limit)]
 
     @app.post("/api/aggregate", status_code=202, dependencies=[Depends(writer)],
               summary="Start an aggregation round now; poll GET /api/runs/{run_id}")
@@ -280,7 +280,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
         if not secrets.compare_digest(presented(credentials).encode(), device_token(key, update.device_id).encode()):
             raise HTTPException(403, f"not the device token of {update.device_id!r}: a device may only send its own "
                                      "snapshots (POST /api/device-tokens/{device_id} with the admin token)")
-        current = mongo.latest_global_model(db(), cfg)
+        current = db().latest_global_model()
         current_weights = loads(from_b64(current["weights"]))[0] if current else None
         record = sign_record(SNAPSHOT.make(**update.model_dump(exclude={"schema_", "created_at"}),
                                            created_at=int(time.time() * 1000)), key)
@@ -290,7 +290,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
         where = f" (current global model v{current['version']})" if current else ""
         if candidate.problem:
             raise HTTPException(400, f"{candidate.problem}{where}")
-        previous = previous_update(mongo.latest_local_model(db(), cfg, update.device_id))
+        previous = previous_update(db().latest_local_model(update.device_id))
         snapshot_id = f"{update.device_id}:{update.version}"
         if previous is not None and update.version <= previous.version:
             raise HTTPException(409, f"snapshot {snapshot_id}: the device's newest stored snapshot is "
@@ -299,7 +299,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
                    or global_model_problem(candidate.update.weights, current_weights, cfg))
         if problem:
             raise HTTPException(400, f"{problem}{where}")
-        if not mongo.write_local_models(db(), cfg, [record]):
+        if not db().write_local_models([record]):
             raise HTTPException(409, f"snapshot {snapshot_id} exists already; send a higher version")
         return {"id": snapshot_id, "stored": True}
 

@@ -33,7 +33,7 @@ from monitoring.notifications import NotificationSettings, drilldown_link, rfc33
 from models.integrity import sign_record, signing_key
 from monitoring.records import encode_feedback, feedback_record
 from monitoring.suppression import check_rule
-from storage import mongo
+from storage.mongo import Store
 
 MAX_INT = 2**53
 MAX_ID_CHARS = 500
@@ -81,12 +81,12 @@ def monitoring_routes(cfg: Config, db: Callable[[], Any], writer: Callable) -> A
     def database():
         handle = db()
         if "collections" not in ready:
-            ensure_collections(handle, cfg)
+            ensure_collections(handle.db, cfg)
             ready["collections"] = True
         return handle
 
     def collection(key: str):
-        return mongo.collection(database(), cfg, key)
+        return database().collection(key)
 
     def producer():
         with lock:

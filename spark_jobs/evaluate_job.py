@@ -6,8 +6,8 @@ newest local model, write per-device and fleet metrics to `metrics`.
 Read top to bottom (`run_evaluation`):
 
 1. The newest global model (nothing to do before the first round) and the devices in `device_data`.
-2. Spark: devices are spread over partitions; each partition reads a device's readings from MongoDB (by seq)
-   and scores them. Network weights alone are not a detector: inputs must be scaled as the device scales them.
+2. Spark: devices are spread over partitions; each partition reads its devices' readings from MongoDB (one read
+   of the bucketed `device_data` per partition) and scores them, each device's in seq order. Network weights alone are not a detector: inputs must be scaled as the device scales them.
    So each device gets a `DeviceDetector` whose feature buffer and running scaler learn the FIRST
    `aggregation.evaluation_fit_fraction` of its readings; then the evaluated weights are put in, its
    threshold (`threshold.*`, no labels) is fitted on the scores of that same first part, and the REST is scored
@@ -39,7 +39,7 @@ from models.detector import DeviceDetector  # noqa: E402
 from models.metrics import average_precision, precision_recall_f1, roc_auc  # noqa: E402
 from models.serialization import SerializationError, from_b64, loads  # noqa: E402
 from models.thresholds import make_threshold  # noqa: E402
-from storage import mongo  # noqa: E402
+from storage.mongo import Store  # noqa: E402
 
 log = logging.getLogger("flead.evaluate")
 MODELS = ("global", "local")
@@ -63,20 +63,22 @@ class EvaluationOutcome:
 
 # ---------------------------------------------------------------- executors
 
-def score_device(cfg: Config, global_weights: list[np.ndarray], readings: list[dict],
+def score_device(cfg: Config, global_weights: list[np.ndarray], readings: dict,
                  local_snapshot: dict | None) -> dict:
-    """Scores of one device's held-out readings under the global and its local model (see module docstring)."""
-    metric_names = sorted({name for r in readings for name in r["metrics"]})
-    X = np.array([[_number(r["metrics"].get(name)) for name in metric_names] for r in readings])
-    labels = [r.get("label") for r in readings]
-    n_fit = int(len(readings) * cfg.aggregation.evaluation_fit_fraction)
+    """Scores of one device's held-out readings under the global and its local model (see module docstring).
+    `readings`: the device's stored readings as `Store.device_readings` gives them (seq order)."""
+    order = np.argsort(readings["names"], kind="stable")
+    metric_names = [readings["names"][i] for i in order]
+    X = np.asarray(readings["values"], dtype=np.float64)[:, order]
+    labels = np.asarray(readings["label"])
+    n_fit = int(len(X) * cfg.aggregation.evaluation_fit_fraction)
     row = {"n_fit": n_fit, "labels": None, "scores": {}, "thresholds": {}, "problems": [], "local_version": None}
-    if n_fit < 1 or n_fit >= len(readings):
-        row["problems"].append(f"{len(readings)} readings: too few to fit a scaler on "
+    if n_fit < 1 or n_fit >= len(X):
+        row["problems"].append(f"{len(X)} readings: too few to fit a scaler on "
                                f"{cfg.aggregation.evaluation_fit_fraction:g} of them and score the rest")
         return row
-    if all(label is not None for label in labels[n_fit:]):
-        row["labels"] = np.array(labels[n_fit:], dtype=int)
+    if (labels[n_fit:] >= 0).all():  # -1: a reading without a label
+        row["labels"] = labels[n_fit:].astype(int)
     detector = DeviceDetector.create(metric_names, cfg)
     detector.learn_many(X[:n_fit])  # fits the feature buffer and scaler; the network is replaced below
     candidates = {"global": global_weights}
@@ -99,10 +101,6 @@ def score_device(cfg: Config, global_weights: list[np.ndarray], readings: list[d
     return row
 
 
-def _number(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
 def score_partition(cfg_values: dict, global_b64: str, device_ids):
     """Executor side: read each device's readings and newest snapshot from MongoDB, and score them."""
     ids = list(device_ids)
@@ -110,14 +108,12 @@ def score_partition(cfg_values: dict, global_b64: str, device_ids):
         return
     cfg = Config(cfg_values)
     global_weights = loads(from_b64(global_b64))[0]
-    db = mongo.connect(cfg)
-    try:
+    with Store(cfg) as store:
+        readings = store.device_readings(ids)
         for device_id in ids:
-            row = score_device(cfg, global_weights, mongo.device_readings(db, cfg, device_id),
-                               mongo.latest_local_model(db, cfg, device_id))
-            yield {"device_id": device_id, **row}
-    finally:
-        db.client.close()
+            if device_id in readings:
+                row = score_device(cfg, global_weights, readings[device_id], store.latest_local_model(device_id))
+                yield {"device_id": device_id, **row}
 
 
 # ---------------------------------------------------------------- driver
@@ -165,19 +161,19 @@ def metric_documents(rows: list[dict], version: int, created_at: int) -> list[di
 def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
     """Score every device's stored telemetry with the newest global model and its local model; write metrics."""
     clock = time.perf_counter()
-    db = mongo.connect(cfg)
+    store = Store(cfg)
     try:
-        model = mongo.latest_global_model(db, cfg)
+        model = store.latest_global_model()
         if model is None:
             return EvaluationOutcome("skipped", "no global model yet: run an aggregation round first")
-        devices = mongo.device_ids(db, cfg)
+        devices = store.device_ids()
         if not devices:
             return EvaluationOutcome("skipped", f"no telemetry in {cfg.mongo.collections.device_data} to score",
                                      version=model["version"])
         rows = (spark.sparkContext.parallelize(devices, max(1, min(len(devices), cfg.aggregation.spark_partitions)))
                 .mapPartitions(partial(score_partition, cfg.to_dict(), model["weights"])).collect())
         docs = metric_documents(rows, model["version"], int(time.time() * 1000))
-        mongo.write_metrics(db, cfg, docs)
+        store.write_metrics(docs)
         problems = [{"device_id": r["device_id"], "problem": p} for r in rows for p in r["problems"]]
         duration = time.perf_counter() - clock
         return EvaluationOutcome(
@@ -186,7 +182,7 @@ def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
             version=model["version"], n_devices=len(devices), n_documents=len(docs), problems=problems,
             duration_s=duration)
     finally:
-        db.client.close()
+        store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

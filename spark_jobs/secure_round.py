@@ -25,7 +25,7 @@ from models.secure_aggregation import (ENROLMENT, MASKED, SEED_REVEAL, SecureRou
                                        cohort_from_record, decode_words, json_shapes, revealed_from_records)
 from models.updates import Update
 from spark_jobs.snapshots import DeviceChoice, counters_problem
-from storage import mongo
+from storage.mongo import Store
 from telemetry.schema import SNAPSHOT_SCHEMA
 
 OPEN = ("collecting", "recovering")
@@ -49,13 +49,13 @@ def _verified(docs, key: bytes) -> list[dict]:
 
 def open_protocol(db, cfg, base_version: int) -> dict | None:
     """The newest protocol document of the round building on ``base_version`` (None before its first attempt)."""
-    docs = mongo.collection(db, cfg, "aggregation_history").find(
+    docs = db.collection("aggregation_history").find(
         {"protocol_for": base_version + 1}).sort([("attempt", -1)]).limit(1)
     return next(iter(docs), None)
 
 
 def announce(db, cfg, key: bytes, base_version: int, attempt: int, now: int, publish) -> SecureStep:
-    enrolments = _verified(mongo.collection(db, cfg, "local_models").find({"encoding": ENROLMENT}), key)
+    enrolments = _verified(db.collection("local_models").find({"encoding": ENROLMENT}), key)
     round_id = f"r{base_version + 1}.{attempt}"
     try:
         record = choose_cohort(enrolments, round_id, base_version, cfg.privacy.secure_max_weight, now,
@@ -69,7 +69,7 @@ def announce(db, cfg, key: bytes, base_version: int, attempt: int, now: int, pub
     protocol = {"round_id": round_id, "strategy": "secure-fedavg", "started_at": now, "status": "collecting",
                 "protocol_for": base_version + 1, "attempt": attempt, "cohort": signed,
                 "n_participants": 0, "n_rejected": 0}
-    mongo.write_aggregation_round(db, cfg, protocol)
+    db.write_aggregation_round(protocol)
     publish([signed])
     return SecureStep("waiting", f"{round_id}: cohort of {len(record['members'])} device(s) announced; waiting for "
                                  "their masked updates", protocol)
@@ -81,11 +81,11 @@ def masked_partition(cfg_values: dict, key: bytes, round_id: str, members: list[
     if not ids:
         return
     cfg = Config(cfg_values)
-    db = mongo.connect(cfg)
+    db = Store(cfg)
     try:
-        docs = _verified(mongo.local_models_by_id(db, cfg, ids), key)
+        docs = _verified(db.local_models_by_id(ids), key)
     finally:
-        db.client.close()
+        db.close()
     for doc in docs:
         if doc.get("secure_round") == round_id and doc["device_id"] in members:
             try:
@@ -96,7 +96,7 @@ def masked_partition(cfg_values: dict, key: bytes, round_id: str, members: list[
 
 def masked_answers(spark, cfg, db, key: bytes, cohort) -> list[dict]:
     """Each member's newest verified masked answer for the round (decoded on Spark's executors)."""
-    ids = [d["_id"] for d in mongo.collection(db, cfg, "local_models").find(
+    ids = [d["_id"] for d in db.collection("local_models").find(
         {"encoding": MASKED, "secure_round": cohort.round_id}, {"_id": 1})]
     if not ids:
         return []
@@ -131,18 +131,18 @@ def secure_round_step(spark, db, cfg, key: bytes, previous: dict | None, now: in
         if protocol["status"] == "collecting":
             recovery = sign_record({**{k: v for k, v in record.items() if k != "signature"}, "dropped": missing,
                                     "created_at": now}, key)
-            mongo.write_aggregation_round(db, cfg, {**protocol, "status": "recovering", "recovering_since": now,
+            db.write_aggregation_round({**protocol, "status": "recovering", "recovering_since": now,
                                                     "n_dropped": len(missing), "cohort": recovery})
             publish([recovery])
             return SecureStep("waiting", f"{cohort.round_id}: {len(missing)} member(s) dropped out; asked the "
                                          "survivors for their pair seeds", protocol)
-        reveals = _verified(mongo.collection(db, cfg, "local_models").find(
+        reveals = _verified(db.collection("local_models").find(
             {"encoding": SEED_REVEAL, "secure_round": cohort.round_id}), key)
         revealed = revealed_from_records(reveals, cohort)
         complete = all(set(missing) <= set(revealed.get(d, {})) for d in newest)
         if not complete:
             if now - protocol["recovering_since"] >= timeout_ms:
-                mongo.write_aggregation_round(db, cfg, {**protocol, "status": "abandoned"})
+                db.write_aggregation_round({**protocol, "status": "abandoned"})
                 return SecureStep("waiting", f"{cohort.round_id}: abandoned (survivors did not reveal their seeds "
                                              "in time); the next run announces a new cohort", protocol)
             return SecureStep("waiting", f"{cohort.round_id}: waiting for survivors' pair seeds", protocol)
@@ -155,4 +155,4 @@ def secure_round_step(spark, db, cfg, key: bytes, previous: dict | None, now: in
 
 def finish(db, cfg, protocol: dict, version: int) -> None:
     """Mark the protocol document of an aggregated secure round."""
-    mongo.write_aggregation_round(db, cfg, {**protocol, "status": "aggregated", "version": version})
+    db.write_aggregation_round({**protocol, "status": "aggregated", "version": version})

@@ -9,9 +9,11 @@ SINK = "sink"
 
 def register(sub) -> None:
     p = sub.add_parser("sink", help="store the stream's topics (scores, snapshots, dead letters, telemetry) in MongoDB")
-    p.add_argument("action", choices=["run", "start", "stop", "rebuild-rollups"],
+    p.add_argument("action", choices=["run", "start", "stop", "rebuild-rollups", "prune"],
                    help="run: in the foreground; start/stop: as a background process that `flead down` stops too; "
-                        "rebuild-rollups: recompute score_rollups from predictions (with the sink stopped)")
+                        "rebuild-rollups: recompute every roll-up from predictions and device_data (with the sink "
+                        "stopped; the sink repairs roll-ups after a crash by itself); prune: delete what is past "
+                        "its retention horizon now (the sink does it every retention.prune_interval_s)")
     p.add_argument("--until-idle", type=float, default=None, metavar="S",
                    help="run: stop after S seconds without messages (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_sink)
@@ -31,14 +33,23 @@ def cmd_sink(args, cfg) -> int:
     if args.action == "stop":
         print("sink stopped" if sink_service(cfg).stop() else "sink was not running")
         return 0
-    if args.action == "rebuild-rollups":
-        from storage import mongo
+    if args.action in ("rebuild-rollups", "prune"):
+        from storage.mongo import StorageError, Store
 
-        if sink_service(cfg).pid:
+        if args.action == "rebuild-rollups" and sink_service(cfg).pid:
             print("flead sink rebuild-rollups: the sink is running; stop it first (`flead sink stop`)", file=sys.stderr)
             return 2
-        read, written = mongo.rebuild_rollups(mongo.connect(cfg), cfg)
-        print(f"score_rollups rebuilt: {read} predictions in {written} buckets")
+        try:
+            with Store(cfg) as store:
+                if args.action == "prune":
+                    deleted = store.prune()
+                    print("pruned: " + (", ".join(f"{k} {n}" for k, n in deleted.items() if n) or "nothing"))
+                else:
+                    read, written = store.rebuild_rollups()
+                    print(f"roll-ups rebuilt: {read:,} scored readings and their telemetry in {written:,} documents")
+        except StorageError as exc:
+            print(f"flead sink {args.action}: {exc}", file=sys.stderr)
+            return 1
         return 0
     from storage.sink import MongoSink
 

@@ -1,49 +1,57 @@
-"""MongoDB access for FLEAD: connection, idempotent collection set-up, and repository functions.
+"""MongoDB access for FLEAD: `Store`, one object for every reader and writer of the database.
 
-Every write is keyed by the document's natural id (see docs/contracts.md), so replaying a record never
-duplicates it; `score_rollups` sums only the score records new to `predictions`. Collection names come from
-`mongo.collections` in the config; functions take the collection's *key* (``"predictions"``), not its name.
+    with Store(cfg) as store:                  # connects (or raises StorageError), closes on exit
+        store.init()                           # collections, validators where supported, indexes
+        store.write_scores(records)            # bucketed predictions + alerts + roll-ups
+        store.latest_global_model()
+
+Every write is keyed by the document's natural id (docs/contracts.md), so replaying a record never duplicates
+it. Writes are inserts wherever possible: the embedded server (FerretDB v1) scans the whole collection for every
+update, delete or filtered read, so the sink never updates or queries a large collection on its hot path.
+Collection names come from `mongo.collections`; methods take the collection's *key* (``"predictions"``).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-from typing import Iterable, Sequence
+import time
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import pymongo
-from pymongo.database import Database
-from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
 
 from config import Config
+from storage.buckets import MAX_ABS_TS, READING_COLUMNS, SCORE_COLUMNS, ScorePart, score_block, unpack_columns
 from storage.schemas import INDEXES, SCHEMAS, SchemaViolation, check_document
 
 log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
 UPSERT_CHUNK = 50  # FerretDB v1 stalls on larger bulk upserts
+RAW_KEYS = ("device_data", "predictions", "alerts", "local_models")
+SUMMARY_KEYS = ("score_rollups", "daily_rollups", "fleet_rollups", "metric_rollups", "incidents", "drift_events",
+                "dead_letters")
+DAY_MS = 86_400_000
+# Retention counts from when the sink stored a document (`stored_at`), except for signed records, stored as sent.
+RETENTION_FIELD = {"local_models": "created_at"}
 
-__all__ = ["connect", "init_db", "collection", "upsert_documents", "write_predictions", "write_device_data",
-           "insert_new", "write_local_models", "latest_local_models", "write_global_model", "latest_global_model",
-           "write_aggregation_round", "write_metrics", "write_dead_letters", "reading_id", "SchemaViolation",
-           "StorageError", "latest_local_model_ids", "local_models_by_id", "global_model", "write_cluster_models",
-           "cluster_models", "aggregation_rounds", "device_ids", "device_readings",
-           "latest_local_model", "score_rollups", "add_to_rollups", "rebuild_rollups", "mongo_healthy"]
+__all__ = ["Store", "StorageError", "StorageUnavailable", "SchemaViolation", "reading_id", "retention_cutoffs",
+           "mongo_healthy"]
 
 
 class StorageError(RuntimeError):
     """MongoDB could not be reached or refused an operation; the message says where and why."""
 
 
-def connect(cfg: Config, timeout_ms: int = 5000) -> Database:
-    """The configured database, after checking the server answers."""
-    client = pymongo.MongoClient(cfg.mongo_uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=True)
-    try:
-        client.admin.command("ping")
-    except PyMongoError as exc:
-        raise StorageError(f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri} ({exc.__class__.__name__}); "
-                           f"start the embedded server with `flead up` or point FLEAD_MONGO_URI at a MongoDB") from exc
-    return client[cfg.mongo.database]
+class StorageUnavailable(StorageError):
+    """MongoDB did not answer (down, restarting, network): retrying later may succeed."""
+
+
+def _failure(exc: PyMongoError, what: str) -> StorageError:
+    kind = StorageUnavailable if isinstance(exc, ConnectionFailure) else StorageError
+    return kind(f"{what}: {exc.__class__.__name__}: {str(exc)[:300]}")
 
 
 def mongo_healthy(uri: str, timeout_ms: int = 2000) -> bool:
@@ -58,184 +66,42 @@ def mongo_healthy(uri: str, timeout_ms: int = 2000) -> bool:
         client.close()
 
 
-def collection(db: Database, cfg: Config, key: str):
-    """The collection configured under `mongo.collections.<key>`."""
-    return db[cfg.mongo.collections[key]]
-
-
-def init_db(db: Database, cfg: Config) -> dict[str, bool]:
-    """Create every collection with its validator (where the server supports them) and indexes; idempotent.
-
-    Returns, per collection key, whether the server enforces the schema itself.
-    """
-    existing = set(db.list_collection_names())
-    enforced: dict[str, bool] = {}
-    for key, schema in SCHEMAS.items():
-        name = cfg.mongo.collections[key]
-        validator = {"$jsonSchema": schema}
-        try:
-            if name in existing:
-                db.command({"collMod": name, "validator": validator, "validationLevel": "strict"})
-            else:
-                db.create_collection(name, validator=validator, validationLevel="strict")
-            enforced[key] = True
-        except OperationFailure as exc:
-            if exc.code not in (238, 115):  # NotImplemented / CommandNotSupported (FerretDB v1)
-                raise StorageError(f"creating collection {name}: {exc}") from exc
-            if name not in existing and name not in db.list_collection_names():
-                db.create_collection(name)
-            enforced[key] = False  # check_document guards writes instead
-        for keys, options in INDEXES[key]:
-            db[name].create_index(keys, **options)
-    return enforced
-
-
 def reading_id(device_id: str, seq: int) -> str:
     """Natural id of anything about one reading: ``<device_id>:<seq>``."""
     return f"{device_id}:{seq}"
 
 
-def _checked(key: str, docs: Iterable[dict]) -> list[dict]:
-    """Validate a whole batch before anything is written, so a bad document never leaves half a batch."""
-    docs = list(docs)
-    for doc in docs:
-        if "_id" not in doc:
-            raise SchemaViolation(f"{key}: document without _id: {str(doc)[:120]}")
-        check_document(key, doc)
-    return docs
+def retention_cutoffs(cfg: Config, now_ms: int) -> dict[str, int]:
+    """Per collection key, the `stored_at` before which documents are deleted (keys kept forever are absent).
 
-
-def insert_new(db: Database, cfg: Config, key: str, docs: Iterable[dict]) -> list[dict]:
-    """Insert documents that carry their natural `_id`; ones already stored are kept (first write wins).
-
-    Returns the documents that were new. Replays are therefore harmless. (Plain inserts, not upserts: FerretDB v1
-    stalls on bulk upserts of more than ~100 documents and inserts are ~10x faster.)
+    >>> from config import load_config
+    >>> cutoffs = retention_cutoffs(load_config(env={"FLEAD_RETENTION_RAW_DAYS": "1"}), now_ms=5 * DAY_MS)
+    >>> cutoffs["predictions"] == 4 * DAY_MS, cutoffs["incidents"] < 0
+    (True, True)
     """
-    docs = _checked(key, docs)
-    new = []
-    batch = cfg.mongo.write_batch_size
-    for start in range(0, len(docs), batch):
-        chunk = docs[start:start + batch]
-        try:
-            collection(db, cfg, key).insert_many(chunk, ordered=False)
-            new.extend(chunk)
-        except BulkWriteError as exc:
-            errors = exc.details["writeErrors"]
-            other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
-            if other:
-                raise StorageError(f"writing to {cfg.mongo.collections[key]}: {other[0].get('errmsg')}") from exc
-            stored_before = {e["index"] for e in errors}
-            new.extend(doc for i, doc in enumerate(chunk) if i not in stored_before)
-        except PyMongoError as exc:
-            raise StorageError(f"writing {len(chunk)} documents to {cfg.mongo.collections[key]}: {exc}") from exc
-    return new
+    out = {}
+    for keys, days in ((RAW_KEYS, cfg.retention.raw_days), (SUMMARY_KEYS, cfg.retention.summary_days)):
+        if days > 0:
+            out.update(dict.fromkeys(keys, now_ms - int(days * DAY_MS)))
+    return out
 
 
-def upsert_documents(db: Database, cfg: Config, key: str, docs: Iterable[dict]) -> int:
-    """Validate and replace-or-insert documents by `_id` (last write wins); returns how many were written."""
-    docs = _checked(key, docs)
-    for start in range(0, len(docs), UPSERT_CHUNK):
-        ops = [pymongo.ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs[start:start + UPSERT_CHUNK]]
-        try:
-            collection(db, cfg, key).bulk_write(ops, ordered=False)
-        except PyMongoError as exc:
-            raise StorageError(f"writing {len(ops)} documents to {cfg.mongo.collections[key]}: {exc}") from exc
-    return len(docs)
+def reading_block(reading):
+    """One reading (a `telemetry.schema.Reading` or a dict of its fields) as a one-row `Columns` block for
+    `BucketWriter.write`; `SchemaViolation` if it cannot be stored."""
+    from telemetry.schema import Columns
 
-
-def write_predictions(db: Database, cfg: Config, records: Sequence[dict]) -> tuple[int, int]:
-    """Store score records in `predictions`, the anomalous ones also in `alerts`, and add the new ones to
-    `score_rollups`; returns how many predictions and alerts were new.
-
-    A record delivered twice is counted once: only records new to `predictions` reach the roll-ups. (If the
-    process dies between the two writes, the roll-ups miss that batch's new records, as a replay finds them stored:
-    `rebuild_rollups`, `flead sink rebuild-rollups`.)
-    """
-    docs = [{**r, "_id": reading_id(r.get("device_id"), r.get("seq"))} for r in records]  # checked on insert
-    new = insert_new(db, cfg, "predictions", docs)
-    add_to_rollups(db, cfg, score_rollups(new, cfg.mongo.rollup_bucket_s * 1000))
-    return len(new), len(insert_new(db, cfg, "alerts", [d for d in docs if d["is_anomaly"]]))
-
-
-def rebuild_rollups(db: Database, cfg: Config) -> tuple[int, int]:
-    """Recompute `score_rollups` from `predictions` (after a sink died between its two writes, or a change of
-    `mongo.rollup_bucket_s`); returns (predictions read, buckets written). Run it while the sink is stopped."""
-    predictions = collection(db, cfg, "predictions").find(
-        {}, {"device_id": 1, "ts": 1, "score": 1, "threshold": 1, "is_anomaly": 1})
-    rollups = score_rollups(predictions, cfg.mongo.rollup_bucket_s * 1000)
-    collection(db, cfg, "score_rollups").delete_many({})
-    return sum(r["n"] for r in rollups), len(insert_new(db, cfg, "score_rollups", rollups))
-
-
-def score_rollups(records: Iterable[dict], bucket_ms: int) -> list[dict]:
-    """Score records summed per device and event-time bucket (``ts`` = the bucket's start): readings ``n``,
-    ``anomalies``, ``score_sum`` and the largest ``score``, ``threshold`` and score of an anomaly.
-
-    >>> [r["n"] for r in score_rollups([{"device_id": "a", "ts": t, "score": 1.0, "threshold": None,
-    ...                                   "is_anomaly": False} for t in (0, 599_999, 600_000)], 600_000)]
-    [2, 1]
-    """
-    buckets: dict[tuple[str, int], dict] = {}
-    for r in records:
-        start = r["ts"] - r["ts"] % bucket_ms
-        b = buckets.get((r["device_id"], start))
-        if b is None:
-            b = buckets[(r["device_id"], start)] = {"_id": f"{r['device_id']}:{start}", "device_id": r["device_id"],
-                                                    "ts": start, "n": 0, "anomalies": 0, "score_sum": 0.0,
-                                                    "score_max": -math.inf}
-        b["n"] += 1
-        b["score_sum"] += r["score"]
-        b["score_max"] = max(b["score_max"], r["score"])
-        if r.get("threshold") is not None:
-            b["threshold_max"] = max(b.get("threshold_max", -math.inf), r["threshold"])
-        if r["is_anomaly"]:
-            b["anomalies"] += 1
-            b["anomaly_score_max"] = max(b.get("anomaly_score_max", -math.inf), r["score"])
-    return list(buckets.values())
-
-
-def add_to_rollups(db: Database, cfg: Config, rollups: Sequence[dict]) -> None:
-    """Add `score_rollups` results to the stored buckets (counts and sums added, maxima kept). Buckets not
-    stored yet are inserted, the others updated: FerretDB v1 runs upserts at ~100/s, inserts at ~10,000/s."""
-    rollups = _checked("score_rollups", rollups)
-    buckets, ids, batch = collection(db, cfg, "score_rollups"), [r["_id"] for r in rollups], cfg.mongo.write_batch_size
-    stored = {d["_id"] for start in range(0, len(ids), batch)
-              for d in buckets.find({"_id": {"$in": ids[start:start + batch]}}, {"_id": 1})}
-    fresh = [r for r in rollups if r["_id"] not in stored]
-    inserted = {d["_id"] for d in insert_new(db, cfg, "score_rollups", fresh)}
-    ops = [pymongo.UpdateOne({"_id": r["_id"]}, {
-        "$inc": {"n": r["n"], "anomalies": r["anomalies"], "score_sum": r["score_sum"]},
-        "$max": {k: r[k] for k in ("score_max", "threshold_max", "anomaly_score_max") if k in r}})
-        for r in rollups if r["_id"] not in inserted]  # stored before, or by another writer in between
-    for start in range(0, len(ops), UPSERT_CHUNK):
-        try:
-            buckets.bulk_write(ops[start:start + UPSERT_CHUNK], ordered=False)
-        except PyMongoError as exc:
-            raise StorageError(f"updating {len(ops[start:start + UPSERT_CHUNK])} buckets of "
-                               f"{cfg.mongo.collections.score_rollups}: {exc}") from exc
-
-
-def write_device_data(db: Database, cfg: Config, readings: Iterable[dict]) -> int:
-    """Store raw readings (``device_id, seq, ts, metrics[, label]``) in `device_data`; returns how many were new."""
-    return len(insert_new(db, cfg, "device_data", ({**r, "_id": reading_id(r["device_id"], r["seq"])}
-                                                   for r in readings)))
-
-
-def device_ids(db: Database, cfg: Config) -> list[str]:
-    """Every device with stored readings in `device_data`, sorted."""
-    return sorted(collection(db, cfg, "device_data").distinct("device_id"))
-
-
-def device_readings(db: Database, cfg: Config, device_id: str) -> list[dict]:
-    """All stored readings of one device, by `seq`."""
-    return list(collection(db, cfg, "device_data").find({"device_id": device_id}, {"_id": 0}).sort([("seq", 1)]))
-
-
-def write_local_models(db: Database, cfg: Config, snapshots: Iterable[dict]) -> int:
-    """Store weight snapshots in `local_models` (id ``<device_id>:<version>``); returns how many were new."""
-    docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s.get('device_id')}:{s.get('version')}"}
-            for s in snapshots)  # the schema check on insert names a missing field
-    return len(insert_new(db, cfg, "local_models", docs))
+    get = reading.get if isinstance(reading, dict) else lambda name, default=None: getattr(reading, name, default)
+    device_id, seq, ts, metrics = get("device_id"), get("seq"), get("ts"), get("metrics")
+    where = f"device_data: reading {device_id!r}:{seq!r}"
+    if not isinstance(device_id, str) or not device_id or type(seq) is not int or seq < 0 or type(ts) is not int:
+        raise SchemaViolation(f"{where}: needs a device_id, an int seq >= 0 and an int ts")
+    if not -MAX_ABS_TS <= ts <= MAX_ABS_TS:
+        raise SchemaViolation(f"{where}: ts {ts} is outside the storable range (|ts| <= 2^62 ms)")
+    if not isinstance(metrics, dict) or not all(v is None or type(v) in (int, float) for v in metrics.values()):
+        raise SchemaViolation(f"{where}: metrics must map names to numbers or null")
+    values = np.array([[math.nan if v is None else v for v in metrics.values()]], dtype=np.float64)
+    return Columns(device_id, tuple(metrics), values, [seq], [ts], [get("label")])
 
 
 def _created_between(since_ms: int | None, until_ms: int | None) -> dict:
@@ -247,98 +113,386 @@ def _created_between(since_ms: int | None, until_ms: int | None) -> dict:
     return {"created_at": window} if window else {}
 
 
-def latest_local_models(db: Database, cfg: Config, since_ms: int | None = None,
-                        until_ms: int | None = None) -> list[dict]:
-    """The newest snapshot of each device (created after `since_ms`, at or before `until_ms`, if given), newest
-    first."""
-    latest: dict[str, dict] = {}
-    cursor = collection(db, cfg, "local_models").find(_created_between(since_ms, until_ms)).sort(
-        [("device_id", 1), ("version", -1)])
-    for doc in cursor:
-        latest.setdefault(doc["device_id"], doc)
-    return sorted(latest.values(), key=lambda d: d["created_at"], reverse=True)
+def incident_rank(doc: dict) -> tuple:
+    """Order of an incident's states: resolved after open, then a later end."""
+    return doc.get("status") == "resolved", doc.get("end_seq", -1), doc.get("n_flagged", -1), doc.get("updated_at", -1)
 
 
-def latest_local_model_ids(db: Database, cfg: Config, since_ms: int | None = None,
-                           until_ms: int | None = None) -> list[str]:
-    """`_id` of the newest snapshot of each device in the window, without the weights (cheap for big fleets)."""
-    latest: dict[str, str] = {}
-    cursor = collection(db, cfg, "local_models").find(
-        _created_between(since_ms, until_ms), {"_id": 1, "device_id": 1, "version": 1})
-    for doc in cursor.sort([("device_id", 1), ("version", -1)]):
-        latest.setdefault(doc["device_id"], doc["_id"])
-    return sorted(latest.values())
+class Store:
+    """FLEAD's MongoDB database. A context manager: the connection closes on exit (or `close()`)."""
 
+    def __init__(self, cfg: Config, timeout_ms: int = 5000):
+        self.cfg = cfg
+        self.client = pymongo.MongoClient(cfg.mongo_uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=True)
+        try:
+            self.client.admin.command("ping")
+        except PyMongoError as exc:
+            self.client.close()
+            raise StorageUnavailable(
+                f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri} ({exc.__class__.__name__}); start the embedded "
+                f"server with `flead up` or point FLEAD_MONGO_URI at a MongoDB") from exc
+        self.db = self.client[cfg.mongo.database]
+        self._writer = None
 
-def local_models_by_id(db: Database, cfg: Config, ids: Sequence[str]) -> list[dict]:
-    """The snapshots with these `_id`s (those that exist)."""
-    return list(collection(db, cfg, "local_models").find({"_id": {"$in": list(ids)}}))
+    def __enter__(self) -> "Store":
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-def latest_local_model(db: Database, cfg: Config, device_id: str) -> dict | None:
-    """The newest snapshot of one device, or None."""
-    return collection(db, cfg, "local_models").find_one({"device_id": device_id}, sort=[("version", -1)])
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self.client.close()
 
+    @property
+    def name(self) -> str:
+        return self.db.name
 
-def write_global_model(db: Database, cfg: Config, model: dict) -> bool:
-    """Store a global model under its version; False (and nothing written) if that version exists already."""
-    doc = {k: v for k, v in model.items() if k != "schema"} | {"_id": model["version"]}
-    check_document("global_models", doc)
-    result = collection(db, cfg, "global_models").update_one({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)
-    return result.upserted_id is not None
+    def collection(self, key: str):
+        """The collection configured under `mongo.collections.<key>`."""
+        return self.db[self.cfg.mongo.collections[key]]
 
+    def ping(self) -> None:
+        """Raise `StorageUnavailable` unless the server answers."""
+        try:
+            self.client.admin.command("ping")
+        except PyMongoError as exc:
+            raise _failure(exc, f"ping {self.cfg.mongo_uri}") from exc
 
-def latest_global_model(db: Database, cfg: Config) -> dict | None:
-    """The global model with the highest version, or None before the first round.
+    # --- set-up -----------------------------------------------------------------------------------------------
 
-    A clustered round also stores one model per cluster under the same version (see `write_cluster_models`);
-    the fleet-wide model (``_id`` = version) is the one returned.
-    """
-    top = collection(db, cfg, "global_models").find_one(sort=[("version", -1)])
-    if top is not None and top.get("cluster") is not None:
-        top = global_model(db, cfg, top["version"])
-    return top
+    def init(self) -> dict[str, bool]:
+        """Create every collection with its validator (where the server supports them) and indexes; idempotent.
 
+        Returns, per collection key, whether the server enforces the schema itself.
+        """
+        existing = set(self.db.list_collection_names())
+        enforced: dict[str, bool] = {}
+        for key, schema in SCHEMAS.items():
+            name = self.cfg.mongo.collections[key]
+            validator = {"$jsonSchema": schema}
+            try:
+                if name in existing:
+                    self.db.command({"collMod": name, "validator": validator, "validationLevel": "strict"})
+                else:
+                    self.db.create_collection(name, validator=validator, validationLevel="strict")
+                enforced[key] = True
+            except OperationFailure as exc:
+                if exc.code not in (238, 115):  # NotImplemented / CommandNotSupported (FerretDB v1)
+                    raise StorageError(f"creating collection {name}: {exc}") from exc
+                if name not in existing and name not in self.db.list_collection_names():
+                    self.db.create_collection(name)
+                enforced[key] = False  # check_document guards writes instead
+            for keys, options in INDEXES[key]:
+                self.db[name].create_index(keys, **options)
+        return enforced
 
-def global_model(db: Database, cfg: Config, version: int) -> dict | None:
-    """The fleet-wide global model of `version`, or None."""
-    return collection(db, cfg, "global_models").find_one({"_id": version})
+    # --- generic writes ---------------------------------------------------------------------------------------
 
+    def _checked(self, key: str, docs: Iterable[dict], need_id: bool = True) -> list[dict]:
+        """Validate a whole batch before anything is written, so a bad document never leaves half a batch."""
+        docs = list(docs)
+        for doc in docs:
+            if need_id and "_id" not in doc:
+                raise SchemaViolation(f"{key}: document without _id: {str(doc)[:120]}")
+            check_document(key, doc)
+        return docs
 
-def write_cluster_models(db: Database, cfg: Config, models: Iterable[dict]) -> int:
-    """Store the per-cluster models of a clustered round: same `version` as the round's fleet model, `cluster`
-    set, ``_id`` = ``"<version>:c<cluster>"``; first write wins. Returns how many were new."""
-    docs = ({k: v for k, v in m.items() if k != "schema"} | {"_id": f"{m['version']}:c{m['cluster']}"}
-            for m in models)
-    return len(insert_new(db, cfg, "global_models", docs))
+    def insert_new(self, key: str, docs: Iterable[dict], need_id: bool = True) -> list[dict]:
+        """Insert documents that carry their natural `_id`; ones already stored are kept (first write wins).
 
+        Returns the documents that were new, so replays are harmless. Inserts, not upserts: FerretDB v1 scans the
+        collection for each upsert and stalls on bulk upserts of more than ~100 documents.
+        """
+        docs = self._checked(key, docs, need_id)
+        new = []
+        batch = self.cfg.mongo.write_batch_size
+        name = self.cfg.mongo.collections[key]
+        for start in range(0, len(docs), batch):
+            chunk = docs[start:start + batch]
+            try:
+                self.collection(key).insert_many(chunk, ordered=False)
+                new.extend(chunk)
+            except BulkWriteError as exc:
+                errors = exc.details["writeErrors"]
+                other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
+                if other:
+                    raise StorageError(f"writing to {name}: {other[0].get('errmsg')}") from exc
+                stored_before = {e["index"] for e in errors}
+                new.extend(doc for i, doc in enumerate(chunk) if i not in stored_before)
+            except PyMongoError as exc:
+                raise _failure(exc, f"writing {len(chunk)} documents to {name}") from exc
+        return new
 
-def cluster_models(db: Database, cfg: Config, version: int) -> list[dict]:
-    """The per-cluster models of a clustered round's `version`, by cluster number ([] for other strategies)."""
-    return list(collection(db, cfg, "global_models").find({"version": version, "cluster": {"$gte": 0}})
-                .sort([("cluster", 1)]))
+    def upsert(self, key: str, docs: Iterable[dict]) -> int:
+        """Validate and replace-or-insert documents by `_id` (last write wins); returns how many were written.
+        For small collections only (each upsert scans the collection on the embedded server)."""
+        docs = self._checked(key, docs)
+        for start in range(0, len(docs), UPSERT_CHUNK):
+            ops = [pymongo.ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs[start:start + UPSERT_CHUNK]]
+            try:
+                self.collection(key).bulk_write(ops, ordered=False)
+            except PyMongoError as exc:
+                raise _failure(exc, f"writing {len(ops)} documents to {self.cfg.mongo.collections[key]}") from exc
+        return len(docs)
 
+    def replace_newer(self, key: str, docs: Iterable[dict], rank: Callable[[dict], tuple]) -> int:
+        """Store documents by `_id` unless the stored one ranks at least as high; returns how many were written.
 
-def aggregation_rounds(db: Database, cfg: Config, limit: int = 50) -> list[dict]:
-    """The newest `limit` aggregation rounds, newest first."""
-    return list(collection(db, cfg, "aggregation_history").find().sort([("started_at", -1)]).limit(limit))
+        One read, one delete and one insert per call whatever the number of documents (not one update each)."""
+        latest: dict = {}
+        for doc in self._checked(key, docs):
+            if doc["_id"] not in latest or rank(doc) > rank(latest[doc["_id"]]):
+                latest[doc["_id"]] = doc
+        if not latest:
+            return 0
+        try:
+            stored = {d["_id"]: d for d in self.collection(key).find({"_id": {"$in": list(latest)}})}
+            newer = [d for i, d in latest.items() if i not in stored or rank(d) > rank(stored[i])]
+            replaced = [d["_id"] for d in newer if d["_id"] in stored]
+            if replaced:
+                self.collection(key).delete_many({"_id": {"$in": replaced}})
+        except PyMongoError as exc:
+            raise _failure(exc, f"replacing documents of {self.cfg.mongo.collections[key]}") from exc
+        return len(self.insert_new(key, newer))
 
+    def find(self, key: str, query: dict | None = None, fields: Sequence[str] | None = None, **kwargs) -> list[dict]:
+        """Documents of a collection (optionally only `fields`), as a list."""
+        projection = None if fields is None else dict.fromkeys(fields, 1)
+        try:
+            return list(self.collection(key).find(query or {}, projection, **kwargs))
+        except PyMongoError as exc:
+            raise _failure(exc, f"reading {self.cfg.mongo.collections[key]}") from exc
 
-def write_aggregation_round(db: Database, cfg: Config, round_doc: dict) -> int:
-    """Upsert one aggregation round (id = its `round_id`) into `aggregation_history`."""
-    return upsert_documents(db, cfg, "aggregation_history", [{**round_doc, "_id": round_doc["round_id"]}])
+    # --- bucketed readings and scores (storage.buckets, storage.writer) ---------------------------------------
 
+    @property
+    def writer(self):
+        """The `BucketWriter` of direct writes through this Store (not the sink's): loaded on first use."""
+        if self._writer is None:
+            from storage.writer import BucketWriter
 
-def write_metrics(db: Database, cfg: Config, docs: Iterable[dict]) -> int:
-    """Upsert evaluation metrics; each document carries its own `_id` (e.g. ``<version>:<scope>:<device>``)."""
-    return upsert_documents(db, cfg, "metrics", docs)
+            self._writer = BucketWriter(self)
+            self._writer.load()
+        return self._writer
 
+    def write_scores(self, records: Iterable[dict]) -> tuple[int, int]:
+        """Store score records (bucketed into `predictions`, anomalous ones also in `alerts`) and their roll-ups;
+        returns how many readings and alerts were new. If any record cannot be stored, nothing is written and
+        `SchemaViolation` names the first such record and why."""
+        by_device: dict = defaultdict(list)
+        for record in records:
+            by_device[record.get("device_id") if isinstance(record, dict) else None].append(record)
+        blocks = []
+        for device, device_records in by_device.items():
+            block, bad = score_block(device, [ScorePart(None, {}, device_records)])
+            if bad:
+                raise SchemaViolation(f"score record {bad[0][3]!r:.120}: {bad[0][2]}")
+            blocks.append(block)
+        written = self.writer.write(scores=blocks)
+        self.writer.close_generation(force=True)
+        return written.predictions, written.alerts
 
-def write_dead_letters(db: Database, cfg: Config, letters: Iterable[dict]) -> int:
-    """Store dead letters; the id hashes source, reason and raw text, so a replay does not duplicate them."""
-    docs = []
-    for letter in letters:
-        identity = f"{letter.get('source')}\0{letter.get('reason')}\0{letter.get('raw')}"
-        digest = hashlib.sha1(identity.encode()).hexdigest()
-        docs.append({k: v for k, v in letter.items() if k != "schema"} | {"_id": digest})
-    return len(insert_new(db, cfg, "dead_letters", docs))
+    def write_readings(self, readings: Iterable) -> int:
+        """Store raw readings (`telemetry.schema.Reading`s, or dicts ``device_id, seq, ts, metrics[, label]``)
+        bucketed into `device_data`, with their metric roll-ups; returns how many were new."""
+        blocks = [reading_block(r) for r in readings]
+        written = self.writer.write(readings=blocks)
+        self.writer.close_generation(force=True)
+        return written.device_data
+
+    def count_readings(self, key: str = "predictions") -> int:
+        """Readings stored in a bucketed collection (the sum of its documents' ``n``)."""
+        try:
+            result = list(self.collection(key).aggregate([{"$group": {"_id": None, "n": {"$sum": "$n"}}}]))
+        except PyMongoError as exc:
+            raise _failure(exc, f"counting {self.cfg.mongo.collections[key]}") from exc
+        return int(result[0]["n"]) if result else 0
+
+    def device_ids(self, key: str = "device_data") -> list[str]:
+        """Every device with documents in `key`, sorted."""
+        try:
+            return sorted(self.collection(key).distinct("device_id"))
+        except PyMongoError as exc:
+            raise _failure(exc, f"reading {self.cfg.mongo.collections[key]}") from exc
+
+    def score_columns(self, query: dict | None = None) -> dict[str, np.ndarray]:
+        """Every stored score record matching `query` (on bucket fields) as columns, plus ``device_id`` and
+        ``incident_id`` (object arrays); rows grouped by device, each device's rows by seq."""
+        parts: dict[str, list] = defaultdict(list)
+        docs = sorted(self.find("predictions", query), key=lambda d: (d["device_id"], d["seq_first"]))
+        for doc in docs:
+            cols = unpack_columns(doc, SCORE_COLUMNS)
+            for name in SCORE_COLUMNS:
+                parts[name].append(cols[name])
+            parts["device_id"].append(np.full(doc["n"], doc["device_id"], dtype=object))
+            ids = np.array(doc.get("incident_ids", []) + [None], dtype=object)
+            parts["incident_id"].append(ids[cols["incident"]])  # -1 picks the trailing None
+        empty = {name: np.array([], dtype=dtype) for name, dtype in SCORE_COLUMNS.items()}
+        out = {name: np.concatenate(parts[name]) if parts[name] else empty.get(name, np.array([], dtype=object))
+               for name in (*SCORE_COLUMNS, "device_id", "incident_id")}
+        order = np.lexsort((out["seq"], out["device_id"].astype(str))) if len(out["seq"]) else np.array([], int)
+        return {name: values[order] for name, values in out.items()}
+
+    def device_readings(self, device_ids: Sequence[str]) -> dict[str, dict]:
+        """The stored readings of these devices, by device: ``seq, ts, label`` arrays, ``names`` (metric names)
+        and ``values`` (readings × names, NaN = missing), in seq order. One scan for all of them."""
+        wanted = list(device_ids)
+        docs = self.find("device_data", {"device_id": {"$in": wanted}})
+        by_device: dict[str, list] = defaultdict(list)
+        for doc in docs:
+            by_device[doc["device_id"]].append(doc)
+        out = {}
+        for device, device_docs in by_device.items():
+            names = list(dict.fromkeys(name for d in device_docs for name in d["metric_names"]))
+            seq, ts, label, values = [], [], [], []
+            for doc in device_docs:
+                cols = unpack_columns(doc, READING_COLUMNS)
+                block = np.full((doc["n"], len(names)), math.nan)
+                block[:, [names.index(n) for n in doc["metric_names"]]] = cols["values"]
+                seq.append(cols["seq"]), ts.append(cols["ts"]), label.append(cols["label"]), values.append(block)
+            seq_all = np.concatenate(seq)
+            order = np.argsort(seq_all, kind="stable")
+            out[device] = {"seq": seq_all[order], "ts": np.concatenate(ts)[order],
+                           "label": np.concatenate(label)[order], "names": names,
+                           "values": np.concatenate(values)[order]}
+        return out
+
+    def sink_state(self, name: str) -> dict:
+        """The sink's bookkeeping document `name` ({} before its first write)."""
+        found = self.find("sink_state", {"_id": name})
+        return found[0] if found else {}
+
+    def set_sink_state(self, name: str, values: dict) -> None:
+        """Replace the sink's bookkeeping document `name` (one small document: an update is cheap)."""
+        self.upsert("sink_state", [{**values, "_id": name}])
+
+    def rebuild_rollups(self) -> tuple[int, int]:
+        """Recompute every roll-up from `predictions` and `device_data` (after a change of the bucket widths, or
+        a database restored from elsewhere); returns (readings read, roll-up documents written). Run it while
+        the sink is stopped."""
+        from storage.writer import BucketWriter
+
+        return BucketWriter(self).rebuild_rollups()
+
+    # --- models and rounds ------------------------------------------------------------------------------------
+
+    def write_local_models(self, snapshots: Iterable[dict]) -> int:
+        """Store weight snapshots in `local_models` (id ``<device_id>:<version>``); returns how many were new."""
+        docs = ({k: v for k, v in s.items() if k != "schema"} | {"_id": f"{s.get('device_id')}:{s.get('version')}"}
+                for s in snapshots)  # the schema check on insert names a missing field; no field of ours is added:
+        # a snapshot is stored as signed (models.integrity.wire_form), so retention counts from its created_at
+        return len(self.insert_new("local_models", docs))
+
+    def latest_local_models(self, since_ms: int | None = None, until_ms: int | None = None) -> list[dict]:
+        """The newest snapshot of each device (created after `since_ms`, at or before `until_ms`, if given),
+        newest first."""
+        latest: dict[str, dict] = {}
+        for doc in sorted(self.find("local_models", _created_between(since_ms, until_ms)),
+                          key=lambda d: (d["device_id"], -d["version"])):
+            latest.setdefault(doc["device_id"], doc)
+        return sorted(latest.values(), key=lambda d: d["created_at"], reverse=True)
+
+    def latest_local_model_ids(self, since_ms: int | None = None, until_ms: int | None = None) -> list[str]:
+        """`_id` of the newest snapshot of each device in the window, without the weights (cheap for big fleets)."""
+        latest: dict[str, str] = {}
+        docs = self.find("local_models", _created_between(since_ms, until_ms), ("_id", "device_id", "version"))
+        for doc in sorted(docs, key=lambda d: (d["device_id"], -d["version"])):
+            latest.setdefault(doc["device_id"], doc["_id"])
+        return sorted(latest.values())
+
+    def local_models_by_id(self, ids: Sequence[str]) -> list[dict]:
+        """The snapshots with these `_id`s (those that exist)."""
+        return self.find("local_models", {"_id": {"$in": list(ids)}})
+
+    def latest_local_model(self, device_id: str) -> dict | None:
+        """The newest snapshot of one device, or None."""
+        return self.collection("local_models").find_one({"device_id": device_id}, sort=[("version", -1)])
+
+    def write_global_model(self, model: dict) -> bool:
+        """Store a global model under its version; False (and nothing written) if that version exists already."""
+        doc = {k: v for k, v in model.items() if k != "schema"} | {"_id": model["version"]}
+        check_document("global_models", doc)
+        try:
+            result = self.collection("global_models").update_one({"_id": doc["_id"]}, {"$setOnInsert": doc},
+                                                                 upsert=True)
+        except PyMongoError as exc:
+            raise _failure(exc, "writing a global model") from exc
+        return result.upserted_id is not None
+
+    def latest_global_model(self) -> dict | None:
+        """The global model with the highest version, or None before the first round.
+
+        A clustered round also stores one model per cluster under the same version (see `write_cluster_models`);
+        the fleet-wide model (``_id`` = version) is the one returned.
+        """
+        top = self.collection("global_models").find_one(sort=[("version", -1)])
+        if top is not None and top.get("cluster") is not None:
+            top = self.global_model(top["version"])
+        return top
+
+    def global_model(self, version: int) -> dict | None:
+        """The fleet-wide global model of `version`, or None."""
+        return self.collection("global_models").find_one({"_id": version})
+
+    def write_cluster_models(self, models: Iterable[dict]) -> int:
+        """Store the per-cluster models of a clustered round: same `version` as the round's fleet model, `cluster`
+        set, ``_id`` = ``"<version>:c<cluster>"``; first write wins. Returns how many were new."""
+        docs = ({k: v for k, v in m.items() if k != "schema"} | {"_id": f"{m['version']}:c{m['cluster']}"}
+                for m in models)
+        return len(self.insert_new("global_models", docs))
+
+    def cluster_models(self, version: int) -> list[dict]:
+        """The per-cluster models of a clustered round's `version`, by cluster number ([] for other strategies)."""
+        return sorted(self.find("global_models", {"version": version, "cluster": {"$gte": 0}}),
+                      key=lambda d: d["cluster"])
+
+    def aggregation_rounds(self, limit: int = 50) -> list[dict]:
+        """The newest `limit` aggregation rounds, newest first."""
+        return self.find("aggregation_history", sort=[("started_at", -1)], limit=limit)
+
+    def write_aggregation_round(self, round_doc: dict) -> int:
+        """Upsert one aggregation round (id = its `round_id`) into `aggregation_history`."""
+        return self.upsert("aggregation_history", [{**round_doc, "_id": round_doc["round_id"]}])
+
+    def write_metrics(self, docs: Iterable[dict]) -> int:
+        """Upsert evaluation metrics; each document carries its own `_id` (e.g. ``<version>:<scope>:<device>``)."""
+        return self.upsert("metrics", docs)
+
+    # --- events -----------------------------------------------------------------------------------------------
+
+    def write_dead_letters(self, letters: Iterable[dict]) -> int:
+        """Store dead letters, each its own document: an `_id` a letter carries (the sink uses the refused
+        message's Kafka position, so a replay does not duplicate it) is kept, others get a fresh one."""
+        now = int(time.time() * 1000)
+        docs = [{k: v for k, v in letter.items() if k != "schema"} | {"stored_at": now} for letter in letters]
+        return len(self.insert_new("dead_letters", docs, need_id=False))
+
+    def write_incidents(self, records: Iterable[dict]) -> int:
+        """Store `flead.incident/1` records by `incident_id`: a later state (resolved, larger end) replaces an
+        earlier one, an earlier one never replaces a later one. Returns how many documents were written."""
+        now = int(time.time() * 1000)
+        docs = [{k: v for k, v in r.items() if k != "schema"} | {"_id": r.get("incident_id"), "stored_at": now}
+                for r in records]
+        return self.replace_newer("incidents", docs, incident_rank)
+
+    def write_drift_events(self, records: Iterable[dict]) -> int:
+        """Store `flead.drift/1` events by `event_id` (first write wins); returns how many were new."""
+        now = int(time.time() * 1000)
+        docs = [{k: v for k, v in r.items() if k != "schema"} | {"_id": r.get("event_id"), "stored_at": now}
+                for r in records]
+        return len(self.insert_new("drift_events", docs))
+
+    # --- retention --------------------------------------------------------------------------------------------
+
+    def prune(self, now_ms: int | None = None) -> dict[str, int]:
+        """Delete what is past its horizon (`retention_cutoffs`); returns documents deleted per collection key."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        deleted = {}
+        for key, cutoff in retention_cutoffs(self.cfg, now_ms).items():
+            try:
+                query = {RETENTION_FIELD.get(key, "stored_at"): {"$lt": cutoff}}
+                deleted[key] = self.collection(key).delete_many(query).deleted_count
+            except PyMongoError as exc:
+                raise _failure(exc, f"pruning {self.cfg.mongo.collections[key]}") from exc
+        return deleted

@@ -1,51 +1,128 @@
-"""Kafka → MongoDB sink: the stream's outputs (and the raw telemetry) become documents, idempotently.
+"""Kafka → MongoDB sink: the stream's outputs (and the raw telemetry) become documents, each exactly once.
 
 The stream job writes only to Kafka (MongoDB is far slower than the job); this service consumes the topics,
-writes each batch with natural ids (a replay never duplicates), and commits Kafka offsets only after the
-batch is stored — at-least-once delivery plus idempotent writes gives exactly one document per record.
+gathers messages for `sink.flush_interval_ms`, stores them as one batch and commits the Kafka offsets only after
+the batch is stored: at-least-once delivery plus idempotent writes gives one copy of everything.
 
     topic (cfg.kafka.topics)   →  collection(s)
-    telemetry                  →  device_data            (decoded with telemetry.schema; invalid ones skipped:
-                                                          the stream job dead-letters them)
-    scores                     →  predictions, alerts, score_rollups  (batches of score records; alerts = the
-                                                          anomalous ones; roll-ups sum the new ones)
+    telemetry                  →  device_data + metric_rollups   (one bucket document per device per batch;
+                                                                  invalid messages skipped: the stream job
+                                                                  dead-letters them)
+    scores                     →  predictions + alerts + score/daily/fleet roll-ups
+    incidents                  →  incidents           (by incident_id; a later state replaces an earlier one)
+    drift                      →  drift_events
     snapshots                  →  local_models
     dead_letters               →  dead_letters
+
+Bad input never stops it: a message or record it cannot store (not JSON, a schema violation, a non-finite or
+oversized number, a score's timestamp whose roll-up bucket overflows 64 bits (telemetry's own are bounded by
+its wire format), a field name MongoDB cannot hold) becomes
+one dead letter, ``_id`` = its Kafka position (``<topic>:<partition>:<offset>[:<record>]``), with a reason, and a
+counter goes up; the rest of the batch is stored as usual. When MongoDB is unreachable the sink retries the same
+batch with exponential back-off (`sink.retry_*`), never exiting. Roll-ups a crash left unwritten are written when
+it starts again (storage.writer). It also merges roll-up partials (`rollups.compact_interval_s`) and deletes what
+is past its retention horizon (`retention.*`).
 """
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import queue
+import threading
 import time
-from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 from config import Config
-from storage import mongo
-from storage.schemas import SchemaViolation
-from telemetry.schema import InvalidMessage, decode_scores, load_object
+from storage.buckets import ScoreBlock, ScorePart, score_block
+from storage.mongo import Store, StorageUnavailable, incident_rank
+from storage.schemas import SchemaViolation, check_document, check_field_names
+from storage.writer import BucketWriter
+from telemetry.schema import (DRIFT, SCORES_SCHEMA, Columns, InvalidMessage, decode_columns, decode_incident,
+                              decode_scores, load_object)
 
 log = logging.getLogger(__name__)
 
-SOURCE_TOPICS = ("telemetry", "scores", "snapshots", "dead_letters")
-POLL_BATCH = 2000
+SOURCE_TOPICS = ("telemetry", "scores", "snapshots", "dead_letters", "incidents", "drift")
 POLL_TIMEOUT_S = 0.5
+MAX_RAW_CHARS = 10_000
+# Records stored as sent (their own fields): the collection each one goes to, and the field of its natural id.
+EVENT_COLLECTIONS = {"snapshots": ("local_models", None), "incidents": ("incidents", "incident_id"),
+                     "drift": ("drift_events", "event_id"), "dead_letters": ("dead_letters", None)}
+# The wire-format checks of telemetry.schema first; the others are read as JSON objects and checked as documents.
+EVENT_DECODERS = {"incidents": decode_incident, "drift": DRIFT.decode}
 
 
-def _device_data(raw_values: list[bytes]) -> tuple[list[dict], int]:
-    from telemetry.schema import decode_message
+@dataclass
+class Batch:
+    """One flush's decoded input, ready to store."""
 
-    docs, invalid = [], 0
-    for raw in raw_values:
+    scores: list[ScoreBlock] = field(default_factory=list)
+    readings: list[Columns] = field(default_factory=list)
+    events: dict[str, list[dict]] = field(default_factory=lambda: {key: [] for key in EVENT_COLLECTIONS})
+    refused: list[dict] = field(default_factory=list)  # dead letters for what the sink could not store
+
+
+def _text(raw) -> str:
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw).decode("utf-8", "replace")[:MAX_RAW_CHARS]
+    return ("" if raw is None else str(raw))[:MAX_RAW_CHARS]
+
+
+def decode_telemetry(messages: list[tuple[bytes | None, bytes]]) -> tuple[list[Columns], int]:
+    """Telemetry messages (Kafka key, value) as reading blocks, and how many were invalid: refused by the wire
+    format, or a device_id under another Kafka key (the stream job dead-letters both). Runs in the decoding process
+    (`sink.decode_processes`): the sink's heaviest decoding, overlapping with the rest."""
+    blocks, invalid = [], 0
+    for key, value in messages:
         try:
-            readings = decode_message(raw)
+            block = decode_columns(value)
         except InvalidMessage:
             invalid += 1
             continue
-        for r in readings:
-            metrics = {k: (v if v == v else None) for k, v in r.metrics.items()}  # NaN → null (BSON-safe, JSON-safe)
-            docs.append({"device_id": r.device_id, "seq": r.seq, "ts": r.ts, "metrics": metrics, "label": r.label})
-    return docs, invalid
+        key = (key or b"").decode("utf-8", "replace")
+        if key and key != block.device_id:
+            invalid += 1
+        elif len(block.seqs):
+            blocks.append(block)
+    return blocks, invalid
+
+
+def score_part(raw: bytes, position: str) -> ScorePart:
+    """A scores-topic message as a `ScorePart`: a `flead.scores/1` batch keeps its shared fields apart (the records
+    are checked column-wise and merged only to become alerts), a single record is a part of one. The same
+    checks and reasons as `telemetry.schema.decode_scores`, which merges every record."""
+    msg = load_object(raw)
+    if "scores" not in msg:
+        return ScorePart(position, {}, [msg])
+    if msg.get("schema") != SCORES_SCHEMA:
+        return ScorePart(position, {}, decode_scores(raw))  # raises InvalidMessage with its reason
+    items = msg.pop("scores")
+    del msg["schema"]
+    if type(items) is not list or not all(type(item) is dict for item in items):
+        return ScorePart(position, {}, decode_scores(raw))  # raises InvalidMessage with its reason
+    return ScorePart(position, msg, items)
+
+
+def event_document(key: str, record: dict, position: str) -> dict:
+    """The document a snapshot / incident / drift event / dead letter record (read at Kafka `position`) becomes;
+    `SchemaViolation` if it cannot be stored (the reason names the field)."""
+    collection, id_field = EVENT_COLLECTIONS[key]
+    check_field_names(record, key)
+    doc = {k: v for k, v in record.items() if k != "schema"}
+    if key == "snapshots":
+        doc["_id"] = f"{record.get('device_id')}:{record.get('version')}"
+    elif id_field is not None:
+        doc["_id"] = record.get(id_field)
+    else:  # dead letters: each message is one (identical ones stay apart), a replay finds it stored
+        doc["_id"] = position
+    check_document(collection, doc)
+    if key == "incidents" and doc["end_seq"] < doc["start_seq"]:
+        raise SchemaViolation(f"incidents: end_seq {doc['end_seq']} is before start_seq {doc['start_seq']}")
+    return doc
 
 
 class MongoSink:
@@ -55,100 +132,294 @@ class MongoSink:
         from confluent_kafka import Consumer
 
         self.cfg = cfg
-        self.db = mongo.connect(cfg)
         self.topic_keys = {cfg.kafka.topics[key]: key for key in topics}
         self.consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": group_id,
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False,
                                   "log_level": 3})
         self.assigned_at: float | None = None  # idle time counts from the first partition assignment
+        self.reassigned = False                # partitions moved: another sink may have written meanwhile
         self.consumer.subscribe(list(self.topic_keys), on_assign=self._on_assign)
         self.stats: Counter = Counter()
+        self.store: Store | None = None
+        self.writer: BucketWriter | None = None
+        self.next_prune = 0.0
+        self.next_compaction = time.monotonic() + cfg.rollups.compact_interval_s
+        self.input_paused = threading.Event()  # no message came for a while: roll up what is stored now
+        self.seconds: Counter = Counter()  # time spent decoding (consuming thread) and storing (storing thread)
+        self.decoder: ProcessPoolExecutor | None = None
 
     def _on_assign(self, consumer, partitions) -> None:
+        if self.assigned_at is not None:
+            self.reassigned = True
         self.assigned_at = self.assigned_at or time.monotonic()
 
-    def _store(self, key: str, values: list[bytes]) -> None:
-        cfg, db = self.cfg, self.db
-        if key == "telemetry":
-            docs, invalid = _device_data(values)
-            self.stats["telemetry_invalid"] += invalid
-            self.stats["device_data"] += mongo.write_device_data(db, cfg, docs)
-            return
-        records, bad = [], []
-        for raw in values:
-            try:  # a scores message is a batch of one device's score records (or a single record)
-                records.extend(decode_scores(raw) if key == "scores" else [load_object(raw)])
-            except InvalidMessage as exc:
-                bad.append({"reason": f"{key}: {exc.reason}", "raw": (raw or b"").decode("utf-8", "replace")[:10_000],
-                            "source": self.cfg.kafka.topics[key], "device_id": None, "at": int(time.time() * 1000)})
-        if bad:
-            self.stats["dead_letters_from_sink"] += mongo.write_dead_letters(db, cfg, bad)
-        try:
-            if key == "scores":
-                new_predictions, new_alerts = mongo.write_predictions(db, cfg, records)
-                self.stats["predictions"] += new_predictions
-                self.stats["alerts"] += new_alerts
-            elif key == "snapshots":
-                self.stats["local_models"] += mongo.write_local_models(db, cfg, records)
-            elif key == "dead_letters":
-                self.stats["dead_letters"] += mongo.write_dead_letters(db, cfg, records)
-        except SchemaViolation as exc:
-            # One bad record must not block the batch: store the good ones, dead-letter the rest with the reason.
-            self._store_one_by_one(key, records, first_error=exc)
+    # --- MongoDB, retried -------------------------------------------------------------------------------------
 
-    def _store_one_by_one(self, key: str, records: list[dict], first_error: Exception) -> None:
-        log.warning("%s: schema violation in batch (%s); storing record by record", key, first_error)
-        writers: dict[str, Callable] = {"scores": mongo.write_predictions, "snapshots": mongo.write_local_models,
-                                        "dead_letters": mongo.write_dead_letters}
-        stored = {"snapshots": "local_models", "dead_letters": "dead_letters"}.get(key)
-        for record in records:
+    def _retrying(self, action: Callable, what: str, should_stop: Callable[[], bool]):
+        """Run `action` until it succeeds; while MongoDB is unreachable wait with exponential back-off. Raises
+        `StorageUnavailable` only when asked to stop meanwhile."""
+        delay = self.cfg.sink.retry_initial_s
+        while True:
             try:
-                written = writers[key](self.db, self.cfg, [record])
-                if key == "scores":
-                    self.stats["predictions"] += written[0]
-                    self.stats["alerts"] += written[1]
-                else:
-                    self.stats[stored] += written
-            except SchemaViolation as exc:
-                self.stats[f"{key}_invalid"] += 1
-                mongo.write_dead_letters(self.db, self.cfg, [{
-                    "reason": f"schema: {exc}", "raw": json.dumps(record, default=str)[:10_000],
-                    "source": self.cfg.kafka.topics[key], "device_id": record.get("device_id"),
-                    "at": int(time.time() * 1000)}])
+                return action()
+            except StorageUnavailable as exc:
+                self.stats["mongo_retries"] += 1
+                log.warning("%s: MongoDB unavailable (%s); retrying in %.1f s", what, exc, delay)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline:
+                    if should_stop():
+                        raise
+                    time.sleep(min(0.2, delay))
+                delay = min(delay * 2, self.cfg.sink.retry_max_s)
 
-    def poll_once(self) -> int:
-        """Consume one batch, store it, commit its offsets; returns the number of messages handled."""
-        messages = self.consumer.consume(POLL_BATCH, timeout=POLL_TIMEOUT_S)
-        by_topic: dict[str, list[bytes]] = defaultdict(list)
+    def _connect(self) -> None:
+        if self.store is None:
+            self.store = Store(self.cfg)
+        if self.writer is None or self.writer.store is not self.store:
+            writer = BucketWriter(self.store)
+            found = writer.load()
+            self.writer = writer
+            if found["repaired_generations"]:
+                self.stats["rollup_generations_repaired"] += len(found["repaired_generations"])
+
+    # --- decoding ---------------------------------------------------------------------------------------------
+
+    def _refuse(self, batch: Batch, letter_id: str, topic: str, reason: str, raw, device_id=None) -> None:
+        key = self.topic_keys[topic]
+        self.stats[f"{key}_refused"] += 1
+        batch.refused.append({"_id": letter_id, "source": topic, "reason": f"{key}: {reason}", "raw": _text(raw),
+                              "device_id": device_id if isinstance(device_id, str) else None,
+                              "at": int(time.time() * 1000)})
+
+    def decode(self, messages: list) -> Batch:
+        """The records of these Kafka messages, checked; what cannot be stored becomes a dead letter. Telemetry
+        (the costliest to decode) goes to the decoding process, if there is one, while this one does the rest."""
+        batch = Batch()
+        score_parts: dict[str, list[ScorePart]] = {}
+        telemetry = [(msg.key(), msg.value()) for msg in messages
+                     if not msg.error() and self.topic_keys[msg.topic()] == "telemetry"]
+        decoding = self._decoder().submit(decode_telemetry, telemetry) if self._decoder() else None
         for msg in messages:
             if msg.error():
                 self.stats["kafka_errors"] += 1
                 log.warning("kafka: %s", msg.error())
                 continue
-            by_topic[msg.topic()].append(msg.value())
-        for topic, values in by_topic.items():
-            self._store(self.topic_keys[topic], values)
-        if messages:
-            self.consumer.commit(asynchronous=False)
-        return len(messages)
+            topic, raw = msg.topic(), msg.value()
+            key, position = self.topic_keys[topic], f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
+            if key == "telemetry":
+                continue
+            elif key == "scores":
+                try:
+                    part = score_part(raw, position)
+                except InvalidMessage as exc:
+                    self._refuse(batch, position, topic, exc.reason, raw, exc.device_id)
+                    continue
+                device = part.device_id
+                score_parts.setdefault(device if isinstance(device, str) else repr(device), []).append(part)
+            else:
+                try:
+                    record = EVENT_DECODERS.get(key, load_object)(raw)
+                    batch.events[key].append(event_document(key, record, position))
+                except InvalidMessage as exc:
+                    self._refuse(batch, position, topic, exc.reason, raw)
+                except SchemaViolation as exc:
+                    self._refuse(batch, position, topic, str(exc), raw, record.get("device_id"))
+        scores_topic = self.cfg.kafka.topics.scores
+        for device, parts in score_parts.items():  # checked per device, not per message: one pass each
+            block, bad = score_block(parts[0].device_id, parts)
+            if block is not None:
+                batch.scores.append(block)
+            for position, index, reason, record in bad:
+                self._refuse(batch, f"{position}:{index}", scores_topic, reason, json.dumps(record, default=str),
+                             record.get("device_id") if type(record) is dict else None)
+        batch.readings, invalid = decoding.result() if decoding else decode_telemetry(telemetry)
+        self.stats["telemetry_invalid"] += invalid  # the stream job dead-letters them (and so refuses to score them)
+        return batch
+
+    def _decoder(self):
+        """The process that decodes telemetry (`sink.decode_processes`; None: this process does)."""
+        if self.decoder is None and self.cfg.sink.decode_processes > 0:
+            context = multiprocessing.get_context("spawn")  # not fork: the Kafka client's threads would not follow
+            self.decoder = ProcessPoolExecutor(self.cfg.sink.decode_processes, mp_context=context)
+        return self.decoder
+
+    # --- storing ----------------------------------------------------------------------------------------------
+
+    def store_batch(self, batch: Batch) -> None:
+        """Write one batch (idempotent: repeating it after a failure stores nothing twice)."""
+        store = self.store
+        written = self.writer.write(scores=batch.scores, readings=batch.readings)
+        events = batch.events
+        new = {"local_models": len(store.insert_new("local_models", events["snapshots"])),
+               "incidents": store.replace_newer("incidents", events["incidents"], incident_rank),
+               "drift_events": len(store.insert_new("drift_events", events["drift"])),
+               "dead_letters": len(store.insert_new("dead_letters", events["dead_letters"])),
+               "dead_lettered": len(store.insert_new("dead_letters", batch.refused))}
+        self.stats.update(predictions=written.predictions, alerts=written.alerts, device_data=written.device_data,
+                          replayed=written.replayed, **new)
+
+    def _prepared(self, action: Callable) -> Callable:
+        """`action` after (re)connecting, and reloading what is stored when partitions moved."""
+        def run():
+            if self.reassigned:
+                self.writer = None
+                self.reassigned = False
+            self._connect()
+            return action()
+        return run
+
+    def _maintain(self, should_stop: Callable[[], bool], idle: bool = False) -> None:
+        """Close the roll-up generation when due, or at once when the input pauses (`idle`: the dashboards
+        then show everything stored); prune what is past its horizon when due."""
+        self._retrying(self._prepared(lambda: self.writer.close_generation(force=idle)), "writing roll-ups",
+                       should_stop)
+        if time.monotonic() >= self.next_prune:
+            deleted = self._retrying(self._prepared(lambda: self.store.prune()), "pruning", should_stop)
+            for key, n in deleted.items():
+                self.stats[f"pruned_{key}"] += n
+            self.next_prune = time.monotonic() + self.cfg.retention.prune_interval_s
+        if time.monotonic() >= self.next_compaction:
+            merged = self._retrying(self._prepared(lambda: self.writer.compact_rollups()), "compacting roll-ups",
+                                    should_stop)
+            self.stats["rollup_partials_merged"] += sum(merged.values())
+            self.next_compaction = time.monotonic() + self.cfg.rollups.compact_interval_s
+
+    def _gather(self) -> list:
+        """Messages of one flush: until `sink.flush_interval_ms` passed since the first, or
+        `sink.max_batch_messages` arrived; [] after `POLL_TIMEOUT_S` without any."""
+        limit, window = self.cfg.sink.max_batch_messages, self.cfg.sink.flush_interval_ms / 1000
+        messages = self.consumer.consume(limit, timeout=POLL_TIMEOUT_S)
+        if not messages:
+            return []
+        deadline = time.monotonic() + window
+        while len(messages) < limit and (left := deadline - time.monotonic()) > 0:
+            messages += self.consumer.consume(limit - len(messages), timeout=min(left, POLL_TIMEOUT_S))
+        return messages
+
+    @staticmethod
+    def _next_offsets(messages: list) -> list:
+        """The offsets to commit once these messages are stored: per partition, the last one's + 1."""
+        from confluent_kafka import TopicPartition
+
+        last: dict = {}
+        for msg in messages:
+            if not msg.error():
+                key = (msg.topic(), msg.partition())
+                last[key] = max(last.get(key, -1), msg.offset())
+        return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]
+
+    def _commit(self, offsets: list) -> None:
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # a rebalance meanwhile: the messages come again and are found stored
+            self.stats["commit_failures"] += 1
+            log.warning("kafka: committing offsets failed (%s); the batch will be read again", exc)
+
+    def _store_loop(self, work: queue.Queue, done: queue.Queue, should_stop: Callable[[], bool]) -> None:
+        """The storing thread: batches from `work` (None: stop), their offsets to `done` once stored; roll-ups
+        and pruning when due or when the input pauses. Kafka stays with the consuming thread (the consumer is
+        not thread-safe)."""
+        try:
+            self._retrying(self._prepared(lambda: None), "starting", should_stop)
+            while True:
+                try:
+                    item = work.get(timeout=POLL_TIMEOUT_S)
+                except queue.Empty:
+                    self._maintain(should_stop, idle=self.input_paused.is_set())
+                    continue
+                if item is None:
+                    break
+                batch, offsets = item
+                started = time.perf_counter()
+                self._retrying(self._prepared(lambda: self.store_batch(batch)), "storing a batch", should_stop)
+                self.seconds["storing"] += time.perf_counter() - started
+                done.put(offsets)
+                self._maintain(should_stop, idle=False)
+            if self.writer is not None:  # roll up what this run stored
+                self.writer.close_generation(force=True)
+        except StorageUnavailable:
+            log.warning("stopping while MongoDB is unavailable: the last batch will be read again next time")
+        except BaseException as exc:  # handed to the consuming thread, which raises it
+            done.put(exc)
+        finally:
+            done.put("stopped")
 
     def run(self, until_idle_s: float | None = None, should_stop: Callable[[], bool] = lambda: False,
             progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0) -> Counter:
-        """Consume until `should_stop()`, or until no message came for `until_idle_s` seconds."""
+        """Consume until `should_stop()`, or until no message came for `until_idle_s` seconds.
+
+        Two threads: this one consumes and decodes the next batch while the other stores the previous one
+        (decoding is Python work, storing mostly waits for MongoDB), so the two overlap on separate cores."""
+        work: queue.Queue = queue.Queue(maxsize=1)
+        done: queue.Queue = queue.Queue()
+        storing = threading.Thread(target=self._store_loop, args=(work, done, should_stop), name="sink-store",
+                                   daemon=True)
+        storing.start()
         last_message = last_report = time.monotonic()
+        in_flight = 0
         try:
-            while not should_stop():
-                if self.poll_once():
+            while not should_stop() and storing.is_alive():
+                while not done.empty():
+                    item = done.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, list):
+                        self._commit(item)
+                        in_flight -= 1
+                messages = self._gather()
+                if messages:
+                    self.input_paused.clear()
+                    started = time.perf_counter()
+                    batch = self.decode(messages)
+                    self.seconds["decoding"] += time.perf_counter() - started
+                    now = int(time.time() * 1000)
+                    for key, docs in (*batch.events.items(), ("refused", batch.refused)):
+                        for doc in docs if key != "snapshots" else ():  # snapshots are stored as signed
+                            doc["stored_at"] = now
+                    while storing.is_alive():
+                        try:  # waits while the storing thread is busy with the previous batch
+                            work.put((batch, self._next_offsets(messages)), timeout=POLL_TIMEOUT_S)
+                            in_flight += 1
+                            break
+                        except queue.Full:
+                            if should_stop():
+                                break
                     last_message = time.monotonic()
-                elif (until_idle_s is not None and self.assigned_at is not None
-                      and time.monotonic() - max(last_message, self.assigned_at) >= until_idle_s):
-                    break
+                else:
+                    self.input_paused.set()
+                    if (until_idle_s is not None and self.assigned_at is not None and in_flight == 0
+                            and time.monotonic() - max(last_message, self.assigned_at) >= until_idle_s):
+                        break
                 if progress and time.monotonic() - last_report >= progress_every_s:
                     progress(self.describe())
                     last_report = time.monotonic()
         finally:
+            while storing.is_alive():
+                try:
+                    work.put(None, timeout=POLL_TIMEOUT_S)
+                    break
+                except queue.Full:
+                    continue
+            storing.join()
+            error = None
+            while not done.empty():
+                item = done.get()
+                if isinstance(item, list):
+                    self._commit(item)
+                elif isinstance(item, BaseException):
+                    error = item
             self.consumer.close()
+            if self.decoder is not None:
+                self.decoder.shutdown(cancel_futures=True)
+                self.decoder = None
+            if self.store is not None:
+                self.store.close()
+            if error is not None:
+                raise error
         return self.stats
 
     def describe(self) -> str:
-        return "sink: " + ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items())) if self.stats else "sink: idle"
+        if not self.stats:
+            return "sink: idle"
+        spent = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.seconds.items()))
+        return "sink: " + ", ".join(f"{k}={v}" for k, v in sorted(self.stats.items()) if v) + f" ({spent})"

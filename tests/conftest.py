@@ -74,10 +74,10 @@ def cfg(stack):
     overrides["FLEAD_MONGO_DATABASE"] = f"{stack.cfg.mongo.database}_{suffix}"
     test_cfg = load_config(env={**os.environ, **overrides})
     local_stack.ensure_topics(test_cfg)
-    from storage import mongo
+    from storage.mongo import Store
 
-    db = mongo.connect(test_cfg)
-    mongo.init_db(db, test_cfg)
+    setup = Store(test_cfg)
+    setup.init()
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update(overrides)
     try:
@@ -88,15 +88,20 @@ def cfg(stack):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        db.client.drop_database(db.name)
-        db.client.close()
+        setup.client.drop_database(setup.name)
+        setup.close()
 
 
 @pytest.fixture
-def db(cfg):
-    """The test's own MongoDB database (dropped afterwards)."""
-    from storage import mongo
+def store(cfg):
+    """A `Store` on the test's own MongoDB database (dropped afterwards)."""
+    from storage.mongo import Store
 
-    database = mongo.connect(cfg)
-    yield database
-    database.client.close()
+    with Store(cfg) as opened:
+        yield opened
+
+
+@pytest.fixture
+def db(store):
+    """The same `Store` under the name older tests use (raw pymongo below it: ``db.db``)."""
+    return store

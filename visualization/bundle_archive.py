@@ -2,8 +2,10 @@
 
 The YAML files are Superset's own export format with two additions, filled in here from the configuration:
 
-- ``{{ mongo_sqlalchemy_uri }}`` and ``{{ collections.<name> }}`` placeholders (the database URI, the
-  collection names of ``cfg.mongo.collections``);
+- ``{{ mongo_sqlalchemy_uri }}``, ``{{ collections.<name> }}`` and ``{{ rollups.<level>_grain|rule }}``
+  placeholders (the database URI, the collection names of ``cfg.mongo.collections``, each roll-up's bucket width as
+  a Superset time grain and a pandas resample rule). Superset's own Jinja (``{{ filter_values(...)|... }}``,
+  ``{% if %}``) is left for Superset: it is not a plain dotted name;
 - a dashboard's ``layout``: rows of ``{chart file name: width}`` with a ``height``, expanded into the
   ``position`` tree Superset stores (ROOT > GRID > ROW > CHART), so a layout stays readable and UUIDs stay
   written once, in the chart files.
@@ -32,9 +34,20 @@ def mongo_sqlalchemy_uri(cfg: Config) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + cfg.mongo.database, urlencode(query), ""))
 
 
+def rollup_grains(cfg: Config) -> dict[str, int]:
+    """Superset time grain (ISO 8601 duration) -> seconds, one per roll-up bucket width: charts of a roll-up group
+    by its own bucket width (superset_server adds these grains to the MongoDB engine)."""
+    return {f"PT{seconds}S": seconds for seconds in (cfg.rollups.fleet_bucket_s, cfg.rollups.device_bucket_s,
+                                                     cfg.rollups.daily_bucket_s)}
+
+
 def _placeholder_values(cfg: Config) -> dict[str, str]:
     values = {"mongo_sqlalchemy_uri": mongo_sqlalchemy_uri(cfg)}
     values.update({f"collections.{key}": name for key, name in cfg.mongo.collections.to_dict().items()})
+    for level in ("fleet", "device", "daily"):  # e.g. rollups.fleet_grain: PT600S, rollups.fleet_rule: 600s
+        seconds = cfg.rollups[f"{level}_bucket_s"]
+        values[f"rollups.{level}_grain"] = f"PT{seconds}S"
+        values[f"rollups.{level}_rule"] = f"{seconds}s"  # pandas resample rule: empty buckets become gaps
     return values
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
+
 from config import PROJECT_ROOT, Config, load_config
 from services import processes
 from services.service import read_spec
@@ -85,21 +87,44 @@ def timelines(rows: list[PhaseResult]) -> str:
 def stored_readings(db, cfg: Config, key: str) -> dict[tuple[str, int], list[dict]]:
     """Every reading stored in collection `key` (``predictions`` or ``device_data``), by (device_id, seq): one
     entry per stored copy, each with the fields the checks need (ts, score, threshold, is_anomaly,
-    model_version where the collection has them). Today a document is one reading."""
-    fields = {"device_id": 1, "seq": 1, "ts": 1, "score": 1, "threshold": 1, "is_anomaly": 1, "model_version": 1}
+    model_version where the collection has them). A document holds one device's readings of one sink flush as
+    packed columns (storage/buckets.py)."""
+    from storage.buckets import READING_COLUMNS, SCORE_COLUMNS, unpack_columns
+
+    spec = SCORE_COLUMNS if key == "predictions" else READING_COLUMNS
+    fields = ("seq", "ts", "score", "threshold", "is_anomaly", "model_version")
     out: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for doc in db[cfg.mongo.collections[key]].find({}, fields):
-        out[(doc["device_id"], doc["seq"])].append(doc)
+    for doc in db[cfg.mongo.collections[key]].find({}):
+        cols = unpack_columns(doc, spec)
+        for i, seq in enumerate(cols["seq"].tolist()):
+            row = {name: cols[name][i].item() for name in fields if name in cols}
+            out[(doc["device_id"], seq)].append({"device_id": doc["device_id"], **row})
+    return out
+
+
+def rollup_buckets(records, width_ms: int) -> dict[str, dict]:
+    """Score records summed per device and roll-up bucket (``<device>:<bucket start>``): n, anomalies, score_sum."""
+    from storage.rollups import bucket_starts
+
+    out: dict[str, dict] = {}
+    for r in records:
+        start = int(bucket_starts(np.array([r["ts"]]), width_ms)[0])
+        b = out.setdefault(f"{r['device_id']}:{start}", {"n": 0, "anomalies": 0, "score_sum": 0.0})
+        b["n"] += 1
+        b["anomalies"] += int(bool(r["is_anomaly"]))
+        b["score_sum"] += r["score"]
     return out
 
 
 def rollup_mismatches(db, cfg: Config, predictions: dict[tuple[str, int], list[dict]]) -> dict[str, str]:
-    """Roll-up buckets whose counts or sums differ from the stored predictions: bucket id → what differs."""
-    from storage import mongo
-
-    expected = {b["_id"]: b for b in mongo.score_rollups((copies[0] for copies in predictions.values()),
-                                                         cfg.mongo.rollup_bucket_s * 1000)}
-    stored = {b["_id"]: b for b in db[cfg.mongo.collections.score_rollups].find({})}
+    """Roll-up buckets whose counts or sums differ from the stored predictions: bucket id → what differs. The
+    device roll-ups are partial sums (one per sink generation, storage/rollups.py): they are added up first."""
+    expected = rollup_buckets((copies[0] for copies in predictions.values()), cfg.rollups.device_bucket_s * 1000)
+    stored: dict[str, dict] = {}
+    for partial in db[cfg.mongo.collections.score_rollups].find({}):
+        b = stored.setdefault(f"{partial['device_id']}:{partial['ts']}", {"n": 0, "anomalies": 0, "score_sum": 0.0})
+        for name in b:
+            b[name] += partial[name]
     off = {}
     for bucket_id in sorted(set(expected) | set(stored)):
         want, got = expected.get(bucket_id), stored.get(bucket_id)
@@ -214,7 +239,7 @@ class Feed:
 
     def __init__(self, cfg: Config):
         self.readings = order_by_time(open_reader("asd", cfg.data_dir / "asd" / "test.csv.gz"))
-        self.bucket_ms = cfg.mongo.rollup_bucket_s * 1000
+        self.bucket_ms = cfg.rollups.device_bucket_s * 1000
         self.offset = 0
         self.phases = 0
         self.sent: list[Reading] = []
@@ -368,8 +393,6 @@ class Audit:
 def audit(pipeline: Pipeline, feed: Feed, phases: list[Phase]) -> dict[str, Audit]:
     """Read what is stored once and attribute every lost or duplicated reading, model-version reset and wrong
     roll-up bucket to the phase that sent the reading. Fills `RESULTS` (the printed table)."""
-    from storage import mongo
-
     db, cfg = pipeline.database(), pipeline.cfg
     predictions = stored_readings(db, cfg, "predictions")
     raw = stored_readings(db, cfg, "device_data")
@@ -377,12 +400,12 @@ def audit(pipeline: Pipeline, feed: Feed, phases: list[Phase]) -> dict[str, Audi
     unexpected = (set(predictions) | set(raw)) - sent
     assert not unexpected, f"stored readings that were never sent: {sorted(unexpected)[:5]}"
     off = rollup_mismatches(db, cfg, predictions)
-    width = cfg.mongo.rollup_bucket_s * 1000
+    width = cfg.rollups.device_bucket_s * 1000
     audits = {}
     for phase in phases:
         keys = [(r.device_id, r.seq) for r in feed.sent[phase.first:phase.last]]
         mine = {key: predictions[key] for key in keys if key in predictions}
-        buckets = {b["_id"] for b in mongo.score_rollups((copies[0] for copies in mine.values()), width)}
+        buckets = set(rollup_buckets((copies[0] for copies in mine.values()), width))
         a = Audit(row=PhaseResult(phase.fault, len(keys), len(mine), 0, 0, phase.dead_letters, phase.rejected,
                                   phase.restarts, phase.recovery_s, 0, phase.seconds, phase.timeline),
                   lost=[key for key in keys if key not in predictions or key not in raw],

@@ -46,19 +46,20 @@ def log_in(browser, url: str, login: dict) -> None:
     WebDriverWait(browser, 60).until(lambda b: "/login" not in b.current_url)
 
 
-def wait_for_charts(browser, expected: int) -> list[dict]:
-    """Wait until all `expected` charts of the page are drawn or failed; their final states."""
+def wait_for_charts(browser, expected: int, settle_s: float = 1.0, poll_s: float = 0.5) -> list[dict]:
+    """Wait until all `expected` charts of the page are drawn or failed; their final states. `settle_s`: let the
+    last animations finish (for a screenshot; a timing passes 0)."""
     deadline = time.monotonic() + CHART_TIMEOUT_S
     while True:
         states = browser.execute_script(CHART_STATES_JS)
         settled = len(states) == expected and all(
             s["error"] or (not s["loading"] and (s["drawn"] or NO_RESULTS in s["text"])) for s in states)
         if settled:
-            time.sleep(1)  # let the last animations finish before the screenshot
+            time.sleep(settle_s)
             return browser.execute_script(CHART_STATES_JS)
         if time.monotonic() > deadline:
             pytest.fail(f"charts not drawn after {CHART_TIMEOUT_S} s: {states}")
-        time.sleep(0.5)
+        time.sleep(poll_s)
 
 
 def chart(states: list[dict], name: str) -> dict:
@@ -81,8 +82,22 @@ def expected_charts(dashboard: dict) -> int:
     return sum(len(row["charts"]) for row in dashboard["layout"])
 
 
-def open_dashboard(browser, base_url: str, slug: str, expected: int) -> list[dict]:
+def open_dashboard(browser, base_url: str, slug: str, expected: int, **wait) -> list[dict]:
     """Open a dashboard standalone with every chart in view, and wait until all are drawn or failed."""
     browser.set_window_size(1600, 2400)  # Superset draws charts only when visible
     browser.get(f"{base_url}/superset/dashboard/{slug}/?standalone=1")
-    return wait_for_charts(browser, expected)
+    return wait_for_charts(browser, expected, **wait)
+
+
+def device_url(base_url: str, device: str) -> str:
+    """The device drill-down with its device filter set (as the device links of the tables open it)."""
+    return (f"{base_url}/superset/dashboard/flead-device/?standalone=1&native_filters=(NATIVE_FILTER-flead-device:"
+            f"(extraFormData:(filters:!((col:device_id,op:IN,val:!('{device}')))),filterState:(value:!('{device}'))))")
+
+
+def open_device(browser, base_url: str, device: str, **wait) -> list[dict]:
+    """Open the drill-down of one device and wait until every chart is drawn or failed."""
+    browser.set_window_size(1600, 2400)
+    browser.get(device_url(base_url, device))
+    drilldown = next(d for d in DASHBOARDS if d["slug"] == "flead-device")
+    return wait_for_charts(browser, expected_charts(drilldown), **wait)

@@ -29,20 +29,18 @@ def dashboard_cfg(stack):
 
 
 @pytest.fixture(scope="module")
-def dashboard_db(dashboard_cfg):
+def dashboard_store(dashboard_cfg):
     """The dashboards' database, filled with sample documents (dropped afterwards)."""
-    import pymongo
+    from storage.mongo import Store
 
-    client = pymongo.MongoClient(dashboard_cfg.mongo_uri)
-    db = client[dashboard_cfg.mongo.database]
-    write_sample_documents(db, dashboard_cfg, now_ms=int(time.time() * 1000))
-    yield db
-    client.drop_database(db.name)
-    client.close()
+    with Store(dashboard_cfg) as store:
+        write_sample_documents(store, dashboard_cfg, now_ms=int(time.time() * 1000))
+        yield store
+        store.client.drop_database(store.name)
 
 
 @pytest.fixture(scope="module")
-def superset(dashboard_cfg, dashboard_db):
+def superset(dashboard_cfg, dashboard_store):
     """Superset serving the imported dashboards; its URL. Stopped afterwards."""
     if not (superset_server.SUPERSET_VENV / "bin" / "superset").exists():
         pytest.skip("Superset is not installed: run visualization/setup_superset.sh")

@@ -1,17 +1,29 @@
 """The Superset dashboards, end to end: MongoDB documents -> Superset (bundle imported) -> headless Chromium.
 
-Every dashboard of the bundle must render every chart without an error; figures must match MongoDB;
-re-importing the bundle must update in place, never duplicate. Screenshots go to ``artifacts/``.
+Every dashboard of the bundle must render every chart without an error and with data; the fleet figures must
+equal counts taken from the bucketed documents in MongoDB; numbers print to 3 significant figures; re-importing
+the bundle must update in place, never duplicate. Screenshots (1600 px wide) go to ``artifacts/``.
 """
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from browser import (DASHBOARDS, NO_RESULTS, bundle_yaml, chart, expected_charts, log_in, number, open_dashboard,
-                     screenshot, wait_for_charts)
+                     open_device, screenshot, wait_for_charts)
+from sample_documents import DEVICES
 from visualization import superset_server
 
 pytestmark = pytest.mark.e2e
+
+DECIMAL = re.compile(r"\d+\.\d+")
+
+
+def long_numbers(text: str) -> list[str]:
+    """Decimal numbers in `text` printed with more than 3 significant figures (0.12345, 12.34; not 0.0123)."""
+    return [n for n in DECIMAL.findall(text) if len(n.replace(".", "").lstrip("0")) > 3]
+
 
 @pytest.fixture(scope="module")
 def logged_in_browser(browser, superset, dashboard_cfg):
@@ -19,47 +31,65 @@ def logged_in_browser(browser, superset, dashboard_cfg):
     return browser
 
 
+def _open(browser, base, dashboard):
+    if dashboard["slug"] == "flead-device":  # the drill-down shows one device's data: pick one
+        return open_device(browser, base, DEVICES[-1])
+    return open_dashboard(browser, base, dashboard["slug"], expected_charts(dashboard))
+
+
 @pytest.mark.parametrize("dashboard", DASHBOARDS, ids=[d["slug"] for d in DASHBOARDS])
-def test_dashboard_renders_every_chart_without_error(dashboard, logged_in_browser, superset, artifacts_dir):
+def test_dashboard_renders_every_chart_with_data_and_short_numbers(dashboard, logged_in_browser, superset,
+                                                                   artifacts_dir):
     browser = logged_in_browser
-    states = open_dashboard(browser, superset, dashboard["slug"], expected_charts(dashboard))
+    states = _open(browser, superset, dashboard)
     screenshot(browser, artifacts_dir / f"dashboard-{dashboard['slug']}.png")
     failed = {s["name"]: s["error"] for s in states if s["error"]}
     assert not failed, f"charts with errors on {dashboard['slug']}: {failed}"
     empty = [s["name"] for s in states if NO_RESULTS in s["text"]]
     assert not empty, f"charts without data on {dashboard['slug']}: {empty}"
+    too_long = {s["name"]: long_numbers(s["text"]) for s in states if long_numbers(s["text"])}
+    assert not too_long, f"numbers with more than 3 significant figures: {too_long}"
 
 
-def test_fleet_figures_equal_mongodb_counts(logged_in_browser, superset, dashboard_db, dashboard_cfg):
-    names = dashboard_cfg.mongo.collections
-    states = open_dashboard(logged_in_browser, superset, "flead-fleet", 9)
-    assert number(chart(states, "Alerts total")["text"]) == dashboard_db[names.alerts].count_documents({})
-    assert number(chart(states, "Readings scored")["text"]) == dashboard_db[names.predictions].count_documents({})
+def test_fleet_figures_equal_mongodb_counts_of_the_bucketed_documents(logged_in_browser, superset, dashboard_store):
+    fleet = next(d for d in DASHBOARDS if d["slug"] == "flead-fleet")
+    states = open_dashboard(logged_in_browser, superset, "flead-fleet", expected_charts(fleet))
+    readings = dashboard_store.count_readings("predictions")  # the n of every bucket document
+    assert number(chart(states, "Readings scored")["text"]) == readings > 0
+    assert number(chart(states, "Alerts total")["text"]) == dashboard_store.collection("alerts").count_documents({})
     assert number(chart(states, "Devices reporting")["text"]) == len(
-        dashboard_db[names.predictions].distinct("device_id"))
+        dashboard_store.collection("predictions").distinct("device_id"))
+    assert number(chart(states, "Open incidents")["text"]) == dashboard_store.collection("incidents").count_documents(
+        {"status": "open"})
 
 
-def test_alert_device_link_opens_the_filtered_drilldown(logged_in_browser, superset, dashboard_db, dashboard_cfg,
-                                                        artifacts_dir):
+def test_an_incident_device_link_opens_the_filtered_drilldown(logged_in_browser, superset, dashboard_store,
+                                                              artifacts_dir):
     from selenium.webdriver.common.by import By
 
     browser = logged_in_browser
-    open_dashboard(browser, superset, "flead-fleet", 9)
-    link = browser.find_element(By.CSS_SELECTOR, '[data-test-chart-name="Latest alerts"] table a[href*="flead-device"]')
+    fleet = next(d for d in DASHBOARDS if d["slug"] == "flead-fleet")
+    open_dashboard(browser, superset, "flead-fleet", expected_charts(fleet))
+    link = browser.find_element(By.CSS_SELECTOR,
+                                '[data-test-chart-name="Incidents, newest first"] table a[href*="flead-device"]')
     device = link.text
     browser.get(link.get_attribute("href"))
-    states = wait_for_charts(browser, 3)
-    screenshot(browser, artifacts_dir / "dashboard-flead-device-from-alert-link.png")
-    expected = dashboard_db[dashboard_cfg.mongo.collections.predictions].count_documents(
-        {"device_id": device, "is_anomaly": True})
-    assert number(chart(states, "Anomalies of the device")["text"]) == expected
+    drilldown = next(d for d in DASHBOARDS if d["slug"] == "flead-device")
+    states = wait_for_charts(browser, expected_charts(drilldown))
+    screenshot(browser, artifacts_dir / "dashboard-flead-device-from-incident-link.png")
+    assert not [s for s in states if s["error"]], states
+    expected = dashboard_store.collection("alerts").count_documents({"device_id": device})
+    assert number(chart(states, "Anomalous readings of the device")["text"]) == expected
     rows = browser.find_elements(By.CSS_SELECTOR, '[data-test-chart-name="Alerts of the device"] tbody tr')
     assert rows and {row.find_element(By.CSS_SELECTOR, "a").text for row in rows} == {device}
+    metric_values = chart(states, "Metric values of the device (mean per bucket)")
+    assert metric_values["drawn"] and NO_RESULTS not in metric_values["text"]
 
 
-def test_empty_collection_shows_no_rows_not_an_error(logged_in_browser, superset, dashboard_db, dashboard_cfg):
-    dashboard_db[dashboard_cfg.mongo.collections.dead_letters].delete_many({})
-    states = open_dashboard(logged_in_browser, superset, "flead-data-quality", 3)
+def test_empty_collection_shows_no_rows_not_an_error(logged_in_browser, superset, dashboard_store):
+    dashboard_store.collection("dead_letters").delete_many({})
+    quality = next(d for d in DASHBOARDS if d["slug"] == "flead-data-quality")
+    states = open_dashboard(logged_in_browser, superset, "flead-data-quality", expected_charts(quality))
     assert not [s for s in states if s["error"]], states
     assert number(chart(states, "Dead letters total")["text"]) == 0
 

@@ -1,7 +1,9 @@
 """The main command end to end: `flead demo` on a slice of ASD, then checks against MongoDB and the browser.
 
-Every reading is scored, a federated round completes and its model is adopted by the stream job, the
-summary's F1 equals one computed independently from MongoDB, and every dashboard renders.
+Every reading is scored and stored once, a federated round completes (no race with the scheduler) and its model is
+adopted by the stream job, the summary's F1 equals one computed independently from the bucketed documents, the
+malformed messages it sends become dead letters by reason, and after the summary the dashboards stay up at the
+printed URL (until `flead down`) and render, with the fleet figures equal to MongoDB's.
 """
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pymongo
 import pytest
+import requests
 
-from browser import DASHBOARDS, expected_charts, log_in, open_dashboard, screenshot
+from browser import DASHBOARDS, chart, expected_charts, log_in, number, open_dashboard, open_device, screenshot
 from config import PROJECT_ROOT, load_config
 from services import processes
 from visualization import superset_server
@@ -26,7 +27,7 @@ DEVICES, TRAIN, TEST = 3, 600, 1000  # ASD's first anomalies come ~740 readings 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """Run the demo on its own state dir and ports, leave it running for the checks, then `flead down`."""
+    """Run the demo on its own state dir and ports (it leaves the dashboards up), check, then `flead down`."""
     state = tmp_path_factory.mktemp("demo-state")
     env = {**os.environ, "FLEAD_STATE_DIR": str(state)}
     for key in ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "MONGO_PORT", "SUPERSET_PORT", "API_PORT"):
@@ -36,7 +37,7 @@ def demo_run(tmp_path_factory):
     cfg = load_config(env=env)
     try:
         run = subprocess.run([sys.executable, "-m", "orchestration.cli", "demo", "--devices", str(DEVICES),
-                              "--train-per-device", str(TRAIN), "--test-per-device", str(TEST), "--keep-running",
+                              "--train-per-device", str(TRAIN), "--test-per-device", str(TEST),
                               "--json", str(summary_path)], env=env, cwd=PROJECT_ROOT, capture_output=True,
                              text=True, timeout=1500)
         (PROJECT_ROOT / "artifacts").mkdir(exist_ok=True)
@@ -49,49 +50,63 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_db(demo_run):
+def demo_store(demo_run):
+    from storage.mongo import Store
+
     cfg, _, _ = demo_run
-    client = pymongo.MongoClient(cfg.mongo_uri)
-    yield cfg, client[cfg.mongo.database]
-    client.close()
+    with Store(cfg) as store:
+        yield store
 
 
-def test_every_reading_is_scored_once(demo_run, demo_db):
+def test_every_reading_is_scored_and_stored_once(demo_run, demo_store):
     _, summary, stdout = demo_run
-    cfg, db = demo_db
     total = DEVICES * (TRAIN + TEST)
     assert summary["readings"]["scored"] == total
-    assert db[cfg.mongo.collections.predictions].count_documents({}) == total
+    assert demo_store.count_readings("predictions") == total == demo_store.count_readings("device_data")
+    assert demo_store.count_readings("fleet_rollups") == total  # the dashboards see every reading
     assert "FLEAD demo summary" in stdout
 
 
-def test_a_federated_round_completed_and_was_adopted(demo_run, demo_db):
-    _, summary, _ = demo_run
-    cfg, db = demo_db
-    assert summary["federated"]["rounds"] >= 1
-    assert db[cfg.mongo.collections.global_models].count_documents({}) >= 1
-    adopted = db[cfg.mongo.collections.predictions].count_documents({"global_version": {"$gte": 1}})
+def test_a_federated_round_completed_without_a_race_and_was_adopted(demo_run, demo_store):
+    _, summary, stdout = demo_run
+    assert summary["federated"]["rounds"] >= 1 and "written by another run meanwhile" not in stdout
+    assert demo_store.collection("global_models").count_documents({}) >= 1
+    adopted = int((demo_store.score_columns()["global_version"] >= 1).sum())
     assert adopted > 0 and summary["federated"]["adopted_version_in_scores"] >= 1
 
 
-def test_summary_f1_equals_an_independent_computation(demo_run, demo_db):
+def test_summary_f1_equals_an_independent_computation(demo_run, demo_store):
     _, summary, _ = demo_run
-    cfg, db = demo_db
-    test_docs = list(db[cfg.mongo.collections.predictions].find(
-        {"seq": {"$gte": TRAIN}}, {"label": 1, "is_anomaly": 1}))
-    assert len(test_docs) == DEVICES * TEST
-    y = np.array([d["label"] for d in test_docs])
-    p = np.array([d["is_anomaly"] for d in test_docs])
-    tp, fp, fn = np.sum(p & (y == 1)), np.sum(p & (y == 0)), np.sum(~p & (y == 1))
+    cols = demo_store.score_columns()
+    test = cols["seq"] >= TRAIN
+    assert int(test.sum()) == DEVICES * TEST
+    y, p = cols["label"][test] == 1, cols["is_anomaly"][test].astype(bool)
+    tp, fp, fn = int((p & y).sum()), int((p & ~y).sum()), int((~p & y).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     assert summary["test_accuracy"]["f1"] == pytest.approx(f1)
 
 
-def test_dashboards_render_the_demo_results(demo_run, browser):
-    cfg, _, _ = demo_run
+def test_malformed_messages_become_dead_letters_by_reason(demo_run, demo_store):
+    _, summary, _ = demo_run
+    sent = summary["bad_input"]["malformed_sent"]
+    reasons = {d["reason"] for d in demo_store.find("dead_letters", {"source": demo_run[0].kafka.topics.telemetry})}
+    assert sent >= 5 and demo_store.collection("dead_letters").count_documents({}) >= sent
+    assert len(reasons) >= 5, reasons  # one of each kind the demo sends
+
+
+def test_the_dashboards_stay_up_after_the_summary_and_show_the_demo(demo_run, demo_store, browser):
+    cfg, summary, stdout = demo_run
     base = superset_server.base_url(cfg)
+    assert "stay up until `flead down`" in stdout and summary["dashboard"].startswith(base)
+    assert requests.get(base + "/health", timeout=10).text.strip() == "OK"
     log_in(browser, base, superset_server.credentials(cfg))
     for dashboard in DASHBOARDS:
-        states = open_dashboard(browser, base, dashboard["slug"], expected_charts(dashboard))
+        if dashboard["slug"] == "flead-device":
+            states = open_device(browser, base, demo_store.device_ids()[0])
+        else:
+            states = open_dashboard(browser, base, dashboard["slug"], expected_charts(dashboard))
         screenshot(browser, PROJECT_ROOT / "artifacts" / f"demo-{dashboard['slug']}.png")
         assert not {s["name"]: s["error"] for s in states if s["error"]}
+        if dashboard["slug"] == "flead-fleet":
+            assert number(chart(states, "Readings scored")["text"]) == demo_store.count_readings("predictions")
+            assert number(chart(states, "Alerts total")["text"]) == demo_store.collection("alerts").count_documents({})

@@ -14,7 +14,7 @@ from config import load_config
 from monitoring.records import sample_incident
 from services import processes
 from spark_jobs.api import create_app
-from storage import mongo
+from storage.mongo import Store
 from telemetry.consumer import iter_messages
 from telemetry.schema import decode_feedback
 
@@ -44,7 +44,7 @@ def api_url(cfg):
 def test_the_false_positive_button_stores_and_publishes_the_verdict(cfg, db, api_url, browser, artifacts_dir):
     incident = sample_incident(device_id="db-07", peak_ratio=4.2,
                                metrics_to_blame=[{"metric": "disk_io", "share": 0.8}, {"metric": "cpu", "share": 0.1}])
-    mongo.collection(db, cfg, "incidents").insert_one({**incident, "_id": incident["incident_id"]})
+    db.collection("incidents").insert_one({**incident, "_id": incident["incident_id"]})
 
     browser.get(f"{api_url}/incidents/db-07:100/feedback")
     text = browser.find_element(By.TAG_NAME, "body").text
@@ -60,7 +60,7 @@ def test_the_false_positive_button_stores_and_publishes_the_verdict(cfg, db, api
     assert browser.find_element(By.ID, "verdict").text == "false_positive"
     browser.save_screenshot(str(artifacts_dir / "incident-feedback-page.png"))
 
-    stored = mongo.collection(db, cfg, "incident_feedback").find_one({"_id": "db-07:100"})
+    stored = db.collection("incident_feedback").find_one({"_id": "db-07:100"})
     assert stored["verdict"] == "false_positive" and stored["note"] == "nightly backup" and stored["published"]
     published = [decode_feedback(m.value()) for m in iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.feedback,
                                                                     from_beginning=True, timeout_s=3.0)]
@@ -74,4 +74,4 @@ def test_the_false_positive_button_stores_and_publishes_the_verdict(cfg, db, api
     while not browser.find_element(By.ID, "result").text.startswith("403"):
         assert time.monotonic() < deadline, browser.find_element(By.ID, "result").text
         time.sleep(0.2)
-    assert mongo.collection(db, cfg, "incident_feedback").find_one({"_id": "db-07:100"})["verdict"] == "false_positive"
+    assert db.collection("incident_feedback").find_one({"_id": "db-07:100"})["verdict"] == "false_positive"

@@ -20,7 +20,7 @@ from services import processes
 from spark_jobs.aggregate_job import run_round
 from spark_jobs import standalone
 from spark_jobs.session import spark_session, worker_environment
-from storage import mongo
+from storage.mongo import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 
@@ -93,12 +93,12 @@ def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg
     honest_id = snaps[1][0]
     forged = snapshot(honest_id, [np.full(s, 50.0) for s in SHAPES], 2 ** 53, version=10 ** 6, signed=False)
     forged["n_seen"] = 2 ** 53 + 10 ** 6
-    mongo.write_local_models(db, cfg, stale + [s for _, _, s in snaps] + [forged])
+    db.write_local_models(stale + [s for _, _, s in snaps] + [forged])
 
     outcome = run_round(spark, cfg)
 
     assert outcome.status == "aggregated", outcome.message
-    model = mongo.latest_global_model(db, cfg)
+    model = db.latest_global_model()
     assert model["version"] == 1 and model["round_id"] == "r1" and model["strategy"] == "fedavg"
     weights, _ = loads(from_b64(model["weights"]))
     for got, want in zip(weights, fedavg(valid)):
@@ -118,15 +118,15 @@ def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg
     assert verify_record(wire_form(model, "flead.global-model/1"), key) is None
     assert model["previous_version"] == 0 and global_model_verdict(wire_form(model, "flead.global-model/1"), key,
                                                                    0, None, cfg.integrity.max_version_gap).adopt
-    history = mongo.aggregation_rounds(db, cfg)
+    history = db.aggregation_rounds()
     assert len(history) == 1 and history[0]["n_rejected"] == len(model["rejected"]) == 12
     assert history[0]["mean_loss"] == pytest.approx(0.01)
     assert history[0]["norms"]["max"] > 50 * history[0]["norms"]["median"]
 
     again = run_round(spark, cfg)
     assert again.status == "skipped" and "no new snapshots" in again.message
-    assert mongo.collection(db, cfg, "global_models").count_documents({}) == 1
-    assert len(mongo.aggregation_rounds(db, cfg)) == 1
+    assert db.collection("global_models").count_documents({}) == 1
+    assert len(db.aggregation_rounds()) == 1
 
     messages = read_global_messages(cfg, expected=1)
     assert [m["version"] for m in messages] == [1]
@@ -136,15 +136,15 @@ def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg
 
 def test_dp_round_writes_counts_noised_model_and_epsilon_only(spark, cfg, db):
     snaps, valid = fleet(30, seed=8)
-    mongo.write_local_models(db, cfg, [s for _, _, s in snaps])
+    db.write_local_models([s for _, _, s in snaps])
     private = load_config(env={**os.environ, "FLEAD_PRIVACY_ENABLED": "true"})
 
     outcome = run_round(spark, private, publish_model=False)
 
     assert outcome.status == "aggregated", outcome.message
     assert outcome.rejected == [] and outcome.n_rejected == 1 and "ε = " in outcome.message  # the NaN one
-    model = mongo.latest_global_model(db, cfg)
-    history = mongo.aggregation_rounds(db, cfg)[0]
+    model = db.latest_global_model()
+    history = db.aggregation_rounds()[0]
     written = str(model) + str(history)
     assert not any(device in written for device, _, _ in snaps)
     assert model.get("participants", []) == [] and model["n_participants"] == 29 and model["dp_epsilon"] > 0
@@ -156,13 +156,13 @@ def test_too_few_valid_updates_skip_the_round_with_reasons(spark, cfg, db):
     good = snapshot("good", [np.ones(s) for s in SHAPES], 10)
     bad = snapshot("bad", [np.ones(s) for s in SHAPES], 10, signed=False) | {"weights": "bm90IGEgYmxvYg=="}
     bad = sign_record(bad, signing_key(cfg))   # signed, but not a weight blob
-    mongo.write_local_models(db, cfg, [good, bad])
+    db.write_local_models([good, bad])
 
     outcome = run_round(spark, cfg, publish_model=False)
 
     assert outcome.status == "skipped"
     assert "needs at least 2" in outcome.message and "bad: v1: weights: " in outcome.message
-    assert mongo.latest_global_model(db, cfg) is None
+    assert db.latest_global_model() is None
 
 
 def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(spark, cfg, db):
@@ -170,16 +170,16 @@ def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(sp
     centres = [[rng.normal(size=s) for s in SHAPES] for _ in range(3)]
     snaps = [snapshot(f"c{k}-{i}", [c + 0.01 * rng.normal(size=c.shape) for c in centres[k]], 100)
              for k in range(3) for i in range(4)]
-    mongo.write_local_models(db, cfg, snaps)
+    db.write_local_models(snaps)
     clustered = load_config(env={**os.environ, "FLEAD_AGGREGATION_STRATEGY": "clustered",
                                  "FLEAD_AGGREGATION_MIN_COSINE": "-1.0"})
 
     outcome = run_round(spark, clustered, publish_model=False)
 
     assert outcome.status == "aggregated", outcome.message
-    fleet_model = mongo.latest_global_model(db, cfg)
+    fleet_model = db.latest_global_model()
     assert fleet_model["_id"] == 1 and fleet_model.get("cluster") is None and fleet_model["cluster_sizes"] == [4, 4, 4]
-    clusters = mongo.cluster_models(db, cfg, 1)
+    clusters = db.cluster_models(1)
     assert [c["_id"] for c in clusters] == ["1:c0", "1:c1", "1:c2"]
     for c in clusters:
         assert len({device.split("-")[0] for device in c["participants"]}) == 1  # one true group per cluster
@@ -187,7 +187,7 @@ def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(sp
 
 def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(spark, cfg, db):
     snaps, _ = fleet(20, seed=3)
-    mongo.write_local_models(db, cfg, [s for _, _, s in snaps])
+    db.write_local_models([s for _, _, s in snaps])
     assert run_round(spark, cfg, publish_model=False).status == "aggregated"
     time.sleep(0.01)
     later = int(time.time() * 1000)
@@ -198,7 +198,7 @@ def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(s
     tampered = snapshot("dev-tampered", [np.ones(s) for s in SHAPES], 100, 3, later, signed=False)
     tampered["weights"] = to_b64(from_b64(tampered["weights"])[:-8] + b"\x00" * 8)
     tampered = sign_record(tampered, signing_key(cfg))  # signed, but the blob inside is corrupt
-    mongo.write_local_models(db, cfg, fresh + [wrong_shape, tampered])
+    db.write_local_models(fresh + [wrong_shape, tampered])
 
     started = time.monotonic()
     result = subprocess.run([str(SPARK_SUBMIT), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
@@ -209,7 +209,7 @@ def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(s
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"outcome"'))["outcome"]
     assert outcome["status"] == "aggregated" and outcome["version"] == 2, outcome
-    model = mongo.latest_global_model(db, cfg)
+    model = db.latest_global_model()
     assert model["version"] == 2 and len(model["participants"]) == 6
     reasons = {r["device_id"]: r["reason"] for r in model["rejected"]}
     assert "wrong shape (7, 16)" in reasons["dev-wrong"]
@@ -233,14 +233,14 @@ def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db)
         snaps.append(snapshot(f"dev-{d}", detector.get_weights(), 300) | {"version": 1})
         readings += [{"device_id": f"dev-{d}", "seq": i, "ts": 1_700_000_000_000 + i,
                       "metrics": dict(zip(metrics, map(float, X[i]))), "label": int(y[i])} for i in range(400)]
-    mongo.write_device_data(db, cfg, readings)
-    mongo.write_local_models(db, cfg, snaps)
+    db.write_readings(readings)
+    db.write_local_models(snaps)
     assert run_round(spark, cfg, publish_model=False).status == "aggregated"
 
     outcome = run_evaluation(spark, cfg)
 
     assert outcome.status == "evaluated" and outcome.problems == [], outcome
-    docs = {d["_id"]: d for d in mongo.collection(db, cfg, "metrics").find()}
+    docs = {d["_id"]: d for d in db.collection("metrics").find()}
     assert set(docs) == {f"1:device:dev-{d}{s}" for d in range(3) for s in ("", ":local")} | {"1:fleet:fleet",
                                                                                              "1:fleet:fleet:local"}
     fleet = docs["1:fleet:fleet"]
@@ -248,7 +248,7 @@ def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db)
     assert fleet["roc_auc"] > 0.9 and fleet["pr_auc"] > 0.5 and 0 <= fleet["f1"] <= 1
     assert docs["1:device:dev-0:local"]["local_version"] == 1
     assert run_evaluation(spark, cfg).n_documents == len(docs)  # a re-run overwrites
-    assert mongo.collection(db, cfg, "metrics").count_documents({}) == len(docs)
+    assert db.collection("metrics").count_documents({}) == len(docs)
 
 
 def processes_in_session(session_ids: set[int]) -> list[int]:
@@ -266,7 +266,7 @@ def processes_in_session(session_ids: set[int]) -> list[int]:
 
 def test_spark_submit_runs_a_round_on_a_local_standalone_cluster(cfg, db):
     snaps, valid = fleet(40, seed=6)
-    mongo.write_local_models(db, cfg, [s for _, _, s in snaps])
+    db.write_local_models([s for _, _, s in snaps])
     env = {**os.environ, **{f"FLEAD_AGGREGATION_{key.upper()}": str(processes.free_port()) for key in
                             ("spark_master_port", "spark_master_webui_port", "spark_worker_webui_port")}}
     cluster_cfg = load_config(env=env)
@@ -295,7 +295,7 @@ def test_spark_submit_runs_a_round_on_a_local_standalone_cluster(cfg, db):
 
     outcome = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"outcome"'))["outcome"]
     assert outcome["status"] == "aggregated" and outcome["version"] == 1, outcome
-    model = mongo.latest_global_model(db, cfg)
+    model = db.latest_global_model()
     weights, _ = loads(from_b64(model["weights"]))
     for got, want in zip(weights, fedavg(valid)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -330,7 +330,7 @@ def test_secure_round_announces_collects_recovers_a_dropout_and_unmasks_only_the
     counts = {d: int(rng.integers(100, 2000)) for d in devices}
     now = int(time.time() * 1000) - 1000
     length = sum(int(np.prod(s)) for s in SHAPES)
-    mongo.write_local_models(db, cfg, [sign_record(enrolment_record(d, pub, length, SHAPES, 1, 10, now), key)
+    db.write_local_models([sign_record(enrolment_record(d, pub, length, SHAPES, 1, 10, now), key)
                                        for d, (_, pub) in devices.items()])
 
     announced = run_round(spark, secure)                       # 1. announce
@@ -342,17 +342,17 @@ def test_secure_round_announces_collects_recovers_a_dropout_and_unmasks_only_the
     dropped = "sec-3"
     answers = [answer_cohort(cohort, d, devices[d][0], np.concatenate([w.ravel() for w in models[d]]), counts[d],
                              2, 10 + counts[d], now + 1) for d in devices if d != dropped]
-    mongo.write_local_models(db, cfg, [sign_record(a, key) for a in answers])
+    db.write_local_models([sign_record(a, key) for a in answers])
     waiting = run_round(spark, secure)                         # 2. a member is missing: ask for seeds
     assert waiting.status == "skipped" and "dropped out" in waiting.message
     recovery = read_global_messages(cfg, expected=2)[1]
     assert recovery["dropped"] == [dropped] and verify_record(recovery, key) is None
     reveals = [answer_dropouts(recovery, d, devices[d][0], now + 2, 3, 11 + counts[d]) for d in devices if d != dropped]
-    mongo.write_local_models(db, cfg, [sign_record(r, key) for r in reveals])
+    db.write_local_models([sign_record(r, key) for r in reveals])
 
     outcome = run_round(spark, secure)                         # 3. unmask the survivors' sum
     assert outcome.status == "aggregated" and outcome.n_participants == 4, outcome.message
-    model = mongo.latest_global_model(db, cfg)
+    model = db.latest_global_model()
     weights, _ = loads(from_b64(model["weights"]))
     survivors = [d for d in devices if d != dropped]
     expected = fedavg([(models[d], min(counts[d], secure.privacy.secure_max_weight)) for d in survivors])
@@ -361,7 +361,7 @@ def test_secure_round_announces_collects_recovers_a_dropout_and_unmasks_only_the
     assert model["strategy"] == "secure-fedavg"
     assert global_model_verdict(wire_form(model, "flead.global-model/1"), key, 0, None, 10).adopt
 
-    stored = list(mongo.collection(db, cfg, "local_models").find({"encoding": "masked-u64/1"}))
+    stored = list(db.collection("local_models").find({"encoding": "masked-u64/1"}))
     assert len(stored) == 4
     for doc in stored:   # what MongoDB holds of an update: words indistinguishable from uniform
         words = decode_words(doc["weights"], length + 1)

@@ -19,7 +19,7 @@ from models.integrity import device_token, sign_record, signing_key, verify_reco
 from models.serialization import dumps, to_b64
 from services import processes
 from spark_jobs.api import api_token, create_app
-from storage import mongo
+from storage.mongo import Store
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def store_global_model(db, cfg, value=0.5, shapes=SHAPES, version=1):
                          "issuer": "flead-aggregator", "round_id": f"r{version}", "strategy": "fedavg",
                          "participants": ["dev-1"], "weights": blob(shapes, value), "created_at": version},
                         signing_key(cfg))
-    mongo.write_global_model(db, cfg, model)
+    db.write_global_model(model)
     return model
 
 
@@ -74,14 +74,14 @@ def test_writes_without_or_with_a_wrong_token_are_refused(client, api_cfg, db):
     wrong = {"Authorization": "Bearer nope"}
     assert client.post("/api/local-update", json=snapshot(), headers=wrong).status_code == 403
     assert client.post("/api/aggregate", headers=wrong).status_code == 403
-    assert mongo.collection(db, api_cfg, "local_models").count_documents({}) == 0
+    assert db.collection("local_models").count_documents({}) == 0
 
 
 def test_valid_update_is_stored_and_bad_ones_get_the_reason(client, api_cfg, db):
     AUTH = device_auth(api_cfg)  # noqa: N806 (the device's own token from here on)
     ok = client.post("/api/local-update", json=snapshot(), headers=AUTH)
     assert ok.status_code == 201 and ok.json() == {"id": "dev-1:1", "stored": True}
-    stored = mongo.latest_local_model(db, api_cfg, "dev-1")
+    stored = db.latest_local_model("dev-1")
     assert stored["n_samples"] == 100 and stored["created_at"] > 0
     assert verify_record(wire_form(stored, "flead.snapshot/1"), signing_key(api_cfg)) is None  # stored signed
     assert client.post("/api/local-update", json=snapshot(), headers=AUTH).status_code == 409
@@ -127,7 +127,7 @@ def test_issue_14_probes_of_local_update_are_refused(client, api_cfg, db):
         assert response.status_code == status, (name, response.text)
         assert reason in response.text, (name, response.text)
     assert client.post("/api/local-update", json=snapshot(version=2, n_seen=200), headers=own).status_code == 201
-    assert mongo.latest_local_model(db, api_cfg, "dev-2") is None
+    assert db.latest_local_model("dev-2") is None
 
 
 def test_device_tokens_come_from_the_admin(client, api_cfg):
@@ -187,7 +187,7 @@ def test_body_limit_answers_before_reading(api_cfg):
 def test_reads_and_triggered_run(client, api_cfg, db):
     assert client.get("/api/global-model").status_code == 404
     stored = store_global_model(db, api_cfg)
-    mongo.write_aggregation_round(db, api_cfg, {"round_id": "r1", "version": 1, "strategy": "fedavg",
+    db.write_aggregation_round({"round_id": "r1", "version": 1, "strategy": "fedavg",
                                                 "started_at": 1, "n_participants": 1, "n_rejected": 0})
     model = client.get("/api/global-model").json()
     assert model["schema"] == "flead.global-model/1" and model["version"] == 1 and model == stored

@@ -16,7 +16,7 @@ from http_receivers import wait_for
 from monitoring.records import sample_incident
 from telemetry.schema import decode_feedback
 from spark_jobs.api import create_app
-from storage import mongo
+from storage.mongo import Store
 from storage.sink import MongoSink
 from telemetry.consumer import iter_messages
 from telemetry.schema import encode_scores
@@ -57,7 +57,7 @@ def send_scores(cfg, device: str, seqs: range, anomalous=lambda seq: False) -> N
 
 def store_incident(db, cfg, **fields) -> dict:
     incident = sample_incident(**fields)
-    mongo.collection(db, cfg, "incidents").replace_one({"_id": incident["incident_id"]},
+    db.collection("incidents").replace_one({"_id": incident["incident_id"]},
                                                        {**incident, "_id": incident["incident_id"]}, upsert=True)
     return incident
 
@@ -67,13 +67,13 @@ def test_metrics_follow_what_the_pipeline_stored(cfg, db):
     for i, device in enumerate(["quiet", "a", "b", "c", "d"]):  # anomalies: 0, 3, 6, 9, 12
         send_scores(mcfg, device, range(0, 40), anomalous=lambda s, i=i: s < i * 3)
     MongoSink(mcfg).run(until_idle_s=2.0)  # the sink's group now has committed offsets on the scores topic
-    mongo.write_dead_letters(db, mcfg, [{"reason": r, "raw": str(n), "source": "t", "device_id": None, "at": n}
+    db.write_dead_letters([{"reason": r, "raw": str(n), "source": "t", "device_id": None, "at": n}
                                         for n, r in enumerate(["missing field 'ts'", "missing field 'seq'",
                                                                "not JSON: x"])])
     store_incident(db, mcfg, device_id="d")
     store_incident(db, mcfg, device_id="c", status="resolved")
-    mongo.collection(db, mcfg, "drift_events").insert_one({"_id": "d:9", "device_id": "d"})
-    mongo.write_aggregation_round(db, mcfg, {"round_id": "r7", "version": 7, "strategy": "fedavg", "started_at": 5000,
+    db.collection("drift_events").insert_one({"_id": "d:9", "device_id": "d"})
+    db.write_aggregation_round({"round_id": "r7", "version": 7, "strategy": "fedavg", "started_at": 5000,
                                              "n_participants": 4, "n_rejected": 1, "duration_s": 2.5})
 
     with TestClient(create_app(mcfg, run_round=lambda: {})) as client:

@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from services import processes
-from storage import mongo
+from storage.mongo import Store
 from storage.schemas import SchemaViolation
 
 pytestmark = pytest.mark.integration
@@ -49,38 +49,38 @@ def _score(device, seq, anomaly=False):
 
 
 def test_every_collection_is_written_and_read(cfg, db):
-    assert mongo.write_device_data(db, cfg, [{"device_id": "d", "seq": 0, "ts": 1, "metrics": {"a": 1.0}}]) == 1
-    assert mongo.write_predictions(db, cfg, [_score("d", 0), _score("d", 1, anomaly=True)]) == (2, 1)
+    assert db.write_readings([{"device_id": "d", "seq": 0, "ts": 1, "metrics": {"a": 1.0}}]) == 1
+    assert db.write_scores([_score("d", 0), _score("d", 1, anomaly=True)]) == (2, 1)
     snap = {"schema": "flead.snapshot/1", "device_id": "d", "version": 1, "global_version": 0, "n_samples": 10,
             "n_seen": 10, "loss": 0.1, "weights": "QUJD", "created_at": 5}
-    assert mongo.write_local_models(db, cfg, [snap, {**snap, "version": 2, "created_at": 6}]) == 2
-    assert mongo.latest_local_models(db, cfg)[0]["version"] == 2
+    assert db.write_local_models([snap, {**snap, "version": 2, "created_at": 6}]) == 2
+    assert db.latest_local_models()[0]["version"] == 2
     model = {"version": 1, "strategy": "fedavg", "participants": ["d"], "weights": "QUJD", "created_at": 7}
-    assert mongo.write_global_model(db, cfg, model) is True
-    assert mongo.write_global_model(db, cfg, model) is False  # the same round again creates nothing
-    assert mongo.latest_global_model(db, cfg)["version"] == 1
-    mongo.write_aggregation_round(db, cfg, {"round_id": "r1", "strategy": "fedavg", "started_at": 1,
-                                            "n_participants": 1, "n_rejected": 0})
-    mongo.write_metrics(db, cfg, [{"_id": "1:fleet:", "scope": "fleet", "model_version": 1, "created_at": 1}])
-    mongo.write_dead_letters(db, cfg, [{"reason": "not JSON", "raw": "{", "source": "t", "at": 1}])
+    assert db.write_global_model(model) is True
+    assert db.write_global_model(model) is False  # the same round again creates nothing
+    assert db.latest_global_model()["version"] == 1
+    db.write_aggregation_round({"round_id": "r1", "strategy": "fedavg", "started_at": 1,
+                                "n_participants": 1, "n_rejected": 0})
+    db.write_metrics([{"_id": "1:fleet:", "scope": "fleet", "model_version": 1, "created_at": 1}])
+    db.write_dead_letters([{"reason": "not JSON", "raw": "{", "source": "t", "at": 1}])
     for key in ("device_data", "predictions", "alerts", "local_models", "global_models", "aggregation_history",
                 "metrics", "dead_letters"):
-        assert mongo.collection(db, cfg, key).count_documents({}) >= 1, key
-    assert mongo.collection(db, cfg, "alerts").find_one()["seq"] == 1
+        assert db.collection(key).count_documents({}) >= 1, key
+    assert db.collection("alerts").find_one()["seq"] == 1
 
 
 def test_a_document_that_violates_its_schema_is_refused(cfg, db):
-    with pytest.raises(SchemaViolation, match=r"predictions.score: expected"):
-        mongo.write_predictions(db, cfg, [{**_score("d", 0), "score": "high"}])
-    assert mongo.collection(db, cfg, "predictions").count_documents({}) == 0
+    with pytest.raises(SchemaViolation, match=r"score record.score: expected"):
+        db.write_scores([{**_score("d", 0), "score": "high"}])
+    assert db.collection("predictions").count_documents({}) == 0
 
 
 def test_replaying_the_same_records_never_duplicates(cfg, db):
     records = [_score(f"d{i % 10}", i, anomaly=i % 7 == 0) for i in range(1000)]
     for _ in range(2):
-        mongo.write_predictions(db, cfg, records)
-    assert mongo.collection(db, cfg, "predictions").count_documents({}) == 1000
-    assert mongo.collection(db, cfg, "alerts").count_documents({}) == len([r for r in records if r["is_anomaly"]])
+        db.write_scores(records)
+    assert db.count_readings() == 1000
+    assert db.collection("alerts").count_documents({}) == len([r for r in records if r["is_anomaly"]])
 
 
 def _flead(env, *args):

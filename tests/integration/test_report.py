@@ -1,4 +1,4 @@
-"""`flead report` on documents written through storage.mongo: every section, embedded plots, the right F1."""
+"""`flead report` on documents written through the Store: every section, embedded plots, the right F1."""
 import html
 import random
 import re
@@ -6,7 +6,6 @@ import re
 import pytest
 
 from orchestration import report
-from storage import mongo
 
 pytestmark = pytest.mark.integration
 
@@ -39,20 +38,20 @@ def _table_row(page: str, first_cell: str) -> list[str]:
     return [first_cell] + [html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", match.group(1))]
 
 
-def test_report_shows_every_section_with_plots_and_the_streams_f1(cfg, db, tmp_path):
+def test_report_shows_every_section_with_plots_and_the_streams_f1(cfg, store, tmp_path):
     records = _predictions()
-    mongo.write_predictions(db, cfg, records)
-    mongo.write_metrics(db, cfg, [{"_id": "2:fleet:", "model_version": 2, "model": "ae", "scope": "fleet",
-                                   "device_id": None, "f1": 0.61, "roc_auc": 0.87, "pr_auc": 0.55,
-                                   "created_at": START_MS + 200_000}])
-    mongo.write_aggregation_round(db, cfg, {
+    store.write_scores(records)
+    store.write_metrics([{"_id": "2:fleet:", "model_version": 2, "model": "ae", "scope": "fleet",
+                          "device_id": None, "f1": 0.61, "roc_auc": 0.87, "pr_auc": 0.55,
+                          "created_at": START_MS + 200_000}])
+    store.write_aggregation_round({
         "round_id": "r2", "version": 2, "strategy": "fedavg", "n_participants": 2, "n_rejected": 1,
         "participants": ["dev-a", "dev-b"], "rejected": [{"device_id": "dev-c", "reason": "non-finite weights"}],
         "started_at": START_MS + 50_000, "finished_at": START_MS + 52_000, "duration_s": 2.0})
-    mongo.write_dead_letters(db, cfg, [{"source": "flead.telemetry", "reason": "missing field 'ts'", "raw": "{}",
-                                        "device_id": None, "at": START_MS + 1}])
+    store.write_dead_letters([{"source": "flead.telemetry", "reason": "missing field 'ts'", "raw": "{}",
+                               "device_id": None, "at": START_MS + 1}])
 
-    out = report.write_report(db, cfg, tmp_path / "report.html", n_devices=2)
+    out = report.write_report(store, tmp_path / "report.html", n_devices=2)
 
     page = out.read_text()
     for heading in ("Score traces", "Accuracy against labels", "Quality per global model version", "Throughput",
@@ -72,8 +71,8 @@ def test_report_shows_every_section_with_plots_and_the_streams_f1(cfg, db, tmp_p
     assert _table_row(page, "missing field &#x27;ts&#x27;")[1] == "1"
 
 
-def test_report_says_so_when_nothing_is_stored_and_writes_markdown(cfg, db, tmp_path):
-    out = report.write_report(db, cfg, tmp_path / "report.md", fmt="md")
+def test_report_says_so_when_nothing_is_stored_and_writes_markdown(cfg, store, tmp_path):
+    out = report.write_report(store, tmp_path / "report.md", fmt="md")
 
     text = out.read_text()
     assert "## Accuracy against labels" in text

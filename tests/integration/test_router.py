@@ -21,7 +21,7 @@ from monitoring.notifications import NotificationSettings
 from monitoring.receivers import AlertmanagerReceiver, WebhookReceiver
 from monitoring.records import sample_incident
 from monitoring.router import IncidentRouter, retry_dead
-from storage import mongo
+from storage.mongo import Store
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,7 @@ def test_alertmanager_and_webhook_get_each_state_once(cfg, db, tmp_path):
         assert [n["status"] for n in notifications] == ["firing", "resolved"], notifications
         assert notifications[1]["alerts"][0]["labels"] == labels  # the same alert resolved, not a second one
         assert alertmanager.alerts() == []  # resolved: no longer listed as firing
-        states = {d["_id"]: d["state"] for d in mongo.collection(db, rcfg, "deliveries").find()}
+        states = {d["_id"]: d["state"] for d in db.collection("deliveries").find()}
         assert sorted(states.values()) == ["delivered"] * 4
     finally:
         alertmanager.stop()
@@ -135,7 +135,7 @@ def test_failing_deliveries_become_dead_letters_and_can_be_retried(cfg, db):
         stats = router.run(until_idle_s=1.0)
         assert stats["incidents"] == 1 and stats["incidents_invalid"] == 2 and stats["dead"] == 2
         assert len(failing.requests) == 3 and len(refusing.requests) == 1  # a refusal is not retried
-        reasons = [d["reason"] for d in mongo.collection(db, rcfg, "dead_letters").find()]
+        reasons = [d["reason"] for d in db.collection("dead_letters").find()]
         failed = f"delivery to webhook {failing.url} failed after 3 attempts: HTTP 503"
         assert any(r.startswith(failed) for r in reasons)
         assert f"delivery to webhook {refusing.url} was refused: HTTP 400" in reasons
@@ -151,7 +151,7 @@ def test_failing_deliveries_become_dead_letters_and_can_be_retried(cfg, db):
 
 def test_suppressed_incidents_are_not_delivered_nor_their_resolution(cfg, db):
     rcfg = router_cfg()
-    mongo.collection(db, rcfg, "suppressions").insert_one({"_id": "r1", "device_id": "dev-mute", "metric": "cpu",
+    db.collection("suppressions").insert_one({"_id": "r1", "device_id": "dev-mute", "metric": "cpu",
                                                            "starts_at": None, "ends_at": None})
     hook = RecordingReceiver().start()
     try:
@@ -161,7 +161,7 @@ def test_suppressed_incidents_are_not_delivered_nor_their_resolution(cfg, db):
         stats = IncidentRouter(rcfg, [webhook_receiver(rcfg, hook.url)]).run(until_idle_s=1.0)
         assert [b["incident"]["device_id"] for b in hook.bodies()] == ["dev-loud"]
         assert stats["suppressed"] == 2
-        suppressed = mongo.collection(db, rcfg, "deliveries").find({"state": "suppressed"})
+        suppressed = db.collection("deliveries").find({"state": "suppressed"})
         assert {d["suppressed_by"] for d in suppressed} == {"r1"}
     finally:
         hook.stop()

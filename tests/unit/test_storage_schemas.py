@@ -8,7 +8,7 @@ GOOD_SCORE = {"device_id": "omi-1", "seq": 3, "ts": 1_700_000_000_000, "score": 
 
 
 def test_a_valid_score_record_passes():
-    check_document("predictions", GOOD_SCORE)
+    check_document("alerts", GOOD_SCORE)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -21,17 +21,26 @@ def test_a_valid_score_record_passes():
 ])
 def test_violations_name_the_field(change, message):
     with pytest.raises(SchemaViolation, match=message):
-        check_document("predictions", {**GOOD_SCORE, **change})
+        check_document("alerts", {**GOOD_SCORE, **change})
 
 
 def test_missing_required_field():
     doc = dict(GOOD_SCORE)
     del doc["ts"]
     with pytest.raises(SchemaViolation, match="missing required field 'ts'"):
-        check_document("predictions", doc)
+        check_document("alerts", doc)
 
 
 def test_every_collection_has_a_schema_and_indexes():
     from storage.schemas import INDEXES
 
     assert set(SCHEMAS) == set(INDEXES)
+
+
+def test_field_names_that_mongodb_reads_as_operators_or_paths_are_refused():
+    from storage.schemas import check_field_names
+
+    check_field_names({"incident_id": "a:1", "metrics_to_blame": [{"metric": "m", "share": 1.0}]}, "incidents")
+    for bad in ({"$where": 1}, {"a.b": 1}, {"ok": [{"$x": 1}]}, {"": 1}):
+        with pytest.raises(SchemaViolation, match="not a plain identifier"):
+            check_field_names(bad, "incidents")

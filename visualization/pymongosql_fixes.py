@@ -1,10 +1,19 @@
-"""Let Superset chart an empty MongoDB collection: no rows instead of "no such table: virtual_table".
+"""Three fixes to pymongosql 0.7.4 as Superset uses it: chart an empty collection (no rows instead of "no such table:
+virtual_table"), run a virtual dataset's ``collection.aggregate('<pipeline>', '<options>')`` in MongoDB, and share
+one MongoClient per server instead of connecting for every chart.
 
 pymongosql 0.7.4 in ``mode=superset`` runs the inner SELECT of a virtual dataset on MongoDB, loads the rows into an
 in-memory SQLite table and runs Superset's outer query there. Without rows it creates no table, so every chart of
 an empty collection fails (the data-quality dashboard before the first dead letter, the training dashboard before
-the first round). `install()` swaps in an execution strategy that creates the table with the inner SELECT's
-columns even when there are no rows.
+the first round). And its two-stage path runs every inner SELECT as a find, so an inner
+``SELECT ... FROM coll.aggregate('[...]', '{}')`` (which pymongosql runs as a pipeline on its own) silently read the
+whole collection instead. `install()` swaps in an execution strategy that creates the table with the inner
+SELECT's columns even when there are no rows, and runs an inner aggregate() as the pipeline it names.
+
+Superset opens a new DB-API connection for every query (NullPool), and each pymongosql connection built a new
+MongoClient (connection pool, handshake, server selection): a dashboard paid that for each chart. `install()` also
+makes pymongosql take its clients from a process-wide cache (MongoClient is thread-safe and pools connections);
+closing a connection leaves the shared client open.
 
 This file runs inside Superset's virtualenv: the generated ``superset_config.py`` loads it by path and calls
 `install()`. It imports only pymongosql.
@@ -13,6 +22,8 @@ from __future__ import annotations
 
 import re
 import threading
+
+import pymongo
 
 from pymongosql.executor import ExecutionPlanFactory
 from pymongosql.superset_mongodb.detector import SubqueryDetector
@@ -60,9 +71,33 @@ class SupersetExecutionWithEmptyResults(SupersetExecution):
         _inner_select.names = select_list_names(query.subquery_text) if query.has_subquery else []
         return super().execute(context, connection, parameters)
 
+    def _execute_find_plan(self, execution_plan, connection=None, parameters=None):
+        if getattr(execution_plan, "is_aggregate_query", False):
+            return self._execute_aggregate_plan(execution_plan, connection, parameters)
+        return super()._execute_find_plan(execution_plan, connection, parameters)
+
+
+_clients: dict[str, pymongo.MongoClient] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_client(**params) -> pymongo.MongoClient:
+    """The process's MongoClient for these parameters (made on first use); its close() does nothing."""
+    key = repr(sorted((k, repr(v)) for k, v in params.items()))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = pymongo.MongoClient(**params)
+            client.close = lambda: None  # pymongosql closes it with each connection: keep it for the next one
+        return client
+
 
 def install() -> None:
-    """Replace pymongosql's registered Superset strategy by `SupersetExecutionWithEmptyResults`."""
+    """Replace pymongosql's registered Superset strategy by `SupersetExecutionWithEmptyResults`, and its
+    MongoClient by `shared_client`."""
+    import pymongosql.connection
+
+    pymongosql.connection.MongoClient = shared_client
     strategies = ExecutionPlanFactory._strategies
     strategies[:] = [SupersetExecutionWithEmptyResults() if type(strategy) is SupersetExecution else strategy
                      for strategy in strategies]

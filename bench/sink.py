@@ -1,0 +1,285 @@
+"""Kafka → sink → MongoDB: readings stored per second on the embedded server, beside a floor measured in the same run.
+
+    .venv/bin/python bench/sink.py [--quick] [--json OUT]
+
+Starts its own Kafka broker and MongoDB (FerretDB) in a temporary state dir on free ports. The input is what the
+stream job writes for the ASD test set (12 devices × ``--copies`` under new ids, 19 metrics): per device,
+16-reading telemetry messages and 16-record score batches (1 % anomalous, with incidents ids, top metrics and
+p-values); a reading counts as stored when both its telemetry and its score are in MongoDB.
+
+1. throughput: all messages preloaded, `MongoSink` started, readings/s from its first partition assignment until
+   everything is stored (the seq-index load and the roll-ups included; the consumer group's start-up is shown
+   apart), with event times as a live stream of that rate has them (``live``), and as the ASD replay has them
+   (``replay``: 5-minute spacing, so far more roll-up buckets);
+2. floor: the documents the sink wrote (buckets, alerts, roll-ups), re-inserted with raw pymongo ``insert_many``
+   (batches of ``mongo.write_batch_size``) into a fresh database: the server's own cost for the same documents;
+3. lag: a producer process sends both topics paced at ``--rate`` readings/s (the stream job's speed) for
+   ``--seconds`` while the sink runs; reported: readings not yet stored when the producer stops, and how long the
+   sink then needs to catch up.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+from itertools import zip_longest
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_output import write_json  # noqa: E402  (beside this script)
+from config import load_config  # noqa: E402
+from orchestration import stack  # noqa: E402
+from services import processes  # noqa: E402
+from storage.mongo import Store  # noqa: E402
+from storage.sink import MongoSink  # noqa: E402
+from telemetry.readers import open_reader  # noqa: E402
+from telemetry.schema import Reading, encode_batch, encode_scores  # noqa: E402
+
+MESSAGE_READINGS = 16
+LIVE_START_MS = 1_767_225_600_000
+WRITTEN_KEYS = ("predictions", "device_data", "alerts", "score_rollups", "daily_rollups", "fleet_rollups",
+                "metric_rollups")
+
+
+def asd_devices(cfg, copies: int, per_device: int) -> dict[str, list[Reading]]:
+    """ASD test readings per device, each device `copies` times under new ids."""
+    base: dict[str, list[Reading]] = {}
+    for r in open_reader("asd", cfg.data_dir / "asd/test.csv.gz"):
+        if len(base.setdefault(r.device_id, [])) < per_device:
+            base[r.device_id].append(r)
+    return {f"{d}-x{c}": [Reading(f"{d}-x{c}", r.seq, r.ts, r.metrics, r.label) for r in rs]
+            for c in range(copies) for d, rs in base.items()}
+
+
+def messages(device: str, readings: list[Reading], seq0: int, ts0: int | None, ms_per_reading: float,
+             rng: np.random.Generator) -> list[tuple[str, bytes, bytes]]:
+    """(key, telemetry message, score message) of one device's readings, 16 at a time; ``ts0`` None keeps the
+    readings' own timestamps, else they are ``ts0 + i * ms_per_reading`` (a live stream)."""
+    out = []
+    for start in range(0, len(readings), MESSAGE_READINGS):
+        group = readings[start:start + MESSAGE_READINGS]
+        shifted = [Reading(device, seq0 + start + i,
+                           r.ts if ts0 is None else int(ts0 + (seq0 + start + i) * ms_per_reading), r.metrics, r.label)
+                   for i, r in enumerate(group)]
+        flagged = rng.random(len(group)) < 0.01
+        scores = [{"seq": r.seq, "ts": r.ts, "score": float(0.5 + 2 * f), "threshold": 1.0, "is_anomaly": bool(f),
+                   "p_value": 0.004 if f else 0.5, "incident_id": f"{device}:{r.seq}" if f else None,
+                   "top_metrics": [{"metric": "m03", "share": 0.6}, {"metric": "m07", "share": 0.2}] if f else [],
+                   "label": r.label} for r, f in zip(shifted, flagged)]
+        out.append((device, encode_batch(device, shifted), encode_scores(device, 3, 1, shifted[-1].ts + 50, scores)))
+    return out
+
+
+def produce_all(cfg, batches: list[tuple[str, bytes, bytes]]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": 20, "compression.type": "lz4",
+                         "queue.buffering.max.messages": 2_000_000, "log_level": 3})
+    for key, telemetry, scores in batches:
+        while True:
+            try:
+                producer.produce(cfg.kafka.topics.telemetry, telemetry, key=key)
+                producer.produce(cfg.kafka.topics.scores, scores, key=key)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    if producer.flush(120):
+        raise RuntimeError("not every message was delivered")
+
+
+def run_until_stored(cfg, expected: int, timeout_s: float = 1800.0) -> tuple[float, float, MongoSink]:
+    """Run a sink until `expected` readings have both telemetry and score stored; (seconds from its first
+    partition assignment, start-up seconds before it, sink)."""
+    sink = MongoSink(cfg)
+    started = time.monotonic()
+    marks = {}
+
+    def done() -> bool:
+        if min(sink.stats["predictions"], sink.stats["device_data"]) >= expected:
+            marks.setdefault("end", time.monotonic())
+            return True
+        return time.monotonic() - started > timeout_s
+
+    sink.run(should_stop=done)
+    assigned = sink.assigned_at or started
+    return marks.get("end", time.monotonic()) - assigned, assigned - started, sink
+
+
+def throughput(env: dict, devices: dict[str, list[Reading]], live_rate: float | None) -> dict:
+    """Preload, then time a sink storing everything. ``live_rate``: readings/s of the live timestamps (None:
+    the ASD replay's own)."""
+    cfg = fresh(env, "live" if live_rate else "replay")
+    rng = np.random.default_rng(1)
+    per_device_ms = None if live_rate is None else 1000.0 * len(devices) / live_rate
+    per_device = [messages(device, rs, 0, None if live_rate is None else LIVE_START_MS, per_device_ms, rng)
+                  for device, rs in devices.items()]
+    # devices interleaved, each in seq order, as the stream job emits them
+    produce_all(cfg, [m for step in zip_longest(*per_device) for m in step if m is not None])
+    n = sum(len(rs) for rs in devices.values())
+    seconds, startup, sink = run_until_stored(cfg, n)
+    with Store(cfg) as store:
+        stored = min(store.count_readings("predictions"), store.count_readings("device_data"))
+        docs = {key: store.find(key) for key in WRITTEN_KEYS}
+    if stored != n:
+        raise RuntimeError(f"stored {stored:,} of {n:,} readings")
+    floor_s = floor(cfg, docs)
+    return {"readings": n, "seconds": seconds, "startup_seconds": startup, "readings_per_s": n / seconds,
+            "documents": {key: len(d) for key, d in docs.items()}, "floor_seconds": floor_s,
+            "floor_readings_per_s": n / floor_s, "sink_stats": dict(sink.stats)}
+
+
+def floor(cfg, docs: dict[str, list[dict]]) -> float:
+    """Seconds for raw pymongo insert_many of these documents into a fresh database."""
+    import pymongo
+
+    client = pymongo.MongoClient(cfg.mongo_uri)
+    db = client[f"{cfg.mongo.database}_floor"]
+    batch = cfg.mongo.write_batch_size
+    started = time.monotonic()
+    for key, key_docs in docs.items():
+        collection = db[cfg.mongo.collections[key]]
+        for i in range(0, len(key_docs), batch):
+            collection.insert_many(key_docs[i:i + batch], ordered=False)
+    seconds = time.monotonic() - started
+    client.drop_database(db.name)
+    client.close()
+    return seconds
+
+
+def paced_producer(cfg_env: dict, devices: list[str], metrics: list[dict], rate: float, seconds: float,
+                   sent) -> None:
+    """Child process: both topics at `rate` readings/s for `seconds`, live timestamps; `sent` counts readings."""
+    cfg = load_config(env=cfg_env)
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": 5, "compression.type": "lz4",
+                         "queue.buffering.max.messages": 2_000_000, "log_level": 3})
+    rng = np.random.default_rng(2)
+    per_device_ms = 1000.0 * len(devices) / rate
+    interval = len(devices) * MESSAGE_READINGS / rate  # one message per device per interval
+    started, step = time.monotonic(), 0
+    while time.monotonic() - started < seconds:
+        seq0 = step * MESSAGE_READINGS
+        for d, device in enumerate(devices):
+            rows = [Reading(device, 0, 0, metrics[(seq0 + i) % len(metrics)]) for i in range(MESSAGE_READINGS)]
+            for key, telemetry, scores in messages(device, rows, seq0, LIVE_START_MS, per_device_ms, rng):
+                producer.produce(cfg.kafka.topics.telemetry, telemetry, key=key)
+                producer.produce(cfg.kafka.topics.scores, scores, key=key)
+        producer.poll(0)
+        step += 1
+        sent.value = step * MESSAGE_READINGS * len(devices)
+        delay = started + step * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    producer.flush(60)
+
+
+def lag(env: dict, devices: dict[str, list[Reading]], rate: float, seconds: float) -> dict:
+    """Readings produced but not stored when a `seconds`-long paced run at `rate` ends, and the catch-up time."""
+    cfg = fresh(env, "lag")
+    metrics = [dict(r.metrics) for r in next(iter(devices.values()))[:256]]
+    sent = multiprocessing.Value("q", 0)
+    producer = multiprocessing.Process(target=paced_producer, args=(
+        {**os.environ, **env, **topic_env(env, "lag")}, list(devices), metrics, rate, seconds, sent))
+    sink = MongoSink(cfg)
+    stored = lambda: min(sink.stats["predictions"], sink.stats["device_data"])  # noqa: E731
+    marks: dict = {}
+
+    def stop() -> bool:
+        if "end" not in marks and not producer.is_alive() and marks.get("started"):
+            marks["end"], marks["behind"], marks["sent"] = time.monotonic(), sent.value - stored(), sent.value
+        return "end" in marks and stored() >= marks["sent"] or time.monotonic() - marks.get("t0", 1e18) > seconds * 20
+
+    marks["t0"] = time.monotonic()
+    producer.start()
+    marks["started"] = True
+    sink.run(should_stop=stop)
+    producer.join(30)
+    return {"rate": rate, "seconds": seconds, "sent": marks["sent"], "achieved_rate": marks["sent"] / seconds,
+            "behind_at_end": marks["behind"], "behind_seconds": marks["behind"] / rate,
+            "catch_up_seconds": time.monotonic() - marks["end"], "stored": stored()}
+
+
+def topic_env(env: dict, name: str) -> dict:
+    base = load_config(env={**os.environ, **env})
+    return {**{f"FLEAD_KAFKA_TOPICS_{k.upper()}": f"{v}.{name}" for k, v in base.kafka.topics.to_dict().items()},
+            "FLEAD_MONGO_DATABASE": f"bench_sink_{name}"}
+
+
+def fresh(env: dict, name: str):
+    """A config with its own topics and database (created)."""
+    cfg = load_config(env={**os.environ, **env, **topic_env(env, name)})
+    stack.ensure_topics(cfg)
+    with Store(cfg) as store:
+        store.init()
+    return cfg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer readings, a 15 s lag run")
+    parser.add_argument("--copies", type=int, default=10, help="each ASD device this many times (default 10)")
+    parser.add_argument("--rate", type=float, default=35_000.0, help="lag run: readings/s produced")
+    parser.add_argument("--seconds", type=float, default=None, help="lag run: seconds of producing (default 60)")
+    parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    args = parser.parse_args()
+    seconds = args.seconds or (15.0 if args.quick else 60.0)
+
+    state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-sink-"))
+    env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_KAFKA_PORT": str(processes.free_port()),
+           "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port()), "FLEAD_MONGO_PORT": str(processes.free_port())}
+    cfg = load_config(env={**os.environ, **env})
+    try:
+        stack.up(cfg, say=lambda line: None)
+        devices = asd_devices(cfg, 3 if args.quick else args.copies, 1000 if args.quick else 4320)
+        live = throughput(env, devices, live_rate=args.rate)
+        print(f"live: {live['readings_per_s']:,.0f} readings/s (floor {live['floor_readings_per_s']:,.0f})", flush=True)
+        replay = throughput(env, devices, live_rate=None)
+        print(f"replay: {replay['readings_per_s']:,.0f} readings/s (floor {replay['floor_readings_per_s']:,.0f})",
+              flush=True)
+        behind = lag(env, devices, args.rate, seconds)
+        print(f"lag: {behind}", flush=True)
+    finally:
+        stack.down(cfg, say=lambda line: None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    n_devices = len(devices)
+    rows = [
+        {"name": f"sink, live event times: {live['readings']:,} readings of {n_devices} devices (telemetry + score)",
+         "value": round(live["readings_per_s"]), "unit": "readings/s"},
+        {"name": "  floor: the same documents, raw pymongo insert_many", "value": round(live["floor_readings_per_s"]),
+         "unit": "readings/s"},
+        {"name": "  sink start-up before that (consumer group join)", "value": round(live["startup_seconds"], 1),
+         "unit": "s"},
+        {"name": "sink, ASD replay event times (5-minute spacing: more roll-up buckets)",
+         "value": round(replay["readings_per_s"]), "unit": "readings/s"},
+        {"name": "  floor: the same documents, raw pymongo insert_many",
+         "value": round(replay["floor_readings_per_s"]), "unit": "readings/s"},
+        {"name": f"lag run: produced at {args.rate:,.0f} readings/s for {seconds:.0f} s (achieved)",
+         "value": round(behind["achieved_rate"]), "unit": "readings/s"},
+        {"name": "  readings not yet stored when the producer stopped", "value": behind["behind_at_end"],
+         "unit": "readings"},
+        {"name": "  ... that is, behind by", "value": round(behind["behind_seconds"], 1), "unit": "s"},
+        {"name": "  time to catch up after the producer stopped", "value": round(behind["catch_up_seconds"], 1),
+         "unit": "s"},
+    ]
+    print(f"{'measure':<90} {'value':>10}  unit")
+    for row in rows:
+        print(f"{row['name']:<90} {row['value']:>10,}  {row['unit']}")
+    write_json(args.json, {
+        "headline": {"name": "sink readings/s stored (telemetry + score), live event times", "unit": "readings/s",
+                     "value": round(live["readings_per_s"]), "floor": round(live["floor_readings_per_s"])},
+        "rows": rows, "live": live, "replay": replay, "lag": behind,
+        "settings": {"sink": cfg.sink.to_dict(), "rollups": cfg.rollups.to_dict(), "devices": n_devices,
+                     "message_readings": MESSAGE_READINGS}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
