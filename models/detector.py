@@ -340,7 +340,7 @@ class DeviceDetector:
                                      incidents=incidents.changes, drift=drift,
                                      n_muted=int(np.count_nonzero(muted)))
         calibration = ~incidents.during | ((incidents.ranks > 0) & (incidents.ranks <= self.calibration_run))
-        self._learn(F, errors, scores, calibration=calibration & ~muted, flagged=own_flags)
+        self._learn(F, errors, scores, calibration=calibration & ~muted)
         if drift is not None:
             self._rebaseline()
         return result
@@ -355,12 +355,11 @@ class DeviceDetector:
         reach = self.features.memory + 1
         return reach + self.settings.window - 1 if self.settings.kind == "lstm_ae" else reach
 
-    def _learn(self, F: np.ndarray, errors: np.ndarray, scores: np.ndarray, calibration: np.ndarray,
-               flagged: np.ndarray) -> None:
+    def _learn(self, F: np.ndarray, errors: np.ndarray, scores: np.ndarray, calibration: np.ndarray) -> None:
         """Learn from the features `F` of readings the feature buffer has already taken, their squared residuals
         `errors` and `scores` (both from before learning): scaler, then model (on the updated scaling), then
-        residual scales (the `flagged` readings only in the fast tracker), then the threshold from the scores
-        marked `calibration`."""
+        residual scales (every reading, winsorised at the cut: `_winsorising`), then the threshold from the
+        scores marked `calibration`."""
         n = F.shape[0]
         start = int(self.settings.warmup * THRESHOLD_START_FRACTION)
         F, n_winsorised = self.scaler.winsorise(F, PLAUSIBLE_SIGMAS, PLAUSIBLE_AFTER)
@@ -374,10 +373,19 @@ class DeviceDetector:
         if first < n:
             if 0 < start and self.n_seen <= start:  # the start is in this batch: forget the early residuals
                 self.residual_scale.restart()
-            self.residual_scale.learn_many(errors[first:], typical=~flagged[first:])
+            self.residual_scale.learn_many(errors[first:], cap=self._winsorising(scores[first:]))
             self.threshold.update_many(scores[first:][calibration[first:]])
         self.n_seen += n
         self._n_since_snapshot += n
+
+    def _winsorising(self, scores: np.ndarray) -> np.ndarray | None:
+        """Per reading, the factor its squared residuals are learned with by the residual scales: ``cut / score``
+        above the current cut, else 1 (None while there is no cut). Every reading is learned (no gate on flags),
+        and none weighs more than a reading at the cut: a bounded-influence (winsorised) RMS."""
+        cut = self.threshold.threshold
+        if not math.isfinite(cut) or not (scores > cut).any():
+            return None
+        return np.minimum(1.0, cut / np.maximum(scores, cut))
 
     def _rebaseline(self) -> None:
         """After a drift: residual scales from the recent residuals, the threshold from scores to come, and the

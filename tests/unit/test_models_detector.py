@@ -317,6 +317,28 @@ def test_learning_goes_on_during_incidents():
     assert det.n_seen == 2000 and not np.allclose(det.model.mean, mean_before, atol=0.1)
 
 
+def test_an_early_spike_does_not_hide_the_next_and_flagged_readings_still_teach_the_scales():
+    """Residual scales learn every reading, each at most as much as a reading at the cut (winsorised): a huge
+    spike soon after warm-up leaves the scales nearly as they were, so it cannot hide the next one; and a lasting
+    change that is flagged still raises the scales of the inputs it affects (no gate on flags)."""
+    X = normal_readings(320, seed=3)
+    det = make(kind="subspace", drift_enabled=False)
+    feed(det, X[:304])
+    before = det.residual_scale.scales.copy()
+    X[305, 2] += 5.0    # a spike of hundreds of standard deviations: flagged with the 4 windows it is part of
+    flags = np.concatenate([r.is_anomaly for r in feed(det, X[304:], start=304)])
+    assert flags[1:6].all()
+    assert (det.residual_scale.scales < 1.2 * before).all()   # a plain RMS: disk's scales x 20
+    shifted = level_shift(n_before=600, n_after=600)
+    det = make(kind="subspace", drift_enabled=False, subspace_half_life=0, residual_half_life=0)
+    feed(det, shifted[:600])
+    before = det.residual_scale.scales.copy()
+    flags = np.concatenate([r.is_anomaly for r in feed(det, shifted[600:], start=600)])
+    mem = det.features.metric_of_feature == 1
+    assert flags.mean() > 0.05 and (det.residual_scale.scales[mem] / before[mem]).mean() > 1.3
+    assert flags[-200:].mean() < 0.03   # learned: only unflagged readings teaching the scales, 10 % still flagged
+
+
 def test_an_empty_batch_is_a_clear_error():
     detector = DeviceDetector.create(["a", "b"], load_config(env={}), hidden=[4, 2, 4])
     with pytest.raises(ValueError, match="empty batch"):
