@@ -383,9 +383,12 @@ class DeviceDetector:
         above the current cut, else 1 (None while there is no cut). Every reading is learned (no gate on flags),
         and none weighs more than a reading at the cut: a bounded-influence (winsorised) RMS."""
         cut = self.threshold.threshold
-        if not math.isfinite(cut) or not (scores > cut).any():
+        above = scores > cut
+        if not math.isfinite(cut) or not above.any():
             return None
-        return np.minimum(1.0, cut / np.maximum(scores, cut))
+        cap = np.ones(scores.shape[0])
+        cap[above] = cut / scores[above]   # scores above a cut >= 0 are > 0
+        return cap
 
     def _rebaseline(self) -> None:
         """After a drift: residual scales from the recent residuals, the threshold from scores to come, and the

@@ -339,6 +339,15 @@ def test_an_early_spike_does_not_hide_the_next_and_flagged_readings_still_teach_
     assert flags[-200:].mean() < 0.03   # learned: only unflagged readings teaching the scales, 10 % still flagged
 
 
+def test_a_constant_metric_keeps_finite_scales():
+    """A series constant for long (cut 0, most scores 0) and then changing keeps finite scores and scales."""
+    det = make(kind="subspace")
+    X = np.full((400, 4), 0.5)
+    X[300:, 0] = np.linspace(0.5, 0.9, 100)
+    scores = np.concatenate([r.scores for r in feed(det, X)])
+    assert np.isfinite(scores).all() and np.isfinite(det.residual_scale.scales).all()
+
+
 def test_an_empty_batch_is_a_clear_error():
     detector = DeviceDetector.create(["a", "b"], load_config(env={}), hidden=[4, 2, 4])
     with pytest.raises(ValueError, match="empty batch"):
