@@ -82,10 +82,10 @@ class DetectorSettings:
     subspace_window: int = 5
     explained_variance: float = 0.9
     subspace_rank: int = 16
-    subspace_half_life: float = 2000.0
+    subspace_half_life: float = 0.0
     normalise_residuals: bool = True
     score_inputs: str = "all"
-    residual_half_life: float = 2000.0
+    residual_half_life: float = 0.0
     residual_floor: float = 0.1
     drift_enabled: bool = True
     drift_block_readings: int = 72

@@ -47,7 +47,7 @@ class ResidualScale:
     [0.69]
     """
 
-    def __init__(self, half_life: float = 2000.0, floor: float = 0.1, recent_half_life: float = 72.0):
+    def __init__(self, half_life: float = 0.0, floor: float = 0.1, recent_half_life: float = 72.0):
         if floor < 0:
             raise ValueError(f"model.scoring.floor must be >= 0, got {floor}")
         self.half_life, self.recent_half_life = float(half_life), float(recent_half_life)
