@@ -29,11 +29,15 @@ from models.thresholds import make_threshold, threshold_from_arrays
 ARCHITECTURE = "flead.device-detector/2"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace)
 KINDS = ("subspace", "ae", "lstm_ae")
 SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
-# Learning is winsorised: once the scaler has seen PLAUSIBLE_AFTER readings, a value further than PLAUSIBLE_SIGMAS
-# standard deviations from its mean is learned as that bound (it is still scored as it is, and flagged). Ten is far
-# beyond any normal fluctuation, so genuine readings are untouched; a lasting change of level beyond it is taken
-# up after the drift monitor re-baselines. Scaled inputs are also capped at MAX_SCALED_VALUE when scored, so a
-# reading near the float limit (1e300) gives a huge but finite score.
+# Learning is winsorised: once the scaler has seen PLAUSIBLE_AFTER readings, a value further than
+# max(PLAUSIBLE_SIGMAS, sqrt(n)) standard deviations from its mean (n: readings the scaler has learned) is learned as
+# that bound (it is still scored as it is, and flagged). The bound is the bounded-influence rule: no single reading
+# may add more to an input's sum of squared deviations than the n readings before it together (n sigma^2), so one
+# absurd value (1e20) at most doubles a variance, however long the device has run. A fixed 10 sigma is not "beyond
+# any normal fluctuation" for server telemetry whose metrics sit still for days and then step: on ASD's training
+# series it clipped 280-810 values per device (sqrt(n): 26 median). A lasting change of level beyond the bound is
+# taken up after the drift monitor re-baselines. Scaled inputs are also capped at MAX_SCALED_VALUE when scored, so
+# a reading near the float limit (1e300) gives a huge but finite score.
 PLAUSIBLE_SIGMAS = 10.0
 PLAUSIBLE_AFTER = 30
 MAX_SCALED_VALUE = 1e6
@@ -207,7 +211,7 @@ class DeviceDetector:
         self.incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
                                          s.top_k_metrics)
         self.n_seen = 0
-        self.n_winsorised = 0  # values learned at the plausibility bound (PLAUSIBLE_SIGMAS) since this object was made
+        self.n_winsorised = 0  # values learned at the plausibility bound since this object was made
         self.model_version = 0
         self.global_version = 0
         self._n_since_snapshot = 0
@@ -362,7 +366,7 @@ class DeviceDetector:
         scores marked `calibration`."""
         n = F.shape[0]
         start = int(self.settings.warmup * THRESHOLD_START_FRACTION)
-        F, n_winsorised = self.scaler.winsorise(F, PLAUSIBLE_SIGMAS, PLAUSIBLE_AFTER)
+        F, n_winsorised = self.scaler.winsorise(F, max(PLAUSIBLE_SIGMAS, math.sqrt(self.scaler.n)), PLAUSIBLE_AFTER)
         self.n_winsorised += n_winsorised
         self.scaler.learn_many(F)
         self.model.learn_many(self.scaler.transform_many(F))

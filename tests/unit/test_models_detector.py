@@ -371,6 +371,23 @@ def test_one_absurd_value_neither_blinds_its_metric_nor_makes_scores_infinite(ex
     assert np.isfinite(det.threshold.threshold) and det.threshold.threshold < 10 * np.median(scores[1000:2000])
 
 
+def test_the_plausibility_bound_grows_with_the_evidence_and_caps_one_readings_influence():
+    """Learning clips a value at max(10, sqrt(n)) standard deviations (n: readings learned): a genuine 30-sigma
+    step after 2,000 readings is learned as it is; an absurd value at most doubles its input's variance."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(0.5, 0.05, size=(2016, 3))
+    det = DeviceDetector.create(["a", "b", "c"], load_config(env={}), subspace_window=1)
+    for i in range(0, 2000, 16):
+        det.process_many(X[i:i + 16])
+    X[2000, 1] = 0.5 + 30 * det.scaler.std[1]
+    det.process_many(X[2000:2008])
+    assert det.n_winsorised == 0
+    var = det.scaler.var[2]
+    X[2008, 2] = 1e20
+    det.process_many(X[2008:2016])
+    assert det.n_winsorised == 1 and var < det.scaler.var[2] < 2.1 * var
+
+
 def test_scaler_winsorises_only_after_enough_readings_and_rebaselines_to_a_weight():
     scaler = RunningScaler()
     X = np.random.default_rng(1).normal(0.0, 1.0, size=(100, 2))
