@@ -29,11 +29,15 @@ from models.thresholds import make_threshold, threshold_from_arrays
 ARCHITECTURE = "flead.device-detector/2"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace)
 KINDS = ("subspace", "ae", "lstm_ae")
 SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
-# Learning is winsorised: once the scaler has seen PLAUSIBLE_AFTER readings, a value further than PLAUSIBLE_SIGMAS
-# standard deviations from its mean is learned as that bound (it is still scored as it is, and flagged). Ten is far
-# beyond any normal fluctuation, so genuine readings are untouched; a lasting change of level beyond it is taken
-# up after the drift monitor re-baselines. Scaled inputs are also capped at MAX_SCALED_VALUE when scored, so a
-# reading near the float limit (1e300) gives a huge but finite score.
+# Learning is winsorised: once the scaler has seen PLAUSIBLE_AFTER readings, a value further than
+# max(PLAUSIBLE_SIGMAS, sqrt(n)) standard deviations from its mean (n: readings the scaler has learned) is learned as
+# that bound (it is still scored as it is, and flagged). The bound is the bounded-influence rule: no single reading
+# may add more to an input's sum of squared deviations than the n readings before it together (n sigma^2), so one
+# absurd value (1e20) at most doubles a variance, however long the device has run. A fixed 10 sigma is not "beyond
+# any normal fluctuation" for server telemetry whose metrics sit still for days and then step: on ASD's training
+# series it clipped 280-810 values per device (sqrt(n): 26 median). A lasting change of level beyond the bound is
+# taken up after the drift monitor re-baselines. Scaled inputs are also capped at MAX_SCALED_VALUE when scored, so
+# a reading near the float limit (1e300) gives a huge but finite score.
 PLAUSIBLE_SIGMAS = 10.0
 PLAUSIBLE_AFTER = 30
 MAX_SCALED_VALUE = 1e6
@@ -82,10 +86,10 @@ class DetectorSettings:
     subspace_window: int = 5
     explained_variance: float = 0.9
     subspace_rank: int = 16
-    subspace_half_life: float = 2000.0
+    subspace_half_life: float = 0.0
     normalise_residuals: bool = True
     score_inputs: str = "all"
-    residual_half_life: float = 2000.0
+    residual_half_life: float = 0.0
     residual_floor: float = 0.1
     drift_enabled: bool = True
     drift_block_readings: int = 72
@@ -207,7 +211,7 @@ class DeviceDetector:
         self.incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
                                          s.top_k_metrics)
         self.n_seen = 0
-        self.n_winsorised = 0  # values learned at the plausibility bound (PLAUSIBLE_SIGMAS) since this object was made
+        self.n_winsorised = 0  # values learned at the plausibility bound since this object was made
         self.model_version = 0
         self.global_version = 0
         self._n_since_snapshot = 0
@@ -340,7 +344,7 @@ class DeviceDetector:
                                      incidents=incidents.changes, drift=drift,
                                      n_muted=int(np.count_nonzero(muted)))
         calibration = ~incidents.during | ((incidents.ranks > 0) & (incidents.ranks <= self.calibration_run))
-        self._learn(F, errors, scores, calibration=calibration & ~muted, flagged=own_flags)
+        self._learn(F, errors, scores, calibration=calibration & ~muted)
         if drift is not None:
             self._rebaseline()
         return result
@@ -355,15 +359,14 @@ class DeviceDetector:
         reach = self.features.memory + 1
         return reach + self.settings.window - 1 if self.settings.kind == "lstm_ae" else reach
 
-    def _learn(self, F: np.ndarray, errors: np.ndarray, scores: np.ndarray, calibration: np.ndarray,
-               flagged: np.ndarray) -> None:
+    def _learn(self, F: np.ndarray, errors: np.ndarray, scores: np.ndarray, calibration: np.ndarray) -> None:
         """Learn from the features `F` of readings the feature buffer has already taken, their squared residuals
         `errors` and `scores` (both from before learning): scaler, then model (on the updated scaling), then
-        residual scales (the `flagged` readings only in the fast tracker), then the threshold from the scores
-        marked `calibration`."""
+        residual scales (every reading, winsorised at the cut: `_winsorising`), then the threshold from the
+        scores marked `calibration`."""
         n = F.shape[0]
         start = int(self.settings.warmup * THRESHOLD_START_FRACTION)
-        F, n_winsorised = self.scaler.winsorise(F, PLAUSIBLE_SIGMAS, PLAUSIBLE_AFTER)
+        F, n_winsorised = self.scaler.winsorise(F, max(PLAUSIBLE_SIGMAS, math.sqrt(self.scaler.n)), PLAUSIBLE_AFTER)
         self.n_winsorised += n_winsorised
         self.scaler.learn_many(F)
         self.model.learn_many(self.scaler.transform_many(F))
@@ -374,10 +377,22 @@ class DeviceDetector:
         if first < n:
             if 0 < start and self.n_seen <= start:  # the start is in this batch: forget the early residuals
                 self.residual_scale.restart()
-            self.residual_scale.learn_many(errors[first:], typical=~flagged[first:])
+            self.residual_scale.learn_many(errors[first:], cap=self._winsorising(scores[first:]))
             self.threshold.update_many(scores[first:][calibration[first:]])
         self.n_seen += n
         self._n_since_snapshot += n
+
+    def _winsorising(self, scores: np.ndarray) -> np.ndarray | None:
+        """Per reading, the factor its squared residuals are learned with by the residual scales: ``cut / score``
+        above the current cut, else 1 (None while there is no cut). Every reading is learned (no gate on flags),
+        and none weighs more than a reading at the cut: a bounded-influence (winsorised) RMS."""
+        cut = self.threshold.threshold
+        above = scores > cut
+        if not math.isfinite(cut) or not above.any():
+            return None
+        cap = np.ones(scores.shape[0])
+        cap[above] = cut / scores[above]   # scores above a cut >= 0 are > 0
+        return cap
 
     def _rebaseline(self) -> None:
         """After a drift: residual scales from the recent residuals, the threshold from scores to come, and the

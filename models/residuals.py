@@ -17,8 +17,12 @@ class ResidualScale:
     ``mean_j (r_j / s_j)²``, which is the plain MSE when every ``s_j`` is 1.
 
     The typical residual is the root mean square of the model's out-of-sample residuals (the detector scores a
-    batch before learning it) of readings that were not flagged, exponentially weighted, kept on the device like
-    the input scaler. Each scale is
+    batch before learning it), exponentially weighted, kept on the device like the input scaler. Every reading is
+    learned, but with bounded influence: the detector passes, per reading, ``cap = min(1, cut / score)``, so a
+    reading above its alert cut counts as one at the cut (a winsorised RMS). A plain RMS lets one early spike
+    inflate the scale it is judged by (with ~100 readings learned, a 170-sigma spike multiplies a scale by 15 and
+    hides the next one); learning only unflagged readings instead is a gate on the detector's own flags, which
+    locks in: readings flagged because a scale is too small never correct it. Each scale is
     at least `floor`, in the units of the (standardised) input: an input the model reconstructs almost perfectly
     cannot turn rounding noise into alarms. A second, fast tracker (`recent_half_life`) follows the last few
     dozen readings, for `rebaseline` after a drift.
@@ -43,7 +47,7 @@ class ResidualScale:
     [0.69]
     """
 
-    def __init__(self, half_life: float = 2000.0, floor: float = 0.1, recent_half_life: float = 72.0):
+    def __init__(self, half_life: float = 0.0, floor: float = 0.1, recent_half_life: float = 72.0):
         if floor < 0:
             raise ValueError(f"model.scoring.floor must be >= 0, got {floor}")
         self.half_life, self.recent_half_life = float(half_life), float(recent_half_life)
@@ -92,17 +96,15 @@ class ResidualScale:
         merged = w @ E if mean is None or old == 0.0 else old * mean + w @ E
         return merged / total, total
 
-    def learn_many(self, squared_residuals: np.ndarray, typical: np.ndarray | None = None) -> None:
-        """Learn squared residuals (n, d). With the mask `typical`, the slow tracker learns only those rows (the
-        detector leaves out flagged readings: an anomaly must not raise the scale it is judged by; the threshold
-        is a quantile of the scores, so this does not change how many readings are flagged); the fast tracker,
-        which a re-baselining after a drift takes, learns every row."""
+    def learn_many(self, squared_residuals: np.ndarray, cap: np.ndarray | None = None) -> None:
+        """Learn squared residuals (n, d). With `cap` (n,), factors in (0, 1], the slow tracker learns each row
+        multiplied by its factor (the detector's ``min(1, cut / score)``: a reading above the cut counts as one at
+        the cut); the fast tracker, which a re-baselining after a drift takes, learns the rows as they are."""
         E = np.array(squared_residuals, dtype=np.float64, ndmin=2)
         if E.shape[0] == 0:
             return
-        usual = E if typical is None else E[np.asarray(typical, dtype=bool)]
-        if usual.shape[0]:
-            self.mean_square, self.weight = self._merge(self.mean_square, self.weight, usual, self._forgetting)
+        usual = E if cap is None else E * np.asarray(cap, dtype=np.float64)[:, None]
+        self.mean_square, self.weight = self._merge(self.mean_square, self.weight, usual, self._forgetting)
         self.recent_mean_square, self.recent_weight = self._merge(self.recent_mean_square, self.recent_weight, E,
                                                                   self._recent_forgetting)
         self._inverse = None

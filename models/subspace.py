@@ -79,7 +79,7 @@ class SubspaceModel:
     True
     """
 
-    def __init__(self, explained_variance: float = 0.9, rank: int = 16, half_life: float = 2000.0):
+    def __init__(self, explained_variance: float = 0.9, rank: int = 16, half_life: float = 0.0):
         if not 0.0 < explained_variance <= 1.0:
             raise ValueError(f"model.subspace.explained_variance must be in (0, 1], got {explained_variance}")
         if rank < 1:

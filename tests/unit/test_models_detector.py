@@ -317,6 +317,37 @@ def test_learning_goes_on_during_incidents():
     assert det.n_seen == 2000 and not np.allclose(det.model.mean, mean_before, atol=0.1)
 
 
+def test_an_early_spike_does_not_hide_the_next_and_flagged_readings_still_teach_the_scales():
+    """Residual scales learn every reading, each at most as much as a reading at the cut (winsorised): a huge
+    spike soon after warm-up leaves the scales nearly as they were, so it cannot hide the next one; and a lasting
+    change that is flagged still raises the scales of the inputs it affects (no gate on flags)."""
+    X = normal_readings(320, seed=3)
+    det = make(kind="subspace", drift_enabled=False)
+    feed(det, X[:304])
+    before = det.residual_scale.scales.copy()
+    X[305, 2] += 5.0    # a spike of hundreds of standard deviations: flagged with the 4 windows it is part of
+    flags = np.concatenate([r.is_anomaly for r in feed(det, X[304:], start=304)])
+    assert flags[1:6].all()
+    assert (det.residual_scale.scales < 1.2 * before).all()   # a plain RMS: disk's scales x 20
+    shifted = level_shift(n_before=600, n_after=600)
+    det = make(kind="subspace", drift_enabled=False, subspace_half_life=0, residual_half_life=0)
+    feed(det, shifted[:600])
+    before = det.residual_scale.scales.copy()
+    flags = np.concatenate([r.is_anomaly for r in feed(det, shifted[600:], start=600)])
+    mem = det.features.metric_of_feature == 1
+    assert flags.mean() > 0.05 and (det.residual_scale.scales[mem] / before[mem]).mean() > 1.3
+    assert flags[-200:].mean() < 0.03   # learned: only unflagged readings teaching the scales, 10 % still flagged
+
+
+def test_a_constant_metric_keeps_finite_scales():
+    """A series constant for long (cut 0, most scores 0) and then changing keeps finite scores and scales."""
+    det = make(kind="subspace")
+    X = np.full((400, 4), 0.5)
+    X[300:, 0] = np.linspace(0.5, 0.9, 100)
+    scores = np.concatenate([r.scores for r in feed(det, X)])
+    assert np.isfinite(scores).all() and np.isfinite(det.residual_scale.scales).all()
+
+
 def test_an_empty_batch_is_a_clear_error():
     detector = DeviceDetector.create(["a", "b"], load_config(env={}), hidden=[4, 2, 4])
     with pytest.raises(ValueError, match="empty batch"):
@@ -338,6 +369,23 @@ def test_one_absurd_value_neither_blinds_its_metric_nor_makes_scores_infinite(ex
     assert np.isfinite(scores).all() and flags[2003] and flags[2700]
     assert det.n_winsorised > 0
     assert np.isfinite(det.threshold.threshold) and det.threshold.threshold < 10 * np.median(scores[1000:2000])
+
+
+def test_the_plausibility_bound_grows_with_the_evidence_and_caps_one_readings_influence():
+    """Learning clips a value at max(10, sqrt(n)) standard deviations (n: readings learned): a genuine 30-sigma
+    step after 2,000 readings is learned as it is; an absurd value at most doubles its input's variance."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(0.5, 0.05, size=(2016, 3))
+    det = DeviceDetector.create(["a", "b", "c"], load_config(env={}), subspace_window=1)
+    for i in range(0, 2000, 16):
+        det.process_many(X[i:i + 16])
+    X[2000, 1] = 0.5 + 30 * det.scaler.std[1]
+    det.process_many(X[2000:2008])
+    assert det.n_winsorised == 0
+    var = det.scaler.var[2]
+    X[2008, 2] = 1e20
+    det.process_many(X[2008:2016])
+    assert det.n_winsorised == 1 and var < det.scaler.var[2] < 2.1 * var
 
 
 def test_scaler_winsorises_only_after_enough_readings_and_rebaselines_to_a_weight():

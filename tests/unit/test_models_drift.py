@@ -44,6 +44,13 @@ def test_residual_scale_is_an_exponentially_weighted_rms_with_a_floor():
     np.testing.assert_array_equal(clone.score_many(E), forgetful.score_many(E))
 
 
+def test_cap_shrinks_rows_for_the_slow_tracker_only():
+    scale = ResidualScale(half_life=0, floor=0.0, recent_half_life=0)
+    scale.learn_many(np.array([[1.0], [100.0]]), cap=np.array([1.0, 0.04]))   # the second counts as 4, not 100
+    np.testing.assert_allclose(scale.mean_square, [2.5])
+    np.testing.assert_allclose(scale.recent_mean_square, [50.5])             # re-baselining sees it as it was
+
+
 def test_rebaseline_takes_the_recent_scales():
     scale = ResidualScale(half_life=0, floor=0.0, recent_half_life=10)
     scale.learn_many(np.ones((1000, 2)))
