@@ -144,8 +144,10 @@ class FeatureBuilder:
                 mean = (csum[rows + 1] - csum[start]) / count
                 var = (csq[rows + 1] - csq[start]) / count - mean * mean
                 blocks += [mean, np.sqrt(np.maximum(var, 0.0))]
-        for lag in self.lags:
-            blocks.append(history[np.where(rows >= lag, rows - lag, rows)])
+        if self.lags and offset >= max(self.lags):  # every lag available (after the first readings): slices
+            blocks += [history[offset - lag:offset - lag + n] for lag in self.lags]
+        else:
+            blocks += [history[np.where(rows >= lag, rows - lag, rows)] for lag in self.lags]
         if self.rate_of_change:
             blocks.append(clean - history[np.maximum(rows - 1, 0)])
         return np.concatenate(blocks, axis=1)

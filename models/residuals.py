@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.subspace import age_weights, forgetting_factor
+from models.subspace import batch_weights, forgetting_factor
 
 
 class ResidualScale:
@@ -90,9 +90,9 @@ class ResidualScale:
         """Exponentially weighted mean of the rows of `E` after `mean` (of total weight `weight`); the newest row
         weighs 1 and each older one λ times the next."""
         b = E.shape[0]
-        w = age_weights(lam, b)
+        w, w_total, _ = batch_weights(lam, b)
         old = weight * lam ** b
-        total = old + float(w.sum())
+        total = old + w_total
         merged = w @ E if mean is None or old == 0.0 else old * mean + w @ E
         return merged / total, total
 

@@ -10,18 +10,45 @@ from models.autoencoder import check_weight_shapes, checked_rows
 LEARN_CHUNK = 64       # rows per learning step: larger batches are learned in steps of this many rows
 NEW_DIRECTIONS = 4     # directions a learning step may add to the tracked subspace (see `SubspaceModel._step`)
 _SKETCHES: dict[int, np.ndarray] = {}  # fixed ±1 sketch matrices by number of rows (deterministic learning)
-_AGES: dict[tuple[float, int], np.ndarray] = {}  # forgetting weights of a batch: λ^(b-1), ..., λ, 1
+_AGES: dict[tuple[float, int], tuple[np.ndarray, float, np.ndarray]] = {}  # forgetting weights of a batch:
+#                                      (λ^(b-1), ..., λ, 1), their sum, their square roots as a column
+CHOLESKY_QR_MIN_RATIO = 1e-3  # `orthonormal_columns` takes Householder QR below this ratio of Cholesky diagonals
+
+
+def batch_weights(forgetting: float, rows: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """The weights of `rows` readings learned together, oldest first (the newest weighs 1, each older one
+    `forgetting` times the next), their sum and their square roots as a (rows, 1) column; cached (batches come in
+    a few sizes, and each learning step needs them). Do not modify the results."""
+    key = (forgetting, rows)
+    cached = _AGES.get(key)
+    if cached is None:
+        if len(_AGES) > 256:
+            _AGES.clear()
+        w = forgetting ** np.arange(rows - 1, -1, -1, dtype=np.float64)
+        cached = _AGES[key] = (w, float(w.sum()), np.sqrt(w)[:, None])
+    return cached
 
 
 def age_weights(forgetting: float, rows: int) -> np.ndarray:
-    """The weights of `rows` readings learned together, oldest first: the newest weighs 1, each older one
-    `forgetting` times the next (cached: batches come in a few sizes). Do not modify the result."""
-    key = (forgetting, rows)
-    if key not in _AGES:
-        if len(_AGES) > 256:
-            _AGES.clear()
-        _AGES[key] = forgetting ** np.arange(rows - 1, -1, -1, dtype=np.float64)
-    return _AGES[key]
+    """`batch_weights`' weights alone. Do not modify the result."""
+    return batch_weights(forgetting, rows)[0]
+
+
+def orthonormal_columns(E: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (d, m) of the m columns of `E` (m small, full column rank in practice).
+
+    Cholesky QR (``Q = E L⁻ᵀ`` with ``L Lᵀ = EᵀE``: a few m×m operations) when the columns are well conditioned,
+    else Householder QR. Same span, same accuracy at this conditioning (orthogonality error ≈ machine epsilon ×
+    (max/min Cholesky diagonal)², ≤ 1e-9 here, far below the float32 basis the model keeps); `np.linalg.qr` costs
+    several times more per call, and a learning step of a micro-batch is small enough for that to matter."""
+    try:
+        factor = np.linalg.cholesky(E.T @ E)
+    except np.linalg.LinAlgError:  # (numerically) dependent columns: Householder still gives orthonormal ones
+        return np.linalg.qr(E)[0]
+    diagonal = factor.diagonal().tolist()
+    if min(diagonal) <= CHOLESKY_QR_MIN_RATIO * max(diagonal):
+        return np.linalg.qr(E)[0]
+    return E @ np.linalg.inv(factor).T
 
 
 def forgetting_factor(half_life: float) -> float:
@@ -165,16 +192,15 @@ class SubspaceModel:
     def _step(self, X: np.ndarray) -> None:
         b = X.shape[0]
         lam = self.forgetting
-        w = age_weights(lam, b)  # the newest row weighs 1
+        w, batch_weight, root_w = batch_weights(lam, b)  # the newest row weighs 1
         decay = lam ** b
         old_weight = self.weight * decay
-        batch_weight = float(w.sum())
         new_weight = old_weight + batch_weight
         batch_mean = (w @ X) / batch_weight
         # Rows whose scatter is the batch's contribution: weighted centred rows, and the mean-shift term of merging
         # two groups, W_old·W_b/W · (μ_old − μ_b)(μ_old − μ_b)ᵀ (Chan et al.'s parallel variance for matrices).
         rows = np.empty((b + 1, X.shape[1]))
-        np.multiply(X - batch_mean, np.sqrt(w)[:, None], out=rows[:b])
+        np.multiply(X - batch_mean, root_w, out=rows[:b])
         rows[b] = math.sqrt(old_weight * batch_weight / new_weight) * (self.mean - batch_mean)
         self.mean = (old_weight * self.mean + batch_weight * batch_mean) / new_weight
         self.scatter_diag = decay * self.scatter_diag + np.einsum("ij,ij->j", rows, rows)
@@ -184,15 +210,16 @@ class SubspaceModel:
         if self.weight == 0.0:  # first step: an orthonormal basis spanning the batch (and filling up to r)
             basis = np.linalg.qr(np.hstack([rows.T, np.eye(d, r)]))[0]
         elif r < d:  # the tracked basis, extended by a sketch of what it cannot reconstruct in this batch
-            extension = (rows - (rows @ U) @ U.T).T @ _sketch(b + 1)[:, :d - r]
+            sketch = _sketch(b + 1)[:, :d - r]
+            extension = rows.T @ sketch - U @ ((rows @ U).T @ sketch)  # (rows − rows U Uᵀ)ᵀ · sketch
             extension -= U @ (U.T @ extension)  # again: U is float32, so only nearly orthonormal
-            basis = np.concatenate([U, np.linalg.qr(extension)[0]], axis=1)
+            basis = np.concatenate([U, orthonormal_columns(extension)], axis=1)
         else:  # the tracked basis is complete: the update is exact
             basis = U
         projected = rows @ basis
         gram = projected.T @ projected
-        if self.weight > 0.0:
-            gram[np.arange(r), np.arange(r)] += decay * self.eigenvalues
+        if self.weight > 0.0:  # the decayed eigenvalues on the first r diagonal entries (a strided view)
+            gram.reshape(-1)[:r * (gram.shape[0] + 1):gram.shape[0] + 1] += decay * self.eigenvalues
         values, vectors = np.linalg.eigh(gram)
         top = np.argsort(values)[::-1][:r]
         self.basis = (basis @ vectors[:, top]).astype(np.float32)

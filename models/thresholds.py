@@ -99,7 +99,12 @@ class OnlineThreshold:
         """Recompute the cut from the current history now."""
         self._since_fit = 0
         if self.history.count >= MIN_SCORES:
-            self._threshold = float(self._fit(self.history.values()))
+            self._threshold = float(self._refit())
+
+    def _refit(self) -> float:
+        """The cut from the current history (`_fit` of the scores oldest first; a kind that needs only order
+        statistics reads the sorted history, which the next `p_values` call reuses)."""
+        return self._fit(self.history.values())
 
     def _fit(self, scores: np.ndarray) -> float:
         raise NotImplementedError
@@ -211,11 +216,21 @@ class QuantileThreshold(OnlineThreshold):
     def _fit(self, scores: np.ndarray) -> float:
         # np.quantile's default (linear interpolation between the order statistics around (1 − q)(n − 1)), from
         # a partial sort: several times faster on a few thousand scores.
-        position = (1.0 - self.q) * (scores.shape[0] - 1)
-        below = int(math.floor(position))
-        above = min(below + 1, scores.shape[0] - 1)
+        below, above, fraction = self._positions(scores.shape[0])
         part = np.partition(scores, (below, above))
-        return float(part[below] + (position - below) * (part[above] - part[below]))
+        return float(part[below] + fraction * (part[above] - part[below]))
+
+    def _refit(self) -> float:
+        # the same order statistics from the sorted history, which `p_values` needs next anyway (one sort per
+        # update instead of a sort and a partial sort)
+        ordered = self._calibration()
+        below, above, fraction = self._positions(ordered.shape[0])
+        return float(ordered[below] + fraction * (ordered[above] - ordered[below]))
+
+    def _positions(self, n: int) -> tuple[int, int, float]:
+        position = (1.0 - self.q) * (n - 1)
+        below = int(math.floor(position))
+        return below, min(below + 1, n - 1), position - below
 
 
 class PotThreshold(OnlineThreshold):
