@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from config import PROJECT_ROOT, load_config
-from flink_jobs import WORKER_PACKAGES
+from flink_jobs import WORKER_PACKAGES, worker_blas_env
 from flink_jobs.binding import LOOPBACK, LOOPBACK_SETTINGS, flink_home, lib_dir
 from services import processes
 from services.processes import ServiceError, port_open
@@ -67,7 +67,7 @@ def write_conf(cfg) -> Path:
 def flink_env(cfg) -> dict[str, str]:
     """Environment for the distribution's scripts: our conf dir, the venv first on PATH, FLEAD_* settings."""
     venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, **cfg.to_env(), "FLINK_CONF_DIR": str(conf_dir(cfg)), "FLINK_HOME": str(FLINK_HOME),
+    return {**os.environ, **worker_blas_env(cfg), **cfg.to_env(), "FLINK_CONF_DIR": str(conf_dir(cfg)), "FLINK_HOME": str(FLINK_HOME),
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
 
 

@@ -55,3 +55,12 @@ def test_user_file_unknown_key_and_wrong_type(tmp_path):
 def test_to_env_reproduces_the_settings():
     cfg = load_config(env={"FLEAD_KAFKA_PORT": "1234", "FLEAD_MODEL_HIDDEN": "[8, 2, 8]", "FLEAD_PRIVACY_ENABLED": "1"})
     assert load_config(env=cfg.to_env()).to_dict() == cfg.to_dict()
+
+
+def test_stream_workers_blas_threads_follow_the_setting(monkeypatch):
+    from flink_jobs import BLAS_THREAD_VARIABLES, worker_blas_env
+
+    monkeypatch.setenv("FLEAD_STREAM_BLAS_THREADS", "1")
+    assert worker_blas_env(load_config()) == {name: "1" for name in BLAS_THREAD_VARIABLES}
+    monkeypatch.setenv("FLEAD_STREAM_BLAS_THREADS", "0")
+    assert worker_blas_env(load_config()) == {}
