@@ -58,7 +58,7 @@ def test_replay_scores_every_reading_once_dead_letters_bad_messages_and_learns(c
     assert all(len(copies) == 1 for copies in scores.values())  # a clean run: exactly one score per reading
     record = scores[(anomalous[-1].device_id, anomalous[-1].seq)][0]
     assert set(record) == {"device_id", "seq", "ts", "score", "threshold", "is_anomaly", "top_metrics",
-                           "model_version", "global_version", "label", "scored_at"}
+                           "model_version", "global_version", "label", "scored_at", "p_value", "incident_id"}
     assert record["ts"] == anomalous[-1].ts and record["label"] == anomalous[-1].label
     assert {m["metric"] for m in record["top_metrics"]} <= set(anomalous[-1].metrics)
 
