@@ -86,13 +86,14 @@ def test_summary_f1_equals_an_independent_computation(demo_run, demo_store):
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     assert summary["test_accuracy"]["f1"] == pytest.approx(f1)
     # incident figures: each device's stored flags in seq order, grouped as the stream job groups them
-    counts = [event_counts(y[test & (cols["device_id"] == d)], p[test & (cols["device_id"] == d)],
-                           demo_run[0].incidents.gap_readings) for d in sorted(set(cols["device_id"]))]
+    device = cols["device_id"][test]  # rows are grouped by device, each device's rows in seq order
+    counts = [event_counts(y[device == d], p[device == d], demo_run[0].incidents.gap_readings)
+              for d in sorted(set(device))]
     pooled = event_metrics({k: sum(c[k] for c in counts) for k in counts[0]})
     incidents = summary["incident_accuracy"]
     assert incidents["incident_f1"] == pytest.approx(pooled["incident_f1"])
     assert incidents["ranges"] == sum(c["ranges"] for c in counts) > 0
-    assert incidents["stream_incident_ids"] == len(set(cols["incident_id"][test & p]) - {None})
+    assert incidents["stream_incident_ids"] == len(set(cols["incident_id"][test][p]) - {None})
 
 
 def test_malformed_messages_become_dead_letters_by_reason(demo_run, demo_store):
