@@ -379,8 +379,8 @@ def print_summary(summary: dict) -> None:
     if off:
         print(f"offline      `flead evaluate` ({off['source']}), federated: F1 {fmt(off['f1'])}  precision "
               f"{fmt(off['precision'])}  recall {fmt(off['recall'])}  ROC-AUC {fmt(off['roc_auc'])}  PR-AUC "
-              f"{fmt(off['pr_auc'])}  incident F1 {fmt(off['incident_f1'])} (every training reading, rounds every "
-              "snapshot_every readings)")
+              f"{fmt(off['pr_auc'])}  incident F1 {fmt(off['incident_f1'])} (the whole data set, every training "
+              "reading, a round every stream.snapshot_every readings per device)")
     bad = summary["bad_input"]
     print(f"bad input    {bad['malformed_sent']} malformed messages sent; {bad['dead_letters_stored']} dead letters "
           "stored, each with its reason")
