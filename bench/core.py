@@ -10,7 +10,9 @@ nothing around it (no features, scaler, residual scales, threshold, p-values, to
 for the subspace model, per micro-batch the residual of each (pre-built, standardised) window against the top-k
 components, then the same learning step (forgetting, mean shift, the tracked basis extended by a sketch of the
 batch residual, a small eigendecomposition); for the dense network, the same widths, optimiser (Adam, gradient
-clipping) and step batch size. The headline is the default detector's batched learn+score readings/s.
+clipping) and step batch size. The headline is the default detector's batched learn+score readings/s. Every row
+gives readings/s by wall time and per CPU second of this process (the fairer per-core figure on a shared
+machine), and the JSON the load average it ran under.
 """
 from __future__ import annotations
 
@@ -55,28 +57,41 @@ def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
-def best_of(measure, repeats: int) -> float:
-    """The best of `repeats` runs of `measure()` (readings/s), each on fresh state: on a shared machine the best
-    run is the one least disturbed by other processes (as `timeit` advises)."""
-    return max(measure() for _ in range(max(1, repeats)))
+class Stopwatch:
+    """Wall time and this process's CPU time from creation: `rates(n)` gives readings/s by each. With one BLAS
+    thread the CPU rate approaches the rate per core on a busy machine (caches are still shared); the wall rate
+    equals it on a quiet machine and falls with the load (the other processes' share of the core)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def rates(self, n: int) -> tuple[float, float]:
+        return rate(n, time.perf_counter() - self.wall), rate(n, time.process_time() - self.cpu)
 
 
-def per_reading(network, X: np.ndarray) -> float:
-    """learn_one + score_one on every reading, readings/s."""
-    start = time.perf_counter()
+def best_of(measure, repeats: int) -> dict[str, float]:
+    """The best of `repeats` runs of `measure()` (wall and CPU readings/s, each the best on its own), each on fresh
+    state: on a shared machine the best run is the one least disturbed by other processes (as `timeit` advises)."""
+    runs = [measure() for _ in range(max(1, repeats))]
+    return {"readings_per_s": max(wall for wall, _ in runs), "readings_per_cpu_s": max(cpu for _, cpu in runs)}
+
+
+def per_reading(network, X: np.ndarray) -> tuple[float, float]:
+    """learn_one + score_one on every reading, readings/s (wall, CPU)."""
+    clock = Stopwatch()
     for x in X:
         network.score_one(x)
         network.learn_one(x)
-    return rate(X.shape[0], time.perf_counter() - start)
+    return clock.rates(X.shape[0])
 
 
-def detector_batched(cfg, metrics: list[str], X: np.ndarray, batch: int, **overrides) -> float:
-    """DeviceDetector.process_many (score then learn) over micro-batches, readings/s."""
+def detector_batched(cfg, metrics: list[str], X: np.ndarray, batch: int, **overrides) -> tuple[float, float]:
+    """DeviceDetector.process_many (score then learn) over micro-batches, readings/s (wall, CPU)."""
     det = DeviceDetector.create(metrics, cfg, **overrides)
-    start = time.perf_counter()
+    clock = Stopwatch()
     for i in range(0, X.shape[0], batch):
         det.process_many(X[i:i + batch])
-    return rate(X.shape[0], time.perf_counter() - start)
+    return clock.rates(X.shape[0])
 
 
 FLOOR_OMITS = "features + NaN policy, running scaler, threshold, top metrics, result object"
@@ -90,7 +105,7 @@ def windows_of(Z: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate(lagged, axis=1)
 
 
-def subspace_floor(W: np.ndarray, micro_batch: int, rank: int, half_life: float, explained: float) -> float:
+def subspace_floor(W: np.ndarray, micro_batch: int, rank: int, half_life: float, explained: float) -> tuple[float, float]:
     """The subspace model's maths written out by hand, readings/s: per micro-batch, score each window by its
     squared residual against the top-k components, then one learning step as `SubspaceModel._step` does it.
     Omits `SUBSPACE_FLOOR_OMITS`."""
@@ -103,7 +118,7 @@ def subspace_floor(W: np.ndarray, micro_batch: int, rank: int, half_life: float,
                                      seed.scatter_diag.copy(), seed.weight)
     sketch = np.random.default_rng(micro_batch + 1).choice([-1.0, 1.0], size=(micro_batch + 1, NEW_DIRECTIONS))
     ages = lam ** np.arange(micro_batch - 1, -1, -1, dtype=np.float64)
-    start = time.perf_counter()
+    clock = Stopwatch()
     for i in range(micro_batch, W.shape[0] - micro_batch + 1, micro_batch):
         X = W[i:i + micro_batch]
         k = int(min(np.searchsorted(np.cumsum(values) / diag.sum(), explained) + 1, r))
@@ -129,11 +144,11 @@ def subspace_floor(W: np.ndarray, micro_batch: int, rank: int, half_life: float,
         eig, vectors = np.linalg.eigh(gram)
         top = np.argsort(eig)[::-1][:r]
         U, values, weight = basis @ vectors[:, top], eig[top], total
-    return rate(W.shape[0] - micro_batch, time.perf_counter() - start)
+    return clock.rates(W.shape[0] - micro_batch)
 
 
 def numpy_floor(X: np.ndarray, hidden: list[int], micro_batch: int, step_batch: int, learning_rate: float,
-                grad_clip: float) -> float:
+                grad_clip: float) -> tuple[float, float]:
     """The detector's network and optimiser written out by hand, with nothing around them, readings/s.
 
     A tanh autoencoder of the same widths with every parameter in one flat vector; per micro-batch one scoring
@@ -163,7 +178,7 @@ def numpy_floor(X: np.ndarray, hidden: list[int], micro_batch: int, step_batch: 
         return acts
 
     t = 0
-    start = time.perf_counter()
+    clock = Stopwatch()
     for i in range(0, Z.shape[0], micro_batch):
         batch = Z[i:i + micro_batch]
         err = forward(batch)[-1] - batch
@@ -186,7 +201,7 @@ def numpy_floor(X: np.ndarray, hidden: list[int], micro_batch: int, step_batch: 
             v *= 0.999
             v += 0.001 * grad * grad
             params -= learning_rate * np.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t) * m / (np.sqrt(v) + 1e-8)
-    return rate(Z.shape[0], time.perf_counter() - start)
+    return clock.rates(Z.shape[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,48 +227,48 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in (16, 64):
         rows.append({"name": f"numpy floor subspace, batch {batch}", "model": "floor_subspace", "mode": f"batch{batch}",
-                     "readings_per_s": best_of(lambda: subspace_floor(W, batch, sub.rank, sub.half_life,
-                                                                       sub.explained_variance), args.repeats),
+                     **best_of(lambda: subspace_floor(W, batch, sub.rank, sub.half_life, sub.explained_variance),
+                               args.repeats),
                      "omits": SUBSPACE_FLOOR_OMITS})
     rows += [{"name": f"numpy floor dense, batch {batch}", "model": "floor", "mode": f"batch{batch}",
-              "readings_per_s": best_of(lambda: numpy_floor(X, dense["hidden"], batch, m.batch_size,
-                                                            m.learning_rate, m.grad_clip), args.repeats),
+              **best_of(lambda: numpy_floor(X, dense["hidden"], batch, m.batch_size, m.learning_rate, m.grad_clip),
+                        args.repeats),
               "omits": FLOOR_OMITS} for batch in (16, 64)]
     rows.append({"name": "subspace learn_one+score_one", "model": "subspace", "mode": "per_reading",
-                 "readings_per_s": best_of(lambda: per_reading(SubspaceModel(**subspace), W[:n_lstm]),
-                                           args.repeats)})
+                 **best_of(lambda: per_reading(SubspaceModel(**subspace), W[:n_lstm]), args.repeats)})
     for batch in (16, 64):
         rows.append({"name": f"subspace detector process_many, batch {batch}", "model": "subspace",
                      "mode": f"batch{batch}",
-                     "readings_per_s": best_of(lambda: detector_batched(cfg, metrics, X, batch, kind="subspace"),
-                                               args.repeats)})
+                     **best_of(lambda: detector_batched(cfg, metrics, X, batch, kind="subspace"), args.repeats)})
     rows.append({"name": "dense_ae learn_one+score_one", "model": "ae", "mode": "per_reading",
-                 "readings_per_s": best_of(lambda: per_reading(DenseAutoencoder(**dense), Z), args.repeats)})
+                 **best_of(lambda: per_reading(DenseAutoencoder(**dense), Z), args.repeats)})
     for batch in (16, 64):
         rows.append({"name": f"dense_ae detector process_many, batch {batch}", "model": "ae",
                      "mode": f"batch{batch}",
-                     "readings_per_s": best_of(lambda: detector_batched(cfg, metrics, X, batch, kind="ae"),
-                                               args.repeats)})
+                     **best_of(lambda: detector_batched(cfg, metrics, X, batch, kind="ae"), args.repeats)})
     rows.append({"name": "lstm_ae learn_one+score_one", "model": "lstm_ae", "mode": "per_reading",
-                 "readings_per_s": best_of(lambda: per_reading(LSTMAutoencoder(**lstm), Z[:n_lstm]), 1)})
+                 **best_of(lambda: per_reading(LSTMAutoencoder(**lstm), Z[:n_lstm]), 1)})
     for batch in (16, 64):
         rows.append({"name": f"lstm_ae detector process_many, batch {batch}", "model": "lstm_ae",
                      "mode": f"batch{batch}",
-                     "readings_per_s": best_of(lambda: detector_batched(cfg, metrics, X[:n_lstm], batch,
-                                                                        kind="lstm_ae"), 1)})
+                     **best_of(lambda: detector_batched(cfg, metrics, X[:n_lstm], batch, kind="lstm_ae"), 1)})
 
+    load = os.getloadavg()[0]
     print(f"data: {source}, {X.shape[1]} metrics; subspace and dense {n_dense} readings (subspace per reading "
-          f"{n_lstm}), lstm {n_lstm}; 1 BLAS thread")
-    print(f"{'row':48s} {'readings/s':>12s}  note")
+          f"{n_lstm}), lstm {n_lstm}; 1 BLAS thread; load average {load:.1f} on {os.cpu_count()} cores (readings/s "
+          "by wall time falls with the load; by this process's CPU time much less)")
+    print(f"{'row':48s} {'readings/s':>12s} {'per CPU s':>12s}  note")
     for row in rows:
         note = f"omits {row['omits']}" if "omits" in row else ""
-        print(f"{row['name']:48s} {row['readings_per_s']:12,.0f}  {note}")
+        print(f"{row['name']:48s} {row['readings_per_s']:12,.0f} {row['readings_per_cpu_s']:12,.0f}  {note}")
 
-    by_name = {row["name"]: row["readings_per_s"] for row in rows}
+    by_name = {row["name"]: row for row in rows}
+    default, floor = by_name["subspace detector process_many, batch 64"], by_name["numpy floor subspace, batch 64"]
     headline = {"name": "subspace (default) DeviceDetector.process_many (score+learn), micro-batch 64",
-                "value": by_name["subspace detector process_many, batch 64"], "unit": "readings/s per core",
-                "floor": by_name["numpy floor subspace, batch 64"]}
+                "value": default["readings_per_s"], "unit": "readings/s per core", "floor": floor["readings_per_s"],
+                "value_cpu": default["readings_per_cpu_s"], "floor_cpu": floor["readings_per_cpu_s"]}
     result = {"headline": headline, "rows": rows, "data": source, "quick": args.quick, "repeats": args.repeats,
+              "load_average": load, "cpus": os.cpu_count(),
               "python": platform.python_version(), "numpy": np.__version__,
               "settings": {"subspace": {**subspace, "window": sub.window}, "dense": dense, "lstm": lstm}}
     write_json(args.json, result)

@@ -269,9 +269,48 @@ def ranking_quality(watch: ScoreWatch, labelled: list[dict]) -> dict:
             "pr_auc_device_mean": None if means[1] is None else float(means[1]), "anomaly_rate": float(y.mean())}
 
 
+def incident_quality(labelled: list[dict], gap_readings: int) -> dict:
+    """Event-level figures of the live flags (`models.metrics.event_counts`, pooled over devices): each device's
+    flags in seq order grouped into incidents as the stream job groups them (`incidents.gap_readings`); an
+    incident is true when it overlaps a labelled anomaly range, a range is detected when an incident overlaps it.
+    ``stream_incident_ids``: the incidents the stream job itself linked these flags to (one notification each)."""
+    from models.metrics import event_counts, event_metrics
+
+    by_device: dict[str, list[dict]] = defaultdict(list)
+    for r in labelled:
+        by_device[r["device_id"]].append(r)
+    totals: dict[str, int] = defaultdict(int)
+    for records in by_device.values():
+        records = sorted(records, key=lambda r: r["seq"])
+        counts = event_counts(np.array([r["label"] for r in records], dtype=int),
+                              np.array([r["is_anomaly"] for r in records], dtype=bool), gap_readings)
+        for key, value in counts.items():
+            totals[key] += value
+    if not totals:
+        return {}
+    stream_ids = {r["incident_id"] for r in labelled if r["is_anomaly"] and r.get("incident_id")}
+    return {**event_metrics(totals), "ranges": totals["ranges"], "detected_ranges": totals["detected_ranges"],
+            "false_incidents": totals["incidents"] - totals["true_incidents"], "stream_incident_ids": len(stream_ids)}
+
+
+def offline_reference(dataset: str) -> dict | None:
+    """The federated row of `flead evaluate`'s stored report for the same data set (docs/results/<dataset>.json),
+    to print beside the live figures; None when there is none (your own CSV)."""
+    path = PROJECT_ROOT / "docs" / "results" / f"{dataset}.json"
+    if not path.exists():
+        return None
+    try:
+        row = json.loads(path.read_text())["models"]["federated"]
+    except (ValueError, KeyError):
+        return None
+    keys = ("f1", "precision", "recall", "roc_auc", "pr_auc", "incident_f1", "incident_precision", "incident_recall")
+    return {"source": str(path.relative_to(PROJECT_ROOT)), **{k: row.get(k) for k in keys}}
+
+
 def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float,
-              malformed: int = 0) -> dict:
-    """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data)."""
+              malformed: int = 0, offline: dict | None = None) -> dict:
+    """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data),
+    point-wise (no point adjustment) and per incident, beside ``offline`` (`offline_reference`)."""
     from models.metrics import precision_recall_f1_from_predictions
     from storage.mongo import Store
 
@@ -280,6 +319,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
     y_pred = np.array([r["is_anomaly"] for r in labelled], dtype=int)
     precision, recall, f1 = precision_recall_f1_from_predictions(y_true, y_pred) if labelled else (None, None, None)
     ranking = ranking_quality(watch, labelled)
+    incidents = incident_quality(labelled, cfg.incidents.gap_readings)
     lat = np.array(watch.latencies_ms) if watch.latencies_ms else np.array([np.nan])
     span = (watch.test_last_at - watch.test_started_at) if watch.test_started_at and watch.test_last_at else 0.0
     top = sorted((r for r in watch.test_records if r["is_anomaly"]),
@@ -300,6 +340,8 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
                           "anomalous_points": int(y_true.sum()) if labelled else None,
                           "note": "operating thresholds chosen online without labels; no point adjustment",
                           **ranking},
+        "incident_accuracy": incidents,
+        "offline": offline,
         "federated": {"rounds": rounds, "global_version": latest["version"] if latest else 0,
                       "adopted_version_in_scores": watch.max_global_version},
         "top_alerts": [{"device_id": r["device_id"], "seq": r["seq"], "ts": r["ts"],
@@ -322,10 +364,23 @@ def print_summary(summary: dict) -> None:
     print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part")
     print(f"accuracy     precision {fmt(acc['precision'])}  recall {fmt(acc['recall'])}  F1 {fmt(acc['f1'])}  "
           f"({acc['anomalous_points']} anomalous of {acc['points']} test points; {acc['note']})")
+    inc = summary.get("incident_accuracy") or {}
+    if inc:
+        print(f"incidents    {inc['detected_ranges']} of {inc['ranges']} labelled anomaly ranges detected "
+              f"(recall {fmt(inc['incident_recall'])}); {inc['incidents']} incidents raised, {inc['false_incidents']} "
+              f"false (precision {fmt(inc['incident_precision'])}); incident F1 {fmt(inc['incident_f1'])}, "
+              f"composite F1 {fmt(inc['composite_f1'])}; the stream job linked the test alerts to "
+              f"{inc['stream_incident_ids']} incident(s)")
     if acc.get("roc_auc") is not None:
         print(f"ranking      ROC-AUC {fmt(acc['roc_auc'])}  PR-AUC {fmt(acc['pr_auc'])} pooled (scores normalised per "
               f"device by its training part, no labels); per-device mean ROC-AUC {fmt(acc['roc_auc_device_mean'])}  "
               f"PR-AUC {fmt(acc['pr_auc_device_mean'])}; chance PR-AUC = {acc['anomaly_rate']:.3f}")
+    off = summary.get("offline")
+    if off:
+        print(f"offline      `flead evaluate` ({off['source']}), federated: F1 {fmt(off['f1'])}  precision "
+              f"{fmt(off['precision'])}  recall {fmt(off['recall'])}  ROC-AUC {fmt(off['roc_auc'])}  PR-AUC "
+              f"{fmt(off['pr_auc'])}  incident F1 {fmt(off['incident_f1'])} (the whole data set, every training "
+              "reading, a round every stream.snapshot_every readings per device)")
     bad = summary["bad_input"]
     print(f"bad input    {bad['malformed_sent']} malformed messages sent; {bad['dead_letters_stored']} dead letters "
           "stored, each with its reason")
@@ -385,7 +440,8 @@ def cmd_demo(args, cfg: Config) -> int:
                   "the sink to roll them up for the dashboards")
         _wait_for(lambda: store.collection("dead_letters").count_documents({}) >= malformed, args.timeout,
                   "the malformed messages' dead letters")
-        summary = summarise(cfg, w, len(train), produced, produce_seconds, malformed)
+        summary = summarise(cfg, w, len(train), produced, produce_seconds, malformed,
+                            offline_reference(args.dataset) if args.dataset == "asd" else None)
     finally:
         watcher.stopping.set()
         watcher.join(timeout=5)

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--models", default=",".join(("federated", "local", "centralized", "isolation_forest", "pca",
                                                   "dbscan", "random")),
                    help="comma-separated subset of the models to run")
+    p.add_argument("--train-per-device", type=int, default=0, metavar="N",
+                   help="use only the first N training rows of each device (0 = all; `flead demo` replays 2000 by "
+                        "default: this reproduces its protocol offline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the baselines and of the nsl-kdd client split")
     p.add_argument("--json", dest="json_out", help="write the report to this JSON file")
     p.add_argument("--quick", action="store_true",
@@ -165,7 +168,12 @@ def run_evaluate(args, cfg) -> int:
     def say(line: str) -> None:
         print(f"[{time.monotonic() - started:7.1f}s] {line}", flush=True)
 
+    if args.train_per_device < 0:
+        raise SystemExit("flead evaluate: --train-per-device must be 0 (all) or a positive number of rows")
     dataset, train, test, names, facts = _load(args, cfg)
+    if args.train_per_device:
+        train = {d: X[:args.train_per_device] for d, X in train.items()}
+        facts = {**facts, "train_per_device": args.train_per_device}
     rounds = args.rounds
     if args.quick:
         train, test = _shrink(train, test)

@@ -1,9 +1,9 @@
 """The main command end to end: `flead demo` on a slice of ASD, then checks against MongoDB and the browser.
 
 Every reading is scored and stored once, a federated round completes (no race with the scheduler) and its model is
-adopted by the stream job, the summary's F1 equals one computed independently from the bucketed documents, the
-malformed messages it sends become dead letters by reason, and after the summary the dashboards stay up at the
-printed URL (until `flead down`) and render, with the fleet figures equal to MongoDB's.
+adopted by the stream job, the summary's F1 and incident figures equal ones computed independently from the
+bucketed documents, the malformed messages it sends become dead letters by reason, and after the summary the
+dashboards stay up at the printed URL (until `flead down`) and render, with the fleet figures equal to MongoDB's.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import requests
 
 from browser import DASHBOARDS, chart, expected_charts, log_in, number, open_dashboard, open_device, screenshot
 from config import PROJECT_ROOT, load_config
+from models.metrics import event_counts, event_metrics
 from services import processes
 from visualization import superset_server
 
@@ -84,6 +85,15 @@ def test_summary_f1_equals_an_independent_computation(demo_run, demo_store):
     tp, fp, fn = int((p & y).sum()), int((p & ~y).sum()), int((~p & y).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     assert summary["test_accuracy"]["f1"] == pytest.approx(f1)
+    # incident figures: each device's stored flags in seq order, grouped as the stream job groups them
+    device = cols["device_id"][test]  # rows are grouped by device, each device's rows in seq order
+    counts = [event_counts(y[device == d], p[device == d], demo_run[0].incidents.gap_readings)
+              for d in sorted(set(device))]
+    pooled = event_metrics({k: sum(c[k] for c in counts) for k in counts[0]})
+    incidents = summary["incident_accuracy"]
+    assert incidents["incident_f1"] == pytest.approx(pooled["incident_f1"])
+    assert incidents["ranges"] == sum(c["ranges"] for c in counts) > 0
+    assert incidents["stream_incident_ids"] == len(set(cols["incident_id"][test][p]) - {None})
 
 
 def test_malformed_messages_become_dead_letters_by_reason(demo_run, demo_store):
