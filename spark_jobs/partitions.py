@@ -5,8 +5,8 @@ snapshots (`spark_jobs.snapshots.check_block`) and returns the blocks' heads (ch
 aggregation's passes (`models.partitioned`) then read the blocks' vectors again, two to four times. Two homes:
 
 - `LocalBlocks`, when every executor runs on this machine (a ``local[...]`` master): a private directory (in
-  /dev/shm when there is one). The driver writes each partition's snapshots there as BSON, the first pass writes
-  each block's vectors as ``.npy``, later passes map them (``np.load(mmap_mode="r")``). Nothing big crosses the
+  /dev/shm when it has room, `scratch_directory`). The driver writes each partition's snapshots there as BSON,
+  the first pass writes each block's vectors as ``.npy``, later passes map them (``np.load(mmap_mode="r")``). Nothing big crosses the
   JVM: shipping a 10,000-device round's vectors (372 MB) to the Python workers again took ~1 s per pass here,
   and caching them filled the default 1 GB driver heap.
 - `RddBlocks`, for any other master: the snapshots parallelized from the driver, the blocks a persisted RDD
@@ -78,25 +78,38 @@ def _on_stored_block(fn, directory: str, index: int):
     return fn(VectorBlock(index, rows["device_ids"], np.asarray(rows["n_samples"], dtype=np.int64), vectors))
 
 
+def scratch_directory(cfg: Config, snapshot_bytes: int) -> Path:
+    """A new private directory: in /dev/shm when it has room for `aggregation.shm_headroom` × the window's
+    snapshot bytes (a container's /dev/shm is often 64 MB), else in the system's temporary directory (also the
+    choice when the executors fetch the snapshots themselves: their size is not known here)."""
+    room = (snapshot_bytes > 0 and SHARED_MEMORY.is_dir()
+            and shutil.disk_usage(SHARED_MEMORY).free >= cfg.aggregation.shm_headroom * snapshot_bytes)
+    return Path(tempfile.mkdtemp(prefix="flead-round-", dir=SHARED_MEMORY if room else None))
+
+
 class LocalBlocks:
     """A round's blocks in a private directory of this machine (module docstring), removed by `close`."""
 
     def __init__(self, sc):
         self.sc = sc
         self.parts = 0
-        self.directory = Path(tempfile.mkdtemp(prefix="flead-round-",
-                                               dir=SHARED_MEMORY if SHARED_MEMORY.is_dir() else None))
+        self.directory: Path | None = None
 
     def check(self, cfg: Config, key: bytes, groups: list[list], reference_shapes,
               keep_weights: bool = False) -> list[BlockHead]:
         """The first pass: write each partition's snapshots, check and encode them on the executors."""
         self.parts = partition_count(cfg, groups)
-        for index, part in enumerate(split_groups(groups, self.parts)):
+        payloads = []
+        for part in split_groups(groups, self.parts):
             items = [d for group in part for d in group]
             whole = not items or not isinstance(items[0], str)
-            (self.directory / f"snapshots-{index}.bson").write_bytes(
-                b"".join(bson.encode(d) for d in items) if whole else b"")
-            (self.directory / f"ids-{index}.json").write_text("[]" if whole else json.dumps(items))
+            payloads.append((b"".join(bson.encode(d) for d in items) if whole else b"",
+                             "[]" if whole else json.dumps(items)))
+        if self.directory is None:
+            self.directory = scratch_directory(cfg, sum(len(snapshots) for snapshots, _ in payloads))
+        for index, (snapshots, ids) in enumerate(payloads):
+            (self.directory / f"snapshots-{index}.bson").write_bytes(snapshots)
+            (self.directory / f"ids-{index}.json").write_text(ids)
         return self._run(partial(_check_stored, cfg.to_dict(), key, reference_shapes, keep_weights,
                                  str(self.directory)))
 
@@ -107,7 +120,9 @@ class LocalBlocks:
         return self.sc.parallelize(range(self.parts), self.parts).map(task).collect()
 
     def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
 
 
 # ---------------------------------------------------------------- any cluster: a persisted RDD
