@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
@@ -32,8 +32,8 @@ from models.updates import (AggregationError, AggregationResult, Update, Weights
 
 __all__ = ["AggregationError", "AggregationResult", "Update", "fedavg", "coordinate_median", "trimmed_mean",
            "kmeans", "cosine_similarity", "bounded_weights", "structure_problem", "snapshot_problem",
-           "newest_plausible", "validate_updates", "ValidationPolicy", "SnapshotLimits", "FedAvg", "FedMedian",
-           "FedTrimmedAvg", "ClusteredFedAvg", "make_strategy"]
+           "newest_plausible", "validate_updates", "cohort_rejections", "ValidationPolicy", "SnapshotLimits",
+           "FedAvg", "FedMedian", "FedTrimmedAvg", "ClusteredFedAvg", "make_strategy"]
 
 
 # ---------------------------------------------------------------- rules
@@ -257,29 +257,46 @@ def validate_updates(updates: Sequence[Update], reference_shapes: Sequence[tuple
         return [], rejected, {}
     vectors = {u.device_id: flatten(u.weights) for u in valid}
     norms = {d: float(np.linalg.norm(v)) for d, v in vectors.items()}
-    within = valid
+    accepted_ids, cohort_rejected = cohort_rejections(
+        list(vectors), norms, max_norm_ratio, min_cosine,
+        median_of=lambda ids: np.median(np.stack([vectors[d] for d in ids]), axis=0),
+        cosines_to=lambda ids, median: {d: cosine_similarity(vectors[d], median) for d in ids})
+    accepted_set = set(accepted_ids)
+    return [u for u in valid if u.device_id in accepted_set], rejected + cohort_rejected, norms
+
+
+def cohort_rejections(device_ids: Sequence[str], norms: dict[str, float], max_norm_ratio: float | None,
+                      min_cosine: float | None, median_of, cosines_to) -> tuple[list[str], list[tuple[str, str]]]:
+    """The cohort checks of `validate_updates` on structurally valid updates, wherever their vectors are.
+
+    ``norms`` holds each device's L2 norm; ``median_of(ids)`` returns the coordinate-wise median of those
+    devices' vectors and ``cosines_to(ids, median)`` their cosine similarities to it (in memory here,
+    per Spark partition in `models.partitioned`). Returns the accepted ids in the order of ``device_ids``
+    and the ``(device_id, reason)`` of the others.
+    """
+    rejected: list[tuple[str, str]] = []
+    within = list(device_ids)
     if max_norm_ratio is not None:
-        median_norm = float(np.median(list(norms.values())))
+        median_norm = float(np.median([norms[d] for d in device_ids]))
         limit = max_norm_ratio * median_norm
         within = []
-        for u in valid:
-            if median_norm > 0 and norms[u.device_id] > limit:
-                rejected.append((u.device_id, f"norm {norms[u.device_id]:.4g} exceeds {max_norm_ratio:g} × the "
-                                              f"cohort median norm {median_norm:.4g}"))
+        for d in device_ids:
+            if median_norm > 0 and norms[d] > limit:
+                rejected.append((d, f"norm {norms[d]:.4g} exceeds {max_norm_ratio:g} × the cohort median norm "
+                                    f"{median_norm:.4g}"))
             else:
-                within.append(u)
+                within.append(d)
     if min_cosine is None or len(within) < 3:
-        return within, rejected, norms
-    median_vector = np.median(np.stack([vectors[u.device_id] for u in within]), axis=0)
+        return within, rejected
+    cosines = cosines_to(within, median_of(within))
     accepted = []
-    for u in within:
-        cos = cosine_similarity(vectors[u.device_id], median_vector)
-        if cos < min_cosine:
-            rejected.append((u.device_id, f"cosine similarity {cos:.3f} to the coordinate-wise median is below "
-                                          f"{min_cosine:g} (points away from the cohort, e.g. a sign flip)"))
+    for d in within:
+        if cosines[d] < min_cosine:
+            rejected.append((d, f"cosine similarity {cosines[d]:.3f} to the coordinate-wise median is below "
+                                f"{min_cosine:g} (points away from the cohort, e.g. a sign flip)"))
         else:
-            accepted.append(u)
-    return accepted, rejected, norms
+            accepted.append(d)
+    return accepted, rejected
 
 
 # ---------------------------------------------------------------- strategies
@@ -325,14 +342,20 @@ class ValidationPolicy:
     def apply(self, updates: Sequence[Update], strategy: str, needed: int = 1, why: str = "") -> _Validated:
         accepted, rejected, norms = validate_updates(updates, self.reference_shapes, self.max_norm_ratio,
                                                      self.min_cosine)
-        needed = max(needed, self.min_devices)
-        if len(accepted) < needed:
-            reasons = "; ".join(f"{d}: {r}" for d, r in rejected[:5])
-            reasons += f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
-            raise AggregationError(f"{strategy}: {len(accepted)} valid update(s), needs at least {needed}"
-                                   f"{' (' + why + ')' if why else ''}" + (f"; rejected: {reasons}" if reasons else ""))
+        self.require(len(accepted), rejected, strategy, needed, why)
         weights = bounded_weights([u.n_samples for u in accepted], self.sample_cap_factor)
         return _Validated(accepted, rejected, norms, weights)
+
+    def require(self, n_accepted: int, rejected: Sequence[tuple[str, str]], strategy: str, needed: int = 1,
+                why: str = "") -> None:
+        """Raise `AggregationError` (with the first reasons) when fewer than ``needed`` (and ``min_devices``)
+        updates passed the checks."""
+        needed = max(needed, self.min_devices)
+        if n_accepted < needed:
+            reasons = "; ".join(f"{d}: {r}" for d, r in rejected[:5])
+            reasons += f"; and {len(rejected) - 5} more" if len(rejected) > 5 else ""
+            raise AggregationError(f"{strategy}: {n_accepted} valid update(s), needs at least {needed}"
+                                   f"{' (' + why + ')' if why else ''}" + (f"; rejected: {reasons}" if reasons else ""))
 
 
 @dataclass
@@ -354,10 +377,11 @@ class FedMedian:
 
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
     name: str = "median"
+    needed: ClassVar[int] = 3
+    why: ClassVar[str] = "the median of two values is their mean, so it cannot out-vote a bad one"
 
     def aggregate(self, updates: Sequence[Update], current: Weights | None = None) -> AggregationResult:
-        checked = self.policy.apply(updates, self.name, needed=3,
-                                    why="the median of two values is their mean, so it cannot out-vote a bad one")
+        checked = self.policy.apply(updates, self.name, needed=self.needed, why=self.why)
         return checked.result(coordinate_median(checked.pairs), self.name)
 
 

@@ -28,6 +28,7 @@ The codec registers itself for the ``subspace`` kind when `models` is imported (
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -61,13 +62,47 @@ def subspace_weights(mean: np.ndarray, C: np.ndarray, like: Sequence[np.ndarray]
     return [w.astype(np.asarray(ref).dtype) for w, ref in zip(out, like)]
 
 
+@functools.lru_cache(maxsize=8)
+def _upper_triangle(d: int) -> np.ndarray:
+    """Flat indices of the upper triangle (diagonal included) of a d × d matrix, row by row (`np.triu_indices`)."""
+    rows, cols = np.triu_indices(d)
+    return rows * d + cols
+
+
 class SubspaceCodec:
     """Subspace wire weights ↔ ``[μ, vech(C + μμᵀ)]`` (module docstring)."""
 
+    chunk = 256  # devices expanded at once by `federated_vectors` (their d × d moments: 18 MB for d = 95)
+
     def federated_vector(self, weights: Sequence[np.ndarray]) -> np.ndarray:
-        mean, C = subspace_moments(weights)
-        second_moment = C + np.outer(mean, mean)
-        return np.concatenate([mean, second_moment[np.triu_indices(mean.shape[0])]])
+        return self.federated_vectors([weights])[0]
+
+    def federated_vectors(self, weights_list: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+        """Many devices' vectors as the rows of one matrix (batched matrix products: the aggregator's decode)."""
+        if not weights_list:
+            raise ValueError("federated_vectors: no weights")
+        for weights in weights_list:
+            factor, mean, var = (np.shape(w) for w in weights)
+            if len(factor) != 2 or mean != factor[:1] or var != mean:
+                raise ValueError(f"subspace weights must be [factor (d, r), mean (d,), variances (d,)], got shapes "
+                                 f"{[np.shape(w) for w in weights]}")
+        d = np.shape(weights_list[0][1])[0]
+        if any(np.shape(w[1])[0] != d for w in weights_list):
+            raise ValueError("federated_vectors: the devices' weights differ in their number of inputs")
+        upper = _upper_triangle(d)
+        out = np.empty((len(weights_list), d + upper.size))
+        diagonal = np.arange(d)
+        for start in range(0, len(weights_list), self.chunk):
+            part = weights_list[start:start + self.chunk]
+            factor = np.stack([np.asarray(w[0], dtype=np.float64) for w in part])
+            mean = np.stack([np.asarray(w[1], dtype=np.float64) for w in part])
+            second = factor @ factor.transpose(0, 2, 1)
+            second[:, diagonal, diagonal] = np.maximum(np.stack([np.asarray(w[2], dtype=np.float64) for w in part]),
+                                                       0.0)
+            second += mean[:, :, None] * mean[:, None, :]
+            out[start:start + len(part), :d] = mean
+            out[start:start + len(part), d:] = second.reshape(len(part), d * d)[:, upper]
+        return out
 
     def weights_from_vector(self, vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
         vector = np.asarray(vector, dtype=np.float64).ravel()

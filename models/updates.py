@@ -118,6 +118,15 @@ class IdentityCodec:
 
 
 IDENTITY = IdentityCodec()
+
+
+def federated_vectors(codec: VectorCodec, weights_list: Sequence[Weights]) -> np.ndarray:
+    """Many devices' vectors as the rows of one matrix: the codec's batch method ``federated_vectors`` when it has
+    one (the same numbers, computed together), else one `federated_vector` per device."""
+    batch = getattr(codec, "federated_vectors", None)
+    if batch is not None:
+        return batch(weights_list)
+    return np.stack([codec.federated_vector(w) for w in weights_list])
 _CODECS: dict[str, Callable[[], VectorCodec]] = {}
 
 

@@ -8,15 +8,18 @@ Read top to bottom (`run_round`); the I/O steps are thin, the round itself is th
 1. Window (`read_window`). The round takes the snapshots created after the previous global model's
    ``created_at`` and at or before the round's start (its cut-off). The new model's ``created_at`` is that
    cut-off, so every snapshot falls into exactly one round, and a re-run with nothing new writes nothing.
-2. Spark (`check_on_spark`). Each device's snapshots in the window go to one partition, which fetches them from
-   MongoDB and checks each on its own (`spark_jobs.snapshots`: signature, blob, shapes, counters), then keeps one
-   per device: the newest whose counters follow the device's previous snapshot. A forged or implausible snapshot
-   cannot displace a device's honest one.
+2. Spark (`checked_updates`). The window is read in one query (`aggregation.snapshot_read`); each device's
+   snapshots go to one partition (`spark_jobs.partitions`), which checks each on its own (`spark_jobs.snapshots`:
+   signature, blob, shapes, counters), keeps one per device (the newest whose counters follow the device's
+   previous snapshot: a forged or implausible snapshot cannot displace a device's honest one) and encodes the
+   chosen updates with their architecture's codec (`models.updates.codec_for`). The vectors stay in the
+   partition; the driver collects each device's choice, sample count and norm.
 3. Driver (`round_documents`). The strategy built by `make_strategy` (with differential privacy or secure
-   aggregation wrapped around it when configured) aggregates the chosen updates in the vector space of the
-   architecture's codec (`models.updates.codec_for`); the result becomes the signed global model (version n+1,
-   ``previous_version`` n, ``issuer`` the aggregator), the per-cluster models of a clustered round (same version,
-   ``_id`` ``"<version>:c<k>"``) and the round's history document. Under differential privacy these carry counts,
+   aggregation wrapped around it when configured) aggregates the chosen updates in the codec's vector space:
+   FedAvg and the median as reductions over the partitions (`models.partitioned`: the driver receives sums and
+   histograms, not the devices' vectors), the others on the collected vectors. The result becomes the signed
+   global model (version n+1, ``previous_version`` n, ``issuer`` the aggregator), the per-cluster models of a
+   clustered round (same version, ``_id`` ``"<version>:c<k>"``) and the round's history document. Under differential privacy these carry counts,
    the noised model and the privacy spent (ε per round and over the model's history), nothing per device.
 4. Output (`write_round`, `publish`). `global_models`, then the global-model topic (`flead.global-model/1`, fleet
    model first), then `aggregation_history` (``_id`` = ``r<version>``).
@@ -42,14 +45,18 @@ import numpy as np  # noqa: E402
 from config import Config  # noqa: E402
 from models.aggregation import AggregationError, AggregationResult, make_strategy  # noqa: E402
 from models.integrity import AGGREGATOR_ISSUER, signing_key, sign_record  # noqa: E402
+from models import partitioned  # noqa: E402
+from models.partitioned import Cohort  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
-from models.updates import Update, codec_for, flatten  # noqa: E402
-from spark_jobs.snapshots import (ConfiguredLayout, DeviceChoice, check_snapshot, choose_per_device,  # noqa: E402
-                                  snapshot_limits)
+from models.updates import Update, codec_for, federated_vectors, flatten  # noqa: E402
+from spark_jobs.partitions import round_blocks  # noqa: E402
+from spark_jobs.session import context_of  # noqa: E402
+from spark_jobs.snapshots import DeviceChoice, partitioned_summaries  # noqa: E402
 from storage.mongo import Store  # noqa: E402
 from telemetry.schema import GLOBAL_MODEL  # noqa: E402
 
 log = logging.getLogger("flead.aggregate")
+SNAPSHOT_READS = ("driver", "executors")
 DP_HISTORY_FIELDS = ("epsilon", "round_epsilon", "delta", "sampling_rate", "noise_multiplier", "clip_norm", "rounds")
 
 
@@ -91,40 +98,41 @@ def now_ms() -> int:
 
 # ---------------------------------------------------------------- 1. window
 
-def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list[str]]]:
-    """The previous global model and the ids of the window's snapshots, grouped per device."""
+def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list]]:
+    """The previous global model and the window's snapshots grouped per device, read in ONE query: whole
+    documents (`aggregation.snapshot_read` ``driver``: the embedded FerretDB scans the whole collection for any
+    filter but a single ``_id``, so one scan is the least a round can read), or only their ids (``executors``:
+    each partition then fetches its own devices' snapshots by ``_id``, for a MongoDB with indexes and fleets
+    whose window does not fit in the driver)."""
     previous = db.latest_global_model()
     window = {"$lte": started}
     if previous:
         window["$gt"] = previous["created_at"]
-    by_device: dict[str, list[str]] = {}
-    for doc in db.collection("local_models").find({"created_at": window}, {"_id": 1, "device_id": 1}):
-        by_device.setdefault(str(doc.get("device_id")), []).append(doc["_id"])
+    if cfg.aggregation.snapshot_read not in SNAPSHOT_READS:
+        raise ValueError(f"aggregation.snapshot_read: {cfg.aggregation.snapshot_read!r} is not one of "
+                         f"{', '.join(SNAPSHOT_READS)}")
+    whole = cfg.aggregation.snapshot_read == "driver"
+    by_device: dict[str, list] = {}
+    for doc in db.collection("local_models").find({"created_at": window},
+                                            None if whole else {"_id": 1, "device_id": 1}):
+        by_device.setdefault(str(doc.get("device_id")), []).append(doc if whole else doc["_id"])
     return previous, [by_device[d] for d in sorted(by_device)]
 
 
 # ---------------------------------------------------------------- 2. Spark
 
-def check_partition(cfg_values: dict, key: bytes, reference_shapes, device_groups):
-    """Executor side: fetch this partition's devices' snapshots, check each, keep one per device."""
-    ids = [i for group in device_groups for i in group]
-    if not ids:
-        return
-    cfg = Config(cfg_values)
-    db = Store(cfg)
-    try:
-        docs = db.local_models_by_id(ids)
-    finally:
-        db.close()
-    layout = ConfiguredLayout(cfg)
-    yield from choose_per_device([check_snapshot(doc, key, reference_shapes, layout) for doc in docs],
-                                 snapshot_limits(cfg))
-
-
-def check_on_spark(spark, cfg: Config, key: bytes, groups: list[list[str]], reference_shapes) -> list[DeviceChoice]:
-    partitions = max(1, min(len(groups), cfg.aggregation.spark_partitions))
-    return (spark.sparkContext.parallelize(groups, partitions)
-            .mapPartitions(partial(check_partition, cfg.to_dict(), key, reference_shapes)).collect())
+def checked_updates(blocks, cfg: Config, key: bytes, groups: list[list], reference_shapes
+                    ) -> tuple[list[DeviceChoice], Cohort | None, list | None]:
+    """Every device's choice, checked and encoded on the executors (`spark_jobs.partitions`), and the round's
+    `Cohort` whose vectors stay there, with one chosen update's wire weights. When the chosen updates do not share
+    one codec and layout, no cohort: the choices then carry their weights (the same checks, run again)."""
+    heads = blocks.check(cfg, key, groups, reference_shapes)
+    summaries = partitioned_summaries(heads)
+    if summaries is None:
+        heads = blocks.check(cfg, key, groups, reference_shapes, keep_weights=True)
+        return [c for h in heads for c in h.choices], None, None
+    like = next((h.like for h in heads if h.like is not None), None)
+    return [c for h in heads for c in h.choices], Cohort(blocks, summaries, cfg.aggregation.median_bins), like
 
 
 # ---------------------------------------------------------------- 3. the round (pure)
@@ -134,9 +142,12 @@ def global_weights(model: dict | None):
 
 
 def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoice], started: int, key: bytes,
-                    secure_round=None) -> RoundDocuments:
+                    secure_round=None, cohort: Cohort | None = None, like=None) -> RoundDocuments:
     """The round from the devices' chosen updates: strategy, signed models, history. Raises `AggregationError`
-    when the strategy cannot aggregate them (the caller skips the round)."""
+    when the strategy cannot aggregate them (the caller skips the round).
+
+    With ``cohort`` the chosen updates' codec vectors stay in Spark's partitions (`models.partitioned`; the
+    choices then carry counters, not weights, and ``like`` is one chosen update's wire weights)."""
     current = global_weights(previous)
     early = [r for c in choices for r in c.rejected]
     chosen = [c for c in choices if c.update is not None]
@@ -144,18 +155,23 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
         raise AggregationError("no usable update" + (f"; rejected: {_reasons(early)}" if early else ""))
     architecture = Counter(c.architecture for c in chosen).most_common(1)[0][0]
     codec = codec_for(architecture)
-    if secure_round is None:  # plain updates: into the codec's vector space here
-        like = current if current is not None else chosen[0].update.weights
-        updates = [Update(c.device_id, [codec.federated_vector(c.update.weights)], c.update.n_samples,
-                          c.update.version, c.update.n_seen, c.update.created_at) for c in chosen]
-    else:  # masked words of vectors the devices encoded themselves
+    if secure_round is not None:  # masked words of vectors the devices encoded themselves
         like = current if current is not None else [np.zeros(shape) for shape in secure_round.shapes]
         updates = [c.update for c in chosen]
+    elif cohort is not None:  # vectors in the partitions
+        like = current if current is not None else like
+    else:  # plain updates: into the codec's vector space here
+        like = current if current is not None else chosen[0].update.weights
+        vectors = federated_vectors(codec, [c.update.weights for c in chosen])
+        updates = [Update(c.device_id, [vector], c.update.n_samples, c.update.version, c.update.n_seen,
+                          c.update.created_at) for c, vector in zip(chosen, vectors)]
     length = codec.federated_vector(like).shape
     strategy = make_strategy(cfg, [length] if current is not None or secure_round else None,
                              dp_history=(previous or {}).get("dp"), secure_round=secure_round)
+    current_vector = [codec.federated_vector(current)] if current is not None else None
     try:
-        result = strategy.aggregate(updates, [codec.federated_vector(current)] if current is not None else None)
+        result = (partitioned.aggregate(strategy, cohort, current_vector) if cohort is not None
+                  else strategy.aggregate(updates, current_vector))
     except AggregationError as exc:
         raise AggregationError(str(exc) + (f"; refused before: {_reasons(early)}"
                                            if early and not cfg.privacy.enabled else "")) from None
@@ -180,7 +196,7 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
         for device, k in result.extra["clusters"].items():
             members.setdefault(k, []).append(device)
         model["cluster_sizes"] = [len(members.get(k, [])) for k in range(len(result.extra["cluster_weights"]))]
-        n_samples = {u.device_id: u.n_samples for u in updates}
+        n_samples = {c.device_id: c.update.n_samples for c in chosen}
         for k, weights in enumerate(result.extra["cluster_weights"]):
             cluster = {**model, "cluster": k, "participants": members.get(k, []),
                        "n_samples": int(sum(n_samples[d] for d in members.get(k, []))),
@@ -235,34 +251,40 @@ def publish(cfg: Config, messages: list[dict]) -> None:
 
 
 def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
-    """One aggregation round (see the module docstring); never writes a version twice."""
+    """One aggregation round (see the module docstring) on ``spark`` (a SparkSession or a SparkContext); never
+    writes a version twice."""
     started = now_ms()
     clock = time.perf_counter()
     key = signing_key(cfg)
     db = Store(cfg)
     send = partial(publish, cfg) if publish_model else (lambda messages: None)
+    sc = context_of(spark)
+    blocks = round_blocks(sc)
+    secure, cohort, like = None, None, None
     try:
-        secure = None
         if cfg.privacy.secure_aggregation:  # a round over several runs: spark_jobs/secure_round.py
             from spark_jobs.secure_round import secure_round_step
 
             previous = db.latest_global_model()
-            secure = secure_round_step(spark, db, cfg, key, previous, started, send)
+            secure = secure_round_step(sc, db, cfg, key, previous, started, send)
             if secure.status != "ready":
                 return RoundOutcome("skipped", secure.message, duration_s=time.perf_counter() - clock)
             choices = secure.choices
+            read_at = time.perf_counter()
         else:
             previous, groups = read_window(db, cfg, started)
+            read_at = time.perf_counter()
             if not groups:
                 since = f"since global model v{previous['version']}" if previous else "stored yet"
                 return RoundOutcome("skipped", f"no new snapshots {since}; nothing to do",
                                     duration_s=time.perf_counter() - clock)
             current = global_weights(previous)
-            choices = check_on_spark(spark, cfg, key, groups, [w.shape for w in current] if current else None)
+            choices, cohort, like = checked_updates(blocks, cfg, key, groups,
+                                                    [w.shape for w in current] if current else None)
         checked_at = time.perf_counter()
         try:
             documents = round_documents(cfg, previous, choices, started, key,
-                                        secure.secure_round if secure else None)
+                                        secure.secure_round if secure else None, cohort, like)
         except AggregationError as exc:
             early = [{"device_id": d, "reason": r} for c in choices for d, r in c.rejected]
             private = cfg.privacy.enabled
@@ -289,17 +311,19 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
             except Exception as exc:  # the model is stored; consumers can still fetch it from MongoDB or the API
                 log.error("global model v%d stored but not published: %s", version, exc)
         outcome.duration_s = time.perf_counter() - clock
-        outcome.timings = {"decode_s": checked_at - clock, "aggregate_s": aggregated_at - checked_at,
+        outcome.timings = {"read_s": read_at - clock, "decode_s": checked_at - read_at,
+                           "aggregate_s": aggregated_at - checked_at,
                            "write_s": outcome.duration_s - (aggregated_at - clock)}
         db.write_aggregation_round({**documents.history, "finished_at": now_ms(),
-                                                "duration_s": outcome.duration_s, "timings": outcome.timings,
-                                                "published": outcome.published})
+                                    "duration_s": outcome.duration_s, "timings": outcome.timings,
+                                    "published": outcome.published})
         outcome.message = (f"{model['round_id']}: global model v{version} from {model['n_participants']} device(s) "
                            f"({model['strategy']}), {model['n_rejected']} rejected, {outcome.duration_s:.2f} s"
                            + (f", ε = {model['dp_epsilon']:.3g} (δ = {model['dp']['delta']:g})"
                               if model.get("dp") else ""))
         return outcome
     finally:
+        blocks.close()
         db.close()
 
 
@@ -313,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from spark_jobs.session import run_job
 
     return run_job("flead-aggregate", lambda spark, cfg: run_round(spark, cfg, publish_model=not args.no_publish),
-                   args.master)
+                   args.master, context_only=True)
 
 
 if __name__ == "__main__":

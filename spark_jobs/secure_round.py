@@ -94,13 +94,13 @@ def masked_partition(cfg_values: dict, key: bytes, round_id: str, members: list[
                 continue  # not a masked vector of this round's length: the device counts as not answered
 
 
-def masked_answers(spark, cfg, db, key: bytes, cohort) -> list[dict]:
+def masked_answers(sc, cfg, db, key: bytes, cohort) -> list[dict]:
     """Each member's newest verified masked answer for the round (decoded on Spark's executors)."""
     ids = [d["_id"] for d in db.collection("local_models").find(
         {"encoding": MASKED, "secure_round": cohort.round_id}, {"_id": 1})]
     if not ids:
         return []
-    rows = (spark.sparkContext.parallelize(ids, max(1, min(len(ids), cfg.aggregation.spark_partitions)))
+    rows = (sc.parallelize(ids, max(1, min(len(ids), cfg.aggregation.spark_partitions)))
             .mapPartitions(partial(masked_partition, cfg.to_dict(), key, cohort.round_id, cohort.ids, cohort.length))
             .collect())
     newest: dict[str, dict] = {}
@@ -110,7 +110,7 @@ def masked_answers(spark, cfg, db, key: bytes, cohort) -> list[dict]:
     return list(newest.values())
 
 
-def secure_round_step(spark, db, cfg, key: bytes, previous: dict | None, now: int, publish) -> SecureStep:
+def secure_round_step(sc, db, cfg, key: bytes, previous: dict | None, now: int, publish) -> SecureStep:
     """One run's step of the secure round that builds on ``previous`` (see the module docstring)."""
     base = previous["version"] if previous else 0
     protocol = open_protocol(db, cfg, base)
@@ -120,7 +120,7 @@ def secure_round_step(spark, db, cfg, key: bytes, previous: dict | None, now: in
     if verify_record(record, key):
         raise RuntimeError(f"{protocol['round_id']}: the stored cohort announcement does not verify")
     cohort = cohort_from_record(record)
-    newest = {doc["device_id"]: doc for doc in masked_answers(spark, cfg, db, key, cohort)}
+    newest = {doc["device_id"]: doc for doc in masked_answers(sc, cfg, db, key, cohort)}
     missing = sorted(set(cohort.members) - set(newest))
     timeout_ms = cfg.privacy.secure_round_timeout_s * 1000
     revealed = {}

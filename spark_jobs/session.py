@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from config import PROJECT_ROOT, Config
 
@@ -26,39 +27,80 @@ def submitted_master() -> str | None:
     return SparkConf().get("spark.master", None)
 
 
-def spark_session(cfg: Config, app_name: str, master: str | None = None):
-    """A SparkSession for FLEAD's jobs (UI off, few shuffle partitions).
+def spark_conf(cfg: Config, app_name: str, master: str | None = None):
+    """The SparkConf of FLEAD's jobs (UI off, few shuffle partitions, Python workers reused).
 
     The master is, in order: `master`, the one spark-submit was given (``--master``), `aggregation.spark_master`.
     """
     os.environ.update(worker_environment())  # read by the JVM and the workers it forks (local mode)
+    from pyspark import SparkConf
+
+    return (SparkConf().setAppName(app_name)
+            .setMaster(master or submitted_master() or cfg.aggregation.spark_master)
+            .set("spark.ui.enabled", "false")
+            .set("spark.ui.showConsoleProgress", "false")
+            .set("spark.sql.shuffle.partitions", str(cfg.aggregation.spark_partitions))
+            .set("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
+            .set("spark.python.worker.reuse", "true"))
+
+
+def spark_session(cfg: Config, app_name: str, master: str | None = None):
+    """A SparkSession for FLEAD's jobs (`spark_conf`)."""
     from pyspark.sql import SparkSession
 
-    builder = (SparkSession.builder.appName(app_name)
-               .config("spark.ui.enabled", "false")
-               .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.sql.shuffle.partitions", str(cfg.aggregation.spark_partitions))
-               .config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
-               .config("spark.python.worker.reuse", "true"))
-    spark = builder.master(master or submitted_master() or cfg.aggregation.spark_master).getOrCreate()
+    spark = SparkSession.builder.config(conf=spark_conf(cfg, app_name, master)).getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
 
 
-def run_job(app_name: str, job, master: str | None = None) -> int:
-    """Script entry of a Spark job: logging, config, a session, `job(spark, cfg)`, its outcome as a JSON line."""
+def new_spark_context(cfg: Config, app_name: str, master: str | None = None):
+    """A SparkContext alone (`spark_conf`): what a job that uses RDDs only needs. Skipping the SQL session saves
+    1.5-2 s of a spark-submit's start-up here (bench/aggregate.py)."""
+    from pyspark import SparkContext
+
+    sc = SparkContext.getOrCreate(spark_conf(cfg, app_name, master))
+    sc.setLogLevel("WARN")
+    return sc
+
+
+def context_of(spark):
+    """The SparkContext of ``spark``: a SparkSession's, or ``spark`` itself when it is one."""
+    return getattr(spark, "sparkContext", spark)
+
+
+def process_started() -> float | None:
+    """When this process started (epoch seconds), from Linux's /proc; None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def run_job(app_name: str, job, master: str | None = None, context_only: bool = False) -> int:
+    """Script entry of a Spark job: logging, config, a session (a bare SparkContext with ``context_only``),
+    `job(spark, cfg)`, its outcome as a JSON line with the job's ``timeline`` (epoch seconds: the driver JVM and
+    this process started, imports done, Spark ready, job done), which says where a spark-submit's start-up goes."""
     import json
     import logging
+    import time
 
     from config import load_config
 
+    timeline = {"python_started": process_started(), "imported": time.time()}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config()
-    spark = spark_session(cfg, app_name, master)
+    spark = (new_spark_context if context_only else spark_session)(cfg, app_name, master)
+    sc = context_of(spark)
+    timeline |= {"context_ready": time.time(),
+                 "jvm_started": sc._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getStartTime() / 1000}
     try:
         outcome = job(spark, cfg)
     finally:
+        timeline["job_done"] = time.time()
         spark.stop()
     logging.getLogger(app_name).info(outcome.message)
-    print(json.dumps({"outcome": outcome.to_dict()}))
+    print(json.dumps({"outcome": outcome.to_dict(), "timeline": timeline}))
     return 0

@@ -11,14 +11,15 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from models.aggregation import SnapshotLimits, cosine_similarity, newest_plausible, structure_problem
 from models.integrity import verify_record, wire_form
+from models.partitioned import BlockSummary, VectorBlock, block_summary
 from models.serialization import SerializationError, from_b64, loads
-from models.updates import Update, flatten
+from models.updates import Update, codec_for, federated_vectors, flatten
 from telemetry.schema import SNAPSHOT_SCHEMA
 
 COUNTER_FIELDS = ("version", "n_samples", "n_seen", "created_at")
@@ -132,6 +133,68 @@ def choose_per_device(candidates: list[Candidate], limits: SnapshotLimits) -> li
             choice.loss, choice.architecture = usable[id(chosen)].loss, usable[id(chosen)].architecture
         choices.append(choice)
     return choices
+
+
+@dataclass
+class CheckedBlock:
+    """One Spark partition's snapshots after their checks (`check_block`): every device's choice (counters and
+    reasons; its update without weights) and the chosen updates' codec vectors, which stay in the partition.
+
+    ``vectors`` is None when the chosen updates do not share one codec kind and one layout (the round then
+    collects the weights, `check_block` with ``keep_weights``); ``like`` is one chosen update's wire weights
+    (their shapes and dtypes decode the round's mean)."""
+
+    choices: list[DeviceChoice]
+    vectors: VectorBlock | None
+    kind: str | None = None
+    like: list[np.ndarray] | None = None
+
+
+def check_block(index: int, docs: list[dict], key: bytes, reference_shapes: list[tuple[int, ...]] | None,
+                layout: ConfiguredLayout, limits: SnapshotLimits, keep_weights: bool = False) -> CheckedBlock:
+    """The partition ``index`` of a round: check each snapshot (`check_snapshot`), choose one per device
+    (`choose_per_device`: a device's snapshots are all in ``docs``), and encode the chosen updates with their
+    architecture's codec, all at once (`models.updates.federated_vectors`)."""
+    choices = choose_per_device([check_snapshot(doc, key, reference_shapes, layout) for doc in docs], limits)
+    chosen = [c for c in choices if c.update is not None]
+    kinds = {(c.architecture or "").split("/")[0] for c in chosen}
+    layouts = {tuple(np.shape(w) for w in c.update.weights) for c in chosen}
+    like = chosen[0].update.weights if chosen else None
+    if keep_weights or len(kinds) > 1 or len(layouts) > 1:
+        return CheckedBlock(choices, None, None, like)
+    matrix = (federated_vectors(codec_for(chosen[0].architecture), [c.update.weights for c in chosen]) if chosen
+              else np.zeros((0, 0)))
+    vectors = VectorBlock(index, [c.device_id for c in chosen], np.array([c.update.n_samples for c in chosen]),
+                          matrix)
+    weightless = [replace(c, update=replace(c.update, weights=[])) if c.update is not None else c for c in choices]
+    return CheckedBlock(weightless, vectors, next(iter(kinds), None), like)
+
+
+@dataclass
+class BlockHead:
+    """What the driver collects of a `CheckedBlock` (`block_head`): all but the vectors."""
+
+    choices: list[DeviceChoice]
+    kind: str | None
+    like: list[np.ndarray] | None
+    summary: BlockSummary | None
+
+
+def block_head(range_norm_ratio: float | None, block: CheckedBlock) -> BlockHead:
+    """The choices, codec kind and layout of a block, and the summary of its vectors (`block_summary`)."""
+    summary = block_summary(block.vectors, range_norm_ratio) if block.vectors is not None else None
+    return BlockHead(block.choices, block.kind, block.like, summary)
+
+
+def partitioned_summaries(heads: list[BlockHead]) -> list[BlockSummary] | None:
+    """The blocks' summaries when every chosen update of the round has one codec kind and one vector length (the
+    round can aggregate in the partitions), else None."""
+    if any(h.summary is None for h in heads):
+        return None
+    used = [h for h in heads if h.summary.device_ids]
+    if len({h.kind for h in used}) > 1 or len({h.summary.length for h in used}) > 1:
+        return None
+    return [h.summary for h in heads]
 
 
 def global_model_problem(weights: list[np.ndarray], global_weights: list[np.ndarray] | None, cfg) -> str | None:

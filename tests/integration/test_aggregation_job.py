@@ -152,6 +152,24 @@ def test_dp_round_writes_counts_noised_model_and_epsilon_only(spark, cfg, db):
     assert history["dp_epsilon"] == model["dp_epsilon"] and "norms" not in history and "mean_loss" not in history
 
 
+def test_median_round_in_the_partitions_with_snapshots_fetched_by_the_executors(spark, cfg, db):
+    """The median as reductions over the partitions (`models.partitioned`), each partition fetching its own
+    snapshots by _id (`aggregation.snapshot_read: executors`): the exact coordinate-wise median of the valid ones."""
+    snaps, valid = fleet(60, seed=5)
+    db.write_local_models([s for _, _, s in snaps])
+    median = load_config(env={**os.environ, "FLEAD_AGGREGATION_STRATEGY": "median",
+                              "FLEAD_AGGREGATION_SNAPSHOT_READ": "executors"})
+
+    outcome = run_round(spark, median, publish_model=False)
+
+    assert outcome.status == "aggregated", outcome.message
+    model = db.latest_global_model()
+    assert model["strategy"] == "median" and model["n_participants"] == len(valid)
+    weights, _ = loads(from_b64(model["weights"]))
+    for k, got in enumerate(weights):
+        np.testing.assert_array_equal(got, np.median(np.stack([w[k] for w, _ in valid]), axis=0))
+
+
 def test_too_few_valid_updates_skip_the_round_with_reasons(spark, cfg, db):
     good = snapshot("good", [np.ones(s) for s in SHAPES], 10)
     bad = snapshot("bad", [np.ones(s) for s in SHAPES], 10, signed=False) | {"weights": "bm90IGEgYmxvYg=="}

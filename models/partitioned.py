@@ -1,0 +1,345 @@
+"""Aggregation over updates that stay in the partitions that decoded them: the driver gets sums, not vectors.
+
+A round of 10,000 subspace devices holds 10,000 codec vectors of 4,655 float64 (372 MB). Collecting them to
+the Spark driver and taking a coordinate-wise median there costs more than the whole round may. Here each
+partition keeps its devices' vectors (a `VectorBlock`) and the driver asks for reductions (`Partitions.map`):
+
+1. when the blocks are made: device ids, sample counts, L2 norms, and each coordinate's range (`block_summary`);
+2. the coordinate-wise median of a set of devices, exactly (`exact_coordinate_median`): one pass counts each
+   coordinate's values in ``bins`` bins, a second returns only the values in the bins that hold the middle ranks
+   (~3·n/bins values per coordinate for a unimodal coordinate, instead of n);
+3. cosine similarities to that median, together with the partial FedAvg sums at the sample cap the cohort has
+   if the cosine check refuses nobody (`block_cosines`); a further pass of partial sums only when it did and the
+   cap moved (`block_weighted_sum`).
+
+The results equal the in-memory strategies' of `models.aggregation`: the same checks (`cohort_rejections`,
+`ValidationPolicy.require`), the same reasons, the same median to the bit, and the FedAvg mean up to the order in
+which a sum adds (~1e-16 relative). Strategies without a partitioned form here (trimmed mean, clustering,
+differential privacy, secure aggregation) get the vectors collected (`Cohort.updates`) and run unchanged.
+
+>>> rng = np.random.default_rng(0)
+>>> blocks = [VectorBlock(i, [f"d{i}{j}" for j in range(5)], np.full(5, 10), rng.normal(size=(5, 3)))
+...           for i in range(3)]
+>>> cohort = Cohort.gather(LocalPartitions(blocks), bins=4)
+>>> everyone = np.vstack([b.vectors for b in blocks])
+>>> bool(np.array_equal(cohort.median(cohort.device_ids), np.median(everyone, axis=0)))
+True
+>>> result = aggregate(FedAvg(policy=ValidationPolicy(min_cosine=None)), cohort)
+>>> bool(np.allclose(result.weights[0], everyone.mean(axis=0))), len(result.participants)
+(True, 15)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from models.aggregation import (FedAvg, FedMedian, ValidationPolicy, bounded_weights, cohort_rejections,
+                                cosine_similarity, structure_problem)
+from models.updates import AggregationError, AggregationResult, Update
+
+__all__ = ["VectorBlock", "BlockSummary", "Partitions", "LocalPartitions", "Cohort", "exact_coordinate_median",
+           "aggregate", "block_summary", "bin_of", "PARTITIONED_RULES"]
+
+ROWS_PER_CHUNK = 256  # rows of a block binned at once (bounds the executor's temporary arrays: 256 × length)
+
+
+@dataclass
+class VectorBlock:
+    """One partition's updates in the codec's vector space: row i is device ``device_ids[i]``."""
+
+    index: int
+    device_ids: list[str]
+    n_samples: np.ndarray
+    vectors: np.ndarray
+
+    def rows(self, excluded: frozenset[str]) -> np.ndarray:
+        """Indices of the rows whose device is not in ``excluded``."""
+        return np.array([i for i, d in enumerate(self.device_ids) if d not in excluded], dtype=np.int64)
+
+
+@dataclass
+class BlockSummary:
+    """What the driver learns of a block when it is made (`block_summary`)."""
+
+    index: int
+    device_ids: list[str]
+    n_samples: list[int]
+    norms: list[float]
+    length: int
+    low: np.ndarray | None
+    high: np.ndarray | None
+
+
+class Partitions(Protocol):
+    """Blocks held elsewhere (a persisted Spark RDD of one block per partition, or `LocalPartitions`):
+    ``map(fn)`` runs ``fn(block)`` where each block lives and returns the results, in block order."""
+
+    def map(self, fn: Callable[[VectorBlock], Any]) -> list: ...
+
+
+@dataclass
+class LocalPartitions:
+    """Blocks in this process (tests, and one-process runs)."""
+
+    blocks: list[VectorBlock]
+
+    def map(self, fn: Callable[[VectorBlock], Any]) -> list:
+        return [fn(block) for block in self.blocks]
+
+
+# ---------------------------------------------------------------- executor side: one block each
+
+def block_summary(block: VectorBlock, range_norm_ratio: float | None = None) -> BlockSummary:
+    """Ids, counts and norms (the numbers `validate_updates` computes), and each coordinate's range over the rows
+    whose norm is at most ``range_norm_ratio`` × the block's median norm (all rows if None): the span the median
+    pass bins, kept free of the scaled updates the norm check will refuse anyway. Values outside it still count
+    (end bins), so the range only affects speed, never the result."""
+    norms = [float(np.linalg.norm(v)) for v in block.vectors]
+    low = high = None
+    if norms:
+        typical = np.asarray(norms) <= (range_norm_ratio or np.inf) * float(np.median(norms))
+        spanned = block.vectors[typical] if typical.any() else block.vectors
+        low, high = spanned.min(axis=0), spanned.max(axis=0)
+    return BlockSummary(block.index, list(block.device_ids), [int(n) for n in block.n_samples], norms,
+                        int(block.vectors.shape[1]) if block.vectors.ndim == 2 else 0, low, high)
+
+
+def bin_of(values: np.ndarray, low: np.ndarray, high: np.ndarray, bins: int) -> np.ndarray:
+    """Each value's bin for its coordinate, 0..bins + 1: ``bins`` equal bins from ``low`` to ``high`` (a coordinate
+    with ``low == high`` gets a sliver of width ~1e-12·|low|), 0 below, ``bins + 1`` from ``high`` up.
+
+    Only monotonicity matters for the median (a smaller value never lands in a higher bin), and plain IEEE
+    arithmetic keeps it: a value gets the same bin in every pass and on every executor. Values outside the range
+    still count, in the end bins, so a range that misses values costs speed, never exactness."""
+    span = high - low
+    span = np.where(span > 0, span, np.maximum(np.abs(low), 1.0) * 1e-12)
+    scaled = values - low
+    with np.errstate(over="ignore"):  # far outside the range: ±inf, clipped to an end bin like any outlier
+        scaled *= bins / span
+    scaled += 1.0
+    np.clip(scaled, 0.0, bins + 1.0, out=scaled)
+    return scaled.astype(np.int32)
+
+
+def block_histogram(block: VectorBlock, excluded: frozenset[str], low: np.ndarray, high: np.ndarray,
+                    bins: int) -> np.ndarray:
+    """Counts (length, bins + 2) of the included rows' values per coordinate and bin (`bin_of`)."""
+    length = low.shape[0]
+    offsets = np.arange(length) * (bins + 2)
+    counts = np.zeros(length * (bins + 2), dtype=np.int64)
+    rows = block.rows(excluded)
+    for start in range(0, rows.size, ROWS_PER_CHUNK):
+        binned = bin_of(block.vectors[rows[start:start + ROWS_PER_CHUNK]], low, high, bins) + offsets
+        counts += np.bincount(binned.ravel(), minlength=counts.size)
+    return counts.reshape(length, bins + 2)
+
+
+def block_bin_values(block: VectorBlock, excluded: frozenset[str], low: np.ndarray, high: np.ndarray, bins: int,
+                     first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinate, value) of the included rows' values that fall in bins ``first[j]..last[j]`` of coordinate j."""
+    coordinates, values = [], []
+    rows = block.rows(excluded)
+    for start in range(0, rows.size, ROWS_PER_CHUNK):
+        chunk = block.vectors[rows[start:start + ROWS_PER_CHUNK]]
+        binned = bin_of(chunk, low, high, bins)
+        hit_rows, hit_columns = np.nonzero((binned >= first) & (binned <= last))
+        coordinates.append(hit_columns.astype(np.int32))
+        values.append(chunk[hit_rows, hit_columns])
+    if not values:
+        return np.zeros(0, dtype=np.int32), np.zeros(0)
+    return np.concatenate(coordinates), np.concatenate(values)
+
+
+def block_cosines(block: VectorBlock, device_ids: frozenset[str], median: np.ndarray, min_cosine: float,
+                  cap: float | None) -> tuple[dict[str, float], np.ndarray]:
+    """Cosine similarity to ``median`` of the rows of ``device_ids``, and the sum of ``min(n_samples, cap)`` ×
+    vector over those of them the check keeps (cosine ≥ ``min_cosine``): FedAvg's partial sum if the cap holds."""
+    cosines: dict[str, float] = {}
+    total = np.zeros(block.vectors.shape[1] if block.vectors.ndim == 2 else 0)
+    kept, weights = [], []
+    for i, device in enumerate(block.device_ids):
+        if device in device_ids:
+            cosines[device] = cosine_similarity(block.vectors[i], median)
+            if cosines[device] >= min_cosine:
+                kept.append(i)
+                weights.append(float(block.n_samples[i]) if cap is None else min(float(block.n_samples[i]), cap))
+    if kept:
+        total = np.asarray(weights) @ block.vectors[kept]
+    return cosines, total
+
+
+def block_weighted_sum(block: VectorBlock, weights: dict[str, float]) -> np.ndarray:
+    """Σ weight × vector over the rows whose device has a weight."""
+    rows = [i for i, d in enumerate(block.device_ids) if d in weights]
+    if not rows:
+        return np.zeros(block.vectors.shape[1] if block.vectors.ndim == 2 else 0)
+    return np.array([weights[block.device_ids[i]] for i in rows]) @ block.vectors[rows]
+
+
+def block_updates(block: VectorBlock) -> list[tuple[str, int, np.ndarray]]:
+    """Every row as (device_id, n_samples, vector): for strategies that need all vectors in one place."""
+    return [(d, int(n), v) for d, n, v in zip(block.device_ids, block.n_samples, block.vectors)]
+
+
+# ---------------------------------------------------------------- driver side
+
+def exact_coordinate_median(partitions: Partitions, excluded: frozenset[str], n: int, low: np.ndarray,
+                            high: np.ndarray, bins: int) -> np.ndarray:
+    """The coordinate-wise median (`np.median`, to the bit) of the ``n`` rows not in ``excluded``, in two passes:
+    per-coordinate histograms, then the values of the bins holding ranks ⌊(n−1)/2⌋ and ⌊n/2⌋."""
+    counts = sum(partitions.map(partial(block_histogram, excluded=excluded, low=low, high=high, bins=bins)))
+    below_rank = np.cumsum(counts, axis=1)
+    lower, upper = (n - 1) // 2, n // 2
+    first = (below_rank <= lower).sum(axis=1)   # the bin holding rank `lower`
+    last = (below_rank <= upper).sum(axis=1)
+    columns = np.arange(counts.shape[0])
+    before = np.where(first > 0, below_rank[columns, np.maximum(first - 1, 0)], 0)
+    found = partitions.map(partial(block_bin_values, excluded=excluded, low=low, high=high, bins=bins,
+                                   first=first, last=last))
+    coordinates = np.concatenate([c for c, _ in found])
+    values = np.concatenate([v for _, v in found])
+    order = np.lexsort((values, coordinates))
+    coordinates, values = coordinates[order], values[order]
+    starts = np.searchsorted(coordinates, columns)
+    low_value = values[starts + lower - before]
+    if n % 2:
+        return low_value
+    return (low_value + values[starts + upper - before]) / 2
+
+
+def _total(partial_sums: list[np.ndarray]) -> np.ndarray:
+    """The sum of the blocks' partial sums (a block without rows contributes an empty array)."""
+    return np.sum([s for s in partial_sums if s.size], axis=0)
+
+
+@dataclass
+class Cohort:
+    """The driver's view of partitioned updates: ids (in block order), counts and norms; the vectors stay in the
+    partitions, reached through `median`, `cosines_and_sums`, `weighted_sum` and `updates`."""
+
+    partitions: Partitions
+    summaries: list[BlockSummary]
+    bins: int = 256
+    device_ids: list[str] = field(init=False)
+    n_samples: dict[str, int] = field(init=False)
+    norms: dict[str, float] = field(init=False)
+
+    def __post_init__(self):
+        self.device_ids = [d for s in self.summaries for d in s.device_ids]
+        self.n_samples = {d: n for s in self.summaries for d, n in zip(s.device_ids, s.n_samples)}
+        self.norms = {d: x for s in self.summaries for d, x in zip(s.device_ids, s.norms)}
+        if len(self.n_samples) != len(self.device_ids):
+            raise ValueError("partitioned updates: a device appears in more than one row (one update per device)")
+
+    @classmethod
+    def gather(cls, partitions: Partitions, range_norm_ratio: float | None = None, bins: int = 256) -> "Cohort":
+        """Summarise every block (the pass that also makes and caches them, on Spark)."""
+        return cls(partitions, partitions.map(partial(block_summary, range_norm_ratio=range_norm_ratio)), bins)
+
+    @property
+    def length(self) -> int:
+        """The vectors' length (0 without any update)."""
+        return max((s.length for s in self.summaries if s.device_ids), default=0)
+
+    def _excluding(self, device_ids: Sequence[str]) -> frozenset[str]:
+        keep = set(device_ids)
+        return frozenset(d for d in self.device_ids if d not in keep)
+
+    def median(self, device_ids: Sequence[str]) -> np.ndarray:
+        """The coordinate-wise median of these devices' vectors."""
+        spans = [(s.low, s.high) for s in self.summaries if s.low is not None]
+        low = np.min([lo for lo, _ in spans], axis=0)
+        high = np.max([hi for _, hi in spans], axis=0)
+        return exact_coordinate_median(self.partitions, self._excluding(device_ids), len(device_ids), low, high,
+                                       self.bins)
+
+    def cosines_and_sums(self, device_ids: Sequence[str], median: np.ndarray, min_cosine: float,
+                         cap: float | None) -> tuple[dict[str, float], np.ndarray]:
+        """Cosines to ``median`` and Σ min(n, cap)·vector over the devices the cosine check keeps (`block_cosines`)."""
+        found = self.partitions.map(partial(block_cosines, device_ids=frozenset(device_ids), median=median,
+                                            min_cosine=min_cosine, cap=cap))
+        cosines = {d: c for part, _ in found for d, c in part.items()}
+        return cosines, _total([total for _, total in found])
+
+    def weighted_sum(self, weights: dict[str, float]) -> np.ndarray:
+        """Σ weight × vector over the devices in ``weights``."""
+        return _total(self.partitions.map(partial(block_weighted_sum, weights=weights)))
+
+    def updates(self) -> list[Update]:
+        """Every update with its vector, collected here (strategies that need them all at once)."""
+        return [Update(d, [v], n) for part in self.partitions.map(block_updates) for d, n, v in part]
+
+
+def _checked(policy: ValidationPolicy, cohort: Cohort, min_cosine: float | None, cosines_to
+             ) -> tuple[list[str], list[tuple[str, str]]]:
+    """`validate_updates` on the cohort: the per-device checks ran on the wire weights when the blocks were made
+    (`spark_jobs.snapshots.check_snapshot`, one update per device), so in codec space only the length can be off."""
+    valid, rejected = list(cohort.device_ids), []
+    if policy.reference_shapes is not None and cohort.length:
+        stand_in = [np.zeros(cohort.length)]
+        problems = {d: structure_problem(Update(d, stand_in, cohort.n_samples[d]), policy.reference_shapes)
+                    for d in valid}
+        rejected = [(d, p) for d, p in problems.items() if p]
+        valid = [d for d in valid if not problems[d]]
+    if not valid:
+        return [], rejected
+    accepted, refused = cohort_rejections(valid, cohort.norms, policy.max_norm_ratio, min_cosine, cohort.median,
+                                          cosines_to)
+    return accepted, rejected + refused
+
+
+def fedavg_partitioned(strategy: FedAvg, cohort: Cohort) -> AggregationResult:
+    """`FedAvg.aggregate` on a partitioned cohort (module docstring)."""
+    policy = strategy.policy
+    prefetched: dict[str, Any] = {}
+
+    def cosines_to(within: list[str], median: np.ndarray) -> dict[str, float]:
+        cap = None
+        if policy.sample_cap_factor is not None:  # the cap if the cosine check refuses nobody
+            cap = float(np.median([cohort.n_samples[d] for d in within])) * policy.sample_cap_factor
+        cosines, total = cohort.cosines_and_sums(within, median, policy.min_cosine, cap)
+        prefetched.update(cap=cap, total=total, kept={d for d in within if cosines[d] >= policy.min_cosine})
+        return cosines
+
+    accepted, rejected = _checked(policy, cohort, policy.min_cosine, cosines_to)
+    policy.require(len(accepted), rejected, strategy.name)
+    counts = [cohort.n_samples[d] for d in accepted]
+    weights = bounded_weights(counts, policy.sample_cap_factor)
+    cap = None if policy.sample_cap_factor is None else float(np.median(counts)) * policy.sample_cap_factor
+    if prefetched and prefetched["kept"] == set(accepted) and prefetched["cap"] == cap:
+        total = prefetched["total"]
+    else:
+        total = cohort.weighted_sum(dict(zip(accepted, weights.tolist())))
+    if weights.sum() <= 0:
+        raise AggregationError("FedAvg weights models by n_samples, and the total is not positive")
+    return AggregationResult([total / weights.sum()], accepted, rejected, dict(cohort.norms), strategy.name,
+                             extra={"n_samples": int(round(float(weights.sum())))})
+
+
+def median_partitioned(strategy: FedMedian, cohort: Cohort) -> AggregationResult:
+    """`FedMedian.aggregate` on a partitioned cohort."""
+    policy = strategy.policy
+
+    def cosines_to(within: list[str], median: np.ndarray) -> dict[str, float]:
+        return cohort.cosines_and_sums(within, median, policy.min_cosine, None)[0]
+
+    accepted, rejected = _checked(policy, cohort, policy.min_cosine, cosines_to)
+    policy.require(len(accepted), rejected, strategy.name, strategy.needed, strategy.why)
+    weights = bounded_weights([cohort.n_samples[d] for d in accepted], policy.sample_cap_factor)
+    return AggregationResult([cohort.median(accepted)], accepted, rejected, dict(cohort.norms), strategy.name,
+                             extra={"n_samples": int(round(float(weights.sum())))})
+
+
+PARTITIONED_RULES = {"fedavg": fedavg_partitioned, "median": median_partitioned}
+
+
+def aggregate(strategy, cohort: Cohort, current: list[np.ndarray] | None = None) -> AggregationResult:
+    """``strategy.aggregate`` on partitioned updates: in the partitions for the strategies named in
+    `PARTITIONED_RULES` (FedAvg, FedMedian, each with its validation policy), else on the collected vectors."""
+    rule = PARTITIONED_RULES.get(getattr(strategy, "name", ""))
+    if rule is not None and getattr(strategy, "policy", None) is not None:
+        return rule(strategy, cohort)
+    return strategy.aggregate(cohort.updates(), current)

@@ -1,0 +1,172 @@
+"""Where a round's snapshots and codec vectors live between its Spark passes (`models.partitioned.Partitions`).
+
+The round reads its window once (`aggregate_job.read_window`); a first pass checks and encodes each partition's
+snapshots (`spark_jobs.snapshots.check_block`) and returns the blocks' heads (choices, counts, norms); the
+aggregation's passes (`models.partitioned`) then read the blocks' vectors again, two to four times. Two homes:
+
+- `LocalBlocks`, when every executor runs on this machine (a ``local[...]`` master): a private directory (in
+  /dev/shm when it has room, `scratch_directory`). The driver writes each partition's snapshots there as BSON,
+  the first pass writes each block's vectors as ``.npy``, later passes map them (``np.load(mmap_mode="r")``). Nothing big crosses the
+  JVM: shipping a 10,000-device round's vectors (372 MB) to the Python workers again took ~1 s per pass here,
+  and caching them filled the default 1 GB driver heap.
+- `RddBlocks`, for any other master: the snapshots parallelized from the driver, the blocks a persisted RDD
+  (memory, then disk), shipped to the Python workers by each pass.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import bson
+import numpy as np
+
+from config import Config
+from models.partitioned import VectorBlock
+from spark_jobs.snapshots import BlockHead, ConfiguredLayout, block_head, check_block, snapshot_limits
+from storage.mongo import Store
+
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def fetched(cfg: Config, docs: list) -> list[dict]:
+    """A partition's snapshots: ``docs`` as they are, or fetched by ``_id`` when the driver read ids only."""
+    if not docs or not isinstance(docs[0], str):
+        return docs
+    with Store(cfg) as db:
+        return db.local_models_by_id(docs)
+
+
+def partition_count(cfg: Config, groups: list[list]) -> int:
+    """Partitions of a round: `aggregation.spark_partitions`, at most one per device, at least one."""
+    return max(1, min(len(groups), cfg.aggregation.spark_partitions))
+
+
+def split_groups(groups: list[list], parts: int) -> list[list]:
+    """Devices' groups in ``parts`` contiguous runs of nearly equal size (as `SparkContext.parallelize` cuts)."""
+    bounds = [len(groups) * i // parts for i in range(parts + 1)]
+    return [groups[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+# ---------------------------------------------------------------- this machine: a private directory
+
+def _check_stored(cfg_values: dict, key: bytes, reference_shapes, keep_weights: bool, directory: str,
+                  index: int) -> BlockHead:
+    """Executor side: partition ``index``'s snapshots from the directory, checked and encoded; its vectors back to
+    the directory, its head to the driver."""
+    cfg = Config(cfg_values)
+    folder = Path(directory)
+    stored = (folder / f"snapshots-{index}.bson").read_bytes()
+    docs = fetched(cfg, json.loads((folder / f"ids-{index}.json").read_text()) if not stored
+                   else bson.decode_all(stored))
+    block = check_block(index, docs, key, reference_shapes, ConfiguredLayout(cfg), snapshot_limits(cfg),
+                        keep_weights)
+    if block.vectors is not None:
+        np.save(folder / f"vectors-{index}.npy", block.vectors.vectors, allow_pickle=False)
+        (folder / f"rows-{index}.json").write_text(json.dumps({"device_ids": block.vectors.device_ids,
+                                                               "n_samples": block.vectors.n_samples.tolist()}))
+    return block_head(cfg.aggregation.max_norm_ratio, block)
+
+
+def _on_stored_block(fn, directory: str, index: int):
+    """Executor side: ``fn`` on partition ``index``'s block, its vectors memory-mapped from the directory."""
+    folder = Path(directory)
+    rows = json.loads((folder / f"rows-{index}.json").read_text())
+    vectors = np.load(folder / f"vectors-{index}.npy", mmap_mode="r", allow_pickle=False)
+    return fn(VectorBlock(index, rows["device_ids"], np.asarray(rows["n_samples"], dtype=np.int64), vectors))
+
+
+def scratch_directory(cfg: Config, snapshot_bytes: int) -> Path:
+    """A new private directory: in /dev/shm when it has room for `aggregation.shm_headroom` × the window's
+    snapshot bytes (a container's /dev/shm is often 64 MB), else in the system's temporary directory (also the
+    choice when the executors fetch the snapshots themselves: their size is not known here)."""
+    room = (snapshot_bytes > 0 and SHARED_MEMORY.is_dir()
+            and shutil.disk_usage(SHARED_MEMORY).free >= cfg.aggregation.shm_headroom * snapshot_bytes)
+    return Path(tempfile.mkdtemp(prefix="flead-round-", dir=SHARED_MEMORY if room else None))
+
+
+class LocalBlocks:
+    """A round's blocks in a private directory of this machine (module docstring), removed by `close`."""
+
+    def __init__(self, sc):
+        self.sc = sc
+        self.parts = 0
+        self.directory: Path | None = None
+
+    def check(self, cfg: Config, key: bytes, groups: list[list], reference_shapes,
+              keep_weights: bool = False) -> list[BlockHead]:
+        """The first pass: write each partition's snapshots, check and encode them on the executors."""
+        self.parts = partition_count(cfg, groups)
+        payloads = []
+        for part in split_groups(groups, self.parts):
+            items = [d for group in part for d in group]
+            whole = not items or not isinstance(items[0], str)
+            payloads.append((b"".join(bson.encode(d) for d in items) if whole else b"",
+                             "[]" if whole else json.dumps(items)))
+        if self.directory is None:
+            self.directory = scratch_directory(cfg, sum(len(snapshots) for snapshots, _ in payloads))
+        for index, (snapshots, ids) in enumerate(payloads):
+            (self.directory / f"snapshots-{index}.bson").write_bytes(snapshots)
+            (self.directory / f"ids-{index}.json").write_text(ids)
+        return self._run(partial(_check_stored, cfg.to_dict(), key, reference_shapes, keep_weights,
+                                 str(self.directory)))
+
+    def map(self, fn) -> list:
+        return self._run(partial(_on_stored_block, fn, str(self.directory)))
+
+    def _run(self, task) -> list:
+        return self.sc.parallelize(range(self.parts), self.parts).map(task).collect()
+
+    def close(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+
+# ---------------------------------------------------------------- any cluster: a persisted RDD
+
+def _check_partition(cfg_values: dict, key: bytes, reference_shapes, keep_weights: bool, index: int,
+                     device_groups):
+    """Executor side: this partition's devices' snapshots (fetched if the driver sent ids), checked and encoded."""
+    cfg = Config(cfg_values)
+    docs = fetched(cfg, [d for group in device_groups for d in group])
+    yield check_block(index, docs, key, reference_shapes, ConfiguredLayout(cfg), snapshot_limits(cfg), keep_weights)
+
+
+def _on_block(fn, block):
+    """Executor side: ``fn`` on a persisted `CheckedBlock`'s vectors."""
+    return fn(block.vectors)
+
+
+class RddBlocks:
+    """A round's blocks as a persisted RDD of `CheckedBlock`s, one per partition, unpersisted by `close`."""
+
+    def __init__(self, sc):
+        self.sc = sc
+        self.rdd = None
+
+    def check(self, cfg: Config, key: bytes, groups: list[list], reference_shapes,
+              keep_weights: bool = False) -> list[BlockHead]:
+        from pyspark import StorageLevel
+
+        self.close()
+        self.rdd = (self.sc.parallelize(groups, partition_count(cfg, groups))
+                    .mapPartitionsWithIndex(partial(_check_partition, cfg.to_dict(), key, reference_shapes,
+                                                    keep_weights))
+                    .persist(StorageLevel.MEMORY_AND_DISK))
+        return self.rdd.map(partial(block_head, cfg.aggregation.max_norm_ratio)).collect()
+
+    def map(self, fn) -> list:
+        return self.rdd.map(partial(_on_block, fn)).collect()
+
+    def close(self) -> None:
+        if self.rdd is not None:
+            self.rdd.unpersist()
+            self.rdd = None
+
+
+def round_blocks(sc):
+    """Where this round's blocks live: `LocalBlocks` on a local master, else `RddBlocks`."""
+    return LocalBlocks(sc) if sc.master.startswith("local") else RddBlocks(sc)

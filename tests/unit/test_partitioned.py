@@ -1,0 +1,138 @@
+"""models.partitioned: aggregation in partitions equals the in-memory strategies (checks, reasons, median bits)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.aggregation import (AggregationError, ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, Update,
+                                ValidationPolicy)
+from models.partitioned import (Cohort, LocalPartitions, VectorBlock, aggregate, bin_of, block_histogram,
+                                exact_coordinate_median)
+
+
+def split(vectors, n_samples, cuts, ids=None):
+    """Rows split into blocks at ``cuts`` (sorted row indices), as partitions would hold them."""
+    ids = ids or [f"d{i:03d}" for i in range(len(vectors))]
+    bounds = [0, *cuts, len(vectors)]
+    vectors = np.asarray(vectors)
+    return [VectorBlock(k, ids[a:b], np.asarray(n_samples[a:b]), vectors[a:b])
+            for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+@st.composite
+def partitioned_rows(draw, max_rows=40):
+    n = draw(st.integers(1, max_rows))
+    length = draw(st.integers(1, 6))
+    kind = draw(st.sampled_from(["normal", "ties", "outliers"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "ties":
+        vectors = rng.integers(-2, 3, size=(n, length)).astype(float)
+    else:
+        vectors = rng.normal(size=(n, length))
+        if kind == "outliers":
+            vectors[rng.random(n) < 0.2] *= 1e6
+    cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=4))))
+    return vectors, cuts, rng
+
+
+@settings(max_examples=150, deadline=None)
+@given(partitioned_rows(), st.integers(1, 9), st.data())
+def test_exact_median_equals_numpy_to_the_bit(rows, bins, data):
+    vectors, cuts, rng = rows
+    blocks = split(vectors, [1] * len(vectors), cuts)
+    ids = [d for b in blocks for d in b.device_ids]
+    excluded = frozenset(d for d in ids if data.draw(st.booleans()) and len(ids) > 1 and d != ids[0])
+    kept = np.array([d not in excluded for d in ids])
+    # ranges that miss part of the data: values outside count in the end bins, the result stays exact
+    low = np.quantile(vectors, 0.3, axis=0) if data.draw(st.booleans()) else vectors.min(axis=0)
+    high = np.maximum(low, np.quantile(vectors, 0.6, axis=0))
+    got = exact_coordinate_median(LocalPartitions(blocks), excluded, int(kept.sum()), low, high, bins)
+    want = np.median(vectors[kept], axis=0)
+    assert np.array_equal(got, want), (got, want)
+
+
+def test_bins_cover_every_value_once():
+    values = np.array([[-1.0, 0.0], [0.0, 0.0], [0.5, 0.0], [1.0, 0.0], [2.0, 5.0]])
+    low, high = np.array([0.0, 0.0]), np.array([1.0, 0.0])
+    assert bin_of(values, low, high, 4).T.tolist() == [[0, 1, 3, 5, 5], [1, 1, 1, 1, 5]]
+    block = VectorBlock(0, list("abcde"), np.ones(5), values)
+    assert block_histogram(block, frozenset(), low, high, 4).sum(axis=1).tolist() == [5, 5]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-1e300, 1e300), min_size=2, max_size=30), st.floats(-1e3, 1e3),
+       st.floats(0, 1e3), st.integers(1, 300))
+def test_a_smaller_value_never_lands_in_a_higher_bin(values, low, span, bins):
+    column = np.sort(np.array(values))[:, None]
+    binned = bin_of(column, np.array([low]), np.array([low + span]), bins)[:, 0]
+    assert (np.diff(binned) >= 0).all() and binned.min() >= 0 and binned.max() <= bins + 1
+
+
+def fleet(seed, n=30, length=5, attackers=True):
+    """Honest vectors near one point, plus scaled, flipped and heavy-claiming devices."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=length) + 3.0
+    vectors = centre + 0.1 * rng.normal(size=(n, length))
+    counts = rng.integers(50, 500, size=n)
+    if attackers:
+        vectors[0] *= 100.0          # scaled: the norm check
+        vectors[1] = -vectors[1]     # flipped: the cosine check
+        counts[2] = 2**40            # claims many readings: the sample cap
+    return vectors, counts
+
+
+def partitions_of(vectors, counts, cuts):
+    """The rows in blocks, plus a block without rows (a partition whose every snapshot was refused)."""
+    return LocalPartitions(split(vectors, counts, cuts) + [VectorBlock(99, [], np.zeros(0), np.zeros((0, 0)))])
+
+
+def compare(strategy, vectors, counts, cuts, **tolerance):
+    ids = [f"d{i:03d}" for i in range(len(vectors))]
+    updates = [Update(d, [v], int(c)) for d, v, c in zip(ids, vectors, counts)]
+    try:
+        want = strategy.aggregate(updates)
+    except AggregationError as exc:
+        with pytest.raises(AggregationError) as raised:
+            aggregate(strategy, Cohort.gather(partitions_of(vectors, counts, cuts), 10.0, bins=8))
+        assert str(raised.value) == str(exc)
+        return None
+    got = aggregate(strategy, Cohort.gather(partitions_of(vectors, counts, cuts), 10.0, bins=8))
+    assert got.participants == want.participants and got.rejected == want.rejected
+    assert got.norms == want.norms and got.n_samples == want.n_samples and got.strategy == want.strategy
+    np.testing.assert_allclose(got.weights[0], want.weights[0], **tolerance)
+    return got
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(3, 40), st.booleans(), st.lists(st.integers(0, 40), max_size=3),
+       st.sampled_from([None, 2.0]), st.sampled_from([None, 0.0, 0.5]))
+def test_fedavg_and_median_in_partitions_equal_the_in_memory_strategies(seed, n, attackers, cuts, cap, min_cosine):
+    vectors, counts = fleet(seed, n, attackers=attackers)
+    cuts = sorted({c for c in cuts if c <= n})
+    policy = ValidationPolicy(min_devices=2, max_norm_ratio=10.0, min_cosine=min_cosine, sample_cap_factor=cap)
+    compare(FedAvg(policy=policy), vectors, counts, cuts, rtol=1e-12, atol=1e-12)
+    compare(FedMedian(policy=policy), vectors, counts, cuts, rtol=0, atol=0)
+
+
+def test_the_cap_moves_when_the_cosine_check_refuses_devices():
+    """The prefetched sums assume nobody is refused; refusals that move the median count take one more pass."""
+    rng = np.random.default_rng(3)
+    vectors = np.abs(rng.normal(size=(9, 4))) + 1.0
+    vectors[[0, 1, 2]] = -vectors[[0, 1, 2]]          # flipped ... and they claim the smallest counts
+    counts = np.array([1, 1, 1, 100, 200, 300, 400, 500, 600])
+    policy = ValidationPolicy(min_devices=2, max_norm_ratio=None, min_cosine=0.0, sample_cap_factor=1.0)
+    got = compare(FedAvg(policy=policy), vectors, counts, [4], rtol=1e-12)
+    assert got.participants == [f"d{i:03d}" for i in range(3, 9)]
+
+
+def test_other_strategies_get_the_collected_vectors():
+    vectors, counts = fleet(5, 20)
+    policy = ValidationPolicy(min_devices=2)
+    compare(FedTrimmedAvg(0.1, policy=policy), vectors, counts, [7, 13], rtol=0, atol=0)
+    compare(ClusteredFedAvg(clusters=2, seed=1, policy=policy), vectors, counts, [7], rtol=0, atol=0)
+
+
+def test_too_few_devices_raise_the_same_error():
+    vectors, counts = fleet(1, 3)
+    compare(FedMedian(policy=ValidationPolicy(min_devices=2)), vectors, counts, [1])
+    compare(FedAvg(policy=ValidationPolicy(min_devices=5)), vectors, counts, [])
