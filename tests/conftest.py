@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +65,16 @@ def stack():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def cfg(stack):
-    """A Config on the session's servers with this test's own topics and database."""
+@contextmanager
+def fresh_config(stack: Stack, **env: str):
+    """A Config on the session's servers with its own topics and database (dropped afterwards), its settings
+    exported to `os.environ` meanwhile; `env`: further FLEAD_* settings."""
     suffix = uuid.uuid4().hex[:8]
     overrides = {**stack.cfg.to_env()}
     for key, name in stack.cfg.kafka.topics.to_dict().items():
         overrides[f"FLEAD_KAFKA_TOPICS_{key.upper()}"] = f"{name}.{suffix}"
     overrides["FLEAD_MONGO_DATABASE"] = f"{stack.cfg.mongo.database}_{suffix}"
+    overrides.update(env)
     test_cfg = load_config(env={**os.environ, **overrides})
     local_stack.ensure_topics(test_cfg)
     from storage.mongo import Store
@@ -90,6 +93,13 @@ def cfg(stack):
                 os.environ[key] = value
         setup.client.drop_database(setup.name)
         setup.close()
+
+
+@pytest.fixture
+def cfg(stack):
+    """A Config on the session's servers with this test's own topics and database."""
+    with fresh_config(stack) as test_cfg:
+        yield test_cfg
 
 
 @pytest.fixture
