@@ -3,9 +3,9 @@ router delivers them to a real Alertmanager and a webhook (each state once), and
 (through the API, signed, on the feedback topic) stops the same pattern alerting on that device while another
 anomaly still alerts.
 
-One unbounded job (parallelism 1) serves the module; the tests use their own devices. The telemetry is synthetic: 4
-metrics following one shared load curve plus noise, so the device's model learns how they move together and a
-spike of one metric is blamed on that metric. At the default false-alarm rate (1 %) the noise alone opens a few
+One unbounded job (parallelism 1), and the router with its receivers, serve the module; the tests use their own
+devices. The telemetry is synthetic: 4 metrics following one shared load curve plus noise, so the device's model
+learns how they move together and a spike of one metric is blamed on that metric. At the default false-alarm rate (1 %) the noise alone opens a few
 short incidents too: the delivery test checks every incident the job emitted, the feedback test only the readings
 it spiked.
 """
@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import httpx
@@ -59,6 +60,8 @@ class StreamJob:
     state_dir: object
     pid: int
     reporter_url: str
+    hook: RecordingReceiver
+    alertmanager: Alertmanager
     next_seq: dict[str, int] = field(default_factory=dict)
 
     def send(self, device: str, n: int = MESSAGE, spike: str | None = None, at: int = 0) -> int:
@@ -118,22 +121,30 @@ class StreamJob:
 
 @pytest.fixture(scope="module")
 def job(stack, tmp_path_factory):
-    """The stream job on the module's own topics, warmed up with `WARMUP` normal readings of every test's device."""
+    """The stream job on the module's own topics, warmed up with `WARMUP` normal readings of every test's device;
+    the router delivers its incidents from the start to a real Alertmanager and a webhook (`hook`, which also
+    records Alertmanager's notifications), so the warm-up's incidents are delivered while the job starts."""
     state_dir = tmp_path_factory.mktemp("stream")
     reporter_port = processes.free_port()
     settings = {"FLEAD_INTEGRITY_KEY": os.urandom(32).hex(),  # the API signs feedback with it, the job verifies
                 "FLEAD_METRICS_FLINK_REPORTER_PORT": str(reporter_port)}
-    with fresh_config(stack, **settings) as cfg:
+    with fresh_config(stack, **settings) as cfg, ExitStack() as cleanup:
         env = {**cfg.to_env(), "FLEAD_STATE_DIR": str(state_dir), "FLEAD_STREAM_PARALLELISM": "1"}
         pid = processes.start(state_dir, "stream", [sys.executable, str(JOB)], env=env, cwd=PROJECT_ROOT)
-        running = StreamJob(cfg, state_dir, pid, f"http://127.0.0.1:{reporter_port}/metrics")
-        try:
-            for device in ("route-1", "feedback-1"):
-                running.send(device, WARMUP)
-            running.wait_scored(timeout_s=300)
-            yield running
-        finally:
-            processes.stop(state_dir, "stream", grace=10)
+        cleanup.callback(processes.stop, state_dir, "stream", grace=10)
+        hook = RecordingReceiver().start()
+        cleanup.callback(hook.stop)
+        alertmanager = Alertmanager(state_dir, hook.url)
+        cleanup.callback(alertmanager.stop)
+        rcfg = load_config(env={**os.environ, **FAST_RETRIES,
+                                "FLEAD_ROUTER_ALERTMANAGER_URLS": json.dumps([alertmanager.url]),
+                                "FLEAD_ROUTER_WEBHOOK_URLS": json.dumps([f"{hook.url}/hook"])})
+        cleanup.enter_context(Running(IncidentRouter(rcfg)))  # receivers from router.*_urls
+        running = StreamJob(cfg, state_dir, pid, f"http://127.0.0.1:{reporter_port}/metrics", hook, alertmanager)
+        for device in ("route-1", "feedback-1"):
+            running.send(device, WARMUP)
+        running.wait_scored(timeout_s=300)
+        yield running
 
 
 def covering(incidents: list[dict], seq: int) -> list[dict]:
@@ -163,53 +174,43 @@ def webhook_got(hook: RecordingReceiver, device: str) -> list[tuple[str, str]]:
                   if b["incident"]["device_id"] == device)
 
 
-def test_stream_incidents_reach_alertmanager_and_a_webhook_once_per_state(job, tmp_path):
+def test_stream_incidents_reach_alertmanager_and_a_webhook_once_per_state(job):
     device = "route-1"
-    hook = RecordingReceiver().start()  # the webhook, and where Alertmanager sends its notifications
-    alertmanager = Alertmanager(tmp_path, hook.url)
-    rcfg = load_config(env={**os.environ, **FAST_RETRIES,
-                            "FLEAD_ROUTER_ALERTMANAGER_URLS": json.dumps([alertmanager.url]),
-                            "FLEAD_ROUTER_WEBHOOK_URLS": json.dumps([f"{hook.url}/hook"])})
-    try:
-        with Running(IncidentRouter(rcfg)):  # the receivers of router.alertmanager_urls and router.webhook_urls
-            # the incident opens, and stays open (its last reading is in the gap)
-            spike = job.send(device, spike="disk", at=MESSAGE - WINDOW + 1)
-            job.wait_scored()
-            [opened] = wait_for(lambda: covering(list(latest_states(job.incidents(device)).values()), spike), 30,
-                                "the job emitting the incident")
-            assert opened["status"] == "open" and opened["metrics_to_blame"][0]["metric"] == "disk"
-            assert opened["peak_ratio"] > 3  # router.critical_ratio
-            firing = wait_for(lambda: [n for n in hook.bodies("/alertmanager") if n["status"] == "firing"
-                                       and n["groupLabels"]["incident_id"] == opened["incident_id"]], 60,
-                              "Alertmanager notified the incident firing")
-            labels = firing[0]["alerts"][0]["labels"]
-            assert labels["device"] == device and labels["severity"] == "critical"
-            assert labels["metrics_to_blame"].split(",")[0] == "disk"
+    hook, alertmanager = job.hook, job.alertmanager
+    # the incident opens, and stays open (its last reading is in the gap)
+    spike = job.send(device, spike="disk", at=MESSAGE - WINDOW + 1)
+    job.wait_scored()
+    [opened] = wait_for(lambda: covering(list(latest_states(job.incidents(device)).values()), spike), 30,
+                        "the job emitting the incident")
+    assert opened["status"] == "open" and opened["metrics_to_blame"][0]["metric"] == "disk"
+    assert opened["peak_ratio"] > 3  # router.critical_ratio
+    firing = wait_for(lambda: [n for n in hook.bodies("/alertmanager") if n["status"] == "firing"
+                               and n["groupLabels"]["incident_id"] == opened["incident_id"]], 60,
+                      "Alertmanager notified the incident firing")
+    labels = firing[0]["alerts"][0]["labels"]
+    assert labels["device"] == device and labels["severity"] == "critical"
+    assert labels["metrics_to_blame"].split(",")[0] == "disk"
 
-            job.send(device, TAIL)  # back to normal: the incident resolves
-            job.wait_scored()
-            wait_for(lambda: latest_states(job.incidents(device))[opened["incident_id"]]["status"] == "resolved", 30,
-                     "the job resolving the incident")
-            wait_for(lambda: [n for n in hook.bodies("/alertmanager") if n["status"] == "resolved"
-                              and n["groupLabels"]["incident_id"] == opened["incident_id"]], 30,
-                     "Alertmanager notified the resolution")
-            expected = expected_deliveries(job.incidents(device))
-            wait_for(lambda: len(webhook_got(hook, device)) >= len(expected), 30, "the webhook got every state")
-            time.sleep(3)  # anything sent twice would arrive now (the router re-sends open incidents every 2 s)
-
-        # every state the job emitted, each once (the noise's incidents too)
-        assert webhook_got(hook, device) == expected_deliveries(job.incidents(device))
-        mine = [n["status"] for n in hook.bodies("/alertmanager")
-                if n["groupLabels"]["incident_id"] == opened["incident_id"]]
-        assert mine == ["firing", "resolved"]
-        assert not [a for a in alertmanager.alerts() if a["labels"]["incident_id"] == opened["incident_id"]]
-        with Store(job.cfg) as store:
-            delivered = {d["_id"]: d["state"] for d in store.collection("deliveries").find(
-                {"incident_id": opened["incident_id"]})}
-        assert sorted(delivered.values()) == ["delivered"] * 4, delivered  # 2 receivers x (open, resolved)
-    finally:
-        alertmanager.stop()
-        hook.stop()
+    job.send(device, TAIL)  # back to normal: the incident resolves
+    job.wait_scored()
+    wait_for(lambda: latest_states(job.incidents(device))[opened["incident_id"]]["status"] == "resolved", 30,
+             "the job resolving the incident")
+    wait_for(lambda: [n for n in hook.bodies("/alertmanager") if n["status"] == "resolved"
+                      and n["groupLabels"]["incident_id"] == opened["incident_id"]], 30,
+             "Alertmanager notified the resolution")
+    expected = expected_deliveries(job.incidents(device))
+    wait_for(lambda: len(webhook_got(hook, device)) >= len(expected), 30, "the webhook got every state")
+    time.sleep(3)  # anything sent twice would arrive now (the router re-sends open incidents every 2 s)
+    # every state the job emitted, each once (the noise's incidents too)
+    assert webhook_got(hook, device) == expected_deliveries(job.incidents(device))
+    mine = [n["status"] for n in hook.bodies("/alertmanager")
+            if n["groupLabels"]["incident_id"] == opened["incident_id"]]
+    assert mine == ["firing", "resolved"]
+    assert not [a for a in alertmanager.alerts() if a["labels"]["incident_id"] == opened["incident_id"]]
+    with Store(job.cfg) as store:
+        delivered = {d["_id"]: d["state"] for d in store.collection("deliveries").find(
+            {"incident_id": opened["incident_id"]})}
+    assert sorted(delivered.values()) == ["delivered"] * 4, delivered  # 2 receivers x (open, resolved)
 
 
 def test_a_false_positive_verdict_mutes_the_pattern_in_the_stream_and_another_anomaly_still_alerts(job):
