@@ -123,7 +123,8 @@ class StreamJob:
 def job(stack, tmp_path_factory):
     """The stream job on the module's own topics, warmed up with `WARMUP` normal readings of every test's device;
     the router delivers its incidents from the start to a real Alertmanager and a webhook (`hook`, which also
-    records Alertmanager's notifications), so the warm-up's incidents are delivered while the job starts."""
+    records Alertmanager's notifications), so the warm-up's incidents are delivered while the job starts; the
+    feedback test's device is suppressed there (a suppression rule)."""
     state_dir = tmp_path_factory.mktemp("stream")
     reporter_port = processes.free_port()
     settings = {"FLEAD_INTEGRITY_KEY": os.urandom(32).hex(),  # the API signs feedback with it, the job verifies
@@ -136,6 +137,9 @@ def job(stack, tmp_path_factory):
         cleanup.callback(hook.stop)
         alertmanager = Alertmanager(state_dir, hook.url)
         cleanup.callback(alertmanager.stop)
+        with Store(cfg) as store:  # the feedback test's incidents are not delivered: half the router's work
+            store.collection("suppressions").insert_one({"_id": "quiet", "device_id": "feedback-1", "metric": None,
+                                                         "starts_at": None, "ends_at": None})
         rcfg = load_config(env={**os.environ, **FAST_RETRIES,
                                 "FLEAD_ROUTER_ALERTMANAGER_URLS": json.dumps([alertmanager.url]),
                                 "FLEAD_ROUTER_WEBHOOK_URLS": json.dumps([f"{hook.url}/hook"])})
@@ -249,3 +253,6 @@ def test_a_false_positive_verdict_mutes_the_pattern_in_the_stream_and_another_an
     assert alerting["metrics_to_blame"][0]["metric"] == "cpu"
     assert counters["anomalies_muted"] > muted_before
     assert covering(list(latest_states(job.incidents(device)).values()), replay) == []  # muted: no incident
+    with Store(job.cfg) as store:  # the suppression rule kept every state of the device's incidents from the receivers
+        assert {d["state"] for d in store.collection("deliveries").find({"device_id": device})} == {"suppressed"}
+    assert webhook_got(job.hook, device) == []
