@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from config import PROJECT_ROOT, Config, load_config
-from conftest import fresh_config
+from isolation import fresh_config
 from http_receivers import FAST_RETRIES, Alertmanager, RecordingReceiver, Running, wait_for
 from monitoring.router import IncidentRouter
 from services import processes
@@ -129,7 +129,7 @@ def job(stack, tmp_path_factory):
     reporter_port = processes.free_port()
     settings = {"FLEAD_INTEGRITY_KEY": os.urandom(32).hex(),  # the API signs feedback with it, the job verifies
                 "FLEAD_METRICS_FLINK_REPORTER_PORT": str(reporter_port)}
-    with fresh_config(stack, **settings) as cfg, ExitStack() as cleanup:
+    with fresh_config(stack.cfg, **settings) as cfg, ExitStack() as cleanup:
         env = {**cfg.to_env(), "FLEAD_STATE_DIR": str(state_dir), "FLEAD_STREAM_PARALLELISM": "1"}
         pid = processes.start(state_dir, "stream", [sys.executable, str(JOB)], env=env, cwd=PROJECT_ROOT)
         cleanup.callback(processes.stop, state_dir, "stream", grace=10)
