@@ -75,14 +75,22 @@ class DeliveryStore:
         self.deliveries.update_one({"_id": delivery_id}, {"$set": {"resolved": True, "resend_at": None,
                                                                   "updated_at": now}})
 
-    def claim_due(self, now: int, lease_ms: int) -> dict | None:
-        """Take the next pending delivery that is due (oldest first) for `lease_ms`; None if there is none. The
-        lease keeps a second router from sending it meanwhile; an expired lease (a router died mid-send) frees it."""
+    def due(self, now: int, limit: int) -> list[str]:
+        """The ids of up to `limit` pending deliveries that are due and not leased, oldest first. One sorted query
+        per batch: FerretDB sorts without its indexes, so a sorted claim per delivery would cost a scan of the
+        outbox each (measured: 150-230 ms per delivery with 130 pending, growing with the backlog)."""
+        due = self.deliveries.find({"state": PENDING, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}},
+                                   {"_id": 1})
+        return [d["_id"] for d in due.sort([("next_attempt_at", pymongo.ASCENDING),
+                                            ("created_at", pymongo.ASCENDING)]).limit(limit)]
+
+    def claim(self, delivery_id: str, now: int, lease_ms: int) -> dict | None:
+        """Take one delivery `due` listed for `lease_ms`; None if it is no longer due (another router took it, or it
+        was postponed). The lease keeps a second router from sending it meanwhile; an expired lease (a router died
+        mid-send) frees it."""
         return self.deliveries.find_one_and_update(
-            {"state": PENDING, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}},
-            {"$set": {"lease_until": now + lease_ms}},
-            sort=[("next_attempt_at", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)],
-            return_document=ReturnDocument.AFTER)
+            {"_id": delivery_id, "state": PENDING, "next_attempt_at": {"$lte": now}, "lease_until": {"$lte": now}},
+            {"$set": {"lease_until": now + lease_ms}}, return_document=ReturnDocument.AFTER)
 
     def postpone(self, delivery_id: str, until: int) -> None:
         self.deliveries.update_one({"_id": delivery_id}, {"$set": {"next_attempt_at": until, "lease_until": 0}})

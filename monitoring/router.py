@@ -135,26 +135,31 @@ class IncidentRouter:
     # -- (2) sending ----------------------------------------------------------------------------------------------
 
     def deliver_due(self, limit: int = SEND_BATCH) -> int:
-        """Send up to `limit` due deliveries; returns how many attempts were made."""
+        """Send up to `limit` due deliveries, oldest first; returns how many attempts were made."""
         attempts = 0
         lease_ms = int((self.router.timeout_s * 2 + 5) * 1000)
         while attempts < limit:
-            now = self.clock()
-            delivery = self.store.claim_due(now, lease_ms)
-            if delivery is None:
-                break
-            receiver = self.by_id.get(delivery["receiver"])
-            if receiver is None:  # configured before, not any more: leave it for when it comes back
-                self.store.postpone(delivery["_id"], now + int(self.router.backoff_max_s * 1000))
-                self.stats["receiver_gone"] += 1
-                continue
-            if delivery["status"] == "resolved":
-                opening = self.store.get(delivery_id(receiver.id, delivery["incident_id"], "open"))
-                if opening is not None and opening["state"] == PENDING:  # resolutions follow their opening
-                    self.store.postpone(delivery["_id"], max(opening["next_attempt_at"], now) + 1)
+            batch = self.store.due(self.clock(), limit - attempts)
+            tried = attempts
+            for key in batch:  # claimed one at a time, just before it is sent: the lease covers one send
+                now = self.clock()
+                delivery = self.store.claim(key, now, lease_ms)
+                if delivery is None:
                     continue
-            attempts += 1
-            self.attempt(receiver, delivery)
+                receiver = self.by_id.get(delivery["receiver"])
+                if receiver is None:  # configured before, not any more: leave it for when it comes back
+                    self.store.postpone(delivery["_id"], now + int(self.router.backoff_max_s * 1000))
+                    self.stats["receiver_gone"] += 1
+                    continue
+                if delivery["status"] == "resolved":
+                    opening = self.store.get(delivery_id(receiver.id, delivery["incident_id"], "open"))
+                    if opening is not None and opening["state"] == PENDING:  # resolutions follow their opening
+                        self.store.postpone(delivery["_id"], max(opening["next_attempt_at"], now) + 1)
+                        continue
+                attempts += 1
+                self.attempt(receiver, delivery)
+            if attempts == tried:  # nothing due, or nothing in the batch could be sent yet
+                break
         return attempts
 
     def attempt(self, receiver: HttpReceiver, delivery: dict) -> None:

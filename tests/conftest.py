@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from config import Config, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules shared by the test folders (stream_support)
+from isolation import fresh_config  # noqa: E402
 from orchestration import stack as local_stack
 from services import processes
 
@@ -67,29 +67,8 @@ def stack():
 @pytest.fixture
 def cfg(stack):
     """A Config on the session's servers with this test's own topics and database."""
-    suffix = uuid.uuid4().hex[:8]
-    overrides = {**stack.cfg.to_env()}
-    for key, name in stack.cfg.kafka.topics.to_dict().items():
-        overrides[f"FLEAD_KAFKA_TOPICS_{key.upper()}"] = f"{name}.{suffix}"
-    overrides["FLEAD_MONGO_DATABASE"] = f"{stack.cfg.mongo.database}_{suffix}"
-    test_cfg = load_config(env={**os.environ, **overrides})
-    local_stack.ensure_topics(test_cfg)
-    from storage.mongo import Store
-
-    setup = Store(test_cfg)
-    setup.init()
-    saved = {key: os.environ.get(key) for key in overrides}
-    os.environ.update(overrides)
-    try:
+    with fresh_config(stack.cfg) as test_cfg:
         yield test_cfg
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        setup.client.drop_database(setup.name)
-        setup.close()
 
 
 @pytest.fixture

@@ -1,20 +1,36 @@
-"""Receivers for the routing tests: a local HTTP server that records what it is sent, and a real Alertmanager.
+"""Receivers for the routing tests: a local HTTP server that records what it is sent, and a real Alertmanager; the
+router in a background thread with fast retries.
 
 Both listen on free ports of 127.0.0.1 and are stopped by the tests that start them.
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from config import PROJECT_ROOT
+from config import PROJECT_ROOT, load_config
 from services.processes import free_port
+
+if TYPE_CHECKING:
+    from monitoring.router import IncidentRouter
+
+FAST_RETRIES = {"FLEAD_ROUTER_BACKOFF_INITIAL_S": "0.5", "FLEAD_ROUTER_BACKOFF_FACTOR": "2.0",
+                "FLEAD_ROUTER_BACKOFF_MAX_S": "2.0", "FLEAD_ROUTER_BACKOFF_JITTER": "0.0",
+                "FLEAD_ROUTER_MAX_ATTEMPTS": "100", "FLEAD_ROUTER_IDLE_SLEEP_S": "0.05",
+                "FLEAD_ROUTER_RESEND_INTERVAL_S": "2.0"}
+
+
+def router_cfg(**env):
+    """The configuration (from the environment) with the router retrying fast."""
+    return load_config(env={**os.environ, **FAST_RETRIES, **env})
 
 
 class RecordingReceiver:
@@ -124,3 +140,20 @@ receivers:
             self.process.kill()
             self.process.wait()
         self.log.close()
+
+
+class Running:
+    """An IncidentRouter in a background thread (the service loop), stopped on exit."""
+
+    def __init__(self, router: IncidentRouter):
+        self.router = router
+        self.stopping = False
+        self.thread = threading.Thread(target=router.run, kwargs={"should_stop": lambda: self.stopping}, daemon=True)
+
+    def __enter__(self) -> IncidentRouter:
+        self.thread.start()
+        return self.router
+
+    def __exit__(self, *exc) -> None:
+        self.stopping = True
+        self.thread.join(30)

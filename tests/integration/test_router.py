@@ -8,32 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 
 import pytest
 from confluent_kafka import Producer
 
-from config import load_config
-from http_receivers import Alertmanager, RecordingReceiver, wait_for
+from http_receivers import FAST_RETRIES, Alertmanager, RecordingReceiver, Running, router_cfg, wait_for
 from monitoring.deliveries import DeliveryStore
 from monitoring.notifications import NotificationSettings
 from monitoring.receivers import AlertmanagerReceiver, WebhookReceiver
 from monitoring.records import sample_incident
 from monitoring.router import IncidentRouter, retry_dead
-from storage.mongo import Store
 
 pytestmark = pytest.mark.integration
-
-FAST_RETRIES = {"FLEAD_ROUTER_BACKOFF_INITIAL_S": "0.5", "FLEAD_ROUTER_BACKOFF_FACTOR": "2.0",
-                "FLEAD_ROUTER_BACKOFF_MAX_S": "2.0", "FLEAD_ROUTER_BACKOFF_JITTER": "0.0",
-                "FLEAD_ROUTER_MAX_ATTEMPTS": "100", "FLEAD_ROUTER_IDLE_SLEEP_S": "0.05",
-                "FLEAD_ROUTER_RESEND_INTERVAL_S": "2.0"}
-
-
-def router_cfg(**env):
-    return load_config(env={**os.environ, **FAST_RETRIES, **env})
-
 
 def produce(cfg, *records: dict) -> None:
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
@@ -41,23 +28,6 @@ def produce(cfg, *records: dict) -> None:
         value = record if isinstance(record, bytes) else json.dumps(record).encode()
         producer.produce(cfg.kafka.topics.incidents, key=b"dev", value=value)
     assert producer.flush(10) == 0
-
-
-class Running:
-    """An IncidentRouter in a background thread (the service loop), stopped on exit."""
-
-    def __init__(self, router: IncidentRouter):
-        self.router = router
-        self.stopping = False
-        self.thread = threading.Thread(target=router.run, kwargs={"should_stop": lambda: self.stopping}, daemon=True)
-
-    def __enter__(self) -> IncidentRouter:
-        self.thread.start()
-        return self.router
-
-    def __exit__(self, *exc) -> None:
-        self.stopping = True
-        self.thread.join(30)
 
 
 def webhook_receiver(cfg, url: str) -> WebhookReceiver:
