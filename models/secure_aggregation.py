@@ -349,14 +349,26 @@ def answer_dropouts(record: Mapping, device_id: str, own_private: bytes, created
     return {"schema": "flead.snapshot/1", "encoding": SEED_REVEAL, "secure_round": cohort.round_id,
             "device_id": device_id, "version": version, "global_version": int(record.get("base_version", 0)),
             "loss": None, "n_samples": 1, "n_seen": n_seen, "created_at": created_at,
-            "revealed_seeds": {d: s.hex() for d, s in seeds.items()}, "weights": NO_WEIGHTS}
+            "revealed_seeds": [{"device_id": d, "seed": s.hex()} for d, s in sorted(seeds.items())],
+            "weights": NO_WEIGHTS}
 
 
 def revealed_from_records(records: Sequence[Mapping], cohort: Cohort) -> dict[str, dict[str, bytes]]:
-    """Aggregator side: ``revealed[survivor][dropped]`` from verified seed-reveal records of the round."""
+    """Aggregator side: ``revealed[survivor][dropped]`` from verified seed-reveal records of the round.
+
+    ``revealed_seeds`` is a list of ``{"device_id", "seed"}`` (device ids are values, not field names: MongoDB
+    field names must be plain identifiers, and the sink refuses others). Entries that are not a member's 32-byte
+    hex seed are skipped (the survivor then counts as not having revealed it)."""
     revealed: dict[str, dict[str, bytes]] = {}
     for r in records:
-        if r.get("secure_round") == cohort.round_id and r["device_id"] in cohort.members:
-            revealed[r["device_id"]] = {d: bytes.fromhex(s) for d, s in (r.get("revealed_seeds") or {}).items()
-                                        if d in cohort.members}
+        if r.get("secure_round") != cohort.round_id or r.get("device_id") not in cohort.members:
+            continue
+        seeds = revealed.setdefault(r["device_id"], {})
+        for entry in r.get("revealed_seeds") if isinstance(r.get("revealed_seeds"), list) else []:
+            peer, seed = (entry.get("device_id"), entry.get("seed")) if isinstance(entry, Mapping) else (None, None)
+            if peer in cohort.members and isinstance(seed, str) and len(seed) == 64:
+                try:
+                    seeds[peer] = bytes.fromhex(seed)
+                except ValueError:
+                    continue
     return revealed

@@ -171,8 +171,31 @@ def test_device_records_are_valid_snapshots_and_round_trip():
     answer = answer_cohort(record, "a", keys["a"][0], np.ones(9), 50, 2, 60, 4000)
     assert answer_cohort(record, "odd", keys["a"][0], np.ones(9), 50, 2, 60, 4000) is None
     reveal = answer_dropouts({**record, "dropped": ["c"]}, "a", keys["a"][0], 5000, 3, 61)
-    assert set(reveal["revealed_seeds"]) == {"c"}
+    assert [entry["device_id"] for entry in reveal["revealed_seeds"]] == ["c"]
     for r in (*enrolments, answer, reveal):
         SNAPSHOT.check(dict(r))
+
+
+def test_device_records_pass_the_sink_with_real_device_ids():
+    """The sink stores snapshots only if every field name is a plain identifier: device ids such as ``omi-12``
+    travel as values (a seed reveal keyed by device id was refused by the sink, so dropout recovery never completed
+    in the real pipeline); malformed reveal entries are skipped by the aggregator, not fatal."""
+    from models.secure_aggregation import (answer_cohort, answer_dropouts, choose_cohort, cohort_from_record,
+                                           enrolment_record, revealed_from_records)
+    from storage.sink import event_document
+
+    keys = {d: generate_key_pair() for d in ("omi-1", "omi-10", "omi-12")}
+    enrolments = [enrolment_record(d, pub, 4, [(4,)], 1, 10, 1000) for d, (_, pub) in keys.items()]
+    record = {**choose_cohort(enrolments, "r1.1", 0, 1000, 3000, "flead-aggregator"), "dropped": ["omi-12"]}
+    answer = answer_cohort(record, "omi-1", keys["omi-1"][0], np.ones(4), 50, 2, 60, 4000)
+    reveal = answer_dropouts(record, "omi-1", keys["omi-1"][0], 5000, 3, 61)
+    for r in (*enrolments, answer, reveal):
+        assert event_document("snapshots", {**r, "signature": "hmac-sha256:00"}, "p")["device_id"] == r["device_id"]
+    cohort = cohort_from_record(record)
+    revealed = revealed_from_records([reveal], cohort)
+    assert revealed == {"omi-1": {"omi-12": pair_seed(keys["omi-1"][0], keys["omi-12"][1], "r1.1", "omi-1", "omi-12")}}
+    hostile = {**reveal, "device_id": "omi-10", "revealed_seeds": [{"device_id": "omi-12", "seed": "zz" * 32}, "x",
+                                                                   {"device_id": "nobody", "seed": "00" * 32}]}
+    assert revealed_from_records([hostile], cohort) == {"omi-10": {}}
     with pytest.raises(ValueError, match="malformed"):
         cohort_from_record({"round_id": "r", "members": {"a": "not base64!"}, "length": 2, "fixed_point_bits": 24})
