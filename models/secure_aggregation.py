@@ -273,13 +273,19 @@ NO_WEIGHTS = "-"                   # the weights field of records that carry non
 
 
 def enrolment_record(device_id: str, public_key: bytes, vector_length: int, shapes: Sequence[Sequence[int]],
-                     version: int, n_seen: int, created_at: int) -> dict:
+                     version: int, n_seen: int, created_at: int, architecture: str | None = None) -> dict:
     """Device side, secure aggregation on: a `flead.snapshot/1` that announces the device's key and layout
-    instead of its weights (sent instead of a plain snapshot until a cohort includes the device)."""
-    return {"schema": "flead.snapshot/1", "encoding": ENROLMENT, "device_id": device_id, "version": version,
-            "global_version": 0, "loss": None, "n_samples": 1, "n_seen": n_seen, "created_at": created_at,
-            "public_key": public_key_b64(public_key),
-            "vector_length": int(vector_length), "shapes": shapes_text(shapes), "weights": NO_WEIGHTS}
+    instead of its weights (sent instead of a plain snapshot until a cohort includes the device). The layout is
+    the federated vector's length, the wire weights' shapes and the model's ``architecture`` (which names the
+    codec between the two, `models.updates.codec_for`: the subspace kind masks mean + covariance, not its
+    wire factor)."""
+    record = {"schema": "flead.snapshot/1", "encoding": ENROLMENT, "device_id": device_id, "version": version,
+              "global_version": 0, "loss": None, "n_samples": 1, "n_seen": n_seen, "created_at": created_at,
+              "public_key": public_key_b64(public_key),
+              "vector_length": int(vector_length), "shapes": shapes_text(shapes), "weights": NO_WEIGHTS}
+    if architecture:
+        record["architecture"] = str(architecture)
+    return record
 
 
 def choose_cohort(enrolments: Sequence[Mapping], round_id: str, base_version: int, max_weight: float,
@@ -292,14 +298,18 @@ def choose_cohort(enrolments: Sequence[Mapping], round_id: str, base_version: in
             newest[e["device_id"]] = e
     layouts: dict[tuple, list[str]] = {}
     for device, e in newest.items():
-        layouts.setdefault((int(e["vector_length"]), json_shapes(e["shapes"])), []).append(device)
+        layout = (int(e["vector_length"]), json_shapes(e["shapes"]), str(e.get("architecture") or ""))
+        layouts.setdefault(layout, []).append(device)
     if not layouts:
         raise AggregationError("secure aggregation: no device has announced its key yet (enrolment snapshots)")
-    (length, shapes), members = max(layouts.items(), key=lambda item: len(item[1]))
-    return {"schema": COHORT_SCHEMA, "round_id": round_id, "base_version": base_version,
-            "members": {d: newest[d]["public_key"] for d in sorted(members)}, "length": length + 1,
-            "shapes": shapes_text(shapes), "fixed_point_bits": FIXED_POINT_BITS, "max_weight": max_weight,
-            "dropped": [], "created_at": created_at, "issuer": issuer}
+    (length, shapes, architecture), members = max(layouts.items(), key=lambda item: len(item[1]))
+    record = {"schema": COHORT_SCHEMA, "round_id": round_id, "base_version": base_version,
+              "members": {d: newest[d]["public_key"] for d in sorted(members)}, "length": length + 1,
+              "shapes": shapes_text(shapes), "fixed_point_bits": FIXED_POINT_BITS, "max_weight": max_weight,
+              "dropped": [], "created_at": created_at, "issuer": issuer}
+    if architecture:
+        record["architecture"] = architecture
+    return record
 
 
 def shapes_text(shapes: Sequence[Sequence[int]]) -> list[str]:

@@ -438,7 +438,7 @@ class StreamScoring:
             weights = detector.get_weights()
             vector = codec_for(detector.architecture).federated_vector(weights)
             return [secagg.enrolment_record(device_id, public, vector.size, [w.shape for w in weights], version,
-                                            n_seen, now_ms)]
+                                            n_seen, now_ms, detector.architecture)]
         records = []
         round_id = cohort["round_id"]
         if state.answered_round != round_id:

@@ -147,7 +147,8 @@ def secure_round_step(sc, db, cfg, key: bytes, previous: dict | None, now: int, 
                                              "in time); the next run announces a new cohort", protocol)
             return SecureStep("waiting", f"{cohort.round_id}: waiting for survivors' pair seeds", protocol)
     choices = [DeviceChoice(d, Update(d, [doc["words"]], int(doc["n_samples"]),
-                                      int(doc["version"]), int(doc["n_seen"]), int(doc["created_at"])))
+                                      int(doc["version"]), int(doc["n_seen"]), int(doc["created_at"])),
+                            architecture=record.get("architecture"))  # names the codec of the masked vectors
                for d, doc in sorted(newest.items())]
     return SecureStep("ready", "", protocol, choices,
                       SecureRound(cohort, revealed, [tuple(s) for s in json_shapes(record["shapes"])]))

@@ -199,3 +199,52 @@ def test_device_records_pass_the_sink_with_real_device_ids():
     assert revealed_from_records([hostile], cohort) == {"omi-10": {}}
     with pytest.raises(ValueError, match="malformed"):
         cohort_from_record({"round_id": "r", "members": {"a": "not base64!"}, "length": 2, "fixed_point_bits": 24})
+
+
+def test_a_secure_round_of_subspace_models_unmasks_in_the_codecs_space():
+    """The subspace kind masks its federated vector (mean + covariance), not its wire factor: the enrolment names
+    the architecture, the cohort carries it, and the round rebuilds wire weights through that codec (before, the
+    aggregator took the identity codec and failed: "a vector of 4655 numbers does not fit layers of 1710")."""
+    import time
+
+    from config import load_config
+    from models.detector import DeviceDetector
+    from models.integrity import sign_record
+    from models.secure_aggregation import answer_cohort, choose_cohort, cohort_from_record, enrolment_record
+    from models.serialization import from_b64, loads
+    from models.updates import codec_for
+    from spark_jobs.aggregate_job import round_documents
+    from spark_jobs.snapshots import DeviceChoice
+
+    cfg = load_config(env={"FLEAD_PRIVACY_SECURE_AGGREGATION": "true"})
+    rng = np.random.default_rng(17)
+    detectors = {}
+    for i in range(3):
+        detector = DeviceDetector.create([f"m{j}" for j in range(5)], cfg)
+        detector.learn_many(rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)))
+        detectors[f"omi-{i}"] = detector
+    architecture = next(iter(detectors.values())).architecture
+    codec = codec_for(architecture)
+    keys = {d: generate_key_pair() for d in detectors}
+    vectors = {d: codec.federated_vector(det.get_weights()) for d, det in detectors.items()}
+    shapes = [w.shape for w in detectors["omi-0"].get_weights()]
+    assert vectors["omi-0"].size != sum(int(np.prod(s)) for s in shapes)   # not the identity codec's space
+    enrolments = [enrolment_record(d, keys[d][1], vectors[d].size, shapes, 1, 300, 1000, architecture)
+                  for d in detectors]
+    record = choose_cohort(enrolments, "r1.1", 0, 1000, 2000, "flead-aggregator")
+    assert record["architecture"] == architecture
+    cohort = cohort_from_record(record)
+    choices = []
+    for d in detectors:
+        answer = answer_cohort(record, d, keys[d][0], vectors[d], 100 + 50 * int(d[-1]), 2, 400, 3000)
+        words = decode_words(answer["weights"], cohort.length)
+        choices.append(DeviceChoice(d, Update(d, [words], answer["n_samples"], 2, 400, 3000),
+                                    architecture=record["architecture"]))
+    documents = round_documents(cfg, None, choices, int(time.time() * 1000), bytes(32),
+                                SecureRound(cohort, {}, shapes))
+    weights, _ = loads(from_b64(documents.model["weights"]))
+    assert [w.shape for w in weights] == shapes
+    expected_vector = sum((100 + 50 * int(d[-1])) * vectors[d] for d in detectors) / sum(100 + 50 * i for i in range(3))
+    expected = codec.weights_from_vector(expected_vector, detectors["omi-0"].get_weights())
+    for got, want in zip(weights, expected):
+        np.testing.assert_allclose(got, want, atol=1e-4)
