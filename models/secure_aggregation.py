@@ -335,9 +335,12 @@ def answer_cohort(record: Mapping, device_id: str, own_private: bytes, vector: n
                   version: int, n_seen: int, created_at: int) -> dict | None:
     """Device side: the masked `flead.snapshot/1` with which a member of an announced cohort answers (None if the
     device is not a member). ``vector`` is its federated vector (`models.updates.codec_for(...)`); its weight is
-    ``min(n_samples, max_weight)``, capped here because the aggregator cannot see it. Unsigned."""
+    ``min(n_samples, max_weight)``, capped here because the aggregator cannot see it. Unsigned.
+
+    None too if the announcement lists the device as ``dropped``: the survivors reveal their pair seeds with it,
+    so a late masked vector of it would be the only thing between the aggregator and its update in the clear."""
     cohort = cohort_from_record(record)
-    if device_id not in cohort.members:
+    if device_id not in cohort.members or device_id in (record.get("dropped") or []):
         return None
     weight = float(min(n_samples, record["max_weight"]))
     words = masked_update(vector, weight, device_id, own_private, cohort)

@@ -443,8 +443,10 @@ class StreamScoring:
         round_id = cohort["round_id"]
         if state.answered_round != round_id:
             vector = codec_for(detector.architecture).federated_vector(detector.get_weights())
-            records.append(secagg.answer_cohort(cohort, device_id, private, vector, snap["n_samples"], version,
-                                                n_seen, now_ms))
+            answer = secagg.answer_cohort(cohort, device_id, private, vector, snap["n_samples"], version, n_seen,
+                                          now_ms)
+            if answer is not None:  # None: declared dropped (its pair seeds are revealed): it must stay silent
+                records.append(answer)
             state.answered_round = round_id
         if cohort.get("dropped") and state.revealed_round != round_id:
             revealed = secagg.answer_dropouts(cohort, device_id, private, now_ms, version, n_seen)

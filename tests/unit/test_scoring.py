@@ -463,3 +463,22 @@ def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
     assert list(scorer.emit(everything)) == ["s", (ALERTS, "a"), (SNAPSHOTS, "n"), (DEAD_LETTERS, "d"),
                                              (INCIDENTS, "i"), (DRIFT, "r")]
     assert runtime.counters["anomalies"].n == 2
+
+
+def test_a_device_declared_dropped_never_answers_the_round_late(settings):
+    """The survivors reveal their pair seeds with a dropped device: its masked vector, sent late, would give the
+    aggregator its update in the clear. A device listed in ``dropped`` sends nothing for that round."""
+    scoring = scoring_with(settings, snapshot_every=4, secure_aggregation=True)
+    held = Broadcasts()
+    states, first = {}, {}
+    for device in ("a", "b", "c"):
+        states[device], emitted = run(scoring, device, 1, models=held)
+        first[device] = json.loads(emitted[0].snapshots[0])
+    cohort = secagg.choose_cohort(list(first.values()), "r1.1", 0, 1000.0, 5, AGGREGATOR_ISSUER)
+    scoring.receive_broadcast(json.dumps(sign_record({**cohort, "dropped": ["c"], "created_at": 6}, KEY)), held,
+                              report=True)
+    _, out = scoring.score(states["c"], "c", [columns("c", 4, 4)], held, 2_000)
+    assert out.snapshots == []
+    _, out = scoring.score(states["a"], "a", [columns("a", 4, 4)], held, 2_000)
+    [answer, reveal] = [json.loads(r) for r in out.snapshots]
+    assert answer["encoding"] == secagg.MASKED and reveal["encoding"] == secagg.SEED_REVEAL
