@@ -273,18 +273,25 @@ def test_a_false_positive_mutes_the_same_pattern_on_its_device_only(settings):
     assert restored.feedback_for("a") == held.feedback_for("a")
 
 
-def test_snapshots_are_signed_and_secure_aggregation_answers_cohorts_with_masked_vectors(settings):
-    plain = scoring_with(settings, snapshot_every=4)
-    _, emitted = run(plain, "a", 1)
-    snap = json.loads(emitted[0].snapshots[0])
-    assert verify_record(snap, KEY) is None and verify_record({**snap, "n_samples": 2**53}, KEY) is not None
-
+def enrolled(settings) -> tuple[StreamScoring, Broadcasts, dict, dict]:
+    """Devices a, b, c under secure aggregation after one message each: the scoring, the broadcasts, their states
+    and their first snapshots (enrolments)."""
     scoring = scoring_with(settings, snapshot_every=4, secure_aggregation=True)
     held = Broadcasts()
     states, first = {}, {}
     for device in ("a", "b", "c"):
         states[device], emitted = run(scoring, device, 1, models=held)
         first[device] = json.loads(emitted[0].snapshots[0])
+    return scoring, held, states, first
+
+
+def test_snapshots_are_signed_and_secure_aggregation_answers_cohorts_with_masked_vectors(settings):
+    plain = scoring_with(settings, snapshot_every=4)
+    _, emitted = run(plain, "a", 1)
+    snap = json.loads(emitted[0].snapshots[0])
+    assert verify_record(snap, KEY) is None and verify_record({**snap, "n_samples": 2**53}, KEY) is not None
+
+    scoring, held, states, first = enrolled(settings)
     assert all(r["encoding"] == secagg.ENROLMENT and r["weights"] == secagg.NO_WEIGHTS for r in first.values())
     assert all(verify_record(r, KEY) is None for r in first.values())
     cohort = sign_record(secagg.choose_cohort(list(first.values()), "r1", 0, 1000.0, 5, AGGREGATOR_ISSUER), KEY)
@@ -468,12 +475,7 @@ def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
 def test_a_device_declared_dropped_never_answers_the_round_late(settings):
     """The survivors reveal their pair seeds with a dropped device: its masked vector, sent late, would give the
     aggregator its update in the clear. A device listed in ``dropped`` sends nothing for that round."""
-    scoring = scoring_with(settings, snapshot_every=4, secure_aggregation=True)
-    held = Broadcasts()
-    states, first = {}, {}
-    for device in ("a", "b", "c"):
-        states[device], emitted = run(scoring, device, 1, models=held)
-        first[device] = json.loads(emitted[0].snapshots[0])
+    scoring, held, states, first = enrolled(settings)
     cohort = secagg.choose_cohort(list(first.values()), "r1.1", 0, 1000.0, 5, AGGREGATOR_ISSUER)
     scoring.receive_broadcast(json.dumps(sign_record({**cohort, "dropped": ["c"], "created_at": 6}, KEY)), held,
                               report=True)
