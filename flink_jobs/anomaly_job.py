@@ -26,11 +26,14 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Mapping
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))  # `flink run -py` starts this file with only its own folder on the path
 
+from apache_beam.runners.worker import statesampler  # noqa: E402  (PyFlink's Python worker runs on Beam)
 from pyflink.common import Configuration, Duration, Types, WatermarkStrategy  # noqa: E402
 from pyflink.common.serialization import SimpleStringSchema  # noqa: E402
 from pyflink.datastream import (KeyedStream, OutputTag, RuntimeContext,  # noqa: E402
@@ -74,6 +77,44 @@ def now_ms() -> int:
 
 # -- score ------------------------------------------------------------------------------------------------------
 
+class ScorerCounters:
+    """The scorer's Flink counters (`scoring.stream.COUNTERS`), incremented in the operator's own metrics scope.
+
+    PyFlink 2.2 calls `on_timer` outside that scope: `StatefulFunctionOperation.process_timer`
+    (pyflink/fn_execution/beam/beam_operations_*) is not wrapped in the operation's ``scoped_process_state`` as
+    `process` is, so Beam credits a counter incremented in a timer to another step's metrics container and Flink
+    never sees it (a live job scored a device's last partial micro-batch when its processing-time timer fired, but
+    ``records_scored`` never counted it). So element callbacks remember the scope they run in, and a timer's counts
+    are made inside it; a timer that fires before any element reached the worker (after a restore) keeps its
+    counts until one does."""
+
+    def __init__(self, metrics_group, names=COUNTERS):
+        self.counters = {name: metrics_group.counter(name) for name in names}
+        self.scope = None  # the operation's Beam execution state (holds its metrics container)
+        self.pending: Counter = Counter()
+
+    def in_element(self) -> None:
+        """Called first by every element callback: remember its scope, make the counts timers kept."""
+        tracker = statesampler.get_current_tracker()
+        self.scope = None if tracker is None else tracker.current_state()
+        if self.pending:
+            self._inc(self.pending)
+            self.pending.clear()
+
+    def add(self, counts: Mapping[str, int], in_timer: bool = False) -> None:
+        if not in_timer:
+            self._inc(counts)
+        elif self.scope is None:
+            self.pending.update(counts)
+        else:
+            with self.scope:
+                self._inc(counts)
+
+    def _inc(self, counts: Mapping[str, int]) -> None:
+        for name, n in counts.items():
+            self.counters[name].inc(n)
+
+
 class DeviceScorer(KeyedBroadcastProcessFunction):
     """Flink's side of `scoring.stream.StreamScoring`: keyed state (the device's `DeviceState` and its micro-batch
     buffer), flush timers, the broadcast state (global models, cohorts, feedback), counters, the signing key, and
@@ -88,8 +129,7 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
     def open(self, runtime_context: RuntimeContext):
         self.device = runtime_context.get_state(ValueStateDescriptor("detector", Types.PICKLED_BYTE_ARRAY()))
         self.buffer = runtime_context.get_state(ValueStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
-        metrics = runtime_context.get_metrics_group()
-        self.counters = {name: metrics.counter(name) for name in COUNTERS}
+        self.counters = ScorerCounters(runtime_context.get_metrics_group())
         self.reports_refusals = runtime_context.get_index_of_this_subtask() == 0  # every subtask sees each record
         self.scoring.use_key(key_from(*self.key_source))
         self.held = None  # Broadcasts: see `broadcasts`
@@ -103,12 +143,14 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         return self.held
 
     def process_broadcast_element(self, value: str, ctx: KeyedBroadcastProcessFunction.Context):
+        self.counters.in_element()
         entry, emitted = self.scoring.receive_broadcast(value, self.broadcasts(ctx), self.reports_refusals)
         if entry is not None:
             ctx.get_broadcast_state(BROADCASTS).put(*entry)  # checkpointed copy
         yield from self.emit(emitted)
 
     def process_element(self, message: bytes | None, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+        self.counters.in_element()
         try:
             columns = self.scoring.parse(message, ctx.get_current_key())
         except InvalidMessage as exc:
@@ -130,17 +172,16 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         buffered = self.buffer.value()
         if buffered:
             self.buffer.clear()
-            yield from self.score(ctx, buffered)
+            yield from self.score(ctx, buffered, in_timer=True)
 
-    def score(self, ctx, batches: list):
+    def score(self, ctx, batches: list, in_timer: bool = False):
         state, emitted = self.scoring.score(self.device.value(), ctx.get_current_key(), batches,
                                             self.broadcasts(ctx), now_ms())
         self.device.update(state)
-        yield from self.emit(emitted)
+        yield from self.emit(emitted, in_timer)
 
-    def emit(self, emitted: Emitted):
-        for name, n in emitted.counts.items():
-            self.counters[name].inc(n)
+    def emit(self, emitted: Emitted, in_timer: bool = False):
+        self.counters.add(emitted.counts, in_timer)  # before the first record leaves (see ScorerCounters)
         yield from emitted.scores
         for record in emitted.alerts:
             yield ALERTS, record

@@ -215,3 +215,51 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
         assert max(s["n_seen"] for s in mine) >= 1200 - 200, device
         assert max(s["version"] for s in mine) >= 5, device
         assert max(c["model_version"] for c in copies[(device, 1199)]) >= 5, device
+
+
+
+def scorer_counter(reporter_url: str, name: str) -> float | None:
+    """A scorer counter from the job's Flink Prometheus reporter (summed over subtasks; None before it exists)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(reporter_url, timeout=5).text
+    except httpx.HTTPError:
+        return None
+    values = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+              if sample.name == f"flink_taskmanager_job_task_operator_{name}"]
+    return sum(values) if values else None
+
+
+def test_a_partial_micro_batch_is_scored_when_the_device_goes_quiet(cfg, tmp_path):
+    """A live job scores a device's last, partial micro-batch (fewer than `stream.micro_batch_size` readings) soon
+    after the device goes quiet, by its processing-time flush timer, and counts it (``records_scored``: PyFlink
+    runs timers outside the operator's metrics scope, see `flink_jobs.anomaly_job.ScorerCounters`). Bounded runs
+    flush at the end of the input instead (the replay test)."""
+    partial = cfg.stream.micro_batch_size - 4
+    readings = asd_slice(cfg, "test", 1, partial)
+    reporter_port = processes.free_port()
+    env = {"FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "1000",
+           "FLEAD_STREAM_PARALLELISM": "1", "FLEAD_METRICS_FLINK_REPORTER_PORT": str(reporter_port)}
+    reporter_url = f"http://127.0.0.1:{reporter_port}/metrics"
+    pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
+    try:
+        checkpoints = tmp_path / "flink" / "checkpoints"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not any(checkpoints.glob("*/chk-*/_metadata")):  # the job runs (it checkpoints): send now
+            assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
+            assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
+            time.sleep(0.5)
+        produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=cfg.stream.micro_batch_size)
+        sent = time.monotonic()
+        scores, counted = [], None
+        while (len(scores) < partial or counted != partial) and time.monotonic() < sent + 15:
+            time.sleep(0.5)
+            scores, counted = read_to_end(cfg, "scores"), scorer_counter(reporter_url, "records_scored")
+        waited = time.monotonic() - sent
+    finally:
+        processes.stop(tmp_path, "stream", grace=5)
+    print(f"{len(scores)} of {partial} readings scored, {counted} counted, {waited:.1f} s after they were sent")
+    assert sorted(s["seq"] for s in scores) == [r.seq for r in readings]
+    assert counted == partial

@@ -484,3 +484,39 @@ def test_a_device_declared_dropped_never_answers_the_round_late(settings):
     _, out = scoring.score(states["a"], "a", [columns("a", 4, 4)], held, 2_000)
     [answer, reveal] = [json.loads(r) for r in out.snapshots]
     assert answer["encoding"] == secagg.MASKED and reveal["encoding"] == secagg.SEED_REVEAL
+
+
+def test_counts_made_in_a_timer_go_to_the_scope_of_the_operators_elements(monkeypatch):
+    """PyFlink runs `on_timer` outside the operator's Beam metrics scope: a timer's counts are made inside the scope
+    the last element callback ran in, or wait for the next element (`ScorerCounters`)."""
+    from flink_jobs import anomaly_job
+
+    class Scope:
+        entered = 0
+
+        def __enter__(self):
+            self.entered += 1
+
+        def __exit__(self, *exc):
+            return False
+
+    class Count:
+        def __init__(self):
+            self.n, self.in_scope = 0, []
+
+        def inc(self, n):
+            self.n += n
+            self.in_scope.append(scope.entered)
+
+    scope, tracker = Scope(), None
+    monkeypatch.setattr(anomaly_job.statesampler, "get_current_tracker", lambda: tracker)
+    counts = {"records_scored": Count()}
+    counters = anomaly_job.ScorerCounters(type("Group", (), {"counter": lambda self, name: counts[name]})(),
+                                          ["records_scored"])
+    counters.add({"records_scored": 3}, in_timer=True)  # a timer before any element: kept
+    assert counts["records_scored"].n == 0
+    tracker = type("Tracker", (), {"current_state": lambda self: scope})()
+    counters.in_element()
+    assert counts["records_scored"].n == 3
+    counters.add({"records_scored": 2}, in_timer=True)
+    assert counts["records_scored"].n == 5 and scope.entered == 1 and counts["records_scored"].in_scope == [0, 1]
