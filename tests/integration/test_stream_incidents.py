@@ -43,8 +43,8 @@ PERIOD = 40  # readings per load cycle
 NOISE = 0.01
 SPIKE = 0.5  # added to one metric of one reading: 50 noise standard deviations
 WARMUP = 94 * 16  # normal readings per device first: the quantile threshold then rests on 15 scores above it
-MESSAGE = 16  # readings per Kafka message (= stream.micro_batch_size: each message is scored as it comes; the
-# tests send whole messages only: a partial micro-batch of a live stream waits for the device's next message)
+MESSAGE = 16  # readings per Kafka message (= stream.micro_batch_size: each message is scored as it comes, without
+# waiting for the micro-batch timer)
 TAIL = 32  # normal readings after a spike's message: more than incidents.gap_readings, so its incident resolves
 WINDOW = 5  # model.subspace.window: a spike raises the scores of the readings whose window holds it
 TOKEN = "incidents-token"
