@@ -13,11 +13,13 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 PRIVATE_UMASK = 0o077  # files 0600, folders 0700: logs, databases, checkpoints and credentials stay private
+PARENT_CHECK_S = 1.0  # how often a helper process started by `exit_with_parent` looks for its parent
 
 
 class ServiceError(RuntimeError):
@@ -208,3 +210,17 @@ def reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def exit_with_parent(check_every_s: float = PARENT_CHECK_S) -> None:
+    """Make this (helper) process exit once the process that started it is gone, even by kill -9: a thread checks
+    every `check_every_s` whether it was re-parented. For worker pools' initializers (the sink's decode process),
+    so a killed service restarted by the supervisor never leaves its helpers running."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(check_every_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

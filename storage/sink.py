@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from config import Config
+from services import processes
 from storage.buckets import ScoreBlock, ScorePart, score_block
 from storage.mongo import Store, StorageUnavailable, incident_rank
 from storage.schemas import SchemaViolation, check_document, check_field_names
@@ -240,7 +241,8 @@ class MongoSink:
         """The process that decodes telemetry (`sink.decode_processes`; None: this process does)."""
         if self.decoder is None and self.cfg.sink.decode_processes > 0:
             context = multiprocessing.get_context("spawn")  # not fork: the Kafka client's threads would not follow
-            self.decoder = ProcessPoolExecutor(self.cfg.sink.decode_processes, mp_context=context)
+            self.decoder = ProcessPoolExecutor(self.cfg.sink.decode_processes, mp_context=context,
+                                               initializer=processes.exit_with_parent)
         return self.decoder
 
     # --- storing ----------------------------------------------------------------------------------------------

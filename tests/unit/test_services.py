@@ -188,3 +188,29 @@ def test_processes_mentioning_a_path_include_their_children(tmp_path):
         for pid in listeners.processes_mentioning(marker, "daemon"):
             os.kill(pid, signal.SIGKILL)
         parent.wait()
+
+
+def test_a_helper_started_with_exit_with_parent_exits_when_its_parent_is_killed(tmp_path):
+    """The sink's decode process outlived a kill -9 of the sink (an orphan per restart); now it follows its parent."""
+    pid_out = tmp_path / "helper.pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "from services import processes; import time; "
+                           "processes.exit_with_parent(0.1); time.sleep(60)"])
+open({str(pid_out)!r}, "w").write(str(helper.pid))
+time.sleep(60)
+"""], cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        deadline = time.monotonic() + 20
+        while not (pid_out.exists() and pid_out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        helper = int(pid_out.read_text())
+        time.sleep(1.0)  # the helper imports and starts its watch
+        assert processes.start_time(helper) is not None
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+    deadline = time.monotonic() + 10
+    while processes.start_time(helper) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes.start_time(helper) is None, "the helper outlived its killed parent"
