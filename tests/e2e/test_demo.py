@@ -18,7 +18,7 @@ import requests
 from browser import DASHBOARDS, chart, expected_charts, log_in, number, open_dashboard, open_device, screenshot
 from config import PROJECT_ROOT, load_config
 from models.metrics import event_counts, event_metrics
-from services import processes
+from services import listeners, processes
 from visualization import superset_server
 
 pytestmark = pytest.mark.e2e
@@ -120,3 +120,12 @@ def test_the_dashboards_stay_up_after_the_summary_and_show_the_demo(demo_run, de
         if dashboard["slug"] == "flead-fleet":
             assert number(chart(states, "Readings scored")["text"]) == demo_store.count_readings("predictions")
             assert number(chart(states, "Alerts total")["text"]) == demo_store.collection("alerts").count_documents({})
+
+
+def test_nothing_the_demo_left_running_listens_outside_loopback(demo_run):
+    """What `flead demo` leaves up (servers, Superset) listens on 127.0.0.1 only; the stream job's own check runs
+    in tests/chaos/test_kills.py while it scores."""
+    cfg, _, _ = demo_run
+    ours = listeners.listeners(listeners.state_dir_processes(cfg.state_dir))
+    assert {item.service for item in ours} >= {"kafka", "mongo"}, ours
+    assert [str(item) for item in ours if not item.loopback_only] == []
