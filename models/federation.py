@@ -29,7 +29,8 @@ The codec registers itself for the ``subspace`` kind when `models` is imported (
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -130,3 +131,43 @@ def blend_weights(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarr
     mixed = ((1.0 - blend_weight) * codec.federated_vector(local)
              + blend_weight * codec.federated_vector(global_weights))
     return codec.weights_from_vector(mixed, list(local))
+
+
+ADOPTION_TIE = 1e-6  # validation errors within this relative margin of the lowest count as equal (codec round trips
+#                      perturb identical models by ~1e-7 relative in float32): the smallest global share wins
+
+
+def choose_blend_weight(candidates: Sequence[float], errors: Sequence[float], tie: float = ADOPTION_TIE) -> float:
+    """The candidate share of the global model with the lowest validation error; among candidates within `tie`
+    (relative) of the lowest, the smallest share, so that a device keeps its own model unless the fleet's fits
+    its data measurably better. Non-finite errors never win.
+
+    >>> choose_blend_weight([0.0, 0.5, 1.0], [2.0, 1.0, 1.5])
+    0.5
+    >>> choose_blend_weight([0.0, 0.5, 1.0], [1.0, 1.0, 1.0])
+    0.0
+    """
+    if len(candidates) != len(errors) or not len(candidates):
+        raise ValueError(f"choose_blend_weight: {len(candidates)} candidates and {len(errors)} errors (need as many, "
+                         "at least one)")
+    finite = [(float(b), float(e)) for b, e in zip(candidates, errors) if math.isfinite(e)]
+    if not finite:
+        return min(float(b) for b in candidates)
+    lowest = min(e for _, e in finite)
+    return min(b for b, e in finite if e <= lowest + tie * abs(lowest))
+
+
+def validated_blend(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], candidates: Sequence[float],
+                    validation_error: Callable[[Sequence[np.ndarray]], float], architecture: str
+                    ) -> tuple[float, list[np.ndarray], list[float]]:
+    """Personalised adoption: blend ``(1 − b)·local + b·global`` (`blend_weights`) for every candidate share b,
+    measure each blend's `validation_error` (the device's own error on its own held data, no labels) and keep
+    the best (`choose_blend_weight`). Returns (chosen b, its weights, the errors in candidate order); b = 0 returns
+    `local` itself, untouched."""
+    for b in candidates:
+        if not 0.0 <= b <= 1.0:
+            raise ValueError(f"model.adoption.candidates must be shares in [0, 1], got {list(candidates)}")
+    blends = [list(local) if b == 0.0 else blend_weights(local, global_weights, b, architecture) for b in candidates]
+    errors = [float(validation_error(w)) for w in blends]
+    chosen = choose_blend_weight(candidates, errors)
+    return chosen, blends[[float(b) for b in candidates].index(chosen)], errors
