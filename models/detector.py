@@ -29,6 +29,7 @@ from models.thresholds import make_threshold, threshold_from_arrays
 
 ARCHITECTURE = "flead.device-detector/3"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace;
 #                                            /3: recent readings for the validated adoption policy)
+READABLE_ARCHITECTURES = ("flead.device-detector/2", ARCHITECTURE)  # /2 states restore with no recent readings
 KINDS = ("subspace", "ae", "lstm_ae")
 ADOPTION_POLICIES = ("replace", "blend", "validated")  # stream.global_policy
 SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
@@ -551,10 +552,12 @@ class DeviceDetector:
     @classmethod
     def from_bytes(cls, blob: bytes) -> "DeviceDetector":
         arrays, meta = loads(blob)
-        if meta.get("architecture") != ARCHITECTURE:
+        if meta.get("architecture") not in READABLE_ARCHITECTURES:
             raise SerializationError(f"not a device detector state of this version: architecture "
                                      f"{meta.get('architecture')!r}, expected {ARCHITECTURE!r}")
         det = cls(meta["metric_names"], DetectorSettings.from_dict(meta["settings"]))
+        if meta["architecture"] != ARCHITECTURE:   # /2: no recent readings
+            arrays = [*arrays[:8], np.zeros((0, len(det.metric_names)), dtype=np.float32), *arrays[8:]]
         (counters, features, scaler, residual_scale, threshold_head, threshold_scores, drift, incidents, recent,
          *model) = arrays
         det.n_seen, det.model_version, det.global_version, det._n_since_snapshot = (int(c) for c in counters[:4])

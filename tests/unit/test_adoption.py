@@ -125,3 +125,16 @@ def test_readings_are_held_only_under_the_validated_policy():
     assert held.dtype == np.float32 and held.shape == (32 + 4, len(METRICS))   # + the window's 4 lags
     with pytest.raises(ValueError, match="global_policy"):
         make(adoption_policy="average")
+
+
+def test_states_of_the_previous_format_restore_with_no_held_readings():
+    """Checkpoints written before the held readings existed (format /2) still restore."""
+    from models.serialization import dumps, loads
+    det = feed(make(adoption_policy="blend"), readings(300))
+    arrays, meta = loads(det.to_bytes())
+    settings = {k: v for k, v in meta["settings"].items() if not k.startswith("adoption_")}
+    old = dumps(arrays[:8] + arrays[9:], {**meta, "architecture": "flead.device-detector/2", "settings": settings})
+    restored = DeviceDetector.from_bytes(old)
+    assert restored.n_seen == 300 and restored.recent.shape == (0, len(METRICS))
+    X = readings(32, seed=11)
+    np.testing.assert_array_equal(restored.score_many(X), det.score_many(X))
