@@ -31,7 +31,7 @@ ARCHITECTURE = "flead.device-detector/3"  # format of `to_bytes` (/2: residual s
 #                                            /3: recent readings for the validated adoption policy)
 READABLE_ARCHITECTURES = ("flead.device-detector/2", ARCHITECTURE)  # /2 states restore with no recent readings
 KINDS = ("subspace", "ae", "lstm_ae")
-ADOPTION_POLICIES = ("replace", "blend", "validated")  # stream.global_policy
+ADOPTION_POLICIES = ("replace", "blend", "validated", "prior")  # stream.global_policy
 SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
 # Learning is winsorised: once the scaler has seen PLAUSIBLE_AFTER readings, a value further than
 # max(PLAUSIBLE_SIGMAS, sqrt(n)) standard deviations from its mean (n: readings the scaler has learned) is learned as
@@ -60,6 +60,7 @@ NESTED_SETTINGS = {
     "incident_gap_readings": ("incidents", "gap_readings"), "incident_gap_ms": ("incidents", "gap_ms"),
     "adoption_policy": ("stream", "global_policy"), "adoption_candidates": ("model.adoption", "candidates"),
     "adoption_readings": ("model.adoption", "validation_readings"),
+    "adoption_prior_readings": ("model.adoption", "prior_readings"),
 }
 
 
@@ -106,6 +107,7 @@ class DetectorSettings:
     adoption_policy: str = "blend"
     adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     adoption_readings: int = 64
+    adoption_prior_readings: int = 500
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "DetectorSettings":
@@ -464,7 +466,10 @@ class DeviceDetector:
         federated space of `models.federation` (network weights; for the subspace model the mean and second
         moment, i.e. the covariances, not the factors), or ``validated``: blend by the share among
         `adoption_candidates` whose model has the lowest median score on the device's last `adoption_readings`
-        readings (`models.federation.validated_blend`; label-free; `blend_weight` until it has held readings).
+        readings (`models.federation.validated_blend`; label-free; `blend_weight` until it has held readings), or
+        ``prior``: blend as if the global model were a prior worth `adoption_prior_readings` readings, share
+        ``prior / (prior + readings the device has learned)`` (MAP adaptation: a new device leans on the fleet, a
+        device with much data of its own on itself).
         Returns the share of the global model blended in now.
 
         For the subspace model `blend_weight` is the global models' share of the device's statistics after the
@@ -492,11 +497,16 @@ class DeviceDetector:
                 self.set_weights(chosen)
             if subspace:
                 self.model.global_share += blend_weight * (1.0 - self.model.global_share)
-        elif policy in ("blend", "validated"):
+        elif policy in ("blend", "validated", "prior"):
+            if policy == "prior":   # the global model is a prior worth `adoption_prior_readings` readings
+                own = self.model.weight if subspace else float(self.n_seen)
+                prior = float(self.settings.adoption_prior_readings)
+                blend_weight = prior / (prior + own) if prior > 0 else 0.0
             if subspace:
                 held = self.model.global_share
                 missing = 0.0 if held >= blend_weight else (blend_weight - held) / (1.0 - held)
-                self.set_weights(blend_weights(local, weights, missing, self.architecture))
+                if missing > 0.0:   # else nothing to take: the model stays exactly as it is
+                    self.set_weights(blend_weights(local, weights, missing, self.architecture))
                 self.model.global_share = max(held, blend_weight)
                 blend_weight = missing
             else:

@@ -138,3 +138,22 @@ def test_states_of_the_previous_format_restore_with_no_held_readings():
     assert restored.n_seen == 300 and restored.recent.shape == (0, len(METRICS))
     X = readings(32, seed=11)
     np.testing.assert_array_equal(restored.score_many(X), det.score_many(X))
+
+
+def test_prior_policy_gives_the_global_model_the_weight_of_a_fixed_number_of_readings():
+    """MAP adaptation: share prior / (prior + readings learned): a young device takes much of the fleet's model, a
+    device with much data of its own little; prior 0 keeps its own model."""
+    fleet = feed(make(), readings(1500, seed=12, flip=True)).get_weights()
+    young, old = feed(make(adoption_prior_readings=500), readings(500)), feed(make(adoption_prior_readings=500),
+                                                                             readings(4500))
+    assert young.adopt_global(fleet, version=1, policy="prior") == pytest.approx(0.5)
+    assert old.adopt_global(fleet, version=1, policy="prior") == pytest.approx(0.1)
+    assert young.model.global_share == pytest.approx(0.5) and old.model.global_share == pytest.approx(0.1)
+    before = young.get_weights()
+    assert young.adopt_global(fleet, version=2, policy="prior") == 0.0   # nothing learned since: nothing missing
+    none = feed(make(adoption_prior_readings=0), readings(500))
+    before_none = none.get_weights()
+    assert none.adopt_global(fleet, version=1, policy="prior") == 0.0
+    for det, weights in ((young, before), (none, before_none)):
+        for a, b in zip(det.get_weights(), weights):
+            np.testing.assert_array_equal(a, b)
