@@ -237,7 +237,7 @@ class DeviceDetector:
         # them), float32, raw; kept only under that policy.
         self._recent_kept = (s.adoption_readings + self.features.memory
                              if s.adoption_policy == "validated" and s.adoption_readings > 0 else 0)
-        self.recent = np.zeros((0, len(self.metric_names)), dtype=np.float32)
+        self.held_readings = np.zeros((0, len(self.metric_names)), dtype=np.float32)
 
     @classmethod
     def create(cls, metric_names: Sequence[str], cfg: Any, **overrides: Any) -> "DeviceDetector":
@@ -323,7 +323,7 @@ class DeviceDetector:
         imputed_before = self.features.n_imputed
         F = self.features.transform_and_learn_many(X)  # features as before the batch: scoring sees no learning
         if self._recent_kept:
-            self.recent = np.concatenate((self.recent, X.astype(np.float32)))[-self._recent_kept:]
+            self.held_readings = np.concatenate((self.held_readings, X.astype(np.float32)))[-self._recent_kept:]
         errors, normalised, scores = self._errors(F)
         cut = self.threshold.threshold
         is_anomaly = scores > cut
@@ -521,11 +521,11 @@ class DeviceDetector:
         current scaler and residual scales; the median, because those readings are unlabelled and may hold
         anomalies); None while fewer than `adoption_readings` / 2 readings are held."""
         memory = self.features.memory
-        if self.recent.shape[0] - memory < max(1, self.settings.adoption_readings // 2):
+        if self.held_readings.shape[0] - memory < max(1, self.settings.adoption_readings // 2):
             return None
         s = self.settings
         builder = FeatureBuilder(self.metric_names, s.rolling_windows, s.feature_lags, s.rate_of_change, "impute")
-        F = builder.transform_and_learn_many(self.recent.astype(np.float64))[memory:]
+        F = builder.transform_and_learn_many(self.held_readings.astype(np.float64))[memory:]
         probe = copy.deepcopy(self.model)
 
         def error(weights: Sequence[np.ndarray]) -> float:
@@ -553,7 +553,7 @@ class DeviceDetector:
         loss = math.nan if self.loss is None else self.loss
         counters = np.array([self.n_seen, self.model_version, self.global_version, self._n_since_snapshot, loss])
         arrays = [counters, self.features.to_array(), self.scaler.to_array(), self.residual_scale.to_array(),
-                  *self.threshold.to_arrays(), self.drift.to_array(), self.incidents.to_array(), self.recent,
+                  *self.threshold.to_arrays(), self.drift.to_array(), self.incidents.to_array(), self.held_readings,
                   *self.model.get_state()]
         return dumps(arrays, {"architecture": ARCHITECTURE, "model_version": self.model_version,
                               "network": self.architecture, "metric_names": self.metric_names,
@@ -577,7 +577,7 @@ class DeviceDetector:
         det.threshold = threshold_from_arrays([threshold_head, threshold_scores])
         det.drift = DriftMonitor.from_array(drift)
         det.incidents = IncidentTracker.from_array(incidents, det.metric_names)
-        det.recent = np.asarray(recent, dtype=np.float32).reshape(-1, len(det.metric_names))
+        det.held_readings = np.asarray(recent, dtype=np.float32).reshape(-1, len(det.metric_names))
         det.model.set_state(model)
         loss = None if math.isnan(counters[4]) else float(counters[4])
         if hasattr(det.model, "loss"):

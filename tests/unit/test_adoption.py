@@ -120,8 +120,8 @@ def test_without_held_readings_the_validated_policy_blends_the_configured_share(
 
 
 def test_readings_are_held_only_under_the_validated_policy():
-    assert feed(make(adoption_policy="blend"), readings(200)).recent.shape == (0, len(METRICS))
-    held = feed(make(adoption_readings=32), readings(200)).recent
+    assert feed(make(adoption_policy="blend"), readings(200)).held_readings.shape == (0, len(METRICS))
+    held = feed(make(adoption_readings=32), readings(200)).held_readings
     assert held.dtype == np.float32 and held.shape == (32 + 4, len(METRICS))   # + the window's 4 lags
     with pytest.raises(ValueError, match="global_policy"):
         make(adoption_policy="average")
@@ -135,7 +135,7 @@ def test_states_of_the_previous_format_restore_with_no_held_readings():
     settings = {k: v for k, v in meta["settings"].items() if not k.startswith("adoption_")}
     old = dumps(arrays[:8] + arrays[9:], {**meta, "architecture": "flead.device-detector/2", "settings": settings})
     restored = DeviceDetector.from_bytes(old)
-    assert restored.n_seen == 300 and restored.recent.shape == (0, len(METRICS))
+    assert restored.n_seen == 300 and restored.held_readings.shape == (0, len(METRICS))
     X = readings(32, seed=11)
     np.testing.assert_array_equal(restored.score_many(X), det.score_many(X))
 
