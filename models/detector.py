@@ -469,7 +469,7 @@ class DeviceDetector:
         readings (`models.federation.validated_blend`; label-free; `blend_weight` until it has held readings), or
         ``prior``: blend as if the global model were a prior worth `adoption_prior_readings` readings, share
         ``prior / (prior + readings the device has learned)`` (MAP adaptation: a new device leans on the fleet, a
-        device with much data of its own on itself).
+        device with much data of its own on itself; the networks blend their weights by that share each round).
         Returns the share of the global model blended in now.
 
         For the subspace model `blend_weight` is the global models' share of the device's statistics after the
