@@ -7,6 +7,7 @@ threshold, the incident tracker and the drift monitor stay local.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 from models.autoencoder import DenseAutoencoder, check_weight_shapes
 from models.drift import DriftEvent, DriftMonitor
 from models.features import FeatureBuilder
-from models.federation import blend_weights
+from models.federation import blend_weights, validated_blend
 from models.incidents import Incident, IncidentTracker
 from models.lstm_autoencoder import LSTMAutoencoder
 from models.residuals import ResidualScale, metric_shares
@@ -26,8 +27,11 @@ from models.serialization import SerializationError, dumps, loads
 from models.subspace import SubspaceModel
 from models.thresholds import make_threshold, threshold_from_arrays
 
-ARCHITECTURE = "flead.device-detector/2"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace)
+ARCHITECTURE = "flead.device-detector/3"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace;
+#                                            /3: recent readings for the validated adoption policy)
+READABLE_ARCHITECTURES = ("flead.device-detector/2", ARCHITECTURE)  # /2 states restore with no recent readings
 KINDS = ("subspace", "ae", "lstm_ae")
+ADOPTION_POLICIES = ("replace", "blend", "validated", "prior")  # stream.global_policy
 SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
 # Learning is winsorised: once the scaler has seen PLAUSIBLE_AFTER readings, a value further than
 # max(PLAUSIBLE_SIGMAS, sqrt(n)) standard deviations from its mean (n: readings the scaler has learned) is learned as
@@ -54,6 +58,9 @@ NESTED_SETTINGS = {
     "drift_enabled": ("drift", "enabled"), "drift_block_readings": ("drift", "block_readings"),
     "drift_blocks": ("drift", "blocks"), "drift_alpha": ("drift", "alpha"),
     "incident_gap_readings": ("incidents", "gap_readings"), "incident_gap_ms": ("incidents", "gap_ms"),
+    "adoption_policy": ("stream", "global_policy"), "adoption_candidates": ("model.adoption", "candidates"),
+    "adoption_readings": ("model.adoption", "validation_readings"),
+    "adoption_prior_readings": ("model.adoption", "prior_readings"),
 }
 
 
@@ -97,6 +104,10 @@ class DetectorSettings:
     drift_alpha: float = 1e-3
     incident_gap_readings: int = 10
     incident_gap_ms: int = 0
+    adoption_policy: str = "blend"
+    adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    adoption_readings: int = 64
+    adoption_prior_readings: int = 500
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "DetectorSettings":
@@ -123,7 +134,10 @@ class DetectorSettings:
     @classmethod
     def from_dict(cls, values: dict) -> "DetectorSettings":
         tuples = ("hidden", "rolling_windows", "lags")
-        return cls(**{k: tuple(int(x) for x in v) if k in tuples else v for k, v in values.items()})
+        values = {k: tuple(int(x) for x in v) if k in tuples else v for k, v in values.items()}
+        if "adoption_candidates" in values:
+            values["adoption_candidates"] = tuple(float(b) for b in values["adoption_candidates"])
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -216,6 +230,14 @@ class DeviceDetector:
         self.global_version = 0
         self._n_since_snapshot = 0
         self._loss: float | None = None  # mean squared residual of the last batch (models without their own loss)
+        if s.adoption_policy not in ADOPTION_POLICIES:
+            raise ValueError(f"stream.global_policy: unknown policy {s.adoption_policy!r} (known: "
+                             f"{', '.join(ADOPTION_POLICIES)})")
+        # The validated adoption policy's held data: the last `adoption_readings` readings (and the window before
+        # them), float32, raw; kept only under that policy.
+        self._recent_kept = (s.adoption_readings + self.features.memory
+                             if s.adoption_policy == "validated" and s.adoption_readings > 0 else 0)
+        self.held_readings = np.zeros((0, len(self.metric_names)), dtype=np.float32)
 
     @classmethod
     def create(cls, metric_names: Sequence[str], cfg: Any, **overrides: Any) -> "DeviceDetector":
@@ -256,9 +278,9 @@ class DeviceDetector:
         metric values (its window's lags and derived features still shape the reconstruction)."""
         return 1 if self.settings.score_inputs == "reading" else self.features.blocks
 
-    def _errors(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For feature rows `F` (current scaler, model and residual scales): squared residuals of every input, the
-        normalised squared residuals of the scored inputs, and the scores.
+    def _errors(self, F: np.ndarray, model: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For feature rows `F` (current scaler, residual scales, and `model` or the detector's own): squared
+        residuals of every input, the normalised squared residuals of the scored inputs, and the scores.
 
         Scoring every input of a window (the default, as issue 12 specifies it) also scores the window's older
         readings again: one anomalous reading raises the scores of the `window` − 1 readings after it too (an
@@ -266,7 +288,7 @@ class DeviceDetector:
         from several angles. ``inputs: reading`` scores only the reading's own values."""
         scaled = self.scaler.transform_many(F)
         np.clip(scaled, -MAX_SCALED_VALUE, MAX_SCALED_VALUE, out=scaled)  # scores stay finite for any finite input
-        errors = self.model.feature_errors(scaled)
+        errors = (self.model if model is None else model).feature_errors(scaled)
         scored = errors[:, :self._scored_blocks * len(self.metric_names)]
         normalised = self.residual_scale.normalise(scored) if self.settings.normalise_residuals else scored
         return errors, normalised, np.add.reduce(normalised, axis=1) / normalised.shape[1]
@@ -300,6 +322,8 @@ class DeviceDetector:
         n = X.shape[0]
         imputed_before = self.features.n_imputed
         F = self.features.transform_and_learn_many(X)  # features as before the batch: scoring sees no learning
+        if self._recent_kept:
+            self.held_readings = np.concatenate((self.held_readings, X.astype(np.float32)))[-self._recent_kept:]
         errors, normalised, scores = self._errors(F)
         cut = self.threshold.threshold
         is_anomaly = scores > cut
@@ -437,10 +461,16 @@ class DeviceDetector:
         self.model.set_weights(weights)
 
     def adopt_global(self, weights: list[np.ndarray], version: int, policy: str = "replace",
-                     blend_weight: float = 0.5) -> None:
+                     blend_weight: float = 0.5) -> float:
         """Take a global model: ``replace`` the weights, or ``blend`` them, ``(1 − b)·local + b·global`` in the
         federated space of `models.federation` (network weights; for the subspace model the mean and second
-        moment, i.e. the covariances, not the factors).
+        moment, i.e. the covariances, not the factors), or ``validated``: blend by the share among
+        `adoption_candidates` whose model has the lowest median score on the device's last `adoption_readings`
+        readings (`models.federation.validated_blend`; label-free; `blend_weight` until it has held readings), or
+        ``prior``: blend as if the global model were a prior worth `adoption_prior_readings` readings, share
+        ``prior / (prior + readings the device has learned)`` (MAP adaptation: a new device leans on the fleet, a
+        device with much data of its own on itself; the networks blend their weights by that share each round).
+        Returns the share of the global model blended in now.
 
         For the subspace model `blend_weight` is the global models' share of the device's statistics after the
         adoption: its statistics still hold part of the global models adopted before (decayed by the readings
@@ -454,21 +484,54 @@ class DeviceDetector:
         if not 0.0 <= blend_weight <= 1.0:
             raise ValueError(f"stream.blend_weight must be in [0, 1], got {blend_weight}")
         subspace = isinstance(self.model, SubspaceModel)
+        validation_error = self._validation_error() if policy == "validated" else None
         if policy == "replace":
             self.set_weights(weights)
             if subspace:
                 self.model.global_share = 1.0
-        elif policy == "blend":
+            blend_weight = 1.0
+        elif validation_error is not None:
+            blend_weight, chosen, _ = validated_blend(local, weights, self.settings.adoption_candidates,
+                                                      validation_error, self.architecture)
+            if blend_weight > 0.0:
+                self.set_weights(chosen)
+            if subspace:
+                self.model.global_share += blend_weight * (1.0 - self.model.global_share)
+        elif policy in ("blend", "validated", "prior"):
+            if policy == "prior":   # the global model is a prior worth `adoption_prior_readings` readings
+                own = self.model.weight if subspace else float(self.n_seen)
+                prior = float(self.settings.adoption_prior_readings)
+                blend_weight = prior / (prior + own) if prior > 0 else 0.0
             if subspace:
                 held = self.model.global_share
                 missing = 0.0 if held >= blend_weight else (blend_weight - held) / (1.0 - held)
-                self.set_weights(blend_weights(local, weights, missing, self.architecture))
+                if missing > 0.0:   # else nothing to take: the model stays exactly as it is
+                    self.set_weights(blend_weights(local, weights, missing, self.architecture))
                 self.model.global_share = max(held, blend_weight)
+                blend_weight = missing
             else:
                 self.set_weights(blend_weights(local, weights, blend_weight, self.architecture))
         else:
-            raise ValueError(f"stream.global_policy: unknown policy {policy!r} (known: replace, blend)")
+            raise ValueError(f"stream.global_policy: unknown policy {policy!r} (known: {', '.join(ADOPTION_POLICIES)})")
         self.global_version = int(version)
+        return blend_weight
+
+    def _validation_error(self) -> Callable[[Sequence[np.ndarray]], float] | None:
+        """Weights ↦ the median score a model with those weights gives the device's held recent readings (its
+        current scaler and residual scales; the median, because those readings are unlabelled and may hold
+        anomalies); None while fewer than `adoption_readings` / 2 readings are held."""
+        memory = self.features.memory
+        if self.held_readings.shape[0] - memory < max(1, self.settings.adoption_readings // 2):
+            return None
+        s = self.settings
+        builder = FeatureBuilder(self.metric_names, s.rolling_windows, s.feature_lags, s.rate_of_change, "impute")
+        F = builder.transform_and_learn_many(self.held_readings.astype(np.float64))[memory:]
+        probe = copy.deepcopy(self.model)
+
+        def error(weights: Sequence[np.ndarray]) -> float:
+            probe.set_weights(list(weights))
+            return float(np.median(self._errors(F, probe)[2]))
+        return error
 
     def snapshot(self) -> dict:
         """A new local model version for the aggregator: weights (serialised) and the readings learned since the
@@ -490,7 +553,7 @@ class DeviceDetector:
         loss = math.nan if self.loss is None else self.loss
         counters = np.array([self.n_seen, self.model_version, self.global_version, self._n_since_snapshot, loss])
         arrays = [counters, self.features.to_array(), self.scaler.to_array(), self.residual_scale.to_array(),
-                  *self.threshold.to_arrays(), self.drift.to_array(), self.incidents.to_array(),
+                  *self.threshold.to_arrays(), self.drift.to_array(), self.incidents.to_array(), self.held_readings,
                   *self.model.get_state()]
         return dumps(arrays, {"architecture": ARCHITECTURE, "model_version": self.model_version,
                               "network": self.architecture, "metric_names": self.metric_names,
@@ -499,11 +562,14 @@ class DeviceDetector:
     @classmethod
     def from_bytes(cls, blob: bytes) -> "DeviceDetector":
         arrays, meta = loads(blob)
-        if meta.get("architecture") != ARCHITECTURE:
+        if meta.get("architecture") not in READABLE_ARCHITECTURES:
             raise SerializationError(f"not a device detector state of this version: architecture "
                                      f"{meta.get('architecture')!r}, expected {ARCHITECTURE!r}")
         det = cls(meta["metric_names"], DetectorSettings.from_dict(meta["settings"]))
-        counters, features, scaler, residual_scale, threshold_head, threshold_scores, drift, incidents, *model = arrays
+        if meta["architecture"] != ARCHITECTURE:   # /2: no recent readings
+            arrays = [*arrays[:8], np.zeros((0, len(det.metric_names)), dtype=np.float32), *arrays[8:]]
+        (counters, features, scaler, residual_scale, threshold_head, threshold_scores, drift, incidents, recent,
+         *model) = arrays
         det.n_seen, det.model_version, det.global_version, det._n_since_snapshot = (int(c) for c in counters[:4])
         det.features = FeatureBuilder.from_array(features, det.metric_names)
         det.scaler = RunningScaler.from_array(scaler)
@@ -511,6 +577,7 @@ class DeviceDetector:
         det.threshold = threshold_from_arrays([threshold_head, threshold_scores])
         det.drift = DriftMonitor.from_array(drift)
         det.incidents = IncidentTracker.from_array(incidents, det.metric_names)
+        det.held_readings = np.asarray(recent, dtype=np.float32).reshape(-1, len(det.metric_names))
         det.model.set_state(model)
         loss = None if math.isnan(counters[4]) else float(counters[4])
         if hasattr(det.model, "loss"):

@@ -11,7 +11,9 @@ Protocol (no test label is used for anything but the final metrics):
    ``local``: every device alone. ``federated``: every ``round_every`` readings per device, each device
    snapshots, the strategy (FedAvg by default) aggregates the snapshots in the vector space of
    `models.updates.codec_for` (`models.federation` for the subspace kind), and every device adopts the result
-   by ``global_policy`` (blend 0.5 by default), as the stream job does with the Spark aggregation job.
+   by ``global_policy`` (``blend``: a fixed share ``blend_weight``; ``validated``: a share per device and round
+   chosen on its own recent readings, `DeviceDetector.adopt_global`), as the stream job does with the Spark
+   aggregation job.
    ``centralized``: one model learns every device's readings (interleaved micro-batch by micro-batch); the
    per-device parts (feature buffer, scaler, residual scales, threshold) stay per device, so only how the model
    is shared differs from ``federated``.
@@ -261,7 +263,10 @@ class FleetEvaluator:
                 adopted = codec.weights_from_vector(cluster_weights[clusters[d]][0], like)
             else:
                 adopted = global_weights
-            detectors[d].adopt_global(adopted, facts["rounds"], self.global_policy, self.blend_weight)
+            share = detectors[d].adopt_global(adopted, facts["rounds"], self.global_policy, self.blend_weight)
+            facts["adoptions"] = facts.get("adoptions", 0) + 1
+            facts["adopted_share_sum"] = facts.get("adopted_share_sum", 0.0) + float(share)
+            facts["adoptions_kept_own"] = facts.get("adoptions_kept_own", 0) + int(share == 0.0)
         # Every participant uploads its snapshot and downloads the new global model (same size as a snapshot).
         facts["bytes_per_round"] = 2 * upload
         facts["model_bytes"] = _model_bytes(global_weights)
@@ -278,6 +283,8 @@ class FleetEvaluator:
         else:
             facts["strategy"] = type(self.strategy).__name__
             facts["global_policy"] = self.global_policy
+            # Share of the global model blended in per adoption (blend: the missing part of the target share).
+            facts["mean_adopted_share"] = facts.pop("adopted_share_sum", 0.0) / max(facts.get("adoptions", 0), 1)
             self.result.report["bytes_per_round"] = facts["bytes_per_round"]
             self.result.report["model_bytes"] = facts.get("model_bytes")
         self._record(name, outputs, protocol="stream", **facts)

@@ -29,7 +29,8 @@ The codec registers itself for the ``subspace`` kind when `models` is imported (
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+import math
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -50,15 +51,41 @@ def subspace_moments(weights: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     return mean, C
 
 
+COMMUNALITY_ITERATIONS = 200  # at most this many principal-axis steps in `subspace_weights` ...
+COMMUNALITY_TOLERANCE = 1e-6  # ... stopping once the diagonal moves less than this, relative to the trace
+
+
 def subspace_weights(mean: np.ndarray, C: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Wire weights ``[L, μ, v]`` shaped and typed like `like` from a mean and a covariance: the top-r
-    eigenpairs of C (negative eigenvalues dropped) and its diagonal."""
+    """Wire weights ``[L, μ, v]`` shaped and typed like `like` from a mean and a covariance C whose diagonal is
+    the exact variances: v is that diagonal, and L the rank-r factor of C's low-rank part.
+
+    The diagonal of a device's C holds, beside the factor's part, the variance the factor leaves out; taking
+    C's top-r eigenpairs as they are would fold that residual into the components (a device re-taking its own
+    model would change: larger eigenvalues, fewer components for the explained share, another basis). So the
+    factor comes from principal-axis iteration: the top-r eigenpairs of C with its diagonal replaced by the
+    current factor's own diagonal (capped at the variances), repeated until it settles; each step is one step
+    of orthogonal iteration from the previous eigenvectors (negative eigenvalues, which noise or a
+    coordinate-wise median can create, are dropped)."""
     r = np.shape(like[0])[1]
     C = 0.5 * (C + C.T)
+    variances = np.maximum(np.diag(C), 0.0)
     values, vectors = np.linalg.eigh(C)
     top = np.argsort(values)[::-1][:r]
-    factor = vectors[:, top] * np.sqrt(np.maximum(values[top], 0.0))
-    out = [factor, mean, np.maximum(np.diag(C), 0.0)]
+    basis, values = vectors[:, top], values[top]
+    reduced = C.copy()
+    diagonal = np.diag_indices_from(C)
+    for _ in range(COMMUNALITY_ITERATIONS):
+        communality = np.minimum(np.einsum("ij,ij->i", basis * np.maximum(values, 0.0), basis), variances)
+        moved = float(np.abs(communality - reduced[diagonal]).sum())
+        if moved <= COMMUNALITY_TOLERANCE * max(float(variances.sum()), 1e-300):
+            break
+        reduced[diagonal] = communality
+        basis = np.linalg.qr(reduced @ basis)[0]
+        values, rotation = np.linalg.eigh(basis.T @ reduced @ basis)
+        order = np.argsort(values)[::-1]
+        basis, values = basis @ rotation[:, order], values[order]
+    factor = basis * np.sqrt(np.maximum(values, 0.0))
+    out = [factor, mean, variances]
     return [w.astype(np.asarray(ref).dtype) for w, ref in zip(out, like)]
 
 
@@ -120,6 +147,28 @@ class SubspaceCodec:
 register_codec(SUBSPACE_KIND, SubspaceCodec)
 
 
+def blend_subspace(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], b: float
+                   ) -> list[np.ndarray]:
+    """The ``(1 − b, b)`` mixture of two subspace models' distributions as wire weights like `local`: mean
+    ``(1 − b)μl + bμg``, variances ``(1 − b)vl + bvg + b(1 − b)δ²`` and the top-r factor of the mixed low-rank
+    part ``(1 − b)L_l L_lᵀ + bL_g L_gᵀ + b(1 − b)δδᵀ`` (δ = μl − μg), from one thin SVD of the stacked factors. The
+    low-rank part and the variances stay apart (unlike an eigendecomposition of the mixed covariance, which would
+    fold each model's left-out variance into the components), so b = 0 gives back the local model."""
+    (local_factor, local_mean, local_var), (global_factor, global_mean, global_var) = (
+        [np.asarray(w, dtype=np.float64) for w in weights] for weights in (local, global_weights))
+    subspace_moments(local), subspace_moments(global_weights)   # shape checks
+    if global_factor.shape != local_factor.shape:
+        raise ValueError(f"subspace blend: factors of shapes {local_factor.shape} and {global_factor.shape}")
+    delta = local_mean - global_mean
+    stacked = np.hstack([math.sqrt(1.0 - b) * local_factor, math.sqrt(b) * global_factor,
+                         math.sqrt(b * (1.0 - b)) * delta[:, None]])
+    U, singular, _ = np.linalg.svd(stacked, full_matrices=False)
+    r = local_factor.shape[1]
+    out = [U[:, :r] * singular[:r], (1.0 - b) * local_mean + b * global_mean,
+           (1.0 - b) * local_var + b * global_var + b * (1.0 - b) * delta * delta]
+    return [w.astype(np.asarray(ref).dtype) for w, ref in zip(out, local)]
+
+
 def blend_weights(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], blend_weight: float,
                   architecture: str) -> list[np.ndarray]:
     """``(1 − b)·local + b·global`` in the architecture's codec space (network weights as they are; for the
@@ -127,6 +176,48 @@ def blend_weights(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarr
     if not 0.0 <= blend_weight <= 1.0:
         raise ValueError(f"stream.blend_weight must be in [0, 1], got {blend_weight}")
     codec = codec_for(architecture)
+    if isinstance(codec, SubspaceCodec):
+        return blend_subspace(local, global_weights, blend_weight)
     mixed = ((1.0 - blend_weight) * codec.federated_vector(local)
              + blend_weight * codec.federated_vector(global_weights))
     return codec.weights_from_vector(mixed, list(local))
+
+
+ADOPTION_TIE = 1e-6  # validation errors within this relative margin of the lowest count as equal (codec round trips
+#                      perturb identical models by ~1e-7 relative in float32): the smallest global share wins
+
+
+def choose_blend_weight(candidates: Sequence[float], errors: Sequence[float], tie: float = ADOPTION_TIE) -> float:
+    """The candidate share of the global model with the lowest validation error; among candidates within `tie`
+    (relative) of the lowest, the smallest share, so that a device keeps its own model unless the fleet's fits
+    its data measurably better. Non-finite errors never win.
+
+    >>> choose_blend_weight([0.0, 0.5, 1.0], [2.0, 1.0, 1.5])
+    0.5
+    >>> choose_blend_weight([0.0, 0.5, 1.0], [1.0, 1.0, 1.0])
+    0.0
+    """
+    if len(candidates) != len(errors) or not len(candidates):
+        raise ValueError(f"choose_blend_weight: {len(candidates)} candidates and {len(errors)} errors (need as many, "
+                         "at least one)")
+    finite = [(float(b), float(e)) for b, e in zip(candidates, errors) if math.isfinite(e)]
+    if not finite:
+        return min(float(b) for b in candidates)
+    lowest = min(e for _, e in finite)
+    return min(b for b, e in finite if e <= lowest + tie * abs(lowest))
+
+
+def validated_blend(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], candidates: Sequence[float],
+                    validation_error: Callable[[Sequence[np.ndarray]], float], architecture: str
+                    ) -> tuple[float, list[np.ndarray], list[float]]:
+    """Personalised adoption: blend ``(1 − b)·local + b·global`` (`blend_weights`) for every candidate share b,
+    measure each blend's `validation_error` (the device's own error on its own held data, no labels) and keep
+    the best (`choose_blend_weight`). Returns (chosen b, its weights, the errors in candidate order); b = 0 returns
+    `local` itself, untouched."""
+    for b in candidates:
+        if not 0.0 <= b <= 1.0:
+            raise ValueError(f"model.adoption.candidates must be shares in [0, 1], got {list(candidates)}")
+    blends = [list(local) if b == 0.0 else blend_weights(local, global_weights, b, architecture) for b in candidates]
+    errors = [float(validation_error(w)) for w in blends]
+    chosen = choose_blend_weight(candidates, errors)
+    return chosen, blends[[float(b) for b in candidates].index(chosen)], errors

@@ -156,6 +156,14 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _adoption(cfg) -> str:
+    """How devices adopt global models (`stream.global_policy` and its parameter), for the plan line."""
+    policy, adoption = cfg.stream.global_policy, cfg.model.adoption
+    detail = {"blend": f"share {cfg.stream.blend_weight}", "prior": f"worth {adoption.prior_readings} readings",
+              "validated": f"shares {adoption.candidates} on the last {adoption.validation_readings} readings"}
+    return f"{policy} ({detail[policy]})" if policy in detail else policy
+
+
 def run_evaluate(args, cfg) -> int:
     import numpy as np
 
@@ -188,7 +196,7 @@ def run_evaluate(args, cfg) -> int:
         overrides["threshold_kind"] = "quantile"
     plan = (f"batch protocol: {rounds} rounds x {args.local_epochs} epoch(s)" if protocol == "batch" else
             f"stream protocol: micro-batches of {cfg.stream.micro_batch_size}, a federated round every "
-            f"{cfg.stream.snapshot_every} readings, {cfg.stream.global_policy} {cfg.stream.blend_weight}")
+            f"{cfg.stream.snapshot_every} readings, adoption: {_adoption(cfg)}")
     say(f"{dataset}: {len(train)} devices, {sum(len(X) for X in train.values())} training and "
         f"{sum(len(X) for X, _ in test.values())} test rows, {len(names)} metrics; model {kind}, {plan}")
     threshold_cfg = {k: cfg.threshold[k] for k in ("kind", "target_false_alarm_rate", "sigma_k")}

@@ -124,3 +124,23 @@ def test_flead_evaluate_quick_on_a_csv_pair(tmp_path, capsys):
                  "--json", str(out)])
     report = json.loads(out.read_text())
     assert code == 0 and report["rounds"] == 2 and report["protocol"] == "batch"
+
+
+def test_adoption_shares_are_reported_per_policy():
+    """The federated row says how much of the global models the devices took: a fixed blend always some, the
+    validated policy (each device on its own recent readings) between none and all, and it is deterministic."""
+    train, test = synthetic_fleet(seed=1)
+
+    def federated(policy):
+        factory = lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0,  # noqa: E731
+                                                adoption_policy=policy)
+        return evaluate_fleet(train, test, factory, micro_batch=16, round_every=100, global_policy=policy,
+                              models=("federated",)).report["models"]["federated"]
+
+    blend, validated = federated("blend"), federated("validated")
+    assert blend["adoptions"] == validated["adoptions"] == 3 * 8
+    assert blend["adoptions_kept_own"] == 0 and 0 < blend["mean_adopted_share"] <= 0.5
+    assert 0 <= validated["mean_adopted_share"] <= 1 and 0 <= validated["adoptions_kept_own"] <= 24
+    assert validated["global_policy"] == "validated"
+    again = federated("validated")
+    assert (again["mean_adopted_share"], again["roc_auc"]) == (validated["mean_adopted_share"], validated["roc_auc"])

@@ -90,3 +90,46 @@ def test_subspace_blend_is_the_mixture_of_the_two_distributions():
     np.testing.assert_allclose(C, np.cov(X.T, bias=True), atol=2e-4)
     with pytest.raises(ValueError, match="entries"):
         weights_from_vector(np.zeros(10), a.get_weights(), ARCH)
+
+
+def low_rank_model(seed=6, d=12, rank=4, n=1500):
+    """A model that tracks fewer components than inputs: its variances hold more than its factor."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3)) @ rng.normal(size=(3, d)) + 0.3 * rng.normal(size=(n, d))
+    model = SubspaceModel(explained_variance=0.9, rank=rank, half_life=0)
+    model.learn_many(X)
+    return model, X
+
+
+def test_blending_a_low_rank_model_with_itself_changes_nothing():
+    """The left-out variance on the diagonal must not be folded into the components (it used to: another basis,
+    larger eigenvalues, fewer components k)."""
+    model, X = low_rank_model()
+    weights = model.get_weights()
+    arch = model.architecture
+    for b in (0.0, 0.3, 1.0):
+        again = SubspaceModel(explained_variance=0.9, rank=4, half_life=0)
+        again.set_weights(blend_weights(weights, weights, b, arch))
+        assert again.k == model.k
+        np.testing.assert_allclose(again.score_many(X), model.score_many(X), rtol=1e-4, atol=1e-6)
+
+
+def test_codec_round_trip_of_a_low_rank_model_keeps_its_components():
+    model, X = low_rank_model(seed=7)
+    weights = model.get_weights()
+    codec = codec_for(model.architecture)
+    back = SubspaceModel(explained_variance=0.9, rank=4, half_life=0)
+    back.set_weights(codec.weights_from_vector(codec.federated_vector(weights), weights))
+    assert back.k == model.k
+    np.testing.assert_allclose(back.get_weights()[2], weights[2], rtol=1e-5)   # variances exact
+    np.testing.assert_allclose(back.eigenvalues / back.weight, model.eigenvalues / model.weight,
+                               rtol=1e-2)   # no left-out variance folded into the components
+    assert np.corrcoef(back.score_many(X), model.score_many(X))[0, 1] > 0.999
+
+
+def test_subspace_blend_of_low_rank_models_mixes_means_and_variances_exactly():
+    (a, Xa), (b, Xb) = low_rank_model(seed=8), low_rank_model(seed=9)
+    mixed = blend_weights(a.get_weights(), b.get_weights(), 0.25, a.architecture)
+    delta = a.mean - b.mean
+    np.testing.assert_allclose(mixed[1], 0.75 * a.mean + 0.25 * b.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed[2], 0.75 * a.variances + 0.25 * b.variances + 0.1875 * delta ** 2, rtol=1e-5)
