@@ -82,11 +82,11 @@ def test_an_incident_device_link_opens_the_filtered_drilldown(logged_in_browser,
     states = wait_for_charts(browser, expected_charts(drilldown))
     screenshot(browser, artifacts_dir / "dashboard-flead-device-from-incident-link.png")
     assert not [s for s in states if s["error"]], states
-    expected = dashboard_store.collection("alerts").count_documents({"device_id": device})
-    assert number(chart(states, "Anomalous readings of the device")["text"]) == expected
     metric_values = chart(states, "Metric values of the device (mean per bucket)")
     assert metric_values["drawn"] and NO_RESULTS not in metric_values["text"]
-    open_tab(browser, drilldown, 1)  # incidents, drift and alerts
+    states = open_tab(browser, drilldown, 1)  # anomalies, incidents, drift and alerts
+    expected = dashboard_store.collection("alerts").count_documents({"device_id": device})
+    assert number(chart(states, "Anomalous readings of the device")["text"]) == expected
     rows = browser.find_elements(By.CSS_SELECTOR, '[data-test-chart-name="Alerts of the device"] tbody tr')
     assert rows and {row.find_element(By.CSS_SELECTOR, "a").text for row in rows} == {device}
 
