@@ -6,7 +6,11 @@ Four levels (widths from ``cfg.rollups``, buckets by event time, ``ts`` = a buck
     score_rollups    device    device_bucket_s       predictions   n, anomalies, score_sum, score_max,
     daily_rollups    device    daily_bucket_s        predictions     threshold_max, anomaly_score_max
     fleet_rollups    fleet     fleet_bucket_s        predictions
-    metric_rollups   device    device_bucket_s       device_data   n, metrics: [{name, n, sum, device_id, ts}]
+    metric_rollups   device    metric_bucket_s       device_data   n, metrics: [{name, n, sum, device_id, ts}]
+
+The metric level is coarser than the score level: each of its documents holds every metric of a device, and the
+embedded server reads a whole collection for any query but an ``_id`` lookup, so the drill-down's metric chart
+costs in proportion to this collection's size (see docs/benchmarks.md, dashboards).
 
 The embedded MongoDB server updates documents slowly (it scans the collection for each one), so roll-ups are
 written insert-only: the sink sums what it stored during one *generation* (``rollups.generation_s``) and inserts
@@ -55,7 +59,7 @@ def levels(cfg: Config) -> list[Level]:
     return [Level("score_rollups", "scores", True, r.device_bucket_s * 1000),
             Level("daily_rollups", "scores", True, r.daily_bucket_s * 1000),
             Level("fleet_rollups", "scores", False, r.fleet_bucket_s * 1000),
-            Level("metric_rollups", "readings", True, r.device_bucket_s * 1000)]
+            Level("metric_rollups", "readings", True, r.metric_bucket_s * 1000)]
 
 
 def bucket_starts(ts: np.ndarray, bucket_ms: int) -> np.ndarray:

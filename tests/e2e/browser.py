@@ -10,9 +10,11 @@ from visualization.bundle_archive import BUNDLE_DIR
 
 CHART_TIMEOUT_S = 120
 NO_RESULTS = "No results"  # Superset's empty state: "No results were returned for this query"
-# One entry per chart on the page: its name, viz type, error text, whether it is still loading or drawn.
+# One entry per chart in view (a chart of a tab not opened is hidden): its name, viz type, error text, whether it is
+# still loading or drawn.
 CHART_STATES_JS = """
-return Array.from(document.querySelectorAll('[data-test="chart-grid-component"]')).map(chart => {
+return Array.from(document.querySelectorAll('[data-test="chart-grid-component"]'))
+    .filter(chart => chart.offsetParent !== null).map(chart => {
   const body = chart.querySelector('[data-test="slice-container"]');
   const error = chart.querySelector('.ant-alert-error');
   return {
@@ -77,9 +79,24 @@ def screenshot(browser, path) -> None:
     browser.save_screenshot(str(path))
 
 
-def expected_charts(dashboard: dict) -> int:
-    """How many charts the dashboard's layout places."""
-    return sum(len(row["charts"]) for row in dashboard["layout"])
+def tabs(dashboard: dict) -> list[dict]:
+    """The dashboard's tabs (``{title, layout}``); one untitled tab for a dashboard without tabs."""
+    return dashboard.get("tabs") or [{"title": None, "layout": dashboard["layout"]}]
+
+
+def expected_charts(dashboard: dict, tab: int = 0) -> int:
+    """How many charts the layout places on a tab (default the first: what a dashboard shows when opened)."""
+    return sum(len(row["charts"]) for row in tabs(dashboard)[tab]["layout"])
+
+
+def open_tab(browser, dashboard: dict, tab: int, **wait) -> list[dict]:
+    """Click a tab of the open dashboard and wait until all of its charts are drawn or failed."""
+    from selenium.webdriver.common.by import By
+
+    title = tabs(dashboard)[tab]["title"]
+    [element] = [e for e in browser.find_elements(By.CSS_SELECTOR, '[role="tab"]') if e.text.strip() == title]
+    element.click()
+    return wait_for_charts(browser, expected_charts(dashboard, tab), **wait)
 
 
 def open_dashboard(browser, base_url: str, slug: str, expected: int, **wait) -> list[dict]:
@@ -101,3 +118,14 @@ def open_device(browser, base_url: str, device: str, **wait) -> list[dict]:
     browser.get(device_url(base_url, device))
     drilldown = next(d for d in DASHBOARDS if d["slug"] == "flead-device")
     return wait_for_charts(browser, expected_charts(drilldown), **wait)
+
+
+def open_every_tab(browser, base_url: str, dashboard: dict, device: str | None = None, **wait) -> list[dict]:
+    """Open a dashboard (the drill-down on `device`), then each of its further tabs; the chart states of all tabs."""
+    if dashboard["slug"] == "flead-device":
+        states = open_device(browser, base_url, device, **wait)
+    else:
+        states = open_dashboard(browser, base_url, dashboard["slug"], expected_charts(dashboard), **wait)
+    for tab in range(1, len(tabs(dashboard))):
+        states += open_tab(browser, dashboard, tab, **wait)
+    return states

@@ -74,3 +74,18 @@ def test_lines_over_time_leave_gaps_and_numbers_are_short():
                 assert metric.get("d3format", ",d") in SHORT_FORMATS, f"{rel}: {metric['metric_name']}"
                 # (an unquoted expression with a comma splits into a stray key Superset's import refuses)
                 assert set(metric) <= {"metric_name", "verbose_name", "expression", "d3format"}, f"{rel}: {metric}"
+
+
+def test_a_first_tab_holds_what_an_operator_looks_at_first_and_other_tabs_are_placed_under_theirs():
+    dashboards = {doc["slug"]: doc for rel, doc in _parsed(load_config(env={})).items() if rel.startswith("dashboards/")}
+    for doc in dashboards.values():
+        position = doc["position"]
+        for item in position.values():
+            if isinstance(item, dict) and item["type"] == "CHART":  # each chart under its row, tab and root
+                assert all(parent in position for parent in item["parents"]) and item["parents"][0] == "ROOT_ID"
+                assert item["id"] in position[item["parents"][-1]]["children"]
+    fleet = dashboards["flead-fleet"]["position"]
+    first_tab = fleet[fleet["TABS_ID"]["children"][0]]
+    first = {fleet[chart]["meta"]["sliceName"] for row in first_tab["children"] for chart in fleet[row]["children"]}
+    assert first == {"Open incidents", "Fleet anomaly rate over time", "Top devices by anomalous readings",
+                     "Incidents timeline (newest 500)"}

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from browser import (DASHBOARDS, NO_RESULTS, bundle_yaml, chart, expected_charts, log_in, number, open_dashboard,
-                     open_device, screenshot, wait_for_charts)
+                     open_device, open_every_tab, open_tab, screenshot, tabs, wait_for_charts)
 from sample_documents import DEVICES
 from visualization import superset_server
 
@@ -43,6 +43,9 @@ def test_dashboard_renders_every_chart_with_data_and_short_numbers(dashboard, lo
     browser = logged_in_browser
     states = _open(browser, superset, dashboard)
     screenshot(browser, artifacts_dir / f"dashboard-{dashboard['slug']}.png")
+    for tab in range(1, len(tabs(dashboard))):  # Superset draws a tab's charts when it is opened
+        states += open_tab(browser, dashboard, tab)
+        screenshot(browser, artifacts_dir / f"dashboard-{dashboard['slug']}-tab{tab + 1}.png")
     failed = {s["name"]: s["error"] for s in states if s["error"]}
     assert not failed, f"charts with errors on {dashboard['slug']}: {failed}"
     empty = [s["name"] for s in states if NO_RESULTS in s["text"]]
@@ -53,7 +56,7 @@ def test_dashboard_renders_every_chart_with_data_and_short_numbers(dashboard, lo
 
 def test_fleet_figures_equal_mongodb_counts_of_the_bucketed_documents(logged_in_browser, superset, dashboard_store):
     fleet = next(d for d in DASHBOARDS if d["slug"] == "flead-fleet")
-    states = open_dashboard(logged_in_browser, superset, "flead-fleet", expected_charts(fleet))
+    states = open_every_tab(logged_in_browser, superset, fleet)
     readings = dashboard_store.count_readings("predictions")  # the n of every bucket document
     assert number(chart(states, "Readings scored")["text"]) == readings > 0
     assert number(chart(states, "Alerts total")["text"]) == dashboard_store.collection("alerts").count_documents({})
@@ -70,6 +73,7 @@ def test_an_incident_device_link_opens_the_filtered_drilldown(logged_in_browser,
     browser = logged_in_browser
     fleet = next(d for d in DASHBOARDS if d["slug"] == "flead-fleet")
     open_dashboard(browser, superset, "flead-fleet", expected_charts(fleet))
+    open_tab(browser, fleet, [t["title"] for t in tabs(fleet)].index("Incidents"))
     link = browser.find_element(By.CSS_SELECTOR,
                                 '[data-test-chart-name="Incidents, newest first"] table a[href*="flead-device"]')
     device = link.text
@@ -78,12 +82,13 @@ def test_an_incident_device_link_opens_the_filtered_drilldown(logged_in_browser,
     states = wait_for_charts(browser, expected_charts(drilldown))
     screenshot(browser, artifacts_dir / "dashboard-flead-device-from-incident-link.png")
     assert not [s for s in states if s["error"]], states
+    metric_values = chart(states, "Metric values of the device (mean per bucket)")
+    assert metric_values["drawn"] and NO_RESULTS not in metric_values["text"]
+    states = open_tab(browser, drilldown, 1)  # anomalies, incidents, drift and alerts
     expected = dashboard_store.collection("alerts").count_documents({"device_id": device})
     assert number(chart(states, "Anomalous readings of the device")["text"]) == expected
     rows = browser.find_elements(By.CSS_SELECTOR, '[data-test-chart-name="Alerts of the device"] tbody tr')
     assert rows and {row.find_element(By.CSS_SELECTOR, "a").text for row in rows} == {device}
-    metric_values = chart(states, "Metric values of the device (mean per bucket)")
-    assert metric_values["drawn"] and NO_RESULTS not in metric_values["text"]
 
 
 def test_empty_collection_shows_no_rows_not_an_error(logged_in_browser, superset, dashboard_store):

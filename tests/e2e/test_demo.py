@@ -15,7 +15,7 @@ import sys
 import pytest
 import requests
 
-from browser import DASHBOARDS, chart, expected_charts, log_in, number, open_dashboard, open_device, screenshot
+from browser import DASHBOARDS, chart, log_in, number, open_every_tab, screenshot
 from config import PROJECT_ROOT, load_config
 from models.metrics import event_counts, event_metrics
 from services import listeners, processes
@@ -111,10 +111,7 @@ def test_the_dashboards_stay_up_after_the_summary_and_show_the_demo(demo_run, de
     assert requests.get(base + "/health", timeout=10).text.strip() == "OK"
     log_in(browser, base, superset_server.credentials(cfg))
     for dashboard in DASHBOARDS:
-        if dashboard["slug"] == "flead-device":
-            states = open_device(browser, base, demo_store.device_ids()[0])
-        else:
-            states = open_dashboard(browser, base, dashboard["slug"], expected_charts(dashboard))
+        states = open_every_tab(browser, base, dashboard, demo_store.device_ids()[0])
         screenshot(browser, PROJECT_ROOT / "artifacts" / f"demo-{dashboard['slug']}.png")
         assert not {s["name"]: s["error"] for s in states if s["error"]}
         if dashboard["slug"] == "flead-fleet":
