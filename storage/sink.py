@@ -411,8 +411,9 @@ class MongoSink:
             progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0) -> Counter:
         """Consume until `should_stop()`, or until no message came for `until_idle_s` seconds.
 
-        Two threads: this one consumes and decodes the next batch while the other stores the previous one
-        (decoding is Python work, storing mostly waits for MongoDB), so the two overlap on separate cores."""
+        Two threads: this one consumes the next batch and has it decoded (by the decoding processes,
+        `sink.decode_processes`) while the other stores the previous one, so decoding, storing and MongoDB's own
+        work overlap on separate cores."""
         work: queue.Queue = queue.Queue(maxsize=1)
         done: queue.Queue = queue.Queue()
         storing = threading.Thread(target=self._store_loop, args=(work, done, should_stop), name="sink-store",
