@@ -178,7 +178,89 @@ def paced_producer(cfg_env: dict, devices: list[str], metrics: list[dict], rate:
     while time.monotonic() - started < seconds:
         seq0 = step * MESSAGE_READINGS
         for d, device in enumerate(devices):
-            rows = [
+            rows = [Reading(device, 0, 0, metrics[(seq0 + i) % len(metrics)]) for i in range(MESSAGE_READINGS)]
+            for key, telemetry, scores in messages(device, rows, seq0, LIVE_START_MS, per_device_ms, rng):
+                producer.produce(cfg.kafka.topics.telemetry, telemetry, key=key)
+                producer.produce(cfg.kafka.topics.scores, scores, key=key)
+        producer.poll(0)
+        step += 1
+        sent.value = step * MESSAGE_READINGS * len(devices)
+        delay = started + step * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    producer.flush(60)
+
+
+def lag(env: dict, devices: dict[str, list[Reading]], rate: float, seconds: float) -> dict:
+    """Readings produced but not stored when a `seconds`-long paced run at `rate` ends, and the catch-up time."""
+    cfg = fresh(env, "lag")
+    metrics = [dict(r.metrics) for r in next(iter(devices.values()))[:256]]
+    sent = multiprocessing.Value("q", 0)
+    producer = multiprocessing.Process(target=paced_producer, args=(
+        {**os.environ, **env, **topic_env(env, "lag")}, list(devices), metrics, rate, seconds, sent))
+    sink = MongoSink(cfg)
+    stored = lambda: min(sink.stats["predictions"], sink.stats["device_data"])  # noqa: E731
+    marks: dict = {}
+
+    def stop() -> bool:
+        if "end" not in marks and not producer.is_alive() and marks.get("started"):
+            marks["end"], marks["behind"], marks["sent"] = time.monotonic(), sent.value - stored(), sent.value
+        return "end" in marks and stored() >= marks["sent"] or time.monotonic() - marks.get("t0", 1e18) > seconds * 20
+
+    marks["t0"] = time.monotonic()
+    producer.start()
+    marks["started"] = True
+    sink.run(should_stop=stop)
+    producer.join(30)
+    return {"rate": rate, "seconds": seconds, "sent": marks["sent"], "achieved_rate": marks["sent"] / seconds,
+            "behind_at_end": marks["behind"], "behind_seconds": marks["behind"] / rate,
+            "catch_up_seconds": time.monotonic() - marks["end"], "stored": stored()}
+
+
+def topic_env(env: dict, name: str) -> dict:
+    base = load_config(env={**os.environ, **env})
+    return {**{f"FLEAD_KAFKA_TOPICS_{k.upper()}": f"{v}.{name}" for k, v in base.kafka.topics.to_dict().items()},
+            "FLEAD_MONGO_DATABASE": f"bench_sink_{name}"}
+
+
+def fresh(env: dict, name: str):
+    """A config with its own topics and database (created)."""
+    cfg = load_config(env={**os.environ, **env, **topic_env(env, name)})
+    stack.ensure_topics(cfg)
+    with Store(cfg) as store:
+        store.init()
+    return cfg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 copies of each device (instead of --copies), a 15 s lag run")
+    parser.add_argument("--copies", type=int, default=10, help="each ASD device this many times (default 10)")
+    parser.add_argument("--rate", type=float, default=35_000.0, help="lag run: readings/s produced")
+    parser.add_argument("--seconds", type=float, default=None, help="lag run: seconds of producing (default 60)")
+    parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    args = parser.parse_args()
+    seconds = args.seconds or (15.0 if args.quick else 60.0)
+
+    state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-sink-"))
+    env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_KAFKA_PORT": str(processes.free_port()),
+           "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port()), "FLEAD_MONGO_PORT": str(processes.free_port())}
+    cfg = load_config(env={**os.environ, **env})
+    try:
+        stack.up(cfg, say=lambda line: None)
+        devices = asd_devices(cfg, 5 if args.quick else args.copies, 4320)
+        live = throughput(env, devices, live_rate=args.rate)
+        print(f"live: {live}", flush=True)
+        replay = throughput(env, devices, live_rate=None)
+        print(f"replay: {replay}", flush=True)
+        behind = lag(env, devices, args.rate, seconds)
+        print(f"lag: {behind}", flush=True)
+    finally:
+        stack.down(cfg, say=lambda line: None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    n_devices = len(devices)
+    rows = [
         {"name": f"sink, live event times: {live['readings']:,} readings of {n_devices} devices (telemetry + score), "
                  "steady state (after its first flush)", "value": round(live["steady_readings_per_s"] or 0),
          "unit": "readings/s"},
