@@ -303,6 +303,8 @@ class MongoSink:
             context = multiprocessing.get_context("spawn")  # not fork: the Kafka client's threads would not follow
             self.decoder = ProcessPoolExecutor(self.cfg.sink.decode_processes, mp_context=context,
                                                initializer=processes.exit_with_parent)
+            for _ in range(self.cfg.sink.decode_processes):  # each starts (imports, about a second) while the
+                self.decoder.submit(decode_streams, [], [])  # consumer group forms, not at the first flush
         return self.decoder
 
     # --- storing ----------------------------------------------------------------------------------------------
@@ -419,6 +421,7 @@ class MongoSink:
         storing = threading.Thread(target=self._store_loop, args=(work, done, should_stop), name="sink-store",
                                    daemon=True)
         storing.start()
+        self._decoder()
         last_message = last_report = time.monotonic()
         in_flight = 0
         try:
