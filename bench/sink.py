@@ -246,7 +246,7 @@ def fresh(env: dict, name: str):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="8 copies of each device (instead of --copies), a 15 s lag run")
-    parser.add_argument("--copies", type=int, default=16, help="each ASD device this many times (default 16)")
+    parser.add_argument("--copies", type=int, default=12, help="each ASD device this many times (default 12)")
     parser.add_argument("--rate", type=float, default=35_000.0, help="lag run: readings/s produced")
     parser.add_argument("--seconds", type=float, default=None, help="lag run: seconds of producing (default 60)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
