@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -225,6 +227,31 @@ def _column(parts: Sequence[ScorePart], name: str) -> list:
     return out
 
 
+_FIELDS = (*_REQUIRED, *_OPTIONAL)
+
+
+def _columns(parts: Sequence[ScorePart]) -> dict[str, list]:
+    """`_column` of every field at once: a part whose items all hold every field it does not share (the stream
+    job's batches) is read in one `itemgetter` pass; any other part field by field."""
+    out: dict[str, list] = {name: [] for name in _FIELDS}
+    for part in parts:
+        own = [name for name in _FIELDS if name not in part.shared]
+        for name in _FIELDS:
+            if name in part.shared:
+                out[name] += [part.shared[name]] * len(part.items)
+        try:
+            rows = list(map(itemgetter(*own), part.items)) if len(own) > 1 else None
+        except KeyError:  # an optional field missing somewhere (or a required one: `_column` raises then)
+            rows = None
+        if rows is None:
+            for name in own:
+                out[name] += _column([part], name)
+        elif rows:
+            for name, values in zip(own, zip(*rows)):
+                out[name] += values
+    return out
+
+
 def score_block(device_id, parts: Sequence[ScorePart]) -> tuple[ScoreBlock | None, list[tuple]]:
     """The valid records of one device's parts as a `ScoreBlock` (None without any), and
     ``(position, index in its message, reason, record)`` of each record that cannot be stored.
@@ -234,10 +261,11 @@ def score_block(device_id, parts: Sequence[ScorePart]) -> tuple[ScoreBlock | Non
     cols = None
     if type(device_id) is str and 0 < len(device_id) <= 200:
         try:
+            # every item an object of this device (dict.get on another type raises TypeError: the slow path)
             if all(p.device_id == device_id for p in parts) and all(
-                    type(item) is dict and item.get("device_id", device_id) == device_id
-                    for p in parts for item in p.items):
-                cols = _fast_columns({name: _column(parts, name) for name in (*_REQUIRED, *_OPTIONAL)})
+                    set(map(dict.get, p.items, repeat("device_id"), repeat(device_id))) <= {device_id}
+                    for p in parts):
+                cols = _fast_columns(_columns(parts))
         except (KeyError, TypeError, AttributeError):
             cols = None
     if cols is not None:

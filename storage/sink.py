@@ -25,6 +25,7 @@ is past its retention horizon (`retention.*`).
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import multiprocessing
@@ -34,14 +35,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from config import Config
 from services import processes
 from storage.buckets import ScoreBlock, ScorePart, score_block
 from storage.mongo import Store, StorageUnavailable, incident_rank
 from storage.schemas import SchemaViolation, check_document, check_field_names
-from storage.writer import BucketWriter
+from storage.writer import BucketWriter, stack_by_device
 from telemetry.schema import (DRIFT, SCORES_SCHEMA, Columns, InvalidMessage, decode_columns, decode_incident,
                               decode_scores, load_object)
 
@@ -67,6 +68,24 @@ class Batch:
     refused: list[dict] = field(default_factory=list)  # dead letters for what the sink could not store
 
 
+class Refusal(NamedTuple):
+    """A message or record the sink cannot store: its dead letter's id, the reason, the raw text, its device."""
+
+    letter_id: str
+    reason: str
+    raw: str
+    device_id: Any
+
+
+class Decoded(NamedTuple):
+    """Telemetry and scores of (a share of) one flush, decoded: what a decoding process returns."""
+
+    readings: list[Columns]
+    telemetry_invalid: int
+    scores: list[ScoreBlock]
+    refused: list[Refusal]
+
+
 def _text(raw) -> str:
     if isinstance(raw, (bytes, bytearray)):
         return bytes(raw).decode("utf-8", "replace")[:MAX_RAW_CHARS]
@@ -74,9 +93,8 @@ def _text(raw) -> str:
 
 
 def decode_telemetry(messages: list[tuple[bytes | None, bytes]]) -> tuple[list[Columns], int]:
-    """Telemetry messages (Kafka key, value) as reading blocks, and how many were invalid: refused by the wire
-    format, or a device_id under another Kafka key (the stream job dead-letters both). Runs in the decoding process
-    (`sink.decode_processes`): the sink's heaviest decoding, overlapping with the rest."""
+    """Telemetry messages (Kafka key, value) as reading blocks (one per device), and how many were invalid: refused
+    by the wire format, or a device_id under another Kafka key (the stream job dead-letters both)."""
     blocks, invalid = [], 0
     for key, value in messages:
         try:
@@ -89,7 +107,48 @@ def decode_telemetry(messages: list[tuple[bytes | None, bytes]]) -> tuple[list[C
             invalid += 1
         elif len(block.seqs):
             blocks.append(block)
-    return blocks, invalid
+    return stack_by_device(blocks), invalid
+
+
+def decode_score_messages(messages: list[tuple[str, bytes]]) -> tuple[list[ScoreBlock], list[Refusal]]:
+    """Scores-topic messages (Kafka position, value) as one `ScoreBlock` per device, and a `Refusal` for each
+    message or record that cannot be stored (its dead letter's id is the position, plus the record's index in its
+    message for a single bad record). Records are checked per device, not per message: one pass each."""
+    parts: dict[str, list[ScorePart]] = {}
+    refused = []
+    for position, raw in messages:
+        try:
+            part = score_part(raw, position)
+        except InvalidMessage as exc:
+            refused.append(Refusal(position, exc.reason, _text(raw), exc.device_id))
+            continue
+        device = part.device_id
+        parts.setdefault(device if isinstance(device, str) else repr(device), []).append(part)
+    blocks = []
+    for device_parts in parts.values():
+        block, bad = score_block(device_parts[0].device_id, device_parts)
+        if block is not None:
+            blocks.append(block)
+        refused += [Refusal(f"{position}:{index}", reason, _text(json.dumps(record, default=str)),
+                            record.get("device_id") if type(record) is dict else None)
+                    for position, index, reason, record in bad]
+    return blocks, refused
+
+
+def decode_streams(telemetry: list[tuple[bytes | None, bytes]], scores: list[tuple[str, bytes]]) -> Decoded:
+    """`decode_telemetry` and `decode_score_messages` of one share of a flush: what the decoding processes
+    (`sink.decode_processes`) run, each on the messages of its own devices, while the sink stores the previous
+    flush. The garbage collector pauses meanwhile: decoded JSON holds no reference cycles, and the collector's
+    passes over the many records alive at once cost more than the decoding around them."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        readings, invalid = decode_telemetry(telemetry)
+        blocks, refused = decode_score_messages(scores)
+    finally:
+        if collecting:
+            gc.enable()
+    return Decoded(readings, invalid, blocks, refused)
 
 
 def score_part(raw: bytes, position: str) -> ScorePart:
@@ -193,56 +252,59 @@ class MongoSink:
                               "at": int(time.time() * 1000)})
 
     def decode(self, messages: list) -> Batch:
-        """The records of these Kafka messages, checked; what cannot be stored becomes a dead letter. Telemetry
-        (the costliest to decode) goes to the decoding process, if there is one, while this one does the rest."""
+        """The records of these Kafka messages, checked; what cannot be stored becomes a dead letter. Telemetry and
+        scores (nearly all of the work) go to the decoding processes, if there are any, split by Kafka key (a
+        device's messages stay together and in order); this process reads the rest meanwhile."""
         batch = Batch()
-        score_parts: dict[str, list[ScorePart]] = {}
-        telemetry = [(msg.key(), msg.value()) for msg in messages
-                     if not msg.error() and self.topic_keys[msg.topic()] == "telemetry"]
-        decoding = self._decoder().submit(decode_telemetry, telemetry) if self._decoder() else None
+        shares = max(1, self.cfg.sink.decode_processes)
+        telemetry: list[list] = [[] for _ in range(shares)]
+        scores: list[list] = [[] for _ in range(shares)]
+        events = []
         for msg in messages:
             if msg.error():
                 self.stats["kafka_errors"] += 1
                 log.warning("kafka: %s", msg.error())
                 continue
-            topic, raw = msg.topic(), msg.value()
-            key, position = self.topic_keys[topic], f"{msg.topic()}:{msg.partition()}:{msg.offset()}"
+            key = self.topic_keys[msg.topic()]
             if key == "telemetry":
-                continue
+                telemetry[hash(msg.key()) % shares].append((msg.key(), msg.value()))
             elif key == "scores":
-                try:
-                    part = score_part(raw, position)
-                except InvalidMessage as exc:
-                    self._refuse(batch, position, topic, exc.reason, raw, exc.device_id)
-                    continue
-                device = part.device_id
-                score_parts.setdefault(device if isinstance(device, str) else repr(device), []).append(part)
+                scores[hash(msg.key()) % shares].append((f"{msg.topic()}:{msg.partition()}:{msg.offset()}",
+                                                         msg.value()))
             else:
-                try:
-                    record = EVENT_DECODERS.get(key, load_object)(raw)
-                    batch.events[key].append(event_document(key, record, position))
-                except InvalidMessage as exc:
-                    self._refuse(batch, position, topic, exc.reason, raw)
-                except SchemaViolation as exc:
-                    self._refuse(batch, position, topic, str(exc), raw, record.get("device_id"))
+                events.append(msg)
+        pool = self._decoder()
+        decoding = [pool.submit(decode_streams, t, s) for t, s in zip(telemetry, scores) if t or s] if pool else []
+        for msg in events:
+            topic, raw = msg.topic(), msg.value()
+            key, position = self.topic_keys[topic], f"{topic}:{msg.partition()}:{msg.offset()}"
+            try:
+                record = EVENT_DECODERS.get(key, load_object)(raw)
+                batch.events[key].append(event_document(key, record, position))
+            except InvalidMessage as exc:
+                self._refuse(batch, position, topic, exc.reason, raw)
+            except SchemaViolation as exc:
+                self._refuse(batch, position, topic, str(exc), raw, record.get("device_id"))
+        results = ([future.result() for future in decoding] if pool
+                   else [decode_streams(telemetry[0], scores[0])])
         scores_topic = self.cfg.kafka.topics.scores
-        for device, parts in score_parts.items():  # checked per device, not per message: one pass each
-            block, bad = score_block(parts[0].device_id, parts)
-            if block is not None:
-                batch.scores.append(block)
-            for position, index, reason, record in bad:
-                self._refuse(batch, f"{position}:{index}", scores_topic, reason, json.dumps(record, default=str),
-                             record.get("device_id") if type(record) is dict else None)
-        batch.readings, invalid = decoding.result() if decoding else decode_telemetry(telemetry)
-        self.stats["telemetry_invalid"] += invalid  # the stream job dead-letters them (and so refuses to score them)
+        for decoded in results:
+            batch.readings += decoded.readings
+            batch.scores += decoded.scores
+            # the stream job dead-letters invalid telemetry (and so refuses to score it): only counted here
+            self.stats["telemetry_invalid"] += decoded.telemetry_invalid
+            for refusal in decoded.refused:
+                self._refuse(batch, refusal.letter_id, scores_topic, refusal.reason, refusal.raw, refusal.device_id)
         return batch
 
     def _decoder(self):
-        """The process that decodes telemetry (`sink.decode_processes`; None: this process does)."""
+        """The processes that decode telemetry and scores (`sink.decode_processes`; None: this process does)."""
         if self.decoder is None and self.cfg.sink.decode_processes > 0:
             context = multiprocessing.get_context("spawn")  # not fork: the Kafka client's threads would not follow
             self.decoder = ProcessPoolExecutor(self.cfg.sink.decode_processes, mp_context=context,
                                                initializer=processes.exit_with_parent)
+            for _ in range(self.cfg.sink.decode_processes):  # each starts (imports, about a second) while the
+                self.decoder.submit(decode_streams, [], [])  # consumer group forms, not at the first flush
         return self.decoder
 
     # --- storing ----------------------------------------------------------------------------------------------
@@ -335,6 +397,7 @@ class MongoSink:
                 started = time.perf_counter()
                 self._retrying(self._prepared(lambda: self.store_batch(batch)), "storing a batch", should_stop)
                 self.seconds["storing"] += time.perf_counter() - started
+                self.stats["flushes"] += 1
                 done.put(offsets)
                 self._maintain(should_stop, idle=False)
             if self.writer is not None:  # roll up what this run stored
@@ -350,13 +413,15 @@ class MongoSink:
             progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0) -> Counter:
         """Consume until `should_stop()`, or until no message came for `until_idle_s` seconds.
 
-        Two threads: this one consumes and decodes the next batch while the other stores the previous one
-        (decoding is Python work, storing mostly waits for MongoDB), so the two overlap on separate cores."""
+        Two threads: this one consumes the next batch and has it decoded (by the decoding processes,
+        `sink.decode_processes`) while the other stores the previous one, so decoding, storing and MongoDB's own
+        work overlap on separate cores."""
         work: queue.Queue = queue.Queue(maxsize=1)
         done: queue.Queue = queue.Queue()
         storing = threading.Thread(target=self._store_loop, args=(work, done, should_stop), name="sink-store",
                                    daemon=True)
         storing.start()
+        self._decoder()
         last_message = last_report = time.monotonic()
         in_flight = 0
         try:

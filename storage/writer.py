@@ -31,6 +31,7 @@ from storage.buckets import (READING_COLUMNS, SCORE_COLUMNS, ScoreBlock, SeqInde
                              select_rows, unpack_columns)
 from storage.rollups import FLEET, RollupAccumulator, levels, merged_document
 from storage.schemas import SCHEMAS
+from telemetry.schema import Columns
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,20 @@ def stack_readings(blocks: Sequence) -> tuple[list[str], np.ndarray, np.ndarray,
             row += len(b.seqs)
     seq = np.concatenate([np.asarray(b.seqs, dtype=np.int64) for b in blocks])
     ts = np.concatenate([np.asarray(b.ts, dtype=np.int64) for b in blocks])
-    labels = np.concatenate([np.array(b.labels, dtype=np.float64) for b in blocks])  # None -> nan
+    labels = np.concatenate([np.array(b.labels, dtype=np.float64) for b in blocks])  # None -> nan (-1 stays)
     labels = np.where(np.isnan(labels), -1, labels).astype(np.int8)
     return names, seq, ts, labels, values
+
+
+def stack_by_device(blocks: Sequence) -> list:
+    """`telemetry.schema.Columns` blocks merged into one per device (`stack_readings`: ``seqs``, ``ts`` and
+    ``labels`` become arrays, labels -1 where missing), so the decoding processes hand the writer one block per
+    device instead of one per message."""
+    out = []
+    for device, device_blocks in readings_by_device(blocks).items():
+        names, seq, ts, labels, values = stack_readings(device_blocks)
+        out.append(Columns(device, tuple(names), values, seq, ts, labels))
+    return out
 
 
 class BucketWriter:
@@ -292,4 +304,4 @@ class BucketWriter:
         return readings, sum(len(d) for d in docs.values())
 
 
-__all__ = ["BucketWriter", "Written", "readings_by_device", "stack_readings"]
+__all__ = ["BucketWriter", "Written", "readings_by_device", "stack_by_device", "stack_readings"]

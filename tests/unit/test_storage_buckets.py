@@ -279,3 +279,19 @@ def test_retention_cuts_raw_data_sooner_than_summaries_and_zero_keeps_forever():
     forever = retention_cutoffs(load_config(env={"FLEAD_RETENTION_RAW_DAYS": "0"}), now_ms=100 * day)
     assert "predictions" not in forever and forever["fleet_rollups"] == 10 * day
 
+
+
+def test_batches_with_and_without_optional_fields_give_the_columns_of_their_records():
+    """A part whose items all carry every field is read in one pass, one lacking optional fields field by field:
+    both agree with the record-by-record path."""
+    shared = {"device_id": "d", "model_version": 3, "global_version": 1, "scored_at": 9}
+    items = [{k: v for k, v in _score("d", s, anomaly=s == 4).items() if k not in shared} for s in range(12)]
+    for item in items[6:]:
+        del item["p_value"], item["label"]
+    parts = [ScorePart("t:0:1", shared, items[:6]), ScorePart("t:0:2", shared, items[6:])]
+    block, bad = score_block("d", parts)
+    expected = records_block("d", [{**shared, **item} for item in items])
+    assert bad == [] and sorted(block.alerts) == [4]
+    for name in SCORE_COLUMNS:
+        assert np.array_equal(block.cols[name], expected.cols[name], equal_nan=True), name
+    assert np.isnan(block.cols["p_value"][6:]).all() and (block.cols["label"][6:] == -1).all()
