@@ -21,7 +21,7 @@ from models.features import FeatureBuilder
 from models.federation import blend_weights, validated_blend
 from models.incidents import Incident, IncidentTracker
 from models.lstm_autoencoder import LSTMAutoencoder
-from models.residuals import ResidualScale, metric_shares
+from models.residuals import ResidualScale, largest_shares, metric_shares
 from models.scaler import RunningScaler
 from models.serialization import SerializationError, dumps, loads
 from models.subspace import SubspaceModel
@@ -263,7 +263,7 @@ class DeviceDetector:
         return self.incidents.n_incidents
 
     def _readings(self, X: np.ndarray) -> np.ndarray:
-        X = np.array(X, dtype=np.float64, ndmin=2)
+        X = np.array(X, dtype=np.float64, ndmin=2, copy=None)  # read, never kept or changed
         if X.shape[1] != len(self.metric_names):
             raise ValueError(f"expected {len(self.metric_names)} metrics ({', '.join(self.metric_names)}), "
                              f"got {X.shape[1]} columns")
@@ -287,7 +287,8 @@ class DeviceDetector:
         isolated spike gives up to `window` flags, at most one of them right), while a sustained anomaly is seen
         from several angles. ``inputs: reading`` scores only the reading's own values."""
         scaled = self.scaler.transform_many(F)
-        np.clip(scaled, -MAX_SCALED_VALUE, MAX_SCALED_VALUE, out=scaled)  # scores stay finite for any finite input
+        np.minimum(scaled, MAX_SCALED_VALUE, out=scaled)  # scores stay finite for any finite input (np.clip's
+        np.maximum(scaled, -MAX_SCALED_VALUE, out=scaled)  # result, without its slower scalar loop)
         errors = (self.model if model is None else model).feature_errors(scaled)
         scored = errors[:, :self._scored_blocks * len(self.metric_names)]
         normalised = self.residual_scale.normalise(scored) if self.settings.normalise_residuals else scored
@@ -333,7 +334,7 @@ class DeviceDetector:
         # Muting (an operator's false-positive patterns) changes what is reported (flags, incidents), not what
         # is learned: the residual scales, the threshold and the drift monitor see the detector's own flags, so a
         # muted pattern cannot make later, stronger anomalies of the same metrics look normal.
-        own_flags, muted = is_anomaly, np.zeros(n, dtype=bool)
+        own_flags, muted = is_anomaly, None
         if mute is not None and is_anomaly.any():
             flagged = np.flatnonzero(is_anomaly)
             top = dict(zip(flagged.tolist(), self._top_metrics(metric_shares(normalised[flagged],
@@ -343,10 +344,9 @@ class DeviceDetector:
         seqs = self.n_seen + np.arange(n) if seqs is None else np.asarray(seqs, dtype=np.int64)
         ts = None if ts is None else np.asarray(ts, dtype=np.int64)
         thresholds = np.full(n, cut)
-        flagged = np.flatnonzero(is_anomaly)
         shares = (metric_shares(normalised, self._scored_blocks) if describe
-                  else metric_shares(normalised[flagged], self._scored_blocks))
-        incidents = self.incidents.update(is_anomaly, scores, thresholds, shares[flagged] if describe else shares,
+                  else metric_shares(normalised[is_anomaly], self._scored_blocks))
+        incidents = self.incidents.update(is_anomaly, scores, thresholds, shares[is_anomaly] if describe else shares,
                                           seqs, ts, self.model_version, self.global_version)
         drift = None
         if self.settings.drift_enabled:
@@ -366,9 +366,12 @@ class DeviceDetector:
                                      n_imputed=self.features.n_imputed - imputed_before, p_values=p_values,
                                      z_scores=z_scores, metric_shares=shares, incident_starts=incidents.starts,
                                      incidents=incidents.changes, drift=drift,
-                                     n_muted=int(np.count_nonzero(muted)))
-        calibration = ~incidents.during | ((incidents.ranks > 0) & (incidents.ranks <= self.calibration_run))
-        self._learn(F, errors, scores, calibration=calibration & ~muted)
+                                     n_muted=0 if muted is None else int(np.count_nonzero(muted)))
+        calibration = (~incidents.during | ((incidents.ranks > 0) & (incidents.ranks <= self.calibration_run))
+                       if incidents.during.any() else None)  # None: all (no incident in the batch)
+        if muted is not None:
+            calibration = ~muted if calibration is None else calibration & ~muted
+        self._learn(F, errors, scores, calibration=calibration)
         if drift is not None:
             self._rebaseline()
         return result
@@ -383,11 +386,11 @@ class DeviceDetector:
         reach = self.features.memory + 1
         return reach + self.settings.window - 1 if self.settings.kind == "lstm_ae" else reach
 
-    def _learn(self, F: np.ndarray, errors: np.ndarray, scores: np.ndarray, calibration: np.ndarray) -> None:
+    def _learn(self, F: np.ndarray, errors: np.ndarray, scores: np.ndarray, calibration: np.ndarray | None) -> None:
         """Learn from the features `F` of readings the feature buffer has already taken, their squared residuals
         `errors` and `scores` (both from before learning): scaler, then model (on the updated scaling), then
         residual scales (every reading, winsorised at the cut: `_winsorising`), then the threshold from the
-        scores marked `calibration`."""
+        scores marked `calibration` (None: every score)."""
         n = F.shape[0]
         start = int(self.settings.warmup * THRESHOLD_START_FRACTION)
         F, n_winsorised = self.scaler.winsorise(F, max(PLAUSIBLE_SIGMAS, math.sqrt(self.scaler.n)), PLAUSIBLE_AFTER)
@@ -402,7 +405,7 @@ class DeviceDetector:
             if 0 < start and self.n_seen <= start:  # the start is in this batch: forget the early residuals
                 self.residual_scale.restart()
             self.residual_scale.learn_many(errors[first:], cap=self._winsorising(scores[first:]))
-            self.threshold.update_many(scores[first:][calibration[first:]])
+            self.threshold.update_many(scores[first:] if calibration is None else scores[first:][calibration[first:]])
         self.n_seen += n
         self._n_since_snapshot += n
 
@@ -439,9 +442,8 @@ class DeviceDetector:
 
     def _top_metrics(self, shares: np.ndarray) -> list[list[tuple[str, float]]]:
         n = shares.shape[0]
-        top = np.argsort(-shares, axis=1, kind="stable")[:, :self.settings.top_k_metrics]
-        pairs = list(zip(self._metric_name_array[top].ravel().tolist(),
-                         shares[np.arange(n)[:, None], top].ravel().tolist()))
+        top, values = largest_shares(shares, self.settings.top_k_metrics)
+        pairs = list(zip(self._metric_name_array[top].ravel().tolist(), values.ravel().tolist()))
         k = top.shape[1]
         return [pairs[i:i + k] for i in range(0, n * k, k)]
 

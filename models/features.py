@@ -107,8 +107,9 @@ class FeatureBuilder:
             self._recent = np.zeros((0, d))
 
     def clean_many(self, X: np.ndarray) -> tuple[np.ndarray, int]:
-        """`X` with non-finite values replaced per `nan_policy`, and how many were replaced. No state change."""
-        X = np.array(X, dtype=np.float64, ndmin=2)
+        """`X` with non-finite values replaced per `nan_policy` (`X` itself, as float64 rows, if it has none), and
+        how many were replaced. No state change."""
+        X = np.array(X, dtype=np.float64, ndmin=2, copy=None)
         self._setup(X.shape[1])
         finite = np.isfinite(X)
         if finite.all():
@@ -127,10 +128,12 @@ class FeatureBuilder:
         filled = np.where(latest >= 0, filled, before)
         return np.where(finite, X, filled), int((~finite).sum())
 
-    def _features(self, clean: np.ndarray) -> np.ndarray:
+    def _features(self, clean: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+        """Features of the cleaned readings; `history` is ``_recent`` followed by `clean` (made if not given)."""
         if self.blocks == 1:  # raw metrics only
-            return clean
-        history = np.concatenate((self._recent, clean))
+            return clean.copy()
+        if history is None:
+            history = np.concatenate((self._recent, clean))
         n, offset = clean.shape[0], self._recent.shape[0]
         rows = offset + np.arange(n)  # position of each new reading in `history`
         blocks = [clean]
@@ -162,27 +165,34 @@ class FeatureBuilder:
 
     def transform_and_learn_many(self, X: np.ndarray) -> np.ndarray:
         """`transform_many(X)`, then `learn_many(X)`, cleaning `X` only once."""
-        X = np.array(X, dtype=np.float64, ndmin=2)
         clean, n_replaced = self.clean_many(X)
-        features = self._features(clean)
-        self._remember(X, clean, n_replaced)
+        if not self.memory:
+            features = self._features(clean)
+            self._remember(X, clean, n_replaced)
+            return features
+        history = np.concatenate((self._recent, clean))
+        features = self._features(clean, history)
+        self._remember(X, clean, n_replaced, history)
         return features
 
     def learn_many(self, X: np.ndarray) -> None:
         """Remember the (cleaned) readings and count the imputed values."""
-        X = np.array(X, dtype=np.float64, ndmin=2)
         self._remember(X, *self.clean_many(X))
 
-    def _remember(self, X: np.ndarray, clean: np.ndarray, n_replaced: int) -> None:
-        """Take the readings `X`, cleaned by `clean_many` into `clean` with `n_replaced` values imputed."""
+    def _remember(self, X: np.ndarray, clean: np.ndarray, n_replaced: int, history: np.ndarray | None = None
+                  ) -> None:
+        """Take the readings `X`, cleaned by `clean_many` into `clean` with `n_replaced` values imputed (`history`:
+        ``_recent`` followed by `clean`, if already made)."""
         self.n_imputed += n_replaced
         if n_replaced:
-            seen = np.isfinite(X).any(axis=0)
+            seen = np.isfinite(np.array(X, dtype=np.float64, ndmin=2, copy=None)).any(axis=0)
             self._last_finite[seen] = clean[-1, seen]  # forward-filled, so the last finite value of each metric
         else:
             self._last_finite[:] = clean[-1]
         if self.memory:
-            self._recent = np.concatenate((self._recent, clean))[-self.memory:]
+            if history is None:
+                history = np.concatenate((self._recent, clean))
+            self._recent = history[-self.memory:]
 
     def learn_one(self, x: np.ndarray) -> None:
         self.learn_many(np.asarray(x, dtype=np.float64)[None, :])

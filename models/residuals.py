@@ -100,7 +100,7 @@ class ResidualScale:
         """Learn squared residuals (n, d). With `cap` (n,), factors in (0, 1], the slow tracker learns each row
         multiplied by its factor (the detector's ``min(1, cut / score)``: a reading above the cut counts as one at
         the cut); the fast tracker, which a re-baselining after a drift takes, learns the rows as they are."""
-        E = np.array(squared_residuals, dtype=np.float64, ndmin=2)
+        E = np.array(squared_residuals, dtype=np.float64, ndmin=2, copy=None)  # read, never kept
         if E.shape[0] == 0:
             return
         usual = E if cap is None else E * np.asarray(cap, dtype=np.float64)[:, None]
@@ -149,3 +149,19 @@ def metric_shares(normalised: np.ndarray, blocks: int) -> np.ndarray:
     if (total > 0).all():
         return per_metric / total
     return np.divide(per_metric, total, out=np.zeros_like(per_metric), where=total > 0)
+
+
+def largest_shares(shares: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `shares` (n, m), the positions and values of its `k` largest entries, largest first, ties to the
+    lower position: what a stable sort of ``-shares`` puts first, by k passes of argmax instead of sorting every
+    row (k is a handful: the metrics an alert names)."""
+    n, m = shares.shape
+    k = min(int(k), m)
+    rows = np.arange(n)
+    top = np.empty((n, k), dtype=np.intp)
+    rest = shares.copy() if k > 1 else shares
+    for j in range(k):
+        top[:, j] = column = rest.argmax(axis=1)  # the first largest: ties go to the lower position
+        if j + 1 < k:
+            rest[rows, column] = -np.inf
+    return top, shares[rows[:, None], top]

@@ -84,7 +84,7 @@ class RunningScaler:
         copy, so one absurd but finite value (1e20) cannot blow up the scale every later reading is judged by."""
         if self.mean is None or self.n < min_readings:
             return X, 0
-        reach = sigmas * self.std
+        reach = sigmas * self._std()
         low, high = self.mean - reach, self.mean + reach
         outside = (X < low) | (X > high)
         if not outside.any():
@@ -107,9 +107,13 @@ class RunningScaler:
         X = np.asarray(X, dtype=np.float64)
         if self.mean is None:
             return X.copy()
+        return (X - self.mean) / self._std()
+
+    def _std(self) -> np.ndarray:
+        """`std`, cached until the next update. Do not modify the result."""
         if self._divisor is None:
             self._divisor = self.std
-        return (X - self.mean) / self._divisor
+        return self._divisor
 
     def to_array(self) -> np.ndarray:
         """State as one flat float64 array: ``[min_std, n, d, mean..., m2...]``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.linalg import _umath_linalg as _lapack  # np.linalg's own LAPACK kernels (see `_eigh`)
 
 from models.autoencoder import check_weight_shapes, checked_rows
 
@@ -34,21 +35,33 @@ def age_weights(forgetting: float, rows: int) -> np.ndarray:
     return batch_weights(forgetting, rows)[0]
 
 
+def _eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.linalg.eigh(a)` of a symmetric float64 matrix (eigenvalues ascending), by the same LAPACK kernel without
+    the wrapper's per-call checks (a few µs, a sizeable share of a micro-batch's learning step): identical results.
+    Raises `np.linalg.LinAlgError` if it does not converge (NaN results), as `np.linalg.eigh` does."""
+    with np.errstate(invalid="ignore"):
+        values, vectors = _lapack.eigh_lo(a, signature="d->dd")
+    if not math.isfinite(values[0]):  # ascending: a NaN anywhere is one nowhere else when the kernel succeeded
+        raise np.linalg.LinAlgError(f"eigendecomposition of a {a.shape[0]}×{a.shape[0]} matrix did not converge")
+    return values, vectors
+
+
 def orthonormal_columns(E: np.ndarray) -> np.ndarray:
     """An orthonormal basis (d, m) of the m columns of `E` (m small, full column rank in practice).
 
     Cholesky QR (``Q = E L⁻ᵀ`` with ``L Lᵀ = EᵀE``: a few m×m operations) when the columns are well conditioned,
     else Householder QR. Same span, same accuracy at this conditioning (orthogonality error ≈ machine epsilon ×
     (max/min Cholesky diagonal)², ≤ 1e-9 here, far below the float32 basis the model keeps); `np.linalg.qr` costs
-    several times more per call, and a learning step of a micro-batch is small enough for that to matter."""
-    try:
-        factor = np.linalg.cholesky(E.T @ E)
-    except np.linalg.LinAlgError:  # (numerically) dependent columns: Householder still gives orthonormal ones
-        return np.linalg.qr(E)[0]
+    several times more per call, and a learning step of a micro-batch is small enough for that to matter. The
+    Cholesky factor and its inverse come from np.linalg's own kernels, without its wrappers (as in `_eigh`)."""
+    with np.errstate(invalid="ignore"):  # not positive definite: NaN on the diagonal, caught below
+        factor = _lapack.cholesky_lo(E.T @ E, signature="d->d")
     diagonal = factor.diagonal().tolist()
-    if min(diagonal) <= CHOLESKY_QR_MIN_RATIO * max(diagonal):
+    smallest = min(diagonal)
+    # (numerically) dependent or ill-conditioned columns: Householder still gives orthonormal ones
+    if not smallest > CHOLESKY_QR_MIN_RATIO * max(diagonal):  # also NaN (Cholesky failed)
         return np.linalg.qr(E)[0]
-    return E @ np.linalg.inv(factor).T
+    return E @ _lapack.inv(factor, signature="d->d").T
 
 
 def forgetting_factor(half_life: float) -> float:
@@ -143,6 +156,8 @@ class SubspaceModel:
         self._scoring_basis = None
 
     def _ensure(self, X: np.ndarray) -> np.ndarray:
+        if type(X) is np.ndarray and X.dtype == np.float64 and X.ndim == 2 and X.shape[1] == self.n_features:
+            return X  # the usual case (the detector's rows), without a copy: rows are read, never kept or changed
         return checked_rows(self, X)
 
     # -- statistics -----------------------------------------------------------------------------------------------
@@ -190,23 +205,24 @@ class SubspaceModel:
         self._choose_k()
 
     def _step(self, X: np.ndarray) -> None:
-        b = X.shape[0]
+        b, d = X.shape
         lam = self.forgetting
         w, batch_weight, root_w = batch_weights(lam, b)  # the newest row weighs 1
         decay = lam ** b
         old_weight = self.weight * decay
         new_weight = old_weight + batch_weight
-        batch_mean = (w @ X) / batch_weight
+        batch_mean = np.dot(w, X) / batch_weight
         # Rows whose scatter is the batch's contribution: weighted centred rows, and the mean-shift term of merging
         # two groups, W_old·W_b/W · (μ_old − μ_b)(μ_old − μ_b)ᵀ (Chan et al.'s parallel variance for matrices).
-        rows = np.empty((b + 1, X.shape[1]))
-        np.multiply(X - batch_mean, root_w, out=rows[:b])
+        rows = np.empty((b + 1, d))
+        centred = np.subtract(X, batch_mean, out=rows[:b])
+        np.multiply(centred, root_w, out=centred)
         rows[b] = math.sqrt(old_weight * batch_weight / new_weight) * (self.mean - batch_mean)
         self.mean = (old_weight * self.mean + batch_weight * batch_mean) / new_weight
         self.scatter_diag = decay * self.scatter_diag + np.einsum("ij,ij->j", rows, rows)
         self.global_share *= old_weight / new_weight
         U = self.basis.astype(np.float64)
-        d, r = U.shape
+        r = U.shape[1]
         if self.weight == 0.0:  # first step: an orthonormal basis spanning the batch (and filling up to r)
             basis = np.linalg.qr(np.hstack([rows.T, np.eye(d, r)]))[0]
         elif r < d:  # the tracked basis, extended by a sketch of what it cannot reconstruct in this batch
@@ -220,9 +236,9 @@ class SubspaceModel:
         gram = projected.T @ projected
         if self.weight > 0.0:  # the decayed eigenvalues on the first r diagonal entries (a strided view)
             gram.reshape(-1)[:r * (gram.shape[0] + 1):gram.shape[0] + 1] += decay * self.eigenvalues
-        values, vectors = np.linalg.eigh(gram)
-        top = np.argsort(values)[::-1][:r]
-        self.basis = (basis @ vectors[:, top]).astype(np.float32)
+        values, vectors = _eigh(gram)
+        top = np.arange(values.shape[0] - 1, values.shape[0] - r - 1, -1)  # the r largest, largest first
+        self.basis = (basis @ vectors[:, top]).astype(np.float32)  # (a copy: matmul of a reversed view is slow)
         self.eigenvalues = np.maximum(values[top], 0.0)
         self.weight = new_weight
 

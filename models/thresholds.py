@@ -40,29 +40,70 @@ MAD_TO_STD = 1.4826  # MAD × this estimates the standard deviation of a normal 
 
 
 class _RecentScores:
-    """Ring buffer of the last `capacity` finite scores, kept as float32 (scores need no more precision)."""
+    """Ring buffer of the last `capacity` finite scores, kept as float32 (scores need no more precision), and the
+    same scores in ascending order (`ordered`, float64, for order statistics and p-values), kept in order as scores
+    come and go: a few small operations per batch instead of sorting the whole history again."""
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
         self._buf = np.zeros(self.capacity, dtype=np.float32)
         self._next = 0
         self.count = 0
+        self.ordered = np.zeros(0)
 
     def extend(self, scores: np.ndarray) -> None:
         scores = scores[np.isfinite(scores)][-self.capacity:]
-        idx = (self._next + np.arange(scores.shape[0])) % self.capacity
+        m = scores.shape[0]
+        if m == 0:
+            return
+        idx = (self._next + np.arange(m)) % self.capacity
+        n_evicted = max(0, self.count + m - self.capacity)  # the oldest, at the last positions written
+        evicted = self._buf[idx[m - n_evicted:]] if n_evicted else None
         self._buf[idx] = scores
-        self._next = (self._next + scores.shape[0]) % self.capacity
-        self.count = min(self.count + scores.shape[0], self.capacity)
+        self._next = (self._next + m) % self.capacity
+        self.count = min(self.count + m, self.capacity)
+        self.ordered = _reordered(self.ordered, evicted, self._buf[idx])
 
     def clear(self) -> None:
         self._next = self.count = 0
+        self.ordered = np.zeros(0)
 
     def values(self) -> np.ndarray:
         """Scores oldest first, as float64."""
         if self.count < self.capacity:
             return self._buf[:self.count].astype(np.float64)
         return np.concatenate((self._buf[self._next:], self._buf[:self._next])).astype(np.float64)
+
+
+def _reordered(ordered: np.ndarray, removed: np.ndarray | None, added: np.ndarray) -> np.ndarray:
+    """The ascending array `ordered` without the values `removed` (each of which it holds, as often as it is
+    given) and with the values `added`: equal to sorting the new multiset, in O(n) (a stable sort of two ascending
+    runs is one merge)."""
+    if removed is not None:
+        removed = np.sort(removed).astype(np.float64)
+        at = np.searchsorted(ordered, removed, side="left")
+        at += np.arange(removed.shape[0]) - np.searchsorted(removed, removed, side="left")  # the j-th of equal ones
+        keep = np.ones(ordered.shape[0], dtype=bool)
+        keep[at] = False
+        ordered = ordered[keep]
+    merged = np.concatenate((ordered, np.sort(added).astype(np.float64)))
+    merged.sort(kind="stable")
+    return merged
+
+
+def valley_order_statistic(values: np.ndarray, k: int) -> float:
+    """The k-th smallest (from 0) of `values` that do not increase and then do not decrease (e.g. the distances of
+    ascending scores to their median), equal to ``np.partition(values, k)[k]``, in O(n) without partitioning.
+
+    Every k + 1 smallest values are a contiguous run (each sublevel set of a valley is one), and a run's largest
+    value is at one of its ends: the answer is the smallest over all runs of k + 1 of their larger end.
+
+    >>> v = np.abs(np.array([1.0, 2.0, 2.0, 3.0, 7.0, 8.0]) - 2.5)
+    >>> [valley_order_statistic(v, k) for k in range(6)] == np.sort(v).tolist()
+    True
+    """
+    n = values.shape[0]
+    return float(np.maximum(values[:n - k], values[k:]).min())
 
 
 class OnlineThreshold:
@@ -77,8 +118,7 @@ class OnlineThreshold:
         self.refit_every = int(refit_every)
         self._since_fit = 0
         self._threshold = math.inf
-        self._sorted: np.ndarray | None = None  # the history sorted, cached until the next update
-        self._centre_spread: tuple[float, float] | None = None
+        self._centre_spread: tuple[float, float] | None = None  # of the history, cached until the next update
 
     @property
     def threshold(self) -> float:
@@ -90,7 +130,7 @@ class OnlineThreshold:
     def update_many(self, scores: np.ndarray) -> None:
         scores = np.asarray(scores, dtype=np.float64).ravel()
         self.history.extend(scores)
-        self._sorted = self._centre_spread = None
+        self._centre_spread = None
         self._since_fit += scores.shape[0]
         if self._since_fit >= self.refit_every or self._threshold == math.inf:
             self.refit()
@@ -103,7 +143,7 @@ class OnlineThreshold:
 
     def _refit(self) -> float:
         """The cut from the current history (`_fit` of the scores oldest first; a kind that needs only order
-        statistics reads the sorted history, which the next `p_values` call reuses)."""
+        statistics reads the history in order, `_calibration`)."""
         return self._fit(self.history.values())
 
     def _fit(self, scores: np.ndarray) -> float:
@@ -112,7 +152,7 @@ class OnlineThreshold:
     def reset(self) -> None:
         """Forget every score: the cut is ``inf`` again until `MIN_SCORES` new scores (after a re-baselining)."""
         self.history.clear()
-        self._sorted = self._centre_spread = None
+        self._centre_spread = None
         self._since_fit = 0
         self._threshold = math.inf
 
@@ -124,9 +164,8 @@ class OnlineThreshold:
         return self.history.count >= MIN_SCORES
 
     def _calibration(self) -> np.ndarray:
-        if self._sorted is None:  # the ring buffer's order does not matter for a sorted copy
-            self._sorted = np.sort(self.history._buf[:self.history.count]).astype(np.float64)
-        return self._sorted
+        """The recent scores in ascending order (float64)."""
+        return self.history.ordered
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """Conformal p-value of each score against the recent scores: ``(1 + #{recent ≥ s}) / (n + 1)``, in
@@ -150,8 +189,8 @@ class OnlineThreshold:
             n = recent.shape[0]
             centre = 0.5 * (recent[(n - 1) // 2] + recent[n // 2])   # the median of the sorted scores
             deviations = np.abs(recent - centre)
-            middle = np.partition(deviations, ((n - 1) // 2, n // 2))
-            spread = MAD_TO_STD * 0.5 * (middle[(n - 1) // 2] + middle[n // 2])
+            spread = MAD_TO_STD * 0.5 * (valley_order_statistic(deviations, (n - 1) // 2)
+                                         + valley_order_statistic(deviations, n // 2))
             if spread <= 0.0:
                 spread = max(float(recent.std()), 1e-12)
             self._centre_spread = (float(centre), float(spread))
@@ -221,8 +260,7 @@ class QuantileThreshold(OnlineThreshold):
         return float(part[below] + fraction * (part[above] - part[below]))
 
     def _refit(self) -> float:
-        # the same order statistics from the sorted history, which `p_values` needs next anyway (one sort per
-        # update instead of a sort and a partial sort)
+        # the same order statistics from the history kept in order (no sort, no partial sort)
         ordered = self._calibration()
         below, above, fraction = self._positions(ordered.shape[0])
         return float(ordered[below] + fraction * (ordered[above] - ordered[below]))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models.subspace import LEARN_CHUNK, SubspaceModel, forgetting_factor
+from models.subspace import LEARN_CHUNK, SubspaceModel, _eigh, forgetting_factor, orthonormal_columns
 
 
 def correlated(n, d=6, latent=2, seed=0, noise=0.1):
@@ -108,3 +108,22 @@ def test_bad_settings_are_errors():
         model = SubspaceModel()
         model.learn_many(np.zeros((2, 6)))
         model.score_many(np.zeros((2, 5)))
+
+
+def test_eigh_and_cholesky_qr_are_numpys_without_the_wrappers():
+    """`_eigh` gives np.linalg.eigh's results bit for bit and its error on failure; `orthonormal_columns` falls back
+    to Householder QR for dependent columns (where Cholesky fails) and agrees with it in span otherwise."""
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(20, 20))
+    gram = A @ A.T
+    values, vectors = _eigh(gram)
+    expected_values, expected_vectors = np.linalg.eigh(gram)
+    assert np.array_equal(values, expected_values) and np.array_equal(vectors, expected_vectors)
+    with pytest.raises(np.linalg.LinAlgError):
+        _eigh(np.full((4, 4), np.nan))
+    E = rng.normal(size=(30, 4))
+    Q = orthonormal_columns(E)
+    assert np.allclose(Q.T @ Q, np.eye(4), atol=1e-12) and np.allclose(Q @ (Q.T @ E), E)
+    dependent = np.hstack([E[:, :2], E[:, :2]])
+    Q = orthonormal_columns(dependent)
+    assert np.all(np.isfinite(Q)) and np.allclose(Q @ (Q.T @ dependent), dependent)

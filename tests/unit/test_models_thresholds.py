@@ -1,9 +1,10 @@
 """Online thresholds: target false-alarm rate on Gaussian noise, state round trip."""
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from models.thresholds import (MIN_SCORES, PotThreshold, QuantileThreshold, SigmaThreshold, make_threshold,
-                               threshold_from_arrays)
+from models.thresholds import (MIN_SCORES, PotThreshold, QuantileThreshold, SigmaThreshold, _RecentScores,
+                               make_threshold, threshold_from_arrays, valley_order_statistic)
 
 N = 20000
 Q = 0.01
@@ -87,3 +88,32 @@ def test_reset_forgets_and_history_is_float32():
     assert scores.dtype == np.float32 and scores.shape == (100,) and np.isfinite(t.threshold)
     t.reset()
     assert t.threshold == np.inf and t.history.count == 0 and not t.calibrated
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.lists(st.integers(1, 30), min_size=1, max_size=12), st.integers(0, 99),
+       st.booleans())
+def test_recent_scores_stay_in_order_as_scores_come_and_go(capacity, batches, seed, ties):
+    """The history kept in order (no sort per batch) equals sorting the ring buffer's scores, whatever the batch
+    sizes, with scores evicted, repeated values (ties) and non-finite scores (never kept)."""
+    rng = np.random.default_rng(seed)
+    history = _RecentScores(capacity)
+    for size in batches:
+        scores = rng.integers(0, 4, size).astype(float) if ties else rng.normal(size=size)
+        scores[rng.random(size) < 0.1] = np.nan
+        history.extend(scores)
+        assert np.array_equal(history.ordered, np.sort(history.values()))
+    history.clear()
+    assert history.ordered.shape == (0,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=80), st.data())
+def test_valley_order_statistic_equals_partition(values, data):
+    """On the distances of sorted scores to any centre (a valley), the k-th smallest equals np.partition's, and
+    the robust z uses it exactly (same value as before it stopped partitioning)."""
+    ordered = np.sort(np.array(values))
+    centre = data.draw(st.floats(-1e6, 1e6))
+    deviations = np.abs(ordered - centre)
+    k = data.draw(st.integers(0, ordered.shape[0] - 1))
+    assert valley_order_statistic(deviations, k) == np.partition(deviations, k)[k]
