@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def spark_submit_round(cfg, env: dict) -> dict:
     launched = time.time()
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[*]",
-                             *cfg.aggregation.spark_submit_options.split(),
+                             *shlex.split(cfg.aggregation.spark_submit_options),
                              str(ROOT / "spark_jobs" / "aggregate_job.py"), "--no-publish"],
                             env={**os.environ, **env, **cfg.to_env(), **worker_environment()},
                             capture_output=True, text=True, cwd=ROOT)
