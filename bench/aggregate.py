@@ -10,9 +10,10 @@ device a perturbed copy of one. Rows per N (each a fresh database):
 - ``numpy``: one Python process, no Spark: read the window's snapshots (one query), check each (signature, blob,
   structure, counters), choose one per device, encode (the codec), FedAvg with its checks, write the model
   (`round_documents`, in memory): the floor. Also encode, FedAvg and documents alone.
-- ``spark-submit``: the aggregate job as cron runs it (`--master local[*]`): wall time, and its parts: start-up
-  (launcher and driver JVMs, SparkContext, Python driver), the round as the job times it (read, decode on the
-  executors, aggregate in the partitions, write), and stopping.
+- ``spark-submit``: the aggregate job as cron runs it (`--master local[*]`, `aggregation.spark_submit_options`):
+  wall time, and its parts: start-up (launcher and driver JVMs, SparkContext, Python driver), the round as the job
+  times it (read: what is left of the window's read once Spark is up, the read itself as ``read_ahead``, since it
+  runs during the start-up; decode on the executors, aggregate in the partitions, write), and stopping.
 - ``spark warm``: `run_round` on a SparkContext that is already up (the scheduler's and the API's case).
 - with ``--strategies``: warm rounds of the other strategies (median, trimmed mean, clustered, DP-FedAvg) at the
   largest N.
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -112,7 +114,7 @@ def spark_submit_round(cfg, env: dict) -> dict:
     launched = time.time()
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[*]",
-                             *cfg.aggregation.spark_submit_options.split(),
+                             *shlex.split(cfg.aggregation.spark_submit_options),
                              str(ROOT / "spark_jobs" / "aggregate_job.py"), "--no-publish"],
                             env={**os.environ, **env, **cfg.to_env(), **worker_environment()},
                             capture_output=True, text=True, cwd=ROOT)

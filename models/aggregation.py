@@ -154,9 +154,9 @@ def structure_problem(update: Update, reference_shapes: Sequence[tuple[int, ...]
         layer = np.asarray(layer)
         if layer.shape != tuple(shape):
             return f"layer {i}: wrong shape {layer.shape}, expected {tuple(shape)}"
-        if not np.issubdtype(layer.dtype, np.floating):
+        if layer.dtype.kind != "f":
             return f"layer {i}: wrong dtype {layer.dtype}, expected a floating-point type"
-        if not np.all(np.isfinite(layer)):
+        if not np.isfinite(layer).all():
             return f"layer {i}: non-finite values (NaN or infinity)"
     return None
 

@@ -121,14 +121,16 @@ class SubspaceCodec:
         diagonal = np.arange(d)
         for start in range(0, len(weights_list), self.chunk):
             part = weights_list[start:start + self.chunk]
-            factor = np.stack([np.asarray(w[0], dtype=np.float64) for w in part])
-            mean = np.stack([np.asarray(w[1], dtype=np.float64) for w in part])
-            second = factor @ factor.transpose(0, 2, 1)
-            second[:, diagonal, diagonal] = np.maximum(np.stack([np.asarray(w[2], dtype=np.float64) for w in part]),
-                                                       0.0)
-            second += mean[:, :, None] * mean[:, None, :]
+            r = np.shape(part[0][0])[1]
+            stacked = np.empty((len(part), d, r + 1))  # [L | μ]: one product gives L Lᵀ + μ μᵀ
+            stacked[:, :, :r] = np.stack([w[0] for w in part])
+            stacked[:, :, r] = np.stack([w[1] for w in part])
+            mean = stacked[:, :, r]
+            second = stacked @ stacked.transpose(0, 2, 1)
+            second[:, diagonal, diagonal] = (np.maximum(np.stack([np.asarray(w[2], dtype=np.float64) for w in part]),
+                                                        0.0) + mean * mean)
             out[start:start + len(part), :d] = mean
-            out[start:start + len(part), d:] = second.reshape(len(part), d * d)[:, upper]
+            out[start:start + len(part), d:] = np.take(second.reshape(len(part), d * d), upper, axis=1)
         return out
 
     def weights_from_vector(self, vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:

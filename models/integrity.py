@@ -46,15 +46,28 @@ def canonical_json(record: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+_PLAIN = (str, int, bool)  # returned as they are (checked by exact type first: most of a record's fields)
+
+
 def _canonical(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _canonical(v) for k, v in value.items() if v is not None and not (isinstance(v, (list, tuple, Mapping))
-                                                                                     and len(v) == 0)}
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is dict or isinstance(value, Mapping):
+        return {k: _canonical(v) for k, v in value.items() if v is not None and not _empty(v)}
     if isinstance(value, (list, tuple)):
         return [_canonical(v) for v in value]
     if isinstance(value, float):
         return value + 0.0  # -0.0 -> 0.0
     return value
+
+
+def _empty(value: Any) -> bool:
+    """[], () or {} (absent for the signature, like null)."""
+    kind = type(value)
+    if kind in _PLAIN or kind is float:
+        return False
+    return isinstance(value, (list, tuple, Mapping)) and len(value) == 0
 
 
 def _mac(record: Mapping[str, Any], key: bytes) -> str:

@@ -101,7 +101,7 @@ def block_summary(block: VectorBlock, range_norm_ratio: float | None = None) -> 
     low = high = None
     if norms:
         typical = np.asarray(norms) <= (range_norm_ratio or np.inf) * float(np.median(norms))
-        spanned = block.vectors[typical] if typical.any() else block.vectors
+        spanned = block.vectors[typical] if typical.any() and not typical.all() else block.vectors
         low, high = spanned.min(axis=0), spanned.max(axis=0)
     return BlockSummary(block.index, list(block.device_ids), [int(n) for n in block.n_samples], norms,
                         int(block.vectors.shape[1]) if block.vectors.ndim == 2 else 0, low, high)

@@ -28,6 +28,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import struct
 from typing import Any, Sequence
 
@@ -104,7 +105,7 @@ def loads(blob: bytes, expected_shapes: Sequence[Sequence[int]] | None = None) -
                                  f"{FORMAT_VERSION}, {FORMAT_VERSION_MIXED}; arrays {DTYPE} or {DTYPE_SMALL})")
     payload = blob[start + header_len:]
     itemsizes = [np.dtype(d).itemsize for d in dtypes]
-    sizes = [int(np.prod(shape, dtype=np.int64)) * size for shape, size in zip(shapes, itemsizes)]
+    sizes = [math.prod(shape) * size for shape, size in zip(shapes, itemsizes)]
     if len(payload) != sum(sizes):
         raise SerializationError(f"payload is {len(payload)} bytes, shapes {shapes} need {sum(sizes)}: truncated?")
     if _digest(header, payload) != digest:

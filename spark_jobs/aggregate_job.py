@@ -37,6 +37,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from functools import partial  # noqa: E402
 
@@ -49,7 +50,7 @@ from models import partitioned  # noqa: E402
 from models.partitioned import Cohort  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from models.updates import Update, codec_for, federated_vectors, flatten  # noqa: E402
-from spark_jobs.partitions import round_blocks  # noqa: E402
+from spark_jobs.partitions import round_blocks, warm_workers  # noqa: E402
 from spark_jobs.session import context_of  # noqa: E402
 from spark_jobs.snapshots import DeviceChoice, partitioned_summaries  # noqa: E402
 from storage.mongo import Store  # noqa: E402
@@ -117,6 +118,29 @@ def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list]]
                                             None if whole else {"_id": 1, "device_id": 1}):
         by_device.setdefault(str(doc.get("device_id")), []).append(doc if whole else doc["_id"])
     return previous, [by_device[d] for d in sorted(by_device)]
+
+
+@dataclass
+class Window:
+    """A round's input read ahead of its Spark work (`read_round_window`): its cut-off (``started``), the previous
+    global model, the snapshots grouped per device, and the read's own seconds."""
+
+    started: int
+    previous: dict | None
+    groups: list[list]
+    read_s: float
+
+
+def read_round_window(cfg: Config) -> Window | None:
+    """The window of a round that starts now, on a connection of its own; None under secure aggregation (whose
+    steps read their own input). `main` runs it on a thread while Spark starts: the embedded FerretDB's scan (~1 s
+    per 10,000 snapshots, spent in the database server) and the SparkContext's start-up then overlap."""
+    if cfg.privacy.secure_aggregation:
+        return None
+    started, clock = now_ms(), time.perf_counter()
+    with Store(cfg) as db:
+        previous, groups = read_window(db, cfg, started)
+    return Window(started, previous, groups, time.perf_counter() - clock)
 
 
 # ---------------------------------------------------------------- 2. Spark
@@ -209,7 +233,8 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
     if private:  # counts and the privacy spent only: nothing per device, nothing unnoised about the updates
         history |= {f"dp_{k}": result.extra["dp"][k] for k in DP_HISTORY_FIELDS}
     else:
-        losses = [c.loss for c in chosen if c.device_id in set(result.participants) and c.loss is not None]
+        participants = set(result.participants)
+        losses = [c.loss for c in chosen if c.device_id in participants and c.loss is not None]
         history |= {"participants": result.participants, "rejected": rejected, "n_samples": result.n_samples,
                     "mean_loss": float(np.mean(losses)) if losses else None, "norms": norm_summary(result.norms),
                     "update_norms": [{"device_id": d, "norm": n} for d, n in result.norms.items()],
@@ -250,18 +275,23 @@ def publish(cfg: Config, messages: list[dict]) -> None:
                              f"{errors[0] if errors else 'not all messages acknowledged within 30 s'}")
 
 
-def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
+def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | None = None) -> RoundOutcome:
     """One aggregation round (see the module docstring) on ``spark`` (a SparkSession or a SparkContext); never
-    writes a version twice."""
-    started = now_ms()
+    writes a version twice. ``window``: the round's input being read meanwhile (`read_round_window` on a thread);
+    while it is not there yet, the Spark workers start and import the round's code (`warm_workers`)."""
     clock = time.perf_counter()
     key = signing_key(cfg)
     db = Store(cfg)
     send = partial(publish, cfg) if publish_model else (lambda messages: None)
     sc = context_of(spark)
     blocks = round_blocks(sc)
-    secure, cohort, like = None, None, None
+    secure, cohort, like, ahead = None, None, None, None
     try:
+        if window is not None:
+            if not window.done():
+                warm_workers(sc)
+            ahead = window.result()
+        started = ahead.started if ahead is not None else now_ms()
         if cfg.privacy.secure_aggregation:  # a round over several runs: spark_jobs/secure_round.py
             from spark_jobs.secure_round import secure_round_step
 
@@ -272,7 +302,7 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
             choices = secure.choices
             read_at = time.perf_counter()
         else:
-            previous, groups = read_window(db, cfg, started)
+            previous, groups = (ahead.previous, ahead.groups) if ahead is not None else read_window(db, cfg, started)
             read_at = time.perf_counter()
             if not groups:
                 since = f"since global model v{previous['version']}" if previous else "stored yet"
@@ -314,6 +344,8 @@ def run_round(spark, cfg: Config, publish_model: bool = True) -> RoundOutcome:
         outcome.timings = {"read_s": read_at - clock, "decode_s": checked_at - read_at,
                            "aggregate_s": aggregated_at - checked_at,
                            "write_s": outcome.duration_s - (aggregated_at - clock)}
+        if ahead is not None:  # read_s is then the wait for it, after Spark's start-up
+            outcome.timings["read_ahead_s"] = ahead.read_s
         db.write_aggregation_round({**documents.history, "finished_at": now_ms(),
                                     "duration_s": outcome.duration_s, "timings": outcome.timings,
                                     "published": outcome.published})
@@ -336,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from spark_jobs.session import run_job
 
-    return run_job("flead-aggregate", lambda spark, cfg: run_round(spark, cfg, publish_model=not args.no_publish),
-                   args.master, context_only=True)
+    return run_job("flead-aggregate",
+                   lambda spark, cfg, window: run_round(spark, cfg, not args.no_publish, window),
+                   args.master, context_only=True, ahead=read_round_window)
 
 
 if __name__ == "__main__":

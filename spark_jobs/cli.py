@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def cmd_job(args, cfg) -> int:
 
     if args.spark_submit:
         cmd = [spark_submit_path(), "--master", args.master or cfg.aggregation.spark_master,
-               *cfg.aggregation.spark_submit_options.split(), str(PROJECT_ROOT / "spark_jobs" / f"{args.job}.py")]
+               *shlex.split(cfg.aggregation.spark_submit_options), str(PROJECT_ROOT / "spark_jobs" / f"{args.job}.py")]
         env = {**os.environ, **cfg.to_env(), **worker_environment()}
         return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT).returncode
     from spark_jobs.session import spark_session

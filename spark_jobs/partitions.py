@@ -26,7 +26,6 @@ import numpy as np
 from config import Config
 from models.partitioned import VectorBlock
 from spark_jobs.snapshots import BlockHead, ConfiguredLayout, block_head, check_block, snapshot_limits
-from storage.mongo import Store
 
 SHARED_MEMORY = Path("/dev/shm")
 
@@ -35,6 +34,8 @@ def fetched(cfg: Config, docs: list) -> list[dict]:
     """A partition's snapshots: ``docs`` as they are, or fetched by ``_id`` when the driver read ids only."""
     if not docs or not isinstance(docs[0], str):
         return docs
+    from storage.mongo import Store  # here: a worker that is handed the snapshots never imports pymongo's client
+
     with Store(cfg) as db:
         return db.local_models_by_id(docs)
 
@@ -48,6 +49,19 @@ def split_groups(groups: list[list], parts: int) -> list[list]:
     """Devices' groups in ``parts`` contiguous runs of nearly equal size (as `SparkContext.parallelize` cuts)."""
     bounds = [len(groups) * i // parts for i in range(parts + 1)]
     return [groups[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _started(_index: int) -> int:
+    """Executor side: nothing; unpickling this function imports this module (and the round's code) there."""
+    return _index
+
+
+def warm_workers(sc) -> None:
+    """Start Spark's Python workers and import the round's code in them (a job of one tiny task per core), e.g.
+    while the driver still waits for the round's snapshots; the round's passes then reuse them
+    (``spark.python.worker.reuse``)."""
+    parts = sc.defaultParallelism
+    sc.parallelize(range(parts), parts).map(_started).collect()
 
 
 # ---------------------------------------------------------------- this machine: a private directory

@@ -79,25 +79,34 @@ def process_started() -> float | None:
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def run_job(app_name: str, job, master: str | None = None, context_only: bool = False) -> int:
+def run_job(app_name: str, job, master: str | None = None, context_only: bool = False, ahead=None) -> int:
     """Script entry of a Spark job: logging, config, a session (a bare SparkContext with ``context_only``),
     `job(spark, cfg)`, its outcome as a JSON line with the job's ``timeline`` (epoch seconds: the driver JVM and
-    this process started, imports done, Spark ready, job done), which says where a spark-submit's start-up goes."""
+    this process started, imports done, Spark ready, job done), which says where a spark-submit's start-up goes.
+
+    ``ahead(cfg)``: work that needs no Spark (reading the job's input), started on a thread before the session so
+    that the two overlap; the job is then called as `job(spark, cfg, future)` with its `Future`."""
     import json
     import logging
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from config import load_config
 
     timeline = {"python_started": process_started(), "imported": time.time()}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config()
+    pending = None
+    if ahead is not None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"{app_name}-ahead")
+        pending = pool.submit(ahead, cfg)
+        pool.shutdown(wait=False)  # the thread finishes the work; nothing else is submitted
     spark = (new_spark_context if context_only else spark_session)(cfg, app_name, master)
     sc = context_of(spark)
     timeline |= {"context_ready": time.time(),
                  "jvm_started": sc._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getStartTime() / 1000}
     try:
-        outcome = job(spark, cfg)
+        outcome = job(spark, cfg) if pending is None else job(spark, cfg, pending)
     finally:
         timeline["job_done"] = time.time()
         spark.stop()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from models.aggregation import fedavg
 from models.integrity import global_model_verdict, sign_record, signing_key, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
 from services import processes
-from spark_jobs.aggregate_job import run_round
+from spark_jobs.aggregate_job import now_ms, read_round_window, run_round
 from spark_jobs import standalone
 from spark_jobs.session import spark_session, worker_environment
 from storage.mongo import Store
@@ -132,6 +133,36 @@ def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg
     assert [m["version"] for m in messages] == [1]
     assert messages[0]["schema"] == "flead.global-model/1" and messages[0]["weights"] == model["weights"]
     assert verify_record(messages[0], key) is None
+
+
+def test_a_window_read_ahead_is_the_rounds_input_and_cut_off(spark, cfg, db):
+    """spark-submit reads the round's window on a thread while Spark starts (`read_round_window`, `run_job`'s
+    ``ahead``): the round aggregates what that read saw (starting the workers while it waits), and a snapshot
+    stored after the read belongs to the next round."""
+    snaps, valid = fleet(40)
+    db.write_local_models([s for _, _, s in snaps])
+    pool = ThreadPoolExecutor(1)
+    slow = pool.submit(lambda: (time.sleep(1.0), read_round_window(cfg))[1])   # not there when the round starts
+
+    outcome = run_round(spark, cfg, publish_model=False, window=slow)
+
+    assert outcome.status == "aggregated", outcome.message
+    assert outcome.timings["read_ahead_s"] > 0 and outcome.timings["read_s"] >= 0.5
+    model = db.latest_global_model()
+    assert model["created_at"] == slow.result().started and len(model["participants"]) == len(valid)
+    for got, want in zip(loads(from_b64(model["weights"]))[0], fedavg(valid)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+    late = [snapshot(f"late-{i}", valid[i][0], 100, created_at=now_ms()) for i in range(2)]
+    ahead = Future()
+    ahead.set_result(read_round_window(cfg))
+    time.sleep(0.01)
+    db.write_local_models(late)   # stored after the read: not in the window it returned
+    early = run_round(spark, cfg, publish_model=False, window=ahead)
+    assert early.status == "skipped" and "no new snapshots" in early.message
+    later = run_round(spark, cfg, publish_model=False)
+    assert later.status == "aggregated" and sorted(db.latest_global_model()["participants"]) == ["late-0", "late-1"]
+    pool.shutdown()
 
 
 def test_dp_round_writes_counts_noised_model_and_epsilon_only(spark, cfg, db):
