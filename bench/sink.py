@@ -121,6 +121,11 @@ def run_until_stored(cfg, expected: int, timeout_s: float = 1800.0) -> tuple[dic
             "flushes": [(round(t - assigned, 2), round(n)) for t, n in marks["flushes"]]}, sink
 
 
+def rounded(value: float | None) -> int | None:
+    """`value` rounded, None kept (no steady state measured)."""
+    return None if value is None else round(value)
+
+
 def steady_rate(flushes: list[tuple[float, float]], readings: int, seconds: float) -> float | None:
     """Readings/s from the end of the first flush to the end (`seconds` after assignment): start-up and gathering
     the first flush left out. The last flush's decoding overlaps the one before it, so this needs several flushes
@@ -274,7 +279,7 @@ def main() -> int:
     rows = [
         {"name": f"sink, live event times: {live['readings']:,} readings of {n_devices} devices (telemetry + score), "
                  f"steady state (after the first of its {len(live['flushes'])} flushes)",
-         "value": round(live["steady_readings_per_s"] or 0), "unit": "readings/s"},
+         "value": rounded(live["steady_readings_per_s"]), "unit": "readings/s"},
         {"name": "  from its partition assignment (the first flush's gathering included)",
          "value": round(live["readings_per_s"]), "unit": "readings/s"},
         {"name": "  floor: the same documents, raw pymongo insert_many", "value": round(live["floor_readings_per_s"]),
@@ -283,7 +288,7 @@ def main() -> int:
          "unit": "s"},
         {"name": f"sink, ASD replay event times (5-minute spacing: more roll-up buckets), steady state "
                  f"({len(replay['flushes'])} flushes)",
-         "value": round(replay["steady_readings_per_s"] or 0), "unit": "readings/s"},
+         "value": rounded(replay["steady_readings_per_s"]), "unit": "readings/s"},
         {"name": "  from its partition assignment", "value": round(replay["readings_per_s"]), "unit": "readings/s"},
         {"name": "  floor: the same documents, raw pymongo insert_many",
          "value": round(replay["floor_readings_per_s"]), "unit": "readings/s"},
@@ -295,12 +300,14 @@ def main() -> int:
         {"name": "  time to catch up after the producer stopped", "value": round(behind["catch_up_seconds"], 1),
          "unit": "s"},
     ]
+    rows = [row for row in rows if row["value"] is not None]  # a steady state needs 3 flushes (`steady_rate`)
     print(f"{'measure':<110} {'value':>10}  unit")
     for row in rows:
         print(f"{row['name']:<110} {row['value']:>10,}  {row['unit']}")
     write_json(args.json, {
         "headline": {"name": "sink readings/s stored (telemetry + score), live event times, steady state",
-                     "unit": "readings/s", "value": round(live["steady_readings_per_s"] or 0),
+                     "unit": "readings/s",
+                     "value": rounded(live["steady_readings_per_s"]) or round(live["readings_per_s"]),
                      "floor": round(live["floor_readings_per_s"])},
         "rows": rows, "live": live, "replay": replay, "lag": behind,
         "settings": {"sink": cfg.sink.to_dict(), "rollups": cfg.rollups.to_dict(), "devices": n_devices,
