@@ -1,6 +1,7 @@
-"""Three fixes to pymongosql 0.7.4 as Superset uses it: chart an empty collection (no rows instead of "no such table:
-virtual_table"), run a virtual dataset's ``collection.aggregate('<pipeline>', '<options>')`` in MongoDB, and share
-one MongoClient per server instead of connecting for every chart.
+"""Four fixes to pymongosql 0.7.4 as Superset uses it: chart an empty collection (no rows instead of "no such table:
+virtual_table"), run a virtual dataset's ``collection.aggregate('<pipeline>', '<options>')`` in MongoDB, keep each
+query's result columns apart when charts run at once, and share one MongoClient per server instead of connecting
+for every chart.
 
 pymongosql 0.7.4 in ``mode=superset`` runs the inner SELECT of a virtual dataset on MongoDB, loads the rows into an
 in-memory SQLite table and runs Superset's outer query there. Without rows it creates no table, so every chart of
@@ -9,6 +10,11 @@ the first round). And its two-stage path runs every inner SELECT as a find, so a
 ``SELECT ... FROM coll.aggregate('[...]', '{}')`` (which pymongosql runs as a pipeline on its own) silently read the
 whole collection instead. `install()` swaps in an execution strategy that creates the table with the inner
 SELECT's columns even when there are no rows, and runs an inner aggregate() as the pipeline it names.
+
+pymongosql keeps the plan of the query it ran last (its result columns) on the execution strategy, one object that
+gunicorn's threads share; the cursor reads it back after `execute`. With several charts of a dashboard queried at
+once, a chart could get another's columns ("Db engine did not return all queried columns", seen on the
+data-quality page in CI). The strategy here keeps that plan per thread.
 
 Superset opens a new DB-API connection for every query (NullPool), and each pymongosql connection built a new
 MongoClient (connection pool, handshake, server selection): a dashboard paid that for each chart. `install()` also
@@ -30,9 +36,10 @@ from pymongosql.superset_mongodb.detector import SubqueryDetector
 from pymongosql.superset_mongodb.executor import SupersetExecution
 from pymongosql.superset_mongodb.query_db_sqlite import QueryDBSQLite
 
-# The column names of the inner SELECT being executed, per thread (gunicorn serves charts from several threads
-# and pymongosql shares one strategy object between them).
+# The column names of the inner SELECT being executed, and the plan of the query last run, per thread (gunicorn
+# serves charts from several threads and pymongosql shares one strategy object between them).
 _inner_select = threading.local()
+_last_plan = threading.local()
 
 
 def select_list_names(select: str) -> list[str]:
@@ -65,6 +72,14 @@ class SupersetExecutionWithEmptyResults(SupersetExecution):
 
     def __init__(self) -> None:
         super().__init__(query_db_factory=QueryDBWithEmptyTables)
+
+    @property
+    def _execution_plan(self):  # pymongosql's attribute, read back by the cursor: per thread, not per object
+        return getattr(_last_plan, "plan", None)
+
+    @_execution_plan.setter
+    def _execution_plan(self, plan) -> None:
+        _last_plan.plan = plan
 
     def execute(self, context, connection, parameters=None):
         query = SubqueryDetector.detect(context.query)
