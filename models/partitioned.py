@@ -118,7 +118,8 @@ def bin_of(values: np.ndarray, low: np.ndarray, high: np.ndarray, bins: int) -> 
     span = np.where(span > 0, span, np.maximum(np.abs(low), 1.0) * 1e-12)
     scaled = values - low
     with np.errstate(over="ignore"):  # far outside the range: ±inf, clipped to an end bin like any outlier
-        scaled *= bins / span
+        scaled /= span  # first: bins / span overflows for a subnormal span, and 0 · inf is nan (no bin at all)
+        scaled *= bins
     scaled += 1.0
     np.clip(scaled, 0.0, bins + 1.0, out=scaled)
     return scaled.astype(np.int32)
