@@ -58,7 +58,8 @@ NESTED_SETTINGS = {
     "drift_enabled": ("drift", "enabled"), "drift_block_readings": ("drift", "block_readings"),
     "drift_blocks": ("drift", "blocks"), "drift_alpha": ("drift", "alpha"),
     "incident_gap_readings": ("incidents", "gap_readings"), "incident_gap_ms": ("incidents", "gap_ms"),
-    "adoption_policy": ("stream", "global_policy"), "adoption_candidates": ("model.adoption", "candidates"),
+    "adoption_policy": ("stream", "global_policy"), "adoption_blend_weight": ("stream", "blend_weight"),
+    "adoption_candidates": ("model.adoption", "candidates"),
     "adoption_readings": ("model.adoption", "validation_readings"),
     "adoption_prior_readings": ("model.adoption", "prior_readings"),
 }
@@ -105,6 +106,7 @@ class DetectorSettings:
     incident_gap_readings: int = 10
     incident_gap_ms: int = 0
     adoption_policy: str = "blend"
+    adoption_blend_weight: float = 0.5
     adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     adoption_readings: int = 64
     adoption_prior_readings: int = 500
@@ -230,9 +232,7 @@ class DeviceDetector:
         self.global_version = 0
         self._n_since_snapshot = 0
         self._loss: float | None = None  # mean squared residual of the last batch (models without their own loss)
-        if s.adoption_policy not in ADOPTION_POLICIES:
-            raise ValueError(f"stream.global_policy: unknown policy {s.adoption_policy!r} (known: "
-                             f"{', '.join(ADOPTION_POLICIES)})")
+        check_adoption(s)
         # The validated adoption policy's held data: the last `adoption_readings` readings (and the window before
         # them), float32, raw; kept only under that policy.
         self._recent_kept = (s.adoption_readings + self.features.memory
@@ -462,13 +462,16 @@ class DeviceDetector:
     def set_weights(self, weights: list[np.ndarray]) -> None:
         self.model.set_weights(weights)
 
-    def adopt_global(self, weights: list[np.ndarray], version: int, policy: str = "replace",
-                     blend_weight: float = 0.5) -> float:
-        """Take a global model: ``replace`` the weights, or ``blend`` them, ``(1 − b)·local + b·global`` in the
+    def adopt_global(self, weights: list[np.ndarray], version: int,
+                     settings: DetectorSettings | None = None) -> float:
+        """Take a global model by the adoption policy of `settings` (default: the detector's own; the stream job
+        passes the settings of its current configuration, so a changed `stream.global_policy` applies to devices
+        restored from older state too): ``replace`` the weights, or ``blend`` them, ``(1 − b)·local + b·global`` in the
         federated space of `models.federation` (network weights; for the subspace model the mean and second
         moment, i.e. the covariances, not the factors), or ``validated``: blend by the share among
         `adoption_candidates` whose model has the lowest median score on the device's last `adoption_readings`
-        readings (`models.federation.validated_blend`; label-free; `blend_weight` until it has held readings), or
+        readings (`models.federation.validated_blend`; label-free; `blend_weight` until it has held readings: only a
+        detector created under that policy holds them), or
         ``prior``: blend as if the global model were a prior worth `adoption_prior_readings` readings, share
         ``prior / (prior + readings the device has learned)`` (MAP adaptation: a new device leans on the fleet, a
         device with much data of its own on itself; the networks blend their weights by that share each round).
@@ -481,10 +484,11 @@ class DeviceDetector:
         of its own statistics instead of 1 − b. Optimiser moments, residual scales and the threshold are kept:
         they describe the device and re-adapt.
         """
+        s = self.settings if settings is None else settings
+        check_adoption(s)
+        policy, blend_weight = s.adoption_policy, s.adoption_blend_weight
         local = self.get_weights()
         check_weight_shapes(local, weights)
-        if not 0.0 <= blend_weight <= 1.0:
-            raise ValueError(f"stream.blend_weight must be in [0, 1], got {blend_weight}")
         subspace = isinstance(self.model, SubspaceModel)
         validation_error = self._validation_error() if policy == "validated" else None
         if policy == "replace":
@@ -493,16 +497,16 @@ class DeviceDetector:
                 self.model.global_share = 1.0
             blend_weight = 1.0
         elif validation_error is not None:
-            blend_weight, chosen, _ = validated_blend(local, weights, self.settings.adoption_candidates,
+            blend_weight, chosen, _ = validated_blend(local, weights, s.adoption_candidates,
                                                       validation_error, self.architecture)
             if blend_weight > 0.0:
                 self.set_weights(chosen)
             if subspace:
                 self.model.global_share += blend_weight * (1.0 - self.model.global_share)
-        elif policy in ("blend", "validated", "prior"):
+        else:   # blend, prior, or validated without held readings
             if policy == "prior":   # the global model is a prior worth `adoption_prior_readings` readings
                 own = self.model.weight if subspace else float(self.n_seen)
-                prior = float(self.settings.adoption_prior_readings)
+                prior = float(s.adoption_prior_readings)
                 blend_weight = prior / (prior + own) if prior > 0 else 0.0
             if subspace:
                 held = self.model.global_share
@@ -513,8 +517,6 @@ class DeviceDetector:
                 blend_weight = missing
             else:
                 self.set_weights(blend_weights(local, weights, blend_weight, self.architecture))
-        else:
-            raise ValueError(f"stream.global_policy: unknown policy {policy!r} (known: {', '.join(ADOPTION_POLICIES)})")
         self.global_version = int(version)
         return blend_weight
 
@@ -587,6 +589,15 @@ class DeviceDetector:
         else:
             det._loss = loss
         return det
+
+
+def check_adoption(s: DetectorSettings) -> None:
+    """Refuse an unknown adoption policy or a blend weight outside [0, 1], naming the setting."""
+    if s.adoption_policy not in ADOPTION_POLICIES:
+        raise ValueError(f"stream.global_policy: unknown policy {s.adoption_policy!r} (known: "
+                         f"{', '.join(ADOPTION_POLICIES)})")
+    if not 0.0 <= s.adoption_blend_weight <= 1.0:
+        raise ValueError(f"stream.blend_weight must be in [0, 1], got {s.adoption_blend_weight}")
 
 
 def _make_model(s: DetectorSettings) -> SubspaceModel | DenseAutoencoder | LSTMAutoencoder:

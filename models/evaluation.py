@@ -11,9 +11,9 @@ Protocol (no test label is used for anything but the final metrics):
    ``local``: every device alone. ``federated``: every ``round_every`` readings per device, each device
    snapshots, the strategy (FedAvg by default) aggregates the snapshots in the vector space of
    `models.updates.codec_for` (`models.federation` for the subspace kind), and every device adopts the result
-   by ``global_policy`` (``blend``: a fixed share ``blend_weight``; ``validated``: a share per device and round
-   chosen on its own recent readings, `DeviceDetector.adopt_global`), as the stream job does with the Spark
-   aggregation job.
+   by the adoption policy of its own settings (``stream.global_policy``: ``prior``, ``blend`` a fixed share
+   ``stream.blend_weight``, ``validated`` a share per device and round chosen on its own recent readings, or
+   ``replace``; `DeviceDetector.adopt_global`), as the stream job does with the Spark aggregation job.
    ``centralized``: one model learns every device's readings (interleaved micro-batch by micro-batch); the
    per-device parts (feature buffer, scaler, residual scales, threshold) stay per device, so only how the model
    is shared differs from ``federated``.
@@ -126,8 +126,7 @@ class FleetEvaluator:
                  validation_fraction: float = 0.2, threshold_cfg: Mapping[str, Any] | None = None,
                  extra_models: Mapping[str, Callable[[], Any]] | None = None, seed: int = 0,
                  progress: Progress | None = None, protocol: str = "stream", micro_batch: int = 16,
-                 round_every: int = 500, global_policy: str = "blend", blend_weight: float = 0.5,
-                 incident_gap: int = 10):
+                 round_every: int = 500, incident_gap: int = 10):
         missing = sorted(set(test) - set(train))
         if missing:
             raise ValueError(f"devices in test without training data: {missing[:5]}")
@@ -150,7 +149,6 @@ class FleetEvaluator:
         self.say = progress or (lambda line: None)
         self.protocol = protocol
         self.micro_batch, self.round_every = int(micro_batch), int(round_every)
-        self.global_policy, self.blend_weight = global_policy, float(blend_weight)
         self.incident_gap = int(incident_gap)
         self.result = FleetEvaluation(report={})
 
@@ -263,7 +261,7 @@ class FleetEvaluator:
                 adopted = codec.weights_from_vector(cluster_weights[clusters[d]][0], like)
             else:
                 adopted = global_weights
-            share = detectors[d].adopt_global(adopted, facts["rounds"], self.global_policy, self.blend_weight)
+            share = detectors[d].adopt_global(adopted, facts["rounds"])
             facts["adoptions"] = facts.get("adoptions", 0) + 1
             facts["adopted_share_sum"] = facts.get("adopted_share_sum", 0.0) + float(share)
             facts["adoptions_kept_own"] = facts.get("adoptions_kept_own", 0) + int(share == 0.0)
@@ -282,7 +280,7 @@ class FleetEvaluator:
             facts = {k: v for k, v in facts.items() if k not in ("rounds", "bytes_per_round", "model_bytes")}
         else:
             facts["strategy"] = type(self.strategy).__name__
-            facts["global_policy"] = self.global_policy
+            facts.update(adoption_settings(detectors[self.devices[0]]))
             # Share of the global model blended in per adoption (blend: the missing part of the target share).
             facts["mean_adopted_share"] = facts.pop("adopted_share_sum", 0.0) / max(facts.get("adoptions", 0), 1)
             self.result.report["bytes_per_round"] = facts["bytes_per_round"]
@@ -381,13 +379,22 @@ class FleetEvaluator:
         self.result.report.update({
             "devices": len(self.devices), "protocol": self.protocol, "test_rows": int(len(y)),
             "anomaly_rate": float(y.mean()) if len(y) else math.nan, "incident_gap": self.incident_gap,
-            **({"micro_batch": self.micro_batch, "round_every": self.round_every, "global_policy": self.global_policy,
-                "blend_weight": self.blend_weight} if stream else {"rounds": self.rounds,
+            **({"micro_batch": self.micro_batch, "round_every": self.round_every,
+                **adoption_settings(self.model_factory())} if stream else {"rounds": self.rounds,
                                                                     "local_epochs": self.local_epochs}),
             "normalisation": "robust z per device from calibration scores",
             "operating_flags": f"detectors: {detectors}; baselines: threshold {self.threshold_cfg.get('kind')} "
                                "on calibration scores"})
         return self.result
+
+
+def adoption_settings(detector: Any) -> dict:
+    """How `detector` adopts global models (``global_policy``, ``blend_weight``), for reports; empty for models
+    without detector settings."""
+    settings = getattr(detector, "settings", None)
+    if settings is None:
+        return {}
+    return {"global_policy": settings.adoption_policy, "blend_weight": settings.adoption_blend_weight}
 
 
 def evaluate_fleet(train: Train, test: Test, model_factory: Callable[[], Any], rounds: int = 10,
@@ -398,8 +405,7 @@ def evaluate_fleet(train: Train, test: Test, model_factory: Callable[[], Any], r
     ``train``: device → X (n, d); ``test``: device → (X, y). ``model_factory()`` returns a fresh, identically
     seeded `DeviceDetector` (or any model with ``process_many`` / ``snapshot`` / ``adopt_global`` for the stream
     protocol, ``learn_many`` / ``score_many`` / ``get_weights`` / ``set_weights`` / ``architecture`` for the
-    batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``global_policy``,
-    ``blend_weight``, ``incident_gap``, ``strategy`` (default `FedAvg()`), ``finetune_epochs``,
+    batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``incident_gap``, ``strategy`` (default `FedAvg()`), ``finetune_epochs``,
     ``validation_fraction``, ``threshold_cfg``, ``extra_models`` (name → factory of a ``fit``/``score`` detector,
     run per device), ``seed``, ``progress``, ``models`` (which of `ALL_MODELS` to run).
     """

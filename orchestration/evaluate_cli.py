@@ -205,7 +205,6 @@ def run_evaluate(args, cfg) -> int:
         local_epochs=args.local_epochs, strategy=make_strategy(cfg), finetune_epochs=args.finetune_epochs,
         threshold_cfg=threshold_cfg, seed=args.seed, progress=say, protocol=protocol,
         micro_batch=cfg.stream.micro_batch_size, round_every=cfg.stream.snapshot_every,
-        global_policy=cfg.stream.global_policy, blend_weight=cfg.stream.blend_weight,
         incident_gap=cfg.incidents.gap_readings, models=[m.strip() for m in args.models.split(",") if m.strip()])
     report = {"dataset": dataset, "model": kind, "metrics": names if len(names) <= 40 else len(names), **facts,
               **evaluation.report, "quick": args.quick, "seconds": round(time.monotonic() - started, 1)}

@@ -53,8 +53,6 @@ class StreamOptions:
     timestamp_window_ms: int  # 0: any event time is accepted (replays)
     snapshot_every: int
     snapshot_interval_ms: int
-    global_policy: str
-    blend_weight: float
     telemetry_topic: str
     global_model_topic: str
     feedback_topic: str
@@ -67,8 +65,7 @@ class StreamOptions:
         stream, topics = cfg.stream, cfg.kafka.topics
         return cls(micro_batch_size=stream.micro_batch_size, timestamp_window_ms=stream.timestamp_window_s * 1000,
                    snapshot_every=stream.snapshot_every,
-                   snapshot_interval_ms=stream.snapshot_interval_s * 1000, global_policy=stream.global_policy,
-                   blend_weight=stream.blend_weight, telemetry_topic=topics.telemetry,
+                   snapshot_interval_ms=stream.snapshot_interval_s * 1000, telemetry_topic=topics.telemetry,
                    global_model_topic=topics.global_model, feedback_topic=topics.feedback,
                    max_version_gap=cfg.integrity.max_version_gap, secure_aggregation=cfg.privacy.secure_aggregation,
                    feedback=FeedbackSettings.from_config(cfg))
@@ -206,8 +203,7 @@ class StreamScoring:
                 or (device_id, newest.version) in self.refused_global):
             return
         try:
-            detector.adopt_global(newest.weights, newest.version, self.options.global_policy,
-                                  self.options.blend_weight)
+            detector.adopt_global(newest.weights, newest.version, self.settings)
             out.counts["global_models_adopted"] += 1
         except ValueError as exc:  # shapes of another architecture
             out.counts["global_models_rejected"] += 1

@@ -1,5 +1,5 @@
 """The validated adoption policy: a device takes the share of a global model that fits its own recent readings
-best (`models.federation.validated_blend`, `DeviceDetector.adopt_global(policy="validated")`), label-free."""
+best (`models.federation.validated_blend`, `DeviceDetector.adopt_global` under `adoption_policy="validated"`), label-free."""
 import math
 
 import numpy as np
@@ -75,9 +75,9 @@ def test_detector_takes_the_global_model_that_fits_its_recent_readings_and_refus
     fleet = feed(make(), readings(1500, seed=1))                    # the relation the device sees now
     stranger = feed(make(), readings(1500, seed=2, flip=True))     # another relation
     device = feed(make(), np.vstack([readings(1500, seed=3, flip=True), readings(200, seed=4)]))
-    assert device.adopt_global(stranger.get_weights(), version=1, policy="validated") == 0.0
+    assert device.adopt_global(stranger.get_weights(), version=1) == 0.0
     before = device.get_weights()
-    share = device.adopt_global(fleet.get_weights(), version=2, policy="validated")
+    share = device.adopt_global(fleet.get_weights(), version=2)
     assert share > 0.0 and device.global_version == 2
     assert not np.allclose(device.get_weights()[1], before[1])
     assert device.model.global_share == pytest.approx(share, abs=0.05)
@@ -87,7 +87,7 @@ def test_identical_local_and_global_models_change_nothing():
     det = feed(make(), readings(800))
     state = det.to_bytes()
     local = det.get_weights()
-    assert det.adopt_global([w.copy() for w in local], version=1, policy="validated") == 0.0
+    assert det.adopt_global([w.copy() for w in local], version=1) == 0.0
     for after, before in zip(det.get_weights(), local):
         np.testing.assert_array_equal(after, before)
     assert det.model.global_share == 0.0 and det.global_version == 1
@@ -102,7 +102,7 @@ def test_validated_adoption_is_deterministic_and_survives_a_restart():
     for _ in range(2):
         det = feed(make(), readings(900, seed=6))
         det = DeviceDetector.from_bytes(det.to_bytes())   # the held readings are part of the state
-        share = det.adopt_global(global_weights, version=1, policy="validated")
+        share = det.adopt_global(global_weights, version=1)
         runs.append((share, det.get_weights(), det.to_bytes()))
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1], runs[1][1]):
@@ -114,7 +114,7 @@ def test_without_held_readings_the_validated_policy_blends_the_configured_share(
     det = feed(make(adoption_readings=64), readings(20))            # fewer than half the validation readings
     other = feed(make(), readings(600, seed=7, flip=True))
     local_mean = subspace_moments(det.get_weights())[0]
-    assert det.adopt_global(other.get_weights(), version=1, policy="validated", blend_weight=0.5) == 0.5
+    assert det.adopt_global(other.get_weights(), version=1) == 0.5
     np.testing.assert_allclose(subspace_moments(det.get_weights())[0],
                                0.5 * local_mean + 0.5 * subspace_moments(other.get_weights())[0], atol=1e-5)
 
@@ -144,16 +144,16 @@ def test_prior_policy_gives_the_global_model_the_weight_of_a_fixed_number_of_rea
     """MAP adaptation: share prior / (prior + readings learned): a young device takes much of the fleet's model, a
     device with much data of its own little; prior 0 keeps its own model."""
     fleet = feed(make(), readings(1500, seed=12, flip=True)).get_weights()
-    young, old = feed(make(adoption_prior_readings=500), readings(500)), feed(make(adoption_prior_readings=500),
-                                                                             readings(4500))
-    assert young.adopt_global(fleet, version=1, policy="prior") == pytest.approx(0.5)
-    assert old.adopt_global(fleet, version=1, policy="prior") == pytest.approx(0.1)
+    young = feed(make(adoption_policy="prior", adoption_prior_readings=500), readings(500))
+    old = feed(make(adoption_policy="prior", adoption_prior_readings=500), readings(4500))
+    assert young.adopt_global(fleet, version=1) == pytest.approx(0.5)
+    assert old.adopt_global(fleet, version=1) == pytest.approx(0.1)
     assert young.model.global_share == pytest.approx(0.5) and old.model.global_share == pytest.approx(0.1)
     before = young.get_weights()
-    assert young.adopt_global(fleet, version=2, policy="prior") == 0.0   # nothing learned since: nothing missing
-    none = feed(make(adoption_prior_readings=0), readings(500))
+    assert young.adopt_global(fleet, version=2) == 0.0   # nothing learned since: nothing missing
+    none = feed(make(adoption_policy="prior", adoption_prior_readings=0), readings(500))
     before_none = none.get_weights()
-    assert none.adopt_global(fleet, version=1, policy="prior") == 0.0
+    assert none.adopt_global(fleet, version=1) == 0.0
     for det, weights in ((young, before), (none, before_none)):
         for a, b in zip(det.get_weights(), weights):
             np.testing.assert_array_equal(a, b)

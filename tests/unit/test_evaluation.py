@@ -134,8 +134,7 @@ def test_adoption_shares_are_reported_per_policy():
     def federated(policy):
         factory = lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0,  # noqa: E731
                                                 adoption_policy=policy)
-        return evaluate_fleet(train, test, factory, micro_batch=16, round_every=100, global_policy=policy,
-                              models=("federated",)).report["models"]["federated"]
+        return evaluate_fleet(train, test, factory, micro_batch=16, round_every=100, models=("federated",)).report["models"]["federated"]
 
     blend, validated = federated("blend"), federated("validated")
     assert blend["adoptions"] == validated["adoptions"] == 3 * 8

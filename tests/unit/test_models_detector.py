@@ -1,4 +1,6 @@
 """DeviceDetector: the contract of docs/contracts.md, for every kind of model."""
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -23,6 +25,11 @@ def normal_readings(n, seed=0):
     base = 0.5 + 0.2 * np.sin(t / 10.0)
     X = np.stack([base, 0.8 * base + 0.1, 1.0 - base, 0.3 + 0.1 * np.cos(t / 7.0)], axis=1)
     return X + rng.normal(0, 0.01, size=X.shape)
+
+
+def adoption(det, policy, blend_weight=0.5):
+    """`det`'s settings with another adoption policy (as a job with a changed configuration passes them)."""
+    return dataclasses.replace(det.settings, adoption_policy=policy, adoption_blend_weight=blend_weight)
 
 
 def make(**overrides):
@@ -160,17 +167,22 @@ def test_adopt_global_replace_and_blend():
     global_weights = [np.ones_like(w) for w in local]
     blended = make()
     blended.set_weights(local)
-    blended.adopt_global(global_weights, version=3, policy="blend", blend_weight=0.25)
+    blended.adopt_global(global_weights, 3, adoption(blended, "blend", 0.25))
     for b, w in zip(blended.get_weights(), local):
         np.testing.assert_allclose(b, 0.75 * w + 0.25)
-    det.adopt_global(global_weights, version=4, policy="replace")
+    det.adopt_global(global_weights, 4, adoption(det, "replace"))
     assert det.global_version == 4
     for w in det.get_weights():
         np.testing.assert_array_equal(w, 1.0)
     with pytest.raises(ValueError, match="weight array"):
         det.adopt_global(global_weights[:-1] + [np.ones(7)], version=5)
     with pytest.raises(ValueError, match="global_policy"):
-        det.adopt_global(global_weights, version=5, policy="average")
+        det.adopt_global(global_weights, 5, adoption(det, "average"))
+    with pytest.raises(ValueError, match="blend_weight"):
+        det.adopt_global(global_weights, 5, adoption(det, "blend", 1.5))
+    with pytest.raises(ValueError, match="blend_weight"):
+        make(adoption_blend_weight=-0.1)
+    assert det.global_version == 4   # refused: nothing taken
 
 
 def test_subspace_blend_mixes_covariances_and_does_not_compound():
@@ -182,17 +194,17 @@ def test_subspace_blend_mixes_covariances_and_does_not_compound():
     local_mean, local_C = subspace_moments(det.get_weights())
     global_weights = other.get_weights()
     global_mean, global_C = subspace_moments(global_weights)
-    det.adopt_global(global_weights, version=1, policy="blend", blend_weight=0.5)
+    det.adopt_global(global_weights, 1, adoption(det, "blend"))
     mean, C = subspace_moments(det.get_weights())
     np.testing.assert_allclose(mean, 0.5 * local_mean + 0.5 * global_mean, atol=1e-5)
     mixture = 0.5 * local_C + 0.5 * global_C + 0.25 * np.outer(local_mean - global_mean, local_mean - global_mean)
     np.testing.assert_allclose(np.diag(C), np.diag(mixture), atol=1e-4)   # the diagonal is exact
     assert det.model.global_share == 0.5
-    det.adopt_global(global_weights, version=2, policy="blend", blend_weight=0.5)   # no readings since: no change
+    det.adopt_global(global_weights, 2, adoption(det, "blend"))   # no readings since: no change
     np.testing.assert_allclose(det.get_weights()[1], mean, atol=1e-6)
     feed(det, normal_readings(500, seed=1))
     assert 0.2 < det.model.global_share < 0.5      # the global part decays as the device learns ...
-    det.adopt_global(global_weights, version=3, policy="blend", blend_weight=0.5)
+    det.adopt_global(global_weights, 3, adoption(det, "blend"))
     assert det.model.global_share == 0.5           # ... and only the missing part is blended in again
 
 

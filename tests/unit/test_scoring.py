@@ -35,7 +35,7 @@ def cfg_defaults():
 
 def options(**overrides) -> StreamOptions:
     values = dict(micro_batch_size=4, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
-                  global_policy="replace", blend_weight=0.5, telemetry_topic="t.telemetry",
+                  telemetry_topic="t.telemetry",
                   global_model_topic="t.global", feedback_topic="t.feedback", max_version_gap=10,
                   secure_aggregation=False, feedback=FEEDBACK_SETTINGS)
     return StreamOptions(**{**values, **overrides})
@@ -344,6 +344,25 @@ def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_onc
     assert "global_models_rejected" not in out.counts and state.detector.global_version == 1
     _, out = scoring.score(None, "b", [columns("b", 0, 4)], models, 1_000)
     assert out.counts["global_models_rejected"] == 1 and not out.dead_letters  # one dead letter per version
+
+
+def test_adoption_follows_the_jobs_configured_policy_not_the_one_a_restored_state_was_made_with(settings):
+    """A device's state made under one policy, restored into a job configured with another: the job's wins (one
+    source, `stream.global_policy` through the job's `DetectorSettings`)."""
+    import dataclasses
+    made_under_blend = scoring_with(dataclasses.replace(settings, adoption_policy="blend"))
+    state, _ = run(made_under_blend, "a", 1)
+    state = pickle.loads(pickle.dumps(state))      # a checkpoint restored after a configuration change
+    assert state.detector.settings.adoption_policy == "blend"
+    target = [np.full_like(w, 0.01) for w in state.detector.get_weights()]
+    models = Broadcasts()
+    replacing = scoring_with(dataclasses.replace(settings, adoption_policy="replace"))
+    replacing.receive_broadcast(model_record(target, 1), models, report=False)
+    state, out = replacing.score(state, "a", [columns("a", 4, 4)], models, 1_000)
+    assert out.counts["global_models_adopted"] == 1 and state.detector.global_version == 1
+    assert len(state.detector.get_weights()) == len(target)
+    for w in state.detector.get_weights():   # replaced (then 4 readings learned: close to 0.01, not the old ones)
+        assert np.allclose(w, 0.01, atol=0.05)
 
 
 def test_state_and_scoring_survive_pickling(settings):
