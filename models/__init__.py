@@ -5,8 +5,8 @@ Per-device detection (River-style: ``learn_one``/``score_one`` and ``*_many`` ba
 - `models.detector.DeviceDetector` — ``create(metric_names, cfg=None, **overrides)``, ``process_many(X, seqs,
   ts)`` (score, then learn) → `DetectionResult` (scores, thresholds, is_anomaly, p_values, z_scores, top_metrics,
   metric_shares, incident_starts, incidents, drift, n_imputed), ``score_many``, ``learn_many``,
-  ``to_bytes``/``from_bytes``, ``get_weights``/``set_weights``, ``adopt_global(weights, version[,
-  settings])`` (the policy of its settings), ``snapshot()``, ``expire_incidents(now_ts)``; settings in `DetectorSettings`.
+  ``to_bytes``/``from_bytes``, ``get_weights``/``set_weights``, ``adopt_global(weights, version)``
+  (the policy of its settings), ``reconfigure(settings)``, ``snapshot()``, ``expire_incidents(now_ts)``; settings in `DetectorSettings`.
 - `models.subspace.SubspaceModel` — online PCA (low-rank covariance with forgetting) over windows: the default.
 - `models.residuals.ResidualScale` — each input's typical residual; the score is the mean of squared residuals
   divided by it. `models.incidents.IncidentTracker`, `models.drift.DriftMonitor` — incidents and drift.

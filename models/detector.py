@@ -25,7 +25,7 @@ from models.residuals import ResidualScale, largest_shares, metric_shares
 from models.scaler import RunningScaler
 from models.serialization import SerializationError, dumps, loads
 from models.subspace import SubspaceModel
-from models.thresholds import make_threshold, threshold_from_arrays
+from models.thresholds import OnlineThreshold, make_threshold, threshold_from_arrays
 
 ARCHITECTURE = "flead.device-detector/3"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace;
 #                                            /3: recent readings for the validated adoption policy)
@@ -63,6 +63,14 @@ NESTED_SETTINGS = {
     "adoption_readings": ("model.adoption", "validation_readings"),
     "adoption_prior_readings": ("model.adoption", "prior_readings"),
 }
+
+
+#: Settings a device that has learned can take at any time (a changed configuration applies to it on restore,
+#: `DeviceDetector.reconfigure`); every other setting shapes its features or model and stays as it was created.
+TUNABLE_SETTINGS = ("warmup", "top_k_metrics", "threshold_kind", "target_false_alarm_rate", "sigma_k", "history",
+                    "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms", "adoption_policy",
+                    "adoption_blend_weight", "adoption_candidates", "adoption_readings", "adoption_prior_readings")
+THRESHOLD_SETTINGS = ("threshold_kind", "target_false_alarm_rate", "sigma_k", "history")
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,10 @@ class DetectorSettings:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def tunable(self) -> tuple:
+        """The values of `TUNABLE_SETTINGS`, in that order."""
+        return tuple(getattr(self, name) for name in TUNABLE_SETTINGS)
+
     @property
     def feature_lags(self) -> tuple[int, ...]:
         """Lags the feature builder adds: the configured ones, and for the subspace kind its causal window
@@ -221,8 +233,7 @@ class DeviceDetector:
         self.model.initialize(self.features.n_features)
         self.residual_scale = ResidualScale(s.residual_half_life, s.residual_floor,
                                             recent_half_life=s.drift_block_readings)
-        self.threshold = make_threshold({"kind": s.threshold_kind, "target_false_alarm_rate":
-                                         s.target_false_alarm_rate, "sigma_k": s.sigma_k, "history": s.history})
+        self.threshold = _make_threshold(s)
         self.drift = DriftMonitor(s.target_false_alarm_rate, s.drift_block_readings, s.drift_blocks, s.drift_alpha)
         self.incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
                                          s.top_k_metrics)
@@ -233,11 +244,37 @@ class DeviceDetector:
         self._n_since_snapshot = 0
         self._loss: float | None = None  # mean squared residual of the last batch (models without their own loss)
         check_adoption(s)
-        # The validated adoption policy's held data: the last `adoption_readings` readings (and the window before
-        # them), float32, raw; kept only under that policy.
-        self._recent_kept = (s.adoption_readings + self.features.memory
-                             if s.adoption_policy == "validated" and s.adoption_readings > 0 else 0)
+        self._recent_kept = self._readings_to_hold(s)
         self.held_readings = np.zeros((0, len(self.metric_names)), dtype=np.float32)
+
+    def _readings_to_hold(self, s: DetectorSettings) -> int:
+        """The validated adoption policy's held data: the last `adoption_readings` readings (and the window before
+        them), float32, raw; kept only under that policy."""
+        return (s.adoption_readings + self.features.memory
+                if s.adoption_policy == "validated" and s.adoption_readings > 0 else 0)
+
+    def reconfigure(self, settings: DetectorSettings) -> bool:
+        """Take the `TUNABLE_SETTINGS` of `settings` (a changed configuration, for a device restored from state
+        made under the old one), keeping what was learned: the threshold refits on its recent scores under its new
+        kind and rate, the drift monitor keeps its counted blocks, the open incident stays open. Settings that
+        shape features or model are kept as they were. Returns whether anything changed."""
+        tuned = dataclasses.replace(self.settings, **dict(zip(TUNABLE_SETTINGS, settings.tunable())))
+        if tuned == self.settings:
+            return False
+        check_adoption(tuned)
+        if any(getattr(tuned, n) != getattr(self.settings, n) for n in THRESHOLD_SETTINGS):
+            threshold = _make_threshold(tuned)
+            threshold.history.extend(self.threshold.history.values())
+            threshold.refit()
+            self.threshold = threshold
+        self.drift.retune(tuned.target_false_alarm_rate, tuned.drift_alpha)
+        self.incidents.gap_readings, self.incidents.gap_ms = tuned.incident_gap_readings, tuned.incident_gap_ms
+        self.incidents.top_k = tuned.top_k_metrics
+        self._recent_kept = self._readings_to_hold(tuned)
+        if not self._recent_kept:
+            self.held_readings = self.held_readings[:0]
+        self.settings = tuned
+        return True
 
     @classmethod
     def create(cls, metric_names: Sequence[str], cfg: Any, **overrides: Any) -> "DeviceDetector":
@@ -462,11 +499,9 @@ class DeviceDetector:
     def set_weights(self, weights: list[np.ndarray]) -> None:
         self.model.set_weights(weights)
 
-    def adopt_global(self, weights: list[np.ndarray], version: int,
-                     settings: DetectorSettings | None = None) -> float:
-        """Take a global model by the adoption policy of `settings` (default: the detector's own; the stream job
-        passes the settings of its current configuration, so a changed `stream.global_policy` applies to devices
-        restored from older state too): ``replace`` the weights, or ``blend`` them, ``(1 − b)·local + b·global`` in the
+    def adopt_global(self, weights: list[np.ndarray], version: int) -> float:
+        """Take a global model by the adoption policy of the detector's settings (`stream.global_policy`; a changed
+        configuration reaches a restored device through `reconfigure`): ``replace`` the weights, or ``blend`` them, ``(1 − b)·local + b·global`` in the
         federated space of `models.federation` (network weights; for the subspace model the mean and second
         moment, i.e. the covariances, not the factors), or ``validated``: blend by the share among
         `adoption_candidates` whose model has the lowest median score on the device's last `adoption_readings`
@@ -484,8 +519,7 @@ class DeviceDetector:
         of its own statistics instead of 1 − b. Optimiser moments, residual scales and the threshold are kept:
         they describe the device and re-adapt.
         """
-        s = self.settings if settings is None else settings
-        check_adoption(s)
+        s = self.settings
         policy, blend_weight = s.adoption_policy, s.adoption_blend_weight
         local = self.get_weights()
         check_weight_shapes(local, weights)
@@ -589,6 +623,11 @@ class DeviceDetector:
         else:
             det._loss = loss
         return det
+
+
+def _make_threshold(s: DetectorSettings) -> OnlineThreshold:
+    return make_threshold({"kind": s.threshold_kind, "target_false_alarm_rate": s.target_false_alarm_rate,
+                           "sigma_k": s.sigma_k, "history": s.history})
 
 
 def check_adoption(s: DetectorSettings) -> None:

@@ -131,6 +131,11 @@ class DriftMonitor:
                     self.restart()
         return detected
 
+    def retune(self, target_rate: float, alpha: float) -> None:
+        """Take another target false-alarm rate and significance level, keeping the blocks counted so far."""
+        tuned = DriftMonitor(target_rate, self.block_readings, self.blocks, alpha)   # checks them
+        self.target_rate, self.alpha, self.min_flags = tuned.target_rate, tuned.alpha, tuned.min_flags
+
     def restart(self) -> None:
         """Start afresh (after a drift): forget the blocks."""
         self.completed[:] = 0

@@ -41,7 +41,8 @@ from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL
 
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
-            "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events", "values_winsorised")
+            "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events", "values_winsorised",
+            "devices_reconfigured")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -105,6 +106,7 @@ class StreamScoring:
 
     def __init__(self, settings: DetectorSettings, options: StreamOptions):
         self.settings = settings
+        self._tunable = settings.tunable()
         self.options = options
         self.key: bytes | None = None
         self.refused_global: set[tuple[str, int]] = set()  # (device, version) whose shapes did not fit
@@ -203,7 +205,7 @@ class StreamScoring:
                 or (device_id, newest.version) in self.refused_global):
             return
         try:
-            detector.adopt_global(newest.weights, newest.version, self.settings)
+            detector.adopt_global(newest.weights, newest.version)
             out.counts["global_models_adopted"] += 1
         except ValueError as exc:  # shapes of another architecture
             out.counts["global_models_rejected"] += 1
@@ -246,6 +248,9 @@ class StreamScoring:
         if state is None:
             state = DeviceState(DeviceDetector(list(batches[0].names), self.settings), now_ms)
         detector = state.detector
+        if detector.settings.tunable() != self._tunable:   # state made under another configuration
+            detector.reconfigure(self.settings)
+            out.counts["devices_reconfigured"] += 1
         self.adopt_newest(broadcasts, device_id, detector, out)
         X = np.concatenate([self.model_columns(detector, batch) for batch in batches])
         for batch in batches:

@@ -28,8 +28,9 @@ def normal_readings(n, seed=0):
 
 
 def adoption(det, policy, blend_weight=0.5):
-    """`det`'s settings with another adoption policy (as a job with a changed configuration passes them)."""
-    return dataclasses.replace(det.settings, adoption_policy=policy, adoption_blend_weight=blend_weight)
+    """`det` reconfigured to another adoption policy (as a job with a changed configuration does)."""
+    det.reconfigure(dataclasses.replace(det.settings, adoption_policy=policy, adoption_blend_weight=blend_weight))
+    return det
 
 
 def make(**overrides):
@@ -167,22 +168,50 @@ def test_adopt_global_replace_and_blend():
     global_weights = [np.ones_like(w) for w in local]
     blended = make()
     blended.set_weights(local)
-    blended.adopt_global(global_weights, 3, adoption(blended, "blend", 0.25))
+    adoption(blended, "blend", 0.25).adopt_global(global_weights, 3)
     for b, w in zip(blended.get_weights(), local):
         np.testing.assert_allclose(b, 0.75 * w + 0.25)
-    det.adopt_global(global_weights, 4, adoption(det, "replace"))
+    adoption(det, "replace").adopt_global(global_weights, 4)
     assert det.global_version == 4
     for w in det.get_weights():
         np.testing.assert_array_equal(w, 1.0)
     with pytest.raises(ValueError, match="weight array"):
         det.adopt_global(global_weights[:-1] + [np.ones(7)], version=5)
     with pytest.raises(ValueError, match="global_policy"):
-        det.adopt_global(global_weights, 5, adoption(det, "average"))
+        adoption(det, "average")
     with pytest.raises(ValueError, match="blend_weight"):
-        det.adopt_global(global_weights, 5, adoption(det, "blend", 1.5))
+        adoption(det, "blend", 1.5)
     with pytest.raises(ValueError, match="blend_weight"):
         make(adoption_blend_weight=-0.1)
     assert det.global_version == 4   # refused: nothing taken
+
+
+def test_reconfigure_takes_a_changed_configuration_and_keeps_what_was_learned():
+    """A device restored after its configuration changed: the tunable settings apply (its threshold refits on the
+    scores it holds at the new rate, drift and incidents retune), what shapes the model stays, the state keeps
+    the new settings, and doing it again changes nothing."""
+    det = make(kind="subspace", threshold_kind="quantile", target_false_alarm_rate=0.01)
+    feed(det, normal_readings(600))
+    cut, held, weights = det.threshold.threshold, det.threshold.history.count, det.get_weights()
+    wanted = DeviceDetector.create(METRICS, load_config(env={}), kind="ae", window=9, threshold_kind="quantile",
+                                   target_false_alarm_rate=0.2, drift_alpha=0.01, incident_gap_readings=3,
+                                   top_k_metrics=2, adoption_policy="validated").settings
+    assert det.reconfigure(wanted)
+    assert det.settings.target_false_alarm_rate == 0.2 and det.settings.kind == "subspace"   # model kept
+    assert det.settings.window == make().settings.window and det.settings.tunable() == wanted.tunable()
+    assert det.threshold.history.count == held and det.threshold.threshold < cut   # same scores, higher rate
+    assert det.drift.min_flags > make().drift.min_flags   # a 20 % rate needs more flags per block
+    assert (det.incidents.gap_readings, det.incidents.top_k) == (3, 2)
+    for after, before in zip(det.get_weights(), weights):
+        np.testing.assert_array_equal(after, before)
+    assert not det.reconfigure(wanted)
+    feed(det, normal_readings(50, seed=2), start=600)
+    assert det.held_readings.shape[0] > 0   # now under the validated policy: it holds readings
+    restored = DeviceDetector.from_bytes(det.to_bytes())
+    assert restored.settings == det.settings and restored.threshold.threshold == det.threshold.threshold
+    with pytest.raises(ValueError, match="global_policy"):
+        det.reconfigure(dataclasses.replace(wanted, adoption_policy="average"))
+    assert det.settings.adoption_policy == "validated"   # refused: nothing changed
 
 
 def test_subspace_blend_mixes_covariances_and_does_not_compound():
@@ -194,17 +223,17 @@ def test_subspace_blend_mixes_covariances_and_does_not_compound():
     local_mean, local_C = subspace_moments(det.get_weights())
     global_weights = other.get_weights()
     global_mean, global_C = subspace_moments(global_weights)
-    det.adopt_global(global_weights, 1, adoption(det, "blend"))
+    adoption(det, "blend").adopt_global(global_weights, 1)
     mean, C = subspace_moments(det.get_weights())
     np.testing.assert_allclose(mean, 0.5 * local_mean + 0.5 * global_mean, atol=1e-5)
     mixture = 0.5 * local_C + 0.5 * global_C + 0.25 * np.outer(local_mean - global_mean, local_mean - global_mean)
     np.testing.assert_allclose(np.diag(C), np.diag(mixture), atol=1e-4)   # the diagonal is exact
     assert det.model.global_share == 0.5
-    det.adopt_global(global_weights, 2, adoption(det, "blend"))   # no readings since: no change
+    adoption(det, "blend").adopt_global(global_weights, 2)   # no readings since: no change
     np.testing.assert_allclose(det.get_weights()[1], mean, atol=1e-6)
     feed(det, normal_readings(500, seed=1))
     assert 0.2 < det.model.global_share < 0.5      # the global part decays as the device learns ...
-    det.adopt_global(global_weights, 3, adoption(det, "blend"))
+    adoption(det, "blend").adopt_global(global_weights, 3)
     assert det.model.global_share == 0.5           # ... and only the missing part is blended in again
 
 

@@ -346,9 +346,9 @@ def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_onc
     assert out.counts["global_models_rejected"] == 1 and not out.dead_letters  # one dead letter per version
 
 
-def test_adoption_follows_the_jobs_configured_policy_not_the_one_a_restored_state_was_made_with(settings):
-    """A device's state made under one policy, restored into a job configured with another: the job's wins (one
-    source, `stream.global_policy` through the job's `DetectorSettings`)."""
+def test_a_restored_device_takes_the_jobs_changed_configuration(settings):
+    """A device's state made under one adoption policy, restored into a job configured with another: the job's
+    policy applies (`DeviceDetector.reconfigure`, counted once)."""
     import dataclasses
     made_under_blend = scoring_with(dataclasses.replace(settings, adoption_policy="blend"))
     state, _ = run(made_under_blend, "a", 1)
@@ -360,9 +360,12 @@ def test_adoption_follows_the_jobs_configured_policy_not_the_one_a_restored_stat
     replacing.receive_broadcast(model_record(target, 1), models, report=False)
     state, out = replacing.score(state, "a", [columns("a", 4, 4)], models, 1_000)
     assert out.counts["global_models_adopted"] == 1 and state.detector.global_version == 1
+    assert out.counts["devices_reconfigured"] == 1 and state.detector.settings.adoption_policy == "replace"
     assert len(state.detector.get_weights()) == len(target)
     for w in state.detector.get_weights():   # replaced (then 4 readings learned: close to 0.01, not the old ones)
         assert np.allclose(w, 0.01, atol=0.05)
+    state, out = replacing.score(state, "a", [columns("a", 8, 4)], models, 1_000)
+    assert "devices_reconfigured" not in out.counts   # once
 
 
 def test_state_and_scoring_survive_pickling(settings):
