@@ -100,6 +100,17 @@ def roc_auc(y_true, scores) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def ranking_curves(y_true, scores) -> dict[str, np.ndarray]:
+    """ROC and precision-recall curves, one point per distinct score from the highest down: ``fpr``, ``tpr``
+    (starting at 0, 0), ``precision``, ``recall``. Their areas are `roc_auc` (trapezoids) and
+    `average_precision` (steps). Empty arrays when a class is missing."""
+    tps, fps, _ = _descending_counts(y_true, scores)
+    if len(tps) == 0 or tps[-1] == 0 or fps[-1] == 0:
+        return {k: np.zeros(0) for k in ("fpr", "tpr", "precision", "recall")}
+    return {"fpr": np.r_[0.0, fps / fps[-1]], "tpr": np.r_[0.0, tps / tps[-1]],
+            "precision": tps / (tps + fps), "recall": tps / tps[-1]}
+
+
 def average_precision(y_true, scores) -> float:
     """PR-AUC as average precision, Σ (Rₖ − Rₖ₋₁) Pₖ over distinct thresholds (sklearn's definition)."""
     tps, fps, _ = _descending_counts(y_true, scores)

@@ -59,6 +59,8 @@ def register(subparsers) -> None:
                         "default: this reproduces its protocol offline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the baselines and of the nsl-kdd client split")
     p.add_argument("--json", dest="json_out", help="write the report to this JSON file")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw the pooled ROC and precision-recall curves and the F1 figures of every model to this PNG")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['devices']} devices, {QUICK['train_rows']} rows each, "
                         f"{QUICK['rounds']} rounds (not for reporting)")
@@ -217,5 +219,10 @@ def run_evaluate(args, cfg) -> int:
         out.write_text(json.dumps(_without_nan(report), indent=1, default=lambda v: v.item()
                                   if isinstance(v, np.generic) else str(v)) + "\n")
         say(f"wrote {out}")
+    if args.plot:
+        from orchestration.evaluate_plot import plot_evaluation
+        title = (f"flead evaluate: {dataset}, {report['devices']} devices, {report['test_rows']} test readings, "
+                 f"{protocol} protocol, model {kind}")
+        say(f"wrote {plot_evaluation(evaluation, {d: y for d, (_, y) in test.items()}, title, args.plot)}")
     return 0
 

@@ -113,8 +113,10 @@ def test_flead_evaluate_quick_on_a_csv_pair(tmp_path, capsys):
         path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "report.json"
     code = main(["evaluate", "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv"),
-                 "--models", "federated,isolation_forest,pca,random", "--json", str(out)])
+                 "--models", "federated,isolation_forest,pca,random", "--json", str(out),
+                 "--plot", str(tmp_path / "plot.png")])
     assert code == 0
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"federated", "isolation_forest", "pca", "random"}
     assert report["protocol"] == "stream" and report["bytes_per_round"] > 0 and report["model"] == "subspace"

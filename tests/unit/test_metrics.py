@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve, precision_score, recall_score, \
-    roc_auc_score
+    roc_auc_score, roc_curve
 
 from models.metrics import (NAB_STANDARD_PROFILE, anomaly_segments, average_precision, best_f1, detection_delays,
                             detection_metrics, f1_point_adjusted, nab_point_rewards, nab_scaled_sigmoid, nab_score,
-                            nab_score_optimised, point_adjust, precision_recall_f1, roc_auc)
+                            nab_score_optimised, point_adjust, precision_recall_f1, ranking_curves, roc_auc)
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
@@ -34,6 +34,21 @@ def test_ranking_metrics_match_sklearn(data):
         return
     assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s))
     assert average_precision(y, s) == pytest.approx(average_precision_score(y, s))
+
+
+@settings(max_examples=80, deadline=None)
+@given(labelled_scores())
+def test_ranking_curves_are_sklearns_and_their_areas_are_the_aucs(data):
+    y, s = data
+    c = ranking_curves(y, s)
+    if y.min() == y.max():
+        assert all(len(v) == 0 for v in c.values())
+        return
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(c["fpr"], fpr)
+    np.testing.assert_allclose(c["tpr"], tpr)
+    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(roc_auc(y, s))
+    assert np.sum(np.diff(np.r_[0.0, c["recall"]]) * c["precision"]) == pytest.approx(average_precision(y, s))
 
 
 @settings(max_examples=80, deadline=None)
