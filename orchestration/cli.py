@@ -15,6 +15,7 @@ from config import ConfigError, load_config
 from services import supervisor
 from services.processes import PRIVATE_UMASK
 from services.service import SERVICE_VARIABLE
+from telemetry.readers import ReaderError
 
 # Modules that register commands, in the order `flead --help` lists them.
 COMMAND_MODULES = [
@@ -33,6 +34,7 @@ COMMAND_MODULES = [
 # `down` stops the supervisor; `up` starts it itself. (Nor does a service's own process, e.g. `flead sink run`
 # started by `flead sink start`, marked by SERVICE_VARIABLE: it may be exiting because `flead down` stops it.)
 COMMANDS_WITHOUT_SUPERVISOR = {"down", "up"}
+DEBUG_VARIABLE = "FLEAD_DEBUG"  # set: errors of input files and servers show their traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flead: interrupted", file=sys.stderr)
         return 130
+    except (ReaderError, OSError) as exc:   # a file that cannot be read, a server that cannot be reached
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        print(f"flead {args.command}: {exc} ({DEBUG_VARIABLE}=1 shows where)", file=sys.stderr)
+        return 2
     finally:
         os.umask(saved_umask)  # `main` also runs inside other programs (tests)
         if args.command not in COMMANDS_WITHOUT_SUPERVISOR and SERVICE_VARIABLE not in os.environ:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from telemetry.readers import MultiEntityCsvReader, NabReader, NslKddReader, Reader
+from telemetry.readers import MultiEntityCsvReader, NabReader, NslKddReader, Reader, ReaderError
 
 # NAB's "probationary period": the first 15% of each series, which detectors may learn from unscored.
 NAB_PROBATIONARY_FRACTION = 0.15
@@ -54,8 +54,11 @@ def load_multi_entity(train_path: Path | str, test_path: Path | str,
     test_reader = MultiEntityCsvReader(test_path, skip_bad=skip_bad)
     names = train_reader.metric_names
     if test_reader.metric_names != names:
-        raise ValueError(f"{test_path}: metric columns differ from {train_path}: "
-                         f"{test_reader.metric_names} vs {names}")
+        test_names = test_reader.metric_names
+        only_train, only_test = [n for n in names if n not in test_names], [n for n in test_names if n not in names]
+        detail = (f"only in the training file: {only_train[:10]}, only here: {only_test[:10]}"
+                  if only_train or only_test else "the same columns in another order")
+        raise ReaderError(test_path, 1, f"metric columns differ from {train_path}: {detail}")
     train = {device: X for device, (X, _) in device_arrays(train_reader).items()}
     return train, _labelled(device_arrays(test_reader), test_path), names
 

@@ -145,3 +145,16 @@ def test_adoption_shares_are_reported_per_policy():
     assert validated["global_policy"] == "validated"
     again = federated("validated")
     assert (again["mean_adopted_share"], again["roc_auc"]) == (validated["mean_adopted_share"], validated["roc_auc"])
+
+
+def test_unreadable_input_files_are_one_clear_line_not_a_traceback(tmp_path, capsys):
+    from orchestration.cli import main
+    test_file = tmp_path / "test.csv"
+    test_file.write_text("device_id,timestamp,cpu,mem,label\nd1,1704067200000,0.1,0.2,0\n")
+    train_file = tmp_path / "train.csv"
+    train_file.write_text("device_id,timestamp,cpu,disk,label\nd1,1704067200000,0.1,0.2,0\n")
+    assert main(["evaluate", "--train", str(tmp_path / "missing.csv"), "--test", str(test_file)]) == 2
+    assert "flead evaluate:" in capsys.readouterr().err
+    assert main(["evaluate", "--train", str(train_file), "--test", str(test_file)]) == 2
+    err = capsys.readouterr().err
+    assert "only in the training file: ['disk'], only here: ['mem']" in err and "Traceback" not in err
