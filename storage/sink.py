@@ -33,6 +33,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -273,8 +274,9 @@ class MongoSink:
                                                          msg.value()))
             else:
                 events.append(msg)
+        shares_to_decode = [(t, s) for t, s in zip(telemetry, scores) if t or s]
         pool = self._decoder()
-        decoding = [pool.submit(decode_streams, t, s) for t, s in zip(telemetry, scores) if t or s] if pool else []
+        decoding = self._submit(shares_to_decode)
         for msg in events:
             topic, raw = msg.topic(), msg.value()
             key, position = self.topic_keys[topic], f"{topic}:{msg.partition()}:{msg.offset()}"
@@ -285,7 +287,7 @@ class MongoSink:
                 self._refuse(batch, position, topic, exc.reason, raw)
             except SchemaViolation as exc:
                 self._refuse(batch, position, topic, str(exc), raw, record.get("device_id"))
-        results = ([future.result() for future in decoding] if pool
+        results = (self._decoded(decoding, shares_to_decode) if pool
                    else [decode_streams(telemetry[0], scores[0])])
         scores_topic = self.cfg.kafka.topics.scores
         for decoded in results:
@@ -296,6 +298,30 @@ class MongoSink:
             for refusal in decoded.refused:
                 self._refuse(batch, refusal.letter_id, scores_topic, refusal.reason, refusal.raw, refusal.device_id)
         return batch
+
+    def _submit(self, shares: list) -> list | None:
+        """Hand each (telemetry, scores) share to the decoding processes; None if they died meanwhile."""
+        if self.decoder is None:
+            return []
+        try:
+            return [self.decoder.submit(decode_streams, t, s) for t, s in shares]
+        except BrokenProcessPool:
+            return None
+
+    def _decoded(self, decoding: list | None, shares: list) -> list[Decoded]:
+        """The results of the decoding processes; if one died (killed, out of memory), new processes decode the
+        same shares again (counted as `decoder_restarts`): the sink goes on instead of failing the batch."""
+        try:
+            if decoding is not None:
+                return [future.result() for future in decoding]
+        except BrokenProcessPool:
+            pass
+        self.stats["decoder_restarts"] += 1
+        log.warning("a decoding process died; starting new ones and decoding the batch again")
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+        self.decoder = None
+        self._decoder()
+        return [future.result() for future in self._submit(shares)]
 
     def _decoder(self):
         """The processes that decode telemetry and scores (`sink.decode_processes`; None: this process does)."""

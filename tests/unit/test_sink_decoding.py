@@ -66,3 +66,60 @@ def test_bad_messages_and_records_each_get_a_refusal_with_their_position():
     assert "not a JSON object" in refused["scores:0:99"].reason and refused["scores:0:99"].raw == "[1, 2]"
     _, blocks = _by_device(decoded)
     assert 3 not in blocks["d2"][0]["seq"] and len(blocks["d2"][0]["seq"]) == 31
+
+
+class _Message:
+    """What the sink reads from a confluent-kafka message."""
+
+    def __init__(self, topic, key, value, offset):
+        self._topic, self._key, self._value, self._offset = topic, key, value, offset
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return self._topic
+
+    def key(self):
+        return self._key
+
+    def value(self):
+        return self._value
+
+    def partition(self):
+        return 0
+
+    def offset(self):
+        return self._offset
+
+
+def test_a_decoding_process_that_dies_is_replaced_and_the_batch_decoded_again():
+    """Killed (out of memory, an operator): the sink starts new decoding processes and decodes the same messages,
+    counted, instead of failing the batch; the result equals decoding in this process."""
+    import os
+    import signal
+
+    from config import load_config
+    from storage.sink import MongoSink
+
+    cfg = load_config(env={"FLEAD_KAFKA_BOOTSTRAP": "127.0.0.1:1", "FLEAD_SINK_DECODE_PROCESSES": "2"})
+    telemetry, scores = _flush()
+    topics = cfg.kafka.topics
+    messages = ([_Message(topics.telemetry, k, v, i) for i, (k, v) in enumerate(telemetry)]
+                + [_Message(topics.scores, k.encode(), v, i) for i, (k, (_, v)) in
+                   enumerate(zip([t[0].decode() for t in telemetry], scores))])
+    sink = MongoSink(cfg)
+    try:
+        first = sink.decode(messages)
+        for pid in list(sink.decoder._processes):
+            os.kill(pid, signal.SIGKILL)
+        again = sink.decode(messages)
+        assert sink.stats["decoder_restarts"] == 1
+        assert sorted(b.device_id for b in again.readings) == sorted(b.device_id for b in first.readings) == ["d1", "d2"]
+        assert sum(len(b.seqs) for b in again.readings) == 5 * 16
+        assert sorted(b.device_id for b in again.scores) == ["d1", "d2"]
+        sink.decode(messages)
+        assert sink.stats["decoder_restarts"] == 1   # the new processes work
+    finally:
+        sink.decoder.shutdown(cancel_futures=True)
+        sink.consumer.close()
