@@ -358,7 +358,8 @@ def print_summary(summary: dict) -> None:
     print("\n================ FLEAD demo summary ================")
     print(f"readings     train {summary['readings']['train']:,}  test {summary['readings']['test']:,}  "
           f"scored {summary['readings']['scored']:,}")
-    print(f"throughput   {summary['throughput_readings_per_s']} readings/s (test part: replay start to last score)")
+    rate = summary["throughput_readings_per_s"]
+    print(f"throughput   {'n/a' if rate is None else f'{rate:,.0f}'} readings/s (test part: replay start to last score)")
     print(f"latency      p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms (test part: sent → "
           "scored)")
     print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part")
