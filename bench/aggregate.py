@@ -10,16 +10,20 @@ device a perturbed copy of one. Rows per N (each a fresh database):
 - ``numpy``: one Python process, no Spark: read the window's snapshots (one query), check each (signature, blob,
   structure, counters), choose one per device, encode (the codec), FedAvg with its checks, write the model
   (`round_documents`, in memory): the floor. Also encode, FedAvg and documents alone.
-- ``spark-submit``: the aggregate job as cron runs it (`--master local[*]`, `aggregation.spark_submit_options`):
-  wall time, and its parts: start-up (launcher and driver JVMs, SparkContext, Python driver), the round as the job
+- ``numpy ... from the topic``: the same with the window read from the snapshots topic in this process (one
+  consumer, `spark_jobs.topic_window.own_snapshots` with one part): the floor of the ``kafka`` source.
+- ``spark-submit``: the aggregate job as cron runs it (`--master local[*]`, `aggregation.spark_submit_options`),
+  once per snapshot source (`aggregation.snapshot_source`: ``mongodb``, ``kafka``, the snapshots published to a
+  topic of their own as the stream job publishes them): wall time, and its parts: start-up (launcher and driver JVMs, SparkContext, Python driver), the round as the job
   times it (read: what is left of the window's read once Spark is up, the read itself as ``read_ahead``, since it
   runs during the start-up; decode on the executors, aggregate in the partitions, write), and stopping.
 - ``spark warm``: `run_round` on a SparkContext that is already up (the scheduler's and the API's case).
 - with ``--strategies``: warm rounds of the other strategies (median, trimmed mean, clustered, DP-FedAvg) at the
   largest N.
 
-The headline is the spark-submit wall time at the largest N (issue 15: ≤ 10 s for 10,000 devices, start-up
-included); its floor the NumPy process. Publishing to Kafka is off (no broker): it adds one small message.
+The headline is the spark-submit wall time at the largest N with the ``kafka`` source (issue 15: ≤ 10 s for
+10,000 devices, start-up included); its floor the NumPy process reading the topic. The round's own publishing of
+the global model is off: it adds one small message.
 Numbers on a shared machine vary: `--repeat` runs each measurement that often and keeps every value.
 """
 from __future__ import annotations
@@ -107,6 +111,36 @@ def numpy_round(cfg) -> tuple[float, float, int]:
     return end - start, end - before, documents.model["n_participants"]
 
 
+def numpy_topic_round(cfg) -> float:
+    """Seconds of a round in this process with its window read from the snapshots topic: read (one consumer),
+    check, choose, encode, FedAvg, documents."""
+    from spark_jobs.aggregate_job import round_documents
+    from spark_jobs.snapshots import check_block, ConfiguredLayout, snapshot_limits
+    from spark_jobs.topic_window import read_own_snapshots, topic_watermarks, window_ranges
+
+    start = time.perf_counter()
+    key = signing_key(cfg)
+    window = window_ranges(cfg.kafka.topics.snapshots, topic_watermarks(cfg), None, first_round=True)
+    docs, _ = read_own_snapshots(cfg, window, 0, 1)
+    block = check_block(0, docs, key, None, ConfiguredLayout(cfg), snapshot_limits(cfg), keep_weights=True)
+    round_documents(cfg, None, block.choices, int(time.time() * 1000), key)
+    return time.perf_counter() - start
+
+
+def publish_snapshots(cfg, snaps: list[dict]) -> None:
+    """The snapshots on the snapshots topic as the stream job sends them (JSON values, lz4, no key)."""
+    import orjson
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": cfg.stream.sink_linger_ms,
+                         "compression.type": cfg.stream.sink_compression})
+    for snap in snaps:
+        producer.produce(cfg.kafka.topics.snapshots, orjson.dumps(snap))
+        producer.poll(0)
+    if producer.flush(60):
+        raise SystemExit(f"publishing snapshots to {cfg.kafka.topics.snapshots}: not all acknowledged in 60 s")
+
+
 def spark_submit_round(cfg, env: dict) -> dict:
     """One spark-submit of the aggregate job: wall seconds and where they went (the job's outcome line)."""
     from spark_jobs.session import worker_environment
@@ -120,7 +154,8 @@ def spark_submit_round(cfg, env: dict) -> dict:
                             capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"spark-submit failed:\n{result.stderr[-3000:]}")
+        errors = "\n".join(line for line in result.stderr.splitlines() if " INFO " not in line)
+        raise SystemExit(f"spark-submit failed ({result.returncode}):\n{errors[-3000:]}\n{result.stdout[-2000:]}")
     line = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"outcome"'))
     outcome, timeline = line["outcome"], line.get("timeline", {})
     if outcome["status"] != "aggregated":
@@ -167,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-aggregate-"))
     base_env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_MONGO_PORT": str(processes.free_port()),
-                "FLEAD_MONGO_URI": "", "SPARK_LOCAL_IP": "127.0.0.1"}
+                "FLEAD_KAFKA_PORT": str(processes.free_port()), "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port()),
+                "FLEAD_KAFKA_BOOTSTRAP": "", "FLEAD_MONGO_URI": "", "SPARK_LOCAL_IP": "127.0.0.1"}
     os.environ.update(base_env)
     cfg = load_config()
     rows: list[dict] = []
     sc = None
     try:
         stack.start_mongo(cfg)
+        stack.start_kafka(cfg)
         from spark_jobs.aggregate_job import run_round
         from spark_jobs.session import new_spark_context
 
@@ -187,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
                 numpy_s, strategy_s, participants = numpy_round(floor_cfg)
                 submit_cfg, submit_env, _ = fresh_database(f"bench_submit_{n}_{attempt}", snaps)
                 submit = spark_submit_round(submit_cfg, submit_env)
+                topic_env = {"FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "kafka",
+                             "FLEAD_KAFKA_TOPICS_SNAPSHOTS": f"bench.snapshots.{n}.{attempt}"}
+                topic_cfg, topic_env, _ = fresh_database(f"bench_topic_{n}_{attempt}", snaps, topic_env)
+                stack.ensure_topics(topic_cfg)
+                publish_snapshots(topic_cfg, snaps)
+                numpy_topic_s = numpy_topic_round(topic_cfg)
+                topic_submit = spark_submit_round(topic_cfg, topic_env)
                 warm_cfg, _, _ = fresh_database(f"bench_warm_{n}_{attempt}", snaps)
                 warm = run_round(sc, warm_cfg, publish_model=False)
                 assert warm.status == "aggregated" and warm.n_participants == participants, warm.message
@@ -195,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                      "devices": n, "seconds": numpy_s, "attempt": attempt},
                     {"name": f"numpy encode, fedavg, documents alone; {n} devices", "devices": n, "seconds": strategy_s,
                      "attempt": attempt},
-                    {"name": f"spark-submit end to end; {n} devices", "devices": n, "seconds": submit["wall_s"],
-                     "parts": submit, "attempt": attempt},
+                    {"name": f"numpy one process, from the topic: read, check, encode, fedavg, documents; {n} devices",
+                     "devices": n, "seconds": numpy_topic_s, "attempt": attempt},
+                    {"name": f"spark-submit end to end, from MongoDB; {n} devices", "devices": n,
+                     "seconds": submit["wall_s"], "parts": submit, "attempt": attempt},
+                    {"name": f"spark-submit end to end, from the topic; {n} devices", "devices": n,
+                     "seconds": topic_submit["wall_s"], "parts": topic_submit, "attempt": attempt},
                     {"name": f"spark warm run_round; {n} devices", "devices": n, "seconds": warm.duration_s,
                      "parts": warm.timings, "attempt": attempt},
                     {"name": f"(setup) storing {n} snapshots", "devices": n, "seconds": insert_s, "attempt": attempt},
@@ -225,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         parts = "  " + ", ".join(f"{k} {v:.2f}" for k, v in row["parts"].items()) if "parts" in row else ""
         print(f"{row['name']:70s} {row['seconds']:8.2f}{parts}")
     largest = sizes[-1]
-    end_to_end = [r["seconds"] for r in rows if r["name"] == f"spark-submit end to end; {largest} devices"]
-    floor = [r["seconds"] for r in rows
-             if r["name"] == f"numpy one process: read, check, encode, fedavg, documents; {largest} devices"]
-    headline = {"name": f"aggregation round through spark-submit, start-up included, {largest} devices (median of "
-                        f"{len(end_to_end)})", "value": float(np.median(end_to_end)), "unit": "s",
+    end_to_end = [r["seconds"] for r in rows
+                  if r["name"] == f"spark-submit end to end, from the topic; {largest} devices"]
+    floor = [r["seconds"] for r in rows if r["name"] == ("numpy one process, from the topic: read, check, encode, "
+                                                         f"fedavg, documents; {largest} devices")]
+    headline = {"name": f"aggregation round through spark-submit, start-up included, snapshots from the topic, "
+                        f"{largest} devices (median of {len(end_to_end)})", "value": float(np.median(end_to_end)),
+                "unit": "s",
                 "floor": float(np.median(floor))}
     result = {"headline": headline, "rows": rows, "spark_context_start_s": context_start_s, "quick": args.quick,
               "load_average": os.getloadavg(), "python": platform.python_version(), "numpy": np.__version__,

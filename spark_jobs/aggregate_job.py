@@ -5,10 +5,14 @@
 
 Read top to bottom (`run_round`); the I/O steps are thin, the round itself is the pure `round_documents`:
 
-1. Window (`read_window`). The round takes the snapshots created after the previous global model's
-   ``created_at`` and at or before the round's start (its cut-off). The new model's ``created_at`` is that
-   cut-off, so every snapshot falls into exactly one round, and a re-run with nothing new writes nothing.
-2. Spark (`checked_updates`). The window is read in one query (`aggregation.snapshot_read`); each device's
+1. Window (`read_input`). From MongoDB (`read_window`, `aggregation.snapshot_source` ``mongodb``): the snapshots
+   created after the previous global model's ``created_at`` and at or before the round's start (its cut-off); the
+   new model's ``created_at`` is that cut-off, so every snapshot falls into exactly one round, and a re-run with
+   nothing new writes nothing. From the snapshots topic (``kafka``): the offsets from where the previous round
+   ended to the ends the round took when it started (`spark_jobs.topic_window`; MongoDB when the topic cannot give
+   the whole window); the round's history keeps its end offsets (``snapshot_offsets``).
+2. Spark (`checked_updates`). The window is read in one query (`aggregation.snapshot_read`), or each partition
+   reads it from the topic; each device's
    snapshots go to one partition (`spark_jobs.partitions`), which checks each on its own (`spark_jobs.snapshots`:
    signature, blob, shapes, counters), keeps one per device (the newest whose counters follow the device's
    previous snapshot: a forged or implausible snapshot cannot displace a device's honest one) and encodes the
@@ -53,11 +57,14 @@ from models.updates import Update, codec_for, federated_vectors, flatten  # noqa
 from spark_jobs.partitions import round_blocks, warm_workers  # noqa: E402
 from spark_jobs.session import context_of  # noqa: E402
 from spark_jobs.snapshots import DeviceChoice, partitioned_summaries  # noqa: E402
+from spark_jobs.topic_window import (OFFSETS_FIELD, TopicWindow, end_offsets, topic_watermarks,  # noqa: E402
+                                     window_ranges)
 from storage.mongo import Store  # noqa: E402
 from telemetry.schema import GLOBAL_MODEL  # noqa: E402
 
 log = logging.getLogger("flead.aggregate")
 SNAPSHOT_READS = ("driver", "executors")
+SNAPSHOT_SOURCES = ("mongodb", "kafka")
 DP_HISTORY_FIELDS = ("epsilon", "round_epsilon", "delta", "sampling_rate", "noise_multiplier", "clip_norm", "rounds")
 
 
@@ -122,41 +129,80 @@ def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list]]
 
 @dataclass
 class Window:
-    """A round's input read ahead of its Spark work (`read_round_window`): its cut-off (``started``), the previous
-    global model, the snapshots grouped per device, and the read's own seconds."""
+    """A round's input (`read_input`): its cut-off (``started``), the previous global model, the snapshots
+    grouped per device (MongoDB) or the ``topic`` window the partitions read, the ``offsets`` where the next round
+    starts on the topic (None when the topic is not read), and the read's own seconds."""
 
     started: int
     previous: dict | None
     groups: list[list]
     read_s: float
+    topic: TopicWindow | None = None
+    offsets: dict | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups if self.topic is None else self.topic.n_messages == 0
+
+
+def read_input(db, cfg: Config, started: int) -> Window:
+    """The round's window (module docstring, step 1): on the snapshots topic under `aggregation.snapshot_source`
+    ``kafka`` when the topic has all of it, else from MongoDB (`read_window`). With the ``kafka`` source the
+    topic's ends are taken first, so the next round starts there even after a MongoDB read; a broker that cannot
+    be reached makes the round read MongoDB (logged) and record no offsets."""
+    clock = time.perf_counter()
+    source = cfg.aggregation.snapshot_source
+    if source not in SNAPSHOT_SOURCES:
+        raise ValueError(f"aggregation.snapshot_source: {source!r} is not one of {', '.join(SNAPSHOT_SOURCES)}")
+    offsets = None
+    if source == "kafka":
+        topic = cfg.kafka.topics.snapshots
+        try:
+            watermarks = topic_watermarks(cfg)
+        except Exception as exc:  # the broker is down: MongoDB has the snapshots the sink stored
+            log.warning("snapshots topic %s unreadable (%s): this round reads MongoDB", topic, exc)
+        else:
+            offsets = end_offsets(topic, watermarks)
+            previous = db.latest_global_model()
+            previous_end = ((db.aggregation_round(previous["round_id"]) or {}).get(OFFSETS_FIELD)
+                            if previous else None)
+            window = window_ranges(topic, watermarks, previous_end, first_round=previous is None)
+            if window is not None:
+                return Window(started, previous, [], time.perf_counter() - clock, window, offsets)
+            log.info("the snapshots topic %s does not hold the whole window (no offsets from the previous round, "
+                     "or records deleted): this round reads MongoDB", topic)
+    previous, groups = read_window(db, cfg, started)
+    return Window(started, previous, groups, time.perf_counter() - clock, None, offsets)
 
 
 def read_round_window(cfg: Config) -> Window | None:
-    """The window of a round that starts now, on a connection of its own; None under secure aggregation (whose
-    steps read their own input). `main` runs it on a thread while Spark starts: the embedded FerretDB's scan (~1 s
-    per 10,000 snapshots, spent in the database server) and the SparkContext's start-up then overlap."""
+    """The window of a round that starts now (`read_input`), on a connection of its own; None under secure
+    aggregation (whose steps read their own input). `main` runs it on a thread while Spark starts: the embedded
+    FerretDB's scan (~4 s of the database server's CPU per 10,000 snapshots) and the SparkContext's start-up then
+    overlap."""
     if cfg.privacy.secure_aggregation:
         return None
-    started, clock = now_ms(), time.perf_counter()
     with Store(cfg) as db:
-        previous, groups = read_window(db, cfg, started)
-    return Window(started, previous, groups, time.perf_counter() - clock)
+        return read_input(db, cfg, now_ms())
 
 
 # ---------------------------------------------------------------- 2. Spark
 
-def checked_updates(blocks, cfg: Config, key: bytes, groups: list[list], reference_shapes
-                    ) -> tuple[list[DeviceChoice], Cohort | None, list | None]:
-    """Every device's choice, checked and encoded on the executors (`spark_jobs.partitions`), and the round's
-    `Cohort` whose vectors stay there, with one chosen update's wire weights. When the chosen updates do not share
-    one codec and layout, no cohort: the choices then carry their weights (the same checks, run again)."""
-    heads = blocks.check(cfg, key, groups, reference_shapes)
+def checked_updates(blocks, cfg: Config, key: bytes, source, reference_shapes
+                    ) -> tuple[list[DeviceChoice], Cohort | None, list | None, int]:
+    """Every device's choice, checked and encoded on the executors (`spark_jobs.partitions`; ``source``: the
+    devices' groups or the `TopicWindow` the partitions read), the round's `Cohort` whose vectors stay there, one
+    chosen update's wire weights, and how many messages were no snapshot at all. When the chosen updates do not
+    share one codec and layout, no cohort: the choices then carry their weights (the same checks, run again)."""
+    heads = blocks.check(cfg, key, source, reference_shapes)
+    unreadable = sum(h.unreadable for h in heads)
     summaries = partitioned_summaries(heads)
     if summaries is None:
-        heads = blocks.check(cfg, key, groups, reference_shapes, keep_weights=True)
-        return [c for h in heads for c in h.choices], None, None
+        heads = blocks.check(cfg, key, source, reference_shapes, keep_weights=True)
+        return [c for h in heads for c in h.choices], None, None, unreadable
     like = next((h.like for h in heads if h.like is not None), None)
-    return [c for h in heads for c in h.choices], Cohort(blocks, summaries, cfg.aggregation.median_bins), like
+    return ([c for h in heads for c in h.choices], Cohort(blocks, summaries, cfg.aggregation.median_bins), like,
+            unreadable)
 
 
 # ---------------------------------------------------------------- 3. the round (pure)
@@ -285,13 +331,14 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
     send = partial(publish, cfg) if publish_model else (lambda messages: None)
     sc = context_of(spark)
     blocks = round_blocks(sc)
-    secure, cohort, like, ahead = None, None, None, None
+    secure, cohort, like, ahead, unreadable = None, None, None, None, 0
     try:
         if window is not None:
             if not window.done():
                 warm_workers(sc)
             ahead = window.result()
         started = ahead.started if ahead is not None else now_ms()
+        window = ahead
         if cfg.privacy.secure_aggregation:  # a round over several runs: spark_jobs/secure_round.py
             from spark_jobs.secure_round import secure_round_step
 
@@ -302,15 +349,19 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
             choices = secure.choices
             read_at = time.perf_counter()
         else:
-            previous, groups = (ahead.previous, ahead.groups) if ahead is not None else read_window(db, cfg, started)
+            window = ahead if ahead is not None else read_input(db, cfg, started)
+            previous = window.previous
             read_at = time.perf_counter()
-            if not groups:
+            if window.empty:
                 since = f"since global model v{previous['version']}" if previous else "stored yet"
                 return RoundOutcome("skipped", f"no new snapshots {since}; nothing to do",
                                     duration_s=time.perf_counter() - clock)
             current = global_weights(previous)
-            choices, cohort, like = checked_updates(blocks, cfg, key, groups,
-                                                    [w.shape for w in current] if current else None)
+            choices, cohort, like, unreadable = checked_updates(
+                blocks, cfg, key, window.topic or window.groups, [w.shape for w in current] if current else None)
+            if unreadable:
+                log.warning("%d message(s) of the snapshots topic were no snapshot (the sink keeps them as dead "
+                            "letters)", unreadable)
         checked_at = time.perf_counter()
         try:
             documents = round_documents(cfg, previous, choices, started, key,
@@ -348,7 +399,8 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
             outcome.timings["read_ahead_s"] = ahead.read_s
         db.write_aggregation_round({**documents.history, "finished_at": now_ms(),
                                     "duration_s": outcome.duration_s, "timings": outcome.timings,
-                                    "published": outcome.published})
+                                    "published": outcome.published, "n_unreadable": unreadable,
+                                    **({OFFSETS_FIELD: window.offsets} if window and window.offsets else {})})
         outcome.message = (f"{model['round_id']}: global model v{version} from {model['n_participants']} device(s) "
                            f"({model['strategy']}), {model['n_rejected']} rejected, {outcome.duration_s:.2f} s"
                            + (f", ε = {model['dp_epsilon']:.3g} (δ = {model['dp']['delta']:g})"

@@ -40,6 +40,7 @@ from models.serialization import from_b64, loads
 from spark_jobs.api_monitoring import monitoring_routes
 from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, global_model_problem, previous_update,
                                   snapshot_limits)
+from spark_jobs.topic_window import publish_snapshot
 from storage.mongo import StorageError, Store
 from telemetry.schema import GLOBAL_MODEL_SCHEMA, SNAPSHOT
 
@@ -299,6 +300,12 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
                    or global_model_problem(candidate.update.weights, current_weights, cfg))
         if problem:
             raise HTTPException(400, f"{problem}{where}")
+        if cfg.aggregation.snapshot_source == "kafka":  # rounds read the topic: send it there first (the sink
+            try:                                        # stores it too; the first write of its _id wins)
+                publish_snapshot(cfg, record)
+            except Exception as exc:
+                raise HTTPException(503, f"snapshot {snapshot_id} not stored: the snapshots topic did not take it "
+                                         f"({exc}); send it again") from None
         if not db().write_local_models([record]):
             raise HTTPException(409, f"snapshot {snapshot_id} exists already; send a higher version")
         return {"id": snapshot_id, "stored": True}

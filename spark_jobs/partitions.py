@@ -26,6 +26,7 @@ import numpy as np
 from config import Config
 from models.partitioned import VectorBlock
 from spark_jobs.snapshots import BlockHead, ConfiguredLayout, block_head, check_block, snapshot_limits
+from spark_jobs.topic_window import TopicWindow, read_own_snapshots
 
 SHARED_MEMORY = Path("/dev/shm")
 
@@ -40,9 +41,20 @@ def fetched(cfg: Config, docs: list) -> list[dict]:
         return db.local_models_by_id(docs)
 
 
-def partition_count(cfg: Config, groups: list[list]) -> int:
-    """Partitions of a round: `aggregation.spark_partitions`, at most one per device, at least one."""
-    return max(1, min(len(groups), cfg.aggregation.spark_partitions))
+def partition_count(cfg: Config, source) -> int:
+    """Partitions of a round: `aggregation.spark_partitions`, at most one per device (when the devices are known:
+    ``source`` is their groups, not a `TopicWindow`), at least one."""
+    if isinstance(source, TopicWindow):
+        return max(1, cfg.aggregation.spark_partitions)
+    return max(1, min(len(source), cfg.aggregation.spark_partitions))
+
+
+def read_part(cfg: Config, source, index: int, parts: int, docs: list) -> tuple[list[dict], int]:
+    """Executor side: partition ``index``'s snapshots, and how many messages were unreadable: from the topic when
+    ``source`` is a `TopicWindow` (`spark_jobs.topic_window`), else ``docs`` (fetched by ``_id`` if they are ids)."""
+    if isinstance(source, TopicWindow):
+        return read_own_snapshots(cfg, source, index, parts)
+    return fetched(cfg, docs), 0
 
 
 def split_groups(groups: list[list], parts: int) -> list[list]:
@@ -66,17 +78,19 @@ def warm_workers(sc) -> None:
 
 # ---------------------------------------------------------------- this machine: a private directory
 
-def _check_stored(cfg_values: dict, key: bytes, reference_shapes, keep_weights: bool, directory: str,
-                  index: int) -> BlockHead:
-    """Executor side: partition ``index``'s snapshots from the directory, checked and encoded; its vectors back to
-    the directory, its head to the driver."""
+def _check_stored(cfg_values: dict, key: bytes, reference_shapes, keep_weights: bool, directory: str, source,
+                  parts: int, index: int) -> BlockHead:
+    """Executor side: partition ``index``'s snapshots (from the directory, or the topic: `read_part`), checked and
+    encoded; its vectors back to the directory, its head to the driver."""
     cfg = Config(cfg_values)
     folder = Path(directory)
-    stored = (folder / f"snapshots-{index}.bson").read_bytes()
-    docs = fetched(cfg, json.loads((folder / f"ids-{index}.json").read_text()) if not stored
-                   else bson.decode_all(stored))
+    stored = b"" if source is not None else (folder / f"snapshots-{index}.bson").read_bytes()
+    docs = [] if source is not None else (bson.decode_all(stored) if stored
+                                          else json.loads((folder / f"ids-{index}.json").read_text()))
+    docs, unreadable = read_part(cfg, source, index, parts, docs)
     block = check_block(index, docs, key, reference_shapes, ConfiguredLayout(cfg), snapshot_limits(cfg),
                         keep_weights)
+    block.unreadable = unreadable
     if block.vectors is not None:
         np.save(folder / f"vectors-{index}.npy", block.vectors.vectors, allow_pickle=False)
         (folder / f"rows-{index}.json").write_text(json.dumps({"device_ids": block.vectors.device_ids,
@@ -109,12 +123,18 @@ class LocalBlocks:
         self.parts = 0
         self.directory: Path | None = None
 
-    def check(self, cfg: Config, key: bytes, groups: list[list], reference_shapes,
+    def check(self, cfg: Config, key: bytes, source, reference_shapes,
               keep_weights: bool = False) -> list[BlockHead]:
-        """The first pass: write each partition's snapshots, check and encode them on the executors."""
-        self.parts = partition_count(cfg, groups)
+        """The first pass: write each partition's snapshots (unless the partitions read them from the topic:
+        ``source`` a `TopicWindow`, else the devices' groups), check and encode them on the executors."""
+        self.parts = partition_count(cfg, source)
+        if isinstance(source, TopicWindow):
+            if self.directory is None:
+                self.directory = scratch_directory(cfg, source.n_messages * cfg.aggregation.snapshot_size_bytes)
+            return self._run(partial(_check_stored, cfg.to_dict(), key, reference_shapes, keep_weights,
+                                     str(self.directory), source, self.parts))
         payloads = []
-        for part in split_groups(groups, self.parts):
+        for part in split_groups(source, self.parts):
             items = [d for group in part for d in group]
             whole = not items or not isinstance(items[0], str)
             payloads.append((b"".join(bson.encode(d) for d in items) if whole else b"",
@@ -125,7 +145,7 @@ class LocalBlocks:
             (self.directory / f"snapshots-{index}.bson").write_bytes(snapshots)
             (self.directory / f"ids-{index}.json").write_text(ids)
         return self._run(partial(_check_stored, cfg.to_dict(), key, reference_shapes, keep_weights,
-                                 str(self.directory)))
+                                 str(self.directory), None, self.parts))
 
     def map(self, fn) -> list:
         return self._run(partial(_on_stored_block, fn, str(self.directory)))
@@ -141,12 +161,15 @@ class LocalBlocks:
 
 # ---------------------------------------------------------------- any cluster: a persisted RDD
 
-def _check_partition(cfg_values: dict, key: bytes, reference_shapes, keep_weights: bool, index: int,
-                     device_groups):
-    """Executor side: this partition's devices' snapshots (fetched if the driver sent ids), checked and encoded."""
+def _check_partition(cfg_values: dict, key: bytes, reference_shapes, keep_weights: bool, source, parts: int,
+                     index: int, device_groups):
+    """Executor side: this partition's devices' snapshots (fetched if the driver sent ids, read from the topic when
+    ``source`` is a `TopicWindow`), checked and encoded."""
     cfg = Config(cfg_values)
-    docs = fetched(cfg, [d for group in device_groups for d in group])
-    yield check_block(index, docs, key, reference_shapes, ConfiguredLayout(cfg), snapshot_limits(cfg), keep_weights)
+    docs, unreadable = read_part(cfg, source, index, parts, [d for group in device_groups for d in group])
+    block = check_block(index, docs, key, reference_shapes, ConfiguredLayout(cfg), snapshot_limits(cfg), keep_weights)
+    block.unreadable = unreadable
+    yield block
 
 
 def _on_block(fn, block):
@@ -161,14 +184,17 @@ class RddBlocks:
         self.sc = sc
         self.rdd = None
 
-    def check(self, cfg: Config, key: bytes, groups: list[list], reference_shapes,
+    def check(self, cfg: Config, key: bytes, source, reference_shapes,
               keep_weights: bool = False) -> list[BlockHead]:
+        """The first pass (``source``: the devices' groups, or a `TopicWindow` each partition reads itself)."""
         from pyspark import StorageLevel
 
         self.close()
-        self.rdd = (self.sc.parallelize(groups, partition_count(cfg, groups))
+        parts = partition_count(cfg, source)
+        topic = source if isinstance(source, TopicWindow) else None
+        self.rdd = (self.sc.parallelize([] if topic else source, parts)
                     .mapPartitionsWithIndex(partial(_check_partition, cfg.to_dict(), key, reference_shapes,
-                                                    keep_weights))
+                                                    keep_weights, topic, parts))
                     .persist(StorageLevel.MEMORY_AND_DISK))
         return self.rdd.map(partial(block_head, cfg.aggregation.max_norm_ratio)).collect()
 

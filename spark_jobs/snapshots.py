@@ -148,6 +148,7 @@ class CheckedBlock:
     vectors: VectorBlock | None
     kind: str | None = None
     like: list[np.ndarray] | None = None
+    unreadable: int = 0  # messages of the partition's input that were no snapshot at all (`spark_jobs.topic_window`)
 
 
 def check_block(index: int, docs: list[dict], key: bytes, reference_shapes: list[tuple[int, ...]] | None,
@@ -178,12 +179,13 @@ class BlockHead:
     kind: str | None
     like: list[np.ndarray] | None
     summary: BlockSummary | None
+    unreadable: int = 0
 
 
 def block_head(range_norm_ratio: float | None, block: CheckedBlock) -> BlockHead:
     """The choices, codec kind and layout of a block, and the summary of its vectors (`block_summary`)."""
     summary = block_summary(block.vectors, range_norm_ratio) if block.vectors is not None else None
-    return BlockHead(block.choices, block.kind, block.like, summary)
+    return BlockHead(block.choices, block.kind, block.like, summary, block.unreadable)
 
 
 def partitioned_summaries(heads: list[BlockHead]) -> list[BlockSummary] | None:

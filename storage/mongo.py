@@ -451,6 +451,10 @@ class Store:
         """The newest `limit` aggregation rounds, newest first."""
         return self.find("aggregation_history", sort=[("started_at", -1)], limit=limit)
 
+    def aggregation_round(self, round_id: str) -> dict | None:
+        """One aggregation round's document (``_id`` = `round_id`: a lookup, no scan, on the embedded FerretDB)."""
+        return self.collection("aggregation_history").find_one({"_id": round_id})
+
     def write_aggregation_round(self, round_doc: dict) -> int:
         """Upsert one aggregation round (id = its `round_id`) into `aggregation_history`."""
         return self.upsert("aggregation_history", [{**round_doc, "_id": round_doc["round_id"]}])

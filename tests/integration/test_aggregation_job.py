@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
 from config import PROJECT_ROOT, load_config
 from models.aggregation import fedavg
@@ -199,6 +199,76 @@ def test_median_round_in_the_partitions_with_snapshots_fetched_by_the_executors(
     weights, _ = loads(from_b64(model["weights"]))
     for k, got in enumerate(weights):
         np.testing.assert_array_equal(got, np.median(np.stack([w[k] for w, _ in valid]), axis=0))
+
+
+def send_snapshots(cfg, values: list) -> None:
+    """Records (or raw bytes) on the snapshots topic, as the stream job sends them (JSON, no key)."""
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    for value in values:
+        producer.produce(cfg.kafka.topics.snapshots, value if isinstance(value, bytes) else json.dumps(value).encode())
+    assert producer.flush(30) == 0
+
+
+def topic_source() -> object:
+    return load_config(env={**os.environ, "FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "kafka"})
+
+
+def test_rounds_read_the_snapshots_topic_from_where_the_previous_round_ended(spark, cfg, db):
+    """`aggregation.snapshot_source: kafka`: the partitions read the round's offsets from the topic (a redelivered
+    snapshot counts once, messages that are no snapshot are counted), the history keeps where the round ended, and
+    a snapshot sent after the round's read started goes to the next round, which starts there."""
+    topic_cfg = topic_source()
+    snaps, valid = fleet(60, seed=3)
+    records = [s for _, _, s in snaps]
+    send_snapshots(topic_cfg, records + records[:4] + [b"not json", b"[1, 2]"])
+    db.write_local_models([snapshot("only-in-mongodb", valid[0][0], 100)])   # never sent: not in a topic round
+    ahead = Future()
+    ahead.set_result(read_round_window(topic_cfg))
+    late = [snapshot(f"late-{i}", valid[i][0], 100, created_at=now_ms()) for i in range(2)]
+    send_snapshots(topic_cfg, late)
+
+    outcome = run_round(spark, topic_cfg, publish_model=False, window=ahead)
+
+    assert outcome.status == "aggregated", outcome.message
+    model = db.latest_global_model()
+    assert sorted(model["participants"]) == sorted(d for d, kind, _ in snaps if kind == "honest")
+    for got, want in zip(loads(from_b64(model["weights"]))[0], fedavg(valid)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    history = db.aggregation_round("r1")
+    assert history["snapshot_offsets"] == {"topic": topic_cfg.kafka.topics.snapshots,
+                                           "offsets": [{"partition": 0, "offset": 66}]}
+    assert history["n_unreadable"] == 2 and model["n_rejected"] == 3   # nan, scaled, flipped: no duplicate reason
+
+    later = run_round(spark, topic_cfg, publish_model=False)
+    assert later.status == "aggregated", later.message
+    assert sorted(db.latest_global_model()["participants"]) == ["late-0", "late-1"]
+    assert db.aggregation_round("r2")["snapshot_offsets"]["offsets"] == [{"partition": 0, "offset": 68}]
+    again = run_round(spark, topic_cfg, publish_model=False)
+    assert again.status == "skipped" and "no new snapshots" in again.message
+
+
+def test_a_topic_round_without_offsets_to_start_from_reads_mongodb_and_records_them(spark, cfg, db):
+    """After a round that read MongoDB (no offsets in its history) a ``kafka`` round reads MongoDB too, recording
+    the topic's ends it took first; the round after it reads the topic from there."""
+    topic_cfg = topic_source()
+    snaps, valid = fleet(30, seed=4)
+    records = [s for _, _, s in snaps]
+    db.write_local_models(records)   # as the sink stores what the stream job sends
+    send_snapshots(topic_cfg, records)
+    assert run_round(spark, cfg, publish_model=False).status == "aggregated"   # the mongodb source
+    assert "snapshot_offsets" not in db.aggregation_round("r1")
+
+    second = [snapshot(d, valid[i][0], 100, version=3, created_at=now_ms()) for i, d in enumerate(["a", "b"])]
+    db.write_local_models(second)
+    send_snapshots(topic_cfg, second)
+    assert run_round(spark, topic_cfg, publish_model=False).status == "aggregated"
+    assert sorted(db.latest_global_model()["participants"]) == ["a", "b"]
+    assert db.aggregation_round("r2")["snapshot_offsets"]["offsets"] == [{"partition": 0, "offset": 32}]
+
+    third = [snapshot(d, valid[i][0], 100, version=4, created_at=now_ms()) for i, d in enumerate(["c", "d"])]
+    send_snapshots(topic_cfg, third)   # on the topic only: read from there
+    assert run_round(spark, topic_cfg, publish_model=False).status == "aggregated"
+    assert sorted(db.latest_global_model()["participants"]) == ["c", "d"]
 
 
 def test_too_few_valid_updates_skip_the_round_with_reasons(spark, cfg, db):
