@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -143,12 +142,12 @@ def publish_snapshots(cfg, snaps: list[dict]) -> None:
 
 def spark_submit_round(cfg, env: dict) -> dict:
     """One spark-submit of the aggregate job: wall seconds and where they went (the job's outcome line)."""
-    from spark_jobs.session import worker_environment
+    from spark_jobs.session import submit_options, worker_environment
 
     launched = time.time()
     start = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "spark-submit"), "--master", "local[*]",
-                             *shlex.split(cfg.aggregation.spark_submit_options),
+                             *submit_options(cfg),
                              str(ROOT / "spark_jobs" / "aggregate_job.py"), "--no-publish"],
                             env={**os.environ, **env, **cfg.to_env(), **worker_environment()},
                             capture_output=True, text=True, cwd=ROOT)

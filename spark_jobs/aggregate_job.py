@@ -57,14 +57,16 @@ from models.updates import Update, codec_for, federated_vectors, flatten  # noqa
 from spark_jobs.partitions import round_blocks, warm_workers  # noqa: E402
 from spark_jobs.session import context_of  # noqa: E402
 from spark_jobs.snapshots import DeviceChoice, partitioned_summaries  # noqa: E402
-from spark_jobs.topic_window import (OFFSETS_FIELD, TopicWindow, end_offsets, topic_watermarks,  # noqa: E402
-                                     window_ranges)
+from spark_jobs.topic_window import (OFFSETS_FIELD, TopicWindow, end_offsets, send_acknowledged,  # noqa: E402
+                                     topic_watermarks, window_ranges)
 from storage.mongo import Store  # noqa: E402
 from telemetry.schema import GLOBAL_MODEL  # noqa: E402
 
 log = logging.getLogger("flead.aggregate")
 SNAPSHOT_READS = ("driver", "executors")
 SNAPSHOT_SOURCES = ("mongodb", "kafka")
+PUBLISH_TIMEOUT_S = 30                 # a global model not acknowledged by then: stored, not published (logged)
+GLOBAL_MODEL_MAX_BYTES = 10_000_000    # producer limit for one global-model message
 DP_HISTORY_FIELDS = ("epsilon", "round_epsilon", "delta", "sampling_rate", "noise_multiplier", "clip_norm", "rounds")
 
 
@@ -308,17 +310,9 @@ def norm_summary(norms: dict[str, float]) -> dict[str, float] | None:
 def publish(cfg: Config, messages: list[dict]) -> None:
     """Send `flead.global-model/1` (and `flead.cohort/1`) messages to the global-model topic, keyed by version
     (round id); raises if any is not acknowledged."""
-    from confluent_kafka import KafkaException, Producer
-
-    errors: list[str] = []
-    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "message.max.bytes": 10_000_000})
-    for message in messages:
-        producer.produce(cfg.kafka.topics.global_model, key=str(message.get("version", message.get("round_id"))).encode(),
-                         value=json.dumps(message).encode(),
-                         on_delivery=lambda err, _msg: err and errors.append(str(err)))
-    if producer.flush(30) or errors:
-        raise KafkaException(f"{cfg.kafka.topics.global_model} at {cfg.kafka_bootstrap}: "
-                             f"{errors[0] if errors else 'not all messages acknowledged within 30 s'}")
+    send_acknowledged(cfg, cfg.kafka.topics.global_model,
+                      [(str(m.get("version", m.get("round_id"))).encode(), json.dumps(m).encode()) for m in messages],
+                      PUBLISH_TIMEOUT_S, **{"message.max.bytes": GLOBAL_MODEL_MAX_BYTES})
 
 
 def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | None = None) -> RoundOutcome:

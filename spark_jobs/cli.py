@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -50,11 +49,11 @@ def spark_submit_path() -> str:
 
 def cmd_job(args, cfg) -> int:
     from config import PROJECT_ROOT
-    from spark_jobs.session import worker_environment
+    from spark_jobs.session import submit_options, worker_environment
 
     if args.spark_submit:
         cmd = [spark_submit_path(), "--master", args.master or cfg.aggregation.spark_master,
-               *shlex.split(cfg.aggregation.spark_submit_options), str(PROJECT_ROOT / "spark_jobs" / f"{args.job}.py")]
+               *submit_options(cfg), str(PROJECT_ROOT / "spark_jobs" / f"{args.job}.py")]
         env = {**os.environ, **cfg.to_env(), **worker_environment()}
         return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT).returncode
     from spark_jobs.session import spark_session

@@ -1,6 +1,7 @@
 """Where a round's snapshots and codec vectors live between its Spark passes (`models.partitioned.Partitions`).
 
-The round reads its window once (`aggregate_job.read_window`); a first pass checks and encodes each partition's
+The round reads its window once (`aggregate_job.read_window`), or each partition reads it from the snapshots topic
+(`spark_jobs.topic_window`, keeping its own devices); a first pass checks and encodes each partition's
 snapshots (`spark_jobs.snapshots.check_block`) and returns the blocks' heads (choices, counts, norms); the
 aggregation's passes (`models.partitioned`) then read the blocks' vectors again, two to four times. Two homes:
 

@@ -141,18 +141,26 @@ def topic_watermarks(cfg) -> dict[int, tuple[int, int]]:
         consumer.close()
 
 
-def publish_snapshot(cfg, record: dict) -> None:
-    """Send one signed snapshot to the snapshots topic (keyed by its device, as a round under the ``kafka`` source
-    reads it); raises unless the broker acknowledged it within `aggregation.snapshot_read_timeout_s`."""
+def send_acknowledged(cfg, topic: str, messages: list[tuple[bytes | None, bytes]], timeout_s: float,
+                      **producer_settings) -> None:
+    """Send (key, value) messages to ``topic``; raises `KafkaException` unless the broker acknowledged them all
+    within ``timeout_s``."""
     from confluent_kafka import KafkaException, Producer
 
     errors: list[str] = []
-    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
-    producer.produce(cfg.kafka.topics.snapshots, key=str(record["device_id"]).encode(), value=orjson.dumps(record),
-                     on_delivery=lambda err, _msg: err and errors.append(str(err)))
-    if producer.flush(cfg.aggregation.snapshot_read_timeout_s) or errors:
-        raise KafkaException(f"{cfg.kafka.topics.snapshots} at {cfg.kafka_bootstrap}: "
-                             f"{errors[0] if errors else 'not acknowledged in time'}")
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, **producer_settings})
+    for key, value in messages:
+        producer.produce(topic, key=key, value=value, on_delivery=lambda err, _msg: err and errors.append(str(err)))
+    if producer.flush(timeout_s) or errors:
+        raise KafkaException(f"{topic} at {cfg.kafka_bootstrap}: "
+                             f"{errors[0] if errors else f'not all messages acknowledged within {timeout_s:g} s'}")
+
+
+def publish_snapshot(cfg, record: dict) -> None:
+    """Send one signed snapshot to the snapshots topic, keyed by its device (`send_acknowledged` within
+    `aggregation.snapshot_read_timeout_s`)."""
+    send_acknowledged(cfg, cfg.kafka.topics.snapshots, [(str(record["device_id"]).encode(), orjson.dumps(record))],
+                      cfg.aggregation.snapshot_read_timeout_s)
 
 
 def window_values(cfg, window: TopicWindow) -> Iterable[bytes]:

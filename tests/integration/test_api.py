@@ -1,6 +1,7 @@
 """The global model server against the session's MongoDB: auth, validation, reads, and a bounded fuzz run."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -250,3 +251,27 @@ def test_flead_api_start_serves_and_stop_stops(cfg):
         assert main(["api", "stop"]) == 0
         os.environ.pop("FLEAD_API_PORT")
     assert processes.running_pid(cfg.state_dir, "api") is None
+
+
+def test_under_the_kafka_snapshot_source_a_posted_snapshot_also_goes_to_the_topic(cfg, db):
+    """Rounds that read the snapshots topic (`aggregation.snapshot_source: kafka`) see REST snapshots too: the API
+    sends each one there, signed and keyed by its device, as well as storing it."""
+    from confluent_kafka import Consumer
+
+    topic_cfg = load_config(env={**os.environ, "FLEAD_API_TOKEN": TOKEN, "FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "kafka"})
+    with TestClient(create_app(topic_cfg, run_round=stub_round)) as client:
+        posted = client.post("/api/local-update", json=snapshot(), headers=device_auth(topic_cfg))
+    assert posted.status_code == 201, posted.text
+    consumer = Consumer({"bootstrap.servers": topic_cfg.kafka_bootstrap, "group.id": "test-api-topic",
+                         "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic_cfg.kafka.topics.snapshots])
+    messages = []
+    for _ in range(30):
+        messages += [m for m in consumer.consume(10, timeout=1.0) if m.error() is None]
+        if messages:
+            break
+    consumer.close()
+    assert [m.key() for m in messages] == [b"dev-1"]
+    sent = json.loads(messages[0].value())
+    assert verify_record(sent, signing_key(topic_cfg)) is None and sent["version"] == 1
+    assert db.latest_local_model("dev-1")["signature"] == sent["signature"]
