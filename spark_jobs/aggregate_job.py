@@ -163,7 +163,8 @@ def read_input(db, cfg: Config, started: int) -> Window:
             watermarks = topic_watermarks(cfg)
         except Exception as exc:  # the broker is down: MongoDB has the snapshots the sink stored
             log.warning("snapshots topic %s unreadable (%s): this round reads MongoDB", topic, exc)
-        else:
+        else:  # the cut-off after the ends: a snapshot this round reads has created_at ≤ it, so a later round
+            started = max(started, now_ms())  # that reads MongoDB (created_at > this cut-off) cannot read it again
             offsets = end_offsets(topic, watermarks)
             previous = db.latest_global_model()
             previous_end = ((db.aggregation_round(previous["round_id"]) or {}).get(OFFSETS_FIELD)
@@ -344,7 +345,7 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
             read_at = time.perf_counter()
         else:
             window = ahead if ahead is not None else read_input(db, cfg, started)
-            previous = window.previous
+            previous, started = window.previous, window.started
             read_at = time.perf_counter()
             if window.empty:
                 since = f"since global model v{previous['version']}" if previous else "stored yet"

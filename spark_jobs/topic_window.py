@@ -12,7 +12,10 @@ topic ~0.3 s. The window on the topic is a range of offsets per Kafka partition:
 
 When the previous round left no offsets (it read MongoDB, or another topic), or retention deleted records the
 window needs, the round reads MongoDB instead (`aggregate_job.read_window`) and records the high watermarks it took
-before that read, so the next round reads the topic.
+before that read, so the next round reads the topic. The round's cut-off is taken after the high watermarks, so a
+later round that reads MongoDB (created after the cut-off) never reads a snapshot this one read from the topic. At
+the switch from MongoDB to the topic, a snapshot sent in the milliseconds between the watermarks and the MongoDB read
+could count in both rounds (as its device's newest, once each).
 
 Each Spark partition reads the whole window and keeps the snapshots of its own devices (`owner`: CRC-32 of the
 ``device_id`` in the message, not the Kafka key, which producers may leave empty or forge), so a device's snapshots
