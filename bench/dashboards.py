@@ -6,8 +6,8 @@ Starts its own MongoDB (FerretDB) and Superset (temporary state dir, free ports)
 how long each dashboard takes until every chart is drawn: first on an empty database (the floor: Superset's and
 the browser's own cost), then after storing N readings of 100 devices, one a minute each (about a week), through
 `storage.mongo.Store` as the sink stores them: bucketed telemetry (8 metrics) and score records, alerts, roll-ups,
-and the incidents, drift events and dead letters such a stream has (the write time is a row too). The drill-down
-is timed with one device picked. The headline is the fleet overview at N (default 1,000,000; --quick 100,000).
+and the incidents, drift events and dead letters such a stream has, with the summaries the first tabs read
+(storage/summaries.py; the write time is a row too). The drill-down is timed with one device picked. The headline is the fleet overview at N (default 1,000,000; --quick 100,000).
 Needs Superset and Chromium from `visualization/setup_superset.sh`.
 """
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main() -> int:
             stored = store.count_readings()
             counts = {key: store.collection(key).count_documents({}) for key in (
                 "predictions", "device_data", "alerts", "incidents", "score_rollups", "metric_rollups",
-                "daily_rollups", "fleet_rollups")}
+                "daily_rollups", "fleet_rollups", "device_summary")}
             print(f"stored {stored:,} readings (scores and telemetry) in {write_s:.1f} s; documents: {counts}",
                   flush=True)
             full, full_charts = load_times(browser, url, DEVICES[0], names)

@@ -24,6 +24,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, 
 
 from config import Config
 from storage.buckets import MAX_ABS_TS, READING_COLUMNS, SCORE_COLUMNS, ScorePart, score_block, unpack_columns
+from storage import summaries
 from storage.schemas import INDEXES, SCHEMAS, SchemaViolation, check_document
 
 log = logging.getLogger(__name__)
@@ -236,8 +237,8 @@ class Store:
                 raise _failure(exc, f"writing {len(ops)} documents to {self.cfg.mongo.collections[key]}") from exc
         return len(docs)
 
-    def replace_newer(self, key: str, docs: Iterable[dict], rank: Callable[[dict], tuple]) -> int:
-        """Store documents by `_id` unless the stored one ranks at least as high; returns how many were written.
+    def replace_newer(self, key: str, docs: Iterable[dict], rank: Callable[[dict], tuple]) -> list[dict]:
+        """Store documents by `_id` unless the stored one ranks at least as high; returns the documents written.
 
         One read, one delete and one insert per call whatever the number of documents (not one update each)."""
         latest: dict = {}
@@ -245,7 +246,7 @@ class Store:
             if doc["_id"] not in latest or rank(doc) > rank(latest[doc["_id"]]):
                 latest[doc["_id"]] = doc
         if not latest:
-            return 0
+            return []
         try:
             stored = {d["_id"]: d for d in self.collection(key).find({"_id": {"$in": list(latest)}})}
             newer = [d for i, d in latest.items() if i not in stored or rank(d) > rank(stored[i])]
@@ -254,7 +255,7 @@ class Store:
                 self.collection(key).delete_many({"_id": {"$in": replaced}})
         except PyMongoError as exc:
             raise _failure(exc, f"replacing documents of {self.cfg.mongo.collections[key]}") from exc
-        return len(self.insert_new(key, newer))
+        return self.insert_new(key, newer)
 
     def find(self, key: str, query: dict | None = None, fields: Sequence[str] | None = None, **kwargs) -> list[dict]:
         """Documents of a collection (optionally only `fields`), as a list."""
@@ -478,7 +479,14 @@ class Store:
         now = int(time.time() * 1000)
         docs = [{k: v for k, v in r.items() if k != "schema"} | {"_id": r.get("incident_id"), "stored_at": now}
                 for r in records]
-        return self.replace_newer("incidents", docs, incident_rank)
+        return self.store_incidents(docs)
+
+    def store_incidents(self, docs: Iterable[dict]) -> int:
+        """Store incident documents (``_id`` = incident_id, `stored_at` set) by rank (`incident_rank`) and merge
+        the states written into the fleet overview's incident summary; returns how many were written."""
+        written = self.replace_newer("incidents", docs, incident_rank)
+        summaries.update_incidents(self, written)
+        return len(written)
 
     def write_drift_events(self, records: Iterable[dict]) -> int:
         """Store `flead.drift/1` events by `event_id` (first write wins); returns how many were new."""
@@ -499,4 +507,6 @@ class Store:
                 deleted[key] = self.collection(key).delete_many(query).deleted_count
             except PyMongoError as exc:
                 raise _failure(exc, f"pruning {self.cfg.mongo.collections[key]}") from exc
+        if any(deleted.get(key) for key in summaries.SOURCES):
+            summaries.rebuild(self)
         return deleted

@@ -146,6 +146,16 @@ SCHEMAS: dict[str, dict] = {
                        "at": {"bsonType": INT}, "stored_at": {"bsonType": INT}},
     },
     "sink_state": {"bsonType": "object", "required": ["_id"], "properties": {"_id": {"bsonType": "string"}}},
+    # storage/summaries.py: "fleet" (series, devices) and "incidents" (open, open_incidents, newest)
+    "fleet_summary": {"bsonType": "object", "required": ["_id", "updated_at"],
+                      "properties": {"_id": {"bsonType": "string", "enum": ["fleet", "incidents"]},
+                                     "updated_at": {"bsonType": INT}, "generation": {"bsonType": INT},
+                                     "series": {"bsonType": "array"}, "devices": {"bsonType": "array"},
+                                     "open": {"bsonType": "array"}, "open_incidents": {"bsonType": INT},
+                                     "newest": {"bsonType": "array"}}},
+    "device_summary": {"bsonType": "object", "required": ["_id", "generation", "updated_at", "scores", "metrics"],
+                       "properties": {"_id": _ids, "generation": {"bsonType": INT}, "updated_at": {"bsonType": INT},
+                                      "scores": {"bsonType": "array"}, "metrics": {"bsonType": "array"}}},
 }
 
 # (keys, options) per collection; _id carries each collection's natural key already.
@@ -166,6 +176,8 @@ INDEXES: dict[str, list[tuple[list[tuple[str, int]], dict]]] = {
     "fleet_rollups": [([("ts", -1)], {}), ([("stored_at", 1)], {})],
     "metric_rollups": [([("device_id", 1), ("ts", -1)], {}), ([("stored_at", 1)], {})],
     "sink_state": [],
+    "fleet_summary": [],
+    "device_summary": [],
 }
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {

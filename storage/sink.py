@@ -41,7 +41,7 @@ from typing import Any, Callable, NamedTuple
 from config import Config
 from services import processes
 from storage.buckets import ScoreBlock, ScorePart, score_block
-from storage.mongo import Store, StorageUnavailable, incident_rank
+from storage.mongo import Store, StorageUnavailable
 from storage.schemas import SchemaViolation, check_document, check_field_names
 from storage.writer import BucketWriter, stack_by_device
 from telemetry.schema import (DRIFT, SCORES_SCHEMA, Columns, InvalidMessage, decode_columns, decode_incident,
@@ -341,7 +341,7 @@ class MongoSink:
         written = self.writer.write(scores=batch.scores, readings=batch.readings)
         events = batch.events
         new = {"local_models": len(store.insert_new("local_models", events["snapshots"])),
-               "incidents": store.replace_newer("incidents", events["incidents"], incident_rank),
+               "incidents": store.store_incidents(events["incidents"]),
                "drift_events": len(store.insert_new("drift_events", events["drift"])),
                "dead_letters": len(store.insert_new("dead_letters", events["dead_letters"])),
                "dead_lettered": len(store.insert_new("dead_letters", batch.refused))}

@@ -11,6 +11,7 @@ Used by the sink (one writer for its lifetime) and by `Store.write_scores` / `St
   (`close_generation`); every bucket document names its generation, and the database remembers the last
   generation whose roll-ups were written (`sink_state` "rollups"). `load` writes the roll-ups of any later
   generation found in the buckets: a sink that died between its writes repairs the roll-ups when it starts again.
+  Each generation also updates the fleet summary (storage.summaries), which `load` recomputes.
 - A write that failed half-way (MongoDB unreachable) can be repeated with the same input: documents already
   inserted are kept, the index and the roll-ups advance only after the whole write succeeded, and a generation
   is not closed while a write is unfinished.
@@ -29,6 +30,7 @@ import numpy as np
 from storage.buckets import (READING_COLUMNS, SCORE_COLUMNS, ScoreBlock, SeqIndex, bucket_spans, chunks,
                              concat_blocks, first_of_each_seq, max_bucket_rows, reading_bucket, score_bucket,
                              select_rows, unpack_columns)
+from storage import summaries
 from storage.rollups import FLEET, RollupAccumulator, levels, merged_document
 from storage.schemas import SCHEMAS
 from telemetry.schema import Columns
@@ -133,6 +135,7 @@ class BucketWriter:
             self._emit(pending[generation], generation)
         self.generation = newest + 1
         self.generation_started = time.monotonic()
+        summaries.rebuild(self.store)  # derived data: a crash between a write and its summary loses nothing
         return {"emitted_through": emitted, "repaired_generations": sorted(pending),
                 "devices": {key: len(index.intervals) for key, index in self.indexes.items()}}
 
@@ -232,6 +235,8 @@ class BucketWriter:
     def _emit(self, acc: RollupAccumulator, generation: int) -> None:
         for key, docs in acc.documents(generation, self._stored_at()).items():
             self.store.insert_new(key, docs)
+        summaries.update_fleet(self.store, acc.stats, generation)  # before the generation counts as written
+        summaries.update_devices(self.store, acc.stats, generation)
         state = self.store.sink_state(ROLLUP_STATE)
         self.store.set_sink_state(ROLLUP_STATE, {"emitted_through": max(generation,
                                                                         state.get("emitted_through", 0))})
@@ -301,6 +306,7 @@ class BucketWriter:
         for key, level_docs in docs.items():
             self.store.insert_new(key, level_docs)
         self.store.set_sink_state(ROLLUP_STATE, {"emitted_through": newest})
+        summaries.rebuild(self.store)
         return readings, sum(len(d) for d in docs.values())
 
 
