@@ -24,6 +24,9 @@ class MemoryCollection:
     def find(self, query=None):
         return list(self.docs.values())
 
+    def find_one(self, query):
+        return self.docs.get(query["_id"])
+
     def delete_many(self, query):
         if not query:
             self.docs.clear()
@@ -52,6 +55,11 @@ class MemoryStore:
         if query and "_id" in query:
             docs = [d for d in docs if d["_id"] in set(query["_id"]["$in"])]
         return list(docs)
+
+    def upsert(self, key, docs):
+        for d in docs:
+            self.collections[key].docs[d["_id"]] = d
+        return len(docs)
 
     def sink_state(self, name):
         return self.collections["sink_state"].docs.get(name, {})
