@@ -23,7 +23,7 @@ almost nothing, whatever the fleet stored.
                                                                       rollups.recent_s of the device's event time
 
 All are derived data: `rebuild` recomputes them from the roll-ups and the incidents collection (when a writer
-loads, after a prune that deleted roll-ups or incidents, after `rebuild_rollups`); between rebuilds each write
+loads, after a prune that deleted any of `SOURCES`, after `rebuild_rollups`); between rebuilds each write
 merges its own increment (pure functions below). The "fleet" document and each device's name the last generation
 they hold, so a generation's roll-ups re-emitted after a crash are not counted twice. A device's summary is
 replaced by a delete and an insert (an update scans the collection on the embedded server, per document): a
