@@ -75,6 +75,26 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def pending_timers(now: int, event_time: int, batch_timeout_ms: int, bounded: bool) -> tuple[int, int | None]:
+    """The flush timers of a new partial micro-batch: (processing time, event time or None).
+
+    A live job flushes by processing time only. A bounded run also needs the event-time timer (processing-time
+    timers do not fire once the input has ended; the end-of-input watermark fires it). In a live job that timer
+    would only ever fire half an hour later into an empty buffer, and every one set stays in the timer queue (and
+    its checkpoints) until then: one per partial micro-batch, hundreds per second at 5,000 readings/s."""
+    return now + batch_timeout_ms, (event_time + END_OF_INPUT_FLUSH_DELAY_MS) if bounded else None
+
+
+def pending_parts(value) -> tuple[tuple[int | None, int | None] | None, list | None]:
+    """The keyed ``buffer`` state as (its flush timers, its buffered messages); (None, None) if empty. The state
+    holds ``(timers, messages)``; a checkpoint taken before the timers were kept holds the list alone."""
+    if value is None:
+        return None, None
+    if isinstance(value, list):
+        return None, value
+    return value
+
+
 # -- score ------------------------------------------------------------------------------------------------------
 
 class ScorerCounters:
@@ -120,11 +140,13 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
     buffer), flush timers, the broadcast state (global models, cohorts, feedback), counters, the signing key, and
     the outputs. Every decision is the scoring module's."""
 
-    def __init__(self, scoring: StreamScoring, batch_timeout_ms: int, key_source: tuple, max_feedback: int):
+    def __init__(self, scoring: StreamScoring, batch_timeout_ms: int, key_source: tuple, max_feedback: int,
+                 bounded: bool = False):
         self.scoring = scoring
         self.batch_timeout_ms = batch_timeout_ms
         self.key_source = key_source  # (integrity.key, key file): each worker loads the key in `open`
         self.max_feedback = max_feedback
+        self.bounded = bounded  # partial micro-batches also flushed by an event-time timer (see pending_timers)
 
     def open(self, runtime_context: RuntimeContext):
         self.device = runtime_context.get_state(ValueStateDescriptor("detector", Types.PICKLED_BYTE_ARRAY()))
@@ -156,22 +178,38 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         except InvalidMessage as exc:
             yield from self.emit(self.scoring.refused(message, exc))
             return
-        step = self.scoring.buffer(self.buffer.value(), columns)
+        held_timers, held = pending_parts(self.buffer.value())
+        step = self.scoring.buffer(held, columns)
+        timers = ctx.timer_service()
         if step.started:
-            timers = ctx.timer_service()
-            timers.register_processing_time_timer(timers.current_processing_time() + self.batch_timeout_ms)
-            timers.register_event_time_timer(ctx.timestamp() + END_OF_INPUT_FLUSH_DELAY_MS)
+            held_timers = pending_timers(timers.current_processing_time(), ctx.timestamp(), self.batch_timeout_ms,
+                                         self.bounded)
+            flush_at, end_of_input_at = held_timers
+            timers.register_processing_time_timer(flush_at)
+            if end_of_input_at is not None:
+                timers.register_event_time_timer(end_of_input_at)
         if step.buffered is None:
             self.buffer.clear()
+            if held is not None:  # scored by size: its flush timers would only call back into Python for nothing
+                self.delete_timers(timers, held_timers)
         else:
-            self.buffer.update(step.buffered)
+            self.buffer.update((held_timers, step.buffered))
         if step.ready:
             yield from self.score(ctx, step.ready)
 
+    @staticmethod
+    def delete_timers(timers, held_timers: tuple[int | None, int | None] | None) -> None:
+        flush_at, end_of_input_at = held_timers or (None, None)
+        if flush_at is not None:
+            timers.delete_processing_time_timer(flush_at)
+        if end_of_input_at is not None:
+            timers.delete_event_time_timer(end_of_input_at)
+
     def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
-        buffered = self.buffer.value()
+        held_timers, buffered = pending_parts(self.buffer.value())
         if buffered:
             self.buffer.clear()
+            self.delete_timers(ctx.timer_service(), held_timers)  # the other one (bounded runs)
             yield from self.score(ctx, buffered, in_timer=True)
 
     def score(self, ctx, batches: list, in_timer: bool = False):
@@ -334,7 +372,7 @@ def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
     scores = (keyed_telemetry(env, cfg, bounded)
               .connect(broadcasts)
               .process(DeviceScorer(scoring, stream.micro_batch_timeout_ms, key_source(cfg),
-                                    cfg.feedback.max_patterns),
+                                    cfg.feedback.max_patterns, bounded),
                        output_type=Types.STRING())
               .name("score").uid("device-scorer"))
 

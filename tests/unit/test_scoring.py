@@ -400,6 +400,8 @@ class FakeBroadcastState(dict):
 
 
 class FakeTimers:
+    """The timers set, as Flink's timer service holds them (deleting one that is not set does nothing)."""
+
     def __init__(self):
         self.processing, self.event = [], []
 
@@ -411,6 +413,14 @@ class FakeTimers:
 
     def register_event_time_timer(self, t):
         self.event.append(t)
+
+    def delete_processing_time_timer(self, t):
+        if t in self.processing:
+            self.processing.remove(t)
+
+    def delete_event_time_timer(self, t):
+        if t in self.event:
+            self.event.remove(t)
 
 
 class FakeContext:
@@ -473,14 +483,16 @@ def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
     assert [tag for tag, _ in scorer.process_broadcast_element(b"junk", ctx)] == [DEAD_LETTERS]
 
     assert [tag for tag, _ in scorer.process_element(message("b", 0, 2), ctx)] == [DEAD_LETTERS]
-    assert list(scorer.process_element(message("a", 0, 2), ctx)) == []  # buffered, timers set
-    assert ctx.timers.processing == [5_100] and ctx.timers.event == [7_000 + 30 * 60 * 1000]
+    assert list(scorer.process_element(message("a", 0, 2), ctx)) == []  # buffered, a live job's flush timer set
+    assert ctx.timers.processing == [5_100] and ctx.timers.event == []
     assert list(scorer.process_element(message("a", 2, 1), ctx)) == []  # still buffered
-    out = list(scorer.process_element(message("a", 3, 1), ctx))  # 4 readings: scored
+    out = list(scorer.process_element(message("a", 3, 1), ctx))  # 4 readings: scored, its flush timer deleted
     assert len(out) == 1 and isinstance(out[0], str) and runtime.states["buffer"].v is None
+    assert ctx.timers.processing == []
     assert list(scorer.on_timer(0, ctx)) == []  # nothing buffered
     list(scorer.process_element(message("a", 4, 1), ctx))
-    out = list(scorer.on_timer(0, ctx))  # flushes the partial batch
+    assert ctx.timers.processing == [5_100]
+    out = list(scorer.on_timer(5_100, ctx))  # flushes the partial batch
     assert len(out) == 1 and runtime.states["detector"].v.detector.n_seen == 5
     out = list(scorer.process_element(message("a", 5, 4), ctx))  # 9 learned since the start: snapshot due
     assert [o[0] for o in out if isinstance(o, tuple)] == [SNAPSHOTS]
@@ -492,6 +504,48 @@ def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
     assert list(scorer.emit(everything)) == ["s", (ALERTS, "a"), (SNAPSHOTS, "n"), (DEAD_LETTERS, "d"),
                                              (INCIDENTS, "i"), (DRIFT, "r")]
     assert runtime.counters["anomalies"].n == 2
+
+
+def test_a_bounded_run_also_flushes_by_event_time_and_deletes_both_timers(settings):
+    """Processing-time timers do not fire once a bounded run's input has ended: there a partial micro-batch also
+    gets an event-time timer. Whichever way the batch is scored, no timer of it is left to call back for nothing."""
+    pytest.importorskip("pyflink")
+    from flink_jobs.anomaly_job import END_OF_INPUT_FLUSH_DELAY_MS, DeviceScorer
+
+    scorer = DeviceScorer(StreamScoring(settings, options(micro_batch_size=4)), batch_timeout_ms=100,
+                          key_source=(KEY.hex(), None), max_feedback=8, bounded=True)
+    runtime, ctx = FakeRuntime(), FakeContext()
+    scorer.open(runtime)
+    list(scorer.process_element(message("a", 0, 2), ctx))
+    assert ctx.timers.processing == [5_100] and ctx.timers.event == [7_000 + END_OF_INPUT_FLUSH_DELAY_MS]
+    assert len(list(scorer.process_element(message("a", 2, 2), ctx))) == 1  # scored by size
+    assert ctx.timers.processing == [] and ctx.timers.event == []
+    list(scorer.process_element(message("a", 4, 2), ctx))
+    assert len(list(scorer.on_timer(7_000 + END_OF_INPUT_FLUSH_DELAY_MS, ctx))) == 1  # end of input
+    assert ctx.timers.processing == [] and runtime.states["buffer"].v is None
+
+
+def test_a_buffer_restored_from_a_checkpoint_without_its_timers_is_still_scored(settings):
+    """Checkpoints taken before the buffer kept its timers hold the list of messages alone."""
+    pytest.importorskip("pyflink")
+    from flink_jobs.anomaly_job import DeviceScorer, pending_parts, pending_timers
+
+    assert pending_parts(None) == (None, None)
+    assert pending_parts(["m"]) == (None, ["m"])
+    assert pending_parts(((1, None), ["m"])) == ((1, None), ["m"])
+    assert pending_timers(1_000, 2_000, 100, bounded=False) == (1_100, None)
+    assert pending_timers(1_000, 2_000, 100, bounded=True)[1] > 2_000
+
+    scorer = DeviceScorer(StreamScoring(settings, options(micro_batch_size=4)), batch_timeout_ms=100,
+                          key_source=(KEY.hex(), None), max_feedback=8)
+    runtime, ctx = FakeRuntime(), FakeContext()
+    scorer.open(runtime)
+    runtime.states["buffer"].v = [columns("a", 0, 2)]  # as an older checkpoint restores it
+    assert len(list(scorer.process_element(message("a", 2, 2), ctx))) == 1
+    assert runtime.states["detector"].v.detector.n_seen == 4 and ctx.timers.processing == []
+    runtime.states["buffer"].v = [columns("a", 4, 2)]
+    assert len(list(scorer.on_timer(5_100, ctx))) == 1
+    assert runtime.states["detector"].v.detector.n_seen == 6
 
 
 def test_a_device_declared_dropped_never_answers_the_round_late(settings):
