@@ -13,3 +13,9 @@ def worker_blas_env(cfg) -> dict[str, str]:
     (a micro-batch of 64 scored 3-4x slower with 2 threads than with 1 on 2 cores). Empty when the setting is 0."""
     threads = cfg.stream.blas_threads
     return {name: str(threads) for name in BLAS_THREAD_VARIABLES} if threads > 0 else {}
+
+
+def jvm_args(cfg, given: str = "") -> str:
+    """``JVM_ARGS`` for a local run's Flink JVM: `stream.jvm_options`, then the flags `given` in the environment
+    already (HotSpot takes the last of two conflicting flags, so those win)."""
+    return " ".join(part for part in (cfg.stream.jvm_options.strip(), given.strip()) if part)

@@ -47,7 +47,7 @@ from pyflink.java_gateway import get_gateway  # noqa: E402
 from pyflink.table import StreamTableEnvironment  # noqa: E402
 
 from config import load_config  # noqa: E402
-from flink_jobs import WORKER_PACKAGES, worker_blas_env  # noqa: E402
+from flink_jobs import WORKER_PACKAGES, jvm_args, worker_blas_env  # noqa: E402
 from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run  # noqa: E402
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
@@ -404,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("_python_worker_execution_mode", "process")
     for name, value in worker_blas_env(cfg).items():
         os.environ.setdefault(name, value)
+    os.environ["JVM_ARGS"] = jvm_args(cfg, os.environ.get("JVM_ARGS", ""))  # pyflink starts the MiniCluster with them
     log_dir = cfg.state_dir / "logs" / "flink"  # the local MiniCluster's log (default: inside site-packages)
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))

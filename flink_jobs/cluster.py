@@ -54,7 +54,7 @@ def write_conf(cfg) -> Path:
         "env.pid.dir": str(processes.private_dir(cfg.state_dir / "flink" / "run")),  # not /tmp: ours only
         # the distribution's --add-opens/--add-exports for Java 17 (without them `flink run` fails with
         # "Can not register process function transformation translator")
-        "env.java.opts.all": distribution_java_opts(),
+        "env.java.opts.all": f"{distribution_java_opts()} {cfg.stream.jvm_options}".strip(),
     }
     (target / "config.yaml").write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
     # start-cluster.sh reads the hosts from these (the distribution ships none); 127.0.0.1 is started without ssh

@@ -64,3 +64,13 @@ def test_stream_workers_blas_threads_follow_the_setting(monkeypatch):
     assert worker_blas_env(load_config()) == {name: "1" for name in BLAS_THREAD_VARIABLES}
     monkeypatch.setenv("FLEAD_STREAM_BLAS_THREADS", "0")
     assert worker_blas_env(load_config()) == {}
+
+
+def test_the_stream_jobs_jvm_flags_come_from_the_setting_and_the_environments_win(monkeypatch):
+    from flink_jobs import jvm_args
+
+    monkeypatch.setenv("FLEAD_STREAM_JVM_OPTIONS", "-XX:+UseSerialGC")
+    assert jvm_args(load_config()) == "-XX:+UseSerialGC"
+    assert jvm_args(load_config(), " -Xmx2g ") == "-XX:+UseSerialGC -Xmx2g"
+    monkeypatch.setenv("FLEAD_STREAM_JVM_OPTIONS", "")
+    assert jvm_args(load_config(), "-Xmx2g") == "-Xmx2g"
