@@ -10,8 +10,8 @@ Starts its own Kafka broker (temporary state dir, free ports), then:
 2. latency: runs the job in the background, produces batch messages at a fixed rate below capacity, each
    reading stamped with its send time (producer linger 0), and reports p50/p99 of arrival − send time, where
    arrival is when a live consumer of the scores topic received the score (end to end: includes the sink and the
-   broker), after 10 s of untimed warm-up; beside it ``scored_at`` − send time (inside the scorer) and the
-   broker's append time − send time;
+   broker), after ``--warmup`` (60) s of untimed warm-up; beside it ``scored_at`` − send time (inside the scorer), the
+   broker's append time − send time, the cores the job's JVM and Python workers used while timed and the load average;
 3. floor: `DeviceDetector.process_many` over the same readings in one process, same micro-batch size.
 """
 from __future__ import annotations
@@ -86,6 +86,30 @@ def throughput(base_env: dict, readings: list[Reading], message_batch: int, over
             "readings_per_s": float(len(scores) / span_s), "job_wall_s": wall}
 
 
+def session_cpu_s(session: int) -> dict[str, float]:
+    """CPU seconds used so far by the processes of a session (the stream job's: its JVM, its Python workers, the
+    submitting Python), by kind; empty where there is no /proc. Processes that have exited are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+        if int(fields[3]) != session:
+            continue
+        kind = "jvm" if b"java" in command.split(b"\0")[0] else "python_workers" if b"beam_boot" in command else "other"
+        used[kind] = used.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def cores_between(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Average cores each kind of process used between two `session_cpu_s` samples `seconds` apart."""
+    return {kind: round((after[kind] - before.get(kind, 0.0)) / seconds, 2) for kind in sorted(after)}
+
+
 class ScoreWatcher:
     """Reads the scores topic live from its start in a thread and stamps each record with the wall time it
     arrived (the consumer waits at most 10 ms for a fetch), so latency includes the sink and the broker."""
@@ -117,11 +141,15 @@ class ScoreWatcher:
 
 
 def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float, message_batch: int,
-            warmup_s: float = 10.0) -> dict:
-    """Produce at `rate` readings/s into a running job, untimed for `warmup_s` (the first seconds after start-up
-    run JIT compilers and fill caches: p99 1.5–2 s), then timed for `seconds`; each reading's ts is its send time
+            warmup_s: float = 60.0, raw_out: str | None = None) -> dict:
+    """Produce at `rate` readings/s into a running job, untimed for `warmup_s` (for about a minute after start-up
+    the JVM's C2 compiler takes half a core beside the job: 0.58–0.68 cores used by the JVM 10–30 s after start,
+    0.22 after 60 s, at 5,000 readings/s), then timed for `seconds`; each reading's ts is its send time
     (the producer sends at once: linger 0). Reports, per reading, ``scored_at`` − ts (in the scorer), the broker's
-    append time − ts, and arrival − ts (read back from the scores topic by a live consumer: the end-to-end figure)."""
+    append time − ts, and arrival − ts (read back from the scores topic by a live consumer: the end-to-end figure);
+    beside them the cores the job's processes used while timed and the machine's load average (other work on the
+    machine takes cores from the job: latency figures are comparable only at a similar load). `raw_out`: also save
+    every timed reading's figures there (NumPy .npz)."""
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
@@ -168,9 +196,12 @@ def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float
         while time.monotonic() - began < warmup_s + seconds:
             if first_timed is None and time.monotonic() - began >= warmup_s:
                 first_timed, sent = dict(seq), 0  # steady state from here: the warm-up is not timed
+                cpu_before, timed_from, load_before = session_cpu_s(pid), time.monotonic(), os.getloadavg()[0]
             sent += send_round()
             next_round += interval
             time.sleep(max(0.0, next_round - time.monotonic()))
+        job_cores = cores_between(cpu_before, session_cpu_s(pid), time.monotonic() - timed_from)
+        load = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         producer.flush(10)
         expected = sum(seq[d] - first_timed[d] for d in devices)
         deadline = time.monotonic() + 60
@@ -186,11 +217,17 @@ def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float
         appended = np.array([appended - s["ts"] for _, appended, s in timed], dtype=np.float64)
         arrived = np.array([at - s["ts"] for at, _, s in timed], dtype=np.float64)
         sent_s = np.array([s["ts"] for _, _, s in timed], dtype=np.int64)
+        if raw_out:
+            np.savez(raw_out, ts=sent_s, scored=scored, appended=appended, arrived=arrived,
+                     device=np.array([s["device_id"] for _, _, s in timed]),
+                     seq=np.array([s["seq"] for _, _, s in timed]))
         sent_s = (sent_s - sent_s.min()) // 1000
-        by_second = [round(float(np.percentile(arrived[sent_s == i], 99))) for i in range(int(sent_s.max()) + 1)
-                     if (sent_s == i).any()]
+        seconds_sent = [i for i in range(int(sent_s.max()) + 1) if (sent_s == i).any()]
+        by_second = [round(float(np.percentile(arrived[sent_s == i], 99))) for i in seconds_sent]
+        scored_by_second = [round(float(np.percentile(scored[sent_s == i], 99))) for i in seconds_sent]
         return {"rate": rate, "seconds": seconds, "warmup_s": warmup_s, "sent": sent, "scored": len(timed),
-                "p99_ms_by_second": by_second,
+                "job_cores": job_cores, "load_average": load,
+                "p99_ms_by_second": by_second, "scored_at_p99_ms_by_second": scored_by_second,
                 "p50_ms": float(np.percentile(arrived, 50)), "p99_ms": float(np.percentile(arrived, 99)),
                 "max_ms": float(arrived.max()),
                 "scored_at_p50_ms": float(np.percentile(scored, 50)),
@@ -227,6 +264,10 @@ def main() -> int:
     parser.add_argument("--best-message-batch", type=int, default=64, help="best run: readings per message")
     parser.add_argument("--best", default="", metavar="KEY=VALUE,...",
                         help="best run: FLEAD_* overrides, e.g. FLEAD_STREAM_MICRO_BATCH_SIZE=64")
+    parser.add_argument("--warmup", type=float, default=60.0,
+                        help="latency run: seconds at the rate before timing (the job's JVM compiles with C2 for about "
+                             "a minute after start-up: with 10 s the timed window measured that)")
+    parser.add_argument("--latency-raw", metavar="OUT.npz", help="save every timed reading's latency figures here")
     args = parser.parse_args()
     best_env = dict(kv.split("=", 1) for kv in args.best.split(",") if kv)
 
@@ -243,7 +284,8 @@ def main() -> int:
                 for c in range(args.copies) for r in readings]
         thr = throughput(base_env, many, args.message_batch)
         best = throughput(base_env, many, args.best_message_batch, best_env)
-        lat = latency(base_env, readings, args.rate, 10.0 if args.quick else 30.0, 10)
+        lat = latency(base_env, readings, args.rate, 10.0 if args.quick else 30.0, 10, warmup_s=args.warmup,
+                      raw_out=args.latency_raw)
     finally:
         stack.down(cfg, say=lambda line: None)
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -254,7 +296,8 @@ def main() -> int:
                  f"{args.message_batch}-reading messages", "value": round(thr["readings_per_s"]), "unit": "readings/s"},
         {"name": f"stream job bounded, best: {args.best_message_batch}-reading messages {args.best}".rstrip(),
          "value": round(best["readings_per_s"]), "unit": "readings/s"},
-        {"name": f"event-to-score latency p50 at {args.rate:.0f} readings/s (score read from Kafka)",
+        {"name": f"event-to-score latency p50 at {args.rate:.0f} readings/s (score read from Kafka, after "
+                 f"{args.warmup:.0f} s warm-up)",
          "value": round(lat["p50_ms"]), "unit": "ms"},
         {"name": f"event-to-score latency p99 at {args.rate:.0f} readings/s (score read from Kafka)",
          "value": round(lat["p99_ms"]), "unit": "ms"},
