@@ -14,7 +14,9 @@ almost nothing, whatever the fleet stored.
                                                                       totals over the daily roll-ups kept)
     fleet_summary    "incidents"  each incidents write                open [incident ids], open_incidents, newest
                                   (`Store.store_incidents`)           [the rollups.timeline_incidents newest
-                                                                      incidents by start: timeline fields]
+                                                                      incidents by start of the
+                                                                      rollups.timeline_devices devices with the
+                                                                      newest: timeline fields]
     device_summary   <device_id>  each roll-up generation with        generation, scores [{ts, n, anomalies,
                                   that device                         score_max, threshold_max,
                                                                       anomaly_score_max}] (score_rollups buckets),
@@ -96,16 +98,20 @@ def timeline_entry(incident: dict) -> dict:
     return {k: incident.get(k) for k in TIMELINE_FIELDS}
 
 
-def merge_incidents(summary: dict, written: Iterable[dict], keep: int) -> dict:
+def merge_incidents(summary: dict, written: Iterable[dict], keep: int, devices: int) -> dict:
     """The "incidents" summary after storing `written` (each the newest state of its incident, as
-    `Store.replace_newer` wrote them): open ids added or removed, the `keep` newest incidents by start."""
+    `Store.replace_newer` wrote them): open ids added or removed, and for the timeline the `keep` newest incidents
+    by start of the `devices` devices whose incidents started last (a timeline of more devices than that has no
+    room for their names)."""
     open_ids = set(summary.get("open", ()))
     newest = {e["incident_id"]: e for e in summary.get("newest", ())}
     for doc in written:
         entry = timeline_entry(doc)
         (open_ids.add if entry["status"] == "open" else open_ids.discard)(entry["incident_id"])
         newest[entry["incident_id"]] = entry
-    kept = sorted(newest.values(), key=lambda e: (e["start_ts"], e["incident_id"]), reverse=True)[:keep]
+    ordered = sorted(newest.values(), key=lambda e: (e["start_ts"], e["incident_id"]), reverse=True)
+    shown = set(list(dict.fromkeys(e["device_id"] for e in ordered))[:devices])
+    kept = [e for e in ordered if e["device_id"] in shown][:keep]
     return {"_id": INCIDENTS_ID, "open": sorted(open_ids), "open_incidents": len(open_ids), "newest": kept}
 
 
@@ -185,7 +191,8 @@ def update_incidents(store, written: list[dict]) -> None:
     if not written:
         return
     doc = store.collection("fleet_summary").find_one({"_id": INCIDENTS_ID}) or {}
-    summary = merge_incidents(doc, written, store.cfg.rollups.timeline_incidents)
+    summary = merge_incidents(doc, written, store.cfg.rollups.timeline_incidents,
+                              store.cfg.rollups.timeline_devices)
     store.upsert("fleet_summary", [summary | {"updated_at": _now_ms()}])
 
 
@@ -210,7 +217,8 @@ def rebuild(store) -> None:
         {"_id": FLEET_ID, "generation": generation, "updated_at": now,
          "series": merge_series([], _summed(fleet, "ts"), _horizon_ms(store.cfg)),
          "devices": merge_devices([], _summed(daily, "device_id"))},
-        merge_incidents({}, incidents, store.cfg.rollups.timeline_incidents) | {"updated_at": now}])
+        merge_incidents({}, incidents, store.cfg.rollups.timeline_incidents,
+                        store.cfg.rollups.timeline_devices) | {"updated_at": now}])
     stats = {}
     for key, source in (("score_rollups", "scores"), ("metric_rollups", "readings")):
         partials = defaultdict(list)  # one per generation until the sink compacts them

@@ -88,4 +88,4 @@ def test_a_first_tab_holds_what_an_operator_looks_at_first_and_other_tabs_are_pl
     first_tab = fleet[fleet["TABS_ID"]["children"][0]]
     first = {fleet[chart]["meta"]["sliceName"] for row in first_tab["children"] for chart in fleet[row]["children"]}
     assert first == {"Open incidents", "Fleet anomaly rate over time", "Top devices by anomalous readings",
-                     "Incidents timeline (newest 500)"}
+                     "Incidents timeline (the 25 devices with the newest incidents)"}

@@ -77,12 +77,23 @@ def _incident(device, start, status, end=None):
 
 def test_open_count_follows_each_incidents_newest_state_and_the_timeline_keeps_the_newest():
     summary = merge_incidents({}, [_incident("a", 10, "open"), _incident("b", 20, "open"),
-                                   _incident("c", 5, "resolved")], keep=2)
+                                   _incident("c", 5, "resolved")], keep=2, devices=10)
     assert summary["open_incidents"] == 2 and summary["open"] == ["a:10", "b:20"]
     assert [e["incident_id"] for e in summary["newest"]] == ["b:20", "a:10"]  # newest 2 by start
-    summary = merge_incidents(summary, [_incident("a", 10, "resolved", end=99), _incident("a", 30, "open")], keep=2)
+    summary = merge_incidents(summary, [_incident("a", 10, "resolved", end=99), _incident("a", 30, "open")], keep=2, devices=10)
     assert summary["open"] == ["a:30", "b:20"] and summary["open_incidents"] == 2
     assert [(e["incident_id"], e["status"]) for e in summary["newest"]] == [("a:30", "open"), ("b:20", "open")]
-    summary = merge_incidents(summary, [_incident("b", 20, "resolved")], keep=2)
+    summary = merge_incidents(summary, [_incident("b", 20, "resolved")], keep=2, devices=10)
     assert summary["open_incidents"] == 1 and summary["newest"][1]["status"] == "resolved"
     check_document("fleet_summary", summary | {"updated_at": 0})
+
+
+def test_the_timeline_keeps_only_the_devices_whose_incidents_started_last():
+    """A timeline has a row per device: beyond `devices` rows the names overlap, so it shows those devices whose
+    incidents started last, each with all of its kept incidents; the open count still covers every device."""
+    written = [_incident(f"d{i}", 100 + i, "open") for i in range(6)] + [_incident("d5", 50, "resolved")]
+    summary = merge_incidents({}, written, keep=10, devices=2)
+    assert [e["incident_id"] for e in summary["newest"]] == ["d5:105", "d4:104", "d5:50"]
+    assert summary["open_incidents"] == 6
+    summary = merge_incidents(summary, [_incident("d0", 200, "open")], keep=10, devices=2)
+    assert {e["device_id"] for e in summary["newest"]} == {"d0", "d5"}
