@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,25 +174,38 @@ def stop_by_name(state_dir: Path, name: str, grace: float = 20.0) -> bool:
     return Service(state_dir, name, [], stop_grace=spec.get("stop_grace", grace)).stop()
 
 
-def ensure_private_modes(root: Path) -> list[Path]:
-    """Take group and other permissions off every file and folder under `root` (symlinks are not followed);
-    returns what was changed. The state directory holds databases, logs, checkpoints and credentials."""
-    changed = []
+def _private_modes(root: Path):
+    """(path, mode) of `root` and everything under it, symlinks aside (not followed); what is deleted meanwhile
+    (a checkpoint the running job retires) is skipped."""
     root = Path(root)
-    if not root.exists():
-        return changed
     paths = [root]
     for folder, dirs, files in os.walk(root):  # does not descend into symlinked folders
         paths.extend(Path(folder) / name for name in dirs + files)
     for path in paths:
         try:
-            st = path.lstat()
+            mode = path.lstat().st_mode
         except OSError:
             continue
-        if path.is_symlink() or not st.st_mode & 0o077:
+        if not stat.S_ISLNK(mode):
+            yield path, mode
+
+
+def readable_by_others(root: Path) -> list[str]:
+    """'<mode> <path>' of every file and folder under `root` that group or others may read."""
+    return [f"{oct(stat.S_IMODE(mode))} {path}" for path, mode in _private_modes(root) if mode & 0o077]
+
+
+def ensure_private_modes(root: Path) -> list[Path]:
+    """Take group and other permissions off every file and folder under `root` (symlinks are not followed);
+    returns what was changed. The state directory holds databases, logs, checkpoints and credentials."""
+    changed = []
+    if not Path(root).exists():
+        return changed
+    for path, mode in _private_modes(root):
+        if not mode & 0o077:
             continue
         try:
-            os.chmod(path, st.st_mode & 0o7700)
+            os.chmod(path, mode & 0o7700)
             changed.append(path)
         except OSError:
             continue
@@ -199,5 +213,5 @@ def ensure_private_modes(root: Path) -> list[Path]:
 
 
 __all__ = ["Service", "Started", "ServiceError", "registered", "read_spec", "write_spec", "service_lock",
-           "stop_by_name", "ensure_private_modes", "spec_path", "SERVER_PRIORITY", "CLIENT_PRIORITY",
+           "stop_by_name", "ensure_private_modes", "readable_by_others", "spec_path", "SERVER_PRIORITY", "CLIENT_PRIORITY",
            "SERVICE_VARIABLE", "known_services"]

@@ -11,7 +11,7 @@ the batch is stored: at-least-once delivery plus idempotent writes gives one cop
     scores                     →  predictions + alerts + score/daily/fleet roll-ups
     incidents                  →  incidents           (by incident_id; a later state replaces an earlier one)
     drift                      →  drift_events
-    snapshots                  →  local_models
+    snapshots                  →  local_models        (validly signed ones only)
     dead_letters               →  dead_letters
 
 Bad input never stops it: a message or record it cannot store (not JSON, a schema violation, a non-finite or
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from config import Config
+from models.integrity import signing_key, verify_record
 from services import processes
 from storage.buckets import ScoreBlock, ScorePart, score_block
 from storage.mongo import Store, StorageUnavailable
@@ -168,10 +169,14 @@ def score_part(raw: bytes, position: str) -> ScorePart:
     return ScorePart(position, msg, items)
 
 
-def event_document(key: str, record: dict, position: str) -> dict:
+def event_document(key: str, record: dict, position: str, signing_key: bytes) -> dict:
     """The document a snapshot / incident / drift event / dead letter record (read at Kafka `position`) becomes;
-    `SchemaViolation` if it cannot be stored (the reason names the field)."""
+    `SchemaViolation` if it cannot be stored (the reason names the field). A snapshot must carry a valid signature
+    under `signing_key`: a forged one stored first under its natural id (device, version) would hide the genuine
+    one from the aggregator."""
     collection, id_field = EVENT_COLLECTIONS[key]
+    if key == "snapshots" and (problem := verify_record(record, signing_key)):
+        raise SchemaViolation(problem)
     check_field_names(record, key)
     doc = {k: v for k, v in record.items() if k != "schema"}
     if key == "snapshots":
@@ -193,6 +198,7 @@ class MongoSink:
         from confluent_kafka import Consumer
 
         self.cfg = cfg
+        self.signing_key = signing_key(cfg)  # snapshots are stored only with a valid signature
         self.topic_keys = {cfg.kafka.topics[key]: key for key in topics}
         self.consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": group_id,
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False,
@@ -282,7 +288,7 @@ class MongoSink:
             key, position = self.topic_keys[topic], f"{topic}:{msg.partition()}:{msg.offset()}"
             try:
                 record = EVENT_DECODERS.get(key, load_object)(raw)
-                batch.events[key].append(event_document(key, record, position))
+                batch.events[key].append(event_document(key, record, position, self.signing_key))
             except InvalidMessage as exc:
                 self._refuse(batch, position, topic, exc.reason, raw)
             except SchemaViolation as exc:

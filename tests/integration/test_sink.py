@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka import Producer
 
 from config import PROJECT_ROOT, load_config
+from models.integrity import sign_record, signing_key, verify_record, wire_form
 from orchestration import stack as local_stack
 from services import processes
 from storage.buckets import SCORE_COLUMNS, unpack_columns
@@ -192,6 +193,30 @@ def test_timestamps_that_would_overflow_roll_ups_are_dead_letters_and_rebuild_su
     store.insert_new("predictions", [{**doc, "columns": columns, "ts_min": extreme}])
     assert store.rebuild_rollups() == (2, 4)  # 2 scores read; the good one in 3 roll-ups, its telemetry in 1
     assert _rollup_total(store, "fleet_rollups") == 1
+
+
+def test_a_forged_snapshot_is_dead_lettered_and_cannot_hide_the_genuine_one(cfg, store):
+    """Snapshots are stored under their natural id (device, version): a forged copy sent first must not take that
+    id, or the aggregator would never see the device's genuine snapshot."""
+    genuine = sign_record({"schema": "flead.snapshot/1", "device_id": "s1", "version": 3, "global_version": 0,
+                           "n_samples": 64, "n_seen": 192, "loss": 0.01, "weights": "AAAA", "created_at": 1000},
+                          signing_key(cfg))
+    forged = {**genuine, "weights": "BBBB"}              # altered after signing
+    unsigned = {k: v for k, v in genuine.items() if k != "signature"}
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    for record in (forged, unsigned, genuine):
+        producer.produce(cfg.kafka.topics.snapshots, key="s1", value=json.dumps(record))
+    assert producer.flush(30) == 0
+
+    stats = MongoSink(_fast(cfg)).run(until_idle_s=2.0)
+
+    [stored] = store.find("local_models")
+    assert stored["_id"] == "s1:3" and stored["weights"] == "AAAA"
+    assert verify_record(wire_form(stored, "flead.snapshot/1"), signing_key(cfg)) is None
+    reasons = sorted(letter["reason"] for letter in store.find("dead_letters"))
+    assert reasons == ["snapshots: bad signature: the record was altered or signed with another key",
+                       "snapshots: unsigned: no 'signature' field"]
+    assert stats["snapshots_refused"] == 2 and stats["local_models"] == 1
 
 
 def test_incidents_keep_their_latest_state_and_drift_events_are_stored(cfg, store):

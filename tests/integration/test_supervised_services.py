@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from config import PROJECT_ROOT
 from services import processes
-from services.service import read_spec
+from services.service import read_spec, readable_by_others
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +24,6 @@ RESTART_WITHIN_S = 90.0
 def flead(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=env, cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def not_private(root: Path) -> list[str]:
-    """Files and folders under `root` that group or others may read (symlinks aside)."""
-    return [f"{oct(stat.S_IMODE(p.lstat().st_mode))} {p}" for p in [root, *root.rglob("*")]
-            if not p.is_symlink() and p.lstat().st_mode & 0o077]
 
 
 @pytest.fixture
@@ -62,7 +55,7 @@ def test_killed_servers_and_services_come_back_and_the_state_dir_stays_private(s
     up = flead(env, "up")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "supervisor pid" in up.stdout
-    assert not_private(state) == []  # server data, logs, registrations: 0600 files, 0700 folders
+    assert readable_by_others(state) == []  # server data, logs, registrations: 0600 files, 0700 folders
 
     # modes that went wrong (an older version, a user's cp) are put right by the next `flead up`
     sqlite = next((state / "mongo").rglob("*.sqlite"))
@@ -70,7 +63,7 @@ def test_killed_servers_and_services_come_back_and_the_state_dir_stays_private(s
     state.chmod(0o755)
     again = flead(env, "up")
     assert again.returncode == 0 and "made private" in again.stdout, again.stdout + again.stderr
-    assert not_private(state) == []
+    assert readable_by_others(state) == []
 
     sink = flead(env, "sink", "start")
     assert sink.returncode == 0 and "sink started" in sink.stdout, sink.stdout + sink.stderr

@@ -9,11 +9,13 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from services import listeners, processes
-from services.service import Service, ensure_private_modes, read_spec, registered, stop_by_name
+from services.service import (Service, ensure_private_modes, read_spec, readable_by_others, registered,
+                              stop_by_name)
 from services.supervisor import Backoff, Supervisor
 
 SLEEP = [sys.executable, "-c", "import time; time.sleep(300)"]
@@ -144,12 +146,23 @@ def test_private_modes_are_restored_without_following_symlinks(tmp_path):
     script.write_text("#!/bin/sh\n")
     script.chmod(0o755)
     (state / "link.jar").symlink_to(outside)
+    assert sorted(readable_by_others(state)) == sorted([f"0o755 {state / 'mongo'}", f"0o644 {db}", f"0o755 {script}"])
     changed = ensure_private_modes(state)
     assert set(changed) == {db, state / "mongo", script}
     assert stat.S_IMODE(db.stat().st_mode) == 0o600 and stat.S_IMODE((state / "mongo").stat().st_mode) == 0o700
     assert stat.S_IMODE(script.stat().st_mode) == 0o700
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644  # a symlink's target outside is left alone
-    assert ensure_private_modes(state) == []
+    assert ensure_private_modes(state) == [] and readable_by_others(state) == []
+
+
+def test_what_vanishes_during_the_walk_is_skipped(tmp_path, monkeypatch):
+    """A running job retires checkpoints while the state dir is walked: that is no error."""
+    tmp_path.chmod(0o700)
+    (tmp_path / "chk-3").mkdir(mode=0o755)
+    real_lstat = Path.lstat
+    monkeypatch.setattr(Path, "lstat", lambda p: (_ for _ in ()).throw(FileNotFoundError(p)) if p.name == "chk-3"
+                        else real_lstat(p))
+    assert readable_by_others(tmp_path) == [] and ensure_private_modes(tmp_path) == []
 
 
 def test_listeners_name_the_service_and_tell_loopback_from_every_interface(state):
