@@ -8,6 +8,8 @@ from storage.buckets import SCORE_COLUMNS
 from storage.sink import decode_streams
 from telemetry.schema import Reading, encode_batch, encode_scores
 
+from fakes import KafkaMessage
+
 SHARED = ("device_id", "model_version", "global_version", "scored_at")
 
 
@@ -68,31 +70,6 @@ def test_bad_messages_and_records_each_get_a_refusal_with_their_position():
     assert 3 not in blocks["d2"][0]["seq"] and len(blocks["d2"][0]["seq"]) == 31
 
 
-class _Message:
-    """What the sink reads from a confluent-kafka message."""
-
-    def __init__(self, topic, key, value, offset):
-        self._topic, self._key, self._value, self._offset = topic, key, value, offset
-
-    def error(self):
-        return None
-
-    def topic(self):
-        return self._topic
-
-    def key(self):
-        return self._key
-
-    def value(self):
-        return self._value
-
-    def partition(self):
-        return 0
-
-    def offset(self):
-        return self._offset
-
-
 def test_a_decoding_process_that_dies_is_replaced_and_the_batch_decoded_again():
     """Killed (out of memory, an operator): the sink starts new decoding processes and decodes the same messages,
     counted, instead of failing the batch; the result equals decoding in this process."""
@@ -105,8 +82,8 @@ def test_a_decoding_process_that_dies_is_replaced_and_the_batch_decoded_again():
     cfg = load_config(env={"FLEAD_KAFKA_BOOTSTRAP": "127.0.0.1:1", "FLEAD_SINK_DECODE_PROCESSES": "2"})
     telemetry, scores = _flush()
     topics = cfg.kafka.topics
-    messages = ([_Message(topics.telemetry, k, v, i) for i, (k, v) in enumerate(telemetry)]
-                + [_Message(topics.scores, k.encode(), v, i) for i, (k, (_, v)) in
+    messages = ([KafkaMessage(v, k, topics.telemetry, i) for i, (k, v) in enumerate(telemetry)]
+                + [KafkaMessage(v, k.encode(), topics.scores, i) for i, (k, (_, v)) in
                    enumerate(zip([t[0].decode() for t in telemetry], scores))])
     sink = MongoSink(cfg)
     try:

@@ -6,25 +6,11 @@ from telemetry.cli import register
 from telemetry.consumer import format_message, resolve_topic
 from telemetry.schema import Reading, dead_letter, encode_reading
 
+from fakes import KafkaMessage
 
-class FakeMessage:
-    def __init__(self, value, key=b"omi-1", topic="flead.telemetry"):
-        self._value, self._key, self._topic = value, key, topic
 
-    def value(self):
-        return self._value
-
-    def key(self):
-        return self._key
-
-    def topic(self):
-        return self._topic
-
-    def partition(self):
-        return 0
-
-    def offset(self):
-        return 42
+def message(value, topic="flead.telemetry"):
+    return KafkaMessage(value, key=b"omi-1", topic=topic, offset=42)
 
 
 def parse(*argv):
@@ -51,11 +37,11 @@ def test_topics_resolve_from_config_keys():
 
 
 def test_format_message_decodes_telemetry_and_shortens_other_json():
-    [line] = format_message(FakeMessage(encode_reading(Reading("omi-1", 3, 1706659200000, {"m00": 0.5}, 1))), True)
+    [line] = format_message(message(encode_reading(Reading("omi-1", 3, 1706659200000, {"m00": 0.5}, 1))), True)
     assert line == "flead.telemetry[0]@42 key=omi-1 omi-1 seq=3 2024-01-31T00:00:00.000Z label=1 m00=0.5"
-    [line] = format_message(FakeMessage(b'{"schema": "flead.telemetry/1"}'), True)
+    [line] = format_message(message(b'{"schema": "flead.telemetry/1"}'), True)
     assert line.endswith("INVALID: missing field 'device_id'")
-    [line] = format_message(FakeMessage(b'{"weights": "' + b"A" * 500 + b'"}', topic="snapshots"), False)
+    [line] = format_message(message(b'{"weights": "' + b"A" * 500 + b'"}', topic="snapshots"), False)
     assert line.endswith('{"weights": "<500 chars>"}')
-    [line] = format_message(FakeMessage(dead_letter(b"x", "not JSON", "flead.telemetry", at=1), topic="dl"), False)
+    [line] = format_message(message(dead_letter(b"x", "not JSON", "flead.telemetry", at=1), topic="dl"), False)
     assert '"reason": "not JSON"' in line
