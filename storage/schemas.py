@@ -153,8 +153,10 @@ SCHEMAS: dict[str, dict] = {
                                      "series": {"bsonType": "array"}, "devices": {"bsonType": "array"},
                                      "open": {"bsonType": "array"}, "open_incidents": {"bsonType": INT},
                                      "newest": {"bsonType": "array"}}},
-    "device_summary": {"bsonType": "object", "required": ["_id", "generation", "updated_at", "scores", "metrics"],
+    "device_summary": {"bsonType": "object",
+                       "required": ["_id", "generation", "updated_at", "n", "anomalies", "scores", "metrics"],
                        "properties": {"_id": _ids, "generation": {"bsonType": INT}, "updated_at": {"bsonType": INT},
+                                      "n": {"bsonType": INT}, "anomalies": {"bsonType": INT},
                                       "scores": {"bsonType": "array"}, "metrics": {"bsonType": "array"}}},
 }
 

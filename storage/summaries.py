@@ -10,8 +10,10 @@ almost nothing, whatever the fleet stored.
     fleet_summary    "fleet"      each roll-up generation             generation, series [{ts, n, anomalies}]
                                   (`BucketWriter._emit`)              (fleet_rollups buckets of the newest
                                                                       rollups.recent_s of event time), devices
-                                                                      [{device_id, n, anomalies}] (each device's
-                                                                      totals over the daily roll-ups kept)
+                                                                      [{device_id, n, anomalies}] (the
+                                                                      rollups.summary_devices devices with the
+                                                                      most anomalous readings over the daily
+                                                                      roll-ups kept, ranked)
     fleet_summary    "incidents"  each incidents write                open [incident ids], open_incidents, newest
                                   (`Store.store_incidents`)           [the rollups.timeline_incidents newest
                                                                       incidents by start of the
@@ -22,7 +24,9 @@ almost nothing, whatever the fleet stored.
                                                                       anomaly_score_max}] (score_rollups buckets),
                                                                       metrics [{ts, name, n, sum}]
                                                                       (metric_rollups buckets), the newest
-                                                                      rollups.recent_s of the device's event time
+                                                                      rollups.recent_s of the device's event time;
+                                                                      n, anomalies: its totals over the daily
+                                                                      roll-ups kept
 
 All are derived data: `rebuild` recomputes them from the roll-ups and the incidents collection (when a writer
 loads, after a prune that deleted any of `SOURCES`, after `rebuild_rollups`); between rebuilds each write
@@ -86,11 +90,20 @@ def merge_series(series: list[dict], stats: Mapping[int, tuple[int, int]], horiz
     return merge_entries(series, added, ("ts",), horizon_ms)
 
 
-def merge_devices(devices: list[dict], stats: Mapping[str, tuple[int, int]]) -> list[dict]:
-    """Per-device totals ``{device_id, n, anomalies}`` with `stats` (device -> (readings, anomalous)) added,
-    sorted by device."""
-    added = [{"device_id": d, "n": n, "anomalies": a} for d, (n, a) in stats.items()]
-    return merge_entries(devices, added, ("device_id",))
+def rank_devices(devices: Iterable[dict], keep: int) -> list[dict]:
+    """The `keep` first of ``{device_id, n, anomalies}`` entries by most anomalous readings, then most readings,
+    then name; a device without readings in the roll-ups kept is not ranked."""
+    return sorted((e for e in devices if e["n"] > 0), key=lambda e: (-e["anomalies"], -e["n"], e["device_id"]))[:keep]
+
+
+def merge_devices(ranked: list[dict], totals: Mapping[str, tuple[int, int]], keep: int) -> list[dict]:
+    """The `keep` first devices (`rank_devices`) of `ranked` with the new `totals` (device -> (readings,
+    anomalous) over the roll-ups kept) of the devices a generation has. Exact while totals only grow (a prune
+    rebuilds): a device neither ranked nor in `totals` cannot have passed the last one ranked. The fleet summary
+    stays one bounded document however many devices there are (a document is limited to 16 MB)."""
+    merged = {e["device_id"]: e for e in ranked}
+    merged.update({d: {"device_id": d, "n": n, "anomalies": a} for d, (n, a) in totals.items()})
+    return rank_devices(merged.values(), keep)
 
 
 def timeline_entry(incident: dict) -> dict:
@@ -115,14 +128,9 @@ def merge_incidents(summary: dict, written: Iterable[dict], keep: int, devices: 
     return {"_id": INCIDENTS_ID, "open": sorted(open_ids), "open_incidents": len(open_ids), "newest": kept}
 
 
-def generation_stats(stats: Mapping[str, Mapping[tuple, dict]]) -> tuple[dict, dict]:
-    """From a `RollupAccumulator`'s stats: (fleet bucket -> (n, anomalies), device -> (n, anomalies))."""
-    series = {bucket: (s["n"], s["anomalies"]) for (_, bucket), s in stats.get("fleet_rollups", {}).items()}
-    devices: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for (device, _), s in stats.get("daily_rollups", {}).items():
-        devices[device][0] += s["n"]
-        devices[device][1] += s["anomalies"]
-    return series, {d: tuple(v) for d, v in devices.items()}
+def generation_stats(stats: Mapping[str, Mapping[tuple, dict]]) -> dict[int, tuple[int, int]]:
+    """From a `RollupAccumulator`'s stats: fleet bucket -> (n, anomalies)."""
+    return {bucket: (s["n"], s["anomalies"]) for (_, bucket), s in stats.get("fleet_rollups", {}).items()}
 
 
 SCORE_ENTRY_FIELDS = ("n", "anomalies", "score_max", "threshold_max", "anomaly_score_max")
@@ -130,9 +138,12 @@ SCORE_ENTRY_FIELDS = ("n", "anomalies", "score_max", "threshold_max", "anomaly_s
 
 def device_entries(stats: Mapping[str, Mapping[tuple, dict]]) -> dict[str, dict[str, list[dict]]]:
     """From a `RollupAccumulator`'s stats: per device, its score entries ``{ts, n, anomalies, score_max,
-    threshold_max, anomaly_score_max}`` (score_rollups buckets) and metric entries ``{ts, name, n, sum}``
-    (metric_rollups buckets)."""
-    out: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"scores": [], "metrics": []})
+    threshold_max, anomaly_score_max}`` (score_rollups buckets), metric entries ``{ts, name, n, sum}``
+    (metric_rollups buckets) and ``totals`` [n, anomalies] (daily_rollups)."""
+    out: dict[str, dict] = defaultdict(lambda: {"scores": [], "metrics": [], "totals": [0, 0]})
+    for (device, _), st in stats.get("daily_rollups", {}).items():
+        out[device]["totals"][0] += st["n"]
+        out[device]["totals"][1] += st["anomalies"]
     for (device, ts), st in stats.get("score_rollups", {}).items():
         out[device]["scores"].append({"ts": ts, **{f: st.get(f) for f in SCORE_ENTRY_FIELDS}})
     for (device, ts), st in stats.get("metric_rollups", {}).items():
@@ -144,6 +155,7 @@ def device_entries(stats: Mapping[str, Mapping[tuple, dict]]) -> dict[str, dict[
 def device_document(device: str, old: dict, added: dict, generation: int, horizon_ms: int) -> dict:
     """A device's summary: its `old` entries with `added` merged, the newest `horizon_ms` of event time."""
     return {"_id": device, "generation": generation, "updated_at": _now_ms(),
+            "n": old.get("n", 0) + added["totals"][0], "anomalies": old.get("anomalies", 0) + added["totals"][1],
             "scores": merge_entries(old.get("scores", []), added["scores"], ("ts",), horizon_ms),
             "metrics": merge_entries(old.get("metrics", []), added["metrics"], ("ts", "name"), horizon_ms)}
 
@@ -156,34 +168,41 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def update_fleet(store, stats: Mapping[str, Mapping[tuple, dict]], generation: int) -> bool:
-    """Add one roll-up generation (a `RollupAccumulator`'s stats) to the "fleet" summary, unless it holds that
-    generation already; returns whether it wrote."""
+def update_fleet(store, stats: Mapping[str, Mapping[tuple, dict]], generation: int,
+                 totals: Mapping[str, tuple[int, int]]) -> bool:
+    """Add one roll-up generation (a `RollupAccumulator`'s stats, and the new totals of its devices from
+    `update_devices`) to the "fleet" summary, unless it holds that generation already; returns whether it wrote."""
     doc = store.collection("fleet_summary").find_one({"_id": FLEET_ID}) or {}
     if doc.get("generation", 0) >= generation:
         return False
-    series, devices = generation_stats(stats)
     store.upsert("fleet_summary", [{
         "_id": FLEET_ID, "generation": generation, "updated_at": _now_ms(),
-        "series": merge_series(doc.get("series", []), series, _horizon_ms(store.cfg)),
-        "devices": merge_devices(doc.get("devices", []), devices)}])
+        "series": merge_series(doc.get("series", []), generation_stats(stats), _horizon_ms(store.cfg)),
+        "devices": merge_devices(doc.get("devices", []), totals, store.cfg.rollups.summary_devices)}])
     return True
 
 
-def update_devices(store, stats: Mapping[str, Mapping[tuple, dict]], generation: int) -> int:
+def update_devices(store, stats: Mapping[str, Mapping[tuple, dict]], generation: int) -> dict[str, tuple[int, int]]:
     """Add one roll-up generation to the summaries of the devices it has (one read of the collection, one
     delete, one insert, not an update per device: the embedded server scans the collection for each update);
-    devices whose summary holds that generation already are skipped. Returns how many were written."""
+    devices whose summary holds that generation already are skipped. Returns the totals (n, anomalies) of every
+    device of the generation, for `update_fleet`."""
     entries = device_entries(stats)
     if not entries:
-        return 0
+        return {}
     old = {d["_id"]: d for d in store.find("device_summary", {"_id": {"$in": sorted(entries)}})}
     docs = [device_document(device, old.get(device, {}), added, generation, _horizon_ms(store.cfg))
             for device, added in sorted(entries.items()) if old.get(device, {}).get("generation", 0) < generation]
     replaced = [d["_id"] for d in docs if d["_id"] in old]
     if replaced:
         store.collection("device_summary").delete_many({"_id": {"$in": replaced}})
-    return len(store.insert_new("device_summary", docs))
+    store.insert_new("device_summary", docs)
+    written = {d["_id"]: d for d in docs}
+    return {device: _totals(written.get(device) or old[device]) for device in entries}
+
+
+def _totals(doc: dict) -> tuple[int, int]:
+    return doc.get("n", 0), doc.get("anomalies", 0)
 
 
 def update_incidents(store, written: list[dict]) -> None:
@@ -210,25 +229,26 @@ def rebuild(store) -> None:
 
     generation = store.sink_state(ROLLUP_STATE).get("emitted_through", 0)
     fleet = store.find("fleet_rollups", None, ("ts", "n", "anomalies"))
-    daily = store.find("daily_rollups", None, ("device_id", "n", "anomalies"))
     incidents = store.find("incidents", None, TIMELINE_FIELDS)
-    now = _now_ms()
-    store.upsert("fleet_summary", [
-        {"_id": FLEET_ID, "generation": generation, "updated_at": now,
-         "series": merge_series([], _summed(fleet, "ts"), _horizon_ms(store.cfg)),
-         "devices": merge_devices([], _summed(daily, "device_id"))},
-        merge_incidents({}, incidents, store.cfg.rollups.timeline_incidents,
-                        store.cfg.rollups.timeline_devices) | {"updated_at": now}])
     stats = {}
-    for key, source in (("score_rollups", "scores"), ("metric_rollups", "readings")):
+    for key, source in (("daily_rollups", "scores"), ("score_rollups", "scores"), ("metric_rollups", "readings")):
         partials = defaultdict(list)  # one per generation until the sink compacts them
         for doc in store.find(key):
             partials[(doc["device_id"], doc["ts"])].append(doc)
         stats[key] = {group: merged(docs, source) for group, docs in partials.items()}
+    devices = [device_document(device, {}, added, generation, _horizon_ms(store.cfg))
+               for device, added in sorted(device_entries(stats).items())]
+    now = _now_ms()
+    store.upsert("fleet_summary", [
+        {"_id": FLEET_ID, "generation": generation, "updated_at": now,
+         "series": merge_series([], _summed(fleet, "ts"), _horizon_ms(store.cfg)),
+         "devices": rank_devices(({"device_id": d["_id"], "n": d["n"], "anomalies": d["anomalies"]}
+                                  for d in devices), store.cfg.rollups.summary_devices)},
+        merge_incidents({}, incidents, store.cfg.rollups.timeline_incidents,
+                        store.cfg.rollups.timeline_devices) | {"updated_at": now}])
     store.collection("device_summary").delete_many({})
-    store.insert_new("device_summary", [device_document(device, {}, added, generation, _horizon_ms(store.cfg))
-                                        for device, added in sorted(device_entries(stats).items())])
+    store.insert_new("device_summary", devices)
 
 
-__all__ = ["FLEET_ID", "INCIDENTS_ID", "SOURCES", "merge_devices", "merge_incidents", "merge_series", "rebuild",
-           "timeline_entry", "update_fleet", "update_incidents"]
+__all__ = ["FLEET_ID", "INCIDENTS_ID", "SOURCES", "merge_devices", "merge_incidents", "merge_series", "rank_devices",
+           "rebuild", "timeline_entry", "update_fleet", "update_incidents"]

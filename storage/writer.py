@@ -235,8 +235,8 @@ class BucketWriter:
     def _emit(self, acc: RollupAccumulator, generation: int) -> None:
         for key, docs in acc.documents(generation, self._stored_at()).items():
             self.store.insert_new(key, docs)
-        summaries.update_fleet(self.store, acc.stats, generation)  # before the generation counts as written
-        summaries.update_devices(self.store, acc.stats, generation)
+        totals = summaries.update_devices(self.store, acc.stats, generation)  # before the generation counts as
+        summaries.update_fleet(self.store, acc.stats, generation, totals)     # written
         state = self.store.sink_state(ROLLUP_STATE)
         self.store.set_sink_state(ROLLUP_STATE, {"emitted_through": max(generation,
                                                                         state.get("emitted_through", 0))})

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from storage.summaries import FLEET_ID, INCIDENTS_ID
+from storage.summaries import FLEET_ID, INCIDENTS_ID, rank_devices
 from storage.writer import BucketWriter
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,8 @@ def _expected_devices(store):
     for doc in store.find("daily_rollups"):
         n, a = totals.get(doc["device_id"], (0, 0))
         totals[doc["device_id"]] = (n + doc["n"], a + doc["anomalies"])
-    return [{"device_id": d, "n": n, "anomalies": a} for d, (n, a) in sorted(totals.items())]
+    return rank_devices([{"device_id": d, "n": n, "anomalies": a} for d, (n, a) in totals.items()],
+                        store.cfg.rollups.summary_devices)
 
 
 def test_summaries_equal_counts_of_what_is_stored(store):
@@ -52,8 +53,10 @@ def test_summaries_equal_counts_of_what_is_stored(store):
     assert [(e["incident_id"], e["status"], e["end_ts"]) for e in incidents["newest"]] == [
         (i, stored[i]["status"], stored[i]["end_ts"]) for i in ("b:9", "b:3", "a:1")]
 
+    assert [d["device_id"] for d in fleet["devices"]] == ["a", "b"]  # 9 anomalous readings, then 6
     for device in ("a", "b"):
         doc = store.collection("device_summary").find_one({"_id": device})
+        assert {"device_id": device, "n": doc["n"], "anomalies": doc["anomalies"]} in fleet["devices"]
         assert sum(e["anomalies"] for e in doc["scores"]) == store.collection("alerts").count_documents(
             {"device_id": device}) > 0
         assert sum(e["n"] for e in doc["scores"]) == sum(d["n"] for d in store.find("score_rollups", {"device_id": device}))

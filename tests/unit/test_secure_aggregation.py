@@ -182,6 +182,7 @@ def test_device_records_pass_the_sink_with_real_device_ids():
     in the real pipeline); malformed reveal entries are skipped by the aggregator, not fatal."""
     from models.secure_aggregation import (answer_cohort, answer_dropouts, choose_cohort, cohort_from_record,
                                            enrolment_record, revealed_from_records)
+    from models.integrity import sign_record
     from storage.sink import event_document
 
     keys = {d: generate_key_pair() for d in ("omi-1", "omi-10", "omi-12")}
@@ -189,8 +190,9 @@ def test_device_records_pass_the_sink_with_real_device_ids():
     record = {**choose_cohort(enrolments, "r1.1", 0, 1000, 3000, "flead-aggregator"), "dropped": ["omi-12"]}
     answer = answer_cohort(record, "omi-1", keys["omi-1"][0], np.ones(4), 50, 2, 60, 4000)
     reveal = answer_dropouts(record, "omi-1", keys["omi-1"][0], 5000, 3, 61)
+    key = bytes(32)
     for r in (*enrolments, answer, reveal):
-        assert event_document("snapshots", {**r, "signature": "hmac-sha256:00"}, "p")["device_id"] == r["device_id"]
+        assert event_document("snapshots", sign_record(r, key), "p", key)["device_id"] == r["device_id"]
     cohort = cohort_from_record(record)
     revealed = revealed_from_records([reveal], cohort)
     assert revealed == {"omi-1": {"omi-12": pair_seed(keys["omi-1"][0], keys["omi-12"][1], "r1.1", "omi-1", "omi-12")}}

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from storage.rollups import Level, RollupAccumulator
 from storage.schemas import check_document
 from storage.summaries import (device_document, device_entries, generation_stats, merge_devices, merge_incidents,
-                                merge_series)
+                                merge_series, rank_devices)
 
 LEVELS = [Level("daily_rollups", "scores", True, 86_400_000), Level("fleet_rollups", "scores", False, 600_000),
           Level("score_rollups", "scores", True, 3_600_000), Level("metric_rollups", "readings", True, 21_600_000)]
@@ -28,18 +28,32 @@ def _accumulated(rows) -> RollupAccumulator:
     return acc
 
 
+def _totals(stats) -> dict:
+    return {device: tuple(e["totals"]) for device, e in device_entries(stats).items()}
+
+
 @settings(max_examples=150, deadline=None)
-@given(readings)
-def test_generations_merged_one_by_one_equal_all_at_once(rows):
-    series, devices = [], []
+@given(readings, st.integers(1, 4))
+def test_generations_merged_one_by_one_equal_all_at_once(rows, keep):
+    series, ranked, totals = [], [], {}
     for generation in (1, 2, 3, 4):
-        s, d = generation_stats(_accumulated([r for r in rows if r[3] == generation]).stats)
-        series, devices = merge_series(series, s, 10**15), merge_devices(devices, d)
-    s, d = generation_stats(_accumulated(rows).stats)
-    assert series == merge_series([], s, 10**15)
-    assert devices == merge_devices([], d)
-    assert sum(b["n"] for b in series) == sum(d["n"] for d in devices) == len(rows)
+        stats = _accumulated([r for r in rows if r[3] == generation]).stats
+        added = {d: tuple(np.add(totals.get(d, (0, 0)), t)) for d, t in _totals(stats).items()}
+        totals |= added
+        series, ranked = merge_series(series, generation_stats(stats), 10**15), merge_devices(ranked, added, keep)
+    stats = _accumulated(rows).stats
+    assert series == merge_series([], generation_stats(stats), 10**15)
+    assert ranked == merge_devices([], _totals(stats), keep) == rank_devices(
+        [{"device_id": d, "n": n, "anomalies": a} for d, (n, a) in totals.items()], keep)
+    assert len(ranked) == min(keep, len({r[0] for r in rows}))
+    assert sum(b["n"] for b in series) == sum(n for n, _ in totals.values()) == len(rows)
     assert sum(b["anomalies"] for b in series) == sum(r[2] for r in rows)
+
+
+def test_devices_are_ranked_by_anomalous_readings_then_readings_and_only_the_first_kept():
+    ranked = merge_devices([], {"a": (10, 1), "b": (5, 3), "c": (20, 1), "d": (1, 0)}, keep=3)
+    assert [e["device_id"] for e in ranked] == ["b", "c", "a"]
+    assert [e["device_id"] for e in merge_devices(ranked, {"d": (2, 2)}, keep=3)] == ["b", "d", "c"]
 
 
 @settings(max_examples=150, deadline=None)
@@ -56,6 +70,7 @@ def test_device_summaries_merged_generation_by_generation_equal_one_built_from_e
         for field in ("scores", "metrics"):
             assert [{k: pytest.approx(v) for k, v in e.items()} for e in doc[field]] == whole[device][field]
         mine = [r for r in rows if r[0] == device]
+        assert (doc["n"], doc["anomalies"]) == (len(mine), sum(r[2] for r in mine))
         if horizon_ms > 10**14:  # everything kept: counts add up to the rows
             assert sum(e["n"] for e in doc["scores"]) == len(mine)
             assert sum(e["n"] for e in doc["metrics"] if e["name"] == "m1") == sum(not r[2] for r in mine)
