@@ -308,7 +308,7 @@ def offline_reference(dataset: str) -> dict | None:
 
 
 def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float,
-              malformed: int = 0, offline: dict | None = None) -> dict:
+              malformed: int = 0, offline: dict | None = None, replay_rate: float | None = None) -> dict:
     """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data),
     point-wise (no point adjustment) and per incident, beside ``offline`` (`offline_reference`)."""
     from models.metrics import precision_recall_f1_from_predictions
@@ -332,6 +332,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         "readings": {"train": n_train, "test": n_test, "scored": watch.count},
         "throughput_readings_per_s": round(len(watch.test_records) / span, 1) if span > 0 else None,
         "produce_seconds": round(produce_seconds, 1),
+        "replay_rate": replay_rate,
         "latency_ms": {"p50": float(np.nanpercentile(lat, 50)), "p95": float(np.nanpercentile(lat, 95)),
                        "p99": float(np.nanpercentile(lat, 99))},
         "alerts": {"all": watch.anomalies, "test": int(y_pred.sum()) if labelled else None},
@@ -360,8 +361,10 @@ def print_summary(summary: dict) -> None:
           f"scored {summary['readings']['scored']:,}")
     rate = summary["throughput_readings_per_s"]
     print(f"throughput   {'n/a' if rate is None else f'{rate:,.0f}'} readings/s (test part: replay start to last score)")
+    paced = summary.get("replay_rate")
     print(f"latency      p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms (test part: sent → "
-          "scored)")
+          + (f"scored, replayed at {paced:,.0f} readings/s)" if paced else
+             "scored; replayed as fast as possible, so mostly time queued behind the backlog: `--rate 5000` paces it)"))
     print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part")
     print(f"accuracy     precision {fmt(acc['precision'])}  recall {fmt(acc['recall'])}  F1 {fmt(acc['f1'])}  "
           f"({acc['anomalous_points']} anomalous of {acc['points']} test points; {acc['note']})")
@@ -442,7 +445,7 @@ def cmd_demo(args, cfg: Config) -> int:
         _wait_for(lambda: store.collection("dead_letters").count_documents({}) >= malformed, args.timeout,
                   "the malformed messages' dead letters")
         summary = summarise(cfg, w, len(train), produced, produce_seconds, malformed,
-                            offline_reference(args.dataset) if args.dataset == "asd" else None)
+                            offline_reference(args.dataset) if args.dataset == "asd" else None, args.rate)
     finally:
         watcher.stopping.set()
         watcher.join(timeout=5)

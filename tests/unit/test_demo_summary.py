@@ -2,13 +2,15 @@
 offline reference beside them."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
 import pytest
 
+from config import PROJECT_ROOT
 from models.metrics import event_counts, event_metrics
-from orchestration.demo import incident_quality, offline_reference
+from orchestration.demo import incident_quality, offline_reference, print_summary
 
 
 def records(device: str, labels: list[int], flags: list[int]) -> list[dict]:
@@ -42,3 +44,11 @@ def test_offline_reference_is_the_stored_federated_row_or_none():
     ref = offline_reference("asd")
     assert ref["source"] == "docs/results/asd.json" and 0 < ref["f1"] < 1 and 0 < ref["incident_f1"] < 1
     assert offline_reference("no-such-dataset") is None
+
+
+def test_the_latency_line_says_whether_the_replay_was_paced(capsys):
+    summary = json.loads((PROJECT_ROOT / "tests" / "unit" / "data" / "demo_summary.json").read_text())  # a real one
+    print_summary({**summary, "replay_rate": None})
+    assert "replayed as fast as possible, so mostly time queued" in capsys.readouterr().out
+    print_summary({**summary, "replay_rate": 5000.0})
+    assert "replayed at 5,000 readings/s" in capsys.readouterr().out
