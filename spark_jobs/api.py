@@ -38,8 +38,8 @@ from models.aggregation import snapshot_problem
 from models.integrity import device_token, sign_record, signing_key, wire_form
 from models.serialization import from_b64, loads
 from spark_jobs.api_monitoring import monitoring_routes
-from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, global_model_problem, previous_update,
-                                  snapshot_limits)
+from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, global_model_problem, newest_verified_snapshot,
+                                  previous_update, snapshot_limits)
 from spark_jobs.topic_window import publish_snapshot
 from storage.mongo import StorageError, Store
 from telemetry.schema import GLOBAL_MODEL_SCHEMA, SNAPSHOT
@@ -291,7 +291,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
         where = f" (current global model v{current['version']})" if current else ""
         if candidate.problem:
             raise HTTPException(400, f"{candidate.problem}{where}")
-        previous = previous_update(db().latest_local_model(update.device_id))
+        previous = previous_update(newest_verified_snapshot(db(), update.device_id, key))
         snapshot_id = f"{update.device_id}:{update.version}"
         if previous is not None and update.version <= previous.version:
             raise HTTPException(409, f"snapshot {snapshot_id}: the device's newest stored snapshot is "

@@ -20,8 +20,10 @@ could count in both rounds (as its device's newest, once each).
 Each Spark partition reads the whole window and keeps the snapshots of its own devices (`owner`: CRC-32 of the
 ``device_id`` in the message, not the Kafka key, which producers may leave empty or forge), so a device's snapshots
 all meet in one partition, as the per-device choice needs. A message that is not a JSON object with a string
-``device_id`` is skipped and counted (the sink stores it as a dead letter); a repeated ``(device_id, version)``
-(an at-least-once redelivery) is kept once, the first, as MongoDB's ``_id`` keeps it.
+``device_id`` is skipped and counted (the sink stores it as a dead letter); a message repeated byte for byte (an
+at-least-once redelivery) is kept once. Copies of one ``(device_id, version)`` that differ all go on to the checks,
+so a forged copy sent ahead of a device's genuine snapshot cannot hide it; among the copies that pass, the first
+counts (`spark_jobs.snapshots.choose_per_device`), as MongoDB's ``_id`` keeps it.
 """
 from __future__ import annotations
 
@@ -107,11 +109,8 @@ def own_snapshots(values: Iterable[bytes], index: int, parts: int) -> tuple[list
             continue
         if owner(device_id, parts) != index:
             continue
-        version = doc.get("version")
-        identity = (device_id, version if isinstance(version, (int, str)) and not isinstance(version, bool)
-                    else repr(version))
-        if identity not in seen:
-            seen.add(identity)
+        if value not in seen:
+            seen.add(value)
             docs.append(doc)
     return docs, unreadable if index == 0 else 0
 
