@@ -21,11 +21,11 @@ The driver reads the window once, while Spark starts, and splits it among the pa
 `aggregation.snapshot_read` ``driver``), or each Spark partition reads the whole window and keeps its own
 (``executors``). Either way a partition checks the snapshots of its own devices (`owner`: CRC-32 of the
 ``device_id`` in the message, not the Kafka key, which producers may leave empty or forge), so a device's snapshots
-all meet in one partition, as the per-device choice needs, and the same partition whoever reads. A message that is not a JSON object with a string
-``device_id`` is skipped and counted (the sink stores it as a dead letter); a message repeated byte for byte (an
-at-least-once redelivery) is kept once. Copies of one ``(device_id, version)`` that differ all go on to the checks,
-so a forged copy sent ahead of a device's genuine snapshot cannot hide it; among the copies that pass, the first
-counts (`spark_jobs.snapshots.choose_per_device`), as MongoDB's ``_id`` keeps it.
+all meet in one partition, as the per-device choice needs, and the same one whoever reads. A message that is not a
+JSON object with a string ``device_id`` is skipped and counted (the sink stores it as a dead letter); a message
+repeated byte for byte (an at-least-once redelivery) is kept once. Copies of one ``(device_id, version)`` that
+differ all go on to the checks, so a forged copy sent ahead of a device's genuine snapshot cannot hide it; among the
+copies that pass, the first counts (`spark_jobs.snapshots.choose_per_device`), as MongoDB's ``_id`` keeps it.
 """
 from __future__ import annotations
 
