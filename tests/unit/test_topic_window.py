@@ -5,7 +5,7 @@ import json
 
 from hypothesis import given, strategies as st
 
-from spark_jobs.topic_window import TopicWindow, end_offsets, own_snapshots, owner, window_ranges
+from spark_jobs.topic_window import TopicWindow, end_offsets, own_snapshots, owner, split_snapshots, window_ranges
 
 TOPIC = "flead.model-snapshots"
 
@@ -45,6 +45,15 @@ def test_every_snapshot_is_checked_by_exactly_one_partition(devices, parts):
     assert got == sorted((d, v) for v, d in enumerate(devices))
     for i, docs in enumerate(per_part):
         assert all(owner(d["device_id"], parts) == i for d in docs)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 3)), max_size=40),
+       st.integers(1, 5))
+def test_the_driver_s_split_gives_each_partition_what_it_would_read_itself(messages, parts):
+    values = [message(d, v) for d, v in messages] + [b"not json"]
+    split, unreadable = split_snapshots(values, parts)
+    assert split == [own_snapshots(values, i, parts)[0] for i in range(parts)]
+    assert unreadable == 1
 
 
 def test_a_device_s_snapshots_meet_in_one_partition_and_devices_spread_over_all():
