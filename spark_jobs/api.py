@@ -9,7 +9,8 @@ Reads are open. Writes (``POST``) need ``Authorization: Bearer <token>``:
 - a device token (HMAC of the device id under the deployment's signing key) sends that device's snapshots, and
   only that device's: ``POST /api/local-update`` checks a snapshot as the aggregation round does
   (`spark_jobs.snapshots`: structure against the global model or the configured architecture, counters that
-  follow the device's previous snapshot, norm and direction against the global model), then stores it signed.
+  follow the device's previous snapshot whose signature verifies, norm and direction against the global model),
+  then stores it signed.
 
 Refusals: 401 without a token (before the body is read), 403 with a wrong one, 413 for a body over
 `api.max_body_bytes` (before it is read), 400/409/422 with the reason for a bad payload, 503 when MongoDB cannot be
