@@ -11,9 +11,9 @@ Read top to bottom (`run_round`); the I/O steps are thin, the round itself is th
    nothing new writes nothing. From the snapshots topic (``kafka``): the offsets from where the previous round
    ended to the ends the round took when it started (`spark_jobs.topic_window`; MongoDB when the topic cannot give
    the whole window); the round's history keeps its end offsets (``snapshot_offsets``).
-2. Spark (`checked_updates`). The window is read in one query (`aggregation.snapshot_read`), or each partition
-   reads it from the topic; each device's
-   snapshots go to one partition (`spark_jobs.partitions`), which checks each on its own (`spark_jobs.snapshots`:
+2. Spark (`checked_updates`). The driver reads the window once (`aggregation.snapshot_read` ``driver``: one
+   query, or the topic split by owner while Spark starts), or each partition reads it; each device's snapshots go
+   to one partition (`spark_jobs.partitions`), which checks each on its own (`spark_jobs.snapshots`:
    signature, blob, shapes, counters), keeps one per device (the newest whose counters follow the device's
    previous snapshot: a forged or implausible snapshot cannot displace a device's honest one) and encodes the
    chosen updates with their architecture's codec (`models.updates.codec_for`). The vectors stay in the
@@ -54,11 +54,11 @@ from models import partitioned  # noqa: E402
 from models.partitioned import Cohort  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from models.updates import Update, codec_for, federated_vectors, flatten  # noqa: E402
-from spark_jobs.partitions import round_blocks, warm_workers  # noqa: E402
+from spark_jobs.partitions import partition_count, round_blocks, warm_workers  # noqa: E402
 from spark_jobs.session import context_of  # noqa: E402
 from spark_jobs.snapshots import DeviceChoice, partitioned_summaries  # noqa: E402
-from spark_jobs.topic_window import (OFFSETS_FIELD, TopicWindow, end_offsets, send_acknowledged,  # noqa: E402
-                                     topic_watermarks, window_ranges)
+from spark_jobs.topic_window import (OFFSETS_FIELD, TopicWindow, end_offsets, read_split_snapshots,  # noqa: E402
+                                     send_acknowledged, topic_watermarks, window_ranges)
 from storage.mongo import Store  # noqa: E402
 from telemetry.schema import GLOBAL_MODEL  # noqa: E402
 
@@ -108,6 +108,14 @@ def now_ms() -> int:
 
 # ---------------------------------------------------------------- 1. window
 
+def snapshot_read(cfg: Config) -> str:
+    """`aggregation.snapshot_read`, checked: who reads the window's snapshots (``driver`` or ``executors``)."""
+    if cfg.aggregation.snapshot_read not in SNAPSHOT_READS:
+        raise ValueError(f"aggregation.snapshot_read: {cfg.aggregation.snapshot_read!r} is not one of "
+                         f"{', '.join(SNAPSHOT_READS)}")
+    return cfg.aggregation.snapshot_read
+
+
 def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list]]:
     """The previous global model and the window's snapshots grouped per device, read in ONE query: whole
     documents (`aggregation.snapshot_read` ``driver``: the embedded FerretDB scans the whole collection for any
@@ -118,10 +126,7 @@ def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list]]
     window = {"$lte": started}
     if previous:
         window["$gt"] = previous["created_at"]
-    if cfg.aggregation.snapshot_read not in SNAPSHOT_READS:
-        raise ValueError(f"aggregation.snapshot_read: {cfg.aggregation.snapshot_read!r} is not one of "
-                         f"{', '.join(SNAPSHOT_READS)}")
-    whole = cfg.aggregation.snapshot_read == "driver"
+    whole = snapshot_read(cfg) == "driver"
     by_device: dict[str, list] = {}
     for doc in db.collection("local_models").find({"created_at": window},
                                             None if whole else {"_id": 1, "device_id": 1}):
@@ -132,8 +137,10 @@ def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list]]
 @dataclass
 class Window:
     """A round's input (`read_input`): its cut-off (``started``), the previous global model, the snapshots
-    grouped per device (MongoDB) or the ``topic`` window the partitions read, the ``offsets`` where the next round
-    starts on the topic (None when the topic is not read), and the read's own seconds."""
+    grouped per device (MongoDB) or per partition (the ``topic`` window read by the driver), or only the ``topic``
+    window that the partitions read themselves, the ``offsets`` where the next round starts on the topic (None when
+    the topic is not read), the read's own seconds, and how many of the window's messages the driver found to be no
+    snapshot at all."""
 
     started: int
     previous: dict | None
@@ -141,17 +148,25 @@ class Window:
     read_s: float
     topic: TopicWindow | None = None
     offsets: dict | None = None
+    unreadable: int = 0
 
     @property
     def empty(self) -> bool:
         return not self.groups if self.topic is None else self.topic.n_messages == 0
+
+    @property
+    def source(self):
+        """What the partitions check: the groups, or the topic window when they read it themselves."""
+        return self.topic if self.topic is not None and not self.groups else self.groups
 
 
 def read_input(db, cfg: Config, started: int) -> Window:
     """The round's window (module docstring, step 1): on the snapshots topic under `aggregation.snapshot_source`
     ``kafka`` when the topic has all of it, else from MongoDB (`read_window`). With the ``kafka`` source the
     topic's ends are taken first, so the next round starts there even after a MongoDB read; a broker that cannot
-    be reached makes the round read MongoDB (logged) and record no offsets."""
+    be reached makes the round read MongoDB (logged) and record no offsets. Under `aggregation.snapshot_read`
+    ``driver`` the window is read here, once, and split among the partitions (`read_split_snapshots`, on the
+    thread that overlaps Spark's start-up); under ``executors`` each partition reads it."""
     clock = time.perf_counter()
     source = cfg.aggregation.snapshot_source
     if source not in SNAPSHOT_SOURCES:
@@ -170,6 +185,9 @@ def read_input(db, cfg: Config, started: int) -> Window:
             previous_end = ((db.aggregation_round(previous["round_id"]) or {}).get(OFFSETS_FIELD)
                             if previous else None)
             window = window_ranges(topic, watermarks, previous_end, first_round=previous is None)
+            if window is not None and snapshot_read(cfg) == "driver":
+                parts, unreadable = read_split_snapshots(cfg, window, partition_count(cfg, window))
+                return Window(started, previous, parts, time.perf_counter() - clock, window, offsets, unreadable)
             if window is not None:
                 return Window(started, previous, [], time.perf_counter() - clock, window, offsets)
             log.info("the snapshots topic %s does not hold the whole window (no offsets from the previous round, "
@@ -353,7 +371,8 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
                                     duration_s=time.perf_counter() - clock)
             current = global_weights(previous)
             choices, cohort, like, unreadable = checked_updates(
-                blocks, cfg, key, window.topic or window.groups, [w.shape for w in current] if current else None)
+                blocks, cfg, key, window.source, [w.shape for w in current] if current else None)
+            unreadable += window.unreadable
             if unreadable:
                 log.warning("%d message(s) of the snapshots topic were no snapshot (the sink keeps them as dead "
                             "letters)", unreadable)

@@ -9,7 +9,8 @@ Reads are open. Writes (``POST``) need ``Authorization: Bearer <token>``:
 - a device token (HMAC of the device id under the deployment's signing key) sends that device's snapshots, and
   only that device's: ``POST /api/local-update`` checks a snapshot as the aggregation round does
   (`spark_jobs.snapshots`: structure against the global model or the configured architecture, counters that
-  follow the device's previous snapshot, norm and direction against the global model), then stores it signed.
+  follow the device's previous snapshot whose signature verifies, norm and direction against the global model),
+  then stores it signed.
 
 Refusals: 401 without a token (before the body is read), 403 with a wrong one, 413 for a body over
 `api.max_body_bytes` (before it is read), 400/409/422 with the reason for a bad payload, 503 when MongoDB cannot be
@@ -38,8 +39,8 @@ from models.aggregation import snapshot_problem
 from models.integrity import device_token, sign_record, signing_key, wire_form
 from models.serialization import from_b64, loads
 from spark_jobs.api_monitoring import monitoring_routes
-from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, global_model_problem, previous_update,
-                                  snapshot_limits)
+from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, global_model_problem, newest_verified_snapshot,
+                                  previous_update, snapshot_limits)
 from spark_jobs.topic_window import publish_snapshot
 from storage.mongo import StorageError, Store
 from telemetry.schema import GLOBAL_MODEL_SCHEMA, SNAPSHOT
@@ -291,7 +292,7 @@ def create_app(cfg: Config | None = None, run_round: Callable[[], dict] | None =
         where = f" (current global model v{current['version']})" if current else ""
         if candidate.problem:
             raise HTTPException(400, f"{candidate.problem}{where}")
-        previous = previous_update(db().latest_local_model(update.device_id))
+        previous = previous_update(newest_verified_snapshot(db(), update.device_id, key))
         snapshot_id = f"{update.device_id}:{update.version}"
         if previous is not None and update.version <= previous.version:
             raise HTTPException(409, f"snapshot {snapshot_id}: the device's newest stored snapshot is "

@@ -36,9 +36,11 @@ import numpy as np  # noqa: E402
 
 from config import Config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
+from models.integrity import signing_key  # noqa: E402
 from models.metrics import average_precision, precision_recall_f1, roc_auc  # noqa: E402
 from models.serialization import SerializationError, from_b64, loads  # noqa: E402
 from models.thresholds import make_threshold  # noqa: E402
+from spark_jobs.snapshots import newest_verified_snapshot  # noqa: E402
 from storage.mongo import Store  # noqa: E402
 
 log = logging.getLogger("flead.evaluate")
@@ -101,8 +103,9 @@ def score_device(cfg: Config, global_weights: list[np.ndarray], readings: dict,
     return row
 
 
-def score_partition(cfg_values: dict, global_b64: str, device_ids):
-    """Executor side: read each device's readings and newest snapshot from MongoDB, and score them."""
+def score_partition(cfg_values: dict, key: bytes, global_b64: str, device_ids):
+    """Executor side: read each device's readings and newest verified snapshot (`newest_verified_snapshot`) from
+    MongoDB, and score them."""
     ids = list(device_ids)
     if not ids:
         return
@@ -112,7 +115,8 @@ def score_partition(cfg_values: dict, global_b64: str, device_ids):
         readings = store.device_readings(ids)
         for device_id in ids:
             if device_id in readings:
-                row = score_device(cfg, global_weights, readings[device_id], store.latest_local_model(device_id))
+                row = score_device(cfg, global_weights, readings[device_id],
+                                   newest_verified_snapshot(store, device_id, key))
                 yield {"device_id": device_id, **row}
 
 
@@ -171,7 +175,7 @@ def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
             return EvaluationOutcome("skipped", f"no telemetry in {cfg.mongo.collections.device_data} to score",
                                      version=model["version"])
         rows = (spark.sparkContext.parallelize(devices, max(1, min(len(devices), cfg.aggregation.spark_partitions)))
-                .mapPartitions(partial(score_partition, cfg.to_dict(), model["weights"])).collect())
+                .mapPartitions(partial(score_partition, cfg.to_dict(), signing_key(cfg), model["weights"])).collect())
         docs = metric_documents(rows, model["version"], int(time.time() * 1000))
         store.write_metrics(docs)
         problems = [{"device_id": r["device_id"], "problem": p} for r in rows for p in r["problems"]]

@@ -1,27 +1,29 @@
 """Where a round's snapshots and codec vectors live between its Spark passes (`models.partitioned.Partitions`).
 
-The round reads its window once (`aggregate_job.read_window`), or each partition reads it from the snapshots topic
-(`spark_jobs.topic_window`, keeping its own devices); a first pass checks and encodes each partition's
+The driver reads the round's window once (from MongoDB, `aggregate_job.read_window`, or the snapshots topic split
+by owner, `spark_jobs.topic_window.read_split_snapshots`), or each partition reads it from the topic (keeping its
+own devices); a first pass checks and encodes each partition's
 snapshots (`spark_jobs.snapshots.check_block`) and returns the blocks' heads (choices, counts, norms); the
 aggregation's passes (`models.partitioned`) then read the blocks' vectors again, two to four times. Two homes:
 
 - `LocalBlocks`, when every executor runs on this machine (a ``local[...]`` master): a private directory (in
-  /dev/shm when it has room, `scratch_directory`). The driver writes each partition's snapshots there as BSON,
-  the first pass writes each block's vectors as ``.npy``, later passes map them (``np.load(mmap_mode="r")``). Nothing big crosses the
-  JVM: shipping a 10,000-device round's vectors (372 MB) to the Python workers again took ~1 s per pass here,
-  and caching them filled the default 1 GB driver heap.
+  /dev/shm when it has room, `scratch_directory`). The driver writes each partition's snapshots there (a pickle:
+  it holds whatever JSON a topic message carried, which BSON may not), the first pass writes each block's vectors
+  as ``.npy``, later passes map them (``np.load(mmap_mode="r")``). Nothing big crosses the JVM: shipping a
+  10,000-device round's vectors (372 MB) to the Python workers again took ~1 s per pass here, and caching them
+  filled the default 1 GB driver heap.
 - `RddBlocks`, for any other master: the snapshots parallelized from the driver, the blocks a persisted RDD
   (memory, then disk), shipped to the Python workers by each pass.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 from functools import partial
 from pathlib import Path
 
-import bson
 import numpy as np
 
 from config import Config
@@ -85,8 +87,8 @@ def _check_stored(cfg_values: dict, key: bytes, reference_shapes, keep_weights: 
     encoded; its vectors back to the directory, its head to the driver."""
     cfg = Config(cfg_values)
     folder = Path(directory)
-    stored = b"" if source is not None else (folder / f"snapshots-{index}.bson").read_bytes()
-    docs = [] if source is not None else (bson.decode_all(stored) if stored
+    stored = b"" if source is not None else (folder / f"snapshots-{index}.pickle").read_bytes()
+    docs = [] if source is not None else (pickle.loads(stored) if stored
                                           else json.loads((folder / f"ids-{index}.json").read_text()))
     docs, unreadable = read_part(cfg, source, index, parts, docs)
     block = check_block(index, docs, key, reference_shapes, ConfiguredLayout(cfg), snapshot_limits(cfg),
@@ -138,12 +140,12 @@ class LocalBlocks:
         for part in split_groups(source, self.parts):
             items = [d for group in part for d in group]
             whole = not items or not isinstance(items[0], str)
-            payloads.append((b"".join(bson.encode(d) for d in items) if whole else b"",
+            payloads.append((pickle.dumps(items, pickle.HIGHEST_PROTOCOL) if whole else b"",
                              "[]" if whole else json.dumps(items)))
         if self.directory is None:
             self.directory = scratch_directory(cfg, sum(len(snapshots) for snapshots, _ in payloads))
         for index, (snapshots, ids) in enumerate(payloads):
-            (self.directory / f"snapshots-{index}.bson").write_bytes(snapshots)
+            (self.directory / f"snapshots-{index}.pickle").write_bytes(snapshots)
             (self.directory / f"ids-{index}.json").write_text(ids)
         return self._run(partial(_check_stored, cfg.to_dict(), key, reference_shapes, keep_weights,
                                  str(self.directory), None, self.parts))

@@ -119,14 +119,21 @@ def check_snapshot(doc: dict, key: bytes, reference_shapes: list[tuple[int, ...]
 
 
 def choose_per_device(candidates: list[Candidate], limits: SnapshotLimits) -> list[DeviceChoice]:
-    """One `DeviceChoice` per device among ``candidates`` (a device's snapshots in the round's window)."""
+    """One `DeviceChoice` per device among ``candidates`` (a device's snapshots in the round's window, in the order
+    they were written). Of several usable copies of one version the first counts (as MongoDB's ``_id`` keeps it);
+    copies that failed their checks are rejected and hide nothing: a forged first copy cannot displace the genuine
+    one."""
     by_device: dict[str, list[Candidate]] = {}
     for c in candidates:
         by_device.setdefault(c.device_id, []).append(c)
     choices = []
     for device_id, own in by_device.items():
         rejected = [(device_id, f"v{c.version}: {c.problem}") for c in own if c.problem]
-        usable = {id(c.update): c for c in own if c.update is not None}
+        first_per_version = {}
+        for c in own:
+            if c.update is not None:
+                first_per_version.setdefault(c.update.version, c)
+        usable = {id(c.update): c for c in first_per_version.values()}
         chosen, implausible = newest_plausible([c.update for c in usable.values()], limits)
         choice = DeviceChoice(device_id, chosen, rejected=rejected + implausible)
         if chosen is not None:
@@ -214,6 +221,14 @@ def global_model_problem(weights: list[np.ndarray], global_weights: list[np.ndar
         return (f"cosine similarity {cosine:.3f} to the global model is below {min_cosine:g} (points away from "
                 "it, e.g. a sign flip)")
     return None
+
+
+def newest_verified_snapshot(db, device_id: str, key: bytes) -> dict | None:
+    """A device's newest stored snapshot whose signature verifies (None if it has none): a forged document with a
+    higher version, written straight into `local_models`, neither blocks the device's next snapshot (the REST API)
+    nor stands for its local model (evaluation). Reads the device's snapshots newest first, lazily."""
+    docs = db.collection("local_models").find({"device_id": device_id}, sort=[("version", -1)])
+    return next((d for d in docs if verify_record(wire_form(d, SNAPSHOT_SCHEMA), key) is None), None)
 
 
 def previous_update(doc: dict | None) -> Update | None:

@@ -17,11 +17,15 @@ later round that reads MongoDB (created after the cut-off) never reads a snapsho
 the switch from MongoDB to the topic, a snapshot sent in the milliseconds between the watermarks and the MongoDB read
 could count in both rounds (as its device's newest, once each).
 
-Each Spark partition reads the whole window and keeps the snapshots of its own devices (`owner`: CRC-32 of the
+The driver reads the window once, while Spark starts, and splits it among the partitions (`read_split_snapshots`,
+`aggregation.snapshot_read` ``driver``), or each Spark partition reads the whole window and keeps its own
+(``executors``). Either way a partition checks the snapshots of its own devices (`owner`: CRC-32 of the
 ``device_id`` in the message, not the Kafka key, which producers may leave empty or forge), so a device's snapshots
-all meet in one partition, as the per-device choice needs. A message that is not a JSON object with a string
-``device_id`` is skipped and counted (the sink stores it as a dead letter); a repeated ``(device_id, version)``
-(an at-least-once redelivery) is kept once, the first, as MongoDB's ``_id`` keeps it.
+all meet in one partition, as the per-device choice needs, and the same one whoever reads. A message that is not a
+JSON object with a string ``device_id`` is skipped and counted (the sink stores it as a dead letter); a message
+repeated byte for byte (an at-least-once redelivery) is kept once. Copies of one ``(device_id, version)`` that
+differ all go on to the checks, so a forged copy sent ahead of a device's genuine snapshot cannot hide it; among the
+copies that pass, the first counts (`spark_jobs.snapshots.choose_per_device`), as MongoDB's ``_id`` keeps it.
 """
 from __future__ import annotations
 
@@ -92,10 +96,13 @@ def owner(device_id: str, parts: int) -> int:
     return zlib.crc32(device_id.encode("utf-8", "surrogatepass")) % parts
 
 
-def own_snapshots(values: Iterable[bytes], index: int, parts: int) -> tuple[list[dict], int]:
-    """Partition ``index``'s snapshots among the window's message values (in offset order), and how many values
-    were not a JSON object with a string ``device_id`` (counted by partition 0 only, so each once)."""
-    docs, seen, unreadable = [], set(), 0
+def split_snapshots(values: Iterable[bytes], parts: int, only: int | None = None) -> tuple[list[list[dict]], int]:
+    """The window's message values (in offset order) as the snapshots of each of ``parts`` partitions (`owner`;
+    with ``only``, that partition's alone, the others left empty), and how many values were not a JSON object
+    with a string ``device_id``."""
+    split: list[list[dict]] = [[] for _ in range(parts)]
+    seen: list[set[bytes]] = [set() for _ in range(parts)]
+    unreadable = 0
     for value in values:
         try:
             doc = orjson.loads(value)
@@ -105,15 +112,18 @@ def own_snapshots(values: Iterable[bytes], index: int, parts: int) -> tuple[list
         if not isinstance(device_id, str):
             unreadable += 1
             continue
-        if owner(device_id, parts) != index:
-            continue
-        version = doc.get("version")
-        identity = (device_id, version if isinstance(version, (int, str)) and not isinstance(version, bool)
-                    else repr(version))
-        if identity not in seen:
-            seen.add(identity)
-            docs.append(doc)
-    return docs, unreadable if index == 0 else 0
+        index = owner(device_id, parts)
+        if (only is None or index == only) and value not in seen[index]:
+            seen[index].add(value)
+            split[index].append(doc)
+    return split, unreadable
+
+
+def own_snapshots(values: Iterable[bytes], index: int, parts: int) -> tuple[list[dict], int]:
+    """Partition ``index``'s snapshots among the window's message values (`split_snapshots`), and how many values
+    were unreadable (counted by partition 0 only, so each once)."""
+    split, unreadable = split_snapshots(values, parts, only=index)
+    return split[index], unreadable if index == 0 else 0
 
 
 # ---------------------------------------------------------------- I/O: the broker
@@ -203,3 +213,8 @@ def window_values(cfg, window: TopicWindow) -> Iterable[bytes]:
 def read_own_snapshots(cfg, window: TopicWindow, index: int, parts: int) -> tuple[list[dict], int]:
     """Executor side: partition ``index``'s snapshots in the window (`own_snapshots` over `window_values`)."""
     return own_snapshots(window_values(cfg, window), index, parts)
+
+
+def read_split_snapshots(cfg, window: TopicWindow, parts: int) -> tuple[list[list[dict]], int]:
+    """Driver side: the window read once and split among ``parts`` partitions (`split_snapshots`)."""
+    return split_snapshots(window_values(cfg, window), parts)

@@ -209,15 +209,18 @@ def send_snapshots(cfg, values: list) -> None:
     assert producer.flush(30) == 0
 
 
-def topic_source() -> object:
-    return load_config(env={**os.environ, "FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "kafka"})
+def topic_source(read: str = "driver") -> object:
+    return load_config(env={**os.environ, "FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "kafka",
+                            "FLEAD_AGGREGATION_SNAPSHOT_READ": read})
 
 
-def test_rounds_read_the_snapshots_topic_from_where_the_previous_round_ended(spark, cfg, db):
-    """`aggregation.snapshot_source: kafka`: the partitions read the round's offsets from the topic (a redelivered
-    snapshot counts once, messages that are no snapshot are counted), the history keeps where the round ended, and
-    a snapshot sent after the round's read started goes to the next round, which starts there."""
-    topic_cfg = topic_source()
+@pytest.mark.parametrize("read", ["driver", "executors"])
+def test_rounds_read_the_snapshots_topic_from_where_the_previous_round_ended(spark, cfg, db, read):
+    """`aggregation.snapshot_source: kafka`: the round's offsets read from the topic, by the driver (split among
+    the partitions) or by each partition (a redelivered snapshot counts once, messages that are no snapshot are
+    counted), the history keeps where the round ended, and a snapshot sent after the round's read started goes to
+    the next round, which starts there."""
+    topic_cfg = topic_source(read)
     snaps, valid = fleet(60, seed=3)
     records = [s for _, _, s in snaps]
     send_snapshots(topic_cfg, records + records[:4] + [b"not json", b"[1, 2]"])

@@ -131,6 +131,17 @@ def test_issue_14_probes_of_local_update_are_refused(client, api_cfg, db):
     assert db.latest_local_model("dev-2") is None
 
 
+def test_a_forged_newer_snapshot_in_the_store_does_not_block_the_device(client, api_cfg, db):
+    """A document written straight into local_models with a high version but no valid signature is not the
+    device's previous snapshot: its next genuine one is still accepted (it was 409 "send a higher version")."""
+    own = device_auth(api_cfg)
+    assert client.post("/api/local-update", json=snapshot(), headers=own).status_code == 201
+    forged = sign_record(snapshot(version=10 ** 6, n_seen=10 ** 6, created_at=1), bytes(32))
+    assert db.write_local_models([forged]) == 1
+    response = client.post("/api/local-update", json=snapshot(version=2, n_seen=200), headers=own)
+    assert response.status_code == 201, response.text
+
+
 def test_device_tokens_come_from_the_admin(client, api_cfg):
     issued = client.post("/api/device-tokens/dev-9", headers=AUTH)
     assert issued.status_code == 201 and issued.json()["token"] == device_token(signing_key(api_cfg), "dev-9")

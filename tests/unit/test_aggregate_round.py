@@ -103,6 +103,36 @@ def test_forged_snapshots_do_not_take_a_devices_place():
         loads(from_b64(plain.model["weights"]))[0][0].tolist()
 
 
+def test_a_forged_first_copy_of_a_version_does_not_hide_the_genuine_one():
+    """The snapshots topic in offset order: a copy of dev-00's v1 signed with another key, then the genuine v1, then
+    an identical redelivery of the genuine one. The genuine one takes part; the forged one is rejected."""
+    from spark_jobs.topic_window import own_snapshots
+
+    cfg = load_config()
+    docs = fleet(cfg)
+    genuine = docs[0]
+    forged = stored_snapshot("dev-00", [100 * w for w in loads(from_b64(genuine["weights"]))[0]],
+                             n_samples=genuine["n_samples"], key=bytes(32))
+    values = [json.dumps(d).encode() for d in [forged, *docs, genuine]]
+    window, _ = own_snapshots(values, 0, 1)
+    documents = round_documents(cfg, None, choices_for(cfg, window), 1_700_000_999_000, KEY)
+    assert "dev-00" in documents.model["participants"]
+    assert [r["reason"] for r in documents.model["rejected"]] == [
+        "v1: bad signature: the record was altered or signed with another key"]
+    plain = round_documents(cfg, None, choices_for(cfg, docs), 1_700_000_999_000, KEY)
+    assert documents.model["weights"] == plain.model["weights"]
+
+
+def test_of_two_genuine_copies_of_a_version_the_first_counts():
+    cfg = load_config()
+    docs = fleet(cfg)
+    second = stored_snapshot("dev-00", loads(from_b64(docs[1]["weights"]))[0], n_samples=docs[0]["n_samples"])
+    choices = {c.device_id: c for c in choices_for(cfg, docs + [second])}
+    assert choices["dev-00"].rejected == []
+    assert [w.tolist() for w in choices["dev-00"].update.weights] == \
+        [w.tolist() for w in loads(from_b64(docs[0]["weights"]))[0]]
+
+
 def test_under_dp_nothing_per_device_or_unnoised_is_written():
     """Issue 17: with DP on, the round's documents carry counts, the noised model and ε only."""
     cfg = load_config(env={"FLEAD_PRIVACY_ENABLED": "true"})
