@@ -128,8 +128,8 @@ class ScorerCounters:
 
 class DeviceScorer(KeyedBroadcastProcessFunction):
     """Flink's side of `scoring.stream.StreamScoring`: keyed state (the device's `KeyedDevice`: its `DeviceState` and
-    partial micro-batch, written once per callback), flush timers, the broadcast state (global models, cohorts, feedback), counters, the signing key, and
-    the outputs. Every decision is the scoring module's."""
+    partial micro-batch, written once per callback), flush timers, the broadcast state (global models, cohorts,
+    feedback), counters, the signing key, and the outputs. Every decision is the scoring module's."""
 
     def __init__(self, scoring: StreamScoring, batch_timeout_ms: int, key_source: tuple, max_feedback: int,
                  bounded: bool = False):
