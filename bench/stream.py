@@ -129,10 +129,10 @@ class ScoreWatcher:
         self.thread.start()
 
     def run(self) -> None:
-        while not self.stopping:
-            for msg in self.consumer.consume(10000, 0.05):
-                if msg.error() is None:
-                    self.received.append((int(time.time() * 1000), msg.timestamp()[1], msg.value()))
+        while not self.stopping:  # poll returns each record as it arrives (consume(n, t) waits t for n of them)
+            msg = self.consumer.poll(0.05)
+            if msg is not None and msg.error() is None:
+                self.received.append((int(time.time() * 1000), msg.timestamp()[1], msg.value()))
 
     def close(self) -> None:
         self.stopping = True

@@ -8,16 +8,16 @@ Data flow (topic names from `cfg.kafka.topics`, shapes in docs/contracts.md):
     telemetry ─── key by device (JVM) ──┬─ DeviceScorer ─────────┬─ scores (one batch record per micro-batch)
                                         │  (scoring.stream)      ├─ alerts (one record per anomaly)
     global-model + feedback ─ broadcast ┘  keyed state:          ├─ model-snapshots (signed)
-                                           DeviceState           ├─ incidents, drift-events
+                                           KeyedDevice           ├─ incidents, drift-events
                                                                  └─ dead-letters (with the reason)
 
 The JVM reads each telemetry record's Kafka key (the device id) and partitions by it, so the messages cross into
-Python once, in the scorer. `DeviceScorer` is wiring: it holds the keyed state (a `scoring.state.DeviceState` and
-a micro-batch buffer), the flush timers and the broadcast state (verified global models, secure-aggregation cohorts,
-operators' feedback), and hands every callback to
-`scoring.stream.StreamScoring`, which decides (validate, micro-batch, adopt, score then learn, emit) and is unit-tested
-without Flink. Outputs are Kafka topics only: the storage sink service writes them to MongoDB idempotently. Sinks
-are at-least-once: after a restart from a checkpoint, readings after it are scored again under the same ids.
+Python once, in the scorer. `DeviceScorer` is wiring: it holds the keyed state (one `scoring.state.KeyedDevice` per
+device: its `DeviceState` and partial micro-batch), the flush timers and the broadcast state (verified global models,
+secure-aggregation cohorts, operators' feedback), and hands every callback to `scoring.stream.StreamScoring`, which
+decides (validate, micro-batch, adopt, score then learn, emit) and is unit-tested without Flink. Outputs are Kafka
+topics only: the storage sink service writes them to MongoDB idempotently. Sinks are at-least-once: after a restart
+from a checkpoint, readings after it are scored again under the same ids.
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
 from scoring.broadcasts import Broadcasts  # noqa: E402
+from scoring.state import KeyedDevice  # noqa: E402
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring  # noqa: E402
 from telemetry.schema import InvalidMessage  # noqa: E402
 
@@ -83,16 +84,6 @@ def pending_timers(now: int, event_time: int, batch_timeout_ms: int, bounded: bo
     would only ever fire half an hour later into an empty buffer, and every one set stays in the timer queue (and
     its checkpoints) until then: one per partial micro-batch, hundreds per second at 5,000 readings/s."""
     return now + batch_timeout_ms, (event_time + END_OF_INPUT_FLUSH_DELAY_MS) if bounded else None
-
-
-def pending_parts(value) -> tuple[tuple[int | None, int | None] | None, list | None]:
-    """The keyed ``buffer`` state as (its flush timers, its buffered messages); (None, None) if empty. The state
-    holds ``(timers, messages)``; a checkpoint taken before the timers were kept holds the list alone."""
-    if value is None:
-        return None, None
-    if isinstance(value, list):
-        return None, value
-    return value
 
 
 # -- score ------------------------------------------------------------------------------------------------------
@@ -136,9 +127,9 @@ class ScorerCounters:
 
 
 class DeviceScorer(KeyedBroadcastProcessFunction):
-    """Flink's side of `scoring.stream.StreamScoring`: keyed state (the device's `DeviceState` and its micro-batch
-    buffer), flush timers, the broadcast state (global models, cohorts, feedback), counters, the signing key, and
-    the outputs. Every decision is the scoring module's."""
+    """Flink's side of `scoring.stream.StreamScoring`: keyed state (the device's `KeyedDevice`: its `DeviceState` and
+    partial micro-batch, written once per callback), flush timers, the broadcast state (global models, cohorts,
+    feedback), counters, the signing key, and the outputs. Every decision is the scoring module's."""
 
     def __init__(self, scoring: StreamScoring, batch_timeout_ms: int, key_source: tuple, max_feedback: int,
                  bounded: bool = False):
@@ -150,11 +141,22 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
 
     def open(self, runtime_context: RuntimeContext):
         self.device = runtime_context.get_state(ValueStateDescriptor("detector", Types.PICKLED_BYTE_ARRAY()))
-        self.buffer = runtime_context.get_state(ValueStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
+        # the partial micro-batch's keyed state of checkpoints from before `KeyedDevice`: read, then cleared
+        self.older_buffer = runtime_context.get_state(ValueStateDescriptor("buffer", Types.PICKLED_BYTE_ARRAY()))
         self.counters = ScorerCounters(runtime_context.get_metrics_group())
         self.reports_refusals = runtime_context.get_index_of_this_subtask() == 0  # every subtask sees each record
         self.scoring.use_key(key_from(*self.key_source))
         self.held = None  # Broadcasts: see `broadcasts`
+
+    def keyed(self) -> KeyedDevice:
+        """The current device's keyed state (`KeyedDevice`), whichever layout it was restored in."""
+        value = self.device.value()
+        if isinstance(value, KeyedDevice):
+            return value
+        older = self.older_buffer.value()  # a new device, or one restored from a checkpoint of the earlier layout
+        if older is not None:
+            self.older_buffer.clear()
+        return KeyedDevice.of(value, older)
 
     def broadcasts(self, ctx) -> Broadcasts:
         """The broadcast state as a local object: read from Flink once (after a restore it holds the restored
@@ -178,24 +180,20 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         except InvalidMessage as exc:
             yield from self.emit(self.scoring.refused(message, exc))
             return
-        held_timers, held = pending_parts(self.buffer.value())
-        step = self.scoring.buffer(held, columns)
+        held = self.keyed()
+        step = self.scoring.buffer(held.buffered, columns)
         timers = ctx.timer_service()
+        pending = None if step.buffered is None else held.timers
         if step.started:
-            held_timers = pending_timers(timers.current_processing_time(), ctx.timestamp(), self.batch_timeout_ms,
-                                         self.bounded)
-            flush_at, end_of_input_at = held_timers
+            pending = pending_timers(timers.current_processing_time(), ctx.timestamp(), self.batch_timeout_ms,
+                                     self.bounded)
+            flush_at, end_of_input_at = pending
             timers.register_processing_time_timer(flush_at)
             if end_of_input_at is not None:
                 timers.register_event_time_timer(end_of_input_at)
-        if step.buffered is None:
-            self.buffer.clear()
-            if held is not None:  # scored by size: its flush timers would only call back into Python for nothing
-                self.delete_timers(timers, held_timers)
-        else:
-            self.buffer.update((held_timers, step.buffered))
-        if step.ready:
-            yield from self.score(ctx, step.ready)
+        elif step.buffered is None and held.buffered is not None:
+            self.delete_timers(timers, held.timers)  # scored by size: they would only call back for nothing
+        yield from self.store(ctx, held.state, step.ready, KeyedDevice(None, step.buffered, pending))
 
     @staticmethod
     def delete_timers(timers, held_timers: tuple[int | None, int | None] | None) -> None:
@@ -206,16 +204,18 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
             timers.delete_event_time_timer(end_of_input_at)
 
     def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
-        held_timers, buffered = pending_parts(self.buffer.value())
-        if buffered:
-            self.buffer.clear()
-            self.delete_timers(ctx.timer_service(), held_timers)  # the other one (bounded runs)
-            yield from self.score(ctx, buffered, in_timer=True)
+        held = self.keyed()
+        if held.buffered:
+            self.delete_timers(ctx.timer_service(), held.timers)  # the other one (bounded runs)
+            yield from self.store(ctx, held.state, held.buffered, KeyedDevice(), in_timer=True)
 
-    def score(self, ctx, batches: list, in_timer: bool = False):
-        state, emitted = self.scoring.score(self.device.value(), ctx.get_current_key(), batches,
-                                            self.broadcasts(ctx), now_ms())
-        self.device.update(state)
+    def store(self, ctx, state, ready: list | None, kept: KeyedDevice, in_timer: bool = False):
+        """Score the `ready` batches (if any) with the device's `state`, then write the device's keyed state once:
+        the state scored and what `kept` holds of the partial micro-batch."""
+        emitted = Emitted()
+        if ready:
+            state, emitted = self.scoring.score(state, ctx.get_current_key(), ready, self.broadcasts(ctx), now_ms())
+        self.device.update(kept._replace(state=state))
         yield from self.emit(emitted, in_timer)
 
     def emit(self, emitted: Emitted, in_timer: bool = False):

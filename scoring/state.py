@@ -6,6 +6,8 @@ versioned, checksummed format (`DeviceDetector.to_bytes`), so no pickled NumPy i
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from models.detector import DeviceDetector
 from models.secure_aggregation import generate_key_pair
 
@@ -54,3 +56,28 @@ class DeviceState:
         return DeviceState.restore, (self.detector.to_bytes(), self.last_snapshot_ms, self.n_seen_at_snapshot,
                                      self.last_seq, self.secure_private, self.secure_public, self.answered_round,
                                      self.revealed_round)
+
+
+class KeyedDevice(NamedTuple):
+    """All the stream job keeps for one device, in one keyed state: its `DeviceState` (None until its first
+    micro-batch is scored), the messages of its partial micro-batch (None if there is none) and the flush timers
+    set for that batch, ``(processing time, event time or None)``.
+
+    One state rather than two: at the end of a bundle the JVM waits while the Python worker writes each keyed state
+    changed in the bundle back, one synchronous round trip each (flink_jobs/README.md, "Latency")."""
+
+    state: DeviceState | None = None
+    buffered: list | None = None
+    timers: tuple[int | None, int | None] | None = None
+
+    @classmethod
+    def of(cls, value, older_buffer=None) -> "KeyedDevice":
+        """The keyed value restored from any checkpoint as a `KeyedDevice`. Checkpoints of the earlier layout hold
+        the `DeviceState` alone (or None), and the partial micro-batch in a keyed state of its own
+        (`older_buffer`: its list of messages, or ``(timers, messages)``, or None)."""
+        if isinstance(value, KeyedDevice):
+            return value
+        if older_buffer is None or isinstance(older_buffer, list):
+            return cls(value, older_buffer)
+        timers, buffered = older_buffer
+        return cls(value, buffered, timers)

@@ -12,7 +12,7 @@ from models.integrity import AGGREGATOR_ISSUER, sign_record, verify_record
 from models.serialization import dumps, from_b64, loads, to_b64
 from scoring.broadcasts import FLEET, Broadcasts, GlobalModel, GlobalModels, global_model_of
 from scoring.feedback import FeedbackSettings
-from scoring.state import DeviceState
+from scoring.state import DeviceState, KeyedDevice
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring
 from telemetry.schema import (FEEDBACK, GLOBAL_MODEL, SNAPSHOT, InvalidMessage, Reading, decode_columns,
                               decode_scores, encode_batch)
@@ -487,13 +487,13 @@ def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
     assert ctx.timers.processing == [5_100] and ctx.timers.event == []
     assert list(scorer.process_element(message("a", 2, 1), ctx)) == []  # still buffered
     out = list(scorer.process_element(message("a", 3, 1), ctx))  # 4 readings: scored, its flush timer deleted
-    assert len(out) == 1 and isinstance(out[0], str) and runtime.states["buffer"].v is None
+    assert len(out) == 1 and isinstance(out[0], str) and runtime.states["detector"].v.buffered is None
     assert ctx.timers.processing == []
     assert list(scorer.on_timer(0, ctx)) == []  # nothing buffered
     list(scorer.process_element(message("a", 4, 1), ctx))
     assert ctx.timers.processing == [5_100]
     out = list(scorer.on_timer(5_100, ctx))  # flushes the partial batch
-    assert len(out) == 1 and runtime.states["detector"].v.detector.n_seen == 5
+    assert len(out) == 1 and runtime.states["detector"].v.state.detector.n_seen == 5
     out = list(scorer.process_element(message("a", 5, 4), ctx))  # 9 learned since the start: snapshot due
     assert [o[0] for o in out if isinstance(o, tuple)] == [SNAPSHOTS]
     assert runtime.counters["records_scored"].n == 9 and runtime.counters["global_models_adopted"].n == 1
@@ -522,30 +522,48 @@ def test_a_bounded_run_also_flushes_by_event_time_and_deletes_both_timers(settin
     assert ctx.timers.processing == [] and ctx.timers.event == []
     list(scorer.process_element(message("a", 4, 2), ctx))
     assert len(list(scorer.on_timer(7_000 + END_OF_INPUT_FLUSH_DELAY_MS, ctx))) == 1  # end of input
-    assert ctx.timers.processing == [] and runtime.states["buffer"].v is None
+    assert ctx.timers.processing == [] and runtime.states["detector"].v == KeyedDevice(runtime.states["detector"].v.state)
 
 
-def test_a_buffer_restored_from_a_checkpoint_without_its_timers_is_still_scored(settings):
-    """Checkpoints taken before the buffer kept its timers hold the list of messages alone."""
+def test_keyed_device_reads_every_layout_a_checkpoint_may_hold(settings):
+    """Checkpoints before `KeyedDevice` held the `DeviceState` alone and the partial micro-batch in a state of its
+    own: its list of messages, or, later, ``(timers, messages)``."""
+    state = DeviceState(DeviceDetector(METRICS, settings), 0)
+    held = KeyedDevice(state, [columns("a", 0, 2)], (1_100, None))
+    assert KeyedDevice.of(held, ["ignored"]) is held
+    assert KeyedDevice.of(None) == KeyedDevice()
+    assert KeyedDevice.of(state, ["m"]) == KeyedDevice(state, ["m"], None)
+    assert KeyedDevice.of(state, ((1_100, None), ["m"])) == KeyedDevice(state, ["m"], (1_100, None))
+    copy = pickle.loads(pickle.dumps(held))
+    assert isinstance(copy, KeyedDevice) and copy.timers == (1_100, None) and copy.buffered[0].seqs == [0, 1]
+    assert copy.state.detector.to_bytes() == state.detector.to_bytes()
+
+
+def test_state_restored_in_the_earlier_two_state_layout_is_scored_and_moved_into_one(settings):
+    """A device restored from a checkpoint of the earlier layout: its buffered readings are scored with its model,
+    the older buffer state is cleared, and from then on one keyed state is written per callback."""
     pytest.importorskip("pyflink")
-    from flink_jobs.anomaly_job import DeviceScorer, pending_parts, pending_timers
+    from flink_jobs.anomaly_job import DeviceScorer, pending_timers
 
-    assert pending_parts(None) == (None, None)
-    assert pending_parts(["m"]) == (None, ["m"])
-    assert pending_parts(((1, None), ["m"])) == ((1, None), ["m"])
     assert pending_timers(1_000, 2_000, 100, bounded=False) == (1_100, None)
     assert pending_timers(1_000, 2_000, 100, bounded=True)[1] > 2_000
-
-    scorer = DeviceScorer(StreamScoring(settings, options(micro_batch_size=4)), batch_timeout_ms=100,
-                          key_source=(KEY.hex(), None), max_feedback=8)
+    scoring = StreamScoring(settings, options(micro_batch_size=4))
+    scorer = DeviceScorer(scoring, batch_timeout_ms=100, key_source=(KEY.hex(), None), max_feedback=8)
     runtime, ctx = FakeRuntime(), FakeContext()
     scorer.open(runtime)
-    runtime.states["buffer"].v = [columns("a", 0, 2)]  # as an older checkpoint restores it
-    assert len(list(scorer.process_element(message("a", 2, 2), ctx))) == 1
-    assert runtime.states["detector"].v.detector.n_seen == 4 and ctx.timers.processing == []
-    runtime.states["buffer"].v = [columns("a", 4, 2)]
-    assert len(list(scorer.on_timer(5_100, ctx))) == 1
-    assert runtime.states["detector"].v.detector.n_seen == 6
+    runtime.states["detector"].v, _ = scoring.score(None, "a", [columns("a", 0, 4)], Broadcasts(), 1_000)
+    runtime.states["buffer"].v = [columns("a", 4, 2)]  # as the oldest checkpoints hold it
+    assert sum(isinstance(o, str) for o in scorer.process_element(message("a", 6, 2), ctx)) == 1  # a score batch
+    held = runtime.states["detector"].v
+    assert held.state.detector.n_seen == 8 and held.buffered is None and runtime.states["buffer"].v is None
+    assert ctx.timers.processing == []
+
+    runtime.states["detector"].v = held.state
+    runtime.states["buffer"].v = ((5_100, None), [columns("a", 8, 2)])  # timers kept beside the messages
+    ctx.timers.processing = [5_100]
+    assert sum(isinstance(o, str) for o in scorer.on_timer(5_100, ctx)) == 1
+    assert runtime.states["detector"].v == KeyedDevice(runtime.states["detector"].v.state)
+    assert runtime.states["detector"].v.state.detector.n_seen == 10 and ctx.timers.processing == [] and runtime.states["buffer"].v is None
 
 
 def test_a_device_declared_dropped_never_answers_the_round_late(settings):
