@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 from config import Config
+from models.integrity import signing_key, verify_record
 from monitoring.deliveries import PENDING, SUPPRESSED, DeliveryStore, ensure_collections
 from monitoring.notifications import alert_labels, backoff_delay_s, delivery_id
 from monitoring.receivers import ALERTMANAGER, HttpReceiver, receivers_from_config
@@ -54,6 +55,7 @@ class IncidentRouter:
 
         self.cfg = cfg
         self.router = cfg.router
+        self.signing_key = signing_key(cfg)  # only the stream job's signed incidents are routed
         self.receivers = list(receivers_from_config(cfg) if receivers is None else receivers)
         self.by_id = {r.id: r for r in self.receivers}
         self.clock = clock
@@ -91,6 +93,9 @@ class IncidentRouter:
                 continue
             try:
                 incident = check_incident(load_object(msg.value()))
+                problem = verify_record(incident, self.signing_key)
+                if problem:  # a forged state would page someone, or resolve a real incident
+                    raise InvalidMessage(problem, incident["device_id"])
             except InvalidMessage as exc:
                 self.stats["incidents_invalid"] += 1
                 self.db.write_dead_letters([dead_letter_record(

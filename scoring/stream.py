@@ -379,17 +379,20 @@ class StreamScoring:
                 out.alerts.append(to_json({"device_id": device_id, **record, "model_version": model_version,
                                            "global_version": global_version, "scored_at": scored_at}))
 
-    @staticmethod
-    def event_records(device_id: str, detector: DeviceDetector, result: DetectionResult, scored_at: int,
+    def event_records(self, device_id: str, detector: DeviceDetector, result: DetectionResult, scored_at: int,
                       out: Emitted) -> None:
         """The incidents that opened, grew or resolved in the batch (`flead.incident/1`) and a drift event
-        (`flead.drift/1`) if the device re-baselined."""
+        (`flead.drift/1`) if the device re-baselined, signed: the sink and the incident router take no other."""
+        if not result.incidents and result.drift is None:
+            return
+        key = self._require_key()
         for incident in result.incidents:
-            out.incidents.append(to_json(INCIDENT.make(**incident.record_fields(device_id, scored_at))))
+            out.incidents.append(to_json(sign_record(INCIDENT.make(**incident.record_fields(device_id, scored_at)),
+                                                     key)))
         if result.drift is not None:
             out.counts["drift_events"] += 1
-            out.drift.append(to_json(DRIFT.make(**result.drift.record_fields(device_id, scored_at,
-                                                                          detector.model_version))))
+            out.drift.append(to_json(sign_record(DRIFT.make(**result.drift.record_fields(
+                device_id, scored_at, detector.model_version)), key)))
 
     def snapshot(self, state: DeviceState, device_id: str, broadcasts: Broadcasts, now_ms: int, out: Emitted) -> None:
         """A signed `flead.snapshot/1` record of the device's federated weights; with secure aggregation, its

@@ -11,7 +11,7 @@ the batch is stored: at-least-once delivery plus idempotent writes gives one cop
     scores                     →  predictions + alerts + score/daily/fleet roll-ups
     incidents                  →  incidents           (by incident_id; a later state replaces an earlier one)
     drift                      →  drift_events
-    snapshots                  →  local_models        (validly signed ones only)
+    snapshots                  →  local_models        (these three: validly signed records only)
     dead_letters               →  dead_letters
 
 Bad input never stops it: a message or record it cannot store (not JSON, a schema violation, a non-finite or
@@ -58,6 +58,8 @@ EVENT_COLLECTIONS = {"snapshots": ("local_models", None), "incidents": ("inciden
                      "drift": ("drift_events", "event_id"), "dead_letters": ("dead_letters", None)}
 # The wire-format checks of telemetry.schema first; the others are read as JSON objects and checked as documents.
 EVENT_DECODERS = {"incidents": decode_incident, "drift": DRIFT.decode}
+# The records only FLEAD's own processes make: stored only with a valid signature (models.integrity).
+SIGNED_EVENTS = ("snapshots", "incidents", "drift")
 
 
 @dataclass
@@ -171,11 +173,12 @@ def score_part(raw: bytes, position: str) -> ScorePart:
 
 def event_document(key: str, record: dict, position: str, signing_key: bytes) -> dict:
     """The document a snapshot / incident / drift event / dead letter record (read at Kafka `position`) becomes;
-    `SchemaViolation` if it cannot be stored (the reason names the field). A snapshot must carry a valid signature
-    under `signing_key`: a forged one stored first under its natural id (device, version) would hide the genuine
-    one from the aggregator."""
+    `SchemaViolation` if it cannot be stored (the reason names the field). Snapshots, incidents and drift events
+    must carry a valid signature under `signing_key` (the stream job's): a forged one stored under its natural id
+    would hide the genuine one (a snapshot from the aggregator; an incident's newer forged state would replace or
+    resolve the real one)."""
     collection, id_field = EVENT_COLLECTIONS[key]
-    if key == "snapshots" and (problem := verify_record(record, signing_key)):
+    if key in SIGNED_EVENTS and (problem := verify_record(record, signing_key)):
         raise SchemaViolation(problem)
     check_field_names(record, key)
     doc = {k: v for k, v in record.items() if k != "schema"}

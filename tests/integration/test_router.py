@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import Producer
 
 from http_receivers import FAST_RETRIES, Alertmanager, RecordingReceiver, Running, router_cfg, wait_for
+from models.integrity import sign_record, signing_key
 from monitoring.deliveries import DeliveryStore
 from monitoring.notifications import NotificationSettings
 from monitoring.receivers import AlertmanagerReceiver, WebhookReceiver
@@ -22,10 +23,13 @@ from monitoring.router import IncidentRouter, retry_dead
 
 pytestmark = pytest.mark.integration
 
-def produce(cfg, *records: dict) -> None:
+def produce(cfg, *records: dict, signed: bool = True) -> None:
+    """Incident records on the incidents topic, signed as the stream job signs them (raw bytes as they are)."""
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    key = signing_key(cfg)
     for record in records:
-        value = record if isinstance(record, bytes) else json.dumps(record).encode()
+        value = record if isinstance(record, bytes) else json.dumps(
+            sign_record(record, key) if signed else record).encode()
         producer.produce(cfg.kafka.topics.incidents, key=b"dev", value=value)
     assert producer.flush(10) == 0
 
@@ -99,17 +103,20 @@ def test_failing_deliveries_become_dead_letters_and_can_be_retried(cfg, db):
     failing, refusing = RecordingReceiver(status=503).start(), RecordingReceiver(status=400).start()
     try:
         receivers = [webhook_receiver(rcfg, failing.url), webhook_receiver(rcfg, refusing.url)]
+        tampered = {**sign_record(sample_incident(device_id="dev-forged"), signing_key(rcfg)), "peak_ratio": 99.0}
         produce(rcfg, sample_incident(device_id="dev-dead"), b"{not json",
-                json.dumps(sample_incident(device_id="dev-x", status="closed")).encode())
+                json.dumps(sample_incident(device_id="dev-x", status="closed")).encode(), json.dumps(tampered).encode())
+        produce(rcfg, sample_incident(device_id="dev-forged"), signed=False)  # anyone could page on-call with it
         router = IncidentRouter(rcfg, receivers)
         stats = router.run(until_idle_s=1.0)
-        assert stats["incidents"] == 1 and stats["incidents_invalid"] == 2 and stats["dead"] == 2
+        assert stats["incidents"] == 1 and stats["incidents_invalid"] == 4 and stats["dead"] == 2
         assert len(failing.requests) == 3 and len(refusing.requests) == 1  # a refusal is not retried
         reasons = [d["reason"] for d in db.collection("dead_letters").find()]
         failed = f"delivery to webhook {failing.url} failed after 3 attempts: HTTP 503"
         assert any(r.startswith(failed) for r in reasons)
         assert f"delivery to webhook {refusing.url} was refused: HTTP 400" in reasons
-        assert sum("incident: " in r for r in reasons) == 2  # the bad records, with their reasons
+        assert sum("incident: " in r for r in reasons) == 4  # the bad records, with their reasons
+        assert sum("incident: unsigned" in r or "incident: bad signature" in r for r in reasons) == 2
         failing.status = 200
         assert retry_dead(rcfg) == 2
         IncidentRouter(rcfg, receivers).run(until_idle_s=1.0)

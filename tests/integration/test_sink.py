@@ -227,26 +227,33 @@ def test_incidents_keep_their_latest_state_and_drift_events_are_stored(cfg, stor
                 "metrics_to_blame": [{"metric": "m03", "share": 0.6}], "model_version": 4, "global_version": 1,
                 "updated_at": 5000 + end_seq}
 
+    def signed(record):  # as the stream job sends them
+        return json.dumps(sign_record(record, signing_key(cfg)))
+
+    drift = {"schema": "flead.drift/1", "event_id": "i1:300", "device_id": "i1", "seq": 300, "ts": 9000,
+             "reason": "flag rate 0.2 over 200 readings (target 0.01)", "flag_rate": 0.2, "target_rate": 0.01,
+             "window": 200, "detected_at": 9100, "model_version": 4}
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
     for record in (incident("open", 104, 3), incident("open", 110, 6)):
-        producer.produce(cfg.kafka.topics.incidents, key="i1", value=json.dumps(record))
-    producer.produce(cfg.kafka.topics.drift, key="i1", value=json.dumps(
-        {"schema": "flead.drift/1", "event_id": "i1:300", "device_id": "i1", "seq": 300, "ts": 9000,
-         "reason": "flag rate 0.2 over 200 readings (target 0.01)", "flag_rate": 0.2, "target_rate": 0.01,
-         "window": 200, "detected_at": 9100, "model_version": 4}))
-    producer.produce(cfg.kafka.topics.incidents, key="i1", value=json.dumps({**incident("open", 1, 1), "$x": 1}))
+        producer.produce(cfg.kafka.topics.incidents, key="i1", value=signed(record))
+    producer.produce(cfg.kafka.topics.drift, key="i1", value=signed(drift))
+    producer.produce(cfg.kafka.topics.drift, key="i1", value=json.dumps({**drift, "event_id": "i1:301"}))  # unsigned
+    producer.produce(cfg.kafka.topics.incidents, key="i1", value=signed({**incident("open", 1, 1), "$x": 1}))
     assert producer.flush(30) == 0
     MongoSink(_fast(cfg)).run(until_idle_s=2.0)
-    for record in (incident("resolved", 120, 8), incident("open", 112, 7)):  # a late, older state comes after
-        producer.produce(cfg.kafka.topics.incidents, key="i1", value=json.dumps(record))
+    forged = {**json.loads(signed(incident("resolved", 999, 9))), "updated_at": 10**12}  # newest state, forged
+    for value in (signed(incident("resolved", 120, 8)), signed(incident("open", 112, 7)), json.dumps(forged)):
+        producer.produce(cfg.kafka.topics.incidents, key="i1", value=value)  # a late, older state comes after
     assert producer.flush(30) == 0
     MongoSink(_fast(cfg)).run(until_idle_s=2.0)
 
     [stored] = store.find("incidents")
     assert (stored["_id"], stored["status"], stored["end_seq"], stored["n_flagged"]) == ("i1:100", "resolved", 120, 8)
     assert [d["_id"] for d in store.find("drift_events")] == ["i1:300"]
-    [letter] = store.find("dead_letters")
-    assert "field name '$x' is not a plain identifier" in letter["reason"]
+    reasons = sorted(letter["reason"] for letter in store.find("dead_letters"))
+    assert reasons[:2] == ["drift: unsigned: no 'signature' field",
+                           "incidents: bad signature: the record was altered or signed with another key"], reasons
+    assert "field name '$x' is not a plain identifier" in reasons[2]
 
 
 def test_retention_deletes_raw_data_before_summaries(cfg, store):

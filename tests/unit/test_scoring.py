@@ -142,6 +142,9 @@ def test_flags_become_incidents_with_ids_on_their_scores_and_alerts(cfg_defaults
             break
     resolved = json.loads(out.incidents[-1])
     assert resolved["status"] == "resolved" and resolved["incident_id"] == "a:323" and resolved["end_seq"] >= 324
+    # signed with the deployment's key: the sink and the incident router take no other
+    assert all(verify_record(record, KEY) is None for record in (*opened, resolved))
+    assert verify_record({**resolved, "status": "open"}, KEY) is not None
 
 
 def test_snapshot_is_due_by_time_when_the_device_learned_something(settings):
