@@ -362,9 +362,10 @@ def print_summary(summary: dict) -> None:
     rate = summary["throughput_readings_per_s"]
     print(f"throughput   {'n/a' if rate is None else f'{rate:,.0f}'} readings/s (test part: replay start to last score)")
     paced = summary.get("replay_rate")
+    how = (f"replayed at {paced:,.0f} readings/s" if paced else
+           "replayed as fast as possible, so mostly time queued behind the backlog: `--rate 5000` paces it")
     print(f"latency      p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms (test part: sent → "
-          + (f"scored, replayed at {paced:,.0f} readings/s)" if paced else
-             "scored; replayed as fast as possible, so mostly time queued behind the backlog: `--rate 5000` paces it)"))
+          f"scored; {how})")
     print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part")
     print(f"accuracy     precision {fmt(acc['precision'])}  recall {fmt(acc['recall'])}  F1 {fmt(acc['f1'])}  "
           f"({acc['anomalous_points']} anomalous of {acc['points']} test points; {acc['note']})")

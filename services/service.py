@@ -213,5 +213,5 @@ def ensure_private_modes(root: Path) -> list[Path]:
 
 
 __all__ = ["Service", "Started", "ServiceError", "registered", "read_spec", "write_spec", "service_lock",
-           "stop_by_name", "ensure_private_modes", "readable_by_others", "spec_path", "SERVER_PRIORITY", "CLIENT_PRIORITY",
-           "SERVICE_VARIABLE", "known_services"]
+           "stop_by_name", "ensure_private_modes", "readable_by_others", "spec_path", "SERVER_PRIORITY",
+           "CLIENT_PRIORITY", "SERVICE_VARIABLE", "known_services"]

@@ -227,8 +227,8 @@ def newest_verified_snapshot(db, device_id: str, key: bytes) -> dict | None:
     """A device's newest stored snapshot whose signature verifies (None if it has none): a forged document with a
     higher version, written straight into `local_models`, neither blocks the device's next snapshot (the REST API)
     nor stands for its local model (evaluation). Reads the device's snapshots newest first, lazily."""
-    docs = db.collection("local_models").find({"device_id": device_id}, sort=[("version", -1)])
-    return next((d for d in docs if verify_record(wire_form(d, SNAPSHOT_SCHEMA), key) is None), None)
+    return next((d for d in db.local_models_newest_first(device_id)
+                 if verify_record(wire_form(d, SNAPSHOT_SCHEMA), key) is None), None)
 
 
 def previous_update(doc: dict | None) -> Update | None:

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pymongo
@@ -408,7 +408,11 @@ class Store:
 
     def latest_local_model(self, device_id: str) -> dict | None:
         """The newest snapshot of one device, or None."""
-        return self.collection("local_models").find_one({"device_id": device_id}, sort=[("version", -1)])
+        return next(self.local_models_newest_first(device_id), None)
+
+    def local_models_newest_first(self, device_id: str) -> Iterator[dict]:
+        """One device's stored snapshots, highest version first, read lazily."""
+        return iter(self.collection("local_models").find({"device_id": device_id}, sort=[("version", -1)]))
 
     def write_global_model(self, model: dict) -> bool:
         """Store a global model under its version; False (and nothing written) if that version exists already."""

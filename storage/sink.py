@@ -201,7 +201,7 @@ class MongoSink:
         from confluent_kafka import Consumer
 
         self.cfg = cfg
-        self.signing_key = signing_key(cfg)  # snapshots are stored only with a valid signature
+        self.signing_key = signing_key(cfg)  # SIGNED_EVENTS are stored only with a valid signature
         self.topic_keys = {cfg.kafka.topics[key]: key for key in topics}
         self.consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": group_id,
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False,
