@@ -1,12 +1,14 @@
 """Signed wire records, device tokens, the signing key file, and the rule for adopting a global model."""
+import json
 import os
 import stat
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models.integrity import (AGGREGATOR_ISSUER, device_token, global_model_verdict, load_or_create_key,
-                              sign_record, verify_record, wire_form)
+from models.integrity import (AGGREGATOR_ISSUER, device_message_problem, device_token, global_model_verdict,
+                              load_or_create_key, sign_device_message, sign_message, sign_record, verify_message,
+                              verify_record, wire_form)
 
 KEY = bytes(range(32))
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10)
@@ -36,6 +38,65 @@ def test_unsigned_and_malformed_signatures_are_named():
     assert "bad signature" in verify_record(as_model, KEY)
     with pytest.raises(ValueError, match="schema"):
         sign_record({"version": 1}, KEY)
+
+
+messages = st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k != "signature"), json_values,
+                           min_size=1, max_size=6).map(lambda d: json.dumps(d, separators=(",", ":")).encode())
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages, st.data())
+def test_any_byte_changed_in_a_signed_message_is_refused(message, data):
+    signed = sign_message(message, KEY)
+    assert verify_message(signed, KEY) is None
+    assert json.loads(signed) == {**json.loads(message), "signature": json.loads(signed)["signature"]}
+    at = data.draw(st.integers(0, len(signed) - 1))
+    byte = data.draw(st.integers(0, 255).filter(lambda b: b != signed[at]))
+    changed = signed[:at] + bytes([byte]) + signed[at + 1:]
+    assert verify_message(changed, KEY) is not None
+    assert verify_message(signed[:at] + signed[at + 1:], KEY) is not None  # a byte dropped
+    assert "bad signature" in verify_message(signed, bytes(32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages, messages)
+def test_a_signature_moved_to_another_message_is_refused(one, other):
+    signed, target = sign_message(one, KEY), sign_message(other, KEY)
+    moved = target[:target.rindex(b',"signature":"')] + signed[signed.rindex(b',"signature":"'):]
+    assert (verify_message(moved, KEY) is None) == (one == other)
+
+
+@settings(max_examples=100, deadline=None)
+@given(messages)
+def test_messages_without_the_field_are_unsigned(message):
+    assert verify_message(message, KEY) == "unsigned: no 'signature' field"
+
+
+def test_signature_fields_of_another_shape_are_refused():
+    signed = sign_message(b'{"device_id":"a","seq":1}', KEY)
+    for bad in (signed[:-2] + b'0"}',                                   # one hex digit too many
+                signed.replace(b"hmac-sha256:", b"hmac-sha1:"),
+                signed[:-1] + b',"x":1}',                               # not the last field
+                signed[:-66] + signed[-66:-2].upper() + b'"}',         # hex digits are lower case
+                signed + b" "):
+        assert verify_message(bad, KEY).startswith("bad signature"), bad
+    with pytest.raises(ValueError, match="not yet signed"):
+        sign_message(signed, KEY)
+    for not_an_object in (b"[1]", b"{}", b"", b'{"a":1} '):
+        with pytest.raises(ValueError, match="one JSON object"):
+            sign_message(not_an_object, KEY)
+
+
+def test_telemetry_is_signed_with_the_device_token_and_unsigned_is_accepted_only_when_allowed():
+    message = b'{"schema":"flead.telemetry/1","device_id":"a","seq":1}'
+    signed = sign_device_message(message, KEY, "a")
+    assert signed == sign_message(message, device_token(KEY, "a").encode())  # what a device holding its token sends
+    assert device_message_problem(signed, KEY, "a") is None
+    assert "bad signature" in device_message_problem(signed, KEY, "b")       # another device's token
+    assert "bad signature" in device_message_problem(sign_message(message, KEY), KEY, "a")  # the deployment key
+    assert device_message_problem(message, KEY, "a") == "unsigned: no 'signature' field"
+    assert device_message_problem(message, KEY, "a", required=False) is None
+    assert "bad signature" in device_message_problem(signed[:-3] + b'00"}', KEY, "a", required=False)
 
 
 def test_stored_documents_verify_in_their_wire_form():
