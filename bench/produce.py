@@ -26,23 +26,26 @@ from services import processes  # noqa: E402
 from telemetry.producer import produce, producer_config  # noqa: E402
 from telemetry.readers import open_reader  # noqa: E402
 from telemetry.schema import encode_batch, encode_reading  # noqa: E402
+from models.integrity import sign_device_message, signing_key  # noqa: E402
 
 BATCH = 100
 TARGET_READINGS_PER_S = 100_000
 WARMUP_MESSAGES = 200
 
 
-def encoded_messages(readings, batch: int) -> list[tuple[str, bytes, int]]:
-    """(key, value, readings in it) of each message `produce` would send for file-ordered readings."""
+def encoded_messages(readings, batch: int, key: bytes) -> list[tuple[str, bytes, int]]:
+    """(key, value, readings in it) of each message `produce` would send for file-ordered readings (signed)."""
     if batch == 1:
-        return [(r.device_id, encode_reading(r), 1) for r in readings]
+        return [(r.device_id, sign_device_message(encode_reading(r), key, r.device_id), 1) for r in readings]
     out, group = [], []
     for r in readings:
         if group and (r.device_id != group[0].device_id or len(group) == batch):
-            out.append((group[0].device_id, encode_batch(group[0].device_id, group), len(group)))
+            out.append((group[0].device_id, sign_device_message(encode_batch(group[0].device_id, group), key,
+                                                                group[0].device_id), len(group)))
             group = []
         group.append(r)
-    out.append((group[0].device_id, encode_batch(group[0].device_id, group), len(group)))
+    out.append((group[0].device_id, sign_device_message(encode_batch(group[0].device_id, group), key,
+                                                        group[0].device_id), len(group)))
     return out
 
 
@@ -83,11 +86,11 @@ def raw_loop(producer, topic: str, messages: list[tuple[str, bytes, int]]) -> di
     return row("raw confluent-kafka loop (pre-encoded)", len(messages), sum(n for _, _, n in messages), seconds)
 
 
-def flead_produce(producer, topic: str, readings: list, batch: int) -> dict:
-    result = produce(readings, topic, {}, batch=batch, producer=producer)
+def flead_produce(producer, topic: str, readings: list, batch: int, key: bytes) -> dict:
+    result = produce(readings, topic, {}, key=key, batch=batch, producer=producer)
     if result.failed:
         raise RuntimeError(f"produce: {result.failed} failed: {result.errors[:3]}")
-    return row("telemetry.producer.produce (encodes)", result.messages, result.readings, result.seconds)
+    return row("telemetry.producer.produce (encodes, signs)", result.messages, result.readings, result.seconds)
 
 
 def row(name: str, messages: int, readings: int, seconds: float) -> dict:
@@ -101,11 +104,11 @@ def run(cfg, quick: bool) -> dict:
     readings = list(open_reader("asd", cfg.data_dir / "asd/test.csv.gz"))
     if not quick:
         readings = readings * 3  # the same messages again; seq repeats, which Kafka does not care about
-    rows = []
+    rows, key = [], signing_key(cfg)
     for batch in (1, BATCH):
-        messages = encoded_messages(readings, batch)
+        messages = encoded_messages(readings, batch, key)
         floor = raw_loop(warmed_producer(config, topic, messages), topic, messages)
-        ours = flead_produce(warmed_producer(config, topic, messages), topic, readings, batch)
+        ours = flead_produce(warmed_producer(config, topic, messages), topic, readings, batch, key)
         for r in (floor, ours):
             r["batch"] = batch
             rows.append(r)

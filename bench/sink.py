@@ -5,7 +5,7 @@
 Starts its own Kafka broker and MongoDB (FerretDB) in a temporary state dir on free ports. The input is what the
 stream job writes for the ASD test set (12 devices × ``--copies`` under new ids, 19 metrics): per device,
 16-reading telemetry messages and 16-record score batches (1 % anomalous, with incidents ids, top metrics and
-p-values); a reading counts as stored when both its telemetry and its score are in MongoDB.
+p-values), signed as the devices and the stream job sign them (the sink verifies every one); a reading counts as stored when both its telemetry and its score are in MongoDB.
 
 1. throughput: all messages preloaded (all 4,320 test readings of each device), `MongoSink`
    started; the headline is its steady state: readings stored (telemetry and scores counted apart, a reading is
@@ -43,6 +43,7 @@ from storage.mongo import Store  # noqa: E402
 from storage.sink import MongoSink  # noqa: E402
 from telemetry.readers import open_reader  # noqa: E402
 from telemetry.schema import Reading, encode_batch, encode_scores  # noqa: E402
+from models.integrity import sign_device_message, sign_message, signing_key  # noqa: E402
 
 MESSAGE_READINGS = 16
 LIVE_START_MS = 1_767_225_600_000
@@ -61,9 +62,10 @@ def asd_devices(cfg, copies: int, per_device: int) -> dict[str, list[Reading]]:
 
 
 def messages(device: str, readings: list[Reading], seq0: int, ts0: int | None, ms_per_reading: float,
-             rng: np.random.Generator) -> list[tuple[str, bytes, bytes]]:
-    """(key, telemetry message, score message) of one device's readings, 16 at a time; ``ts0`` None keeps the
-    readings' own timestamps, else they are ``ts0 + i * ms_per_reading`` (a live stream)."""
+             rng: np.random.Generator, key: bytes) -> list[tuple[str, bytes, bytes]]:
+    """(key, telemetry message, score message) of one device's readings, 16 at a time, signed (with the device's
+    token and with `key`); ``ts0`` None keeps the readings' own timestamps, else they are
+    ``ts0 + i * ms_per_reading`` (a live stream)."""
     out = []
     for start in range(0, len(readings), MESSAGE_READINGS):
         group = readings[start:start + MESSAGE_READINGS]
@@ -75,7 +77,8 @@ def messages(device: str, readings: list[Reading], seq0: int, ts0: int | None, m
                    "p_value": 0.004 if f else 0.5, "incident_id": f"{device}:{r.seq}" if f else None,
                    "top_metrics": [{"metric": "m03", "share": 0.6}, {"metric": "m07", "share": 0.2}] if f else [],
                    "label": r.label} for r, f in zip(shifted, flagged)]
-        out.append((device, encode_batch(device, shifted), encode_scores(device, 3, 1, shifted[-1].ts + 50, scores)))
+        out.append((device, sign_device_message(encode_batch(device, shifted), key, device),
+                    sign_message(encode_scores(device, 3, 1, shifted[-1].ts + 50, scores), key)))
     return out
 
 
@@ -142,8 +145,8 @@ def throughput(env: dict, devices: dict[str, list[Reading]], live_rate: float | 
     cfg = fresh(env, "live" if live_rate else "replay")
     rng = np.random.default_rng(1)
     per_device_ms = None if live_rate is None else 1000.0 * len(devices) / live_rate
-    per_device = [messages(device, rs, 0, None if live_rate is None else LIVE_START_MS, per_device_ms, rng)
-                  for device, rs in devices.items()]
+    per_device = [messages(device, rs, 0, None if live_rate is None else LIVE_START_MS, per_device_ms, rng,
+                           signing_key(cfg)) for device, rs in devices.items()]
     # devices interleaved, each in seq order, as the stream job emits them
     produce_all(cfg, [m for step in zip_longest(*per_device) for m in step if m is not None])
     n = sum(len(rs) for rs in devices.values())
@@ -187,7 +190,7 @@ def paced_producer(cfg_env: dict, devices: list[str], metrics: list[dict], rate:
 
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": 5, "compression.type": "lz4",
                          "queue.buffering.max.messages": 2_000_000, "log_level": 3})
-    rng = np.random.default_rng(2)
+    rng, key = np.random.default_rng(2), signing_key(cfg)
     per_device_ms = 1000.0 * len(devices) / rate
     interval = len(devices) * MESSAGE_READINGS / rate  # one message per device per interval
     started, step = time.monotonic(), 0
@@ -195,9 +198,9 @@ def paced_producer(cfg_env: dict, devices: list[str], metrics: list[dict], rate:
         seq0 = step * MESSAGE_READINGS
         for d, device in enumerate(devices):
             rows = [Reading(device, 0, 0, metrics[(seq0 + i) % len(metrics)]) for i in range(MESSAGE_READINGS)]
-            for key, telemetry, scores in messages(device, rows, seq0, LIVE_START_MS, per_device_ms, rng):
-                producer.produce(cfg.kafka.topics.telemetry, telemetry, key=key)
-                producer.produce(cfg.kafka.topics.scores, scores, key=key)
+            for device_key, telemetry, scores in messages(device, rows, seq0, LIVE_START_MS, per_device_ms, rng, key):
+                producer.produce(cfg.kafka.topics.telemetry, telemetry, key=device_key)
+                producer.produce(cfg.kafka.topics.scores, scores, key=device_key)
         producer.poll(0)
         step += 1
         sent.value = step * MESSAGE_READINGS * len(devices)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_output import write_json  # noqa: E402  (beside this script)
 from config import PROJECT_ROOT, load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
+from models.integrity import sign_device_message, signing_key  # noqa: E402
 from orchestration import stack  # noqa: E402
 from services import processes  # noqa: E402
 from telemetry.consumer import iter_messages  # noqa: E402
@@ -70,7 +71,8 @@ def scores_of(cfg, timeout_s: float = 3.0) -> list[dict]:
 
 def throughput(base_env: dict, readings: list[Reading], message_batch: int, overrides: dict | None = None) -> dict:
     env, cfg = fresh_topics({**base_env, **(overrides or {})})
-    produced = produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=message_batch)
+    produced = produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg),
+                       batch=message_batch)
     assert produced.failed == 0, produced.errors
     started = time.monotonic()
     job = subprocess.run([sys.executable, str(JOB), "--bounded"], env={**os.environ, **env}, capture_output=True,
@@ -162,7 +164,7 @@ def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float
         future.result()
     state_dir = Path(env["FLEAD_STATE_DIR"])
     pid = processes.start(state_dir, "stream-bench", [sys.executable, str(JOB)], env=env)
-    producer = Producer(producer_config(cfg, **{"linger.ms": 0}))
+    producer, key = Producer(producer_config(cfg, **{"linger.ms": 0})), signing_key(cfg)
     watcher = ScoreWatcher(cfg)
     try:
         by_device: dict[str, list[Reading]] = {}
@@ -179,7 +181,7 @@ def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float
                 position[d] = (position[d] + message_batch) % len(by_device[d])
                 batch = [Reading(d, seq[d] + i, sent_at, r.metrics, r.label) for i, r in enumerate(rows)]
                 seq[d] += len(batch)
-                producer.produce(cfg.kafka.topics.telemetry, encode_batch(d, batch), key=d)
+                producer.produce(cfg.kafka.topics.telemetry, sign_device_message(encode_batch(d, batch), key, d), key=d)
             producer.poll(0)
             return len(devices) * message_batch
 

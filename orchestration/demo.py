@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from config import PROJECT_ROOT, Config, load_config
+from models.integrity import sign_device_message, signing_key
 from telemetry.schema import decode_scores
 
 DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the demo; the dashboards stay up
@@ -199,14 +200,16 @@ def _produce(cfg: Config, readings: list, args, sent_at: dict, say, duration: fl
             sent_at[(r.device_id, r.seq)] = time.time()
             yield r
 
-    result = produce(stamped(), cfg.kafka.topics.telemetry, producer_config(cfg), batch=args.batch or cfg.ingest.batch,
-                     rate=args.rate, max_batch_delay_s=0.05, progress=lambda line: say(f"  produce: {line}"))
+    result = produce(stamped(), cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg),
+                     batch=args.batch or cfg.ingest.batch, rate=args.rate, max_batch_delay_s=0.05,
+                     progress=lambda line: say(f"  produce: {line}"))
     if result.failed:
         raise SystemExit(f"flead demo: {result.failed} messages were not delivered: {result.errors[:3]}")
     return result.readings
 
 
-# Malformed telemetry, one of each kind in turn: what the stream job dead-letters (with these reasons).
+# Malformed telemetry, one of each kind in turn: what the stream job dead-letters (with these reasons). The device
+# signs each one it can (a JSON object) with its token, except the last: a forged message, which nobody signed.
 MALFORMED = (
     lambda device, seq: b"{not json",
     lambda device, seq: json.dumps({"schema": "flead.telemetry/1", "device_id": device, "seq": seq,
@@ -217,7 +220,10 @@ MALFORMED = (
                                     "ts": 1_706_659_200_000, "metrics": {"m00": 0.5}}).encode(),     # unknown schema
     lambda device, seq: json.dumps({"schema": "flead.telemetry/1", "device_id": device, "seq": -seq - 1,
                                     "ts": 1_706_659_200_000, "metrics": {"m00": 0.5}}).encode(),     # negative seq
+    lambda device, seq: json.dumps({"schema": "flead.telemetry/1", "device_id": device, "seq": 2**62 + seq,
+                                    "ts": 1_706_659_200_000, "metrics": {"m00": 0.5}}).encode(),     # unsigned
 )
+UNSIGNED_KINDS = (0, len(MALFORMED) - 1)  # not a JSON object (cannot be signed), forged
 
 
 def _send_malformed(cfg: Config, devices: list[str], n_readings: int, args) -> int:
@@ -229,10 +235,13 @@ def _send_malformed(cfg: Config, devices: list[str], n_readings: int, args) -> i
         return 0
     messages = n_readings / (args.batch or cfg.ingest.batch)
     count = max(len(MALFORMED), int(round(messages * args.malformed)))  # at least one of each kind
-    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "log_level": 3})
+    producer, key = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "log_level": 3}), signing_key(cfg)
     for i in range(count):
-        device = devices[i % len(devices)]
-        producer.produce(cfg.kafka.topics.telemetry, key=device, value=MALFORMED[i % len(MALFORMED)](device, i))
+        device, kind = devices[i % len(devices)], i % len(MALFORMED)
+        value = MALFORMED[kind](device, i)
+        if kind not in UNSIGNED_KINDS:
+            value = sign_device_message(value, key, device)
+        producer.produce(cfg.kafka.topics.telemetry, key=device, value=value)
     if producer.flush(30):
         raise SystemExit("flead demo: the malformed messages were not all delivered")
     return count

@@ -11,8 +11,10 @@ Python worker, and called by the Flink operator (`flink_jobs.anomaly_job.DeviceS
 Everything the operator sends on is in `Emitted`: the main output (one `flead.scores/1` record per micro-batch)
 and the side outputs, plus counter increments by name (`COUNTERS`).
 
-Trust: snapshots leave signed (`models.integrity`, the deployment's key, which the operator hands in with
-`use_key` and which never travels with the job); global models, cohort announcements and operators' feedback are
+Trust: telemetry is taken only signed with its device's token (`models.integrity.device_message_problem`;
+unsigned too with `ingest.require_signed_telemetry` off); score batches, alerts, snapshots, incidents and drift
+events leave signed (`models.integrity`, the deployment's key, which the operator hands in with `use_key` and which
+never travels with the job); global models, cohort announcements and operators' feedback are
 taken only when their signature verifies, and a global model only under `global_model_verdict` (issued by the
 aggregator, newer, building on a version the worker has seen).
 """
@@ -28,7 +30,7 @@ import numpy as np
 from models import secure_aggregation as secagg
 from models.detector import DetectionResult, DetectorSettings, DeviceDetector
 from models.features import NonFiniteMetricError
-from models.integrity import global_model_verdict, sign_record, verify_record
+from models.integrity import device_message_problem, global_model_verdict, sign_message, sign_record, verify_record
 from models.serialization import to_b64
 from models.updates import codec_for
 from scoring.broadcasts import FLEET, Broadcasts, global_model_of, model_entry
@@ -42,7 +44,7 @@ from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
             "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events", "values_winsorised",
-            "devices_reconfigured")
+            "devices_reconfigured", "telemetry_refused")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -60,6 +62,7 @@ class StreamOptions:
     max_version_gap: int  # integrity.max_version_gap
     secure_aggregation: bool  # privacy.secure_aggregation: snapshots answer cohorts with masked vectors
     feedback: FeedbackSettings
+    require_signed_telemetry: bool  # ingest.require_signed_telemetry: unsigned telemetry is refused
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamOptions":
@@ -69,7 +72,8 @@ class StreamOptions:
                    snapshot_interval_ms=stream.snapshot_interval_s * 1000, telemetry_topic=topics.telemetry,
                    global_model_topic=topics.global_model, feedback_topic=topics.feedback,
                    max_version_gap=cfg.integrity.max_version_gap, secure_aggregation=cfg.privacy.secure_aggregation,
-                   feedback=FeedbackSettings.from_config(cfg))
+                   feedback=FeedbackSettings.from_config(cfg),
+                   require_signed_telemetry=cfg.ingest.require_signed_telemetry)
 
 
 @dataclass
@@ -83,6 +87,14 @@ class Emitted:
     incidents: list[str] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+
+
+UNSIGNED_HINT = (" (devices sign telemetry with their token, docs/contracts.md; ingest.require_signed_telemetry: "
+                 "false accepts unsigned messages)")
+
+
+class UnsignedTelemetry(InvalidMessage):
+    """A telemetry message without a valid signature of its device's token."""
 
 
 class Buffering(NamedTuple):
@@ -127,17 +139,26 @@ class StreamScoring:
 
     # -- input -----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def parse(message: bytes | None, key: str) -> Columns:
-        """The message as columns; `InvalidMessage` if it breaks the contract or is not the keyed device's."""
+    def parse(self, message: bytes | None, key: str) -> Columns:
+        """The message as columns; `InvalidMessage` if it breaks the contract or is not the keyed device's, and
+        `UnsignedTelemetry` (before it is decoded) if it is not signed with the token of the device it is keyed
+        by (`ingest.require_signed_telemetry`), so a forged message can neither take a device's seqs nor create
+        state for a made-up device."""
+        if message is not None and key:  # no key: the message names no device, which decoding refuses
+            problem = device_message_problem(message, self._require_key(), key, self.options.require_signed_telemetry)
+            if problem:
+                raise UnsignedTelemetry(problem + (UNSIGNED_HINT if problem.startswith("unsigned") else ""), key)
         columns = decode_columns(message)
         if columns.device_id != key:
             raise InvalidMessage(f"device_id {columns.device_id!r} under the Kafka key {key!r}", columns.device_id)
         return columns
 
     def refused(self, message: bytes | None, error: InvalidMessage) -> Emitted:
-        """A telemetry message `parse` refused, as a dead letter with the reason."""
+        """A telemetry message `parse` refused, as a dead letter with the reason (counted in ``telemetry_refused``
+        too when its signature was the problem)."""
         out = Emitted()
+        if isinstance(error, UnsignedTelemetry):
+            out.counts["telemetry_refused"] += 1
         self._dead_letter(out, message, error.reason, self.options.telemetry_topic, error.device_id)
         return out
 
@@ -356,11 +377,12 @@ class StreamScoring:
                  "metrics": dict(zip(batch.names, batch.X[0].tolist()))}
         self._dead_letter(out, to_json(first), reason, self.options.telemetry_topic, device_id)
 
-    @staticmethod
-    def score_records(device_id: str, detector: DeviceDetector, seqs, stamps, labels, result: DetectionResult,
+    def score_records(self, device_id: str, detector: DeviceDetector, seqs, stamps, labels, result: DetectionResult,
                       scored_at: int, out: Emitted) -> None:
         """One `flead.scores/1` batch of the micro-batch's score records (one Kafka record: per-record costs in
-        Beam, the JVM and the broker dominate); each anomaly also as an alert."""
+        Beam, the JVM and the broker dominate); each anomaly also as an alert. Both signed (`sign_message`): the
+        sink stores a reading's score once, so a forged batch sent first would otherwise hide the genuine one."""
+        key = self._require_key()
         out.counts["records_scored"] += len(seqs)
         out.counts["values_imputed"] += result.n_imputed
         out.counts["anomalies_muted"] += result.n_muted
@@ -372,12 +394,15 @@ class StreamScoring:
                   for seq, ts, score, threshold, anomaly, p_value, top, incident, label in zip(
                       seqs, stamps, result.scores.tolist(), result.thresholds.tolist(), result.is_anomaly.tolist(),
                       result.p_values.tolist(), result.top_metrics, incident_ids, labels)]
-        out.scores.append(encode_scores(device_id, model_version, global_version, scored_at, scores).decode())
+        out.scores.append(sign_message(encode_scores(device_id, model_version, global_version, scored_at, scores),
+                                       key).decode())
         for record in scores:
             if record["is_anomaly"]:
                 out.counts["anomalies"] += 1
-                out.alerts.append(to_json({"device_id": device_id, **record, "model_version": model_version,
-                                           "global_version": global_version, "scored_at": scored_at}))
+                out.alerts.append(sign_message(dumps_json({"device_id": device_id, **record,
+                                                           "model_version": model_version,
+                                                           "global_version": global_version,
+                                                           "scored_at": scored_at}), key).decode())
 
     def event_records(self, device_id: str, detector: DeviceDetector, result: DetectionResult, scored_at: int,
                       out: Emitted) -> None:

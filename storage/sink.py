@@ -6,9 +6,9 @@ the batch is stored: at-least-once delivery plus idempotent writes gives one cop
 
     topic (cfg.kafka.topics)   →  collection(s)
     telemetry                  →  device_data + metric_rollups   (one bucket document per device per batch;
-                                                                  invalid messages skipped: the stream job
-                                                                  dead-letters them)
-    scores                     →  predictions + alerts + score/daily/fleet roll-ups
+                                                                  invalid or unsigned messages skipped: the
+                                                                  stream job dead-letters them)
+    scores                     →  predictions + alerts + score/daily/fleet roll-ups   (signed batches only)
     incidents                  →  incidents           (by incident_id; a later state replaces an earlier one)
     drift                      →  drift_events
     snapshots                  →  local_models        (these three: validly signed records only)
@@ -20,7 +20,10 @@ its wire format), a field name MongoDB cannot hold) becomes
 one dead letter, ``_id`` = its Kafka position (``<topic>:<partition>:<offset>[:<record>]``), with a reason, and a
 counter goes up; the rest of the batch is stored as usual. When MongoDB is unreachable the sink retries the same
 batch with exponential back-off (`sink.retry_*`), never exiting. Roll-ups a crash left unwritten are written when
-it starts again (storage.writer). It also merges roll-up partials (`rollups.compact_interval_s`) and deletes what
+it starts again (storage.writer). Each reading is stored once per (device, seq), so what takes that place first
+must be genuine: a score batch is stored only with a valid signature under the deployment's key (the stream job
+signs them), a telemetry message only signed with its device's token (`ingest.require_signed_telemetry`;
+`models.integrity`). It also merges roll-up partials (`rollups.compact_interval_s`) and deletes what
 is past its retention horizon (`retention.*`).
 """
 from __future__ import annotations
@@ -39,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from config import Config
-from models.integrity import signing_key, verify_record
+from models.integrity import (SIGNATURE_FIELD, device_message_problem, signing_key, verify_message,
+                              verify_record)
 from services import processes
 from storage.buckets import ScoreBlock, ScorePart, score_block
 from storage.mongo import Store, StorageUnavailable
@@ -86,8 +90,17 @@ class Decoded(NamedTuple):
 
     readings: list[Columns]
     telemetry_invalid: int
+    telemetry_refused: int  # no valid signature of the device
     scores: list[ScoreBlock]
     refused: list[Refusal]
+
+
+class Trust(NamedTuple):
+    """What the decoding processes verify signatures with: the deployment's key, and whether telemetry must be
+    signed (`ingest.require_signed_telemetry`)."""
+
+    key: bytes
+    require_signed_telemetry: bool
 
 
 def _text(raw) -> str:
@@ -96,10 +109,12 @@ def _text(raw) -> str:
     return ("" if raw is None else str(raw))[:MAX_RAW_CHARS]
 
 
-def decode_telemetry(messages: list[tuple[bytes | None, bytes]]) -> tuple[list[Columns], int]:
-    """Telemetry messages (Kafka key, value) as reading blocks (one per device), and how many were invalid: refused
-    by the wire format, or a device_id under another Kafka key (the stream job dead-letters both)."""
-    blocks, invalid = [], 0
+def decode_telemetry(messages: list[tuple[bytes | None, bytes]], trust: Trust) -> tuple[list[Columns], int, int]:
+    """Telemetry messages (Kafka key, value) as reading blocks (one per device), how many were invalid (refused by
+    the wire format, or a device_id under another Kafka key) and how many refused for their signature (not the
+    device's token; unsigned, unless `Trust.require_signed_telemetry` is off). The stream job dead-letters all of
+    them."""
+    blocks, invalid, refused = [], 0, 0
     for key, value in messages:
         try:
             block = decode_columns(value)
@@ -109,18 +124,24 @@ def decode_telemetry(messages: list[tuple[bytes | None, bytes]]) -> tuple[list[C
         key = (key or b"").decode("utf-8", "replace")
         if key and key != block.device_id:
             invalid += 1
+        elif device_message_problem(value, trust.key, block.device_id, trust.require_signed_telemetry):
+            refused += 1
         elif len(block.seqs):
             blocks.append(block)
-    return stack_by_device(blocks), invalid
+    return stack_by_device(blocks), invalid, refused
 
 
-def decode_score_messages(messages: list[tuple[str, bytes]]) -> tuple[list[ScoreBlock], list[Refusal]]:
+def decode_score_messages(messages: list[tuple[str, bytes]], key: bytes) -> tuple[list[ScoreBlock], list[Refusal]]:
     """Scores-topic messages (Kafka position, value) as one `ScoreBlock` per device, and a `Refusal` for each
     message or record that cannot be stored (its dead letter's id is the position, plus the record's index in its
-    message for a single bad record). Records are checked per device, not per message: one pass each."""
+    message for a single bad record). A message is decoded only with a valid signature under `key`. Records are
+    checked per device, not per message: one pass each."""
     parts: dict[str, list[ScorePart]] = {}
     refused = []
     for position, raw in messages:
+        if problem := verify_message(raw or b"", key):
+            refused.append(Refusal(position, problem, _text(raw), None))
+            continue
         try:
             part = score_part(raw, position)
         except InvalidMessage as exc:
@@ -139,7 +160,8 @@ def decode_score_messages(messages: list[tuple[str, bytes]]) -> tuple[list[Score
     return blocks, refused
 
 
-def decode_streams(telemetry: list[tuple[bytes | None, bytes]], scores: list[tuple[str, bytes]]) -> Decoded:
+def decode_streams(telemetry: list[tuple[bytes | None, bytes]], scores: list[tuple[str, bytes]], trust: Trust
+                   ) -> Decoded:
     """`decode_telemetry` and `decode_score_messages` of one share of a flush: what the decoding processes
     (`sink.decode_processes`) run, each on the messages of its own devices, while the sink stores the previous
     flush. The garbage collector pauses meanwhile: decoded JSON holds no reference cycles, and the collector's
@@ -147,19 +169,21 @@ def decode_streams(telemetry: list[tuple[bytes | None, bytes]], scores: list[tup
     collecting = gc.isenabled()
     gc.disable()
     try:
-        readings, invalid = decode_telemetry(telemetry)
-        blocks, refused = decode_score_messages(scores)
+        readings, invalid, unsigned = decode_telemetry(telemetry, trust)
+        blocks, refused = decode_score_messages(scores, trust.key)
     finally:
         if collecting:
             gc.enable()
-    return Decoded(readings, invalid, blocks, refused)
+    return Decoded(readings, invalid, unsigned, blocks, refused)
 
 
 def score_part(raw: bytes, position: str) -> ScorePart:
     """A scores-topic message as a `ScorePart`: a `flead.scores/1` batch keeps its shared fields apart (the records
     are checked column-wise and merged only to become alerts), a single record is a part of one. The same
-    checks and reasons as `telemetry.schema.decode_scores`, which merges every record."""
+    checks and reasons as `telemetry.schema.decode_scores`, which merges every record (the ``signature`` is left
+    out: `decode_score_messages` verified it)."""
     msg = load_object(raw)
+    msg.pop(SIGNATURE_FIELD, None)
     if "scores" not in msg:
         return ScorePart(position, {}, [msg])
     if msg.get("schema") != SCORES_SCHEMA:
@@ -201,7 +225,8 @@ class MongoSink:
         from confluent_kafka import Consumer
 
         self.cfg = cfg
-        self.signing_key = signing_key(cfg)  # SIGNED_EVENTS are stored only with a valid signature
+        self.signing_key = signing_key(cfg)  # SIGNED_EVENTS and score batches are stored only validly signed
+        self.trust = Trust(self.signing_key, cfg.ingest.require_signed_telemetry)
         self.topic_keys = {cfg.kafka.topics[key]: key for key in topics}
         self.consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": group_id,
                                   "auto.offset.reset": "earliest", "enable.auto.commit": False,
@@ -297,13 +322,14 @@ class MongoSink:
             except SchemaViolation as exc:
                 self._refuse(batch, position, topic, str(exc), raw, record.get("device_id"))
         results = (self._decoded(decoding, shares_to_decode) if pool
-                   else [decode_streams(telemetry[0], scores[0])])
+                   else [decode_streams(telemetry[0], scores[0], self.trust)])
         scores_topic = self.cfg.kafka.topics.scores
         for decoded in results:
             batch.readings += decoded.readings
             batch.scores += decoded.scores
             # the stream job dead-letters invalid telemetry (and so refuses to score it): only counted here
             self.stats["telemetry_invalid"] += decoded.telemetry_invalid
+            self.stats["telemetry_refused"] += decoded.telemetry_refused
             for refusal in decoded.refused:
                 self._refuse(batch, refusal.letter_id, scores_topic, refusal.reason, refusal.raw, refusal.device_id)
         return batch
@@ -313,7 +339,7 @@ class MongoSink:
         if self.decoder is None:
             return []
         try:
-            return [self.decoder.submit(decode_streams, t, s) for t, s in shares]
+            return [self.decoder.submit(decode_streams, t, s, self.trust) for t, s in shares]
         except BrokenProcessPool:
             return None
 
@@ -339,7 +365,7 @@ class MongoSink:
             self.decoder = ProcessPoolExecutor(self.cfg.sink.decode_processes, mp_context=context,
                                                initializer=processes.exit_with_parent)
             for _ in range(self.cfg.sink.decode_processes):  # each starts (imports, about a second) while the
-                self.decoder.submit(decode_streams, [], [])  # consumer group forms, not at the first flush
+                self.decoder.submit(decode_streams, [], [], self.trust)  # group forms, not at the first flush
         return self.decoder
 
     # --- storing ----------------------------------------------------------------------------------------------

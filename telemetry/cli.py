@@ -19,7 +19,8 @@ DEFAULT_PATHS = {
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("produce", help="replay a data set into the telemetry topic",
-                              description="Replay readings into kafka.topics.telemetry (key = device_id).")
+                              description="Replay readings into kafka.topics.telemetry (key = device_id), each message "
+                                          "signed with its device's token (derived from integrity.key).")
     p.add_argument("--format", required=True, choices=["asd", "csv", "nab", "nsl-kdd", "intel-lab", "netload"],
                    help=FORMAT_HELP)
     p.add_argument("--path", help="input file or folder (default: the reference data or synthetic sample of the format)")
@@ -65,6 +66,7 @@ def _say(line: str) -> None:
 
 
 def run_produce(args, cfg) -> int:
+    from models.integrity import signing_key
     from telemetry.producer import order_by_time, produce, producer_config
     from telemetry.readers import ReaderError, open_reader
 
@@ -77,8 +79,8 @@ def run_produce(args, cfg) -> int:
         reader = open_reader(args.format, path, skip_bad=args.skip_bad, **options)
         readings = order_by_time(reader) if args.order == "time" else reader
         _say(f"producing {args.format} from {path} to {topic} on {cfg.kafka_bootstrap} (batch {batch})")
-        result = produce(readings, topic, producer_config(cfg), batch=batch, rate=args.rate, speedup=args.speedup,
-                         loop=args.loop, start=args.start, limit=args.limit,
+        result = produce(readings, topic, producer_config(cfg), key=signing_key(cfg), batch=batch, rate=args.rate,
+                         speedup=args.speedup, loop=args.loop, start=args.start, limit=args.limit,
                          max_batch_delay_s=cfg.ingest.max_batch_delay_ms / 1000,
                          progress=_say, progress_interval_s=cfg.ingest.progress_interval_s)
     except (ReaderError, OSError, ValueError) as exc:  # OSError includes ConnectionError

@@ -3,8 +3,9 @@
 Key = device_id, so one device's readings stay on one partition, in order. The producer is idempotent
 (``enable.idempotence``): retries neither duplicate nor reorder messages. With ``batch`` > 1 each message carries
 up to ``batch`` consecutive readings of ONE device (`telemetry.schema.encode_batch`); a partial batch is sent when it
-has waited ``max_batch_delay_s`` (paced replay) or at the end. Delivery failures are counted and reported, never
-dropped silently.
+has waited ``max_batch_delay_s`` (paced replay) or at the end. Each message is signed with its device's token
+(`models.integrity.sign_device_message`), derived from the deployment's key: the replay runs where the key is.
+Delivery failures are counted and reported, never dropped silently.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from models.integrity import sign_device_message
 from telemetry.schema import Reading, encode_batch, encode_reading
 
 MAX_KEPT_ERRORS = 10
@@ -124,12 +126,15 @@ class _Pacer:
         return self.start + self.event_ms / 1000.0 / self.speedup
 
 
-def produce(readings: Iterable[Reading], topic: str, config: dict, *, batch: int = 1, rate: float | None = None,
+def produce(readings: Iterable[Reading], topic: str, config: dict, *, key: bytes | None, batch: int = 1,
+            rate: float | None = None,
             speedup: float | None = None, loop: bool = False, start: int = 0, limit: int | None = None,
             max_batch_delay_s: float = 0.5, progress: Callable[[str], None] | None = None,
             progress_interval_s: float = 2.0, producer=None) -> ProduceResult:
     """Send ``readings`` to ``topic``; returns the counts once every message is acknowledged (or failed).
 
+    key: the deployment's signing key (`models.integrity.signing_key`): each message is signed with its device's
+        token derived from it; None sends unsigned messages (taken only with ingest.require_signed_telemetry off).
     batch: readings per message (1 = single-reading messages). rate: readings/s; speedup: replay event time this
         many times faster than real time (neither: full speed). loop: repeat forever (see `replay`).
     start: readings to skip first; limit: stop after this many readings. progress: called with a status line
@@ -142,7 +147,7 @@ def produce(readings: Iterable[Reading], topic: str, config: dict, *, batch: int
         producer = _connected_producer(config, topic)
     pacer = _Pacer(rate, speedup) if rate is not None or speedup is not None else None
     stream = itertools.islice(replay(readings, loop), start, None if limit is None else start + limit)
-    sender = _Sender(producer, topic, batch, max_batch_delay_s)
+    sender = _Sender(producer, topic, batch, max_batch_delay_s, key)
     result = sender.result
     began = last_report = time.monotonic()
     last_count = 0
@@ -201,10 +206,11 @@ def _status(result: ProduceResult, seconds: float, recent_rate: float | None) ->
 
 
 class _Sender:
-    """Encodes readings into messages (single or per-device batches), sends them and counts delivery reports."""
+    """Encodes readings into messages (single or per-device batches), signs them with their device's token (unless
+    ``key`` is None), sends them and counts delivery reports."""
 
-    def __init__(self, producer, topic: str, batch: int, max_batch_delay_s: float):
-        self.producer, self.topic, self.batch = producer, topic, batch
+    def __init__(self, producer, topic: str, batch: int, max_batch_delay_s: float, key: bytes | None):
+        self.producer, self.topic, self.batch, self.key = producer, topic, batch, key
         self.max_batch_delay_s = max_batch_delay_s
         self.result = ProduceResult()
         self.buffers: dict[str, list[Reading]] = {}
@@ -218,6 +224,8 @@ class _Sender:
             self.result.record_failure(f"{err.name()}: {err.str()}")
 
     def _send(self, key: str, value: bytes, readings: int) -> None:
+        if self.key is not None:
+            value = sign_device_message(value, self.key, key)
         if readings == 1:
             callback = self._on_delivery
         else:

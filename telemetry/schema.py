@@ -4,6 +4,8 @@ snapshots `flead.snapshot/1`, global models `flead.global-model/1`, incidents `f
 `flead.drift/1`.
 
 The producer encodes with this module and the stream job decodes with it, so both sides agree by construction.
+Telemetry messages and score batches travel signed (`models.integrity.sign_message`: the message's last field is
+its ``signature``); the decoders here ignore that field, the consumers verify it before decoding.
 `decode_message` is on the stream job's hot path: it parses with orjson when installed (falling back to the
 standard library for the non-standard ``NaN``/``Infinity`` tokens the contract accepts) and checks every field,
 raising `InvalidMessage` with a reason a person can act on.
@@ -26,6 +28,8 @@ from itertools import chain, islice
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
+
+from models.integrity import SIGNATURE_FIELD
 
 try:
     import orjson
@@ -114,12 +118,14 @@ def encode_scores(device_id: str, model_version: int, global_version: int, score
 
 def decode_scores(raw: bytes | str) -> list[dict]:
     """The complete score records (``device_id`` … ``scored_at`` each) of one scores-topic message: a batch from
-    `encode_scores`, or a single record. Field values are checked where they are stored (storage.schemas).
+    `encode_scores`, or a single record; its ``signature`` (verified by the consumer) is left out. Field values
+    are checked where they are stored (storage.schemas).
 
     >>> decode_scores(encode_scores("omi-1", 4, 2, 1706659200450, [{"seq": 17, "score": 0.8}]))
     [{'device_id': 'omi-1', 'model_version': 4, 'global_version': 2, 'scored_at': 1706659200450, 'seq': 17, 'score': 0.8}]
     """
     msg = load_object(raw)
+    msg.pop(SIGNATURE_FIELD, None)
     if "scores" not in msg:
         return [msg]
     if msg.get("schema") != SCORES_SCHEMA:

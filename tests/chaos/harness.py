@@ -21,6 +21,7 @@ from unittest import mock
 import numpy as np
 
 from config import PROJECT_ROOT, Config, load_config
+from models.integrity import signing_key
 from services import processes
 from services.service import read_spec
 from telemetry import producer as telemetry_producer
@@ -263,7 +264,8 @@ class Feed:
             # `flead produce`'s 30 s to answer again on a loaded machine.
             with mock.patch.object(telemetry_producer, "FLUSH_TIMEOUT_S", RESTART_WITHIN_S):
                 holder["result"] = produce(sent_as_they_go(), cfg.kafka.topics.telemetry, producer_config(cfg),
-                                           batch=MESSAGE_BATCH, rate=RATE, max_batch_delay_s=0.05)
+                                           key=signing_key(cfg), batch=MESSAGE_BATCH, rate=RATE,
+                                           max_batch_delay_s=0.05)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()

@@ -200,7 +200,7 @@ def test_forged_global_models_are_refused_by_the_stream_and_devices_keep_theirs(
     }
     messages = honest + [value for value, _ in forged.values()]
     send_raw(cfg, "global_model", messages)
-    produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=16)
+    produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg), batch=16)
 
     run_bounded(tmp_path)
 

@@ -1,6 +1,7 @@
 """Replay into the real broker and read it back: every reading exactly once, in order per device."""
 import pytest
 
+from models.integrity import device_message_problem, signing_key
 from telemetry.consumer import consume, iter_messages
 from telemetry.producer import produce, producer_config
 from telemetry.readers import open_reader
@@ -16,7 +17,7 @@ def test_asd_test_set_replayed_at_full_speed_arrives_exactly_once_in_order(cfg, 
     for r in reader:
         expected.setdefault(r.device_id, []).append(r)
     topic = cfg.kafka.topics.telemetry
-    result = produce(reader, topic, producer_config(cfg), batch=batch)
+    result = produce(reader, topic, producer_config(cfg), key=signing_key(cfg), batch=batch)
     assert result.failed == 0, result.errors
     assert result.readings == result.delivered_readings == 12 * 4320
 
@@ -25,6 +26,7 @@ def test_asd_test_set_replayed_at_full_speed_arrives_exactly_once_in_order(cfg, 
                              timeout_s=30):
         readings = decode_message(msg.value())
         assert {r.device_id for r in readings} == {msg.key().decode()}
+        assert device_message_problem(msg.value(), signing_key(cfg), msg.key().decode()) is None
         assert partition_of.setdefault(msg.key(), msg.partition()) == msg.partition()  # one device, one partition
         for r in readings:
             received.setdefault(r.device_id, []).append(r)
@@ -39,7 +41,7 @@ def test_asd_test_set_replayed_at_full_speed_arrives_exactly_once_in_order(cfg, 
 def test_wrong_bootstrap_fails_fast_with_a_clear_error(cfg):
     config = producer_config(cfg, **{"bootstrap.servers": "127.0.0.1:1"})
     with pytest.raises(ConnectionError, match="no Kafka broker answers at 127.0.0.1:1"):
-        produce([], cfg.kafka.topics.telemetry, config)
+        produce([], cfg.kafka.topics.telemetry, config, key=None)
 
 
 def test_flead_produce_and_consume_commands(cfg, capsys):

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config import load_config
 from http_receivers import wait_for
+from models.integrity import sign_message, signing_key
 from monitoring.records import sample_incident
 from telemetry.schema import decode_feedback
 from spark_jobs.api import create_app
@@ -51,7 +52,7 @@ def send_scores(cfg, device: str, seqs: range, anomalous=lambda seq: False) -> N
                "is_anomaly": anomalous(s), "top_metrics": [{"metric": "m0", "share": 1.0}], "label": 0}
               for s in seqs]
     producer.produce(cfg.kafka.topics.scores, key=device.encode(),
-                     value=encode_scores(device, 2, 1, 1_700_000_000_000, scores))
+                     value=sign_message(encode_scores(device, 2, 1, 1_700_000_000_000, scores), signing_key(cfg)))
     assert producer.flush(10) == 0
 
 

@@ -63,7 +63,8 @@ class Fleet:
         for d in devices:
             batch, self.queues[d] = batch + self.queues[d][:n], self.queues[d][n:]
         assert batch, "the ASD slice ran out of readings"
-        assert produce(batch, self.cfg.kafka.topics.telemetry, producer_config(self.cfg), batch=16).failed == 0
+        assert produce(batch, self.cfg.kafka.topics.telemetry, producer_config(self.cfg), key=signing_key(self.cfg),
+                       batch=16).failed == 0
         self.sent += len(batch)
 
     def caught_up(self) -> list[dict]:

@@ -13,7 +13,8 @@ import pytest
 from confluent_kafka import Producer
 
 from config import PROJECT_ROOT, load_config
-from models.integrity import sign_record, signing_key, verify_record, wire_form
+from models.integrity import (sign_device_message, sign_message, sign_record, signing_key, verify_record,
+                              wire_form)
 from orchestration import stack as local_stack
 from services import processes
 from storage.buckets import SCORE_COLUMNS, unpack_columns
@@ -33,11 +34,17 @@ def _score(device, seq, anomaly=False, **change):
             "incident_id": f"{device}:{seq}" if anomaly else None, **change}
 
 
-def _batch_message(records):
-    """One scores-topic message as the stream job sends it: one device's micro-batch."""
+def _batch_message(cfg, records):
+    """One scores-topic message as the stream job sends it: one device's micro-batch, signed."""
     first = records[0]
-    return encode_scores(first["device_id"], first["model_version"], first["global_version"], first["scored_at"],
-                         [{k: v for k, v in r.items() if k not in SHARED} for r in records])
+    return sign_message(encode_scores(first["device_id"], first["model_version"], first["global_version"],
+                                      first["scored_at"], [{k: v for k, v in r.items() if k not in SHARED}
+                                                           for r in records]), signing_key(cfg))
+
+
+def _telemetry(cfg, device, readings):
+    """One telemetry message as the device sends it: signed with its token."""
+    return sign_device_message(encode_batch(device, readings), signing_key(cfg), device)
 
 
 def _fast(cfg, **env):
@@ -56,19 +63,20 @@ def _rollup_total(store, key, field="n"):
 
 def test_sink_stores_each_record_once_and_dead_letters_bad_ones(cfg, store):
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
-    topics = cfg.kafka.topics
+    topics, key = cfg.kafka.topics, signing_key(cfg)
     for seq in range(0, 300, 10):
         # every score twice (at-least-once delivery must still give one copy): as the stream job sends them
         # (batches of one device's records) and as single records
         batch = [_score("d1", s, anomaly=s % 50 == 0) for s in range(seq, seq + 10)]
-        producer.produce(topics.scores, key="d1", value=_batch_message(batch))
+        producer.produce(topics.scores, key="d1", value=_batch_message(cfg, batch))
         for record in batch:
-            producer.produce(topics.scores, key="d1", value=json.dumps(record))
-    producer.produce(topics.scores, key="d1", value=b"{not json")
-    producer.produce(topics.scores, key="d1", value=b'{"schema": "flead.scores/1", "scores": "none"}')
-    producer.produce(topics.scores, key="d1", value=json.dumps({**_score("d1", 999), "score": "high"}))
+            producer.produce(topics.scores, key="d1", value=sign_message(json.dumps(record).encode(), key))
+    producer.produce(topics.scores, key="d1", value=sign_message(b"{not json}", key))
+    producer.produce(topics.scores, key="d1", value=sign_message(b'{"schema": "flead.scores/1", "scores": "none"}', key))
+    producer.produce(topics.scores, key="d1", value=sign_message(json.dumps({**_score("d1", 999), "score": "high"})
+                                                                 .encode(), key))
     readings = [Reading("d1", seq, 1_700_000_000_000 + seq, {"m00": 0.1, "m01": float("nan")}) for seq in range(100)]
-    producer.produce(topics.telemetry, key="d1", value=encode_batch("d1", readings))
+    producer.produce(topics.telemetry, key="d1", value=_telemetry(cfg, "d1", readings))
     producer.produce(topics.telemetry, key="d1", value=b"garbage")
     assert producer.flush(30) == 0
 
@@ -97,7 +105,7 @@ def test_replaying_in_other_batchings_leaves_one_copy_of_each_reading(cfg, store
     def send(size, start=0):
         for device, recs in records.items():
             for i in range(start, len(recs), size):
-                producer.produce(cfg.kafka.topics.scores, key=device, value=_batch_message(recs[i:i + size]))
+                producer.produce(cfg.kafka.topics.scores, key=device, value=_batch_message(cfg, recs[i:i + size]))
         assert producer.flush(30) == 0
 
     send(16)
@@ -118,7 +126,7 @@ def test_replaying_in_other_batchings_leaves_one_copy_of_each_reading(cfg, store
 def test_identical_bad_messages_are_each_kept_once(cfg, store):
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
     for _ in range(109):
-        producer.produce(cfg.kafka.topics.scores, key="x", value=b"{oops")
+        producer.produce(cfg.kafka.topics.scores, key="x", value=sign_message(b"{oops}", signing_key(cfg)))
         producer.produce(cfg.kafka.topics.dead_letters, value=json.dumps(
             {"schema": "flead.dead-letter/1", "source": "flead.telemetry", "reason": "missing field 'ts'",
              "raw": "{}", "device_id": None, "at": 1}))
@@ -148,12 +156,12 @@ def test_a_non_finite_score_is_one_dead_letter_and_the_batch_is_written_whole(cf
         batch = [_score("n1", s) for s in range(start, start + 16)]
         if start == 320:
             batch[3]["score"] = float("nan")  # a NaN token in the JSON
-            producer.produce(cfg.kafka.topics.scores, key="n1", value=json.dumps(
+            producer.produce(cfg.kafka.topics.scores, key="n1", value=sign_message(json.dumps(
                 {"schema": "flead.scores/1", "device_id": "n1", "model_version": 1, "global_version": 0,
                  "scored_at": 1, "scores": [{k: v for k, v in r.items() if k not in SHARED} for r in batch]},
-                allow_nan=True))
+                allow_nan=True).encode(), signing_key(cfg)))
             continue
-        producer.produce(cfg.kafka.topics.scores, key="n1", value=_batch_message(batch))
+        producer.produce(cfg.kafka.topics.scores, key="n1", value=_batch_message(cfg, batch))
     assert producer.flush(30) == 0
 
     stats = MongoSink(_fast(cfg, FLEAD_SINK_FLUSH_INTERVAL_MS="5000")).run(until_idle_s=2.0)
@@ -171,11 +179,11 @@ def test_timestamps_that_would_overflow_roll_ups_are_dead_letters_and_rebuild_su
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
     extreme = -(2**63 - 1)
     producer.produce(cfg.kafka.topics.scores, key="t1", value=_batch_message(
-        [_score("t1", 0), _score("t1", 1, ts=extreme), _score("t1", 2)]))
-    producer.produce(cfg.kafka.topics.telemetry, key="t1", value=encode_batch(
-        "t1", [Reading("t1", 0, 1_706_659_200_000, {"a": 1.0}), Reading("t1", 1, extreme, {"a": 2.0})]))
-    producer.produce(cfg.kafka.topics.telemetry, key="t1", value=encode_batch(
-        "t1", [Reading("t1", 2, 1_706_659_260_000, {"a": 3.0})]))
+        cfg, [_score("t1", 0), _score("t1", 1, ts=extreme), _score("t1", 2)]))
+    producer.produce(cfg.kafka.topics.telemetry, key="t1", value=_telemetry(
+        cfg, "t1", [Reading("t1", 0, 1_706_659_200_000, {"a": 1.0}), Reading("t1", 1, extreme, {"a": 2.0})]))
+    producer.produce(cfg.kafka.topics.telemetry, key="t1", value=_telemetry(
+        cfg, "t1", [Reading("t1", 2, 1_706_659_260_000, {"a": 3.0})]))
     assert producer.flush(30) == 0
 
     stats = MongoSink(_fast(cfg)).run(until_idle_s=2.0)
@@ -217,6 +225,40 @@ def test_a_forged_snapshot_is_dead_lettered_and_cannot_hide_the_genuine_one(cfg,
     assert reasons == ["snapshots: bad signature: the record was altered or signed with another key",
                        "snapshots: unsigned: no 'signature' field"]
     assert stats["snapshots_refused"] == 2 and stats["local_models"] == 1
+
+
+def test_forged_scores_and_telemetry_are_dead_lettered_and_cannot_hide_the_genuine_ones(cfg, store):
+    """The sink keeps each reading's score and telemetry once per (device, seq): a forged copy sent first used to
+    take that place and the genuine one counted as `replayed`, so anyone able to write to Kafka could hide a
+    device's alerts (and readings) from storage and the dashboards."""
+    key = signing_key(cfg)
+    genuine = [_score("f1", s, anomaly=s == 3) for s in range(16)]
+    quiet = [{**r, "is_anomaly": False, "incident_id": None, "score": 0.1} for r in genuine]
+    unsigned = encode_scores("f1", 1, 0, genuine[0]["scored_at"], [{k: v for k, v in r.items() if k not in SHARED}
+                                                                   for r in quiet])
+    readings = [Reading("f1", s, 1_700_000_000_000 + s * 60_000, {"m00": 0.5}) for s in range(16)]
+    fake = [Reading("f1", s, r.ts, {"m00": 0.0}) for s, r in enumerate(readings)]
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    for value in (unsigned, sign_message(unsigned, bytes(32)),
+                  _batch_message(cfg, genuine).replace(b'"is_anomaly":true', b'"is_anomaly":false')):
+        producer.produce(cfg.kafka.topics.scores, key="f1", value=value)
+    for value in (encode_batch("f1", fake), sign_device_message(encode_batch("f1", fake), key, "f2"),
+                  sign_device_message(encode_batch("f1", fake), bytes(32), "f1")):
+        producer.produce(cfg.kafka.topics.telemetry, key="f1", value=value)
+    producer.produce(cfg.kafka.topics.scores, key="f1", value=_batch_message(cfg, genuine))
+    producer.produce(cfg.kafka.topics.telemetry, key="f1", value=_telemetry(cfg, "f1", readings))
+    assert producer.flush(30) == 0
+
+    stats = MongoSink(_fast(cfg)).run(until_idle_s=2.0)
+
+    assert _stored_seqs(store, "f1") == list(range(16)) and stats["replayed"] == 0
+    [alert] = store.find("alerts")
+    assert alert["seq"] == 3 and alert["device_id"] == "f1"
+    assert store.device_readings(["f1"])["f1"]["values"][:, 0].tolist() == [0.5] * 16
+    reasons = sorted(letter["reason"] for letter in store.find("dead_letters"))
+    assert reasons == ["scores: bad signature: the message was altered or signed with another key"] * 2 + [
+        "scores: unsigned: no 'signature' field"]
+    assert stats["scores_refused"] == 3 and stats["telemetry_refused"] == 3  # the stream job dead-letters those
 
 
 def test_incidents_keep_their_latest_state_and_drift_events_are_stored(cfg, store):
@@ -283,12 +325,13 @@ def test_the_sink_waits_out_a_mongodb_outage(cfg, tmp_path):
         sink, stopping = MongoSink(own), threading.Event()
         runner = threading.Thread(target=sink.run, kwargs={"should_stop": stopping.is_set}, daemon=True)
         runner.start()
-        producer.produce(own.kafka.topics.scores, key="o1", value=_batch_message([_score("o1", s) for s in range(50)]))
+        producer.produce(own.kafka.topics.scores, key="o1",
+                         value=_batch_message(own, [_score("o1", s) for s in range(50)]))
         producer.flush(30)
         _wait(lambda: sink.stats["predictions"] == 50)
         processes.stop(own.state_dir, local_stack.MONGO)
         producer.produce(own.kafka.topics.scores, key="o1",
-                         value=_batch_message([_score("o1", s) for s in range(50, 120)]))
+                         value=_batch_message(own, [_score("o1", s) for s in range(50, 120)]))
         producer.flush(30)
         _wait(lambda: sink.stats["mongo_retries"] >= 2)
         local_stack.start_mongo(own)
@@ -308,7 +351,8 @@ def test_roll_ups_are_exact_after_the_sink_is_killed(cfg, store):
     for start in range(0, 20_000, 16):
         device = f"k{start // 16 % 10}"
         producer.produce(cfg.kafka.topics.scores, key=device,
-                         value=_batch_message([_score(device, s, anomaly=s % 97 == 0) for s in range(start, start + 16)]))
+                         value=_batch_message(cfg, [_score(device, s, anomaly=s % 97 == 0)
+                                                    for s in range(start, start + 16)]))
     assert producer.flush(60) == 0
     env = {**os.environ, **cfg.to_env(), "FLEAD_SINK_FLUSH_INTERVAL_MS": "100", "FLEAD_SINK_MAX_BATCH_MESSAGES": "50",
            "FLEAD_ROLLUPS_GENERATION_S": "1000"}  # many small batches, no roll-up written before the kill

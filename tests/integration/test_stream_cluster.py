@@ -12,6 +12,7 @@ import time
 import pytest
 
 from config import PROJECT_ROOT, load_config
+from models.integrity import signing_key
 from services import listeners, processes
 from telemetry.consumer import iter_messages
 from telemetry.producer import produce, producer_config
@@ -36,7 +37,8 @@ def test_cluster_start_submit_score_stop(cfg, tmp_path):
         counts[r.device_id] = counts.get(r.device_id, 0) + 1
         if counts[r.device_id] <= 300:
             readings.append(r)
-    assert produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=10).failed == 0
+    assert produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg),
+                   batch=10).failed == 0
 
     env = {**os.environ, "FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_REST_PORT": str(processes.free_port())}
     job_cfg = load_config(env=env)

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from config import PROJECT_ROOT, Config, load_config
 from isolation import fresh_config
 from http_receivers import FAST_RETRIES, Alertmanager, RecordingReceiver, Running, wait_for
+from models.integrity import sign_device_message, signing_key
 from monitoring.router import IncidentRouter
 from services import processes
 from spark_jobs.api import create_app
@@ -74,11 +75,12 @@ class StreamJob:
         X += np.random.default_rng([first, len(device)]).normal(0, NOISE, X.shape)
         if spike is not None:
             X[at, METRICS.index(spike)] += SPIKE
-        producer = Producer({"bootstrap.servers": self.cfg.kafka_bootstrap, "linger.ms": 5})
+        producer, key = Producer({"bootstrap.servers": self.cfg.kafka_bootstrap, "linger.ms": 5}), signing_key(self.cfg)
         for start in range(0, n, MESSAGE):
             readings = [Reading(device, int(seqs[i]), T0 + int(seqs[i]) * 1000, dict(zip(METRICS, X[i].tolist())))
                         for i in range(start, min(start + MESSAGE, n))]
-            producer.produce(self.cfg.kafka.topics.telemetry, key=device.encode(), value=encode_batch(device, readings))
+            producer.produce(self.cfg.kafka.topics.telemetry, key=device.encode(),
+                             value=sign_device_message(encode_batch(device, readings), key, device))
         assert producer.flush(10) == 0
         self.next_seq[device] = first + n
         return first + at

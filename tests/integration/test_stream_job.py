@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from models.detector import DeviceDetector
+from models.integrity import sign_device_message, signing_key, verify_message
 from models.serialization import dumps, loads, from_b64, to_b64
 from services import processes
 from config import load_config
 from stream_support import (JOB, JOB_TIMEOUT_S, asd_slice, global_model_message, read_topic, records, run_bounded,
                             send_raw)
+from telemetry.consumer import iter_messages
 from telemetry.producer import produce, producer_config
 from telemetry.schema import Reading, encode_reading
 
@@ -37,15 +39,24 @@ def by_id(scores: list[dict]) -> dict[tuple[str, int], list[dict]]:
 def test_replay_scores_every_reading_once_dead_letters_bad_messages_and_learns(cfg, tmp_path):
     anomalous = asd_slice(cfg, "test", 3, READINGS_PER_DEVICE)
     normal = asd_slice(cfg, "train", 2, READINGS_PER_DEVICE, rename="train-")
-    bad = [b"not json at all", b'{"schema": "flead.telemetry/1", "device_id": "omi-1", "seq": 1, "metrics": {"m00": 1}}',
-           b'{"schema": "flead.telemetry/1", "device_id": "x", "seq": 1, "ts": 5, "metrics": {"m00": "high"}}']
-    bad.append(b'{"schema": "flead.telemetry/1", "device_id": "y", "seq": 1, "ts": 5, "metrics": {"m00": 1}}')
+    key = signing_key(cfg)
+    # broken messages of device "bad", signed with its token (the one that is no JSON object cannot be)
+    bad = [b"not json at all"] + [sign_device_message(m, key, "bad") for m in (
+        b'{"schema": "flead.telemetry/1", "device_id": "omi-1", "seq": 1, "metrics": {"m00": 1}}',
+        b'{"schema": "flead.telemetry/1", "device_id": "x", "seq": 1, "ts": 5, "metrics": {"m00": "high"}}',
+        b'{"schema": "flead.telemetry/1", "device_id": "y", "seq": 1, "ts": 5, "metrics": {"m00": 1}}')]
+    # a forged, unsigned reading far ahead: taken, it would make the device's later readings duplicates
+    victim = anomalous[-1].device_id
+    forged = encode_reading(Reading(victim, 10**12, anomalous[-1].ts, {"m00": 0.5}))
     # a device whose second message brings a metric its model was not created with: scored on the others
     grown = [Reading("grown-1", 0, 5, {"m00": 1.0}), Reading("grown-1", 1, 6, {"m00": 2.0, "zz": 3.0})]
-    produce(anomalous[:2000], cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
+    produce(anomalous[:2000], cfg.kafka.topics.telemetry, producer_config(cfg), key=key, batch=10)
     send_raw(cfg, "telemetry", bad)
-    send_raw(cfg, "telemetry", [encode_reading(r) for r in grown], key=b"grown-1")
-    result = produce(anomalous[2000:] + normal, cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
+    send_raw(cfg, "telemetry", [forged], key=victim.encode())
+    send_raw(cfg, "telemetry", [sign_device_message(encode_reading(r), key, "grown-1") for r in grown],
+             key=b"grown-1")
+    result = produce(anomalous[2000:] + normal, cfg.kafka.topics.telemetry, producer_config(cfg), key=key,
+                     batch=10)
     assert result.failed == 0
 
     started = time.monotonic()
@@ -64,16 +75,21 @@ def test_replay_scores_every_reading_once_dead_letters_bad_messages_and_learns(c
 
     dead = read_topic(cfg, "dead_letters")
     reasons = sorted(d["reason"] for d in dead)
-    assert len(dead) == 5 and {d["source"] for d in dead} == {cfg.kafka.topics.telemetry}
+    assert len(dead) == 6 and {d["source"] for d in dead} == {cfg.kafka.topics.telemetry}
     assert reasons[0] == "device_id 'y' under the Kafka key 'bad'"
     assert reasons[1] == ("metrics zz are not in the device's model (created with 1 metrics): their values are "
                           "ignored, the others scored")
     assert reasons[2] == "metrics.m00: expected a number, got str"
-    assert reasons[3] == "missing field 'ts'" and reasons[4].startswith("not JSON")
+    assert reasons[3] == "missing field 'ts'"
+    assert all(r.startswith("unsigned: no 'signature' field") for r in reasons[4:])  # "not json at all", forged
+    assert {d["device_id"] for d in dead if d["reason"].startswith("unsigned")} == {"bad", victim}
 
     alerts = read_topic(cfg, "alerts")
     flagged = [copies[0] for copies in scores.values() if copies[0]["is_anomaly"]]
     assert len(alerts) == len(flagged) > 0
+    signed = [m.value() for topic in ("scores", "alerts") for m in iter_messages(
+        cfg.kafka_bootstrap, cfg.kafka.topics[topic], from_beginning=True, timeout_s=3.0)]
+    assert signed and all(verify_message(value, key) is None for value in signed)  # what the sink will take
 
     for device in {r.device_id for r in normal}:
         ordered = [scores[(device, seq)][0]["score"] for seq in range(READINGS_PER_DEVICE)]
@@ -102,7 +118,7 @@ def test_global_models_are_adopted_by_version_and_cluster_and_poison_is_refused(
     send_raw(cfg, "global_model", [global_model_message(weights, 7),
                                    global_model_message(weights, 8, cluster=1, assignments={"omi-10": 1}),
                                    json.dumps(poisoned).encode(), json.dumps(forged).encode()])
-    produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=10)
+    produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg), batch=10)
 
     run_bounded(tmp_path)
 
@@ -251,7 +267,8 @@ def test_a_partial_micro_batch_is_scored_when_the_device_goes_quiet(cfg, tmp_pat
             assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.5)
-        produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), batch=cfg.stream.micro_batch_size)
+        produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg),
+                batch=cfg.stream.micro_batch_size)
         sent = time.monotonic()
         scores, counted = [], None
         while (len(scores) < partial or counted != partial) and time.monotonic() < sent + 15:

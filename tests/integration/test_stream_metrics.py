@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config import PROJECT_ROOT, load_config
 from http_receivers import wait_for
+from models.integrity import sign_device_message, signing_key
 from services import processes
 from spark_jobs.api import create_app
 from storage.sink import MongoSink
@@ -33,14 +34,15 @@ MESSAGE = 16
 def send_readings(cfg, start: int, n: int) -> None:
     """`n` readings per device from `start` on, in 16-reading messages keyed by device."""
     rng = np.random.default_rng(start)
-    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": 5})
+    producer, key = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "linger.ms": 5}), signing_key(cfg)
     t0 = int(time.time() * 1000) - 3_600_000  # within stream.timestamp_window_s of now
     for device in (f"met-{i}" for i in range(DEVICES)):
         for first in range(start, start + n, MESSAGE):
             readings = [Reading(device, seq, t0 + seq * 1000,
                                 {f"m{j}": float(v) for j, v in enumerate(rng.normal(0.5, 0.05, 4))})
                         for seq in range(first, min(first + MESSAGE, start + n))]
-            producer.produce(cfg.kafka.topics.telemetry, key=device.encode(), value=encode_batch(device, readings))
+            producer.produce(cfg.kafka.topics.telemetry, key=device.encode(),
+                             value=sign_device_message(encode_batch(device, readings), key, device))
     assert producer.flush(10) == 0
 
 

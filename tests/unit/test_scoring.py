@@ -8,7 +8,8 @@ import pytest
 
 from models import secure_aggregation as secagg
 from models.detector import DetectorSettings, DeviceDetector
-from models.integrity import AGGREGATOR_ISSUER, sign_record, verify_record
+from models.integrity import (AGGREGATOR_ISSUER, sign_device_message, sign_message, sign_record, verify_message,
+                              verify_record)
 from models.serialization import dumps, from_b64, loads, to_b64
 from scoring.broadcasts import FLEET, Broadcasts, GlobalModel, GlobalModels, global_model_of
 from scoring.feedback import FeedbackSettings
@@ -37,7 +38,7 @@ def options(**overrides) -> StreamOptions:
     values = dict(micro_batch_size=4, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
                   telemetry_topic="t.telemetry",
                   global_model_topic="t.global", feedback_topic="t.feedback", max_version_gap=10,
-                  secure_aggregation=False, feedback=FEEDBACK_SETTINGS)
+                  secure_aggregation=False, feedback=FEEDBACK_SETTINGS, require_signed_telemetry=True)
     return StreamOptions(**{**values, **overrides})
 
 
@@ -45,11 +46,13 @@ def scoring_with(settings, **overrides) -> StreamScoring:
     return StreamScoring(settings, options(**overrides)).use_key(KEY)
 
 
-def message(device: str, first_seq: int, n: int, values=None, names=METRICS) -> bytes:
+def message(device: str, first_seq: int, n: int, values=None, names=METRICS, key=KEY) -> bytes:
+    """A telemetry batch as a device sends it: signed with its token (derived from `key`; None: unsigned)."""
     rng = np.random.default_rng(first_seq)
     rows = values if values is not None else rng.normal(0.5, 0.05, size=(n, len(names)))
-    return encode_batch(device, [Reading(device, first_seq + i, 1_000 * (first_seq + i),
-                                         dict(zip(names, map(float, row))), label=0) for i, row in enumerate(rows)])
+    encoded = encode_batch(device, [Reading(device, first_seq + i, 1_000 * (first_seq + i),
+                                            dict(zip(names, map(float, row))), label=0) for i, row in enumerate(rows)])
+    return encoded if key is None else sign_device_message(encoded, key, device)
 
 
 def columns(device: str, first_seq: int, n: int, **kw):
@@ -79,12 +82,35 @@ def run(scoring: StreamScoring, device: str, n_messages: int, per_message: int =
 def test_parse_refuses_a_message_under_another_devices_key(settings):
     scoring = scoring_with(settings)
     assert scoring.parse(message("a", 0, 2), "a").device_id == "a"
-    with pytest.raises(InvalidMessage) as err:
-        scoring.parse(message("a", 0, 2), "b")
+    with pytest.raises(InvalidMessage) as err:  # signed by device b, but with a's readings
+        scoring.parse(sign_device_message(message("a", 0, 2, key=None), KEY, "b"), "b")
     out = scoring.refused(b"raw", err.value)
     letter = json.loads(out.dead_letters[0])
     assert letter["reason"] == "device_id 'a' under the Kafka key 'b'" and letter["source"] == "t.telemetry"
     assert letter["device_id"] == "a" and out.counts == {"dead_letters": 1}
+
+
+def test_parse_takes_only_telemetry_signed_with_the_devices_token(settings):
+    scoring = scoring_with(settings)
+    forged = [("unsigned", message("a", 0, 2, key=None), "unsigned: no 'signature' field (devices sign"),
+              ("another key", message("a", 0, 2, key=bytes(32)), "bad signature: the message was altered"),
+              ("another device's token", sign_device_message(message("a", 0, 2, key=None), KEY, "b"), "bad sig"),
+              ("the deployment key", sign_message(message("a", 0, 2, key=None), KEY), "bad signature"),
+              ("altered", message("a", 0, 2).replace(b'"seq":1', b'"seq":9'), "bad signature"),
+              ("garbage", b"not json", "unsigned")]
+    for what, raw, reason in forged:
+        with pytest.raises(InvalidMessage) as err:
+            scoring.parse(raw, "a")
+        out = scoring.refused(raw, err.value)
+        letter = json.loads(out.dead_letters[0])
+        assert letter["reason"].startswith(reason) and letter["device_id"] == "a", what
+        assert out.counts == {"dead_letters": 1, "telemetry_refused": 1}, what
+
+    lenient = scoring_with(settings, require_signed_telemetry=False)  # producers from before signing
+    assert lenient.parse(message("a", 0, 2, key=None), "a").seqs == [0, 1]
+    assert lenient.parse(message("a", 0, 2), "a").seqs == [0, 1]
+    with pytest.raises(InvalidMessage, match="bad signature"):  # a bad signature is refused either way
+        lenient.parse(message("a", 0, 2, key=bytes(32)), "a")
 
 
 def test_buffer_scores_full_messages_at_once_and_collects_partial_ones(settings):
@@ -118,6 +144,9 @@ def test_score_emits_one_scores_record_per_batch_alerts_and_snapshots(settings):
     state, out = scoring.score(state, "a", [columns("a", 120, 4, values=spike)], Broadcasts(), 2_000)
     alerts = [json.loads(a) for a in out.alerts]
     assert [a["seq"] for a in alerts] == [122] and alerts[0]["top_metrics"][0]["metric"] == "disk"
+    signed = [raw.encode() for raw in (*out.scores, *out.alerts, *(s for e in emitted for s in e.scores))]
+    assert all(verify_message(raw, KEY) is None for raw in signed)  # the sink stores only these
+    assert all("signature" not in record for raw in out.scores for record in decode_scores(raw))
     assert alerts[0]["model_version"] == 3 and out.counts["anomalies"] == 1
 
 

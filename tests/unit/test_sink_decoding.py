@@ -4,13 +4,18 @@ import json
 
 import numpy as np
 
+import pytest
+
+from models.integrity import sign_device_message, sign_message
 from storage.buckets import SCORE_COLUMNS
-from storage.sink import decode_streams
+from storage.sink import Trust, decode_streams
 from telemetry.schema import Reading, encode_batch, encode_scores
 
 from fakes import KafkaMessage
 
 SHARED = ("device_id", "model_version", "global_version", "scored_at")
+KEY = bytes(range(32))
+TRUST = Trust(KEY, require_signed_telemetry=True)
 
 
 def _messages(device, first, n):
@@ -19,7 +24,8 @@ def _messages(device, first, n):
     scores = [{"seq": s, "ts": 1_700_000_000_000 + s * 1000, "score": 0.5 + (s == first), "threshold": 1.0,
                "is_anomaly": s == first, "p_value": 0.5, "incident_id": f"{device}:{s}" if s == first else None,
                "top_metrics": [{"metric": "a", "share": 1.0}], "label": s % 2} for s in range(first, first + n)]
-    return encode_batch(device, readings), encode_scores(device, 2, 1, 9, scores)
+    return (sign_device_message(encode_batch(device, readings), KEY, device),  # as the device sends it
+            sign_message(encode_scores(device, 2, 1, 9, scores), KEY))         # as the stream job does
 
 
 def _flush():
@@ -40,15 +46,16 @@ def _by_device(decoded):
 
 def test_one_block_per_device_whatever_the_split():
     telemetry, scores = _flush()
-    whole = decode_streams(telemetry, scores)
+    whole = decode_streams(telemetry, scores, TRUST)
     assert len(whole.readings) == 2 and len(whole.scores) == 2 and whole.refused == [] and whole.telemetry_invalid == 0
+    assert whole.telemetry_refused == 0
     readings, blocks = _by_device(whole)
     assert readings["d1"][2] == list(range(48)) and readings["d1"][3] == [s % 2 for s in range(48)]
     assert readings["d1"][1][0] == [0.0, -7.0]  # null -> nan
     assert blocks["d1"][0]["seq"] == list(range(48)) and blocks["d1"][1] == [0, 16, 32]  # alert rows
     # what two decoding processes return, each its share of the devices, merged by the sink
-    d1 = decode_streams(telemetry[0::2], scores[0::2])
-    d2 = decode_streams(telemetry[1::2], scores[1::2])
+    d1 = decode_streams(telemetry[0::2], scores[0::2], TRUST)
+    d2 = decode_streams(telemetry[1::2], scores[1::2], TRUST)
     assert _by_device(d1)[0] | _by_device(d2)[0] == readings and _by_device(d1)[1] | _by_device(d2)[1] == blocks
 
 
@@ -57,17 +64,57 @@ def test_bad_messages_and_records_each_get_a_refusal_with_their_position():
     telemetry.append((b"d1", b"{not json"))
     telemetry.append((b"other-key", telemetry[0][1]))
     record = json.loads(scores[1][1])
+    del record["signature"]
     record["scores"][3]["score"] = "high"
-    scores[1] = (scores[1][0], json.dumps(record).encode())
+    scores[1] = (scores[1][0], sign_message(json.dumps(record).encode(), KEY))
     scores.append(("scores:0:99", b"[1, 2]"))
-    decoded = decode_streams(telemetry, scores)
+    scores.append(("scores:0:100", sign_message(b'{"schema": "flead.scores/1", "scores": "none"}', KEY)))
+    decoded = decode_streams(telemetry, scores, TRUST)
     assert decoded.telemetry_invalid == 2
     refused = {r.letter_id: r for r in decoded.refused}
-    assert set(refused) == {"scores:0:1:3", "scores:0:99"}
+    assert set(refused) == {"scores:0:1:3", "scores:0:99", "scores:0:100"}
     assert "score" in refused["scores:0:1:3"].reason and refused["scores:0:1:3"].device_id == "d2"
-    assert "not a JSON object" in refused["scores:0:99"].reason and refused["scores:0:99"].raw == "[1, 2]"
+    assert refused["scores:0:99"].reason == "unsigned: no 'signature' field" and refused["scores:0:99"].raw == "[1, 2]"
+    assert refused["scores:0:100"].reason == "scores: expected a list of objects"
     _, blocks = _by_device(decoded)
     assert 3 not in blocks["d2"][0]["seq"] and len(blocks["d2"][0]["seq"]) == 31
+
+
+def _forged(flush):
+    """Copies of the flush's first messages (device d1, seqs 0-15) with other values: unsigned, altered after
+    signing, or signed with another key."""
+    telemetry, scores = flush
+    unsigned_t = telemetry[0][1][:telemetry[0][1].rindex(b',"signature":"')] + b"}"
+    unsigned_s = scores[0][1][:scores[0][1].rindex(b',"signature":"')] + b"}"
+    return ([(b"d1", unsigned_t.replace(b'"a":0.0', b'"a":9.0')),
+             (b"d1", telemetry[0][1].replace(b'"a":0.0', b'"a":9.0')),
+             (b"d1", sign_device_message(unsigned_t.replace(b'"a":0.0', b'"a":9.0'), bytes(32), "d1"))],
+            [("scores:1:0", unsigned_s.replace(b'"score":1.5', b'"score":0.1')),
+             ("scores:1:1", scores[0][1].replace(b'"score":1.5', b'"score":0.1')),
+             ("scores:1:2", sign_message(unsigned_s.replace(b'"score":1.5', b'"score":0.1'), bytes(32)))])
+
+
+def test_forged_messages_are_refused_before_they_can_take_a_readings_place():
+    """The sink keeps each (device, seq) once: a forged copy decoded first would make the genuine one a replay."""
+    flush = _flush()
+    forged_telemetry, forged_scores = _forged(flush)
+    assert all(b'"a":9.0' in v for _, v in forged_telemetry) and all(b'"score":0.1' in v for _, v in forged_scores)
+    decoded = decode_streams(forged_telemetry + flush[0], forged_scores + flush[1], TRUST)
+    assert decoded.telemetry_refused == 3 and decoded.telemetry_invalid == 0
+    assert [r.reason for r in decoded.refused] == [
+        "unsigned: no 'signature' field", "bad signature: the message was altered or signed with another key",
+        "bad signature: the message was altered or signed with another key"]
+    assert [r.letter_id for r in decoded.refused] == ["scores:1:0", "scores:1:1", "scores:1:2"]
+    assert _by_device(decoded) == _by_device(decode_streams(*flush, TRUST))  # only the genuine messages
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_unsigned_telemetry_is_taken_only_when_signatures_are_not_required(required):
+    telemetry, scores = _flush()
+    forged_telemetry, _ = _forged((telemetry, scores))
+    decoded = decode_streams(forged_telemetry, [], Trust(KEY, required))
+    assert decoded.telemetry_refused == (3 if required else 2)  # a bad signature is refused either way
+    assert [b.X[0, 0] for b in decoded.readings] == ([] if required else [9.0])
 
 
 def test_a_decoding_process_that_dies_is_replaced_and_the_batch_decoded_again():
@@ -79,7 +126,8 @@ def test_a_decoding_process_that_dies_is_replaced_and_the_batch_decoded_again():
     from config import load_config
     from storage.sink import MongoSink
 
-    cfg = load_config(env={"FLEAD_KAFKA_BOOTSTRAP": "127.0.0.1:1", "FLEAD_SINK_DECODE_PROCESSES": "2"})
+    cfg = load_config(env={"FLEAD_KAFKA_BOOTSTRAP": "127.0.0.1:1", "FLEAD_SINK_DECODE_PROCESSES": "2",
+                           "FLEAD_INTEGRITY_KEY": KEY.hex()})
     telemetry, scores = _flush()
     topics = cfg.kafka.topics
     messages = ([KafkaMessage(v, k, topics.telemetry, i) for i, (k, v) in enumerate(telemetry)]

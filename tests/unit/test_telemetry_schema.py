@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from models.integrity import sign_message
 from telemetry.schema import (DEAD_LETTER_SCHEMA, MAX_DEAD_LETTER_RAW_CHARS, MAX_TS_MS, MIN_TS_MS, SCHEMA, InvalidMessage, Reading,
                               dead_letter, decode_columns, decode_message, decode_scores, encode_batch,
                               encode_reading, encode_scores)
@@ -182,6 +183,18 @@ def test_decode_columns_agrees_with_decode_message(raw):
     assert got.X.dtype == np.float64 and np.array_equal(got.X, expected[2], equal_nan=True)
 
 
+@settings(max_examples=100, deadline=None)
+@given(device_ids, st.lists(st.tuples(event_times, metrics, labels), min_size=1, max_size=5), st.booleans())
+def test_the_signature_field_is_ignored_by_every_decoder(device_id, steps, uniform):
+    batch = [Reading(device_id, seq, ts, m if not uniform else steps[0][1], label)
+             for seq, (ts, m, label) in enumerate(steps)]  # uniform: the fast path of decode_columns
+    raw = encode_batch(device_id, batch)
+    signed = sign_message(raw, bytes(32))
+    assert decode_message(signed) == decode_message(raw) == batch
+    got, expected = decode_columns(signed), decode_columns(raw)
+    assert got[:2] + got[3:] == expected[:2] + expected[3:] and np.array_equal(got.X, expected.X, equal_nan=True)
+
+
 def test_decode_columns_takes_the_union_of_differing_metric_sets():
     got = decode_columns(batch({**GOOD, "metrics": {"a": 1, "b": 2}}, {**GOOD, "seq": 2, "metrics": {"c": 3, "a": 4}}))
     assert got.names == ("a", "b", "c")
@@ -195,6 +208,8 @@ def test_score_batches_decode_to_complete_records():
         {"device_id": "omi-1", "model_version": 4, "global_version": 2, "scored_at": 99, "seq": 2, "score": None}]
     single = {"device_id": "omi-1", "seq": 3, "score": 0.1}
     assert decode_scores(json.dumps(single)) == [single]
+    assert decode_scores(sign_message(raw, bytes(32))) == decode_scores(raw)  # the signature is no record field
+    assert decode_scores(sign_message(json.dumps(single).encode(), bytes(32))) == [single]
 
 
 @pytest.mark.parametrize("raw, reason", [
