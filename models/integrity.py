@@ -11,7 +11,7 @@ Telemetry messages (`flead.telemetry/1`) and score batches (`flead.scores/1`) ar
 (`sign_message`, about a microsecond per KB, no canonical form): the message is one JSON object whose last field
 is ``"signature":"hmac-sha256:<64 hex>"``, an HMAC-SHA256 over the message without that field. The stream job
 signs score batches with the deployment's key; a device signs its telemetry with its own token
-(`device_token`, which the REST API hands out: ``POST /api/devices/{id}/token``) and never holds the key; the
+(`device_token`, which the REST API hands out: ``POST /api/device-tokens/{device_id}``) and never holds the key; the
 consumers derive the token from the key (`device_message_key`).
 
 A device adopts a verified global model only under `global_model_verdict`: issued by the aggregator, newer than
