@@ -34,6 +34,7 @@ MAX_LABEL_CHARS = 200
 REASON_CLASSES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern)) for name, pattern in (
     ("delivery_failed", r"^delivery to "),
     ("incident_invalid", r"^incident: "),
+    ("signature_refused", r"^(\w+: )?(unsigned: |bad signature: )"),
     ("not_json", r"not JSON|not a JSON object|no value \(a tombstone"),
     ("missing_field", r"missing (required )?field"),
     ("unknown_schema", r"schema"),

@@ -159,6 +159,9 @@ def test_device_selection_is_bounded_and_keeps_the_allow_list(totals, top_n, all
     ("global model refused: non-finite weights", "global_model_refused"),
     ("delivery to webhook http://x failed after 15 attempts: HTTP 503", "delivery_failed"),
     ("incident: status: expected 'open' or 'resolved', got 'x'", "incident_invalid"),
+    ("unsigned: no 'signature' field (devices sign telemetry with their token, ...)", "signature_refused"),
+    ("scores: bad signature: the message was altered or signed with another key", "signature_refused"),
+    ("snapshots: unsigned: no 'signature' field", "signature_refused"),
 ])
 def test_dead_letter_reasons_fall_into_a_few_classes(reason, klass):
     assert reason_class(reason) == klass
