@@ -40,7 +40,8 @@ def test_cluster_start_submit_score_stop(cfg, tmp_path):
     assert produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg),
                    batch=10).failed == 0
 
-    env = {**os.environ, "FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_REST_PORT": str(processes.free_port())}
+    env = {**os.environ, "FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_REST_PORT": str(processes.free_port()),
+           "FLEAD_INTEGRITY_KEY": signing_key(cfg).hex()}  # the key the readings were signed under
     job_cfg = load_config(env=env)
     started = flead("stream", "cluster-start", env=env)
     assert started.returncode == 0, started.stdout + started.stderr

@@ -185,10 +185,10 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
     readings = asd_slice(cfg, "test", 3, 1200)
     expected = {(r.device_id, r.seq) for r in readings}
     env = {"FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "1000",
-           "FLEAD_STREAM_SNAPSHOT_EVERY": "200"}
+           "FLEAD_STREAM_SNAPSHOT_EVERY": "200", "FLEAD_INTEGRITY_KEY": signing_key(cfg).hex()}  # the devices' key
     job_cfg = load_config(env={**os.environ, **env})
     producer = threading.Thread(target=produce, args=(readings, cfg.kafka.topics.telemetry, producer_config(cfg)),
-                                kwargs={"batch": 10, "rate": 100.0})
+                                kwargs={"key": signing_key(cfg), "batch": 10, "rate": 100.0})
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
     try:
         checkpoints = tmp_path / "flink" / "checkpoints"
@@ -257,7 +257,8 @@ def test_a_partial_micro_batch_is_scored_when_the_device_goes_quiet(cfg, tmp_pat
     readings = asd_slice(cfg, "test", 1, partial)
     reporter_port = processes.free_port()
     env = {"FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "1000",
-           "FLEAD_STREAM_PARALLELISM": "1", "FLEAD_METRICS_FLINK_REPORTER_PORT": str(reporter_port)}
+           "FLEAD_STREAM_PARALLELISM": "1", "FLEAD_METRICS_FLINK_REPORTER_PORT": str(reporter_port),
+           "FLEAD_INTEGRITY_KEY": signing_key(cfg).hex()}
     reporter_url = f"http://127.0.0.1:{reporter_port}/metrics"
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
     try:

@@ -61,6 +61,7 @@ def listening_addresses(port: int) -> list[str]:
 def test_metrics_move_during_a_stream_run_and_flink_reports_on_loopback(cfg, tmp_path):
     reporter_port = processes.free_port()
     env = {**cfg.to_env(), "FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_PARALLELISM": "1",
+           "FLEAD_INTEGRITY_KEY": signing_key(cfg).hex(),  # the key the devices and the sink hold
            "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "1000", "FLEAD_METRICS_FLINK_REPORTER_PORT": str(reporter_port)}
     api_cfg = load_config(env={**os.environ, "FLEAD_METRICS_CACHE_S": "0", "FLEAD_API_TOKEN": "t"})
     send_readings(cfg, 0, 320)
