@@ -8,7 +8,7 @@ the batch is stored: at-least-once delivery plus idempotent writes gives one cop
     telemetry                  →  device_data + metric_rollups   (one bucket document per device per batch;
                                                                   invalid or unsigned messages skipped: the
                                                                   stream job dead-letters them)
-    scores                     →  predictions + alerts + score/daily/fleet roll-ups   (signed batches only)
+    scores                     →  predictions + alerts + score/daily/fleet roll-ups   (signed messages only)
     incidents                  →  incidents           (by incident_id; a later state replaces an earlier one)
     drift                      →  drift_events
     snapshots                  →  local_models        (these three: validly signed records only)
