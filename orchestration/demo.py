@@ -178,8 +178,9 @@ def _start_services(cfg: Config, with_superset: bool, say) -> None:
 
 
 def _wait_for(condition, timeout: float, what: str, progress=None) -> None:
+    """Wait until `condition` holds; `progress` (if any) reports every 2 s while waiting, and once when done."""
     deadline = time.monotonic() + timeout
-    last = 0.0
+    last = time.monotonic()
     while not condition():
         if time.monotonic() > deadline:
             raise SystemExit(f"flead demo: timed out after {timeout:.0f} s waiting for {what}")
@@ -187,6 +188,8 @@ def _wait_for(condition, timeout: float, what: str, progress=None) -> None:
             progress()
             last = time.monotonic()
         time.sleep(0.2)
+    if progress:
+        progress()
 
 
 def _produce(cfg: Config, readings: list, args, sent_at: dict, say, duration: float | None = None) -> int:

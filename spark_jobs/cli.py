@@ -2,7 +2,6 @@
 `flead spark-cluster {start,stop}`."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -115,8 +114,8 @@ def cmd_api(args, cfg) -> int:
         print(f"flead api: {exc}")
         return 1
     where = "api.token" if cfg.api.token else str(cfg.state_dir / "api_token")
-    print(json.dumps({"url": f"http://{cfg.api.host}:{cfg.api.port}", "docs": f"http://{cfg.api.host}:"
-                      f"{cfg.api.port}/docs", "token": where}))
+    url = f"http://{cfg.api.host}:{cfg.api.port}"
+    print(f"api     {url} (OpenAPI docs: {url}/docs; bearer token in {where})")
     return 0
 
 
