@@ -51,6 +51,8 @@ class StreamOptions:
     """The `stream.*` settings the per-device logic uses, and the topics it names in dead letters."""
 
     micro_batch_size: int
+    backlog_micro_batch_size: int  # readings per micro-batch while behind (`buffer`)
+    backlog_lag_ms: int  # a message this long from Kafka to the scorer means the job is behind
     timestamp_window_ms: int  # 0: any event time is accepted (replays)
     snapshot_every: int
     snapshot_interval_ms: int
@@ -64,12 +66,19 @@ class StreamOptions:
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamOptions":
         stream, topics = cfg.stream, cfg.kafka.topics
-        return cls(micro_batch_size=stream.micro_batch_size, timestamp_window_ms=stream.timestamp_window_s * 1000,
+        return cls(micro_batch_size=stream.micro_batch_size,
+                   backlog_micro_batch_size=stream.backlog_micro_batch_size, backlog_lag_ms=stream.backlog_lag_ms,
+                   timestamp_window_ms=stream.timestamp_window_s * 1000,
                    snapshot_every=stream.snapshot_every,
                    snapshot_interval_ms=stream.snapshot_interval_s * 1000, telemetry_topic=topics.telemetry,
                    global_model_topic=topics.global_model, feedback_topic=topics.feedback,
                    max_version_gap=cfg.integrity.max_version_gap, secure_aggregation=cfg.privacy.secure_aggregation,
                    feedback=FeedbackSettings.from_config(cfg))
+
+    def __post_init__(self):
+        if self.backlog_micro_batch_size < self.micro_batch_size:
+            raise ValueError(f"stream.backlog_micro_batch_size ({self.backlog_micro_batch_size}) must be at least "
+                             f"stream.micro_batch_size ({self.micro_batch_size}); equal turns backlog batching off")
 
 
 @dataclass
@@ -141,10 +150,16 @@ class StreamScoring:
         self._dead_letter(out, message, error.reason, self.options.telemetry_topic, error.device_id)
         return out
 
-    def buffer(self, buffered: list[Columns] | None, columns: Columns) -> Buffering:
+    def buffer(self, buffered: list[Columns] | None, columns: Columns, lag_ms: int = 0) -> Buffering:
         """Add a device's message to its micro-batch buffer: score once `micro_batch_size` readings are together
-        (a message that is a micro-batch already is scored at once, without buffering)."""
-        size = self.options.micro_batch_size
+        (a message that is a micro-batch already is scored at once, without buffering).
+
+        `lag_ms` is how long the message took from Kafka to the scorer. At `backlog_lag_ms` or more the job is
+        behind and more of the device's messages are queued: they are gathered up to `backlog_micro_batch_size`
+        readings (a larger micro-batch costs less per reading, so the job catches up faster). A message on time
+        scores whatever is buffered at the usual size, so a caught-up job is back to small batches at once."""
+        options = self.options
+        size = options.backlog_micro_batch_size if lag_ms >= options.backlog_lag_ms else options.micro_batch_size
         if buffered is None:
             if len(columns.seqs) >= size:
                 return Buffering([columns], None, False)

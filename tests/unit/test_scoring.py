@@ -34,7 +34,8 @@ def cfg_defaults():
 
 
 def options(**overrides) -> StreamOptions:
-    values = dict(micro_batch_size=4, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
+    size = overrides.get("micro_batch_size", 4)
+    values = dict(micro_batch_size=size, backlog_micro_batch_size=size, backlog_lag_ms=1_000, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
                   telemetry_topic="t.telemetry",
                   global_model_topic="t.global", feedback_topic="t.feedback", max_version_gap=10,
                   secure_aggregation=False, feedback=FEEDBACK_SETTINGS)
@@ -95,6 +96,26 @@ def test_buffer_scores_full_messages_at_once_and_collects_partial_ones(settings)
     assert scoring.buffer([small], other) == (None, [small, other], False)
     step = scoring.buffer([small, other], columns("a", 7, 3))
     assert step.ready is not None and len(step.ready) == 3 and step.buffered is None and not step.started
+
+
+def test_buffer_gathers_larger_micro_batches_while_the_job_is_behind(settings):
+    """A message that reached the scorer `backlog_lag_ms` or more after it entered Kafka is gathered up to
+    `backlog_micro_batch_size` readings; the first message on time scores what is buffered at the usual size."""
+    scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=12, backlog_lag_ms=1_000)
+    full = [columns("a", 4 * k, 4) for k in range(3)]
+    assert scoring.buffer(None, full[0], lag_ms=999) == ([full[0]], None, False)
+    assert scoring.buffer(None, full[0], lag_ms=1_000) == (None, [full[0]], True)
+    assert scoring.buffer([full[0]], full[1], lag_ms=5_000) == (None, full[:2], False)
+    assert scoring.buffer(full[:2], full[2], lag_ms=5_000) == (full, None, False)  # 12 readings
+    assert scoring.buffer(full[:1], full[1], lag_ms=10) == (full[:2], None, False)  # on time again
+    with pytest.raises(ValueError, match="backlog_micro_batch_size"):
+        options(micro_batch_size=16, backlog_micro_batch_size=8)
+
+
+def test_backlog_settings_come_from_the_config(cfg_defaults):
+    opts = StreamOptions.from_config(cfg_defaults)
+    assert opts.backlog_micro_batch_size == cfg_defaults.stream.backlog_micro_batch_size > opts.micro_batch_size
+    assert opts.backlog_lag_ms == cfg_defaults.stream.backlog_lag_ms > 0
 
 
 # -- scoring -------------------------------------------------------------------------------------------------
