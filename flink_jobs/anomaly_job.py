@@ -183,7 +183,7 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         held = self.keyed()
         timers = ctx.timer_service()
         now, entered_kafka = timers.current_processing_time(), ctx.timestamp()
-        step = self.scoring.buffer(held.buffered, columns, lag_ms=now - entered_kafka)
+        step = self.scoring.buffer(held.buffered, columns, lag_ms=now - entered_kafka, state=held.state)
         pending = None if step.buffered is None else held.timers
         if step.started:
             pending = pending_timers(now, entered_kafka, self.batch_timeout_ms, self.bounded)

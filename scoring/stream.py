@@ -150,16 +150,11 @@ class StreamScoring:
         self._dead_letter(out, message, error.reason, self.options.telemetry_topic, error.device_id)
         return out
 
-    def buffer(self, buffered: list[Columns] | None, columns: Columns, lag_ms: int = 0) -> Buffering:
-        """Add a device's message to its micro-batch buffer: score once `micro_batch_size` readings are together
-        (a message that is a micro-batch already is scored at once, without buffering).
-
-        `lag_ms` is how long the message took from Kafka to the scorer. At `backlog_lag_ms` or more the job is
-        behind and more of the device's messages are queued: they are gathered up to `backlog_micro_batch_size`
-        readings (a larger micro-batch costs less per reading, so the job catches up faster). A message on time
-        scores whatever is buffered at the usual size, so a caught-up job is back to small batches at once."""
-        options = self.options
-        size = options.backlog_micro_batch_size if lag_ms >= options.backlog_lag_ms else options.micro_batch_size
+    def buffer(self, buffered: list[Columns] | None, columns: Columns, lag_ms: int = 0,
+               state: DeviceState | None = None) -> Buffering:
+        """Add a device's message to its micro-batch buffer: score once `batch_size` readings are together (a
+        message that is a micro-batch already is scored at once, without buffering)."""
+        size = self.batch_size(lag_ms, state)
         if buffered is None:
             if len(columns.seqs) >= size:
                 return Buffering([columns], None, False)
@@ -168,6 +163,21 @@ class StreamScoring:
         if sum(len(batch.seqs) for batch in buffered) >= size:
             return Buffering(buffered, None, False)
         return Buffering(None, buffered, False)
+
+    def batch_size(self, lag_ms: int, state: DeviceState | None) -> int:
+        """Readings per micro-batch for a message that took `lag_ms` from Kafka to the scorer: `micro_batch_size`;
+        at `backlog_lag_ms` or more the job is behind and more of the device's messages are queued, so up to
+        `backlog_micro_batch_size` (cheaper per reading: the job catches up faster), but not past the device's
+        next weight snapshot (snapshots, and so federated rounds, keep their cadence). A message on time scores
+        whatever is buffered at the usual size: a caught-up job is back to small batches at once."""
+        options = self.options
+        if lag_ms < options.backlog_lag_ms:
+            return options.micro_batch_size
+        until_snapshot = options.snapshot_every - (0 if state is None else
+                                                   state.detector.n_seen - state.n_seen_at_snapshot)
+        if until_snapshot <= 0:  # overdue (a secure round answered): no snapshot to wait for
+            return options.backlog_micro_batch_size
+        return max(options.micro_batch_size, min(options.backlog_micro_batch_size, until_snapshot))
 
     # -- broadcasts: global models, cohorts, feedback ---------------------------------------------------------
 

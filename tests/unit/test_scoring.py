@@ -112,6 +112,21 @@ def test_buffer_gathers_larger_micro_batches_while_the_job_is_behind(settings):
         options(micro_batch_size=16, backlog_micro_batch_size=8)
 
 
+def test_backlog_micro_batches_stop_at_the_devices_next_snapshot(settings):
+    """While behind, a micro-batch grows up to the readings the device still needs for its next weight snapshot
+    (never below `micro_batch_size`), so snapshots keep their cadence; one overdue does not hold batches small."""
+    scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=32, snapshot_every=40)
+    assert scoring.batch_size(10, None) == 4 and scoring.batch_size(1_000, None) == 32
+    state, _ = run(scoring, "a", 5)  # 20 readings learned, 20 to the next snapshot
+    assert scoring.batch_size(1_000, state) == 20
+    state.n_seen_at_snapshot = state.detector.n_seen - 38  # 2 to go: never below micro_batch_size
+    assert scoring.batch_size(1_000, state) == 4
+    step = scoring.buffer([columns("a", 20, 2)], columns("a", 22, 2), lag_ms=5_000, state=state)
+    assert step.ready is not None and step.buffered is None
+    state.n_seen_at_snapshot -= 100  # a snapshot skipped (secure round answered)
+    assert scoring.batch_size(1_000, state) == 32
+
+
 def test_backlog_settings_come_from_the_config(cfg_defaults):
     opts = StreamOptions.from_config(cfg_defaults)
     assert opts.backlog_micro_batch_size == cfg_defaults.stream.backlog_micro_batch_size > opts.micro_batch_size
