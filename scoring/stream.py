@@ -4,7 +4,7 @@
 Python worker, and called by the Flink operator (`flink_jobs.anomaly_job.DeviceScorer`) from its callbacks:
 
     columns = scoring.parse(message, key)              # or InvalidMessage -> scoring.refused(...)
-    step = scoring.buffer(buffered, columns)           # what to score now, what to keep, whether to set timers
+    step = scoring.buffer(buffered, columns, lag, state)  # what to score now, what to keep, whether to set timers
     state, emitted = scoring.score(state, device_id, batches, broadcasts, now_ms)
     entry, emitted = scoring.receive_broadcast(value, broadcasts, report)
 
@@ -51,7 +51,7 @@ class StreamOptions:
     """The `stream.*` settings the per-device logic uses, and the topics it names in dead letters."""
 
     micro_batch_size: int
-    backlog_micro_batch_size: int  # readings per micro-batch while behind (`buffer`)
+    backlog_micro_batch_size: int  # readings per micro-batch at most while behind (`batch_size`)
     backlog_lag_ms: int  # a message this long from Kafka to the scorer means the job is behind
     timestamp_window_ms: int  # 0: any event time is accepted (replays)
     snapshot_every: int
