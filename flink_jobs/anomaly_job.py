@@ -181,12 +181,12 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
             yield from self.emit(self.scoring.refused(message, exc))
             return
         held = self.keyed()
-        step = self.scoring.buffer(held.buffered, columns)
         timers = ctx.timer_service()
+        now, entered_kafka = timers.current_processing_time(), ctx.timestamp()
+        step = self.scoring.buffer(held.buffered, columns, lag_ms=now - entered_kafka, state=held.state)
         pending = None if step.buffered is None else held.timers
         if step.started:
-            pending = pending_timers(timers.current_processing_time(), ctx.timestamp(), self.batch_timeout_ms,
-                                     self.bounded)
+            pending = pending_timers(now, entered_kafka, self.batch_timeout_ms, self.bounded)
             flush_at, end_of_input_at = pending
             timers.register_processing_time_timer(flush_at)
             if end_of_input_at is not None:

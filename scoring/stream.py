@@ -4,7 +4,7 @@
 Python worker, and called by the Flink operator (`flink_jobs.anomaly_job.DeviceScorer`) from its callbacks:
 
     columns = scoring.parse(message, key)              # or InvalidMessage -> scoring.refused(...)
-    step = scoring.buffer(buffered, columns)           # what to score now, what to keep, whether to set timers
+    step = scoring.buffer(buffered, columns, lag, state)  # what to score now, what to keep, whether to set timers
     state, emitted = scoring.score(state, device_id, batches, broadcasts, now_ms)
     entry, emitted = scoring.receive_broadcast(value, broadcasts, report)
 
@@ -53,6 +53,8 @@ class StreamOptions:
     """The `stream.*` settings the per-device logic uses, and the topics it names in dead letters."""
 
     micro_batch_size: int
+    backlog_micro_batch_size: int  # readings per micro-batch at most while behind (`batch_size`)
+    backlog_lag_ms: int  # a message this long from Kafka to the scorer means the job is behind
     timestamp_window_ms: int  # 0: any event time is accepted (replays)
     snapshot_every: int
     snapshot_interval_ms: int
@@ -67,13 +69,20 @@ class StreamOptions:
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamOptions":
         stream, topics = cfg.stream, cfg.kafka.topics
-        return cls(micro_batch_size=stream.micro_batch_size, timestamp_window_ms=stream.timestamp_window_s * 1000,
+        return cls(micro_batch_size=stream.micro_batch_size,
+                   backlog_micro_batch_size=stream.backlog_micro_batch_size, backlog_lag_ms=stream.backlog_lag_ms,
+                   timestamp_window_ms=stream.timestamp_window_s * 1000,
                    snapshot_every=stream.snapshot_every,
                    snapshot_interval_ms=stream.snapshot_interval_s * 1000, telemetry_topic=topics.telemetry,
                    global_model_topic=topics.global_model, feedback_topic=topics.feedback,
                    max_version_gap=cfg.integrity.max_version_gap, secure_aggregation=cfg.privacy.secure_aggregation,
                    feedback=FeedbackSettings.from_config(cfg),
                    require_signed_telemetry=cfg.ingest.require_signed_telemetry)
+
+    def __post_init__(self):
+        if self.backlog_micro_batch_size < self.micro_batch_size:
+            raise ValueError(f"stream.backlog_micro_batch_size ({self.backlog_micro_batch_size}) must be at least "
+                             f"stream.micro_batch_size ({self.micro_batch_size}); equal turns backlog batching off")
 
 
 @dataclass
@@ -162,10 +171,11 @@ class StreamScoring:
         self._dead_letter(out, message, error.reason, self.options.telemetry_topic, error.device_id)
         return out
 
-    def buffer(self, buffered: list[Columns] | None, columns: Columns) -> Buffering:
-        """Add a device's message to its micro-batch buffer: score once `micro_batch_size` readings are together
-        (a message that is a micro-batch already is scored at once, without buffering)."""
-        size = self.options.micro_batch_size
+    def buffer(self, buffered: list[Columns] | None, columns: Columns, lag_ms: int = 0,
+               state: DeviceState | None = None) -> Buffering:
+        """Add a device's message to its micro-batch buffer: score once `batch_size` readings are together (a
+        message that is a micro-batch already is scored at once, without buffering)."""
+        size = self.batch_size(lag_ms, state)
         if buffered is None:
             if len(columns.seqs) >= size:
                 return Buffering([columns], None, False)
@@ -174,6 +184,21 @@ class StreamScoring:
         if sum(len(batch.seqs) for batch in buffered) >= size:
             return Buffering(buffered, None, False)
         return Buffering(None, buffered, False)
+
+    def batch_size(self, lag_ms: int, state: DeviceState | None) -> int:
+        """Readings per micro-batch for a message that took `lag_ms` from Kafka to the scorer: `micro_batch_size`;
+        at `backlog_lag_ms` or more the job is behind and more of the device's messages are queued, so up to
+        `backlog_micro_batch_size` (cheaper per reading: the job catches up faster), but not past the device's
+        next weight snapshot (snapshots, and so federated rounds, keep their cadence). A message on time scores
+        whatever is buffered at the usual size: a caught-up job is back to small batches at once."""
+        options = self.options
+        if lag_ms < options.backlog_lag_ms:
+            return options.micro_batch_size
+        until_snapshot = options.snapshot_every - (0 if state is None else
+                                                   state.detector.n_seen - state.n_seen_at_snapshot)
+        if until_snapshot <= 0:  # overdue (a secure round answered): no snapshot to wait for
+            return options.backlog_micro_batch_size
+        return max(options.micro_batch_size, min(options.backlog_micro_batch_size, until_snapshot))
 
     # -- broadcasts: global models, cohorts, feedback ---------------------------------------------------------
 

@@ -35,7 +35,8 @@ def cfg_defaults():
 
 
 def options(**overrides) -> StreamOptions:
-    values = dict(micro_batch_size=4, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
+    size = overrides.get("micro_batch_size", 4)
+    values = dict(micro_batch_size=size, backlog_micro_batch_size=size, backlog_lag_ms=1_000, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
                   telemetry_topic="t.telemetry",
                   global_model_topic="t.global", feedback_topic="t.feedback", max_version_gap=10,
                   secure_aggregation=False, feedback=FEEDBACK_SETTINGS, require_signed_telemetry=True)
@@ -121,6 +122,41 @@ def test_buffer_scores_full_messages_at_once_and_collects_partial_ones(settings)
     assert scoring.buffer([small], other) == (None, [small, other], False)
     step = scoring.buffer([small, other], columns("a", 7, 3))
     assert step.ready is not None and len(step.ready) == 3 and step.buffered is None and not step.started
+
+
+def test_buffer_gathers_larger_micro_batches_while_the_job_is_behind(settings):
+    """A message that reached the scorer `backlog_lag_ms` or more after it entered Kafka is gathered up to
+    `backlog_micro_batch_size` readings; the first message on time scores what is buffered at the usual size."""
+    scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=12, backlog_lag_ms=1_000)
+    full = [columns("a", 4 * k, 4) for k in range(3)]
+    assert scoring.buffer(None, full[0], lag_ms=999) == ([full[0]], None, False)
+    assert scoring.buffer(None, full[0], lag_ms=1_000) == (None, [full[0]], True)
+    assert scoring.buffer([full[0]], full[1], lag_ms=5_000) == (None, full[:2], False)
+    assert scoring.buffer(full[:2], full[2], lag_ms=5_000) == (full, None, False)  # 12 readings
+    assert scoring.buffer(full[:1], full[1], lag_ms=10) == (full[:2], None, False)  # on time again
+    with pytest.raises(ValueError, match="backlog_micro_batch_size"):
+        options(micro_batch_size=16, backlog_micro_batch_size=8)
+
+
+def test_backlog_micro_batches_stop_at_the_devices_next_snapshot(settings):
+    """While behind, a micro-batch grows up to the readings the device still needs for its next weight snapshot
+    (never below `micro_batch_size`), so snapshots keep their cadence; one overdue does not hold batches small."""
+    scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=32, snapshot_every=40)
+    assert scoring.batch_size(10, None) == 4 and scoring.batch_size(1_000, None) == 32
+    state, _ = run(scoring, "a", 5)  # 20 readings learned, 20 to the next snapshot
+    assert scoring.batch_size(1_000, state) == 20
+    state.n_seen_at_snapshot = state.detector.n_seen - 38  # 2 to go: never below micro_batch_size
+    assert scoring.batch_size(1_000, state) == 4
+    step = scoring.buffer([columns("a", 20, 2)], columns("a", 22, 2), lag_ms=5_000, state=state)
+    assert step.ready is not None and step.buffered is None
+    state.n_seen_at_snapshot -= 100  # a snapshot skipped (secure round answered)
+    assert scoring.batch_size(1_000, state) == 32
+
+
+def test_backlog_settings_come_from_the_config(cfg_defaults):
+    opts = StreamOptions.from_config(cfg_defaults)
+    assert opts.backlog_micro_batch_size == cfg_defaults.stream.backlog_micro_batch_size > opts.micro_batch_size
+    assert opts.backlog_lag_ms == cfg_defaults.stream.backlog_lag_ms > 0
 
 
 # -- scoring -------------------------------------------------------------------------------------------------
