@@ -54,11 +54,20 @@ def _write_server_properties(cfg: Config) -> Path:
     return path
 
 
+def kafka_cluster_id() -> str:
+    """A new KRaft cluster id: 16 random bytes, URL-safe base64 without padding, not starting with "-" (the format
+    command would take it for an option; Kafka's own `Uuid.randomUuid` redraws those too)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _format_kafka_storage(cfg: Config, properties: Path) -> None:
     """Format the KRaft storage once (a new cluster id); later starts reuse it."""
     if (_kafka_dir(cfg) / "data" / "meta.properties").exists():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = kafka_cluster_id()
     result = subprocess.run(_java_cmd(cfg, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
                                       "-c", str(properties)), capture_output=True, text=True)
     if result.returncode != 0:
