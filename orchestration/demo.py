@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from config import PROJECT_ROOT, Config, load_config
-from models.integrity import sign_device_message, signing_key
+from models.integrity import sign_device_message, signing_key, verify_message
 from telemetry.schema import decode_scores
 
 DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the demo; the dashboards stay up
@@ -60,6 +60,7 @@ class ScoreWatch:
 
     count: int = 0
     anomalies: int = 0
+    refused: int = 0  # score messages not signed with the deployment's key: left out of every figure
     max_global_version: int = 0
     latencies_ms: list = field(default_factory=list)
     seen: set = field(default_factory=set)
@@ -71,13 +72,15 @@ class ScoreWatch:
 
 
 class ScoreWatcher(threading.Thread):
-    """Consumes the scores topic from its current end; matches each score to the time its reading was sent."""
+    """Consumes the scores topic from its current end; matches each score to the time its reading was sent. Only
+    messages signed with the deployment's key count (as in the sink): a forged batch cannot change the summary."""
 
     def __init__(self, cfg: Config, sent_at: dict, test_keys: set):
         super().__init__(daemon=True)
         from confluent_kafka import Consumer, TopicPartition
 
         self.watch = ScoreWatch()
+        self.key = signing_key(cfg)
         self.sent_at, self.test_keys = sent_at, test_keys
         self.stopping = threading.Event()
         topic = cfg.kafka.topics.scores
@@ -92,9 +95,7 @@ class ScoreWatcher(threading.Thread):
     def run(self) -> None:
         w = self.watch
         while not self.stopping.is_set():
-            records = (record for msg in self.consumer.consume(2000, timeout=0.3) if not msg.error()
-                       for record in decode_scores(msg.value()))
-            for record in records:
+            for record in self.genuine_records(self.consumer.consume(2000, timeout=0.3)):
                 key = (record["device_id"], record["seq"])
                 if key in w.seen:  # at-least-once after a restart: count each reading once
                     continue
@@ -111,6 +112,18 @@ class ScoreWatcher(threading.Thread):
                     w.train_scores[record["device_id"]].append(record["score"])
             w.timeline.append((time.monotonic() - self.started, w.count))
         self.consumer.close()
+
+    def genuine_records(self, messages) -> list[dict]:
+        """The score records of the messages signed with the deployment's key; the others are counted."""
+        records = []
+        for msg in messages:
+            if msg.error():
+                continue
+            if verify_message(msg.value() or b"", self.key) is not None:
+                self.watch.refused += 1
+                continue
+            records.extend(decode_scores(msg.value()))
+        return records
 
 
 # --- the data -----------------------------------------------------------------------------------------------
@@ -178,17 +191,20 @@ def _start_services(cfg: Config, with_superset: bool, say) -> None:
 
 
 def _wait_for(condition, timeout: float, what: str, progress=None) -> None:
-    """Wait until `condition` holds; `progress` (if any) reports every 2 s while waiting, and once when done."""
+    """Wait until `condition` holds; `progress` (if any) reports every 2 s while waiting, and once when a wait
+    ends (not when the condition held at once: the line would repeat the one before)."""
     deadline = time.monotonic() + timeout
     last = time.monotonic()
+    waited = False
     while not condition():
+        waited = True
         if time.monotonic() > deadline:
             raise SystemExit(f"flead demo: timed out after {timeout:.0f} s waiting for {what}")
         if progress and time.monotonic() - last > 2.0:
             progress()
             last = time.monotonic()
         time.sleep(0.2)
-    if progress:
+    if progress and waited:
         progress()
 
 
@@ -348,7 +364,8 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         "latency_ms": {"p50": float(np.nanpercentile(lat, 50)), "p95": float(np.nanpercentile(lat, 95)),
                        "p99": float(np.nanpercentile(lat, 99))},
         "alerts": {"all": watch.anomalies, "test": int(y_pred.sum()) if labelled else None},
-        "bad_input": {"malformed_sent": malformed, "dead_letters_stored": dead_letters},
+        "bad_input": {"malformed_sent": malformed, "dead_letters_stored": dead_letters,
+                      "unsigned_scores_ignored": watch.refused},
         "test_accuracy": {"precision": precision, "recall": recall, "f1": f1, "points": len(labelled),
                           "anomalous_points": int(y_true.sum()) if labelled else None,
                           "note": "operating thresholds chosen online without labels; no point adjustment",
@@ -399,8 +416,10 @@ def print_summary(summary: dict) -> None:
               f"{fmt(off['pr_auc'])}  incident F1 {fmt(off['incident_f1'])} (the whole data set, every training "
               "reading, a round every stream.snapshot_every readings per device)")
     bad = summary["bad_input"]
+    ignored = bad.get("unsigned_scores_ignored")
     print(f"bad input    {bad['malformed_sent']} malformed messages sent; {bad['dead_letters_stored']} dead letters "
-          "stored, each with its reason")
+          "stored, each with its reason" + (f"; {ignored} score message(s) not signed by the job ignored"
+                                            if ignored else ""))
     fed = summary["federated"]
     print(f"federated    {fed['rounds']} round(s); global model v{fed['global_version']}; "
           f"scores carry up to v{fed['adopted_version_in_scores']}")

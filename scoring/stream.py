@@ -55,6 +55,7 @@ class StreamOptions:
     micro_batch_size: int
     backlog_micro_batch_size: int  # readings per micro-batch at most while behind (`batch_size`)
     backlog_lag_ms: int  # a message this long from Kafka to the scorer means the job is behind
+    backlog_max_share: float  # a backlog micro-batch holds at most this share of the readings the model learned
     timestamp_window_ms: int  # 0: any event time is accepted (replays)
     snapshot_every: int
     snapshot_interval_ms: int
@@ -71,7 +72,7 @@ class StreamOptions:
         stream, topics = cfg.stream, cfg.kafka.topics
         return cls(micro_batch_size=stream.micro_batch_size,
                    backlog_micro_batch_size=stream.backlog_micro_batch_size, backlog_lag_ms=stream.backlog_lag_ms,
-                   timestamp_window_ms=stream.timestamp_window_s * 1000,
+                   backlog_max_share=stream.backlog_max_share, timestamp_window_ms=stream.timestamp_window_s * 1000,
                    snapshot_every=stream.snapshot_every,
                    snapshot_interval_ms=stream.snapshot_interval_s * 1000, telemetry_topic=topics.telemetry,
                    global_model_topic=topics.global_model, feedback_topic=topics.feedback,
@@ -83,6 +84,8 @@ class StreamOptions:
         if self.backlog_micro_batch_size < self.micro_batch_size:
             raise ValueError(f"stream.backlog_micro_batch_size ({self.backlog_micro_batch_size}) must be at least "
                              f"stream.micro_batch_size ({self.micro_batch_size}); equal turns backlog batching off")
+        if not 0 < self.backlog_max_share <= 1:
+            raise ValueError(f"stream.backlog_max_share ({self.backlog_max_share}) must be in (0, 1]")
 
 
 @dataclass
@@ -188,17 +191,25 @@ class StreamScoring:
     def batch_size(self, lag_ms: int, state: DeviceState | None) -> int:
         """Readings per micro-batch for a message that took `lag_ms` from Kafka to the scorer: `micro_batch_size`;
         at `backlog_lag_ms` or more the job is behind and more of the device's messages are queued, so up to
-        `backlog_micro_batch_size` (cheaper per reading: the job catches up faster), but not past the device's
-        next weight snapshot (snapshots, and so federated rounds, keep their cadence). A message on time scores
-        whatever is buffered at the usual size: a caught-up job is back to small batches at once."""
+        `backlog_micro_batch_size` (cheaper per reading: the job catches up faster), but
+
+        - at most `backlog_max_share` of the readings the device's model has learned: a batch is scored against the
+          model as it was before the batch, and a young model still moves fast (a new device scored in batches of
+          128 from its first reading flagged 8 % of its first 1,000 readings after warm-up instead of ~1 %, and
+          could set off drift re-baselining); and
+        - not past the device's next weight snapshot (snapshots, and so federated rounds, keep their cadence).
+
+        A message on time scores whatever is buffered at the usual size: a caught-up job is back to small batches
+        at once. Never below `micro_batch_size`."""
         options = self.options
-        if lag_ms < options.backlog_lag_ms:
+        if lag_ms < options.backlog_lag_ms or state is None:
             return options.micro_batch_size
-        until_snapshot = options.snapshot_every - (0 if state is None else
-                                                   state.detector.n_seen - state.n_seen_at_snapshot)
-        if until_snapshot <= 0:  # overdue (a secure round answered): no snapshot to wait for
-            return options.backlog_micro_batch_size
-        return max(options.micro_batch_size, min(options.backlog_micro_batch_size, until_snapshot))
+        learned = state.detector.n_seen
+        size = min(options.backlog_micro_batch_size, int(learned * options.backlog_max_share))
+        until_snapshot = options.snapshot_every - (learned - state.n_seen_at_snapshot)
+        if until_snapshot > 0:  # else overdue (a secure round answered): no snapshot to wait for
+            size = min(size, until_snapshot)
+        return max(options.micro_batch_size, size)
 
     # -- broadcasts: global models, cohorts, feedback ---------------------------------------------------------
 

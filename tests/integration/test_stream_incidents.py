@@ -30,6 +30,7 @@ from isolation import fresh_config
 from http_receivers import FAST_RETRIES, Alertmanager, RecordingReceiver, Running, wait_for
 from models.integrity import sign_device_message, signing_key
 from monitoring.router import IncidentRouter
+from scoring.stream import COUNTERS
 from services import processes
 from spark_jobs.api import create_app
 from storage.mongo import Store
@@ -180,6 +181,17 @@ def webhook_got(hook: RecordingReceiver, device: str) -> list[tuple[str, str]]:
                   if b["incident"]["device_id"] == device)
 
 
+def replay_report(job: StreamJob, device: str, replay: int, verdict_on: dict, counters: dict) -> str:
+    """Why a replayed pattern was not muted: the verdict's incident, and the replay's score records."""
+    scored = [r for r in read_topic(job.cfg, "scores", timeout_s=1.0)
+              if r["device_id"] == device and replay <= r["seq"] < replay + WINDOW]
+    rows = [(r["seq"], round(r["score"] / r["threshold"], 2) if r.get("threshold") else None, r["is_anomaly"],
+             [(m["metric"], round(m["share"], 2)) for m in r["top_metrics"]]) for r in scored]
+    return (f"verdict on {verdict_on['incident_id']}: peak_ratio {verdict_on['peak_ratio']:.2f}, blame "
+            f"{verdict_on['metrics_to_blame']}; replay (seq, ratio, flagged, top metrics): {rows}; counters "
+            f"{ {name: counters.get(name) for name in COUNTERS} }")
+
+
 def test_stream_incidents_reach_alertmanager_and_a_webhook_once_per_state(job):
     device = "route-1"
     hook, alertmanager = job.hook, job.alertmanager
@@ -253,7 +265,7 @@ def test_a_false_positive_verdict_mutes_the_pattern_in_the_stream_and_another_an
                                    if covering([i], other) and i["status"] == "resolved"], 30,
                           "the other anomaly's incident and its resolution")
     assert alerting["metrics_to_blame"][0]["metric"] == "cpu"
-    assert counters["anomalies_muted"] > muted_before
+    assert counters["anomalies_muted"] > muted_before, replay_report(job, device, replay, incident, counters)
     assert covering(list(latest_states(job.incidents(device)).values()), replay) == []  # muted: no incident
     with Store(job.cfg) as store:  # the suppression rule kept every state of the device's incidents from the receivers
         assert {d["state"] for d in store.collection("deliveries").find({"device_id": device})} == {"suppressed"}

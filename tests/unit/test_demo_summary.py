@@ -10,7 +10,7 @@ import pytest
 
 from config import PROJECT_ROOT
 from models.metrics import event_counts, event_metrics
-from orchestration.demo import incident_quality, offline_reference, print_summary
+from orchestration.demo import _wait_for, incident_quality, offline_reference, print_summary
 
 
 def records(device: str, labels: list[int], flags: list[int]) -> list[dict]:
@@ -52,3 +52,31 @@ def test_the_latency_line_says_whether_the_replay_was_paced(capsys):
     assert "replayed as fast as possible, so mostly time queued" in capsys.readouterr().out
     print_summary({**summary, "replay_rate": 5000.0})
     assert "replayed at 5,000 readings/s" in capsys.readouterr().out
+
+
+def test_a_wait_reports_its_progress_once_when_it_ends_and_not_when_nothing_was_waited_for():
+    lines = []
+    checks = iter([False, False, True])
+    _wait_for(lambda: next(checks), 10, "two checks", progress=lambda: lines.append("progress"))
+    assert lines == ["progress"]
+    _wait_for(lambda: True, 10, "nothing", progress=lambda: lines.append("again"))
+    assert lines == ["progress"]
+    with pytest.raises(SystemExit, match="timed out after 0 s waiting for never"):
+        _wait_for(lambda: False, 0, "never")
+
+
+def test_the_demo_counts_only_score_messages_signed_by_the_job():
+    from types import SimpleNamespace
+
+    from models.integrity import sign_message
+    from orchestration.demo import ScoreWatch, ScoreWatcher
+    from telemetry.schema import encode_scores
+
+    key = bytes(range(32))
+    batch = encode_scores("d-1", 1, 0, 1_000, [{"seq": 3, "score": 0.5}])
+    message = lambda value, error=None: SimpleNamespace(value=lambda: value, error=lambda: error)  # noqa: E731
+    watcher = SimpleNamespace(key=key, watch=ScoreWatch())
+    records = ScoreWatcher.genuine_records(watcher, [message(sign_message(batch, key)), message(batch),
+                                                     message(sign_message(batch, bytes(32))), message(None, "EOF")])
+    assert [r["seq"] for r in records] == [3]
+    assert watcher.watch.refused == 2

@@ -36,7 +36,8 @@ def cfg_defaults():
 
 def options(**overrides) -> StreamOptions:
     size = overrides.get("micro_batch_size", 4)
-    values = dict(micro_batch_size=size, backlog_micro_batch_size=size, backlog_lag_ms=1_000, timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
+    values = dict(micro_batch_size=size, backlog_micro_batch_size=size, backlog_lag_ms=1_000, backlog_max_share=1.0,
+                  timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
                   telemetry_topic="t.telemetry",
                   global_model_topic="t.global", feedback_topic="t.feedback", max_version_gap=10,
                   secure_aggregation=False, feedback=FEEDBACK_SETTINGS, require_signed_telemetry=True)
@@ -128,35 +129,71 @@ def test_buffer_gathers_larger_micro_batches_while_the_job_is_behind(settings):
     """A message that reached the scorer `backlog_lag_ms` or more after it entered Kafka is gathered up to
     `backlog_micro_batch_size` readings; the first message on time scores what is buffered at the usual size."""
     scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=12, backlog_lag_ms=1_000)
-    full = [columns("a", 4 * k, 4) for k in range(3)]
-    assert scoring.buffer(None, full[0], lag_ms=999) == ([full[0]], None, False)
-    assert scoring.buffer(None, full[0], lag_ms=1_000) == (None, [full[0]], True)
-    assert scoring.buffer([full[0]], full[1], lag_ms=5_000) == (None, full[:2], False)
-    assert scoring.buffer(full[:2], full[2], lag_ms=5_000) == (full, None, False)  # 12 readings
-    assert scoring.buffer(full[:1], full[1], lag_ms=10) == (full[:2], None, False)  # on time again
+    state, _ = run(scoring, "a", 3)  # 12 readings learned
+    full = [columns("a", 12 + 4 * k, 4) for k in range(3)]
+    assert scoring.buffer(None, full[0], lag_ms=999, state=state) == ([full[0]], None, False)
+    assert scoring.buffer(None, full[0], lag_ms=1_000, state=state) == (None, [full[0]], True)
+    assert scoring.buffer([full[0]], full[1], lag_ms=5_000, state=state) == (None, full[:2], False)
+    assert scoring.buffer(full[:2], full[2], lag_ms=5_000, state=state) == (full, None, False)  # 12 readings
+    assert scoring.buffer(full[:1], full[1], lag_ms=10, state=state) == (full[:2], None, False)  # on time again
     with pytest.raises(ValueError, match="backlog_micro_batch_size"):
         options(micro_batch_size=16, backlog_micro_batch_size=8)
+    with pytest.raises(ValueError, match="backlog_max_share"):
+        options(backlog_max_share=0)
 
 
 def test_backlog_micro_batches_stop_at_the_devices_next_snapshot(settings):
     """While behind, a micro-batch grows up to the readings the device still needs for its next weight snapshot
     (never below `micro_batch_size`), so snapshots keep their cadence; one overdue does not hold batches small."""
-    scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=32, snapshot_every=40)
-    assert scoring.batch_size(10, None) == 4 and scoring.batch_size(1_000, None) == 32
-    state, _ = run(scoring, "a", 5)  # 20 readings learned, 20 to the next snapshot
-    assert scoring.batch_size(1_000, state) == 20
-    state.n_seen_at_snapshot = state.detector.n_seen - 38  # 2 to go: never below micro_batch_size
+    scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=32, snapshot_every=60)
+    state, _ = run(scoring, "a", 10)  # 40 readings learned, 20 to the next snapshot
+    assert scoring.batch_size(10, state) == 4 and scoring.batch_size(1_000, state) == 20
+    state.n_seen_at_snapshot = state.detector.n_seen - 58  # 2 to go: never below micro_batch_size
     assert scoring.batch_size(1_000, state) == 4
-    step = scoring.buffer([columns("a", 20, 2)], columns("a", 22, 2), lag_ms=5_000, state=state)
+    step = scoring.buffer([columns("a", 40, 2)], columns("a", 42, 2), lag_ms=5_000, state=state)
     assert step.ready is not None and step.buffered is None
     state.n_seen_at_snapshot -= 100  # a snapshot skipped (secure round answered)
     assert scoring.batch_size(1_000, state) == 32
+
+
+def test_backlog_micro_batches_of_a_young_model_stay_small(settings):
+    """A backlog micro-batch holds at most `backlog_max_share` of the readings the device's model learned (a new
+    device: `micro_batch_size`), so a model that still moves fast is not scored long after it last learned."""
+    scoring = scoring_with(settings, micro_batch_size=4, backlog_micro_batch_size=32, backlog_max_share=0.25,
+                           snapshot_every=10_000)
+    assert scoring.batch_size(5_000, None) == 4
+    for messages, size in ((5, 5), (25, 25), (50, 32)):  # 20 / 100 / 200 readings learned: a quarter, at most 32
+        state, _ = run(scoring, "a", messages)
+        assert scoring.batch_size(5_000, state) == size
+
+
+def test_a_young_model_in_a_backlog_raises_no_burst_of_false_alarms(cfg_defaults):
+    """The reason for `backlog_max_share`: a new device whose readings all arrive behind (a replay, a restart)
+    flags about as many of its first readings after warm-up as one scored in time (the configured share; 8 % of
+    the first 1,000 when every micro-batch held 128 readings)."""
+    scoring = StreamScoring(DetectorSettings.from_config(cfg_defaults), StreamOptions.from_config(cfg_defaults))
+    scoring.use_key(KEY)
+    rng = np.random.default_rng(0)
+    seqs = np.arange(3_200)
+    X = 0.5 + np.outer(np.sin(2 * np.pi * seqs / 40), [0.3, 0.2, 0.1, 0.25]) + rng.normal(0, 0.01, (3_200, 4))
+    state, flagged, start = None, [], 0
+    while start < len(X):
+        n = scoring.batch_size(60_000, state)  # every message a minute behind
+        batch = decode_columns(message("a", start, 0, values=X[start:start + n], names=["a", "b", "c", "d"]))
+        state, out = scoring.score(state, "a", [batch], Broadcasts(), 1_000)
+        flagged += [r["is_anomaly"] for raw in out.scores for r in decode_scores(raw)]
+        start += n
+    warmup = cfg_defaults.threshold.warmup
+    rate = np.mean(flagged[warmup:warmup + 1_000])
+    assert rate < 3 * cfg_defaults.threshold.target_false_alarm_rate, rate
+    assert state.detector.n_seen == 3_200
 
 
 def test_backlog_settings_come_from_the_config(cfg_defaults):
     opts = StreamOptions.from_config(cfg_defaults)
     assert opts.backlog_micro_batch_size == cfg_defaults.stream.backlog_micro_batch_size > opts.micro_batch_size
     assert opts.backlog_lag_ms == cfg_defaults.stream.backlog_lag_ms > 0
+    assert opts.backlog_max_share == cfg_defaults.stream.backlog_max_share
 
 
 # -- scoring -------------------------------------------------------------------------------------------------
