@@ -49,6 +49,7 @@ from pyflink.table import StreamTableEnvironment  # noqa: E402
 from config import load_config  # noqa: E402
 from flink_jobs import WORKER_PACKAGES, jvm_args, worker_blas_env  # noqa: E402
 from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run  # noqa: E402
+from flink_jobs.checkpoints import checkpoint_dir, latest_checkpoint  # noqa: E402
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
 from scoring.broadcasts import Broadcasts  # noqa: E402
@@ -234,16 +235,6 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
 
 
 # -- wiring -----------------------------------------------------------------------------------------------------
-
-def latest_checkpoint(cfg) -> Path | None:
-    """The newest retained checkpoint (a ``chk-N`` folder with ``_metadata``) of any run, or None."""
-    found = sorted(checkpoint_dir(cfg).glob("*/chk-*/_metadata"), key=lambda p: p.stat().st_mtime)
-    return found[-1].parent if found else None
-
-
-def checkpoint_dir(cfg) -> Path:
-    return cfg.state_dir / "flink" / "checkpoints"
-
 
 def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configuration:
     stream = cfg.stream

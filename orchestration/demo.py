@@ -47,6 +47,9 @@ def register(sub) -> None:
                    help="stop replaying the test part after this many seconds")
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting for scores after this many seconds")
     p.add_argument("--no-superset", action="store_true", help="do not start Superset")
+    p.add_argument("--reset", action="store_true",
+                   help="first delete the data this state directory's pipeline holds (topics, MongoDB database, "
+                        "stream checkpoints) even if no earlier demo stored it (an earlier demo's is always deleted)")
     p.add_argument("--keep-running", action="store_true", help="leave every service running afterwards")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the summary as JSON")
     p.set_defaults(func=cmd_demo)
@@ -180,14 +183,138 @@ def _flead(cfg: Config, *args: str, check: bool = True, timeout: float = 600) ->
     return result
 
 
-def _start_services(cfg: Config, with_superset: bool, say) -> None:
+def _start_services(cfg: Config, with_superset: bool, say, reset: bool = False) -> None:
     from orchestration import stack
 
     stack.up(cfg, say=say)
+    _start_empty(cfg, reset, say)
     for name in ("sink", "stream", "api"):  # the scheduler starts after the demo's own round
         say(_flead(cfg, name, "start").stdout.strip().splitlines()[-1])
     if with_superset:
         say(_flead(cfg, "superset", "start").stdout.strip().splitlines()[-1])
+
+
+# --- a pipeline without data ------------------------------------------------------------------------------
+
+RUN_MARKER = "demo-run.json"  # in the state directory: what the last demo left in this pipeline
+
+
+def start_plan(stored: dict[str, int], left_by_demo: dict | None, reset: bool, state_dir) -> str:
+    """What the demo does with the data this state directory's pipeline holds (`stored`: `stored_counts`):
+    "fresh" (none), or "start over" (delete it first) when it is what the last demo left (`left_by_demo`: the counts
+    it recorded; empty: a demo that did not finish) or on ``--reset``. It refuses (SystemExit) to replay over
+    anything else: replayed readings reuse their devices' sequence numbers, which the stream job drops as already
+    seen, and models that saw the data before would make the summary's figures dishonest.
+
+    >>> start_plan({"telemetry messages": 0}, None, False, "var")
+    'fresh'
+    >>> start_plan({"telemetry messages": 9}, {"telemetry messages": 9}, False, "var")
+    'start over'
+    """
+    if not any(stored.values()):
+        return "fresh"
+    if reset or (left_by_demo is not None and (not left_by_demo or left_by_demo == stored)):
+        return "start over"
+    since = " (more was added since the last demo)" if left_by_demo is not None else ""
+    raise SystemExit(f"flead demo: the pipeline of {state_dir} holds data ({describe(stored)}) that no demo left"
+                     f"{since}. The demo replays its devices from their first reading, which the stream job would "
+                     "drop as already seen. `flead demo --reset` deletes that data first (the project's topics, "
+                     "MongoDB database and stream checkpoints); or give the demo a stack of its own: "
+                     "FLEAD_STATE_DIR=<another folder> with free ports (FLEAD_KAFKA_PORT, FLEAD_MONGO_PORT, ...).")
+
+
+def describe(stored: dict[str, int]) -> str:
+    return "; ".join(f"{n:,} {what}" for what, n in stored.items() if n)
+
+
+def stored_counts(cfg: Config) -> dict[str, int]:
+    """What this state directory's pipeline holds: the stream job's retained checkpoints, the telemetry topic's
+    messages, the stored readings."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from flink_jobs.checkpoints import checkpoint_dir
+    from storage.mongo import Store
+
+    topic = cfg.kafka.topics.telemetry
+    consumer = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": "flead-demo-check", "log_level": 3})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        messages = sum(high - low for low, high in (consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                                                   timeout=10) for p in partitions))
+    finally:
+        consumer.close()
+    with Store(cfg) as store:
+        readings = store.count_readings()
+    return {"stream checkpoint(s)": len(list(checkpoint_dir(cfg).glob("*/chk-*/_metadata"))),
+            f"message(s) on {topic}": messages, f"stored reading(s) in database {cfg.mongo.database}": readings}
+
+
+def reset_data(cfg: Config, say) -> None:
+    """Delete what this state directory's pipeline stored, its services stopped first: the project's topics
+    (recreated empty), its MongoDB database (collections recreated), the stream job's checkpoints."""
+    import shutil
+
+    from confluent_kafka.admin import AdminClient
+
+    from flink_jobs.checkpoints import checkpoint_dir
+    from orchestration import stack
+    from services.service import stop_by_name
+    from storage.mongo import Store
+
+    for name in (*DATA_PATH_SERVICES, "router"):
+        if stop_by_name(cfg.state_dir, name):
+            say(f"stopped {name}")
+    shutil.rmtree(checkpoint_dir(cfg), ignore_errors=True)
+    admin = AdminClient({"bootstrap.servers": cfg.kafka_bootstrap})
+    topics = [name for name in cfg.kafka.topics.to_dict().values() if name in admin.list_topics(timeout=10).topics]
+    for future in admin.delete_topics(topics, request_timeout=30).values():
+        future.result()
+    deadline = time.monotonic() + 60
+    while set(topics) & set(admin.list_topics(timeout=10).topics):  # deletion completes asynchronously
+        if time.monotonic() > deadline:
+            raise SystemExit(f"flead demo: the topics {topics} were not deleted within 60 s")
+        time.sleep(0.5)
+    stack.ensure_topics(cfg)
+    with Store(cfg) as store:
+        store.client.drop_database(store.name)
+        store.init()
+
+
+def _start_empty(cfg: Config, reset: bool, say) -> None:
+    """Make sure the demo starts on a pipeline without data (`start_plan`); the marker then says a demo runs."""
+    marker = cfg.state_dir / RUN_MARKER
+    stored = stored_counts(cfg)
+    left = json.loads(marker.read_text()).get("left", {}) if marker.exists() else None
+    if start_plan(stored, left, reset, cfg.state_dir) == "start over":
+        say(f"data    {describe(stored)}: {'--reset' if reset else 'left by the last demo'}, deleted")
+        reset_data(cfg, say)
+    marker.write_text(json.dumps({"started_at": time.time(), "left": {}}) + "\n")
+
+
+def _mark_left(cfg: Config) -> None:
+    """Record what the demo left, so the next one deletes it only if nothing was added since (if the servers do
+    not answer, the marker keeps saying a demo ran, which the next demo deletes)."""
+    try:
+        left = stored_counts(cfg)
+    except Exception as exc:  # noqa: BLE001 - called while the demo ends, maybe on another error
+        print(f"flead demo: could not count what the demo left ({exc})", file=sys.stderr)
+        return
+    (cfg.state_dir / RUN_MARKER).write_text(json.dumps({"finished_at": time.time(), "left": left}) + "\n")
+
+
+def _snapshot_by_end_of_training(cfg: Config, train: list, say) -> Config:
+    """The demo's round follows the training part, so every device must have sent a weight snapshot by then: a
+    device snapshots every `stream.snapshot_every` readings (or `snapshot_interval_s`, checked only when it sends
+    more), so with fewer training readings than that the demo lowers it to the smallest device's count."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in train:
+        counts[r.device_id] += 1
+    fewest = min(counts.values(), default=cfg.stream.snapshot_every)
+    if fewest >= cfg.stream.snapshot_every:
+        return cfg
+    say(f"stream.snapshot_every {cfg.stream.snapshot_every} -> {fewest} for this demo: a device with fewer training "
+        "readings would send no weight snapshot before the federated round")
+    return load_config(env={**os.environ, **cfg.to_env(), "FLEAD_STREAM_SNAPSHOT_EVERY": str(fewest)})
 
 
 def _wait_for(condition, timeout: float, what: str, progress=None) -> None:
@@ -441,7 +568,8 @@ def cmd_demo(args, cfg: Config) -> int:
     train, test = _load_readings(cfg, args)
     devices = sorted({r.device_id for r in test})
     say(f"{len(devices)} devices, {len(train):,} training and {len(test):,} test readings")
-    _start_services(cfg, not args.no_superset, say)
+    cfg = _snapshot_by_end_of_training(cfg, train, say)
+    _start_services(cfg, not args.no_superset, say, reset=args.reset)
     from storage.mongo import Store
 
     store = Store(cfg)
@@ -483,15 +611,16 @@ def cmd_demo(args, cfg: Config) -> int:
         watcher.join(timeout=5)
         store.close()
         if not args.keep_running:
-            from orchestration import stack
             from services.service import stop_by_name
 
-            if sys.exc_info()[0] is None and not args.no_superset:  # keep what the dashboards need
-                for name in DATA_PATH_SERVICES:  # deregistered: the supervisor does not restart them
-                    if stop_by_name(cfg.state_dir, name):
-                        say(f"stopped {name}")
-            else:
-                stack.down(cfg, say=say)
+            for name in DATA_PATH_SERVICES:  # deregistered: the supervisor does not restart them
+                if stop_by_name(cfg.state_dir, name):
+                    say(f"stopped {name}")
+        _mark_left(cfg)
+        if not args.keep_running and (sys.exc_info()[0] is not None or args.no_superset):
+            from orchestration import stack
+
+            stack.down(cfg, say=say)  # else the dashboards stay up, with what they need
     if args.no_superset:
         summary["dashboard"] = None
     print_summary(summary)

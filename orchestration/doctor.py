@@ -69,7 +69,7 @@ def examine(cfg: Config) -> list[Finding]:
 
 
 def _checkpoint_finding(cfg: Config, stream_registered: bool) -> Finding:
-    from flink_jobs.anomaly_job import latest_checkpoint
+    from flink_jobs.checkpoints import latest_checkpoint
 
     newest = latest_checkpoint(cfg)
     if newest is not None:

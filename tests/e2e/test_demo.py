@@ -44,7 +44,7 @@ def demo_run(tmp_path_factory):
         (PROJECT_ROOT / "artifacts").mkdir(exist_ok=True)
         (PROJECT_ROOT / "artifacts" / "demo-output.txt").write_text(run.stdout + run.stderr)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-        yield cfg, json.loads(summary_path.read_text()), run.stdout
+        yield cfg, json.loads(summary_path.read_text()), run.stdout, env
     finally:
         subprocess.run([sys.executable, "-m", "orchestration.cli", "down"], env=env, cwd=PROJECT_ROOT,
                        capture_output=True, timeout=300)
@@ -54,13 +54,13 @@ def demo_run(tmp_path_factory):
 def demo_store(demo_run):
     from storage.mongo import Store
 
-    cfg, _, _ = demo_run
+    cfg, *_ = demo_run
     with Store(cfg) as store:
         yield store
 
 
 def test_every_reading_is_scored_and_stored_once(demo_run, demo_store):
-    _, summary, stdout = demo_run
+    _, summary, stdout, _ = demo_run
     total = DEVICES * (TRAIN + TEST)
     assert summary["readings"]["scored"] == total
     assert demo_store.count_readings("predictions") == total == demo_store.count_readings("device_data")
@@ -69,7 +69,7 @@ def test_every_reading_is_scored_and_stored_once(demo_run, demo_store):
 
 
 def test_a_federated_round_completed_without_a_race_and_was_adopted(demo_run, demo_store):
-    _, summary, stdout = demo_run
+    _, summary, stdout, _ = demo_run
     assert summary["federated"]["rounds"] >= 1 and "written by another run meanwhile" not in stdout
     assert demo_store.collection("global_models").count_documents({}) >= 1
     adopted = int((demo_store.score_columns()["global_version"] >= 1).sum())
@@ -77,7 +77,7 @@ def test_a_federated_round_completed_without_a_race_and_was_adopted(demo_run, de
 
 
 def test_summary_f1_equals_an_independent_computation(demo_run, demo_store):
-    _, summary, _ = demo_run
+    _, summary, *_ = demo_run
     cols = demo_store.score_columns()
     test = cols["seq"] >= TRAIN
     assert int(test.sum()) == DEVICES * TEST
@@ -97,7 +97,7 @@ def test_summary_f1_equals_an_independent_computation(demo_run, demo_store):
 
 
 def test_malformed_messages_become_dead_letters_by_reason(demo_run, demo_store):
-    _, summary, _ = demo_run
+    _, summary, *_ = demo_run
     sent = summary["bad_input"]["malformed_sent"]
     reasons = {d["reason"] for d in demo_store.find("dead_letters", {"source": demo_run[0].kafka.topics.telemetry})}
     assert sent >= 5 and demo_store.collection("dead_letters").count_documents({}) >= sent
@@ -105,7 +105,7 @@ def test_malformed_messages_become_dead_letters_by_reason(demo_run, demo_store):
 
 
 def test_the_dashboards_stay_up_after_the_summary_and_show_the_demo(demo_run, demo_store, browser):
-    cfg, summary, stdout = demo_run
+    cfg, summary, stdout, _ = demo_run
     base = superset_server.base_url(cfg)
     assert "stay up until `flead down`" in stdout and summary["dashboard"].startswith(base)
     assert requests.get(base + "/health", timeout=10).text.strip() == "OK"
@@ -122,7 +122,29 @@ def test_the_dashboards_stay_up_after_the_summary_and_show_the_demo(demo_run, de
 def test_nothing_the_demo_left_running_listens_outside_loopback(demo_run):
     """What `flead demo` leaves up (servers, Superset) listens on 127.0.0.1 only; the stream job's own check runs
     in tests/chaos/test_kills.py while it scores."""
-    cfg, _, _ = demo_run
+    cfg, *_ = demo_run
     ours = listeners.listeners(listeners.state_dir_processes(cfg.state_dir))
     assert {item.service for item in ours} >= {"kafka", "mongo"}, ours
     assert [str(item) for item in ours if not item.loopback_only] == []
+
+
+def test_a_second_demo_deletes_what_the_first_left_and_scores_everything_again(demo_run):
+    """`flead demo` twice on one state directory (the first left its data and dashboards): the second deletes what
+    the first left, which it recorded (else the stream job would drop every replayed reading as already seen, and
+    the demo would wait for scores until its timeout), then scores and stores each of its own readings once. Runs
+    last: it replaces the data the tests above check."""
+    from storage.mongo import Store
+
+    cfg, _, _, env = demo_run
+    devices, train, test = 2, 300, 200
+    summary_path = cfg.state_dir / "summary-2.json"
+    run = subprocess.run([sys.executable, "-m", "orchestration.cli", "demo", "--devices", str(devices),
+                          "--train-per-device", str(train), "--test-per-device", str(test), "--no-superset",
+                          "--keep-running", "--json", str(summary_path)], env=env, cwd=PROJECT_ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "left by the last demo, deleted" in run.stdout
+    total = devices * (train + test)
+    assert json.loads(summary_path.read_text())["readings"]["scored"] == total
+    with Store(cfg) as store:
+        assert store.count_readings("predictions") == total

@@ -210,7 +210,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
         if producer.ident is not None:  # started
             producer.join()
 
-    from flink_jobs.anomaly_job import latest_checkpoint
+    from flink_jobs.checkpoints import latest_checkpoint
     assert latest_checkpoint(job_cfg) is not None
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB), "--from-savepoint", "latest"], env=env)
     try:

@@ -80,3 +80,35 @@ def test_the_demo_counts_only_score_messages_signed_by_the_job():
                                                      message(sign_message(batch, bytes(32))), message(None, "EOF")])
     assert [r["seq"] for r in records] == [3]
     assert watcher.watch.refused == 2
+
+
+def test_the_demo_starts_over_only_on_what_the_last_demo_left():
+    from orchestration.demo import start_plan
+
+    empty, stored = {"messages": 0, "readings": 0}, {"messages": 12, "readings": 30}
+    assert start_plan(empty, None, False, "var") == "fresh"
+    assert start_plan(stored, dict(stored), False, "var") == "start over"
+    assert start_plan(stored, {}, False, "var") == "start over"  # a demo that did not finish
+    assert start_plan(stored, None, True, "var") == "start over"  # --reset
+    with pytest.raises(SystemExit, match="holds data .12 messages; 30 readings. that no demo left. The demo"):
+        start_plan(stored, None, False, "var")
+    with pytest.raises(SystemExit, match=r"more was added since the last demo.*--reset"):
+        start_plan(stored, {"messages": 12, "readings": 20}, False, "var")
+
+
+def test_the_demo_lowers_the_snapshot_cadence_to_its_shortest_training_part():
+    """Its round follows the training part: a device with fewer training readings than stream.snapshot_every
+    would send no snapshot before it (the demo waited for one until its timeout)."""
+    from types import SimpleNamespace
+
+    from config import load_config
+    from orchestration.demo import _snapshot_by_end_of_training
+
+    cfg = load_config(env={})
+    every = cfg.stream.snapshot_every
+    train = [SimpleNamespace(device_id=d) for d, n in (("a", every + 50), ("b", every - 200)) for _ in range(n)]
+    lines = []
+    assert _snapshot_by_end_of_training(cfg, train, lines.append).stream.snapshot_every == every - 200
+    assert lines and "snapshot" in lines[0]
+    long_enough = [r for r in train if r.device_id == "a"]
+    assert _snapshot_by_end_of_training(cfg, long_enough, lines.append) is cfg
