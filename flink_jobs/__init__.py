@@ -15,7 +15,19 @@ def worker_blas_env(cfg) -> dict[str, str]:
     return {name: str(threads) for name in BLAS_THREAD_VARIABLES} if threads > 0 else {}
 
 
+INPUT_FLUSH_PROPERTY = "flead.beam.data_buffer_time_limit_ms"  # read by flink_jobs/beam-patches
+
+
+def java_options(cfg) -> str:
+    """The job JVM's own flags: the Beam input flush period (`stream.input_flush_ms`, read by the patched
+    ``BeamFnDataOutboundAggregator`` of `flink_jobs/beam-patches`; 0: Beam's default, size and bundle end only),
+    then `stream.jvm_options`."""
+    flush = cfg.stream.input_flush_ms
+    return " ".join(part for part in (f"-D{INPUT_FLUSH_PROPERTY}={flush}" if flush > 0 else "",
+                                      cfg.stream.jvm_options.strip()) if part)
+
+
 def jvm_args(cfg, given: str = "") -> str:
-    """``JVM_ARGS`` for a local run's Flink JVM: `stream.jvm_options`, then the flags `given` in the environment
+    """``JVM_ARGS`` for a local run's Flink JVM: `java_options`, then the flags `given` in the environment
     already (HotSpot takes the last of two conflicting flags, so those win)."""
-    return " ".join(part for part in (cfg.stream.jvm_options.strip(), given.strip()) if part)
+    return " ".join(part for part in (java_options(cfg), given.strip()) if part)

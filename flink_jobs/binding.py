@@ -7,8 +7,9 @@ address; the MiniCluster's task managers exchange data in memory (no data port).
 
 The Python workers' gRPC servers (control, data, state, logging, artifacts, provisioning: six per Python
 operator) have no option: flink-python builds them with ``NettyServerBuilder.forPort``, i.e. on every interface.
-`orchestration/setup.sh` compiles ``flink_jobs/loopback-grpc/ServerFactory.java`` into `PATCH_JAR`, a
-replacement of that one class which binds the loopback address; `lib_dir` makes a Flink lib folder that puts it in
+`orchestration/setup.sh` compiles ``flink_jobs/beam-patches/ServerFactory.java`` into `PATCH_JAR`, a
+replacement of that one class which binds the loopback address (the jar also carries Beam's outbound data buffer
+with a time-based flush, `flink_jobs.java_options`); `lib_dir` makes a Flink lib folder that puts it in
 front of flink-python on the classpath (a local run sets ``FLINK_LIB_DIR`` to it, a standalone cluster starts from
 it). Without the jar (set-up not run) the job still runs, with those ports open: `flead doctor` reports them.
 """
@@ -26,12 +27,12 @@ LOOPBACK_SETTINGS = {
     "taskmanager.bind-host": LOOPBACK,    # task manager RPC and data port (standalone cluster)
     "taskmanager.host": LOOPBACK,
 }
-PATCH_JAR_NAME = "flead-loopback-grpc.jar"  # sorts before flink-python*.jar, as the cluster scripts sort lib/
+PATCH_JAR_NAME = "flead-beam-patches.jar"  # sorts before flink-python*.jar, as the cluster scripts sort lib/
 
 
 def patch_jar(build_dir: Path) -> Path:
-    """Where set-up puts the loopback replacement of flink-python's gRPC server factory."""
-    return Path(build_dir) / "flink-loopback" / PATCH_JAR_NAME
+    """Where set-up puts the patched classes of flink-python's Beam (`flink_jobs/beam-patches`)."""
+    return Path(build_dir) / "flink-patches" / PATCH_JAR_NAME
 
 
 def flink_home() -> Path:

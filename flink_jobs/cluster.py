@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from config import PROJECT_ROOT, load_config
-from flink_jobs import WORKER_PACKAGES, worker_blas_env
+from flink_jobs import WORKER_PACKAGES, java_options, worker_blas_env
 from flink_jobs.binding import LOOPBACK, LOOPBACK_SETTINGS, flink_home, lib_dir
 from services import processes
 from services.processes import ServiceError, port_open
@@ -54,7 +54,7 @@ def write_conf(cfg) -> Path:
         "env.pid.dir": str(processes.private_dir(cfg.state_dir / "flink" / "run")),  # not /tmp: ours only
         # the distribution's --add-opens/--add-exports for Java 17 (without them `flink run` fails with
         # "Can not register process function transformation translator")
-        "env.java.opts.all": f"{distribution_java_opts()} {cfg.stream.jvm_options}".strip(),
+        "env.java.opts.all": f"{distribution_java_opts()} {java_options(cfg)}".strip(),
     }
     (target / "config.yaml").write_text("".join(f"{key}: {value}\n" for key, value in settings.items()))
     # start-cluster.sh reads the hosts from these (the distribution ships none); 127.0.0.1 is started without ssh

@@ -53,23 +53,23 @@ for part in kafka:kafka-libs flink_jobs:flink-libs; do
   fi
 done
 
-# --- Flink: the Python workers' gRPC servers on 127.0.0.1 (flink_jobs/binding.py explains) -----------------
+# --- Flink: patched classes of flink-python's Beam (flink_jobs/beam-patches; flink_jobs/binding.py explains) -----
 flink_python_jar=$(ls .venv/lib/python3*/site-packages/pyflink/opt/flink-python-*.jar 2>/dev/null | head -1)
 [ -n "$flink_python_jar" ] || die "flink-python jar not found in .venv (is apache-flink installed?)"
-key=$(stamp_of flink_jobs/loopback-grpc/ServerFactory.java)-$(basename "$flink_python_jar" .jar)
-patch_jar=$BUILD/flink-loopback/flead-loopback-grpc.jar
-if ! fresh flink-loopback "$key" || [ ! -f "$patch_jar" ]; then
+key=$(stamp_of flink_jobs/beam-patches/*.java)-$(basename "$flink_python_jar" .jar)
+patch_jar=$BUILD/flink-patches/flead-beam-patches.jar
+if ! fresh flink-patches "$key" || [ ! -f "$patch_jar" ]; then
   command -v javac >/dev/null || die "javac (a JDK 17+) is required to build $patch_jar (apt-get install openjdk-17-jdk-headless)"
-  say "Flink loopback patch -> build/flink-loopback"
+  say "Flink/Beam patches -> build/flink-patches"
   classes=$(mktemp -d)
-  javac --release 11 -nowarn -cp "$flink_python_jar" -d "$classes" flink_jobs/loopback-grpc/ServerFactory.java \
-    || die "javac could not compile flink_jobs/loopback-grpc/ServerFactory.java against $flink_python_jar"
-  mkdir -p "$BUILD/flink-loopback" && rm -f "$patch_jar"
-  # only the nested class: the real ServerFactory (and its UrlFactory) stay flink-python's
-  find "$classes" -name '*.class' ! -name 'ServerFactory$InetSocketAddressServerFactory.class' -delete
+  javac --release 11 -nowarn -cp "$flink_python_jar" -d "$classes" flink_jobs/beam-patches/*.java \
+    || die "javac could not compile flink_jobs/beam-patches/*.java against $flink_python_jar"
+  mkdir -p "$BUILD/flink-patches" && rm -f "$patch_jar"
+  # of ServerFactory.java only the nested class: the real ServerFactory (and its UrlFactory) stay flink-python's
+  find "$classes" -name 'ServerFactory*.class' ! -name 'ServerFactory$InetSocketAddressServerFactory.class' -delete
   (cd "$classes" && "$ROOT/.venv/bin/python" -m zipfile -c "$patch_jar" org)
   rm -rf "$classes"
-  mark flink-loopback "$key"
+  mark flink-patches "$key"
 fi
 
 # --- FerretDB (MongoDB wire protocol, SQLite backend), unless the user brings a MongoDB ------------------

@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from config import ConfigError, load_config
+from config import PROJECT_ROOT, ConfigError, load_config
 
 
 def test_defaults_load_and_resolve_paths():
@@ -70,7 +70,20 @@ def test_the_stream_jobs_jvm_flags_come_from_the_setting_and_the_environments_wi
     from flink_jobs import jvm_args
 
     monkeypatch.setenv("FLEAD_STREAM_JVM_OPTIONS", "-XX:+UseSerialGC")
+    monkeypatch.setenv("FLEAD_STREAM_INPUT_FLUSH_MS", "0")
     assert jvm_args(load_config()) == "-XX:+UseSerialGC"
     assert jvm_args(load_config(), " -Xmx2g ") == "-XX:+UseSerialGC -Xmx2g"
     monkeypatch.setenv("FLEAD_STREAM_JVM_OPTIONS", "")
     assert jvm_args(load_config(), "-Xmx2g") == "-Xmx2g"
+
+
+def test_the_beam_input_flush_period_reaches_the_jvm_as_the_patched_class_reads_it(monkeypatch):
+    from flink_jobs import INPUT_FLUSH_PROPERTY, jvm_args
+    from flink_jobs.binding import patch_jar
+
+    monkeypatch.setenv("FLEAD_STREAM_JVM_OPTIONS", "")
+    monkeypatch.setenv("FLEAD_STREAM_INPUT_FLUSH_MS", "5")
+    assert jvm_args(load_config()) == f"-D{INPUT_FLUSH_PROPERTY}=5"
+    source = (PROJECT_ROOT / "flink_jobs" / "beam-patches" / "BeamFnDataOutboundAggregator.java").read_text()
+    assert f'System.getProperty("{INPUT_FLUSH_PROPERTY}")' in source
+    assert patch_jar(load_config().build_dir).name < "flink-python"  # in front of flink-python in a sorted lib/

@@ -7,7 +7,7 @@
  * interfaces, and no Flink option changes that (https://github.com/apache/beam/issues/21598).
  *
  * orchestration/setup.sh compiles this file against flink-python and ships ONLY the nested class
- * ServerFactory$InetSocketAddressServerFactory (build/flink-loopback/flead-loopback-grpc.jar); flink_jobs/binding.py
+ * ServerFactory$InetSocketAddressServerFactory (build/flink-patches/flead-beam-patches.jar); flink_jobs/binding.py
  * puts that jar in front of flink-python on the classpath. The outer class here is a stub that lets javac compile
  * the nested one: at run time the real ServerFactory (its nest host) comes from flink-python. The nested class keeps
  * the original's constructors and methods, so the real outer class links against it unchanged.
