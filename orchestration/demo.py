@@ -31,7 +31,12 @@ DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on a labelled data set and print a summary")
+    p = sub.add_parser(
+        "demo", help="run the whole pipeline on a labelled data set and print a summary",
+        description="Start the local stack and every service, replay each device's training part, run a federated "
+                    "round, replay the labelled test part live, and print throughput, latency, alerts, accuracy and "
+                    "incidents against the labels. The dashboards stay up until `flead down`. A second demo first "
+                    "deletes what the last one left.")
     p.add_argument("--dataset", default="asd",
                    help="asd (default), or the path of your own multi-entity test CSV (device_id,timestamp,metrics...,label)")
     p.add_argument("--train", default=None, help="with a path --dataset: the training CSV (unlabelled, normal operation)")
