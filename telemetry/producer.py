@@ -10,6 +10,7 @@ Delivery failures are counted and reported, never dropped silently.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -20,6 +21,20 @@ from telemetry.schema import Reading, encode_batch, encode_reading
 MAX_KEPT_ERRORS = 10
 FLUSH_TIMEOUT_S = 30.0
 CHECK_EVERY_READINGS = 1024  # how often the full-speed loop looks at the clock and serves delivery reports
+
+
+class _SelfHealing(logging.Filter):
+    """Drops librdkafka's warnings about a step it retries by itself, e.g. "Failed to acquire idempotence PID from
+    broker ...: Coordinator load in progress: retrying" while a broker that just started loads its state: nothing
+    for the user to do, and a failure that lasts is reported by the delivery reports."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith(": retrying")
+
+
+KAFKA_LOG = logging.getLogger("flead.kafka")
+"""Where the producers' librdkafka messages go (served by ``poll``/``flush``)."""
+KAFKA_LOG.addFilter(_SelfHealing())
 
 
 @dataclass
@@ -60,6 +75,7 @@ def producer_config(cfg, **overrides) -> dict:
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,
         "log_level": 4,  # warnings and errors; librdkafka's info lines (e.g. at shutdown) are noise here
+        "logger": KAFKA_LOG,
     }
     config.update(overrides)
     return config

@@ -1,10 +1,11 @@
 """Producer logic (batching, replay, pacing, delivery accounting) against an in-memory stand-in for Kafka."""
+import logging
 import time
 
 import pytest
 
 from models.integrity import device_message_problem
-from telemetry.producer import order_by_time, produce, replay
+from telemetry.producer import KAFKA_LOG, order_by_time, produce, replay
 from telemetry.schema import Reading, decode_message
 
 KEY = bytes(range(32))
@@ -129,3 +130,12 @@ def test_bad_options_are_refused():
         produce([], "t", {}, key=KEY, batch=0, producer=FakeProducer())
     with pytest.raises(ValueError, match="either rate or speedup"):
         produce([], "t", {}, key=KEY, rate=1, speedup=1, producer=FakeProducer())
+
+
+def test_librdkafka_warnings_it_retries_by_itself_are_not_shown(caplog):
+    with caplog.at_level(logging.WARNING, logger=KAFKA_LOG.name):
+        KAFKA_LOG.warning("%s [%s] %s", "GETPID", "rdkafka#producer-8", "Failed to acquire idempotence PID from broker "
+                          "127.0.0.1:9092/1: Broker: Coordinator load in progress: retrying")
+        KAFKA_LOG.warning("%s [%s] %s", "FAIL", "rdkafka#producer-9", "127.0.0.1:1/bootstrap: Connect to "
+                          "ipv4#127.0.0.1:1 failed: Connection refused")
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["FAIL"]
