@@ -323,7 +323,7 @@ class DeviceDetector:
         readings again: one anomalous reading raises the scores of the `window` − 1 readings after it too (an
         isolated spike gives up to `window` flags, at most one of them right), while a sustained anomaly is seen
         from several angles. ``inputs: reading`` scores only the reading's own values."""
-        scaled = self.scaler.transform_many(F)
+        scaled = self.scaler.transform_batch(F)  # no unit assumed for a metric's first move
         np.minimum(scaled, MAX_SCALED_VALUE, out=scaled)  # scores stay finite for any finite input (np.clip's
         np.maximum(scaled, -MAX_SCALED_VALUE, out=scaled)  # result, without its slower scalar loop)
         errors = (self.model if model is None else model).feature_errors(scaled)
@@ -433,7 +433,7 @@ class DeviceDetector:
         F, n_winsorised = self.scaler.winsorise(F, max(PLAUSIBLE_SIGMAS, math.sqrt(self.scaler.n)), PLAUSIBLE_AFTER)
         self.n_winsorised += n_winsorised
         self.scaler.learn_many(F)
-        self.model.learn_many(self.scaler.transform_many(F))
+        self.model.learn_many(self.scaler.transform_batch(F))  # F is learned: only its constant inputs change (0)
         self._loss = float(np.add.reduce(errors, axis=None)) / errors.size
         first = max(0, start - self.n_seen)  # rows from here on are past the start
         if first:  # before the start the residual scales learn too: scores need a scale meanwhile

@@ -9,13 +9,17 @@ class RunningScaler:
 
     Single readings use Welford's update; batches are merged with Chan et al.'s parallel formula (1979), so
     ``learn_many(X)`` gives the same state as ``learn_one`` on every row, up to rounding, without a Python loop.
-    A feature whose standard deviation is below ``min_std`` (e.g. a metric that has been constant so far) is
-    only centred, not divided, so it cannot blow up to huge values on its first change.
+
+    No unit is assumed: a feature that has been constant so far (standard deviation at most ``min_std`` times its
+    mean's magnitude: rounding) has no scale yet. `transform_batch` measures a batch it has not learned against
+    the spread such a feature has once the batch is included, so a metric constant over n readings that moves by
+    any amount in one reading scores about sqrt(n) standard deviations, in any unit; `winsorise` leaves it
+    unclipped (there is no scale to bound its first move by). Values a feature keeps constant stay 0.
 
     Parameters
     ----------
     min_std
-        Standard deviations below this are treated as 1.
+        Relative rounding level: a standard deviation at most this times ``|mean|`` counts as constant.
 
     >>> import numpy as np
     >>> scaler = RunningScaler()
@@ -25,11 +29,13 @@ class RunningScaler:
     ([3.0, 5.0], [2.6666666666666665, 0.0])
     >>> scaler.transform_one(np.array([5.0, 6.0])).round(3).tolist()
     [1.225, 1.0]
+    >>> scaler.transform_batch(np.array([[5.0, 6.0]])).round(3).tolist()  # 5, 5, 5, 6: std 0.433
+    [[1.225, 2.309]]
     >>> RunningScaler.from_array(scaler.to_array()).mean.tolist()
     [3.0, 5.0]
     """
 
-    def __init__(self, min_std: float = 1e-6):
+    def __init__(self, min_std: float = 1e-12):
         self.min_std = float(min_std)
         self.n = 0
         self.mean: np.ndarray | None = None
@@ -47,9 +53,13 @@ class RunningScaler:
 
     @property
     def std(self) -> np.ndarray:
-        """The divisor used by `transform`: the standard deviation, or 1 where it is below `min_std`."""
+        """The divisor used by `transform`: the standard deviation, or 1 where the feature has been constant (its
+        values minus the mean are then 0, up to rounding)."""
         std = np.sqrt(self.var)
-        return np.where(std < self.min_std, 1.0, std)
+        return np.where(self._constant(std, self.mean), 1.0, std)
+
+    def _constant(self, std: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+        return std <= self.min_std * (0.0 if mean is None else np.abs(mean))
 
     def learn_one(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64)
@@ -84,7 +94,8 @@ class RunningScaler:
         copy, so one absurd but finite value (1e20) cannot blow up the scale every later reading is judged by."""
         if self.mean is None or self.n < min_readings:
             return X, 0
-        reach = sigmas * self._std()
+        std = np.sqrt(self.var)
+        reach = np.where(self._constant(std, self.mean), np.inf, sigmas * std)
         low, high = self.mean - reach, self.mean + reach
         outside = (X < low) | (X > high)
         if not outside.any():
@@ -108,6 +119,29 @@ class RunningScaler:
         if self.mean is None:
             return X.copy()
         return (X - self.mean) / self._std()
+
+    def transform_batch(self, X: np.ndarray) -> np.ndarray:
+        """Standardised copy of a batch `X`, with no unit assumed: a feature constant so far is divided by its
+        standard deviation over what was learned and `X` together (Chan's merge), a first batch by its own mean
+        and spread, and a feature that stays constant is 0 (not its rounding noise, which depends on the unit)."""
+        X = np.asarray(X, dtype=np.float64)
+        if self.mean is None:  # nothing learned: every feature is constant so far
+            first = RunningScaler(self.min_std)
+            first.learn_many(X)
+            return first.transform_batch(X)
+        scaled = (X - self.mean) / self._std()
+        constant = self._constant(np.sqrt(self.var), self.mean)
+        if constant.any():
+            columns = X[:, constant]
+            n_b = X.shape[0]
+            mean_b = np.add.reduce(columns, axis=0) / n_b
+            m2_b = np.add.reduce((columns - mean_b) ** 2, axis=0)
+            n = self.n + n_b
+            delta = mean_b - self.mean[constant]
+            merged = np.sqrt((self._m2[constant] + m2_b + delta * delta * (self.n * n_b / n)) / n)
+            still = self._constant(merged, self.mean[constant] + delta * (n_b / n))
+            scaled[:, constant] = np.where(still, 0.0, (columns - self.mean[constant]) / np.where(still, 1.0, merged))
+        return scaled
 
     def _std(self) -> np.ndarray:
         """`std`, cached until the next update. Do not modify the result."""
