@@ -5,7 +5,8 @@
 Starts its own Kafka broker (temporary state dir, free ports), then:
 1. throughput: preloads N ASD readings (every device ``--copies`` times under new ids, so the steady state lasts
    long enough to measure) as per-device batch messages, runs the job ``--bounded`` and reports readings/s from the
-   first to the last score (job start-up excluded), for the configured defaults and for ``--best`` (larger
+   first to the last score (job start-up excluded) and the cores the job's JVM, its Python workers and the broker
+   used over that window (``job_cores``), for the configured defaults and for ``--best`` (larger
    messages, plus any ``FLEAD_STREAM_*`` overrides given); the defaults also with the readings interleaved by
    event time across devices, as a fleet sends them live (the first run sends device after device, as `flead
    produce` replays a per-device file: only a few devices, so keys, are active at once);
@@ -13,7 +14,8 @@ Starts its own Kafka broker (temporary state dir, free ports), then:
    reading stamped with its send time (producer linger 0), and reports p50/p99 of arrival − send time, where
    arrival is when a live consumer of the scores topic received the score (end to end: includes the sink and the
    broker), after ``--warmup`` (60) s of untimed warm-up; beside it ``scored_at`` − send time (inside the scorer), the
-   broker's append time − send time, the cores the job's JVM and Python workers used while timed and the load average;
+   broker's append time − send time, the cores the job's JVM, Python workers and the broker used while timed and
+   the load average;
 3. floor: `DeviceDetector.process_many` over the same readings in one process, same micro-batch size.
 """
 from __future__ import annotations
@@ -72,39 +74,49 @@ def scores_of(cfg, timeout_s: float = 3.0) -> list[dict]:
 
 
 def throughput(base_env: dict, readings: list[Reading], message_batch: int, overrides: dict | None = None) -> dict:
+    """Run the job `--bounded` over `readings` queued in fresh topics; readings/s from its first to its last score,
+    and the cores each process used over that window (`CpuSampler`) with the load average."""
     env, cfg = fresh_topics({**base_env, **(overrides or {})})
     produced = produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg),
                        batch=message_batch)
     assert produced.failed == 0, produced.errors
     started = time.monotonic()
-    job = subprocess.run([sys.executable, str(JOB), "--bounded"], env={**os.environ, **env}, capture_output=True,
-                         text=True)
+    with subprocess.Popen([sys.executable, str(JOB), "--bounded"], env={**os.environ, **env}, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as job:
+        sampler = CpuSampler(job.pid, processes.running_pid(cfg.state_dir, stack.KAFKA))
+        try:
+            out, err = job.communicate()
+        finally:
+            sampler.close()
     if job.returncode != 0:
-        raise RuntimeError(f"the bounded job failed:\n{job.stdout[-3000:]}\n{job.stderr[-3000:]}")
+        raise RuntimeError(f"the bounded job failed:\n{out[-3000:]}\n{err[-3000:]}")
     wall = time.monotonic() - started
     scores = scores_of(cfg)
     at = np.array([s["scored_at"] for s in scores], dtype=np.int64)
     span_s = max((at.max() - at.min()) / 1000.0, 1e-3)
     distinct = len({(s["device_id"], s["seq"]) for s in scores})
     return {"readings": len(readings), "scores": len(scores), "distinct": distinct, "span_s": float(span_s),
-            "readings_per_s": float(len(scores) / span_s), "job_wall_s": wall}
+            "readings_per_s": float(len(scores) / span_s), "job_wall_s": wall,
+            **sampler.cores_within(int(at.min()), int(at.max()))}
 
 
-def session_cpu_s(session: int) -> dict[str, float]:
+def session_cpu_s(session: int, broker: int | None = None) -> dict[str, float]:
     """CPU seconds used so far by the processes of a session (the stream job's: its JVM, its Python workers, the
-    submitting Python), by kind; empty where there is no /proc. Processes that have exited are not counted."""
+    submitting Python), by kind, and by the session `broker` (the Kafka broker's) as ``broker``; empty where there
+    is no /proc. Processes that have exited are not counted."""
     tick = os.sysconf("SC_CLK_TCK")
     used: dict[str, float] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             stat = (entry / "stat").read_text()
+            fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+            if int(fields[3]) not in (session, broker):
+                continue
             command = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
-        if int(fields[3]) != session:
-            continue
-        kind = "jvm" if b"java" in command.split(b"\0")[0] else "python_workers" if b"beam_boot" in command else "other"
+        kind = ("broker" if int(fields[3]) == broker else "jvm" if b"java" in command.split(b"\0")[0]
+                else "python_workers" if b"beam_boot" in command else "other")
         used[kind] = used.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return used
 
@@ -112,6 +124,44 @@ def session_cpu_s(session: int) -> dict[str, float]:
 def cores_between(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
     """Average cores each kind of process used between two `session_cpu_s` samples `seconds` apart."""
     return {kind: round((after[kind] - before.get(kind, 0.0)) / seconds, 2) for kind in sorted(after)}
+
+
+class CpuSampler:
+    """Samples `session_cpu_s` of a job's session and the broker's, and this process's own CPU time (``bench``),
+    every `period_s` in a thread, so that the cores used over a window known only afterwards (a bounded run's
+    first to last score) can be given: `cores_within`. The Python workers exit at the run's end, so their CPU can
+    only be read while they run."""
+
+    def __init__(self, session: int, broker: int | None, period_s: float = 0.25):
+        import threading
+
+        self.session, self.broker, self.period_s = session, broker, period_s
+        self.samples: list[tuple[int, dict[str, float]]] = []  # (wall ms, CPU s by kind)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.period_s):
+            used = session_cpu_s(self.session, self.broker)
+            used["bench"] = time.process_time()
+            self.samples.append((int(time.time() * 1000), used))
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def cores_within(self, start_ms: int, end_ms: int) -> dict:
+        """``job_cores``: the cores each kind of process used between the first and the last sample taken from
+        `start_ms` to `end_ms` (``cpu_window_s`` long), and the load average at the end (empty if fewer than two
+        samples fell in the window)."""
+        inside = [(at, used) for at, used in self.samples if start_ms <= at <= end_ms]
+        if len(inside) < 2:
+            return {}
+        (first_at, first), (last_at, last) = inside[0], inside[-1]
+        seconds = (last_at - first_at) / 1000.0
+        return {"job_cores": cores_between(first, last, seconds), "cpu_window_s": seconds,
+                "load_average": round(os.getloadavg()[0], 1)}
 
 
 class ScoreWatcher:
@@ -166,6 +216,7 @@ def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float
         future.result()
     state_dir = Path(env["FLEAD_STATE_DIR"])
     pid = processes.start(state_dir, "stream-bench", [sys.executable, str(JOB)], env=env)
+    broker = processes.running_pid(cfg.state_dir, stack.KAFKA)
     producer, key = Producer(producer_config(cfg, **{"linger.ms": 0})), signing_key(cfg)
     watcher = ScoreWatcher(cfg)
     try:
@@ -200,11 +251,11 @@ def latency(base_env: dict, readings: list[Reading], rate: float, seconds: float
         while time.monotonic() - began < warmup_s + seconds:
             if first_timed is None and time.monotonic() - began >= warmup_s:
                 first_timed, sent = dict(seq), 0  # steady state from here: the warm-up is not timed
-                cpu_before, timed_from, load_before = session_cpu_s(pid), time.monotonic(), os.getloadavg()[0]
+                cpu_before, timed_from, load_before = session_cpu_s(pid, broker), time.monotonic(), os.getloadavg()[0]
             sent += send_round()
             next_round += interval
             time.sleep(max(0.0, next_round - time.monotonic()))
-        job_cores = cores_between(cpu_before, session_cpu_s(pid), time.monotonic() - timed_from)
+        job_cores = cores_between(cpu_before, session_cpu_s(pid, broker), time.monotonic() - timed_from)
         load = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         producer.flush(10)
         expected = sum(seq[d] - first_timed[d] for d in devices)
