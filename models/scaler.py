@@ -77,15 +77,7 @@ class RunningScaler:
             return
         if self.mean is None:
             self._init(X.shape[1])
-        n_b = X.shape[0]
-        mean_b = np.add.reduce(X, axis=0) / n_b
-        deviations = X - mean_b
-        m2_b = np.add.reduce(deviations * deviations, axis=0)
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self._m2 = self._m2 + m2_b + delta * delta * (self.n * n_b / n)
-        self.n = n
+        self.n, self.mean, self._m2 = _merge(self.n, self.mean, self._m2, X)
         self._divisor = None
 
     def winsorise(self, X: np.ndarray, sigmas: float, min_readings: int) -> tuple[np.ndarray, int]:
@@ -133,13 +125,9 @@ class RunningScaler:
         constant = self._constant(np.sqrt(self.var), self.mean)
         if constant.any():
             columns = X[:, constant]
-            n_b = X.shape[0]
-            mean_b = np.add.reduce(columns, axis=0) / n_b
-            m2_b = np.add.reduce((columns - mean_b) ** 2, axis=0)
-            n = self.n + n_b
-            delta = mean_b - self.mean[constant]
-            merged = np.sqrt((self._m2[constant] + m2_b + delta * delta * (self.n * n_b / n)) / n)
-            still = self._constant(merged, self.mean[constant] + delta * (n_b / n))
+            n, mean, m2 = _merge(self.n, self.mean[constant], self._m2[constant], columns)
+            merged = np.sqrt(m2 / n)
+            still = self._constant(merged, mean)
             scaled[:, constant] = np.where(still, 0.0, (columns - self.mean[constant]) / np.where(still, 1.0, merged))
         return scaled
 
@@ -166,3 +154,15 @@ class RunningScaler:
             scaler.mean = state[3:3 + d].copy()
             scaler._m2 = state[3 + d:3 + 2 * d].copy()
         return scaler
+
+
+def _merge(n: int, mean: np.ndarray, m2: np.ndarray, X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Count, mean and sum of squared deviations of what (`n`, `mean`, `m2`) summarises and the rows of `X`
+    together (Chan, Golub & LeVeque's parallel update)."""
+    n_b = X.shape[0]
+    mean_b = np.add.reduce(X, axis=0) / n_b
+    deviations = X - mean_b
+    m2_b = np.add.reduce(deviations * deviations, axis=0)
+    total = n + n_b
+    delta = mean_b - mean
+    return total, mean + delta * (n_b / total), m2 + m2_b + delta * delta * (n * n_b / total)
