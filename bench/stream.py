@@ -150,17 +150,20 @@ def warm_throughput(base_env: dict, readings: list[Reading], message_batch: int,
                                batch=message_batch, producer=queued)
             assert produced.failed == 0, produced.errors
             scores: list[dict] = []
-            deadline = time.monotonic() + BACKLOG_TIMEOUT_S
+            deadline, seen = time.monotonic() + BACKLOG_TIMEOUT_S, read
             while len(scores) < len(readings):
                 if time.monotonic() > deadline or processes.running_pid(state_dir, "stream-warm") != pid:
                     raise RuntimeError(f"backlog {backlog}: {len(scores)} of {len(readings)} scored: "
                                        + processes.log_tail(state_dir, "stream-warm"))
+                time.sleep(SCORES_POLL_S)
+                if scoring_since is None and watcher.received:
+                    scoring_since = time.monotonic()
+                if len(watcher.received) != seen:  # still arriving: decoding now takes CPU from the job (0.3 cores)
+                    seen = len(watcher.received)
+                    continue
                 arrived = list(watcher.received)[read:]
                 read += len(arrived)
                 scores += [record for _, _, value in arrived for record in decode_scores(value)]
-                if scoring_since is None and scores:
-                    scoring_since = time.monotonic()
-                time.sleep(SCORES_POLL_S)
             backlog += 1
             if timed:
                 break
