@@ -158,7 +158,7 @@ def warm_throughput(base_env: dict, readings: list[Reading], message_batch: int,
                 time.sleep(SCORES_POLL_S)
                 if scoring_since is None and watcher.received:
                     scoring_since = time.monotonic()
-                if len(watcher.received) != seen:  # still arriving: decoding now takes CPU from the job (0.3 cores)
+                if len(watcher.received) != seen:  # still arriving: decoding now would take CPU from the job
                     seen = len(watcher.received)
                     continue
                 arrived = list(watcher.received)[read:]
