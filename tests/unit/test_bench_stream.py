@@ -1,0 +1,58 @@
+"""bench/stream.py's helpers that need no job: the backlog's Kafka timestamps and the rate over scores."""
+import importlib.util
+import sys
+
+import pytest
+
+from config import PROJECT_ROOT
+from telemetry.producer import produce
+from telemetry.schema import Reading
+
+sys.path.insert(0, str(PROJECT_ROOT / "bench"))  # bench/stream.py imports bench_output from beside it, as a script
+SPEC = importlib.util.spec_from_file_location("bench_stream", PROJECT_ROOT / "bench" / "stream.py")
+bench_stream = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench_stream)
+
+
+class RecordingProducer:
+    """Delivers every message at once and keeps the Kafka timestamp each was given (None: the producer's clock)."""
+
+    def __init__(self):
+        self.timestamps = []
+
+    def produce(self, topic, value, key=None, on_delivery=None, timestamp=None):
+        self.timestamps.append(timestamp)
+        on_delivery(None, None)
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=None):
+        return 0
+
+    def __len__(self):
+        return 0
+
+
+def test_a_backlog_produced_through_queued_at_carries_its_timestamp_on_every_message():
+    readings = [Reading(f"d{i % 3}", i // 3, 1_000 * i, {"m": 1.0}) for i in range(48)]
+    recorder = RecordingProducer()
+    result = produce(readings, "telemetry", {}, key=None, batch=4, producer=bench_stream.QueuedAt(recorder, 1_234))
+    assert result.failed == 0 and result.readings == 48
+    assert recorder.timestamps == [1_234] * 12
+
+
+class WindowSampler:
+    """Stands in for `CpuSampler`: records the window it was asked about."""
+
+    def cores_within(self, start_ms, end_ms):
+        self.window = (start_ms, end_ms)
+        return {"job_cores": {"jvm": 1.0}}
+
+
+def test_scoring_rate_counts_scores_over_the_first_to_last_scored_at():
+    sampler = WindowSampler()
+    rate = bench_stream.scoring_rate([{"scored_at": at} for at in (5_000, 6_000, 6_500, 7_000, 9_000)], sampler)
+    assert rate["readings_per_s"] == pytest.approx(5 / 4.0)
+    assert rate["scores"] == 5 and rate["span_s"] == pytest.approx(4.0)
+    assert sampler.window == (5_000, 9_000) and rate["job_cores"] == {"jvm": 1.0}
