@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -208,8 +209,6 @@ class CpuSampler:
     only be read while they run."""
 
     def __init__(self, session: int, broker: int | None, period_s: float = 0.25):
-        import threading
-
         self.session, self.broker, self.period_s = session, broker, period_s
         self.samples: list[tuple[int, dict[str, float]]] = []  # (wall ms, CPU s by kind)
         self.stopping = threading.Event()

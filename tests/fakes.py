@@ -25,3 +25,40 @@ class KafkaMessage:
 
     def value(self):
         return self._value
+
+
+class DeliveryError:
+    """The `KafkaError` of a failed delivery report."""
+
+    def name(self):
+        return "MSG_TIMED_OUT"
+
+    def str(self):
+        return "Local: Message timed out"
+
+
+class Producer:
+    """A confluent-kafka `Producer` without a broker: queues messages (with the Kafka ``timestamp`` each was given,
+    None for the producer's clock) and reports their delivery on poll/flush; fails the messages whose key is in
+    ``failing``."""
+
+    def __init__(self, failing=()):
+        self.sent, self.queue, self.failing, self.timestamps = [], [], set(failing), []
+
+    def produce(self, topic, value, key=None, on_delivery=None, timestamp=None):
+        self.queue.append((topic, key, value, on_delivery))
+        self.timestamps.append(timestamp)
+
+    def poll(self, timeout=0):
+        for topic, key, value, callback in self.queue:
+            self.sent.append((topic, key, value))
+            callback(DeliveryError() if key in self.failing else None, None)
+        self.queue = []
+        return 0
+
+    def flush(self, timeout=None):
+        self.poll()
+        return 0
+
+    def __len__(self):
+        return len(self.queue)

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from config import PROJECT_ROOT
+from fakes import Producer
 from telemetry.producer import produce
 from telemetry.schema import Reading
 
@@ -14,29 +15,9 @@ bench_stream = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench_stream)
 
 
-class RecordingProducer:
-    """Delivers every message at once and keeps the Kafka timestamp each was given (None: the producer's clock)."""
-
-    def __init__(self):
-        self.timestamps = []
-
-    def produce(self, topic, value, key=None, on_delivery=None, timestamp=None):
-        self.timestamps.append(timestamp)
-        on_delivery(None, None)
-
-    def poll(self, timeout=0):
-        return 0
-
-    def flush(self, timeout=None):
-        return 0
-
-    def __len__(self):
-        return 0
-
-
 def test_a_backlog_produced_through_queued_at_carries_its_timestamp_on_every_message():
     readings = [Reading(f"d{i % 3}", i // 3, 1_000 * i, {"m": 1.0}) for i in range(48)]
-    recorder = RecordingProducer()
+    recorder = Producer()
     result = produce(readings, "telemetry", {}, key=None, batch=4, producer=bench_stream.QueuedAt(recorder, 1_234))
     assert result.failed == 0 and result.readings == 48
     assert recorder.timestamps == [1_234] * 12

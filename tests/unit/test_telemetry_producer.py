@@ -4,43 +4,12 @@ import time
 
 import pytest
 
+from fakes import Producer as FakeProducer
 from models.integrity import device_message_problem
 from telemetry.producer import KAFKA_LOG, order_by_time, produce, replay
 from telemetry.schema import Reading, decode_message
 
 KEY = bytes(range(32))
-
-
-class FakeError:
-    def name(self):
-        return "MSG_TIMED_OUT"
-
-    def str(self):
-        return "Local: Message timed out"
-
-
-class FakeProducer:
-    """Queues messages and reports delivery on poll/flush; fails the messages of devices in ``failing``."""
-
-    def __init__(self, failing=()):
-        self.sent, self.queue, self.failing = [], [], set(failing)
-
-    def produce(self, topic, value, key=None, on_delivery=None):
-        self.queue.append((topic, key, value, on_delivery))
-
-    def poll(self, timeout=0):
-        for topic, key, value, callback in self.queue:
-            self.sent.append((topic, key, value))
-            callback(FakeError() if key in self.failing else None, None)
-        self.queue = []
-        return 0
-
-    def flush(self, timeout=None):
-        self.poll()
-        return 0
-
-    def __len__(self):
-        return len(self.queue)
 
 
 def readings(devices=("a", "b"), n=5, step_ms=1000):
