@@ -1,5 +1,6 @@
-"""Detection quality when a fleet reports its metrics in other units and shapes than ASD (no test label is used to
-build the variants; they only check that the detector does not depend on the shape).
+"""Detection quality on ASD converted to other units and to another table shape, beside ASD itself.
+
+No test label is used to build the variants; they only check that the detector does not depend on the shape.
 
 ASD's metrics come scaled to [0, 1] by its publishers; another server fleet may report bytes, percentages,
 counters. This writes two variants of ASD (fixed seed) and runs `flead evaluate` on each, beside ASD itself:
