@@ -37,3 +37,12 @@ def test_scoring_rate_counts_scores_over_the_first_to_last_scored_at():
     assert rate["readings_per_s"] == pytest.approx(5 / 4.0)
     assert rate["scores"] == 5 and rate["span_s"] == pytest.approx(4.0)
     assert sampler.window == (5_000, 9_000) and rate["job_cores"] == {"jvm": 1.0}
+
+
+def test_rate_after_counts_only_the_scores_made_from_then_on():
+    sampler = WindowSampler()
+    scores = [{"scored_at": at} for at in (5_000, 6_000, 6_500, 7_000, 9_000)]
+    rate = bench_stream.rate_after(scores, 6_500, sampler)
+    assert rate["scores"] == 3 and rate["readings_per_s"] == pytest.approx(3 / 2.5)
+    assert sampler.window == (6_500, 9_000)
+    assert bench_stream.rate_after(scores, 8_000, sampler) == {}  # one score: no span to divide by
