@@ -1,4 +1,4 @@
-"""Detection quality on ASD converted to other units and to another table shape, beside ASD itself.
+"""Detection quality on ASD converted to other units, another table shape and gappy data, beside ASD itself.
 
 No test label is used to build the variants; they only check that the detector does not depend on the shape.
 
@@ -7,7 +7,10 @@ counters. This writes two variants of ASD (fixed seed) and runs `flead evaluate`
 
 - ``units``: each metric multiplied by 10^u (u uniform in [-3, 9]) and offset by up to ±1,000;
 - ``shape``: the same, plus 16 noisy linear mixes of the metrics and 3 constant or nearly constant columns
-  (41 metrics), as an exported metrics table often has.
+  (41 metrics), as an exported metrics table often has;
+- ``gaps``: ASD's own units with 2 % of the values missing (empty cells), three servers with only their first
+  1,000 training rows, and 300 test rows missing from two servers (an outage of the exporter), as a fleet's
+  export often is.
 
 Headline: the federated model's pooled ROC-AUC on ``units`` beside its floor, the same on ASD itself (a detector
 that assumes no unit scores both the same).
@@ -33,10 +36,15 @@ MIXES = 16  # noisy linear mixes of the metrics added in the "shape" variant
 MIX_NOISE = 0.01
 LOG10_SCALES = (-3.0, 9.0)
 MAX_OFFSET = 1e3
+MISSING_SHARE = 0.02  # gaps: values missing at random
+SHORT_TRAINING_ROWS = 1_000  # gaps: training rows of the servers with a short history
+SHORT_DEVICES = 3
+OUTAGE = (2_000, 2_300)  # gaps: test rows missing from two servers
 
 
 def variants(train: pd.DataFrame, test: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
-    """``units`` and ``shape`` (module docstring) of the train and test tables, the same transform for both."""
+    """``units``, ``shape`` and ``gaps`` (module docstring) of the train and test tables, the same transform for
+    both."""
     rng = np.random.default_rng(SEED)
     metrics = [c for c in train.columns if c not in ("device_id", "timestamp", "label")]
     scale = 10.0 ** rng.uniform(*LOG10_SCALES, len(metrics))
@@ -59,7 +67,24 @@ def variants(train: pd.DataFrame, test: pd.DataFrame) -> dict[str, tuple[pd.Data
         out["label"] = df["label"]
         return out
 
-    return {"units": (units(train), units(test)), "shape": (shape(train), shape(test))}
+    gaps_rng = np.random.default_rng(SEED + 1)  # its own draws: the other variants stay as they were
+
+    def holes(df: pd.DataFrame) -> pd.DataFrame:
+        out = df.copy()
+        X = df[metrics].to_numpy(copy=True)
+        X[gaps_rng.random(X.shape) < MISSING_SHARE] = np.nan
+        out[metrics] = X
+        return out
+
+    devices = list(dict.fromkeys(train["device_id"]))
+    short = set(gaps_rng.choice(devices, SHORT_DEVICES, replace=False).tolist())
+    outage = set(gaps_rng.choice(devices, 2, replace=False).tolist())
+    gappy_train = pd.concat([rows.head(SHORT_TRAINING_ROWS) if device in short else rows
+                             for device, rows in holes(train).groupby("device_id", sort=False)])
+    gappy_test = pd.concat([pd.concat([rows.iloc[:OUTAGE[0]], rows.iloc[OUTAGE[1]:]]) if device in outage else rows
+                            for device, rows in holes(test).groupby("device_id", sort=False)])
+    return {"units": (units(train), units(test)), "shape": (shape(train), shape(test)),
+            "gaps": (gappy_train, gappy_test)}
 
 
 def evaluate(train: Path, test: Path, models: str, out: Path) -> dict:
