@@ -1,7 +1,8 @@
 """Reference detectors every result is compared with: random scores, Isolation Forest, classic PCA and DBSCAN.
 
 Both follow one contract, ``fit(X_train)`` then ``score(X) -> (n,)`` with higher meaning more anomalous.
-Missing values (nan) are replaced by the training column means, as Isolation Forest cannot take them.
+Missing values (nan, ±inf, beyond `models.features.MAX_ABS_INPUT`) are replaced by the training column means, as
+Isolation Forest cannot take them.
 
 >>> import numpy as np
 >>> X = np.random.default_rng(0).normal(size=(300, 2))
@@ -18,13 +19,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.features import usable
+
 
 def _fill_missing(X: np.ndarray, column_means: np.ndarray) -> np.ndarray:
     X = np.array(X, dtype=np.float64, ndmin=2)
-    missing = ~np.isfinite(X)
+    missing = ~usable(X)  # NaN, ±inf and magnitudes whose squares would overflow count as missing
     if missing.any():
         X[missing] = np.broadcast_to(column_means, X.shape)[missing]
     return X
+
+
+def _column_means(X_train: np.ndarray) -> np.ndarray:
+    """Each column's mean over its usable values (0 if it has none): what a missing value is replaced by."""
+    ok = usable(X_train)
+    counts = ok.sum(axis=0)
+    sums = np.where(ok, X_train, 0.0).sum(axis=0)
+    return np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
 
 
 class RandomScores:
@@ -56,7 +67,7 @@ class IsolationForestScores:
     def fit(self, X_train: np.ndarray) -> "IsolationForestScores":
         from sklearn.ensemble import IsolationForest
         X_train = np.asarray(X_train, dtype=np.float64)
-        self.column_means = np.nan_to_num(np.nanmean(np.where(np.isfinite(X_train), X_train, np.nan), axis=0))
+        self.column_means = _column_means(X_train)
         self.forest = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed)
         self.forest.fit(_fill_missing(X_train, self.column_means))
         return self
@@ -80,7 +91,7 @@ class PCAScores:
 
     def fit(self, X_train: np.ndarray) -> "PCAScores":
         X_train = np.asarray(X_train, dtype=np.float64)
-        self.column_means = np.nan_to_num(np.nanmean(np.where(np.isfinite(X_train), X_train, np.nan), axis=0))
+        self.column_means = _column_means(X_train)
         X = _fill_missing(X_train, self.column_means)
         self.mean, std = X.mean(axis=0), X.std(axis=0)
         self.std = np.where(std > 1e-12, std, 1.0)
@@ -114,7 +125,7 @@ class DBSCANScores:
 
     def fit(self, X_train: np.ndarray) -> "DBSCANScores":
         X_train = np.asarray(X_train, dtype=np.float64)
-        self.column_means = np.nan_to_num(np.nanmean(np.where(np.isfinite(X_train), X_train, np.nan), axis=0))
+        self.column_means = _column_means(X_train)
         X_train = _fill_missing(X_train, self.column_means)
         self.scaler.learn_many(X_train)
         self.detector.learn_many(self.scaler.transform_many(X_train))

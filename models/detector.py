@@ -41,7 +41,8 @@ SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residua
 # any normal fluctuation" for server telemetry whose metrics sit still for days and then step: on ASD's training
 # series it clipped 280-810 values per device (sqrt(n): 26 median). A lasting change of level beyond the bound is
 # taken up after the drift monitor re-baselines. Scaled inputs are also capped at MAX_SCALED_VALUE when scored, so
-# a reading near the float limit (1e300) gives a huge but finite score.
+# a reading at the input limit (models.features.MAX_ABS_INPUT; beyond it a value counts as missing) gives a huge but
+# finite score.
 PLAUSIBLE_SIGMAS = 10.0
 PLAUSIBLE_AFTER = 30
 MAX_SCALED_VALUE = 1e6

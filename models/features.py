@@ -6,17 +6,27 @@ from typing import Sequence
 import numpy as np
 
 NAN_POLICIES = ("impute", "reject")
+MAX_ABS_INPUT = 1e100
+"""Largest magnitude a metric value may have: the models square values and add up many squares (a variance, a
+covariance, squared residuals), which must stay finite in float64 (1e154 squared overflows; 1e100 leaves room for
+sums of 10^100 squares). Beyond it a value counts as missing, like NaN and ±inf; the wire refuses it
+(`telemetry.schema`)."""
 
 
 class NonFiniteMetricError(ValueError):
-    """A NaN or infinite metric value under ``model.nan_policy = reject``."""
+    """A missing metric value (NaN, ±inf, or beyond ±`MAX_ABS_INPUT`) under ``model.nan_policy = reject``."""
+
+
+def usable(X: np.ndarray) -> np.ndarray:
+    """Which values the models can take: finite and at most `MAX_ABS_INPUT` in magnitude (NaN compares False)."""
+    return np.abs(X) <= MAX_ABS_INPUT
 
 
 class FeatureBuilder:
     """Turn each reading into features: the raw metrics, then rolling means and standard deviations, lagged
     values and the rate of change of every metric, from a small buffer of the last readings.
 
-    Missing values (NaN, ±inf) are handled first, by `nan_policy`:
+    Missing values (NaN, ±inf, and magnitudes beyond `MAX_ABS_INPUT`) are handled first, by `nan_policy`:
 
     - ``impute``: replace with the metric's last finite value (carried across batches); a metric never yet
       finite takes the mean of its finite values in the same batch, else 0. Every replaced value is counted in
@@ -107,17 +117,17 @@ class FeatureBuilder:
             self._recent = np.zeros((0, d))
 
     def clean_many(self, X: np.ndarray) -> tuple[np.ndarray, int]:
-        """`X` with non-finite values replaced per `nan_policy` (`X` itself, as float64 rows, if it has none), and
-        how many were replaced. No state change."""
+        """`X` with missing values (`usable`: NaN, ±inf, beyond ±`MAX_ABS_INPUT`) replaced per `nan_policy` (`X`
+        itself, as float64 rows, if it has none), and how many were replaced. No state change."""
         X = np.array(X, dtype=np.float64, ndmin=2, copy=None)
         self._setup(X.shape[1])
-        finite = np.isfinite(X)
+        finite = usable(X)
         if finite.all():
             return X, 0
         if self.nan_policy == "reject":
             row, col = np.argwhere(~finite)[0]
             raise NonFiniteMetricError(f"metric {self.metric_names[col]!r} is {X[row, col]} in row {row} "
-                                       f"(model.nan_policy = reject)")
+                                       f"(missing, or beyond ±{MAX_ABS_INPUT:g}; model.nan_policy = reject)")
         # Forward fill: index of the latest finite row at or before each row, -1 if none in this batch.
         rows = np.where(finite, np.arange(X.shape[0])[:, None], -1)
         latest = np.maximum.accumulate(rows, axis=0)
@@ -185,7 +195,7 @@ class FeatureBuilder:
         ``_recent`` followed by `clean`, if already made)."""
         self.n_imputed += n_replaced
         if n_replaced:
-            seen = np.isfinite(np.array(X, dtype=np.float64, ndmin=2, copy=None)).any(axis=0)
+            seen = usable(np.array(X, dtype=np.float64, ndmin=2, copy=None)).any(axis=0)
             self._last_finite[seen] = clean[-1, seen]  # forward-filled, so the last finite value of each metric
         else:
             self._last_finite[:] = clean[-1]

@@ -165,4 +165,6 @@ def _merge(n: int, mean: np.ndarray, m2: np.ndarray, X: np.ndarray) -> tuple[int
     m2_b = np.add.reduce(deviations * deviations, axis=0)
     total = n + n_b
     delta = mean_b - mean
+    if not n:  # nothing before: no mean-shift term (and no 0 * inf from a huge first mean)
+        return total, mean_b, m2 + m2_b
     return total, mean + delta * (n_b / total), m2 + m2_b + delta * delta * (n * n_b / total)

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
+from models.features import MAX_ABS_INPUT
 from models.integrity import SIGNATURE_FIELD
 
 try:
@@ -50,8 +51,9 @@ MAX_METRICS = 1000
 MAX_METRIC_NAME_CHARS = 200
 MAX_BATCH_READINGS = 10_000
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a full batch of 10,000 readings of 20 metrics is about 4 MB
-# Larger magnitudes overflow the detector's squared errors (1e300 ** 2 is inf), so they are refused, not imputed.
-MAX_ABS_VALUE = 1e300
+# Larger magnitudes would overflow the models' sums of squares (`models.features.MAX_ABS_INPUT`): refused, so that the
+# producer learns of it (the detector itself would count such a value as missing).
+MAX_ABS_VALUE = MAX_ABS_INPUT
 MAX_INT64 = 2**63 - 1
 # Event times outside 1970-01-01 .. 2100-01-01 are not telemetry but corrupt or hostile values (they overflowed
 # date arithmetic downstream); a live stream narrows this further with `stream.timestamp_window_s`.

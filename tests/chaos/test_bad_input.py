@@ -64,6 +64,8 @@ def corpus(now: int, key: bytes) -> list[tuple[str, str, bytes | None, str, str]
         ("a float seq", "bad-1", sent_by("bad-1", message(seq=1.5)), "dead letter",
          "seq: expected an integer, got float"),
         ("1e301", "bad-1", sent_by("bad-1", message(metrics={"m00": 1e301})), "dead letter", "is too large"),
+        ("1e200 (its square overflows float64)", "bad-1", sent_by("bad-1", message(metrics={"m00": 1e200})),
+         "dead letter", "is too large (|value| > 1e+100)"),
         ("ts in year 1", "bad-1", sent_by("bad-1", message(ts=-62_135_596_800_000)), "dead letter",
          "is not between 1970-01-01 and 2100-01-01"),
         ("ts in year 3000", "bad-1", sent_by("bad-1", message(ts=32_503_680_000_000)), "dead letter",

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from models.integrity import sign_message
-from telemetry.schema import (DEAD_LETTER_SCHEMA, MAX_DEAD_LETTER_RAW_CHARS, MAX_TS_MS, MIN_TS_MS, SCHEMA, InvalidMessage, Reading,
+from telemetry.schema import (DEAD_LETTER_SCHEMA, MAX_ABS_VALUE, MAX_DEAD_LETTER_RAW_CHARS, MAX_TS_MS, MIN_TS_MS, SCHEMA, InvalidMessage, Reading,
                               dead_letter, decode_columns, decode_message, decode_scores, encode_batch,
                               encode_reading, encode_scores)
 
 device_ids = st.text(min_size=1, max_size=200).filter(lambda s: s.strip())
 metric_names = st.text(min_size=1, max_size=30)
-values = st.floats(min_value=-1e300, max_value=1e300, allow_nan=False)
+values = st.floats(min_value=-MAX_ABS_VALUE, max_value=MAX_ABS_VALUE, allow_nan=False)
 metrics = st.dictionaries(metric_names, values, min_size=1, max_size=20)
 labels = st.sampled_from([None, 0, 1])
 int64 = st.integers(min_value=0, max_value=2**63 - 1)
@@ -106,6 +106,7 @@ INVALID = [
     ("metric bool", message(metrics={"m03": True}), "metrics.m03: expected a number, got bool"),
     ("metric object", message(metrics={"m03": {}}), "metrics.m03: expected a number, got dict"),
     ("metric too large", message(metrics={"m03": 1e301}), "metrics.m03: 1e+301 is too large"),
+    ("metric whose square overflows", message(metrics={"m03": -1e160}), "metrics.m03: -1e+160 is too large"),
     ("metric int too large", message(metrics={"m03": 10**301}), "metrics.m03: "),
     ("metric name empty", message(metrics={"": 1}), "metrics: metric name '' must have 1 to 200 characters"),
     ("label 2", message(label=2), "label: expected 0, 1 or null, got 2"),
