@@ -126,15 +126,17 @@ def to_json(record: Mapping) -> str:
 class StreamScoring:
     """The per-device logic of the stream job (module docstring). Holds no device state itself, only what a
     worker remembers so as not to repeat itself (refused global models, reported unknown metric sets, devices'
-    mute patterns derived from the feedback it holds) and the signing key (`use_key`)."""
+    mute patterns derived from the feedback it holds), one entry of each per device at most, so a device cannot
+    grow it, and the signing key (`use_key`)."""
 
     def __init__(self, settings: DetectorSettings, options: StreamOptions):
         self.settings = settings
         self._tunable = settings.tunable()
         self.options = options
         self.key: bytes | None = None
-        self.refused_global: set[tuple[str, int]] = set()  # (device, version) whose shapes did not fit
-        self.reported_unknown: set[tuple[str, tuple[str, ...]]] = set()  # (device, metric names) dead-lettered
+        self.refused_global: dict[str, int] = {}  # device -> the newest global version whose shapes did not fit it
+        self.reported_refusal = -1  # the global version last dead-lettered as not fitting (a letter per version)
+        self.reported_unknown: dict[str, tuple[str, ...]] = {}  # device -> the unknown metric names last reported
         self.patterns: dict[str, tuple[tuple, tuple[MutePattern, ...]]] = {}  # device -> (feedback seen, patterns)
 
     def use_key(self, key: bytes) -> "StreamScoring":
@@ -259,18 +261,19 @@ class StreamScoring:
         A model whose shapes do not fit the device's is refused once and not retried."""
         newest = broadcasts.models.newest_for(device_id)
         if (newest is None or newest.version <= detector.global_version
-                or (device_id, newest.version) in self.refused_global):
+                or newest.version <= self.refused_global.get(device_id, -1)):
             return
         try:
             detector.adopt_global(newest.weights, newest.version)
             out.counts["global_models_adopted"] += 1
         except ValueError as exc:  # shapes of another architecture
             out.counts["global_models_rejected"] += 1
-            if not any(version == newest.version for _, version in self.refused_global):  # once per version
+            if newest.version != self.reported_refusal:  # once per version, not once per device
                 self._dead_letter(out, None, f"global model v{newest.version} does not fit the model of device "
                                              f"{device_id} (and maybe others): {exc}",
                                   self.options.global_model_topic, device_id)
-            self.refused_global.add((device_id, newest.version))
+            self.reported_refusal = newest.version
+            self.refused_global[device_id] = newest.version
 
     def mute_patterns(self, broadcasts: Broadcasts, device_id: str, out: Emitted) -> tuple[MutePattern, ...]:
         """The device's false-positive patterns (`scoring.feedback`), derived from the verdicts the worker holds
@@ -396,17 +399,19 @@ class StreamScoring:
 
     def report_unknown_metrics(self, device_id: str, detector: DeviceDetector, batch: Columns, out: Emitted) -> None:
         """Metrics the device's model was not created with cannot be scored: their values are counted
-        (``metric_values_ignored``), and the first message of a device bringing a new such set is dead-lettered
-        with the reason (once per set and worker, so a device that keeps sending them does not flood the topic)."""
+        (``metric_values_ignored``), and the first message of a device bringing another such set than the last
+        one reported is dead-lettered with the reason (a device that keeps sending the same extra metrics does not
+        flood the topic; the worker remembers one set per device, so a device that sends new names in every message
+        cannot grow its memory, and gets a dead letter per message)."""
         if list(batch.names) == detector.metric_names:
             return
         unknown = tuple(sorted(set(batch.names) - set(detector.metric_names)))
         if not unknown:
             return
         out.counts["metric_values_ignored"] += len(unknown) * len(batch.seqs)
-        if (device_id, unknown) in self.reported_unknown:
+        if self.reported_unknown.get(device_id) == unknown:
             return
-        self.reported_unknown.add((device_id, unknown))
+        self.reported_unknown[device_id] = unknown
         reason = (f"metrics {', '.join(unknown)} are not in the device's model (created with "
                   f"{len(detector.metric_names)} metrics): their values are ignored, the others scored")
         first = {"device_id": device_id, "seq": batch.seqs[0], "ts": batch.ts[0],

@@ -266,7 +266,11 @@ def test_unknown_metrics_are_counted_and_reported_once_missing_ones_imputed(sett
     assert "metrics zz are not in the device's model" in json.loads(out.dead_letters[0])["reason"]
     state, out = scoring.score(state, "a", [columns("a", 8, 4, names=[*METRICS, "zz"])], Broadcasts(), 1_000)
     assert out.counts["metric_values_ignored"] == 4 and not out.dead_letters
-    shrunk = columns("a", 12, 4, names=["cpu", "disk"])
+    for seq, extra in ((12, "yy"), (16, "xx")):  # new names in every message: a letter each, one set remembered
+        renamed = columns("a", seq, 4, names=[*METRICS, extra])
+        state, out = scoring.score(state, "a", [renamed], Broadcasts(), 1_000)
+        assert len(out.dead_letters) == 1 and scoring.reported_unknown == {"a": (extra,)}
+    shrunk = columns("a", 20, 4, names=["cpu", "disk"])
     state, out = scoring.score(state, "a", [shrunk], Broadcasts(), 1_000)
     assert out.counts["values_imputed"] == 4 and not out.dead_letters and len(decode_scores(out.scores[0])) == 4
 
@@ -449,6 +453,7 @@ def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_onc
     assert "global_models_rejected" not in out.counts and state.detector.global_version == 1
     _, out = scoring.score(None, "b", [columns("b", 0, 4)], models, 1_000)
     assert out.counts["global_models_rejected"] == 1 and not out.dead_letters  # one dead letter per version
+    assert scoring.refused_global == {"a": 2, "b": 2}  # one entry per device, whatever it was sent
 
 
 def test_a_restored_device_takes_the_jobs_changed_configuration(settings):
@@ -479,8 +484,8 @@ def test_state_and_scoring_survive_pickling(settings):
     copy = pickle.loads(pickle.dumps(state))
     assert isinstance(copy, DeviceState) and copy.detector.n_seen == 12
     assert copy.detector.to_bytes() == state.detector.to_bytes()
-    scoring.reported_unknown.add(("a", ("zz",)))
-    assert pickle.loads(pickle.dumps(scoring)).reported_unknown == set()
+    scoring.reported_unknown["a"] = ("zz",)
+    assert pickle.loads(pickle.dumps(scoring)).reported_unknown == {}
 
 
 # -- the Flink adapter, driven by fakes ----------------------------------------------------------------------
