@@ -379,3 +379,22 @@ def _wait(condition, timeout=60.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+def test_metric_names_that_mean_something_to_mongodb_are_stored_as_sent(cfg, store):
+    """Metric names are the devices' own: '$where', 'a.b', '_id', unicode and 200 characters must neither break a
+    write nor reach a query as an operator; the readings, roll-ups and the device's summary keep them verbatim."""
+    names = ["$where", "a.b", "_id", "métrique µs", "x" * 200, "$"]
+    readings = [Reading("hostile-names", seq, 1_700_000_000_000 + seq * 60_000,
+                        {name: float(seq + i) for i, name in enumerate(names)}) for seq in range(50)]
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    producer.produce(cfg.kafka.topics.telemetry, key="hostile-names", value=_telemetry(cfg, "hostile-names", readings))
+    assert producer.flush(30) == 0
+
+    stats = MongoSink(_fast(cfg)).run(until_idle_s=3.0)
+
+    assert stats["telemetry_invalid"] == 0 and store.count_readings("device_data") == 50
+    values = store.device_readings(["hostile-names"])["hostile-names"]
+    assert values["names"] == names and values["values"][:, 0].tolist() == [float(s) for s in range(50)]
+    rolled = {m["name"] for d in store.find("metric_rollups") for m in d["metrics"]}
+    assert rolled == set(names) and _rollup_total(store, "metric_rollups") == 50
