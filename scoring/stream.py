@@ -44,7 +44,7 @@ from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
             "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events", "values_winsorised",
-            "devices_reconfigured", "telemetry_refused")
+            "devices_reconfigured", "telemetry_refused", "scoring_errors")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -332,7 +332,12 @@ class StreamScoring:
             def mute(scores, thresholds, is_anomaly, top_metrics):
                 return mute_mask(patterns, scores, thresholds, is_anomaly, top_metrics, now_ms, self.options.feedback)
         incidents_before, winsorised_before = detector.n_incidents, detector.n_winsorised
-        for rows, result in self._process(detector, device_id, X, seqs, stamps, labels, mute, out):
+        try:
+            processed = self._process(detector, device_id, X, seqs, stamps, labels, mute, out)
+        except Exception as exc:  # noqa: BLE001 - a poison batch: see `scoring_failed`
+            self.scoring_failed(device_id, seqs, exc, out)
+            return state, out
+        for rows, result in processed:
             self.score_records(device_id, detector, seqs[rows], stamps[rows], labels[rows], result, now_ms, out)
             self.event_records(device_id, detector, result, now_ms, out)
         out.counts["incidents_opened"] += detector.n_incidents - incidents_before
@@ -340,6 +345,16 @@ class StreamScoring:
         if state.snapshot_due(now_ms, self.options.snapshot_every, self.options.snapshot_interval_ms):
             self.snapshot(state, device_id, broadcasts, now_ms, out)
         return state, out
+
+    def scoring_failed(self, device_id: str, seqs: list[int], exc: Exception, out: Emitted) -> None:
+        """A batch the detector raised on (a defect, or input no check foresaw) is dead-lettered with the error and
+        counted (``scoring_errors``) instead of failing the job: a failed job restarts from its checkpoint and meets
+        the same batch again, so one poison batch would stop every device's scoring. The device's later batches
+        are scored as usual."""
+        out.counts["scoring_errors"] += 1
+        first = {"device_id": device_id, "seq_first": seqs[0], "seq_last": seqs[-1], "readings": len(seqs)}
+        self._dead_letter(out, to_json(first), f"scoring failed, batch not scored ({type(exc).__name__}: {exc})",
+                          self.options.telemetry_topic, device_id)
 
     def admit(self, state: DeviceState, device_id: str, seqs: list[int], stamps: list[int], now_ms: int,
               out: Emitted) -> np.ndarray:

@@ -724,3 +724,23 @@ def test_counts_made_in_a_timer_go_to_the_scope_of_the_operators_elements(monkey
     assert counts["records_scored"].n == 3
     counters.add({"records_scored": 2}, in_timer=True)
     assert counts["records_scored"].n == 5 and scope.entered == 1 and counts["records_scored"].in_scope == [0, 1]
+
+
+def test_a_batch_the_detector_fails_on_is_dead_lettered_and_the_next_one_scored(settings, monkeypatch):
+    """A poison batch must not fail the job (it would meet the batch again after every restart)."""
+    scoring = scoring_with(settings)
+    state, _ = run(scoring, "a", 1)
+    genuine = DeviceDetector.process_many
+
+    def failing(self, X, *args, **kwargs):
+        raise np.linalg.LinAlgError("eigendecomposition of a 20×20 matrix did not converge")
+
+    monkeypatch.setattr(DeviceDetector, "process_many", failing)
+    state, out = scoring.score(state, "a", [columns("a", 4, 4)], Broadcasts(), 1_000)
+    assert out.counts["scoring_errors"] == 1 and not out.scores and len(out.dead_letters) == 1
+    letter = json.loads(out.dead_letters[0])
+    assert "scoring failed, batch not scored (LinAlgError: eigendecomposition" in letter["reason"]
+    assert json.loads(letter["raw"]) == {"device_id": "a", "seq_first": 4, "seq_last": 7, "readings": 4}
+    monkeypatch.setattr(DeviceDetector, "process_many", genuine)
+    state, out = scoring.score(state, "a", [columns("a", 8, 4)], Broadcasts(), 1_000)
+    assert [r["seq"] for raw in out.scores for r in decode_scores(raw)] == [8, 9, 10, 11]
