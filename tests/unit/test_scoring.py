@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings as examples, strategies as st
 
 from models import secure_aggregation as secagg
 from models.detector import DetectorSettings, DeviceDetector
@@ -15,7 +16,7 @@ from scoring.broadcasts import FLEET, Broadcasts, GlobalModel, GlobalModels, glo
 from scoring.feedback import FeedbackSettings
 from scoring.state import DeviceState, KeyedDevice
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring
-from telemetry.schema import (FEEDBACK, GLOBAL_MODEL, SNAPSHOT, InvalidMessage, Reading, decode_columns,
+from telemetry.schema import (FEEDBACK, GLOBAL_MODEL, MAX_ABS_VALUE, SNAPSHOT, InvalidMessage, Reading, decode_columns,
                               decode_scores, encode_batch)
 
 METRICS = ["cpu", "mem", "disk"]
@@ -744,3 +745,29 @@ def test_a_batch_the_detector_fails_on_is_dead_lettered_and_the_next_one_scored(
     monkeypatch.setattr(DeviceDetector, "process_many", genuine)
     state, out = scoring.score(state, "a", [columns("a", 8, 4)], Broadcasts(), 1_000)
     assert [r["seq"] for raw in out.scores for r in decode_scores(raw)] == [8, 9, 10, 11]
+
+
+@examples(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 20),
+                          st.sampled_from(["normal", "huge", "tiny", "constant", "mixed"]), st.integers(0, 2**32)),
+                min_size=1, max_size=8))
+def test_valid_telemetry_with_hostile_values_is_scored_without_a_failure(batches):
+    """Whatever valid values a device sends (up to the wire's limit, NaN, constants, subnormals), every batch is
+    scored with finite scores: none is dead-lettered as a scoring failure (the hostile-values fuzz, as a test)."""
+    from config import load_config
+    scoring = StreamScoring(DetectorSettings.from_config(load_config(env={})), options(micro_batch_size=16))
+    scoring.use_key(KEY)
+    state, seq = None, 0
+    for n, kind, seed in batches:
+        rng = np.random.default_rng(seed)
+        values = {"normal": lambda: rng.normal(size=(n, 3)),
+                  "huge": lambda: rng.choice([-1.0, 1.0], size=(n, 3)) * MAX_ABS_VALUE,
+                  "tiny": lambda: rng.normal(size=(n, 3)) * 5e-324,
+                  "constant": lambda: np.full((n, 3), rng.choice([0.0, 1e-300, MAX_ABS_VALUE])),
+                  "mixed": lambda: np.where(rng.random((n, 3)) < 0.3, rng.choice([np.nan, MAX_ABS_VALUE, -1e-300]),
+                                            rng.normal(size=(n, 3)))}[kind]()
+        state, out = scoring.score(state, "a", [columns("a", seq, n, values=values)], Broadcasts(), 1_000)
+        seq += n
+        assert "scoring_errors" not in out.counts, out.dead_letters
+        assert all(r["score"] is not None and math.isfinite(r["score"]) for raw in out.scores
+                   for r in decode_scores(raw))
