@@ -94,13 +94,16 @@ def loads(blob: bytes, expected_shapes: Sequence[Sequence[int]] | None = None) -
         raise SerializationError(f"truncated: header of {header_len} bytes announced, {len(blob) - start} present")
     try:
         header = json.loads(blob[start:start + header_len].decode("utf-8"))
-        shapes = [tuple(int(n) for n in shape) for shape in header["shapes"]]
+        shapes = [tuple(_dimension(n) for n in shape) for shape in header["shapes"]]
         version, dtype, digest = header["format_version"], header["dtype"], header["sha256"]
         dtypes = header["dtypes"] if version == FORMAT_VERSION_MIXED else [dtype] * len(shapes)
+        meta = header.get("meta", {})
     except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise SerializationError(f"corrupt header: {exc}") from None
+    if not isinstance(meta, dict):
+        raise SerializationError(f"corrupt header: meta is a {type(meta).__name__}, not an object")
     if (version not in (FORMAT_VERSION, FORMAT_VERSION_MIXED) or dtype != DTYPE or not isinstance(dtypes, list)
-            or len(dtypes) != len(shapes) or not set(dtypes) <= {DTYPE, DTYPE_SMALL}):
+            or len(dtypes) != len(shapes) or not all(d in (DTYPE, DTYPE_SMALL) for d in dtypes)):
         raise SerializationError(f"unsupported format {version} / dtype {dtype} (this reader: formats "
                                  f"{FORMAT_VERSION}, {FORMAT_VERSION_MIXED}; arrays {DTYPE} or {DTYPE_SMALL})")
     payload = blob[start + header_len:]
@@ -117,7 +120,14 @@ def loads(blob: bytes, expected_shapes: Sequence[Sequence[int]] | None = None) -
         weights.append(np.frombuffer(payload, dtype=dtype, count=size // itemsize, offset=offset).reshape(shape)
                        .astype(np.dtype(dtype).newbyteorder("=")))
         offset += size
-    return weights, header["meta"]
+    return weights, meta
+
+
+def _dimension(n: Any) -> int:
+    """One dimension of a header's shape: a non-negative integer (a crafted header may hold anything)."""
+    if type(n) is not int or n < 0:
+        raise ValueError(f"shape dimension {n!r:.40} is not a non-negative integer")
+    return n
 
 
 def to_b64(blob: bytes) -> str:

@@ -70,3 +70,40 @@ def test_float32_arrays_stay_float32_and_float64_blobs_keep_format_1():
     damaged[-1] ^= 0x01
     with pytest.raises(SerializationError):
         loads(bytes(damaged))
+
+
+
+def _crafted(changes: dict, drop: tuple[str, ...] = ()) -> bytes:
+    """A blob whose header was edited (`changes`, fields in `drop` removed) and its digest computed again: it is a
+    checksum, not a signature, so anyone can, e.g. a device posting its own snapshot through the REST API."""
+    import json
+    from models.serialization import MAGIC, _LENGTH, _canonical, _digest
+    blob = dumps([np.ones((3, 2), dtype=np.float32), np.zeros(4)], META)
+    (length,) = _LENGTH.unpack_from(blob, len(MAGIC))
+    start = len(MAGIC) + _LENGTH.size
+    header = {k: v for k, v in {**json.loads(blob[start:start + length]), **changes}.items() if k not in drop}
+    payload = blob[start + length:]
+    header["sha256"] = _digest(header, payload)
+    encoded = _canonical(header)
+    return MAGIC + _LENGTH.pack(len(encoded)) + encoded + payload
+
+
+@pytest.mark.parametrize("changes", [
+    {"shapes": [[-3], [4]]},                       # negative sizes that add up to the payload's length
+    {"shapes": [[3, 2.0], [4]]},                   # not an integer
+    {"shapes": [[3, True], [4]]},
+    {"dtypes": [["<f4"], "<f8"]},                  # unhashable
+    {"dtypes": [{"a": 1}, "<f8"]},
+    {"meta": ["architecture"]},                    # not an object: callers read meta.get(...)
+    {"meta": None},
+    {"shapes": "3,2"},
+])
+def test_a_crafted_header_with_a_valid_digest_is_a_serialization_error(changes):
+    """Found by fuzzing headers with their digest recomputed: these raised ValueError, KeyError or TypeError (or
+    returned a meta that was no dict), which the REST API turned into a 500 instead of a 400 with the reason."""
+    with pytest.raises(SerializationError):
+        loads(_crafted(changes))
+
+
+def test_a_header_without_meta_reads_as_no_metadata():
+    assert loads(_crafted({}))[1] == META and loads(_crafted({}, drop=("meta",)))[1] == {}
