@@ -1,5 +1,7 @@
-"""Stand-ins for the clients' objects in unit tests that run without a broker."""
+"""Stand-ins for the clients' objects in unit tests that run without a broker, and inputs as an attacker makes them."""
 from __future__ import annotations
+
+import json
 
 
 class KafkaMessage:
@@ -62,3 +64,17 @@ class Producer:
 
     def __len__(self):
         return len(self.queue)
+
+
+def crafted_blob(blob: bytes, drop: tuple[str, ...] = (), **changes) -> bytes:
+    """A `models.serialization` weight blob whose header was edited (`changes`, fields in `drop` removed) and its
+    digest computed again: the digest is a checksum, not a signature, so anyone can (e.g. a device posting its own
+    snapshot through the REST API)."""
+    from models.serialization import _LENGTH, MAGIC, _canonical, _digest
+    (length,) = _LENGTH.unpack_from(blob, len(MAGIC))
+    start = len(MAGIC) + _LENGTH.size
+    header = {k: v for k, v in {**json.loads(blob[start:start + length]), **changes}.items() if k not in drop}
+    payload = blob[start + length:]
+    header["sha256"] = _digest(header, payload)
+    encoded = _canonical(header)
+    return MAGIC + _LENGTH.pack(len(encoded)) + encoded + payload

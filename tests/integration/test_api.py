@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from config import load_config
+from fakes import crafted_blob
 from models.detector import DeviceDetector
 from models.integrity import device_token, sign_record, signing_key, verify_record, wire_form
-from models.serialization import dumps, to_b64
+from models.serialization import dumps, from_b64, to_b64
 from services import processes
 from spark_jobs.api import api_token, create_app
 from storage.mongo import Store
@@ -93,6 +94,9 @@ def test_valid_update_is_stored_and_bad_ones_get_the_reason(client, api_cfg, db)
         "not a blob": (snapshot(version=2, weights="aGVsbG8gd29ybGQgaGVsbG8="), 400, "magic"),
         "wrong shape": (snapshot(version=2, weights=blob([(5, 16)] + SHAPES[1:])), 400, "wrong shape"),
         "non-finite": (snapshot(version=2, weights=blob(value=np.nan)), 400, "non-finite"),
+        "a header crafted with its digest": (
+            snapshot(version=2, weights=to_b64(crafted_blob(from_b64(blob()), meta=["x"]))), 400,
+            "corrupt header"),
         "zero samples": (snapshot(version=2, n_samples=0), 422, "n_samples"),
         "bad device id": (snapshot(device_id="a:b"), 422, "device_id"),
         "unknown field": (snapshot(version=2, colour="red"), 422, "colour"),

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
+from fakes import crafted_blob
 from models.serialization import SerializationError, dumps, from_b64, loads, to_b64
 
 META = {"architecture": "dense_ae/3-2-3/tanh", "model_version": 7, "note": "ü"}
@@ -73,20 +74,9 @@ def test_float32_arrays_stay_float32_and_float64_blobs_keep_format_1():
 
 
 
-def _crafted(changes: dict, drop: tuple[str, ...] = ()) -> bytes:
-    """A blob whose header was edited (`changes`, fields in `drop` removed) and its digest computed again: it is a
-    checksum, not a signature, so anyone can, e.g. a device posting its own snapshot through the REST API."""
-    import json
-    from models.serialization import MAGIC, _LENGTH, _canonical, _digest
-    blob = dumps([np.ones((3, 2), dtype=np.float32), np.zeros(4)], META)
-    (length,) = _LENGTH.unpack_from(blob, len(MAGIC))
-    start = len(MAGIC) + _LENGTH.size
-    header = {k: v for k, v in {**json.loads(blob[start:start + length]), **changes}.items() if k not in drop}
-    payload = blob[start + length:]
-    header["sha256"] = _digest(header, payload)
-    encoded = _canonical(header)
-    return MAGIC + _LENGTH.pack(len(encoded)) + encoded + payload
 
+def _crafted(changes: dict, drop: tuple[str, ...] = ()) -> bytes:
+    return crafted_blob(dumps([np.ones((3, 2), dtype=np.float32), np.zeros(4)], META), drop, **changes)
 
 @pytest.mark.parametrize("changes", [
     {"shapes": [[-3], [4]]},                       # negative sizes that add up to the payload's length
