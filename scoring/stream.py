@@ -38,8 +38,8 @@ from scoring.feedback import FeedbackSettings, MutePattern, apply_feedback, mute
 from scoring.state import DeviceState
 from models.incidents import incident_id
 from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL_SCHEMA, INCIDENT, SNAPSHOT, Columns,
-                              InvalidMessage, check_feedback, dead_letter, decode_columns, dumps_json, encode_scores,
-                              load_object)
+                              InvalidMessage, check_feedback, dead_letter_record, decode_columns, dumps_json,
+                              encode_scores, load_object)
 
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
@@ -540,8 +540,10 @@ class StreamScoring:
             state.revealed_round = round_id
         return records
 
-    @staticmethod
-    def _dead_letter(out: Emitted, raw: bytes | str | None, reason: str, source: str,
+    def _dead_letter(self, out: Emitted, raw: bytes | str | None, reason: str, source: str,
                      device_id: str | None = None) -> None:
+        """A signed `flead.dead-letter/1` record: the sink stores no other, so a writer of the topic cannot fill the
+        data-quality figures with made-up refusals."""
         out.counts["dead_letters"] += 1
-        out.dead_letters.append(dead_letter(raw, reason, source, device_id).decode())
+        out.dead_letters.append(to_json(sign_record(dead_letter_record(raw, reason, source, device_id),
+                                                    self._require_key())))

@@ -63,7 +63,7 @@ EVENT_COLLECTIONS = {"snapshots": ("local_models", None), "incidents": ("inciden
 # The wire-format checks of telemetry.schema first; the others are read as JSON objects and checked as documents.
 EVENT_DECODERS = {"incidents": decode_incident, "drift": DRIFT.decode}
 # The records only FLEAD's own processes make: stored only with a valid signature (models.integrity).
-SIGNED_EVENTS = ("snapshots", "incidents", "drift")
+SIGNED_EVENTS = ("snapshots", "incidents", "drift", "dead_letters")  # all written by the stream job, signed
 
 
 @dataclass
@@ -197,10 +197,11 @@ def score_part(raw: bytes, position: str) -> ScorePart:
 
 def event_document(key: str, record: dict, position: str, signing_key: bytes) -> dict:
     """The document a snapshot / incident / drift event / dead letter record (read at Kafka `position`) becomes;
-    `SchemaViolation` if it cannot be stored (the reason names the field). Snapshots, incidents and drift events
-    must carry a valid signature under `signing_key` (the stream job's): a forged one stored under its natural id
-    would hide the genuine one (a snapshot from the aggregator; an incident's newer forged state would replace or
-    resolve the real one)."""
+    `SchemaViolation` if it cannot be stored (the reason names the field). Each must carry a valid signature under
+    `signing_key` (the stream job's): a forged one stored under its natural id would hide the genuine one (a
+    snapshot from the aggregator; an incident's newer forged state would replace or resolve the real one), and
+    forged dead letters would fill the data-quality figures with made-up refusals (they are stored as refusals
+    of their own, with the signature's problem as the reason)."""
     collection, id_field = EVENT_COLLECTIONS[key]
     if key in SIGNED_EVENTS and (problem := verify_record(record, signing_key)):
         raise SchemaViolation(problem)

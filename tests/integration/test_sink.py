@@ -125,11 +125,13 @@ def test_replaying_in_other_batchings_leaves_one_copy_of_each_reading(cfg, store
 
 def test_identical_bad_messages_are_each_kept_once(cfg, store):
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
+    letter = {"schema": "flead.dead-letter/1", "source": "flead.telemetry", "reason": "missing field 'ts'",
+              "raw": "{}", "device_id": None, "at": 1}
     for _ in range(109):
         producer.produce(cfg.kafka.topics.scores, key="x", value=sign_message(b"{oops}", signing_key(cfg)))
-        producer.produce(cfg.kafka.topics.dead_letters, value=json.dumps(
-            {"schema": "flead.dead-letter/1", "source": "flead.telemetry", "reason": "missing field 'ts'",
-             "raw": "{}", "device_id": None, "at": 1}))
+        producer.produce(cfg.kafka.topics.dead_letters, value=json.dumps(sign_record(letter, signing_key(cfg))))
+    forged = {**letter, "reason": "made up by a writer of the topic"}  # unsigned: not the stream job's
+    producer.produce(cfg.kafka.topics.dead_letters, value=json.dumps(forged))
     assert producer.flush(30) == 0
 
     MongoSink(_fast(cfg)).run(until_idle_s=2.0)
@@ -137,6 +139,9 @@ def test_identical_bad_messages_are_each_kept_once(cfg, store):
 
     assert store.collection("dead_letters").count_documents({"reason": {"$regex": "not JSON"}}) == 109
     assert store.collection("dead_letters").count_documents({"reason": "missing field 'ts'"}) == 109
+    assert store.collection("dead_letters").count_documents({"reason": forged["reason"]}) == 0
+    unsigned = {"reason": "dead_letters: unsigned: no 'signature' field"}
+    assert store.collection("dead_letters").count_documents(unsigned) == 1  # stored as a refusal of its own
 
 
 def test_a_non_finite_score_is_one_dead_letter_and_the_batch_is_written_whole(cfg, store, monkeypatch):
