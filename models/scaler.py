@@ -40,7 +40,7 @@ class RunningScaler:
         self.n = 0
         self.mean: np.ndarray | None = None
         self._m2: np.ndarray | None = None  # sum of squared deviations from the mean
-        self._divisor: np.ndarray | None = None  # `std`, cached until the next update
+        self._scale: tuple[np.ndarray, np.ndarray] | None = None  # (`std`, constant so far), until the next update
 
     def _init(self, d: int) -> None:
         self.mean = np.zeros(d)
@@ -55,8 +55,7 @@ class RunningScaler:
     def std(self) -> np.ndarray:
         """The divisor used by `transform`: the standard deviation, or 1 where the feature has been constant (its
         values minus the mean are then 0, up to rounding)."""
-        std = np.sqrt(self.var)
-        return np.where(self._constant(std, self.mean), 1.0, std)
+        return self._scaled()[0].copy()
 
     def _constant(self, std: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
         return std <= self.min_std * (0.0 if mean is None else np.abs(mean))
@@ -66,7 +65,7 @@ class RunningScaler:
         if self.mean is None:
             self._init(x.shape[0])
         self.n += 1
-        self._divisor = None
+        self._scale = None
         delta = x - self.mean
         self.mean += delta / self.n
         self._m2 += delta * (x - self.mean)
@@ -78,7 +77,7 @@ class RunningScaler:
         if self.mean is None:
             self._init(X.shape[1])
         self.n, self.mean, self._m2 = _merge(self.n, self.mean, self._m2, X)
-        self._divisor = None
+        self._scale = None
 
     def winsorise(self, X: np.ndarray, sigmas: float, min_readings: int) -> tuple[np.ndarray, int]:
         """`X` with each value clipped to ``mean ± sigmas · std`` of what the scaler has learned, and how many
@@ -86,8 +85,8 @@ class RunningScaler:
         copy, so one absurd but finite value (1e20) cannot blow up the scale every later reading is judged by."""
         if self.mean is None or self.n < min_readings:
             return X, 0
-        std = np.sqrt(self.var)
-        reach = np.where(self._constant(std, self.mean), np.inf, sigmas * std)
+        divisor, constant = self._scaled()
+        reach = np.where(constant, np.inf, sigmas * divisor)
         low, high = self.mean - reach, self.mean + reach
         outside = (X < low) | (X > high)
         if not outside.any():
@@ -100,7 +99,7 @@ class RunningScaler:
         if self.n > readings > 0:
             self._m2 = self._m2 * (readings / self.n)
             self.n = readings
-            self._divisor = None
+            self._scale = None
 
     def transform_one(self, x: np.ndarray) -> np.ndarray:
         return self.transform_many(np.asarray(x, dtype=np.float64)[None, :])[0]
@@ -110,7 +109,7 @@ class RunningScaler:
         X = np.asarray(X, dtype=np.float64)
         if self.mean is None:
             return X.copy()
-        return (X - self.mean) / self._std()
+        return (X - self.mean) / self._scaled()[0]
 
     def transform_batch(self, X: np.ndarray) -> np.ndarray:
         """Standardised copy of a batch `X`, with no unit assumed: a feature constant so far is divided by its
@@ -121,8 +120,8 @@ class RunningScaler:
             first = RunningScaler(self.min_std)
             first.learn_many(X)
             return first.transform_batch(X)
-        scaled = (X - self.mean) / self._std()
-        constant = self._constant(np.sqrt(self.var), self.mean)
+        divisor, constant = self._scaled()
+        scaled = (X - self.mean) / divisor
         if constant.any():
             columns = X[:, constant]
             n, mean, m2 = _merge(self.n, self.mean[constant], self._m2[constant], columns)
@@ -131,11 +130,14 @@ class RunningScaler:
             scaled[:, constant] = np.where(still, 0.0, (columns - self.mean[constant]) / np.where(still, 1.0, merged))
         return scaled
 
-    def _std(self) -> np.ndarray:
-        """`std`, cached until the next update. Do not modify the result."""
-        if self._divisor is None:
-            self._divisor = self.std
-        return self._divisor
+    def _scaled(self) -> tuple[np.ndarray, np.ndarray]:
+        """`std` and which features have been constant so far, computed once per update (every batch is
+        transformed twice, for scoring and for learning, and winsorised). Do not modify the results."""
+        if self._scale is None:
+            std = np.sqrt(self.var)
+            constant = self._constant(std, self.mean)
+            self._scale = (np.where(constant, 1.0, std), constant)
+        return self._scale
 
     def to_array(self) -> np.ndarray:
         """State as one flat float64 array: ``[min_std, n, d, mean..., m2...]``."""
