@@ -12,6 +12,8 @@ Starts its own Kafka broker (temporary state dir, free ports), then:
    produce` replays a per-device file: only a few devices, so keys, are active at once). Each of these starts a
    fresh job, so its JVM's JIT compilers are still at work while it is timed (cold); a deployed job is warm, so the
    same backlog is also fed again and again to one running job and timed after ``--warmup`` s of scoring (warm);
+   and a warm fleet (``--fleet-devices``, 4,800 by default): so many devices that nearly every message is another
+   device's, as in a deployed fleet, each message scored as its own micro-batch as live messages are;
 2. latency: runs the job in the background, produces batch messages at a fixed rate below capacity, each
    reading stamped with its send time (producer linger 0), and reports p50/p99 of arrival − send time, where
    arrival is when a live consumer of the scores topic received the score (end to end: includes the sink and the
@@ -61,6 +63,15 @@ def asd_readings(cfg, per_device: int) -> list[Reading]:
         if counts[r.device_id] <= per_device:
             out.append(r)
     return out
+
+
+def fleet_readings(cfg, devices: int, per_device: int) -> list[Reading]:
+    """A fleet of at least `devices` devices (copies of the ASD servers under new ids), `per_device` readings
+    each, device after device: a backlog in which each device sends a couple of messages, as in a large fleet where
+    a worker meets many devices per bundle and few messages of each."""
+    servers = asd_readings(cfg, per_device)
+    copies = -(-devices // len({r.device_id for r in servers}))
+    return [Reading(f"{r.device_id}-f{c}", r.seq, r.ts, r.metrics, r.label) for c in range(copies) for r in servers]
 
 
 def fresh_topics(base_env: dict) -> tuple[dict, object]:
@@ -182,7 +193,8 @@ def warm_throughput(base_env: dict, readings: list[Reading], message_batch: int,
         sampler.close()
         watcher.close()
         processes.stop(state_dir, "stream-warm", grace=5)
-    return {"readings": len(readings), "warmup_s": warmup_s, "backlogs_untimed": backlog - 1,
+    return {"readings": len(readings), "devices": len({r.device_id for r in readings}), "warmup_s": warmup_s,
+            "backlogs_untimed": backlog - 1,
             **scoring_rate(scores, sampler),
             "after_queued": {"producing_s": round(produced.seconds, 2), **rate_after(scores, queued_ms, sampler)}}
 
@@ -409,6 +421,12 @@ def main() -> int:
                         help="latency and warm runs: seconds the job scores before timing (the job's JVM compiles "
                              "with C2 for about a minute after start-up: with 10 s the timed window measured that); "
                              "with --quick the warm run times its second backlog")
+    parser.add_argument("--fleet-devices", type=int, default=4800,
+                        help="fleet run: devices (copies of the 12 ASD servers) of a warm run in which nearly every "
+                             "message is another device's, scored in micro-batches of stream.micro_batch_size as "
+                             "live messages are (backlog micro-batches off; 0: no fleet run)")
+    parser.add_argument("--fleet-readings", type=int, default=32,
+                        help="fleet run: readings per device in each backlog (two 16-reading messages)")
     parser.add_argument("--latency-raw", metavar="OUT.npz", help="save every timed reading's latency figures here")
     args = parser.parse_args()
     best_env = dict(kv.split("=", 1) for kv in args.best.split(",") if kv)
@@ -428,6 +446,11 @@ def main() -> int:
         live_order = throughput(base_env, order_by_time(many), args.message_batch)
         best = throughput(base_env, many, args.best_message_batch, best_env)
         warm = warm_throughput(base_env, many, args.message_batch, 0.0 if args.quick else args.warmup)
+        live_batches = {"FLEAD_STREAM_BACKLOG_MICRO_BATCH_SIZE": str(cfg.stream.micro_batch_size)}
+        fleet = (warm_throughput({**base_env, **live_batches},
+                                 fleet_readings(cfg, args.fleet_devices, args.fleet_readings),
+                                 args.message_batch, 0.0 if args.quick else args.warmup)
+                 if args.fleet_devices else {})
         lat = latency(base_env, readings, args.rate, 10.0 if args.quick else 30.0, 10, warmup_s=args.warmup,
                       raw_out=args.latency_raw)
     finally:
@@ -448,6 +471,9 @@ def main() -> int:
         {"name": "  ... the same backlog from when it was all queued (the bench no longer producing) to its last "
                  "score",
          "value": round(warm["after_queued"].get("readings_per_s", 0)), "unit": "readings/s"},
+        *([{"name": f"  ... warm job, a fleet of {fleet['devices']:,} devices ({args.fleet_readings} readings each "
+                    f"per backlog, each message its own micro-batch of {cfg.stream.micro_batch_size}, as live)",
+            "value": round(fleet["after_queued"].get("readings_per_s", 0)), "unit": "readings/s"}] if fleet else []),
         {"name": f"event-to-score latency p50 at {args.rate:.0f} readings/s (score read from Kafka, after "
                  f"{args.warmup:.0f} s warm-up)",
          "value": round(lat["p50_ms"]), "unit": "ms"},
@@ -462,12 +488,13 @@ def main() -> int:
     for row in rows:
         print(f"{row['name']:<72} {row['value']:>10,}  {row['unit']}")
     print(f"throughput run: {thr}\ninterleaved run: {live_order}\nbest run: {best}\nwarm run: {warm}\n"
-          f"latency run: {lat}")
+          f"fleet run: {fleet}\nlatency run: {lat}")
     result = {"headline": {"name": "stream job readings/s end to end (Kafka → PyFlink → Kafka)",
                            "value": round(max(thr["readings_per_s"], best["readings_per_s"])), "unit": "readings/s",
                            "floor": round(floor)},
               "rows": rows, "throughput": thr, "interleaved": live_order,
               "best": {**best, "message_batch": args.best_message_batch, "overrides": best_env}, "warm": warm,
+              "fleet": fleet,
               "latency": lat,
               "settings": {k: cfg.stream[k] for k in ("parallelism", "micro_batch_size", "bundle_size",
                                                        "bundle_time_ms", "micro_batch_timeout_ms",

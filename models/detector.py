@@ -151,7 +151,10 @@ class DetectorSettings:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """The settings as plain JSON values (tuples as lists). Every field is a number, a string or a tuple of
+        them, so no deep copy is needed (`dataclasses.asdict`'s was half of serialising a detector's state)."""
+        return {name: list(value) if type(value) is tuple else value
+                for name, value in ((f.name, getattr(self, f.name)) for f in _SETTING_FIELDS)}
 
     def tunable(self) -> tuple:
         """The values of `TUNABLE_SETTINGS`, in that order."""
@@ -163,6 +166,9 @@ class DetectorSettings:
         (lags 1 … window − 1: the window of the last `subspace_window` readings, flattened)."""
         window = range(1, self.subspace_window) if self.kind == "subspace" else ()
         return tuple(sorted(set(self.lags) | set(window)))
+
+
+_SETTING_FIELDS = dataclasses.fields(DetectorSettings)
 
 
 @dataclass

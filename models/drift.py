@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-
 
 
 def binomial_tail(n: int, p: float, k: int) -> float:
@@ -24,8 +24,11 @@ def binomial_tail(n: int, p: float, k: int) -> float:
     return math.exp(top) * sum(math.exp(t - top) for t in log_terms)
 
 
+@lru_cache(maxsize=64)
 def least_significant_count(n: int, p: float, alpha: float) -> int:
-    """The smallest number of flags among `n` readings whose binomial tail under rate `p` is below `alpha`."""
+    """The smallest number of flags among `n` readings whose binomial tail under rate `p` is below `alpha`.
+    Cached: a monitor is built for every device restored from keyed state (a state-cache miss in the stream job),
+    and the sum over the block's tail was three quarters of restoring a detector."""
     for k in range(n + 2):
         if binomial_tail(n, p, k) < alpha:
             return k

@@ -46,3 +46,12 @@ def test_rate_after_counts_only_the_scores_made_from_then_on():
     assert rate["scores"] == 3 and rate["readings_per_s"] == pytest.approx(3 / 2.5)
     assert sampler.window == (6_500, 9_000)
     assert bench_stream.rate_after(scores, 8_000, sampler) == {}  # one score: no span to divide by
+
+
+def test_a_fleet_is_made_of_enough_copies_of_the_servers_each_under_its_own_id(monkeypatch):
+    servers = [Reading(f"s{d}", seq, 1_000 * seq, {"m": float(seq)}) for d in range(3) for seq in range(4)]
+    monkeypatch.setattr(bench_stream, "asd_readings", lambda cfg, per_device: servers)
+    fleet = bench_stream.fleet_readings(None, 10, 4)
+    devices = {r.device_id for r in fleet}
+    assert len(devices) == 12  # 4 copies of 3 servers: at least the 10 asked for
+    assert len(fleet) == 48 and [r.seq for r in fleet if r.device_id == "s1-f3"] == [0, 1, 2, 3]

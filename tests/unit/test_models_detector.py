@@ -128,6 +128,15 @@ def test_to_bytes_round_trip_gives_identical_results(overrides):
     assert det.to_bytes() == clone.to_bytes()
 
 
+def test_settings_travel_as_plain_json_values_and_come_back_equal():
+    settings_ = make(kind="ae", rolling_windows=[4, 8], lags=[1, 2]).settings
+    values = settings_.to_dict()
+    assert list(values) == [f.name for f in dataclasses.fields(settings_)]
+    assert values == {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings_).items()}
+    assert all(type(v) is not tuple for v in values.values())  # JSON has no tuples: as lists, as the blob holds them
+    assert type(settings_).from_dict(values) == settings_
+
+
 def test_from_bytes_rejects_tampering_and_other_blobs():
     det = make()
     feed(det, normal_readings(50))
