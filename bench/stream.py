@@ -65,13 +65,19 @@ def asd_readings(cfg, per_device: int) -> list[Reading]:
     return out
 
 
+def device_copies(readings: list[Reading], copies: int, tag: str, keep_first: bool = False) -> list[Reading]:
+    """`readings` `copies` times over, copy c under the device ids ``<id>-<tag><c>`` (copy 0 keeps the original ids
+    when `keep_first`), copy after copy."""
+    return [Reading(r.device_id if keep_first and c == 0 else f"{r.device_id}-{tag}{c}", r.seq, r.ts, r.metrics,
+                    r.label) for c in range(copies) for r in readings]
+
+
 def fleet_readings(cfg, devices: int, per_device: int) -> list[Reading]:
     """A fleet of at least `devices` devices (copies of the ASD servers under new ids), `per_device` readings
     each, device after device: a backlog in which each device sends a couple of messages, as in a large fleet where
     a worker meets many devices per bundle and few messages of each."""
     servers = asd_readings(cfg, per_device)
-    copies = -(-devices // len({r.device_id for r in servers}))
-    return [Reading(f"{r.device_id}-f{c}", r.seq, r.ts, r.metrics, r.label) for c in range(copies) for r in servers]
+    return device_copies(servers, -(-devices // len({r.device_id for r in servers})), "f")
 
 
 def fresh_topics(base_env: dict) -> tuple[dict, object]:
@@ -440,8 +446,7 @@ def main() -> int:
         stack.start_kafka(cfg)
         readings = asd_readings(cfg, 1000 if args.quick else 4320)
         floor = numpy_floor(cfg, readings, cfg.stream.micro_batch_size)
-        many = [Reading(f"{r.device_id}-x{c}" if c else r.device_id, r.seq, r.ts, r.metrics, r.label)
-                for c in range(args.copies) for r in readings]
+        many = device_copies(readings, args.copies, "x", keep_first=True)
         thr = throughput(base_env, many, args.message_batch)
         live_order = throughput(base_env, order_by_time(many), args.message_batch)
         best = throughput(base_env, many, args.best_message_batch, best_env)

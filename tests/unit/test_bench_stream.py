@@ -55,3 +55,10 @@ def test_a_fleet_is_made_of_enough_copies_of_the_servers_each_under_its_own_id(m
     devices = {r.device_id for r in fleet}
     assert len(devices) == 12  # 4 copies of 3 servers: at least the 10 asked for
     assert len(fleet) == 48 and [r.seq for r in fleet if r.device_id == "s1-f3"] == [0, 1, 2, 3]
+
+
+def test_device_copies_rename_every_copy_but_the_kept_first():
+    readings = [Reading("a", 0, 0, {"m": 1.0}), Reading("b", 0, 0, {"m": 2.0})]
+    ids = [r.device_id for r in bench_stream.device_copies(readings, 3, "x", keep_first=True)]
+    assert ids == ["a", "b", "a-x1", "b-x1", "a-x2", "b-x2"]
+    assert [r.device_id for r in bench_stream.device_copies(readings, 1, "f")] == ["a-f0", "b-f0"]
