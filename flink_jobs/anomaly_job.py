@@ -49,7 +49,7 @@ from pyflink.table import StreamTableEnvironment  # noqa: E402
 from config import load_config  # noqa: E402
 from flink_jobs import WORKER_PACKAGES, jvm_args, worker_blas_env  # noqa: E402
 from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run  # noqa: E402
-from flink_jobs.checkpoints import checkpoint_dir, latest_checkpoint  # noqa: E402
+from flink_jobs.checkpoints import checkpoint_dir, checkpoint_settings, latest_checkpoint  # noqa: E402
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
 from scoring.broadcasts import Broadcasts  # noqa: E402
@@ -259,11 +259,8 @@ def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configu
         conf.set_string(key, value)
     if jars + reporter_jars:
         conf.set_string("pipeline.jars", ";".join(jars + reporter_jars))
-    conf.set_string("execution.checkpointing.interval", f"{stream.checkpoint_interval_ms} ms")
-    conf.set_string("execution.checkpointing.dir", checkpoint_dir(cfg).as_uri())
-    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
-    conf.set_string("state.backend.type", stream.state_backend)
-    for key, value in LOOPBACK_SETTINGS.items():  # every server on 127.0.0.1 (flink_jobs/binding.py)
+    settings = {**checkpoint_settings(cfg), **LOOPBACK_SETTINGS}  # every server on 127.0.0.1 (flink_jobs/binding.py)
+    for key, value in settings.items():
         conf.set_string(key, value)
     if recover_from:
         conf.set_string("execution.state-recovery.path", recover_from)

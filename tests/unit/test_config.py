@@ -66,6 +66,21 @@ def test_stream_workers_blas_threads_follow_the_setting(monkeypatch):
     assert worker_blas_env(load_config()) == {}
 
 
+def test_the_stream_jobs_checkpoint_settings_follow_the_config(monkeypatch):
+    from flink_jobs.checkpoints import checkpoint_dir, checkpoint_settings
+
+    monkeypatch.setenv("FLEAD_STREAM_STATE_BACKEND", "rocksdb")
+    monkeypatch.setenv("FLEAD_STREAM_INCREMENTAL_CHECKPOINTS", "true")
+    monkeypatch.setenv("FLEAD_STREAM_CHECKPOINT_INTERVAL_MS", "2500")
+    cfg = load_config()
+    assert checkpoint_settings(cfg) == {
+        "execution.checkpointing.interval": "2500 ms", "execution.checkpointing.dir": checkpoint_dir(cfg).as_uri(),
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true"}
+    monkeypatch.setenv("FLEAD_STREAM_INCREMENTAL_CHECKPOINTS", "false")
+    assert checkpoint_settings(load_config())["execution.checkpointing.incremental"] == "false"
+
+
 def test_the_stream_jobs_jvm_flags_come_from_the_setting_and_the_environments_win(monkeypatch):
     from flink_jobs import jvm_args
 
