@@ -49,7 +49,8 @@ from pyflink.table import StreamTableEnvironment  # noqa: E402
 from config import load_config  # noqa: E402
 from flink_jobs import WORKER_PACKAGES, jvm_args, worker_blas_env  # noqa: E402
 from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run  # noqa: E402
-from flink_jobs.checkpoints import checkpoint_dir, latest_checkpoint  # noqa: E402
+from flink_jobs.checkpoints import (checkpoint_dir, checkpoint_settings, latest_checkpoint, new_job_id,  # noqa: E402
+                                    note_backend, restore_problem)
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
 from scoring.broadcasts import Broadcasts  # noqa: E402
@@ -236,7 +237,7 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
 
 # -- wiring -----------------------------------------------------------------------------------------------------
 
-def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configuration:
+def flink_configuration(cfg, bounded: bool, recover_from: str | None, job_id: str) -> Configuration:
     stream = cfg.stream
     conf = Configuration()
     if bounded:  # a failure should surface, not replay the input from the start into the output topics
@@ -259,11 +260,9 @@ def flink_configuration(cfg, bounded: bool, recover_from: str | None) -> Configu
         conf.set_string(key, value)
     if jars + reporter_jars:
         conf.set_string("pipeline.jars", ";".join(jars + reporter_jars))
-    conf.set_string("execution.checkpointing.interval", f"{stream.checkpoint_interval_ms} ms")
-    conf.set_string("execution.checkpointing.dir", checkpoint_dir(cfg).as_uri())
-    conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
-    conf.set_string("state.backend.type", stream.state_backend)
-    for key, value in LOOPBACK_SETTINGS.items():  # every server on 127.0.0.1 (flink_jobs/binding.py)
+    # checkpoints (flink_jobs/checkpoints.py); every server on 127.0.0.1 (flink_jobs/binding.py)
+    settings = {**checkpoint_settings(cfg, job_id), **LOOPBACK_SETTINGS}
+    for key, value in settings.items():
         conf.set_string(key, value)
     if recover_from:
         conf.set_string("execution.state-recovery.path", recover_from)
@@ -391,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--from-savepoint latest: no retained checkpoint in {checkpoint_dir(cfg)}", file=sys.stderr)
             return 2
         recover_from = str(found) if found else None
+    problem = restore_problem(cfg, Path(recover_from)) if recover_from else None
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    job_id = new_job_id()
+    note_backend(cfg, job_id)
     # Python workers as separate processes, like on a cluster (else the driver runs every UDF: one core only).
     os.environ.setdefault("_python_worker_execution_mode", "process")
     for name, value in worker_blas_env(cfg).items():
@@ -400,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLINK_LOG_DIR", str(log_dir))
     use_loopback_lib_for_local_run(cfg)
-    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, args.bounded, recover_from))
+    env = StreamExecutionEnvironment.get_execution_environment(flink_configuration(cfg, args.bounded, recover_from,
+                                                                                 job_id))
     build_job(env, cfg, args.bounded)
-    LOG.info("starting (bounded=%s, recover from %s, parallelism %d)", args.bounded, recover_from,
+    LOG.info("starting job %s (bounded=%s, recover from %s, parallelism %d)", job_id, args.bounded, recover_from,
              cfg.stream.parallelism)
     env.execute("flead-anomaly-detection")
     return 0

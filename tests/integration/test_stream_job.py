@@ -175,43 +175,70 @@ def wait_for_scores(cfg, state_dir: Path, pid: int, enough) -> list[dict]:
     raise AssertionError(f"not enough scores after {JOB_TIMEOUT_S} s")
 
 
-def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg, tmp_path):
-    """Kill -9 mid-stream, restart from the newest retained checkpoint: every reading scored, models continue.
+def newest_checkpoint_id(checkpoints: Path) -> int:
+    """The number N of the newest ``chk-N`` in `checkpoints` (0: none yet); by name only, as a running job deletes
+    the older ones."""
+    return max((int(p.parent.name.removeprefix("chk-")) for p in checkpoints.glob("*/chk-*/_metadata")), default=0)
+
+
+def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict) -> Path:
+    """Kill -9 a live job (FLEAD_* `settings`) once every device's model has a version in a completed checkpoint,
+    restart it from the newest retained checkpoint, and check that every reading is scored and the models continue.
 
     The sinks are at-least-once, so readings after the checkpoint may be scored twice under the same
     (device_id, seq) — the MongoDB sink upserts by that id. We assert: the distinct (device_id, seq) set is
-    complete, no id appears more than twice, and model versions and reading counts continue across the restart.
+    complete, no id appears more than twice, the restarted job scores each device with at least the model version it
+    had reached before the kill (a state lost at the restart would start again from version 0), and reading counts
+    continue. Returns the checkpoint restored from.
     """
-    readings = asd_slice(cfg, "test", 3, 1200)
+    # the devices' readings interleaved, as a fleet sends them: each device's model is snapshotted early
+    readings = sorted(asd_slice(cfg, "test", 3, 1200), key=lambda r: (r.seq, r.device_id))
+    devices = {r.device_id for r in readings}
     expected = {(r.device_id, r.seq) for r in readings}
     env = {"FLEAD_STATE_DIR": str(tmp_path), "FLEAD_STREAM_CHECKPOINT_INTERVAL_MS": "1000",
-           "FLEAD_STREAM_SNAPSHOT_EVERY": "200", "FLEAD_INTEGRITY_KEY": signing_key(cfg).hex()}  # the devices' key
+           "FLEAD_STREAM_SNAPSHOT_EVERY": "200", "FLEAD_INTEGRITY_KEY": signing_key(cfg).hex(),  # the devices' key
+           **settings}
     job_cfg = load_config(env={**os.environ, **env})
     producer = threading.Thread(target=produce, args=(readings, cfg.kafka.topics.telemetry, producer_config(cfg)),
                                 kwargs={"key": signing_key(cfg), "batch": 10, "rate": 100.0})
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
+
+    def versions(scores: list[dict]) -> dict[str, int]:
+        reached: dict[str, int] = {}
+        for s in scores:
+            reached[s["device_id"]] = max(reached.get(s["device_id"], 0), s["model_version"])
+        return reached
+
     try:
         checkpoints = tmp_path / "flink" / "checkpoints"
         # produce only once the job runs (it checkpoints): a job started under load that then drains a backlog
         # faster than the producer's rate would finish before it could be killed mid-stream
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not any(checkpoints.glob("*/chk-*/_metadata")):
+        while not newest_checkpoint_id(checkpoints):
             assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.5)
         producer.start()
-        # kill early: a job that lags under load catches up fast, and the producer's 36 s must not run out first
-        scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: len(scores) >= len(readings) // 6
-                                 and any(checkpoints.glob("*/chk-*/_metadata")))
-        assert len(scores) < len(readings) - 300, "the job finished before it could be killed mid-stream"
+        # kill early (a job that lags under load catches up fast, and the producer's 36 s must not run out first),
+        # but once each model has snapshotted (version >= 1) and a checkpoint begun after that completed
+        reached = versions(wait_for_scores(cfg, tmp_path, pid, lambda scores: versions(scores).keys() == devices
+                                           and min(versions(scores).values()) >= 1))
+        after = newest_checkpoint_id(checkpoints) + 2  # the next one may have begun before those scores
+        while newest_checkpoint_id(checkpoints) < after:
+            assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
+            assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
+            time.sleep(0.2)
+        killed_at = int(time.time() * 1000)
         os.killpg(pid, signal.SIGKILL)
+        assert len(read_to_end(cfg, "scores")) < len(readings) - 300, "the job finished before it could be killed"
     finally:
         processes.stop(tmp_path, "stream", grace=5)
         if producer.ident is not None:  # started
             producer.join()
 
     from flink_jobs.checkpoints import latest_checkpoint
-    assert latest_checkpoint(job_cfg) is not None
+    restored = latest_checkpoint(job_cfg)
+    assert restored is not None
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB), "--from-savepoint", "latest"], env=env)
     try:
         scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: {(s["device_id"], s["seq"]) for s in scores}
@@ -224,14 +251,34 @@ def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg,
     assert max(len(c) for c in copies.values()) <= 2
     duplicated = sum(len(c) > 1 for c in copies.values())
     print(f"{len(scores)} score records, {len(copies)} distinct readings, {duplicated} scored twice")
+    for device in devices:
+        restarted = [s["model_version"] for s in scores if s["device_id"] == device and s["scored_at"] > killed_at]
+        assert restarted, f"{device}: nothing scored after the restart"
+        assert min(restarted) >= reached[device] >= 1, (device, reached[device], min(restarted))
     snapshots = read_topic(cfg, "snapshots")
-    for device in {r.device_id for r in readings}:
+    for device in devices:
         mine = [s for s in snapshots if s["device_id"] == device]
-        # lost state would restart n_seen and versions near 0 and end well below the readings sent
         assert max(s["n_seen"] for s in mine) >= 1200 - 200, device
         assert max(s["version"] for s in mine) >= 5, device
         assert max(c["model_version"] for c in copies[(device, 1199)]) >= 5, device
+    return restored
 
+
+def test_killed_job_restarts_from_its_checkpoint_without_losing_model_state(cfg, tmp_path):
+    """Kill -9 mid-stream, restart from the newest retained checkpoint (the default state backend): every reading
+    scored, models continue (`kill_mid_stream_and_restart`)."""
+    kill_mid_stream_and_restart(cfg, tmp_path, {})
+
+
+def test_a_job_on_rocksdb_restarts_from_its_incremental_checkpoint_with_every_model(cfg, tmp_path):
+    """The same on the large-fleet setting, RocksDB with incremental checkpoints: the checkpoint restored from keeps
+    the devices' state in the job's ``shared/`` files (each checkpoint uploads only the RocksDB files made since the
+    one before and refers to the older ones; a full checkpoint writes its own), and every device's model continues."""
+    restored = kill_mid_stream_and_restart(cfg, tmp_path, {"FLEAD_STREAM_STATE_BACKEND": "rocksdb",
+                                                            "FLEAD_STREAM_INCREMENTAL_CHECKPOINTS": "true"})
+    assert any((restored.parent / "shared").iterdir()), sorted(p.name for p in restored.parent.rglob("*"))
+    from flink_jobs.checkpoints import BACKEND_NOTE
+    assert (restored.parent / BACKEND_NOTE).read_text() == "rocksdb\n"  # the run's folder is named by its job id
 
 
 def scorer_counter(reporter_url: str, name: str) -> float | None:

@@ -66,6 +66,50 @@ def test_stream_workers_blas_threads_follow_the_setting(monkeypatch):
     assert worker_blas_env(load_config()) == {}
 
 
+def test_the_stream_jobs_checkpoint_settings_follow_the_config(monkeypatch):
+    from flink_jobs.checkpoints import checkpoint_dir, checkpoint_settings
+
+    monkeypatch.setenv("FLEAD_STREAM_STATE_BACKEND", "rocksdb")
+    monkeypatch.setenv("FLEAD_STREAM_INCREMENTAL_CHECKPOINTS", "true")
+    monkeypatch.setenv("FLEAD_STREAM_CHECKPOINT_INTERVAL_MS", "2500")
+    cfg = load_config()
+    assert checkpoint_settings(cfg, "ab" * 16) == {
+        "execution.checkpointing.interval": "2500 ms", "execution.checkpointing.dir": checkpoint_dir(cfg).as_uri(),
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true",
+        "$internal.pipeline.job-id": "ab" * 16}
+    monkeypatch.setenv("FLEAD_STREAM_INCREMENTAL_CHECKPOINTS", "false")
+    assert checkpoint_settings(load_config(), "ab" * 16)["execution.checkpointing.incremental"] == "false"
+
+
+def test_a_job_refuses_to_resume_from_a_checkpoint_of_another_state_backend(monkeypatch, tmp_path, capsys):
+    """Flink fails to restore another backend's checkpoint and retries without end: the job says so instead."""
+    from flink_jobs.checkpoints import checkpoint_dir, new_job_id, note_backend, restore_problem
+
+    monkeypatch.setenv("FLEAD_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLEAD_STREAM_STATE_BACKEND", "hashmap")
+    hashmap = load_config()
+    run = new_job_id()
+    assert len(run) == 32 and int(run, 16) >= 0 and run != new_job_id()
+    note_backend(hashmap, run)
+    checkpoint = checkpoint_dir(hashmap) / run / "chk-7"
+    checkpoint.mkdir()
+    (checkpoint / "_metadata").write_bytes(b"")
+    assert restore_problem(hashmap, checkpoint) is None
+    monkeypatch.setenv("FLEAD_STREAM_STATE_BACKEND", "rocksdb")
+    problem = restore_problem(load_config(), checkpoint)
+    assert problem.startswith(f"{checkpoint} was made by the 'hashmap' state backend")
+    assert "FLEAD_STREAM_STATE_BACKEND=hashmap" in problem and "--fresh" in problem
+    assert restore_problem(load_config(), checkpoint / "_metadata") is not None  # the form Flink also takes
+    assert restore_problem(load_config(), tmp_path / "savepoint-1") is None  # no note (a savepoint): not judged
+
+    pytest.importorskip("pyflink")
+    from flink_jobs.anomaly_job import main
+
+    assert main(["--from-savepoint", "latest"]) == 2
+    assert capsys.readouterr().err.strip() == problem
+
+
 def test_the_stream_jobs_jvm_flags_come_from_the_setting_and_the_environments_win(monkeypatch):
     from flink_jobs import jvm_args
 
