@@ -11,22 +11,31 @@ def checkpoint_dir(cfg) -> Path:
     return cfg.state_dir / "flink" / "checkpoints"
 
 
+def rocksdb_dir(cfg) -> Path:
+    """Where the RocksDB backend keeps a running job's working files: ``stream.rocksdb_dir``, else under the state
+    directory (Flink's default is the JVM's temporary directory, often memory-backed)."""
+    return Path(cfg.stream.rocksdb_dir).expanduser() if cfg.stream.rocksdb_dir else cfg.state_dir / "flink" / "rocksdb"
+
+
 def new_job_id() -> str:
     """A Flink job id (32 hex digits), chosen before the job starts: it names the run's checkpoint folder."""
     return uuid.uuid4().hex
 
 
 def checkpoint_settings(cfg, job_id: str) -> dict[str, str]:
-    """Flink's checkpoint options from ``stream.*``: where, how often, on which state backend, full or incremental;
-    retained on cancellation, so a killed or stopped job resumes from its newest (`latest_checkpoint`). The job id
+    """Flink's checkpoint options from ``stream.*``: where, how often, on which state backend (RocksDB's working
+    files in `rocksdb_dir`), full or incremental; retained on cancellation, so a killed or stopped job resumes from its newest (`latest_checkpoint`). The job id
     is fixed so the run's folder (``<checkpoint_dir>/<job_id>``) can carry its `BACKEND_NOTE` (`note_backend`)."""
     stream = cfg.stream
-    return {"execution.checkpointing.interval": f"{stream.checkpoint_interval_ms} ms",
-            "execution.checkpointing.dir": checkpoint_dir(cfg).as_uri(),
-            "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
-            "state.backend.type": stream.state_backend,
-            "execution.checkpointing.incremental": str(stream.incremental_checkpoints).lower(),
-            "$internal.pipeline.job-id": job_id}
+    settings = {"execution.checkpointing.interval": f"{stream.checkpoint_interval_ms} ms",
+                "execution.checkpointing.dir": checkpoint_dir(cfg).as_uri(),
+                "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+                "state.backend.type": stream.state_backend,
+                "execution.checkpointing.incremental": str(stream.incremental_checkpoints).lower(),
+                "$internal.pipeline.job-id": job_id}
+    if stream.state_backend == "rocksdb":
+        settings["state.backend.rocksdb.localdir"] = str(rocksdb_dir(cfg))
+    return settings
 
 
 def note_backend(cfg, job_id: str) -> None:

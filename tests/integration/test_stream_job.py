@@ -277,6 +277,7 @@ def test_a_job_on_rocksdb_restarts_from_its_incremental_checkpoint_with_every_mo
     restored = kill_mid_stream_and_restart(cfg, tmp_path, {"FLEAD_STREAM_STATE_BACKEND": "rocksdb",
                                                             "FLEAD_STREAM_INCREMENTAL_CHECKPOINTS": "true"})
     assert any((restored.parent / "shared").iterdir()), sorted(p.name for p in restored.parent.rglob("*"))
+    assert any((tmp_path / "flink" / "rocksdb").iterdir())  # working files in the state directory, not in /tmp
     from flink_jobs.checkpoints import BACKEND_NOTE
     assert (restored.parent / BACKEND_NOTE).read_text() == "rocksdb\n"  # the run's folder is named by its job id
 

@@ -77,9 +77,15 @@ def test_the_stream_jobs_checkpoint_settings_follow_the_config(monkeypatch):
         "execution.checkpointing.interval": "2500 ms", "execution.checkpointing.dir": checkpoint_dir(cfg).as_uri(),
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true",
+        "state.backend.rocksdb.localdir": str(cfg.state_dir / "flink" / "rocksdb"),  # not Flink's /tmp
         "$internal.pipeline.job-id": "ab" * 16}
     monkeypatch.setenv("FLEAD_STREAM_INCREMENTAL_CHECKPOINTS", "false")
-    assert checkpoint_settings(load_config(), "ab" * 16)["execution.checkpointing.incremental"] == "false"
+    monkeypatch.setenv("FLEAD_STREAM_ROCKSDB_DIR", "/data/flead-rocksdb")
+    settings = checkpoint_settings(load_config(), "ab" * 16)
+    assert settings["execution.checkpointing.incremental"] == "false"
+    assert settings["state.backend.rocksdb.localdir"] == "/data/flead-rocksdb"
+    monkeypatch.setenv("FLEAD_STREAM_STATE_BACKEND", "hashmap")
+    assert "state.backend.rocksdb.localdir" not in checkpoint_settings(load_config(), "ab" * 16)
 
 
 def test_a_job_refuses_to_resume_from_a_checkpoint_of_another_state_backend(monkeypatch, tmp_path, capsys):
