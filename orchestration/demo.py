@@ -467,6 +467,27 @@ def offline_reference(dataset: str) -> dict | None:
     return {"source": str(path.relative_to(PROJECT_ROOT)), **{k: row.get(k) for k in keys}}
 
 
+def _over_threshold(record: dict) -> float:
+    return record["score"] / max(record["threshold"], 1e-12)
+
+
+def strongest_incidents(records: list[dict], n: int = 5) -> list[dict]:
+    """The `n` incidents with the highest peaks among flagged score records, one entry each (an operator is told
+    once per incident): its peak alert (device, seq, times its threshold, metrics to blame), how many alerts it
+    had and their seqs. A flag without an incident id counts as an incident of its own."""
+    incidents: dict[object, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["is_anomaly"]:
+            incidents[(r["device_id"], r.get("incident_id") or ("seq", r["seq"]))].append(r)
+    peaks = sorted(((max(alerts, key=_over_threshold), alerts) for alerts in incidents.values()),
+                   key=lambda peak_alerts: _over_threshold(peak_alerts[0]), reverse=True)[:n]
+    return [{"device_id": peak["device_id"], "seq": peak["seq"], "ts": peak["ts"],
+             "incident_id": peak.get("incident_id"), "alerts": len(alerts),
+             "first_seq": min(r["seq"] for r in alerts), "last_seq": max(r["seq"] for r in alerts),
+             "score_over_threshold": round(_over_threshold(peak), 2),
+             "metrics": [m["metric"] for m in peak.get("top_metrics", [])]} for peak, alerts in peaks]
+
+
 def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float,
               malformed: int = 0, offline: dict | None = None, replay_rate: float | None = None) -> dict:
     """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data),
@@ -482,8 +503,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
     incidents = incident_quality(labelled, cfg.incidents.gap_readings)
     lat = np.array(watch.latencies_ms) if watch.latencies_ms else np.array([np.nan])
     span = (watch.test_last_at - watch.test_started_at) if watch.test_started_at and watch.test_last_at else 0.0
-    top = sorted((r for r in watch.test_records if r["is_anomaly"]),
-                 key=lambda r: r["score"] / max(r["threshold"], 1e-12), reverse=True)[:5]
+    top = strongest_incidents(watch.test_records)
     with Store(cfg) as store:
         latest = store.latest_global_model()
         rounds = store.collection("aggregation_history").count_documents({})
@@ -506,9 +526,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         "offline": offline,
         "federated": {"rounds": rounds, "global_version": latest["version"] if latest else 0,
                       "adopted_version_in_scores": watch.max_global_version},
-        "top_alerts": [{"device_id": r["device_id"], "seq": r["seq"], "ts": r["ts"],
-                        "score_over_threshold": round(r["score"] / max(r["threshold"], 1e-12), 2),
-                        "metrics": [m["metric"] for m in r.get("top_metrics", [])]} for r in top],
+        "top_alerts": top,
         "dashboard": f"http://{cfg.superset.host}:{cfg.superset.port}/dashboard/list/",
         "credentials": str(cfg.state_dir / "superset" / "credentials"),
     }
@@ -555,9 +573,12 @@ def print_summary(summary: dict) -> None:
     fed = summary["federated"]
     print(f"federated    {fed['rounds']} round(s); global model v{fed['global_version']}; "
           f"scores carry up to v{fed['adopted_version_in_scores']}")
-    for alert in summary["top_alerts"]:
-        print(f"  alert {alert['device_id']} seq {alert['seq']}: {alert['score_over_threshold']}x threshold, "
-              f"metrics to blame: {', '.join(alert['metrics'])}")
+    for alert in summary["top_alerts"]:  # the strongest incidents, one line each (`strongest_incidents`)
+        alerts = alert.get("alerts", 1)
+        span = (f"seq {alert['first_seq']}-{alert['last_seq']}, {alerts} alerts" if alerts > 1
+                else f"seq {alert['seq']}, 1 alert")
+        print(f"  incident {alert['device_id']} {span}: peak {alert['score_over_threshold']}x threshold "
+              f"(seq {alert['seq']}), metrics to blame: {', '.join(alert['metrics'])}")
     if summary["dashboard"]:
         print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']}); they stay up until "
               "`flead down`")

@@ -112,3 +112,25 @@ def test_the_demo_lowers_the_snapshot_cadence_to_its_shortest_training_part():
     assert lines and "snapshot" in lines[0]
     long_enough = [r for r in train if r.device_id == "a"]
     assert _snapshot_by_end_of_training(cfg, long_enough, lines.append) is cfg
+
+
+def test_the_summary_names_each_of_the_strongest_incidents_once(capsys):
+    """Five alerts of one incident are one line: its peak, its number of alerts and their seqs; a flag without an
+    incident id stands alone; an unflagged record is no alert however high its score."""
+    from orchestration.demo import strongest_incidents
+
+    def alert(device, seq, times, incident, flagged=True):
+        return {"device_id": device, "seq": seq, "ts": 1_000 * seq, "score": times * 2.0, "threshold": 2.0,
+                "is_anomaly": flagged, "incident_id": incident, "top_metrics": [{"metric": f"m{seq % 3}"}]}
+
+    records = ([alert("a", seq, 100 + seq, "a:1") for seq in range(10, 15)] + [alert("a", 40, 50, "a:2"),
+               alert("b", 7, 80, None), alert("b", 8, 500, None, flagged=False), alert("c", 3, 20, "c:1")])
+    top = strongest_incidents(records, n=3)
+    assert [(t["device_id"], t["seq"], t["alerts"], t["first_seq"], t["last_seq"]) for t in top] == [
+        ("a", 14, 5, 10, 14), ("b", 7, 1, 7, 7), ("a", 40, 1, 40, 40)]
+    assert top[0]["score_over_threshold"] == 114.0 and top[0]["metrics"] == ["m2"]
+    summary = json.loads((PROJECT_ROOT / "tests" / "unit" / "data" / "demo_summary.json").read_text())
+    print_summary({**summary, "top_alerts": top})
+    out = capsys.readouterr().out
+    assert "incident a seq 10-14, 5 alerts: peak 114.0x threshold (seq 14), metrics to blame: m2" in out
+    assert "incident b seq 7, 1 alert: peak 80.0x threshold (seq 7)" in out
