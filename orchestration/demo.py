@@ -526,7 +526,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         "offline": offline,
         "federated": {"rounds": rounds, "global_version": latest["version"] if latest else 0,
                       "adopted_version_in_scores": watch.max_global_version},
-        "top_alerts": top,
+        "strongest_incidents": top,
         "dashboard": f"http://{cfg.superset.host}:{cfg.superset.port}/dashboard/list/",
         "credentials": str(cfg.state_dir / "superset" / "credentials"),
     }
@@ -573,12 +573,12 @@ def print_summary(summary: dict) -> None:
     fed = summary["federated"]
     print(f"federated    {fed['rounds']} round(s); global model v{fed['global_version']}; "
           f"scores carry up to v{fed['adopted_version_in_scores']}")
-    for alert in summary["top_alerts"]:  # the strongest incidents, one line each (`strongest_incidents`)
-        alerts = alert.get("alerts", 1)
-        span = (f"seq {alert['first_seq']}-{alert['last_seq']}, {alerts} alerts" if alerts > 1
-                else f"seq {alert['seq']}, 1 alert")
-        print(f"  incident {alert['device_id']} {span}: peak {alert['score_over_threshold']}x threshold "
-              f"(seq {alert['seq']}), metrics to blame: {', '.join(alert['metrics'])}")
+    for incident in summary["strongest_incidents"]:  # one line each (`strongest_incidents`)
+        alerts = incident["alerts"]
+        span = (f"seq {incident['first_seq']}-{incident['last_seq']}, {alerts} alerts" if alerts > 1
+                else f"seq {incident['seq']}, 1 alert")
+        print(f"  incident {incident['device_id']} {span}: peak {incident['score_over_threshold']}x threshold "
+              f"(seq {incident['seq']}), metrics to blame: {', '.join(incident['metrics'])}")
     if summary["dashboard"]:
         print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']}); they stay up until "
               "`flead down`")

@@ -130,7 +130,7 @@ def test_the_summary_names_each_of_the_strongest_incidents_once(capsys):
         ("a", 14, 5, 10, 14), ("b", 7, 1, 7, 7), ("a", 40, 1, 40, 40)]
     assert top[0]["score_over_threshold"] == 114.0 and top[0]["metrics"] == ["m2"]
     summary = json.loads((PROJECT_ROOT / "tests" / "unit" / "data" / "demo_summary.json").read_text())
-    print_summary({**summary, "top_alerts": top})
+    print_summary({**summary, "strongest_incidents": top})
     out = capsys.readouterr().out
     assert "incident a seq 10-14, 5 alerts: peak 114.0x threshold (seq 14), metrics to blame: m2" in out
     assert "incident b seq 7, 1 alert: peak 80.0x threshold (seq 7)" in out
