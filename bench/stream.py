@@ -429,8 +429,9 @@ def main() -> int:
                              "with --quick the warm run times its second backlog")
     parser.add_argument("--fleet-devices", type=int, default=4800,
                         help="fleet run: devices (copies of the 12 ASD servers) of a warm run in which nearly every "
-                             "message is another device's, scored in micro-batches of stream.micro_batch_size as "
-                             "live messages are (backlog micro-batches off; 0: no fleet run)")
+                             "message is another device's, scored as live messages are (backlog micro-batches "
+                             "off: a message of stream.micro_batch_size readings or more is one micro-batch); 0: "
+                             "no fleet run")
     parser.add_argument("--fleet-readings", type=int, default=32,
                         help="fleet run: readings per device in each backlog (two 16-reading messages)")
     parser.add_argument("--latency-raw", metavar="OUT.npz", help="save every timed reading's latency figures here")
@@ -477,7 +478,8 @@ def main() -> int:
                  "score",
          "value": round(warm["after_queued"].get("readings_per_s", 0)), "unit": "readings/s"},
         *([{"name": f"  ... warm job, a fleet of {fleet['devices']:,} devices ({args.fleet_readings} readings each "
-                    f"per backlog, each message its own micro-batch of {cfg.stream.micro_batch_size}, as live)",
+                    f"per backlog, micro-batches of {max(args.message_batch, cfg.stream.micro_batch_size)} as "
+                    "live: no backlog batches)",
             "value": round(fleet["after_queued"].get("readings_per_s", 0)), "unit": "readings/s"}] if fleet else []),
         {"name": f"event-to-score latency p50 at {args.rate:.0f} readings/s (score read from Kafka, after "
                  f"{args.warmup:.0f} s warm-up)",
