@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -49,8 +50,8 @@ from pyflink.table import StreamTableEnvironment  # noqa: E402
 from config import load_config  # noqa: E402
 from flink_jobs import WORKER_PACKAGES, jvm_args, worker_blas_env  # noqa: E402
 from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run  # noqa: E402
-from flink_jobs.checkpoints import (checkpoint_dir, checkpoint_settings, latest_checkpoint, new_job_id,  # noqa: E402
-                                    note_backend, restore_problem)
+from flink_jobs.checkpoints import (checkpoint_dir, checkpoint_settings, latest_restore_point, new_job_id,  # noqa: E402
+                                    note_backend, restore_problem, retire_savepoints, savepoint_dir)
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
 from scoring.broadcasts import Broadcasts  # noqa: E402
@@ -60,6 +61,7 @@ from telemetry.schema import InvalidMessage  # noqa: E402
 
 LOG = logging.getLogger("flead.stream")
 CONNECTOR_JAR = "flink-sql-connector-kafka-5.0.0-2.2.jar"
+JOB_NAME = "flead-anomaly-detection"
 # Partial micro-batches of a bounded run are flushed by an event-time timer this far after the batch's first
 # message: the end-of-input watermark fires it (processing-time timers do not fire once the input has ended), a
 # live stream flushes by processing time long before. It also becomes the Kafka timestamp of what the flush emits,
@@ -373,21 +375,54 @@ def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
         scores.get_side_output(tag).sink_to(kafka_sink(cfg, topics[topic])).name(name).uid(f"{name}-sink")
 
 
+def run_until_stopped(env: StreamExecutionEnvironment, cfg, job_name: str) -> int:
+    """Run the live job until it ends, or until this process gets SIGTERM (`flead stream stop`, `flead down`, a plain
+    ``kill``): then stop it with a savepoint in `savepoint_dir` (Flink's canonical format: any state backend restores
+    it), so the next start resumes every device's model from that moment, not from the last checkpoint."""
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    client = env.execute_async(job_name)
+    result = client.get_job_execution_result()
+    while not stop_requested and not result.done():
+        time.sleep(0.5)
+    if not stop_requested:
+        result.result()  # raises if the job failed
+        return 0
+    stream = cfg.stream
+    LOG.info("SIGTERM: stopping job %s with a savepoint in %s", client.get_job_id(), savepoint_dir(cfg))
+    jvm = get_gateway().jvm
+    # PyFlink's JobClient.stop_with_savepoint has no format argument (Flink's default is canonical): ask for it
+    stopping = client._j_job_client.stopWithSavepoint(
+        False, savepoint_dir(cfg).as_uri(), jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL)
+    try:
+        path = stopping.get(stream.stop_savepoint_timeout_s, jvm.java.util.concurrent.TimeUnit.SECONDS)
+    except Exception as exc:  # py4j's error carries Flink's reason (e.g. a task not running yet)
+        LOG.error("no savepoint (the job resumes from its newest checkpoint instead): %s", exc)
+        return 1
+    result.result()
+    retired = retire_savepoints(cfg, stream.savepoints_retained)
+    LOG.info("stopped with savepoint %s (%d older one(s) deleted)", path, len(retired))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bounded", action="store_true",
                         help="read the telemetry topic up to its current end, then stop (tests, benchmarks)")
     parser.add_argument("--from-savepoint", metavar="PATH|latest|auto",
-                        help="restore from a savepoint or retained checkpoint ('latest': the newest checkpoint "
-                             "in <state_dir>/flink/checkpoints; 'auto': that one if there is one, else start fresh)")
+                        help="restore from a savepoint or retained checkpoint ('latest': the newest of "
+                             "<state_dir>/flink/checkpoints and /savepoints; 'auto': that one if there is one, else "
+                             "start fresh)")
     args = parser.parse_args(argv)
+    submitted_by_flink_cli = "PYFLINK_GATEWAY_PORT" in os.environ  # else PyFlink starts a JVM with a MiniCluster
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config()
     recover_from = args.from_savepoint
     if recover_from in ("latest", "auto"):
-        found = latest_checkpoint(cfg)
+        found = latest_restore_point(cfg)
         if found is None and recover_from == "latest":
-            print(f"--from-savepoint latest: no retained checkpoint in {checkpoint_dir(cfg)}", file=sys.stderr)
+            print(f"--from-savepoint latest: no retained checkpoint in {checkpoint_dir(cfg)} and no savepoint in "
+                  f"{savepoint_dir(cfg)}", file=sys.stderr)
             return 2
         recover_from = str(found) if found else None
     problem = restore_problem(cfg, Path(recover_from)) if recover_from else None
@@ -410,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     build_job(env, cfg, args.bounded)
     LOG.info("starting job %s (bounded=%s, recover from %s, parallelism %d)", job_id, args.bounded, recover_from,
              cfg.stream.parallelism)
-    env.execute("flead-anomaly-detection")
-    return 0
+    if args.bounded or submitted_by_flink_cli:  # `flink run` owns the job: `flink stop --savepointPath` stops it
+        env.execute(JOB_NAME)
+        return 0
+    return run_until_stopped(env, cfg, JOB_NAME)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from config import PROJECT_ROOT
 
 PROCESS = "stream"  # the job's service name (pid file, log, registration): `flead down` stops it too
 JOB = PROJECT_ROOT / "flink_jobs" / "anomaly_job.py"
-RESUME = "auto"  # the job's --from-savepoint value for "the newest retained checkpoint, if there is one"
+RESUME = "auto"  # the job's --from-savepoint value for "the newest retained checkpoint or savepoint, if any"
+EXIT_MARGIN_S = 15  # after its savepoint (stream.stop_savepoint_timeout_s), the time the job's process has to end
 
 
 def register(sub) -> None:
@@ -27,7 +28,8 @@ def register(sub) -> None:
                             help="start without restoring state: every device's model starts anew (restarts after a "
                                  "crash still resume from the checkpoints this run makes)")
     a.set_defaults(func=cmd_start)
-    actions.add_parser("stop", help="stop the background job").set_defaults(func=cmd_stop)
+    actions.add_parser("stop", help="stop the background job with a savepoint; the next start resumes from it "
+                                    "(on either state backend)").set_defaults(func=cmd_stop)
     actions.add_parser("status", help="is the background job running").set_defaults(func=cmd_status)
     actions.add_parser("cluster-start", help="start a local standalone Flink cluster (stream.rest_port)").set_defaults(
         func=cmd_cluster, cluster_action="start")
@@ -37,12 +39,14 @@ def register(sub) -> None:
 
 def stream_service(cfg, start_from: str | None = RESUME):
     """The job as a supervised service; it first starts from `start_from` (None: fresh), and a restart after a
-    crash always resumes from the newest retained checkpoint."""
+    crash always resumes from the newest retained checkpoint or savepoint. Stopping it gives the job's process
+    alone SIGTERM first and time to stop the job with a savepoint (`anomaly_job.run_until_stopped`)."""
     from services.service import Service
 
     job = [sys.executable, str(JOB)]
     return Service(cfg.state_dir, PROCESS, job + (["--from-savepoint", start_from] if start_from else []),
-                   env=cfg.to_env(), cwd=PROJECT_ROOT, restart_argv=job + ["--from-savepoint", RESUME])
+                   env=cfg.to_env(), cwd=PROJECT_ROOT, restart_argv=job + ["--from-savepoint", RESUME],
+                   leader_grace=cfg.stream.stop_savepoint_timeout_s + EXIT_MARGIN_S)
 
 
 def cmd_start(args, cfg) -> int:
@@ -56,7 +60,12 @@ def cmd_start(args, cfg) -> int:
 
 
 def cmd_stop(args, cfg) -> int:
-    print("stream job stopped" if stream_service(cfg).stop() else "stream job was not running")
+    from flink_jobs.checkpoints import latest_restore_point
+
+    if not stream_service(cfg).stop():
+        print("stream job was not running")
+        return 0
+    print(f"stream job stopped; it resumes from {latest_restore_point(cfg) or 'nothing (no checkpoint yet)'}")
     return 0
 
 

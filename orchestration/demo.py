@@ -54,7 +54,8 @@ def register(sub) -> None:
     p.add_argument("--no-superset", action="store_true", help="do not start Superset")
     p.add_argument("--reset", action="store_true",
                    help="first delete the data this state directory's pipeline holds (topics, MongoDB database, "
-                        "stream checkpoints) even if no earlier demo stored it (an earlier demo's is always deleted)")
+                        "stream checkpoints and savepoints) even if no earlier demo stored it (an earlier demo's is "
+                        "always deleted)")
     p.add_argument("--keep-running", action="store_true", help="leave every service running afterwards")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the summary as JSON")
     p.set_defaults(func=cmd_demo)
@@ -224,7 +225,7 @@ def start_plan(stored: dict[str, int], left_by_demo: dict | None, reset: bool, s
     raise SystemExit(f"flead demo: the pipeline of {state_dir} holds data ({describe(stored)}) that no demo left"
                      f"{since}. The demo replays its devices from their first reading, which the stream job would "
                      "drop as already seen. `flead demo --reset` deletes that data first (the project's topics, "
-                     "MongoDB database and stream checkpoints); or give the demo a stack of its own: "
+                     "MongoDB database and stream checkpoints and savepoints); or give the demo a stack of its own: "
                      "FLEAD_STATE_DIR=<another folder> with free ports (FLEAD_KAFKA_PORT, FLEAD_MONGO_PORT, ...).")
 
 
@@ -233,11 +234,11 @@ def describe(stored: dict[str, int]) -> str:
 
 
 def stored_counts(cfg: Config) -> dict[str, int]:
-    """What this state directory's pipeline holds: the stream job's retained checkpoints, the telemetry topic's
+    """What this state directory's pipeline holds: the stream job's checkpoints and savepoints, the telemetry topic's
     messages, the stored readings."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from flink_jobs.checkpoints import checkpoint_dir
+    from flink_jobs.checkpoints import restore_points
     from storage.mongo import Store
 
     topic = cfg.kafka.topics.telemetry
@@ -250,18 +251,18 @@ def stored_counts(cfg: Config) -> dict[str, int]:
         consumer.close()
     with Store(cfg) as store:
         readings = store.count_readings()
-    return {"stream checkpoint(s)": len(list(checkpoint_dir(cfg).glob("*/chk-*/_metadata"))),
+    return {"stream checkpoint(s) and savepoint(s)": len(restore_points(cfg)),
             f"message(s) on {topic}": messages, f"stored reading(s) in database {cfg.mongo.database}": readings}
 
 
 def reset_data(cfg: Config, say) -> None:
     """Delete what this state directory's pipeline stored, its services stopped first: the project's topics
-    (recreated empty), its MongoDB database (collections recreated), the stream job's checkpoints."""
+    (recreated empty), its MongoDB database (collections recreated), the stream job's checkpoints and savepoints."""
     import shutil
 
     from confluent_kafka.admin import AdminClient
 
-    from flink_jobs.checkpoints import checkpoint_dir
+    from flink_jobs.checkpoints import checkpoint_dir, savepoint_dir
     from orchestration import stack
     from services.service import stop_by_name
     from storage.mongo import Store
@@ -269,7 +270,8 @@ def reset_data(cfg: Config, say) -> None:
     for name in (*DATA_PATH_SERVICES, "router"):
         if stop_by_name(cfg.state_dir, name):
             say(f"stopped {name}")
-    shutil.rmtree(checkpoint_dir(cfg), ignore_errors=True)
+    for folder in (checkpoint_dir(cfg), savepoint_dir(cfg)):
+        shutil.rmtree(folder, ignore_errors=True)
     admin = AdminClient({"bootstrap.servers": cfg.kafka_bootstrap})
     topics = [name for name in cfg.kafka.topics.to_dict().values() if name in admin.list_topics(timeout=10).topics]
     for future in admin.delete_topics(topics, request_timeout=30).values():

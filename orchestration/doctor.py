@@ -69,11 +69,11 @@ def examine(cfg: Config) -> list[Finding]:
 
 
 def _checkpoint_finding(cfg: Config, stream_registered: bool) -> Finding:
-    from flink_jobs.checkpoints import latest_checkpoint
+    from flink_jobs.checkpoints import latest_restore_point
 
-    newest = latest_checkpoint(cfg)
+    newest = latest_restore_point(cfg)
     if newest is not None:
         age = time.time() - (newest / "_metadata").stat().st_mtime
         return Finding("checkpoint", OK, f"the stream job resumes from {newest} ({age:.0f} s old)")
-    return Finding("checkpoint", OK, "no retained checkpoint yet" + (" (the stream job has not completed one)"
-                                                                     if stream_registered else ""))
+    running = " (the stream job has not completed one)" if stream_registered else ""
+    return Finding("checkpoint", OK, f"no retained checkpoint or savepoint yet{running}")

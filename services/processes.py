@@ -147,11 +147,12 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float, state_dir: 
                        f"{log_tail(state_dir, name)}")
 
 
-def stop(state_dir: Path, name: str, grace: float = 20.0) -> bool:
+def stop(state_dir: Path, name: str, grace: float = 20.0, leader_grace: float = 0.0) -> bool:
     """Stop our process `name` (SIGTERM to its process group, then SIGKILL); True if one was running.
 
-    The rest of its session (children it left behind) gets the same signals, also when the process itself was
-    already gone."""
+    With `leader_grace` the process itself gets SIGTERM alone first and that long to end on its own (its children
+    still running: e.g. the stream job stops its JVM's job with a savepoint). The rest of its session (children it
+    left behind) gets the same signals, also when the process itself was already gone."""
     recorded = recorded_pid(state_dir, name)
     pid = running_pid(state_dir, name)
     if pid is None:
@@ -159,9 +160,10 @@ def stop(state_dir: Path, name: str, grace: float = 20.0) -> bool:
             kill_session_leftovers(*recorded)
             pid_file(state_dir, name).unlink(missing_ok=True)
         return False
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    steps = [(os.kill, signal.SIGTERM, leader_grace)] if leader_grace > 0 else []
+    for send, sig, wait in steps + [(os.killpg, signal.SIGTERM, grace), (os.killpg, signal.SIGKILL, 5.0)]:
         try:
-            os.killpg(pid, sig)
+            send(pid, sig)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait

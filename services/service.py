@@ -96,14 +96,16 @@ class Service:
 
     argv/env/cwd: how to run it (``env`` is added to the current environment). ready: a check that the service
     answers (e.g. its port), awaited by `start` for up to ``ready_timeout`` seconds; ``ready_what`` names it in
-    errors. stop_grace: seconds between SIGTERM and SIGKILL. supervised: register it, so the supervisor restarts it
-    if it dies, with ``restart_argv`` if given (e.g. "resume from the newest checkpoint" where ``argv`` names one).
+    errors. stop_grace: seconds between SIGTERM and SIGKILL; leader_grace: if set, the process alone gets SIGTERM
+    first and that many seconds to end by itself before its process group is signalled. supervised: register it,
+    so the supervisor restarts it if it dies, with ``restart_argv`` if given (e.g. "resume from the newest checkpoint" where ``argv`` names one).
     priority: `SERVER_PRIORITY` for what others depend on.
     """
 
     def __init__(self, state_dir: Path, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
                  cwd: Path | None = None, *, ready: Callable[[], bool] | None = None, ready_what: str = "ready",
-                 ready_timeout: float = 90.0, stop_grace: float = 20.0, supervised: bool = True,
+                 ready_timeout: float = 90.0, stop_grace: float = 20.0, leader_grace: float = 0.0,
+                 supervised: bool = True,
                  priority: int = CLIENT_PRIORITY, restart_argv: Sequence[str] | None = None):
         self.state_dir = Path(state_dir)
         self.name = name
@@ -112,7 +114,7 @@ class Service:
         self.env = dict(env or {})
         self.cwd = Path(cwd) if cwd is not None else None
         self.ready, self.ready_what, self.ready_timeout = ready, ready_what, ready_timeout
-        self.stop_grace = stop_grace
+        self.stop_grace, self.leader_grace = stop_grace, leader_grace
         self.supervised = supervised
         self.priority = priority
 
@@ -141,7 +143,7 @@ class Service:
                 write_spec(self.state_dir, {
                     "name": self.name, "argv": self.restart_argv, "env": env,
                     "cwd": str(self.cwd) if self.cwd else None, "stop_grace": self.stop_grace,
-                    "priority": self.priority, "registered_at": time.time(),
+                    "leader_grace": self.leader_grace, "priority": self.priority, "registered_at": time.time(),
                     "restarts": previous.get("restarts", 0), "last_restart_at": previous.get("last_restart_at")})
             pid = processes.start(self.state_dir, self.name, self.argv, env=env, cwd=self.cwd)
         if self.ready is not None:
@@ -156,7 +158,7 @@ class Service:
         """Deregister, then stop the service (SIGTERM, then SIGKILL after ``stop_grace``); True if it ran."""
         with service_lock(self.state_dir, self.name):
             spec_path(self.state_dir, self.name).unlink(missing_ok=True)
-            return processes.stop(self.state_dir, self.name, grace=self.stop_grace)
+            return processes.stop(self.state_dir, self.name, grace=self.stop_grace, leader_grace=self.leader_grace)
 
     def status(self) -> dict:
         """Whether it runs (pid), is registered, answers (`ready`), and how often the supervisor restarted it."""
@@ -171,7 +173,8 @@ class Service:
 def stop_by_name(state_dir: Path, name: str, grace: float = 20.0) -> bool:
     """Deregister and stop the service `name` however it was started; True if it ran."""
     spec = read_spec(state_dir, name) or {}
-    return Service(state_dir, name, [], stop_grace=spec.get("stop_grace", grace)).stop()
+    return Service(state_dir, name, [], stop_grace=spec.get("stop_grace", grace),
+                   leader_grace=spec.get("leader_grace", 0.0)).stop()
 
 
 def _private_modes(root: Path):

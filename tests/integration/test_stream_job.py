@@ -181,15 +181,18 @@ def newest_checkpoint_id(checkpoints: Path) -> int:
     return max((int(p.parent.name.removeprefix("chk-")) for p in checkpoints.glob("*/chk-*/_metadata")), default=0)
 
 
-def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict) -> Path:
+def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict, stop_with_savepoint: bool = False,
+                                restart_settings: dict | None = None) -> Path:
     """Kill -9 a live job (FLEAD_* `settings`) once every device's model has a version in a completed checkpoint,
     restart it from the newest retained checkpoint, and check that every reading is scored and the models continue.
+    With `stop_with_savepoint` it is stopped as `flead stream stop` does instead (SIGTERM to the job's process alone:
+    a savepoint), and restarted with `restart_settings` on top of `settings` (e.g. another state backend).
 
     The sinks are at-least-once, so readings after the checkpoint may be scored twice under the same
     (device_id, seq) — the MongoDB sink upserts by that id. We assert: the distinct (device_id, seq) set is
-    complete, no id appears more than twice, the restarted job scores each device with at least the model version it
-    had reached before the kill (a state lost at the restart would start again from version 0), and reading counts
-    continue. Returns the checkpoint restored from.
+    complete, no id appears more than twice (after a savepoint: none twice), the restarted job scores each device
+    with at least the model version it had reached before the kill (a state lost at the restart would start again
+    from version 0), and reading counts continue. Returns the checkpoint or savepoint restored from.
     """
     # the devices' readings interleaved, as a fleet sends them: each device's model is snapshotted early
     readings = sorted(asd_slice(cfg, "test", 3, 1200), key=lambda r: (r.seq, r.device_id))
@@ -229,16 +232,22 @@ def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict) -> Path:
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.2)
         killed_at = int(time.time() * 1000)
-        os.killpg(pid, signal.SIGKILL)
+        if stop_with_savepoint:
+            assert processes.stop(tmp_path, "stream", grace=5, leader_grace=90)
+        else:
+            os.killpg(pid, signal.SIGKILL)
         assert len(read_to_end(cfg, "scores")) < len(readings) - 300, "the job finished before it could be killed"
     finally:
         processes.stop(tmp_path, "stream", grace=5)
         if producer.ident is not None:  # started
             producer.join()
 
-    from flink_jobs.checkpoints import latest_checkpoint
-    restored = latest_checkpoint(job_cfg)
+    from flink_jobs.checkpoints import latest_restore_point, savepoint_dir
+    restored = latest_restore_point(job_cfg)
     assert restored is not None
+    assert (restored.parent == savepoint_dir(job_cfg)) == stop_with_savepoint, (
+        restored, processes.log_tail(tmp_path, "stream", 60))
+    env = {**env, **(restart_settings or {})}
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB), "--from-savepoint", "latest"], env=env)
     try:
         scores = wait_for_scores(cfg, tmp_path, pid, lambda scores: {(s["device_id"], s["seq"]) for s in scores}
@@ -248,7 +257,7 @@ def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict) -> Path:
 
     copies = by_id(scores)
     assert set(copies) == expected  # none missing
-    assert max(len(c) for c in copies.values()) <= 2
+    assert max(len(c) for c in copies.values()) <= (1 if stop_with_savepoint else 2)
     duplicated = sum(len(c) > 1 for c in copies.values())
     print(f"{len(scores)} score records, {len(copies)} distinct readings, {duplicated} scored twice")
     for device in devices:
@@ -280,6 +289,16 @@ def test_a_job_on_rocksdb_restarts_from_its_incremental_checkpoint_with_every_mo
     assert any((tmp_path / "flink" / "rocksdb").iterdir())  # working files in the state directory, not in /tmp
     from flink_jobs.checkpoints import BACKEND_NOTE
     assert (restored.parent / BACKEND_NOTE).read_text() == "rocksdb\n"  # the run's folder is named by its job id
+
+
+def test_a_stopped_job_resumes_from_its_savepoint_on_another_state_backend(cfg, tmp_path):
+    """`flead stream stop` (SIGTERM to the job's process alone) stops the job with a canonical savepoint; started on
+    RocksDB from it, every model continues and no reading is scored twice or lost: a deployment moves between state
+    backends without starting its models again."""
+    kill_mid_stream_and_restart(cfg, tmp_path, {"FLEAD_STREAM_STATE_BACKEND": "hashmap"}, stop_with_savepoint=True,
+                                restart_settings={"FLEAD_STREAM_STATE_BACKEND": "rocksdb"})
+    log = processes.log_path(tmp_path, "stream").read_text()
+    assert "stopped with savepoint" in log, log[-3000:]
 
 
 def scorer_counter(reporter_url: str, name: str) -> float | None:

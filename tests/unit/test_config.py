@@ -1,4 +1,6 @@
 """The one configuration file: typed, overridable, strict about unknown keys."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -67,7 +69,7 @@ def test_stream_workers_blas_threads_follow_the_setting(monkeypatch):
 
 
 def test_the_stream_jobs_checkpoint_settings_follow_the_config(monkeypatch):
-    from flink_jobs.checkpoints import checkpoint_dir, checkpoint_settings
+    from flink_jobs.checkpoints import checkpoint_dir, checkpoint_settings, savepoint_dir
 
     monkeypatch.setenv("FLEAD_STREAM_STATE_BACKEND", "rocksdb")
     monkeypatch.setenv("FLEAD_STREAM_INCREMENTAL_CHECKPOINTS", "true")
@@ -75,6 +77,7 @@ def test_the_stream_jobs_checkpoint_settings_follow_the_config(monkeypatch):
     cfg = load_config()
     assert checkpoint_settings(cfg, "ab" * 16) == {
         "execution.checkpointing.interval": "2500 ms", "execution.checkpointing.dir": checkpoint_dir(cfg).as_uri(),
+        "execution.checkpointing.savepoint-dir": savepoint_dir(cfg).as_uri(),
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "state.backend.type": "rocksdb", "execution.checkpointing.incremental": "true",
         "state.backend.rocksdb.localdir": str(cfg.state_dir / "flink" / "rocksdb"),  # not Flink's /tmp
@@ -114,6 +117,36 @@ def test_a_job_refuses_to_resume_from_a_checkpoint_of_another_state_backend(monk
 
     assert main(["--from-savepoint", "latest"]) == 2
     assert capsys.readouterr().err.strip() == problem
+
+
+def test_the_job_resumes_from_the_newest_checkpoint_or_savepoint_and_a_stop_keeps_the_newest_savepoints(
+        monkeypatch, tmp_path):
+    import os
+
+    from flink_jobs.checkpoints import (checkpoint_dir, latest_restore_point, restore_points, retire_savepoints,
+                                        savepoint_dir)
+
+    monkeypatch.setenv("FLEAD_STATE_DIR", str(tmp_path))
+    cfg = load_config()
+    assert latest_restore_point(cfg) is None and retire_savepoints(cfg, 3) == []
+
+    def made(folder: Path, at: int) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "_metadata").write_bytes(b"")
+        os.utime(folder / "_metadata", (at, at))
+        return folder
+
+    checkpoint = made(checkpoint_dir(cfg) / "ab" / "chk-4", 100)
+    made(checkpoint_dir(cfg) / "ab" / "chk-5-unfinished", 50).joinpath("_metadata").unlink()  # no metadata: none
+    older = made(savepoint_dir(cfg) / "savepoint-ab-1", 90)
+    assert latest_restore_point(cfg) == checkpoint  # a checkpoint made after the last stop
+    newest = made(savepoint_dir(cfg) / "savepoint-cd-2", 200)
+    assert latest_restore_point(cfg) == newest
+    assert restore_points(cfg) == [older, checkpoint, newest]
+    assert retire_savepoints(cfg, 0) == [older]  # the newest savepoint is always kept
+    assert restore_points(cfg) == [checkpoint, newest] and not older.exists()
+    made(savepoint_dir(cfg) / "savepoint-ef-3", 300)
+    assert retire_savepoints(cfg, 2) == [] and len(restore_points(cfg)) == 3
 
 
 def test_the_stream_jobs_jvm_flags_come_from_the_setting_and_the_environments_win(monkeypatch):

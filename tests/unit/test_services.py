@@ -55,6 +55,47 @@ def test_start_registers_stop_deregisters_and_kills_the_session(state):
     assert svc.stop() is False
 
 
+# A leader that, on SIGTERM, checks its child is still alive (writes "child alive" to the file argv[1]), then ends it
+# and exits: what the stream job does (its JVM stops the job with a savepoint before the process ends).
+GRACEFUL_LEADER = [sys.executable, "-c", """
+import signal, subprocess, sys, time
+def stop(*_):
+    alive = child.poll() is None
+    open(sys.argv[1], "w").write("child alive" if alive else "child gone")
+    time.sleep(0.3)
+    child.terminate()
+    child.wait()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+time.sleep(300)
+"""]
+
+
+def test_a_leader_grace_signals_the_process_alone_first_and_the_group_only_if_it_does_not_end(state):
+    outcome = state / "outcome"
+    graceful = Service(state, "graceful", GRACEFUL_LEADER + [str(outcome)], stop_grace=1.0, leader_grace=10.0)
+    graceful.start()
+    wait_for(lambda: len(processes.session_members(graceful.pid, "0")) == 2)
+    started = time.monotonic()
+    assert graceful.stop() is True
+    assert outcome.read_text() == "child alive" and time.monotonic() - started < 5
+    assert read_spec(state, "graceful") is None
+    # registered with it: `flead down` (stop_by_name) gives the same grace; a process that ignores the signal is
+    # stopped after it
+    ready = state / "ignoring"
+    stubborn = Service(state, "stubborn", [sys.executable, "-c", "import signal, sys, time; "
+                                           "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                           "open(sys.argv[1], 'w').close(); time.sleep(300)", str(ready)],
+                       stop_grace=0.5, leader_grace=1.0)
+    stubborn.start()
+    wait_for(ready.exists)
+    assert read_spec(state, "stubborn")["leader_grace"] == 1.0
+    started = time.monotonic()
+    assert stop_by_name(state, "stubborn") is True
+    assert stubborn.pid is None and 1.0 <= time.monotonic() - started < 8
+
+
 def test_a_service_that_never_gets_ready_is_stopped_and_deregistered_with_its_log(state):
     svc = Service(state, "broken", [sys.executable, "-c", "print('cannot bind'); raise SystemExit(3)"],
                   ready=lambda: False, ready_what="port open", ready_timeout=5)
