@@ -579,7 +579,9 @@ def print_summary(summary: dict) -> None:
         alerts = incident["alerts"]
         span = (f"seq {incident['first_seq']}-{incident['last_seq']}, {alerts} alerts" if alerts > 1
                 else f"seq {incident['seq']}, 1 alert")
-        print(f"  incident {incident['device_id']} {span}: peak {incident['score_over_threshold']}x threshold "
+        ratio = incident["score_over_threshold"]  # 3 significant figures, as the dashboards print
+        print(f"  incident {incident['device_id']} {span}: peak {f'{ratio:,.0f}' if ratio >= 100 else f'{ratio:.3g}'}"
+              f"x threshold "
               f"(seq {incident['seq']}), metrics to blame: {', '.join(incident['metrics'])}")
     if summary["dashboard"]:
         print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']}); they stay up until "
