@@ -375,32 +375,62 @@ def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
         scores.get_side_output(tag).sink_to(kafka_sink(cfg, topics[topic])).name(name).uid(f"{name}-sink")
 
 
-def run_until_stopped(env: StreamExecutionEnvironment, cfg, job_name: str) -> int:
-    """Run the live job until it ends, or until this process gets SIGTERM (`flead stream stop`, `flead down`, a plain
-    ``kill``): then stop it with a savepoint in `savepoint_dir` (Flink's canonical format: any state backend restores
-    it), so the next start resumes every device's model from that moment, not from the last checkpoint."""
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+class StopRequest:
+    """Remembers a SIGTERM (`flead stream stop`, `flead down`, a plain ``kill``) instead of dying of it, so the live job
+    can stop with a savepoint (`run_until_stopped`). Installed first thing, so a stop during start-up is kept too."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, *_) -> None:
+        self.requested = True
+
+
+def java_reason(exc: Exception) -> str:
+    """The innermost cause's message of a Java exception raised through py4j (else the exception's text)."""
+    cause = getattr(exc, "java_exception", None)
+    if cause is None:
+        return str(exc)
+    while cause.getCause() is not None:
+        cause = cause.getCause()
+    return f"{cause.getClass().getSimpleName()}: {cause.getMessage()}"
+
+
+def run_until_stopped(env: StreamExecutionEnvironment, cfg, job_name: str, stop: StopRequest) -> int:
+    """Run the live job until it ends, or until `stop` is requested: then stop it with a savepoint in `savepoint_dir`
+    (Flink's canonical format: any state backend restores it), so the next start resumes every device's model from
+    that moment, not from the last checkpoint. A savepoint needs every task running: while the job is still starting
+    (or restarting) it is tried again, for up to ``stream.stop_savepoint_timeout_s``."""
+    if stop.requested:  # before the job was submitted: nothing learned since the point it would restore
+        LOG.info("SIGTERM before the job started: not started")
+        return 0
     client = env.execute_async(job_name)
     result = client.get_job_execution_result()
-    while not stop_requested and not result.done():
+    while not stop.requested and not result.done():
         time.sleep(0.5)
-    if not stop_requested:
+    if not stop.requested:
         result.result()  # raises if the job failed
         return 0
-    stream = cfg.stream
     LOG.info("SIGTERM: stopping job %s with a savepoint in %s", client.get_job_id(), savepoint_dir(cfg))
     jvm = get_gateway().jvm
-    # PyFlink's JobClient.stop_with_savepoint has no format argument (Flink's default is canonical): ask for it
-    stopping = client._j_job_client.stopWithSavepoint(
-        False, savepoint_dir(cfg).as_uri(), jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL)
-    try:
-        path = stopping.get(stream.stop_savepoint_timeout_s, jvm.java.util.concurrent.TimeUnit.SECONDS)
-    except Exception as exc:  # py4j's error carries Flink's reason (e.g. a task not running yet)
-        LOG.error("no savepoint (the job resumes from its newest checkpoint instead): %s", exc)
-        return 1
+    canonical = jvm.org.apache.flink.core.execution.SavepointFormatType.CANONICAL
+    deadline = time.monotonic() + cfg.stream.stop_savepoint_timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        try:  # PyFlink's JobClient.stop_with_savepoint has no format argument (Flink's default is canonical)
+            path = client._j_job_client.stopWithSavepoint(False, savepoint_dir(cfg).as_uri(), canonical).get(
+                max(1, int(remaining)), jvm.java.util.concurrent.TimeUnit.SECONDS)
+            break
+        except Exception as exc:  # py4j's error carries Flink's reason (e.g. a task not running yet)
+            reason = java_reason(exc)
+            if result.done() or time.monotonic() + 1 >= deadline:
+                LOG.error("no savepoint (the job resumes from its newest checkpoint instead): %s", reason)
+                return 1
+            LOG.info("no savepoint yet, trying again in 1 s: %s", reason)
+            time.sleep(1)
     result.result()
-    retired = retire_savepoints(cfg, stream.savepoints_retained)
+    retired = retire_savepoints(cfg, cfg.stream.savepoints_retained)
     LOG.info("stopped with savepoint %s (%d older one(s) deleted)", path, len(retired))
     return 0
 
@@ -415,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                              "start fresh)")
     args = parser.parse_args(argv)
     submitted_by_flink_cli = "PYFLINK_GATEWAY_PORT" in os.environ  # else PyFlink starts a JVM with a MiniCluster
+    stop = None if args.bounded or submitted_by_flink_cli else StopRequest()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config()
     recover_from = args.from_savepoint
@@ -445,10 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     build_job(env, cfg, args.bounded)
     LOG.info("starting job %s (bounded=%s, recover from %s, parallelism %d)", job_id, args.bounded, recover_from,
              cfg.stream.parallelism)
-    if args.bounded or submitted_by_flink_cli:  # `flink run` owns the job: `flink stop --savepointPath` stops it
+    if stop is None:  # bounded, or `flink run` owns the job (`flink stop --savepointPath` stops it)
         env.execute(JOB_NAME)
         return 0
-    return run_until_stopped(env, cfg, JOB_NAME)
+    return run_until_stopped(env, cfg, JOB_NAME, stop)
 
 
 if __name__ == "__main__":
