@@ -70,9 +70,13 @@ def cmd_stop(args, cfg) -> int:
 
 
 def cmd_status(args, cfg) -> int:
+    from flink_jobs.checkpoints import latest_restore_point
+
     status = stream_service(cfg).status()
-    print(f"stream job running (pid {status['pid']}, {status['restarts']} restart(s) by the supervisor)"
-          if status["running"] else "stream job not running")
+    point = latest_restore_point(cfg)
+    resumes = f"resumes from {point}" if point else "starts every model anew (no checkpoint or savepoint yet)"
+    print(f"stream job running (pid {status['pid']}, {status['restarts']} restart(s) by the supervisor); a restart "
+          f"{resumes}" if status["running"] else f"stream job not running; `flead stream start` {resumes}")
     return 0 if status["running"] else 1
 
 

@@ -149,6 +149,20 @@ def test_the_job_resumes_from_the_newest_checkpoint_or_savepoint_and_a_stop_keep
     assert retire_savepoints(cfg, 2) == [] and len(restore_points(cfg)) == 3
 
 
+def test_stream_status_says_what_a_start_resumes_from(monkeypatch, tmp_path, capsys):
+    from flink_jobs.checkpoints import savepoint_dir
+    from flink_jobs.cli import cmd_status
+
+    monkeypatch.setenv("FLEAD_STATE_DIR", str(tmp_path))
+    assert cmd_status(None, load_config()) == 1  # not running
+    assert capsys.readouterr().out.strip() == ("stream job not running; `flead stream start` starts every model anew "
+                                               "(no checkpoint or savepoint yet)")
+    (savepoint_dir(load_config()) / "savepoint-ab-1").mkdir(parents=True)
+    (savepoint_dir(load_config()) / "savepoint-ab-1" / "_metadata").write_bytes(b"")
+    cmd_status(None, load_config())
+    assert capsys.readouterr().out.strip().endswith(f"resumes from {savepoint_dir(load_config()) / 'savepoint-ab-1'}")
+
+
 def test_the_stream_jobs_jvm_flags_come_from_the_setting_and_the_environments_win(monkeypatch):
     from flink_jobs import jvm_args
 
