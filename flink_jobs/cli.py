@@ -17,20 +17,23 @@ def register(sub) -> None:
     p = sub.add_parser("stream", help="the PyFlink stream job: score telemetry, snapshot models, adopt global models")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     a = actions.add_parser("start", help="run the job in the background (local MiniCluster), supervised; it resumes "
-                                         "from its newest retained checkpoint, so models continue after a crash")
+                                         "from its newest checkpoint or savepoint, so models continue after a stop "
+                                         "or a crash")
     a.add_argument("--bounded", action="store_true",
                    help="read the telemetry topic to its current end in the foreground, then stop")
     start_from = a.add_mutually_exclusive_group()
     start_from.add_argument("--from-savepoint", metavar="PATH|latest",
-                            help="restore from this savepoint or retained checkpoint ('latest': the newest retained "
-                                 "checkpoint, an error if there is none; default: the newest one if any)")
+                            help="restore from this savepoint or retained checkpoint ('latest': the newest "
+                                 "checkpoint or savepoint, an error if there is none; default: the newest one if "
+                                 "any)")
     start_from.add_argument("--fresh", action="store_true",
                             help="start without restoring state: every device's model starts anew (restarts after a "
                                  "crash still resume from the checkpoints this run makes)")
     a.set_defaults(func=cmd_start)
     actions.add_parser("stop", help="stop the background job with a savepoint; the next start resumes from it "
                                     "(on either state backend)").set_defaults(func=cmd_stop)
-    actions.add_parser("status", help="is the background job running").set_defaults(func=cmd_status)
+    actions.add_parser("status", help="is the background job running, and what a start resumes from").set_defaults(
+        func=cmd_status)
     actions.add_parser("cluster-start", help="start a local standalone Flink cluster (stream.rest_port)").set_defaults(
         func=cmd_cluster, cluster_action="start")
     actions.add_parser("cluster-stop", help="stop the local standalone Flink cluster").set_defaults(
