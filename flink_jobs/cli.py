@@ -62,24 +62,24 @@ def cmd_start(args, cfg) -> int:
     return 0
 
 
-def cmd_stop(args, cfg) -> int:
+def resumes(cfg) -> str:
+    """What a start does with the models: "resumes from <newest checkpoint or savepoint>", or starts them anew."""
     from flink_jobs.checkpoints import latest_restore_point
 
-    if not stream_service(cfg).stop():
-        print("stream job was not running")
-        return 0
-    print(f"stream job stopped; it resumes from {latest_restore_point(cfg) or 'nothing (no checkpoint yet)'}")
+    point = latest_restore_point(cfg)
+    return f"resumes from {point}" if point else "starts every model anew (no checkpoint or savepoint yet)"
+
+
+def cmd_stop(args, cfg) -> int:
+    stopped = stream_service(cfg).stop()
+    print(f"stream job {'stopped' if stopped else 'was not running'}; `flead stream start` {resumes(cfg)}")
     return 0
 
 
 def cmd_status(args, cfg) -> int:
-    from flink_jobs.checkpoints import latest_restore_point
-
     status = stream_service(cfg).status()
-    point = latest_restore_point(cfg)
-    resumes = f"resumes from {point}" if point else "starts every model anew (no checkpoint or savepoint yet)"
     print(f"stream job running (pid {status['pid']}, {status['restarts']} restart(s) by the supervisor); a restart "
-          f"{resumes}" if status["running"] else f"stream job not running; `flead stream start` {resumes}")
+          f"{resumes(cfg)}" if status["running"] else f"stream job not running; `flead stream start` {resumes(cfg)}")
     return 0 if status["running"] else 1
 
 
