@@ -579,10 +579,10 @@ def print_summary(summary: dict) -> None:
         alerts = incident["alerts"]
         span = (f"seq {incident['first_seq']}-{incident['last_seq']}, {alerts} alerts" if alerts > 1
                 else f"seq {incident['seq']}, 1 alert")
-        ratio = incident["score_over_threshold"]  # 3 significant figures, as the dashboards print
-        print(f"  incident {incident['device_id']} {span}: peak {f'{ratio:,.0f}' if ratio >= 100 else f'{ratio:.3g}'}"
-              f"x threshold "
-              f"(seq {incident['seq']}), metrics to blame: {', '.join(incident['metrics'])}")
+        ratio = incident["score_over_threshold"]
+        peak = f"{ratio:,.0f}" if ratio >= 100 else f"{ratio:.3g}"  # 3 significant figures, as the dashboards print
+        print(f"  incident {incident['device_id']} {span}: peak {peak}x threshold (seq {incident['seq']}), "
+              f"metrics to blame: {', '.join(incident['metrics'])}")
     if summary["dashboard"]:
         print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']}); they stay up until "
               "`flead down`")

@@ -98,15 +98,15 @@ class Service:
     answers (e.g. its port), awaited by `start` for up to ``ready_timeout`` seconds; ``ready_what`` names it in
     errors. stop_grace: seconds between SIGTERM and SIGKILL; leader_grace: if set, the process alone gets SIGTERM
     first and that many seconds to end by itself before its process group is signalled. supervised: register it,
-    so the supervisor restarts it if it dies, with ``restart_argv`` if given (e.g. "resume from the newest checkpoint" where ``argv`` names one).
+    so the supervisor restarts it if it dies, with ``restart_argv`` if given (e.g. "resume from the newest
+    checkpoint" where ``argv`` names one).
     priority: `SERVER_PRIORITY` for what others depend on.
     """
 
     def __init__(self, state_dir: Path, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
                  cwd: Path | None = None, *, ready: Callable[[], bool] | None = None, ready_what: str = "ready",
                  ready_timeout: float = 90.0, stop_grace: float = 20.0, leader_grace: float = 0.0,
-                 supervised: bool = True,
-                 priority: int = CLIENT_PRIORITY, restart_argv: Sequence[str] | None = None):
+                 supervised: bool = True, priority: int = CLIENT_PRIORITY, restart_argv: Sequence[str] | None = None):
         self.state_dir = Path(state_dir)
         self.name = name
         self.argv = [str(a) for a in argv]
@@ -155,7 +155,8 @@ class Service:
         return Started(self.name, pid, True, self.log_path)
 
     def stop(self) -> bool:
-        """Deregister, then stop the service (SIGTERM, then SIGKILL after ``stop_grace``); True if it ran."""
+        """Deregister, then stop the service (SIGTERM to the process alone for ``leader_grace`` if set, then to its
+        group, then SIGKILL after ``stop_grace``); True if it ran."""
         with service_lock(self.state_dir, self.name):
             spec_path(self.state_dir, self.name).unlink(missing_ok=True)
             return processes.stop(self.state_dir, self.name, grace=self.stop_grace, leader_grace=self.leader_grace)

@@ -233,8 +233,9 @@ def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict, stop_with_savepoi
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.2)
         killed_at = int(time.time() * 1000)
-        if stop_with_savepoint:
-            assert processes.stop(tmp_path, "stream", grace=5, leader_grace=90)
+        if stop_with_savepoint:  # what `flead stream stop` does (its leader grace from the settings)
+            from flink_jobs.cli import stream_service
+            assert stream_service(job_cfg).stop()
         else:
             os.killpg(pid, signal.SIGKILL)
         assert len(read_to_end(cfg, "scores")) < len(readings) - 300, "the job finished before it could be killed"
