@@ -71,9 +71,20 @@ def restore_problem(cfg, checkpoint: Path) -> str | None:
             f"restores), then start again; or start with --fresh (every device's model starts again)")
 
 
+def completed_checkpoints(cfg) -> list[Path]:
+    """Every retained checkpoint that completed (a run's ``chk-N`` folder with its ``_metadata``), in no order."""
+    return [metadata.parent for metadata in checkpoint_dir(cfg).glob("*/chk-*/_metadata")]
+
+
+def checkpoint_number(checkpoint: Path) -> int:
+    """N of a ``chk-N`` folder: a run's checkpoints count up."""
+    return int(checkpoint.name.removeprefix("chk-"))
+
+
 def restore_points(cfg) -> list[Path]:
     """Every retained checkpoint (a run's ``chk-N`` folder) and savepoint with its ``_metadata``, oldest first."""
-    found = [*checkpoint_dir(cfg).glob("*/chk-*/_metadata"), *savepoint_dir(cfg).glob("savepoint-*/_metadata")]
+    found = [*(folder / "_metadata" for folder in completed_checkpoints(cfg)),
+             *savepoint_dir(cfg).glob("savepoint-*/_metadata")]
     dated = []
     for metadata in found:
         try:

@@ -21,6 +21,7 @@ from unittest import mock
 import numpy as np
 
 from config import PROJECT_ROOT, Config, load_config
+from flink_jobs.checkpoints import completed_checkpoints
 from models.integrity import signing_key
 from services import processes
 from services.service import read_spec
@@ -221,7 +222,7 @@ class Pipeline:
 
     def wait_checkpoint(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
-        while not any((self.state / "flink" / "checkpoints").glob("*/chk-*/_metadata")):
+        while not completed_checkpoints(self.cfg):
             assert time.monotonic() < deadline, "the stream job made no checkpoint:\n" + \
                 processes.log_tail(self.state, "stream", 60)
             time.sleep(0.5)

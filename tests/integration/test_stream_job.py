@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flink_jobs.checkpoints import (BACKEND_NOTE, checkpoint_number, completed_checkpoints, latest_restore_point,
+                                    savepoint_dir)
 from models.detector import DeviceDetector
 from models.integrity import sign_device_message, signing_key, verify_message
 from models.serialization import dumps, loads, from_b64, to_b64
@@ -175,10 +177,10 @@ def wait_for_scores(cfg, state_dir: Path, pid: int, enough) -> list[dict]:
     raise AssertionError(f"not enough scores after {JOB_TIMEOUT_S} s")
 
 
-def newest_checkpoint_id(checkpoints: Path) -> int:
-    """The number N of the newest ``chk-N`` in `checkpoints` (0: none yet); by name only, as a running job deletes
+def newest_checkpoint_id(job_cfg) -> int:
+    """The number N of the job's newest completed ``chk-N`` (0: none yet); by name only, as a running job deletes
     the older ones."""
-    return max((int(p.parent.name.removeprefix("chk-")) for p in checkpoints.glob("*/chk-*/_metadata")), default=0)
+    return max(map(checkpoint_number, completed_checkpoints(job_cfg)), default=0)
 
 
 def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict, stop_with_savepoint: bool = False,
@@ -214,11 +216,10 @@ def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict, stop_with_savepoi
         return reached
 
     try:
-        checkpoints = tmp_path / "flink" / "checkpoints"
         # produce only once the job runs (it checkpoints): a job started under load that then drains a backlog
         # faster than the producer's rate would finish before it could be killed mid-stream
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not newest_checkpoint_id(checkpoints):
+        while not newest_checkpoint_id(job_cfg):
             assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.5)
@@ -227,8 +228,8 @@ def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict, stop_with_savepoi
         # but once each model has snapshotted (version >= 1) and a checkpoint begun after that completed
         reached = versions(wait_for_scores(cfg, tmp_path, pid, lambda scores: versions(scores).keys() == devices
                                            and min(versions(scores).values()) >= 1))
-        after = newest_checkpoint_id(checkpoints) + 2  # the next one may have begun before those scores
-        while newest_checkpoint_id(checkpoints) < after:
+        after = newest_checkpoint_id(job_cfg) + 2  # the next one may have begun before those scores
+        while newest_checkpoint_id(job_cfg) < after:
             assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.2)
@@ -244,7 +245,6 @@ def kill_mid_stream_and_restart(cfg, tmp_path, settings: dict, stop_with_savepoi
         if producer.ident is not None:  # started
             producer.join()
 
-    from flink_jobs.checkpoints import latest_restore_point, savepoint_dir
     restored = latest_restore_point(job_cfg)
     assert restored is not None
     assert (restored.parent == savepoint_dir(job_cfg)) == stop_with_savepoint, (
@@ -293,7 +293,6 @@ def test_a_job_on_rocksdb_restarts_from_its_incremental_checkpoint_with_every_mo
                                                             "FLEAD_STREAM_INCREMENTAL_CHECKPOINTS": "true"})
     assert any((restored.parent / "shared").iterdir()), sorted(p.name for p in restored.parent.rglob("*"))
     assert any((tmp_path / "flink" / "rocksdb").iterdir())  # working files in the state directory, not in /tmp
-    from flink_jobs.checkpoints import BACKEND_NOTE
     assert (restored.parent / BACKEND_NOTE).read_text() == "rocksdb\n"  # the run's folder is named by its job id
 
 
@@ -333,11 +332,11 @@ def test_a_partial_micro_batch_is_scored_when_the_device_goes_quiet(cfg, tmp_pat
            "FLEAD_STREAM_PARALLELISM": "1", "FLEAD_METRICS_FLINK_REPORTER_PORT": str(reporter_port),
            "FLEAD_INTEGRITY_KEY": signing_key(cfg).hex()}
     reporter_url = f"http://127.0.0.1:{reporter_port}/metrics"
+    job_cfg = load_config(env={**os.environ, **env})
     pid = processes.start(tmp_path, "stream", [sys.executable, str(JOB)], env=env)
     try:
-        checkpoints = tmp_path / "flink" / "checkpoints"
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not any(checkpoints.glob("*/chk-*/_metadata")):  # the job runs (it checkpoints): send now
+        while not completed_checkpoints(job_cfg):  # the job runs (it checkpoints): send now
             assert time.monotonic() < deadline, "no checkpoint: " + processes.log_tail(tmp_path, "stream", 60)
             assert processes.running_pid(tmp_path, "stream") == pid, processes.log_tail(tmp_path, "stream", 60)
             time.sleep(0.5)

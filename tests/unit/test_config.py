@@ -123,8 +123,8 @@ def test_the_job_resumes_from_the_newest_checkpoint_or_savepoint_and_a_stop_keep
         monkeypatch, tmp_path):
     import os
 
-    from flink_jobs.checkpoints import (checkpoint_dir, latest_restore_point, restore_points, retire_savepoints,
-                                        savepoint_dir)
+    from flink_jobs.checkpoints import (checkpoint_dir, checkpoint_number, completed_checkpoints, latest_restore_point,
+                                        restore_points, retire_savepoints, savepoint_dir)
 
     monkeypatch.setenv("FLEAD_STATE_DIR", str(tmp_path))
     cfg = load_config()
@@ -138,6 +138,7 @@ def test_the_job_resumes_from_the_newest_checkpoint_or_savepoint_and_a_stop_keep
 
     checkpoint = made(checkpoint_dir(cfg) / "ab" / "chk-4", 100)
     made(checkpoint_dir(cfg) / "ab" / "chk-5-unfinished", 50).joinpath("_metadata").unlink()  # no metadata: none
+    assert completed_checkpoints(cfg) == [checkpoint] and checkpoint_number(checkpoint) == 4
     older = made(savepoint_dir(cfg) / "savepoint-ab-1", 90)
     assert latest_restore_point(cfg) == checkpoint  # a checkpoint made after the last stop
     newest = made(savepoint_dir(cfg) / "savepoint-cd-2", 200)
