@@ -25,6 +25,7 @@ import numpy as np
 
 from config import PROJECT_ROOT, Config, load_config
 from models.integrity import sign_device_message, signing_key, verify_message
+from orchestration.report import utc
 from telemetry.schema import decode_scores
 
 DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the demo; the dashboards stay up
@@ -476,7 +477,7 @@ def _over_threshold(record: dict) -> float:
 def strongest_incidents(records: list[dict], n: int = 5) -> list[dict]:
     """The `n` incidents with the highest peaks among flagged score records, one entry each (an operator is told
     once per incident): its peak alert (device, seq, times its threshold, metrics to blame), how many alerts it
-    had and their seqs. A flag without an incident id counts as an incident of its own."""
+    had, their seqs and the first one's event time (what the dashboards list incidents by). A flag without an incident id counts as an incident of its own."""
     incidents: dict[object, list[dict]] = defaultdict(list)
     for r in records:
         if r["is_anomaly"]:
@@ -486,6 +487,7 @@ def strongest_incidents(records: list[dict], n: int = 5) -> list[dict]:
     return [{"device_id": peak["device_id"], "seq": peak["seq"], "ts": peak["ts"],
              "incident_id": peak.get("incident_id"), "alerts": len(alerts),
              "first_seq": min(r["seq"] for r in alerts), "last_seq": max(r["seq"] for r in alerts),
+             "first_ts": min(r["ts"] for r in alerts),
              "score_over_threshold": round(_over_threshold(peak), 2),
              "metrics": [m["metric"] for m in peak.get("top_metrics", [])]} for peak, alerts in peaks]
 
@@ -581,7 +583,8 @@ def print_summary(summary: dict) -> None:
                 else f"seq {incident['seq']}, 1 alert")
         ratio = incident["score_over_threshold"]
         peak = f"{ratio:,.0f}" if ratio >= 100 else f"{ratio:.3g}"  # 3 significant figures, as the dashboards print
-        print(f"  incident {incident['device_id']} {span}: peak {peak}x threshold (seq {incident['seq']}), "
+        print(f"  incident {incident['device_id']} from {utc(incident['first_ts'])} UTC, {span}: peak {peak}x "
+              f"threshold (seq {incident['seq']}), "
               f"metrics to blame: {', '.join(incident['metrics'])}")
     if summary["dashboard"]:
         print(f"dashboards   {summary['dashboard']} (credentials: {summary['credentials']}); they stay up until "

@@ -132,8 +132,10 @@ def test_the_summary_names_each_of_the_strongest_incidents_once(capsys):
     summary = json.loads((PROJECT_ROOT / "tests" / "unit" / "data" / "demo_summary.json").read_text())
     print_summary({**summary, "strongest_incidents": top})
     out = capsys.readouterr().out
-    assert "incident a seq 10-14, 5 alerts: peak 114x threshold (seq 14), metrics to blame: m2" in out
-    assert "incident b seq 7, 1 alert: peak 80x threshold (seq 7)" in out
+    assert top[0]["first_ts"] == 10_000  # the incident's first alert, not its peak
+    assert ("incident a from 1970-01-01 00:00:10 UTC, seq 10-14, 5 alerts: peak 114x threshold (seq 14), "
+            "metrics to blame: m2") in out
+    assert "incident b from 1970-01-01 00:00:07 UTC, seq 7, 1 alert: peak 80x threshold (seq 7)" in out
     print_summary({**summary, "strongest_incidents": [{**top[0], "score_over_threshold": 1765.03},
                                                       {**top[1], "score_over_threshold": 8.4712}]})
     out = capsys.readouterr().out  # 3 significant figures, as the dashboards print; thousands separated
