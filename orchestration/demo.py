@@ -5,7 +5,9 @@
 2. replay each device's training part (devices learn online; snapshots flow out);
 3. run a federated round (Spark); only then start the aggregation scheduler, so the two never race for a version;
 4. replay the labelled test part, watching every score come back on the scores topic, plus a small share of
-   malformed messages (the stream job dead-letters them; the data-quality dashboard shows them by reason);
+   malformed messages (the stream job dead-letters them; the data-quality dashboard shows them by reason); with
+   it (and its training part before) a drifting copy of one device, whose normal turns noisier for good halfway
+   through (`--drifting`: the drift monitor declares it, the dashboards show the drift event);
 5. print throughput, latency, alerts and precision/recall/F1 against the labels; stop the data path and leave the
    dashboards (Superset and the database) up at the printed URL until `flead down` (`--keep-running`: leave all).
 """
@@ -49,6 +51,11 @@ def register(sub) -> None:
     p.add_argument("--malformed", type=float, default=0.005, metavar="SHARE",
                    help="also send this share of malformed telemetry messages, as a real feed has (default 0.005; "
                         "0 = none): they become dead letters with reasons")
+    p.add_argument("--drifting", type=int, default=1, metavar="N",
+                   help="also replay N extra devices, each a copy of one of the data set's devices whose test part "
+                        "turns noisier for good halfway through (a new normal, not an incident): the drift monitor "
+                        "declares a drift and the device re-baselines (a young model, from a short --train-per-device, "
+                        "absorbs the change without one). They count in no accuracy figure (default 1; 0 = none)")
     p.add_argument("--duration", type=float, default=None,
                    help="stop replaying the test part after this many seconds")
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting for scores after this many seconds")
@@ -178,6 +185,53 @@ def _load_readings(cfg: Config, args) -> tuple[list, list]:
         offset[r.device_id] = max(offset[r.device_id], r.seq + 1)
     test = [type(r)(r.device_id, r.seq + offset[r.device_id], r.ts, r.metrics, r.label) for r in test_all]
     return order_by_time(train), order_by_time(test)
+
+
+DRIFT_NOISE_SDS = 3.0  # the drifting copies' extra noise, in training standard deviations of each changed metric
+DRIFT_STORED_WAIT_S = 15.0  # after every score is stored: how long to wait for the drifting copies' drift events
+
+
+@dataclass
+class DriftingCopies:
+    """Extra devices with a lasting change of regime (`drifting_copies`): their readings and what was changed."""
+
+    train: list = field(default_factory=list)
+    test: list = field(default_factory=list)
+    devices: list = field(default_factory=list)  # {"device_id", "source", "changed_from_seq", "metrics"}
+
+
+def drifting_copies(train: list, test: list, count: int, seed: int = 0) -> DriftingCopies:
+    """`count` copies of the data set's devices (``<device>-drifting``), each with its source's readings, except that
+    from the middle of its test part on every second metric that varied in training gets extra Gaussian noise of
+    `DRIFT_NOISE_SDS` training standard deviations: a device whose normal became noisier for good (a bursty
+    workload, a worn sensor), which the drift monitor should tell from an incident. Their test readings carry no
+    label: they count in no accuracy figure."""
+    copies = DriftingCopies()
+    sources = sorted({r.device_id for r in test})
+    rng = np.random.default_rng(seed)
+    for source in sources[:count] if sources else []:
+        device = f"{source}-drifting"
+        own_train = [r for r in train if r.device_id == source]
+        own_test = sorted((r for r in test if r.device_id == source), key=lambda r: r.seq)
+        names = list(own_test[0].metrics)
+        reference = own_train or own_test[:len(own_test) // 2]
+        values = np.array([[r.metrics.get(m, np.nan) for m in names] for r in reference], dtype=float)
+        with np.errstate(invalid="ignore"):
+            spread = np.nanstd(values, axis=0) if len(values) else np.zeros(len(names))
+        varied = [i for i in range(len(names)) if np.isfinite(spread[i]) and spread[i] > 0]
+        changed = varied[::2]
+        half = len(own_test) // 2
+        copies.train += [type(r)(device, r.seq, r.ts, r.metrics, None) for r in own_train]
+        for k, r in enumerate(own_test):
+            metrics = dict(r.metrics)
+            if k >= half:
+                for i in changed:
+                    metrics[names[i]] = metrics[names[i]] + rng.normal(0.0, DRIFT_NOISE_SDS * spread[i])
+            copies.test.append(type(r)(device, r.seq, r.ts, metrics, None))
+        copies.devices.append({"device_id": device, "source": source,
+                               "changed_from_seq": own_test[half].seq if own_test[half:] else None,
+                               "metrics": [names[i] for i in changed]})
+    return copies
 
 
 # --- services -----------------------------------------------------------------------------------------------
@@ -325,15 +379,18 @@ def _snapshot_by_end_of_training(cfg: Config, train: list, say) -> Config:
     return load_config(env={**os.environ, **cfg.to_env(), "FLEAD_STREAM_SNAPSHOT_EVERY": str(fewest)})
 
 
-def _wait_for(condition, timeout: float, what: str, progress=None) -> None:
+def _wait_for(condition, timeout: float, what: str, progress=None, required: bool = True) -> None:
     """Wait until `condition` holds; `progress` (if any) reports every 2 s while waiting, and once when a wait
-    ends (not when the condition held at once: the line would repeat the one before)."""
+    ends (not when the condition held at once: the line would repeat the one before). Past `timeout` the demo
+    ends with the reason, unless the wait was not `required`."""
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     waited = False
     while not condition():
         waited = True
         if time.monotonic() > deadline:
+            if not required:
+                return
             raise SystemExit(f"flead demo: timed out after {timeout:.0f} s waiting for {what}")
         if progress and time.monotonic() - last > 2.0:
             progress()
@@ -493,9 +550,11 @@ def strongest_incidents(records: list[dict], n: int = 5) -> list[dict]:
 
 
 def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce_seconds: float,
-              malformed: int = 0, offline: dict | None = None, replay_rate: float | None = None) -> dict:
+              malformed: int = 0, offline: dict | None = None, replay_rate: float | None = None,
+              drifting: DriftingCopies | None = None) -> dict:
     """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data),
-    point-wise (no point adjustment) and per incident, beside ``offline`` (`offline_reference`)."""
+    point-wise (no point adjustment) and per incident, beside ``offline`` (`offline_reference`); the drift events
+    stored, those of the `drifting` copies first."""
     from models.metrics import precision_recall_f1_from_predictions
     from storage.mongo import Store
 
@@ -512,6 +571,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         latest = store.latest_global_model()
         rounds = store.collection("aggregation_history").count_documents({})
         dead_letters = store.collection("dead_letters").count_documents({})
+        drift_events = store.find("drift_events", fields=["device_id", "seq"])
     return {
         "readings": {"train": n_train, "test": n_test, "scored": watch.count},
         "throughput_readings_per_s": round(len(watch.test_records) / span, 1) if span > 0 else None,
@@ -531,9 +591,22 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
         "federated": {"rounds": rounds, "global_version": latest["version"] if latest else 0,
                       "adopted_version_in_scores": watch.max_global_version},
         "strongest_incidents": top,
+        "drift": drift_summary(drifting.devices if drifting else [], drift_events),
         "dashboard": f"http://{cfg.superset.host}:{cfg.superset.port}/dashboard/list/",
         "credentials": str(cfg.state_dir / "superset" / "credentials"),
     }
+
+
+def drift_summary(drifting: list[dict], events: list[dict]) -> dict:
+    """The drifting copies (`DriftingCopies.devices`), each with the seqs at which the stream job declared a drift,
+    and how many drift events the data set's own devices had."""
+    declared: dict[str, list[int]] = defaultdict(list)
+    for event in events:
+        declared[event["device_id"]].append(int(event["seq"]))
+    copies = {d["device_id"] for d in drifting}
+    return {"copies": [{**d, "declared_at_seqs": sorted(declared.get(d["device_id"], []))} for d in drifting],
+            "events": len(events), "events_on_other_devices": sum(len(seqs) for device, seqs in declared.items()
+                                                                  if device not in copies)}
 
 
 def print_summary(summary: dict) -> None:
@@ -549,7 +622,8 @@ def print_summary(summary: dict) -> None:
            "replayed as fast as possible, so mostly time queued behind the backlog: `--rate 5000` paces it")
     print(f"latency      p50 {lat['p50']:.0f} ms  p95 {lat['p95']:.0f} ms  p99 {lat['p99']:.0f} ms (test part: sent → "
           f"scored; {how})")
-    print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part")
+    copies = " of the data set's own devices" if summary["drift"]["copies"] else ""
+    print(f"alerts       {summary['alerts']['all']} in all, {summary['alerts']['test']} on the test part{copies}")
     print(f"accuracy     precision {fmt(acc['precision'])}  recall {fmt(acc['recall'])}  F1 {fmt(acc['f1'])}  "
           f"({acc['anomalous_points']} anomalous of {acc['points']} test points; {acc['note']})")
     inc = summary.get("incident_accuracy") or {}
@@ -574,6 +648,16 @@ def print_summary(summary: dict) -> None:
     print(f"bad input    {bad['malformed_sent']} malformed messages sent; {bad['dead_letters_stored']} dead letters "
           "stored, each with its reason" + (f"; {ignored} score message(s) not signed by the job ignored"
                                             if ignored else ""))
+    drift = summary["drift"]
+    for copy in drift["copies"]:
+        declared = copy["declared_at_seqs"]
+        found = (f"drift declared at seq {', '.join(f'{seq:,}' for seq in declared)}, and the device re-baselined"
+                 if declared else "no drift declared")
+        changed = "" if copy["changed_from_seq"] is None else f" from seq {copy['changed_from_seq']:,} on"
+        print(f"drift        {copy['device_id']} (a copy of {copy['source']} with {len(copy['metrics'])} metrics "
+              f"noisier{changed}, a new normal): {found}")
+    print(f"drift        {drift['events']} drift event(s) stored; {drift['events_on_other_devices']} on the data "
+          "set's own devices")
     fed = summary["federated"]
     print(f"federated    {fed['rounds']} round(s); global model v{fed['global_version']}; "
           f"scores carry up to v{fed['adopted_version_in_scores']}")
@@ -599,8 +683,14 @@ def cmd_demo(args, cfg: Config) -> int:
     cfg = load_config(env={**os.environ, **cfg.to_env(), "FLEAD_STREAM_TIMESTAMP_WINDOW_S": "0"})
     say("loading data ...")
     train, test = _load_readings(cfg, args)
+    drifting = drifting_copies(train, test, args.drifting)
+    if drifting.devices:
+        from telemetry.producer import order_by_time
+
+        train, test = order_by_time(train + drifting.train), order_by_time(test + drifting.test)
     devices = sorted({r.device_id for r in test})
-    say(f"{len(devices)} devices, {len(train):,} training and {len(test):,} test readings")
+    copies = f" ({len(drifting.devices)} of them a drifting copy)" if drifting.devices else ""
+    say(f"{len(devices)} devices{copies}, {len(train):,} training and {len(test):,} test readings")
     cfg = _snapshot_by_end_of_training(cfg, train, say)
     _start_services(cfg, not args.no_superset, say, reset=args.reset)
     from storage.mongo import Store
@@ -637,8 +727,12 @@ def cmd_demo(args, cfg: Config) -> int:
                   "the sink to roll them up for the dashboards")
         _wait_for(lambda: store.collection("dead_letters").count_documents({}) >= malformed, args.timeout,
                   "the malformed messages' dead letters")
+        drifted = {d["device_id"] for d in drifting.devices}  # a drift the job declared is stored soon after
+        _wait_for(lambda: drifted <= {e["device_id"] for e in store.find("drift_events", fields=["device_id"])},
+                  DRIFT_STORED_WAIT_S, "drift events", required=False)
         summary = summarise(cfg, w, len(train), produced, produce_seconds, malformed,
-                            offline_reference(args.dataset) if args.dataset == "asd" else None, args.rate)
+                            offline_reference(args.dataset) if args.dataset == "asd" else None, args.rate,
+                            drifting)
     finally:
         watcher.stopping.set()
         watcher.join(timeout=5)

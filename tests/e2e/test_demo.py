@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import requests
 
@@ -23,7 +24,10 @@ from visualization import superset_server
 
 pytestmark = pytest.mark.e2e
 
-DEVICES, TRAIN, TEST = 3, 600, 1000  # ASD's first anomalies come ~740 readings into the test part
+# ASD's first anomalies come ~740 readings into the test part. The demo adds one drifting copy of a device (its test
+# part noisier from reading 500 on): its model must have learned a while for the change to outlast what it absorbs
+# (the drift monitor's window, 288 readings): with 2,000 training readings it declares a drift ~240 readings after.
+DEVICES, TRAIN, TEST, DRIFTING = 3, 2000, 1000, 1
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def demo_store(demo_run):
 
 def test_every_reading_is_scored_and_stored_once(demo_run, demo_store):
     _, summary, stdout, _ = demo_run
-    total = DEVICES * (TRAIN + TEST)
+    total = (DEVICES + DRIFTING) * (TRAIN + TEST)
     assert summary["readings"]["scored"] == total
     assert demo_store.count_readings("predictions") == total == demo_store.count_readings("device_data")
     assert demo_store.count_readings("fleet_rollups") == total  # the dashboards see every reading
@@ -79,8 +83,9 @@ def test_a_federated_round_completed_without_a_race_and_was_adopted(demo_run, de
 def test_summary_f1_equals_an_independent_computation(demo_run, demo_store):
     _, summary, *_ = demo_run
     cols = demo_store.score_columns()
-    test = cols["seq"] >= TRAIN
-    assert int(test.sum()) == DEVICES * TEST
+    drifting = [copy["device_id"] for copy in summary["drift"]["copies"]]
+    test = (cols["seq"] >= TRAIN) & ~np.isin(cols["device_id"], drifting)  # the copies carry no labels
+    assert len(drifting) == DRIFTING and int(test.sum()) == DEVICES * TEST
     y, p = cols["label"][test] == 1, cols["is_anomaly"][test].astype(bool)
     tp, fp, fn = int((p & y).sum()), int((p & ~y).sum()), int((~p & y).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
@@ -104,6 +109,17 @@ def test_malformed_messages_become_dead_letters_by_reason(demo_run, demo_store):
     assert len(reasons) >= 5, reasons  # one of each kind the demo sends
 
 
+def test_the_drifting_copy_is_declared_drifted_stored_and_reported(demo_run, demo_store):
+    """The demo's drifting copy (a device whose normal turns noisier for good halfway through its test part): the
+    stream job declares a drift after the change, the sink stores it, and the summary says where."""
+    _, summary, stdout, _ = demo_run
+    (copy,) = summary["drift"]["copies"]
+    stored = sorted(e["seq"] for e in demo_store.find("drift_events", {"device_id": copy["device_id"]}))
+    assert copy["declared_at_seqs"] == stored and stored, stdout[-3000:]
+    assert copy["changed_from_seq"] == TRAIN + TEST // 2 < stored[0] < TRAIN + TEST
+    assert f"drift        {copy['device_id']} (a copy of {copy['source']}" in stdout
+
+
 def test_the_dashboards_stay_up_after_the_summary_and_show_the_demo(demo_run, demo_store, browser):
     cfg, summary, stdout, _ = demo_run
     base = superset_server.base_url(cfg)
@@ -117,6 +133,8 @@ def test_the_dashboards_stay_up_after_the_summary_and_show_the_demo(demo_run, de
         if dashboard["slug"] == "flead-fleet":
             assert number(chart(states, "Readings scored")["text"]) == demo_store.count_readings("predictions")
             assert number(chart(states, "Alerts total")["text"]) == demo_store.collection("alerts").count_documents({})
+        if dashboard["slug"] == "flead-data-quality":  # the drifting copy's drift event
+            assert summary["drift"]["copies"][0]["device_id"] in chart(states, "Drift events")["text"]
 
 
 def test_nothing_the_demo_left_running_listens_outside_loopback(demo_run):
@@ -144,7 +162,7 @@ def test_a_second_demo_deletes_what_the_first_left_and_scores_everything_again(d
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "left by the last demo, deleted" in run.stdout
-    total = devices * (train + test)
+    total = (devices + DRIFTING) * (train + test)
     assert json.loads(summary_path.read_text())["readings"]["scored"] == total
     with Store(cfg) as store:
         assert store.count_readings("predictions") == total

@@ -8,9 +8,10 @@ import random
 import numpy as np
 import pytest
 
-from config import PROJECT_ROOT
+from config import PROJECT_ROOT, load_config
 from models.metrics import event_counts, event_metrics
-from orchestration.demo import _wait_for, incident_quality, offline_reference, print_summary
+from orchestration.demo import (DRIFT_NOISE_SDS, _wait_for, drift_summary, drifting_copies, incident_quality,
+                                offline_reference, print_summary)
 
 
 def records(device: str, labels: list[int], flags: list[int]) -> list[dict]:
@@ -63,6 +64,7 @@ def test_a_wait_reports_its_progress_once_when_it_ends_and_not_when_nothing_was_
     assert lines == ["progress"]
     with pytest.raises(SystemExit, match="timed out after 0 s waiting for never"):
         _wait_for(lambda: False, 0, "never")
+    _wait_for(lambda: False, 0, "never", required=False)  # a wait that may end without its condition
 
 
 def test_the_demo_counts_only_score_messages_signed_by_the_job():
@@ -140,3 +142,76 @@ def test_the_summary_names_each_of_the_strongest_incidents_once(capsys):
                                                       {**top[1], "score_over_threshold": 8.4712}]})
     out = capsys.readouterr().out  # 3 significant figures, as the dashboards print; thousands separated
     assert "peak 1,765x threshold" in out and "peak 8.47x threshold" in out
+
+
+def synthetic_device(device: str, n_train: int, n_test: int, seed: int = 0) -> tuple[list, list]:
+    """A server's training and test readings: 6 metrics driven by 2 load factors, one constant metric."""
+    from telemetry.schema import Reading
+
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    load = rng.normal(size=(n, 2)) @ rng.normal(size=(2, 6)) * 0.1 + 0.5 + rng.normal(0, 0.01, size=(n, 6))
+    names = [f"m{i}" for i in range(7)]
+    readings = [Reading(device, seq, 1_000 * seq, {**dict(zip(names, map(float, row))), "m6": 1.0},
+                        label=0 if seq >= n_train else None) for seq, row in enumerate(load)]
+    return readings[:n_train], readings[n_train:]
+
+
+def test_a_drifting_copy_changes_every_second_varying_metric_from_the_middle_of_its_test_part_only():
+    train, test = synthetic_device("a", 1000, 600)
+    copies = drifting_copies(train, test, 1)
+    (copy,) = copies.devices
+    assert copy == {"device_id": "a-drifting", "source": "a", "changed_from_seq": 1300,
+                    "metrics": ["m0", "m2", "m4"]}  # m6 is constant: no unit to scale noise by
+    assert [(r.seq, r.ts, r.metrics) for r in copies.train] == [(r.seq, r.ts, r.metrics) for r in train]
+    assert {r.device_id for r in copies.train + copies.test} == {"a-drifting"}
+    assert all(r.label is None for r in copies.test)  # counts in no accuracy figure
+    before = [(c.metrics, r.metrics) for c, r in zip(copies.test, test) if r.seq < 1300]
+    assert all(c == r for c, r in before) and len(before) == 300
+    after = np.array([[c.metrics[m] - r.metrics[m] for m in sorted(r.metrics)]
+                      for c, r in zip(copies.test, test) if r.seq >= 1300])
+    spread = np.std([[r.metrics[m] for m in sorted(r.metrics)] for r in train], axis=0)
+    assert np.all(after[:, [1, 3, 5, 6]] == 0)
+    assert np.allclose(after[:, [0, 2, 4]].std(axis=0) / spread[[0, 2, 4]], DRIFT_NOISE_SDS, rtol=0.25)
+    assert drifting_copies(train, test, 0).devices == []
+
+
+def test_the_detector_declares_a_drift_on_a_drifting_copy_and_its_flag_rate_comes_back():
+    """What the demo shows: the change is a new normal, so the drift monitor declares it within a few hundred
+    readings and the device re-baselines (its flag rate back near the target), while the unchanged source
+    declares none."""
+    from models.detector import DeviceDetector
+
+    train, test = synthetic_device("a", 2000, 3000)
+    copies = drifting_copies(train, test, 1)
+    names = list(train[0].metrics)
+    for readings, changed_from in ((train + test, None), (copies.train + copies.test, 3500)):
+        X = np.array([[r.metrics[m] for m in names] for r in readings])
+        detector = DeviceDetector.create(names, load_config())
+        drifts, flags = [], []
+        for i in range(0, len(X), 16):
+            result = detector.process_many(X[i:i + 16], seqs=list(range(i, min(i + 16, len(X)))))
+            flags.append(result.is_anomaly)
+            if result.drift is not None:
+                drifts.append(result.drift.seq)
+        if changed_from is None:
+            assert drifts == []
+        else:
+            assert len(drifts) >= 1 and changed_from < drifts[0] < changed_from + 600, drifts
+            assert np.concatenate(flags)[-500:].mean() < 0.03
+
+
+def test_the_summary_says_where_a_drift_was_declared_and_where_not(capsys):
+    copies = [{"device_id": "b-drifting", "source": "b", "changed_from_seq": 1500, "metrics": ["m0", "m2"]},
+              {"device_id": "c-drifting", "source": "c", "changed_from_seq": 1500, "metrics": ["m1"]}]
+    events = [{"device_id": "b-drifting", "seq": 1731}, {"device_id": "a", "seq": 90}]
+    drift = drift_summary(copies, events)
+    assert [c["declared_at_seqs"] for c in drift["copies"]] == [[1731], []]
+    assert drift["events"] == 2 and drift["events_on_other_devices"] == 1
+    summary = json.loads((PROJECT_ROOT / "tests" / "unit" / "data" / "demo_summary.json").read_text())
+    print_summary({**summary, "drift": drift})
+    out = capsys.readouterr().out
+    assert ("drift        b-drifting (a copy of b with 2 metrics noisier from seq 1,500 on, a new normal): drift "
+            "declared at seq 1,731, and the device re-baselined") in out
+    assert "c-drifting (a copy of c with 1 metrics noisier from seq 1,500 on, a new normal): no drift declared" in out
+    assert "drift        2 drift event(s) stored; 1 on the data set's own devices" in out
