@@ -1,8 +1,9 @@
 """`flead report`: one self-contained HTML (or Markdown) report of what the pipeline stored in MongoDB.
 
 Sections: per-device score traces; precision/recall/F1 at the stream's own operating thresholds (no point
-adjustment) with label-free-normalised ROC-AUC/PR-AUC; quality per global model version; throughput; federated
-rounds; dead letters. Each collection is read once, with a projection (FerretDB scans ~10k documents/s).
+adjustment) with label-free-normalised ROC-AUC/PR-AUC; quality per global model version; throughput; incidents (the
+strongest first); drift events; federated rounds; dead letters. Each collection is read once, with a projection
+(FerretDB scans ~10k documents/s).
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ NICE_BUCKET_SECONDS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 
 THROUGHPUT_BUCKETS = 120  # about this many buckets over the whole run
 LOG_SCALE_SPREAD = 50  # plot scores on a log axis when the largest is this many times the median
 SHOWN_PARTICIPANTS = 8
+SHOWN_INCIDENTS = 20  # the incidents section lists this many, the highest peak over threshold first
+INCIDENT_FIELDS = ("device_id", "status", "start_ts", "end_ts", "n_flagged", "peak_score", "peak_ratio",
+                   "metrics_to_blame")
+DRIFT_FIELDS = ("device_id", "seq", "ts", "reason", "flag_rate", "target_rate", "window")
 CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
        "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f2f2f2}"
@@ -38,7 +43,8 @@ CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="write an HTML report of the stored scores, accuracy, rounds and dead letters")
+    p = sub.add_parser("report", help="write an HTML report of the stored scores, accuracy, incidents, drift "
+                                      "events, rounds and dead letters")
     p.add_argument("--out", default=None, help="output file (default: <state_dir>/report/report.html, or .md)")
     p.add_argument("--devices", type=int, default=6, help="plot the score traces of up to N devices (default 6)")
     p.add_argument("--format", choices=("html", "md"), default="html",
@@ -262,6 +268,44 @@ def throughput_figure(edges: np.ndarray, rate: np.ndarray, bucket: int) -> bytes
     return png_of(fig)
 
 
+def blamed(metrics: list[dict] | None) -> str:
+    """Metrics to blame with their share of the error, as the dashboards print them (``m01 66%, m04 5%``)."""
+    return ", ".join(f"{m['metric']} {m['share']:.0%}" for m in metrics or []) or "–"
+
+
+def incidents_section(incidents: list[dict]) -> Section:
+    """How many incidents, on how many devices, how many still open; the strongest (peak over threshold) first."""
+    heading = "Incidents"
+    if not incidents:
+        return heading, ["No incidents in `incidents` yet."]
+
+    def strength(doc: dict) -> float:
+        return doc["peak_ratio"] if doc.get("peak_ratio") is not None else -math.inf
+
+    shown = sorted(incidents, key=strength, reverse=True)[:SHOWN_INCIDENTS]
+    rows = [[d["device_id"], utc(d["start_ts"]), utc(d["end_ts"]), f"{(d['end_ts'] - d['start_ts']) / 60_000:.0f}",
+             d["n_flagged"], d.get("peak_ratio"), blamed(d.get("metrics_to_blame")), d["status"]] for d in shown]
+    open_now = sum(d["status"] == "open" for d in incidents)
+    devices = len({d["device_id"] for d in incidents})
+    return heading, [f"{len(incidents):,} incident(s) on {devices} device(s), {open_now} open; the {len(shown)} with "
+                     "the highest peak over their device's threshold:",
+                     Table(["device", "start (UTC)", "end (UTC)", "minutes", "flagged readings", "peak / threshold",
+                            "metrics to blame (share of error)", "status"], rows)]
+
+
+def drift_section(events: list[dict]) -> Section:
+    """Each drift event (a device whose flag rate stayed far above its target, re-baselined), newest first."""
+    heading = "Drift events"
+    if not events:
+        return heading, ["No drift events: no device's flag rate stayed far above its target."]
+    rows = [[d["device_id"], utc(d["ts"]), d["seq"], d.get("flag_rate"), d.get("target_rate"), d.get("window"),
+             d["reason"]] for d in sorted(events, key=lambda d: d["ts"], reverse=True)]
+    devices = len({d["device_id"] for d in events})
+    return heading, [f"{len(events):,} drift event(s) on {devices} device(s); each device re-baselined there.",
+                     Table(["device", "time (UTC)", "seq", "flag rate", "target rate", "window (readings)",
+                            "reason"], rows)]
+
+
 def rounds_section(rounds: list[dict]) -> Section:
     """One row per aggregation round: who took part, who was rejected and why."""
     heading = "Federated rounds"
@@ -315,7 +359,9 @@ def build_sections(store: Store, n_devices: int) -> list[Section]:
 
     p = load_predictions(store)
     return [trace_section(p, n_devices), accuracy_section(p), versions_section(p, read("metrics", METRIC_FIELDS)),
-            throughput_section(p), rounds_section(read("aggregation_history", ROUND_FIELDS)),
+            throughput_section(p), incidents_section(read("incidents", INCIDENT_FIELDS)),
+            drift_section(read("drift_events", DRIFT_FIELDS)),
+            rounds_section(read("aggregation_history", ROUND_FIELDS)),
             dead_letter_section(read("dead_letters", ("reason", "at")))]
 
 

@@ -50,12 +50,18 @@ def test_report_shows_every_section_with_plots_and_the_streams_f1(cfg, store, tm
         "started_at": START_MS + 50_000, "finished_at": START_MS + 52_000, "duration_s": 2.0})
     store.write_dead_letters([{"source": "flead.telemetry", "reason": "missing field 'ts'", "raw": "{}",
                                "device_id": None, "at": START_MS + 1}])
+    store.write_incidents([_incident("dev-a", 60, 74, 3.2, "resolved"), _incident("dev-b", 70, 84, 9.5, "open"),
+                           *(_incident("dev-c", seq, seq, 1.1, "resolved") for seq in range(0, 100, 4))])
+    store.write_drift_events([{"event_id": "dev-c:90", "device_id": "dev-c", "seq": 90, "ts": START_MS + 90_000,
+                               "reason": "more than 4 of 72 readings flagged in each of the last 4 blocks",
+                               "flag_rate": 0.25, "target_rate": 0.01, "window": 288, "detected_at": START_MS,
+                               "model_version": 1}])
 
     out = report.write_report(store, tmp_path / "report.html", n_devices=2)
 
     page = out.read_text()
     for heading in ("Score traces", "Accuracy against labels", "Quality per global model version", "Throughput",
-                    "Federated rounds", "Dead letters"):
+                    "Incidents", "Drift events", "Federated rounds", "Dead letters"):
         assert f"<h2>{heading}</h2>" in page
     assert page.count("src='data:image/png;base64,") == 2  # traces and throughput
     tp = sum(r["is_anomaly"] and r["label"] == 1 for r in records)
@@ -69,6 +75,25 @@ def test_report_shows_every_section_with_plots_and_the_streams_f1(cfg, store, tm
     assert _table_row(page, "v2")[1] == str(sum(r["global_version"] == 2 for r in records))
     assert "dev-c: non-finite weights" in page
     assert _table_row(page, "missing field &#x27;ts&#x27;")[1] == "1"
+    # incidents: counted, the strongest first (at most report.SHOWN_INCIDENTS), with their metrics to blame
+    assert "27 incident(s) on 3 device(s), 1 open; the 20 with the highest peak" in page
+    incidents = page[page.index("<h2>Incidents</h2>"):page.index("<h2>Drift events</h2>")]
+    assert _table_row(incidents, "dev-b")[1:] == [report.utc(START_MS + 70_000), report.utc(START_MS + 84_000), "0",
+                                                  "15", "9.500", "m01 66%, m04 5%", "open"]
+    assert incidents.index("<td>dev-b</td>") < incidents.index("<td>dev-a</td>") < incidents.index("<td>dev-c</td>")
+    assert incidents.count("<td>dev-c</td>") == report.SHOWN_INCIDENTS - 2
+    drift = page[page.index("<h2>Drift events</h2>"):page.index("<h2>Federated rounds</h2>")]
+    assert "1 drift event(s) on 1 device(s)" in drift
+    assert _table_row(drift, "dev-c")[1:6] == [report.utc(START_MS + 90_000), "90", "0.250", "0.010", "288"]
+
+
+def _incident(device: str, first: int, last: int, ratio: float, status: str) -> dict:
+    return {"schema": "flead.incident/1", "incident_id": f"{device}:{first}", "device_id": device, "status": status,
+            "start_seq": first, "end_seq": last, "start_ts": START_MS + first * 1000, "end_ts": START_MS + last * 1000,
+            "n_flagged": last - first + 1, "n_readings": last - first + 1, "peak_score": 2 * ratio,
+            "peak_ratio": ratio,
+            "metrics_to_blame": [{"metric": "m01", "share": 0.66}, {"metric": "m04", "share": 0.05}],
+            "model_version": 1, "global_version": 1, "updated_at": START_MS + last * 1000}
 
 
 def test_report_says_so_when_nothing_is_stored_and_writes_markdown(cfg, store, tmp_path):
@@ -78,4 +103,5 @@ def test_report_says_so_when_nothing_is_stored_and_writes_markdown(cfg, store, t
     assert "## Accuracy against labels" in text
     assert "The `metrics` collection is empty" in text
     assert "No dead letters." in text
+    assert "No incidents in `incidents` yet." in text and "No drift events" in text
     assert not list(tmp_path.glob("*.png"))
