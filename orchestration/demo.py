@@ -209,7 +209,7 @@ def drifting_copies(train: list, test: list, count: int, seed: int = 0) -> Drift
     copies = DriftingCopies()
     sources = sorted({r.device_id for r in test})
     rng = np.random.default_rng(seed)
-    for source in sources[:count] if sources else []:
+    for source in sources[:count]:
         device = f"{source}-drifting"
         own_train = [r for r in train if r.device_id == source]
         own_test = sorted((r for r in test if r.device_id == source), key=lambda r: r.seq)
@@ -229,7 +229,7 @@ def drifting_copies(train: list, test: list, count: int, seed: int = 0) -> Drift
                     metrics[names[i]] = metrics[names[i]] + rng.normal(0.0, DRIFT_NOISE_SDS * spread[i])
             copies.test.append(type(r)(device, r.seq, r.ts, metrics, None))
         copies.devices.append({"device_id": device, "source": source,
-                               "changed_from_seq": own_test[half].seq if own_test[half:] else None,
+                               "changed_from_seq": own_test[half].seq,
                                "metrics": [names[i] for i in changed]})
     return copies
 
@@ -534,7 +534,8 @@ def _over_threshold(record: dict) -> float:
 def strongest_incidents(records: list[dict], n: int = 5) -> list[dict]:
     """The `n` incidents with the highest peaks among flagged score records, one entry each (an operator is told
     once per incident): its peak alert (device, seq, times its threshold, metrics to blame), how many alerts it
-    had, their seqs and the first one's event time (what the dashboards list incidents by). A flag without an incident id counts as an incident of its own."""
+    had, their seqs and the first one's event time (what the dashboards list incidents by). A flag without an
+    incident id counts as an incident of its own."""
     incidents: dict[object, list[dict]] = defaultdict(list)
     for r in records:
         if r["is_anomaly"]:
@@ -554,7 +555,7 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
               drifting: DriftingCopies | None = None) -> dict:
     """Throughput, latency, alerts and accuracy of the test part (scores from the stream, labels from the data),
     point-wise (no point adjustment) and per incident, beside ``offline`` (`offline_reference`); the drift events
-    stored, those of the `drifting` copies first."""
+    stored (`drift_summary`: where the `drifting` copies were declared drifted)."""
     from models.metrics import precision_recall_f1_from_predictions
     from storage.mongo import Store
 
@@ -653,9 +654,8 @@ def print_summary(summary: dict) -> None:
         declared = copy["declared_at_seqs"]
         found = (f"drift declared at seq {', '.join(f'{seq:,}' for seq in declared)}, and the device re-baselined"
                  if declared else "no drift declared")
-        changed = "" if copy["changed_from_seq"] is None else f" from seq {copy['changed_from_seq']:,} on"
         print(f"drift        {copy['device_id']} (a copy of {copy['source']} with {len(copy['metrics'])} metrics "
-              f"noisier{changed}, a new normal): {found}")
+              f"noisier from seq {copy['changed_from_seq']:,} on, a new normal): {found}")
     print(f"drift        {drift['events']} drift event(s) stored; {drift['events_on_other_devices']} on the data "
           "set's own devices")
     fed = summary["federated"]
