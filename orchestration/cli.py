@@ -15,6 +15,7 @@ from config import ConfigError, load_config
 from services import supervisor
 from services.processes import PRIVATE_UMASK
 from services.service import SERVICE_VARIABLE
+from storage.errors import StorageError
 from telemetry.readers import ReaderError
 
 # Modules that register commands, in the order `flead --help` lists them.
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flead: interrupted", file=sys.stderr)
         return 130
-    except (ReaderError, OSError) as exc:   # a file that cannot be read, a server that cannot be reached
+    except (ReaderError, OSError, StorageError) as exc:  # a file that cannot be read, a server not reached
         if os.environ.get(DEBUG_VARIABLE):
             raise
         print(f"flead {args.command}: {exc} ({DEBUG_VARIABLE}=1 shows where)", file=sys.stderr)

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -33,6 +34,25 @@ from telemetry.schema import decode_scores
 DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the demo; the dashboards stay up
 
 
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
+    return value
+
+
+def positive(kind: type):
+    """An argparse type: a number of `kind` above 0 (a rate, a batch size)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "demo", help="run the whole pipeline on a labelled data set and print a summary",
@@ -43,15 +63,15 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="asd",
                    help="asd (default), or the path of your own multi-entity test CSV (device_id,timestamp,metrics...,label)")
     p.add_argument("--train", default=None, help="with a path --dataset: the training CSV (unlabelled, normal operation)")
-    p.add_argument("--devices", type=int, default=0, help="use only the first N devices (0 = all)")
-    p.add_argument("--train-per-device", type=int, default=2000, help="training readings per device (0 = all)")
-    p.add_argument("--test-per-device", type=int, default=0, help="test readings per device (0 = all)")
-    p.add_argument("--rate", type=float, default=None, help="readings/s to replay at (default: as fast as possible)")
-    p.add_argument("--batch", type=int, default=None, help="readings per Kafka message (default: ingest.batch)")
+    p.add_argument("--devices", type=non_negative, default=0, help="use only the first N devices (0 = all)")
+    p.add_argument("--train-per-device", type=non_negative, default=2000, help="training readings per device (0 = all)")
+    p.add_argument("--test-per-device", type=non_negative, default=0, help="test readings per device (0 = all)")
+    p.add_argument("--rate", type=positive(float), default=None, help="readings/s to replay at (default: as fast as possible)")
+    p.add_argument("--batch", type=positive(int), default=None, help="readings per Kafka message (default: ingest.batch)")
     p.add_argument("--malformed", type=float, default=0.005, metavar="SHARE",
                    help="also send this share of malformed telemetry messages, as a real feed has (default 0.005; "
                         "0 = none): they become dead letters with reasons")
-    p.add_argument("--drifting", type=int, default=1, metavar="N",
+    p.add_argument("--drifting", type=non_negative, default=1, metavar="N",
                    help="also replay N extra devices, each a copy of one of the data set's devices whose test part "
                         "turns noisier for good halfway through (a new normal, not an incident): the drift monitor "
                         "declares a drift and the device re-baselines (a young model, from a short --train-per-device, "

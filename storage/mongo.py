@@ -25,6 +25,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, 
 from config import Config
 from storage.buckets import MAX_ABS_TS, READING_COLUMNS, SCORE_COLUMNS, ScorePart, score_block, unpack_columns
 from storage import summaries
+from storage.errors import StorageError, StorageUnavailable
 from storage.schemas import INDEXES, SCHEMAS, SchemaViolation, check_document
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,6 @@ RETENTION_FIELD = {"local_models": "created_at"}
 
 __all__ = ["Store", "StorageError", "StorageUnavailable", "SchemaViolation", "reading_id", "retention_cutoffs",
            "mongo_healthy"]
-
-
-class StorageError(RuntimeError):
-    """MongoDB could not be reached or refused an operation; the message says where and why."""
-
-
-class StorageUnavailable(StorageError):
-    """MongoDB did not answer (down, restarting, network): retrying later may succeed."""
 
 
 def _failure(exc: PyMongoError, what: str) -> StorageError:

@@ -158,3 +158,18 @@ def test_unreadable_input_files_are_one_clear_line_not_a_traceback(tmp_path, cap
     assert main(["evaluate", "--train", str(train_file), "--test", str(test_file)]) == 2
     err = capsys.readouterr().err
     assert "only in the training file: ['disk'], only here: ['mem']" in err and "Traceback" not in err
+
+
+def test_a_database_that_does_not_answer_is_one_clear_line_not_a_traceback(monkeypatch, tmp_path, capsys):
+    """Any command that reads MongoDB (here `flead report`) ends with the storage layer's reason and exit code 2."""
+    from orchestration.cli import main
+    from storage.mongo import Store, StorageUnavailable
+
+    def unreachable(self, cfg, *args, **kwargs):
+        raise StorageUnavailable("FLEAD_MONGO_URI: cannot connect to mongodb://127.0.0.1:1/")
+
+    monkeypatch.setenv("FLEAD_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(Store, "__init__", unreachable)
+    assert main(["report", "--out", str(tmp_path / "report.md"), "--format", "md"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flead report: FLEAD_MONGO_URI: cannot connect") and "Traceback" not in err
