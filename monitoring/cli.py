@@ -5,6 +5,8 @@ import json
 import signal
 import sys
 
+from config.arguments import positive
+
 ROUTER = "router"
 
 
@@ -16,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("action", choices=["run", "start", "stop", "retry-dead"],
                    help="run: in the foreground; start/stop: as a background process that `flead down` stops too; "
                         "retry-dead: make failed (dead) deliveries pending again, e.g. after fixing a receiver")
-    p.add_argument("--until-idle", type=float, default=None, metavar="S",
+    p.add_argument("--until-idle", type=positive(), default=None, metavar="S",
                    help="run: stop after S seconds with nothing to do and nothing pending")
     p.set_defaults(func=cmd_router)
     p = sub.add_parser("health", help="is each service up and keeping pace (exit 0 healthy, 1 not)",

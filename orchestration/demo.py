@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,30 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from config import PROJECT_ROOT, Config, load_config
+from config.arguments import non_negative, positive, share
 from models.integrity import sign_device_message, signing_key, verify_message
 from orchestration.report import utc
 from telemetry.schema import decode_scores
 
 DATA_PATH_SERVICES = ("stream", "scheduler", "api", "sink")  # stopped after the demo; the dashboards stay up
-
-
-def non_negative(text: str) -> int:
-    """An argparse type: a whole number, 0 or more."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
-    return value
-
-
-def positive(kind: type):
-    """An argparse type: a number of `kind` above 0 (a rate, a batch size)."""
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:  # NaN too
-            raise argparse.ArgumentTypeError(f"{text} is not above 0")
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
 
 
 def register(sub) -> None:
@@ -63,22 +44,22 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="asd",
                    help="asd (default), or the path of your own multi-entity test CSV (device_id,timestamp,metrics...,label)")
     p.add_argument("--train", default=None, help="with a path --dataset: the training CSV (unlabelled, normal operation)")
-    p.add_argument("--devices", type=non_negative, default=0, help="use only the first N devices (0 = all)")
-    p.add_argument("--train-per-device", type=non_negative, default=2000, help="training readings per device (0 = all)")
-    p.add_argument("--test-per-device", type=non_negative, default=0, help="test readings per device (0 = all)")
+    p.add_argument("--devices", type=non_negative(), default=0, help="use only the first N devices (0 = all)")
+    p.add_argument("--train-per-device", type=non_negative(), default=2000, help="training readings per device (0 = all)")
+    p.add_argument("--test-per-device", type=non_negative(), default=0, help="test readings per device (0 = all)")
     p.add_argument("--rate", type=positive(float), default=None, help="readings/s to replay at (default: as fast as possible)")
     p.add_argument("--batch", type=positive(int), default=None, help="readings per Kafka message (default: ingest.batch)")
-    p.add_argument("--malformed", type=float, default=0.005, metavar="SHARE",
+    p.add_argument("--malformed", type=share, default=0.005, metavar="SHARE",
                    help="also send this share of malformed telemetry messages, as a real feed has (default 0.005; "
                         "0 = none): they become dead letters with reasons")
-    p.add_argument("--drifting", type=non_negative, default=1, metavar="N",
+    p.add_argument("--drifting", type=non_negative(), default=1, metavar="N",
                    help="also replay N extra devices, each a copy of one of the data set's devices whose test part "
                         "turns noisier for good halfway through (a new normal, not an incident): the drift monitor "
                         "declares a drift and the device re-baselines (a young model, from a short --train-per-device, "
                         "absorbs the change without one). They count in no accuracy figure (default 1; 0 = none)")
-    p.add_argument("--duration", type=float, default=None,
+    p.add_argument("--duration", type=positive(), default=None,
                    help="stop replaying the test part after this many seconds")
-    p.add_argument("--timeout", type=float, default=900.0, help="give up waiting for scores after this many seconds")
+    p.add_argument("--timeout", type=positive(), default=900.0, help="give up waiting for scores after this many seconds")
     p.add_argument("--no-superset", action="store_true", help="do not start Superset")
     p.add_argument("--reset", action="store_true",
                    help="first delete the data this state directory's pipeline holds (topics, MongoDB database, "

@@ -11,6 +11,8 @@ import math
 import time
 from pathlib import Path
 
+from config.arguments import non_negative, positive
+
 TABLE_COLUMNS = ("roc_auc", "pr_auc", "f1", "precision", "recall", "best_f1", "incident_f1", "composite_f1",
                  "f1_pa")
 QUICK = {"devices": 4, "train_rows": 3000, "test_rows": 3000, "rounds": 2}
@@ -41,12 +43,12 @@ def register(subparsers) -> None:
                         "federated round every stream.snapshot_every readings, flags from its own online "
                         "threshold, as the stream job runs it; batch: epochs over the training part, then a frozen "
                         "model")
-    p.add_argument("--rounds", type=int, default=10,
+    p.add_argument("--rounds", type=positive(int), default=10,
                    help="batch protocol: federated rounds (local/centralized get as many epochs)")
-    p.add_argument("--local-epochs", type=int, default=1, help="batch protocol: epochs over a device's data per round")
-    p.add_argument("--finetune-epochs", type=int, default=0,
+    p.add_argument("--local-epochs", type=positive(int), default=1, help="batch protocol: epochs over a device's data per round")
+    p.add_argument("--finetune-epochs", type=non_negative(), default=0,
                    help="batch protocol: also report the federated model fine-tuned this many local epochs")
-    p.add_argument("--clients", type=int, default=20, help="nsl-kdd: number of client devices")
+    p.add_argument("--clients", type=positive(int), default=20, help="nsl-kdd: number of client devices")
     p.add_argument("--non-iid", action="store_true", help="nsl-kdd: clients by service instead of at random")
     p.add_argument("--keep-train-attacks", action="store_true",
                    help="nsl-kdd: train on attacks too (default: normal training rows only, selected with the "
@@ -54,7 +56,7 @@ def register(subparsers) -> None:
     p.add_argument("--models", default=",".join(("federated", "local", "centralized", "isolation_forest", "pca",
                                                   "dbscan", "random")),
                    help="comma-separated subset of the models to run")
-    p.add_argument("--train-per-device", type=int, default=0, metavar="N",
+    p.add_argument("--train-per-device", type=non_negative(), default=0, metavar="N",
                    help="use only the first N training rows of each device (0 = all; `flead demo` replays 2000 by "
                         "default: this reproduces its protocol offline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the baselines and of the nsl-kdd client split")

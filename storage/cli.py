@@ -4,6 +4,8 @@ from __future__ import annotations
 import signal
 import sys
 
+from config.arguments import positive
+
 SINK = "sink"
 
 
@@ -14,7 +16,7 @@ def register(sub) -> None:
                         "rebuild-rollups: recompute every roll-up from predictions and device_data (with the sink "
                         "stopped; the sink repairs roll-ups after a crash by itself); prune: delete what is past "
                         "its retention horizon now (the sink does it every retention.prune_interval_s)")
-    p.add_argument("--until-idle", type=float, default=None, metavar="S",
+    p.add_argument("--until-idle", type=positive(), default=None, metavar="S",
                    help="run: stop after S seconds without messages (default: run until Ctrl-C)")
     p.set_defaults(func=cmd_sink)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from config.arguments import non_negative, positive
+
 FORMAT_HELP = ("asd | csv: device_id,timestamp,<metrics...>[,label] (gzip or plain); nab: a NAB folder or file; "
                "nsl-kdd: KDD records split into clients; intel-lab: Intel Berkeley Lab log; "
                "netload: timeslot,hostname,ifname,max_metric_value,mean_metric_value")
@@ -25,17 +27,17 @@ def register(subparsers) -> None:
                    help=FORMAT_HELP)
     p.add_argument("--path", help="input file or folder (default: the reference data or synthetic sample of the format)")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=float, help="readings per second (default: as fast as possible)")
-    pace.add_argument("--speedup", type=float, help="replay event time this many times faster than real time")
+    pace.add_argument("--rate", type=positive(), help="readings per second (default: as fast as possible)")
+    pace.add_argument("--speedup", type=positive(), help="replay event time this many times faster than real time")
     p.add_argument("--order", choices=["file", "time"], default="file",
                    help="file: as stored (streams, little memory); time: all devices interleaved by event time "
                         "(loads the data set into memory)")
     p.add_argument("--loop", action="store_true", help="repeat forever (seq and ts keep increasing)")
-    p.add_argument("--start", type=int, default=0, help="skip this many readings first")
-    p.add_argument("--limit", type=int, help="stop after this many readings")
-    p.add_argument("--batch", type=int, help="readings per message, one device each (default: ingest.batch)")
+    p.add_argument("--start", type=non_negative(), default=0, help="skip this many readings first")
+    p.add_argument("--limit", type=non_negative(), help="stop after this many readings")
+    p.add_argument("--batch", type=positive(int), help="readings per message, one device each (default: ingest.batch)")
     p.add_argument("--skip-bad", action="store_true", help="skip unparseable rows (counted) instead of failing")
-    p.add_argument("--clients", type=int, default=10, help="nsl-kdd: number of client devices")
+    p.add_argument("--clients", type=positive(int), default=10, help="nsl-kdd: number of client devices")
     p.add_argument("--non-iid", action="store_true", help="nsl-kdd: clients by service instead of at random")
     p.add_argument("--seed", type=int, default=0, help="nsl-kdd: random split seed")
     p.set_defaults(func=run_produce)
@@ -46,8 +48,8 @@ def register(subparsers) -> None:
     c.add_argument("topic")
     c.add_argument("--from-beginning", action="store_true", help="read the topic from its start, not only new messages")
     c.add_argument("--count", action="store_true", help="only count messages (and telemetry readings)")
-    c.add_argument("--max", type=int, help="stop after N messages")
-    c.add_argument("--timeout", type=float, help="stop after this many seconds without a message")
+    c.add_argument("--max", type=positive(int), help="stop after N messages")
+    c.add_argument("--timeout", type=positive(), help="stop after this many seconds without a message")
     c.add_argument("--json", action="store_true", help="print each message value as raw JSON, one per line")
     c.set_defaults(func=run_consume)
 

@@ -185,3 +185,39 @@ def test_the_beam_input_flush_period_reaches_the_jvm_as_the_patched_class_reads_
     source = (PROJECT_ROOT / "flink_jobs" / "beam-patches" / "BeamFnDataOutboundAggregator.java").read_text()
     assert f'System.getProperty("{INPUT_FLUSH_PROPERTY}")' in source
     assert patch_jar(load_config().build_dir).name < "flink-python"  # in front of flink-python in a sorted lib/
+
+
+@pytest.mark.parametrize("argv, refusal", [
+    (["demo", "--devices", "-2"], "argument --devices: -2 is negative: give 0 or more"),
+    (["demo", "--drifting", "-1"], "argument --drifting: -1 is negative: give 0 or more"),
+    (["demo", "--rate", "-5"], "argument --rate: -5 is not above 0"),
+    (["demo", "--batch", "0"], "argument --batch: 0 is not above 0"),
+    (["demo", "--malformed", "1.5"], "argument --malformed: 1.5 is not between 0 and 1"),
+    (["produce", "--format", "asd", "--rate", "nan"], "argument --rate: nan is not above 0"),
+    (["produce", "--format", "asd", "--speedup", "-2"], "argument --speedup: -2 is not above 0"),
+    (["produce", "--format", "asd", "--limit", "-1"], "argument --limit: -1 is negative: give 0 or more"),
+    (["produce", "--format", "asd", "--batch", "x"], "argument --batch: invalid positive int value: 'x'"),
+    (["consume", "scores", "--timeout", "0"], "argument --timeout: 0 is not above 0"),
+    (["evaluate", "--dataset", "asd", "--rounds", "0"], "argument --rounds: 0 is not above 0"),
+    (["evaluate", "--dataset", "asd", "--train-per-device", "-10"], "argument --train-per-device: -10 is negative"),
+    (["report", "--devices", "-1"], "argument --devices: -1 is negative: give 0 or more"),
+    (["sink", "run", "--until-idle", "-3"], "argument --until-idle: -3 is not above 0"),
+    (["router", "run", "--until-idle", "inf"], "argument --until-idle: inf is not above 0"),
+])
+def test_every_command_refuses_numbers_out_of_range_before_it_starts(argv, refusal, capsys):
+    """A negative count, a rate of 0 or a share above 1 is an argparse error naming the option (exit 2), before
+    any server or job starts: `--devices -2` used to take all devices but the last two, a negative rate to crash
+    the demo after its services had started."""
+    from orchestration.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and refusal in capsys.readouterr().err
+
+
+def test_numbers_in_range_are_taken_as_given():
+    from orchestration.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--devices", "0", "--rate", "2500.5", "--batch", "64", "--malformed",
+                                      "0", "--drifting", "2"])
+    assert (args.devices, args.rate, args.batch, args.malformed, args.drifting) == (0, 2500.5, 64, 0.0, 2)

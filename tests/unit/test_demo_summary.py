@@ -216,22 +216,3 @@ def test_the_summary_says_where_a_drift_was_declared_and_where_not(capsys):
     assert "c-drifting (a copy of c with 1 metrics noisier from seq 1,500 on, a new normal): no drift declared" in out
     assert "drift        2 drift event(s) stored; 1 on the data set's own devices" in out
 
-
-def test_the_demos_counts_refuse_negative_numbers_with_the_reason(capsys):
-    """`--devices -2` used to take all devices but the last two, `--train-per-device -5` no training at all."""
-    import argparse
-
-    from orchestration import demo
-
-    parser = argparse.ArgumentParser(prog="flead")
-    demo.register(parser.add_subparsers())
-    assert parser.parse_args(["demo", "--devices", "3", "--drifting", "0"]).devices == 3
-    for option in ("--devices", "--train-per-device", "--test-per-device", "--drifting"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["demo", option, "-2"])
-        assert f"argument {option}: -2 is negative: give 0 or more" in capsys.readouterr().err
-    for option, value in (("--rate", "-5"), ("--rate", "nan"), ("--batch", "0")):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["demo", option, value])
-        assert f"argument {option}: {value} is not above 0" in capsys.readouterr().err
-    assert parser.parse_args(["demo", "--rate", "2500.5", "--batch", "64"]).rate == 2500.5
