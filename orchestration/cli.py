@@ -13,7 +13,7 @@ import sys
 
 from config import ConfigError, load_config
 from services import supervisor
-from services.processes import PRIVATE_UMASK
+from services.processes import PRIVATE_UMASK, ServiceError
 from services.service import SERVICE_VARIABLE
 from storage.errors import StorageError
 from telemetry.readers import ReaderError
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flead: interrupted", file=sys.stderr)
         return 130
-    except (ReaderError, OSError, StorageError) as exc:  # a file that cannot be read, a server not reached
+    except (ReaderError, OSError, StorageError, ServiceError) as exc:  # a file not read, a server not reached
         if os.environ.get(DEBUG_VARIABLE):
             raise
         print(f"flead {args.command}: {exc} ({DEBUG_VARIABLE}=1 shows where)", file=sys.stderr)
