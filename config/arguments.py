@@ -28,6 +28,5 @@ def non_negative(kind: type = int) -> Callable[[str], float]:
                    "is negative: give 0 or more")
 
 
-def share(text: str) -> float:
-    """A fraction from 0 to 1."""
-    return _ranged(float, "share", lambda v: 0 <= v <= 1, "is not between 0 and 1")(text)
+share = _ranged(float, "share", lambda v: 0 <= v <= 1, "is not between 0 and 1")
+"""A fraction from 0 to 1."""

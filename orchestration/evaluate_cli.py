@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                         "model")
     p.add_argument("--rounds", type=positive(int), default=10,
                    help="batch protocol: federated rounds (local/centralized get as many epochs)")
-    p.add_argument("--local-epochs", type=positive(int), default=1, help="batch protocol: epochs over a device's data per round")
+    p.add_argument("--local-epochs", type=positive(int), default=1,
+                   help="batch protocol: epochs over a device's data per round")
     p.add_argument("--finetune-epochs", type=non_negative(), default=0,
                    help="batch protocol: also report the federated model fine-tuned this many local epochs")
     p.add_argument("--clients", type=positive(int), default=20, help="nsl-kdd: number of client devices")

@@ -47,7 +47,8 @@ def register(sub) -> None:
     p = sub.add_parser("report", help="write an HTML report of the stored scores, accuracy, incidents, drift "
                                       "events, rounds and dead letters")
     p.add_argument("--out", default=None, help="output file (default: <state_dir>/report/report.html, or .md)")
-    p.add_argument("--devices", type=non_negative(), default=6, help="plot the score traces of up to N devices (default 6)")
+    p.add_argument("--devices", type=non_negative(), default=6,
+                   help="plot the score traces of up to N devices (default 6)")
     p.add_argument("--format", choices=("html", "md"), default="html",
                    help="html: one self-contained file (default); md: Markdown with the PNG files beside it")
     p.set_defaults(func=cmd_report)
