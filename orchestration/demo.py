@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def _load_readings(cfg: Config, args) -> tuple[list, list]:
 
 DRIFT_NOISE_SDS = 3.0  # the drifting copies' extra noise, in training standard deviations of each changed metric
 DRIFT_STORED_WAIT_S = 15.0  # after every score is stored: how long to wait for the drifting copies' drift events
+DAY_S = 86400
+DEMO_MAX_RECENT_DAYS = 31  # the demo's charts over time show at most this much of each device's test part (a
+                           # device summary holds an entry per hour and per 6 hours and metric of it)
 
 
 @dataclass
@@ -378,6 +382,26 @@ def _snapshot_by_end_of_training(cfg: Config, train: list, say) -> Config:
     say(f"stream.snapshot_every {cfg.stream.snapshot_every} -> {fewest} for this demo: a device with fewer training "
         "readings would send no weight snapshot before the federated round")
     return load_config(env={**os.environ, **cfg.to_env(), "FLEAD_STREAM_SNAPSHOT_EVERY": str(fewest)})
+
+
+def _dashboards_cover_the_test_part(cfg: Config, test: list, say) -> Config:
+    """The drill-down's score and metric charts and the fleet's anomaly rate over time show the newest
+    `rollups.recent_s` of event time (a week: right for a live fleet). The demo's incidents are all over its test
+    part (ASD: 15 days), so it widens that to the longest device's test part in whole days, up to
+    `DEMO_MAX_RECENT_DAYS`, or an operator following the summary's incident lines would find most of them
+    missing from the charts."""
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for r in test:
+        first[r.device_id] = min(first.get(r.device_id, r.ts), r.ts)
+        last[r.device_id] = max(last.get(r.device_id, r.ts), r.ts)
+    span_s = max((last[d] - first[d] for d in first), default=0) / 1000
+    needed_s = min(math.ceil(span_s / DAY_S) + 1, DEMO_MAX_RECENT_DAYS) * DAY_S  # +1: the first bucket starts before its reading
+    if needed_s <= cfg.rollups.recent_s:
+        return cfg
+    say(f"rollups.recent_s {cfg.rollups.recent_s / DAY_S:g} -> {needed_s / DAY_S:g} days for this demo: the "
+        "dashboards' charts over time show each device's whole test part")
+    return load_config(env={**os.environ, **cfg.to_env(), "FLEAD_ROLLUPS_RECENT_S": str(needed_s)})
 
 
 def _wait_for(condition, timeout: float, what: str, progress=None, required: bool = True) -> None:
@@ -693,6 +717,7 @@ def cmd_demo(args, cfg: Config) -> int:
     copies = f" ({len(drifting.devices)} of them a drifting copy)" if drifting.devices else ""
     say(f"{len(devices)} devices{copies}, {len(train):,} training and {len(test):,} test readings")
     cfg = _snapshot_by_end_of_training(cfg, train, say)
+    cfg = _dashboards_cover_the_test_part(cfg, test, say)
     _start_services(cfg, not args.no_superset, say, reset=args.reset)
     from storage.mongo import Store
 

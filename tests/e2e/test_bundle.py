@@ -89,3 +89,14 @@ def test_a_first_tab_holds_what_an_operator_looks_at_first_and_other_tabs_are_pl
     first = {fleet[chart]["meta"]["sliceName"] for row in first_tab["children"] for chart in fleet[row]["children"]}
     assert first == {"Open incidents", "Fleet anomaly rate over time", "Top devices by anomalous readings",
                      "Incidents timeline (the 25 devices with the newest incidents)"}
+
+
+def test_scores_are_drawn_on_a_log_scale_beside_their_threshold():
+    """An anomaly can score a thousand times its threshold: on a linear axis the threshold and every other score
+    lie flat on zero (seen on the demo's drill-down)."""
+    charts = [doc for rel, doc in _parsed(load_config(env={})).items() if rel.startswith("charts/")
+              and "max_threshold" in doc["params"].get("metrics", [])]
+    assert charts
+    for doc in charts:
+        assert doc["params"].get("logAxis") is True, doc["slice_name"]
+        assert "log scale" in doc["slice_name"]

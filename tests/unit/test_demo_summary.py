@@ -116,6 +116,32 @@ def test_the_demo_lowers_the_snapshot_cadence_to_its_shortest_training_part():
     assert _snapshot_by_end_of_training(cfg, long_enough, lines.append) is cfg
 
 
+def test_the_demo_widens_the_dashboards_time_span_to_its_test_part():
+    """The charts over time show the newest rollups.recent_s of event time (a week); the demo's incidents are
+    anywhere in its test part, so it widens that to the longest device's test part (whole days, capped)."""
+    from types import SimpleNamespace
+
+    from config import load_config
+    from orchestration.demo import DAY_S, DEMO_MAX_RECENT_DAYS, _dashboards_cover_the_test_part
+
+    cfg = load_config(env={})
+    start = 1_706_659_200_000  # 2024-01-31
+    five_min = 300_000
+
+    def test_part(days_by_device):
+        return [SimpleNamespace(device_id=d, ts=start + i * five_min)
+                for d, days in days_by_device for i in range(int(days * DAY_S * 1000 / five_min))]
+
+    lines = []
+    wider = _dashboards_cover_the_test_part(cfg, test_part([("a", 15), ("b", 3)]), lines.append)
+    assert wider.rollups.recent_s == 16 * DAY_S  # 15 days less 5 minutes, rounded up, plus one
+    assert lines and "recent_s" in lines[0] and "16 days" in lines[0]
+    assert cfg.rollups.recent_s < wider.rollups.recent_s
+    assert _dashboards_cover_the_test_part(cfg, test_part([("a", 2)]), lines.append) is cfg  # a week covers it
+    capped = _dashboards_cover_the_test_part(cfg, test_part([("a", 400)])[::50], lines.append)
+    assert capped.rollups.recent_s == DEMO_MAX_RECENT_DAYS * DAY_S
+
+
 def test_the_summary_names_each_of_the_strongest_incidents_once(capsys):
     """Five alerts of one incident are one line: its peak, its number of alerts and their seqs; a flag without an
     incident id stands alone; an unflagged record is no alert however high its score."""
