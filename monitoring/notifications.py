@@ -51,6 +51,21 @@ def severity(incident: dict, critical_ratio: float) -> str:
     return "critical" if ratio is not None and ratio >= critical_ratio else "warning"
 
 
+def worth_notifying(incident: dict, min_flagged: int, critical_ratio: float) -> bool:
+    """True once an incident is more than the detector's designed false-alarm rate: it has `min_flagged` flagged
+    readings, or its peak reached `critical_ratio` times the threshold. The threshold is set so that a share
+    ``threshold.target_false_alarm_rate`` of normal readings exceed it (1 in 100), and those come alone: paging
+    on every lone flag pages on that rate by design (a device reporting each minute: ~14 times a day), while two
+    flags within an incident's gap happen by chance about ``gap_readings x rate²`` per reading (~1 in 1,000).
+
+    >>> lone, critical = sample_incident(n_flagged=1, peak_ratio=1.4), sample_incident(n_flagged=1, peak_ratio=40.0)
+    >>> worth_notifying(lone, 2, 3.0), worth_notifying(critical, 2, 3.0), worth_notifying(lone, 1, 3.0)
+    (False, True, True)
+    """
+    ratio = incident.get("peak_ratio")
+    return incident["n_flagged"] >= min_flagged or (ratio is not None and ratio >= critical_ratio)
+
+
 def blamed_metrics(incident: dict) -> list[str]:
     """The incident's metrics to blame, largest share first."""
     blame = sorted(incident.get("metrics_to_blame") or [], key=lambda item: -item["share"])

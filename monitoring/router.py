@@ -9,7 +9,9 @@ apart, each has its own consumer group, its lag in `/metrics`, its restart.
 
 Loop: (1) consume incident records (consumer group `router.consumer_group`), check each (`records.check_incident`;
 a bad one becomes a dead letter), and write one delivery per configured receiver into the outbox
-(`deliveries.DeliveryStore`) — suppressed there if a suppression rule matches — then commit the offsets;
+(`deliveries.DeliveryStore`) — suppressed there if a suppression rule matches; an incident not yet worth a page
+(`notifications.worth_notifying`: fewer than `router.notify_min_flagged` flagged readings and no critical peak)
+gets none until a later state of it is, and its resolution none either — then commit the offsets;
 (2) send the due deliveries, one at a time, in order per incident (a resolution waits for its opening);
 failures are retried with exponential back-off and jitter, and after `router.max_attempts` (or a refusal such as
 HTTP 400) the delivery is dead and a dead letter names the receiver and the last error; (3) re-send open incidents
@@ -24,10 +26,10 @@ import time
 from collections import Counter
 from typing import Callable, Sequence
 
-from config import Config
+from config import Config, ConfigError
 from models.integrity import signing_key, verify_record
 from monitoring.deliveries import PENDING, SUPPRESSED, DeliveryStore, ensure_collections
-from monitoring.notifications import alert_labels, backoff_delay_s, delivery_id
+from monitoring.notifications import alert_labels, backoff_delay_s, delivery_id, worth_notifying
 from monitoring.receivers import ALERTMANAGER, HttpReceiver, receivers_from_config
 from telemetry.schema import check_incident
 from monitoring.suppression import matching_rule
@@ -55,6 +57,9 @@ class IncidentRouter:
 
         self.cfg = cfg
         self.router = cfg.router
+        if not self.router.notify_min_flagged >= 1:
+            raise ConfigError(f"router.notify_min_flagged must be at least 1 flagged reading (1: every incident at "
+                              f"once), got {self.router.notify_min_flagged}")
         self.signing_key = signing_key(cfg)  # only the stream job's signed incidents are routed
         self.receivers = list(receivers_from_config(cfg) if receivers is None else receivers)
         self.by_id = {r.id: r for r in self.receivers}
@@ -111,9 +116,14 @@ class IncidentRouter:
         """Write the deliveries of one incident state (one per receiver); returns the ids that were new."""
         now, status, new = self.clock(), incident["status"], []
         rule = matching_rule(incident, self.rules())
+        unconfirmed = not worth_notifying(incident, self.router.notify_min_flagged, self.router.critical_ratio)
+        held_back = False
         for receiver in self.receivers:
             opening_id = delivery_id(receiver.id, incident["incident_id"], "open")
             opening = self.store.get(opening_id)
+            if unconfirmed and opening is None:  # not (yet) worth a page: a later state of it may be
+                held_back = True
+                continue
             if status == "open" and opening is not None:
                 self.store.refresh_incident(opening_id, incident, now)  # the incident grew: a replay or an update
                 continue
@@ -135,6 +145,8 @@ class IncidentRouter:
                 self.stats["suppressed" if suppressed_by is not None else "planned"] += 1
             if status == "resolved" and opening is not None:
                 self.store.mark_resolved(opening_id, now)
+        if held_back:
+            self.stats["held_back"] += 1
         return new
 
     # -- (2) sending ----------------------------------------------------------------------------------------------

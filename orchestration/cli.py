@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flead: interrupted", file=sys.stderr)
         return 130
-    except (ReaderError, OSError, StorageError, ServiceError) as exc:  # a file not read, a server not reached
+    except (ReaderError, OSError, StorageError, ServiceError, ConfigError) as exc:  # a file not read, a server
+        # not reached, a setting only a command checks
         if os.environ.get(DEBUG_VARIABLE):
             raise
         print(f"flead {args.command}: {exc} ({DEBUG_VARIABLE}=1 shows where)", file=sys.stderr)

@@ -144,6 +144,29 @@ def test_suppressed_incidents_are_not_delivered_nor_their_resolution(cfg, db):
         hook.stop()
 
 
+def test_a_lone_flag_is_not_paged_until_a_second_confirms_it_and_a_critical_one_is_at_once(cfg, db):
+    """router.notify_min_flagged (2): an incident of one flagged reading is what the threshold's false-alarm rate
+    produces by design; it is sent once a later state of it has two, or at once if its peak is critical."""
+    rcfg = router_cfg()
+    hook = RecordingReceiver().start()
+    try:
+        lone = sample_incident(device_id="dev-lone", n_flagged=1, n_readings=1, peak_ratio=1.4)
+        confirmed = sample_incident(device_id="dev-confirmed", n_flagged=1, n_readings=1, peak_ratio=1.2)
+        critical = sample_incident(device_id="dev-critical", n_flagged=1, n_readings=1, peak_ratio=40.0)
+        produce(rcfg, lone, confirmed, critical, {**lone, "status": "resolved"},
+                {**confirmed, "n_flagged": 2, "n_readings": 3, "end_seq": confirmed["end_seq"] + 2},
+                {**confirmed, "n_flagged": 2, "status": "resolved"})
+        stats = IncidentRouter(rcfg, [webhook_receiver(rcfg, hook.url)]).run(until_idle_s=1.0)
+        sent = [(b["incident"]["device_id"], b["incident"]["status"], b["incident"]["n_flagged"])
+                for b in hook.bodies()]
+        assert sorted(sent) == [("dev-confirmed", "open", 2), ("dev-confirmed", "resolved", 2),
+                                ("dev-critical", "open", 1)]
+        assert stats["held_back"] == 3  # the lone incident's two states, the confirmed one's first
+        assert db.collection("deliveries").count_documents({"device_id": "dev-lone"}) == 0
+    finally:
+        hook.stop()
+
+
 def test_a_router_that_died_before_sending_leaves_nothing_lost_or_doubled(cfg, db):
     rcfg = router_cfg()
     hook = RecordingReceiver().start()

@@ -220,3 +220,25 @@ def test_feedback_record_of_an_incident_read_back_from_mongodb():
     record = feedback_record(stored, "confirmed", 5)
     assert type(record["start_ts"]) is int and type(record["peak_score"]) is int
     assert decode_feedback(encode_feedback(record))["start_ts"] == 1_706_659_200_000
+
+
+@given(n_flagged=st.integers(1, 50), more=st.integers(0, 50), ratio=st.floats(0.0, 100.0),
+       min_flagged=st.integers(1, 5))
+def test_an_incident_worth_a_page_stays_worth_it_as_it_grows(n_flagged, more, ratio, min_flagged):
+    """A page, once sent, is never one the rule would have held back later: both of its inputs only grow."""
+    from monitoring.notifications import worth_notifying
+
+    early = sample_incident(n_flagged=n_flagged, peak_ratio=ratio)
+    later = sample_incident(n_flagged=n_flagged + more, peak_ratio=ratio * 1.5)
+    if worth_notifying(early, min_flagged, 3.0):
+        assert worth_notifying(later, min_flagged, 3.0)
+    assert worth_notifying(early, min_flagged, 3.0) == (n_flagged >= min_flagged or ratio >= 3.0)
+
+
+def test_the_router_refuses_a_minimum_of_no_flags_before_connecting_anywhere():
+    from config import ConfigError, load_config
+    from monitoring.router import IncidentRouter
+
+    cfg = load_config(env={"FLEAD_ROUTER_NOTIFY_MIN_FLAGGED": "0", "FLEAD_MONGO_PORT": "1", "FLEAD_KAFKA_PORT": "1"})
+    with pytest.raises(ConfigError, match="notify_min_flagged"):
+        IncidentRouter(cfg)
