@@ -68,9 +68,10 @@ NESTED_SETTINGS = {
 
 #: Settings a device that has learned can take at any time (a changed configuration applies to it on restore,
 #: `DeviceDetector.reconfigure`); every other setting shapes its features or model and stays as it was created.
-TUNABLE_SETTINGS = ("warmup", "top_k_metrics", "threshold_kind", "target_false_alarm_rate", "sigma_k", "history",
-                    "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms", "adoption_policy",
-                    "adoption_blend_weight", "adoption_candidates", "adoption_readings", "adoption_prior_readings")
+TUNABLE_SETTINGS = ("warmup", "warmup_per_input", "top_k_metrics", "threshold_kind", "target_false_alarm_rate",
+                    "sigma_k", "history", "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms",
+                    "adoption_policy", "adoption_blend_weight", "adoption_candidates", "adoption_readings",
+                    "adoption_prior_readings")
 THRESHOLD_SETTINGS = ("threshold_kind", "target_false_alarm_rate", "sigma_k", "history")
 
 
@@ -119,6 +120,7 @@ class DetectorSettings:
     adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     adoption_readings: int = 64
     adoption_prior_readings: int = 500
+    warmup_per_input: float = 0.0  # (0 in states from before it: their warm-up stays `warmup`)
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "DetectorSettings":
@@ -128,7 +130,8 @@ class DetectorSettings:
         values = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls)
                   if f.name in model and f.name != "features" and f.name not in NESTED_SETTINGS}
         values.update({name: features[name] for name in ("rolling_windows", "lags", "rate_of_change")})
-        values.update({name: threshold[name] for name in ("target_false_alarm_rate", "sigma_k", "warmup", "history")})
+        values.update({name: threshold[name] for name in ("target_false_alarm_rate", "sigma_k", "warmup", "history",
+                                                         "warmup_per_input")})
         values["threshold_kind"] = threshold.kind
         for name, (path, key) in NESTED_SETTINGS.items():
             section = cfg
@@ -372,9 +375,10 @@ class DeviceDetector:
         errors, normalised, scores = self._errors(F)
         cut = self.threshold.threshold
         is_anomaly = scores > cut
-        warming = self.n_seen < self.settings.warmup
+        warmup = self.warmup_readings
+        warming = self.n_seen < warmup
         if warming:
-            is_anomaly &= self.n_seen + np.arange(n) >= self.settings.warmup
+            is_anomaly &= self.n_seen + np.arange(n) >= warmup
         # Muting (an operator's false-positive patterns) changes what is reported (flags, incidents), not what
         # is learned: the residual scales, the threshold and the drift monitor see the detector's own flags, so a
         # muted pattern cannot make later, stronger anomalies of the same metrics look normal.
@@ -403,7 +407,7 @@ class DeviceDetector:
         if describe:
             p_values, z_scores = self.threshold.p_values(scores), self.threshold.robust_z(scores)
             if warming:
-                early = self.n_seen + np.arange(n) < self.settings.warmup
+                early = self.n_seen + np.arange(n) < warmup
                 p_values[early] = z_scores[early] = math.nan
             result = DetectionResult(scores=scores, thresholds=thresholds, is_anomaly=is_anomaly,
                                      top_metrics=self._top_metrics(shares),
@@ -421,6 +425,15 @@ class DeviceDetector:
         return result
 
     @property
+    def warmup_readings(self) -> int:
+        """Readings before any alert: `threshold.warmup`, and at least `threshold.warmup_per_input` per input of the
+        model. A covariance of d inputs, or a network of as many, is still settling for the first several d readings
+        (a rule of thumb for estimating one: at least 5 d), and the residual scales learned meanwhile would measure
+        that settling, not the device: scores then creep up for thousands of readings as those early residuals
+        weigh less, and a young device's threshold lags behind them (a drift declared in its first days)."""
+        return max(self.settings.warmup, math.ceil(self.settings.warmup_per_input * self.features.n_features))
+
+    @property
     def calibration_run(self) -> int:
         """Flags of one incident that still count as calibration evidence for the threshold: as many as readings
         one reading can push above the cut (the window it is part of). Normal exceedances come alone or in such
@@ -436,7 +449,7 @@ class DeviceDetector:
         residual scales (every reading, winsorised at the cut: `_winsorising`), then the threshold from the
         scores marked `calibration` (None: every score)."""
         n = F.shape[0]
-        start = int(self.settings.warmup * THRESHOLD_START_FRACTION)
+        start = int(self.warmup_readings * THRESHOLD_START_FRACTION)
         F, n_winsorised = self.scaler.winsorise(F, max(PLAUSIBLE_SIGMAS, math.sqrt(self.scaler.n)), PLAUSIBLE_AFTER)
         self.n_winsorised += n_winsorised
         self.scaler.learn_many(F)

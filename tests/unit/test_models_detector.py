@@ -72,6 +72,25 @@ def test_no_alerts_during_warmup_and_shapes(kind):
     assert det.n_seen == WARMUP
 
 
+def test_warm_up_grows_with_the_models_inputs():
+    """A model of many inputs settles later: no alert before `warmup_per_input` readings per input (a default
+    detector over 40 metrics has 200 inputs: 1,000 readings), nor than `warmup`; states from before the setting keep
+    `warmup` alone."""
+    many = [f"m{i}" for i in range(40)]
+    cfg = load_config(env={})
+    det = DeviceDetector.create(many, cfg, warmup=100)
+    assert det.settings.warmup_per_input == cfg.threshold.warmup_per_input == 5
+    assert det.warmup_readings == 5 * 5 * len(many) == 1000
+    assert DeviceDetector.create(many, cfg, warmup=2000).warmup_readings == 2000
+    assert DeviceDetector.create(many, cfg, warmup=100, warmup_per_input=0).warmup_readings == 100
+    rng = np.random.default_rng(3)
+    X = rng.normal(0.5, 0.1, size=(1040, len(many)))
+    X[990:1040, :4] += 3.0  # an anomaly straddling the end of the warm-up
+    results = feed(det, X)
+    flags = np.concatenate([r.is_anomaly for r in results])
+    assert not flags[:1000].any() and flags[1000:].any()
+
+
 @pytest.mark.parametrize("kind", ["subspace", "ae"])
 def test_scores_are_calibrated_after_learning(kind):
     det = make(**KINDS[kind])

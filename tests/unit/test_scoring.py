@@ -225,7 +225,7 @@ def test_score_emits_one_scores_record_per_batch_alerts_and_snapshots(settings):
 
 
 def test_flags_become_incidents_with_ids_on_their_scores_and_alerts(cfg_defaults):
-    settings = DetectorSettings.from_config(cfg_defaults, warmup=40)  # the default kind
+    settings = DetectorSettings.from_config(cfg_defaults, warmup=40, warmup_per_input=0)  # the default kind
     scoring = scoring_with(settings, micro_batch_size=8)
     state, _ = run(scoring, "a", 40, per_message=8)
     spike = np.tile([0.5, 0.5, 0.5], (8, 1))
