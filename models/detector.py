@@ -120,7 +120,7 @@ class DetectorSettings:
     adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     adoption_readings: int = 64
     adoption_prior_readings: int = 500
-    warmup_per_input: float = 0.0  # (0 in states from before it: their warm-up stays `warmup`)
+    warmup_per_input: float = 0.0  # 0 in states from before it, until `reconfigure` gives them the configured one
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "DetectorSettings":
