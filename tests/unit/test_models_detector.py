@@ -74,8 +74,8 @@ def test_no_alerts_during_warmup_and_shapes(kind):
 
 def test_warm_up_grows_with_the_models_inputs():
     """A model of many inputs settles later: no alert before `warmup_per_input` readings per input (a default
-    detector over 40 metrics has 200 inputs: 1,000 readings), nor than `warmup`; states from before the setting keep
-    `warmup` alone."""
+    detector over 40 metrics has 200 inputs: 1,000 readings), nor than `warmup`; with 0 per input (a state from
+    before the setting, until reconfigured) `warmup` alone."""
     many = [f"m{i}" for i in range(40)]
     cfg = load_config(env={})
     det = DeviceDetector.create(many, cfg, warmup=100)
