@@ -396,7 +396,8 @@ def _dashboards_cover_the_test_part(cfg: Config, test: list, say) -> Config:
         first[r.device_id] = min(first.get(r.device_id, r.ts), r.ts)
         last[r.device_id] = max(last.get(r.device_id, r.ts), r.ts)
     span_s = max((last[d] - first[d] for d in first), default=0) / 1000
-    needed_s = min(math.ceil(span_s / DAY_S) + 1, DEMO_MAX_RECENT_DAYS) * DAY_S  # +1: the first bucket starts before its reading
+    # +1 day: the first bucket starts before its reading
+    needed_s = min(math.ceil(span_s / DAY_S) + 1, DEMO_MAX_RECENT_DAYS) * DAY_S
     if needed_s <= cfg.rollups.recent_s:
         return cfg
     say(f"rollups.recent_s {cfg.rollups.recent_s / DAY_S:g} -> {needed_s / DAY_S:g} days for this demo: the "
