@@ -154,6 +154,7 @@ class PipelineCollector(Collector):
                 reading["latest_buckets"] = {d: summaries[d].latest for d in reading["devices"] if d in summaries}
             self._try(reading, "dead_letters", source.dead_letters_by_reason)
             self._try(reading, "incidents", source.incidents_by_status)
+            self._try(reading, "incidents_never_paged", source.incidents_never_paged)
             self._try(reading, "drift_events", source.drift_events)
             self._try(reading, "feedback", source.feedback_by_verdict)
             self._try(reading, "last_round", source.last_round)
@@ -255,6 +256,10 @@ class PipelineCollector(Collector):
             for status in ("open", "resolved"):
                 family.add_metric([status], by_status.get(status, 0))
             yield family
+        if "incidents_never_paged" in reading:
+            yield CounterMetricFamily("flead_incidents_never_paged", "Resolved incidents the router held back: "
+                                      "fewer flagged readings than router.notify_min_flagged and a peak below "
+                                      "router.critical_ratio x threshold", value=reading["incidents_never_paged"])
         if "drift_events" in reading:
             yield CounterMetricFamily("flead_drift_events", "Drift events (a device re-baselined)",
                                       value=reading["drift_events"])

@@ -65,6 +65,14 @@ class PipelineReader:
     def incidents_by_status(self) -> dict[str, int]:
         return {str(status): int(n) for status, n in group_sum(self._collection("incidents"), "status").items()}
 
+    def incidents_never_paged(self) -> int:
+        """Resolved incidents the router held back: fewer than `router.notify_min_flagged` flagged readings and a
+        peak below `router.critical_ratio` × threshold (`monitoring.notifications.worth_notifying`, as a query)."""
+        router = self.cfg.router
+        return self._collection("incidents").count_documents(
+            {"status": "resolved", "n_flagged": {"$lt": router.notify_min_flagged},
+             "$or": [{"peak_ratio": {"$lt": router.critical_ratio}}, {"peak_ratio": None}]})
+
     def drift_events(self) -> int:
         return self._collection("drift_events").estimated_document_count()
 

@@ -73,6 +73,8 @@ def test_metrics_follow_what_the_pipeline_stored(cfg, db):
                                                                "not JSON: x"])])
     store_incident(db, mcfg, device_id="d")
     store_incident(db, mcfg, device_id="c", status="resolved")
+    store_incident(db, mcfg, device_id="b", status="resolved", n_flagged=1, n_readings=1, peak_ratio=1.2)  # lone
+    store_incident(db, mcfg, device_id="a", status="resolved", n_flagged=1, n_readings=1, peak_ratio=3.5)  # critical
     db.collection("drift_events").insert_one({"_id": "d:9", "device_id": "d"})
     db.write_aggregation_round({"round_id": "r7", "version": 7, "strategy": "fedavg", "started_at": 5000,
                                              "n_participants": 4, "n_rejected": 1, "duration_s": 2.5})
@@ -87,7 +89,8 @@ def test_metrics_follow_what_the_pipeline_stored(cfg, db):
         assert before[("flead_dead_letters_total", (("reason_class", "missing_field"),))] == 2
         assert before[("flead_dead_letters_total", (("reason_class", "not_json"),))] == 1
         assert before[("flead_incidents_open", ())] == 1
-        assert before[("flead_incidents_total", (("status", "resolved"),))] == 1
+        assert before[("flead_incidents_total", (("status", "resolved"),))] == 3
+        assert before[("flead_incidents_never_paged_total", ())] == 1  # the lone one: below the critical ratio
         assert before[("flead_drift_events_total", ())] == 1
         assert before[("flead_last_round_version", ())] == 7 and before[("flead_last_round_rejections", ())] == 1
         assert before[("flead_last_round_duration_seconds", ())] == 2.5
