@@ -98,6 +98,12 @@ def row(name: str, messages: int, readings: int, seconds: float) -> dict:
             "messages_per_s": round(messages / seconds), "readings_per_s": round(readings / seconds)}
 
 
+def reported_config(config: dict) -> dict:
+    """The producer settings a report shows: plain values (not the logger object), without the broker's address."""
+    return {k: v for k, v in config.items()
+            if k != "bootstrap.servers" and isinstance(v, (str, int, float, bool))}
+
+
 def run(cfg, quick: bool) -> dict:
     topic = cfg.kafka.topics.telemetry
     config = producer_config(cfg)
@@ -120,7 +126,7 @@ def run(cfg, quick: bool) -> dict:
         "target_readings_per_s": TARGET_READINGS_PER_S,
         "rows": rows,
         "readings_per_run": len(readings),
-        "config": {k: v for k, v in config.items() if k != "bootstrap.servers"},
+        "config": reported_config(config),
         "cpus": os.cpu_count(),
     }
 
