@@ -557,6 +557,29 @@ def _over_threshold(record: dict) -> float:
     return record["score"] / max(record["threshold"], 1e-12)
 
 
+def paged_incidents(labelled: list[dict], min_flagged: int, critical_ratio: float) -> dict:
+    """Of the incidents the stream job linked these flags to, how many the router pages
+    (`monitoring.notifications.worth_notifying` on each one's flags and peak) and how many of those have a flagged
+    reading in a labelled anomaly range."""
+    from monitoring.notifications import worth_notifying
+
+    flags: dict[str, int] = defaultdict(int)
+    peaks: dict[str, float] = {}
+    labelled_ids: set[str] = set()
+    for r in labelled:
+        incident = r.get("incident_id")
+        if r["is_anomaly"] and incident:
+            flags[incident] += 1
+            peaks[incident] = max(peaks.get(incident, 0.0), _over_threshold(r))
+            if r["label"]:
+                labelled_ids.add(incident)
+    paged = [i for i, n in flags.items()
+             if worth_notifying({"n_flagged": n, "peak_ratio": peaks[i]}, min_flagged, critical_ratio)]
+    rule = f"{min_flagged} or more flagged readings, or a peak of {critical_ratio:g}× the threshold"
+    return {"paged_incidents": len(paged), "paged_on_a_range": sum(i in labelled_ids for i in paged),
+            "paging_rule": rule}
+
+
 def strongest_incidents(records: list[dict], n: int = 5) -> list[dict]:
     """The `n` incidents with the highest peaks among flagged score records, one entry each (an operator is told
     once per incident): its peak alert (device, seq, times its threshold, metrics to blame), how many alerts it
@@ -591,6 +614,8 @@ def summarise(cfg: Config, watch: ScoreWatch, n_train: int, n_test: int, produce
     precision, recall, f1 = precision_recall_f1_from_predictions(y_true, y_pred) if labelled else (None, None, None)
     ranking = ranking_quality(watch, labelled)
     incidents = incident_quality(labelled, cfg.incidents.gap_readings)
+    if incidents:
+        incidents.update(paged_incidents(labelled, cfg.router.notify_min_flagged, cfg.router.critical_ratio))
     lat = np.array(watch.latencies_ms) if watch.latencies_ms else np.array([np.nan])
     span = (watch.test_last_at - watch.test_started_at) if watch.test_started_at and watch.test_last_at else 0.0
     top = strongest_incidents(watch.test_records)
@@ -659,7 +684,9 @@ def print_summary(summary: dict) -> None:
               f"(recall {fmt(inc['incident_recall'])}); {inc['incidents']} incidents raised, {inc['false_incidents']} "
               f"false (precision {fmt(inc['incident_precision'])}); incident F1 {fmt(inc['incident_f1'])}, "
               f"composite F1 {fmt(inc['composite_f1'])}; the stream job linked the test alerts to "
-              f"{inc['stream_incident_ids']} incident(s)")
+              f"{inc['stream_incident_ids']} incident(s)"
+              + (f"; {inc['paged_incidents']} of them page ({inc['paging_rule']}), {inc['paged_on_a_range']} "
+                 "of those with an alert in a labelled range" if "paged_incidents" in inc else ""))
     if acc.get("roc_auc") is not None:
         print(f"ranking      ROC-AUC {fmt(acc['roc_auc'])}  PR-AUC {fmt(acc['pr_auc'])} pooled (scores normalised per "
               f"device by its training part, no labels); per-device mean ROC-AUC {fmt(acc['roc_auc_device_mean'])}  "

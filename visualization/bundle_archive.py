@@ -2,9 +2,10 @@
 
 The YAML files are Superset's own export format with two additions, filled in here from the configuration:
 
-- ``{{ mongo_sqlalchemy_uri }}``, ``{{ collections.<name> }}`` and ``{{ rollups.<level>_grain|rule }}``
-  placeholders (the database URI, the collection names of ``cfg.mongo.collections``, each roll-up's bucket width as
-  a Superset time grain and a pandas resample rule). Superset's own Jinja (``{{ filter_values(...)|... }}``,
+- ``{{ mongo_sqlalchemy_uri }}``, ``{{ collections.<name> }}``, ``{{ rollups.<level>_grain|rule }}`` and
+  ``{{ router.notify_min_flagged|critical_ratio }}`` placeholders (the database URI, the collection names of
+  ``cfg.mongo.collections``, each roll-up's bucket width as a Superset time grain and a pandas resample rule, which
+  incidents the router pages). Superset's own Jinja (``{{ filter_values(...)|... }}``,
   ``{% if %}``) is left for Superset: it is not a plain dotted name;
 - a dashboard's ``layout``: rows of ``{chart file name: width}`` with a ``height`` (or ``tabs``, each a ``title``
   and a ``layout``), expanded into the ``position`` tree Superset stores (ROOT > GRID > ROW > CHART, or
@@ -49,6 +50,8 @@ def _placeholder_values(cfg: Config) -> dict[str, str]:
         seconds = cfg.rollups[f"{level}_bucket_s"]
         values[f"rollups.{level}_grain"] = f"PT{seconds}S"
         values[f"rollups.{level}_rule"] = f"{seconds}s"  # pandas resample rule: empty buckets become gaps
+    for name in ("notify_min_flagged", "critical_ratio"):  # which incidents page (the incidents' "paged" column)
+        values[f"router.{name}"] = repr(cfg.router[name])
     return values
 
 

@@ -100,3 +100,26 @@ def test_scores_are_drawn_on_a_log_scale_beside_their_threshold():
     for doc in charts:
         assert doc["params"].get("logAxis") is True, doc["slice_name"]
         assert "log scale" in doc["slice_name"]
+
+
+def test_the_incidents_paged_column_is_the_routers_rule():
+    """The dashboards' "paged" column says what the router sends (`worth_notifying`), for any configured rule."""
+    import sqlite3
+
+    from monitoring.notifications import worth_notifying
+
+    for min_flagged, critical in ((2, 3.0), (1, 3.0), (3, 1.5)):
+        cfg = load_config(env={"FLEAD_ROUTER_NOTIFY_MIN_FLAGGED": str(min_flagged),
+                               "FLEAD_ROUTER_CRITICAL_RATIO": str(critical)})
+        dataset = _parsed(cfg)["datasets/flead_mongodb/incidents.yaml"]
+        expression = next(c["expression"] for c in dataset["columns"] if c["column_name"] == "paged")
+        db = sqlite3.connect(":memory:")
+        db.execute("CREATE TABLE incidents (status TEXT, n_flagged INTEGER, peak_ratio REAL)")
+        cases = [(status, n, ratio) for status in ("open", "resolved") for n in (1, 2, 3, 5)
+                 for ratio in (None, 1.01, 1.5, 2.99, 3.0, 40.0)]
+        db.executemany("INSERT INTO incidents VALUES (?, ?, ?)", cases)
+        shown = db.execute(f"SELECT status, n_flagged, peak_ratio, {expression} FROM incidents").fetchall()
+        for status, n, ratio, paged in shown:
+            sent = worth_notifying({"n_flagged": n, "peak_ratio": ratio}, min_flagged, critical)
+            assert paged == ("yes" if sent else "not yet" if status == "open" else "no"), (min_flagged, critical, n,
+                                                                                          ratio, status)

@@ -242,3 +242,31 @@ def test_the_summary_says_where_a_drift_was_declared_and_where_not(capsys):
     assert "c-drifting (a copy of c with 1 metrics noisier from seq 1,500 on, a new normal): no drift declared" in out
     assert "drift        2 drift event(s) stored; 1 on the data set's own devices" in out
 
+
+
+def test_paged_incidents_follow_the_routers_rule():
+    from orchestration.demo import paged_incidents
+
+    def flag(device, seq, label, incident, score):
+        return {"device_id": device, "seq": seq, "label": label, "is_anomaly": True, "incident_id": incident,
+                "score": score, "threshold": 1.0}
+    labelled = [flag("a", 1, 0, "a:1", 1.2),                            # a lone flag: held back
+                flag("a", 9, 1, "a:9", 1.1), flag("a", 10, 1, "a:9", 1.3),  # two flags on a range: pages
+                flag("b", 4, 0, "b:4", 7.0),                            # one critical flag: pages
+                {"device_id": "b", "seq": 5, "label": 1, "is_anomaly": False, "incident_id": None,
+                 "score": 0.5, "threshold": 1.0}]
+    assert paged_incidents(labelled, 2, 3.0) == {"paged_incidents": 2, "paged_on_a_range": 1,
+                                                 "paging_rule": "2 or more flagged readings, or a peak of 3× the "
+                                                                "threshold"}
+    assert paged_incidents(labelled, 1, 3.0)["paged_incidents"] == 3
+
+
+def test_the_incidents_line_says_how_many_page_when_known(capsys):
+    summary = json.loads((PROJECT_ROOT / "tests" / "unit" / "data" / "demo_summary.json").read_text())
+    print_summary(summary)  # a summary of before the paging figures: the line without them
+    assert "of them page" not in capsys.readouterr().out
+    paged = {"paged_incidents": 7, "paged_on_a_range": 5, "paging_rule": "2 or more flagged readings, or a peak of "
+                                                                          "3× the threshold"}
+    print_summary({**summary, "incident_accuracy": {**summary["incident_accuracy"], **paged}})
+    assert "; 7 of them page (2 or more flagged readings, or a peak of 3× the threshold), 5 of those with an alert " \
+           "in a labelled range" in capsys.readouterr().out
