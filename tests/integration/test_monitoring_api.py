@@ -14,7 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from config import load_config
 from http_receivers import wait_for
 from models.integrity import sign_message, signing_key
+from monitoring.notifications import worth_notifying
 from monitoring.records import sample_incident
+from monitoring.sources import PipelineReader
 from telemetry.schema import decode_feedback
 from spark_jobs.api import create_app
 from storage.mongo import Store
@@ -199,3 +201,27 @@ def test_flead_health_command(cfg, capsys):
     assert main(["health", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["services"]["mongo"]["state"] == "up"
+
+
+def test_never_paged_count_is_the_routers_rule(cfg, db):
+    """`incidents_never_paged` (a MongoDB filter) counts exactly the resolved incidents `worth_notifying` holds
+    back, over a grid around both bounds: flagged readings below, at and above `router.notify_min_flagged`; the
+    peak absent, null, below, at and above `router.critical_ratio`; open incidents never counted."""
+    mcfg = api_cfg(FLEAD_ROUTER_NOTIFY_MIN_FLAGGED="3", FLEAD_ROUTER_CRITICAL_RATIO="2.5")
+    router = mcfg.router
+    db.collection("incidents").delete_many({})
+    peaks = [None, 0.0, 1.0, router.critical_ratio - 1e-9, router.critical_ratio, router.critical_ratio + 0.5, "absent"]
+    grid = []
+    for status in ("open", "resolved"):
+        for n_flagged in (1, router.notify_min_flagged - 1, router.notify_min_flagged, router.notify_min_flagged + 4):
+            for peak in peaks:
+                incident = sample_incident(device_id=f"sweep-{len(grid)}", status=status, n_flagged=n_flagged,
+                                           n_readings=n_flagged + 2, peak_ratio=peak)
+                if peak == "absent":
+                    del incident["peak_ratio"]
+                grid.append({**incident, "_id": incident["incident_id"]})
+    db.collection("incidents").insert_many(grid)
+    held_back = sum(1 for incident in grid if incident["status"] == "resolved"
+                    and not worth_notifying(incident, router.notify_min_flagged, router.critical_ratio))
+    assert held_back == 2 * 5  # 1 and min - 1 flagged; peak absent, null, 0, 1, just below the ratio
+    assert PipelineReader(db, mcfg).incidents_never_paged() == held_back
