@@ -86,9 +86,9 @@ def _forged(flush):
     telemetry, scores = flush
     unsigned_t = telemetry[0][1][:telemetry[0][1].rindex(b',"signature":"')] + b"}"
     unsigned_s = scores[0][1][:scores[0][1].rindex(b',"signature":"')] + b"}"
-    return ([(b"d1", unsigned_t.replace(b'"a":0.0', b'"a":9.0')),
-             (b"d1", telemetry[0][1].replace(b'"a":0.0', b'"a":9.0')),
-             (b"d1", sign_device_message(unsigned_t.replace(b'"a":0.0', b'"a":9.0'), bytes(32), "d1"))],
+    return ([(b"d1", unsigned_t.replace(b'"values":[[0.0', b'"values":[[9.0')),
+             (b"d1", telemetry[0][1].replace(b'"values":[[0.0', b'"values":[[9.0')),
+             (b"d1", sign_device_message(unsigned_t.replace(b'"values":[[0.0', b'"values":[[9.0'), bytes(32), "d1"))],
             [("scores:1:0", unsigned_s.replace(b'"score":1.5', b'"score":0.1')),
              ("scores:1:1", scores[0][1].replace(b'"score":1.5', b'"score":0.1')),
              ("scores:1:2", sign_message(unsigned_s.replace(b'"score":1.5', b'"score":0.1'), bytes(32)))])
@@ -98,7 +98,8 @@ def test_forged_messages_are_refused_before_they_can_take_a_readings_place():
     """The sink keeps each (device, seq) once: a forged copy decoded first would make the genuine one a replay."""
     flush = _flush()
     forged_telemetry, forged_scores = _forged(flush)
-    assert all(b'"a":9.0' in v for _, v in forged_telemetry) and all(b'"score":0.1' in v for _, v in forged_scores)
+    assert all(b'"values":[[9.0' in v for _, v in forged_telemetry)
+    assert all(b'"score":0.1' in v for _, v in forged_scores)
     decoded = decode_streams(forged_telemetry + flush[0], forged_scores + flush[1], TRUST)
     assert decoded.telemetry_refused == 3 and decoded.telemetry_invalid == 0
     assert [r.reason for r in decoded.refused] == [

@@ -149,7 +149,7 @@ bad_int = st.sampled_from([-1, True, 1.5, "3", None, 2**63, -2**63, 2**64])
 
 
 @st.composite
-def uniform_batches(draw):
+def uniform_batch_items(draw):
     names = draw(st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=4, unique=True))
     items = [{"seq": i, "ts": draw(st.integers(-2**63 + 1, 2**63 - 1)),
               "metrics": {n: draw(good_value) for n in names}, "label": draw(st.sampled_from([None, 0, 1]))}
@@ -166,7 +166,102 @@ def uniform_batches(draw):
         item["metrics"] = dict(reversed(item["metrics"].items()))
     elif spoil == "name":
         item["metrics"][""] = 1.0
-    return json.dumps({"schema": SCHEMA, "device_id": "d1", "readings": items})
+    return items
+
+
+def uniform_batches():
+    return uniform_batch_items().map(lambda items: json.dumps({"schema": SCHEMA, "device_id": "d1",
+                                                               "readings": items}))
+
+
+def as_columns(items: list[dict]) -> str:
+    """The readings of a ``readings`` batch (`uniform_batch_items`) as a batch of columns."""
+    names = list(dict.fromkeys(name for item in items for name in item["metrics"]))
+    return json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": {
+        "metrics": names, "seq": [item["seq"] for item in items], "ts": [item["ts"] for item in items],
+        "values": [[item["metrics"].get(name) for name in names] for item in items],
+        "label": [item["label"] for item in items]}})
+
+
+@settings(max_examples=400, deadline=None)
+@given(uniform_batch_items())
+def test_a_batch_as_columns_decodes_as_the_same_readings(items):
+    """Valid or spoiled, a batch sent as columns is refused when its readings would be, else decodes to them."""
+    rows, columns = json.dumps({"schema": SCHEMA, "device_id": "d1", "readings": items}), as_columns(items)
+    try:
+        expected = decode_columns(rows)
+    except InvalidMessage:
+        for decode in (decode_columns, decode_message):
+            with pytest.raises(InvalidMessage) as info:
+                decode(columns)
+            assert info.value.device_id == "d1" and info.value.reason.startswith("columns.")
+        return
+    got = decode_columns(columns)
+    assert got[:2] + got[3:] == expected[:2] + expected[3:]
+    assert got.X.dtype == np.float64 and np.array_equal(got.X, expected.X, equal_nan=True)
+    assert decode_message(columns) == decode_message(rows)
+
+
+def test_a_device_batch_travels_as_columns_in_half_the_bytes():
+    names = [f"m{j:02d}" for j in range(19)]
+    batch = [Reading("omi-1", i, 1_706_659_200_000 + 60_000 * i, {n: 0.01 * (i + j) for j, n in enumerate(names)}, 0)
+             for i in range(16)]
+    raw = encode_batch("omi-1", batch)
+    assert "columns" in json.loads(raw) and decode_message(raw) == batch
+    as_rows = json.dumps({"schema": SCHEMA, "device_id": "omi-1", "readings": [
+        {"seq": r.seq, "ts": r.ts, "metrics": r.metrics, "label": r.label} for r in batch]}, separators=(",", ":"))
+    assert len(raw) < 0.55 * len(as_rows)
+    mixed = [batch[0], Reading("omi-1", 1, batch[1].ts, {"m00": 1.0})]  # another metric set: a list of readings
+    raw = encode_batch("omi-1", mixed)
+    assert "readings" in json.loads(raw) and decode_message(raw) == mixed
+
+
+def columns_message(**columns) -> str:
+    good = {"metrics": ["a", "b"], "seq": [1, 2], "ts": [5, 6], "values": [[0.5, 1], [None, 2]]}
+    return json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": {**good, **columns}})
+
+
+INVALID_COLUMNS = [
+    ("not an object", json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": [1]}),
+     "columns: expected an object, got list"),
+    ("beside readings", json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": {}, "readings": []}),
+     "'columns' beside 'readings' or 'metrics'"),
+    ("no metrics", columns_message(metrics=None), "columns.metrics: expected a list, got NoneType"),
+    ("empty metric name", columns_message(metrics=["a", ""]), "columns.metrics: metric name '' must have 1 to"),
+    ("metric named twice", columns_message(metrics=["a", "a"]), "columns.metrics: a metric is named twice"),
+    ("missing ts", columns_message(ts=None).replace('"ts": null, ', ""), "missing field 'columns.ts'"),
+    ("ts short", columns_message(ts=[5]), "columns.ts: 1 items, expected 2"),
+    ("seq as text", columns_message(seq=[1, "2"]), "columns.seq: expected int items, got str '2'"),
+    ("seq repeats", columns_message(seq=[3, 3]), "columns.seq[1]: 3 does not increase (previous 3)"),
+    ("negative seq", columns_message(seq=[-1, 2]), "columns.seq: -1 is out of range"),
+    ("ts out of range", columns_message(ts=[5, MAX_TS_MS + 1]), "columns.ts: 4102444800001 is not between"),
+    ("bad label", columns_message(label=[0, 2]), "columns.label: expected 0, 1 or null, got 2"),
+    ("bool label", columns_message(label=[0, True]), "columns.label: expected int or NoneType items, got bool"),
+    ("row too short", columns_message(values=[[0.5, 1], [2]]), "columns.values[1]: 1 values for 2 metrics"),
+    ("row not a list", columns_message(values=[[0.5, 1], {"a": 1}]), "columns.values: expected list items, got dict"),
+    ("text value", columns_message(values=[[0.5, 1], [2, "3"]]),
+     "columns.values[1][1] (b): expected a number, got str"),
+    ("bool value", columns_message(values=[[True, 1], [2, 3]]),
+     "columns.values[0][0] (a): expected a number, got bool"),
+    ("huge value", columns_message(values=[[0.5, 1e300], [2, 3]]), "columns.values[0][1] (b): 1e+300 is too large"),
+    ("huge integer", columns_message(values=[[0.5, 1], [2, 10**400]]), "columns.values[1][1] (b): "),
+]
+
+
+@pytest.mark.parametrize("decode", [decode_message, decode_columns])
+@pytest.mark.parametrize("raw, reason", [(raw, reason) for _, raw, reason in INVALID_COLUMNS],
+                         ids=[name for name, _, _ in INVALID_COLUMNS])
+def test_invalid_columns_give_their_reason(decode, raw, reason):
+    with pytest.raises(InvalidMessage) as info:
+        decode(raw)
+    assert info.value.reason.startswith(reason), info.value.reason
+    assert info.value.device_id == "d1"
+
+
+def test_infinite_values_in_columns_are_missing():
+    raw = columns_message(values=[[float("inf"), 1], [2, None]]).replace("Infinity", "1e400")  # 1e400: inf
+    [first, second] = decode_message(raw)
+    assert math.isnan(first.metrics["a"]) and math.isnan(second.metrics["b"]) and first.metrics["b"] == 1.0
 
 
 @settings(max_examples=400, deadline=None)
