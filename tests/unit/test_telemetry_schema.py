@@ -123,9 +123,41 @@ INVALID = [
 ]
 
 
+def columns_message(**columns) -> str:
+    good = {"metrics": ["a", "b"], "seq": [1, 2], "ts": [5, 6], "values": [[0.5, 1], [None, 2]]}
+    return json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": {**good, **columns}})
+
+
+INVALID_COLUMNS = [
+    ("not an object", json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": [1]}),
+     "columns: expected an object, got list"),
+    ("beside readings", json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": {}, "readings": []}),
+     "'columns' beside 'readings' or 'metrics'"),
+    ("no metrics", columns_message(metrics=None), "columns.metrics: expected a list, got NoneType"),
+    ("empty metric name", columns_message(metrics=["a", ""]), "columns.metrics: metric name '' must have 1 to"),
+    ("metric named twice", columns_message(metrics=["a", "a"]), "columns.metrics: a metric is named twice"),
+    ("missing ts", columns_message(ts=None).replace('"ts": null, ', ""), "missing field 'columns.ts'"),
+    ("ts short", columns_message(ts=[5]), "columns.ts: 1 items, expected 2"),
+    ("seq as text", columns_message(seq=[1, "2"]), "columns.seq: expected int items, got str '2'"),
+    ("seq repeats", columns_message(seq=[3, 3]), "columns.seq[1]: 3 does not increase (previous 3)"),
+    ("negative seq", columns_message(seq=[-1, 2]), "columns.seq: -1 is out of range"),
+    ("ts out of range", columns_message(ts=[5, MAX_TS_MS + 1]), "columns.ts: 4102444800001 is not between"),
+    ("bad label", columns_message(label=[0, 2]), "columns.label: expected 0, 1 or null, got 2"),
+    ("bool label", columns_message(label=[0, True]), "columns.label: expected int or NoneType items, got bool"),
+    ("row too short", columns_message(values=[[0.5, 1], [2]]), "columns.values[1]: 1 values for 2 metrics"),
+    ("row not a list", columns_message(values=[[0.5, 1], {"a": 1}]), "columns.values: expected list items, got dict"),
+    ("text value", columns_message(values=[[0.5, 1], [2, "3"]]),
+     "columns.values[1][1] (b): expected a number, got str"),
+    ("bool value", columns_message(values=[[True, 1], [2, 3]]),
+     "columns.values[0][0] (a): expected a number, got bool"),
+    ("huge value", columns_message(values=[[0.5, 1e300], [2, 3]]), "columns.values[0][1] (b): 1e+300 is too large"),
+    ("huge integer", columns_message(values=[[0.5, 1], [2, 10**400]]), "columns.values[1][1] (b): "),
+]
+
+
 @pytest.mark.parametrize("decode", [decode_message, decode_columns])
-@pytest.mark.parametrize("raw, reason", [(raw, reason) for _, raw, reason in INVALID],
-                         ids=[name for name, _, _ in INVALID])
+@pytest.mark.parametrize("raw, reason", [(raw, reason) for _, raw, reason in INVALID + INVALID_COLUMNS],
+                         ids=[name for name, _, _ in INVALID + INVALID_COLUMNS])
 def test_invalid_message_gives_its_reason(decode, raw, reason):
     with pytest.raises(InvalidMessage) as info:
         decode(raw)
@@ -214,48 +246,6 @@ def test_a_device_batch_travels_as_columns_in_half_the_bytes():
     mixed = [batch[0], Reading("omi-1", 1, batch[1].ts, {"m00": 1.0})]  # another metric set: a list of readings
     raw = encode_batch("omi-1", mixed)
     assert "readings" in json.loads(raw) and decode_message(raw) == mixed
-
-
-def columns_message(**columns) -> str:
-    good = {"metrics": ["a", "b"], "seq": [1, 2], "ts": [5, 6], "values": [[0.5, 1], [None, 2]]}
-    return json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": {**good, **columns}})
-
-
-INVALID_COLUMNS = [
-    ("not an object", json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": [1]}),
-     "columns: expected an object, got list"),
-    ("beside readings", json.dumps({"schema": SCHEMA, "device_id": "d1", "columns": {}, "readings": []}),
-     "'columns' beside 'readings' or 'metrics'"),
-    ("no metrics", columns_message(metrics=None), "columns.metrics: expected a list, got NoneType"),
-    ("empty metric name", columns_message(metrics=["a", ""]), "columns.metrics: metric name '' must have 1 to"),
-    ("metric named twice", columns_message(metrics=["a", "a"]), "columns.metrics: a metric is named twice"),
-    ("missing ts", columns_message(ts=None).replace('"ts": null, ', ""), "missing field 'columns.ts'"),
-    ("ts short", columns_message(ts=[5]), "columns.ts: 1 items, expected 2"),
-    ("seq as text", columns_message(seq=[1, "2"]), "columns.seq: expected int items, got str '2'"),
-    ("seq repeats", columns_message(seq=[3, 3]), "columns.seq[1]: 3 does not increase (previous 3)"),
-    ("negative seq", columns_message(seq=[-1, 2]), "columns.seq: -1 is out of range"),
-    ("ts out of range", columns_message(ts=[5, MAX_TS_MS + 1]), "columns.ts: 4102444800001 is not between"),
-    ("bad label", columns_message(label=[0, 2]), "columns.label: expected 0, 1 or null, got 2"),
-    ("bool label", columns_message(label=[0, True]), "columns.label: expected int or NoneType items, got bool"),
-    ("row too short", columns_message(values=[[0.5, 1], [2]]), "columns.values[1]: 1 values for 2 metrics"),
-    ("row not a list", columns_message(values=[[0.5, 1], {"a": 1}]), "columns.values: expected list items, got dict"),
-    ("text value", columns_message(values=[[0.5, 1], [2, "3"]]),
-     "columns.values[1][1] (b): expected a number, got str"),
-    ("bool value", columns_message(values=[[True, 1], [2, 3]]),
-     "columns.values[0][0] (a): expected a number, got bool"),
-    ("huge value", columns_message(values=[[0.5, 1e300], [2, 3]]), "columns.values[0][1] (b): 1e+300 is too large"),
-    ("huge integer", columns_message(values=[[0.5, 1], [2, 10**400]]), "columns.values[1][1] (b): "),
-]
-
-
-@pytest.mark.parametrize("decode", [decode_message, decode_columns])
-@pytest.mark.parametrize("raw, reason", [(raw, reason) for _, raw, reason in INVALID_COLUMNS],
-                         ids=[name for name, _, _ in INVALID_COLUMNS])
-def test_invalid_columns_give_their_reason(decode, raw, reason):
-    with pytest.raises(InvalidMessage) as info:
-        decode(raw)
-    assert info.value.reason.startswith(reason), info.value.reason
-    assert info.value.device_id == "d1"
 
 
 def test_infinite_values_in_columns_are_missing():
