@@ -46,6 +46,13 @@ def message(device="bad-1", seq=1, ts=None, metrics=None, **extra) -> bytes:
     return json.dumps(body).encode()
 
 
+def columns(device="bad-1", **fields) -> bytes:
+    """A batch as columns (two readings of m00, now) with `fields` of its columns replaced."""
+    now = int(time.time() * 1000)
+    body = {"metrics": ["m00"], "seq": [1, 2], "ts": [now, now + 1], "values": [[0.5], [0.6]], **fields}
+    return json.dumps({"schema": SCHEMA, "device_id": device, "columns": body}).encode()
+
+
 def corpus(now: int, key: bytes) -> list[tuple[str, str, bytes | None, str, str]]:
     """(input, Kafka key, value, expected outcome, reason or check); `key`: the deployment's signing key."""
     def sent_by(device: str, value: bytes) -> bytes:  # signed with the device's token, as the device sends it
@@ -82,6 +89,15 @@ def corpus(now: int, key: bytes) -> list[tuple[str, str, bytes | None, str, str]
         ("10,001 readings", "bad-1",
          sent_by("bad-1", json.dumps({"schema": SCHEMA, "device_id": "bad-1", "readings": many}).encode()),
          "dead letter", "readings: 10001 readings, at most 10000 per message"),
+        ("columns: a string for a number", "bad-1", sent_by("bad-1", columns(values=[[0.5], ["high"]])),
+         "dead letter", "columns.values[1][0] (m00): expected a number, got str"),
+        ("columns: a row one value short", "bad-1", sent_by("bad-1", columns(values=[[0.5], []])), "dead letter",
+         "columns.values[1]: 0 values for 1 metrics"),
+        ("columns: seq going back", "bad-1", sent_by("bad-1", columns(seq=[2, 1])), "dead letter",
+         "columns.seq[1]: 1 does not increase (previous 2)"),
+        ("columns beside readings", "bad-1",
+         sent_by("bad-1", json.dumps({"schema": SCHEMA, "device_id": "bad-1", "columns": {}, "readings": []}).encode()),
+         "dead letter", "'columns' beside 'readings' or 'metrics'"),
         ("another device's readings under its own key", "good-0", sent_by("good-0", message(device="good-1")),
          "dead letter", "device_id 'good-1' under the Kafka key 'good-0'"),
         ("an empty record (tombstone)", "bad-1", None, "dead letter", "no value (a tombstone record)"),
