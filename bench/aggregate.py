@@ -46,7 +46,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.integrity import sign_record, signing_key  # noqa: E402
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also warm rounds of median, trimmed mean, clustered and DP-FedAvg at the largest N")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    stop_cleanly_on_sigterm()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [100, 1000] if args.quick else [1000, 10000]
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-aggregate-"))

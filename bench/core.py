@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.autoencoder import DenseAutoencoder  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported (default 3)")
     args = parser.parse_args(argv)
+    stop_cleanly_on_sigterm()
 
     cfg = load_config()
     m = cfg.model

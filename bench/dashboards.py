@@ -26,7 +26,7 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 sys.path.insert(0, str(PROJECT_ROOT / "tests" / "e2e"))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from browser import DASHBOARDS, expected_charts, log_in, open_dashboard, open_device  # noqa: E402  (the tests')
 from config import load_config  # noqa: E402
 from orchestration import stack  # noqa: E402
@@ -169,6 +169,7 @@ def main() -> int:
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     parser.add_argument("--screenshots", metavar="DIR", help="also save a screenshot of each dashboard with data here")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     n = args.readings or (100_000 if args.quick else 1_000_000)
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-dashboards-"))

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 
@@ -104,6 +104,7 @@ def main() -> int:
                                                              "servers (the default: 28 of 20,000 + 20,000, all 12)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     cfg = load_config()
     devices, train_n, test_n, asd_devices = (6, 5_000, 5_000, 3) if args.quick else (28, 20_000, 20_000, 12)
     fleets = {"asd": (asd_fleet(cfg, asd_devices), None),

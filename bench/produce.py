@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 
 from config import load_config  # noqa: E402
 from orchestration import stack  # noqa: E402
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one pass over the ASD test set instead of three")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
+    stop_cleanly_on_sigterm()
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-"))
     env = {**os.environ, "FLEAD_STATE_DIR": str(state_dir)}
     if not env.get("FLEAD_KAFKA_BOOTSTRAP"):

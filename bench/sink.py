@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from orchestration import stack  # noqa: E402
 from services import processes  # noqa: E402
@@ -259,6 +259,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None, help="lag run: seconds of producing (default 60)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     seconds = args.seconds or (15.0 if args.quick else 60.0)
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-sink-"))

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import PROJECT_ROOT, load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.integrity import sign_device_message, signing_key  # noqa: E402
@@ -436,6 +436,7 @@ def main() -> int:
                         help="fleet run: readings per device in each backlog (two 16-reading messages)")
     parser.add_argument("--latency-raw", metavar="OUT.npz", help="save every timed reading's latency figures here")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     best_env = dict(kv.split("=", 1) for kv in args.best.split(",") if kv)
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-stream-"))

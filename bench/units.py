@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import PROJECT_ROOT, load_config  # noqa: E402
 
 SEED = 7
@@ -100,6 +100,7 @@ def main() -> int:
                                                              "local and PCA)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     models = "federated,isolation_forest" if args.quick else "federated,local,isolation_forest,pca"
     asd = Path(load_config().paths.data_dir) / "asd"
     train, test = pd.read_csv(asd / "train.csv.gz"), pd.read_csv(asd / "test.csv.gz")

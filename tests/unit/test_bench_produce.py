@@ -1,5 +1,8 @@
-"""bench/produce.py: its report is JSON (the producer's configuration holds a logger object)."""
+"""bench/produce.py: its report is JSON (the producer's configuration holds a logger object); every benchmark
+stops cleanly on SIGTERM (bench/bench_output.py)."""
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,3 +20,16 @@ def test_the_reported_configuration_is_json_without_the_broker_address():
     json.dumps(shown)
     assert "bootstrap.servers" not in shown and "logger" not in shown
     assert shown["linger.ms"] == config["linger.ms"]
+
+
+def test_a_benchmark_stopped_by_sigterm_runs_its_cleanup():
+    """`kill` or `timeout` ends a benchmark through its `finally` blocks (which stop the servers it started)."""
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from bench_output import stop_cleanly_on_sigterm\n"
+              "stop_cleanly_on_sigterm()\n"
+              "try:\n    print('up', flush=True)\n    time.sleep(60)\nfinally:\n    print('servers stopped', flush=True)\n")
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    with subprocess.Popen([sys.executable, "-c", script, str(bench)], stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout.readline() == "up\n"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert out == "servers stopped\n" and proc.returncode == 128 + signal.SIGTERM
