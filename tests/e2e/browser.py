@@ -6,6 +6,7 @@ import time
 import pytest
 import yaml
 
+from config import PROJECT_ROOT
 from visualization.bundle_archive import BUNDLE_DIR
 
 CHART_TIMEOUT_S = 120
@@ -36,16 +37,49 @@ def bundle_yaml(kind: str) -> list[dict]:
 DASHBOARDS = bundle_yaml("dashboards")
 
 
+LOGIN_ATTEMPTS = 3
+LOGIN_TIMEOUT_S = 60
+LOGIN_FAILURE_SCREENSHOT = PROJECT_ROOT / "artifacts" / "login-failure.png"
+LOGIN_REFUSED = "Invalid username or password"  # what Superset's login page says to wrong credentials
+LOGIN_FIELDS_JS = "return ['username', 'password'].map(id => (document.getElementById(id) || {}).value)"
+
+
 def log_in(browser, url: str, login: dict) -> None:
+    """Sign in through Superset's login page, a React app. A CI run once stayed on /login for a minute and said no
+    more: so the typed values are checked before the click (a form drawn again under our keystrokes loses them),
+    a page still on /login is loaded again, up to LOGIN_ATTEMPTS times, and a failure names the page's URL and
+    text and leaves a screenshot in artifacts/."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(url + "/login/")
-    WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.ID, "username"))
-    browser.find_element(By.ID, "username").send_keys(login["username"])
-    browser.find_element(By.ID, "password").send_keys(login["password"])
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    WebDriverWait(browser, 60).until(lambda b: "/login" not in b.current_url)
+    typed = [login["username"], login["password"]]
+    for attempt in range(1, LOGIN_ATTEMPTS + 1):
+        browser.get(url + "/login/")
+        try:
+            WebDriverWait(browser, LOGIN_TIMEOUT_S).until(
+                lambda b: b.find_elements(By.ID, "password") or "/login" not in b.current_url)
+            if "/login" not in browser.current_url:
+                return  # signed in already (a slow answer to the previous attempt arrived)
+            for field, value in zip(("username", "password"), typed):
+                element = browser.find_element(By.ID, field)
+                element.clear()
+                element.send_keys(value)
+            if browser.execute_script(LOGIN_FIELDS_JS) != typed:
+                continue  # the form was drawn again under our keystrokes
+            browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            WebDriverWait(browser, LOGIN_TIMEOUT_S).until(
+                lambda b: "/login" not in b.current_url or LOGIN_REFUSED in b.find_element(By.TAG_NAME, "body").text)
+            if "/login" not in browser.current_url:
+                return
+            break  # wrong credentials: trying again changes nothing
+        except WebDriverException:  # includes a timeout, and a form element replaced while we used it
+            continue
+    page = browser.find_element(By.TAG_NAME, "body").text if browser.find_elements(By.TAG_NAME, "body") else ""
+    LOGIN_FAILURE_SCREENSHOT.parent.mkdir(exist_ok=True)
+    browser.save_screenshot(str(LOGIN_FAILURE_SCREENSHOT))
+    pytest.fail(f"could not log in to Superset in {attempt} attempt(s): still at {browser.current_url}; "
+                f"the page says {' / '.join(page.splitlines())!r} (screenshot: {LOGIN_FAILURE_SCREENSHOT})")
 
 
 def wait_for_charts(browser, expected: int, settle_s: float = 1.0, poll_s: float = 0.5) -> list[dict]:
