@@ -372,16 +372,8 @@ def _uniform_batch_columns(msg: Any) -> Columns | None:
     if (min(seqs) < 0 or max(seqs) > MAX_INT64 or min(ts) < MIN_TS_MS or max(ts) > MAX_TS_MS
             or any(a >= b for a, b in zip(seqs, islice(seqs, 1, None)))):
         return None
-    try:
-        X = np.array(values, dtype=np.float64)  # null -> nan
-    except OverflowError:
-        return None
-    big = np.abs(X) > MAX_ABS_VALUE  # +-Infinity too; NaN compares False
-    if big.any():
-        if np.isfinite(X[big]).any():
-            return None
-        X[big] = math.nan  # +-Infinity: missing, the detector's nan_policy decides (NaN stays NaN)
-    return Columns(device_id, names, X, seqs, ts, labels)
+    X, too_large = _value_matrix(values)
+    return None if too_large else Columns(device_id, names, X, seqs, ts, labels)
 
 
 def _column_batch(msg: dict) -> Columns:
@@ -428,31 +420,32 @@ def _column_batch(msg: dict) -> Columns:
                         if type(v) not in _NUMBER_TYPES)
             raise InvalidMessage(f"columns.values[{i}][{j}] ({names[j]}): expected a number, got "
                                  f"{type(values[i][j]).__name__}")
-        try:
-            X = np.array(values, dtype=np.float64)  # null -> nan
-        except OverflowError:  # an integer beyond float64's range
-            raise _too_large(names, values, *_overflowed(values)) from None
-        big = np.abs(X) > MAX_ABS_VALUE  # +-Infinity too; NaN compares False
-        if big.any():
-            finite = big & np.isfinite(X)
-            if finite.any():
-                raise _too_large(names, values, *(int(k) for k in np.argwhere(finite)[0]))
-            X[big] = math.nan  # +-Infinity: missing, the detector's nan_policy decides (NaN stays NaN)
+        X, too_large = _value_matrix(values)
+        if too_large:
+            i, j = too_large
+            raise InvalidMessage(f"columns.values[{i}][{j}] ({names[j]}): {_show(values[i][j])} is too large "
+                                 f"(|value| > {MAX_ABS_VALUE:g})")
     except InvalidMessage as exc:
         exc.device_id = device_id
         raise
     return Columns(device_id, tuple(names), X, seqs, ts, labels)
 
 
-def _overflowed(values: list[list]) -> tuple[int, int]:
-    """Where the first integer too large for a metric value is."""
-    return next((i, j) for i, row in enumerate(values) for j, v in enumerate(row)
-                if type(v) is int and abs(v) > MAX_ABS_VALUE)
-
-
-def _too_large(names: list[str], values: list[list], i: int, j: int) -> InvalidMessage:
-    return InvalidMessage(f"columns.values[{i}][{j}] ({names[j]}): {_show(values[i][j])} is too large "
-                          f"(|value| > {MAX_ABS_VALUE:g})")
+def _value_matrix(values: list[list]) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """Rows of numbers or nulls as a float64 matrix: null and +-Infinity become NaN (missing: the detector's
+    nan_policy decides). Or, if a value is finite and beyond MAX_ABS_VALUE, None and where the first such is."""
+    try:
+        X = np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64's range
+        return None, next((i, j) for i, row in enumerate(values) for j, v in enumerate(row)
+                          if type(v) is int and abs(v) > MAX_ABS_VALUE)
+    big = np.abs(X) > MAX_ABS_VALUE  # +-Infinity too; NaN compares False
+    if big.any():
+        finite = big & np.isfinite(X)
+        if finite.any():
+            return None, tuple(int(k) for k in np.argwhere(finite)[0])
+        X[big] = math.nan
+    return X, None
 
 
 def _column(columns: dict, name: str, types: tuple[type, ...], at_least: int, at_most: int) -> list:
