@@ -203,11 +203,17 @@ def warm_throughput(base_env: dict, readings: list[Reading], message_batch: int,
         sampler.close()
         watcher.close()
         processes.stop(state_dir, "stream-warm", grace=5)
-    median = sorted(timed_runs, key=lambda run: run["readings_per_s"])[len(timed_runs) // 2]
     return {"readings": len(readings), "devices": len({r.device_id for r in readings}), "warmup_s": warmup_s,
-            "backlogs_untimed": backlog - len(timed_runs), **median,
-            "timed": [{"readings_per_s": round(run["readings_per_s"]),
-                       "after_queued": round(run["after_queued"].get("readings_per_s", 0))} for run in timed_runs]}
+            "backlogs_untimed": backlog - len(timed_runs), **median_backlog(timed_runs)}
+
+
+def median_backlog(timed_runs: list[dict]) -> dict:
+    """The timed backlog of median readings/s (the upper one of an even count), with every backlog's rates under
+    ``timed`` in the order they ran."""
+    median = sorted(timed_runs, key=lambda run: run["readings_per_s"])[len(timed_runs) // 2]
+    return {**median, "timed": [{"readings_per_s": round(run["readings_per_s"]),
+                                 "after_queued": round(run["after_queued"].get("readings_per_s", 0))}
+                                for run in timed_runs]}
 
 
 def session_cpu_s(session: int, broker: int | None = None) -> dict[str, float]:

@@ -62,3 +62,13 @@ def test_device_copies_rename_every_copy_but_the_kept_first():
     ids = [r.device_id for r in bench_stream.device_copies(readings, 3, "x", keep_first=True)]
     assert ids == ["a", "b", "a-x1", "b-x1", "a-x2", "b-x2"]
     assert [r.device_id for r in bench_stream.device_copies(readings, 1, "f")] == ["a-f0", "b-f0"]
+
+
+def test_a_warm_row_reports_its_median_backlog_and_lists_every_backlog_in_order():
+    runs = [{"readings_per_s": rate, "scores": i, "after_queued": {"readings_per_s": rate + 1000}}
+            for i, rate in enumerate((40_000.4, 30_000.0, 35_000.0, 28_000.0, 36_000.0))]
+    median = bench_stream.median_backlog(runs)
+    assert median["readings_per_s"] == 35_000.0 and median["scores"] == 2  # the backlog itself, not a blend
+    assert [t["readings_per_s"] for t in median["timed"]] == [40_000, 30_000, 35_000, 28_000, 36_000]
+    assert median["timed"][0]["after_queued"] == 41_000
+    assert bench_stream.median_backlog(runs[:1])["readings_per_s"] == 40_000.4
