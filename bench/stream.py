@@ -452,6 +452,7 @@ def main() -> int:
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     warm_backlogs = 1 if args.quick else max(1, args.warm_backlogs)
+    timed_what = f"median of {warm_backlogs} backlogs" if warm_backlogs > 1 else "one backlog"
     best_env = dict(kv.split("=", 1) for kv in args.best.split(",") if kv)
 
     state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-stream-"))
@@ -488,14 +489,14 @@ def main() -> int:
         {"name": f"stream job bounded, best: {args.best_message_batch}-reading messages {args.best}".rstrip(),
          "value": round(best["readings_per_s"]), "unit": "readings/s"},
         {"name": f"  ... warm job: the {args.message_batch}-reading backlog fed again to one job, timed after "
-                 f"{warm['warmup_s']:.0f} s of scoring, median of {warm_backlogs} backlogs (the rows above time a "
+                 f"{warm['warmup_s']:.0f} s of scoring, {timed_what} (the rows above time a "
                  "fresh, cold job)",
          "value": round(warm["readings_per_s"]), "unit": "readings/s"},
         {"name": "  ... that backlog from when it was all queued (the bench no longer producing) to its last score",
          "value": round(warm["after_queued"].get("readings_per_s", 0)), "unit": "readings/s"},
         *([{"name": f"  ... warm job, a fleet of {fleet['devices']:,} devices ({args.fleet_readings} readings each "
                     f"per backlog, micro-batches of {max(args.message_batch, cfg.stream.micro_batch_size)} as "
-                    f"live: no backlog batches; median of {warm_backlogs} backlogs)",
+                    f"live: no backlog batches; {timed_what})",
             "value": round(fleet["after_queued"].get("readings_per_s", 0)), "unit": "readings/s"}] if fleet else []),
         {"name": f"event-to-score latency p50 at {args.rate:.0f} readings/s (score read from Kafka, after "
                  f"{args.warmup:.0f} s warm-up)",
