@@ -210,13 +210,20 @@ def paced_producer(cfg_env: dict, devices: list[str], metrics: list[dict], rate:
     producer.flush(60)
 
 
+LAG_GIVE_UP_FACTOR, LAG_GIVE_UP_EXTRA_S = 3, 120  # the lag run fails after this × --seconds + this many seconds
+
+
 def lag(env: dict, devices: dict[str, list[Reading]], rate: float, seconds: float) -> dict:
     """Readings produced but not stored when a `seconds`-long paced run at `rate` ends, and the catch-up time."""
     cfg = fresh(env, "lag")
     metrics = [dict(r.metrics) for r in next(iter(devices.values()))[:256]]
-    sent = multiprocessing.Value("q", 0)
-    producer = multiprocessing.Process(target=paced_producer, args=(
-        {**os.environ, **env, **topic_env(env, "lag")}, list(devices), metrics, rate, seconds, sent))
+    # spawned, not forked: a child forked from this process after its threads started (pymongo's monitors, the sink's
+    # store thread, Kafka's) inherits any lock one of them held at that moment, held for good: a forked producer hung
+    # once in a futex for minutes, and the run with it
+    context = multiprocessing.get_context("spawn")
+    sent = context.Value("q", 0)
+    producer = context.Process(target=paced_producer, args=(
+        {**os.environ, **env, **topic_env(env, "lag")}, list(devices), metrics, rate, seconds, sent), daemon=True)
     sink = MongoSink(cfg)
     stored = lambda: min(sink.stats["predictions"], sink.stats["device_data"])  # noqa: E731
     marks: dict = {}
@@ -224,13 +231,19 @@ def lag(env: dict, devices: dict[str, list[Reading]], rate: float, seconds: floa
     def stop() -> bool:
         if "end" not in marks and not producer.is_alive() and marks.get("started"):
             marks["end"], marks["behind"], marks["sent"] = time.monotonic(), sent.value - stored(), sent.value
-        return "end" in marks and stored() >= marks["sent"] or time.monotonic() - marks.get("t0", 1e18) > seconds * 20
+        return "end" in marks and stored() >= marks["sent"] or time.monotonic() - marks.get("t0", 1e18) > give_up_s
 
+    give_up_s = LAG_GIVE_UP_FACTOR * seconds + LAG_GIVE_UP_EXTRA_S
     marks["t0"] = time.monotonic()
     producer.start()
     marks["started"] = True
     sink.run(should_stop=stop)
     producer.join(30)
+    if "end" not in marks or stored() < marks["sent"]:
+        producer.kill()
+        what = ("the producer process had not finished" if "end" not in marks else
+                f"{marks['sent'] - stored():,} of {marks['sent']:,} readings were still not stored")
+        raise RuntimeError(f"lag run gave up after {give_up_s:.0f} s: {what}")
     return {"rate": rate, "seconds": seconds, "sent": marks["sent"], "achieved_rate": marks["sent"] / seconds,
             "behind_at_end": marks["behind"], "behind_seconds": marks["behind"] / rate,
             "catch_up_seconds": time.monotonic() - marks["end"], "stored": stored()}
