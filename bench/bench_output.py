@@ -3,8 +3,15 @@ it stops."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import signal
+import time
 from pathlib import Path
+
+import numpy as np
+
+FIRST_TOUCH_PROBE_BYTES = 256 * 2**20  # what `first_touch_gb_per_s` allocates: ~0.05 s on a healthy machine
 
 
 def stop_cleanly_on_sigterm() -> None:
@@ -17,12 +24,36 @@ def _exit(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def first_touch_gb_per_s(nbytes: int = FIRST_TOUCH_PROBE_BYTES) -> float:
+    """GB/s at which this process is given memory it has not touched before (`nbytes` allocated and written once).
+
+    On the virtual machines this project is measured on, memory the host has taken back costs 2.5–9 s per GB the
+    first time it is touched against ~0.1 s otherwise (docs/benchmarks.md, "This virtual machine's memory"), and
+    every run that starts processes or allocates large arrays pays it: a figure is only comparable with another
+    measured in the same state of the machine. Indicative: memory another process freed a moment ago is handed
+    out fast again, so a probe right after a large process ended can look healthy on a slow machine."""
+    started = time.perf_counter()
+    probe = np.ones(nbytes // 8)
+    seconds = time.perf_counter() - started
+    del probe
+    return nbytes / 1e9 / max(seconds, 1e-9)
+
+
+def machine_state() -> dict:
+    """What the machine was like when a result was written: cores, Python, load average, `first_touch_gb_per_s`."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "memory_first_touch_gb_per_s": round(first_touch_gb_per_s(), 3)}
+
+
 def write_json(path: str | Path | None, result: dict) -> None:
-    """Write `result` to `path` (folders made as needed); nothing when no path was asked for."""
+    """Write `result` to `path` (folders made as needed), with `machine_state` under ``machine`` (beside what the
+    benchmark put there itself); nothing when no path was asked for."""
     if path is None:
         return
     if not {"name", "value", "unit", "floor"} <= set(result.get("headline", {})):
         raise ValueError("a benchmark result needs a headline with name, value, unit and floor")
+    result = {**result, "machine": {**machine_state(), **result.get("machine", {})}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -522,8 +521,7 @@ def main() -> int:
               "latency": lat,
               "settings": {k: cfg.stream[k] for k in ("parallelism", "micro_batch_size", "bundle_size",
                                                        "bundle_time_ms", "micro_batch_timeout_ms",
-                                                       "buffer_timeout_ms", "sink_linger_ms")},
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+                                                       "buffer_timeout_ms", "sink_linger_ms")}}
     write_json(args.json, result)
     return 0
 

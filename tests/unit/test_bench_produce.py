@@ -1,10 +1,12 @@
 """bench/produce.py: its report is JSON (the producer's configuration holds a logger object); every benchmark
-stops cleanly on SIGTERM (bench/bench_output.py)."""
+stops cleanly on SIGTERM and says what state the machine was in (bench/bench_output.py)."""
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from config import load_config
 from telemetry.producer import producer_config
@@ -33,3 +35,17 @@ def test_a_benchmark_stopped_by_sigterm_runs_its_cleanup():
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert out == "servers stopped\n" and proc.returncode == 128 + signal.SIGTERM
+
+
+def test_every_result_says_what_state_the_machine_was_in(tmp_path):
+    """`write_json` adds the machine's cores, load and how fast it gives fresh memory, keeping a benchmark's own
+    ``machine`` entries; a result without a full headline is refused."""
+    from bench_output import write_json
+
+    out = tmp_path / "sub" / "result.json"
+    write_json(out, {"headline": {"name": "n", "value": 1, "unit": "u", "floor": 2}, "machine": {"cpus": "own"}})
+    machine = json.loads(out.read_text())["machine"]
+    assert machine["cpus"] == "own" and len(machine["load_average"]) == 3
+    assert machine["memory_first_touch_gb_per_s"] > 0
+    with pytest.raises(ValueError, match="headline"):
+        write_json(out, {"headline": {"name": "n"}})
