@@ -756,7 +756,11 @@ def cmd_demo(args, cfg: Config) -> int:
     w = watcher.watch
 
     def live():
-        say(f"  live: scored {w.count:,}, anomalies {w.anomalies:,}, global model in scores v{w.max_global_version}")
+        if not w.count:  # the job's JVM and Python workers are still starting, or its first bundle is on its way
+            say(f"  live: no scores yet, {time.monotonic() - began:.0f} s in (the stream job is starting)")
+        else:
+            say(f"  live: scored {w.count:,}, anomalies {w.anomalies:,}, global model in scores "
+                f"v{w.max_global_version}")
 
     try:
         began = time.monotonic()
