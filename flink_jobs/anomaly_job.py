@@ -52,6 +52,7 @@ from flink_jobs import WORKER_PACKAGES, jvm_args, worker_blas_env  # noqa: E402
 from flink_jobs.binding import LOOPBACK_SETTINGS, use_loopback_lib_for_local_run  # noqa: E402
 from flink_jobs.checkpoints import (checkpoint_dir, checkpoint_settings, latest_restore_point, new_job_id,  # noqa: E402
                                     note_backend, restore_problem, retire_savepoints, savepoint_dir)
+from flink_jobs.python_worker import freeze_startup_objects, without_sampling_thread  # noqa: E402
 from models.detector import DetectorSettings  # noqa: E402
 from models.integrity import key_from, key_source  # noqa: E402
 from scoring.broadcasts import Broadcasts  # noqa: E402
@@ -136,12 +137,14 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
     feedback), counters, the signing key, and the outputs. Every decision is the scoring module's."""
 
     def __init__(self, scoring: StreamScoring, batch_timeout_ms: int, key_source: tuple, max_feedback: int,
-                 bounded: bool = False):
+                 bounded: bool = False, bundle_state_sampling: bool = True, freeze_startup: bool = False):
         self.scoring = scoring
         self.batch_timeout_ms = batch_timeout_ms
         self.key_source = key_source  # (integrity.key, key file): each worker loads the key in `open`
         self.max_feedback = max_feedback
         self.bounded = bounded  # partial micro-batches also flushed by an event-time timer (see pending_timers)
+        self.bundle_state_sampling = bundle_state_sampling  # stream.bundle_state_sampling (flink_jobs.python_worker)
+        self.freeze_startup = freeze_startup  # stream.freeze_worker_startup_objects (flink_jobs.python_worker)
 
     def open(self, runtime_context: RuntimeContext):
         self.device = runtime_context.get_state(ValueStateDescriptor("detector", Types.PICKLED_BYTE_ARRAY()))
@@ -151,6 +154,10 @@ class DeviceScorer(KeyedBroadcastProcessFunction):
         self.reports_refusals = runtime_context.get_index_of_this_subtask() == 0  # every subtask sees each record
         self.scoring.use_key(key_from(*self.key_source))
         self.held = None  # Broadcasts: see `broadcasts`
+        if not self.bundle_state_sampling:
+            without_sampling_thread(statesampler.StateSampler, statesampler.set_current_tracker)
+        if self.freeze_startup:
+            freeze_startup_objects()
 
     def keyed(self) -> KeyedDevice:
         """The current device's keyed state (`KeyedDevice`), whichever layout it was restored in."""
@@ -364,7 +371,8 @@ def build_job(env: StreamExecutionEnvironment, cfg, bounded: bool) -> None:
     scores = (keyed_telemetry(env, cfg, bounded)
               .connect(broadcasts)
               .process(DeviceScorer(scoring, stream.micro_batch_timeout_ms, key_source(cfg),
-                                    cfg.feedback.max_patterns, bounded),
+                                    cfg.feedback.max_patterns, bounded, stream.bundle_state_sampling,
+                                    stream.freeze_worker_startup_objects),
                        output_type=Types.STRING())
               .name("score").uid("device-scorer"))
 

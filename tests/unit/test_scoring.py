@@ -2,6 +2,7 @@
 import json
 import math
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -615,6 +616,24 @@ def test_flink_adapter_forwards_every_callback_to_the_scoring_module(settings):
     assert list(scorer.emit(everything)) == ["s", (ALERTS, "a"), (SNAPSHOTS, "n"), (DEAD_LETTERS, "d"),
                                              (INCIDENTS, "i"), (DRIFT, "r")]
     assert runtime.counters["anomalies"].n == 2
+
+
+def test_the_operator_changes_the_worker_only_as_configured(monkeypatch):
+    pytest.importorskip("pyflink")
+    from flink_jobs import anomaly_job
+
+    calls = []
+    monkeypatch.setattr(anomaly_job, "without_sampling_thread", lambda *args: calls.append("sampling"))
+    monkeypatch.setattr(anomaly_job, "freeze_startup_objects", lambda: calls.append("freeze"))
+
+    def opened(**settings):
+        calls.clear()
+        anomaly_job.DeviceScorer(SimpleNamespace(use_key=lambda key: None), 100, (KEY.hex(), None), 8, **settings).open(FakeRuntime())
+        return sorted(calls)
+
+    assert opened() == []  # the constructor's defaults leave Beam and the collector alone (as in tests)
+    assert opened(bundle_state_sampling=False, freeze_startup=True) == ["freeze", "sampling"]
+    assert opened(bundle_state_sampling=True, freeze_startup=False) == []
 
 
 def test_a_bounded_run_also_flushes_by_event_time_and_deletes_both_timers(settings):
