@@ -83,4 +83,3 @@ def test_freezing_keeps_the_objects_made_before_out_of_full_collections_after_co
     finally:
         gc.unfreeze()
     assert any(o is kept for o in gc.get_objects())
-

@@ -628,7 +628,8 @@ def test_the_operator_changes_the_worker_only_as_configured(monkeypatch):
 
     def opened(**settings):
         calls.clear()
-        anomaly_job.DeviceScorer(SimpleNamespace(use_key=lambda key: None), 100, (KEY.hex(), None), 8, **settings).open(FakeRuntime())
+        scoring = SimpleNamespace(use_key=lambda key: None)
+        anomaly_job.DeviceScorer(scoring, 100, (KEY.hex(), None), 8, **settings).open(FakeRuntime())
         return sorted(calls)
 
     assert opened() == []  # the constructor's defaults leave Beam and the collector alone (as in tests)
