@@ -15,12 +15,22 @@ bench_stream = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench_stream)
 
 
-def test_a_backlog_produced_through_queued_at_carries_its_timestamp_on_every_message():
+def test_a_backlog_encoded_first_is_sent_as_produce_sends_it_with_its_queued_timestamp_on_every_message():
     readings = [Reading(f"d{i % 3}", i // 3, 1_000 * i, {"m": 1.0}) for i in range(48)]
-    recorder = Producer()
-    result = produce(readings, "telemetry", {}, key=None, batch=4, producer=bench_stream.QueuedAt(recorder, 1_234))
-    assert result.failed == 0 and result.readings == 48
-    assert recorder.timestamps == [1_234] * 12
+    key = b"k" * 32
+    direct, encoded, sent = Producer(), bench_stream.Encoder(), Producer()
+    produce(readings, "telemetry", {}, key=key, batch=4, producer=direct)
+    direct.flush()
+    result = produce(readings, "telemetry", {}, key=key, batch=4, producer=encoded)
+    assert result.failed == 0 and result.readings == 48 and len(encoded.messages) == 12
+    assert bench_stream.send_queued(sent, encoded.messages, 1_234) == 0
+    assert sent.sent == direct.sent  # the same keys and signed bytes, in the same order
+    assert sent.timestamps == [1_234] * 12
+
+
+def test_send_queued_counts_the_messages_the_broker_refused():
+    messages = [("telemetry", b"x", f"d{i}") for i in range(5)]
+    assert bench_stream.send_queued(Producer(failing={"d1", "d3"}), messages, 0) == 2
 
 
 class WindowSampler:
