@@ -99,7 +99,8 @@ def _upper_triangle(d: int) -> np.ndarray:
 class SubspaceCodec:
     """Subspace wire weights ↔ ``[μ, vech(C + μμᵀ)]`` (module docstring)."""
 
-    chunk = 256  # devices expanded at once by `federated_vectors` (their d × d moments: 18 MB for d = 95)
+    chunk = 32  # devices expanded at once by `federated_vectors`: their d × d moments, 2.3 MB for d = 95, stay in
+    # cache and in memory already touched (256 at once, 18 MB: 0.10-0.36 s per 2,500 devices, 32: 0.06-0.07)
 
     def federated_vector(self, weights: Sequence[np.ndarray]) -> np.ndarray:
         return self.federated_vectors([weights])[0]
