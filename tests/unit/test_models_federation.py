@@ -41,6 +41,25 @@ def test_fedavg_of_vectors_is_the_pooled_mean_and_covariance():
     np.testing.assert_allclose(C, np.cov(X.T, bias=True), atol=2e-4)
 
 
+def test_many_devices_at_once_give_each_device_its_own_vector_whatever_the_chunking():
+    """`federated_vectors` over more devices than one chunk: row i is [μ, vech(L Lᵀ + diag(v) + μ μᵀ)] of device i,
+    the same to the bit with any chunk size."""
+    rng = np.random.default_rng(3)
+    d, r = 6, 2
+    devices = [[rng.normal(size=(d, r)).astype(np.float32), rng.normal(size=d).astype(np.float32),
+                rng.random(d).astype(np.float32)] for _ in range(2 * SubspaceCodec.chunk + 5)]
+    rows = SubspaceCodec().federated_vectors(devices)
+    upper = np.triu_indices(d)
+    for row, (factor, mean, variances) in zip(rows, devices):
+        L, mu = factor.astype(np.float64), mean.astype(np.float64)
+        second = L @ L.T + np.outer(mu, mu)
+        second[np.diag_indices(d)] = variances + mu * mu
+        np.testing.assert_allclose(row, np.concatenate([mu, second[upper]]), rtol=1e-12, atol=1e-12)
+    one_at_a_time = SubspaceCodec()
+    one_at_a_time.chunk = 1
+    assert np.array_equal(one_at_a_time.federated_vectors(devices), rows)
+
+
 def test_round_trip_is_the_identity_on_consistent_weights_and_keeps_dtypes():
     model, _ = device_model(2)
     weights = model.get_weights()
