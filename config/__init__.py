@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -96,6 +97,11 @@ class Config(Section):
     def mongo_uri(self) -> str:
         """The MongoDB URI: `mongo.uri` if set, else the embedded server."""
         return self.mongo.uri or f"mongodb://{self.mongo.host}:{self.mongo.port}/"
+
+    @property
+    def mongo_uri_redacted(self) -> str:
+        """`mongo_uri` with its password replaced by ``***``: the form for messages, logs and reports."""
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", self.mongo_uri)
 
     def to_env(self) -> dict[str, str]:
         """FLEAD_* variables that reproduce these settings in a child process (only keys off their default)."""

@@ -416,7 +416,7 @@ def write_report(store: Store, out: Path, n_devices: int = 6, fmt: str = "html")
     sections = build_sections(store, n_devices)
     title = "FLEAD report"
     now_ms = datetime.now(timezone.utc).timestamp() * 1000
-    intro = f"Database {store.name} at {store.cfg.mongo_uri}, generated {utc(now_ms)} UTC."
+    intro = f"Database {store.name} at {store.cfg.mongo_uri_redacted}, generated {utc(now_ms)} UTC."
     out.parent.mkdir(parents=True, exist_ok=True)
     text = render_html(title, intro, sections) if fmt == "html" else render_markdown(title, intro, sections, out)
     out.write_text(text, encoding="utf-8")

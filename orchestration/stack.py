@@ -157,10 +157,10 @@ def up(cfg: Config, say: Callable[[str], None] = print) -> dict[str, str]:
         processes.wait_until(lambda: mongo_healthy(cfg.mongo_uri), "MongoDB ping", HEALTH_TIMEOUT_S,
                              cfg.state_dir, MONGO)
     elif not mongo_healthy(cfg.mongo_uri, timeout_ms=10000):
-        raise ServiceError(f"FLEAD_MONGO_URI={cfg.mongo_uri}: no MongoDB server answers there")
+        raise ServiceError(f"FLEAD_MONGO_URI={cfg.mongo_uri_redacted}: no MongoDB server answers there")
     else:
         report[MONGO] = "external"
-    say(f"mongodb {cfg.mongo_uri:<28} {report[MONGO]}")
+    say(f"mongodb {cfg.mongo_uri_redacted:<28} {report[MONGO]}")
     for name in restarted:
         if name not in (KAFKA, MONGO):
             report[name] = "restarted"

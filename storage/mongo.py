@@ -123,7 +123,7 @@ class Store:
         except PyMongoError as exc:
             self.client.close()
             raise StorageUnavailable(
-                f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri} ({exc.__class__.__name__}); start the embedded "
+                f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri_redacted} ({exc.__class__.__name__}); start the embedded "
                 f"server with `flead up` or point FLEAD_MONGO_URI at a MongoDB") from exc
         self.db = self.client[cfg.mongo.database]
         self._writer = None
@@ -151,7 +151,7 @@ class Store:
         try:
             self.client.admin.command("ping")
         except PyMongoError as exc:
-            raise _failure(exc, f"ping {self.cfg.mongo_uri}") from exc
+            raise _failure(exc, f"ping {self.cfg.mongo_uri_redacted}") from exc
 
     # --- set-up -----------------------------------------------------------------------------------------------
 

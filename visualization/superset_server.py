@@ -23,11 +23,13 @@ import requests
 from config import PROJECT_ROOT, Config
 from services import processes
 from services.service import Service
+from storage.mongo import mongo_healthy
 from visualization.bundle_archive import build_bundle_zip, rollup_grains
 
 SUPERSET_VENV = PROJECT_ROOT / ".venv-superset"
 PYMONGOSQL_FIXES = Path(__file__).resolve().parent / "pymongosql_fixes.py"
 EMPTY_RESAMPLE_PATCH = Path(__file__).resolve().parent / "superset_empty_resample.py"
+SIGN_IN_GUARD = Path(__file__).resolve().parent / "superset_sign_in_guard.py"
 ADMIN_USER = "admin"
 INIT_STAMP = "initialised"
 START_TIMEOUT_S = 180
@@ -76,19 +78,24 @@ import logging
 
 from superset.utils.log import AbstractEventLogger
 
+
+def _load(name, path):
+    """A FLEAD patch module, loaded by path (it is not on Superset's import path)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Empty collections chart as no rows, inner aggregate() pipelines run in MongoDB, one MongoClient (see that module).
-_spec = importlib.util.spec_from_file_location("flead_pymongosql_fixes", {str(PYMONGOSQL_FIXES)!r})
-_patch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_patch)
-_patch.install()
+_load("flead_pymongosql_fixes", {str(PYMONGOSQL_FIXES)!r}).install()
 
 
 def FLASK_APP_MUTATOR(app):  # noqa: N802 (Superset's name): Superset is imported by now
-    """Time series of empty results show no rows instead of failing (see that module)."""
-    spec = importlib.util.spec_from_file_location("flead_superset_empty_resample", {str(EMPTY_RESAMPLE_PATCH)!r})
-    patch = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(patch)
-    patch.install()
+    """Time series of empty results show no rows instead of failing; the login page's event beacon cannot undo a
+    sign-in (see those modules)."""
+    _load("flead_superset_empty_resample", {str(EMPTY_RESAMPLE_PATCH)!r}).install()
+    _load("flead_superset_sign_in_guard", {str(SIGN_IN_GUARD)!r}).install(app)
 
 
 SECRET_KEY = json.load(open({str(home / "credentials")!r}))["secret_key"]
@@ -106,6 +113,25 @@ class LogFileEventLogger(AbstractEventLogger):
 
 EVENT_LOGGER = LogFileEventLogger()
 SQLALCHEMY_DATABASE_URI = {"sqlite:///" + str(home / "superset.db")!r}
+# Superset's content security policy without its third-party hosts: every page of Superset 6.1 loads a usage pixel
+# from apachesuperset.gateway.scarf.sh, and its policy also allows map tiles, fonts and help pages from outside.
+# The dashboards here need none of them: a browser showing them contacts this server only.
+TALISMAN_CONFIG = {{
+    "content_security_policy": {{
+        "base-uri": ["'self'"],
+        "default-src": ["'self'"],
+        "img-src": ["'self'", "blob:", "data:"],
+        "worker-src": ["'self'", "blob:"],
+        "connect-src": ["'self'"],
+        "object-src": "'none'",
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "font-src": ["'self'"],
+        "script-src": ["'self'", "'strict-dynamic'"],
+    }},
+    "content_security_policy_nonce_in": ["script-src"],
+    "force_https": False,
+    "session_cookie_secure": False,
+}}
 # Dashboards show what is in MongoDB now: no result caching.
 DATA_CACHE_CONFIG = {{"CACHE_TYPE": "NullCache"}}
 # The drill-down's datasets put the chosen device into the query MongoDB runs (Jinja filter_values), so it reads
@@ -221,6 +247,9 @@ def api_session(cfg: Config) -> requests.Session:
 
 def import_bundle(cfg: Config) -> None:
     """Import (overwrite) the database, datasets, charts and dashboards of ``visualization/bundle``."""
+    if not mongo_healthy(cfg.mongo_uri):  # Superset would try each dataset's collection for 30 s, then time out
+        raise SupersetError(f"MongoDB at {cfg.mongo_uri_redacted} does not answer: the dashboards read from it and "
+                            "their import checks every dataset there; start it first (`flead up`)")
     archive = build_bundle_zip(cfg)
     response = api_session(cfg).post(
         base_url(cfg) + "/api/v1/assets/import/", timeout=120,

@@ -40,7 +40,7 @@ DASHBOARDS = bundle_yaml("dashboards")
 LOGIN_ATTEMPTS = 3
 LOGIN_TIMEOUT_S = 60
 LOGIN_FAILURE_SCREENSHOT = PROJECT_ROOT / "artifacts" / "login-failure.png"
-LOGIN_REFUSED = "Invalid username or password"  # what Superset's login page says to wrong credentials
+LOGIN_REFUSED = "Invalid username or password"  # what Superset's login page says when it opens after an attempt
 LOGIN_FIELDS_JS = "return ['username', 'password'].map(id => (document.getElementById(id) || {}).value)"
 
 
@@ -51,6 +51,7 @@ def log_in(browser, url: str, login: dict) -> None:
     text and leaves a screenshot in artifacts/."""
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 
     typed = [login["username"], login["password"]]
@@ -67,12 +68,15 @@ def log_in(browser, url: str, login: dict) -> None:
                 element.send_keys(value)
             if browser.execute_script(LOGIN_FIELDS_JS) != typed:
                 continue  # the form was drawn again under our keystrokes
-            browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            button = browser.find_element(By.CSS_SELECTOR, "button[type=submit]")
+            button.click()
+            # the form's page goes first (with a message an earlier attempt may have left on it)
+            WebDriverWait(browser, LOGIN_TIMEOUT_S).until(staleness_of(button))
             WebDriverWait(browser, LOGIN_TIMEOUT_S).until(
                 lambda b: "/login" not in b.current_url or LOGIN_REFUSED in b.find_element(By.TAG_NAME, "body").text)
             if "/login" not in browser.current_url:
                 return
-            break  # wrong credentials: trying again changes nothing
+            break  # refused (the page says so whenever it opens after an attempt: see superset_sign_in_guard.py)
         except WebDriverException:  # includes a timeout, and a form element replaced while we used it
             continue
     page = browser.find_element(By.TAG_NAME, "body").text if browser.find_elements(By.TAG_NAME, "body") else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import requests
 
 from browser import (DASHBOARDS, NO_RESULTS, bundle_yaml, chart, expected_charts, log_in, number, open_dashboard,
                      open_device, open_every_tab, open_tab, screenshot, tabs, wait_for_charts)
@@ -109,3 +110,33 @@ def test_importing_twice_keeps_one_copy_of_everything(superset, dashboard_cfg):
     for kind, (title, items) in expected.items():
         listed = api.get(f"{superset}/api/v1/{kind}/", params={"q": "(page_size:100)"}).json()["result"]
         assert sorted(row[title] for row in listed) == sorted(item[title] for item in items), kind
+
+
+def test_the_login_pages_event_beacon_cannot_undo_a_sign_in(superset, dashboard_cfg):
+    """The login page's event beacon leaves with the anonymous cookie as the sign-in form is sent. Superset answered it
+    with a redirect to the login page and a new cookie at each step, which replaced the signed-in cookie whenever it
+    arrived last (a busy server reorders them). Now it is answered at once and sets no cookie
+    (visualization/superset_sign_in_guard.py); a signed-in browser's beacon is still taken."""
+    browser = requests.Session()
+    login_page = browser.get(superset + "/login/", timeout=30)
+    assert login_page.ok and "session" in browser.cookies  # the anonymous session with its CSRF token
+    anonymous_cookie = browser.cookies["session"]
+    token = re.search(r'id="csrf_token"[^>]*value="([^"]+)"', login_page.text)[1]  # the page's hidden form field
+    login = superset_server.credentials(dashboard_cfg)
+    signed_in = browser.post(superset + "/login/", timeout=30, allow_redirects=False, data={
+        "username": login["username"], "password": login["password"], "csrf_token": token})
+    assert signed_in.status_code == 302 and browser.cookies["session"] != anonymous_cookie
+    beacon = superset + "/superset/log/?explode=events"
+    late = requests.post(beacon, data={"events": "[]"}, timeout=30, allow_redirects=False,
+                         cookies={"session": anonymous_cookie})
+    assert late.status_code == 204 and "Set-Cookie" not in late.headers, late.headers
+    assert browser.get(superset + "/api/v1/me/", timeout=30).json()["result"]["username"] == login["username"]
+    assert browser.post(beacon, data={"events": "[]"}, timeout=30, allow_redirects=False).status_code == 200
+
+
+def test_pages_load_nothing_from_outside_the_machine(superset):
+    """Superset's own policy lets every page load a usage pixel from a third-party host; ours allows this server only."""
+    policy = requests.get(superset + "/login/", timeout=30).headers["Content-Security-Policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";") if " " in d.strip())
+    for directive in ("default-src", "img-src", "connect-src", "font-src", "style-src"):
+        assert "http" not in directives[directive], (directive, directives[directive])

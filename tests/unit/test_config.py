@@ -30,6 +30,17 @@ def test_aliases_point_at_external_servers():
     assert cfg.kafka_bootstrap == "k:9092" and not cfg.kafka_embedded
 
 
+@pytest.mark.parametrize("uri, shown", [
+    ("mongodb://db.example:27017/", "mongodb://db.example:27017/"),
+    ("mongodb://flead:s3cr:et@db.example:27017/?authSource=admin", "mongodb://flead:***@db.example:27017/?authSource=admin"),
+    ("mongodb+srv://flead:p%40ss@cluster0.example.net/flead", "mongodb+srv://flead:***@cluster0.example.net/flead"),
+    ("mongodb://flead:pw@h1:27017,h2:27017/?replicaSet=rs0", "mongodb://flead:***@h1:27017,h2:27017/?replicaSet=rs0"),
+    ("mongodb://flead@db.example/", "mongodb://flead@db.example/"),
+])
+def test_the_mongo_uri_in_messages_hides_the_password(uri, shown):
+    assert load_config(env={"FLEAD_MONGO_URI": uri}).mongo_uri_redacted == shown
+
+
 @pytest.mark.parametrize("env, message", [
     ({"FLEAD_KAFKA_PORT": "ninety"}, "kafka.port"),
     ({"FLEAD_KAFKA_PROT": "1"}, "FLEAD_KAFKA_PROT"),

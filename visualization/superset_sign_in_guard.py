@@ -1,0 +1,40 @@
+"""Keep a browser's sign-in from being undone by Superset's own event beacon.
+
+Superset's pages send their usage events to ``/superset/log/`` with ``navigator.sendBeacon``, the login page too:
+when the sign-in form is submitted, that page's beacon leaves with the anonymous session cookie at about the same
+moment as the form. ``/superset/log/`` is for signed-in users, so Superset answers the beacon "Access is Denied":
+a redirect to the login page, which the beacon follows, each answer writing the anonymous session back as a new
+cookie. When one of these arrives after the sign-in's (checking the password is the slowest of the three, but a
+busy server reorders them), it replaces the signed-in cookie. The welcome page's API calls then get 401, Superset's
+client sends the browser back to the login page, and the login page says "Invalid username or password" (it says so
+whenever it opens after a sign-in attempt). Seen here on 2 of 7 first sign-ins on a fresh server busy with other
+work, and once in a CI run of the dashboards' end-to-end test.
+
+`install(app)` registers two hooks: a beacon from a browser that is not signed in is answered 204 at once (no
+redirect: Superset would not record its events anyway), and an answer to the beacon never sets the session cookie
+(the beacon carries nothing a session should keep).
+
+This file runs inside Superset's virtualenv: the generated ``superset_config.py`` loads it by path and calls
+`install(app)` from ``FLASK_APP_MUTATOR``. It imports only Flask and Flask-Login.
+"""
+from __future__ import annotations
+
+EVENT_BEACON_PATH = "/superset/log/"  # Superset's event log endpoint (views/core.py `Superset.log`)
+
+
+def install(app) -> None:
+    """Answer beacons of browsers not signed in with 204, and let no answer to a beacon set the session cookie."""
+    from flask import Response, request, session
+    from flask_login import current_user
+
+    @app.before_request
+    def beacon_of_a_browser_not_signed_in_gets_no_redirect():
+        if request.path == EVENT_BEACON_PATH and not current_user.is_authenticated:
+            return Response(status=204)
+        return None
+
+    @app.after_request
+    def beacon_keeps_the_session_cookie(response):
+        if request.path == EVENT_BEACON_PATH:
+            session.modified = False  # Flask writes the cookie only for a modified (non-permanent) session
+        return response
