@@ -198,5 +198,5 @@ def status(cfg: Config) -> dict[str, dict]:
     result.setdefault(KAFKA, {"pid": None, "running": False})["healthy"] = kafka_healthy(cfg.kafka_bootstrap, 2.0)
     result[KAFKA]["address"] = cfg.kafka_bootstrap
     result.setdefault(MONGO, {"pid": None, "running": False})["healthy"] = mongo_healthy(cfg.mongo_uri, 1500)
-    result[MONGO]["address"] = cfg.mongo_uri
+    result[MONGO]["address"] = cfg.mongo_uri_redacted
     return result
