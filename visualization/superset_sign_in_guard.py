@@ -10,21 +10,33 @@ client sends the browser back to the login page, and the login page says "Invali
 whenever it opens after a sign-in attempt). Seen here on 2 of 7 first sign-ins on a fresh server busy with other
 work, and once in a CI run of the dashboards' end-to-end test.
 
-`install(app)` registers two hooks: a beacon from a browser that is not signed in is answered 204 at once (no
-redirect: Superset would not record its events anyway), and an answer to the beacon never sets the session cookie
-(the beacon carries nothing a session should keep).
+The same message also showed where no password was refused: the login page decides to say it from a flag it
+leaves in ``sessionStorage`` at every submit and clears only when it opens again, so after a successful sign-in
+the next login page of that tab (after "Log out", or when the session ends) said "Invalid username or password".
+
+`install(app)` registers three hooks: a beacon from a browser that is not signed in is answered 204 at once (no
+redirect: Superset would not record its events anyway); an answer to the beacon never sets the session cookie (the
+beacon carries nothing a session should keep); and a login page that does not follow a refused password (Flask-
+AppBuilder flashes its "Invalid login" message into the session for that) is sent with ``Clear-Site-Data:
+"storage"``, so the browser drops the stale flag (with this origin's other local storage: the page is where a
+user arrives signed out) before the page reads it. The flashed messages, which Superset's pages never show, are
+taken out of the session there.
 
 This file runs inside Superset's virtualenv: the generated ``superset_config.py`` loads it by path and calls
-`install(app)` from ``FLASK_APP_MUTATOR``. It imports only Flask and Flask-Login.
+`install(app)` from ``FLASK_APP_MUTATOR``. It imports only Flask, Flask-Login and Flask-AppBuilder.
 """
 from __future__ import annotations
 
 EVENT_BEACON_PATH = "/superset/log/"  # Superset's event log endpoint (views/core.py `Superset.log`)
+LOGIN_PAGE_PATH = "/login/"
+CLEAR_STORAGE = '"storage"'  # Clear-Site-Data: local and session storage, IndexedDB, service workers; not cookies
 
 
 def install(app) -> None:
-    """Answer beacons of browsers not signed in with 204, and let no answer to a beacon set the session cookie."""
+    """Answer beacons of browsers not signed in with 204, let no answer to a beacon set the session cookie, and
+    clear the browser's storage with a login page that does not follow a refused password."""
     from flask import Response, request, session
+    from flask_appbuilder.security.views import AuthView
     from flask_login import current_user
 
     @app.before_request
@@ -37,4 +49,13 @@ def install(app) -> None:
     def beacon_keeps_the_session_cookie(response):
         if request.path == EVENT_BEACON_PATH:
             session.modified = False  # Flask writes the cookie only for a modified (non-permanent) session
+        return response
+
+    @app.after_request
+    def login_page_forgets_earlier_attempts(response):
+        if request.method == "GET" and request.path == LOGIN_PAGE_PATH and response.status_code == 200:
+            flashed = session.pop("_flashes", [])
+            refused = str(AuthView.invalid_login_message)
+            if not any(str(message) == refused for _, message in flashed):
+                response.headers["Clear-Site-Data"] = CLEAR_STORAGE
         return response

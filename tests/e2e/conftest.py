@@ -1,6 +1,7 @@
 """Fixtures of the dashboard tests: sample documents in MongoDB, Superset on a free port, headless Chromium."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -50,9 +51,9 @@ def superset(dashboard_cfg, dashboard_store):
         superset_server.stop(dashboard_cfg)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium driven by Selenium, with a fresh profile."""
+@contextlib.contextmanager
+def chromium():
+    """Headless Chromium driven by Selenium, with a fresh profile (removed afterwards)."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("chromium / chromedriver missing: run visualization/setup_superset.sh")
     from selenium import webdriver
@@ -71,6 +72,20 @@ def browser():
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A browser for the module's tests (signed in once by those that need it)."""
+    with chromium() as driver:
+        yield driver
+
+
+@pytest.fixture
+def own_browser():
+    """A browser of the test's own, for a test that signs out or in again."""
+    with chromium() as driver:
+        yield driver
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ the bundle must update in place, never duplicate. Screenshots (1600 px wide) go 
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import requests
 
-from browser import (DASHBOARDS, NO_RESULTS, bundle_yaml, chart, expected_charts, log_in, number, open_dashboard,
-                     open_device, open_every_tab, open_tab, screenshot, tabs, wait_for_charts)
+from browser import (DASHBOARDS, LOGIN_REFUSED, NO_RESULTS, bundle_yaml, chart, expected_charts, log_in, number,
+                     open_dashboard, open_device, open_every_tab, open_tab, screenshot, tabs, wait_for_charts)
 from sample_documents import DEVICES
 from visualization import superset_server
 
@@ -140,3 +141,28 @@ def test_pages_load_nothing_from_outside_the_machine(superset):
     directives = dict(d.strip().split(" ", 1) for d in policy.split(";") if " " in d.strip())
     for directive in ("default-src", "img-src", "connect-src", "font-src", "style-src"):
         assert "http" not in directives[directive], (directive, directives[directive])
+
+
+def test_the_login_page_says_a_password_was_refused_only_when_it_was(own_browser, superset, dashboard_cfg):
+    """Superset's login page says "Invalid username or password" from a flag it leaves in sessionStorage at every
+    submit: after a sign-in and "Log out" it said so too. The login page now clears the browser's storage unless it
+    follows a refused password (visualization/superset_sign_in_guard.py)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, login = own_browser, superset_server.credentials(dashboard_cfg)
+
+    def login_page_text() -> str:
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.ID, "password"))
+        time.sleep(1)  # the message, when there is one, comes with the form
+        return browser.find_element(By.TAG_NAME, "body").text
+
+    log_in(browser, superset, login)
+    browser.get(superset + "/logout/")
+    assert LOGIN_REFUSED not in login_page_text()
+    for field, value in (("username", login["username"]), ("password", "not-" + login["password"])):
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, 60).until(lambda b: LOGIN_REFUSED in b.find_element(By.TAG_NAME, "body").text)
+    log_in(browser, superset, login)
+    assert "/login" not in browser.current_url
