@@ -123,8 +123,8 @@ class Store:
         except PyMongoError as exc:
             self.client.close()
             raise StorageUnavailable(
-                f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri_redacted} ({exc.__class__.__name__}); start the embedded "
-                f"server with `flead up` or point FLEAD_MONGO_URI at a MongoDB") from exc
+                f"FLEAD_MONGO_URI: cannot connect to {cfg.mongo_uri_redacted} ({exc.__class__.__name__}); start the "
+                f"embedded server with `flead up` or point FLEAD_MONGO_URI at a MongoDB") from exc
         self.db = self.client[cfg.mongo.database]
         self._writer = None
 

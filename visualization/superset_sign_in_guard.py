@@ -17,10 +17,10 @@ the next login page of that tab (after "Log out", or when the session ends) said
 `install(app)` registers three hooks: a beacon from a browser that is not signed in is answered 204 at once (no
 redirect: Superset would not record its events anyway); an answer to the beacon never sets the session cookie (the
 beacon carries nothing a session should keep); and a login page that does not follow a refused password (Flask-
-AppBuilder flashes its "Invalid login" message into the session for that) is sent with ``Clear-Site-Data:
-"storage"``, so the browser drops the stale flag (with this origin's other local storage: the page is where a
-user arrives signed out) before the page reads it. The flashed messages, which Superset's pages never show, are
-taken out of the session there.
+AppBuilder flashes its "Invalid login" message into the session for that) starts with a script, under the page's
+CSP nonce, that removes that one stale flag before the page's own code reads it. (``Clear-Site-Data: "storage"``
+would do it too, but it also empties the origin's local storage and service workers whenever a session ends.) The
+flashed messages, which Superset's pages never show, are taken out of the session there.
 
 This file runs inside Superset's virtualenv: the generated ``superset_config.py`` loads it by path and calls
 `install(app)` from ``FLASK_APP_MUTATOR``. It imports only Flask, Flask-Login and Flask-AppBuilder.
@@ -29,12 +29,12 @@ from __future__ import annotations
 
 EVENT_BEACON_PATH = "/superset/log/"  # Superset's event log endpoint (views/core.py `Superset.log`)
 LOGIN_PAGE_PATH = "/login/"
-CLEAR_STORAGE = '"storage"'  # Clear-Site-Data: local and session storage, IndexedDB, service workers; not cookies
+LOGIN_ATTEMPT_FLAG = "login_attempted"  # the sessionStorage key Superset 6.1's login page sets at submit and reads
 
 
 def install(app) -> None:
     """Answer beacons of browsers not signed in with 204, let no answer to a beacon set the session cookie, and
-    clear the browser's storage with a login page that does not follow a refused password."""
+    remove the login page's stale flag of an attempt unless the page follows a refused password."""
     from flask import Response, request, session
     from flask_appbuilder.security.views import AuthView
     from flask_login import current_user
@@ -53,9 +53,12 @@ def install(app) -> None:
 
     @app.after_request
     def login_page_forgets_earlier_attempts(response):
-        if request.method == "GET" and request.path == LOGIN_PAGE_PATH and response.status_code == 200:
+        if (request.method == "GET" and request.path == LOGIN_PAGE_PATH and response.status_code == 200
+                and response.mimetype == "text/html" and not response.direct_passthrough):
             flashed = session.pop("_flashes", [])
             refused = str(AuthView.invalid_login_message)
             if not any(str(message) == refused for _, message in flashed):
-                response.headers["Clear-Site-Data"] = CLEAR_STORAGE
+                nonce = getattr(request, "csp_nonce", "")  # Talisman's, the one its CSP header names
+                script = f'<script nonce="{nonce}">sessionStorage.removeItem("{LOGIN_ATTEMPT_FLAG}")</script>'
+                response.set_data(response.get_data(as_text=True).replace("<head>", "<head>" + script, 1))
         return response

@@ -136,7 +136,8 @@ def test_the_login_pages_event_beacon_cannot_undo_a_sign_in(superset, dashboard_
 
 
 def test_pages_load_nothing_from_outside_the_machine(superset):
-    """Superset's own policy lets every page load a usage pixel from a third-party host; ours allows this server only."""
+    """Superset's own policy lets every page load a usage pixel from a third-party host; ours allows this server
+    only."""
     policy = requests.get(superset + "/login/", timeout=30).headers["Content-Security-Policy"]
     directives = dict(d.strip().split(" ", 1) for d in policy.split(";") if " " in d.strip())
     for directive in ("default-src", "img-src", "connect-src", "font-src", "style-src"):
@@ -145,8 +146,8 @@ def test_pages_load_nothing_from_outside_the_machine(superset):
 
 def test_the_login_page_says_a_password_was_refused_only_when_it_was(own_browser, superset, dashboard_cfg):
     """Superset's login page says "Invalid username or password" from a flag it leaves in sessionStorage at every
-    submit: after a sign-in and "Log out" it said so too. The login page now clears the browser's storage unless it
-    follows a refused password (visualization/superset_sign_in_guard.py)."""
+    submit: after a sign-in and "Log out" it said so too. The login page now removes that flag unless it follows a
+    refused password, and leaves the rest of the browser's storage alone (visualization/superset_sign_in_guard.py)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -158,8 +159,10 @@ def test_the_login_page_says_a_password_was_refused_only_when_it_was(own_browser
         return browser.find_element(By.TAG_NAME, "body").text
 
     log_in(browser, superset, login)
+    browser.execute_script("localStorage.setItem('flead-test', 'kept')")
     browser.get(superset + "/logout/")
     assert LOGIN_REFUSED not in login_page_text()
+    assert browser.execute_script("return localStorage.getItem('flead-test')") == "kept"
     for field, value in (("username", login["username"]), ("password", "not-" + login["password"])):
         browser.find_element(By.ID, field).send_keys(value)
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()

@@ -32,7 +32,8 @@ def test_aliases_point_at_external_servers():
 
 @pytest.mark.parametrize("uri, shown", [
     ("mongodb://db.example:27017/", "mongodb://db.example:27017/"),
-    ("mongodb://flead:s3cr:et@db.example:27017/?authSource=admin", "mongodb://flead:***@db.example:27017/?authSource=admin"),
+    ("mongodb://flead:s3cr:et@db.example:27017/?authSource=admin",
+     "mongodb://flead:***@db.example:27017/?authSource=admin"),
     ("mongodb+srv://flead:p%40ss@cluster0.example.net/flead", "mongodb+srv://flead:***@cluster0.example.net/flead"),
     ("mongodb://flead:pw@h1:27017,h2:27017/?replicaSet=rs0", "mongodb://flead:***@h1:27017,h2:27017/?replicaSet=rs0"),
     ("mongodb://flead@db.example/", "mongodb://flead@db.example/"),
