@@ -134,10 +134,15 @@ class SubspaceCodec:
             out[start:start + len(part), d:] = np.take(second.reshape(len(part), d * d), upper, axis=1)
         return out
 
+    def vector_length(self, shapes: Sequence[tuple[int, ...]]) -> int:
+        """``d + d(d + 1)/2`` for a model of d inputs (μ and the upper triangle of the second moment)."""
+        d = int(shapes[1][0])
+        return d + d * (d + 1) // 2
+
     def weights_from_vector(self, vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
         vector = np.asarray(vector, dtype=np.float64).ravel()
         d = np.shape(like[1])[0]
-        if vector.shape[0] != d + d * (d + 1) // 2:
+        if vector.shape[0] != self.vector_length([np.shape(w) for w in like]):
             raise ValueError(f"a subspace vector of {d} inputs has {d + d * (d + 1) // 2} entries, got "
                              f"{vector.shape[0]}")
         mean = vector[:d]

@@ -6,8 +6,10 @@ partition keeps its devices' vectors (a `VectorBlock`) and the driver asks for r
 
 1. when the blocks are made: device ids, sample counts, L2 norms, and each coordinate's range (`block_summary`);
 2. the coordinate-wise median of a set of devices, exactly (`exact_coordinate_median`): one pass counts each
-   coordinate's values in ``bins`` bins, a second returns only the values in the bins that hold the middle ranks
-   (~3·n/bins values per coordinate for a unimodal coordinate, instead of n);
+   coordinate's values in ``bins`` bins (at most one per device), a second returns only the values in the bins
+   that hold the middle ranks (~3·n/bins values per coordinate for a unimodal coordinate, instead of n). Long
+   vectors take these two passes a span of coordinates at a time, so that neither a block's reply nor its
+   temporary arrays exceed `HISTOGRAM_BYTES`; a block of few rows sends its rows' bins instead of counts;
 3. cosine similarities to that median, together with the partial FedAvg sums at the sample cap the cohort has
    if the cosine check refuses nobody (`block_cosines`); a further pass of partial sums only when it did and the
    cap moved (`block_weighted_sum`).
@@ -41,9 +43,12 @@ from models.aggregation import (FedAvg, FedMedian, ValidationPolicy, bounded_wei
 from models.updates import AggregationError, AggregationResult, Update
 
 __all__ = ["VectorBlock", "BlockSummary", "Partitions", "LocalPartitions", "Cohort", "exact_coordinate_median",
-           "aggregate", "block_summary", "bin_of", "PARTITIONED_RULES"]
+           "histogram_counts", "aggregate", "block_summary", "bin_of", "PARTITIONED_RULES"]
 
-ROWS_PER_CHUNK = 256  # rows of a block binned at once (bounds the executor's temporary arrays: 256 × length)
+# What one pass of the median may hold per partition: its reply (counts: coordinates × (bins + 2) int64) and its
+# temporary arrays (rows binned at once × coordinates float64). Devices of 200 metrics in windows of 5 have vectors
+# of 501,500 coordinates: 1 GB of counts per partition at 256 bins in one pass, which the JVM refused.
+HISTOGRAM_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -125,27 +130,57 @@ def bin_of(values: np.ndarray, low: np.ndarray, high: np.ndarray, bins: int) -> 
     return scaled.astype(np.int32)
 
 
+def rows_at_once(columns: int) -> int:
+    """How many rows of ``columns`` coordinates a block bins at once (`HISTOGRAM_BYTES` of float64)."""
+    return max(1, HISTOGRAM_BYTES // (8 * max(columns, 1)))
+
+
+def _binned_rows(block: VectorBlock, rows: np.ndarray, low: np.ndarray, high: np.ndarray, bins: int, column: int):
+    """(values, bins) of the given rows, for the coordinates from ``column`` on that ``low`` covers, a few rows at
+    a time (`rows_at_once`)."""
+    step = rows_at_once(low.shape[0])
+    for start in range(0, rows.size, step):
+        chunk = block.vectors[rows[start:start + step], column:column + low.shape[0]]
+        yield chunk, bin_of(chunk, low, high, bins)
+
+
 def block_histogram(block: VectorBlock, excluded: frozenset[str], low: np.ndarray, high: np.ndarray,
-                    bins: int) -> np.ndarray:
-    """Counts (length, bins + 2) of the included rows' values per coordinate and bin (`bin_of`)."""
-    length = low.shape[0]
-    offsets = np.arange(length) * (bins + 2)
-    counts = np.zeros(length * (bins + 2), dtype=np.int64)
+                    bins: int, column: int = 0) -> np.ndarray:
+    """The included rows' values per coordinate and bin (`bin_of`), for the coordinates from ``column`` on that
+    ``low`` and ``high`` cover: counts (columns, bins + 2; int64), or each row's bins (rows, columns; uint16) when
+    those are fewer bytes. `histogram_counts` adds replies of either kind."""
+    columns = low.shape[0]
     rows = block.rows(excluded)
-    for start in range(0, rows.size, ROWS_PER_CHUNK):
-        binned = bin_of(block.vectors[rows[start:start + ROWS_PER_CHUNK]], low, high, bins) + offsets
-        counts += np.bincount(binned.ravel(), minlength=counts.size)
-    return counts.reshape(length, bins + 2)
+    if rows.size * 2 < (bins + 2) * 8 and bins < np.iinfo(np.uint16).max:  # a uint16 per row < an int64 per bin
+        return np.vstack([b.astype(np.uint16) for _, b in _binned_rows(block, rows, low, high, bins, column)]
+                         or [np.zeros((0, columns), dtype=np.uint16)])
+    offsets = np.arange(columns) * (bins + 2)
+    counts = np.zeros(columns * (bins + 2), dtype=np.int64)
+    for _, binned in _binned_rows(block, rows, low, high, bins, column):
+        counts += np.bincount((binned + offsets).ravel(), minlength=counts.size)
+    return counts.reshape(columns, bins + 2)
+
+
+def histogram_counts(replies: Sequence[np.ndarray], columns: int, bins: int) -> np.ndarray:
+    """The counts (columns, bins + 2) that `block_histogram` replies of either kind add up to."""
+    counts = np.zeros(columns * (bins + 2), dtype=np.int64)
+    offsets = np.arange(columns) * (bins + 2)
+    step = rows_at_once(columns)
+    for reply in replies:
+        if reply.dtype == np.uint16:
+            for start in range(0, reply.shape[0], step):
+                counts += np.bincount((reply[start:start + step] + offsets).ravel(), minlength=counts.size)
+        else:
+            counts += reply.ravel()
+    return counts.reshape(columns, bins + 2)
 
 
 def block_bin_values(block: VectorBlock, excluded: frozenset[str], low: np.ndarray, high: np.ndarray, bins: int,
-                     first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(coordinate, value) of the included rows' values that fall in bins ``first[j]..last[j]`` of coordinate j."""
+                     first: np.ndarray, last: np.ndarray, column: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinate, value) of the included rows' values that fall in bins ``first[j]..last[j]`` of coordinate j,
+    for the coordinates from ``column`` on that ``low`` and ``high`` cover (j counted from ``column``)."""
     coordinates, values = [], []
-    rows = block.rows(excluded)
-    for start in range(0, rows.size, ROWS_PER_CHUNK):
-        chunk = block.vectors[rows[start:start + ROWS_PER_CHUNK]]
-        binned = bin_of(chunk, low, high, bins)
+    for chunk, binned in _binned_rows(block, block.rows(excluded), low, high, bins, column):
         hit_rows, hit_columns = np.nonzero((binned >= first) & (binned <= last))
         coordinates.append(hit_columns.astype(np.int32))
         values.append(chunk[hit_rows, hit_columns])
@@ -188,10 +223,21 @@ def block_updates(block: VectorBlock) -> list[tuple[str, int, np.ndarray]]:
 # ---------------------------------------------------------------- driver side
 
 def exact_coordinate_median(partitions: Partitions, excluded: frozenset[str], n: int, low: np.ndarray,
-                            high: np.ndarray, bins: int) -> np.ndarray:
-    """The coordinate-wise median (`np.median`, to the bit) of the ``n`` rows not in ``excluded``, in two passes:
-    per-coordinate histograms, then the values of the bins holding ranks ⌊(n−1)/2⌋ and ⌊n/2⌋."""
-    counts = sum(partitions.map(partial(block_histogram, excluded=excluded, low=low, high=high, bins=bins)))
+                            high: np.ndarray, bins: int, histogram_bytes: int = HISTOGRAM_BYTES) -> np.ndarray:
+    """The coordinate-wise median (`np.median`, to the bit) of the ``n`` rows not in ``excluded``, in two passes
+    per span of coordinates whose histograms fit in ``histogram_bytes`` per partition: per-coordinate histograms
+    of at most ``min(bins, n)`` bins, then the values of the bins holding ranks ⌊(n−1)/2⌋ and ⌊n/2⌋."""
+    bins = max(1, min(bins, n))
+    span = max(1, histogram_bytes // ((bins + 2) * np.dtype(np.int64).itemsize))
+    return np.concatenate([_span_median(partitions, excluded, n, low[c:c + span], high[c:c + span], bins, c)
+                           for c in range(0, low.shape[0], span)] or [np.zeros(0)])
+
+
+def _span_median(partitions: Partitions, excluded: frozenset[str], n: int, low: np.ndarray, high: np.ndarray,
+                 bins: int, column: int) -> np.ndarray:
+    """`exact_coordinate_median` of the coordinates from ``column`` on that ``low`` and ``high`` cover."""
+    counts = histogram_counts(partitions.map(partial(block_histogram, excluded=excluded, low=low, high=high,
+                                                     bins=bins, column=column)), low.shape[0], bins)
     below_rank = np.cumsum(counts, axis=1)
     lower, upper = (n - 1) // 2, n // 2
     first = (below_rank <= lower).sum(axis=1)   # the bin holding rank `lower`
@@ -199,7 +245,7 @@ def exact_coordinate_median(partitions: Partitions, excluded: frozenset[str], n:
     columns = np.arange(counts.shape[0])
     before = np.where(first > 0, below_rank[columns, np.maximum(first - 1, 0)], 0)
     found = partitions.map(partial(block_bin_values, excluded=excluded, low=low, high=high, bins=bins,
-                                   first=first, last=last))
+                                   first=first, last=last, column=column))
     coordinates = np.concatenate([c for c, _ in found])
     values = np.concatenate([v for _, v in found])
     order = np.lexsort((values, coordinates))

@@ -106,12 +106,19 @@ class VectorCodec(Protocol):
 
     def weights_from_vector(self, vector: np.ndarray, like: Weights) -> Weights: ...
 
+    def vector_length(self, shapes: Sequence[tuple[int, ...]]) -> int:
+        """The length of the vector of weights of these shapes (known before any vector is made)."""
+        ...
+
 
 class IdentityCodec:
     """Weights that average as they are (the dense and LSTM autoencoders): flatten and unflatten."""
 
     def federated_vector(self, weights: Weights) -> np.ndarray:
         return flatten(weights)
+
+    def vector_length(self, shapes: Sequence[tuple[int, ...]]) -> int:
+        return int(sum(np.prod(shape, dtype=np.int64) for shape in shapes))
 
     def weights_from_vector(self, vector: np.ndarray, like: Weights) -> Weights:
         return unflatten(vector, like)

@@ -128,8 +128,7 @@ def read_window(db, cfg: Config, started: int) -> tuple[dict | None, list[list]]
         window["$gt"] = previous["created_at"]
     whole = snapshot_read(cfg) == "driver"
     by_device: dict[str, list] = {}
-    for doc in db.collection("local_models").find({"created_at": window},
-                                            None if whole else {"_id": 1, "device_id": 1}):
+    for doc in db.find("local_models", {"created_at": window}, None if whole else ("_id", "device_id")):
         by_device.setdefault(str(doc.get("device_id")), []).append(doc if whole else doc["_id"])
     return previous, [by_device[d] for d in sorted(by_device)]
 

@@ -55,7 +55,7 @@ def open_protocol(db, cfg, base_version: int) -> dict | None:
 
 
 def announce(db, cfg, key: bytes, base_version: int, attempt: int, now: int, publish) -> SecureStep:
-    enrolments = _verified(db.collection("local_models").find({"encoding": ENROLMENT}), key)
+    enrolments = _verified(db.find("local_models", {"encoding": ENROLMENT}), key)
     round_id = f"r{base_version + 1}.{attempt}"
     try:
         record = choose_cohort(enrolments, round_id, base_version, cfg.privacy.secure_max_weight, now,
@@ -96,8 +96,7 @@ def masked_partition(cfg_values: dict, key: bytes, round_id: str, members: list[
 
 def masked_answers(sc, cfg, db, key: bytes, cohort) -> list[dict]:
     """Each member's newest verified masked answer for the round (decoded on Spark's executors)."""
-    ids = [d["_id"] for d in db.collection("local_models").find(
-        {"encoding": MASKED, "secure_round": cohort.round_id}, {"_id": 1})]
+    ids = [d["_id"] for d in db.find("local_models", {"encoding": MASKED, "secure_round": cohort.round_id}, ("_id",))]
     if not ids:
         return []
     rows = (sc.parallelize(ids, max(1, min(len(ids), cfg.aggregation.spark_partitions)))
@@ -136,8 +135,8 @@ def secure_round_step(sc, db, cfg, key: bytes, previous: dict | None, now: int, 
             publish([recovery])
             return SecureStep("waiting", f"{cohort.round_id}: {len(missing)} member(s) dropped out; asked the "
                                          "survivors for their pair seeds", protocol)
-        reveals = _verified(db.collection("local_models").find(
-            {"encoding": SEED_REVEAL, "secure_round": cohort.round_id}), key)
+        reveals = _verified(db.find("local_models", {"encoding": SEED_REVEAL, "secure_round": cohort.round_id}),
+                            key)
         revealed = revealed_from_records(reveals, cohort)
         complete = all(set(missing) <= set(revealed.get(d, {})) for d in newest)
         if not complete:

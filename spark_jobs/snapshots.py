@@ -69,6 +69,16 @@ class ConfiguredLayout:
 
         self.settings_json = json.dumps(DetectorSettings.from_config(cfg).to_dict(), sort_keys=True)
         self.per_metric = _detector_shapes(self.settings_json, 1)[-1][0]
+        self.max_vector_entries = cfg.aggregation.max_vector_entries
+
+    def width_problem(self, shapes: list[tuple[int, ...]], architecture: str | None) -> str | None:
+        """Why a model of these shapes is too wide to aggregate (`aggregation.max_vector_entries`), or None."""
+        length = codec_for(architecture).vector_length(shapes)
+        if length <= self.max_vector_entries:
+            return None
+        return (f"too wide to federate: a model of {shapes[-1][0]:,} inputs aggregates as a vector of {length:,} "
+                f"entries, more than aggregation.max_vector_entries ({self.max_vector_entries:,}); the device "
+                "keeps scoring with its own model")
 
     def shapes(self, weights: list[np.ndarray]) -> list[tuple[int, ...]] | None:
         """The configured model's shapes at ``weights``' input width (its last layer's length), or None when no
@@ -109,7 +119,7 @@ def check_snapshot(doc: dict, key: bytes, reference_shapes: list[tuple[int, ...]
         candidate.problem = "weights: no layout of the configured model (model.*) has these layers"
         return candidate
     update = Update(device_id, weights, *(int(doc[name]) for name in ("n_samples", "version", "n_seen", "created_at")))
-    candidate.problem = structure_problem(update, shapes)
+    candidate.problem = structure_problem(update, shapes) or layout.width_problem(shapes, meta.get("architecture"))
     if candidate.problem is None:
         loss = doc.get("loss")
         candidate.update = update

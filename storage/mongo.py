@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pymongo
-from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
 from config import Config
 from storage.buckets import MAX_ABS_TS, READING_COLUMNS, SCORE_COLUMNS, ScorePart, score_block, unpack_columns
@@ -39,13 +39,48 @@ DAY_MS = 86_400_000
 # Retention counts from when the sink stored a document (`stored_at`), except for signed records, stored as sent.
 RETENTION_FIELD = {"local_models": "created_at"}
 
+# The embedded server (FerretDB v1) fills a reply by count (101 documents first, then as many as the cursor's batch
+# size asks), not by MongoDB's 16 MiB, and the driver refuses a reply longer than the wire protocol's 48 MB
+# (ProtocolError): 101 snapshots of devices of 1,000 metrics are 48.5 MB. `read_documents` then reads again with
+# fewer documents per reply; a lazy read of documents that can be large asks for `batch_size_for` their size.
+MAX_REPLY_BYTES = 48_000_000  # the wire protocol's maximum message (pymongo's MAX_MESSAGE_SIZE)
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's (and FerretDB's) largest document
+SMALLER_BATCHES = (16, 1)  # documents per reply after a reply too long: ≤ 3 MB on average, then any document
+
 __all__ = ["Store", "StorageError", "StorageUnavailable", "SchemaViolation", "reading_id", "retention_cutoffs",
-           "mongo_healthy"]
+           "mongo_healthy", "read_documents", "batch_size_for"]
 
 
 def _failure(exc: PyMongoError, what: str) -> StorageError:
     kind = StorageUnavailable if isinstance(exc, ConnectionFailure) else StorageError
     return kind(f"{what}: {exc.__class__.__name__}: {str(exc)[:300]}")
+
+
+def batch_size_for(document_bytes: int) -> int:
+    """A lazy read's ``batch_size`` for documents of up to `document_bytes` each: its replies stay within half the
+    wire protocol's largest message.
+
+    >>> batch_size_for(MAX_DOCUMENT_BYTES), batch_size_for(4_500_000), batch_size_for(10_000)
+    (1, 5, 2400)
+    """
+    return max(1, MAX_REPLY_BYTES // 2 // document_bytes)
+
+
+def read_documents(collection, query: dict | None = None, projection: dict | None = None, batch_size: int = 0,
+                   **kwargs) -> list[dict]:
+    """``collection.find(...)`` as a list, read again with fewer documents per reply (`SMALLER_BATCHES`) when a
+    reply was longer than the wire protocol allows (module comment above `MAX_REPLY_BYTES`). Other errors raise.
+    `batch_size` 0: the server's default."""
+    sizes = [batch_size, *(n for n in SMALLER_BATCHES if not 0 < batch_size <= n)]
+    for size, smaller in zip(sizes, sizes[1:]):
+        try:
+            return list(collection.find(query or {}, projection, batch_size=size, **kwargs))
+        except ProtocolError as exc:
+            if "max message size" not in str(exc):
+                raise
+            log.warning("reading %s: a reply of %s documents was too long (%s); reading again %d per reply",
+                        collection.name, size or "the server's default number of", exc, smaller)
+    return list(collection.find(query or {}, projection, batch_size=sizes[-1], **kwargs))
 
 
 def mongo_healthy(uri: str, timeout_ms: int = 2000) -> bool:
@@ -241,7 +276,7 @@ class Store:
         if not latest:
             return []
         try:
-            stored = {d["_id"]: d for d in self.collection(key).find({"_id": {"$in": list(latest)}})}
+            stored = {d["_id"]: d for d in read_documents(self.collection(key), {"_id": {"$in": list(latest)}})}
             newer = [d for i, d in latest.items() if i not in stored or rank(d) > rank(stored[i])]
             replaced = [d["_id"] for d in newer if d["_id"] in stored]
             if replaced:
@@ -254,7 +289,7 @@ class Store:
         """Documents of a collection (optionally only `fields`), as a list."""
         projection = None if fields is None else dict.fromkeys(fields, 1)
         try:
-            return list(self.collection(key).find(query or {}, projection, **kwargs))
+            return read_documents(self.collection(key), query, projection, **kwargs)
         except PyMongoError as exc:
             raise _failure(exc, f"reading {self.cfg.mongo.collections[key]}") from exc
 
@@ -405,7 +440,8 @@ class Store:
 
     def local_models_newest_first(self, device_id: str) -> Iterator[dict]:
         """One device's stored snapshots, highest version first, read lazily."""
-        return iter(self.collection("local_models").find({"device_id": device_id}, sort=[("version", -1)]))
+        return iter(self.collection("local_models").find({"device_id": device_id}, sort=[("version", -1)],
+                                                         batch_size=batch_size_for(MAX_DOCUMENT_BYTES)))
 
     def write_global_model(self, model: dict) -> bool:
         """Store a global model under its version; False (and nothing written) if that version exists already."""

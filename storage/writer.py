@@ -27,10 +27,11 @@ from typing import Sequence
 
 import numpy as np
 
-from storage.buckets import (READING_COLUMNS, SCORE_COLUMNS, ScoreBlock, SeqIndex, bucket_spans, chunks,
-                             concat_blocks, first_of_each_seq, max_bucket_rows, reading_bucket, score_bucket,
+from storage.buckets import (MAX_BUCKET_BYTES, READING_COLUMNS, SCORE_COLUMNS, ScoreBlock, SeqIndex, bucket_spans,
+                             chunks, concat_blocks, first_of_each_seq, max_bucket_rows, reading_bucket, score_bucket,
                              select_rows, unpack_columns)
 from storage import summaries
+from storage.mongo import batch_size_for
 from storage.rollups import FLEET, RollupAccumulator, levels, merged_document
 from storage.schemas import SCHEMAS
 from telemetry.schema import Columns
@@ -293,8 +294,9 @@ class BucketWriter:
         roll-up documents written). For a stopped sink (it would write roll-ups meanwhile)."""
         acc = RollupAccumulator(self.levels)
         readings, newest = 0, self.store.sink_state(ROLLUP_STATE).get("emitted_through", 0)
+        per_reply = batch_size_for(2 * MAX_BUCKET_BYTES)  # a bucket: its packed values, metric names, incident ids
         for key in BUCKETED:
-            for doc in self.store.collection(key).find():
+            for doc in self.store.collection(key).find(batch_size=per_reply):
                 self._accumulate(acc, key, doc)
                 newest = max(newest, doc["generation"])
                 readings += doc["n"] if key == "predictions" else 0

@@ -83,6 +83,23 @@ def test_replaying_the_same_records_never_duplicates(cfg, db):
     assert db.collection("alerts").count_documents({}) == len([r for r in records if r["is_anomaly"]])
 
 
+def test_a_read_of_documents_longer_than_one_reply_allows_is_read_again_in_smaller_replies(cfg, db):
+    """The embedded FerretDB fills a reply with 101 documents whatever their size, and the driver refuses a reply
+    over 48 MB: 101 snapshots of devices of 1,000 metrics (480 KB each) failed every aggregation round. Reads of
+    such documents now come back whole, lazy ones too."""
+    from spark_jobs.aggregate_job import now_ms, read_input
+
+    weights = "A" * 600_000
+    snaps = [{"schema": "flead.snapshot/1", "device_id": f"d{i:03d}", "version": 1, "global_version": 0,
+              "n_samples": 10, "n_seen": 10, "loss": 0.1, "weights": weights, "created_at": 5} for i in range(90)]
+    for start in range(0, len(snaps), 10):  # 54 MB in all
+        assert db.write_local_models(snaps[start:start + 10]) == 10
+    assert len(db.latest_local_models()) == 90
+    window = read_input(db, cfg, now_ms())
+    assert sorted(group[0]["device_id"] for group in window.groups) == [s["device_id"] for s in snaps]
+    assert all(doc["weights"] == weights for doc in db.local_models_newest_first("d007"))
+
+
 def _flead(env, *args):
     return subprocess.run([sys.executable, "-m", "orchestration.cli", *args], env=env, capture_output=True,
                           text=True, timeout=180)

@@ -22,10 +22,11 @@ def detector_shapes(cfg, n_metrics=METRICS):
     return [w.shape for w in DeviceDetector.create([f"m{i}" for i in range(n_metrics)], cfg).get_weights()]
 
 
-def stored_snapshot(device_id, weights, n_samples=100, version=1, n_seen=None, created_at=None, key=KEY, **extra):
+def stored_snapshot(device_id, weights, n_samples=100, version=1, n_seen=None, created_at=None, key=KEY,
+                    architecture="dense_ae", **extra):
     record = {"schema": "flead.snapshot/1", "device_id": device_id, "version": version, "global_version": 0,
               "n_samples": n_samples, "n_seen": n_samples * version if n_seen is None else n_seen, "loss": 0.01,
-              "weights": to_b64(dumps(weights, {"architecture": "dense_ae", "model_version": version})),
+              "weights": to_b64(dumps(weights, {"architecture": architecture, "model_version": version})),
               "created_at": created_at or 1_700_000_000_000 + version * 60_000, **extra}
     signed = sign_record(record, key) if key else record
     return {k: v for k, v in signed.items() if k != "schema"} | {"_id": f"{device_id}:{version}"}
@@ -59,6 +60,24 @@ def test_snapshot_checks_name_each_problem():
     for name, (doc, expected) in cases.items():
         problem = check_snapshot(doc, KEY, None, ConfiguredLayout(cfg)).problem
         assert (problem is None) if expected is None else (expected in problem), (name, problem)
+
+
+def test_a_model_too_wide_to_federate_is_refused_with_the_reason():
+    """A subspace model of d inputs aggregates as a vector of d + d(d+1)/2 entries (devices of 1,000 metrics in
+    windows of 5: 12.5 million, which exhausted Spark's default driver memory and failed every device's round):
+    above `aggregation.max_vector_entries` a snapshot is refused, saying why, and narrower devices still count."""
+    from models.detector import DeviceDetector
+
+    cfg = load_config(env={"FLEAD_AGGREGATION_MAX_VECTOR_ENTRIES": "700"})
+    problems = {}
+    for n_metrics in (7, 8):  # 35 inputs: 665 entries; 40 inputs: 860
+        detector = DeviceDetector.create([f"m{i}" for i in range(n_metrics)], cfg)
+        weights = detector.get_weights()
+        doc = stored_snapshot(f"d{n_metrics}", weights, architecture=detector.architecture)
+        problems[n_metrics] = check_snapshot(doc, KEY, None, ConfiguredLayout(cfg)).problem
+    assert problems[7] is None
+    assert "too wide to federate" in problems[8] and "40 inputs" in problems[8] and "860 entries" in problems[8]
+    assert "max_vector_entries (700)" in problems[8]
 
 
 def test_shapes_come_from_the_configured_model_when_there_is_no_global_model():
@@ -162,7 +181,7 @@ def test_too_few_usable_updates_raise_with_the_reasons():
 
 def test_a_registered_codec_decides_the_space_of_the_average():
     """The hook for model kinds whose weights do not average as they are (e.g. a low-rank factor)."""
-    from models.updates import _CODECS, flatten, register_codec, unflatten
+    from models.updates import _CODECS, IDENTITY, flatten, register_codec, unflatten
 
     class Doubling:   # a toy codec: averages 2·w, rebuilds w
         def federated_vector(self, weights):
@@ -170,6 +189,9 @@ def test_a_registered_codec_decides_the_space_of_the_average():
 
         def weights_from_vector(self, vector, like):
             return unflatten(vector / 2, like)
+
+        def vector_length(self, shapes):
+            return IDENTITY.vector_length(shapes)
 
     cfg = load_config()
     docs = fleet(cfg, 4)

@@ -1,4 +1,6 @@
 """models.partitioned: aggregation in partitions equals the in-memory strategies (checks, reasons, median bits)."""
+from dataclasses import dataclass, field
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -6,8 +8,8 @@ from hypothesis import strategies as st
 
 from models.aggregation import (AggregationError, ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, Update,
                                 ValidationPolicy)
-from models.partitioned import (Cohort, LocalPartitions, VectorBlock, aggregate, bin_of, block_histogram,
-                                exact_coordinate_median)
+from models.partitioned import (HISTOGRAM_BYTES, Cohort, LocalPartitions, VectorBlock, aggregate, bin_of,
+                                block_histogram, exact_coordinate_median, histogram_counts)
 
 
 def split(vectors, n_samples, cuts, ids=None):
@@ -46,9 +48,44 @@ def test_exact_median_equals_numpy_to_the_bit(rows, bins, data):
     # ranges that miss part of the data: values outside count in the end bins, the result stays exact
     low = np.quantile(vectors, 0.3, axis=0) if data.draw(st.booleans()) else vectors.min(axis=0)
     high = np.maximum(low, np.quantile(vectors, 0.6, axis=0))
-    got = exact_coordinate_median(LocalPartitions(blocks), excluded, int(kept.sum()), low, high, bins)
+    # histograms of all coordinates at once, of one coordinate per pass, or of three
+    histogram_bytes = data.draw(st.sampled_from([HISTOGRAM_BYTES, 1, 3 * (bins + 2) * 8]))
+    got = exact_coordinate_median(LocalPartitions(blocks), excluded, int(kept.sum()), low, high, bins,
+                                  histogram_bytes)
     want = np.median(vectors[kept], axis=0)
     assert np.array_equal(got, want), (got, want)
+
+
+@dataclass
+class Replies(LocalPartitions):
+    """`LocalPartitions` that keep every histogram a block sends back."""
+
+    histograms: list[np.ndarray] = field(default_factory=list)
+
+    def map(self, fn):
+        out = super().map(fn)
+        if getattr(fn, "func", None) is block_histogram:
+            self.histograms.extend(out)
+        return out
+
+
+@pytest.mark.parametrize("rows, columns, bins, budget, kind, passes", [
+    (9, 200_000, 256, 4 * 1024 * 1024, np.uint16, 5),  # 9 bins (one per device) of 200,000 coordinates: 14 MB
+    (600, 3_000, 8, 200_000, np.int64, 2),              # 300 rows per block, 10 bins: counts are fewer bytes
+])
+def test_the_median_of_long_vectors_takes_passes_whose_histograms_fit_the_budget(rows, columns, bins, budget, kind,
+                                                                                 passes):
+    """Devices of 200 metrics have vectors of 501,500 coordinates: 1 GB of histograms per block in one pass at 256
+    bins. The median bins a span of coordinates at a time, each block's reply within the budget: a few devices'
+    bins (at most one bin per device), or counts when a block has many rows; the median stays exact."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(rows, columns))
+    partitions = Replies(split(vectors, [1] * rows, [rows // 2]))
+    got = exact_coordinate_median(partitions, frozenset(), rows, vectors.min(axis=0), vectors.max(axis=0), bins,
+                                  budget)
+    assert np.array_equal(got, np.median(vectors, axis=0))
+    assert {h.dtype.type for h in partitions.histograms} == {kind}
+    assert max(h.nbytes for h in partitions.histograms) <= budget and len(partitions.histograms) == 2 * passes
 
 
 def test_bins_cover_every_value_once():
@@ -56,7 +93,8 @@ def test_bins_cover_every_value_once():
     low, high = np.array([0.0, 0.0]), np.array([1.0, 0.0])
     assert bin_of(values, low, high, 4).T.tolist() == [[0, 1, 3, 5, 5], [1, 1, 1, 1, 5]]
     block = VectorBlock(0, list("abcde"), np.ones(5), values)
-    assert block_histogram(block, frozenset(), low, high, 4).sum(axis=1).tolist() == [5, 5]
+    reply = block_histogram(block, frozenset(), low, high, 4)  # 5 rows: their bins, fewer bytes than counts
+    assert reply.dtype == np.uint16 and histogram_counts([reply], 2, 4).sum(axis=1).tolist() == [5, 5]
 
 
 @settings(max_examples=100, deadline=None)
