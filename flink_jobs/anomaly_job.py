@@ -301,6 +301,7 @@ def kafka_sink(cfg, topic: str) -> KafkaSink:
             .set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
             .set_property("linger.ms", str(cfg.stream.sink_linger_ms))
             .set_property("compression.type", cfg.stream.sink_compression)
+            .set_property("max.request.size", str(cfg.kafka.max_message_bytes))
             .build())
 
 

@@ -48,7 +48,8 @@ def _write_server_properties(cfg: Config) -> Path:
     data = processes.private_dir(_kafka_dir(cfg) / "data")
     template = (PROJECT_ROOT / "kafka" / "server.properties.template").read_text()
     props = template.format(host=cfg.kafka.host, port=cfg.kafka.port, controller_port=cfg.kafka.controller_port,
-                            log_dir=data, retention_hours=cfg.kafka.retention_hours)
+                            log_dir=data, retention_hours=cfg.kafka.retention_hours,
+                            max_message_bytes=cfg.kafka.max_message_bytes)
     path = _kafka_dir(cfg) / "server.properties"
     path.write_text(props)
     return path
@@ -96,7 +97,8 @@ def ensure_topics(cfg: Config) -> list[str]:
     admin = AdminClient({"bootstrap.servers": cfg.kafka_bootstrap})
     existing = set(admin.list_topics(timeout=10).topics)
     wanted = {cfg.kafka.topics[key]: cfg.kafka.partitions[key] for key in cfg.kafka.topics.to_dict()}
-    missing = [NewTopic(name, num_partitions=parts, replication_factor=1)
+    limit = {"max.message.bytes": str(cfg.kafka.max_message_bytes)}
+    missing = [NewTopic(name, num_partitions=parts, replication_factor=1, config=limit)
                for name, parts in wanted.items() if name not in existing]
     if not missing:
         return []

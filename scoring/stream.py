@@ -44,7 +44,7 @@ from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
             "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events", "values_winsorised",
-            "devices_reconfigured", "telemetry_refused", "scoring_errors")
+            "devices_reconfigured", "telemetry_refused", "scoring_errors", "records_too_large")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -66,6 +66,7 @@ class StreamOptions:
     secure_aggregation: bool  # privacy.secure_aggregation: snapshots answer cohorts with masked vectors
     feedback: FeedbackSettings
     require_signed_telemetry: bool  # ingest.require_signed_telemetry: unsigned telemetry is refused
+    max_record_bytes: int  # kafka.max_message_bytes: a larger record is not emitted (the producer would fail the job)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "StreamOptions":
@@ -78,7 +79,8 @@ class StreamOptions:
                    global_model_topic=topics.global_model, feedback_topic=topics.feedback,
                    max_version_gap=cfg.integrity.max_version_gap, secure_aggregation=cfg.privacy.secure_aggregation,
                    feedback=FeedbackSettings.from_config(cfg),
-                   require_signed_telemetry=cfg.ingest.require_signed_telemetry)
+                   require_signed_telemetry=cfg.ingest.require_signed_telemetry,
+                   max_record_bytes=cfg.kafka.max_message_bytes)
 
     def __post_init__(self):
         if self.backlog_micro_batch_size < self.micro_batch_size:
@@ -494,8 +496,17 @@ class StreamScoring:
                 weights=to_b64(snap["weights"]), created_at=now_ms)]
         key = self._require_key()
         for record in records:
+            signed = to_json(sign_record(record, key))
+            size = len(signed.encode())
+            if size > self.options.max_record_bytes:  # Kafka's producer would fail the job, again after each restart
+                out.counts["records_too_large"] += 1
+                self._dead_letter(out, to_json({"device_id": device_id, "version": record["version"], "bytes": size}),
+                                  f"snapshot not sent: {size:,} bytes, more than kafka.max_message_bytes "
+                                  f"({self.options.max_record_bytes:,}); the device's model is too wide to federate "
+                                  "and keeps learning on its own", self.options.telemetry_topic, device_id)
+                continue
             out.counts["snapshots"] += 1
-            out.snapshots.append(to_json(sign_record(record, key)))
+            out.snapshots.append(signed)
 
     @staticmethod
     def secure_round_answered(state: DeviceState, device_id: str, broadcasts: Broadcasts) -> bool:

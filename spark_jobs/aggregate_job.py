@@ -66,7 +66,6 @@ log = logging.getLogger("flead.aggregate")
 SNAPSHOT_READS = ("driver", "executors")
 SNAPSHOT_SOURCES = ("mongodb", "kafka")
 PUBLISH_TIMEOUT_S = 30                 # a global model not acknowledged by then: stored, not published (logged)
-GLOBAL_MODEL_MAX_BYTES = 10_000_000    # producer limit for one global-model message
 DP_HISTORY_FIELDS = ("epsilon", "round_epsilon", "delta", "sampling_rate", "noise_multiplier", "clip_norm", "rounds")
 
 
@@ -330,7 +329,7 @@ def publish(cfg: Config, messages: list[dict]) -> None:
     (round id); raises if any is not acknowledged."""
     send_acknowledged(cfg, cfg.kafka.topics.global_model,
                       [(str(m.get("version", m.get("round_id"))).encode(), json.dumps(m).encode()) for m in messages],
-                      PUBLISH_TIMEOUT_S, **{"message.max.bytes": GLOBAL_MODEL_MAX_BYTES})
+                      PUBLISH_TIMEOUT_S)
 
 
 def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | None = None) -> RoundOutcome:

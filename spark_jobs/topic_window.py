@@ -161,7 +161,8 @@ def send_acknowledged(cfg, topic: str, messages: list[tuple[bytes | None, bytes]
     from confluent_kafka import KafkaException, Producer
 
     errors: list[str] = []
-    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, **producer_settings})
+    producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap, "message.max.bytes": cfg.kafka.max_message_bytes,
+                         **producer_settings})
     for key, value in messages:
         producer.produce(topic, key=key, value=value, on_delivery=lambda err, _msg: err and errors.append(str(err)))
     if producer.flush(timeout_s) or errors:

@@ -74,6 +74,7 @@ def producer_config(cfg, **overrides) -> dict:
         "batch.size": cfg.ingest.kafka_batch_bytes,
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,
+        "message.max.bytes": cfg.kafka.max_message_bytes,
         "log_level": 4,  # warnings and errors; librdkafka's info lines (e.g. at shutdown) are noise here
         "logger": KAFKA_LOG,
     }

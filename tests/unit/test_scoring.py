@@ -42,7 +42,8 @@ def options(**overrides) -> StreamOptions:
                   timestamp_window_ms=0, snapshot_every=50, snapshot_interval_ms=60_000,
                   telemetry_topic="t.telemetry",
                   global_model_topic="t.global", feedback_topic="t.feedback", max_version_gap=10,
-                  secure_aggregation=False, feedback=FEEDBACK_SETTINGS, require_signed_telemetry=True)
+                  secure_aggregation=False, feedback=FEEDBACK_SETTINGS, require_signed_telemetry=True,
+                  max_record_bytes=10_485_760)
     return StreamOptions(**{**values, **overrides})
 
 
@@ -257,6 +258,30 @@ def test_snapshot_is_due_by_time_when_the_device_learned_something(settings):
     assert not emitted[0].snapshots
     state, out = scoring.score(state, "a", [columns("a", 4, 4)], Broadcasts(), 1_000)
     assert len(out.snapshots) == 1
+
+
+def test_a_snapshot_larger_than_kafka_takes_is_dead_lettered_instead_of_failing_the_job(settings):
+    """Kafka's producer fails the job on a record over its max.request.size, and the job meets the same record after
+    every restart (seen: a device of 1,000 metrics in windows of 12, 1.15 MB snapshots, restarted the job nine times
+    in two minutes and no device was scored). Such a snapshot becomes a dead letter that says why."""
+    size = len(to_json_snapshot(settings))
+    scoring = scoring_with(settings, snapshot_every=40, max_record_bytes=size - 1)
+    state, emitted = run(scoring, "a", 10)
+    assert not [s for out in emitted for s in out.snapshots]
+    letters = [json.loads(d) for out in emitted for d in out.dead_letters]
+    assert len(letters) == 1 and letters[0]["device_id"] == "a" and verify_record(letters[0], KEY) is None
+    reason = letters[0]["reason"]
+    assert f"snapshot not sent: {size:,} bytes, more than kafka.max_message_bytes ({size - 1:,})" in reason
+    assert sum(out.counts["records_too_large"] for out in emitted) == 1
+    assert sum(out.counts["records_scored"] for out in emitted) == 40  # scoring goes on
+    _, emitted = run(scoring_with(settings, snapshot_every=40, max_record_bytes=size), "a", 10)
+    assert len([s for out in emitted for s in out.snapshots]) == 1
+
+
+def to_json_snapshot(settings) -> bytes:
+    """The first snapshot of device "a" after 40 readings (`run`), as the job sends it."""
+    _, emitted = run(scoring_with(settings, snapshot_every=40), "a", 10)
+    return next(s for out in emitted for s in out.snapshots).encode()
 
 
 def test_unknown_metrics_are_counted_and_reported_once_missing_ones_imputed(settings):
