@@ -80,7 +80,8 @@ class BlockSummary:
 
 class Partitions(Protocol):
     """Blocks held elsewhere (a persisted Spark RDD of one block per partition, or `LocalPartitions`):
-    ``map(fn)`` runs ``fn(block)`` where each block lives and returns the results, in block order."""
+    ``map(fn)`` runs ``fn(block)`` where each block lives and returns the results, in block order. Partitions whose
+    blocks this process can read itself may also offer ``map_here(fn)``, the same without Spark."""
 
     def map(self, fn: Callable[[VectorBlock], Any]) -> list: ...
 
@@ -316,8 +317,10 @@ class Cohort:
         return _total(self.partitions.map(partial(block_weighted_sum, weights=weights)))
 
     def updates(self) -> list[Update]:
-        """Every update with its vector, collected here (strategies that need them all at once)."""
-        return [Update(d, [v], n) for part in self.partitions.map(block_updates) for d, n, v in part]
+        """Every update with its vector, collected here (strategies that need them all at once): read in this
+        process when the partitions can (``map_here``: blocks on this machine), else sent by each partition."""
+        collect = getattr(self.partitions, "map_here", self.partitions.map)
+        return [Update(d, [v], n) for part in collect(block_updates) for d, n, v in part]
 
 
 def _checked(policy: ValidationPolicy, cohort: Cohort, min_cosine: float | None, cosines_to

@@ -153,6 +153,11 @@ class LocalBlocks:
     def map(self, fn) -> list:
         return self._run(partial(_on_stored_block, fn, str(self.directory)))
 
+    def map_here(self, fn) -> list:
+        """``fn`` on every block in this process, its vectors mapped from the directory: what the driver needs whole
+        (`Cohort.updates`) does not cross the JVM (10,000 devices' vectors, 372 MB, exhausted its default 1 GB)."""
+        return [_on_stored_block(fn, str(self.directory), index) for index in range(self.parts)]
+
     def _run(self, task) -> list:
         return self.sc.parallelize(range(self.parts), self.parts).map(task).collect()
 
