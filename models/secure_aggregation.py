@@ -32,6 +32,7 @@ array([0.5, 2.5, 3. ])
 from __future__ import annotations
 
 import base64
+import random
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -289,9 +290,12 @@ def enrolment_record(device_id: str, public_key: bytes, vector_length: int, shap
 
 
 def choose_cohort(enrolments: Sequence[Mapping], round_id: str, base_version: int, max_weight: float,
-                  created_at: int, issuer: str) -> dict:
+                  created_at: int, issuer: str, max_members: int | None = None,
+                  sample: random.Random | None = None) -> dict:
     """Aggregator side: the `flead.cohort/1` announcement of a round from the devices' newest enrolments (one
-    per device, all of the most common layout). Unsigned: the caller signs it."""
+    per device, all of the most common layout), at most ``max_members`` of them drawn at random (``sample``; the
+    system's randomness by default): every member masks once per other member, so a round costs the fleet
+    members² masks. Unsigned: the caller signs it."""
     newest: dict[str, Mapping] = {}
     for e in enrolments:
         if e["device_id"] not in newest or e["created_at"] > newest[e["device_id"]]["created_at"]:
@@ -303,6 +307,8 @@ def choose_cohort(enrolments: Sequence[Mapping], round_id: str, base_version: in
     if not layouts:
         raise AggregationError("secure aggregation: no device has announced its key yet (enrolment snapshots)")
     (length, shapes, architecture), members = max(layouts.items(), key=lambda item: len(item[1]))
+    if max_members is not None and len(members) > max_members:
+        members = (sample or random.SystemRandom()).sample(sorted(members), max_members)
     record = {"schema": COHORT_SCHEMA, "round_id": round_id, "base_version": base_version,
               "members": {d: newest[d]["public_key"] for d in sorted(members)}, "length": length + 1,
               "shapes": shapes_text(shapes), "fixed_point_bits": FIXED_POINT_BITS, "max_weight": max_weight,

@@ -59,7 +59,7 @@ def announce(db, cfg, key: bytes, base_version: int, attempt: int, now: int, pub
     round_id = f"r{base_version + 1}.{attempt}"
     try:
         record = choose_cohort(enrolments, round_id, base_version, cfg.privacy.secure_max_weight, now,
-                               AGGREGATOR_ISSUER)
+                               AGGREGATOR_ISSUER, cfg.privacy.secure_cohort_size)
     except Exception as exc:  # AggregationError: nobody enrolled yet
         return SecureStep("waiting", str(exc))
     if len(record["members"]) < cfg.aggregation.min_devices:
