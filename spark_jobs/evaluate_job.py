@@ -40,6 +40,7 @@ from models.integrity import signing_key  # noqa: E402
 from models.metrics import average_precision, precision_recall_f1, roc_auc  # noqa: E402
 from models.serialization import SerializationError, from_b64, loads  # noqa: E402
 from models.thresholds import make_threshold  # noqa: E402
+from spark_jobs.partitions import collect_rows  # noqa: E402
 from spark_jobs.snapshots import newest_verified_snapshot  # noqa: E402
 from storage.mongo import Store  # noqa: E402
 
@@ -174,8 +175,11 @@ def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
         if not devices:
             return EvaluationOutcome("skipped", f"no telemetry in {cfg.mongo.collections.device_data} to score",
                                      version=model["version"])
-        rows = (spark.sparkContext.parallelize(devices, max(1, min(len(devices), cfg.aggregation.spark_partitions)))
-                .mapPartitions(partial(score_partition, cfg.to_dict(), signing_key(cfg), model["weights"])).collect())
+        sc = spark.sparkContext
+        parts = max(1, min(len(devices), cfg.aggregation.spark_partitions))
+        scored = sc.parallelize(devices, parts).mapPartitions(partial(score_partition, cfg.to_dict(),
+                                                                      signing_key(cfg), model["weights"]))
+        rows = collect_rows(cfg, sc, scored)  # every held-out reading's scores: large for a large fleet
         docs = metric_documents(rows, model["version"], int(time.time() * 1000))
         store.write_metrics(docs)
         problems = [{"device_id": r["device_id"], "problem": p} for r in rows for p in r["problems"]]
