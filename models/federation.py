@@ -142,9 +142,9 @@ class SubspaceCodec:
     def weights_from_vector(self, vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
         vector = np.asarray(vector, dtype=np.float64).ravel()
         d = np.shape(like[1])[0]
-        if vector.shape[0] != self.vector_length([np.shape(w) for w in like]):
-            raise ValueError(f"a subspace vector of {d} inputs has {d + d * (d + 1) // 2} entries, got "
-                             f"{vector.shape[0]}")
+        length = self.vector_length([np.shape(w) for w in like])
+        if vector.shape[0] != length:
+            raise ValueError(f"a subspace vector of {d} inputs has {length} entries, got {vector.shape[0]}")
         mean = vector[:d]
         second_moment = np.zeros((d, d))
         second_moment[np.triu_indices(d)] = vector[d:]
