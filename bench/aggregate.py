@@ -38,7 +38,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,13 +45,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
+from bench_output import own_servers_env, stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.integrity import sign_record, signing_key  # noqa: E402
 from models.serialization import dumps, to_b64  # noqa: E402
 from orchestration import stack  # noqa: E402
-from services import processes  # noqa: E402
 from storage.mongo import Store  # noqa: E402
 from telemetry.schema import SNAPSHOT  # noqa: E402
 
@@ -204,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_cleanly_on_sigterm()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [100, 1000] if args.quick else [1000, 10000]
 
-    state_dir = Path(tempfile.mkdtemp(prefix="flead-bench-aggregate-"))
-    base_env = {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_MONGO_PORT": str(processes.free_port()),
-                "FLEAD_KAFKA_PORT": str(processes.free_port()), "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port()),
-                "FLEAD_KAFKA_BOOTSTRAP": "", "FLEAD_MONGO_URI": "", "SPARK_LOCAL_IP": "127.0.0.1"}
+    state_dir, base_env = own_servers_env("aggregate")
     os.environ.update(base_env)
     cfg = load_config()
     rows: list[dict] = []

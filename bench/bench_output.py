@@ -6,12 +6,25 @@ import json
 import os
 import platform
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 FIRST_TOUCH_PROBE_BYTES = 256 * 2**20  # what `first_touch_gb_per_s` allocates: ~0.05 s on a healthy machine
+
+
+def own_servers_env(name: str) -> tuple[Path, dict[str, str]]:
+    """A new temporary state dir and the settings that give a benchmark its own embedded MongoDB and Kafka there,
+    on free ports (never the user's servers), for Spark bound to 127.0.0.1."""
+    from services import processes
+
+    state_dir = Path(tempfile.mkdtemp(prefix=f"flead-bench-{name}-"))
+    return state_dir, {"FLEAD_STATE_DIR": str(state_dir), "FLEAD_MONGO_PORT": str(processes.free_port()),
+                       "FLEAD_KAFKA_PORT": str(processes.free_port()),
+                       "FLEAD_KAFKA_CONTROLLER_PORT": str(processes.free_port()), "FLEAD_KAFKA_BOOTSTRAP": "",
+                       "FLEAD_MONGO_URI": "", "SPARK_LOCAL_IP": "127.0.0.1"}
 
 
 def stop_cleanly_on_sigterm() -> None:
