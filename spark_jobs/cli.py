@@ -17,7 +17,9 @@ API_START_TIMEOUT_S = 60.0
 def register(sub) -> None:
     for name, job, help_text in (
             ("aggregate", "aggregate_job", "run one federated aggregation round now (Spark)"),
-            ("evaluate-models", "evaluate_job", "score stored telemetry with the newest global and local models")):
+            ("evaluate-models", "evaluate_job", "score stored telemetry with the newest global and local models "
+                                                "(at most aggregation.evaluation_devices devices, drawn at random, "
+                                                "each on its newest aggregation.evaluation_readings readings)")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--spark-submit", action="store_true",
                        help="run through spark-submit (a fresh Spark application) instead of in this process")

@@ -5,13 +5,18 @@ newest local model, write per-device and fleet metrics to `metrics`.
 
 Read top to bottom (`run_evaluation`):
 
-1. The newest global model (nothing to do before the first round) and the devices in `device_data`.
-2. Spark: devices are spread over partitions; each partition reads its devices' readings from MongoDB (one read
-   of the bucketed `device_data` per partition) and scores them, each device's in seq order. Network weights alone are not a detector: inputs must be scaled as the device scales them.
-   So each device gets a `DeviceDetector` whose feature buffer and running scaler learn the FIRST
-   `aggregation.evaluation_fit_fraction` of its readings; then the evaluated weights are put in, its
-   threshold (`threshold.*`, no labels) is fitted on the scores of that same first part, and the REST is scored
-   (out of sample). The same scaler serves the global and the local model, so only the weights differ.
+1. The newest global model (nothing to do before the first round) and the devices in `device_data`: at most
+   `aggregation.evaluation_devices` of them, drawn at random with the version as seed (`sample_devices`), so a
+   run's cost does not grow with the fleet (the scheduler's next round waits for it). Which of their documents
+   hold each one's newest `aggregation.evaluation_readings` readings (one read of the documents' heads), in
+   groups of bounded size (`storage.buckets.newest_buckets`), and each one's newest verified snapshot (its local
+   model: `newest_verified_snapshots`, two reads).
+2. Spark: the groups are spread over partitions; each partition reads a group's documents (one read per group)
+   and scores its devices, each device's readings in seq order. Network weights alone are not a detector: inputs
+   must be scaled as the device scales them. So each device gets a `DeviceDetector` whose feature buffer and
+   running scaler learn the FIRST `aggregation.evaluation_fit_fraction` of its readings; then the evaluated weights
+   are put in, its threshold (`threshold.*`, no labels) is fitted on the scores of that same first part, and the
+   REST is scored (out of sample). The same scaler serves the global and the local model, so only the weights differ.
 3. Driver: per device and pooled over the fleet, score mean / p50 / p99 and, where readings carry labels,
    precision / recall / F1 at that threshold, ROC-AUC and PR-AUC (`models.metrics`).
 4. `metrics` documents, ``_id`` = ``<global version>:<scope>:<device_id | fleet>`` for the global model and the
@@ -28,6 +33,7 @@ if __package__ in (None, ""):  # run as a script by spark-submit: make the proje
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import random  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from functools import partial  # noqa: E402
@@ -41,8 +47,9 @@ from models.metrics import average_precision, precision_recall_f1, roc_auc  # no
 from models.serialization import SerializationError, from_b64, loads  # noqa: E402
 from models.thresholds import make_threshold  # noqa: E402
 from spark_jobs.partitions import collect_rows  # noqa: E402
-from spark_jobs.snapshots import newest_verified_snapshot  # noqa: E402
-from storage.mongo import Store  # noqa: E402
+from spark_jobs.snapshots import newest_verified_snapshots  # noqa: E402
+from storage.buckets import newest_buckets  # noqa: E402
+from storage.mongo import READ_VALUES, Store  # noqa: E402
 
 log = logging.getLogger("flead.evaluate")
 MODELS = ("global", "local")
@@ -56,6 +63,7 @@ class EvaluationOutcome:
     message: str
     version: int | None = None
     n_devices: int = 0
+    n_devices_in_fleet: int = 0
     n_documents: int = 0
     problems: list[dict] = field(default_factory=list)
     duration_s: float = 0.0
@@ -104,21 +112,23 @@ def score_device(cfg: Config, global_weights: list[np.ndarray], readings: dict,
     return row
 
 
-def score_partition(cfg_values: dict, key: bytes, global_b64: str, device_ids):
-    """Executor side: read each device's readings and newest verified snapshot (`newest_verified_snapshot`) from
-    MongoDB, and score them."""
-    ids = list(device_ids)
-    if not ids:
+def score_partition(cfg_values: dict, global_b64: str, tasks):
+    """Executor side: each task is a group of devices' `device_data` documents (`storage.buckets.newest_buckets`)
+    and their newest verified snapshots; read the group's documents (one read) and score its devices."""
+    tasks = list(tasks)
+    if not tasks:
         return
     cfg = Config(cfg_values)
     global_weights = loads(from_b64(global_b64))[0]
     with Store(cfg) as store:
-        readings = store.device_readings(ids)
-        for device_id in ids:
-            if device_id in readings:
-                row = score_device(cfg, global_weights, readings[device_id],
-                                   newest_verified_snapshot(store, device_id, key))
-                yield {"device_id": device_id, **row}
+        for group, snapshots in tasks:
+            for device_id, readings in store.readings_in(group, readings_per_device(cfg)):
+                yield {"device_id": device_id, **score_device(cfg, global_weights, readings, snapshots.get(device_id))}
+
+
+def readings_per_device(cfg: Config) -> int:
+    """How many of a device's newest readings an evaluation reads (0: all)."""
+    return max(0, cfg.aggregation.evaluation_readings)
 
 
 # ---------------------------------------------------------------- driver
@@ -134,8 +144,9 @@ def quality(scores: np.ndarray, labels: np.ndarray | None, thresholds: float | n
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in doc.items()}
 
 
-def metric_documents(rows: list[dict], version: int, created_at: int) -> list[dict]:
-    """Per-device and fleet documents for each model that scored at least one device."""
+def metric_documents(rows: list[dict], version: int, created_at: int, fleet_size: int) -> list[dict]:
+    """Per-device and fleet documents for each model that scored at least one device (the fleet documents say how
+    many devices were scored, ``n_devices``, of the `fleet_size` with stored telemetry)."""
     docs = []
     for model in MODELS:
         scored = [r for r in rows if model in r["scores"] and len(r["scores"][model])]
@@ -159,42 +170,68 @@ def metric_documents(rows: list[dict], version: int, created_at: int) -> list[di
                 ).items() if k not in fleet}
             docs.append({"_id": f"{version}:fleet:fleet{suffix}", "model_version": version, "model": model,
                          "scope": "fleet", "device_id": None, "created_at": created_at, "n_devices": len(scored),
+                         "n_devices_in_fleet": fleet_size,
                          **fleet})
     return docs
 
 
+def sample_devices(devices: list[str], at_most: int, version: int) -> list[str]:
+    """At most `at_most` of `devices` (0 or less: all), drawn at random with `version` as seed, sorted.
+
+    >>> sample_devices(["a", "b", "c", "d"], 2, version=7) == sample_devices(["a", "b", "c", "d"], 2, version=7)
+    True
+    >>> sample_devices(["a", "b"], 0, version=7)
+    ['a', 'b']
+    """
+    if at_most <= 0 or len(devices) <= at_most:
+        return sorted(devices)
+    return sorted(random.Random(version).sample(sorted(devices), at_most))
+
+
+def sampled(n_devices: int, fleet_size: int) -> str:
+    """How the outcome names a sample (empty when every device was scored)."""
+    return f" (a sample of {fleet_size:,}: aggregation.evaluation_devices)" if n_devices < fleet_size else ""
+
+
 def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
-    """Score every device's stored telemetry with the newest global model and its local model; write metrics."""
+    """Score a sample of the devices' newest stored telemetry (module docstring) with the newest global model and
+    each device's local model; write metrics."""
     clock = time.perf_counter()
     store = Store(cfg)
     try:
         model = store.latest_global_model()
         if model is None:
             return EvaluationOutcome("skipped", "no global model yet: run an aggregation round first")
-        devices = store.device_ids()
-        if not devices:
+        fleet = store.device_ids()
+        if not fleet:
             return EvaluationOutcome("skipped", f"no telemetry in {cfg.mongo.collections.device_data} to score",
                                      version=model["version"])
+        devices = sample_devices(fleet, cfg.aggregation.evaluation_devices, model["version"])
         sc = spark.sparkContext
-        parts = max(1, min(len(devices), cfg.aggregation.spark_partitions))
-        scored = sc.parallelize(devices, parts).mapPartitions(partial(score_partition, cfg.to_dict(),
-                                                                      signing_key(cfg), model["weights"]))
-        rows = collect_rows(cfg, sc, scored)  # every held-out reading's scores: large for a large fleet
-        docs = metric_documents(rows, model["version"], int(time.time() * 1000))
+        parts = max(1, min(cfg.aggregation.spark_partitions, sc.defaultParallelism))  # a group per core: each read
+        groups = newest_buckets(store.reading_heads(devices), readings_per_device(cfg), READ_VALUES, parts)  # scans
+        snapshots = newest_verified_snapshots(store, devices, signing_key(cfg))  # on the embedded server
+        tasks = [(group, {d: snapshots[d] for d in group if d in snapshots}) for group in groups]
+        scored = sc.parallelize(tasks, max(1, min(len(tasks), parts))).mapPartitions(
+            partial(score_partition, cfg.to_dict(), model["weights"]))
+        rows = collect_rows(cfg, sc, scored)  # every held-out reading's scores of the sampled devices
+        docs = metric_documents(rows, model["version"], int(time.time() * 1000), len(fleet))
         store.write_metrics(docs)
         problems = [{"device_id": r["device_id"], "problem": p} for r in rows for p in r["problems"]]
         duration = time.perf_counter() - clock
         return EvaluationOutcome(
-            "evaluated", f"global model v{model['version']}: {len(docs)} metric document(s) for {len(devices)} "
-                         f"device(s), {len(problems)} problem(s), {duration:.2f} s",
-            version=model["version"], n_devices=len(devices), n_documents=len(docs), problems=problems,
-            duration_s=duration)
+            "evaluated", f"global model v{model['version']}: {len(docs)} metric document(s) for {len(devices):,} "
+                         f"device(s){sampled(len(devices), len(fleet))}, {len(problems)} problem(s), {duration:.2f} s",
+            version=model["version"], n_devices=len(devices), n_devices_in_fleet=len(fleet), n_documents=len(docs),
+            problems=problems, duration_s=duration)
     finally:
         store.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score stored telemetry with the newest global and local models.")
+    parser = argparse.ArgumentParser(description="Score stored telemetry with the newest global and local models: "
+                                                 "at most aggregation.evaluation_devices devices, drawn at random, "
+                                                 "each on its newest aggregation.evaluation_readings readings.")
     parser.add_argument("--master", help="Spark master (default: spark-submit's --master, else "
                                          "aggregation.spark_master)")
     args = parser.parse_args(argv)

@@ -237,8 +237,33 @@ def newest_verified_snapshot(db, device_id: str, key: bytes) -> dict | None:
     """A device's newest stored snapshot whose signature verifies (None if it has none): a forged document with a
     higher version, written straight into `local_models`, neither blocks the device's next snapshot (the REST API)
     nor stands for its local model (evaluation). Reads the device's snapshots newest first, lazily."""
-    return next((d for d in db.local_models_newest_first(device_id)
-                 if verify_record(wire_form(d, SNAPSHOT_SCHEMA), key) is None), None)
+    return next((d for d in db.local_models_newest_first(device_id) if stored_snapshot_verifies(d, key)), None)
+
+
+def newest_verified_snapshots(db, device_ids, key: bytes) -> dict[str, dict]:
+    """`newest_verified_snapshot` of many devices in few reads (devices without one are absent): the snapshots'
+    ``_id, device_id, version``, then each device's newest not yet tried, together, until one verifies (two reads
+    unless forged documents stand first). On the embedded server every read scans the collection: one read per
+    device made an evaluation of 200 devices scan `local_models` 200 times."""
+    heads = db.find("local_models", {"device_id": {"$in": list(device_ids)}}, ("_id", "device_id", "version"))
+    untried: dict[str, list] = {}
+    for head in sorted(heads, key=lambda h: h["version"] if isinstance(h.get("version"), int) else -1,
+                       reverse=True):  # a version that is not an integer (a forged document) is tried last
+        if isinstance(head["_id"], str):  # a snapshot's is "<device_id>:<version>"; a forged one may be anything
+            untried.setdefault(head["device_id"], []).append(head["_id"])
+    found: dict[str, dict] = {}
+    while untried:
+        device_of = {ids.pop(0): device_id for device_id, ids in untried.items()}
+        for doc in db.find("local_models", {"_id": {"$in": list(device_of)}}):
+            if stored_snapshot_verifies(doc, key) and doc["device_id"] == device_of.get(doc["_id"]):
+                found[doc["device_id"]] = doc
+        untried = {device_id: ids for device_id, ids in untried.items() if device_id not in found and ids}
+    return found
+
+
+def stored_snapshot_verifies(doc: dict, key: bytes) -> bool:
+    """True when a stored snapshot's signature verifies under `key`."""
+    return verify_record(wire_form(doc, SNAPSHOT_SCHEMA), key) is None
 
 
 def previous_update(doc: dict | None) -> Update | None:

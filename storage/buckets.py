@@ -426,3 +426,59 @@ def max_bucket_rows(n_values_per_row: int) -> int:
 def chunks(n: int, size: int) -> list[slice]:
     """`n` rows as consecutive slices of at most `size`."""
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def newest_buckets(heads: Iterable[dict], newest: int, max_values: int, parts: int = 1) -> list[dict[str, list]]:
+    """Which `device_data` documents to read for each device's newest `newest` readings (0: all of them), in groups
+    of devices whose documents hold at most `max_values` values (readings × metrics) together, and at most their
+    share of all when there are `parts` readers, so each can have a group (a device with more is a group of its
+    own): ``[{device_id: [_id, ...]}, ...]``. `heads`: the documents' ``_id, device_id, seq_last, n,
+    metric_names``. A device's documents are taken highest ``seq_last`` first until they hold `newest` readings.
+
+    >>> head = {"n": 10, "metric_names": ["x"]}
+    >>> heads = [{**head, "_id": f"a:{s}", "device_id": "a", "seq_last": s + 9} for s in (0, 10, 20)]
+    >>> heads.append({**head, "_id": "b:0", "device_id": "b", "seq_last": 4, "n": 5})
+    >>> newest_buckets(heads, newest=15, max_values=24)
+    [{'a': ['a:20', 'a:10']}, {'b': ['b:0']}]
+    >>> newest_buckets(heads, newest=15, max_values=100, parts=2)
+    [{'a': ['a:20', 'a:10']}, {'b': ['b:0']}]
+    """
+    by_device: dict[str, list[dict]] = {}
+    for head in heads:
+        by_device.setdefault(head["device_id"], []).append(head)
+    chosen: dict[str, tuple[list, int]] = {}
+    for device_id in sorted(by_device):
+        ids, held, values = [], 0, 0
+        for head in sorted(by_device[device_id], key=itemgetter("seq_last"), reverse=True):
+            if newest and held >= newest:
+                break
+            ids.append(head["_id"])
+            held += head["n"]
+            values += head["n"] * len(head["metric_names"])
+        chosen[device_id] = ids, values
+    budget = min(max_values, math.ceil(sum(v for _, v in chosen.values()) / max(1, parts)))
+    groups: list[dict[str, list]] = []
+    group_values = 0
+    for device_id, (ids, values) in chosen.items():
+        if not groups or group_values + values > budget:
+            groups.append({})
+            group_values = 0
+        groups[-1][device_id] = ids
+        group_values += values
+    return groups
+
+
+def readings_of(docs: Sequence[dict], newest: int = 0) -> dict:
+    """One device's `device_data` documents as arrays in seq order: ``seq, ts, label``, ``names`` (every metric
+    name, first seen first) and ``values`` (readings × names, NaN = missing); only the newest `newest` (0: all)."""
+    names = list(dict.fromkeys(name for d in docs for name in d["metric_names"]))
+    seq, ts, label, values = [], [], [], []
+    for doc in docs:
+        cols = unpack_columns(doc, READING_COLUMNS)
+        block = np.full((doc["n"], len(names)), math.nan)
+        block[:, [names.index(n) for n in doc["metric_names"]]] = cols["values"]
+        seq.append(cols["seq"]), ts.append(cols["ts"]), label.append(cols["label"]), values.append(block)
+    seq_all = np.concatenate(seq)
+    order = np.argsort(seq_all, kind="stable")[-newest if newest else 0:]
+    return {"seq": seq_all[order], "ts": np.concatenate(ts)[order], "label": np.concatenate(label)[order],
+            "names": names, "values": np.concatenate(values)[order]}

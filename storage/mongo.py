@@ -23,7 +23,8 @@ import pymongo
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, ProtocolError, PyMongoError
 
 from config import Config
-from storage.buckets import MAX_ABS_TS, READING_COLUMNS, SCORE_COLUMNS, ScorePart, score_block, unpack_columns
+from storage.buckets import (MAX_ABS_TS, SCORE_COLUMNS, ScorePart, newest_buckets, readings_of, score_block,
+                             unpack_columns)
 from storage import summaries
 from storage.errors import StorageError, StorageUnavailable
 from storage.schemas import INDEXES, SCHEMAS, SchemaViolation, check_document
@@ -46,9 +47,10 @@ RETENTION_FIELD = {"local_models": "created_at"}
 MAX_REPLY_BYTES = 48_000_000  # the wire protocol's maximum message (pymongo's MAX_MESSAGE_SIZE)
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's (and FerretDB's) largest document
 SMALLER_BATCHES = (16, 1)  # documents per reply after a reply too long: ≤ 3 MB on average, then any document
+READ_VALUES = 16_000_000  # metric values (8 bytes each, 128 MB) read at a time (`storage.buckets.newest_buckets`)
 
 __all__ = ["Store", "StorageError", "StorageUnavailable", "SchemaViolation", "reading_id", "retention_cutoffs",
-           "mongo_healthy", "read_documents", "batch_size_for"]
+           "mongo_healthy", "read_documents", "batch_size_for", "READ_VALUES"]
 
 
 def _failure(exc: PyMongoError, what: str) -> StorageError:
@@ -339,9 +341,11 @@ class Store:
         return int(result[0]["n"]) if result else 0
 
     def device_ids(self, key: str = "device_data") -> list[str]:
-        """Every device with documents in `key`, sorted."""
+        """Every device with documents in `key`, sorted. A `$group`, whose results stream (``distinct`` answers in
+        one document, which MongoDB caps at 16 MB: ~900,000 device ids), spilling to disk on MongoDB if it must."""
         try:
-            return sorted(self.collection(key).distinct("device_id"))
+            groups = self.collection(key).aggregate([{"$group": {"_id": "$device_id"}}], allowDiskUse=True)
+            return sorted(doc["_id"] for doc in groups if isinstance(doc["_id"], str))
         except PyMongoError as exc:
             raise _failure(exc, f"reading {self.cfg.mongo.collections[key]}") from exc
 
@@ -364,28 +368,25 @@ class Store:
         return {name: values[order] for name, values in out.items()}
 
     def device_readings(self, device_ids: Sequence[str]) -> dict[str, dict]:
-        """The stored readings of these devices, by device: ``seq, ts, label`` arrays, ``names`` (metric names)
-        and ``values`` (readings × names, NaN = missing), in seq order. One scan for all of them."""
-        wanted = list(device_ids)
-        docs = self.find("device_data", {"device_id": {"$in": wanted}})
+        """Every stored reading of these devices, by device, as `storage.buckets.readings_of` gives them."""
+        groups = newest_buckets(self.reading_heads(device_ids), newest=0, max_values=READ_VALUES)
+        return {device_id: readings for group in groups for device_id, readings in self.readings_in(group, newest=0)}
+
+    def reading_heads(self, device_ids: Sequence[str]) -> list[dict]:
+        """The heads (``_id, device_id, seq_last, n, metric_names``) of these devices' `device_data` documents, to
+        choose which to read (`storage.buckets.newest_buckets`): one read (on the embedded server, one scan)."""
+        return self.find("device_data", {"device_id": {"$in": list(device_ids)}},
+                         ("_id", "device_id", "seq_last", "n", "metric_names"))
+
+    def readings_in(self, group: dict[str, list], newest: int) -> Iterator[tuple[str, dict]]:
+        """``(device_id, readings)`` for a group of `newest_buckets`: the group's documents in one read, each
+        device's newest `newest` (0: all) of them as `storage.buckets.readings_of` gives them."""
         by_device: dict[str, list] = defaultdict(list)
-        for doc in docs:
+        for doc in self.find("device_data", {"_id": {"$in": [i for ids in group.values() for i in ids]}}):
             by_device[doc["device_id"]].append(doc)
-        out = {}
-        for device, device_docs in by_device.items():
-            names = list(dict.fromkeys(name for d in device_docs for name in d["metric_names"]))
-            seq, ts, label, values = [], [], [], []
-            for doc in device_docs:
-                cols = unpack_columns(doc, READING_COLUMNS)
-                block = np.full((doc["n"], len(names)), math.nan)
-                block[:, [names.index(n) for n in doc["metric_names"]]] = cols["values"]
-                seq.append(cols["seq"]), ts.append(cols["ts"]), label.append(cols["label"]), values.append(block)
-            seq_all = np.concatenate(seq)
-            order = np.argsort(seq_all, kind="stable")
-            out[device] = {"seq": seq_all[order], "ts": np.concatenate(ts)[order],
-                           "label": np.concatenate(label)[order], "names": names,
-                           "values": np.concatenate(values)[order]}
-        return out
+        for device_id in group:
+            if by_device[device_id]:
+                yield device_id, readings_of(by_device[device_id], newest)
 
     def sink_state(self, name: str) -> dict:
         """The sink's bookkeeping document `name` ({} before its first write)."""

@@ -338,9 +338,10 @@ def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(s
     assert "SHA-256" in reasons["dev-tampered"]
 
 
-def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db):
+def store_labelled_telemetry_and_aggregate(spark, cfg, db) -> None:
+    """Three devices' 400 labelled readings (anomalies from seq 350, stored in two writes: two bucket documents
+    each) and snapshots of detectors that learned the first 300; one round (global model v1)."""
     from models.detector import DeviceDetector
-    from spark_jobs.evaluate_job import run_evaluation
 
     rng = np.random.default_rng(5)
     metrics = ["cpu", "mem", "net"]
@@ -355,10 +356,16 @@ def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db)
         snaps.append(snapshot(f"dev-{d}", detector.get_weights(), 300) | {"version": 1})
         readings += [{"device_id": f"dev-{d}", "seq": i, "ts": 1_700_000_000_000 + i,
                       "metrics": dict(zip(metrics, map(float, X[i]))), "label": int(y[i])} for i in range(400)]
-    db.write_readings(readings)
+    db.write_readings([r for r in readings if r["seq"] < 200])
+    db.write_readings([r for r in readings if r["seq"] >= 200])
     db.write_local_models(snaps)
     assert run_round(spark, cfg, publish_model=False).status == "aggregated"
 
+
+def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db):
+    from spark_jobs.evaluate_job import run_evaluation
+
+    store_labelled_telemetry_and_aggregate(spark, cfg, db)
     outcome = run_evaluation(spark, cfg)
 
     assert outcome.status == "evaluated" and outcome.problems == [], outcome
@@ -371,6 +378,27 @@ def test_evaluation_scores_stored_telemetry_per_device_and_fleet(spark, cfg, db)
     assert docs["1:device:dev-0:local"]["local_version"] == 1
     assert run_evaluation(spark, cfg).n_documents == len(docs)  # a re-run overwrites
     assert db.collection("metrics").count_documents({}) == len(docs)
+
+
+def test_evaluation_of_a_large_fleet_scores_a_sample_of_devices_on_their_newest_readings(spark, cfg, db):
+    from spark_jobs.evaluate_job import run_evaluation, sample_devices
+
+    store_labelled_telemetry_and_aggregate(spark, cfg, db)
+    bounded = load_config(env={**os.environ, "FLEAD_AGGREGATION_EVALUATION_DEVICES": "2",
+                               "FLEAD_AGGREGATION_EVALUATION_READINGS": "200"})
+
+    outcome = run_evaluation(spark, bounded)
+
+    assert (outcome.status, outcome.n_devices, outcome.n_devices_in_fleet) == ("evaluated", 2, 3), outcome
+    assert "a sample of 3: aggregation.evaluation_devices" in outcome.message
+    fleet = db.collection("metrics").find_one({"_id": "1:fleet:fleet"})
+    assert (fleet["n_devices"], fleet["n_devices_in_fleet"]) == (2, 3)
+    assert fleet["n_points"] == 2 * 140  # the newest 200 readings: 60 fit the scaler and threshold, 140 scored ...
+    assert fleet["roc_auc"] > 0.9  # ... and hold the anomalies (seq 350 on): the oldest 200 have none
+    scored = sorted(d["device_id"] for d in db.collection("metrics").find({"scope": "device", "model": "global"}))
+    assert scored == sample_devices([f"dev-{d}" for d in range(3)], 2, version=1)
+    assert run_evaluation(spark, bounded).to_dict() | {"duration_s": 0, "message": ""} == \
+        outcome.to_dict() | {"duration_s": 0, "message": ""}  # a re-run for the version scores the same devices
 
 
 def processes_in_session(session_ids: set[int]) -> list[int]:

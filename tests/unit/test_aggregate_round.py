@@ -11,7 +11,8 @@ from models.aggregation import AggregationError
 from models.integrity import AGGREGATOR_ISSUER, global_model_verdict, sign_record, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
 from spark_jobs.aggregate_job import round_documents
-from spark_jobs.snapshots import ConfiguredLayout, check_snapshot, choose_per_device, snapshot_limits
+from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, choose_per_device, newest_verified_snapshots,
+                                  snapshot_limits)
 
 KEY = bytes(range(32))
 METRICS = 5
@@ -204,3 +205,31 @@ def test_a_registered_codec_decides_the_space_of_the_average():
     for a, b in zip(loads(from_b64(plain.model["weights"]))[0], loads(from_b64(coded.model["weights"]))[0]):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert plain.history["norms"]["max"] * 2 == pytest.approx(coded.history["norms"]["max"])  # norms in its space
+
+
+class MemoryLocalModels:
+    """`local_models` in memory, with what `newest_verified_snapshots` asks of a Store (and the reads it made)."""
+
+    def __init__(self, docs):
+        self.docs, self.reads = docs, 0
+
+    def find(self, key, query, fields=None):
+        assert key == "local_models"
+        self.reads += 1
+        (name, condition), = query.items()
+        hits = [d for d in self.docs if d.get(name) in condition["$in"]]
+        return [{k: d[k] for k in fields if k in d} if fields else dict(d) for d in hits]
+
+
+def test_each_devices_newest_verified_snapshot_comes_from_few_reads_whatever_is_forged():
+    honest = [stored_snapshot(f"dev-{d}", [np.zeros(2)], version=v) for d in range(3) for v in (1, 2, 3)]
+    forged = [stored_snapshot("dev-0", [np.ones(2)], version=v, key=bytes(32)) for v in (7, 8)]  # above the genuine
+    hostile = [{"_id": {"not": "a string"}, "device_id": "dev-1", "version": 99},
+               {"_id": "dev-2:x", "device_id": "dev-2", "version": "high"}]
+    db = MemoryLocalModels(honest + forged + hostile)
+
+    found = newest_verified_snapshots(db, ["dev-0", "dev-1", "dev-2", "dev-9"], KEY)
+
+    assert {d: doc["_id"] for d, doc in found.items()} == {"dev-0": "dev-0:3", "dev-1": "dev-1:3",
+                                                            "dev-2": "dev-2:3"}
+    assert db.reads == 4  # the heads, then dev-0's two forged layers and its genuine newest beside the others

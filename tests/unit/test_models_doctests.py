@@ -1,4 +1,4 @@
-"""The runnable examples in the docstrings of models/ (River-style) stay true."""
+"""The runnable examples in the docstrings of models/ (River-style) and of other pure modules stay true."""
 import doctest
 import importlib
 
@@ -8,7 +8,10 @@ MODULES = ["autoencoder", "baselines", "dbscan", "detector", "drift", "features"
            "lstm_autoencoder", "metrics", "optim", "residuals", "scaler", "serialization", "subspace", "thresholds"]
 
 
-@pytest.mark.parametrize("name", MODULES)
+OTHER_MODULES = ["storage.buckets", "spark_jobs.evaluate_job"]
+
+
+@pytest.mark.parametrize("name", [f"models.{m}" for m in MODULES] + OTHER_MODULES)
 def test_docstring_examples(name):
-    result = doctest.testmod(importlib.import_module(f"models.{name}"))
+    result = doctest.testmod(importlib.import_module(name))
     assert result.failed == 0 and result.attempted > 0

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from config import load_config
-from storage.buckets import (SCORE_COLUMNS, ScorePart, SeqIndex, pack, records_block, score_block, score_bucket,
-                             score_records, unpack, unpack_columns)
+from storage.buckets import (SCORE_COLUMNS, ScorePart, SeqIndex, newest_buckets, pack, reading_bucket, readings_of,
+                             records_block, score_block, score_bucket, score_records, unpack, unpack_columns)
 from storage.mongo import retention_cutoffs
 from storage.writer import BucketWriter
 from telemetry.schema import Columns
@@ -303,3 +303,43 @@ def test_batches_with_and_without_optional_fields_give_the_columns_of_their_reco
     for name in SCORE_COLUMNS:
         assert np.array_equal(block.cols[name], expected.cols[name], equal_nan=True), name
     assert np.isnan(block.cols["p_value"][6:]).all() and (block.cols["label"][6:] == -1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=8), st.integers(0, 120), st.integers(1, 200),
+       st.randoms(use_true_random=False))
+def test_the_newest_readings_of_a_device_come_from_the_fewest_newest_documents(sizes, newest, max_values, rnd):
+    """Documents of one device (in any order, two metrics each): the chosen ones hold its newest `newest` readings
+    (all when 0), no chosen document is older than one left out, and `readings_of` gives exactly those readings."""
+    docs, seq = [], 0
+    for n in sizes:
+        seqs = np.arange(seq, seq + n)
+        values = np.column_stack([seqs, -seqs]).astype(float)
+        docs.append(reading_bucket("a", seqs, seqs * 10, np.zeros(n, dtype=np.int8), ["x", "y"], values, 1, 0))
+        seq += n
+    rnd.shuffle(docs)
+    heads = [{k: d[k] for k in ("_id", "device_id", "seq_last", "n", "metric_names")} for d in docs]
+
+    groups = newest_buckets(heads, newest, max_values)
+
+    assert len(groups) == 1 and list(groups[0]) == ["a"]
+    chosen = [d for d in docs if d["_id"] in groups[0]["a"]]
+    left = [d for d in docs if d["_id"] not in groups[0]["a"]]
+    assert sum(d["n"] for d in chosen) >= min(newest or seq, seq)
+    assert not left or min(d["seq_last"] for d in chosen) > max(d["seq_last"] for d in left)
+    readings = readings_of(chosen, newest)
+    expected = np.arange(seq)[-newest if newest else 0:]
+    assert readings["seq"].tolist() == expected.tolist()
+    assert readings["values"][:, 1].tolist() == (-expected).astype(float).tolist()
+
+
+def test_devices_are_read_in_groups_within_the_value_budget():
+    heads = [{"_id": f"{d}:{s}", "device_id": d, "seq_last": s, "n": 10, "metric_names": ["x", "y"]}
+             for d in "abcde" for s in (9, 19)]
+    groups = newest_buckets(heads, newest=10, max_values=45)  # 20 values per device
+    assert groups == [{"a": ["a:19"], "b": ["b:19"]}, {"c": ["c:19"], "d": ["d:19"]}, {"e": ["e:19"]}]
+    assert newest_buckets(heads, newest=0, max_values=10) == [{d: [f"{d}:19", f"{d}:9"]} for d in "abcde"]
+    shared = newest_buckets(heads, newest=10, max_values=10 ** 6, parts=2)  # 100 values: 50 for each reader
+    assert shared == [{"a": ["a:19"], "b": ["b:19"]}, {"c": ["c:19"], "d": ["d:19"]}, {"e": ["e:19"]}]
+    assert newest_buckets([dict(h, n=0) for h in heads], newest=10, max_values=45) == [
+        {d: [f"{d}:19", f"{d}:9"] for d in "abcde"}]  # documents without readings (not written by the sink)
