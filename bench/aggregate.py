@@ -172,8 +172,9 @@ def spark_submit_round(cfg, env: dict, expect: str = "aggregated") -> dict:
 
 
 def fresh_database(name: str, snaps: list[dict], extra_env: dict | None = None):
-    """A database holding the snapshots; returns (config, env, insert seconds)."""
-    env = {"FLEAD_MONGO_DATABASE": name, **(extra_env or {})}
+    """A database holding the snapshots, read by rounds from MongoDB unless `extra_env` says otherwise; returns
+    (config, env, insert seconds)."""
+    env = {"FLEAD_MONGO_DATABASE": name, "FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "mongodb", **(extra_env or {})}
     cfg = load_config(env={**os.environ, **env})
     with Store(cfg) as db:
         db.init()

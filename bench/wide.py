@@ -65,7 +65,8 @@ def fleet_round(sc, devices: int, metrics: int) -> dict:
     """One warm round over a fresh database holding the fleet's snapshots."""
     from spark_jobs.aggregate_job import run_round
 
-    cfg = load_config(env={**os.environ, "FLEAD_MONGO_DATABASE": f"bench_wide_{devices}_{metrics}"})
+    cfg = load_config(env={**os.environ, "FLEAD_MONGO_DATABASE": f"bench_wide_{devices}_{metrics}",
+                           "FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "mongodb"})  # the snapshots are stored there
     made = time.perf_counter()
     snaps = snapshots(cfg, devices, metrics)
     with Store(cfg) as db:

@@ -1,16 +1,18 @@
-"""One federated aggregation round: MongoDB snapshots → check on Spark → strategy → MongoDB + Kafka.
+"""One federated aggregation round: snapshots (the snapshots topic, or MongoDB) → check on Spark → strategy →
+MongoDB + Kafka.
 
     spark-submit spark_jobs/aggregate_job.py                 # master: spark-submit's default, local[*]
     spark-submit --master spark://host:7077 spark_jobs/aggregate_job.py
 
 Read top to bottom (`run_round`); the I/O steps are thin, the round itself is the pure `round_documents`:
 
-1. Window (`read_input`). From MongoDB (`read_window`, `aggregation.snapshot_source` ``mongodb``): the snapshots
-   created after the previous global model's ``created_at`` and at or before the round's start (its cut-off); the
-   new model's ``created_at`` is that cut-off, so every snapshot falls into exactly one round, and a re-run with
-   nothing new writes nothing. From the snapshots topic (``kafka``): the offsets from where the previous round
-   ended to the ends the round took when it started (`spark_jobs.topic_window`; MongoDB when the topic cannot give
-   the whole window); the round's history keeps its end offsets (``snapshot_offsets``).
+1. Window (`read_input`). From the snapshots topic (`aggregation.snapshot_source` ``kafka``, the default): the
+   offsets from where the previous round ended to the ends the round took when it started
+   (`spark_jobs.topic_window`; MongoDB when the topic cannot give the whole window); the round's history keeps its
+   end offsets (``snapshot_offsets``). From MongoDB (`read_window`, ``mongodb``): the snapshots created after the
+   previous global model's ``created_at`` and at or before the round's start (its cut-off); the new model's
+   ``created_at`` is that cut-off, so every snapshot falls into exactly one round, and a re-run with nothing new
+   writes nothing.
 2. Spark (`checked_updates`). The driver reads the window once (`aggregation.snapshot_read` ``driver``: one
    query, or the topic split by owner while Spark starts), or each partition reads it; each device's snapshots go
    to one partition (`spark_jobs.partitions`), which checks each on its own (`spark_jobs.snapshots`:

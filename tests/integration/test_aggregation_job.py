@@ -38,10 +38,14 @@ def spark():
 
 
 @pytest.fixture(autouse=True)
-def dense_autoencoder_kind(monkeypatch):
+def configured_for_these_snapshots(monkeypatch):
     """These tests build dense-autoencoder snapshots (`SHAPES`, 6 metrics) and the aggregator checks snapshots
-    against the configured model, so they configure that kind (the default is the subspace model)."""
+    against the configured model, so they configure that kind (the default is the subspace model). They store
+    snapshots straight into MongoDB, so rounds read their window there (`aggregation.snapshot_source` mongodb; the
+    default, kafka, reads the snapshots topic, which the stream job and the REST API write); the tests of the topic
+    source set it themselves."""
     monkeypatch.setenv("FLEAD_MODEL_KIND", "ae")
+    monkeypatch.setenv("FLEAD_AGGREGATION_SNAPSHOT_SOURCE", "mongodb")
 
 
 def snapshot(device_id: str, weights, n_samples: int, version: int = 1, created_at: int | None = None,

@@ -12,6 +12,7 @@ from collections import defaultdict
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from config import load_config
 from services import processes
 from storage.mongo import Store
 from storage.schemas import SchemaViolation
@@ -89,13 +90,14 @@ def test_a_read_of_documents_longer_than_one_reply_allows_is_read_again_in_small
     such documents now come back whole, lazy ones too."""
     from spark_jobs.aggregate_job import now_ms, read_input
 
+    mongodb_source = load_config(env={**os.environ, "FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "mongodb"})
     weights = "A" * 600_000
     snaps = [{"schema": "flead.snapshot/1", "device_id": f"d{i:03d}", "version": 1, "global_version": 0,
               "n_samples": 10, "n_seen": 10, "loss": 0.1, "weights": weights, "created_at": 5} for i in range(90)]
     for start in range(0, len(snaps), 10):  # 54 MB in all
         assert db.write_local_models(snaps[start:start + 10]) == 10
     assert len(db.latest_local_models()) == 90
-    window = read_input(db, cfg, now_ms())
+    window = read_input(db, mongodb_source, now_ms())
     assert sorted(group[0]["device_id"] for group in window.groups) == [s["device_id"] for s in snaps]
     assert all(doc["weights"] == weights for doc in db.local_models_newest_first("d007"))
 
