@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from datetime import datetime
 
 from config import Config, load_config
@@ -18,16 +19,22 @@ from config import Config, load_config
 log = logging.getLogger("flead.scheduler")
 
 
-def aggregate_then_evaluate(spark, cfg: Config) -> None:
-    """One scheduled run: a round, and an evaluation of the model it produced."""
+def aggregate_then_evaluate(spark, cfg: Config, stopping: threading.Event | None = None) -> None:
+    """One scheduled run: a round, and an evaluation of the model it produced. A run that fails because the
+    scheduler is being stopped (`stopping` set: its Spark JVM gets the signal too) logs one line, not a traceback."""
     from spark_jobs.aggregate_job import run_round
     from spark_jobs.evaluate_job import run_evaluation
 
-    outcome = run_round(spark, cfg)
-    log.info("aggregation %s: %s", outcome.status, outcome.message)
-    if outcome.status == "aggregated":
-        evaluation = run_evaluation(spark, cfg)
-        log.info("evaluation %s: %s", evaluation.status, evaluation.message)
+    try:
+        outcome = run_round(spark, cfg)
+        log.info("aggregation %s: %s", outcome.status, outcome.message)
+        if outcome.status == "aggregated":
+            evaluation = run_evaluation(spark, cfg)
+            log.info("evaluation %s: %s", evaluation.status, evaluation.message)
+    except Exception:
+        if stopping is None or not stopping.is_set():
+            raise
+        log.info("stopped during a run: what it had not written yet, the next run does again")
 
 
 def main() -> int:
@@ -40,16 +47,25 @@ def main() -> int:
     cfg = load_config()
     spark = spark_session(cfg, "flead-scheduler")
     scheduler = BlockingScheduler()
+    stopping = threading.Event()
     scheduler.add_job(aggregate_then_evaluate, "interval", minutes=cfg.aggregation.schedule_minutes,
-                      args=[spark, cfg], id="aggregate-evaluate", max_instances=1, coalesce=True,
+                      args=[spark, cfg, stopping], id="aggregate-evaluate", max_instances=1, coalesce=True,
                       next_run_time=datetime.now())
-    signal.signal(signal.SIGTERM, lambda *_: scheduler.shutdown(wait=False))
+
+    def stop(*_) -> None:
+        stopping.set()
+        logging.getLogger("py4j").setLevel(logging.CRITICAL)  # a running job's connection errors, the JVM gone
+        scheduler.shutdown(wait=False)
+
+    signal.signal(signal.SIGTERM, stop)
     log.info("every %s minute(s): aggregation (%s) then evaluation, Spark master %s",
              cfg.aggregation.schedule_minutes, cfg.aggregation.strategy, spark.sparkContext.master)
     try:
         scheduler.start()
     finally:
-        spark.stop()
+        if not stopping.is_set():  # stopped by a signal, the Spark JVM got it too (it reaches the process group)
+            spark.stop()
+    log.info("stopped")
     return 0
 
 
