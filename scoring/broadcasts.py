@@ -26,7 +26,7 @@ class GlobalModel(NamedTuple):
 
     version: int
     weights: list[np.ndarray]
-    assignments: dict  # device id -> cluster, for a cluster's model; empty for the fleet model
+    members: frozenset  # the devices that adopt a cluster's model; empty for the fleet model
 
 
 def global_model_of(record: dict) -> tuple[str, GlobalModel]:
@@ -39,7 +39,8 @@ def global_model_of(record: dict) -> tuple[str, GlobalModel]:
     if not all(np.isfinite(w).all() for w in weights):
         raise InvalidMessage("weights: non-finite values")
     cluster = FLEET if record.get("cluster") is None else str(record["cluster"])
-    return cluster, GlobalModel(record["version"], weights, record.get("assignments") or {})
+    members = frozenset(m for m in record.get("members") or () if isinstance(m, str))
+    return cluster, GlobalModel(record["version"], weights, members)
 
 
 class GlobalModels:
@@ -68,7 +69,7 @@ class GlobalModels:
         came after it (the aggregator stopped clustering); else the fleet model; None before any model."""
         fleet = self.by_cluster.get(FLEET)
         own = [model for cluster, model in self.by_cluster.items()
-               if cluster != FLEET and str(model.assignments.get(device_id)) == cluster]
+               if cluster != FLEET and device_id in model.members]
         if not own:
             return fleet
         newest_own = max(own, key=lambda model: model.version)

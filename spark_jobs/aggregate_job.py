@@ -43,6 +43,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
+from itertools import islice  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from functools import partial  # noqa: E402
@@ -271,11 +272,13 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
     version, round_id = base_version + 1, f"r{base_version + 1}"
     rejected = [{"device_id": d, "reason": r} for d, r in early + result.rejected]
     private = result.private
+    listed = max(0, cfg.aggregation.listed_devices)  # lists of devices in documents and messages: the counts are whole
     blob_meta = {"architecture": architecture, "model_version": version}
     model = GLOBAL_MODEL.make(
         version=version, previous_version=base_version, issuer=AGGREGATOR_ISSUER, round_id=round_id,
-        strategy=result.strategy, participants=[] if private else result.participants,
-        rejected=[] if private else rejected, n_participants=len(result.participants), n_rejected=len(rejected),
+        strategy=result.strategy, participants=[] if private else result.participants[:listed],
+        rejected=[] if private else rejected[:listed], n_participants=len(result.participants),
+        n_rejected=len(rejected),
         n_samples=result.n_samples, created_at=started, window_start=previous["created_at"] if previous else None,
         cluster=None, dp_epsilon=result.extra["dp"]["epsilon"] if "dp" in result.extra else None,
         weights=to_b64(dumps(codec.weights_from_vector(flatten(result.weights), like), blob_meta)))
@@ -288,8 +291,9 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
             members.setdefault(k, []).append(device)
         model["cluster_sizes"] = [len(members.get(k, [])) for k in range(len(result.extra["cluster_weights"]))]
         n_samples = {c.device_id: c.update.n_samples for c in chosen}
-        for k, weights in enumerate(result.extra["cluster_weights"]):
-            cluster = {**model, "cluster": k, "participants": members.get(k, []),
+        for k, weights in enumerate(result.extra["cluster_weights"]):  # its `members` adopt it
+            cluster = {**model, "cluster": k, "participants": members.get(k, [])[:listed],
+                       "members": members.get(k, []),
                        "n_samples": int(sum(n_samples[d] for d in members.get(k, []))),
                        "weights": to_b64(dumps(codec.weights_from_vector(flatten(weights), like),
                                                {**blob_meta, "cluster": k}))}
@@ -302,9 +306,10 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
     else:
         participants = set(result.participants)
         losses = [c.loss for c in chosen if c.device_id in participants and c.loss is not None]
-        history |= {"participants": result.participants, "rejected": rejected, "n_samples": result.n_samples,
+        history |= {"participants": result.participants[:listed], "rejected": rejected[:listed],
+                    "n_samples": result.n_samples,
                     "mean_loss": float(np.mean(losses)) if losses else None, "norms": norm_summary(result.norms),
-                    "update_norms": [{"device_id": d, "norm": n} for d, n in result.norms.items()],
+                    "update_norms": [{"device_id": d, "norm": n} for d, n in islice(result.norms.items(), listed)],
                     "dp_epsilon": None}
     return RoundDocuments(sign_record(model, key), clusters, history, result, [] if private else rejected)
 

@@ -535,7 +535,6 @@ INTEGER = FieldType("an integer", (int,))
 NUMBER = FieldType("a finite number", (int, float))
 TEXT = FieldType("a string", (str,))
 LIST = FieldType("a list", (list,))
-OBJECT = FieldType("an object", (dict,))
 
 
 def nullable(field: FieldType) -> FieldType:
@@ -595,9 +594,10 @@ SNAPSHOT = RecordFormat(SNAPSHOT_SCHEMA, {
 GLOBAL_MODEL = RecordFormat(GLOBAL_MODEL_SCHEMA, {
     "version": INTEGER, "weights": TEXT, "created_at": INTEGER}, {
     "round_id": TEXT, "strategy": TEXT, "participants": LIST, "rejected": LIST, "n_samples": INTEGER,
-    "dp_epsilon": nullable(NUMBER), "cluster": nullable(INTEGER), "assignments": nullable(OBJECT)})
-"""A global model of the aggregator: ``cluster`` is null for the fleet model, else the cluster whose members
-(``assignments``: device → cluster) adopt it."""
+    "dp_epsilon": nullable(NUMBER), "cluster": nullable(INTEGER), "members": nullable(LIST)})
+"""A global model of the aggregator: ``cluster`` is null for the fleet model, else the cluster whose ``members``
+(device ids, every one of them) adopt it. ``participants`` and ``rejected`` list at most
+`aggregation.listed_devices` devices; ``n_participants`` and ``n_rejected`` count them all."""
 
 INCIDENT = RecordFormat(INCIDENT_SCHEMA, {
     "incident_id": TEXT, "device_id": TEXT, "status": TEXT, "start_seq": INTEGER, "end_seq": INTEGER,

@@ -58,13 +58,13 @@ def send_raw(cfg, topic_key: str, values: list[bytes], key: bytes = b"bad") -> N
     assert producer.flush(10) == 0
 
 
-def global_model_message(weights, version: int, cluster=None, assignments=None, key: bytes | None = None) -> bytes:
+def global_model_message(weights, version: int, cluster=None, members=None, key: bytes | None = None) -> bytes:
     """A global model as the aggregator publishes it: signed with the deployment's key (or `key`), building on the
     version before it."""
     record = {"schema": "flead.global-model/1", "version": version, "round_id": f"r{version}",
               "strategy": "fedavg", "participants": [], "rejected": [], "n_samples": 1000,
               "weights": to_b64(dumps(weights, {"model_version": version})), "created_at": 0,
-              "dp_epsilon": None, "cluster": cluster, "assignments": assignments,
+              "dp_epsilon": None, "cluster": cluster, "members": members,
               "previous_version": version - 1, "issuer": AGGREGATOR_ISSUER}
     return json.dumps(sign_record(record, key or signing_key(load_config()))).encode()
 

@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from config import PROJECT_ROOT, load_config
+from scoring.broadcasts import GlobalModels, global_model_of
 from models.aggregation import fedavg
 from models.integrity import global_model_verdict, sign_record, signing_key, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
@@ -309,6 +310,12 @@ def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(sp
     assert [c["_id"] for c in clusters] == ["1:c0", "1:c1", "1:c2"]
     for c in clusters:
         assert len({device.split("-")[0] for device in c["participants"]}) == 1  # one true group per cluster
+        assert sorted(c["members"]) == sorted(c["participants"])
+    models = GlobalModels([global_model_of(m) for m in [fleet_model, *clusters]])  # as the stream job keeps them
+    for c in clusters:
+        assert all(models.newest_for(device).weights[0].tolist() == global_model_of(c)[1].weights[0].tolist()
+                   for device in c["members"])  # each device adopts its own cluster's model
+    assert models.newest_for("a-device-of-no-cluster") is models.by_cluster[global_model_of(fleet_model)[0]]
 
 
 def test_second_round_via_spark_submit_checks_shapes_against_the_current_model(spark, cfg, db):

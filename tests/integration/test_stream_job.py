@@ -118,7 +118,7 @@ def test_global_models_are_adopted_by_version_and_cluster_and_poison_is_refused(
     poisoned["weights"] = to_b64(bytes(garbled))
     forged = json.loads(global_model_message(weights, 1000, key=bytes(32)))  # not the deployment's key
     send_raw(cfg, "global_model", [global_model_message(weights, 7),
-                                   global_model_message(weights, 8, cluster=1, assignments={"omi-10": 1}),
+                                   global_model_message(weights, 8, cluster=1, members=["omi-10"]),
                                    json.dumps(poisoned).encode(), json.dumps(forged).encode()])
     produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg), batch=10)
 

@@ -233,3 +233,14 @@ def test_each_devices_newest_verified_snapshot_comes_from_few_reads_whatever_is_
     assert {d: doc["_id"] for d, doc in found.items()} == {"dev-0": "dev-0:3", "dev-1": "dev-1:3",
                                                             "dev-2": "dev-2:3"}
     assert db.reads == 4  # the heads, then dev-0's two forged layers and its genuine newest beside the others
+
+
+def test_a_rounds_documents_list_at_most_the_configured_number_of_devices_and_count_them_all():
+    cfg = load_config(env={"FLEAD_AGGREGATION_LISTED_DEVICES": "3"})
+    docs = fleet(cfg)
+    forged = stored_snapshot("dev-00", loads(from_b64(docs[0]["weights"]))[0], version=9, key=bytes(32))
+    documents = round_documents(cfg, None, choices_for(cfg, docs + [forged]), 1_700_000_999_000, KEY)
+    model, history = documents.model, documents.history
+    assert (model["n_participants"], len(model["participants"]), len(history["participants"])) == (12, 3, 3)
+    assert len(history["update_norms"]) == 3 and model["n_rejected"] == 1 and len(model["rejected"]) == 1
+    assert verify_record(model, KEY) is None  # signed as it is sent

@@ -64,10 +64,10 @@ def columns(device: str, first_seq: int, n: int, **kw):
     return decode_columns(message(device, first_seq, n, **kw))
 
 
-def model_record(weights, version: int, cluster=None, assignments=None, key=KEY) -> bytes:
+def model_record(weights, version: int, cluster=None, members=None, key=KEY) -> bytes:
     """A global model as the aggregator publishes it: signed, building on the version before it."""
     record = GLOBAL_MODEL.make(version=version, weights=to_b64(dumps(weights, {"model_version": version})),
-                               created_at=0, cluster=cluster, assignments=assignments, previous_version=version - 1,
+                               created_at=0, cluster=cluster, members=members, previous_version=version - 1,
                                issuer=AGGREGATOR_ISSUER)
     return json.dumps(sign_record(record, key)).encode()
 
@@ -452,15 +452,15 @@ def test_snapshots_are_signed_and_secure_aggregation_answers_cohorts_with_masked
 
 def test_a_device_adopts_its_clusters_model_unless_a_newer_fleet_model_came():
     w = [np.zeros(2)]
-    models = GlobalModels([(FLEET, GlobalModel(3, w, {}))])
+    models = GlobalModels([(FLEET, GlobalModel(3, w, frozenset()))])
     assert models.newest_for("a").version == 3
-    models.offer("1", GlobalModel(4, w, {"a": 1, "b": 0}))
-    models.offer("0", GlobalModel(4, w, {"a": 1, "b": 0}))
+    models.offer("1", GlobalModel(4, w, frozenset({"a"})))
+    models.offer("0", GlobalModel(4, w, frozenset({"b"})))
     assert models.newest_for("a") is models.by_cluster["1"] and models.newest_for("b") is models.by_cluster["0"]
     assert models.newest_for("c").version == 3
-    models.offer(FLEET, GlobalModel(5, w, {}))
+    models.offer(FLEET, GlobalModel(5, w, frozenset()))
     assert models.newest_for("a").version == 5
-    assert not models.offer(FLEET, GlobalModel(5, w, {}))
+    assert not models.offer(FLEET, GlobalModel(5, w, frozenset()))
 
 
 def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_once(settings):
