@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench_output import own_servers_env, stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
+from bench_output import own_servers, stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.integrity import sign_record, signing_key  # noqa: E402
@@ -203,72 +202,68 @@ def main(argv: list[str] | None = None) -> int:
     stop_cleanly_on_sigterm()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [100, 1000] if args.quick else [1000, 10000]
 
-    state_dir, base_env = own_servers_env("aggregate")
-    os.environ.update(base_env)
-    cfg = load_config()
     rows: list[dict] = []
-    sc = None
-    try:
-        stack.start_mongo(cfg)
-        stack.start_kafka(cfg)
-        from spark_jobs.aggregate_job import run_round
-        from spark_jobs.session import new_spark_context
+    with own_servers("aggregate") as cfg:
+        sc = None
+        try:
+            from spark_jobs.aggregate_job import run_round
+            from spark_jobs.session import new_spark_context
 
-        empty_cfg, empty_env, _ = fresh_database("bench_first_submit", [])
-        first_submit = spark_submit_round(empty_cfg, empty_env, expect="skipped")  # writes the driver's class archive
-        rows.append({"name": "(setup) first spark-submit, no snapshots: writes the driver JVM's class archive",
-                     "devices": 0, "seconds": first_submit["wall_s"], "parts": first_submit})
-        started = time.perf_counter()
-        sc = new_spark_context(cfg, "flead-bench-aggregate", master="local[*]")
-        context_start_s = time.perf_counter() - started
-        for n in sizes:
-            snaps = snapshots(cfg, n)
-            for attempt in range(args.repeat):
-                floor_cfg, _, insert_s = fresh_database(f"bench_numpy_{n}_{attempt}", snaps)
-                numpy_s, strategy_s, participants = numpy_round(floor_cfg)
-                submit_cfg, submit_env, _ = fresh_database(f"bench_submit_{n}_{attempt}", snaps)
-                submit = spark_submit_round(submit_cfg, submit_env)
-                topic_env = {"FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "kafka",
-                             "FLEAD_KAFKA_TOPICS_SNAPSHOTS": f"bench.snapshots.{n}.{attempt}"}
-                topic_cfg, topic_env, _ = fresh_database(f"bench_topic_{n}_{attempt}", snaps, topic_env)
-                stack.ensure_topics(topic_cfg)
-                publish_snapshots(topic_cfg, snaps)
-                numpy_topic_s = numpy_topic_round(topic_cfg)
-                topic_submit = spark_submit_round(topic_cfg, topic_env)
-                warm_cfg, _, _ = fresh_database(f"bench_warm_{n}_{attempt}", snaps)
-                warm = run_round(sc, warm_cfg, publish_model=False)
-                assert warm.status == "aggregated" and warm.n_participants == participants, warm.message
-                rows += [
-                    {"name": f"numpy one process: read, check, encode, fedavg, documents; {n} devices",
-                     "devices": n, "seconds": numpy_s, "attempt": attempt},
-                    {"name": f"numpy encode, fedavg, documents alone; {n} devices", "devices": n, "seconds": strategy_s,
-                     "attempt": attempt},
-                    {"name": f"numpy one process, from the topic: read, check, encode, fedavg, documents; {n} devices",
-                     "devices": n, "seconds": numpy_topic_s, "attempt": attempt},
-                    {"name": f"spark-submit end to end, from MongoDB; {n} devices", "devices": n,
-                     "seconds": submit["wall_s"], "parts": submit, "attempt": attempt},
-                    {"name": f"spark-submit end to end, from the topic; {n} devices", "devices": n,
-                     "seconds": topic_submit["wall_s"], "parts": topic_submit, "attempt": attempt},
-                    {"name": f"spark warm run_round; {n} devices", "devices": n, "seconds": warm.duration_s,
-                     "parts": warm.timings, "attempt": attempt},
-                    {"name": f"(setup) storing {n} snapshots", "devices": n, "seconds": insert_s, "attempt": attempt},
-                ]
-        if args.strategies:
-            n = sizes[-1]
-            for name, env in STRATEGIES.items():
-                strategy_cfg, _, _ = fresh_database(f"bench_{name.replace('-', '_')}_{n}", snaps,
-                                                    {"FLEAD_AGGREGATION_STRATEGY": name.removeprefix("dp-"), **env})
+            empty_cfg, empty_env, _ = fresh_database("bench_first_submit", [])
+            # the first spark-submit writes the driver's class archive
+            first_submit = spark_submit_round(empty_cfg, empty_env, expect="skipped")
+            rows.append({"name": "(setup) first spark-submit, no snapshots: writes the driver JVM's class archive",
+                         "devices": 0, "seconds": first_submit["wall_s"], "parts": first_submit})
+            started = time.perf_counter()
+            sc = new_spark_context(cfg, "flead-bench-aggregate", master="local[*]")
+            context_start_s = time.perf_counter() - started
+            for n in sizes:
+                snaps = snapshots(cfg, n)
                 for attempt in range(args.repeat):
-                    outcome = run_round(sc, strategy_cfg, publish_model=False)
-                    assert outcome.status == "aggregated", outcome.message
-                    rows.append({"name": f"spark warm run_round, {name}; {n} devices", "devices": n,
-                                 "seconds": outcome.duration_s, "parts": outcome.timings, "attempt": attempt})
-                    forget_rounds(strategy_cfg)
-    finally:
-        if sc is not None:
-            sc.stop()
-        stack.down(cfg, say=lambda line: None)
-        shutil.rmtree(state_dir, ignore_errors=True)
+                    floor_cfg, _, insert_s = fresh_database(f"bench_numpy_{n}_{attempt}", snaps)
+                    numpy_s, strategy_s, participants = numpy_round(floor_cfg)
+                    submit_cfg, submit_env, _ = fresh_database(f"bench_submit_{n}_{attempt}", snaps)
+                    submit = spark_submit_round(submit_cfg, submit_env)
+                    topic_env = {"FLEAD_AGGREGATION_SNAPSHOT_SOURCE": "kafka",
+                                 "FLEAD_KAFKA_TOPICS_SNAPSHOTS": f"bench.snapshots.{n}.{attempt}"}
+                    topic_cfg, topic_env, _ = fresh_database(f"bench_topic_{n}_{attempt}", snaps, topic_env)
+                    stack.ensure_topics(topic_cfg)
+                    publish_snapshots(topic_cfg, snaps)
+                    numpy_topic_s = numpy_topic_round(topic_cfg)
+                    topic_submit = spark_submit_round(topic_cfg, topic_env)
+                    warm_cfg, _, _ = fresh_database(f"bench_warm_{n}_{attempt}", snaps)
+                    warm = run_round(sc, warm_cfg, publish_model=False)
+                    assert warm.status == "aggregated" and warm.n_participants == participants, warm.message
+                    rows += [
+                        {"name": f"numpy one process: read, check, encode, fedavg, documents; {n} devices",
+                         "devices": n, "seconds": numpy_s, "attempt": attempt},
+                        {"name": f"numpy encode, fedavg, documents alone; {n} devices", "devices": n,
+                         "seconds": strategy_s, "attempt": attempt},
+                        {"name": "numpy one process, from the topic: read, check, encode, fedavg, documents; "
+                                 f"{n} devices", "devices": n, "seconds": numpy_topic_s, "attempt": attempt},
+                        {"name": f"spark-submit end to end, from MongoDB; {n} devices", "devices": n,
+                         "seconds": submit["wall_s"], "parts": submit, "attempt": attempt},
+                        {"name": f"spark-submit end to end, from the topic; {n} devices", "devices": n,
+                         "seconds": topic_submit["wall_s"], "parts": topic_submit, "attempt": attempt},
+                        {"name": f"spark warm run_round; {n} devices", "devices": n, "seconds": warm.duration_s,
+                         "parts": warm.timings, "attempt": attempt},
+                        {"name": f"(setup) storing {n} snapshots", "devices": n, "seconds": insert_s,
+                         "attempt": attempt},
+                    ]
+            if args.strategies:
+                n = sizes[-1]
+                for name, env in STRATEGIES.items():
+                    strategy_cfg, _, _ = fresh_database(f"bench_{name.replace('-', '_')}_{n}", snaps,
+                                                        {"FLEAD_AGGREGATION_STRATEGY": name.removeprefix("dp-"), **env})
+                    for attempt in range(args.repeat):
+                        outcome = run_round(sc, strategy_cfg, publish_model=False)
+                        assert outcome.status == "aggregated", outcome.message
+                        rows.append({"name": f"spark warm run_round, {name}; {n} devices", "devices": n,
+                                     "seconds": outcome.duration_s, "parts": outcome.timings, "attempt": attempt})
+                        forget_rounds(strategy_cfg)
+        finally:
+            if sc is not None:
+                sc.stop()
 
     print(f"snapshots: default detector ({cfg.model.kind}), {len(METRICS)} metrics, signed; warm SparkContext "
           f"start-up {context_start_s:.1f} s; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")

@@ -5,14 +5,35 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import signal
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 FIRST_TOUCH_PROBE_BYTES = 256 * 2**20  # what `first_touch_gb_per_s` allocates: ~0.05 s on a healthy machine
+
+
+@contextmanager
+def own_servers(name: str):
+    """`own_servers_env` applied to this process, with its MongoDB and Kafka started; yields their `Config` and
+    stops them (and removes the state dir) on the way out, however the benchmark ends."""
+    from config import load_config
+    from orchestration import stack
+
+    state_dir, env = own_servers_env(name)
+    os.environ.update(env)
+    cfg = load_config()
+    try:
+        stack.start_mongo(cfg)
+        stack.start_kafka(cfg)
+        yield cfg
+    finally:
+        stack.down(cfg, say=lambda line: None)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def own_servers_env(name: str) -> tuple[Path, dict[str, str]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,12 +26,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench_output import own_servers_env, stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
+from bench_output import own_servers, stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.integrity import sign_record, signing_key  # noqa: E402
 from models.serialization import to_b64  # noqa: E402
-from orchestration import stack  # noqa: E402
 from storage.mongo import Store  # noqa: E402
 from telemetry.schema import SNAPSHOT  # noqa: E402
 
@@ -88,29 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     devices = 12 if args.quick else 110
     fleets = [(devices, 19), (devices, HEADLINE_METRICS), (12, 400), (devices, 1000)]
 
-    state_dir, env = own_servers_env("wide")
-    os.environ.update(env)
-    cfg = load_config()
     rows: list[dict] = []
-    sc = None
-    try:
-        stack.start_mongo(cfg)
-        stack.start_kafka(cfg)
+    with own_servers("wide") as cfg:
         from spark_jobs.session import new_spark_context
 
         sc = new_spark_context(cfg, "flead-bench-wide", master="local[2]")
-        print(f"{'fleet':<28} {'status':<11} {'seconds':>8}  timings", flush=True)
-        for n, m in fleets:
-            row = fleet_round(sc, n, m)
-            rows.append(row)
-            timings = ", ".join(f"{k} {v:.2f}" for k, v in row["timings"].items())
-            print(f"{row['name']:<28} {row['status']:<11} {row['seconds']:>8.2f}  {timings or row['message'][:90]}",
-                  flush=True)
-    finally:
-        if sc is not None:
+        try:
+            print(f"{'fleet':<28} {'status':<11} {'seconds':>8}  timings", flush=True)
+            for n, m in fleets:
+                row = fleet_round(sc, n, m)
+                rows.append(row)
+                timings = ", ".join(f"{k} {v:.2f}" for k, v in row["timings"].items())
+                print(f"{row['name']:<28} {row['status']:<11} {row['seconds']:>8.2f}  "
+                      f"{timings or row['message'][:90]}", flush=True)
+        finally:
             sc.stop()
-        stack.down(cfg, say=lambda line: None)
-        shutil.rmtree(state_dir, ignore_errors=True)
     headline, floor = (next(r for r in rows if r["devices"] == devices and r["metrics"] == m)
                        for m in (HEADLINE_METRICS, 19))
     write_json(args.json, {"headline": {"name": f"aggregation round, {headline['name']} (warm, local[2])",

@@ -208,9 +208,10 @@ def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
                                      version=model["version"])
         devices = sample_devices(fleet, cfg.aggregation.evaluation_devices, model["version"])
         sc = spark.sparkContext
-        parts = max(1, min(cfg.aggregation.spark_partitions, sc.defaultParallelism))  # a group per core: each read
-        groups = newest_buckets(store.reading_heads(devices), readings_per_device(cfg), READ_VALUES, parts)  # scans
-        snapshots = newest_verified_snapshots(store, devices, signing_key(cfg))  # on the embedded server
+        # One group per core, not per Spark partition: on the embedded server every read scans the collection
+        parts = max(1, min(cfg.aggregation.spark_partitions, sc.defaultParallelism))
+        groups = newest_buckets(store.reading_heads(devices), readings_per_device(cfg), READ_VALUES, parts)
+        snapshots = newest_verified_snapshots(store, devices, signing_key(cfg))
         tasks = [(group, {d: snapshots[d] for d in group if d in snapshots}) for group in groups]
         scored = sc.parallelize(tasks, max(1, min(len(tasks), parts))).mapPartitions(
             partial(score_partition, cfg.to_dict(), model["weights"]))
