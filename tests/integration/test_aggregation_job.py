@@ -93,6 +93,20 @@ def read_global_messages(cfg, expected: int, timeout: float = 30.0) -> list[dict
     return messages
 
 
+def test_spark_workers_import_the_installed_pyspark_not_the_zip_spark_puts_first(spark):
+    """spark_jobs.worker_daemon: from the zip every worker daemon compiled PySpark again (~0.45 s a spark-submit)."""
+    def pyspark_seen(_index: int) -> tuple[str, bool]:  # executor side (a local function: pickled by value)
+        import sys
+
+        import pyspark
+
+        return pyspark.__file__, any(entry.endswith("pyspark.zip") for entry in sys.path)
+
+    seen = spark.sparkContext.parallelize(range(2), 2).map(pyspark_seen).collect()
+    assert all(on_path for _, on_path in seen)  # Spark put its zip there ...
+    assert not any(".zip" in file for file, _ in seen)  # ... and the installed copy came first
+
+
 def test_round_equals_numpy_fedavg_of_valid_updates_and_is_idempotent(spark, cfg, db):
     snaps, valid = fleet(200)
     stale = [snapshot(d, [np.full(s, 9.0) for s in SHAPES], 10, version=1) for d, _, _ in snaps[:5]]
