@@ -1,4 +1,5 @@
-"""The runnable examples in the docstrings of models/ (River-style) and of other pure modules stay true."""
+"""The runnable examples in the docstrings of models/ (River-style) and of other modules stay true (monitoring/'s:
+tests/unit/test_monitoring_rules.py)."""
 import doctest
 import importlib
 
@@ -8,7 +9,9 @@ MODULES = ["autoencoder", "baselines", "dbscan", "detector", "drift", "features"
            "lstm_autoencoder", "metrics", "optim", "residuals", "scaler", "serialization", "subspace", "thresholds"]
 
 
-OTHER_MODULES = ["storage.buckets", "spark_jobs.evaluate_job"]
+OTHER_MODULES = ["config", "orchestration.demo", "scoring.feedback", "spark_jobs.evaluate_job", "spark_jobs.session",
+                 "spark_jobs.topic_window", "storage.buckets", "storage.mongo", "storage.rollups", "storage.summaries",
+                 "telemetry.readers", "telemetry.schema"]
 
 
 @pytest.mark.parametrize("name", [f"models.{m}" for m in MODULES] + OTHER_MODULES)
