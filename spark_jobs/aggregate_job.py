@@ -50,7 +50,7 @@ from functools import partial  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from config import Config  # noqa: E402
+from config import Config, ConfigError  # noqa: E402
 from models.aggregation import AggregationError, AggregationResult, make_strategy  # noqa: E402
 from models.integrity import AGGREGATOR_ISSUER, signing_key, sign_record  # noqa: E402
 from models import partitioned  # noqa: E402
@@ -113,7 +113,7 @@ def now_ms() -> int:
 def snapshot_read(cfg: Config) -> str:
     """`aggregation.snapshot_read`, checked: who reads the window's snapshots (``driver`` or ``executors``)."""
     if cfg.aggregation.snapshot_read not in SNAPSHOT_READS:
-        raise ValueError(f"aggregation.snapshot_read: {cfg.aggregation.snapshot_read!r} is not one of "
+        raise ConfigError(f"aggregation.snapshot_read: {cfg.aggregation.snapshot_read!r} is not one of "
                          f"{', '.join(SNAPSHOT_READS)}")
     return cfg.aggregation.snapshot_read
 
@@ -171,7 +171,7 @@ def read_input(db, cfg: Config, started: int) -> Window:
     clock = time.perf_counter()
     source = cfg.aggregation.snapshot_source
     if source not in SNAPSHOT_SOURCES:
-        raise ValueError(f"aggregation.snapshot_source: {source!r} is not one of {', '.join(SNAPSHOT_SOURCES)}")
+        raise ConfigError(f"aggregation.snapshot_source: {source!r} is not one of {', '.join(SNAPSHOT_SOURCES)}")
     offsets = None
     if source == "kafka":
         topic = cfg.kafka.topics.snapshots

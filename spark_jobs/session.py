@@ -83,8 +83,8 @@ def writes_class_archive(sc) -> bool:
 
 
 def spark_conf(cfg: Config, app_name: str, master: str | None = None):
-    """The SparkConf of FLEAD's jobs (UI off, few shuffle partitions, Python workers reused, their daemon
-    `spark_jobs.worker_daemon`: it imports the installed PySpark, not the zip Spark puts first).
+    """The SparkConf of FLEAD's jobs (UI off, Spark's log from warnings up, few shuffle partitions, Python workers
+    reused, their daemon `spark_jobs.worker_daemon`: it imports the installed PySpark, not the zip Spark puts first).
 
     The master is, in order: `master`, the one spark-submit was given (``--master``), `aggregation.spark_master`.
     """
@@ -95,6 +95,7 @@ def spark_conf(cfg: Config, app_name: str, master: str | None = None):
             .setMaster(master or submitted_master() or cfg.aggregation.spark_master)
             .set("spark.ui.enabled", "false")
             .set("spark.ui.showConsoleProgress", "false")
+            .set("spark.log.level", "WARN")
             .set("spark.sql.shuffle.partitions", str(cfg.aggregation.spark_partitions))
             .set("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
             .set("spark.python.worker.reuse", "true")
@@ -105,9 +106,7 @@ def spark_session(cfg: Config, app_name: str, master: str | None = None):
     """A SparkSession for FLEAD's jobs (`spark_conf`)."""
     from pyspark.sql import SparkSession
 
-    spark = SparkSession.builder.config(conf=spark_conf(cfg, app_name, master)).getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    return spark
+    return SparkSession.builder.config(conf=spark_conf(cfg, app_name, master)).getOrCreate()
 
 
 def new_spark_context(cfg: Config, app_name: str, master: str | None = None):
@@ -115,9 +114,7 @@ def new_spark_context(cfg: Config, app_name: str, master: str | None = None):
     1.5-2 s of a spark-submit's start-up here (bench/aggregate.py)."""
     from pyspark import SparkContext
 
-    sc = SparkContext.getOrCreate(spark_conf(cfg, app_name, master))
-    sc.setLogLevel("WARN")
-    return sc
+    return SparkContext.getOrCreate(spark_conf(cfg, app_name, master))
 
 
 def context_of(spark):
@@ -163,32 +160,38 @@ def run_job(app_name: str, job, master: str | None = None, context_only: bool = 
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from config import load_config
-
+    from config import ConfigError, load_config
     from spark_jobs.worker_daemon import use_installed_pyspark
+    from storage.errors import StorageError
 
     use_installed_pyspark()  # before the first import of pyspark below
     timeline = {"python_started": process_started(), "imported": time.time()}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config()
-    pending = None
-    if ahead is not None:
-        pool = ThreadPoolExecutor(1, thread_name_prefix=f"{app_name}-ahead")
-        pending = pool.submit(ahead, cfg)
-        pool.shutdown(wait=False)  # the thread finishes the work; nothing else is submitted
-    spark = (new_spark_context if context_only else spark_session)(cfg, app_name, master)
-    sc = context_of(spark)
-    timeline |= {"context_ready": time.time(),
-                 "jvm_started": sc._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getStartTime() / 1000}
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # not a line per connection it closes
+    log = logging.getLogger(app_name)
     try:
-        outcome = job(spark, cfg) if pending is None else job(spark, cfg, pending)
-        if writes_class_archive(sc):  # then it also holds the classes of Python tasks (later first jobs: -0.2 s)
-            from spark_jobs.partitions import warm_workers
+        cfg = load_config()
+        pending = None
+        if ahead is not None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix=f"{app_name}-ahead")
+            pending = pool.submit(ahead, cfg)
+            pool.shutdown(wait=False)  # the thread finishes the work; nothing else is submitted
+        spark = (new_spark_context if context_only else spark_session)(cfg, app_name, master)
+        sc = context_of(spark)
+        timeline |= {"context_ready": time.time(), "jvm_started":
+                     sc._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getStartTime() / 1000}
+        try:
+            outcome = job(spark, cfg) if pending is None else job(spark, cfg, pending)
+            if writes_class_archive(sc):  # then it also holds the classes of Python tasks (later first jobs: -0.2 s)
+                from spark_jobs.partitions import warm_workers
 
-            warm_workers(sc)
-    finally:
-        timeline["job_done"] = time.time()
-        stop_without_waiting(spark)
-    logging.getLogger(app_name).info(outcome.message)
+                warm_workers(sc)
+        finally:
+            timeline["job_done"] = time.time()
+            stop_without_waiting(spark)
+    except (ConfigError, StorageError) as exc:  # a setting wrong, the database down: its message, no traceback
+        log.error("%s", exc)
+        return 1
+    log.info(outcome.message)
     print(json.dumps({"outcome": outcome.to_dict(), "timeline": timeline}))
     return 0
