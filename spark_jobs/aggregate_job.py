@@ -57,7 +57,7 @@ from models import partitioned  # noqa: E402
 from models.partitioned import Cohort  # noqa: E402
 from models.serialization import dumps, from_b64, loads, to_b64  # noqa: E402
 from models.updates import Update, codec_for, federated_vectors, flatten  # noqa: E402
-from spark_jobs.partitions import partition_count, round_blocks, start_warming_workers  # noqa: E402
+from spark_jobs.partitions import partition_count, round_blocks  # noqa: E402
 from spark_jobs.session import context_of  # noqa: E402
 from spark_jobs.snapshots import DeviceChoice, partitioned_summaries  # noqa: E402
 from spark_jobs.topic_window import (OFFSETS_FIELD, TopicWindow, end_offsets, read_split_snapshots,  # noqa: E402
@@ -341,9 +341,8 @@ def publish(cfg: Config, messages: list[dict]) -> None:
 
 def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | None = None) -> RoundOutcome:
     """One aggregation round (see the module docstring) on ``spark`` (a SparkSession or a SparkContext); never
-    writes a version twice. ``window``: the round's input being read meanwhile (`read_round_window` on a thread);
-    Spark's Python workers then start meanwhile too (`start_warming_workers`), while the driver waits for it and
-    hands the snapshots to the partitions (a new spark-submit's first job: -1 s for 10,000 devices here)."""
+    writes a version twice. ``window``: the round's input being read meanwhile (`read_round_window` on a thread,
+    `spark_jobs.session.run_job`)."""
     clock = time.perf_counter()
     key = signing_key(cfg)
     db = Store(cfg)
@@ -351,7 +350,6 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
     sc = context_of(spark)
     blocks = round_blocks(sc)
     secure, cohort, like, ahead, unreadable = None, None, None, None, 0
-    warming = start_warming_workers(sc) if window is not None else None
     try:
         if window is not None:
             ahead = window.result()
@@ -426,8 +424,6 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
                               if model.get("dp") else ""))
         return outcome
     finally:
-        if warming is not None:  # no job of this round outlives it
-            warming.join()
         blocks.close()
         db.close()
 

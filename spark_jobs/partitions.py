@@ -84,9 +84,9 @@ def warm_workers(sc) -> None:
 
 
 def start_warming_workers(sc) -> threading.Thread:
-    """`warm_workers` on a thread of its own, started: the driver goes on meanwhile (reads the round's window,
-    writes the partitions' snapshots) and its first job reuses the workers. A failure there is left to that job
-    to report (it meets the same cause)."""
+    """`warm_workers` on a thread of its own, started: the driver goes on meanwhile (reads a round's window, writes
+    its partitions' snapshots) and its first job reuses the workers. A failure there is left to that job to report
+    (it meets the same cause)."""
     def warm() -> None:
         try:
             warm_workers(sc)

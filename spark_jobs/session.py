@@ -76,12 +76,6 @@ def _runtime_tag() -> str:
     return f"{pyspark.__version__}-{hashlib.sha256(java.encode()).hexdigest()[:8]}"
 
 
-def writes_class_archive(sc) -> bool:
-    """Whether this driver JVM writes a class archive when it exits (`class_archive_option`)."""
-    arguments = sc._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments()
-    return any(str(a).startswith("-XX:ArchiveClassesAtExit") for a in arguments)
-
-
 def spark_conf(cfg: Config, app_name: str, master: str | None = None):
     """The SparkConf of FLEAD's jobs (UI off, Spark's log from warnings up, few shuffle partitions, Python workers
     reused, their daemon `spark_jobs.worker_daemon`: it imports the installed PySpark, not the zip Spark puts first).
@@ -154,13 +148,17 @@ def run_job(app_name: str, job, master: str | None = None, context_only: bool = 
     this process started, imports done, Spark ready, job done), which says where a spark-submit's start-up goes.
 
     ``ahead(cfg)``: work that needs no Spark (reading the job's input), started on a thread before the session so
-    that the two overlap; the job is then called as `job(spark, cfg, future)` with its `Future`."""
+    that the two overlap; the job is then called as `job(spark, cfg, future)` with its `Future`. Once Spark is up,
+    its Python workers start on another thread (`start_warming_workers`) while the job's driver reads its input:
+    the job's first Spark pass reuses them (a 10,000-device round −1 s), and the run that writes the driver's class
+    archive (`class_archive_option`) has run a Python job, whose classes later first jobs then load from it."""
     import json
     import logging
     import time
     from concurrent.futures import ThreadPoolExecutor
 
     from config import ConfigError, load_config
+    from spark_jobs.partitions import start_warming_workers
     from spark_jobs.worker_daemon import use_installed_pyspark
     from storage.errors import StorageError
 
@@ -178,16 +176,14 @@ def run_job(app_name: str, job, master: str | None = None, context_only: bool = 
             pool.shutdown(wait=False)  # the thread finishes the work; nothing else is submitted
         spark = (new_spark_context if context_only else spark_session)(cfg, app_name, master)
         sc = context_of(spark)
+        warming = start_warming_workers(sc)
         timeline |= {"context_ready": time.time(), "jvm_started":
                      sc._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getStartTime() / 1000}
         try:
             outcome = job(spark, cfg) if pending is None else job(spark, cfg, pending)
-            if writes_class_archive(sc):  # then it also holds the classes of Python tasks (later first jobs: -0.2 s)
-                from spark_jobs.partitions import warm_workers
-
-                warm_workers(sc)
         finally:
             timeline["job_done"] = time.time()
+            warming.join()  # no job outlives the context
             stop_without_waiting(spark)
     except (ConfigError, StorageError) as exc:  # a setting wrong, the database down: its message, no traceback
         log.error("%s", exc)
