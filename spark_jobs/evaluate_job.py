@@ -46,7 +46,7 @@ from models.integrity import signing_key  # noqa: E402
 from models.metrics import average_precision, precision_recall_f1, roc_auc  # noqa: E402
 from models.serialization import SerializationError, from_b64, loads  # noqa: E402
 from models.thresholds import make_threshold  # noqa: E402
-from spark_jobs.partitions import collect_rows  # noqa: E402
+from spark_jobs.partitions import collect_rows, partition_count  # noqa: E402
 from spark_jobs.snapshots import newest_verified_snapshots  # noqa: E402
 from storage.buckets import newest_buckets  # noqa: E402
 from storage.mongo import READ_VALUES, Store  # noqa: E402
@@ -208,8 +208,8 @@ def run_evaluation(spark, cfg: Config) -> EvaluationOutcome:
                                      version=model["version"])
         devices = sample_devices(fleet, cfg.aggregation.evaluation_devices, model["version"])
         sc = spark.sparkContext
-        # One group per core, not per Spark partition: on the embedded server every read scans the collection
-        parts = max(1, min(cfg.aggregation.spark_partitions, sc.defaultParallelism))
+        # At most one group per core (`partition_count`): on the embedded server every read scans the collection
+        parts = partition_count(cfg, devices, sc.defaultParallelism)
         groups = newest_buckets(store.reading_heads(devices), readings_per_device(cfg), READ_VALUES, parts)
         snapshots = newest_verified_snapshots(store, devices, signing_key(cfg))
         tasks = [(group, {d: snapshots[d] for d in group if d in snapshots}) for group in groups]
