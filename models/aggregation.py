@@ -31,7 +31,7 @@ from models.updates import (AggregationError, AggregationResult, Update, Weights
                             unflatten)
 
 __all__ = ["AggregationError", "AggregationResult", "Update", "fedavg", "coordinate_median", "trimmed_mean",
-           "kmeans", "cosine_similarity", "bounded_weights", "structure_problem", "snapshot_problem",
+           "kmeans", "trimmed_count", "cosine_similarity", "bounded_weights", "structure_problem", "snapshot_problem",
            "newest_plausible", "validate_updates", "cohort_rejections", "ValidationPolicy", "SnapshotLimits",
            "FedAvg", "FedMedian", "FedTrimmedAvg", "ClusteredFedAvg", "make_strategy"]
 
@@ -70,19 +70,26 @@ def trimmed_mean(results: Sequence[WeightedWeights], trim_fraction: float) -> We
     Tolerates up to ⌊βn⌋ poisoned updates. β < 0.5 keeps n > 2·⌊βn⌋ values to average; β > 0 with
     ⌊βn⌋ = 0 (fewer than 1/β updates) would trim nothing, a plain mean with no robustness, and is refused.
     """
+    matrix, _, like = _stack(results)
+    n = matrix.shape[0]
+    k = trimmed_count(n, trim_fraction)
+    ordered = np.sort(matrix, axis=0)
+    return unflatten(ordered[k:n - k].mean(axis=0), like)
+
+
+def trimmed_count(n: int, trim_fraction: float) -> int:
+    """⌊βn⌋, the values the trimmed mean drops from each end of a coordinate; `AggregationError` when β is outside
+    [0, 0.5) or trims nothing of n > 0 values (a plain mean sold as a robust one)."""
     if not 0.0 <= trim_fraction < 0.5:
         raise AggregationError(
             f"trim_fraction must be in [0, 0.5), got {trim_fraction}: the trimmed mean removes that fraction "
             "from each end, so 0.5 or more would remove every value")
-    matrix, _, like = _stack(results)
-    n = matrix.shape[0]
     k = int(np.floor(trim_fraction * n))
     if trim_fraction > 0 and k == 0:
         raise AggregationError(f"trimmed mean with β={trim_fraction} over n={n} updates trims ⌊βn⌋=0 from each end, "
                                f"i.e. it is the plain mean with no robustness; it needs n ≥ 1/β = "
                                f"{int(np.ceil(1 / trim_fraction))} updates")
-    ordered = np.sort(matrix, axis=0)
-    return unflatten(ordered[k:n - k].mean(axis=0), like)
+    return k
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -393,10 +400,17 @@ class FedTrimmedAvg:
     policy: ValidationPolicy = field(default_factory=ValidationPolicy)
     name: str = "trimmed_mean"
 
+    @property
+    def needed(self) -> int:
+        """Updates the round needs: 1/β, the fewest of which β trims one from each end."""
+        return int(np.ceil(1 / self.trim_fraction)) if self.trim_fraction > 0 else 1
+
+    @property
+    def why(self) -> str:
+        return f"β={self.trim_fraction} trims ⌊βn⌋ updates per end, 0 below n=1/β"
+
     def aggregate(self, updates: Sequence[Update], current: Weights | None = None) -> AggregationResult:
-        needed = int(np.ceil(1 / self.trim_fraction)) if self.trim_fraction > 0 else 1
-        checked = self.policy.apply(updates, self.name, needed=needed,
-                                    why=f"β={self.trim_fraction} trims ⌊βn⌋ updates per end, 0 below n=1/β")
+        checked = self.policy.apply(updates, self.name, needed=self.needed, why=self.why)
         return checked.result(trimmed_mean(checked.pairs, self.trim_fraction), self.name,
                               trim_fraction=self.trim_fraction)
 

@@ -38,8 +38,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from models.aggregation import (FedAvg, FedMedian, ValidationPolicy, bounded_weights, cohort_rejections,
-                                cosine_similarity, structure_problem)
+from models.aggregation import (FedAvg, FedMedian, FedTrimmedAvg, ValidationPolicy, bounded_weights,
+                                cohort_rejections, cosine_similarity, structure_problem, trimmed_count)
+from models.privacy import DifferentiallyPrivate, clip_by_l2_norm
 from models.updates import AggregationError, AggregationResult, Update
 
 __all__ = ["VectorBlock", "BlockSummary", "Partitions", "LocalPartitions", "Cohort", "exact_coordinate_median",
@@ -190,6 +191,24 @@ def block_bin_values(block: VectorBlock, excluded: frozenset[str], low: np.ndarr
     return np.concatenate(coordinates), np.concatenate(values)
 
 
+def block_trim_parts(block: VectorBlock, excluded: frozenset[str], low: np.ndarray, high: np.ndarray, bins: int,
+                     lower: np.ndarray, upper: np.ndarray, column: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For the included rows and the coordinates from ``column`` on that ``low`` and ``high`` cover: the sum of each
+    coordinate's values in the bins strictly between ``lower[j]`` and ``upper[j]`` (all kept by the trimmed mean),
+    and (coordinate, value) of those in bin ``lower[j]`` or ``upper[j]`` (kept or not by their rank)."""
+    between = np.zeros(low.shape[0])
+    coordinates, values = [], []
+    for chunk, binned in _binned_rows(block, block.rows(excluded), low, high, bins, column):
+        between += np.where((binned > lower) & (binned < upper), chunk, 0.0).sum(axis=0)
+        edge_rows, edge_columns = np.nonzero((binned == lower) | (binned == upper))
+        coordinates.append(edge_columns.astype(np.int32))
+        values.append(chunk[edge_rows, edge_columns])
+    if not values:
+        return between, np.zeros(0, dtype=np.int32), np.zeros(0)
+    return between, np.concatenate(coordinates), np.concatenate(values)
+
+
 def block_cosines(block: VectorBlock, device_ids: frozenset[str], median: np.ndarray, min_cosine: float,
                   cap: float | None) -> tuple[dict[str, float], np.ndarray]:
     """Cosine similarity to ``median`` of the rows of ``device_ids``, and the sum of ``min(n_samples, cap)`` ×
@@ -214,6 +233,17 @@ def block_weighted_sum(block: VectorBlock, weights: dict[str, float]) -> np.ndar
     if not rows:
         return np.zeros(block.vectors.shape[1] if block.vectors.ndim == 2 else 0)
     return np.array([weights[block.device_ids[i]] for i in rows]) @ block.vectors[rows]
+
+
+def block_clipped_sum(block: VectorBlock, device_ids: frozenset[str], base: np.ndarray, clip_norm: float
+                      ) -> np.ndarray:
+    """Σ of the rows of ``device_ids``, each as its difference from ``base`` clipped to L2 norm ``clip_norm``
+    (DP-FedAvg's sum, whose sensitivity is the clip norm)."""
+    total = np.zeros(base.shape)
+    for i, device in enumerate(block.device_ids):
+        if device in device_ids:
+            total += clip_by_l2_norm(block.vectors[i] - base, clip_norm)
+    return total
 
 
 def block_updates(block: VectorBlock) -> list[tuple[str, int, np.ndarray]]:
@@ -258,6 +288,48 @@ def _span_median(partitions: Partitions, excluded: frozenset[str], n: int, low: 
     return (low_value + values[starts + upper - before]) / 2
 
 
+def exact_coordinate_trimmed_mean(partitions: Partitions, excluded: frozenset[str], n: int, trimmed: int,
+                                  low: np.ndarray, high: np.ndarray, bins: int,
+                                  histogram_bytes: int = HISTOGRAM_BYTES) -> np.ndarray:
+    """The coordinate-wise mean of ranks ``trimmed``..``n − trimmed − 1`` of the ``n`` rows not in ``excluded`` (the
+    in-memory `trimmed_mean` up to the order in which the sum adds), in two passes per span of coordinates as
+    `exact_coordinate_median`: histograms, then the sums of the bins between the two edge ranks' bins and the
+    values in those two bins."""
+    bins = max(1, min(bins, n))
+    span = max(1, histogram_bytes // ((bins + 2) * np.dtype(np.int64).itemsize))
+    return np.concatenate([_span_trimmed_mean(partitions, excluded, n, trimmed, low[c:c + span], high[c:c + span],
+                                              bins, c)
+                           for c in range(0, low.shape[0], span)] or [np.zeros(0)])
+
+
+def _span_trimmed_mean(partitions: Partitions, excluded: frozenset[str], n: int, trimmed: int, low: np.ndarray,
+                       high: np.ndarray, bins: int, column: int) -> np.ndarray:
+    """`exact_coordinate_trimmed_mean` of the coordinates from ``column`` on that ``low`` and ``high`` cover."""
+    counts = histogram_counts(partitions.map(partial(block_histogram, excluded=excluded, low=low, high=high,
+                                                     bins=bins, column=column)), low.shape[0], bins)
+    below_rank = np.cumsum(counts, axis=1)
+    first_rank, last_rank = trimmed, n - trimmed - 1
+    lower = (below_rank <= first_rank).sum(axis=1)   # the bin holding the first rank kept
+    upper = (below_rank <= last_rank).sum(axis=1)    # and the last
+    columns = np.arange(counts.shape[0])
+    before_lower = np.where(lower > 0, below_rank[columns, np.maximum(lower - 1, 0)], 0)
+    before_upper = np.where(upper > 0, below_rank[columns, np.maximum(upper - 1, 0)], 0)
+    found = partitions.map(partial(block_trim_parts, excluded=excluded, low=low, high=high, bins=bins,
+                                   lower=lower, upper=upper, column=column))
+    between = np.sum([b for b, _, _ in found], axis=0)
+    coordinates = np.concatenate([c for _, c, _ in found])
+    values = np.concatenate([v for _, _, v in found])
+    order = np.lexsort((values, coordinates))
+    coordinates, values = coordinates[order], values[order]
+    position = np.arange(coordinates.size) - np.searchsorted(coordinates, columns)[coordinates]
+    in_lower = counts[columns, lower][coordinates]   # a coordinate's values of its lower bin come first
+    rank = np.where(position < in_lower, before_lower[coordinates] + position,
+                    before_upper[coordinates] + position - in_lower)
+    kept = (rank >= first_rank) & (rank <= last_rank)
+    edges = np.bincount(coordinates[kept], weights=values[kept], minlength=columns.size)
+    return (between + edges) / (n - 2 * trimmed)
+
+
 def _total(partial_sums: list[np.ndarray]) -> np.ndarray:
     """The sum of the blocks' partial sums (a block without rows contributes an empty array)."""
     return np.sum([s for s in partial_sums if s.size], axis=0)
@@ -296,13 +368,20 @@ class Cohort:
         keep = set(device_ids)
         return frozenset(d for d in self.device_ids if d not in keep)
 
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each coordinate's range over the blocks' summaries (the span the histograms bin)."""
+        spans = [(s.low, s.high) for s in self.summaries if s.low is not None]
+        return np.min([lo for lo, _ in spans], axis=0), np.max([hi for _, hi in spans], axis=0)
+
     def median(self, device_ids: Sequence[str]) -> np.ndarray:
         """The coordinate-wise median of these devices' vectors."""
-        spans = [(s.low, s.high) for s in self.summaries if s.low is not None]
-        low = np.min([lo for lo, _ in spans], axis=0)
-        high = np.max([hi for _, hi in spans], axis=0)
-        return exact_coordinate_median(self.partitions, self._excluding(device_ids), len(device_ids), low, high,
-                                       self.bins)
+        return exact_coordinate_median(self.partitions, self._excluding(device_ids), len(device_ids),
+                                       *self._range(), self.bins)
+
+    def trimmed_mean(self, device_ids: Sequence[str], trimmed: int) -> np.ndarray:
+        """The coordinate-wise mean of these devices' vectors without the ``trimmed`` lowest and highest values."""
+        return exact_coordinate_trimmed_mean(self.partitions, self._excluding(device_ids), len(device_ids), trimmed,
+                                             *self._range(), self.bins)
 
     def cosines_and_sums(self, device_ids: Sequence[str], median: np.ndarray, min_cosine: float,
                          cap: float | None) -> tuple[dict[str, float], np.ndarray]:
@@ -315,6 +394,12 @@ class Cohort:
     def weighted_sum(self, weights: dict[str, float]) -> np.ndarray:
         """Σ weight × vector over the devices in ``weights``."""
         return _total(self.partitions.map(partial(block_weighted_sum, weights=weights)))
+
+    def clipped_sum(self, device_ids: Sequence[str], base: np.ndarray, clip_norm: float) -> np.ndarray:
+        """Σ over these devices of their vector's difference from ``base``, clipped to L2 norm ``clip_norm``."""
+        found = self.partitions.map(partial(block_clipped_sum, device_ids=frozenset(device_ids), base=base,
+                                            clip_norm=clip_norm))
+        return np.sum(found, axis=0) if found else np.zeros(base.shape)
 
     def updates(self) -> list[Update]:
         """Every update with its vector, collected here (strategies that need them all at once): read in this
@@ -383,13 +468,51 @@ def median_partitioned(strategy: FedMedian, cohort: Cohort) -> AggregationResult
                              extra={"n_samples": int(round(float(weights.sum())))})
 
 
-PARTITIONED_RULES = {"fedavg": fedavg_partitioned, "median": median_partitioned}
+def trimmed_mean_partitioned(strategy: FedTrimmedAvg, cohort: Cohort) -> AggregationResult:
+    """`FedTrimmedAvg.aggregate` on a partitioned cohort."""
+    policy = strategy.policy
+
+    def cosines_to(within: list[str], median: np.ndarray) -> dict[str, float]:
+        return cohort.cosines_and_sums(within, median, policy.min_cosine, None)[0]
+
+    accepted, rejected = _checked(policy, cohort, policy.min_cosine, cosines_to)
+    policy.require(len(accepted), rejected, strategy.name, strategy.needed, strategy.why)
+    trimmed = trimmed_count(len(accepted), strategy.trim_fraction)
+    weights = bounded_weights([cohort.n_samples[d] for d in accepted], policy.sample_cap_factor)
+    return AggregationResult([cohort.trimmed_mean(accepted, trimmed)], accepted, rejected, dict(cohort.norms),
+                             strategy.name, extra={"trim_fraction": strategy.trim_fraction,
+                                                   "n_samples": int(round(float(weights.sum())))})
+
+
+def dp_fedavg_partitioned(strategy: DifferentiallyPrivate, cohort: Cohort, current: list[np.ndarray] | None
+                          ) -> AggregationResult:
+    """`DifferentiallyPrivate.aggregate` around FedAvg on a partitioned cohort: the same checks (each device on its
+    own), sampling and noise; the clipped differences from ``current`` are summed in the partitions."""
+    shapes = strategy.inner.policy.reference_shapes or (
+        [np.shape(w) for w in current] if current is not None else None)
+    accepted, rejected = list(cohort.device_ids), []
+    if shapes is not None:
+        lengths = {d: s.length for s in cohort.summaries for d in s.device_ids}
+        wrong = {d for d in accepted if structure_problem(Update(d, [np.zeros(lengths[d])], 1), shapes)}
+        rejected = [(d, "not a valid update for this architecture") for d in accepted if d in wrong]
+        accepted = [d for d in accepted if d not in wrong]
+    sampled = strategy.sample(accepted)
+    if len(sampled) < max(1, strategy.inner.policy.min_devices):
+        raise strategy.too_few(len(sampled), len(cohort.device_ids))
+    base = np.concatenate([np.ravel(w) for w in current]) if current is not None else np.zeros(cohort.length)
+    like = current if current is not None else [np.zeros(cohort.length)]
+    total = cohort.clipped_sum(sampled, base, strategy.clip_norm)
+    return strategy.release(base + total / len(sampled), sampled, rejected, len(accepted), like)
+
+
+PARTITIONED_RULES = {FedAvg: fedavg_partitioned, FedMedian: median_partitioned, FedTrimmedAvg: trimmed_mean_partitioned}
 
 
 def aggregate(strategy, cohort: Cohort, current: list[np.ndarray] | None = None) -> AggregationResult:
-    """``strategy.aggregate`` on partitioned updates: in the partitions for the strategies named in
-    `PARTITIONED_RULES` (FedAvg, FedMedian, each with its validation policy), else on the collected vectors."""
-    rule = PARTITIONED_RULES.get(getattr(strategy, "name", ""))
-    if rule is not None and getattr(strategy, "policy", None) is not None:
-        return rule(strategy, cohort)
-    return strategy.aggregate(cohort.updates(), current)
+    """``strategy.aggregate`` on partitioned updates: in the partitions for the strategies in `PARTITIONED_RULES`
+    (FedAvg, the median and the trimmed mean, each with its validation policy) and DP-FedAvg, else on the collected
+    vectors."""
+    if isinstance(strategy, DifferentiallyPrivate) and type(strategy.inner) is FedAvg:
+        return dp_fedavg_partitioned(strategy, cohort, current)
+    rule = PARTITIONED_RULES.get(type(strategy))
+    return rule(strategy, cohort) if rule is not None else strategy.aggregate(cohort.updates(), current)

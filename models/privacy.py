@@ -248,7 +248,7 @@ class DifferentiallyPrivate:
                 rejected.append((update.device_id, "not a valid update for this architecture"))
             else:
                 valid.append(update)
-        sampled = [u for u in valid if self.sampling_rate == 1.0 or self._rng.random() < self.sampling_rate]
+        sampled = self.sample(valid)
         if current is None:
             current = [np.zeros(s) for s in shapes]
         base = flatten(current)
@@ -257,19 +257,33 @@ class DifferentiallyPrivate:
         try:
             mean = self.inner.aggregate(clipped, current)
         except AggregationError:
-            raise AggregationError(f"{self.name}: {len(sampled)} sampled valid update(s) of {len(updates)}, needs "
-                                   f"at least {self.inner.policy.min_devices}") from None
-        noise = self._rng.normal(0.0, self.noise_multiplier * self.clip_norm, size=base.shape)
-        weights = unflatten(flatten(mean.weights) + noise / len(clipped), current)
+            raise self.too_few(len(sampled), len(updates)) from None
+        return self.release(flatten(mean.weights), mean.participants, rejected, len(valid), current)
+
+    def sample(self, valid: Sequence) -> list:
+        """The valid devices (or their updates) that take part: each with probability ``sampling_rate``."""
+        return [u for u in valid if self.sampling_rate == 1.0 or self._rng.random() < self.sampling_rate]
+
+    def too_few(self, n_sampled: int, n_updates: int) -> AggregationError:
+        """The error of a round with fewer sampled valid updates than the inner strategy needs."""
+        return AggregationError(f"{self.name}: {n_sampled} sampled valid update(s) of {n_updates}, needs at least "
+                                f"{self.inner.policy.min_devices}")
+
+    def release(self, mean: np.ndarray, participants: list[str], rejected: list[tuple[str, str]], n_valid: int,
+                like: Weights) -> AggregationResult:
+        """The result from the mean of the ``participants``' clipped updates (a flat vector, shaped like ``like``):
+        noise on their sum, and this round's privacy spent added to the accountant."""
+        noise = self._rng.normal(0.0, self.noise_multiplier * self.clip_norm, size=mean.shape)
+        weights = unflatten(mean + noise / len(participants), like)
         step = self.accountant.compose(self.sampling_rate, self.noise_multiplier)
         dp = {"epsilon": self.accountant.epsilon(self.delta),
               "round_epsilon": epsilon_from_rdp(self.accountant.orders, step, self.delta),
               "delta": self.delta, "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
               "sampling_rate": self.sampling_rate, "rounds": self.accountant.rounds,
               "accountant": self.accountant.to_dict()}
-        return AggregationResult(weights=weights, participants=mean.participants, rejected=rejected, norms={},
+        return AggregationResult(weights=weights, participants=list(participants), rejected=rejected, norms={},
                                  strategy=self.name, private=True,
-                                 extra={"n_samples": len(clipped), "n_not_sampled": len(valid) - len(sampled),
+                                 extra={"n_samples": len(participants), "n_not_sampled": n_valid - len(participants),
                                         "dp": dp})
 
 

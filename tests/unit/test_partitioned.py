@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 
 from models.aggregation import (AggregationError, ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, Update,
                                 ValidationPolicy)
+from models.privacy import DifferentiallyPrivate
 from models.partitioned import (HISTOGRAM_BYTES, Cohort, LocalPartitions, VectorBlock, aggregate, bin_of,
-                                block_histogram, exact_coordinate_median, histogram_counts)
+                                block_histogram, exact_coordinate_median, exact_coordinate_trimmed_mean,
+                                block_updates, histogram_counts)
 
 
 def split(vectors, n_samples, cuts, ids=None):
@@ -54,6 +56,27 @@ def test_exact_median_equals_numpy_to_the_bit(rows, bins, data):
                                   histogram_bytes)
     want = np.median(vectors[kept], axis=0)
     assert np.array_equal(got, want), (got, want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(partitioned_rows(), st.integers(1, 9), st.data())
+def test_exact_trimmed_mean_equals_the_mean_of_the_sorted_middle(rows, bins, data):
+    """Any trim (none, one value, near half), ranges that miss values, spans of one or three coordinates: the mean
+    of ranks k..n−k−1 of each coordinate, as `trimmed_mean` sorts and averages them in memory."""
+    vectors, cuts, rng = rows
+    blocks = split(vectors, [1] * len(vectors), cuts)
+    ids = [d for b in blocks for d in b.device_ids]
+    excluded = frozenset(d for d in ids if data.draw(st.booleans()) and len(ids) > 1 and d != ids[0])
+    kept = np.array([d not in excluded for d in ids])
+    n = int(kept.sum())
+    trimmed = data.draw(st.integers(0, (n - 1) // 2))
+    low = np.quantile(vectors, 0.3, axis=0) if data.draw(st.booleans()) else vectors.min(axis=0)
+    high = np.maximum(low, np.quantile(vectors, 0.6, axis=0))
+    histogram_bytes = data.draw(st.sampled_from([HISTOGRAM_BYTES, 1, 3 * (bins + 2) * 8]))
+    got = exact_coordinate_trimmed_mean(LocalPartitions(blocks), excluded, n, trimmed, low, high, bins,
+                                        histogram_bytes)
+    want = np.sort(vectors[kept], axis=0)[trimmed:n - trimmed].mean(axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(vectors).max())
 
 
 @dataclass
@@ -120,24 +143,40 @@ def fleet(seed, n=30, length=5, attackers=True):
     return vectors, counts
 
 
+@dataclass
+class Collecting(LocalPartitions):
+    """`LocalPartitions` that count how often a strategy collects every vector (`Cohort.updates`)."""
+
+    collected: int = 0
+
+    def map(self, fn):
+        self.collected += fn is block_updates
+        return super().map(fn)
+
+
 def partitions_of(vectors, counts, cuts):
     """The rows in blocks, plus a block without rows (a partition whose every snapshot was refused)."""
-    return LocalPartitions(split(vectors, counts, cuts) + [VectorBlock(99, [], np.zeros(0), np.zeros((0, 0)))])
+    return Collecting(split(vectors, counts, cuts) + [VectorBlock(99, [], np.zeros(0), np.zeros((0, 0)))])
 
 
-def compare(strategy, vectors, counts, cuts, **tolerance):
+def compare(strategy, vectors, counts, cuts, collects=False, **tolerance):
+    """The strategy on updates in memory and on the same vectors in blocks: the same result or the same error; the
+    vectors are collected from the blocks only when ``collects``."""
     ids = [f"d{i:03d}" for i in range(len(vectors))]
     updates = [Update(d, [v], int(c)) for d, v, c in zip(ids, vectors, counts)]
+    partitions = partitions_of(vectors, counts, cuts)
     try:
         want = strategy.aggregate(updates)
     except AggregationError as exc:
         with pytest.raises(AggregationError) as raised:
-            aggregate(strategy, Cohort.gather(partitions_of(vectors, counts, cuts), 10.0, bins=8))
+            aggregate(strategy, Cohort.gather(partitions, 10.0, bins=8))
         assert str(raised.value) == str(exc)
         return None
-    got = aggregate(strategy, Cohort.gather(partitions_of(vectors, counts, cuts), 10.0, bins=8))
+    got = aggregate(strategy, Cohort.gather(partitions, 10.0, bins=8))
     assert got.participants == want.participants and got.rejected == want.rejected
     assert got.norms == want.norms and got.n_samples == want.n_samples and got.strategy == want.strategy
+    assert got.extra.keys() == want.extra.keys()
+    assert bool(partitions.collected) == collects
     np.testing.assert_allclose(got.weights[0], want.weights[0], **tolerance)
     return got
 
@@ -145,12 +184,14 @@ def compare(strategy, vectors, counts, cuts, **tolerance):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.integers(3, 40), st.booleans(), st.lists(st.integers(0, 40), max_size=3),
        st.sampled_from([None, 2.0]), st.sampled_from([None, 0.0, 0.5]))
-def test_fedavg_and_median_in_partitions_equal_the_in_memory_strategies(seed, n, attackers, cuts, cap, min_cosine):
+def test_fedavg_median_and_trimmed_mean_in_partitions_equal_the_in_memory_strategies(seed, n, attackers, cuts, cap, min_cosine):
     vectors, counts = fleet(seed, n, attackers=attackers)
     cuts = sorted({c for c in cuts if c <= n})
     policy = ValidationPolicy(min_devices=2, max_norm_ratio=10.0, min_cosine=min_cosine, sample_cap_factor=cap)
     compare(FedAvg(policy=policy), vectors, counts, cuts, rtol=1e-12, atol=1e-12)
     compare(FedMedian(policy=policy), vectors, counts, cuts, rtol=0, atol=0)
+    compare(FedTrimmedAvg(0.1, policy=policy), vectors, counts, cuts, rtol=1e-12, atol=1e-12)
+    compare(FedTrimmedAvg(0.3, policy=policy), vectors, counts, cuts, rtol=1e-12, atol=1e-12)
 
 
 def test_the_cap_moves_when_the_cosine_check_refuses_devices():
@@ -164,14 +205,52 @@ def test_the_cap_moves_when_the_cosine_check_refuses_devices():
     assert got.participants == [f"d{i:03d}" for i in range(3, 9)]
 
 
-def test_other_strategies_get_the_collected_vectors():
+def test_clustering_gets_the_collected_vectors():
     vectors, counts = fleet(5, 20)
-    policy = ValidationPolicy(min_devices=2)
-    compare(FedTrimmedAvg(0.1, policy=policy), vectors, counts, [7, 13], rtol=0, atol=0)
-    compare(ClusteredFedAvg(clusters=2, seed=1, policy=policy), vectors, counts, [7], rtol=0, atol=0)
+    compare(ClusteredFedAvg(clusters=2, seed=1, policy=ValidationPolicy(min_devices=2)), vectors, counts, [7],
+            collects=True, rtol=0, atol=0)
+
+
+def seeded_dp(sampling_rate, min_devices=2, seed=11):
+    """DP-FedAvg whose sampling and noise come from a seeded generator, so two runs draw the same."""
+    dp = DifferentiallyPrivate(FedAvg(policy=ValidationPolicy(min_devices, None, None, None, None)), clip_norm=0.5,
+                               noise_multiplier=0.8, delta=1e-5, sampling_rate=sampling_rate)
+    dp._rng = np.random.default_rng(seed)
+    return dp
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 30), st.lists(st.integers(0, 30), max_size=3),
+       st.sampled_from([1.0, 0.5]), st.booleans(), st.integers(1, 4))
+def test_dp_fedavg_in_partitions_equals_the_in_memory_wrapper(seed, n, cuts, sampling_rate, has_current,
+                                                              min_devices):
+    """The same devices sampled, the same clipped mean (deltas from the current model, or from zero), the same noise
+    and privacy spent; a device of another length is refused with the same reason; too few sampled, the same error."""
+    vectors, counts = fleet(seed, n, attackers=False)
+    cuts = sorted({c for c in cuts if c <= n})
+    current = [np.random.default_rng(seed).normal(size=vectors.shape[1]) + 3.0] if has_current else None
+    odd = VectorBlock(50, ["odd"], np.array([9]), np.ones((1, vectors.shape[1] + 1)))
+    updates = [Update(f"d{i:03d}", [v], int(c)) for i, (v, c) in enumerate(zip(vectors, counts))]
+    if has_current:
+        updates.append(Update("odd", [odd.vectors[0]], 9))
+    blocks = split(vectors, counts, cuts) + ([odd] if has_current else [])
+    try:
+        want = seeded_dp(sampling_rate, min_devices).aggregate(updates, current)
+    except AggregationError as exc:
+        with pytest.raises(AggregationError) as raised:
+            aggregate(seeded_dp(sampling_rate, min_devices), Cohort.gather(Collecting(blocks)), current)
+        assert str(raised.value) == str(exc)
+        return
+    partitions = Collecting(blocks)
+    got = aggregate(seeded_dp(sampling_rate, min_devices), Cohort.gather(partitions), current)
+    assert partitions.collected == 0
+    assert got.participants == want.participants and got.rejected == want.rejected and got.private
+    assert got.extra == want.extra and got.strategy == want.strategy == "dp-fedavg"
+    np.testing.assert_allclose(got.weights[0], want.weights[0], rtol=1e-12, atol=1e-12)
 
 
 def test_too_few_devices_raise_the_same_error():
     vectors, counts = fleet(1, 3)
+    compare(FedTrimmedAvg(0.1, policy=ValidationPolicy(min_devices=2)), vectors, counts, [1])
     compare(FedMedian(policy=ValidationPolicy(min_devices=2)), vectors, counts, [1])
     compare(FedAvg(policy=ValidationPolicy(min_devices=5)), vectors, counts, [])
