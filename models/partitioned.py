@@ -12,12 +12,19 @@ partition keeps its devices' vectors (a `VectorBlock`) and the driver asks for r
    temporary arrays exceed `HISTOGRAM_BYTES`; a block of few rows sends its rows' bins instead of counts;
 3. cosine similarities to that median, together with the partial FedAvg sums at the sample cap the cohort has
    if the cosine check refuses nobody (`block_cosines`); a further pass of partial sums only when it did and the
-   cap moved (`block_weighted_sum`).
+   cap moved (`block_weighted_sum`);
+4. the coordinate-wise trimmed mean, exactly: the median's histograms locate each coordinate's first and last kept
+   rank, and a second pass returns the sums of the bins between them and the values in those two bins
+   (`block_trim_parts`);
+5. DP-FedAvg: the sum of the sampled devices' differences from the current model, each clipped (`block_clipped_sum`);
+6. clustering: k-means++ and Lloyd's passes for every restart at once (`block_kmeans_pass`: each row's distance to
+   its nearest centre, each centre's sum and count), the few seed vectors fetched by id (`block_vectors`), then
+   one pass of each cluster's FedAvg sums (`block_cluster_sums`).
 
-The results equal the in-memory strategies' of `models.aggregation`: the same checks (`cohort_rejections`,
-`ValidationPolicy.require`), the same reasons, the same median to the bit, and the FedAvg mean up to the order in
-which a sum adds (~1e-16 relative). Strategies without a partitioned form here (trimmed mean, clustering,
-differential privacy, secure aggregation) get the vectors collected (`Cohort.updates`) and run unchanged.
+The results equal the in-memory strategies' of `models.aggregation` and `models.privacy`: the same checks
+(`cohort_rejections`, `ValidationPolicy.require`), the same reasons, the same median to the bit, the same clusters
+and DP samples, and the sums up to the order in which they add (~1e-16 relative). Every strategy `make_strategy`
+builds has a rule here; the driver never holds the vectors (secure aggregation's masked words take another path).
 
 >>> rng = np.random.default_rng(0)
 >>> blocks = [VectorBlock(i, [f"d{i}{j}" for j in range(5)], np.full(5, 10), rng.normal(size=(5, 3)))
@@ -38,13 +45,16 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from models.aggregation import (FedAvg, FedMedian, FedTrimmedAvg, ValidationPolicy, bounded_weights,
-                                cohort_rejections, cosine_similarity, structure_problem, trimmed_count)
+from models import aggregation
+from models.aggregation import (ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, ValidationPolicy, bounded_weights,
+                                centre_sums, cluster_models, cohort_rejections, cosine_similarity, kmeans_centres,
+                                kmeans_pass, kmeans_restarts_at_once, nearest_centres, structure_problem, trimmed_count)
 from models.privacy import DifferentiallyPrivate, clip_by_l2_norm
 from models.updates import AggregationError, AggregationResult, Update
 
 __all__ = ["VectorBlock", "BlockSummary", "Partitions", "LocalPartitions", "Cohort", "exact_coordinate_median",
-           "histogram_counts", "aggregate", "block_summary", "bin_of", "PARTITIONED_RULES"]
+           "exact_coordinate_trimmed_mean", "histogram_counts", "aggregate", "block_summary", "bin_of",
+           "PARTITIONED_RULES"]
 
 # What one pass of the median may hold per partition: its reply (counts: coordinates × (bins + 2) int64) and its
 # temporary arrays (rows binned at once × coordinates float64). Devices of 200 metrics in windows of 5 have vectors
@@ -81,8 +91,7 @@ class BlockSummary:
 
 class Partitions(Protocol):
     """Blocks held elsewhere (a persisted Spark RDD of one block per partition, or `LocalPartitions`):
-    ``map(fn)`` runs ``fn(block)`` where each block lives and returns the results, in block order. Partitions whose
-    blocks this process can read itself may also offer ``map_here(fn)``, the same without Spark."""
+    ``map(fn)`` runs ``fn(block)`` where each block lives and returns the results, in block order."""
 
     def map(self, fn: Callable[[VectorBlock], Any]) -> list: ...
 
@@ -246,9 +255,32 @@ def block_clipped_sum(block: VectorBlock, device_ids: frozenset[str], base: np.n
     return total
 
 
-def block_updates(block: VectorBlock) -> list[tuple[str, int, np.ndarray]]:
-    """Every row as (device_id, n_samples, vector): for strategies that need all vectors in one place."""
-    return [(d, int(n), v) for d, n, v in zip(block.device_ids, block.n_samples, block.vectors)]
+def block_vectors(block: VectorBlock, device_ids: frozenset[str]) -> dict[str, np.ndarray]:
+    """The vectors of those of ``device_ids`` this block holds."""
+    return {d: block.vectors[i] for i, d in enumerate(block.device_ids) if d in device_ids}
+
+
+def block_kmeans_pass(block: VectorBlock, excluded: frozenset[str], centres: np.ndarray, with_sums: bool):
+    """`kmeans_pass` over the included rows (squared distances in row order)."""
+    return kmeans_pass(block.vectors, centres, with_sums, block.rows(excluded))
+
+
+def block_cluster_sums(block: VectorBlock, excluded: frozenset[str], centres: np.ndarray, cap: float | None
+                       ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The included rows' devices, their nearest centre (k, D), and each centre's Σ min(n_samples, cap)·vector and
+    Σ min(n_samples, cap) over them."""
+    rows = block.rows(excluded)
+    k = centres.shape[0]
+    if not rows.size:
+        return [], np.zeros(0, dtype=np.int64), np.zeros((k, centres.shape[1])), np.zeros(k)
+    labels, _ = nearest_centres(block.vectors, centres[None])
+    counted = np.full(labels.shape[1], -1)
+    counted[rows] = labels[0, rows]
+    weights = block.n_samples.astype(np.float64)
+    if cap is not None:
+        weights = np.minimum(weights, cap)
+    sums, totals = centre_sums(block.vectors, counted[None], k, weights)
+    return [block.device_ids[i] for i in rows], labels[0, rows], sums[0], totals[0]
 
 
 # ---------------------------------------------------------------- driver side
@@ -338,7 +370,8 @@ def _total(partial_sums: list[np.ndarray]) -> np.ndarray:
 @dataclass
 class Cohort:
     """The driver's view of partitioned updates: ids (in block order), counts and norms; the vectors stay in the
-    partitions, reached through `median`, `cosines_and_sums`, `weighted_sum` and `updates`."""
+    partitions, reached through reductions (`median`, `trimmed_mean`, `cosines_and_sums`, `weighted_sum`,
+    `clipped_sum`, `kmeans_pass`, `cluster_sums`) and, for a few seed vectors, `vectors_of`."""
 
     partitions: Partitions
     summaries: list[BlockSummary]
@@ -401,12 +434,28 @@ class Cohort:
                                             clip_norm=clip_norm))
         return np.sum(found, axis=0) if found else np.zeros(base.shape)
 
-    def updates(self) -> list[Update]:
-        """Every update with its vector, collected here (strategies that need them all at once): read in this
-        process when the partitions can (``map_here``: blocks on this machine), else sent by each partition."""
-        collect = getattr(self.partitions, "map_here", self.partitions.map)
-        return [Update(d, [v], n) for part in collect(block_updates) for d, n, v in part]
+    def vectors_of(self, device_ids: Sequence[str]) -> np.ndarray:
+        """These devices' vectors (n, D), in the order asked (a device may be asked for more than once)."""
+        found: dict[str, np.ndarray] = {}
+        for part in self.partitions.map(partial(block_vectors, device_ids=frozenset(device_ids))):
+            found.update(part)
+        return np.stack([found[d] for d in device_ids])
 
+    def kmeans_pass(self, excluded: frozenset[str], centres: np.ndarray, with_sums: bool):
+        """`kmeans_pass` over the rows not in ``excluded``, in every partition: distances in cohort order, sums."""
+        found = self.partitions.map(partial(block_kmeans_pass, excluded=excluded, centres=centres,
+                                            with_sums=with_sums))
+        d2 = np.concatenate([f[0] for f in found], axis=1)
+        if not with_sums:
+            return d2, None, None
+        return d2, np.sum([f[1] for f in found], axis=0), np.sum([f[2] for f in found], axis=0)
+
+    def cluster_sums(self, excluded: frozenset[str], centres: np.ndarray, cap: float | None
+                     ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """`block_cluster_sums` over every partition: devices and labels in cohort order, summed sums and totals."""
+        found = self.partitions.map(partial(block_cluster_sums, excluded=excluded, centres=centres, cap=cap))
+        return ([d for ids, _, _, _ in found for d in ids], np.concatenate([labels for _, labels, _, _ in found]),
+                np.sum([sums for _, _, sums, _ in found], axis=0), np.sum([t for _, _, _, t in found], axis=0))
 
 def _checked(policy: ValidationPolicy, cohort: Cohort, min_cosine: float | None, cosines_to
              ) -> tuple[list[str], list[tuple[str, str]]]:
@@ -424,6 +473,11 @@ def _checked(policy: ValidationPolicy, cohort: Cohort, min_cosine: float | None,
     accepted, refused = cohort_rejections(valid, cohort.norms, policy.max_norm_ratio, min_cosine, cohort.median,
                                           cosines_to)
     return accepted, rejected + refused
+
+
+def _cosines(cohort: Cohort, min_cosine: float, within: list[str], median: np.ndarray) -> dict[str, float]:
+    """The cosine check's similarities of ``within`` to ``median`` (rules that need no FedAvg sums with them)."""
+    return cohort.cosines_and_sums(within, median, min_cosine, None)[0]
 
 
 def fedavg_partitioned(strategy: FedAvg, cohort: Cohort) -> AggregationResult:
@@ -458,10 +512,7 @@ def median_partitioned(strategy: FedMedian, cohort: Cohort) -> AggregationResult
     """`FedMedian.aggregate` on a partitioned cohort."""
     policy = strategy.policy
 
-    def cosines_to(within: list[str], median: np.ndarray) -> dict[str, float]:
-        return cohort.cosines_and_sums(within, median, policy.min_cosine, None)[0]
-
-    accepted, rejected = _checked(policy, cohort, policy.min_cosine, cosines_to)
+    accepted, rejected = _checked(policy, cohort, policy.min_cosine, partial(_cosines, cohort, policy.min_cosine))
     policy.require(len(accepted), rejected, strategy.name, strategy.needed, strategy.why)
     weights = bounded_weights([cohort.n_samples[d] for d in accepted], policy.sample_cap_factor)
     return AggregationResult([cohort.median(accepted)], accepted, rejected, dict(cohort.norms), strategy.name,
@@ -472,10 +523,7 @@ def trimmed_mean_partitioned(strategy: FedTrimmedAvg, cohort: Cohort) -> Aggrega
     """`FedTrimmedAvg.aggregate` on a partitioned cohort."""
     policy = strategy.policy
 
-    def cosines_to(within: list[str], median: np.ndarray) -> dict[str, float]:
-        return cohort.cosines_and_sums(within, median, policy.min_cosine, None)[0]
-
-    accepted, rejected = _checked(policy, cohort, policy.min_cosine, cosines_to)
+    accepted, rejected = _checked(policy, cohort, policy.min_cosine, partial(_cosines, cohort, policy.min_cosine))
     policy.require(len(accepted), rejected, strategy.name, strategy.needed, strategy.why)
     trimmed = trimmed_count(len(accepted), strategy.trim_fraction)
     weights = bounded_weights([cohort.n_samples[d] for d in accepted], policy.sample_cap_factor)
@@ -505,7 +553,30 @@ def dp_fedavg_partitioned(strategy: DifferentiallyPrivate, cohort: Cohort, curre
     return strategy.release(base + total / len(sampled), sampled, rejected, len(accepted), like)
 
 
-PARTITIONED_RULES = {FedAvg: fedavg_partitioned, FedMedian: median_partitioned, FedTrimmedAvg: trimmed_mean_partitioned}
+def clustered_partitioned(strategy: ClusteredFedAvg, cohort: Cohort) -> AggregationResult:
+    """`ClusteredFedAvg.aggregate` on a partitioned cohort: k-means passes, then one pass of each cluster's sums."""
+    policy = strategy.policy
+
+    accepted, rejected = _checked(policy, cohort, policy.min_cosine, partial(_cosines, cohort, policy.min_cosine))
+    policy.require(len(accepted), rejected, strategy.name, strategy.needed, strategy.why)
+    counts = [cohort.n_samples[d] for d in accepted]
+    weights = bounded_weights(counts, policy.sample_cap_factor)
+    if len(accepted) * cohort.length * 8 <= aggregation.KMEANS_FETCH_BYTES:  # a few devices: fetched once
+        fleet, assignment, cluster_vectors = strategy.cluster(cohort.vectors_of(accepted), accepted, weights)
+    else:
+        cap = None if policy.sample_cap_factor is None else float(np.median(counts)) * policy.sample_cap_factor
+        excluded = cohort._excluding(accepted)
+        centres = kmeans_centres(len(accepted), lambda indices: cohort.vectors_of([accepted[i] for i in indices]),
+                                 partial(cohort.kmeans_pass, excluded), strategy.clusters, strategy.seed,
+                                 at_once=kmeans_restarts_at_once(strategy.clusters, cohort.length))
+        fleet, assignment, cluster_vectors = cluster_models(*cohort.cluster_sums(excluded, centres, cap))
+    return AggregationResult([fleet], accepted, rejected, dict(cohort.norms), strategy.name,
+                             extra={"clusters": assignment, "cluster_weights": [[v] for v in cluster_vectors],
+                                    "n_samples": int(round(float(weights.sum())))})
+
+
+PARTITIONED_RULES = {FedAvg: fedavg_partitioned, FedMedian: median_partitioned, FedTrimmedAvg: trimmed_mean_partitioned,
+                     ClusteredFedAvg: clustered_partitioned}
 
 
 def aggregate(strategy, cohort: Cohort, current: list[np.ndarray] | None = None) -> AggregationResult:
@@ -515,4 +586,7 @@ def aggregate(strategy, cohort: Cohort, current: list[np.ndarray] | None = None)
     if isinstance(strategy, DifferentiallyPrivate) and type(strategy.inner) is FedAvg:
         return dp_fedavg_partitioned(strategy, cohort, current)
     rule = PARTITIONED_RULES.get(type(strategy))
-    return rule(strategy, cohort) if rule is not None else strategy.aggregate(cohort.updates(), current)
+    if rule is None:
+        raise AggregationError(f"{getattr(strategy, 'name', type(strategy).__name__)}: no form that aggregates "
+                               f"inside the partitions (models.partitioned.PARTITIONED_RULES)")
+    return rule(strategy, cohort)

@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, Producer
 
 from config import PROJECT_ROOT, load_config
 from scoring.broadcasts import GlobalModels, global_model_of
-from models.aggregation import fedavg
+from models.aggregation import fedavg, trimmed_mean
 from models.integrity import global_model_verdict, sign_record, signing_key, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
 from services import processes
@@ -202,22 +202,29 @@ def test_dp_round_writes_counts_noised_model_and_epsilon_only(spark, cfg, db):
     assert history["dp_epsilon"] == model["dp_epsilon"] and "norms" not in history and "mean_loss" not in history
 
 
-def test_median_round_in_the_partitions_with_snapshots_fetched_by_the_executors(spark, cfg, db):
-    """The median as reductions over the partitions (`models.partitioned`), each partition fetching its own
-    snapshots by _id (`aggregation.snapshot_read: executors`): the exact coordinate-wise median of the valid ones."""
+@pytest.mark.parametrize("strategy", ["median", "trimmed_mean"])
+def test_robust_rounds_in_the_partitions_with_snapshots_fetched_by_the_executors(spark, cfg, db, strategy):
+    """The median and the trimmed mean as reductions over the partitions (`models.partitioned`), each partition
+    fetching its own snapshots by _id (`aggregation.snapshot_read: executors`): the exact coordinate-wise median
+    (to the bit) and trimmed mean of the valid ones."""
     snaps, valid = fleet(60, seed=5)
     db.write_local_models([s for _, _, s in snaps])
-    median = load_config(env={**os.environ, "FLEAD_AGGREGATION_STRATEGY": "median",
+    robust = load_config(env={**os.environ, "FLEAD_AGGREGATION_STRATEGY": strategy,
                               "FLEAD_AGGREGATION_SNAPSHOT_READ": "executors"})
 
-    outcome = run_round(spark, median, publish_model=False)
+    outcome = run_round(spark, robust, publish_model=False)
 
     assert outcome.status == "aggregated", outcome.message
     model = db.latest_global_model()
-    assert model["strategy"] == "median" and model["n_participants"] == len(valid)
+    assert model["strategy"] == strategy and model["n_participants"] == len(valid)
     weights, _ = loads(from_b64(model["weights"]))
     for k, got in enumerate(weights):
-        np.testing.assert_array_equal(got, np.median(np.stack([w[k] for w, _ in valid]), axis=0))
+        stacked = np.stack([w[k] for w, _ in valid])
+        if strategy == "median":
+            np.testing.assert_array_equal(got, np.median(stacked, axis=0))
+        else:
+            np.testing.assert_allclose(got, trimmed_mean([([layer], 1) for layer in stacked],
+                                                         robust.aggregation.trim_fraction)[0], rtol=1e-12)
 
 
 def send_snapshots(cfg, values: list) -> None:

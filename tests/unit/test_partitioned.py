@@ -1,5 +1,6 @@
 """models.partitioned: aggregation in partitions equals the in-memory strategies (checks, reasons, median bits)."""
 from dataclasses import dataclass, field
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -8,10 +9,11 @@ from hypothesis import strategies as st
 
 from models.aggregation import (AggregationError, ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, Update,
                                 ValidationPolicy)
+from models import aggregation
 from models.privacy import DifferentiallyPrivate
 from models.partitioned import (HISTOGRAM_BYTES, Cohort, LocalPartitions, VectorBlock, aggregate, bin_of,
                                 block_histogram, exact_coordinate_median, exact_coordinate_trimmed_mean,
-                                block_updates, histogram_counts)
+                                histogram_counts)
 
 
 def split(vectors, n_samples, cuts, ids=None):
@@ -143,15 +145,33 @@ def fleet(seed, n=30, length=5, attackers=True):
     return vectors, counts
 
 
+def reply_bytes(reply) -> int:
+    """Roughly what a block's reply weighs: its arrays' bytes, 8 per other number or key."""
+    if isinstance(reply, np.ndarray):
+        return reply.nbytes
+    if isinstance(reply, dict):
+        return sum(8 + reply_bytes(value) for value in reply.values())
+    if isinstance(reply, (list, tuple)):
+        return sum(reply_bytes(part) for part in reply)
+    return 8
+
+
 @dataclass
 class Collecting(LocalPartitions):
-    """`LocalPartitions` that count how often a strategy collects every vector (`Cohort.updates`)."""
+    """`LocalPartitions` that keep the largest reply a block sends back (`reply_bytes`)."""
 
-    collected: int = 0
+    largest_reply: int = 0
+    replies: list = field(default_factory=list)
 
     def map(self, fn):
-        self.collected += fn is block_updates
-        return super().map(fn)
+        out = super().map(fn)
+        self.largest_reply = max(self.largest_reply, *(reply_bytes(reply) for reply in out))
+        self.replies.append((getattr(fn, "func", fn).__name__, out))
+        return out
+
+    def replies_of(self, name: str) -> list:
+        """Every block's reply to the passes of the block function ``name``."""
+        return [reply for fn, out in self.replies if fn == name for reply in out]
 
 
 def partitions_of(vectors, counts, cuts):
@@ -159,9 +179,8 @@ def partitions_of(vectors, counts, cuts):
     return Collecting(split(vectors, counts, cuts) + [VectorBlock(99, [], np.zeros(0), np.zeros((0, 0)))])
 
 
-def compare(strategy, vectors, counts, cuts, collects=False, **tolerance):
-    """The strategy on updates in memory and on the same vectors in blocks: the same result or the same error; the
-    vectors are collected from the blocks only when ``collects``."""
+def compare(strategy, vectors, counts, cuts, **tolerance):
+    """The strategy on updates in memory and on the same vectors in blocks: the same result or the same error."""
     ids = [f"d{i:03d}" for i in range(len(vectors))]
     updates = [Update(d, [v], int(c)) for d, v, c in zip(ids, vectors, counts)]
     partitions = partitions_of(vectors, counts, cuts)
@@ -176,7 +195,12 @@ def compare(strategy, vectors, counts, cuts, collects=False, **tolerance):
     assert got.participants == want.participants and got.rejected == want.rejected
     assert got.norms == want.norms and got.n_samples == want.n_samples and got.strategy == want.strategy
     assert got.extra.keys() == want.extra.keys()
-    assert bool(partitions.collected) == collects
+    for key, value in want.extra.items():
+        if key == "cluster_weights":
+            for got_model, want_model in zip(got.extra[key], value, strict=True):
+                np.testing.assert_allclose(got_model[0], want_model[0], **tolerance)
+        else:
+            assert got.extra[key] == value, key
     np.testing.assert_allclose(got.weights[0], want.weights[0], **tolerance)
     return got
 
@@ -205,10 +229,70 @@ def test_the_cap_moves_when_the_cosine_check_refuses_devices():
     assert got.participants == [f"d{i:03d}" for i in range(3, 9)]
 
 
-def test_clustering_gets_the_collected_vectors():
-    vectors, counts = fleet(5, 20)
-    compare(ClusteredFedAvg(clusters=2, seed=1, policy=ValidationPolicy(min_devices=2)), vectors, counts, [7],
-            collects=True, rtol=0, atol=0)
+def groups(seed, n, k, length=5):
+    """Devices in ``k`` groups around their own centres (some far apart, some close), with sample counts."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, length)) * rng.choice([0.5, 5.0], size=(k, 1)) + 3.0
+    vectors = centres[rng.integers(k, size=n)] + 0.2 * rng.normal(size=(n, length))
+    return vectors, rng.integers(50, 500, size=n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(3, 40), st.integers(1, 4), st.lists(st.integers(0, 40), max_size=3),
+       st.sampled_from([None, 2.0]), st.sampled_from([None, 0.0]), st.sampled_from([0, 1 << 20]))
+def test_clustering_in_partitions_equals_the_in_memory_strategy(seed, n, k, cuts, cap, min_cosine, fetch_bytes):
+    """The same k-means++ draws and Lloyd passes whether the vectors are in memory or in blocks (passes over the
+    blocks, or a small cohort's vectors fetched once): the same clusters, numbered alike, and the same models."""
+    vectors, counts = groups(seed, n, k)
+    cuts = sorted({c for c in cuts if c <= n})
+    policy = ValidationPolicy(min_devices=2, max_norm_ratio=10.0, min_cosine=min_cosine, sample_cap_factor=cap)
+    with mock.patch.object(aggregation, "KMEANS_FETCH_BYTES", fetch_bytes):
+        compare(ClusteredFedAvg(clusters=min(k + 1, 3), seed=seed, policy=policy), vectors, counts, cuts, rtol=1e-9,
+                atol=1e-9)
+
+
+def test_a_few_devices_are_clustered_from_their_vectors_fetched_once():
+    """12 devices of 200 metrics (48 MB of vectors) would send 24 MB of sums per k-means pass, dozens of passes:
+    a cohort within `KMEANS_FETCH_BYTES` is fetched once and clustered on the driver."""
+    vectors, counts = groups(3, 12, 3, length=20)
+    partitions = Collecting(split(vectors, counts, [5]))
+    aggregate(ClusteredFedAvg(clusters=3, seed=3, policy=ValidationPolicy(min_cosine=None)),
+              Cohort.gather(partitions, 10.0))
+    assert [fn for fn, _ in partitions.replies] == ["block_summary", "block_vectors"]
+
+
+@pytest.mark.parametrize("strategy", [
+    FedAvg(), FedMedian(), FedTrimmedAvg(0.1), ClusteredFedAvg(clusters=3, seed=2),
+    DifferentiallyPrivate(FedAvg(policy=ValidationPolicy(2, None, None, None, None)), 1.0, 1.0, 1e-5)],
+    ids=lambda strategy: strategy.name)
+def test_no_block_sends_its_vectors_to_the_driver(strategy, monkeypatch):
+    """Every strategy `make_strategy` builds aggregates from replies a fraction of a block's size (sums, counts,
+    histograms, a few values per coordinate, a few seed vectors): the driver of a million-device round never holds
+    the fleet's vectors (37 GB for ASD-shaped devices; clustering fetches a cohort within `KMEANS_FETCH_BYTES`)."""
+    vectors, counts = groups(8, 300, 3, length=40)
+    monkeypatch.setattr(aggregation, "KMEANS_FETCH_BYTES", vectors.nbytes - 1)
+    partitions = Collecting(split(vectors, counts, [150]))
+    result = aggregate(strategy, Cohort.gather(partitions, 10.0, bins=64), [vectors.mean(axis=0)])
+    assert len(result.participants) == 300
+    assert 0 < partitions.largest_reply < max(b.vectors.nbytes for b in partitions.blocks) / 2
+
+
+@pytest.mark.parametrize("budget_restarts", [1, 2])
+def test_wide_vectors_take_fewer_restarts_per_pass_with_the_same_clusters_in_memory_and_in_blocks(
+        budget_restarts, monkeypatch):
+    """A pass serves as many k-means restarts as keep its sums within `KMEANS_PASS_BYTES` (3 centres of a 2.1
+    million-entry vector are 50 MB): in memory and in blocks alike, so the clusters still agree."""
+    vectors, counts = groups(4, 30, 3, length=20)
+    monkeypatch.setattr(aggregation, "KMEANS_PASS_BYTES", budget_restarts * 3 * 20 * 8)
+    monkeypatch.setattr(aggregation, "KMEANS_FETCH_BYTES", 0)
+    partitions = Collecting(split(vectors, counts, [12]))
+    got = compare(ClusteredFedAvg(clusters=3, seed=4, policy=ValidationPolicy(min_cosine=None)), vectors, counts,
+                  [12], rtol=1e-9, atol=1e-9)
+    aggregate(ClusteredFedAvg(clusters=3, seed=4, policy=ValidationPolicy(min_cosine=None)),
+              Cohort.gather(partitions, 10.0))
+    assert len(set(got.extra["clusters"].values())) == 3
+    sums_replies = max(reply_bytes(r) for r in partitions.replies_of("block_kmeans_pass"))
+    assert sums_replies <= budget_restarts * 3 * 20 * 8 + 8 * 5 * 18 + 8 * 3 * 5  # sums, distances, counts
 
 
 def seeded_dp(sampling_rate, min_devices=2, seed=11):
@@ -241,9 +325,7 @@ def test_dp_fedavg_in_partitions_equals_the_in_memory_wrapper(seed, n, cuts, sam
             aggregate(seeded_dp(sampling_rate, min_devices), Cohort.gather(Collecting(blocks)), current)
         assert str(raised.value) == str(exc)
         return
-    partitions = Collecting(blocks)
-    got = aggregate(seeded_dp(sampling_rate, min_devices), Cohort.gather(partitions), current)
-    assert partitions.collected == 0
+    got = aggregate(seeded_dp(sampling_rate, min_devices), Cohort.gather(Collecting(blocks)), current)
     assert got.participants == want.participants and got.rejected == want.rejected and got.private
     assert got.extra == want.extra and got.strategy == want.strategy == "dp-fedavg"
     np.testing.assert_allclose(got.weights[0], want.weights[0], rtol=1e-12, atol=1e-12)
