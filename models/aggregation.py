@@ -32,10 +32,11 @@ from models.updates import (AggregationError, AggregationResult, Update, Weights
                             unflatten)
 
 __all__ = ["AggregationError", "AggregationResult", "Update", "fedavg", "coordinate_median", "trimmed_mean",
-           "kmeans_centres", "kmeans_restarts_at_once", "kmeans_pass", "nearest_centres", "centre_sums", "first_appearance", "cluster_models",
-           "trimmed_count", "cosine_similarity", "bounded_weights", "structure_problem", "snapshot_problem",
-           "newest_plausible", "validate_updates", "cohort_rejections", "ValidationPolicy", "SnapshotLimits",
-           "FedAvg", "FedMedian", "FedTrimmedAvg", "ClusteredFedAvg", "make_strategy"]
+           "kmeans_centres", "kmeans_restarts_at_once", "kmeans_pass", "nearest_centres", "centre_sums",
+           "first_appearance", "cluster_models", "trimmed_count", "cosine_similarity", "bounded_weights",
+           "structure_problem", "snapshot_problem", "newest_plausible", "validate_updates", "cohort_rejections",
+           "ValidationPolicy", "SnapshotLimits", "FedAvg", "FedMedian", "FedTrimmedAvg", "ClusteredFedAvg",
+           "make_strategy"]
 
 
 # ---------------------------------------------------------------- rules
@@ -200,7 +201,8 @@ def kmeans_restarts_at_once(k: int, length: int) -> int:
 
 
 def first_appearance(labels: Sequence[int]) -> dict[int, int]:
-    """Centre index → cluster number, numbered in the order the labels first use them (seeded runs compare)."""
+    """Centre index → cluster number, in the order the labels first use them: the same clusters get the same
+    numbers whichever restart or partitioning found them."""
     return {old: new for new, old in enumerate(dict.fromkeys(int(label) for label in labels))}
 
 

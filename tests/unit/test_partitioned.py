@@ -208,7 +208,8 @@ def compare(strategy, vectors, counts, cuts, **tolerance):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 10_000), st.integers(3, 40), st.booleans(), st.lists(st.integers(0, 40), max_size=3),
        st.sampled_from([None, 2.0]), st.sampled_from([None, 0.0, 0.5]))
-def test_fedavg_median_and_trimmed_mean_in_partitions_equal_the_in_memory_strategies(seed, n, attackers, cuts, cap, min_cosine):
+def test_fedavg_median_and_trimmed_mean_in_partitions_equal_the_in_memory_strategies(seed, n, attackers, cuts, cap,
+                                                                                      min_cosine):
     vectors, counts = fleet(seed, n, attackers=attackers)
     cuts = sorted({c for c in cuts if c <= n})
     policy = ValidationPolicy(min_devices=2, max_norm_ratio=10.0, min_cosine=min_cosine, sample_cap_factor=cap)
