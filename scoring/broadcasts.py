@@ -6,7 +6,8 @@ is also put in Flink's broadcast state under a key of `Broadcasts.state_key` (so
 `Broadcasts(entries)` rebuilds the worker's view from those entries.
 
 The aggregator publishes one fleet model per round and, for a clustered round, one model per cluster under the same
-version; a device adopts the newest model of its own cluster if there is one, else the newest fleet model.
+version (in parts when its member list is long: the parts' members add up); a device adopts the newest model of its
+own cluster if there is one, else the newest fleet model.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ class GlobalModels:
     """The newest global model of each cluster (and of the fleet) a worker has seen."""
 
     def __init__(self, models: Iterable[tuple[str, GlobalModel]] = ()):
-        self.by_cluster: dict[str, GlobalModel] = {cluster: GlobalModel(*model) for cluster, model in models}
+        self.by_cluster: dict[str, GlobalModel] = {}
+        for cluster, model in models:
+            self.offer(cluster, GlobalModel(*model))
 
     def held_version(self, cluster: str) -> int:
         held = self.by_cluster.get(cluster)
@@ -58,7 +61,14 @@ class GlobalModels:
         return max((m.version for m in self.by_cluster.values()), default=None)
 
     def offer(self, cluster: str, model: GlobalModel) -> bool:
-        """Keep `model` if it is newer than the one held for its cluster; True if it was kept."""
+        """Keep `model` if it is newer than the one held for its cluster, or add its members to the held model of
+        the same version (a cluster's model comes in parts); True if anything changed."""
+        held = self.by_cluster.get(cluster)
+        if held is not None and held.version == model.version:
+            if model.members <= held.members:
+                return False
+            self.by_cluster[cluster] = held._replace(members=held.members | model.members)
+            return True
         if self.held_version(cluster) >= model.version:
             return False
         self.by_cluster[cluster] = model

@@ -249,9 +249,11 @@ class StreamScoring:
     def _keep_global_model(self, record: dict, broadcasts: Broadcasts) -> tuple[str, Any] | None:
         cluster = FLEET if record.get("cluster") is None else str(record["cluster"])
         models = broadcasts.models
-        if record["version"] <= models.held_version(cluster):
+        held = models.held_version(cluster)
+        further_part = cluster != FLEET and record["version"] == held  # more members of the cluster model held
+        if record["version"] < held or (record["version"] == held and not further_part):
             return None  # not newer than what the worker holds (e.g. the topic read again after a restart)
-        verdict = global_model_verdict(record, self._require_key(), models.held_version(cluster),
+        verdict = global_model_verdict(record, self._require_key(), held - 1 if further_part else held,
                                        models.newest_version(), self.options.max_version_gap)
         if not verdict.adopt:
             raise InvalidMessage(verdict.reason)

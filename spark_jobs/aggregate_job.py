@@ -293,11 +293,12 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
         n_samples = {c.device_id: c.update.n_samples for c in chosen}
         for k, weights in enumerate(result.extra["cluster_weights"]):  # its `members` adopt it
             cluster = {**model, "cluster": k, "participants": members.get(k, [])[:listed],
-                       "members": members.get(k, []),
                        "n_samples": int(sum(n_samples[d] for d in members.get(k, []))),
                        "weights": to_b64(dumps(codec.weights_from_vector(flatten(weights), like),
                                                {**blob_meta, "cluster": k}))}
-            clusters.append(sign_record(cluster, key))
+            parts = member_parts(members.get(k, []), cfg.aggregation.cluster_members_bytes)
+            clusters += [sign_record({**cluster, "members": part, "part": j, "parts": len(parts)}, key)
+                         for j, part in enumerate(parts)]
     history = {"round_id": round_id, "version": version, "strategy": result.strategy,
                "n_participants": len(result.participants), "n_rejected": len(rejected), "started_at": started,
                "cluster_sizes": model.get("cluster_sizes")}
@@ -312,6 +313,21 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
                     "update_norms": [{"device_id": d, "norm": n} for d, n in islice(result.norms.items(), listed)],
                     "dp_epsilon": None}
     return RoundDocuments(sign_record(model, key), clusters, history, result, [] if private else rejected)
+
+
+def member_parts(members: list[str], budget_bytes: int) -> list[list[str]]:
+    """``members`` in order, cut into lists whose JSON takes at most ``budget_bytes`` each (one list at least, and
+    at least one id in each): a cluster model's records."""
+    parts: list[list[str]] = [[]]
+    size = 2
+    for device in members:
+        cost = len(json.dumps(device)) + 2  # the id, its comma and space
+        if parts[-1] and size + cost > budget_bytes:
+            parts.append([])
+            size = 2
+        parts[-1].append(device)
+        size += cost
+    return parts
 
 
 def _reasons(rejected: list[tuple[str, str]], shown: int = 5) -> str:

@@ -472,15 +472,18 @@ class Store:
 
     def write_cluster_models(self, models: Iterable[dict]) -> int:
         """Store the per-cluster models of a clustered round: same `version` as the round's fleet model, `cluster`
-        set, ``_id`` = ``"<version>:c<cluster>"``; first write wins. Returns how many were new."""
-        docs = ({k: v for k, v in m.items() if k != "schema"} | {"_id": f"{m['version']}:c{m['cluster']}"}
+        set, ``_id`` = ``"<version>:c<cluster>"`` (``"<version>:c<cluster>.<part>"`` for a cluster's further
+        parts); first write wins. Returns how many were new."""
+        docs = ({k: v for k, v in m.items() if k != "schema"}
+                | {"_id": f"{m['version']}:c{m['cluster']}" + (f".{m['part']}" if m.get("part") else "")}
                 for m in models)
         return len(self.insert_new("global_models", docs))
 
     def cluster_models(self, version: int) -> list[dict]:
-        """The per-cluster models of a clustered round's `version`, by cluster number ([] for other strategies)."""
+        """The per-cluster models of a clustered round's `version`, by cluster number and part ([] for other
+        strategies)."""
         return sorted(self.find("global_models", {"version": version, "cluster": {"$gte": 0}}),
-                      key=lambda d: d["cluster"])
+                      key=lambda d: (d["cluster"], d.get("part", 0)))
 
     def aggregation_rounds(self, limit: int = 50) -> list[dict]:
         """The newest `limit` aggregation rounds, newest first."""

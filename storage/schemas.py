@@ -121,7 +121,8 @@ SCHEMAS: dict[str, dict] = {
                        "strategy": {"bsonType": "string"}, "participants": {"bsonType": "array"},
                        "rejected": {"bsonType": "array"}, "n_samples": {"bsonType": INT, "minimum": 0},
                        "weights": _weights, "created_at": {"bsonType": INT},
-                       "dp_epsilon": {"bsonType": NUMBER + ["null"]}, "cluster": {"bsonType": INT + ["null"]}},
+                       "dp_epsilon": {"bsonType": NUMBER + ["null"]}, "cluster": {"bsonType": INT + ["null"]},
+                       "part": {"bsonType": INT, "minimum": 0}, "parts": {"bsonType": INT, "minimum": 1}},
     },
     "aggregation_history": {
         "bsonType": "object",

@@ -594,9 +594,11 @@ SNAPSHOT = RecordFormat(SNAPSHOT_SCHEMA, {
 GLOBAL_MODEL = RecordFormat(GLOBAL_MODEL_SCHEMA, {
     "version": INTEGER, "weights": TEXT, "created_at": INTEGER}, {
     "round_id": TEXT, "strategy": TEXT, "participants": LIST, "rejected": LIST, "n_samples": INTEGER,
-    "dp_epsilon": nullable(NUMBER), "cluster": nullable(INTEGER), "members": nullable(LIST)})
+    "dp_epsilon": nullable(NUMBER), "cluster": nullable(INTEGER), "members": nullable(LIST), "part": INTEGER,
+    "parts": INTEGER})
 """A global model of the aggregator: ``cluster`` is null for the fleet model, else the cluster whose ``members``
-(device ids, every one of them) adopt it. ``participants`` and ``rejected`` list at most
+(device ids) adopt it. A cluster with many members is sent as ``parts`` records (``part`` 0, 1, ...), identical
+but for their share of ``members``: its members are the union of theirs. ``participants`` and ``rejected`` list at most
 `aggregation.listed_devices` devices; ``n_participants`` and ``n_rejected`` count them all."""
 
 INCIDENT = RecordFormat(INCIDENT_SCHEMA, {

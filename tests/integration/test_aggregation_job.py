@@ -313,14 +313,19 @@ def test_too_few_valid_updates_skip_the_round_with_reasons(spark, cfg, db):
     assert db.latest_global_model() is None
 
 
-def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(spark, cfg, db):
+@pytest.mark.parametrize("members_bytes, ids", [
+    (4_000_000, ["1:c0", "1:c1", "1:c2"]),
+    (20, ["1:c0", "1:c0.1", "1:c1", "1:c1.1", "1:c2", "1:c2.1"]),  # two ids of 6 characters per record
+])
+def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(spark, cfg, db, members_bytes, ids):
     rng = np.random.default_rng(1)
     centres = [[rng.normal(size=s) for s in SHAPES] for _ in range(3)]
     snaps = [snapshot(f"c{k}-{i}", [c + 0.01 * rng.normal(size=c.shape) for c in centres[k]], 100)
              for k in range(3) for i in range(4)]
     db.write_local_models(snaps)
     clustered = load_config(env={**os.environ, "FLEAD_AGGREGATION_STRATEGY": "clustered",
-                                 "FLEAD_AGGREGATION_MIN_COSINE": "-1.0"})
+                                 "FLEAD_AGGREGATION_MIN_COSINE": "-1.0",
+                                 "FLEAD_AGGREGATION_CLUSTER_MEMBERS_BYTES": str(members_bytes)})
 
     outcome = run_round(spark, clustered, publish_model=False)
 
@@ -328,10 +333,11 @@ def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(sp
     fleet_model = db.latest_global_model()
     assert fleet_model["_id"] == 1 and fleet_model.get("cluster") is None and fleet_model["cluster_sizes"] == [4, 4, 4]
     clusters = db.cluster_models(1)
-    assert [c["_id"] for c in clusters] == ["1:c0", "1:c1", "1:c2"]
-    for c in clusters:
-        assert len({device.split("-")[0] for device in c["participants"]}) == 1  # one true group per cluster
-        assert sorted(c["members"]) == sorted(c["participants"])
+    assert [c["_id"] for c in clusters] == ids
+    for k in range(3):
+        parts = [c for c in clusters if c["cluster"] == k]
+        assert len({device.split("-")[0] for device in parts[0]["participants"]}) == 1  # one true group per cluster
+        assert sorted(m for c in parts for m in c["members"]) == sorted(parts[0]["participants"])
     models = GlobalModels([global_model_of(m) for m in [fleet_model, *clusters]])  # as the stream job keeps them
     for c in clusters:
         assert all(models.newest_for(device).weights[0].tolist() == global_model_of(c)[1].weights[0].tolist()

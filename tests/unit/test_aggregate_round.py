@@ -5,12 +5,14 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from config import load_config
 from models.aggregation import AggregationError
 from models.integrity import AGGREGATOR_ISSUER, global_model_verdict, sign_record, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
-from spark_jobs.aggregate_job import round_documents
+from spark_jobs.aggregate_job import member_parts, round_documents
 from spark_jobs.snapshots import (ConfiguredLayout, check_snapshot, choose_per_device, newest_verified_snapshots,
                                   snapshot_limits)
 
@@ -244,3 +246,28 @@ def test_a_rounds_documents_list_at_most_the_configured_number_of_devices_and_co
     assert (model["n_participants"], len(model["participants"]), len(history["participants"])) == (12, 3, 3)
     assert len(history["update_norms"]) == 3 and model["n_rejected"] == 1 and len(model["rejected"]) == 1
     assert verify_record(model, KEY) is None  # signed as it is sent
+
+
+@given(st.lists(st.text(min_size=1, max_size=30), unique=True, max_size=60), st.integers(1, 200))
+def test_member_parts_keep_every_member_once_in_order_within_the_budget(members, budget):
+    parts = member_parts(members, budget)
+    assert [m for part in parts for m in part] == members and parts and all(parts[1:])
+    assert all(len(json.dumps(part)) <= budget for part in parts if len(part) > 1)
+
+
+def test_a_large_clusters_model_comes_in_parts_whose_members_add_up():
+    """A cluster model lists every member (they adopt it); 700,000 ids would outgrow a document and a message, so
+    the members are spread over records of at most `aggregation.cluster_members_bytes`, each signed."""
+    cfg = load_config(env={"FLEAD_AGGREGATION_STRATEGY": "clustered", "FLEAD_AGGREGATION_CLUSTERS": "2",
+                           "FLEAD_AGGREGATION_CLUSTER_MEMBERS_BYTES": "30", "FLEAD_AGGREGATION_MIN_COSINE": "-1"})
+    documents = round_documents(cfg, None, choices_for(cfg, fleet(cfg)), 1_700_000_999_000, KEY)
+    by_cluster: dict[int, list[dict]] = {}
+    for record in documents.clusters:
+        assert verify_record(record, KEY) is None and len(json.dumps(record["members"])) <= 30
+        by_cluster.setdefault(record["cluster"], []).append(record)
+    assert sorted(by_cluster) == [0, 1] and any(len(parts) > 1 for parts in by_cluster.values())
+    for k, parts in by_cluster.items():
+        assert [p["part"] for p in parts] == list(range(len(parts))) and {p["parts"] for p in parts} == {len(parts)}
+        assert {p["weights"] for p in parts} == {parts[0]["weights"]}
+        assert sum(len(p["members"]) for p in parts) == documents.model["cluster_sizes"][k]
+    assert sorted(m for r in documents.clusters for m in r["members"]) == sorted(d["device_id"] for d in fleet(cfg))

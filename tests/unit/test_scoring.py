@@ -13,7 +13,7 @@ from models.detector import DetectorSettings, DeviceDetector
 from models.integrity import (AGGREGATOR_ISSUER, sign_device_message, sign_message, sign_record, verify_message,
                               verify_record)
 from models.serialization import dumps, from_b64, loads, to_b64
-from scoring.broadcasts import FLEET, Broadcasts, GlobalModel, GlobalModels, global_model_of
+from scoring.broadcasts import FLEET, Broadcasts, GlobalModel, GlobalModels, global_model_of, model_entry
 from scoring.feedback import FeedbackSettings
 from scoring.state import DeviceState, KeyedDevice
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring
@@ -448,6 +448,26 @@ def test_snapshots_are_signed_and_secure_aggregation_answers_cohorts_with_masked
     assert np.allclose(total[:-1] / total[-1], np.mean(list(vectors.values()), axis=0), atol=1e-4)
     copy = pickle.loads(pickle.dumps(states["a"]))
     assert copy.secure_keys() == states["a"].secure_keys() and copy.answered_round == "r1"
+
+
+def test_a_clusters_model_in_parts_is_taken_whole_whatever_order_its_parts_come_in(settings):
+    """A cluster's model is sent as parts of one version, identical but for their members: each worker verifies
+    every part and adopts the union of their members; a part seen again changes nothing."""
+    scoring = scoring_with(settings)
+    weights = DeviceDetector(METRICS, settings).get_weights()
+    held = Broadcasts()
+    for members in (["c", "d"], ["a", "b"], ["c", "d"]):
+        scoring.receive_broadcast(model_record(weights, 1, cluster=0, members=members), held, report=True)
+    assert held.models.by_cluster["0"].members == {"a", "b", "c", "d"}
+    assert all(held.models.newest_for(d) is held.models.by_cluster["0"] for d in "abcd")
+    entry, out = scoring.receive_broadcast(model_record(weights, 1, cluster=0, members=["e"], key=bytes(32)), held,
+                                           report=True)
+    assert entry is None and out.counts["global_models_rejected"] == 1
+    assert "e" not in held.models.by_cluster["0"].members
+    entry, _ = scoring.receive_broadcast(model_record(weights, 1, cluster=0, members=["b"]), held, report=True)
+    assert entry is None  # nothing new
+    restored = Broadcasts([model_entry("0", held.models.by_cluster["0"])])
+    assert restored.models.by_cluster["0"].members == {"a", "b", "c", "d"}
 
 
 def test_a_device_adopts_its_clusters_model_unless_a_newer_fleet_model_came():
