@@ -27,8 +27,9 @@ Read top to bottom (`run_round`); the I/O steps are thin, the round itself is th
    global model (version n+1, ``previous_version`` n, ``issuer`` the aggregator), the per-cluster models of a
    clustered round (same version, ``_id`` ``"<version>:c<k>"``) and the round's history document. Under differential privacy these carry counts,
    the noised model and the privacy spent (ε per round and over the model's history), nothing per device.
-4. Output (`write_round`, `publish`). `global_models`, then the global-model topic (`flead.global-model/1`, fleet
-   model first), then `aggregation_history` (``_id`` = ``r<version>``).
+4. Output (`write_round`, `publish`). `global_models`, then the global-model topic (`flead.global-model/1`, the
+   clusters' models before the fleet model: a device that met the fleet model of a version first would adopt it and
+   then skip its cluster's model of the same version), then `aggregation_history` (``_id`` = ``r<version>``).
 """
 from __future__ import annotations
 
@@ -420,7 +421,7 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
             finish(db, cfg, secure.protocol, version)
         if publish_model:
             try:
-                publish(cfg, [model, *documents.clusters])
+                publish(cfg, [*documents.clusters, model])  # clusters first: see the module docstring
                 outcome.published = True
             except Exception as exc:  # the model is stored; consumers can still fetch it from MongoDB or the API
                 log.error("global model v%d stored but not published: %s", version, exc)

@@ -327,13 +327,25 @@ def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(sp
                                  "FLEAD_AGGREGATION_MIN_COSINE": "-1.0",
                                  "FLEAD_AGGREGATION_CLUSTER_MEMBERS_BYTES": str(members_bytes)})
 
-    outcome = run_round(spark, clustered, publish_model=False)
+    outcome = run_round(spark, clustered)
 
-    assert outcome.status == "aggregated", outcome.message
+    assert outcome.status == "aggregated" and outcome.published, outcome.message
     fleet_model = db.latest_global_model()
     assert fleet_model["_id"] == 1 and fleet_model.get("cluster") is None and fleet_model["cluster_sizes"] == [4, 4, 4]
     clusters = db.cluster_models(1)
     assert [c["_id"] for c in clusters] == ids
+    # Published clusters first: a device that met the fleet model of a version first would adopt it and then skip
+    # its cluster's model of that version. Each device's first model of version 1 is its cluster's.
+    sent = read_global_messages(clustered, expected=len(ids) + 1)
+    assert [m.get("cluster") for m in sent][-1] is None and len(sent) == len(ids) + 1
+    arriving, first_adopted = GlobalModels(), {}
+    for message in sent:
+        arriving.offer(*global_model_of(message))
+        for device in (s["device_id"] for s in snaps):
+            newest = arriving.newest_for(device)
+            if newest is not None and device not in first_adopted:
+                first_adopted[device] = newest
+    assert all(first_adopted[device].members for device in first_adopted) and len(first_adopted) == 12
     for k in range(3):
         parts = [c for c in clusters if c["cluster"] == k]
         assert len({device.split("-")[0] for device in parts[0]["participants"]}) == 1  # one true group per cluster
