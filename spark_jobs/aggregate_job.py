@@ -438,7 +438,9 @@ def run_round(spark, cfg: Config, publish_model: bool = True, window: Future | N
         outcome.message = (f"{model['round_id']}: global model v{version} from {model['n_participants']} device(s) "
                            f"({model['strategy']}), {model['n_rejected']} rejected, {outcome.duration_s:.2f} s"
                            + (f", ε = {model['dp_epsilon']:.3g} (δ = {model['dp']['delta']:g})"
-                              if model.get("dp") else ""))
+                              if model.get("dp") else "")
+                           + (f"; clusters of {', '.join(map(str, model['cluster_sizes']))} device(s)"
+                              if model.get("cluster_sizes") else ""))
         return outcome
     finally:
         blocks.close()

@@ -330,6 +330,7 @@ def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(sp
     outcome = run_round(spark, clustered)
 
     assert outcome.status == "aggregated" and outcome.published, outcome.message
+    assert outcome.message.endswith("; clusters of 4, 4, 4 device(s)")
     fleet_model = db.latest_global_model()
     assert fleet_model["_id"] == 1 and fleet_model.get("cluster") is None and fleet_model["cluster_sizes"] == [4, 4, 4]
     clusters = db.cluster_models(1)
