@@ -130,10 +130,10 @@ def _on_stored_block(fn, directory: str, index: int):
     return fn(VectorBlock(index, rows["device_ids"], np.asarray(rows["n_samples"], dtype=np.int64), vectors))
 
 
-def _reply_to_file(fn, directory: str, index: int) -> str:
-    """Executor side: `_on_stored_block`'s reply pickled into the directory (a name of its own); returns its path."""
+def _reply_to_file(task, directory: str, index: int) -> str:
+    """Executor side: ``task(index)``'s reply pickled into the directory (a name of its own); returns its path."""
     path = Path(directory) / f"reply-{index}-{uuid.uuid4().hex}.pickle"
-    path.write_bytes(pickle.dumps(_on_stored_block(fn, directory, index), pickle.HIGHEST_PROTOCOL))
+    path.write_bytes(pickle.dumps(task(index), pickle.HIGHEST_PROTOCOL))
     return str(path)
 
 
@@ -179,16 +179,18 @@ class LocalBlocks:
                                  str(self.directory), None, self.parts))
 
     def map(self, fn) -> list:
-        """``fn`` on every block, on the executors; each reply comes back as a pickle in the directory, not through
-        the JVM (a few wide devices' vectors, 200 MB, took ~5 s through Spark's collect)."""
+        return self._run(partial(_on_stored_block, fn, str(self.directory)))
+
+    def _run(self, task) -> list:
+        """``task(index)`` for every partition, on the executors; each reply comes back as a pickle in the directory,
+        not through the JVM (a few wide devices' vectors, 200 MB, took ~5 s through Spark's collect)."""
         replies = []
-        for path in map(Path, self._run(partial(_reply_to_file, fn, str(self.directory)))):
+        paths = self.sc.parallelize(range(self.parts), self.parts).map(
+            partial(_reply_to_file, task, str(self.directory))).collect()
+        for path in map(Path, paths):
             replies.append(pickle.loads(path.read_bytes()))
             path.unlink()
         return replies
-
-    def _run(self, task) -> list:
-        return self.sc.parallelize(range(self.parts), self.parts).map(task).collect()
 
     def close(self) -> None:
         if self.directory is not None:
