@@ -290,34 +290,7 @@ def exact_coordinate_median(partitions: Partitions, excluded: frozenset[str], n:
     """The coordinate-wise median (`np.median`, to the bit) of the ``n`` rows not in ``excluded``, in two passes
     per span of coordinates whose histograms fit in ``histogram_bytes`` per partition: per-coordinate histograms
     of at most ``min(bins, n)`` bins, then the values of the bins holding ranks ⌊(n−1)/2⌋ and ⌊n/2⌋."""
-    bins = max(1, min(bins, n))
-    span = max(1, histogram_bytes // ((bins + 2) * np.dtype(np.int64).itemsize))
-    return np.concatenate([_span_median(partitions, excluded, n, low[c:c + span], high[c:c + span], bins, c)
-                           for c in range(0, low.shape[0], span)] or [np.zeros(0)])
-
-
-def _span_median(partitions: Partitions, excluded: frozenset[str], n: int, low: np.ndarray, high: np.ndarray,
-                 bins: int, column: int) -> np.ndarray:
-    """`exact_coordinate_median` of the coordinates from ``column`` on that ``low`` and ``high`` cover."""
-    counts = histogram_counts(partitions.map(partial(block_histogram, excluded=excluded, low=low, high=high,
-                                                     bins=bins, column=column)), low.shape[0], bins)
-    below_rank = np.cumsum(counts, axis=1)
-    lower, upper = (n - 1) // 2, n // 2
-    first = (below_rank <= lower).sum(axis=1)   # the bin holding rank `lower`
-    last = (below_rank <= upper).sum(axis=1)
-    columns = np.arange(counts.shape[0])
-    before = np.where(first > 0, below_rank[columns, np.maximum(first - 1, 0)], 0)
-    found = partitions.map(partial(block_bin_values, excluded=excluded, low=low, high=high, bins=bins,
-                                   first=first, last=last, column=column))
-    coordinates = np.concatenate([c for c, _ in found])
-    values = np.concatenate([v for _, v in found])
-    order = np.lexsort((values, coordinates))
-    coordinates, values = coordinates[order], values[order]
-    starts = np.searchsorted(coordinates, columns)
-    low_value = values[starts + lower - before]
-    if n % 2:
-        return low_value
-    return (low_value + values[starts + upper - before]) / 2
+    return _by_spans(partial(_span_median, partitions, excluded, n), n, low, high, bins, histogram_bytes)
 
 
 def exact_coordinate_trimmed_mean(partitions: Partitions, excluded: frozenset[str], n: int, trimmed: int,
@@ -327,32 +300,68 @@ def exact_coordinate_trimmed_mean(partitions: Partitions, excluded: frozenset[st
     in-memory `trimmed_mean` up to the order in which the sum adds), in two passes per span of coordinates as
     `exact_coordinate_median`: histograms, then the sums of the bins between the two edge ranks' bins and the
     values in those two bins."""
+    return _by_spans(partial(_span_trimmed_mean, partitions, excluded, n, trimmed), n, low, high, bins,
+                     histogram_bytes)
+
+
+def _by_spans(span_fn, n: int, low: np.ndarray, high: np.ndarray, bins: int, histogram_bytes: int) -> np.ndarray:
+    """``span_fn(low, high, bins, column)`` for each span of coordinates whose histograms of at most
+    ``min(bins, n)`` bins fit in ``histogram_bytes``, concatenated."""
     bins = max(1, min(bins, n))
     span = max(1, histogram_bytes // ((bins + 2) * np.dtype(np.int64).itemsize))
-    return np.concatenate([_span_trimmed_mean(partitions, excluded, n, trimmed, low[c:c + span], high[c:c + span],
-                                              bins, c)
+    return np.concatenate([span_fn(low[c:c + span], high[c:c + span], bins, c)
                            for c in range(0, low.shape[0], span)] or [np.zeros(0)])
+
+
+def _rank_bins(partitions: Partitions, excluded: frozenset[str], low: np.ndarray, high: np.ndarray, bins: int,
+               column: int, ranks: Sequence[int]) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The first pass: the histograms' counts (coordinates, bins + 2) and, for each rank, each coordinate's bin
+    holding it and the number of values in the bins below that one."""
+    counts = histogram_counts(partitions.map(partial(block_histogram, excluded=excluded, low=low, high=high,
+                                                     bins=bins, column=column)), low.shape[0], bins)
+    below_rank = np.cumsum(counts, axis=1)
+    columns = np.arange(counts.shape[0])
+    found = []
+    for rank in ranks:
+        holding = (below_rank <= rank).sum(axis=1)
+        found.append((holding, np.where(holding > 0, below_rank[columns, np.maximum(holding - 1, 0)], 0)))
+    return counts, found
+
+
+def _by_coordinate(found: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks' (coordinate, value) replies in one pair of arrays, by coordinate, then value."""
+    coordinates = np.concatenate([c for c, _ in found])
+    values = np.concatenate([v for _, v in found])
+    order = np.lexsort((values, coordinates))
+    return coordinates[order], values[order]
+
+
+def _span_median(partitions: Partitions, excluded: frozenset[str], n: int, low: np.ndarray, high: np.ndarray,
+                 bins: int, column: int) -> np.ndarray:
+    """`exact_coordinate_median` of the coordinates from ``column`` on that ``low`` and ``high`` cover."""
+    lower, upper = (n - 1) // 2, n // 2
+    _, [(first, before), (last, _)] = _rank_bins(partitions, excluded, low, high, bins, column, (lower, upper))
+    coordinates, values = _by_coordinate(partitions.map(partial(block_bin_values, excluded=excluded, low=low,
+                                                                high=high, bins=bins, first=first, last=last,
+                                                                column=column)))
+    starts = np.searchsorted(coordinates, np.arange(low.shape[0]))
+    low_value = values[starts + lower - before]
+    if n % 2:
+        return low_value
+    return (low_value + values[starts + upper - before]) / 2
 
 
 def _span_trimmed_mean(partitions: Partitions, excluded: frozenset[str], n: int, trimmed: int, low: np.ndarray,
                        high: np.ndarray, bins: int, column: int) -> np.ndarray:
     """`exact_coordinate_trimmed_mean` of the coordinates from ``column`` on that ``low`` and ``high`` cover."""
-    counts = histogram_counts(partitions.map(partial(block_histogram, excluded=excluded, low=low, high=high,
-                                                     bins=bins, column=column)), low.shape[0], bins)
-    below_rank = np.cumsum(counts, axis=1)
     first_rank, last_rank = trimmed, n - trimmed - 1
-    lower = (below_rank <= first_rank).sum(axis=1)   # the bin holding the first rank kept
-    upper = (below_rank <= last_rank).sum(axis=1)    # and the last
-    columns = np.arange(counts.shape[0])
-    before_lower = np.where(lower > 0, below_rank[columns, np.maximum(lower - 1, 0)], 0)
-    before_upper = np.where(upper > 0, below_rank[columns, np.maximum(upper - 1, 0)], 0)
+    counts, [(lower, before_lower), (upper, before_upper)] = _rank_bins(partitions, excluded, low, high, bins,
+                                                                          column, (first_rank, last_rank))
     found = partitions.map(partial(block_trim_parts, excluded=excluded, low=low, high=high, bins=bins,
                                    lower=lower, upper=upper, column=column))
     between = np.sum([b for b, _, _ in found], axis=0)
-    coordinates = np.concatenate([c for _, c, _ in found])
-    values = np.concatenate([v for _, _, v in found])
-    order = np.lexsort((values, coordinates))
-    coordinates, values = coordinates[order], values[order]
+    coordinates, values = _by_coordinate([(c, v) for _, c, v in found])
+    columns = np.arange(low.shape[0])
     position = np.arange(coordinates.size) - np.searchsorted(coordinates, columns)[coordinates]
     in_lower = counts[columns, lower][coordinates]   # a coordinate's values of its lower bin come first
     rank = np.where(position < in_lower, before_lower[coordinates] + position,
