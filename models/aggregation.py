@@ -33,7 +33,7 @@ from models.updates import (AggregationError, AggregationResult, Update, Weights
 
 __all__ = ["AggregationError", "AggregationResult", "Update", "fedavg", "coordinate_median", "trimmed_mean",
            "kmeans_centres", "kmeans_restarts_at_once", "kmeans_pass", "nearest_centres", "centre_sums",
-           "first_appearance", "cluster_models", "trimmed_count", "cosine_similarity", "bounded_weights",
+           "first_appearance", "cluster_models", "trimmed_count", "cosine_similarity", "sample_cap", "bounded_weights",
            "structure_problem", "snapshot_problem", "newest_plausible", "validate_updates", "cohort_rejections",
            "ValidationPolicy", "SnapshotLimits", "FedAvg", "FedMedian", "FedTrimmedAvg", "ClusteredFedAvg",
            "make_strategy"]
@@ -221,19 +221,25 @@ def cluster_models(device_ids: Sequence[str], labels: np.ndarray, sums: np.ndarr
             [sums[c] / totals[c] if totals[c] > 0 else fleet for c in by_number])
 
 
-def bounded_weights(n_samples: Sequence[float], cap_factor: float | None) -> np.ndarray:
-    """FedAvg weights ``min(n, cap)``, ``cap`` = median(n) × ``cap_factor`` (None: the counts as they are).
+def sample_cap(n_samples: Sequence[float], cap_factor: float | None) -> float | None:
+    """The most a device's claimed count weighs in FedAvg: median(n) × ``cap_factor`` (None: no cap, or no counts).
 
     The median moves only if half of the cohort lies, so one device claiming any count weighs at most
     ``cap_factor`` honest medians.
     """
-    counts = np.asarray(n_samples, dtype=np.float64)
-    if cap_factor is None or counts.size == 0:
-        return counts
+    if cap_factor is None or len(n_samples) == 0:
+        return None
     if cap_factor < 1:
         raise AggregationError(f"aggregation.sample_cap_factor must be ≥ 1 (a cap below the median would cut "
                                f"honest devices' weights), got {cap_factor}")
-    return np.minimum(counts, float(np.median(counts)) * cap_factor)
+    return float(np.median(np.asarray(n_samples, dtype=np.float64))) * cap_factor
+
+
+def bounded_weights(n_samples: Sequence[float], cap_factor: float | None) -> np.ndarray:
+    """FedAvg weights ``min(n, cap)``, ``cap`` the `sample_cap` (None: the counts as they are)."""
+    counts = np.asarray(n_samples, dtype=np.float64)
+    cap = sample_cap(counts, cap_factor)
+    return counts if cap is None else np.minimum(counts, cap)
 
 
 # ---------------------------------------------------------------- per-device checks

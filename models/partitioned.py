@@ -48,9 +48,10 @@ import numpy as np
 from models import aggregation
 from models.aggregation import (ClusteredFedAvg, FedAvg, FedMedian, FedTrimmedAvg, ValidationPolicy, bounded_weights,
                                 centre_sums, cluster_models, cohort_rejections, cosine_similarity, kmeans_centres,
-                                kmeans_pass, kmeans_restarts_at_once, nearest_centres, structure_problem, trimmed_count)
-from models.privacy import DifferentiallyPrivate, clip_by_l2_norm
-from models.updates import AggregationError, AggregationResult, Update
+                                kmeans_pass, kmeans_restarts_at_once, nearest_centres, sample_cap, structure_problem,
+                                trimmed_count)
+from models.privacy import NOT_THIS_ARCHITECTURE, DifferentiallyPrivate, clip_by_l2_norm
+from models.updates import AggregationError, AggregationResult, Update, flatten
 
 __all__ = ["VectorBlock", "BlockSummary", "Partitions", "LocalPartitions", "Cohort", "exact_coordinate_median",
            "exact_coordinate_trimmed_mean", "histogram_counts", "aggregate", "block_summary", "bin_of",
@@ -495,9 +496,7 @@ def fedavg_partitioned(strategy: FedAvg, cohort: Cohort) -> AggregationResult:
     prefetched: dict[str, Any] = {}
 
     def cosines_to(within: list[str], median: np.ndarray) -> dict[str, float]:
-        cap = None
-        if policy.sample_cap_factor is not None:  # the cap if the cosine check refuses nobody
-            cap = float(np.median([cohort.n_samples[d] for d in within])) * policy.sample_cap_factor
+        cap = sample_cap([cohort.n_samples[d] for d in within], policy.sample_cap_factor)  # if nobody is refused
         cosines, total = cohort.cosines_and_sums(within, median, policy.min_cosine, cap)
         prefetched.update(cap=cap, total=total, kept={d for d in within if cosines[d] >= policy.min_cosine})
         return cosines
@@ -506,7 +505,7 @@ def fedavg_partitioned(strategy: FedAvg, cohort: Cohort) -> AggregationResult:
     policy.require(len(accepted), rejected, strategy.name)
     counts = [cohort.n_samples[d] for d in accepted]
     weights = bounded_weights(counts, policy.sample_cap_factor)
-    cap = None if policy.sample_cap_factor is None else float(np.median(counts)) * policy.sample_cap_factor
+    cap = sample_cap(counts, policy.sample_cap_factor)
     if prefetched and prefetched["kept"] == set(accepted) and prefetched["cap"] == cap:
         total = prefetched["total"]
     else:
@@ -551,12 +550,12 @@ def dp_fedavg_partitioned(strategy: DifferentiallyPrivate, cohort: Cohort, curre
     if shapes is not None:
         lengths = {d: s.length for s in cohort.summaries for d in s.device_ids}
         wrong = {d for d in accepted if structure_problem(Update(d, [np.zeros(lengths[d])], 1), shapes)}
-        rejected = [(d, "not a valid update for this architecture") for d in accepted if d in wrong]
+        rejected = [(d, NOT_THIS_ARCHITECTURE) for d in accepted if d in wrong]
         accepted = [d for d in accepted if d not in wrong]
     sampled = strategy.sample(accepted)
     if len(sampled) < max(1, strategy.inner.policy.min_devices):
         raise strategy.too_few(len(sampled), len(cohort.device_ids))
-    base = np.concatenate([np.ravel(w) for w in current]) if current is not None else np.zeros(cohort.length)
+    base = flatten(current) if current is not None else np.zeros(cohort.length)
     like = current if current is not None else [np.zeros(cohort.length)]
     total = cohort.clipped_sum(sampled, base, strategy.clip_norm)
     return strategy.release(base + total / len(sampled), sampled, rejected, len(accepted), like)
@@ -573,7 +572,7 @@ def clustered_partitioned(strategy: ClusteredFedAvg, cohort: Cohort) -> Aggregat
     if len(accepted) * cohort.length * 8 <= aggregation.KMEANS_FETCH_BYTES:  # a few devices: fetched once
         fleet, assignment, cluster_vectors = strategy.cluster(cohort.vectors_of(accepted), accepted, weights)
     else:
-        cap = None if policy.sample_cap_factor is None else float(np.median(counts)) * policy.sample_cap_factor
+        cap = sample_cap(counts, policy.sample_cap_factor)
         excluded = cohort._excluding(accepted)
         centres = kmeans_centres(len(accepted), lambda indices: cohort.vectors_of([accepted[i] for i in indices]),
                                  partial(cohort.kmeans_pass, excluded), strategy.clusters, strategy.seed,

@@ -41,6 +41,7 @@ from models.updates import AggregationError, AggregationResult, Update, Weights,
 # and a few large ones (heavy noise, many rounds).
 RDP_ORDERS = tuple([1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
 _MAX_SERIES_TERMS = 1000
+NOT_THIS_ARCHITECTURE = "not a valid update for this architecture"  # DP's one refusal: it quotes no value
 
 
 def clip_by_l2_norm(vector: np.ndarray, clip_norm: float) -> np.ndarray:
@@ -245,7 +246,7 @@ class DifferentiallyPrivate:
         valid, rejected = [], []
         for update in updates:
             if structure_problem(update, shapes) or any(u.device_id == update.device_id for u in valid):
-                rejected.append((update.device_id, "not a valid update for this architecture"))
+                rejected.append((update.device_id, NOT_THIS_ARCHITECTURE))
             else:
                 valid.append(update)
         sampled = self.sample(valid)

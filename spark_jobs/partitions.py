@@ -10,9 +10,9 @@ aggregation's passes (`models.partitioned`) then read the blocks' vectors again,
   /dev/shm when it has room, `scratch_directory`). The driver writes each partition's snapshots there (a pickle:
   it holds whatever JSON a topic message carried, which BSON may not), the first pass writes each block's vectors
   as ``.npy``, later passes map them (``np.load(mmap_mode="r")``); every pass leaves its replies there as pickles
-  for the driver. Nothing big crosses the JVM: shipping a 10,000-device round's vectors (372 MB) to the Python workers again
-  took ~1 s per pass here, caching them filled the default 1 GB driver heap, and a few wide devices' vectors took
-  ~5 s through Spark's collect.
+  for the driver. Nothing big crosses the JVM: shipping a 10,000-device round's vectors (372 MB) to the Python
+  workers again took ~1 s per pass here, caching them filled the default 1 GB driver heap, and a few wide devices'
+  vectors took ~5 s through Spark's collect.
 - `RddBlocks`, for any other master: the snapshots parallelized from the driver, the blocks a persisted RDD
   (memory, then disk), shipped to the Python workers by each pass.
 """
