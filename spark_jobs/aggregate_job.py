@@ -297,7 +297,7 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
                        "n_samples": int(sum(n_samples[d] for d in members.get(k, []))),
                        "weights": to_b64(dumps(codec.weights_from_vector(flatten(weights), like),
                                                {**blob_meta, "cluster": k}))}
-            parts = member_parts(members.get(k, []), cfg.aggregation.cluster_members_bytes)
+            parts = member_parts(members.get(k, []), members_budget(cfg))
             clusters += [sign_record({**cluster, "members": part, "part": j, "parts": len(parts)}, key)
                          for j, part in enumerate(parts)]
     history = {"round_id": round_id, "version": version, "strategy": result.strategy,
@@ -314,6 +314,17 @@ def round_documents(cfg: Config, previous: dict | None, choices: list[DeviceChoi
                     "update_norms": [{"device_id": d, "norm": n} for d, n in islice(result.norms.items(), listed)],
                     "dp_epsilon": None}
     return RoundDocuments(sign_record(model, key), clusters, history, result, [] if private else rejected)
+
+
+def members_budget(cfg: Config) -> int:
+    """`aggregation.cluster_members_bytes`, checked: above 0 (else a record per member) and below
+    `kafka.max_message_bytes` (else a record too large to send)."""
+    budget = cfg.aggregation.cluster_members_bytes
+    if not 0 < budget < cfg.kafka.max_message_bytes:
+        raise ConfigError(f"aggregation.cluster_members_bytes: {budget} must be above 0 and below "
+                          f"kafka.max_message_bytes ({cfg.kafka.max_message_bytes}): a cluster model's record carries "
+                          f"its weights beside that many bytes of member ids")
+    return budget
 
 
 def member_parts(members: list[str], budget_bytes: int) -> list[list[str]]:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from config import load_config
+from config import ConfigError, load_config
 from models.aggregation import AggregationError
 from models.integrity import AGGREGATOR_ISSUER, global_model_verdict, sign_record, verify_record, wire_form
 from models.serialization import dumps, from_b64, loads, to_b64
@@ -271,3 +271,11 @@ def test_a_large_clusters_model_comes_in_parts_whose_members_add_up():
         assert {p["weights"] for p in parts} == {parts[0]["weights"]}
         assert sum(len(p["members"]) for p in parts) == documents.model["cluster_sizes"][k]
     assert sorted(m for r in documents.clusters for m in r["members"]) == sorted(d["device_id"] for d in fleet(cfg))
+
+
+@pytest.mark.parametrize("budget", ["0", "10485760"])
+def test_a_members_budget_that_would_make_a_record_per_member_or_one_too_large_to_send_is_refused(budget):
+    cfg = load_config(env={"FLEAD_AGGREGATION_STRATEGY": "clustered", "FLEAD_AGGREGATION_CLUSTERS": "2",
+                           "FLEAD_AGGREGATION_CLUSTER_MEMBERS_BYTES": budget, "FLEAD_AGGREGATION_MIN_COSINE": "-1"})
+    with pytest.raises(ConfigError, match="aggregation.cluster_members_bytes"):
+        round_documents(cfg, None, choices_for(cfg, fleet(cfg)), 1_700_000_999_000, KEY)
