@@ -11,6 +11,7 @@ own cluster if there is one, else the newest fleet model.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, NamedTuple
 
 import numpy as np
@@ -22,12 +23,40 @@ FLEET = ""  # cluster key of the fleet-wide model (a global model without a clus
 MODEL, COHORT, FEEDBACK = "model:", "cohort", "feedback:"  # broadcast-state key prefixes
 
 
+def member_key(device_id: str) -> int:
+    """A device id's 64-bit key in a member list (the first 8 bytes of its BLAKE2b digest)."""
+    return int.from_bytes(hashlib.blake2b(device_id.encode(), digest_size=8).digest(), "little")
+
+
+def member_keys(members: Any) -> np.ndarray:
+    """A cluster's member list as a worker holds it: the sorted, unique `member_key`s of its device ids (8 bytes a
+    member, where a set of id strings takes ~100: ~8 MB per worker and checkpoint for a million devices). Takes
+    device ids, or keys already made (a restored entry)."""
+    if isinstance(members, np.ndarray):
+        return np.unique(members.astype(np.uint64))
+    keys = np.fromiter((member_key(m) for m in members if isinstance(m, str)), dtype=np.uint64)
+    return np.unique(keys)
+
+
+def holds(keys: np.ndarray, key: int) -> bool:
+    """Whether the sorted `keys` of a member list hold `key`."""
+    at = int(np.searchsorted(keys, np.uint64(key)))
+    return at < len(keys) and int(keys[at]) == key
+
+
 class GlobalModel(NamedTuple):
     """One global model as a worker keeps it."""
 
     version: int
     weights: list[np.ndarray]
-    members: frozenset  # the devices that adopt a cluster's model; empty for the fleet model
+    members: np.ndarray  # `member_keys` of the devices that adopt a cluster's model; empty for the fleet model
+
+    @classmethod
+    def of_entry(cls, entry: tuple) -> "GlobalModel":
+        """The model of a broadcast-state entry's value (`model_entry`), also of a state written when members were
+        kept as a set of ids."""
+        version, weights, members = entry
+        return cls(version, weights, member_keys(members))
 
 
 def global_model_of(record: dict) -> tuple[str, GlobalModel]:
@@ -40,8 +69,7 @@ def global_model_of(record: dict) -> tuple[str, GlobalModel]:
     if not all(np.isfinite(w).all() for w in weights):
         raise InvalidMessage("weights: non-finite values")
     cluster = FLEET if record.get("cluster") is None else str(record["cluster"])
-    members = frozenset(m for m in record.get("members") or () if isinstance(m, str))
-    return cluster, GlobalModel(record["version"], weights, members)
+    return cluster, GlobalModel(record["version"], weights, member_keys(record.get("members") or ()))
 
 
 class GlobalModels:
@@ -50,7 +78,7 @@ class GlobalModels:
     def __init__(self, models: Iterable[tuple[str, GlobalModel]] = ()):
         self.by_cluster: dict[str, GlobalModel] = {}
         for cluster, model in models:
-            self.offer(cluster, GlobalModel(*model))
+            self.offer(cluster, GlobalModel.of_entry(model))
 
     def held_version(self, cluster: str) -> int:
         held = self.by_cluster.get(cluster)
@@ -65,9 +93,9 @@ class GlobalModels:
         the same version (a cluster's model comes in parts); True if anything changed."""
         held = self.by_cluster.get(cluster)
         if held is not None and held.version == model.version:
-            if model.members <= held.members:
+            if np.isin(model.members, held.members, assume_unique=True).all():
                 return False
-            self.by_cluster[cluster] = held._replace(members=held.members | model.members)
+            self.by_cluster[cluster] = held._replace(members=np.union1d(held.members, model.members))
             return True
         if self.held_version(cluster) >= model.version:
             return False
@@ -78,8 +106,11 @@ class GlobalModels:
         """The newest model of the device's cluster (a clustered round assigned it one), unless a newer fleet model
         came after it (the aggregator stopped clustering); else the fleet model; None before any model."""
         fleet = self.by_cluster.get(FLEET)
+        if len(self.by_cluster) == (fleet is not None):
+            return fleet
+        key = member_key(device_id)
         own = [model for cluster, model in self.by_cluster.items()
-               if cluster != FLEET and device_id in model.members]
+               if cluster != FLEET and holds(model.members, key)]
         if not own:
             return fleet
         newest_own = max(own, key=lambda model: model.version)
@@ -101,7 +132,7 @@ class Broadcasts:
     def restore(self, key: str, value: Any) -> None:
         """Take back one broadcast-state entry (`state_key`, value) after a restore."""
         if key.startswith(MODEL):
-            self.models.offer(key[len(MODEL):], GlobalModel(*value))
+            self.models.offer(key[len(MODEL):], GlobalModel.of_entry(value))
         elif key == COHORT:
             self.cohort = value
         elif key.startswith(FEEDBACK):

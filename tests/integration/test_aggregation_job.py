@@ -346,7 +346,7 @@ def test_clustered_round_stores_one_model_per_cluster_under_the_round_version(sp
             newest = arriving.newest_for(device)
             if newest is not None and device not in first_adopted:
                 first_adopted[device] = newest
-    assert all(first_adopted[device].members for device in first_adopted) and len(first_adopted) == 12
+    assert all(len(first_adopted[device].members) for device in first_adopted) and len(first_adopted) == 12
     for k in range(3):
         parts = [c for c in clusters if c["cluster"] == k]
         assert len({device.split("-")[0] for device in parts[0]["participants"]}) == 1  # one true group per cluster

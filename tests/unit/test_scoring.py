@@ -13,7 +13,8 @@ from models.detector import DetectorSettings, DeviceDetector
 from models.integrity import (AGGREGATOR_ISSUER, sign_device_message, sign_message, sign_record, verify_message,
                               verify_record)
 from models.serialization import dumps, from_b64, loads, to_b64
-from scoring.broadcasts import FLEET, Broadcasts, GlobalModel, GlobalModels, global_model_of, model_entry
+from scoring.broadcasts import (FLEET, Broadcasts, GlobalModel, GlobalModels, global_model_of, holds, member_key,
+                                member_keys, model_entry)
 from scoring.feedback import FeedbackSettings
 from scoring.state import DeviceState, KeyedDevice
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring
@@ -458,29 +459,42 @@ def test_a_clusters_model_in_parts_is_taken_whole_whatever_order_its_parts_come_
     held = Broadcasts()
     for members in (["c", "d"], ["a", "b"], ["c", "d"]):
         scoring.receive_broadcast(model_record(weights, 1, cluster=0, members=members), held, report=True)
-    assert held.models.by_cluster["0"].members == {"a", "b", "c", "d"}
+    assert np.array_equal(held.models.by_cluster["0"].members, member_keys("abcd"))
     assert all(held.models.newest_for(d) is held.models.by_cluster["0"] for d in "abcd")
     entry, out = scoring.receive_broadcast(model_record(weights, 1, cluster=0, members=["e"], key=bytes(32)), held,
                                            report=True)
     assert entry is None and out.counts["global_models_rejected"] == 1
-    assert "e" not in held.models.by_cluster["0"].members
+    assert held.models.newest_for("e") is None
     entry, _ = scoring.receive_broadcast(model_record(weights, 1, cluster=0, members=["b"]), held, report=True)
     assert entry is None  # nothing new
     restored = Broadcasts([model_entry("0", held.models.by_cluster["0"])])
-    assert restored.models.by_cluster["0"].members == {"a", "b", "c", "d"}
+    assert np.array_equal(restored.models.by_cluster["0"].members, member_keys("abcd"))
+    written_before = Broadcasts([("model:0", (1, weights, frozenset("abcd")))])  # members kept as a set of ids
+    assert all(written_before.models.newest_for(d).version == 1 for d in "abcd")
+    assert written_before.models.newest_for("e") is None
+
+
+@given(st.sets(st.text(min_size=1, max_size=12), max_size=60), st.lists(st.text(max_size=12), max_size=20))
+def test_a_member_list_holds_exactly_its_devices(members, others):
+    """A worker keeps a cluster's member list as sorted 64-bit keys: a device is held if and only if it is a
+    member (no collision among these few ids), whatever order and repetition the ids came in."""
+    keys = member_keys(sorted(members) + sorted(members, reverse=True))
+    assert len(keys) == len(members) and (np.diff(keys.astype(np.float64)) >= 0).all()
+    for device in list(members) + others:
+        assert holds(keys, member_key(device)) == (device in members)
 
 
 def test_a_device_adopts_its_clusters_model_unless_a_newer_fleet_model_came():
     w = [np.zeros(2)]
-    models = GlobalModels([(FLEET, GlobalModel(3, w, frozenset()))])
+    models = GlobalModels([(FLEET, GlobalModel(3, w, member_keys(())))])
     assert models.newest_for("a").version == 3
-    models.offer("1", GlobalModel(4, w, frozenset({"a"})))
-    models.offer("0", GlobalModel(4, w, frozenset({"b"})))
+    models.offer("1", GlobalModel(4, w, member_keys({"a"})))
+    models.offer("0", GlobalModel(4, w, member_keys({"b"})))
     assert models.newest_for("a") is models.by_cluster["1"] and models.newest_for("b") is models.by_cluster["0"]
     assert models.newest_for("c").version == 3
-    models.offer(FLEET, GlobalModel(5, w, frozenset()))
+    models.offer(FLEET, GlobalModel(5, w, member_keys(())))
     assert models.newest_for("a").version == 5
-    assert not models.offer(FLEET, GlobalModel(5, w, frozenset()))
+    assert not models.offer(FLEET, GlobalModel(5, w, member_keys(())))
 
 
 def test_adoption_replaces_weights_once_per_version_and_refuses_other_shapes_once(settings):
