@@ -52,8 +52,8 @@ def test_zip_holds_the_bundle_under_one_root_folder():
 
 
 TIME_SERIES_LINES = ("echarts_timeseries_line", "mixed_timeseries")  # (a step chart of versions holds its value)
-# Number formats that print at most 3 significant figures (or whole counts).
-SHORT_FORMATS = {",d", "SMART_NUMBER", ".3r", ".3p", "~g"}
+# Number formats that print at most 3 significant figures (or whole counts; `~`: without trailing zeros).
+SHORT_FORMATS = {",d", "SMART_NUMBER", ".3r", ".3~r", ".3p", "~g"}
 
 
 def test_lines_over_time_leave_gaps_and_numbers_are_short():
