@@ -22,7 +22,7 @@ from models.federation import blend_weights, validated_blend
 from models.incidents import Incident, IncidentTracker
 from models.lstm_autoencoder import LSTMAutoencoder
 from models.residuals import ResidualScale, largest_shares, metric_shares
-from models.scaler import RunningScaler
+from models.scaler import RunningScaler, conversion
 from models.serialization import SerializationError, dumps, loads
 from models.subspace import SubspaceModel
 from models.thresholds import OnlineThreshold, make_threshold, threshold_from_arrays
@@ -220,7 +220,7 @@ class DeviceDetector:
     >>> flagged = sum(det.process_many(normal[i:i + 16]).is_anomaly.sum() for i in range(0, 400, 16))
     >>> res = det.process_many(np.array([[0.5, 0.45, 0.9]]), seqs=[400])   # disk breaks its usual relation
     >>> bool(res.is_anomaly[0]), res.top_metrics[0][0][0], round(float(res.p_values[0]), 4)
-    (True, 'disk', 0.0035)
+    (True, 'disk', 0.0032)
     >>> res.incidents[0].status, res.incidents[0].start_seq, int(res.incident_starts[0])
     ('open', 400, 400)
     >>> DeviceDetector.from_bytes(det.to_bytes()).n_seen
@@ -452,7 +452,11 @@ class DeviceDetector:
         start = int(self.warmup_readings * THRESHOLD_START_FRACTION)
         F, n_winsorised = self.scaler.winsorise(F, max(PLAUSIBLE_SIGMAS, math.sqrt(self.scaler.n)), PLAUSIBLE_AFTER)
         self.n_winsorised += n_winsorised
+        units = self.scaler.units()
         self.scaler.learn_many(F)
+        moved = None if units is None else conversion(units, self.scaler.units())
+        if moved is not None and hasattr(self.model, "rescale"):  # what it learned, in the units it will score in
+            self.model.rescale(*moved)
         self.model.learn_many(self.scaler.transform_batch(F))  # F is learned: only its constant inputs change (0)
         self._loss = float(np.add.reduce(errors, axis=None)) / errors.size
         first = max(0, start - self.n_seen)  # rows from here on are past the start
@@ -463,6 +467,8 @@ class DeviceDetector:
                 self.residual_scale.restart()
             self.residual_scale.learn_many(errors[first:], cap=self._winsorising(scores[first:]))
             self.threshold.update_many(scores[first:] if calibration is None else scores[first:][calibration[first:]])
+        if moved is not None and hasattr(self.model, "rescale"):  # the residuals above were in the former units
+            self.residual_scale.rescale(moved[0])
         self.n_seen += n
         self._n_since_snapshot += n
 

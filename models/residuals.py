@@ -123,6 +123,14 @@ class ResidualScale:
             self.weight = min(self.recent_weight, float(max_weight))
             self._inverse = None
 
+    def rescale(self, a: np.ndarray) -> None:
+        """Inputs that change units by the factors `a` (the detector's scaler moved): their residuals do too."""
+        if self.mean_square is not None:
+            squares = a * a
+            self.mean_square = self.mean_square * squares
+            self.recent_mean_square = self.recent_mean_square * squares
+            self._inverse = None
+
     def to_array(self) -> np.ndarray:
         """``[half_life, recent_half_life, floor, weight, recent_weight, d, mean_square..., recent...]``."""
         d = 0 if self.mean_square is None else self.mean_square.shape[0]

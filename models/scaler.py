@@ -101,6 +101,14 @@ class RunningScaler:
             self.n = readings
             self._scale = None
 
+    def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """What `transform_many` scales by now: (mean, divisor, constant so far); None before the first reading.
+        `conversion` maps values scaled in one such state to another."""
+        if self.mean is None:
+            return None
+        divisor, constant = self._scaled()
+        return self.mean.copy(), divisor, constant
+
     def transform_one(self, x: np.ndarray) -> np.ndarray:
         return self.transform_many(np.asarray(x, dtype=np.float64)[None, :])[0]
 
@@ -156,6 +164,27 @@ class RunningScaler:
             scaler.mean = state[3:3 + d].copy()
             scaler._m2 = state[3 + d:3 + 2 * d].copy()
         return scaler
+
+
+def conversion(before: tuple[np.ndarray, np.ndarray, np.ndarray],
+               after: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature (a, c) such that a value scaled in the `units` ``before`` is ``a · value + c`` scaled in the
+    units ``after``. A feature constant before was scaled to 0 (its one value, the mean), so what was learned of
+    it has no spread to stretch: a = 1 (a factor of 1/std in the new units would depend on the metric's unit and
+    magnify rounding), and c is where that value lies in the new units.
+
+    >>> scaler = RunningScaler()
+    >>> scaler.learn_many(np.array([[0.0], [2.0]]))                         # mean 1, std 1
+    >>> before, z = scaler.units(), scaler.transform_one(np.array([3.0]))  # 3.0 is 2 std above
+    >>> scaler.learn_many(np.array([[4.0], [6.0]]))                         # mean 3, std 5 ** 0.5
+    >>> a, c = conversion(before, scaler.units())
+    >>> (a * z + c).round(12).tolist(), scaler.transform_one(np.array([3.0])).tolist()
+    ([0.0], [0.0])
+    """
+    mean_before, divisor_before, constant_before = before
+    mean_after, divisor_after, _ = after
+    return (np.where(constant_before, 1.0, divisor_before / divisor_after),
+            (mean_before - mean_after) / divisor_after)
 
 
 def _merge(n: int, mean: np.ndarray, m2: np.ndarray, X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

@@ -46,22 +46,28 @@ def _eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values, vectors
 
 
-def orthonormal_columns(E: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (d, m) of the m columns of `E` (m small, full column rank in practice).
+def qr_factors(E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``E = Q R``: Q (d, m) with orthonormal columns spanning the m columns of `E` (m small), R (m, m).
 
-    Cholesky QR (``Q = E L⁻ᵀ`` with ``L Lᵀ = EᵀE``: a few m×m operations) when the columns are well conditioned,
-    else Householder QR. Same span, same accuracy at this conditioning (orthogonality error ≈ machine epsilon ×
-    (max/min Cholesky diagonal)², ≤ 1e-9 here, far below the float32 basis the model keeps); `np.linalg.qr` costs
-    several times more per call, and a learning step of a micro-batch is small enough for that to matter. The
-    Cholesky factor and its inverse come from np.linalg's own kernels, without its wrappers (as in `_eigh`)."""
+    Cholesky QR (``R = Lᵀ``, ``Q = E L⁻ᵀ`` with ``L Lᵀ = EᵀE``: a few m×m operations) when the columns are well
+    conditioned, else Householder QR. Same span, same accuracy at this conditioning (orthogonality error ≈ machine
+    epsilon × (max/min Cholesky diagonal)², ≤ 1e-9 here, far below the float32 basis the model keeps);
+    `np.linalg.qr` costs several times more per call, and a learning step of a micro-batch is small enough for that
+    to matter. The Cholesky factor and its inverse come from np.linalg's own kernels, without its wrappers (as in
+    `_eigh`)."""
     with np.errstate(invalid="ignore"):  # not positive definite: NaN on the diagonal, caught below
         factor = _lapack.cholesky_lo(E.T @ E, signature="d->d")
     diagonal = factor.diagonal().tolist()
     smallest = min(diagonal)
     # (numerically) dependent or ill-conditioned columns: Householder still gives orthonormal ones
     if not smallest > CHOLESKY_QR_MIN_RATIO * max(diagonal):  # also NaN (Cholesky failed)
-        return np.linalg.qr(E)[0]
-    return E @ _lapack.inv(factor, signature="d->d").T
+        return np.linalg.qr(E)
+    return E @ _lapack.inv(factor, signature="d->d").T, factor.T
+
+
+def orthonormal_columns(E: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (d, m) of the m columns of `E` (`qr_factors`' Q)."""
+    return qr_factors(E)[0]
 
 
 def forgetting_factor(half_life: float) -> float:
@@ -138,6 +144,7 @@ class SubspaceModel:
         self.k = 0
         self.global_share = 0.0          # share of the statistics' weight adopted from global models (federation)
         self._scoring_basis: np.ndarray | None = None
+        self._stretch: np.ndarray | None = None  # (d,) a `rescale` the low-rank part has not taken yet
 
     @property
     def architecture(self) -> str:
@@ -153,7 +160,7 @@ class SubspaceModel:
         self.basis = np.eye(d, r, dtype=np.float32)
         self.eigenvalues = np.zeros(r)
         self.weight, self.n_seen, self.k, self.global_share = 0.0, 0, 0, 0.0
-        self._scoring_basis = None
+        self._scoring_basis = self._stretch = None
 
     def _ensure(self, X: np.ndarray) -> np.ndarray:
         if type(X) is np.ndarray and X.dtype == np.float64 and X.ndim == 2 and X.shape[1] == self.n_features:
@@ -170,6 +177,7 @@ class SubspaceModel:
     @property
     def covariance(self) -> np.ndarray:
         """The rank-r covariance with the exact diagonal (what the model knows), (d, d). For tests and federation."""
+        self._settle()
         U = self.basis.astype(np.float64)
         C = (U * (self.eigenvalues / max(self.weight, 1e-300))) @ U.T
         C[np.diag_indices_from(C)] = self.variances
@@ -178,6 +186,7 @@ class SubspaceModel:
     @property
     def explained_ratio(self) -> float:
         """Share of the total variance the k scoring components explain."""
+        self._settle()
         total = float(self.scatter_diag.sum())
         return float(self.eigenvalues[:self.k].sum()) / total if total > 0 else 0.0
 
@@ -221,7 +230,7 @@ class SubspaceModel:
         self.mean = (old_weight * self.mean + batch_weight * batch_mean) / new_weight
         self.scatter_diag = decay * self.scatter_diag + np.einsum("ij,ij->j", rows, rows)
         self.global_share *= old_weight / new_weight
-        U = self.basis.astype(np.float64)
+        U, old_scatter = self._stretched()
         r = U.shape[1]
         if self.weight == 0.0:  # first step: an orthonormal basis spanning the batch (and filling up to r)
             basis = np.linalg.qr(np.hstack([rows.T, np.eye(d, r)]))[0]
@@ -234,7 +243,9 @@ class SubspaceModel:
             basis = U
         projected = rows @ basis
         gram = projected.T @ projected
-        if self.weight > 0.0:  # the decayed eigenvalues on the first r diagonal entries (a strided view)
+        if old_scatter is not None:  # after a rescale: the old scatter in the basis U = Q of A·U_before
+            gram[:r, :r] += decay * old_scatter
+        elif self.weight > 0.0:  # the decayed eigenvalues on the first r diagonal entries (a strided view)
             gram.reshape(-1)[:r * (gram.shape[0] + 1):gram.shape[0] + 1] += decay * self.eigenvalues
         values, vectors = _eigh(gram)
         top = np.arange(values.shape[0] - 1, values.shape[0] - r - 1, -1)  # the r largest, largest first
@@ -255,6 +266,7 @@ class SubspaceModel:
     def residuals(self, X: np.ndarray) -> np.ndarray:
         """What the k components cannot reconstruct of each row, (n, d)."""
         X = self._ensure(X)
+        self._settle()
         if self._scoring_basis is None:
             self._scoring_basis = self.basis[:, :self.k].astype(np.float64)
         centred = X - self.mean
@@ -278,6 +290,7 @@ class SubspaceModel:
     def get_weights(self) -> list[np.ndarray]:
         """What a snapshot carries, float32: the covariance factor L (d, r) with ``L Lᵀ`` the rank-r covariance,
         the mean (d,) and each input's variance (d,) (the exact diagonal)."""
+        self._settle()
         scale = np.sqrt(self.eigenvalues / self.weight) if self.weight > 0 else np.zeros_like(self.eigenvalues)
         return [(self.basis * scale).astype(np.float32), self.mean.astype(np.float32),
                 self.variances.astype(np.float32)]
@@ -300,12 +313,47 @@ class SubspaceModel:
             basis = np.linalg.qr(np.hstack([basis[:, norms > 0], np.eye(*basis.shape)]))[0][:, :basis.shape[1]]
         self.basis = basis.astype(np.float32)
         self.eigenvalues = norms * norms * self.weight
+        self._stretch = None
         self.mean = mean.copy()
         self.scatter_diag = np.maximum(var, 0.0) * self.weight
         self._choose_k()
 
+    def rescale(self, a: np.ndarray, c: np.ndarray) -> None:
+        """Re-express what was learned for inputs that change units, ``x → a·x + c`` per input (the detector's
+        scaler moved after a batch): the mean maps to ``a·mean + c``, the scatter to ``A S A`` (A = diag(a)).
+        Learning rows and then rescaling equals learning the rows in the new units (exactly when ``rank`` covers
+        every input), so the statistics always describe every reading learned in the units the next ones are
+        scored in. The low-rank part is re-diagonalised by the next learning step, in the basis it builds anyway
+        (``A U = Q R``: the old scatter is ``Q R Λ Rᵀ Qᵀ``), or by the next reader of the model (`_settle`)."""
+        if self.weight <= 0.0:
+            return
+        self.mean = a * self.mean + c
+        self.scatter_diag = a * a * self.scatter_diag
+        self._stretch = a if self._stretch is None else self._stretch * a
+
+    def _stretched(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The tracked basis (float64) and, after a `rescale`, the old scatter in it (r×r, ``R Λ Rᵀ``; None:
+        ``diag(eigenvalues)``)."""
+        U = self.basis.astype(np.float64)
+        if self._stretch is None:
+            return U, None
+        Q, R = qr_factors(U * self._stretch[:, None])
+        self._stretch = None
+        return Q, (R * self.eigenvalues) @ R.T
+
+    def _settle(self) -> None:
+        """Re-diagonalise the low-rank part after a `rescale` that no learning step followed."""
+        if self._stretch is not None:
+            Q, scatter = self._stretched()
+            values, vectors = _eigh(scatter)
+            top = np.arange(values.shape[0] - 1, -1, -1)
+            self.basis = (Q @ vectors[:, top]).astype(np.float32)
+            self.eigenvalues = np.maximum(values[top], 0.0)
+            self._choose_k()
+
     def get_state(self) -> list[np.ndarray]:
         """Everything `set_state` needs: basis (float32), eigenvalues, mean, scatter diagonal, counters."""
+        self._settle()
         return [self.basis.copy(), self.eigenvalues.copy(), self.mean.copy(), self.scatter_diag.copy(),
                 np.array([self.weight, self.n_seen, self.global_share])]
 
@@ -317,4 +365,5 @@ class SubspaceModel:
         self.mean = np.array(mean, dtype=np.float64)
         self.scatter_diag = np.array(scatter_diag, dtype=np.float64)
         self.weight, self.n_seen, self.global_share = float(counters[0]), int(counters[1]), float(counters[2])
+        self._stretch = None
         self._choose_k()

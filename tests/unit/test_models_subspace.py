@@ -29,6 +29,32 @@ def test_full_rank_covariance_matches_numpy_weighted_covariance(n, half_life, ba
     # of ~5 came out 1.3e-5 (2.6e-6 relative) from NumPy's on one example hypothesis found (5 December)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 2 * LEARN_CHUNK), st.integers(0, 2 * LEARN_CHUNK), st.sampled_from([0, 50]),
+       st.integers(1, 40), st.integers(0, 99), st.booleans())
+def test_rescaling_what_was_learned_equals_learning_it_in_the_new_units(n, more, half_life, batch, seed, read_first):
+    """A detector's scaler moves as it learns: x → a·x + c per input (a = 0 included: an input whose old values
+    no longer vary). Learning rows, rescaling (then more rows, in the new units) gives the model that learned every
+    row in the new units; whether a reader settles the rescale first or the next learning step takes it."""
+    rng = np.random.default_rng(seed)
+    X = correlated(n + more, seed=seed)
+    a = rng.uniform(0.2, 3.0, size=6) * (rng.random(6) > 0.15)
+    c = rng.normal(size=6)
+    model, direct = SubspaceModel(rank=6, half_life=half_life), SubspaceModel(rank=6, half_life=half_life)
+    for i in range(0, n, batch):
+        model.learn_many(X[i:min(i + batch, n)])
+    model.rescale(a, c)
+    if read_first:
+        model.residuals(X[:1])
+    if more:
+        model.learn_many(X[n:] * a + c)
+    direct.learn_many(X * a + c)
+    np.testing.assert_allclose(model.mean, direct.mean, atol=1e-9)
+    np.testing.assert_allclose(model.covariance, direct.covariance, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.basis.T @ model.basis, np.eye(6), atol=1e-6)  # still orthonormal
+    assert model.k == direct.k or abs(model.explained_ratio - direct.explained_ratio) < 1e-6
+
+
 def test_low_rank_tracks_the_top_eigenpairs_and_the_exact_trace():
     X = correlated(3000, d=30, latent=4, seed=1)
     model = SubspaceModel(explained_variance=0.9, rank=8, half_life=0)
