@@ -71,7 +71,7 @@ NESTED_SETTINGS = {
 TUNABLE_SETTINGS = ("warmup", "warmup_per_input", "top_k_metrics", "threshold_kind", "target_false_alarm_rate",
                     "sigma_k", "history", "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms",
                     "adoption_policy", "adoption_blend_weight", "adoption_candidates", "adoption_readings",
-                    "adoption_prior_readings")
+                    "adoption_prior_readings", "subspace_half_life", "residual_half_life")
 THRESHOLD_SETTINGS = ("threshold_kind", "target_false_alarm_rate", "sigma_k", "history")
 
 
@@ -266,8 +266,9 @@ class DeviceDetector:
     def reconfigure(self, settings: DetectorSettings) -> bool:
         """Take the `TUNABLE_SETTINGS` of `settings` (a changed configuration, for a device restored from state
         made under the old one), keeping what was learned: the threshold refits on its recent scores under its new
-        kind and rate, the drift monitor keeps its counted blocks, the open incident stays open. Settings that
-        shape features or model are kept as they were. Returns whether anything changed."""
+        kind and rate, the drift monitor keeps its counted blocks, the open incident stays open, the model and
+        residual scales forget at their new half-lives from now on. Settings that shape features or model are kept
+        as they were. Returns whether anything changed."""
         tuned = dataclasses.replace(self.settings, **dict(zip(TUNABLE_SETTINGS, settings.tunable())))
         if tuned == self.settings:
             return False
@@ -278,6 +279,9 @@ class DeviceDetector:
             threshold.refit()
             self.threshold = threshold
         self.drift.retune(tuned.target_false_alarm_rate, tuned.drift_alpha)
+        if tuned.kind == "subspace":
+            self.model.set_half_life(tuned.subspace_half_life)
+        self.residual_scale.set_half_life(tuned.residual_half_life)
         self.incidents.gap_readings, self.incidents.gap_ms = tuned.incident_gap_readings, tuned.incident_gap_ms
         self.incidents.top_k = tuned.top_k_metrics
         self._recent_kept = self._readings_to_hold(tuned)

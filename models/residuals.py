@@ -50,9 +50,9 @@ class ResidualScale:
     def __init__(self, half_life: float = 0.0, floor: float = 0.1, recent_half_life: float = 72.0):
         if floor < 0:
             raise ValueError(f"model.scoring.floor must be >= 0, got {floor}")
-        self.half_life, self.recent_half_life = float(half_life), float(recent_half_life)
+        self.recent_half_life = float(recent_half_life)
         self.floor = float(floor)
-        self._forgetting = forgetting_factor(self.half_life)
+        self.set_half_life(half_life)
         self._recent_forgetting = forgetting_factor(self.recent_half_life)
         self.weight = 0.0                        # total weight of the residuals learned (0: none yet)
         self.recent_weight = 0.0
@@ -122,6 +122,11 @@ class ResidualScale:
             self.mean_square = self.recent_mean_square.copy()
             self.weight = min(self.recent_weight, float(max_weight))
             self._inverse = None
+
+    def set_half_life(self, half_life: float) -> None:
+        """The slow tracker forgets at this half-life (readings; 0: never) from the next residual on."""
+        self.half_life = float(half_life)
+        self._forgetting = forgetting_factor(self.half_life)
 
     def rescale(self, a: np.ndarray) -> None:
         """Inputs that change units by the factors `a` (the detector's scaler moved): their residuals do too."""

@@ -132,8 +132,7 @@ class SubspaceModel:
             raise ValueError(f"model.subspace.rank must be >= 1, got {rank}")
         self.explained_variance = float(explained_variance)
         self.rank = int(rank)
-        self.half_life = float(half_life)
-        self.forgetting = forgetting_factor(self.half_life)
+        self.set_half_life(half_life)
         self.n_features: int | None = None
         self.weight = 0.0               # total weight of the readings learned (≈ their count, after forgetting)
         self.n_seen = 0
@@ -145,6 +144,11 @@ class SubspaceModel:
         self.global_share = 0.0          # share of the statistics' weight adopted from global models (federation)
         self._scoring_basis: np.ndarray | None = None
         self._stretch: np.ndarray | None = None  # (d,) a `rescale` the low-rank part has not taken yet
+
+    def set_half_life(self, half_life: float) -> None:
+        """Forget at this half-life (readings; 0: never) from the next reading on; what was learned stays."""
+        self.half_life = float(half_life)
+        self.forgetting = forgetting_factor(self.half_life)
 
     @property
     def architecture(self) -> str:

@@ -216,15 +216,18 @@ def test_adopt_global_replace_and_blend():
 
 def test_reconfigure_takes_a_changed_configuration_and_keeps_what_was_learned():
     """A device restored after its configuration changed: the tunable settings apply (its threshold refits on the
-    scores it holds at the new rate, drift and incidents retune), what shapes the model stays, the state keeps
-    the new settings, and doing it again changes nothing."""
-    det = make(kind="subspace", threshold_kind="quantile", target_false_alarm_rate=0.01)
+    scores it holds at the new rate, drift and incidents retune, the model and residual scales take their new
+    memory), what shapes the model stays, the state keeps the new settings, and doing it again changes nothing."""
+    det = make(kind="subspace", threshold_kind="quantile", target_false_alarm_rate=0.01, subspace_half_life=0,
+               residual_half_life=0)
     feed(det, normal_readings(600))
     cut, held, weights = det.threshold.threshold, det.threshold.history.count, det.get_weights()
     wanted = DeviceDetector.create(METRICS, load_config(env={}), kind="ae", window=9, threshold_kind="quantile",
                                    target_false_alarm_rate=0.2, drift_alpha=0.01, incident_gap_readings=3,
-                                   top_k_metrics=2, adoption_policy="validated").settings
+                                   top_k_metrics=2, adoption_policy="validated", subspace_half_life=3000,
+                                   residual_half_life=4000).settings
     assert det.reconfigure(wanted)
+    assert (det.model.half_life, det.residual_scale.half_life) == (3000, 4000) and det.model.forgetting < 1
     assert det.settings.target_false_alarm_rate == 0.2 and det.settings.kind == "subspace"   # model kept
     assert det.settings.window == make().settings.window and det.settings.tunable() == wanted.tunable()
     assert det.threshold.history.count == held and det.threshold.threshold < cut   # same scores, higher rate
@@ -237,6 +240,7 @@ def test_reconfigure_takes_a_changed_configuration_and_keeps_what_was_learned():
     assert det.held_readings.shape[0] > 0   # now under the validated policy: it holds readings
     restored = DeviceDetector.from_bytes(det.to_bytes())
     assert restored.settings == det.settings and restored.threshold.threshold == det.threshold.threshold
+    assert (restored.model.half_life, restored.residual_scale.half_life) == (3000, 4000)
     with pytest.raises(ValueError, match="global_policy"):
         det.reconfigure(dataclasses.replace(wanted, adoption_policy="average"))
     assert det.settings.adoption_policy == "validated"   # refused: nothing changed
