@@ -24,15 +24,17 @@ from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (bes
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from telemetry.datasets import device_arrays  # noqa: E402
-from telemetry.readers import MultiEntityCsvReader  # noqa: E402
+from telemetry.readers import MultiEntityCsvReader, ReaderError  # noqa: E402
 
 CANDIDATES = (1000, 2000, 5000, 10000, 0)  # readings; 0: never forget
 REFERENCE = 2000                           # the changes are measured against this candidate
 HELD_OUT = 0.2                             # the share of each training series whose prequential error counts
+MIN_READINGS = 1000                        # a shorter series says nothing about memories of thousands of readings
 
 
 def prequential_error(X: np.ndarray, metrics: list[str], cfg, half_life: float) -> float:
-    """Mean plain squared residual of the last `HELD_OUT` of `X`, each micro-batch scored before it is learned."""
+    """Mean plain squared residual of the last `HELD_OUT` of `X`, each micro-batch scored before it is learned
+    (NaN for a series too short to hold out a micro-batch)."""
     det = DeviceDetector.create(metrics, cfg, subspace_half_life=half_life, residual_half_life=half_life)
     batch, start = cfg.stream.micro_batch_size, int((1 - HELD_OUT) * len(X))
     errors = []
@@ -42,7 +44,7 @@ def prequential_error(X: np.ndarray, metrics: list[str], cfg, half_life: float) 
             scaled = det.scaler.transform_batch(det.features.transform_many(rows))
             errors.append(det.model.score_many(scaled))
         det.learn_many(rows)
-    return float(np.concatenate(errors).mean())
+    return float(np.concatenate(errors).mean()) if errors else float("nan")
 
 
 def main() -> int:
@@ -55,8 +57,19 @@ def main() -> int:
     stop_cleanly_on_sigterm()
     cfg = load_config()
     path = Path(args.train) if args.train else Path(cfg.paths.data_dir) / "asd" / "train.csv.gz"
-    reader = MultiEntityCsvReader(path)
-    fleet = {device: X for device, (X, _) in device_arrays(reader).items()}
+    try:
+        reader = MultiEntityCsvReader(path)
+        fleet = {device: X for device, (X, _) in device_arrays(reader).items()}
+    except (OSError, ReaderError) as exc:
+        print(f"half_life: cannot read the training data: {exc}", file=sys.stderr)
+        return 2
+    short = [device for device, X in fleet.items() if len(X) < MIN_READINGS]
+    fleet = {device: X for device, X in fleet.items() if len(X) >= MIN_READINGS}
+    if short:
+        print(f"left out {len(short)} device(s) with fewer than {MIN_READINGS} readings: {', '.join(short[:5])}")
+    if not fleet:
+        print(f"half_life: no device of {path} has {MIN_READINGS} readings or more", file=sys.stderr)
+        return 2
     if args.quick:
         fleet = {device: X[:4000] for device, X in list(fleet.items())[:3]}
     metrics = reader.metric_names
