@@ -15,6 +15,14 @@ demo: setup
 test: setup
 	bash orchestration/run_tests.sh $(ARGS)
 
+# every benchmark in turn, each writing artifacts/bench/<name>.json (ARGS=--quick: their quick versions)
+BENCHMARKS = core produce units fleet_shape half_life aggregate wide evaluate sink dashboards stream
+bench: setup
+	mkdir -p artifacts/bench
+	set -e; for name in $(BENCHMARKS); do \
+		echo "== bench/$$name.py"; .venv/bin/python bench/$$name.py $(ARGS) --json artifacts/bench/$$name.json; \
+	done
+
 up: setup-core
 	.venv/bin/flead up
 
