@@ -456,10 +456,10 @@ class DeviceDetector:
         start = int(self.warmup_readings * THRESHOLD_START_FRACTION)
         F, n_winsorised = self.scaler.winsorise(F, max(PLAUSIBLE_SIGMAS, math.sqrt(self.scaler.n)), PLAUSIBLE_AFTER)
         self.n_winsorised += n_winsorised
-        units = self.scaler.units()
+        units = self.scaler.units() if hasattr(self.model, "rescale") else None  # (the autoencoders do not)
         self.scaler.learn_many(F)
         moved = None if units is None else conversion(units, self.scaler.units())
-        if moved is not None and hasattr(self.model, "rescale"):  # what it learned, in the units it will score in
+        if moved is not None:  # what the model learned, in the units it will score in
             self.model.rescale(*moved)
         self.model.learn_many(self.scaler.transform_batch(F))  # F is learned: only its constant inputs change (0)
         self._loss = float(np.add.reduce(errors, axis=None)) / errors.size
@@ -471,7 +471,7 @@ class DeviceDetector:
                 self.residual_scale.restart()
             self.residual_scale.learn_many(errors[first:], cap=self._winsorising(scores[first:]))
             self.threshold.update_many(scores[first:] if calibration is None else scores[first:][calibration[first:]])
-        if moved is not None and hasattr(self.model, "rescale"):  # the residuals above were in the former units
+        if moved is not None:  # the residuals above were in the former units
             self.residual_scale.rescale(moved[0])
         self.n_seen += n
         self._n_since_snapshot += n
