@@ -47,6 +47,13 @@ def test_scoring_rate_counts_scores_over_the_first_to_last_scored_at():
     assert rate["readings_per_s"] == pytest.approx(5 / 4.0)
     assert rate["scores"] == 5 and rate["span_s"] == pytest.approx(4.0)
     assert sampler.window == (5_000, 9_000) and rate["job_cores"] == {"jvm": 1.0}
+    assert rate["readings_per_s_by_10s"] == []  # no whole 10 s
+
+
+def test_scoring_rate_gives_the_rate_of_every_whole_ten_seconds():
+    at = [0] * 20 + [9_999] * 10 + [10_000] * 10 + [25_000, 29_999] * 10 + [31_000]  # 30, 10, 20 scores, then 1
+    rate = bench_stream.scoring_rate([{"scored_at": t} for t in at], WindowSampler())
+    assert rate["readings_per_s_by_10s"] == [3, 1, 2] and rate["readings_per_s"] == pytest.approx(61 / 31)
 
 
 def test_rate_after_counts_only_the_scores_made_from_then_on():
