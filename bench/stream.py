@@ -94,14 +94,25 @@ def fresh_topics(base_env: dict) -> tuple[dict, object]:
     return env, cfg
 
 
-def scores_of(cfg, timeout_s: float = 3.0) -> list[dict]:
+def score_batches(cfg, timeout_s: float = 3.0) -> list[list[dict]]:
+    """The score records of the scores topic, one list per message: the job sends one per micro-batch."""
     messages = iter_messages(cfg.kafka_bootstrap, cfg.kafka.topics.scores, from_beginning=True, timeout_s=timeout_s)
-    return [record for m in messages for record in decode_scores(m.value())]
+    return [decode_scores(m.value()) for m in messages]
+
+
+def micro_batches(sizes: list[int], full: int) -> dict:
+    """How the readings were batched: micro-batches, readings per micro-batch on average, and the share of the
+    readings scored in micro-batches of `full` (``stream.backlog_micro_batch_size``) or more."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = max(int(sizes.sum()), 1)
+    return {"micro_batches": int(sizes.size), "readings_per_micro_batch": round(float(sizes.mean()), 1) if sizes.size
+            else 0.0, "share_in_full": round(float(sizes[sizes >= full].sum()) / total, 3)}
 
 
 def throughput(base_env: dict, readings: list[Reading], message_batch: int, overrides: dict | None = None) -> dict:
     """Run the job `--bounded` over `readings` queued in fresh topics; readings/s from its first to its last score,
-    and the cores each process used over that window (`CpuSampler`) with the load average."""
+    the cores each process used over that window (`CpuSampler`) with the load average, and how the readings were
+    batched (`micro_batches`)."""
     env, cfg = fresh_topics({**base_env, **(overrides or {})})
     produced = produce(readings, cfg.kafka.topics.telemetry, producer_config(cfg), key=signing_key(cfg),
                        batch=message_batch)
@@ -117,9 +128,11 @@ def throughput(base_env: dict, readings: list[Reading], message_batch: int, over
     if job.returncode != 0:
         raise RuntimeError(f"the bounded job failed:\n{out[-3000:]}\n{err[-3000:]}")
     wall = time.monotonic() - started
-    scores = scores_of(cfg)
+    batches = score_batches(cfg)
+    scores = [record for batch in batches for record in batch]
     distinct = len({(s["device_id"], s["seq"]) for s in scores})
-    return {"readings": len(readings), "distinct": distinct, "job_wall_s": wall, **scoring_rate(scores, sampler)}
+    return {"readings": len(readings), "distinct": distinct, "job_wall_s": wall, **scoring_rate(scores, sampler),
+            **micro_batches([len(batch) for batch in batches], cfg.stream.backlog_micro_batch_size)}
 
 
 def scoring_rate(scores: list[dict], sampler: "CpuSampler") -> dict:
@@ -531,6 +544,8 @@ def main() -> int:
             "unit": "readings/s"}] if thr["readings_per_s_by_10s"] else []),
         {"name": "  ... the same readings interleaved by event time across devices (as a fleet sends live)",
          "value": round(live_order["readings_per_s"]), "unit": "readings/s"},
+        *({"name": f"  ... readings per micro-batch, {what}", "value": run["readings_per_micro_batch"],
+           "unit": "readings"} for what, run in (("device after device", thr), ("interleaved", live_order))),
         {"name": f"stream job bounded, best: {args.best_message_batch}-reading messages {args.best}".rstrip(),
          "value": round(best["readings_per_s"]), "unit": "readings/s"},
         *([] if short is thr else [

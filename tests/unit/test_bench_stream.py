@@ -56,6 +56,12 @@ def test_scoring_rate_gives_the_rate_of_every_whole_ten_seconds():
     assert rate["readings_per_s_by_10s"] == [3, 1, 2] and rate["readings_per_s"] == pytest.approx(61 / 31)
 
 
+def test_micro_batches_tell_how_the_readings_were_batched():
+    batched = bench_stream.micro_batches([128, 16, 16, 128, 32], full=128)
+    assert batched == {"micro_batches": 5, "readings_per_micro_batch": 64.0, "share_in_full": 0.8}
+    assert bench_stream.micro_batches([], full=128)["micro_batches"] == 0
+
+
 def test_rate_after_counts_only_the_scores_made_from_then_on():
     sampler = WindowSampler()
     scores = [{"scored_at": at} for at in (5_000, 6_000, 6_500, 7_000, 9_000)]
