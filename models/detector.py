@@ -310,6 +310,12 @@ class DeviceDetector:
         return self.drift.n_events
 
     @property
+    def rank_bound(self) -> bool:
+        """Whether the subspace model's tracked rank caps its k below the explained-variance rule
+        (`SubspaceModel.rank_bound`); False for the other kinds."""
+        return bool(getattr(self.model, "rank_bound", False))
+
+    @property
     def n_incidents(self) -> int:
         return self.incidents.n_incidents
 

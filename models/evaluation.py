@@ -286,6 +286,25 @@ class FleetEvaluator:
             self.result.report["bytes_per_round"] = facts["bytes_per_round"]
             self.result.report["model_bytes"] = facts.get("model_bytes")
         self._record(name, outputs, protocol="stream", **facts)
+        self._record_components(name, detectors)
+
+    def _record_components(self, name: str, detectors: dict[str, Any]) -> None:
+        """Per device, the subspace model's scoring components and the share of variance they explain; warn when
+        the tracked rank caps k below the explained-variance rule (`SubspaceModel.rank_bound`)."""
+        models = {d: det.model for d, det in detectors.items() if hasattr(det.model, "rank_bound")}
+        if not models:
+            return
+        report = self.result.report["models"][name]
+        for d, model in models.items():
+            report["per_device"][d].update(components=int(model.k), explained_variance=model.explained_ratio)
+        bound = [d for d in self.devices if d in models and models[d].rank_bound]
+        report["rank_bound_devices"] = bound
+        if bound:
+            model = models[bound[0]]
+            ratios = ", ".join(f"{d} {models[d].explained_ratio:.3f}" for d in bound[:5])
+            self.say(f"{name}: model.subspace.rank {model.rank} caps k on {len(bound)} of {len(models)} devices "
+                     f"(explained {ratios}{' …' if len(bound) > 5 else ''} < {model.explained_variance:.2f}); "
+                     "raise model.subspace.rank (FLEAD_MODEL_SUBSPACE_RANK) for this fleet")
 
     # -- detectors in the batch protocol --------------------------------------------------------------------------
 

@@ -194,6 +194,15 @@ class SubspaceModel:
         total = float(self.scatter_diag.sum())
         return float(self.eigenvalues[:self.k].sum()) / total if total > 0 else 0.0
 
+    @property
+    def rank_bound(self) -> bool:
+        """Whether the tracked components are too few for the rule: every one of them scores (k = rank, fewer than
+        the inputs) and together they explain less than `explained_variance`. The rest of the variance then counts
+        as residual; a larger ``model.subspace.rank`` gives k its due (state and snapshots grow with it)."""
+        tracked = self.basis.shape[1]
+        return (self.weight > 0 and tracked < (self.n_features or 0)
+                and self.explained_ratio < self.explained_variance * (1 - 1e-12))
+
     def _choose_k(self) -> None:
         total = float(self.scatter_diag.sum())
         if total <= 0:

@@ -43,8 +43,9 @@ from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL
 
 COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "metric_values_ignored", "snapshots",
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
-            "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events", "values_winsorised",
-            "devices_reconfigured", "telemetry_refused", "scoring_errors", "records_too_large")
+            "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events",
+            "values_winsorised", "devices_reconfigured", "telemetry_refused", "scoring_errors", "records_too_large",
+            "snapshots_rank_bound")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -487,6 +488,8 @@ class StreamScoring:
             return
         snap = state.take_snapshot(now_ms)
         detector = state.detector
+        if detector.rank_bound:  # k capped by model.subspace.rank: the model scores more variance than the rule says
+            out.counts["snapshots_rank_bound"] += 1
         if self.options.secure_aggregation:
             records = self.secure_records(state, device_id, snap, broadcasts, now_ms)
         else:

@@ -89,6 +89,22 @@ def test_federation_costs_are_reported(evaluation, batch_evaluation):
     assert set(evaluation.scores["federated"]) == {"dev-0", "dev-1", "dev-2"}
 
 
+def test_each_devices_components_are_reported_and_a_binding_rank_is_said(evaluation):
+    for name in ("federated", "local", "centralized"):
+        report = evaluation.report["models"][name]
+        assert report["rank_bound_devices"] == []
+        for device in report["per_device"].values():
+            assert 1 <= device["components"] < 16 and 0.9 <= device["explained_variance"] <= 1.0
+    train, test = synthetic_fleet()
+    said = []
+    bound = evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0,
+                                                                      subspace_rank=1),
+                           micro_batch=16, models=("local",), progress=said.append).report["models"]["local"]
+    assert bound["rank_bound_devices"] == ["dev-0", "dev-1", "dev-2"]
+    assert all(d["components"] == 1 and d["explained_variance"] < 0.9 for d in bound["per_device"].values())
+    assert any(line.startswith("local: model.subspace.rank 1 caps k on 3 of 3 devices") for line in said), said
+
+
 def test_calibration_uses_no_labels():
     X = np.arange(100.0)[:, None]
     fit, cal = split_for_calibration(X, 0.2)

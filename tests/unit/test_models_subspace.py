@@ -71,6 +71,19 @@ def test_low_rank_tracks_the_top_eigenpairs_and_the_exact_trace():
     assert captured > 0.999
 
 
+def test_a_rank_too_small_for_the_explained_variance_rule_is_reported():
+    X = correlated(3000, d=30, latent=4, seed=1)
+    wide, narrow = SubspaceModel(rank=8, half_life=0), SubspaceModel(rank=2, half_life=0)
+    assert not narrow.rank_bound                      # nothing learned yet
+    wide.learn_many(X)
+    narrow.learn_many(X)
+    assert wide.k == 4 and wide.explained_ratio >= 0.9 and not wide.rank_bound
+    assert narrow.k == 2 and narrow.explained_ratio < 0.9 and narrow.rank_bound
+    complete = SubspaceModel(rank=30, explained_variance=1.0, half_life=0)  # every input tracked: never bound
+    complete.learn_many(X)
+    assert complete.k == 30 and not complete.rank_bound
+
+
 def test_forgetting_tracks_a_level_shift():
     X = correlated(4200, seed=2)
     X[2000:] += 5.0

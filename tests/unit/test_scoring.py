@@ -279,6 +279,18 @@ def test_a_snapshot_larger_than_kafka_takes_is_dead_lettered_instead_of_failing_
     assert len([s for out in emitted for s in out.snapshots]) == 1
 
 
+def test_snapshots_taken_while_the_rank_caps_k_are_counted(cfg_defaults):
+    """A subspace model whose tracked rank is below the k of its explained-variance rule says so at each
+    snapshot (counter `snapshots_rank_bound`); one with room does not."""
+    def bound_snapshots(rank):
+        settings = DetectorSettings.from_config(cfg_defaults, warmup=40, history=200, subspace_rank=rank)
+        _, emitted = run(scoring_with(settings, snapshot_every=40), "a", 30)
+        assert sum(out.counts["snapshots"] for out in emitted) == 3
+        return sum(out.counts["snapshots_rank_bound"] for out in emitted)
+
+    assert bound_snapshots(1) == 3 and bound_snapshots(15) == 0
+
+
 def to_json_snapshot(settings) -> bytes:
     """The first snapshot of device "a" after 40 readings (`run`), as the job sends it."""
     _, emitted = run(scoring_with(settings, snapshot_every=40), "a", 10)
