@@ -1,5 +1,5 @@
-"""What every benchmark writes: JSON with a `headline` {"name", "value", "unit", "floor"} and every row; and how
-it stops."""
+"""What every benchmark writes: JSON with a `headline` {"name", "value", "unit", "floor"} and every row; how it
+stops; and how the label-free benchmarks read a fleet's training data."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -91,3 +92,29 @@ def write_json(path: str | Path | None, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def training_fleet(train: str | None, min_readings: int, tool: str
+                   ) -> tuple[dict[str, np.ndarray], list[str], Path] | None:
+    """Every device's readings (device → (n, metrics)), the metric names and the path of a multi-entity training
+    CSV (`train`, default ASD's under ``paths.data_dir``), leaving out (and saying so) devices with fewer than
+    `min_readings`; None, after one clear line on stderr, when the file cannot be read or no device is long enough."""
+    from config import load_config
+    from telemetry.datasets import device_arrays
+    from telemetry.readers import MultiEntityCsvReader, ReaderError
+
+    path = Path(train) if train else Path(load_config().paths.data_dir) / "asd" / "train.csv.gz"
+    try:
+        reader = MultiEntityCsvReader(path)
+        fleet = {device: X for device, (X, _) in device_arrays(reader).items()}
+    except (OSError, ReaderError) as exc:
+        print(f"{tool}: cannot read the training data: {exc}", file=sys.stderr)
+        return None
+    short = [device for device, X in fleet.items() if len(X) < min_readings]
+    if short:
+        print(f"left out {len(short)} device(s) with fewer than {min_readings} readings: {', '.join(short[:5])}")
+    fleet = {device: X for device, X in fleet.items() if len(X) >= min_readings}
+    if not fleet:
+        print(f"{tool}: no device of {path} has {min_readings} readings or more", file=sys.stderr)
+        return None
+    return fleet, reader.metric_names, path

@@ -20,11 +20,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, training_fleet, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
-from telemetry.datasets import device_arrays  # noqa: E402
-from telemetry.readers import MultiEntityCsvReader, ReaderError  # noqa: E402
 
 CANDIDATES = (1000, 2000, 5000, 10000, 0)  # readings; 0: never forget
 REFERENCE = 2000                           # the changes are measured against this candidate
@@ -56,23 +54,12 @@ def main() -> int:
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     cfg = load_config()
-    path = Path(args.train) if args.train else Path(cfg.paths.data_dir) / "asd" / "train.csv.gz"
-    try:
-        reader = MultiEntityCsvReader(path)
-        fleet = {device: X for device, (X, _) in device_arrays(reader).items()}
-    except (OSError, ReaderError) as exc:
-        print(f"half_life: cannot read the training data: {exc}", file=sys.stderr)
+    read = training_fleet(args.train, MIN_READINGS, "half_life")
+    if read is None:
         return 2
-    short = [device for device, X in fleet.items() if len(X) < MIN_READINGS]
-    fleet = {device: X for device, X in fleet.items() if len(X) >= MIN_READINGS}
-    if short:
-        print(f"left out {len(short)} device(s) with fewer than {MIN_READINGS} readings: {', '.join(short[:5])}")
-    if not fleet:
-        print(f"half_life: no device of {path} has {MIN_READINGS} readings or more", file=sys.stderr)
-        return 2
+    fleet, metrics, path = read
     if args.quick:
         fleet = {device: X[:4000] for device, X in list(fleet.items())[:3]}
-    metrics = reader.metric_names
     print(f"{'device':<12}" + "".join(f"{'never' if h == 0 else h:>10}" for h in CANDIDATES), flush=True)
     rows, table = [], []
     for device, X in fleet.items():
