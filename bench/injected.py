@@ -24,6 +24,9 @@ Only metrics that move in a range are chosen for it (a metric constant there wou
 another. What it measures is how each detector meets these shapes on this fleet's own data; what it cannot say is
 how often each shape occurs in practice, or what a fleet's real anomalies look like.
 
+Devices are pooled as `flead evaluate` pools a stream (each device's scores as robust z against its recent scores;
+the JSON also gives the figures pooled on its calibration scores alone, ``*_fixed_calibration``).
+
 Headline: the federated detector's pooled ROC-AUC, averaged over the kinds, beside Isolation Forest's as its floor.
 """
 from __future__ import annotations
@@ -130,7 +133,7 @@ def run_kind(fleet: dict[str, np.ndarray], metrics: list[str], cfg, kind: str, m
     return evaluate_fleet(train, test, lambda: DeviceDetector.create(metrics, cfg), strategy=make_strategy(cfg),
                           threshold_cfg=threshold_cfg, micro_batch=cfg.stream.micro_batch_size,
                           round_every=cfg.stream.snapshot_every, incident_gap=cfg.incidents.gap_readings,
-                          models=models).report
+                          pooling_window=cfg.threshold.history, models=models).report
 
 
 def main() -> int:
@@ -170,12 +173,13 @@ def main() -> int:
     for kind in kinds:
         report = run_kind(fleet, metrics, cfg, kind, MODELS, args.history)
         figures = {m: {**{c: report["models"][m][c] for c in COLUMNS},
-                       "roc_auc_per_device_mean": report["models"][m]["per_device_mean"]["roc_auc"]} for m in MODELS}
+                       "roc_auc_per_device_mean": report["models"][m]["per_device_mean"]["roc_auc"],
+                       **{f"{c}_fixed_calibration": v for c, v in report["models"][m]["fixed_calibration"].items()}}
+                   for m in MODELS}
         rows.append({"name": kind, "anomaly_rate": report["anomaly_rate"], "models": figures})
         print(f"{kind:<10} {report['anomaly_rate']:>9.3f}"
               + "".join(f"{figures[m]['roc_auc']:>11.3f} /{figures[m]['pr_auc']:.3f}" for m in MODELS), flush=True)
-    mean = {m: {c: float(np.mean([r["models"][m][c] for r in rows])) for c in (*COLUMNS, "roc_auc_per_device_mean")}
-            for m in MODELS}
+    mean = {m: {c: float(np.mean([r["models"][m][c] for r in rows])) for c in rows[0]["models"][m]} for m in MODELS}
     print(f"{'mean':<10} {'':>9}" + "".join(f"{mean[m]['roc_auc']:>11.3f} /{mean[m]['pr_auc']:.3f}" for m in MODELS))
     print("operating F1 (mean over kinds): " + ", ".join(f"{m} {mean[m]['f1']:.3f}" for m in MODELS)
           + f"; {time.monotonic() - started:.0f} s")

@@ -23,8 +23,10 @@ Protocol (no test label is used for anything but the final metrics):
 3. Baselines, one per device, fit on the fit part: ``isolation_forest``, ``pca`` (classic PCA reconstruction
    error, k at 90 % variance), ``dbscan``, ``random``, plus any ``extra_models``; their operating flags come
    from the configured threshold rule (POT by default) fit on their calibration scores.
-4. Fleet pooling: a device's test scores are normalised by its own calibration scores (robust z-score:
-   ``(s − median) / (1.4826 · MAD)``), so devices with larger errors do not dominate, then pooled.
+4. Fleet pooling: a device's test scores are normalised by its own scores (robust z-score:
+   ``(s − median) / (1.4826 · MAD)``), so devices with larger errors do not dominate, then pooled. With
+   ``pooling_window`` W > 0, causally, by its last W scores before each micro-batch (calibration scores first:
+   `rolling_robust_z`, as a live system normalises); with 0, by its calibration scores alone.
 5. Metrics (`models.metrics`) on the pooled scores and flags, and their mean over devices: ROC-AUC, PR-AUC,
    F1 at the operating flags, best F1 (an upper bound: the best single fleet-wide threshold on the pooled
    normalised scores, picked with the labels), point-adjusted F1 (inflated, for comparison only), and the
@@ -99,6 +101,24 @@ def robust_normaliser(calibration_scores: np.ndarray) -> Callable[[np.ndarray], 
     return lambda s: (np.asarray(s, dtype=np.float64) - centre) / spread
 
 
+def rolling_robust_z(calibration_scores: np.ndarray, scores: np.ndarray, window: int, step: int) -> np.ndarray:
+    """Causal robust z of `scores`: each block of `step` scores against the median and 1.4826 · MAD
+    (`robust_normaliser`) of the `window` scores before it, the calibration scores first, then the scores already
+    seen. What a live system computes from its recent scores (the detector's own ``z_scores``): a calibration fixed
+    once goes stale when a device's scores drift, and misplaces that device in a fleet-wide ranking (no labels)."""
+    if window < 1 or step < 1:
+        raise ValueError(f"rolling robust z: window and step must be >= 1, got {window} and {step}")
+    calibration_scores = np.asarray(calibration_scores, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    history = np.concatenate([calibration_scores, scores])
+    first = calibration_scores.shape[0]
+    out = np.empty(scores.shape[0])
+    for start in range(0, scores.shape[0], step):
+        recent = history[max(0, first + start - window):first + start]
+        out[start:start + step] = robust_normaliser(recent)(scores[start:start + step])
+    return out
+
+
 def operating_threshold(calibration_scores: np.ndarray, threshold_cfg: Mapping[str, Any]) -> float:
     """The configured threshold rule (``kind``, ``target_false_alarm_rate``...) fit once on calibration scores."""
     rule = make_threshold({**threshold_cfg, "history": max(len(calibration_scores), 1)})
@@ -126,7 +146,7 @@ class FleetEvaluator:
                  validation_fraction: float = 0.2, threshold_cfg: Mapping[str, Any] | None = None,
                  extra_models: Mapping[str, Callable[[], Any]] | None = None, seed: int = 0,
                  progress: Progress | None = None, protocol: str = "stream", micro_batch: int = 16,
-                 round_every: int = 500, incident_gap: int = 10):
+                 round_every: int = 500, incident_gap: int = 10, pooling_window: int = 0):
         missing = sorted(set(test) - set(train))
         if missing:
             raise ValueError(f"devices in test without training data: {missing[:5]}")
@@ -150,6 +170,7 @@ class FleetEvaluator:
         self.protocol = protocol
         self.micro_batch, self.round_every = int(micro_batch), int(round_every)
         self.incident_gap = int(incident_gap)
+        self.pooling_window = int(pooling_window)  # 0: the fixed calibration normalises (`rolling_robust_z`)
         self.result = FleetEvaluation(report={})
 
     # -- scoring and metrics -------------------------------------------------------------------------------------
@@ -157,19 +178,25 @@ class FleetEvaluator:
     def _record(self, name: str, outputs: dict[str, ModelOutput], **facts: Any) -> None:
         """Normalise per device, take the detector's flags or threshold calibration scores, pool, and store the
         metrics of one model."""
-        normalised, flags, p_values, thresholds, rule_flags = {}, {}, {}, {}, {}
+        fixed, normalised, flags, p_values, thresholds, rule_flags = {}, {}, {}, {}, {}, {}
         for d in self.devices:
             out = outputs[d]
             normalise = robust_normaliser(out.calibration)
-            normalised[d] = normalise(out.test)
+            fixed[d] = normalise(out.test)
+            normalised[d] = (rolling_robust_z(out.calibration, out.test, self.pooling_window, self.micro_batch)
+                             if self.pooling_window else fixed[d])
             thresholds[d] = operating_threshold(normalise(out.calibration), self.threshold_cfg)
-            rule_flags[d] = normalised[d] > thresholds[d]
+            rule_flags[d] = fixed[d] > thresholds[d]
             flags[d] = rule_flags[d] if out.flags is None else np.asarray(out.flags, dtype=bool)
             p_values[d] = (out.p_values if out.p_values is not None
                            else calibration_p_values(out.calibration, out.test))
         y = np.concatenate([self.test[d][1] for d in self.devices])
-        pooled = detection_metrics_from_flags(y, np.concatenate([normalised[d] for d in self.devices]),
-                                              np.concatenate([flags[d] for d in self.devices]))
+        all_flags = np.concatenate([flags[d] for d in self.devices])
+        pooled = detection_metrics_from_flags(y, np.concatenate([normalised[d] for d in self.devices]), all_flags)
+        if self.pooling_window:   # the figures a fixed calibration would give, for comparison
+            by_calibration = detection_metrics_from_flags(y, np.concatenate([fixed[d] for d in self.devices]),
+                                                          all_flags)
+            pooled["fixed_calibration"] = {k: by_calibration[k] for k in ("roc_auc", "pr_auc", "best_f1")}
         counts = {d: event_counts(self.test[d][1], flags[d], self.incident_gap) for d in self.devices}
         pooled.update(event_metrics({k: sum(c[k] for c in counts.values()) for k in next(iter(counts.values()))}))
         per_device = {d: {**detection_metrics_from_flags(self.test[d][1], normalised[d], flags[d]),
@@ -182,7 +209,7 @@ class FleetEvaluator:
             per_device[d]["calibration_threshold"] = thresholds[d]
         if any(outputs[d].flags is not None for d in self.devices):
             # The same operating rule as the baselines' (threshold fit on calibration scores), for comparison.
-            ruled = detection_metrics_from_flags(y, np.concatenate([normalised[d] for d in self.devices]),
+            ruled = detection_metrics_from_flags(y, np.concatenate([fixed[d] for d in self.devices]),
                                                  np.concatenate([rule_flags[d] for d in self.devices]))
             pooled.update({f"{k}_calibration_rule": ruled[k] for k in ("f1", "precision", "recall")})
         self.result.report.setdefault("models", {})[name] = {
@@ -401,7 +428,9 @@ class FleetEvaluator:
             **({"micro_batch": self.micro_batch, "round_every": self.round_every,
                 **adoption_settings(self.model_factory())} if stream else {"rounds": self.rounds,
                                                                     "local_epochs": self.local_epochs}),
-            "normalisation": "robust z per device from calibration scores",
+            "normalisation": (f"rolling robust z per device: each micro-batch of {self.micro_batch} against its "
+                              f"last {self.pooling_window} scores, calibration scores first" if self.pooling_window
+                              else "robust z per device from calibration scores"),
             "operating_flags": f"detectors: {detectors}; baselines: threshold {self.threshold_cfg.get('kind')} "
                                "on calibration scores"})
         return self.result
@@ -424,7 +453,8 @@ def evaluate_fleet(train: Train, test: Test, model_factory: Callable[[], Any], r
     ``train``: device → X (n, d); ``test``: device → (X, y). ``model_factory()`` returns a fresh, identically
     seeded `DeviceDetector` (or any model with ``process_many`` / ``snapshot`` / ``adopt_global`` for the stream
     protocol, ``learn_many`` / ``score_many`` / ``get_weights`` / ``set_weights`` / ``architecture`` for the
-    batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``incident_gap``, ``strategy`` (default `FedAvg()`), ``finetune_epochs``,
+    batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``incident_gap``, ``pooling_window`` (0: pool on robust z from calibration scores; W: `rolling_robust_z` over
+    the last W scores), ``strategy`` (default `FedAvg()`), ``finetune_epochs``,
     ``validation_fraction``, ``threshold_cfg``, ``extra_models`` (name → factory of a ``fit``/``score`` detector,
     run per device), ``seed``, ``progress``, ``models`` (which of `ALL_MODELS` to run).
     """

@@ -25,6 +25,8 @@ NAB_FEATURES = {"lags": [1, 2, 3], "rolling_windows": [6], "rate_of_change": Tru
 # windows of one record. Fixed a priori.
 NSL_KDD_OVERRIDES = {"subspace_window": 1}
 DEFAULT_PROTOCOL = {"nsl-kdd": "batch"}
+POOLING = {"stream": "rolling", "batch": "calibration"}  # default --pooling per protocol: a batch test split is a
+#                                                         set, not the continuation of a device's stream
 
 
 def register(subparsers) -> None:
@@ -60,6 +62,13 @@ def register(subparsers) -> None:
     p.add_argument("--train-per-device", type=non_negative(), default=0, metavar="N",
                    help="use only the first N training rows of each device (0 = all; `flead demo` replays 2000 by "
                         "default: this reproduces its protocol offline)")
+    p.add_argument("--pooling", choices=["rolling", "calibration"],
+                   help="how each device's scores are normalised before the fleet is pooled (no labels): rolling "
+                        "(default in the stream protocol): robust z against the device's last threshold.history "
+                        "scores before each micro-batch, calibration scores first, as a live system normalises; "
+                        "calibration (default in the batch protocol, whose test split is a set, not a stream): "
+                        "against its calibration scores alone (a rolling run's JSON gives these too, under "
+                        "fixed_calibration)")
     p.add_argument("--seed", type=int, default=0, help="seed of the baselines and of the nsl-kdd client split")
     p.add_argument("--json", dest="json_out", help="write the report to this JSON file")
     p.add_argument("--plot", metavar="FILE.png",
@@ -210,7 +219,8 @@ def run_evaluate(args, cfg) -> int:
         local_epochs=args.local_epochs, strategy=make_strategy(cfg), finetune_epochs=args.finetune_epochs,
         threshold_cfg=threshold_cfg, seed=args.seed, progress=say, protocol=protocol,
         micro_batch=cfg.stream.micro_batch_size, round_every=cfg.stream.snapshot_every,
-        incident_gap=cfg.incidents.gap_readings, models=[m.strip() for m in args.models.split(",") if m.strip()])
+        incident_gap=cfg.incidents.gap_readings, models=[m.strip() for m in args.models.split(",") if m.strip()],
+        pooling_window=cfg.threshold.history if (args.pooling or POOLING[protocol]) == "rolling" else 0)
     report = {"dataset": dataset, "model": kind, "metrics": names if len(names) <= 40 else len(names), **facts,
               **evaluation.report, "quick": args.quick, "seconds": round(time.monotonic() - started, 1)}
     if dataset == "nab":

@@ -6,7 +6,8 @@ import pytest
 
 from config import load_config
 from models.detector import DeviceDetector
-from models.evaluation import ALL_MODELS, evaluate_fleet, operating_threshold, robust_normaliser, split_for_calibration
+from models.evaluation import (ALL_MODELS, evaluate_fleet, operating_threshold, robust_normaliser, rolling_robust_z,
+                               split_for_calibration)
 
 NAMES = [f"m{i}" for i in range(4)]
 
@@ -103,6 +104,34 @@ def test_each_devices_components_are_reported_and_a_binding_rank_is_said(evaluat
     assert bound["rank_bound_devices"] == ["dev-0", "dev-1", "dev-2"]
     assert all(d["components"] == 1 and d["explained_variance"] < 0.9 for d in bound["per_device"].values())
     assert any(line.startswith("local: model.subspace.rank 1 caps k on 3 of 3 devices") for line in said), said
+
+
+def test_the_rolling_robust_z_is_causal_and_follows_a_device_whose_scores_drift():
+    rng = np.random.default_rng(0)
+    calibration, scores = rng.gamma(2.0, size=500), rng.gamma(2.0, size=300)
+    everything = rolling_robust_z(calibration, scores, window=10_000, step=10_000)  # one block: the calibration's z
+    np.testing.assert_allclose(everything, robust_normaliser(calibration)(scores))
+    z = rolling_robust_z(calibration, scores, window=200, step=16)
+    later = scores.copy()
+    later[100:] = 1e9                       # what comes later does not change what came before
+    np.testing.assert_array_equal(rolling_robust_z(calibration, later, 200, 16)[:96], z[:96])
+    drifted = np.r_[scores, 3.0 * rng.gamma(2.0, size=600)]   # the device's scores triple for good
+    fixed, rolling = robust_normaliser(calibration)(drifted), rolling_robust_z(calibration, drifted, 200, 16)
+    assert np.median(fixed[-200:]) > 2.0 and abs(np.median(rolling[-200:])) < 0.5
+    with pytest.raises(ValueError, match="window and step"):
+        rolling_robust_z(calibration, scores, 0, 16)
+
+
+def test_pooling_on_recent_scores_reports_the_fixed_calibrations_figures_beside_it():
+    train, test = synthetic_fleet()
+    factory = lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0)  # noqa: E731
+    fixed = evaluate_fleet(train, test, factory, micro_batch=16, models=("local",)).report
+    rolling = evaluate_fleet(train, test, factory, micro_batch=16, models=("local",), pooling_window=200).report
+    assert "fixed_calibration" not in fixed["models"]["local"]
+    assert {k: rolling["models"]["local"]["fixed_calibration"][k] for k in ("roc_auc", "pr_auc", "best_f1")} == \
+        {k: fixed["models"]["local"][k] for k in ("roc_auc", "pr_auc", "best_f1")}
+    assert rolling["models"]["local"]["f1"] == fixed["models"]["local"]["f1"]  # the flags are the detector's own
+    assert rolling["normalisation"].startswith("rolling robust z") and fixed["normalisation"].endswith("scores")
 
 
 def test_calibration_uses_no_labels():
