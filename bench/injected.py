@@ -176,10 +176,17 @@ def main() -> int:
                        "roc_auc_per_device_mean": report["models"][m]["per_device_mean"]["roc_auc"],
                        **{f"{c}_fixed_calibration": v for c, v in report["models"][m]["fixed_calibration"].items()}}
                    for m in MODELS}
-        rows.append({"name": kind, "anomaly_rate": report["anomaly_rate"], "models": figures})
+        bound = report["models"]["federated"].get("rank_bound_devices", [])
+        rows.append({"name": kind, "anomaly_rate": report["anomaly_rate"], "models": figures,
+                     "rank_bound_devices": bound})
         print(f"{kind:<10} {report['anomaly_rate']:>9.3f}"
               + "".join(f"{figures[m]['roc_auc']:>11.3f} /{figures[m]['pr_auc']:.3f}" for m in MODELS), flush=True)
     mean = {m: {c: float(np.mean([r["models"][m][c] for r in rows])) for c in rows[0]["models"][m]} for m in MODELS}
+    bound = sorted({d for r in rows for d in r["rank_bound_devices"]})
+    if bound:
+        print(f"model.subspace.rank {cfg.model.subspace.rank} caps k on {len(bound)} of {len(fleet)} devices of this "
+              f"fleet's own data ({', '.join(bound[:5])}{' …' if len(bound) > 5 else ''}): raise it "
+              "(FLEAD_MODEL_SUBSPACE_RANK)")
     print(f"{'mean':<10} {'':>9}" + "".join(f"{mean[m]['roc_auc']:>11.3f} /{mean[m]['pr_auc']:.3f}" for m in MODELS))
     print("operating F1 (mean over kinds): " + ", ".join(f"{m} {mean[m]['f1']:.3f}" for m in MODELS)
           + f"; {time.monotonic() - started:.0f} s")
