@@ -453,10 +453,11 @@ def evaluate_fleet(train: Train, test: Test, model_factory: Callable[[], Any], r
     ``train``: device → X (n, d); ``test``: device → (X, y). ``model_factory()`` returns a fresh, identically
     seeded `DeviceDetector` (or any model with ``process_many`` / ``snapshot`` / ``adopt_global`` for the stream
     protocol, ``learn_many`` / ``score_many`` / ``get_weights`` / ``set_weights`` / ``architecture`` for the
-    batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``incident_gap``, ``pooling_window`` (0: pool on robust z from calibration scores; W: `rolling_robust_z` over
-    the last W scores), ``strategy`` (default `FedAvg()`), ``finetune_epochs``,
-    ``validation_fraction``, ``threshold_cfg``, ``extra_models`` (name → factory of a ``fit``/``score`` detector,
-    run per device), ``seed``, ``progress``, ``models`` (which of `ALL_MODELS` to run).
+    batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``incident_gap``,
+    ``pooling_window`` (0: pool on robust z from calibration scores; W: `rolling_robust_z` over the last W scores),
+    ``strategy`` (default `FedAvg()`), ``finetune_epochs``, ``validation_fraction``, ``threshold_cfg``,
+    ``extra_models`` (name → factory of a ``fit``/``score`` detector, run per device), ``seed``, ``progress``,
+    ``models`` (which of `ALL_MODELS` to run).
     """
     models = options.pop("models", ALL_MODELS)
     return FleetEvaluator(train, test, model_factory, rounds, local_epochs, **options).run(tuple(models))
