@@ -226,6 +226,11 @@ def run_evaluate(args, cfg) -> int:
     if dataset == "nab":
         report["nab_score"] = _nab_scores(evaluation, test, cfg)
     print(format_table(report))
+    fixed = {name: m["fixed_calibration"] for name, m in report["models"].items() if "fixed_calibration" in m}
+    if fixed:
+        print("pooled on the calibration scores alone (--pooling calibration), roc_auc / pr_auc / best_f1: "
+              + ", ".join(f"{name} {f['roc_auc']:.3f} / {f['pr_auc']:.3f} / {f['best_f1']:.3f}"
+                          for name, f in fixed.items()))
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -165,12 +165,15 @@ def test_flead_evaluate_quick_on_a_csv_pair(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report["models"]) == {"federated", "isolation_forest", "pca", "random"}
     assert report["protocol"] == "stream" and report["bytes_per_round"] > 0 and report["model"] == "subspace"
-    assert "| federated |" in capsys.readouterr().out
+    assert report["normalisation"].startswith("rolling robust z")  # a stream pools on recent scores by default
+    printed = capsys.readouterr().out
+    assert "| federated |" in printed and "pooled on the calibration scores alone" in printed
     code = main(["evaluate", "--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv"),
                  "--protocol", "batch", "--model", "ae", "--rounds", "2", "--models", "federated,random",
                  "--json", str(out)])
     report = json.loads(out.read_text())
     assert code == 0 and report["rounds"] == 2 and report["protocol"] == "batch"
+    assert report["normalisation"] == "robust z per device from calibration scores"  # a set, not a stream
 
 
 def test_adoption_shares_are_reported_per_policy():
