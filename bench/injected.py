@@ -82,13 +82,16 @@ def inject(kind: str, history: np.ndarray, probe: np.ndarray, rng: np.random.Gen
     X, y = probe.copy(), np.zeros(len(probe), dtype=np.int64)
     sd = np.nanstd(history, axis=0)
     spread = np.where(sd > 0, sd, 1.0)
+    varies = sd > 0   # a metric constant over the history is never chosen
     spike = kind == "spike"
     for start, length in places(rng, len(X), SPIKES_PER_DEVICE if spike else RANGES_PER_DEVICE,
                                 (1, 1) if spike else RANGE_READINGS):
         rows = slice(start, start + length)
-        window = X[max(0, start - 1):start + length]   # a spike "moves" if its metric moved into it
-        moving = np.flatnonzero((np.nanstd(window, axis=0) / spread > MOVING) & (sd > 0)) if not spike else \
-            np.flatnonzero(sd > 0)
+        if spike:
+            moving = np.flatnonzero(varies)
+        else:   # a range's metric must move over the range (and the reading before it)
+            window = X[max(0, start - 1):start + length]
+            moving = np.flatnonzero((np.nanstd(window, axis=0) / spread > MOVING) & varies)
         if moving.size == 0:
             continue
         cols = rng.choice(moving, min(moving.size, int(rng.integers(METRICS_PER_ANOMALY[0],
