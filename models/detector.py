@@ -19,17 +19,19 @@ from models.autoencoder import DenseAutoencoder, check_weight_shapes
 from models.drift import DriftEvent, DriftMonitor
 from models.features import FeatureBuilder
 from models.federation import blend_weights, validated_blend
-from models.incidents import Incident, IncidentTracker
+from models.incidents import STUCK, Incident, IncidentBatch, IncidentTracker
 from models.lstm_autoencoder import LSTMAutoencoder
 from models.residuals import ResidualScale, largest_shares, metric_shares
 from models.scaler import RunningScaler, conversion
 from models.serialization import SerializationError, dumps, loads
+from models.stuck import StuckBatch, StuckMonitor
 from models.subspace import SubspaceModel
 from models.thresholds import OnlineThreshold, make_threshold, threshold_from_arrays
 
-ARCHITECTURE = "flead.device-detector/3"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace;
-#                                            /3: recent readings for the validated adoption policy)
-READABLE_ARCHITECTURES = ("flead.device-detector/2", ARCHITECTURE)  # /2 states restore with no recent readings
+ARCHITECTURE = "flead.device-detector/4"  # format of `to_bytes` (/2: residual scales, drift, incidents, subspace;
+#                                            /3: recent readings for the validated adoption policy; /4: stuck monitor)
+READABLE_ARCHITECTURES = ("flead.device-detector/2", "flead.device-detector/3", ARCHITECTURE)  # /2: no recent
+#                                            readings; /2 and /3: a stuck monitor that learns afresh
 KINDS = ("subspace", "ae", "lstm_ae")
 ADOPTION_POLICIES = ("replace", "blend", "validated", "prior")  # stream.global_policy
 SCORE_INPUTS = ("reading", "all")  # model.scoring.inputs: which inputs' residuals make the score
@@ -59,6 +61,8 @@ NESTED_SETTINGS = {
     "drift_enabled": ("drift", "enabled"), "drift_block_readings": ("drift", "block_readings"),
     "drift_blocks": ("drift", "blocks"), "drift_alpha": ("drift", "alpha"),
     "incident_gap_readings": ("incidents", "gap_readings"), "incident_gap_ms": ("incidents", "gap_ms"),
+    "stuck_enabled": ("stuck", "enabled"), "stuck_longer_than": ("stuck", "longer_than"),
+    "stuck_min_repeats": ("stuck", "min_repeats"),
     "adoption_policy": ("stream", "global_policy"), "adoption_blend_weight": ("stream", "blend_weight"),
     "adoption_candidates": ("model.adoption", "candidates"),
     "adoption_readings": ("model.adoption", "validation_readings"),
@@ -70,8 +74,9 @@ NESTED_SETTINGS = {
 #: `DeviceDetector.reconfigure`); every other setting shapes its features or model and stays as it was created.
 TUNABLE_SETTINGS = ("warmup", "warmup_per_input", "top_k_metrics", "threshold_kind", "target_false_alarm_rate",
                     "sigma_k", "history", "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms",
-                    "adoption_policy", "adoption_blend_weight", "adoption_candidates", "adoption_readings",
-                    "adoption_prior_readings", "subspace_half_life", "residual_half_life")
+                    "stuck_enabled", "stuck_longer_than", "stuck_min_repeats", "adoption_policy",
+                    "adoption_blend_weight", "adoption_candidates", "adoption_readings", "adoption_prior_readings",
+                    "subspace_half_life", "residual_half_life")
 THRESHOLD_SETTINGS = ("threshold_kind", "target_false_alarm_rate", "sigma_k", "history")
 
 
@@ -115,6 +120,9 @@ class DetectorSettings:
     drift_alpha: float = 1e-3
     incident_gap_readings: int = 10
     incident_gap_ms: int = 0
+    stuck_enabled: bool = False   # False in states from before it, until `reconfigure` gives them the configured one
+    stuck_longer_than: float = 2.0
+    stuck_min_repeats: int = 5
     adoption_policy: str = "blend"
     adoption_blend_weight: float = 0.5
     adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -191,6 +199,11 @@ class DetectionResult:
     incidents: list = field(default_factory=list)  # `Incident` states that changed in this batch, in time order
     drift: DriftEvent | None = None  # a drift detected in this batch (the device re-baselined after the batch)
     n_muted: int = 0  # flags the `mute` callable of `process_many` dropped
+    stuck_incident_starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (n,)
+    #                              start_seq of the reading's stuck-metric incident (kind ``stuck``), -1 if none
+    stuck_metrics: list = field(default_factory=list)  # n lists of (metric, repeats, usual longest run) of the
+    #                              metrics stuck at each reading flagged stuck (`models.stuck`), empty for the others;
+    #                              both empty (length 0) when `stuck.enabled` is off
 
 
 Muting = Callable[[np.ndarray, np.ndarray, np.ndarray, Mapping[int, list]], np.ndarray]
@@ -247,6 +260,10 @@ class DeviceDetector:
         self.drift = DriftMonitor(s.target_false_alarm_rate, s.drift_block_readings, s.drift_blocks, s.drift_alpha)
         self.incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
                                          s.top_k_metrics)
+        self.stuck = StuckMonitor(len(self.metric_names), s.stuck_longer_than, s.stuck_min_repeats,
+                                  self.warmup_readings)
+        self.stuck_incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
+                                               s.top_k_metrics, kind=STUCK)
         self.n_seen = 0
         self.n_winsorised = 0  # values learned at the plausibility bound since this object was made
         self.model_version = 0
@@ -282,8 +299,13 @@ class DeviceDetector:
         if tuned.kind == "subspace":
             self.model.set_half_life(tuned.subspace_half_life)
         self.residual_scale.set_half_life(tuned.residual_half_life)
-        self.incidents.gap_readings, self.incidents.gap_ms = tuned.incident_gap_readings, tuned.incident_gap_ms
-        self.incidents.top_k = tuned.top_k_metrics
+        for tracker in (self.incidents, self.stuck_incidents):
+            tracker.gap_readings, tracker.gap_ms = tuned.incident_gap_readings, tuned.incident_gap_ms
+            tracker.top_k = tuned.top_k_metrics
+        if tuned.stuck_enabled and not self.settings.stuck_enabled:  # an idle monitor learned nothing: start afresh
+            self.stuck = StuckMonitor(len(self.metric_names), tuned.stuck_longer_than, tuned.stuck_min_repeats,
+                                      self.warmup_readings)
+        self.stuck.longer_than, self.stuck.min_repeats = float(tuned.stuck_longer_than), int(tuned.stuck_min_repeats)
         self._recent_kept = self._readings_to_hold(tuned)
         if not self._recent_kept:
             self.held_readings = self.held_readings[:0]
@@ -317,7 +339,8 @@ class DeviceDetector:
 
     @property
     def n_incidents(self) -> int:
-        return self.incidents.n_incidents
+        """Incidents opened so far, of the score and of stuck metrics."""
+        return self.incidents.n_incidents + self.stuck_incidents.n_incidents
 
     def _readings(self, X: np.ndarray) -> np.ndarray:
         X = np.array(X, dtype=np.float64, ndmin=2, copy=None)  # read, never kept or changed
@@ -384,28 +407,43 @@ class DeviceDetector:
             self.held_readings = np.concatenate((self.held_readings, X.astype(np.float32)))[-self._recent_kept:]
         errors, normalised, scores = self._errors(F)
         cut = self.threshold.threshold
-        is_anomaly = scores > cut
+        score_flags = scores > cut
         warmup = self.warmup_readings
         warming = self.n_seen < warmup
         if warming:
-            is_anomaly &= self.n_seen + np.arange(n) >= warmup
+            score_flags &= self.n_seen + np.arange(n) >= warmup
+        own_flags = score_flags
+        runs = self.stuck.update(X) if self.settings.stuck_enabled else None   # models.stuck (off by default)
+        stuck_flags = None if runs is None else runs.stuck.any(axis=1)
+        flagged = score_flags if stuck_flags is None else score_flags | stuck_flags
+        # Shares of blame of every reading (describe), or of the flagged ones only (learning: only they are needed).
+        rows = slice(None) if describe else np.flatnonzero(flagged)
+        shares = metric_shares(normalised[rows], self._scored_blocks)
+        if stuck_flags is not None:  # a reading flagged only for stuck metrics: they share the blame
+            only = (stuck_flags & ~score_flags)[rows]
+            if only.any():
+                held = runs.stuck[rows][only]
+                shares[only] = held / held.sum(axis=1, keepdims=True)
+
+        def flagged_shares(mask: np.ndarray) -> np.ndarray:
+            return shares[mask] if describe else shares[np.searchsorted(rows, np.flatnonzero(mask))]
         # Muting (an operator's false-positive patterns) changes what is reported (flags, incidents), not what
-        # is learned: the residual scales, the threshold and the drift monitor see the detector's own flags, so a
+        # is learned: the residual scales, the threshold and the drift monitor see the score's own flags, so a
         # muted pattern cannot make later, stronger anomalies of the same metrics look normal.
-        own_flags, muted = is_anomaly, None
-        if mute is not None and is_anomaly.any():
-            flagged = np.flatnonzero(is_anomaly)
-            top = dict(zip(flagged.tolist(), self._top_metrics(metric_shares(normalised[flagged],
-                                                                             self._scored_blocks))))
-            muted = np.asarray(mute(scores, np.full(n, cut), is_anomaly, top), dtype=bool) & is_anomaly
-            is_anomaly = is_anomaly & ~muted
+        muted = None
+        if mute is not None and flagged.any():
+            top = dict(zip(np.flatnonzero(flagged).tolist(), self._top_metrics(flagged_shares(flagged))))
+            muted = np.asarray(mute(scores, np.full(n, cut), flagged, top), dtype=bool) & flagged
+            score_flags = score_flags & ~muted
+            stuck_flags = None if stuck_flags is None else stuck_flags & ~muted
+        is_anomaly = score_flags if stuck_flags is None else score_flags | stuck_flags
         seqs = self.n_seen + np.arange(n) if seqs is None else np.asarray(seqs, dtype=np.int64)
         ts = None if ts is None else np.asarray(ts, dtype=np.int64)
         thresholds = np.full(n, cut)
-        shares = (metric_shares(normalised, self._scored_blocks) if describe
-                  else metric_shares(normalised[is_anomaly], self._scored_blocks))
-        incidents = self.incidents.update(is_anomaly, scores, thresholds, shares[is_anomaly] if describe else shares,
-                                          seqs, ts, self.model_version, self.global_version)
+        versions = (self.model_version, self.global_version)
+        incidents = self.incidents.update(score_flags, scores, thresholds, flagged_shares(score_flags), seqs, ts,
+                                          *versions)
+        stuck_incidents = self._stuck_incidents(runs, stuck_flags, scores, thresholds, seqs, ts, versions)
         drift = None
         if self.settings.drift_enabled:
             detected = self.drift.update(own_flags)
@@ -425,10 +463,14 @@ class DeviceDetector:
                                      z_scores=z_scores, metric_shares=shares, incident_starts=incidents.starts,
                                      incidents=incidents.changes, drift=drift,
                                      n_muted=0 if muted is None else int(np.count_nonzero(muted)))
+            if stuck_incidents is not None:
+                result.incidents += stuck_incidents.changes
+                result.stuck_incident_starts = stuck_incidents.starts
+                result.stuck_metrics = self._stuck_metrics(runs, stuck_flags)
         calibration = (~incidents.during | ((incidents.ranks > 0) & (incidents.ranks <= self.calibration_run))
                        if incidents.during.any() else None)  # None: all (no incident in the batch)
-        if muted is not None:
-            calibration = ~muted if calibration is None else calibration & ~muted
+        if muted is not None and (muted & own_flags).any():
+            calibration = ~(muted & own_flags) if calibration is None else calibration & ~(muted & own_flags)
         self._learn(F, errors, scores, calibration=calibration)
         if drift is not None:
             self._rebaseline()
@@ -504,9 +546,35 @@ class DeviceDetector:
         if isinstance(self.model, SubspaceModel):
             self.model.rebaseline(window)
 
+    def _stuck_incidents(self, runs: StuckBatch | None, stuck_flags: np.ndarray | None, scores: np.ndarray,
+                         thresholds: np.ndarray, seqs: np.ndarray, ts: np.ndarray | None, versions: tuple
+                         ) -> IncidentBatch | None:
+        """The batch's incidents of stuck metrics (their own tracker: the score's incidents, which the threshold's
+        calibration follows, never see these flags); None when the monitor is off and no such incident is open."""
+        if runs is None:
+            if not self.stuck_incidents.is_open:
+                return None
+            n = scores.shape[0]   # turned off during an incident: it resolves after its gap
+            return self.stuck_incidents.update(np.zeros(n, dtype=bool), scores, thresholds, np.zeros((0, 0)), seqs,
+                                               ts, *versions)
+        held = runs.stuck[stuck_flags]
+        return self.stuck_incidents.update(stuck_flags, scores, thresholds,
+                                           held / np.maximum(1, held.sum(axis=1, keepdims=True)), seqs, ts,
+                                           *versions, stuck=(np.where(held, runs.repeats[stuck_flags], 0),
+                                                             runs.usual))
+
+    def _stuck_metrics(self, runs: StuckBatch | None, stuck_flags: np.ndarray | None) -> list:
+        """Per reading, ``(metric, repeats, usual longest run)`` of each metric stuck at it, if it is flagged stuck."""
+        out: list = [[] for _ in range(len(stuck_flags))] if stuck_flags is not None else []
+        if runs is not None and stuck_flags.any():
+            for i in np.flatnonzero(stuck_flags).tolist():
+                out[i] = [(self.metric_names[j], int(runs.repeats[i, j]), int(runs.usual[j]))
+                          for j in np.flatnonzero(runs.stuck[i])]
+        return out
+
     def expire_incidents(self, now_ts: int) -> list[Incident]:
-        """Resolve the open incident if `incidents.gap_ms` passed since its last flag (a device gone silent)."""
-        return self.incidents.expire(now_ts)
+        """Resolve the open incidents if `incidents.gap_ms` passed since their last flag (a device gone silent)."""
+        return self.incidents.expire(now_ts) + self.stuck_incidents.expire(now_ts)
 
     def top_metrics(self, normalised_errors: np.ndarray) -> list[list[tuple[str, float]]]:
         """Per reading, the `top_k_metrics` metrics with the largest share of its normalised squared residuals
@@ -518,7 +586,9 @@ class DeviceDetector:
         top, values = largest_shares(shares, self.settings.top_k_metrics)
         pairs = list(zip(self._metric_name_array[top].ravel().tolist(), values.ravel().tolist()))
         k = top.shape[1]
-        return [pairs[i:i + k] for i in range(0, n * k, k)]
+        if values.all():
+            return [pairs[i:i + k] for i in range(0, n * k, k)]
+        return [[pair for pair in pairs[i:i + k] if pair[1] > 0] for i in range(0, n * k, k)]  # blame none
 
     # -- federation ---------------------------------------------------------------------------------------------
 
@@ -623,12 +693,12 @@ class DeviceDetector:
 
     def to_bytes(self) -> bytes:
         """The whole state (settings, feature buffer, scaler, model, residual scales, threshold, drift monitor,
-        incident tracker, counters)."""
+        incident tracker, stuck monitor, counters)."""
         loss = math.nan if self.loss is None else self.loss
         counters = np.array([self.n_seen, self.model_version, self.global_version, self._n_since_snapshot, loss])
         arrays = [counters, self.features.to_array(), self.scaler.to_array(), self.residual_scale.to_array(),
                   *self.threshold.to_arrays(), self.drift.to_array(), self.incidents.to_array(), self.held_readings,
-                  *self.model.get_state()]
+                  self.stuck.to_array(), self.stuck_incidents.to_array(), *self.model.get_state()]
         return dumps(arrays, {"architecture": ARCHITECTURE, "model_version": self.model_version,
                               "network": self.architecture, "metric_names": self.metric_names,
                               "settings": self.settings.to_dict()})
@@ -640,10 +710,12 @@ class DeviceDetector:
             raise SerializationError(f"not a device detector state of this version: architecture "
                                      f"{meta.get('architecture')!r}, expected {ARCHITECTURE!r}")
         det = cls(meta["metric_names"], DetectorSettings.from_dict(meta["settings"]))
-        if meta["architecture"] != ARCHITECTURE:   # /2: no recent readings
+        if meta["architecture"] == "flead.device-detector/2":   # no recent readings
             arrays = [*arrays[:8], np.zeros((0, len(det.metric_names)), dtype=np.float32), *arrays[8:]]
+        if meta["architecture"] != ARCHITECTURE:   # no stuck monitor
+            arrays = [*arrays[:9], None, None, *arrays[9:]]
         (counters, features, scaler, residual_scale, threshold_head, threshold_scores, drift, incidents, recent,
-         *model) = arrays
+         stuck, stuck_incidents, *model) = arrays
         det.n_seen, det.model_version, det.global_version, det._n_since_snapshot = (int(c) for c in counters[:4])
         det.features = FeatureBuilder.from_array(features, det.metric_names)
         det.scaler = RunningScaler.from_array(scaler)
@@ -652,6 +724,9 @@ class DeviceDetector:
         det.drift = DriftMonitor.from_array(drift)
         det.incidents = IncidentTracker.from_array(incidents, det.metric_names)
         det.held_readings = np.asarray(recent, dtype=np.float32).reshape(-1, len(det.metric_names))
+        if stuck is not None:   # else the new one learns the metrics' runs for a warm-up of its own readings
+            det.stuck = StuckMonitor.from_array(stuck)
+            det.stuck_incidents = IncidentTracker.from_array(stuck_incidents, det.metric_names, kind=STUCK)
         det.model.set_state(model)
         loss = None if math.isnan(counters[4]) else float(counters[4])
         if hasattr(det.model, "loss"):

@@ -109,13 +109,23 @@ def alert_labels(incident: dict, critical_ratio: float) -> dict[str, str]:
 
 
 def summary(incident: dict) -> str:
-    """One line for people: device, how far above the threshold, and the metrics to blame."""
+    """One line for people: device, how far above the threshold, the metrics to blame and those that stopped moving.
+
+    >>> stuck = summary(sample_incident(stuck_metrics=[{"metric": "mem", "repeats": 40, "usual": 6}])).split("; ")
+    >>> stuck[0]
+    'dev-1: stuck-metric incident (open), peak 2.5x threshold'
+    >>> stuck[-1]
+    'mem stopped moving: the same value 41 readings in a row (before: at most 7)'
+    """
     blame = ", ".join(f"{item['metric']} ({item['share']:.0%})" for item in
                       sorted(incident.get("metrics_to_blame") or [], key=lambda item: -item["share"]))
     ratio = incident.get("peak_ratio")
     peak = f"peak {ratio:.3g}x threshold" if ratio is not None else f"peak score {incident['peak_score']:.3g}"
     state = "resolved" if incident["status"] == "resolved" else "open"
-    return f"{incident['device_id']}: anomaly incident ({state}), {peak}; metrics to blame: {blame or 'n/a'}"
+    stuck = "".join(f"; {item['metric']} stopped moving: the same value {item['repeats'] + 1} readings in a row "
+                    f"(before: at most {item['usual'] + 1})" for item in incident.get("stuck_metrics") or [])
+    kind = "stuck-metric" if stuck else "anomaly"
+    return f"{incident['device_id']}: {kind} incident ({state}), {peak}; metrics to blame: {blame or 'n/a'}{stuck}"
 
 
 def alertmanager_alert(incident: dict, settings: NotificationSettings, now_ms: int,

@@ -36,7 +36,7 @@ from models.updates import codec_for
 from scoring.broadcasts import FLEET, Broadcasts, global_model_of, model_entry
 from scoring.feedback import FeedbackSettings, MutePattern, apply_feedback, mute_mask
 from scoring.state import DeviceState
-from models.incidents import incident_id
+from models.incidents import STUCK, incident_id
 from telemetry.schema import (DRIFT, FEEDBACK_SCHEMA, GLOBAL_MODEL, GLOBAL_MODEL_SCHEMA, INCIDENT, SNAPSHOT, Columns,
                               InvalidMessage, check_feedback, dead_letter_record, decode_columns, dumps_json,
                               encode_scores, load_object)
@@ -45,7 +45,7 @@ COUNTERS = ("records_scored", "anomalies", "dead_letters", "values_imputed", "me
             "global_models_adopted", "global_models_rejected", "duplicates_dropped", "timestamps_refused",
             "feedback_applied", "broadcasts_rejected", "anomalies_muted", "incidents_opened", "drift_events",
             "values_winsorised", "devices_reconfigured", "telemetry_refused", "scoring_errors", "records_too_large",
-            "snapshots_rank_bound")
+            "snapshots_rank_bound", "stuck_flags")
 """Names of the counters `Emitted.counts` increments (the operator registers one Flink counter per name)."""
 
 
@@ -449,6 +449,9 @@ class StreamScoring:
         out.counts["anomalies_muted"] += result.n_muted
         model_version, global_version = detector.model_version, detector.global_version
         incident_ids = [None if start < 0 else incident_id(device_id, start) for start in result.incident_starts.tolist()]
+        if result.stuck_incident_starts.size:  # a reading flagged only for stuck metrics links to their incident
+            incident_ids = [incident_id(device_id, stuck, STUCK) if known is None and stuck >= 0 else known
+                            for known, stuck in zip(incident_ids, result.stuck_incident_starts.tolist())]
         scores = [{"seq": seq, "ts": ts, "score": score, "threshold": threshold, "is_anomaly": anomaly,
                    "p_value": p_value, "top_metrics": [{"metric": m, "share": share} for m, share in top],
                    "incident_id": incident, "label": label}
@@ -457,13 +460,16 @@ class StreamScoring:
                       result.p_values.tolist(), result.top_metrics, incident_ids, labels)]
         out.scores.append(sign_message(encode_scores(device_id, model_version, global_version, scored_at, scores),
                                        key).decode())
-        for record in scores:
+        for record, stuck in zip(scores, result.stuck_metrics or [[]] * len(scores)):
             if record["is_anomaly"]:
                 out.counts["anomalies"] += 1
-                out.alerts.append(sign_message(dumps_json({"device_id": device_id, **record,
-                                                           "model_version": model_version,
-                                                           "global_version": global_version,
-                                                           "scored_at": scored_at}), key).decode())
+                alert = {"device_id": device_id, **record, "model_version": model_version,
+                         "global_version": global_version, "scored_at": scored_at}
+                if stuck:  # flagged (also) because metrics stopped moving (models.stuck)
+                    out.counts["stuck_flags"] += 1
+                    alert["stuck_metrics"] = [{"metric": m, "repeats": repeats, "usual": usual}
+                                              for m, repeats, usual in stuck]
+                out.alerts.append(sign_message(dumps_json(alert), key).decode())
 
     def event_records(self, device_id: str, detector: DeviceDetector, result: DetectionResult, scored_at: int,
                       out: Emitted) -> None:

@@ -93,6 +93,10 @@ SCHEMAS: dict[str, dict] = {
                        "peak_score": {"bsonType": NUMBER}, "peak_ratio": {"bsonType": NUMBER + ["null"]},
                        "metrics_to_blame": _top_metrics, "model_version": {"bsonType": INT + ["null"]},
                        "global_version": {"bsonType": INT + ["null"]}, "updated_at": {"bsonType": INT},
+                       "stuck_metrics": {"bsonType": "array", "items": {
+                           "bsonType": "object", "required": ["metric", "repeats", "usual"],
+                           "properties": {"metric": {"bsonType": "string"}, "repeats": {"bsonType": INT},
+                                          "usual": {"bsonType": INT}}}},
                        "stored_at": {"bsonType": INT}},
     },
     "drift_events": {

@@ -605,9 +605,11 @@ INCIDENT = RecordFormat(INCIDENT_SCHEMA, {
     "incident_id": TEXT, "device_id": TEXT, "status": TEXT, "start_seq": INTEGER, "end_seq": INTEGER,
     "start_ts": INTEGER, "end_ts": INTEGER, "n_flagged": INTEGER, "n_readings": INTEGER, "peak_score": NUMBER,
     "peak_ratio": nullable(NUMBER), "metrics_to_blame": LIST, "model_version": INTEGER,
-    "global_version": INTEGER, "updated_at": INTEGER})
+    "global_version": INTEGER, "updated_at": INTEGER}, {"stuck_metrics": LIST})
 """One state of an incident (flagged readings of one device close in time): ``status`` ``open`` or
-``resolved``; ``incident_id`` = ``<device_id>:<start_seq>``; a later state replaces an earlier one."""
+``resolved``; ``incident_id`` = ``<device_id>:<start_seq>``; a later state replaces an earlier one.
+``stuck_metrics`` (optional, `check_stuck`): the metrics that stopped moving in it, ``{"metric", "repeats",
+"usual"}``: its longest run of repeated values in the incident and the longest the device had before."""
 
 DRIFT = RecordFormat(DRIFT_SCHEMA, {
     "event_id": TEXT, "device_id": TEXT, "seq": INTEGER, "ts": INTEGER, "reason": TEXT,
@@ -655,6 +657,21 @@ def check_blame(blame: list, device_id: str | None = None) -> list[dict]:
     return blame
 
 
+def check_stuck(stuck: list, device_id: str | None = None) -> list[dict]:
+    """``stuck_metrics``: at most `MAX_BLAMED_METRICS` items ``{"metric": name, "repeats": int >= 1, "usual": int
+    >= 0}``."""
+    if len(stuck) > MAX_BLAMED_METRICS:
+        raise InvalidMessage(f"stuck_metrics: {len(stuck)} items, at most {MAX_BLAMED_METRICS}", device_id)
+    for i, item in enumerate(stuck):
+        if (type(item) is not dict or type(item.get("metric")) is not str
+                or not 0 < len(item["metric"]) <= MAX_METRIC_NAME_CHARS
+                or type(item.get("repeats")) is not int or not 1 <= item["repeats"] <= MAX_INT64
+                or type(item.get("usual")) is not int or not 0 <= item["usual"] <= MAX_INT64):
+            raise InvalidMessage(f"stuck_metrics[{i}]: expected {{'metric': name, 'repeats': integer >= 1, "
+                                 f"'usual': integer >= 0}}", device_id)
+    return stuck
+
+
 def check_incident(record: dict) -> dict:
     """`record` if it is a `flead.incident/1` (`telemetry.schema.INCIDENT`) the router can deliver: also a known
     status, ``incident_id`` = ``<device_id>:...``, well-formed metrics to blame; else `InvalidMessage`."""
@@ -665,6 +682,7 @@ def check_incident(record: dict) -> dict:
     if record["status"] not in STATUSES:
         raise InvalidMessage(f"status: expected 'open' or 'resolved', got {_show(record['status'])}", device_id)
     check_blame(record["metrics_to_blame"], device_id)
+    check_stuck(record.get("stuck_metrics") or [], device_id)
     return record
 
 

@@ -132,8 +132,8 @@ def test_states_of_the_previous_format_restore_with_no_held_readings():
     from models.serialization import dumps, loads
     det = feed(make(adoption_policy="blend"), readings(300))
     arrays, meta = loads(det.to_bytes())
-    settings = {k: v for k, v in meta["settings"].items() if not k.startswith("adoption_")}
-    old = dumps(arrays[:8] + arrays[9:], {**meta, "architecture": "flead.device-detector/2", "settings": settings})
+    settings = {k: v for k, v in meta["settings"].items() if not k.startswith(("adoption_", "stuck_"))}
+    old = dumps(arrays[:8] + arrays[11:], {**meta, "architecture": "flead.device-detector/2", "settings": settings})
     restored = DeviceDetector.from_bytes(old)
     assert restored.n_seen == 300 and restored.held_readings.shape == (0, len(METRICS))
     X = readings(32, seed=11)

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["autoencoder", "baselines", "dbscan", "detector", "drift", "features", "federation", "incidents",
-           "lstm_autoencoder", "metrics", "optim", "residuals", "scaler", "serialization", "subspace", "thresholds"]
+           "lstm_autoencoder", "metrics", "optim", "residuals", "scaler", "serialization", "stuck", "subspace",
+           "thresholds"]
 
 
 OTHER_MODULES = ["config", "orchestration.demo", "scoring.feedback", "spark_jobs.evaluate_job", "spark_jobs.session",

@@ -39,6 +39,11 @@ def test_docstring_examples(name):
     ({"metrics_to_blame": [{"metric": "cpu", "share": 2.0}]}, "share"),
     ({"metrics_to_blame": [{"metric": "", "share": 0.5}]}, "metrics_to_blame[0]"),
     ({"metrics_to_blame": "cpu"}, "metrics_to_blame"),
+    ({"stuck_metrics": "cpu"}, "stuck_metrics"),
+    ({"stuck_metrics": [{"metric": "cpu", "repeats": 0, "usual": 3}]}, "stuck_metrics[0]"),
+    ({"stuck_metrics": [{"metric": "cpu", "repeats": 9, "usual": -1}]}, "stuck_metrics[0]"),
+    ({"stuck_metrics": [{"metric": "cpu", "repeats": 9.5, "usual": 3}]}, "stuck_metrics[0]"),
+    ({"stuck_metrics": [{"metric": "cpu", "repeats": 9, "usual": 3}] * 101}, "at most 100"),
 ])
 def test_a_bad_incident_is_refused_with_the_field_named(change, reason):
     with pytest.raises(InvalidMessage, match=re.escape(reason)):
@@ -48,6 +53,8 @@ def test_a_bad_incident_is_refused_with_the_field_named(change, reason):
 def test_incidents_that_the_contract_allows_pass():
     assert check_incident(sample_incident(peak_ratio=None))["peak_ratio"] is None
     assert check_incident(sample_incident(status="resolved"))["status"] == "resolved"
+    stuck = [{"metric": "cpu", "repeats": 40, "usual": 6}]
+    assert check_incident(sample_incident(stuck_metrics=stuck))["stuck_metrics"] == stuck
     with pytest.raises(InvalidMessage, match="not JSON"):
         decode_incident(b"{nope")
 

@@ -19,7 +19,7 @@ from scoring.feedback import FeedbackSettings
 from scoring.state import DeviceState, KeyedDevice
 from scoring.stream import COUNTERS, Emitted, StreamOptions, StreamScoring
 from telemetry.schema import (FEEDBACK, GLOBAL_MODEL, MAX_ABS_VALUE, SNAPSHOT, InvalidMessage, Reading, decode_columns,
-                              decode_scores, encode_batch)
+                              decode_incident, decode_scores, encode_batch)
 
 METRICS = ["cpu", "mem", "disk"]
 KEY = bytes(range(32))
@@ -251,6 +251,24 @@ def test_flags_become_incidents_with_ids_on_their_scores_and_alerts(cfg_defaults
     # signed with the deployment's key: the sink and the incident router take no other
     assert all(verify_record(record, KEY) is None for record in (*opened, resolved))
     assert verify_record({**resolved, "status": "open"}, KEY) is not None
+
+
+def test_a_stuck_metric_is_told_in_its_own_incident_and_alerts_name_it(cfg_defaults):
+    """With `stuck.enabled`, a metric held still opens an incident ``<device>:<seq>:stuck`` naming it and how long it
+    held; its alerts carry ``stuck_metrics`` and are counted (`stuck_flags`)."""
+    settings = DetectorSettings.from_config(cfg_defaults, warmup=40, warmup_per_input=0, stuck_enabled=True)
+    scoring = scoring_with(settings, micro_batch_size=8)
+    state, _ = run(scoring, "a", 40, per_message=8)
+    held = np.random.default_rng(5).normal(0.5, 0.05, size=(16, 3))
+    held[:, 1] = held[0, 1]
+    state, out = scoring.score(state, "a", [columns("a", 320, 16, values=held)], Broadcasts(), 5_000)
+    alerts = [json.loads(a) for a in out.alerts if "stuck_metrics" in json.loads(a)]
+    assert [a["seq"] for a in alerts] == list(range(326, 336)) and out.counts["stuck_flags"] == 10
+    assert alerts[-1]["stuck_metrics"] == [{"metric": METRICS[1], "repeats": 15, "usual": 0}]
+    assert {a["incident_id"] for a in alerts} == {"a:326:stuck"}
+    stuck = [decode_incident(raw) for raw in out.incidents if json.loads(raw)["incident_id"] == "a:326:stuck"]
+    assert stuck[-1]["stuck_metrics"] == [{"metric": METRICS[1], "repeats": 15, "usual": 0}]
+    assert stuck[-1]["metrics_to_blame"] == [{"metric": METRICS[1], "share": 1.0}]
 
 
 def test_snapshot_is_due_by_time_when_the_device_learned_something(settings):
