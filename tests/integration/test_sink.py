@@ -283,6 +283,10 @@ def test_incidents_keep_their_latest_state_and_drift_events_are_stored(cfg, stor
     producer = Producer({"bootstrap.servers": cfg.kafka_bootstrap})
     for record in (incident("open", 104, 3), incident("open", 110, 6)):
         producer.produce(cfg.kafka.topics.incidents, key="i1", value=signed(record))
+    stuck = {**incident("resolved", 140, 11), "incident_id": "i1:130:stuck", "start_seq": 130,
+             "metrics_to_blame": [{"metric": "m05", "share": 1.0}],
+             "stuck_metrics": [{"metric": "m05", "repeats": 15, "usual": 2}]}   # a stuck-metric incident
+    producer.produce(cfg.kafka.topics.incidents, key="i1", value=signed(stuck))
     producer.produce(cfg.kafka.topics.drift, key="i1", value=signed(drift))
     producer.produce(cfg.kafka.topics.drift, key="i1", value=json.dumps({**drift, "event_id": "i1:301"}))  # unsigned
     producer.produce(cfg.kafka.topics.incidents, key="i1", value=signed({**incident("open", 1, 1), "$x": 1}))
@@ -294,8 +298,9 @@ def test_incidents_keep_their_latest_state_and_drift_events_are_stored(cfg, stor
     assert producer.flush(30) == 0
     MongoSink(_fast(cfg)).run(until_idle_s=2.0)
 
-    [stored] = store.find("incidents")
+    stored, held = sorted(store.find("incidents"), key=lambda d: d["_id"])
     assert (stored["_id"], stored["status"], stored["end_seq"], stored["n_flagged"]) == ("i1:100", "resolved", 120, 8)
+    assert held["_id"] == "i1:130:stuck" and held["stuck_metrics"] == [{"metric": "m05", "repeats": 15, "usual": 2}]
     assert [d["_id"] for d in store.find("drift_events")] == ["i1:300"]
     reasons = sorted(letter["reason"] for letter in store.find("dead_letters"))
     assert reasons[:2] == ["drift: unsigned: no 'signature' field",
