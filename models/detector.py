@@ -62,7 +62,7 @@ NESTED_SETTINGS = {
     "drift_blocks": ("drift", "blocks"), "drift_alpha": ("drift", "alpha"),
     "incident_gap_readings": ("incidents", "gap_readings"), "incident_gap_ms": ("incidents", "gap_ms"),
     "stuck_enabled": ("stuck", "enabled"), "stuck_longer_than": ("stuck", "longer_than"),
-    "stuck_min_repeats": ("stuck", "min_repeats"),
+    "stuck_min_repeats": ("stuck", "min_repeats"), "stuck_metrics": ("stuck", "metrics"),
     "adoption_policy": ("stream", "global_policy"), "adoption_blend_weight": ("stream", "blend_weight"),
     "adoption_candidates": ("model.adoption", "candidates"),
     "adoption_readings": ("model.adoption", "validation_readings"),
@@ -74,7 +74,7 @@ NESTED_SETTINGS = {
 #: `DeviceDetector.reconfigure`); every other setting shapes its features or model and stays as it was created.
 TUNABLE_SETTINGS = ("warmup", "warmup_per_input", "top_k_metrics", "threshold_kind", "target_false_alarm_rate",
                     "sigma_k", "history", "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms",
-                    "stuck_enabled", "stuck_longer_than", "stuck_min_repeats", "adoption_policy",
+                    "stuck_enabled", "stuck_longer_than", "stuck_min_repeats", "stuck_metrics", "adoption_policy",
                     "adoption_blend_weight", "adoption_candidates", "adoption_readings", "adoption_prior_readings",
                     "subspace_half_life", "residual_half_life")
 THRESHOLD_SETTINGS = ("threshold_kind", "target_false_alarm_rate", "sigma_k", "history")
@@ -123,6 +123,7 @@ class DetectorSettings:
     stuck_enabled: bool = False   # False in states from before it, until `reconfigure` gives them the configured one
     stuck_longer_than: float = 2.0
     stuck_min_repeats: int = 5
+    stuck_metrics: tuple[str, ...] = ()  # the metrics watched for being stuck (empty: all)
     adoption_policy: str = "blend"
     adoption_blend_weight: float = 0.5
     adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -157,6 +158,8 @@ class DetectorSettings:
     def from_dict(cls, values: dict) -> "DetectorSettings":
         tuples = ("hidden", "rolling_windows", "lags")
         values = {k: tuple(int(x) for x in v) if k in tuples else v for k, v in values.items()}
+        if "stuck_metrics" in values:
+            values["stuck_metrics"] = tuple(str(name) for name in values["stuck_metrics"])
         if "adoption_candidates" in values:
             values["adoption_candidates"] = tuple(float(b) for b in values["adoption_candidates"])
         return cls(**values)
@@ -414,6 +417,8 @@ class DeviceDetector:
             score_flags &= self.n_seen + np.arange(n) >= warmup
         own_flags = score_flags
         runs = self.stuck.update(X) if self.settings.stuck_enabled else None   # models.stuck (off by default)
+        if runs is not None and self.settings.stuck_metrics:   # only the metrics watched
+            runs = dataclasses.replace(runs, stuck=runs.stuck & np.isin(self.metric_names, self.settings.stuck_metrics))
         stuck_flags = None if runs is None else runs.stuck.any(axis=1)
         flagged = score_flags if stuck_flags is None else score_flags | stuck_flags
         # Shares of blame of every reading (describe), or of the flagged ones only (learning: only they are needed).

@@ -124,6 +124,15 @@ def test_a_metric_that_holds_still_in_its_history_is_left_alone_until_it_holds_f
     assert set(flagged) == {2600 + 79}    # 39 repeats before: the bound is 78
 
 
+def test_only_the_watched_metrics_are_told():
+    """`stuck.metrics` names the metrics watched: a hold of another one is not flagged, one of a watched one is."""
+    X = np.vstack([moving(1500), moving(100, seed=1)])
+    X[1520:1560, 1] = X[1520, 1]
+    X[1520:1560, 2] = X[1520, 2]
+    flagged = [m for r in feed(detector(stuck_metrics=("disk", "swap")), X) for row in r.stuck_metrics for m, *_ in row]
+    assert set(flagged) == {"disk"}
+
+
 def test_states_without_a_stuck_monitor_restore_with_one_that_learns_afresh():
     """Checkpoints written before the stuck monitor (format /3) restore; their monitor warms up on its own."""
     from models.serialization import dumps, loads
