@@ -188,8 +188,8 @@ def main() -> int:
     bound = sorted({d for r in rows for d in r["rank_bound_devices"]})
     if bound:
         print(f"model.subspace.rank {cfg.model.subspace.rank} caps k on {len(bound)} of {len(fleet)} devices of this "
-              f"fleet's own data ({', '.join(bound[:5])}{' …' if len(bound) > 5 else ''}): raise it "
-              "(FLEAD_MODEL_SUBSPACE_RANK)")
+              f"fleet's own data ({', '.join(bound[:5])}{' …' if len(bound) > 5 else ''}): rerun with a larger "
+              "FLEAD_MODEL_SUBSPACE_RANK to see whether it detects better here")
     print(f"{'mean':<10} {'':>9}" + "".join(f"{mean[m]['roc_auc']:>11.3f} /{mean[m]['pr_auc']:.3f}" for m in MODELS))
     print("operating F1 (mean over kinds): " + ", ".join(f"{m} {mean[m]['f1']:.3f}" for m in MODELS)
           + f"; {time.monotonic() - started:.0f} s")

@@ -331,8 +331,9 @@ class FleetEvaluator:
             model = models[bound[0]]
             ratios = ", ".join(f"{d} {models[d].explained_ratio:.3f}" for d in bound[:5])
             self.say(f"{name}: model.subspace.rank {model.rank} caps k on {len(bound)} of {len(models)} devices "
-                     f"(explained {ratios}{' …' if len(bound) > 5 else ''} < {model.explained_variance:.2f}); "
-                     "raise model.subspace.rank (FLEAD_MODEL_SUBSPACE_RANK) for this fleet")
+                     f"(explained {ratios}{' …' if len(bound) > 5 else ''} < {model.explained_variance:.2f}): the rest "
+                     "counts as residual; a larger rank (FLEAD_MODEL_SUBSPACE_RANK) restores the rule, and "
+                     "bench/injected.py --train says whether it detects better on this fleet")
 
     # -- detectors in the batch protocol --------------------------------------------------------------------------
 
