@@ -206,7 +206,7 @@ class DetectionResult:
     #                              start_seq of the reading's stuck-metric incident (kind ``stuck``), -1 if none
     stuck_metrics: list = field(default_factory=list)  # n lists of (metric, repeats, usual longest run) of the
     #                              metrics stuck at each reading flagged stuck (`models.stuck`), empty for the others;
-    #                              both empty (length 0) when `stuck.enabled` is off
+    #                              both empty (length 0) when nothing is stuck in the batch (or the monitor is off)
 
 
 Muting = Callable[[np.ndarray, np.ndarray, np.ndarray, Mapping[int, list]], np.ndarray]
@@ -556,9 +556,9 @@ class DeviceDetector:
                          ) -> IncidentBatch | None:
         """The batch's incidents of stuck metrics (their own tracker: the score's incidents, which the threshold's
         calibration follows, never see these flags); None when the monitor is off and no such incident is open."""
-        if runs is None:
+        if runs is None or not (self.stuck_incidents.is_open or stuck_flags.any()):
             if not self.stuck_incidents.is_open:
-                return None
+                return None   # the usual case: nothing stuck, nothing open
             n = scores.shape[0]   # turned off during an incident: it resolves after its gap
             return self.stuck_incidents.update(np.zeros(n, dtype=bool), scores, thresholds, np.zeros((0, 0)), seqs,
                                                ts, *versions)

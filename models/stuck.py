@@ -67,8 +67,9 @@ class StuckMonitor:
         """Take a batch of raw readings (n, d) in time order; the runs and flags at each, from state before it."""
         X = np.asarray(X, dtype=np.float64)
         n = X.shape[0]
-        before = np.vstack([self.last[None, :], X[:-1]])
-        moved = ~(X == before)                                      # NaN never equals: a missing value ends a run
+        moved = np.empty(X.shape, dtype=bool)                       # NaN never equals: a missing value ends a run
+        np.not_equal(X[:1], self.last, out=moved[:1])
+        np.not_equal(X[1:], X[:-1], out=moved[1:])
         rows = np.arange(n)[:, None]
         last_move = np.maximum.accumulate(np.where(moved, rows, -1), axis=0)
         repeats = np.where(last_move >= 0, rows - last_move, self.run + rows + 1)
@@ -76,10 +77,10 @@ class StuckMonitor:
         judged = self.n_seen + rows - repeats >= self.warmup        # the run began after the warm-up
         stuck = (repeats > bounds) & judged
         # Runs that ended in the batch (a move at row i ends the run held at row i - 1) extend L unless flagged.
-        previous = np.vstack([self.run[None, :], repeats[:-1]])
-        was_judged = np.vstack([self.n_seen - 1 - self.run[None, :] >= self.warmup, judged[:-1]])
-        ended = np.where(moved & ~((previous > bounds) & was_judged), previous, 0)
-        longest = np.maximum(self.longest, ended.max(axis=0))
+        previous = np.concatenate((self.run[None, :], repeats[:-1]))
+        carried = (self.run > bounds) & (self.n_seen - 1 - self.run >= self.warmup)  # the run held before was flagged
+        flagged_before = np.concatenate((carried[None, :], stuck[:-1]))
+        longest = np.maximum(self.longest, np.where(moved & ~flagged_before, previous, 0).max(axis=0))
         for j in np.flatnonzero((longest > self.longest) & stuck.any(axis=0)):
             # L rose within the batch and a later run was judged by the old bound: replay this metric in order,
             # so that a batch gives what the same readings one by one give (rare: a run ending, then a longer one)
