@@ -55,6 +55,7 @@ THRESHOLD_START_FRACTION = 0.5  # scores of the first half of warm-up come from 
 NESTED_SETTINGS = {
     "subspace_window": ("model.subspace", "window"), "explained_variance": ("model.subspace", "explained_variance"),
     "subspace_rank": ("model.subspace", "rank"), "subspace_half_life": ("model.subspace", "half_life"),
+    "bounded_influence": ("model.subspace", "bounded_influence"),
     "normalise_residuals": ("model.scoring", "normalise"), "score_inputs": ("model.scoring", "inputs"),
     "residual_half_life": ("model.scoring", "half_life"),
     "residual_floor": ("model.scoring", "floor"),
@@ -76,7 +77,7 @@ TUNABLE_SETTINGS = ("warmup", "warmup_per_input", "top_k_metrics", "threshold_ki
                     "sigma_k", "history", "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms",
                     "stuck_enabled", "stuck_longer_than", "stuck_min_repeats", "stuck_metrics", "adoption_policy",
                     "adoption_blend_weight", "adoption_candidates", "adoption_readings", "adoption_prior_readings",
-                    "subspace_half_life", "residual_half_life")
+                    "subspace_half_life", "residual_half_life", "bounded_influence")
 THRESHOLD_SETTINGS = ("threshold_kind", "target_false_alarm_rate", "sigma_k", "history")
 
 
@@ -110,6 +111,7 @@ class DetectorSettings:
     explained_variance: float = 0.9
     subspace_rank: int = 16
     subspace_half_life: float = 0.0
+    bounded_influence: bool = False  # the subspace model learns each reading with weight min(1, cut / score)
     normalise_residuals: bool = True
     score_inputs: str = "all"
     residual_half_life: float = 0.0
@@ -514,7 +516,11 @@ class DeviceDetector:
         moved = None if units is None else conversion(units, self.scaler.units())
         if moved is not None:  # what the model learned, in the units it will score in
             self.model.rescale(*moved)
-        self.model.learn_many(self.scaler.transform_batch(F))  # F is learned: only its constant inputs change (0)
+        scaled = self.scaler.transform_batch(F)  # F is learned: only its constant inputs change (0)
+        if self.settings.bounded_influence and isinstance(self.model, SubspaceModel):  # as the residual scales below
+            self.model.learn_many(scaled, weights=self._winsorising(scores))
+        else:
+            self.model.learn_many(scaled)
         self._loss = float(np.add.reduce(errors, axis=None)) / errors.size
         first = max(0, start - self.n_seen)  # rows from here on are past the start
         if first:  # before the start the residual scales learn too: scores need a scale meanwhile

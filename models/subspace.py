@@ -13,6 +13,7 @@ NEW_DIRECTIONS = 4     # directions a learning step may add to the tracked subsp
 _SKETCHES: dict[int, np.ndarray] = {}  # fixed ±1 sketch matrices by number of rows (deterministic learning)
 _AGES: dict[tuple[float, int], tuple[np.ndarray, float, np.ndarray]] = {}  # forgetting weights of a batch:
 #                                      (λ^(b-1), ..., λ, 1), their sum, their square roots as a column
+MIN_ROW_WEIGHT = 1e-9  # a row's weight in `learn_many` is at least this (a batch never weighs nothing)
 CHOLESKY_QR_MIN_RATIO = 1e-3  # `orthonormal_columns` takes Householder QR below this ratio of Cholesky diagonals
 
 
@@ -218,18 +219,22 @@ class SubspaceModel:
     def learn_one(self, x: np.ndarray) -> None:
         self.learn_many(x)
 
-    def learn_many(self, X: np.ndarray) -> None:
-        """Learn the rows in order, in steps of at most `LEARN_CHUNK` rows (each row weighs 1 when learned)."""
+    def learn_many(self, X: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Learn the rows in order, in steps of at most `LEARN_CHUNK` rows; each row weighs 1 when learned, or its
+        entry of `weights` (in (0, 1]: a bounded-influence learner's down-weighting of outlying rows)."""
         X = self._ensure(X)
         for start in range(0, X.shape[0], LEARN_CHUNK):
-            self._step(X[start:start + LEARN_CHUNK])
+            self._step(X[start:start + LEARN_CHUNK], None if weights is None else weights[start:start + LEARN_CHUNK])
         self.n_seen += X.shape[0]
         self._choose_k()
 
-    def _step(self, X: np.ndarray) -> None:
+    def _step(self, X: np.ndarray, weights: np.ndarray | None = None) -> None:
         b, d = X.shape
         lam = self.forgetting
         w, batch_weight, root_w = batch_weights(lam, b)  # the newest row weighs 1
+        if weights is not None:
+            w = w * np.clip(weights, MIN_ROW_WEIGHT, 1.0)
+            batch_weight, root_w = float(w.sum()), np.sqrt(w)[:, None]
         decay = lam ** b
         old_weight = self.weight * decay
         new_weight = old_weight + batch_weight

@@ -381,14 +381,19 @@ def test_drift_rebaselines_and_brings_the_flag_rate_back_to_target():
 
 
 def test_learning_goes_on_during_incidents():
-    """No gating: readings of an incident are learned (a change that lasts becomes normal)."""
+    """No gating: readings of an incident are learned (a change that lasts becomes normal); with
+    `model.subspace.bounded_influence` each at most as much as a reading at the cut, so the model moves less."""
     X = level_shift()
-    det = make(kind="subspace", drift_enabled=False)
-    feed(det, X[:1500])
-    level_before = learned_level(det, metric=1)
-    feed(det, X[1500:2000], start=1500)
-    moved = learned_level(det, metric=1) - level_before
-    assert det.n_seen == 2000 and 0.02 < moved < 0.06   # ≈ 0.15 × 500 / 2000: the incident's readings count
+    moved = {}
+    for bounded in (False, True):
+        det = make(kind="subspace", drift_enabled=False, bounded_influence=bounded)
+        feed(det, X[:1500])
+        level_before = learned_level(det, metric=1)
+        feed(det, X[1500:2000], start=1500)
+        moved[bounded] = learned_level(det, metric=1) - level_before
+        assert det.n_seen == 2000
+    assert 0.02 < moved[False] < 0.06   # ≈ 0.15 × 500 / 2000: the incident's readings count
+    assert 0.001 < moved[True] < moved[False] / 2
 
 
 def test_the_model_describes_what_it_learned_in_the_units_it_scores_in():

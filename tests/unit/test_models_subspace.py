@@ -167,3 +167,19 @@ def test_eigh_and_cholesky_qr_are_numpys_without_the_wrappers():
     dependent = np.hstack([E[:, :2], E[:, :2]])
     Q = orthonormal_columns(dependent)
     assert np.all(np.isfinite(Q)) and np.allclose(Q @ (Q.T @ dependent), dependent)
+
+
+def test_row_weights_of_one_change_nothing_and_a_light_row_moves_the_model_little():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(200, 6))
+    plain, weighted = (SubspaceModel(rank=4, half_life=100) for _ in range(2))
+    plain.learn_many(X)
+    weighted.learn_many(X, weights=np.ones(200))
+    np.testing.assert_allclose(weighted.mean, plain.mean)
+    np.testing.assert_allclose(weighted.eigenvalues, plain.eigenvalues)
+    base = plain.mean.copy()
+    outlier = np.full((1, 6), 50.0)
+    weighted.learn_many(outlier, weights=np.array([0.01]))
+    plain.learn_many(outlier)
+    light, full = np.abs(weighted.mean - base).max(), np.abs(plain.mean - base).max()
+    assert 0 < light < full / 50   # weight 0.01 against 1
