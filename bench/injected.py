@@ -116,10 +116,10 @@ def inject(kind: str, history: np.ndarray, probe: np.ndarray, rng: np.random.Gen
     return X, y
 
 
-def split(fleet: dict[str, np.ndarray], kind: str, history: int = 0) -> tuple[dict, dict]:
+def split(fleet: dict[str, np.ndarray], kind: str, history: int = 0, seed: int = SEED) -> tuple[dict, dict]:
     """History (train) and injected probe parts (test) of every device, for one kind; seeded per kind. `history`:
     only the last that many readings before the probe part are history (0: all of them), as for young devices."""
-    rng = np.random.default_rng([SEED, KINDS.index(kind)])
+    rng = np.random.default_rng([seed, KINDS.index(kind)])
     train, test = {}, {}
     for device, X in fleet.items():
         cut = int(PROBE_START * len(X))
@@ -129,9 +129,9 @@ def split(fleet: dict[str, np.ndarray], kind: str, history: int = 0) -> tuple[di
 
 
 def run_kind(fleet: dict[str, np.ndarray], metrics: list[str], cfg, kind: str, models: tuple[str, ...],
-             history: int = 0) -> dict:
+             history: int = 0, seed: int = SEED) -> dict:
     """`evaluate_fleet`'s report of `models` on the fleet with `kind` injected."""
-    train, test = split(fleet, kind, history)
+    train, test = split(fleet, kind, history, seed)
     threshold_cfg = {k: cfg.threshold[k] for k in ("kind", "target_false_alarm_rate", "sigma_k")}
     return evaluate_fleet(train, test, lambda: DeviceDetector.create(metrics, cfg), strategy=make_strategy(cfg),
                           threshold_cfg=threshold_cfg, micro_batch=cfg.stream.micro_batch_size,
@@ -150,6 +150,8 @@ def main() -> int:
     parser.add_argument("--history", type=int, default=0, metavar="READINGS",
                         help="young devices: only this many readings of history before the probe part (default: "
                              "all; the magnitudes still come from the whole history)")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the injections (default {SEED}: the one "
+                                                              "figures and decisions are quoted for)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args()
     if args.history < 0:
@@ -174,7 +176,7 @@ def main() -> int:
     started = time.monotonic()
     rows = []
     for kind in kinds:
-        report = run_kind(fleet, metrics, cfg, kind, MODELS, args.history)
+        report = run_kind(fleet, metrics, cfg, kind, MODELS, args.history, args.seed)
         figures = {m: {**{c: report["models"][m][c] for c in COLUMNS},
                        "roc_auc_per_device_mean": report["models"][m]["per_device_mean"]["roc_auc"],
                        **{f"{c}_fixed_calibration": v for c, v in report["models"][m]["fixed_calibration"].items()}}
@@ -197,7 +199,7 @@ def main() -> int:
                                                 "the kinds (floor: Isolation Forest's)",
                                         "value": round(mean["federated"]["roc_auc"], 4), "unit": "ROC-AUC",
                                         "floor": round(mean["isolation_forest"]["roc_auc"], 4)},
-                           "rows": rows, "mean": mean, "kinds": list(kinds), "train": str(path), "devices": len(fleet),
+                           "rows": rows, "mean": mean, "kinds": list(kinds), "seed": args.seed, "train": str(path), "devices": len(fleet),
                            "history": args.history,
                            "quick": args.quick, "seconds": round(time.monotonic() - started, 1)})
     return 0
