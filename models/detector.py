@@ -709,10 +709,19 @@ class DeviceDetector:
         counters = np.array([self.n_seen, self.model_version, self.global_version, self._n_since_snapshot, loss])
         arrays = [counters, self.features.to_array(), self.scaler.to_array(), self.residual_scale.to_array(),
                   *self.threshold.to_arrays(), self.drift.to_array(), self.incidents.to_array(), self.held_readings,
-                  self.stuck.to_array(), self.stuck_incidents.to_array(), *self.model.get_state()]
+                  *self._stuck_state(), *self.model.get_state()]
         return dumps(arrays, {"architecture": ARCHITECTURE, "model_version": self.model_version,
                               "network": self.architecture, "metric_names": self.metric_names,
                               "settings": self.settings.to_dict()})
+
+    def _stuck_state(self) -> list[np.ndarray]:
+        """The stuck monitor's and its incident tracker's arrays; empty while the monitor is off (it learns nothing
+        then, and is made afresh when turned on), so a device without it keeps the state it had before it."""
+        empty = np.zeros(0)
+        monitor = self.stuck.to_array() if self.settings.stuck_enabled else empty
+        tracker = self.stuck_incidents.to_array() if self.settings.stuck_enabled or self.stuck_incidents.is_open \
+            else empty
+        return [monitor, tracker]
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "DeviceDetector":
@@ -735,8 +744,9 @@ class DeviceDetector:
         det.drift = DriftMonitor.from_array(drift)
         det.incidents = IncidentTracker.from_array(incidents, det.metric_names)
         det.held_readings = np.asarray(recent, dtype=np.float32).reshape(-1, len(det.metric_names))
-        if stuck is not None:   # else the new one learns the metrics' runs for a warm-up of its own readings
+        if stuck is not None and stuck.size:   # else the new one learns runs for a warm-up of its own readings
             det.stuck = StuckMonitor.from_array(stuck)
+        if stuck_incidents is not None and stuck_incidents.size:
             det.stuck_incidents = IncidentTracker.from_array(stuck_incidents, det.metric_names, kind=STUCK)
         det.model.set_state(model)
         loss = None if math.isnan(counters[4]) else float(counters[4])

@@ -223,14 +223,15 @@ class IncidentTracker:
 
     def to_array(self) -> np.ndarray:
         """``[gap_readings, gap_ms, top_k, n_incidents, open, start_seq, end_seq, start_ts, end_ts, n_flagged,
-        n_readings, peak_score, peak_ratio, model_version, global_version, since_flag, blame..., stuck_repeats...,
-        stuck_usual...]`` (times NaN when unknown)."""
+        n_readings, peak_score, peak_ratio, model_version, global_version, since_flag, blame..., and for stuck metrics
+        stuck_repeats..., stuck_usual...]`` (times NaN when unknown)."""
         def ts(v):
             return math.nan if v is None else v
         head = [self.gap_readings, self.gap_ms, self.top_k, self.n_incidents, int(self.is_open), self.start_seq,
                 self.end_seq, ts(self.start_ts), ts(self.end_ts), self.n_flagged, self.n_readings, self.peak_score,
                 self.peak_ratio, self.model_version, self.global_version, self.since_flag]
-        return np.concatenate([np.array(head, dtype=np.float64), self.blame, self.stuck_repeats, self.stuck_usual])
+        stuck = [self.stuck_repeats, self.stuck_usual] if self.kind == STUCK else []  # the score's: none
+        return np.concatenate([np.array(head, dtype=np.float64), self.blame, *stuck])
 
     @classmethod
     def from_array(cls, state: np.ndarray, metric_names: Sequence[str], kind: str = "") -> "IncidentTracker":
@@ -244,6 +245,6 @@ class IncidentTracker:
         tracker.model_version, tracker.global_version, tracker.since_flag = (int(v) for v in s[13:16])
         d = len(tracker.metric_names)
         tracker.blame = s[16:16 + d].copy()
-        if s.shape[0] >= 16 + 3 * d:  # states from before stuck metrics have none
+        if s.shape[0] >= 16 + 3 * d:  # a stuck-metric tracker's
             tracker.stuck_repeats, tracker.stuck_usual = s[16 + d:16 + 2 * d].copy(), s[16 + 2 * d:16 + 3 * d].copy()
         return tracker

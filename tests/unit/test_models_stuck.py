@@ -5,6 +5,7 @@ from hypothesis import given, settings, strategies as st
 from config import load_config
 from models.detector import DeviceDetector
 from models.incidents import STUCK
+from models.serialization import loads
 from models.stuck import StuckMonitor
 
 
@@ -145,7 +146,7 @@ def test_only_the_watched_metrics_are_told():
 
 def test_states_without_a_stuck_monitor_restore_with_one_that_learns_afresh():
     """Checkpoints written before the stuck monitor (format /3) restore; their monitor warms up on its own."""
-    from models.serialization import dumps, loads
+    from models.serialization import dumps
     det = detector()
     feed(det, moving(600))
     arrays, meta = loads(det.to_bytes())
@@ -156,3 +157,22 @@ def test_states_without_a_stuck_monitor_restore_with_one_that_learns_afresh():
     X = moving(32, seed=3)
     np.testing.assert_array_equal(restored.score_many(X), det.score_many(X))
     assert restored.reconfigure(det.settings) and restored.settings.stuck_enabled   # a configuration that turns it on
+
+
+def test_a_detector_restored_mid_hold_goes_on_with_its_stuck_incident():
+    X = np.vstack([moving(1500), moving(100, seed=1)])
+    X[1520:1560, 1] = X[1520, 1]
+    whole, split = detector(), detector()
+    expected = feed(whole, X)
+    feed(split, X[:1536])
+    restored = DeviceDetector.from_bytes(split.to_bytes())
+    assert restored.stuck_incidents.is_open and restored.stuck.n_seen == split.stuck.n_seen
+    got = feed(restored, X[1536:])
+    assert [c for r in got for c in r.incidents] == [c for r in expected[1536 // 16:] for c in r.incidents]
+
+
+def test_a_detector_without_the_monitor_keeps_no_state_for_it():
+    off = detector(stuck_enabled=False)
+    feed(off, moving(300))
+    arrays, _ = loads(off.to_bytes())
+    assert arrays[9].size == 0 and arrays[10].size == 0
