@@ -220,7 +220,8 @@ class FleetEvaluator:
         self.result.flags[name] = flags
         self.result.p_values[name] = p_values
         self.say(f"{name:<22} roc_auc={pooled['roc_auc']:.3f} pr_auc={pooled['pr_auc']:.3f} "
-                 f"f1={pooled['f1']:.3f} best_f1={pooled['best_f1']:.3f} incident_f1={pooled['incident_f1']:.3f}")
+                 f"f1={pooled['f1']:.3f} best_f1={pooled['best_f1']:.3f} incident_f1={pooled['incident_f1']:.3f}"
+                 + (f" (stuck-metric incidents: {facts['stuck_incidents']})" if facts.get("stuck_incidents") else ""))
 
     def _score_all(self, model_of: Callable[[str], Any], method: str = "score_many") -> dict[str, ModelOutput]:
         outputs = {}
