@@ -269,6 +269,7 @@ class DeviceDetector:
                                   self.warmup_readings)
         self.stuck_incidents = IncidentTracker(self.metric_names, s.incident_gap_readings, s.incident_gap_ms,
                                                s.top_k_metrics, kind=STUCK)
+        self._stuck_watched = self._watched(s)
         self.n_seen = 0
         self.n_winsorised = 0  # values learned at the plausibility bound since this object was made
         self.model_version = 0
@@ -278,6 +279,10 @@ class DeviceDetector:
         check_adoption(s)
         self._recent_kept = self._readings_to_hold(s)
         self.held_readings = np.zeros((0, len(self.metric_names)), dtype=np.float32)
+
+    def _watched(self, s: DetectorSettings) -> np.ndarray | None:
+        """Which metrics `stuck.metrics` watches, as a mask (None: all)."""
+        return np.isin(self.metric_names, s.stuck_metrics) if s.stuck_metrics else None
 
     def _readings_to_hold(self, s: DetectorSettings) -> int:
         """The validated adoption policy's held data: the last `adoption_readings` readings (and the window before
@@ -311,6 +316,7 @@ class DeviceDetector:
             self.stuck = StuckMonitor(len(self.metric_names), tuned.stuck_longer_than, tuned.stuck_min_repeats,
                                       self.warmup_readings)
         self.stuck.longer_than, self.stuck.min_repeats = float(tuned.stuck_longer_than), int(tuned.stuck_min_repeats)
+        self._stuck_watched = self._watched(tuned)
         self._recent_kept = self._readings_to_hold(tuned)
         if not self._recent_kept:
             self.held_readings = self.held_readings[:0]
@@ -346,6 +352,11 @@ class DeviceDetector:
     def n_incidents(self) -> int:
         """Incidents opened so far, of the score and of stuck metrics."""
         return self.incidents.n_incidents + self.stuck_incidents.n_incidents
+
+    @property
+    def n_stuck_incidents(self) -> int:
+        """Incidents of stuck metrics opened so far (`models.stuck`)."""
+        return self.stuck_incidents.n_incidents
 
     def _readings(self, X: np.ndarray) -> np.ndarray:
         X = np.array(X, dtype=np.float64, ndmin=2, copy=None)  # read, never kept or changed
@@ -419,8 +430,8 @@ class DeviceDetector:
             score_flags &= self.n_seen + np.arange(n) >= warmup
         own_flags = score_flags
         runs = self.stuck.update(X) if self.settings.stuck_enabled else None   # models.stuck (off by default)
-        if runs is not None and self.settings.stuck_metrics:   # only the metrics watched
-            runs = dataclasses.replace(runs, stuck=runs.stuck & np.isin(self.metric_names, self.settings.stuck_metrics))
+        if runs is not None and self._stuck_watched is not None:   # only the metrics watched
+            runs = dataclasses.replace(runs, stuck=runs.stuck & self._stuck_watched)
         stuck_flags = None if runs is None else runs.stuck.any(axis=1)
         flagged = score_flags if stuck_flags is None else score_flags | stuck_flags
         # Shares of blame of every reading (describe), or of the flagged ones only (learning: only they are needed).

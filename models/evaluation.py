@@ -260,7 +260,7 @@ class FleetEvaluator:
             outputs[d] = ModelOutput(scores[d][calibration], scores[d][test], flags[d][test], p_values[d][test])
         facts["drift_events"] = int(sum(det.n_drift_events for det in detectors.values()))
         facts["incidents"] = int(sum(det.n_incidents for det in detectors.values()))
-        facts["stuck_incidents"] = int(sum(det.stuck_incidents.n_incidents for det in detectors.values()))
+        facts["stuck_incidents"] = int(sum(getattr(det, "n_stuck_incidents", 0) for det in detectors.values()))
         return outputs, facts
 
     def _federated_round(self, detectors: dict[str, Any], series: dict[str, np.ndarray], done: int,

@@ -53,16 +53,17 @@ class Incident:
 
     def record_fields(self, device_id: str, updated_at: int) -> dict:
         """The fields of its `flead.incident/1` record (docs/contracts.md; `telemetry.schema.INCIDENT.make`); a
-        later state of the same ``incident_id`` replaces an earlier one."""
+        later state of the same ``incident_id`` replaces an earlier one. Only a stuck-metric incident has
+        ``stuck_metrics``."""
+        stuck = ({"stuck_metrics": [{"metric": m, "repeats": repeats, "usual": usual}
+                                    for m, repeats, usual in self.stuck_metrics]} if self.kind == STUCK else {})
         return {"incident_id": incident_id(device_id, self.start_seq, self.kind),
                 "device_id": device_id, "status": self.status, "start_seq": self.start_seq,
                 "end_seq": self.end_seq, "start_ts": self.start_ts, "end_ts": self.end_ts,
                 "n_flagged": self.n_flagged, "n_readings": self.n_readings, "peak_score": self.peak_score,
                 "peak_ratio": self.peak_ratio,
                 "metrics_to_blame": [{"metric": m, "share": share} for m, share in self.metrics_to_blame],
-                "model_version": self.model_version, "global_version": self.global_version,
-                "stuck_metrics": [{"metric": m, "repeats": repeats, "usual": usual}
-                                  for m, repeats, usual in self.stuck_metrics],
+                "model_version": self.model_version, "global_version": self.global_version, **stuck,
                 "updated_at": int(updated_at)}
 
 
