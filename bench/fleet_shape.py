@@ -62,6 +62,24 @@ def synthetic_fleet(devices: int, train_n: int, test_n: int) -> dict[str, tuple[
     return fleet
 
 
+def write_csv(fleet: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], folder: Path) -> None:
+    """The fleet as `flead evaluate --train --test` reads one (ASD's format: device_id, timestamp, m00..., label),
+    one reading a minute."""
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = [f"m{i:02d}" for i in range(METRICS)]
+    for part in ("train", "test"):
+        frames = []
+        for device, (X_train, X_test, y_test) in fleet.items():
+            X, first = (X_train, 0) if part == "train" else (X_test, len(X_train))
+            frame = pd.DataFrame(X, columns=columns)
+            frame.insert(0, "timestamp", (first + np.arange(len(X))) * 60)
+            frame.insert(0, "device_id", device)
+            if part == "test":
+                frame["label"] = y_test
+            frames.append(frame)
+        pd.concat(frames).to_csv(folder / f"{part}.csv.gz", index=False)
+
+
 def asd_fleet(cfg, devices: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     asd = Path(cfg.paths.data_dir) / "asd"
     train, test = pd.read_csv(asd / "train.csv.gz"), pd.read_csv(asd / "test.csv.gz")
@@ -103,8 +121,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="6 synthetic devices of 5,000 + 5,000 readings and 3 ASD "
                                                              "servers (the default: 28 of 20,000 + 20,000, all 12)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    parser.add_argument("--write-csv", metavar="DIR", type=Path,
+                        help="only write the synthetic fleet (28 devices of --readings + --readings) as "
+                             "DIR/train.csv.gz and DIR/test.csv.gz, for flead evaluate --train --test and "
+                             "bench/injected.py --train")
+    parser.add_argument("--readings", type=int, default=25_000, help="with --write-csv: readings per part and device")
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
+    if args.write_csv:
+        if args.readings < 2 * RANGE_LENGTH[1]:
+            parser.error(f"--readings: at least {2 * RANGE_LENGTH[1]} (the test part holds ranges of up to "
+                         f"{RANGE_LENGTH[1]})")
+        write_csv(synthetic_fleet(28, args.readings, args.readings), args.write_csv)
+        print(f"wrote {args.write_csv}/train.csv.gz and test.csv.gz: 28 devices, {METRICS} metrics")
+        return 0
     cfg = load_config()
     devices, train_n, test_n, asd_devices = (6, 5_000, 5_000, 3) if args.quick else (28, 20_000, 20_000, 12)
     fleets = {"asd": (asd_fleet(cfg, asd_devices), None),

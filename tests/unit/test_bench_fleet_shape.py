@@ -32,3 +32,18 @@ def test_counts_of_a_run_are_consistent():
         assert 0 <= fig["train_flag_rate"] < 0.2 and fig["false_drifts"] >= 0
     # 190 inputs: no flag before reading 950 with 5 per input, so fewer training flags than with 200 readings
     assert per_input["train_flag_rate"] <= fixed["train_flag_rate"]
+
+
+def test_the_synthetic_fleet_written_as_csv_reads_back_as_flead_evaluate_reads_a_fleet(tmp_path):
+    from telemetry.datasets import device_arrays
+    from telemetry.readers import MultiEntityCsvReader
+    fleet = bench.synthetic_fleet(2, 400, 400)
+    bench.write_csv(fleet, tmp_path)
+    for part in ("train", "test"):
+        read = device_arrays(MultiEntityCsvReader(tmp_path / f"{part}.csv.gz"))
+        assert set(read) == set(fleet)
+        for device, (X, y) in read.items():
+            X_train, X_test, y_test = fleet[device]
+            np.testing.assert_allclose(X, X_train if part == "train" else X_test)
+            if part == "test":
+                assert np.array_equal(np.asarray(y), y_test)
