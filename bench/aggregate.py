@@ -68,7 +68,7 @@ def base_weights(cfg) -> tuple[list[list[np.ndarray]], str]:
         mixing = rng.normal(size=(4, len(METRICS)))
         X = rng.normal(size=(TRAINING_READINGS, 4)) @ mixing + 0.3 * rng.normal(size=(TRAINING_READINGS, len(METRICS)))
         detector = DeviceDetector.create(METRICS, cfg)
-        detector.learn_many(X + rng.normal(size=len(METRICS)))
+        detector.learn_many(X + rng.normal(size=len(METRICS)), ts=60_000 * np.arange(TRAINING_READINGS))
         bases.append(detector.get_weights())
         architecture = detector.architecture
     return bases, architecture

@@ -34,8 +34,17 @@ from bench_output import stop_cleanly_on_sigterm, write_json  # noqa: E402  (bes
 from config import load_config  # noqa: E402
 from models.autoencoder import DenseAutoencoder  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
+from models.features import time_of_day  # noqa: E402
 from models.lstm_autoencoder import LSTMAutoencoder  # noqa: E402
 from models.subspace import NEW_DIRECTIONS, SubspaceModel, forgetting_factor  # noqa: E402
+
+READING_INTERVAL_MS = 300_000  # the readings' event times, 5 minutes apart as ASD's (model.features.time_of_day)
+
+
+def event_times(n: int) -> np.ndarray:
+    """Event times (epoch ms) of `n` readings `READING_INTERVAL_MS` apart."""
+    return np.arange(n, dtype=np.int64) * READING_INTERVAL_MS
+
 
 def load_readings(n: int, data_dir: Path) -> tuple[np.ndarray, list[str], str]:
     """The first `n` ASD training rows of one server (under `paths.data_dir`), or synthetic correlated metrics if
@@ -88,9 +97,10 @@ def per_reading(network, X: np.ndarray) -> tuple[float, float]:
 def detector_batched(cfg, metrics: list[str], X: np.ndarray, batch: int, **overrides) -> tuple[float, float]:
     """DeviceDetector.process_many (score then learn) over micro-batches, readings/s (wall, CPU)."""
     det = DeviceDetector.create(metrics, cfg, **overrides)
+    ts = event_times(X.shape[0])
     clock = Stopwatch()
     for i in range(0, X.shape[0], batch):
-        det.process_many(X[i:i + batch])
+        det.process_many(X[i:i + batch], ts=ts[i:i + batch])
     return clock.rates(X.shape[0])
 
 
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = m.subspace
     n_dense, n_lstm = (2000, 400) if args.quick else (20000, 3000)
     X, metrics, source = load_readings(n_dense, cfg.data_dir)
-    Z = (X - X.mean(axis=0)) / (X.std(axis=0) + 1e-6)  # the bare models get standardised inputs
+    inputs = np.hstack([X, time_of_day(event_times(n_dense))]) if m.features.time_of_day else X  # the detector's
+    Z = (inputs - inputs.mean(axis=0)) / (inputs.std(axis=0) + 1e-6)  # the bare models get standardised inputs
     W = windows_of(Z, sub.window)                       # ... and the subspace model its windows
     dense = dict(hidden=list(m.hidden), activation=m.activation, optimizer=m.optimizer,
                  learning_rate=m.learning_rate, batch_size=m.batch_size, grad_clip=m.grad_clip, seed=m.seed)
@@ -232,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                                args.repeats),
                      "omits": SUBSPACE_FLOOR_OMITS})
     rows += [{"name": f"numpy floor dense, batch {batch}", "model": "floor", "mode": f"batch{batch}",
-              **best_of(lambda: numpy_floor(X, dense["hidden"], batch, m.batch_size, m.learning_rate, m.grad_clip),
+              **best_of(lambda: numpy_floor(inputs, dense["hidden"], batch, m.batch_size, m.learning_rate,
+                                            m.grad_clip),
                         args.repeats),
               "omits": FLOOR_OMITS} for batch in (16, 64)]
     rows.append({"name": "subspace learn_one+score_one", "model": "subspace", "mode": "per_reading",
@@ -255,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                      **best_of(lambda: detector_batched(cfg, metrics, X[:n_lstm], batch, kind="lstm_ae"), 1)})
 
     load = os.getloadavg()[0]
-    print(f"data: {source}, {X.shape[1]} metrics; subspace and dense {n_dense} readings (subspace per reading "
+    print(f"data: {source}, {X.shape[1]} metrics{' + the time of day (2 inputs)' if m.features.time_of_day else ''}; "
+          f"subspace and dense {n_dense} readings (subspace per reading "
           f"{n_lstm}), lstm {n_lstm}; 1 BLAS thread; load average {load:.1f} on {os.cpu_count()} cores (readings/s "
           "by wall time falls with the load; by this process's CPU time much less)")
     print(f"{'row':48s} {'readings/s':>12s} {'per CPU s':>12s}  note")

@@ -57,11 +57,11 @@ def store_fleet(cfg, devices: int, readings: int, seed: int = 0) -> None:
             X[labels == 1] += 3.0
             seq = np.arange(readings)
             parts = [slice(s, s + DOCUMENT_READINGS) for s in range(0, readings, DOCUMENT_READINGS)]
+            ts = 1_700_000_000_000 + 1000 * seq
             db.collection("device_data").insert_many([
-                reading_bucket(device_id, seq[p], 1_700_000_000_000 + 1000 * seq[p], labels[p], METRICS, X[p], 1, now)
-                for p in parts])
+                reading_bucket(device_id, seq[p], ts[p], labels[p], METRICS, X[p], 1, now) for p in parts])
             detector = DeviceDetector.create(METRICS, cfg)
-            detector.learn_many(X[:SNAPSHOT_READINGS])
+            detector.learn_many(X[:SNAPSHOT_READINGS], ts=ts[:SNAPSHOT_READINGS])
             snap = detector.snapshot()
             snapshots.append(sign_record(SNAPSHOT.make(
                 device_id=device_id, version=snap["version"], global_version=snap["global_version"],

@@ -34,6 +34,7 @@ SEED = 7
 METRICS = 38
 GROUPS = 5                # correlated groups of metrics, each a daily sine of its own phase
 PERIOD = 1440             # readings per day at one a minute
+STEP_MS = 60_000          # one reading a minute (the CSV's timestamps; the detector's event times)
 NOISE = 0.03
 CONSTANT_METRICS = 4
 RANGES_PER_DEVICE = 12    # injected into the test part
@@ -72,12 +73,18 @@ def write_csv(fleet: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], folde
         for device, (X_train, X_test, y_test) in fleet.items():
             X, first = (X_train, 0) if part == "train" else (X_test, len(X_train))
             frame = pd.DataFrame(X, columns=columns)
-            frame.insert(0, "timestamp", (first + np.arange(len(X))) * 60)
+            frame.insert(0, "timestamp", (first + np.arange(len(X))) * (STEP_MS // 1000))
             frame.insert(0, "device_id", device)
             if part == "test":
                 frame["label"] = y_test
             frames.append(frame)
         pd.concat(frames).to_csv(folder / f"{part}.csv.gz", index=False)
+
+
+def asd_step_ms(cfg) -> int:
+    """The interval of ASD's readings (its CSV's first two timestamps), for the detector's event times."""
+    first = pd.read_csv(Path(cfg.paths.data_dir) / "asd" / "train.csv.gz", nrows=2)["timestamp"]
+    return int((pd.Timestamp(first[1]) - pd.Timestamp(first[0])) / pd.Timedelta(milliseconds=1))
 
 
 def asd_fleet(cfg, devices: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -89,21 +96,23 @@ def asd_fleet(cfg, devices: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.n
                 test[test.device_id == d]["label"].to_numpy()) for d in names}
 
 
-def run(fleet: dict, metrics: list[str], cfg, warmup_per_input: float) -> dict:
-    """Drifts and flag rate on the training parts, incidents on the test parts (module docstring)."""
+def run(fleet: dict, metrics: list[str], cfg, warmup_per_input: float, step_ms: int = STEP_MS) -> dict:
+    """Drifts and flag rate on the training parts, incidents on the test parts (module docstring); the readings
+    are `step_ms` apart, the first at midnight UTC."""
     batch, warmup = cfg.stream.micro_batch_size, cfg.threshold.warmup
     drifts = flagged = counted = incidents = lone = lone_true = 0
     started = time.process_time()
     for X_train, X_test, y_test in fleet.values():
         det = DeviceDetector.create(metrics, cfg, warmup_per_input=warmup_per_input)
+        ts = np.arange(len(X_train) + len(X_test), dtype=np.int64) * step_ms
         for i in range(0, len(X_train), batch):
-            r = det.process_many(X_train[i:i + batch])
+            r = det.process_many(X_train[i:i + batch], ts=ts[i:min(i + batch, len(X_train))])
             drifts += r.drift is not None
             keep = np.arange(i, i + len(r.is_anomaly)) >= warmup
             flagged += int(r.is_anomaly[keep].sum())
             counted += int(keep.sum())
         for i in range(0, len(X_test), batch):
-            r = det.process_many(X_test[i:i + batch])
+            r = det.process_many(X_test[i:i + batch], ts=ts[len(X_train) + i:len(X_train) + i + batch])
             for change in r.incidents:
                 if change.status == "resolved":
                     incidents += 1
@@ -137,17 +146,17 @@ def main() -> int:
         return 0
     cfg = load_config()
     devices, train_n, test_n, asd_devices = (6, 5_000, 5_000, 3) if args.quick else (28, 20_000, 20_000, 12)
-    fleets = {"asd": (asd_fleet(cfg, asd_devices), None),
-              "synthetic": (synthetic_fleet(devices, train_n, test_n), [f"m{i:02d}" for i in range(METRICS)])}
+    fleets = {"asd": (asd_fleet(cfg, asd_devices), None, asd_step_ms(cfg)),
+              "synthetic": (synthetic_fleet(devices, train_n, test_n), [f"m{i:02d}" for i in range(METRICS)], STEP_MS)}
     rows, figures = [], {}
     print(f"{'fleet, warm-up':<46} {'false drifts':>12} {'train flag rate':>16} {'incidents':>10} {'lone flag':>10}")
-    for name, (fleet, metrics) in fleets.items():
+    for name, (fleet, metrics, step_ms) in fleets.items():
         metrics = metrics or [c for c in pd.read_csv(Path(cfg.paths.data_dir) / "asd" / "test.csv.gz", nrows=1).columns
                               if c not in ("device_id", "timestamp", "label")]
         for per_input in (0.0, float(cfg.threshold.warmup_per_input)):
             label = (f"{name}, warmup {cfg.threshold.warmup}" if per_input == 0 else
                      f"{name}, warmup {cfg.threshold.warmup} and {per_input:g} per input")
-            figures[(name, per_input)] = fig = run(fleet, metrics, cfg, per_input)
+            figures[(name, per_input)] = fig = run(fleet, metrics, cfg, per_input, step_ms)
             rows.append({"name": label, "fleet": name, "warmup_per_input": per_input, "devices": len(fleet), **fig})
             print(f"{label:<46} {fig['false_drifts']:>12} {fig['train_flag_rate']:>16.4f} {fig['incidents']:>10} "
                   f"{fig['lone_flag_incidents']:>10} ({fig['lone_flag_incidents_on_a_range']} on a range)", flush=True)

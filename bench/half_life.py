@@ -28,20 +28,21 @@ CANDIDATES = (1000, 2000, 5000, 10000, 0)  # readings; 0: never forget
 REFERENCE = 2000                           # the changes are measured against this candidate
 HELD_OUT = 0.2                             # the share of each training series whose prequential error counts
 MIN_READINGS = 1000                        # a shorter series says nothing about memories of thousands of readings
+QUICK = (3, 4000)                          # --quick: devices, readings of each
 
 
-def prequential_error(X: np.ndarray, metrics: list[str], cfg, half_life: float) -> float:
-    """Mean plain squared residual of the last `HELD_OUT` of `X`, each micro-batch scored before it is learned
-    (NaN for a series too short to hold out a micro-batch)."""
+def prequential_error(X: np.ndarray, ts: np.ndarray, metrics: list[str], cfg, half_life: float) -> float:
+    """Mean plain squared residual of the last `HELD_OUT` of `X` (event times `ts`, epoch ms), each micro-batch
+    scored before it is learned (NaN for a series too short to hold out a micro-batch)."""
     det = DeviceDetector.create(metrics, cfg, subspace_half_life=half_life, residual_half_life=half_life)
     batch, start = cfg.stream.micro_batch_size, int((1 - HELD_OUT) * len(X))
     errors = []
     for i in range(0, len(X), batch):
-        rows = X[i:i + batch]
+        rows, times = X[i:i + batch], ts[i:i + batch]
         if i >= start:
-            scaled = det.scaler.transform_batch(det.features.transform_many(rows))
+            scaled = det.scaler.transform_batch(det.features.transform_many(det.model_inputs(rows, times)))
             errors.append(det.model.score_many(scaled))
-        det.learn_many(rows)
+        det.learn_many(rows, ts=times)
     return float(np.concatenate(errors).mean()) if errors else float("nan")
 
 
@@ -49,21 +50,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", metavar="CSV", help="a multi-entity training CSV (default: ASD's, under "
                                                        "paths.data_dir)")
-    parser.add_argument("--quick", action="store_true", help="3 devices, their first 4,000 readings")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK[0]} devices, their first {QUICK[1]:,} readings")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     cfg = load_config()
-    read = training_fleet(args.train, MIN_READINGS, "half_life")
+    times: dict = {}
+    read = training_fleet(args.train, MIN_READINGS, "half_life", QUICK if args.quick else None, times)
     if read is None:
         return 2
     fleet, metrics, path = read
-    if args.quick:
-        fleet = {device: X[:4000] for device, X in list(fleet.items())[:3]}
     print(f"{'device':<12}" + "".join(f"{'never' if h == 0 else h:>10}" for h in CANDIDATES), flush=True)
     rows, table = [], []
     for device, X in fleet.items():
-        figures = [prequential_error(X, metrics, cfg, h) for h in CANDIDATES]
+        figures = [prequential_error(X, times[device], metrics, cfg, h) for h in CANDIDATES]
         table.append(figures)
         rows.append({"name": device, "readings": len(X), "errors": dict(zip(map(str, CANDIDATES), figures))})
         print(f"{device:<12}" + "".join(f"{e:>10.4f}" for e in figures), flush=True)

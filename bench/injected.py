@@ -25,7 +25,8 @@ another. What it measures is how each detector meets these shapes on this fleet'
 how often each shape occurs in practice, or what a fleet's real anomalies look like.
 
 Devices are pooled as `flead evaluate` pools a stream (each device's scores as robust z against its recent scores;
-the JSON also gives the figures pooled on its calibration scores alone, ``*_fixed_calibration``).
+the JSON also gives the figures pooled on its calibration scores alone, ``*_fixed_calibration``; ``--pooling``
+chooses another of flead evaluate's poolings).
 
 Headline: the federated detector's pooled ROC-AUC, averaged over the kinds, beside Isolation Forest's as its floor.
 """
@@ -44,6 +45,7 @@ from config import load_config  # noqa: E402
 from models.aggregation import make_strategy  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.evaluation import evaluate_fleet  # noqa: E402
+from orchestration.evaluate_cli import POOLING, POOLINGS, pooling_options  # noqa: E402
 
 SEED = 11
 KINDS = ("spike", "level", "noise", "decoupled", "stuck", "trend")
@@ -56,7 +58,7 @@ RANGE_READINGS = (10, 60)    # length of a range anomaly: uniform in this range 
 RANGES_PER_DEVICE = 4
 SPIKES_PER_DEVICE = 12
 MOVING = 1e-9                # a metric whose spread over a range is below this (in its own sd units) does not move
-QUICK = {"devices": 4, "readings": 5000}
+QUICK = (4, 5000)            # --quick: devices, readings of each
 COLUMNS = ("roc_auc", "pr_auc", "f1", "best_f1", "incident_f1")
 
 
@@ -128,15 +130,27 @@ def split(fleet: dict[str, np.ndarray], kind: str, history: int = 0, seed: int =
     return train, test
 
 
+def split_times(times: dict[str, np.ndarray], history: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each device's event times cut as `split` cuts its readings: (history part, probe part)."""
+    out = {}
+    for device, ts in times.items():
+        cut = int(PROBE_START * len(ts))
+        out[device] = (ts[max(0, cut - history) if history else 0:cut], ts[cut:])
+    return out
+
+
 def run_kind(fleet: dict[str, np.ndarray], metrics: list[str], cfg, kind: str, models: tuple[str, ...],
-             history: int = 0, seed: int = SEED) -> dict:
-    """`evaluate_fleet`'s report of `models` on the fleet with `kind` injected."""
+             history: int = 0, seed: int = SEED, pooling: str = POOLING["stream"],
+             times: dict[str, np.ndarray] | None = None) -> dict:
+    """`evaluate_fleet`'s report of `models` on the fleet with `kind` injected (`times`: each device's event
+    times, epoch ms, row for row; needed with ``model.features.time_of_day``)."""
     train, test = split(fleet, kind, history, seed)
     threshold_cfg = {k: cfg.threshold[k] for k in ("kind", "target_false_alarm_rate", "sigma_k")}
     return evaluate_fleet(train, test, lambda: DeviceDetector.create(metrics, cfg), strategy=make_strategy(cfg),
                           threshold_cfg=threshold_cfg, micro_batch=cfg.stream.micro_batch_size,
                           round_every=cfg.stream.snapshot_every, incident_gap=cfg.incidents.gap_readings,
-                          pooling_window=cfg.threshold.history, models=models).report
+                          models=models, times=None if times is None else split_times(times, history),
+                          **pooling_options(pooling, cfg.threshold.history)).report
 
 
 def main() -> int:
@@ -145,13 +159,16 @@ def main() -> int:
                                                        "paths.data_dir)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"kinds to inject, one at a time (default: all: "
                                                                   f"{','.join(KINDS)})")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK['devices']} devices, their first "
-                                                             f"{QUICK['readings']:,} readings")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK[0]} devices, their first "
+                                                             f"{QUICK[1]:,} readings")
     parser.add_argument("--history", type=int, default=0, metavar="READINGS",
                         help="young devices: only this many readings of history before the probe part (default: "
                              "all; the magnitudes still come from the whole history)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"seed of the injections (default {SEED}: the one "
                                                               "figures and decisions are quoted for)")
+    parser.add_argument("--pooling", choices=POOLINGS, default=POOLING["stream"],
+                        help=f"how devices are normalised before pooling, as in flead evaluate (default "
+                             f"{POOLING['stream']}, flead evaluate's for a stream)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args()
     if args.history < 0:
@@ -162,12 +179,11 @@ def main() -> int:
         parser.error(f"--kinds: unknown {', '.join(unknown) or 'none given'} (known: {', '.join(KINDS)})")
     stop_cleanly_on_sigterm()
     cfg = load_config()
-    read = training_fleet(args.train, MIN_READINGS, "injected")
+    times: dict = {}
+    read = training_fleet(args.train, MIN_READINGS, "injected", QUICK if args.quick else None, times)
     if read is None:
         return 2
     fleet, metrics, path = read
-    if args.quick:
-        fleet = {device: X[:QUICK["readings"]] for device, X in list(fleet.items())[:QUICK["devices"]]}
     print(f"{len(fleet)} devices, {len(metrics)} metrics, {sum(len(X) for X in fleet.values()):,} readings; "
           f"probe part: the last {1 - PROBE_START:.0%} of each"
           + (f", history: its last {args.history:,} readings before it" if args.history else "")
@@ -176,10 +192,11 @@ def main() -> int:
     started = time.monotonic()
     rows = []
     for kind in kinds:
-        report = run_kind(fleet, metrics, cfg, kind, MODELS, args.history, args.seed)
+        report = run_kind(fleet, metrics, cfg, kind, MODELS, args.history, args.seed, args.pooling, times)
         figures = {m: {**{c: report["models"][m][c] for c in COLUMNS},
                        "roc_auc_per_device_mean": report["models"][m]["per_device_mean"]["roc_auc"],
-                       **{f"{c}_fixed_calibration": v for c, v in report["models"][m]["fixed_calibration"].items()}}
+                       **{f"{c}_{other}": v for other in ("fixed_calibration", "all_recent")
+                          for c, v in report["models"][m].get(other, {}).items()}}
                    for m in MODELS}
         bound = report["models"]["federated"].get("rank_bound_devices", [])
         rows.append({"name": kind, "anomaly_rate": report["anomaly_rate"], "models": figures,
@@ -199,8 +216,8 @@ def main() -> int:
                                                 "the kinds (floor: Isolation Forest's)",
                                         "value": round(mean["federated"]["roc_auc"], 4), "unit": "ROC-AUC",
                                         "floor": round(mean["isolation_forest"]["roc_auc"], 4)},
-                           "rows": rows, "mean": mean, "kinds": list(kinds), "seed": args.seed, "train": str(path), "devices": len(fleet),
-                           "history": args.history,
+                           "rows": rows, "mean": mean, "kinds": list(kinds), "seed": args.seed, "train": str(path),
+                           "devices": len(fleet), "history": args.history, "pooling": args.pooling,
                            "quick": args.quick, "seconds": round(time.monotonic() - started, 1)})
     return 0
 

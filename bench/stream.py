@@ -464,11 +464,12 @@ def numpy_floor(cfg, readings: list[Reading], micro_batch: int) -> float:
         by_device.setdefault(r.device_id, []).append(r)
     names = list(readings[0].metrics)
     matrices = {d: np.array([[r.metrics[n] for n in names] for r in rs]) for d, rs in by_device.items()}
+    times = {d: np.array([r.ts for r in rs], dtype=np.int64) for d, rs in by_device.items()}
     detectors = {d: DeviceDetector.create(names, cfg) for d in matrices}
     started = time.perf_counter()
     for d, X in matrices.items():
         for i in range(0, X.shape[0], micro_batch):
-            detectors[d].process_many(X[i:i + micro_batch])
+            detectors[d].process_many(X[i:i + micro_batch], ts=times[d][i:i + micro_batch])
     return len(readings) / (time.perf_counter() - started)
 
 

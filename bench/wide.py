@@ -48,8 +48,9 @@ def snapshots(cfg, devices: int, metrics: int, seed: int = 0) -> list[dict]:
     for i in range(devices):
         detector = DeviceDetector.create([f"m{j:04d}" for j in range(metrics)], cfg)
         X = rng.normal(size=(LEARNED_READINGS, LATENT)) @ mixing + 0.1 * rng.normal(size=(LEARNED_READINGS, metrics))
+        ts = now - 60_000 * np.arange(LEARNED_READINGS, 0, -1)   # a reading a minute, up to now
         for start in range(0, LEARNED_READINGS, 64):
-            detector.process_many(X[start:start + 64])
+            detector.process_many(X[start:start + 64], ts=ts[start:start + 64])
         snap = detector.snapshot()
         record = SNAPSHOT.make(device_id=f"wide-{i:04d}", version=snap["version"],
                                global_version=snap["global_version"], n_samples=snap["n_samples"],

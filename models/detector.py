@@ -17,7 +17,7 @@ import numpy as np
 
 from models.autoencoder import DenseAutoencoder, check_weight_shapes
 from models.drift import DriftEvent, DriftMonitor
-from models.features import FeatureBuilder
+from models.features import TIME_OF_DAY_INPUTS, TIME_OF_DAY_MEAN, TIME_OF_DAY_VARIANCE, FeatureBuilder, time_of_day
 from models.federation import blend_weights, validated_blend
 from models.incidents import STUCK, Incident, IncidentBatch, IncidentTracker
 from models.lstm_autoencoder import LSTMAutoencoder
@@ -132,6 +132,7 @@ class DetectorSettings:
     adoption_readings: int = 64
     adoption_prior_readings: int = 500
     warmup_per_input: float = 0.0  # 0 in states from before it, until `reconfigure` gives them the configured one
+    time_of_day: bool = False  # two more inputs per reading, the phase of its UTC day (False in states from before)
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "DetectorSettings":
@@ -140,7 +141,7 @@ class DetectorSettings:
         features = model.features
         values = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls)
                   if f.name in model and f.name != "features" and f.name not in NESTED_SETTINGS}
-        values.update({name: features[name] for name in ("rolling_windows", "lags", "rate_of_change")})
+        values.update({name: features[name] for name in ("rolling_windows", "lags", "rate_of_change", "time_of_day")})
         values.update({name: threshold[name] for name in ("target_false_alarm_rate", "sigma_k", "warmup", "history",
                                                          "warmup_per_input")})
         values["threshold_kind"] = threshold.kind
@@ -235,8 +236,9 @@ class DeviceDetector:
     >>> rng = np.random.default_rng(0)
     >>> load = rng.normal(0.5, 0.1, size=(400, 1))
     >>> normal = np.hstack([load, 0.5 * load + 0.2, 1.0 - load]) + rng.normal(0, 0.01, size=(400, 3))
-    >>> flagged = sum(det.process_many(normal[i:i + 16]).is_anomaly.sum() for i in range(0, 400, 16))
-    >>> res = det.process_many(np.array([[0.5, 0.45, 0.9]]), seqs=[400])   # disk breaks its usual relation
+    >>> ts = 300_000 * np.arange(401)                      # event times (epoch ms): a reading every 5 minutes
+    >>> flagged = sum(det.process_many(normal[i:i + 16], ts=ts[i:i + 16]).is_anomaly.sum() for i in range(0, 400, 16))
+    >>> res = det.process_many(np.array([[0.5, 0.45, 0.9]]), seqs=[400], ts=ts[400:])  # disk breaks its relation
     >>> bool(res.is_anomaly[0]), res.top_metrics[0][0][0], round(float(res.p_values[0]), 4)
     (True, 'disk', 0.0032)
     >>> res.incidents[0].status, res.incidents[0].start_seq, int(res.incident_starts[0])
@@ -254,9 +256,12 @@ class DeviceDetector:
         self.metric_names = list(metric_names)
         self._metric_name_array = np.array(self.metric_names, dtype=object)  # for indexing by top-k positions
         self.settings = s = settings
-        self.features = FeatureBuilder(self.metric_names, s.rolling_windows, s.feature_lags, s.rate_of_change,
+        # The model's inputs per reading: its metrics, then (model.features.time_of_day) the phase of its day.
+        self.input_names = self.metric_names + list(TIME_OF_DAY_INPUTS if s.time_of_day else ())
+        self.features = FeatureBuilder(self.input_names, s.rolling_windows, s.feature_lags, s.rate_of_change,
                                        s.nan_policy)
         self.scaler = RunningScaler()
+        self._pin_time_of_day()
         self.model = _make_model(s)
         self.model.initialize(self.features.n_features)
         self.residual_scale = ResidualScale(s.residual_half_life, s.residual_floor,
@@ -278,7 +283,15 @@ class DeviceDetector:
         self._loss: float | None = None  # mean squared residual of the last batch (models without their own loss)
         check_adoption(s)
         self._recent_kept = self._readings_to_hold(s)
-        self.held_readings = np.zeros((0, len(self.metric_names)), dtype=np.float32)
+        self.held_readings = np.zeros((0, len(self.input_names)), dtype=np.float32)
+
+    def _pin_time_of_day(self) -> None:
+        """With the time of day, the scaler keeps its sine and cosine (and their lags) at their moments over a day,
+        mean 0 and variance 1/2: a device that has seen only part of a day would scale them by that part's spread,
+        and they would move as a ramp of several of their standard deviations until the day is full."""
+        if self.settings.time_of_day:
+            self.scaler.pin(self.features.value_columns(range(len(self.metric_names), len(self.input_names))),
+                            TIME_OF_DAY_MEAN, TIME_OF_DAY_VARIANCE)
 
     def _watched(self, s: DetectorSettings) -> np.ndarray | None:
         """Which metrics `stuck.metrics` watches, as a mask (None: all)."""
@@ -367,6 +380,21 @@ class DeviceDetector:
             raise ValueError("empty batch: give at least one reading")
         return X
 
+    def model_inputs(self, X: np.ndarray, ts: Sequence[int] | None = None) -> np.ndarray:
+        """The model's inputs of readings `X` (n, metrics), before features: the metrics, then with
+        ``model.features.time_of_day`` the phase of each reading's day, from its event time `ts` (epoch ms), which
+        is then required."""
+        return self._inputs(self._readings(X), ts)
+
+    def _inputs(self, X: np.ndarray, ts: Sequence[int] | None) -> np.ndarray:
+        """`model_inputs` of readings `X` already checked by `_readings`."""
+        if not self.settings.time_of_day:
+            return X
+        if ts is None or len(ts) != X.shape[0]:
+            raise ValueError(f"model.features.time_of_day needs every reading's event time (ts, epoch ms): got "
+                             f"{'none' if ts is None else len(ts)} for {X.shape[0]} readings")
+        return np.hstack([X, time_of_day(ts)])
+
     @property
     def _scored_blocks(self) -> int:
         """Feature blocks whose residuals make the score: with ``model.scoring.inputs: all`` (the default) every
@@ -386,13 +414,14 @@ class DeviceDetector:
         np.minimum(scaled, MAX_SCALED_VALUE, out=scaled)  # scores stay finite for any finite input (np.clip's
         np.maximum(scaled, -MAX_SCALED_VALUE, out=scaled)  # result, without its slower scalar loop)
         errors = (self.model if model is None else model).feature_errors(scaled)
-        scored = errors[:, :self._scored_blocks * len(self.metric_names)]
+        scored = errors[:, :self._scored_blocks * len(self.input_names)]
         normalised = self.residual_scale.normalise(scored) if self.settings.normalise_residuals else scored
         return errors, normalised, np.add.reduce(normalised, axis=1) / normalised.shape[1]
 
-    def score_many(self, X: np.ndarray) -> np.ndarray:
-        """Anomaly score of each reading; changes no state (apart from the model's lazy set-up)."""
-        return self._errors(self.features.transform_many(self._readings(X)))[2]
+    def score_many(self, X: np.ndarray, ts: Sequence[int] | None = None) -> np.ndarray:
+        """Anomaly score of each reading (`ts`: their event times, epoch ms, needed with
+        ``model.features.time_of_day``); changes no state (apart from the model's lazy set-up)."""
+        return self._errors(self.features.transform_many(self.model_inputs(X, ts)))[2]
 
     def learn_many(self, X: np.ndarray, seqs: Sequence[int] | None = None, ts: Sequence[int] | None = None) -> None:
         """Learn from the readings: everything `process_many` changes (features, scaler, model, residual scales,
@@ -417,10 +446,11 @@ class DeviceDetector:
                  ) -> DetectionResult | None:
         X = self._readings(X)
         n = X.shape[0]
+        inputs = self._inputs(X, ts)
         imputed_before = self.features.n_imputed
-        F = self.features.transform_and_learn_many(X)  # features as before the batch: scoring sees no learning
+        F = self.features.transform_and_learn_many(inputs)  # features as before the batch: scoring sees no learning
         if self._recent_kept:
-            self.held_readings = np.concatenate((self.held_readings, X.astype(np.float32)))[-self._recent_kept:]
+            self.held_readings = np.concatenate((self.held_readings, inputs.astype(np.float32)))[-self._recent_kept:]
         errors, normalised, scores = self._errors(F)
         cut = self.threshold.threshold
         score_flags = scores > cut
@@ -436,7 +466,7 @@ class DeviceDetector:
         flagged = score_flags if stuck_flags is None else score_flags | stuck_flags
         # Shares of blame of every reading (describe), or of the flagged ones only (learning: only they are needed).
         rows = slice(None) if describe else np.flatnonzero(flagged)
-        shares = metric_shares(normalised[rows], self._scored_blocks)
+        shares = metric_shares(normalised[rows], self._scored_blocks, len(self.metric_names))
         if stuck_flags is not None:  # a reading flagged only for stuck metrics: they share the blame
             only = (stuck_flags & ~score_flags)[rows]
             if only.any():
@@ -601,7 +631,7 @@ class DeviceDetector:
     def top_metrics(self, normalised_errors: np.ndarray) -> list[list[tuple[str, float]]]:
         """Per reading, the `top_k_metrics` metrics with the largest share of its normalised squared residuals
         (derived inputs count for their metric); ties go to the metric listed first."""
-        return self._top_metrics(metric_shares(normalised_errors, self.features.blocks))
+        return self._top_metrics(metric_shares(normalised_errors, self.features.blocks, len(self.metric_names)))
 
     def _top_metrics(self, shares: np.ndarray) -> list[list[tuple[str, float]]]:
         n = shares.shape[0]
@@ -690,7 +720,7 @@ class DeviceDetector:
         if self.held_readings.shape[0] - memory < max(1, self.settings.adoption_readings // 2):
             return None
         s = self.settings
-        builder = FeatureBuilder(self.metric_names, s.rolling_windows, s.feature_lags, s.rate_of_change, "impute")
+        builder = FeatureBuilder(self.input_names, s.rolling_windows, s.feature_lags, s.rate_of_change, "impute")
         F = builder.transform_and_learn_many(self.held_readings.astype(np.float64))[memory:]
         probe = copy.deepcopy(self.model)
 
@@ -742,19 +772,20 @@ class DeviceDetector:
                                      f"{meta.get('architecture')!r}, expected {ARCHITECTURE!r}")
         det = cls(meta["metric_names"], DetectorSettings.from_dict(meta["settings"]))
         if meta["architecture"] == "flead.device-detector/2":   # no recent readings
-            arrays = [*arrays[:8], np.zeros((0, len(det.metric_names)), dtype=np.float32), *arrays[8:]]
+            arrays = [*arrays[:8], np.zeros((0, len(det.input_names)), dtype=np.float32), *arrays[8:]]
         if meta["architecture"] != ARCHITECTURE:   # no stuck monitor
             arrays = [*arrays[:9], None, None, *arrays[9:]]
         (counters, features, scaler, residual_scale, threshold_head, threshold_scores, drift, incidents, recent,
          stuck, stuck_incidents, *model) = arrays
         det.n_seen, det.model_version, det.global_version, det._n_since_snapshot = (int(c) for c in counters[:4])
-        det.features = FeatureBuilder.from_array(features, det.metric_names)
+        det.features = FeatureBuilder.from_array(features, det.input_names)
         det.scaler = RunningScaler.from_array(scaler)
+        det._pin_time_of_day()
         det.residual_scale = ResidualScale.from_array(residual_scale)
         det.threshold = threshold_from_arrays([threshold_head, threshold_scores])
         det.drift = DriftMonitor.from_array(drift)
         det.incidents = IncidentTracker.from_array(incidents, det.metric_names)
-        det.held_readings = np.asarray(recent, dtype=np.float32).reshape(-1, len(det.metric_names))
+        det.held_readings = np.asarray(recent, dtype=np.float32).reshape(-1, len(det.input_names))
         if stuck is not None and stuck.size:   # else the new one learns runs for a warm-up of its own readings
             det.stuck = StuckMonitor.from_array(stuck)
         if stuck_incidents is not None and stuck_incidents.size:

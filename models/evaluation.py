@@ -26,7 +26,9 @@ Protocol (no test label is used for anything but the final metrics):
 4. Fleet pooling: a device's test scores are normalised by its own scores (robust z-score:
    ``(s − median) / (1.4826 · MAD)``), so devices with larger errors do not dominate, then pooled. With
    ``pooling_window`` W > 0, causally, by its last W scores before each micro-batch (calibration scores first:
-   `rolling_robust_z`, as a live system normalises); with 0, by its calibration scores alone.
+   `rolling_robust_z`, as a live system normalises); with 0, by its calibration scores alone. With ``own_z``
+   (and W), detectors in the stream protocol are pooled on the robust z they emit themselves, whose recent scores
+   leave an incident's episode out.
 5. Metrics (`models.metrics`) on the pooled scores and flags, and their mean over devices: ROC-AUC, PR-AUC,
    F1 at the operating flags, best F1 (an upper bound: the best single fleet-wide threshold on the pooled
    normalised scores, picked with the labels), point-adjusted F1 (inflated, for comparison only), and the
@@ -75,12 +77,13 @@ class FleetEvaluation:
 @dataclass
 class ModelOutput:
     """One model's raw output on one device: calibration scores, test scores, and (detectors in the stream
-    protocol) the test flags and p-values the detector gave itself."""
+    protocol) the test flags, p-values and robust z the detector gave itself."""
 
     calibration: np.ndarray
     test: np.ndarray
     flags: np.ndarray | None = None
     p_values: np.ndarray | None = None
+    z_scores: np.ndarray | None = None
 
 
 def split_for_calibration(X: np.ndarray, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +92,14 @@ def split_for_calibration(X: np.ndarray, validation_fraction: float) -> tuple[np
     if n_val < 1 or n_val >= len(X):
         raise ValueError(f"{len(X)} training rows cannot be split with validation_fraction={validation_fraction}")
     return X[:-n_val], X[-n_val:]
+
+
+def _series_times(device: str, times: tuple[np.ndarray, np.ndarray], n_train: int, n_test: int) -> np.ndarray:
+    """One device's training then test event times, checked against its rows."""
+    train_ts, test_ts = (np.asarray(t, dtype=np.int64) for t in times)
+    if len(train_ts) != n_train or len(test_ts) != n_test:
+        raise ValueError(f"{device}: {len(train_ts)} + {len(test_ts)} event times for {n_train} + {n_test} rows")
+    return np.concatenate([train_ts, test_ts])
 
 
 def robust_normaliser(calibration_scores: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -146,7 +157,8 @@ class FleetEvaluator:
                  validation_fraction: float = 0.2, threshold_cfg: Mapping[str, Any] | None = None,
                  extra_models: Mapping[str, Callable[[], Any]] | None = None, seed: int = 0,
                  progress: Progress | None = None, protocol: str = "stream", micro_batch: int = 16,
-                 round_every: int = 500, incident_gap: int = 10, pooling_window: int = 0):
+                 round_every: int = 500, incident_gap: int = 10, pooling_window: int = 0, own_z: bool = False,
+                 times: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None):
         missing = sorted(set(test) - set(train))
         if missing:
             raise ValueError(f"devices in test without training data: {missing[:5]}")
@@ -160,6 +172,9 @@ class FleetEvaluator:
                                                                      validation_fraction)
         self.test = {d: (np.asarray(test[d][0], dtype=np.float64), np.asarray(test[d][1]).astype(int))
                      for d in self.devices}
+        # Event times (epoch ms) of each device's fit, calibration and test rows, one series; None: not known.
+        self.times = None if times is None else {d: _series_times(d, times[d], len(train[d]), len(self.test[d][0]))
+                                                 for d in self.devices}
         self.model_factory = model_factory
         self.rounds, self.local_epochs, self.finetune_epochs = rounds, local_epochs, finetune_epochs
         self.strategy = strategy or FedAvg()
@@ -171,6 +186,7 @@ class FleetEvaluator:
         self.micro_batch, self.round_every = int(micro_batch), int(round_every)
         self.incident_gap = int(incident_gap)
         self.pooling_window = int(pooling_window)  # 0: the fixed calibration normalises (`rolling_robust_z`)
+        self.own_z = bool(own_z)  # with a window: detectors that emit z_scores are pooled on them
         self.result = FleetEvaluation(report={})
 
     # -- scoring and metrics -------------------------------------------------------------------------------------
@@ -178,13 +194,19 @@ class FleetEvaluator:
     def _record(self, name: str, outputs: dict[str, ModelOutput], **facts: Any) -> None:
         """Normalise per device, take the detector's flags or threshold calibration scores, pool, and store the
         metrics of one model."""
-        fixed, normalised, flags, p_values, thresholds, rule_flags = {}, {}, {}, {}, {}, {}
+        fixed, recent, normalised, flags, p_values, thresholds, rule_flags = {}, {}, {}, {}, {}, {}, {}
+        own_z, own_z_missing = False, 0
         for d in self.devices:
             out = outputs[d]
             normalise = robust_normaliser(out.calibration)
             fixed[d] = normalise(out.test)
-            normalised[d] = (rolling_robust_z(out.calibration, out.test, self.pooling_window, self.micro_batch)
-                             if self.pooling_window else fixed[d])
+            recent[d] = (rolling_robust_z(out.calibration, out.test, self.pooling_window, self.micro_batch)
+                         if self.pooling_window else fixed[d])
+            normalised[d] = recent[d]
+            if self.own_z and out.z_scores is not None:  # what the detector emitted; all recent scores stand in
+                missing = ~np.isfinite(out.z_scores)       # where it had none (a threshold just reset by a drift)
+                normalised[d] = np.where(missing, recent[d], out.z_scores)
+                own_z, own_z_missing = True, own_z_missing + int(np.count_nonzero(missing))
             thresholds[d] = operating_threshold(normalise(out.calibration), self.threshold_cfg)
             rule_flags[d] = fixed[d] > thresholds[d]
             flags[d] = rule_flags[d] if out.flags is None else np.asarray(out.flags, dtype=bool)
@@ -197,6 +219,10 @@ class FleetEvaluator:
             by_calibration = detection_metrics_from_flags(y, np.concatenate([fixed[d] for d in self.devices]),
                                                           all_flags)
             pooled["fixed_calibration"] = {k: by_calibration[k] for k in ("roc_auc", "pr_auc", "best_f1")}
+        if own_z:   # the figures pooled on all recent scores (`rolling_robust_z`), for comparison
+            by_recent = detection_metrics_from_flags(y, np.concatenate([recent[d] for d in self.devices]), all_flags)
+            pooled["all_recent"] = {k: by_recent[k] for k in ("roc_auc", "pr_auc", "best_f1")}
+            pooled["own_z_missing"] = own_z_missing
         counts = {d: event_counts(self.test[d][1], flags[d], self.incident_gap) for d in self.devices}
         pooled.update(event_metrics({k: sum(c[k] for c in counts.values()) for k in next(iter(counts.values()))}))
         per_device = {d: {**detection_metrics_from_flags(self.test[d][1], normalised[d], flags[d]),
@@ -240,16 +266,19 @@ class FleetEvaluator:
         scores = {d: np.empty(len(X)) for d, X in series.items()}
         flags = {d: np.zeros(len(X), dtype=bool) for d, X in series.items()}
         p_values = {d: np.full(len(X), math.nan) for d, X in series.items()}
+        z_scores = {d: np.full(len(X), math.nan) for d, X in series.items()}
         longest = max(len(X) for X in series.values())
         facts: dict[str, Any] = {"rounds": 0, "bytes_per_round": 0, "drift_events": 0, "incidents": 0}
         for start in range(0, longest, self.micro_batch):
             for d, X in series.items():
                 if start < len(X):
                     stop = min(start + self.micro_batch, len(X))
-                    result = detectors[d].process_many(X[start:stop], seqs=np.arange(start, stop))
+                    result = detectors[d].process_many(X[start:stop], seqs=np.arange(start, stop),
+                                                       ts=None if self.times is None else self.times[d][start:stop])
                     scores[d][start:stop] = result.scores
                     flags[d][start:stop] = result.is_anomaly
                     p_values[d][start:stop] = result.p_values
+                    z_scores[d][start:stop] = result.z_scores
             done = start + self.micro_batch
             if federate and done // self.round_every > start // self.round_every and done < longest:
                 self._federated_round(detectors, series, done, facts)
@@ -257,7 +286,8 @@ class FleetEvaluator:
         for d, X in series.items():
             n_fit, n_cal = len(self.fit[d]), len(self.calibration[d])
             calibration, test = slice(n_fit, n_fit + n_cal), slice(n_fit + n_cal, len(X))
-            outputs[d] = ModelOutput(scores[d][calibration], scores[d][test], flags[d][test], p_values[d][test])
+            outputs[d] = ModelOutput(scores[d][calibration], scores[d][test], flags[d][test], p_values[d][test],
+                                     z_scores[d][test])
         facts["drift_events"] = int(sum(det.n_drift_events for det in detectors.values()))
         facts["incidents"] = int(sum(det.n_incidents for det in detectors.values()))
         facts["stuck_incidents"] = int(sum(getattr(det, "n_stuck_incidents", 0) for det in detectors.values()))
@@ -431,9 +461,11 @@ class FleetEvaluator:
             **({"micro_batch": self.micro_batch, "round_every": self.round_every,
                 **adoption_settings(self.model_factory())} if stream else {"rounds": self.rounds,
                                                                     "local_epochs": self.local_epochs}),
-            "normalisation": (f"rolling robust z per device: each micro-batch of {self.micro_batch} against its "
-                              f"last {self.pooling_window} scores, calibration scores first" if self.pooling_window
-                              else "robust z per device from calibration scores"),
+            "normalisation": ((f"detectors: the robust z they emit (against their last {self.pooling_window} "
+                               "scores without an incident's episode); others: " if self.own_z and stream else "")
+                              + (f"rolling robust z per device: each micro-batch of {self.micro_batch} against its "
+                                 f"last {self.pooling_window} scores, calibration scores first" if self.pooling_window
+                                 else "robust z per device from calibration scores")),
             "operating_flags": f"detectors: {detectors}; baselines: threshold {self.threshold_cfg.get('kind')} "
                                "on calibration scores"})
         return self.result
@@ -458,6 +490,9 @@ def evaluate_fleet(train: Train, test: Test, model_factory: Callable[[], Any], r
     protocol, ``learn_many`` / ``score_many`` / ``get_weights`` / ``set_weights`` / ``architecture`` for the
     batch one). ``options``: ``protocol`` (stream | batch), ``micro_batch``, ``round_every``, ``incident_gap``,
     ``pooling_window`` (0: pool on robust z from calibration scores; W: `rolling_robust_z` over the last W scores),
+    ``own_z`` (with W: detectors on the z they emit; `orchestration.evaluate_cli.pooling_options` names them),
+    ``times`` (device → (training, test) event times in epoch ms, given to the detectors in the stream protocol;
+    needed with ``model.features.time_of_day``),
     ``strategy`` (default `FedAvg()`), ``finetune_epochs``, ``validation_fraction``, ``threshold_cfg``,
     ``extra_models`` (name → factory of a ``fit``/``score`` detector, run per device), ``seed``, ``progress``,
     ``models`` (which of `ALL_MODELS` to run).

@@ -13,6 +13,24 @@ sums of 10^100 squares). Beyond it a value counts as missing, like NaN and ±inf
 (`telemetry.schema`)."""
 
 
+TIME_OF_DAY_INPUTS = ("time_of_day:sin", "time_of_day:cos")
+"""The inputs `model.features.time_of_day` adds after a reading's metrics (`time_of_day`)."""
+DAY_MS = 86_400_000
+TIME_OF_DAY_MEAN, TIME_OF_DAY_VARIANCE = 0.0, 0.5  # of the sine and cosine of a phase uniform over the day
+
+
+def time_of_day(ts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """(n, 2): sine and cosine of each event time's phase in its UTC day (`ts` in epoch ms). Server load follows
+    the clock; with these two inputs a linear model can tell a level usual at this hour from one usual at another,
+    and a daily cycle that stops (any fixed time-zone offset is a phase shift it absorbs).
+
+    >>> time_of_day([0, 6 * 3600 * 1000]).round(6).tolist()
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+    phase = (2.0 * np.pi / DAY_MS) * np.mod(np.asarray(ts, dtype=np.int64), DAY_MS)
+    return np.column_stack([np.sin(phase), np.cos(phase)])
+
+
 class NonFiniteMetricError(ValueError):
     """A missing metric value (NaN, ±inf, or beyond ±`MAX_ABS_INPUT`) under ``model.nan_policy = reject``."""
 
@@ -101,6 +119,13 @@ class FeatureBuilder:
         suffixes = [""] + [f":{s}{w}" for w in self.rolling_windows for s in ("mean", "std")]
         suffixes += [f":lag{lag}" for lag in self.lags] + [":roc"] * self.rate_of_change
         return [f"{m}{s}" for s in suffixes for m in self.metric_names]
+
+    def value_columns(self, inputs: Sequence[int]) -> np.ndarray:
+        """The output columns holding the values of the input columns `inputs` themselves: the reading's and its
+        lags' (not rolling statistics or rates of change)."""
+        first_lag = 1 + 2 * len(self.rolling_windows)
+        blocks = [0, *range(first_lag, first_lag + len(self.lags))]
+        return np.array([b * self.n_metrics + i for b in blocks for i in inputs], dtype=np.intp)
 
     @property
     def metric_of_feature(self) -> np.ndarray:

@@ -153,11 +153,14 @@ class ResidualScale:
         return scale
 
 
-def metric_shares(normalised: np.ndarray, blocks: int) -> np.ndarray:
+def metric_shares(normalised: np.ndarray, blocks: int, metrics: int | None = None) -> np.ndarray:
     """Each metric's share of each row's normalised squared residuals, (n, metrics): inputs derived from a metric
-    (window lags, rolling statistics; laid out block-major, metrics fastest) count for that metric."""
+    (window lags, rolling statistics; laid out block-major, metrics fastest) count for that metric. With `metrics`,
+    only the first `metrics` columns of each block are metrics; the rest (the time of day) are never blamed."""
     n = normalised.shape[0]
     per_metric = np.add.reduce(normalised.reshape(n, blocks, normalised.shape[1] // blocks), axis=1)
+    if metrics is not None and metrics < per_metric.shape[1]:
+        per_metric = per_metric[:, :metrics]
     total = np.add.reduce(per_metric, axis=1, keepdims=True)
     if (total > 0).all():
         return per_metric / total

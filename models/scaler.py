@@ -41,6 +41,23 @@ class RunningScaler:
         self.mean: np.ndarray | None = None
         self._m2: np.ndarray | None = None  # sum of squared deviations from the mean
         self._scale: tuple[np.ndarray, np.ndarray] | None = None  # (`std`, constant so far), until the next update
+        self._pinned: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (columns, mean, variance): `pin`
+
+    def pin(self, columns: np.ndarray, mean: np.ndarray | float, variance: np.ndarray | float) -> None:
+        """Keep the features `columns` at known moments, whatever is learned: for inputs whose distribution is
+        known a priori (the sine and cosine of the time of day: mean 0, variance 1/2 over a day), which a device
+        that has seen part of a day would otherwise scale by the spread of that part. Not stored by `to_array`:
+        the owner pins again after restoring."""
+        columns = np.asarray(columns, dtype=np.intp)
+        self._pinned = (columns, np.broadcast_to(np.asarray(mean, dtype=np.float64), columns.shape),
+                        np.broadcast_to(np.asarray(variance, dtype=np.float64), columns.shape))
+        self._hold_pinned()
+
+    def _hold_pinned(self) -> None:
+        if self._pinned is not None and self.mean is not None:
+            columns, mean, variance = self._pinned
+            self.mean[columns], self._m2[columns] = mean, variance * self.n
+            self._scale = None
 
     def _init(self, d: int) -> None:
         self.mean = np.zeros(d)
@@ -69,6 +86,7 @@ class RunningScaler:
         delta = x - self.mean
         self.mean += delta / self.n
         self._m2 += delta * (x - self.mean)
+        self._hold_pinned()
 
     def learn_many(self, X: np.ndarray) -> None:
         X = np.asarray(X, dtype=np.float64)
@@ -78,6 +96,7 @@ class RunningScaler:
             self._init(X.shape[1])
         self.n, self.mean, self._m2 = _merge(self.n, self.mean, self._m2, X)
         self._scale = None
+        self._hold_pinned()
 
     def winsorise(self, X: np.ndarray, sigmas: float, min_readings: int) -> tuple[np.ndarray, int]:
         """`X` with each value clipped to ``mean ± sigmas · std`` of what the scaler has learned, and how many
@@ -126,6 +145,7 @@ class RunningScaler:
         X = np.asarray(X, dtype=np.float64)
         if self.mean is None:  # nothing learned: every feature is constant so far
             first = RunningScaler(self.min_std)
+            first._pinned = self._pinned
             first.learn_many(X)
             return first.transform_batch(X)
         divisor, constant = self._scaled()

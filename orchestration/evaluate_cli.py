@@ -25,8 +25,20 @@ NAB_FEATURES = {"lags": [1, 2, 3], "rolling_windows": [6], "rate_of_change": Tru
 # windows of one record. Fixed a priori.
 NSL_KDD_OVERRIDES = {"subspace_window": 1}
 DEFAULT_PROTOCOL = {"nsl-kdd": "batch"}
-POOLING = {"stream": "rolling", "batch": "calibration"}  # default --pooling per protocol: a batch test split is a
-#                                                         set, not the continuation of a device's stream
+POOLINGS = ("own", "rolling", "calibration")  # how devices are normalised before the fleet is pooled: pooling_options
+POOLING = {"stream": "rolling", "batch": "calibration"}  # default per protocol (stream: docs/evaluation.md, item 11;
+#                                                         a batch test split is a set, not the continuation of a stream)
+
+
+def pooling_options(pooling: str, history: int) -> dict:
+    """`models.evaluation.evaluate_fleet`'s options for one of `POOLINGS`. ``rolling``: every model's test scores as
+    robust z against its last `history` scores (`rolling_robust_z`); ``own``: detectors that emit ``z_scores``
+    (stream protocol) on those, computed against their threshold history (their recent scores without an
+    incident's episode: what the stream job emits), the other models as ``rolling``; ``calibration``: against the
+    calibration scores alone."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: unknown {pooling!r} (known: {', '.join(POOLINGS)})")
+    return {"pooling_window": 0 if pooling == "calibration" else int(history), "own_z": pooling == "own"}
 
 
 def register(subparsers) -> None:
@@ -62,13 +74,14 @@ def register(subparsers) -> None:
     p.add_argument("--train-per-device", type=non_negative(), default=0, metavar="N",
                    help="use only the first N training rows of each device (0 = all; `flead demo` replays 2000 by "
                         "default: this reproduces its protocol offline)")
-    p.add_argument("--pooling", choices=["rolling", "calibration"],
-                   help="how each device's scores are normalised before the fleet is pooled (no labels): rolling "
-                        "(default in the stream protocol): robust z against the device's last threshold.history "
-                        "scores before each micro-batch, calibration scores first, as a live system normalises; "
-                        "calibration (default in the batch protocol, whose test split is a set, not a stream): "
-                        "against its calibration scores alone (a rolling run's JSON gives these too, under "
-                        "fixed_calibration)")
+    p.add_argument("--pooling", choices=POOLINGS,
+                   help=f"how each device's scores are normalised before the fleet is pooled (no labels; stream "
+                        f"protocol default: {POOLING['stream']}): rolling: robust z against the device's last "
+                        "threshold.history scores before each micro-batch, calibration scores first; own: the "
+                        "detectors on the robust z they emit themselves (against those recent scores without an "
+                        "incident's episode), the baselines as rolling; calibration (default in the batch protocol, "
+                        "whose test split is a set, not a stream): against the calibration scores alone (a run's "
+                        "JSON gives these too, under fixed_calibration, and own's gives rolling's, under all_recent)")
     p.add_argument("--seed", type=int, default=0, help="seed of the baselines and of the nsl-kdd client split")
     p.add_argument("--json", dest="json_out", help="write the report to this JSON file")
     p.add_argument("--plot", metavar="FILE.png",
@@ -79,20 +92,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_evaluate)
 
 
-def _load(args, cfg):
+def _load(args, cfg, times: dict):
+    """(dataset, train, test, metric names, facts); `times` is filled with each device's (training, test) event
+    times where the data has them (not NSL-KDD's records)."""
     from telemetry import datasets
     data = cfg.data_dir
     if args.train or args.test:
         if not (args.train and args.test):
             raise SystemExit("flead evaluate: give both --train and --test")
         return (args.dataset or Path(args.train).resolve().parent.name,   # e.g. asd for asd/train.csv.gz
-                *datasets.load_multi_entity(args.train, args.test), {})
+                *datasets.load_multi_entity(args.train, args.test, times=times), {})
     dataset = args.dataset or "asd"
     if dataset == "asd":
-        return (dataset, *datasets.load_multi_entity(data / "asd" / "train.csv.gz", data / "asd" / "test.csv.gz"),
-                {})
+        return (dataset, *datasets.load_multi_entity(data / "asd" / "train.csv.gz", data / "asd" / "test.csv.gz",
+                                                     times=times), {})
     if dataset == "nab":
-        return (dataset, *datasets.load_nab(data / "nab"), {"probation": "the first 15 % of each series trains"})
+        return (dataset, *datasets.load_nab(data / "nab", times=times),
+                {"probation": "the first 15 % of each series trains"})
     train_normal_only = not args.keep_train_attacks
     train, test, names = datasets.load_nsl_kdd(data / "nsl-kdd" / "KDDTrain+_20Percent.txt",
                                                data / "nsl-kdd" / "KDDTest+.txt", clients=args.clients,
@@ -104,10 +120,11 @@ def _load(args, cfg):
                                          "train_normal_only": train_normal_only}
 
 
-def _shrink(train, test):
+def _shrink(train, test, times):
     devices = list(train)[:QUICK["devices"]]
     return ({d: train[d][:QUICK["train_rows"]] for d in devices},
-            {d: (test[d][0][:QUICK["test_rows"]], test[d][1][:QUICK["test_rows"]]) for d in devices})
+            {d: (test[d][0][:QUICK["test_rows"]], test[d][1][:QUICK["test_rows"]]) for d in devices},
+            {d: (times[d][0][:QUICK["train_rows"]], times[d][1][:QUICK["test_rows"]]) for d in devices if d in times})
 
 
 def _nab_windows(y):
@@ -192,13 +209,15 @@ def run_evaluate(args, cfg) -> int:
 
     if args.train_per_device < 0:
         raise SystemExit("flead evaluate: --train-per-device must be 0 (all) or a positive number of rows")
-    dataset, train, test, names, facts = _load(args, cfg)
+    times: dict = {}
+    dataset, train, test, names, facts = _load(args, cfg, times)
     if args.train_per_device:
         train = {d: X[:args.train_per_device] for d, X in train.items()}
+        times = {d: (train_ts[:args.train_per_device], test_ts) for d, (train_ts, test_ts) in times.items()}
         facts = {**facts, "train_per_device": args.train_per_device}
     rounds = args.rounds
     if args.quick:
-        train, test = _shrink(train, test)
+        train, test, times = _shrink(train, test, times)
         rounds = min(rounds, QUICK["rounds"])
     kind = args.model or cfg.model.kind
     protocol = args.protocol or DEFAULT_PROTOCOL.get(dataset, "stream")
@@ -208,6 +227,9 @@ def run_evaluate(args, cfg) -> int:
         # The detector's own online threshold is not used there (the evaluation thresholds calibration scores):
         # the quantile rule is the cheapest to keep updated while training.
         overrides["threshold_kind"] = "quantile"
+    if cfg.model.features.time_of_day and (protocol == "batch" or set(times) != set(train)):
+        overrides["time_of_day"] = False   # records without event times, or a protocol that gives none
+        facts = {**facts, "time_of_day": "off: this data or protocol has no event times"}
     plan = (f"batch protocol: {rounds} rounds x {args.local_epochs} epoch(s)" if protocol == "batch" else
             f"stream protocol: micro-batches of {cfg.stream.micro_batch_size}, a federated round every "
             f"{cfg.stream.snapshot_every} readings, adoption: {_adoption(cfg)}")
@@ -220,7 +242,8 @@ def run_evaluate(args, cfg) -> int:
         threshold_cfg=threshold_cfg, seed=args.seed, progress=say, protocol=protocol,
         micro_batch=cfg.stream.micro_batch_size, round_every=cfg.stream.snapshot_every,
         incident_gap=cfg.incidents.gap_readings, models=[m.strip() for m in args.models.split(",") if m.strip()],
-        pooling_window=cfg.threshold.history if (args.pooling or POOLING[protocol]) == "rolling" else 0)
+        times=times if protocol == "stream" and set(times) == set(train) else None,
+        **pooling_options(args.pooling or POOLING[protocol], cfg.threshold.history))
     report = {"dataset": dataset, "model": kind, "metrics": names if len(names) <= 40 else len(names), **facts,
               **evaluation.report, "quick": args.quick, "seconds": round(time.monotonic() - started, 1)}
     if dataset == "nab":
@@ -231,6 +254,11 @@ def run_evaluate(args, cfg) -> int:
         print("pooled on the calibration scores alone (--pooling calibration), roc_auc / pr_auc / best_f1: "
               + ", ".join(f"{name} {f['roc_auc']:.3f} / {f['pr_auc']:.3f} / {f['best_f1']:.3f}"
                           for name, f in fixed.items()))
+    recent = {name: m["all_recent"] for name, m in report["models"].items() if "all_recent" in m}
+    if recent:
+        print("pooled on all recent scores (--pooling rolling), roc_auc / pr_auc / best_f1: "
+              + ", ".join(f"{name} {f['roc_auc']:.3f} / {f['pr_auc']:.3f} / {f['best_f1']:.3f}"
+                          for name, f in recent.items()))
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)

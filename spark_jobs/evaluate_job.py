@@ -82,6 +82,7 @@ def score_device(cfg: Config, global_weights: list[np.ndarray], readings: dict,
     metric_names = [readings["names"][i] for i in order]
     X = np.asarray(readings["values"], dtype=np.float64)[:, order]
     labels = np.asarray(readings["label"])
+    ts = np.asarray(readings["ts"], dtype=np.int64)   # event times (model.features.time_of_day)
     n_fit = int(len(X) * cfg.aggregation.evaluation_fit_fraction)
     row = {"n_fit": n_fit, "labels": None, "scores": {}, "thresholds": {}, "problems": [], "local_version": None}
     if n_fit < 1 or n_fit >= len(X):
@@ -91,7 +92,7 @@ def score_device(cfg: Config, global_weights: list[np.ndarray], readings: dict,
     if (labels[n_fit:] >= 0).all():  # -1: a reading without a label
         row["labels"] = labels[n_fit:].astype(int)
     detector = DeviceDetector.create(metric_names, cfg)
-    detector.learn_many(X[:n_fit])  # fits the feature buffer and scaler; the network is replaced below
+    detector.learn_many(X[:n_fit], ts=ts[:n_fit])  # fits the feature buffer and scaler; the network is replaced below
     candidates = {"global": global_weights}
     if local_snapshot is not None:
         try:
@@ -106,8 +107,8 @@ def score_device(cfg: Config, global_weights: list[np.ndarray], readings: dict,
             row["problems"].append(f"{model} model does not fit this device's {len(metric_names)} metrics: {exc}")
             continue
         threshold = make_threshold(cfg.threshold)
-        threshold.update_many(detector.score_many(X[:n_fit]))
-        row["scores"][model] = detector.score_many(X[n_fit:])
+        threshold.update_many(detector.score_many(X[:n_fit], ts=ts[:n_fit]))
+        row["scores"][model] = detector.score_many(X[n_fit:], ts=ts[n_fit:])
         row["thresholds"][model] = float(threshold.threshold)
     return row
 

@@ -68,7 +68,9 @@ class ConfiguredLayout:
         from models.detector import DetectorSettings
 
         self.settings_json = json.dumps(DetectorSettings.from_config(cfg).to_dict(), sort_keys=True)
-        self.per_metric = _detector_shapes(self.settings_json, 1)[-1][0]
+        # width = per_metric × metrics + fixed: inputs not from metrics (the time of day) have a width of their own
+        one, two = (_detector_shapes(self.settings_json, n)[-1][0] for n in (1, 2))
+        self.per_metric, self.fixed_width = two - one, 2 * one - two
         self.max_vector_entries = cfg.aggregation.max_vector_entries
 
     def width_problem(self, shapes: list[tuple[int, ...]], architecture: str | None) -> str | None:
@@ -85,10 +87,10 @@ class ConfiguredLayout:
         number of metrics gives that width."""
         if not weights or np.ndim(weights[-1]) != 1:
             return None
-        width = int(np.shape(weights[-1])[0])
-        if width <= 0 or width % self.per_metric:
+        metrics, rest = divmod(int(np.shape(weights[-1])[0]) - self.fixed_width, self.per_metric)
+        if metrics < 1 or rest:
             return None
-        return list(_detector_shapes(self.settings_json, width // self.per_metric))
+        return list(_detector_shapes(self.settings_json, metrics))
 
 
 def counters_problem(doc: dict) -> str | None:

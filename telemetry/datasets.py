@@ -21,19 +21,25 @@ Train = dict[str, np.ndarray]
 Test = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def device_arrays(reader: Reader, metric_names: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """``{device_id: (X, y)}`` of everything ``reader`` yields; ``y`` is None for a device without labels."""
+def device_arrays(reader: Reader, metric_names: list[str] | None = None, times: dict | None = None
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``{device_id: (X, y)}`` of everything ``reader`` yields; ``y`` is None for a device without labels. A dict
+    given as `times` is filled with ``{device_id: event times}`` (epoch ms, int64), row for row."""
     names = metric_names or reader.metric_names
     rows: dict[str, list[list[float]]] = {}
     labels: dict[str, list[int | None]] = {}
+    stamps: dict[str, list[int]] = {}
     for r in reader:
         rows.setdefault(r.device_id, []).append([r.metrics.get(name, np.nan) for name in names])
         labels.setdefault(r.device_id, []).append(r.label)
+        stamps.setdefault(r.device_id, []).append(r.ts)
     out = {}
     for device, X in rows.items():
         y = labels[device]
         out[device] = (np.asarray(X, dtype=np.float64).reshape(len(X), len(names)),
                        None if None in y else np.asarray(y, dtype=np.int8))
+        if times is not None:
+            times[device] = np.asarray(stamps[device], dtype=np.int64)
     return out
 
 
@@ -44,9 +50,10 @@ def _labelled(arrays: dict, source: Path | str) -> Test:
     return arrays
 
 
-def load_multi_entity(train_path: Path | str, test_path: Path | str,
-                      skip_bad: bool = False) -> tuple[Train, Test, list[str]]:
+def load_multi_entity(train_path: Path | str, test_path: Path | str, skip_bad: bool = False,
+                      times: dict | None = None) -> tuple[Train, Test, list[str]]:
     """A multi-entity CSV pair (e.g. ASD ``train.csv.gz`` / ``test.csv.gz``); the test file needs a label column.
+    A dict given as `times` is filled with ``{device_id: (training event times, test event times)}`` (epoch ms).
 
     On ASD: ``train["omi-1"].shape == (8640, 19)``, ``test["omi-1"][0].shape == (4320, 19)``, 19 metric names.
     """
@@ -59,22 +66,29 @@ def load_multi_entity(train_path: Path | str, test_path: Path | str,
         detail = (f"only in the training file: {only_train[:10]}, only here: {only_test[:10]}"
                   if only_train or only_test else "the same columns in another order")
         raise ReaderError(test_path, 1, f"metric columns differ from {train_path}: {detail}")
-    train = {device: X for device, (X, _) in device_arrays(train_reader).items()}
-    return train, _labelled(device_arrays(test_reader), test_path), names
+    train_times, test_times = {}, {}
+    train = {device: X for device, (X, _) in device_arrays(train_reader, times=train_times).items()}
+    test = _labelled(device_arrays(test_reader, times=test_times), test_path)
+    if times is not None:
+        times.update({device: (train_times[device], test_times[device]) for device in train if device in test})
+    return train, test, names
 
 
 def load_nab(folder: Path | str, train_fraction: float = NAB_PROBATIONARY_FRACTION,
-             windows_file: Path | str | None = None) -> tuple[Train, Test, list[str]]:
-    """Each NAB series split in time: the first ``train_fraction`` is train, the rest (with labels) is test."""
+             windows_file: Path | str | None = None, times: dict | None = None) -> tuple[Train, Test, list[str]]:
+    """Each NAB series split in time: the first ``train_fraction`` is train, the rest (with labels) is test. A dict
+    given as `times` is filled with ``{device_id: (training event times, test event times)}`` (epoch ms)."""
     if not 0.0 <= train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in [0, 1), got {train_fraction}")
     reader = NabReader(folder, windows_file=windows_file)
     if reader.windows_file is None:
         raise ValueError(f"{folder}: no labels/combined_windows.json in or above it; pass windows_file")
-    train, test = {}, {}
-    for device, (X, y) in _labelled(device_arrays(reader), folder).items():
+    train, test, stamps = {}, {}, {}
+    for device, (X, y) in _labelled(device_arrays(reader, times=stamps), folder).items():
         k = int(len(X) * train_fraction)
         train[device], test[device] = X[:k], (X[k:], y[k:])
+        if times is not None:
+            times[device] = (stamps[device][:k], stamps[device][k:])
     return train, test, reader.metric_names
 
 

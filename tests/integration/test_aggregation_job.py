@@ -403,7 +403,7 @@ def store_labelled_telemetry_and_aggregate(spark, cfg, db) -> None:
         y[350::10] = 1
         X[y == 1, 2] += 1.0  # clear anomalies, all in the scored (held-out) part
         detector = DeviceDetector.create(metrics, cfg)
-        detector.learn_many(X[:300])
+        detector.learn_many(X[:300], ts=1_700_000_000_000 + np.arange(300))  # the readings' event times below
         snaps.append(snapshot(f"dev-{d}", detector.get_weights(), 300) | {"version": 1})
         readings += [{"device_id": f"dev-{d}", "seq": i, "ts": 1_700_000_000_000 + i,
                       "metrics": dict(zip(metrics, map(float, X[i]))), "label": int(y[i])} for i in range(400)]

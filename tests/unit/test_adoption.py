@@ -27,9 +27,14 @@ def make(**overrides):
                                                                   "adoption_policy": "validated", **overrides})
 
 
+def times(det, n):
+    """Event times of the next `n` readings of `det`, 5 minutes apart."""
+    return (det.n_seen + np.arange(n)) * 300_000
+
+
 def feed(det, X, batch=16):
     for i in range(0, len(X), batch):
-        det.process_many(X[i:i + batch])
+        det.process_many(X[i:i + batch], ts=times(det, len(X[i:i + batch])))
     return det
 
 
@@ -93,7 +98,7 @@ def test_identical_local_and_global_models_change_nothing():
     assert det.model.global_share == 0.0 and det.global_version == 1
     restored = DeviceDetector.from_bytes(state)
     X = readings(64, seed=9)
-    np.testing.assert_array_equal(det.score_many(X), restored.score_many(X))
+    np.testing.assert_array_equal(det.score_many(X, ts=times(det, 64)), restored.score_many(X, ts=times(det, 64)))
 
 
 def test_validated_adoption_is_deterministic_and_survives_a_restart():
@@ -120,9 +125,9 @@ def test_without_held_readings_the_validated_policy_blends_the_configured_share(
 
 
 def test_readings_are_held_only_under_the_validated_policy():
-    assert feed(make(adoption_policy="blend"), readings(200)).held_readings.shape == (0, len(METRICS))
+    assert feed(make(adoption_policy="blend"), readings(200)).held_readings.shape == (0, len(METRICS) + 2)
     held = feed(make(adoption_readings=32), readings(200)).held_readings
-    assert held.dtype == np.float32 and held.shape == (32 + 4, len(METRICS))   # + the window's 4 lags
+    assert held.dtype == np.float32 and held.shape == (32 + 4, len(METRICS) + 2)   # + 4 lags; + the time of day
     with pytest.raises(ValueError, match="global_policy"):
         make(adoption_policy="average")
 
@@ -135,9 +140,9 @@ def test_states_of_the_previous_format_restore_with_no_held_readings():
     settings = {k: v for k, v in meta["settings"].items() if not k.startswith(("adoption_", "stuck_"))}
     old = dumps(arrays[:8] + arrays[11:], {**meta, "architecture": "flead.device-detector/2", "settings": settings})
     restored = DeviceDetector.from_bytes(old)
-    assert restored.n_seen == 300 and restored.held_readings.shape == (0, len(METRICS))
+    assert restored.n_seen == 300 and restored.held_readings.shape == (0, len(restored.input_names))
     X = readings(32, seed=11)
-    np.testing.assert_array_equal(restored.score_many(X), det.score_many(X))
+    np.testing.assert_array_equal(restored.score_many(X, ts=times(det, 32)), det.score_many(X, ts=times(det, 32)))
 
 
 def test_prior_policy_gives_the_global_model_the_weight_of_a_fixed_number_of_readings():

@@ -11,6 +11,7 @@ SPEC = importlib.util.spec_from_file_location("bench_half_life", PROJECT_ROOT / 
 bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
 METRICS = [f"m{i}" for i in range(4)]
+TS = 300_000 * np.arange(3000)  # event times, 5 minutes apart
 
 
 def series(n: int, shift_at: int | None = None) -> np.ndarray:
@@ -24,8 +25,8 @@ def series(n: int, shift_at: int | None = None) -> np.ndarray:
 
 def test_the_prequential_error_is_out_of_sample_and_favours_memory_as_the_data_ask():
     cfg = load_config(env={})
-    stationary = [bench.prequential_error(series(3000), METRICS, cfg, h) for h in (500, 0)]
+    stationary = [bench.prequential_error(series(3000), TS, METRICS, cfg, h) for h in (500, 0)]
     assert stationary[1] < stationary[0]  # nothing changes: the longest memory predicts best
-    assert bench.prequential_error(series(3000), METRICS, cfg, 0) == stationary[1]  # no randomness
-    drifting = [bench.prequential_error(series(3000, shift_at=1500), METRICS, cfg, h) for h in (500, 0)]
+    assert bench.prequential_error(series(3000), TS, METRICS, cfg, 0) == stationary[1]  # no randomness
+    drifting = [bench.prequential_error(series(3000, shift_at=1500), TS, METRICS, cfg, h) for h in (500, 0)]
     assert drifting[0] < drifting[1]  # a relation that keeps moving: a short memory follows it

@@ -59,10 +59,16 @@ def test_the_split_is_seeded_per_kind_and_history_can_be_short():
     assert all(np.array_equal(test[d][1], test_again[d][1]) for d in fleet)
     young, _ = bench.split(fleet, "level", history=500)
     assert len(young["a"]) == 500 and np.array_equal(young["a"], train["a"][-500:])
+    times = {"a": np.arange(len(fleet["a"]))}
+    for history in (0, 500):   # the times are cut as the readings are
+        (past, probe), = bench.split_times(times, history).values()
+        cut, _ = bench.split(fleet, "level", history=history)
+        assert len(past) == len(cut["a"]) and past[-1] + 1 == probe[0] and probe[-1] == len(fleet["a"]) - 1
 
 
 def test_a_detector_finds_injected_level_shifts_and_random_does_not():
     fleet = {"a": series(3000), "b": series(3000, seed=5)}
-    report = bench.run_kind(fleet, METRICS, load_config(env={}), "level", ("local", "random"))
+    times = {device: 300_000 * np.arange(3000) for device in fleet}  # every 5 minutes
+    report = bench.run_kind(fleet, METRICS, load_config(env={}), "level", ("local", "random"), times=times)
     assert report["models"]["local"]["roc_auc"] > 0.9
     assert abs(report["models"]["random"]["roc_auc"] - 0.5) < 0.1

@@ -216,7 +216,8 @@ def test_the_detector_declares_a_drift_on_a_drifting_copy_and_its_flag_rate_come
         detector = DeviceDetector.create(names, load_config())
         drifts, flags = [], []
         for i in range(0, len(X), 16):
-            result = detector.process_many(X[i:i + 16], seqs=list(range(i, min(i + 16, len(X)))))
+            result = detector.process_many(X[i:i + 16], seqs=list(range(i, min(i + 16, len(X)))),
+                                           ts=[r.ts for r in readings[i:i + 16]])
             flags.append(result.is_anomaly)
             if result.drift is not None:
                 drifts.append(result.drift.seq)

@@ -28,18 +28,24 @@ def synthetic_fleet(devices=3, seed=0):
     return train, test
 
 
+def times(train, test):
+    """Every device's event times (training, test), a reading every 5 minutes."""
+    return {d: (300_000 * np.arange(len(train[d])), 300_000 * np.arange(len(train[d]), len(train[d]) + len(test[d][0])))
+            for d in train}
+
+
 @pytest.fixture(scope="module")
 def evaluation():
     """The stream protocol (the default) with the default detector (subspace), every model."""
     train, test = synthetic_fleet()
     return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0), micro_batch=16,
-                          round_every=100)
+                          round_every=100, times=times(train, test))
 
 
 @pytest.fixture(scope="module")
 def batch_evaluation():
     train, test = synthetic_fleet()
-    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, load_config(env={}), kind="ae", hidden=[6, 2, 6], seed=0,
+    return evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, load_config(env={}), kind="ae", hidden=[6, 2, 6], seed=0, time_of_day=False,
                                                                     warmup=20),
                           rounds=3, local_epochs=1, finetune_epochs=1, protocol="batch",
                           models=("federated", "local", "centralized", "random"))
@@ -81,11 +87,12 @@ def test_federation_costs_are_reported(evaluation, batch_evaluation):
     weights = 2 * (4 * 6 + 6 + 6 * 2 + 2 + 2 * 6 + 6 + 6 * 4 + 4) * 8       # up and down, float64
     assert report["bytes_per_round"] == 3 * weights and report["rounds"] == 3
     federated = evaluation.report["models"]["federated"]
-    # 900 readings per device, a round every 100: 8 rounds; the subspace snapshot is a float32 factor (20 inputs:
-    # 4 metrics x a window of 5; rank 16), mean and variances, plus its header, up and down for 3 devices.
+    # 900 readings per device, a round every 100: 8 rounds; the subspace snapshot is a float32 factor (30 inputs:
+    # 4 metrics and the time of day's 2 x a window of 5; rank 16), mean and variances, plus its header, up and down
+    # for 3 devices.
     assert federated["rounds"] == 8
     assert report["model_bytes"] == weights // 2
-    assert evaluation.report["model_bytes"] == (20 * 16 + 20 + 20) * 4
+    assert evaluation.report["model_bytes"] == (30 * 16 + 30 + 30) * 4
     assert 3 * 2 * evaluation.report["model_bytes"] < federated["bytes_per_round"] < 3 * 2 * 2000 * 4
     assert set(evaluation.scores["federated"]) == {"dev-0", "dev-1", "dev-2"}
 
@@ -100,7 +107,8 @@ def test_each_devices_components_are_reported_and_a_binding_rank_is_said(evaluat
     said = []
     bound = evaluate_fleet(train, test, lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0,
                                                                       subspace_rank=1),
-                           micro_batch=16, models=("local",), progress=said.append).report["models"]["local"]
+                           micro_batch=16, models=("local",), progress=said.append,
+                           times=times(train, test)).report["models"]["local"]
     assert bound["rank_bound_devices"] == ["dev-0", "dev-1", "dev-2"]
     assert all(d["components"] == 1 and d["explained_variance"] < 0.9 for d in bound["per_device"].values())
     assert any(line.startswith("local: model.subspace.rank 1 caps k on 3 of 3 devices") for line in said), said
@@ -125,13 +133,42 @@ def test_the_rolling_robust_z_is_causal_and_follows_a_device_whose_scores_drift(
 def test_pooling_on_recent_scores_reports_the_fixed_calibrations_figures_beside_it():
     train, test = synthetic_fleet()
     factory = lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0)  # noqa: E731
-    fixed = evaluate_fleet(train, test, factory, micro_batch=16, models=("local",)).report
-    rolling = evaluate_fleet(train, test, factory, micro_batch=16, models=("local",), pooling_window=200).report
+    fixed = evaluate_fleet(train, test, factory, micro_batch=16, models=("local",), times=times(train, test)).report
+    rolling = evaluate_fleet(train, test, factory, micro_batch=16, models=("local",), pooling_window=200,
+                             times=times(train, test)).report
     assert "fixed_calibration" not in fixed["models"]["local"]
     assert {k: rolling["models"]["local"]["fixed_calibration"][k] for k in ("roc_auc", "pr_auc", "best_f1")} == \
         {k: fixed["models"]["local"][k] for k in ("roc_auc", "pr_auc", "best_f1")}
     assert rolling["models"]["local"]["f1"] == fixed["models"]["local"]["f1"]  # the flags are the detector's own
     assert rolling["normalisation"].startswith("rolling robust z") and fixed["normalisation"].endswith("scores")
+
+
+def test_pooling_on_the_detectors_own_z_uses_what_they_emit_and_reports_all_recent_beside_it():
+    from orchestration.evaluate_cli import pooling_options
+    train, test = synthetic_fleet()
+    cfg = load_config(env={})
+    factory = lambda: DeviceDetector.create(NAMES, cfg, warmup=50, seed=0)  # noqa: E731
+    rolling = evaluate_fleet(train, test, factory, micro_batch=16, models=("local", "random"),
+                             times=times(train, test), **pooling_options("rolling", 200))
+    own = evaluate_fleet(train, test, factory, micro_batch=16, models=("local", "random"), times=times(train, test),
+                         **pooling_options("own", 200))
+    local = own.report["models"]["local"]
+    assert local["all_recent"] == {k: rolling.report["models"]["local"][k] for k in ("roc_auc", "pr_auc", "best_f1")}
+    assert local["own_z_missing"] == 0 and local["f1"] == rolling.report["models"]["local"]["f1"]
+    # the pooled scores are the z the detector emitted (against its threshold history), not the rolling ones
+    detector = factory()
+    series = np.vstack([train["dev-0"], test["dev-0"][0]])
+    stamps = np.concatenate(times(train, test)["dev-0"])
+    z = np.concatenate([detector.process_many(series[start:start + 16], ts=stamps[start:start + 16]).z_scores
+                        for start in range(0, len(series), 16)])
+    np.testing.assert_allclose(own.scores["local"]["dev-0"], z[-len(test["dev-0"][0]):])
+    assert not np.allclose(own.scores["local"]["dev-0"], rolling.scores["local"]["dev-0"])
+    # models that emit no z (the baselines) are pooled as before
+    assert "all_recent" not in own.report["models"]["random"]
+    np.testing.assert_array_equal(own.scores["random"]["dev-1"], rolling.scores["random"]["dev-1"])
+    assert own.report["normalisation"].startswith("detectors: the robust z they emit")
+    with pytest.raises(ValueError, match="pooling: unknown"):
+        pooling_options("median", 200)
 
 
 def test_calibration_uses_no_labels():
@@ -184,7 +221,8 @@ def test_adoption_shares_are_reported_per_policy():
     def federated(policy):
         factory = lambda: DeviceDetector.create(NAMES, load_config(env={}), warmup=50, seed=0,  # noqa: E731
                                                 adoption_policy=policy)
-        return evaluate_fleet(train, test, factory, micro_batch=16, round_every=100, models=("federated",)).report["models"]["federated"]
+        return evaluate_fleet(train, test, factory, micro_batch=16, round_every=100, models=("federated",),
+                              times=times(train, test)).report["models"]["federated"]
 
     blend, validated = federated("blend"), federated("validated")
     assert blend["adoptions"] == validated["adoptions"] == 3 * 8

@@ -14,6 +14,7 @@ from models.scaler import RunningScaler
 
 METRICS = ["cpu", "mem", "disk", "net"]
 WARMUP = 100
+FIVE_MINUTES_MS = 300_000
 KINDS = {"subspace": {"kind": "subspace"}, "ae": {"kind": "ae"},
          "lstm_ae": {"kind": "lstm_ae", "window": 6, "lstm_hidden": 4}}
 
@@ -34,13 +35,17 @@ def adoption(det, policy, blend_weight=0.5):
 
 
 def make(**overrides):
-    settings_ = dict(kind="ae", hidden=[8, 3, 8], warmup=WARMUP, learning_rate=0.01, seed=1)
+    """A small detector; without the time of day unless asked (readings here have no times; its own tests give
+    them, at the end)."""
+    settings_ = dict(kind="ae", hidden=[8, 3, 8], warmup=WARMUP, learning_rate=0.01, seed=1, time_of_day=False)
     settings_.update(overrides)
     return DeviceDetector.create(METRICS, load_config(env={}), **settings_)
 
 
 def feed(det, X, batch=16, start=0):
-    return [det.process_many(X[i:i + batch], seqs=np.arange(start + i, start + min(i + batch, len(X))))
+    """`X` in micro-batches, reading i (from `start`) at i × 5 minutes."""
+    seqs = np.arange(start, start + len(X))
+    return [det.process_many(X[i:i + batch], seqs=seqs[i:i + batch], ts=seqs[i:i + batch] * FIVE_MINUTES_MS)
             for i in range(0, X.shape[0], batch)]
 
 
@@ -48,7 +53,8 @@ def test_create_reads_config_and_overrides():
     det = DeviceDetector.create(METRICS, load_config(env={}))
     assert det.settings.kind == "subspace" and det.settings.subspace_window == 5
     assert det.settings.explained_variance == pytest.approx(0.9) and det.settings.feature_lags == (1, 2, 3, 4)
-    assert det.features.n_features == 5 * len(METRICS) and det.architecture == "subspace/20/r16"
+    assert det.input_names == METRICS + ["time_of_day:sin", "time_of_day:cos"]  # model.features.time_of_day
+    assert det.features.n_features == 5 * (len(METRICS) + 2) and det.architecture == "subspace/30/r16"
     assert det.settings.threshold_kind == "quantile" and det.settings.top_k_metrics == 3
     assert det.n_seen == 0 and det.model_version == 0 and det.global_version == 0
     assert make().settings.hidden == (8, 3, 8) and make().settings.feature_lags == ()
@@ -74,21 +80,21 @@ def test_no_alerts_during_warmup_and_shapes(kind):
 
 def test_warm_up_grows_with_the_models_inputs():
     """A model of many inputs settles later: no alert before `warmup_per_input` readings per input (a default
-    detector over 40 metrics has 200 inputs: 1,000 readings), nor than `warmup`; with 0 per input (a state from
-    before the setting, until reconfigured) `warmup` alone."""
+    detector over 40 metrics has 210 inputs, the time of day's included: 1,050 readings), nor than `warmup`; with 0
+    per input (a state from before the setting, until reconfigured) `warmup` alone."""
     many = [f"m{i}" for i in range(40)]
     cfg = load_config(env={})
     det = DeviceDetector.create(many, cfg, warmup=100)
     assert det.settings.warmup_per_input == cfg.threshold.warmup_per_input == 5
-    assert det.warmup_readings == 5 * 5 * len(many) == 1000
+    assert det.warmup_readings == 5 * 5 * (len(many) + 2) == 1050
     assert DeviceDetector.create(many, cfg, warmup=2000).warmup_readings == 2000
     assert DeviceDetector.create(many, cfg, warmup=100, warmup_per_input=0).warmup_readings == 100
     rng = np.random.default_rng(3)
-    X = rng.normal(0.5, 0.1, size=(1040, len(many)))
-    X[990:1040, :4] += 3.0  # an anomaly straddling the end of the warm-up
+    X = rng.normal(0.5, 0.1, size=(1090, len(many)))
+    X[1040:1090, :4] += 3.0  # an anomaly straddling the end of the warm-up
     results = feed(det, X)
     flags = np.concatenate([r.is_anomaly for r in results])
-    assert not flags[:1000].any() and flags[1000:].any()
+    assert not flags[:1050].any() and flags[1050:].any()
 
 
 @pytest.mark.parametrize("kind", ["subspace", "ae"])
@@ -466,7 +472,7 @@ def test_one_absurd_value_neither_blinds_its_metric_nor_makes_scores_infinite(ex
     X[2003, 2] = extreme
     X[2700, 2] = 1.5  # 20 standard deviations: a real anomaly on the same metric, later
     det = DeviceDetector.create([f"m{i}" for i in range(5)], load_config(env={}))
-    results = [det.process_many(X[i:i + 16], seqs=np.arange(i, min(i + 16, 2800))) for i in range(0, 2800, 16)]
+    results = feed(det, X)
     scores = np.concatenate([r.scores for r in results])
     flags = np.concatenate([r.is_anomaly for r in results])
     assert np.isfinite(scores).all() and flags[2003] and flags[2700]
@@ -480,14 +486,13 @@ def test_the_plausibility_bound_grows_with_the_evidence_and_caps_one_readings_in
     rng = np.random.default_rng(2)
     X = rng.normal(0.5, 0.05, size=(2016, 3))
     det = DeviceDetector.create(["a", "b", "c"], load_config(env={}), subspace_window=1)
-    for i in range(0, 2000, 16):
-        det.process_many(X[i:i + 16])
+    feed(det, X[:2000])
     X[2000, 1] = 0.5 + 30 * det.scaler.std[1]
-    det.process_many(X[2000:2008])
+    feed(det, X[2000:2008], start=2000)
     assert det.n_winsorised == 0
     var = det.scaler.var[2]
     X[2008, 2] = 1e20
-    det.process_many(X[2008:2016])
+    feed(det, X[2008:2016], start=2008)
     assert det.n_winsorised == 1 and var < det.scaler.var[2] < 2.1 * var
 
 
@@ -518,7 +523,7 @@ def test_scores_do_not_depend_on_the_unit_of_the_metrics(scale, offset):
     runs = []
     for data in (X, X * scale + offset):
         det = DeviceDetector.create([f"m{i}" for i in range(4)], load_config(env={}))
-        results = [det.process_many(data[i:i + 16]) for i in range(0, 1200, 16)]
+        results = feed(det, data)
         runs.append((np.concatenate([r.scores for r in results]), np.concatenate([r.is_anomaly for r in results])))
     (scores, flags), (converted, converted_flags) = runs
     assert np.corrcoef(scores[250:], converted[250:])[0, 1] > 0.95
@@ -552,13 +557,13 @@ def test_values_whose_squares_overflow_count_as_missing(kind):
     batches = [np.full((16, 3), 1e300), np.where(rng.random((16, 3)) < 0.3, -1e200, rng.normal(size=(16, 3)))]
     batches += [rng.normal(size=(16, 3)) for _ in range(30)]
     batches[20][5, 1] = 1e155
-    results = [det.process_many(X) for X in batches]
+    results = [feed(det, X, start=16 * j)[0] for j, X in enumerate(batches)]
     assert all(np.isfinite(r.scores).all() for r in results)
     beyond = sum(int((np.abs(X) > MAX_ABS_INPUT).sum()) for X in batches)
     assert sum(r.n_imputed for r in results) == beyond > 16 * 3
     reject = DeviceDetector.create(["a", "b", "c"], load_config(env={}), nan_policy="reject")
     with pytest.raises(NonFiniteMetricError, match="beyond"):
-        reject.process_many(np.full((16, 3), 1e300))
+        feed(reject, np.full((16, 3), 1e300))
 
 
 @settings(max_examples=40, deadline=None)
@@ -568,5 +573,65 @@ def test_any_float_values_give_finite_scores_and_no_error(batches):
     """Whatever the floats (NaN, ±inf, subnormal, near the float limit), scoring and learning neither raise nor
     return a non-finite score (hostile input reaches the detector as valid telemetry)."""
     det = DeviceDetector.create(["a", "b", "c"], load_config(env={}))
-    for X in batches:
-        assert np.isfinite(det.process_many(X).scores).all()
+    for j, X in enumerate(batches):
+        assert np.isfinite(feed(det, X, start=16 * j)[0].scores).all()
+
+
+# -- the time of day as an input (model.features.time_of_day) ---------------------------------------------------
+
+
+def daily_cycle(days, seed=0):
+    """Readings every 5 minutes whose metrics follow the clock (a busy afternoon, a quiet night), and their times."""
+    rng = np.random.default_rng(seed)
+    ts = np.arange(days * 288, dtype=np.int64) * FIVE_MINUTES_MS
+    load = 0.5 + 0.3 * np.sin(2 * np.pi * ts / 86_400_000)
+    X = np.stack([load, 0.8 * load + 0.1, 1.0 - load, 0.5 + 0.02 * rng.normal(size=len(ts))], axis=1)
+    return X + rng.normal(0, 0.01, size=X.shape), ts
+
+
+def stream(det, X, ts, batch=16):
+    return [det.process_many(X[i:i + batch], ts=ts[i:i + batch]) for i in range(0, len(X), batch)]
+
+
+def test_the_time_of_day_adds_two_inputs_that_need_the_readings_times_and_are_never_blamed():
+    det = make(kind="subspace", time_of_day=True)
+    assert det.input_names == METRICS + ["time_of_day:sin", "time_of_day:cos"]
+    assert det.architecture.startswith(f"subspace/{6 * det.settings.subspace_window}/")
+    X, ts = daily_cycle(3)
+    with pytest.raises(ValueError, match="model.features.time_of_day needs every reading's event time"):
+        det.process_many(X[:16])
+    with pytest.raises(ValueError, match="got 15 for 16 readings"):
+        det.process_many(X[:16], ts=ts[:15])
+    results = stream(det, X, ts)
+    named = {metric for r in results for top in r.top_metrics for metric, _ in top}
+    assert named and named <= set(METRICS)
+    assert all(r.metric_shares.shape[1] == len(METRICS) for r in results)
+    np.testing.assert_allclose(results[-1].metric_shares.sum(axis=1), 1.0)
+    assert det.score_many(X[:8], ts=ts[:8]).shape == (8,)
+    assert make(kind="subspace").input_names == METRICS  # off: the metrics alone, as before
+
+
+def test_a_daily_cycle_that_stops_is_seen_only_with_the_time_of_day():
+    """The metrics freeze at their daily mean for half a day, in their usual relations to one another: without
+    the time every reading is ordinary; with it, the cycle that should have gone on is missing."""
+    X, ts = daily_cycle(12)
+    stopped = slice(len(X) - 144, len(X))
+    X[stopped, :3] = X[stopped, :3].mean(axis=0) + np.random.default_rng(1).normal(0, 0.01, size=(144, 3))
+    rates = {}
+    for on in (False, True):
+        det = make(kind="subspace", time_of_day=on)
+        flags = np.concatenate([r.is_anomaly for r in stream(det, X, ts)])
+        rates[on] = float(flags[stopped].mean())
+    assert rates[True] > 0.5 > 0.1 > rates[False]
+
+
+def test_a_detector_with_the_time_of_day_restores_and_goes_on_identically():
+    X, ts = daily_cycle(3)
+    det = make(kind="subspace", time_of_day=True, adoption_policy="validated")
+    stream(det, X[:600], ts[:600])
+    copy = DeviceDetector.from_bytes(det.to_bytes())
+    assert copy.input_names == det.input_names and copy.held_readings.shape[1] == 6
+    assert copy.adopt_global(copy.get_weights(), 1) == 0.0  # validated on its held readings, times included
+    det.adopt_global(det.get_weights(), 1)
+    a, b = stream(det, X[600:], ts[600:]), stream(copy, X[600:], ts[600:])
+    np.testing.assert_array_equal(np.concatenate([r.scores for r in a]), np.concatenate([r.scores for r in b]))

@@ -18,3 +18,18 @@ def test_largest_shares_order_as_a_stable_sort(n, m, k, seed, ties):
     assert np.array_equal(top, expected)
     assert np.array_equal(values, np.take_along_axis(shares, expected, axis=1))
     assert np.array_equal(shares, before)          # the input is left as it was
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 10), st.integers(1, 6), st.integers(0, 3), st.integers(1, 5), st.integers(0, 99))
+def test_inputs_that_are_not_metrics_are_never_blamed(n, metrics, extra, blocks, seed):
+    """With `metrics`, the columns after the metrics in each block (the time of day) get no share: the metrics'
+    shares are those of the metric columns alone, and sum to 1 where those have any residual."""
+    from models.residuals import metric_shares
+    rng = np.random.default_rng(seed)
+    normalised = rng.random((n, blocks * (metrics + extra)))
+    shares = metric_shares(normalised, blocks, metrics)
+    only_metrics = normalised.reshape(n, blocks, metrics + extra)[:, :, :metrics].reshape(n, -1)
+    assert shares.shape == (n, metrics)
+    np.testing.assert_allclose(shares, metric_shares(only_metrics, blocks))
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)

@@ -97,3 +97,32 @@ def test_reject_names_the_metric():
 def test_unknown_policy_is_an_error():
     with pytest.raises(ValueError, match="nan_policy"):
         FeatureBuilder(nan_policy="drop")
+
+
+def test_a_pinned_feature_keeps_its_known_moments_whatever_is_learned():
+    """The time of day's sine seen over part of a day is a narrow arc: it is scaled by its moments over a whole
+    day (mean 0, variance 1/2), not by the arc's; the other features learn as before."""
+    arc = np.sin(np.linspace(0.0, 0.3, 50))
+    X = np.column_stack([np.linspace(1.0, 2.0, 50), arc])
+    pinned, plain = RunningScaler(), RunningScaler()
+    pinned.pin([1], 0.0, 0.5)
+    for scaler in (pinned, plain):
+        scaler.learn_many(X[:20])
+        scaler.learn_one(X[20])
+        scaler.learn_many(X[21:])
+    np.testing.assert_allclose(pinned.mean, [plain.mean[0], 0.0])
+    np.testing.assert_allclose(pinned.var, [plain.var[0], 0.5])
+    np.testing.assert_allclose(pinned.transform_batch(X[-1:])[0, 1], arc[-1] / np.sqrt(0.5))
+    assert plain.transform_batch(X[-1:])[0, 1] > 1.5      # the arc's own spread would make it a ramp
+    first = RunningScaler()
+    first.pin([1], 0.0, 0.5)                                # a first batch is scaled by the known moments too
+    np.testing.assert_allclose(first.transform_batch(X[:5])[:, 1], arc[:5] / np.sqrt(0.5))
+    pinned.rebaseline(10)
+    assert pinned.var[1] == pytest.approx(0.5)
+
+
+def test_value_columns_are_the_inputs_own_values_and_their_lags():
+    fb = FeatureBuilder(["a", "b", "t"], rolling_windows=(3,), lags=(1, 2), rate_of_change=True)
+    names = fb.feature_names
+    assert [names[i] for i in fb.value_columns([2])] == ["t", "t:lag1", "t:lag2"]
+    assert [names[i] for i in fb.value_columns([0, 2])] == ["a", "t", "a:lag1", "t:lag1", "a:lag2", "t:lag2"]

@@ -94,8 +94,12 @@ def stuck_metrics(result):
 
 
 def feed(det, X, batch=16):
-    return [det.process_many(X[i:i + batch], seqs=list(range(det.n_seen, det.n_seen + len(X[i:i + batch]))))
-            for i in range(0, len(X), batch)]
+    """`X` in micro-batches, numbered on from the readings `det` has seen, 5 minutes apart."""
+    out = []
+    for i in range(0, len(X), batch):
+        seqs = np.arange(det.n_seen, det.n_seen + len(X[i:i + batch]))
+        out.append(det.process_many(X[i:i + batch], seqs=seqs.tolist(), ts=seqs * 300_000))
+    return out
 
 
 def test_a_stuck_metric_opens_its_own_incident_naming_it_and_leaves_the_scores_alone():
@@ -155,7 +159,8 @@ def test_states_without_a_stuck_monitor_restore_with_one_that_learns_afresh():
     restored = DeviceDetector.from_bytes(old)
     assert restored.n_seen == 600 and restored.stuck.n_seen == 0 and not restored.settings.stuck_enabled
     X = moving(32, seed=3)
-    np.testing.assert_array_equal(restored.score_many(X), det.score_many(X))
+    ts = (det.n_seen + np.arange(32)) * 300_000
+    np.testing.assert_array_equal(restored.score_many(X, ts=ts), det.score_many(X, ts=ts))
     assert restored.reconfigure(det.settings) and restored.settings.stuck_enabled   # a configuration that turns it on
 
 

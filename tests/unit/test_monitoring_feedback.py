@@ -28,7 +28,8 @@ def run(detector, X):
     """process_many in micro-batches as the stream job does; returns the concatenated results."""
     scores, thresholds, flags, tops = [], [], [], []
     for i in range(0, len(X), BATCH):
-        res = detector.process_many(X[i:i + BATCH])
+        res = detector.process_many(X[i:i + BATCH],
+                                    ts=300_000 * (detector.n_seen + np.arange(len(X[i:i + BATCH]))))
         scores += res.scores.tolist()
         thresholds += res.thresholds.tolist()
         flags += res.is_anomaly.tolist()
@@ -55,31 +56,31 @@ def feedback(incident, verdict, at=0):
 
 def trained_detector(rng):
     detector = DeviceDetector.create(METRICS, load_config(env={}), seed=0)
-    run(detector, normal(rng, 3000, 0))
+    run(detector, normal(rng, 5000, 0))
     return detector
 
 
 def test_a_false_positive_stops_the_same_pattern_and_only_it():
     rng = np.random.default_rng(7)
     detector = trained_detector(rng)
-    first = run(detector, with_spike(normal(rng, 8, 3000), metric=2, size=0.5))
+    first = run(detector, with_spike(normal(rng, 8, 5000), metric=2, size=0.5))
     assert first[2].sum() >= 1, "the injected pattern must be flagged for this test to mean anything"
-    incident = incident_of(*first, "dev:3000")
+    incident = incident_of(*first, "dev:5000")
     assert incident["metrics_to_blame"][0]["metric"] == "m2"
-    run(detector, normal(rng, 600, 3008))
+    run(detector, normal(rng, 600, 5008))
 
     patterns = apply_feedback((), feedback(incident, "false_positive"), SETTINGS)
     confirmed = apply_feedback((), feedback(incident, "confirmed"), SETTINGS)
     assert len(patterns) == 1 and confirmed == ()
 
     twin = DeviceDetector.from_bytes(detector.to_bytes())  # the same device state, for a second replay
-    replay = run(detector, with_spike(normal(rng, 8, 3608), metric=2, size=0.5))
+    replay = run(detector, with_spike(normal(rng, 8, 5608), metric=2, size=0.5))
     assert replay[2].sum() >= 1, "control: without feedback the replayed pattern alerts again"
     muted = mute_mask(patterns, replay[0], replay[1], replay[2], replay[3], 1_000, SETTINGS)
     assert (replay[2] & ~muted).sum() == 0, "after a false-positive verdict it opens no incident"
     assert not mute_mask(confirmed, replay[0], replay[1], replay[2], replay[3], 1_000, SETTINGS).any()
 
-    other_metric = run(twin, with_spike(normal(rng, 8, 3608), metric=4, size=0.5))
+    other_metric = run(twin, with_spike(normal(rng, 8, 5608), metric=4, size=0.5))
     assert other_metric[2].sum() >= 1
     assert not mute_mask(patterns, *other_metric, 1_000, SETTINGS).any(), "another metric's anomaly still alerts"
 

@@ -238,7 +238,7 @@ def test_a_secure_round_of_subspace_models_unmasks_in_the_codecs_space():
     detectors = {}
     for i in range(3):
         detector = DeviceDetector.create([f"m{j}" for j in range(5)], cfg)
-        detector.learn_many(rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)))
+        detector.learn_many(rng.normal(size=(300, 5)) @ rng.normal(size=(5, 5)), ts=60_000 * np.arange(300))
         detectors[f"omi-{i}"] = detector
     architecture = next(iter(detectors.values())).architecture
     codec = codec_for(architecture)

@@ -18,6 +18,11 @@ def test_multi_entity_asd():
     assert X[0, :3].tolist() == [0.56, 0.5, 0.5] and X[-1, 0] == 0.49
     assert set(np.unique(y)) <= {0, 1} and sum(y.sum() for _, y in test.values()) > 0
     assert all(X.shape[1] == 19 for X in train.values())
+    times = {}
+    load_multi_entity(DATA / "asd/train.csv.gz", DATA / "asd/test.csv.gz", times=times)
+    train_ts, test_ts = times["omi-1"]
+    assert len(train_ts) == len(train["omi-1"]) and len(test_ts) == len(X) and train_ts.dtype == np.int64
+    assert (np.diff(train_ts) == 300_000).all() and test_ts[0] - train_ts[-1] == 300_000  # every 5 minutes
 
 
 def test_multi_entity_test_file_needs_labels(tmp_path):
@@ -36,6 +41,10 @@ def test_nab_split_in_time():
     assert names == ["value"] and len(train[name]) == int(n * 0.15)
     assert train[name][0, 0] == 73.96732207
     assert test[name][1].sum() > 0 and train.keys() == test.keys()
+    times = {}
+    load_nab(DATA / "nab/realKnownCause", train_fraction=0.15, times=times)
+    assert [len(t) for t in times[name]] == [len(train[name]), len(test[name][0])]
+    assert times[name][0][-1] < times[name][1][0]
 
 
 def test_nsl_kdd_clients():
