@@ -94,13 +94,13 @@ def write_json(path: str | Path | None, result: dict) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def training_fleet(train: str | None, min_readings: int, tool: str, quick: tuple[int, int] | None = None,
-                   times: dict | None = None) -> tuple[dict[str, np.ndarray], list[str], Path] | None:
-    """Every device's readings (device → (n, metrics)), the metric names and the path of a multi-entity training
-    CSV (`train`, default ASD's under ``paths.data_dir``), leaving out (and saying so) devices with fewer than
-    `min_readings`; with `quick` (devices, readings), only the first devices and their first readings. None, after
-    one clear line on stderr, when the file cannot be read or no device is long enough. A dict given as `times` is
-    filled with the kept devices' event times (epoch ms), row for row."""
+def training_fleet(train: str | None, min_readings: int, tool: str, quick: tuple[int, int] | None = None
+                   ) -> tuple[dict[str, np.ndarray], list[str], Path, dict[str, np.ndarray]]:
+    """Every device's readings (device → (n, metrics)), the metric names, the path of a multi-entity training CSV
+    (`train`, default ASD's under ``paths.data_dir``) and every device's event times (epoch ms, row for row),
+    leaving out (and saying so) devices with fewer than `min_readings`; with `quick` (devices, readings), only the
+    first devices and their first readings. Exits with status 2 after one clear line on stderr when the file cannot
+    be read or no device is long enough (a script's wiring)."""
     from config import load_config
     from telemetry.datasets import device_arrays
     from telemetry.readers import MultiEntityCsvReader, ReaderError
@@ -112,16 +112,14 @@ def training_fleet(train: str | None, min_readings: int, tool: str, quick: tuple
         fleet = {device: X for device, (X, _) in device_arrays(reader, times=stamps).items()}
     except (OSError, ReaderError) as exc:
         print(f"{tool}: cannot read the training data: {exc}", file=sys.stderr)
-        return None
+        raise SystemExit(2) from None
     short = [device for device, X in fleet.items() if len(X) < min_readings]
     if short:
         print(f"left out {len(short)} device(s) with fewer than {min_readings} readings: {', '.join(short[:5])}")
     fleet = {device: X for device, X in fleet.items() if len(X) >= min_readings}
     if not fleet:
         print(f"{tool}: no device of {path} has {min_readings} readings or more", file=sys.stderr)
-        return None
+        raise SystemExit(2)
     if quick:
         fleet = {device: X[:quick[1]] for device, X in list(fleet.items())[:quick[0]]}
-    if times is not None:
-        times.update({device: stamps[device][:len(X)] for device, X in fleet.items()})
-    return fleet, reader.metric_names, path
+    return fleet, reader.metric_names, path, {device: stamps[device][:len(X)] for device, X in fleet.items()}

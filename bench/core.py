@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = m.subspace
     n_dense, n_lstm = (2000, 400) if args.quick else (20000, 3000)
     X, metrics, source = load_readings(n_dense, cfg.data_dir)
-    inputs = np.hstack([X, time_of_day(event_times(n_dense))]) if m.features.time_of_day else X  # the detector's
+    inputs = (np.hstack([X, time_of_day(event_times(n_dense), m.features.time_of_day_harmonics)])
+              if m.features.time_of_day else X)  # the detector's inputs
     Z = (inputs - inputs.mean(axis=0)) / (inputs.std(axis=0) + 1e-6)  # the bare models get standardised inputs
     W = windows_of(Z, sub.window)                       # ... and the subspace model its windows
     dense = dict(hidden=list(m.hidden), activation=m.activation, optimizer=m.optimizer,
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                      **best_of(lambda: detector_batched(cfg, metrics, X[:n_lstm], batch, kind="lstm_ae"), 1)})
 
     load = os.getloadavg()[0]
-    print(f"data: {source}, {X.shape[1]} metrics{' + the time of day (2 inputs)' if m.features.time_of_day else ''}; "
+    print(f"data: {source}, {X.shape[1]} metrics{' + the time of day' if m.features.time_of_day else ''}; "
           f"subspace and dense {n_dense} readings (subspace per reading "
           f"{n_lstm}), lstm {n_lstm}; 1 BLAS thread; load average {load:.1f} on {os.cpu_count()} cores (readings/s "
           "by wall time falls with the load; by this process's CPU time much less)")

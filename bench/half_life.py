@@ -55,11 +55,7 @@ def main() -> int:
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     cfg = load_config()
-    times: dict = {}
-    read = training_fleet(args.train, MIN_READINGS, "half_life", QUICK if args.quick else None, times)
-    if read is None:
-        return 2
-    fleet, metrics, path = read
+    fleet, metrics, path, times = training_fleet(args.train, MIN_READINGS, "half_life", QUICK if args.quick else None)
     print(f"{'device':<12}" + "".join(f"{'never' if h == 0 else h:>10}" for h in CANDIDATES), flush=True)
     rows, table = [], []
     for device, X in fleet.items():

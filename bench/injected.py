@@ -179,11 +179,7 @@ def main() -> int:
         parser.error(f"--kinds: unknown {', '.join(unknown) or 'none given'} (known: {', '.join(KINDS)})")
     stop_cleanly_on_sigterm()
     cfg = load_config()
-    times: dict = {}
-    read = training_fleet(args.train, MIN_READINGS, "injected", QUICK if args.quick else None, times)
-    if read is None:
-        return 2
-    fleet, metrics, path = read
+    fleet, metrics, path, times = training_fleet(args.train, MIN_READINGS, "injected", QUICK if args.quick else None)
     print(f"{len(fleet)} devices, {len(metrics)} metrics, {sum(len(X) for X in fleet.values()):,} readings; "
           f"probe part: the last {1 - PROBE_START:.0%} of each"
           + (f", history: its last {args.history:,} readings before it" if args.history else "")

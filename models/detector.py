@@ -17,7 +17,7 @@ import numpy as np
 
 from models.autoencoder import DenseAutoencoder, check_weight_shapes
 from models.drift import DriftEvent, DriftMonitor
-from models.features import TIME_OF_DAY_INPUTS, TIME_OF_DAY_MEAN, TIME_OF_DAY_VARIANCE, FeatureBuilder, time_of_day
+from models.features import TIME_OF_DAY_MEAN, TIME_OF_DAY_VARIANCE, FeatureBuilder, time_of_day, time_of_day_inputs
 from models.federation import blend_weights, validated_blend
 from models.incidents import STUCK, Incident, IncidentBatch, IncidentTracker
 from models.lstm_autoencoder import LSTMAutoencoder
@@ -133,6 +133,7 @@ class DetectorSettings:
     adoption_prior_readings: int = 500
     warmup_per_input: float = 0.0  # 0 in states from before it, until `reconfigure` gives them the configured one
     time_of_day: bool = False  # two more inputs per reading, the phase of its UTC day (False in states from before)
+    time_of_day_harmonics: int = 1  # ... 2 per harmonic of the day: a Fourier series of the daily shape
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> "DetectorSettings":
@@ -141,7 +142,8 @@ class DetectorSettings:
         features = model.features
         values = {f.name: getattr(model, f.name) for f in dataclasses.fields(cls)
                   if f.name in model and f.name != "features" and f.name not in NESTED_SETTINGS}
-        values.update({name: features[name] for name in ("rolling_windows", "lags", "rate_of_change", "time_of_day")})
+        values.update({name: features[name] for name in ("rolling_windows", "lags", "rate_of_change", "time_of_day",
+                                                        "time_of_day_harmonics")})
         values.update({name: threshold[name] for name in ("target_false_alarm_rate", "sigma_k", "warmup", "history",
                                                          "warmup_per_input")})
         values["threshold_kind"] = threshold.kind
@@ -253,11 +255,13 @@ class DeviceDetector:
         if settings.score_inputs not in SCORE_INPUTS:
             raise ValueError(f"model.scoring.inputs: unknown {settings.score_inputs!r} (known: "
                              f"{', '.join(SCORE_INPUTS)})")
+        if settings.time_of_day and settings.time_of_day_harmonics < 1:
+            raise ValueError(f"model.features.time_of_day_harmonics must be >= 1, got {settings.time_of_day_harmonics}")
         self.metric_names = list(metric_names)
         self._metric_name_array = np.array(self.metric_names, dtype=object)  # for indexing by top-k positions
         self.settings = s = settings
         # The model's inputs per reading: its metrics, then (model.features.time_of_day) the phase of its day.
-        self.input_names = self.metric_names + list(TIME_OF_DAY_INPUTS if s.time_of_day else ())
+        self.input_names = self.metric_names + (time_of_day_inputs(s.time_of_day_harmonics) if s.time_of_day else [])
         self.features = FeatureBuilder(self.input_names, s.rolling_windows, s.feature_lags, s.rate_of_change,
                                        s.nan_policy)
         self.scaler = RunningScaler()
@@ -393,7 +397,7 @@ class DeviceDetector:
         if ts is None or len(ts) != X.shape[0]:
             raise ValueError(f"model.features.time_of_day needs every reading's event time (ts, epoch ms): got "
                              f"{'none' if ts is None else len(ts)} for {X.shape[0]} readings")
-        return np.hstack([X, time_of_day(ts)])
+        return np.hstack([X, time_of_day(ts, self.settings.time_of_day_harmonics)])
 
     @property
     def _scored_blocks(self) -> int:

@@ -13,22 +13,33 @@ sums of 10^100 squares). Beyond it a value counts as missing, like NaN and ±inf
 (`telemetry.schema`)."""
 
 
-TIME_OF_DAY_INPUTS = ("time_of_day:sin", "time_of_day:cos")
-"""The inputs `model.features.time_of_day` adds after a reading's metrics (`time_of_day`)."""
 DAY_MS = 86_400_000
-TIME_OF_DAY_MEAN, TIME_OF_DAY_VARIANCE = 0.0, 0.5  # of the sine and cosine of a phase uniform over the day
+TIME_OF_DAY_MEAN, TIME_OF_DAY_VARIANCE = 0.0, 0.5  # of the sine and cosine of any harmonic of a phase uniform over
+#                                                    the day
 
 
-def time_of_day(ts: Sequence[int] | np.ndarray) -> np.ndarray:
-    """(n, 2): sine and cosine of each event time's phase in its UTC day (`ts` in epoch ms). Server load follows
-    the clock; with these two inputs a linear model can tell a level usual at this hour from one usual at another,
-    and a daily cycle that stops (any fixed time-zone offset is a phase shift it absorbs).
+def time_of_day_inputs(harmonics: int = 1) -> list[str]:
+    """The inputs `model.features.time_of_day` adds after a reading's metrics (`time_of_day`): ``time_of_day:sin``,
+    ``time_of_day:cos``, then ``time_of_day:sin2``, ``time_of_day:cos2``... up to `harmonics`."""
+    return [f"time_of_day:{f}{'' if k == 1 else k}" for k in range(1, harmonics + 1) for f in ("sin", "cos")]
+
+
+def time_of_day(ts: Sequence[int] | np.ndarray, harmonics: int = 1) -> np.ndarray:
+    """(n, 2 × harmonics): sine and cosine of k × each event time's phase in its UTC day, k = 1…harmonics (`ts` in
+    epoch ms). Server load follows the clock; with these inputs a linear model can tell a level usual at this hour
+    from one usual at another, and a daily cycle that stops (any fixed time-zone offset is a phase shift it absorbs);
+    more harmonics let it follow a daily shape that is not a sine (a Fourier series of the day).
 
     >>> time_of_day([0, 6 * 3600 * 1000]).round(6).tolist()
     [[0.0, 1.0], [1.0, 0.0]]
+    >>> time_of_day([6 * 3600 * 1000], harmonics=2).round(6).tolist()
+    [[1.0, 0.0, 0.0, -1.0]]
     """
+    if harmonics < 1:
+        raise ValueError(f"model.features.time_of_day_harmonics must be >= 1, got {harmonics}")
     phase = (2.0 * np.pi / DAY_MS) * np.mod(np.asarray(ts, dtype=np.int64), DAY_MS)
-    return np.column_stack([np.sin(phase), np.cos(phase)])
+    angles = phase[:, None] * np.arange(1, harmonics + 1)
+    return np.stack([np.sin(angles), np.cos(angles)], axis=2).reshape(len(phase), 2 * harmonics)
 
 
 class NonFiniteMetricError(ValueError):

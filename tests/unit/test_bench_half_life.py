@@ -3,6 +3,7 @@ import importlib.util
 import sys
 
 import numpy as np
+import pytest
 
 from config import PROJECT_ROOT, load_config
 
@@ -30,3 +31,18 @@ def test_the_prequential_error_is_out_of_sample_and_favours_memory_as_the_data_a
     assert bench.prequential_error(series(3000), TS, METRICS, cfg, 0) == stationary[1]  # no randomness
     drifting = [bench.prequential_error(series(3000, shift_at=1500), TS, METRICS, cfg, h) for h in (500, 0)]
     assert drifting[0] < drifting[1]  # a relation that keeps moving: a short memory follows it
+
+
+def test_the_training_fleet_reads_times_and_a_bad_file_exits_with_one_clear_line(tmp_path, capsys):
+    from bench_output import training_fleet
+    csv = tmp_path / "train.csv"
+    csv.write_text("device_id,timestamp,a\n" + "".join(f"d,{1_700_000_000 + 60 * i},{i % 7}\n" for i in range(30))
+                   + "e,1700000000,1\n")
+    fleet, metrics, path, times = training_fleet(str(csv), 20, "tool", quick=(1, 25))
+    assert list(fleet) == ["d"] and fleet["d"].shape == (25, 1) and metrics == ["a"] and path == csv
+    assert (np.diff(times["d"]) == 60_000).all() and len(times["d"]) == 25
+    assert "left out 1 device(s) with fewer than 20 readings: e" in capsys.readouterr().out
+    for bad, minimum in ((tmp_path / "missing.csv", 1), (csv, 1_000)):
+        with pytest.raises(SystemExit) as exit_:
+            training_fleet(str(bad), minimum, "tool")
+        assert exit_.value.code == 2 and capsys.readouterr().err.startswith("tool: ")

@@ -635,3 +635,22 @@ def test_a_detector_with_the_time_of_day_restores_and_goes_on_identically():
     det.adopt_global(det.get_weights(), 1)
     a, b = stream(det, X[600:], ts[600:]), stream(copy, X[600:], ts[600:])
     np.testing.assert_array_equal(np.concatenate([r.scores for r in a]), np.concatenate([r.scores for r in b]))
+
+
+def test_harmonics_of_the_day_are_more_inputs_with_the_same_known_moments():
+    det = make(kind="subspace", time_of_day=True, time_of_day_harmonics=3)
+    assert det.input_names[len(METRICS):] == ["time_of_day:sin", "time_of_day:cos", "time_of_day:sin2",
+                                              "time_of_day:cos2", "time_of_day:sin3", "time_of_day:cos3"]
+    X, ts = daily_cycle(2)
+    results = stream(det, X, ts)
+    assert all(r.metric_shares.shape[1] == len(METRICS) for r in results)
+    time_columns = det.features.value_columns(range(len(METRICS), len(det.input_names)))
+    np.testing.assert_allclose(det.scaler.mean[time_columns], 0.0)
+    np.testing.assert_allclose(det.scaler.var[time_columns], 0.5)
+    from models.features import time_of_day
+    day = time_of_day(np.arange(288) * FIVE_MINUTES_MS, harmonics=3)   # over a whole day, exactly those moments
+    np.testing.assert_allclose(day.mean(axis=0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(day.var(axis=0), 0.5)
+    for wrong in (lambda: time_of_day([0], harmonics=0), lambda: make(time_of_day=True, time_of_day_harmonics=0)):
+        with pytest.raises(ValueError, match="time_of_day_harmonics must be >= 1"):
+            wrong()
