@@ -124,19 +124,21 @@ def split(fleet: dict[str, np.ndarray], kind: str, history: int = 0, seed: int =
     rng = np.random.default_rng([seed, KINDS.index(kind)])
     train, test = {}, {}
     for device, X in fleet.items():
-        cut = int(PROBE_START * len(X))
-        train[device] = X[max(0, cut - history) if history else 0:cut]
-        test[device] = inject(kind, X[:cut], X[cut:], rng)
+        past, probe = parts(len(X), history)
+        train[device] = X[past]
+        test[device] = inject(kind, X[:probe.start], X[probe], rng)
     return train, test
+
+
+def parts(n: int, history: int = 0) -> tuple[slice, slice]:
+    """The history part and the probe part of a series of `n` readings (`history`: as in `split`)."""
+    cut = int(PROBE_START * n)
+    return slice(max(0, cut - history) if history else 0, cut), slice(cut, n)
 
 
 def split_times(times: dict[str, np.ndarray], history: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each device's event times cut as `split` cuts its readings: (history part, probe part)."""
-    out = {}
-    for device, ts in times.items():
-        cut = int(PROBE_START * len(ts))
-        out[device] = (ts[max(0, cut - history) if history else 0:cut], ts[cut:])
-    return out
+    return {device: tuple(ts[part] for part in parts(len(ts), history)) for device, ts in times.items()}
 
 
 def run_kind(fleet: dict[str, np.ndarray], metrics: list[str], cfg, kind: str, models: tuple[str, ...],

@@ -249,16 +249,13 @@ def run_evaluate(args, cfg) -> int:
     if dataset == "nab":
         report["nab_score"] = _nab_scores(evaluation, test, cfg)
     print(format_table(report))
-    fixed = {name: m["fixed_calibration"] for name, m in report["models"].items() if "fixed_calibration" in m}
-    if fixed:
-        print("pooled on the calibration scores alone (--pooling calibration), roc_auc / pr_auc / best_f1: "
-              + ", ".join(f"{name} {f['roc_auc']:.3f} / {f['pr_auc']:.3f} / {f['best_f1']:.3f}"
-                          for name, f in fixed.items()))
-    recent = {name: m["all_recent"] for name, m in report["models"].items() if "all_recent" in m}
-    if recent:
-        print("pooled on all recent scores (--pooling rolling), roc_auc / pr_auc / best_f1: "
-              + ", ".join(f"{name} {f['roc_auc']:.3f} / {f['pr_auc']:.3f} / {f['best_f1']:.3f}"
-                          for name, f in recent.items()))
+    for key, pooled_on in (("fixed_calibration", "the calibration scores alone (--pooling calibration)"),
+                           ("all_recent", "all recent scores (--pooling rolling)")):
+        other = {name: m[key] for name, m in report["models"].items() if key in m}
+        if other:
+            print(f"pooled on {pooled_on}, roc_auc / pr_auc / best_f1: "
+                  + ", ".join(f"{name} {f['roc_auc']:.3f} / {f['pr_auc']:.3f} / {f['best_f1']:.3f}"
+                              for name, f in other.items()))
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
