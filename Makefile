@@ -16,7 +16,7 @@ test: setup
 	bash orchestration/run_tests.sh $(ARGS)
 
 # every benchmark in turn, each writing artifacts/bench/<name>.json (ARGS=--quick: their quick versions)
-BENCHMARKS = core produce units fleet_shape half_life injected aggregate wide evaluate sink dashboards stream
+BENCHMARKS = core produce units seasonality fleet_shape half_life injected aggregate wide evaluate sink dashboards stream
 bench: setup
 	mkdir -p artifacts/bench
 	set -e; for name in $(BENCHMARKS); do \

@@ -2,6 +2,7 @@
 stops; and how the label-free benchmarks read a fleet's training data."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -92,6 +93,17 @@ def write_json(path: str | Path | None, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def training_fleet_parser(doc: str, quick: tuple[int, int]) -> argparse.ArgumentParser:
+    """The arguments of a label-free benchmark over a fleet's training CSV (`training_fleet`): ``--train``,
+    ``--quick`` (`quick`: devices, readings of each) and ``--json``; its description is `doc`'s first paragraph."""
+    parser = argparse.ArgumentParser(description=" ".join(doc.split("\n\n")[0].split()))
+    parser.add_argument("--train", metavar="CSV", help="a multi-entity training CSV (default: ASD's, under "
+                                                       "paths.data_dir)")
+    parser.add_argument("--quick", action="store_true", help=f"{quick[0]} devices, their first {quick[1]:,} readings")
+    parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    return parser
 
 
 def training_fleet(train: str | None, min_readings: int, tool: str, quick: tuple[int, int] | None = None

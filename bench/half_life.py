@@ -13,14 +13,13 @@ when the configuration is what the rule picks on this fleet).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import stop_cleanly_on_sigterm, training_fleet, write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, training_fleet, training_fleet_parser, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 
@@ -47,11 +46,7 @@ def prequential_error(X: np.ndarray, ts: np.ndarray, metrics: list[str], cfg, ha
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train", metavar="CSV", help="a multi-entity training CSV (default: ASD's, under "
-                                                       "paths.data_dir)")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK[0]} devices, their first {QUICK[1]:,} readings")
-    parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    parser = training_fleet_parser(__doc__, QUICK)
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     cfg = load_config()

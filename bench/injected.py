@@ -17,7 +17,11 @@ forms server telemetry shows them, with sizes in units of each metric's own spre
   is one the metric takes; their relation to the other metrics is broken: a process that stopped following load);
 - ``stuck``: a range, those metrics held at their value at its start (a dead exporter, a hung process: the kind
   a reconstruction model is expected to miss when the value itself is ordinary);
-- ``trend``: a range, those metrics drifting linearly away to ±`LEVEL_SD` at its end (a slow leak).
+- ``trend``: a range, those metrics drifting linearly away to ±`LEVEL_SD` at its end (a slow leak);
+- ``seasonal``: a range, every metric replaced by its own values half a day earlier (half the readings of a day at
+  the median interval of the device's timestamps): the metrics keep their relations to one another and only the time
+  of day is wrong (a device behaving as at another hour: traffic at its night level at noon). Added on 6 December,
+  after the others, as rule v3 of detector changes (docs/evaluation.md, item 18), fixed before it judged anything.
 
 Only metrics that move in a range are chosen for it (a metric constant there would carry no anomaly). A range is
 `RANGE_READINGS` long, `RANGES_PER_DEVICE` per device (spikes: `SPIKES_PER_DEVICE` single readings), apart from one
@@ -32,7 +36,6 @@ Headline: the federated detector's pooled ROC-AUC, averaged over the kinds, besi
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -40,15 +43,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import stop_cleanly_on_sigterm, training_fleet, write_json  # noqa: E402  (beside this script)
+from bench_output import stop_cleanly_on_sigterm, training_fleet, training_fleet_parser, write_json  # noqa: E402  (beside this script)
 from config import load_config  # noqa: E402
 from models.aggregation import make_strategy  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 from models.evaluation import evaluate_fleet  # noqa: E402
+from models.features import readings_per_day  # noqa: E402
 from orchestration.evaluate_cli import POOLING, POOLINGS, pooling_options  # noqa: E402
 
 SEED = 11
-KINDS = ("spike", "level", "noise", "decoupled", "stuck", "trend")
+KINDS = ("spike", "level", "noise", "decoupled", "stuck", "trend", "seasonal")  # seeded by position: append only
 MODELS = ("federated", "local", "isolation_forest", "pca", "random")
 PROBE_START = 0.7            # share of each device's series that is history; the rest is the probe part
 MIN_READINGS = 2000          # a shorter series leaves too little history or probe
@@ -78,10 +82,14 @@ def places(rng: np.random.Generator, n: int, count: int, lengths: tuple[int, int
     return sorted(taken)
 
 
-def inject(kind: str, history: np.ndarray, probe: np.ndarray, rng: np.random.Generator
+def inject(kind: str, history: np.ndarray, probe: np.ndarray, rng: np.random.Generator, half_day: int = 0
            ) -> tuple[np.ndarray, np.ndarray]:
-    """The probe part with anomalies of `kind` injected (module docstring), and its labels (1: injected)."""
+    """The probe part with anomalies of `kind` injected (module docstring), and its labels (1: injected);
+    `half_day`: readings in half a day (the ``seasonal`` kind needs it)."""
+    if kind == "seasonal" and half_day < 1:
+        raise ValueError("the seasonal kind needs the readings in half a day (the device's event times)")
     X, y = probe.copy(), np.zeros(len(probe), dtype=np.int64)
+    series = np.concatenate([history, probe]) if kind == "seasonal" else None
     sd = np.nanstd(history, axis=0)
     spread = np.where(sd > 0, sd, 1.0)
     varies = sd > 0   # a metric constant over the history is never chosen
@@ -89,6 +97,12 @@ def inject(kind: str, history: np.ndarray, probe: np.ndarray, rng: np.random.Gen
     for start, length in places(rng, len(X), SPIKES_PER_DEVICE if spike else RANGES_PER_DEVICE,
                                 (1, 1) if spike else RANGE_READINGS):
         rows = slice(start, start + length)
+        if kind == "seasonal":   # every metric, from half a day earlier (skipped if that is before the series)
+            source = len(history) + start - half_day
+            if source >= 0:
+                X[rows] = series[source:source + length]
+                y[rows] = 1
+            continue
         if spike:
             moving = np.flatnonzero(varies)
         else:   # a range's metric must move over the range (and the reading before it)
@@ -118,15 +132,18 @@ def inject(kind: str, history: np.ndarray, probe: np.ndarray, rng: np.random.Gen
     return X, y
 
 
-def split(fleet: dict[str, np.ndarray], kind: str, history: int = 0, seed: int = SEED) -> tuple[dict, dict]:
+def split(fleet: dict[str, np.ndarray], kind: str, history: int = 0, seed: int = SEED,
+          times: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
     """History (train) and injected probe parts (test) of every device, for one kind; seeded per kind. `history`:
-    only the last that many readings before the probe part are history (0: all of them), as for young devices."""
+    only the last that many readings before the probe part are history (0: all of them), as for young devices;
+    `times`: each device's event times (the ``seasonal`` kind reads its day from them)."""
     rng = np.random.default_rng([seed, KINDS.index(kind)])
     train, test = {}, {}
     for device, X in fleet.items():
         past, probe = parts(len(X), history)
         train[device] = X[past]
-        test[device] = inject(kind, X[:probe.start], X[probe], rng)
+        half_day = readings_per_day(times[device]) // 2 if kind == "seasonal" and times is not None else 0
+        test[device] = inject(kind, X[:probe.start], X[probe], rng, half_day)
     return train, test
 
 
@@ -146,7 +163,7 @@ def run_kind(fleet: dict[str, np.ndarray], metrics: list[str], cfg, kind: str, m
              times: dict[str, np.ndarray] | None = None) -> dict:
     """`evaluate_fleet`'s report of `models` on the fleet with `kind` injected (`times`: each device's event
     times, epoch ms, row for row; needed with ``model.features.time_of_day``)."""
-    train, test = split(fleet, kind, history, seed)
+    train, test = split(fleet, kind, history, seed, times)
     threshold_cfg = {k: cfg.threshold[k] for k in ("kind", "target_false_alarm_rate", "sigma_k")}
     return evaluate_fleet(train, test, lambda: DeviceDetector.create(metrics, cfg), strategy=make_strategy(cfg),
                           threshold_cfg=threshold_cfg, micro_batch=cfg.stream.micro_batch_size,
@@ -156,13 +173,9 @@ def run_kind(fleet: dict[str, np.ndarray], metrics: list[str], cfg, kind: str, m
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train", metavar="CSV", help="a multi-entity training CSV (default: ASD's, under "
-                                                       "paths.data_dir)")
+    parser = training_fleet_parser(__doc__, QUICK)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"kinds to inject, one at a time (default: all: "
                                                                   f"{','.join(KINDS)})")
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK[0]} devices, their first "
-                                                             f"{QUICK[1]:,} readings")
     parser.add_argument("--history", type=int, default=0, metavar="READINGS",
                         help="young devices: only this many readings of history before the probe part (default: "
                              "all; the magnitudes still come from the whole history)")
@@ -171,7 +184,6 @@ def main() -> int:
     parser.add_argument("--pooling", choices=POOLINGS, default=POOLING["stream"],
                         help=f"how devices are normalised before pooling, as in flead evaluate (default "
                              f"{POOLING['stream']}, flead evaluate's for a stream)")
-    parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args()
     if args.history < 0:
         parser.error("--history: a number of readings >= 0 (0: all)")

@@ -42,6 +42,20 @@ def time_of_day(ts: Sequence[int] | np.ndarray, harmonics: int = 1) -> np.ndarra
     return np.stack([np.sin(angles), np.cos(angles)], axis=2).reshape(len(phase), 2 * harmonics)
 
 
+def readings_per_day(ts: Sequence[int] | np.ndarray) -> int:
+    """Readings in one day at the median interval of the event times `ts` (epoch ms); ValueError when they do not
+    advance.
+
+    >>> readings_per_day([0, 300_000, 600_000, 1_500_000])
+    288
+    """
+    steps = np.diff(np.asarray(ts, dtype=np.int64))
+    steps = steps[steps > 0]
+    if steps.size == 0:
+        raise ValueError("the event times do not advance: no interval, so no day")
+    return max(1, int(round(DAY_MS / float(np.median(steps)))))
+
+
 class NonFiniteMetricError(ValueError):
     """A missing metric value (NaN, ±inf, or beyond ±`MAX_ABS_INPUT`) under ``model.nan_policy = reject``."""
 

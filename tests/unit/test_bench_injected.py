@@ -36,7 +36,7 @@ def test_ranges_are_apart_and_inside():
 @pytest.mark.parametrize("kind", bench.KINDS)
 def test_each_kind_changes_exactly_the_labelled_readings_of_moving_metrics(kind):
     history, probe = series(2000), series(600, seed=4)
-    X, y = bench.inject(kind, history, probe, np.random.default_rng(1))
+    X, y = bench.inject(kind, history, probe, np.random.default_rng(1), half_day=144)
     changed = np.any(X != probe, axis=1)
     assert y.sum() > 0 and not changed[y == 0].any()           # nothing outside the labels is touched
     assert changed[y == 1].mean() > (0.5 if kind == "stuck" else 0.9)  # stuck: the range's first reading stays
@@ -49,6 +49,26 @@ def test_each_kind_changes_exactly_the_labelled_readings_of_moving_metrics(kind)
         start = int(np.flatnonzero(runs == 1)[0])
         cols = np.flatnonzero(X[start + 1] != probe[start + 1])
         assert cols.size and (X[start:start + lengths[0], cols] == probe[start, cols]).all()
+
+
+def test_a_seasonal_range_is_every_metric_half_a_day_earlier():
+    history, probe = series(2000), series(600, seed=4)
+    X, y = bench.inject("seasonal", history, probe, np.random.default_rng(1), half_day=144)
+    whole = np.concatenate([history, probe])
+    rows = np.flatnonzero(y)
+    assert rows.size and np.array_equal(X[rows], whole[len(history) + rows - 144])   # the relations are kept
+    with pytest.raises(ValueError, match="half a day"):
+        bench.inject("seasonal", history, probe, np.random.default_rng(1))
+    fleet = {"a": series(3000)}
+    times = {"a": 60_000 * np.arange(3000)}          # every minute: half a day is 720 readings
+    _, test = bench.split(fleet, "seasonal", times=times)
+    X, y = test["a"]
+    rows = np.flatnonzero(y)
+    assert rows.size and np.array_equal(X[rows], fleet["a"][2100 + rows - 720])
+
+
+def test_the_existing_kinds_are_seeded_as_before_the_seasonal_kind():
+    assert bench.KINDS[:6] == ("spike", "level", "noise", "decoupled", "stuck", "trend")   # seeded by position
 
 
 def test_the_split_is_seeded_per_kind_and_history_can_be_short():
