@@ -68,6 +68,7 @@ NESTED_SETTINGS = {
     "adoption_candidates": ("model.adoption", "candidates"),
     "adoption_readings": ("model.adoption", "validation_readings"),
     "adoption_prior_readings": ("model.adoption", "prior_readings"),
+    "adoption_given_time_of_day": ("model.adoption", "given_time_of_day"),
 }
 
 
@@ -77,7 +78,7 @@ TUNABLE_SETTINGS = ("warmup", "warmup_per_input", "top_k_metrics", "threshold_ki
                     "sigma_k", "history", "drift_enabled", "drift_alpha", "incident_gap_readings", "incident_gap_ms",
                     "stuck_enabled", "stuck_longer_than", "stuck_min_repeats", "stuck_metrics", "adoption_policy",
                     "adoption_blend_weight", "adoption_candidates", "adoption_readings", "adoption_prior_readings",
-                    "subspace_half_life", "residual_half_life", "bounded_influence")
+                    "adoption_given_time_of_day", "subspace_half_life", "residual_half_life", "bounded_influence")
 THRESHOLD_SETTINGS = ("threshold_kind", "target_false_alarm_rate", "sigma_k", "history")
 
 
@@ -131,6 +132,7 @@ class DetectorSettings:
     adoption_candidates: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     adoption_readings: int = 64
     adoption_prior_readings: int = 500
+    adoption_given_time_of_day: bool = False  # the subspace model blends in global models given the time of day
     warmup_per_input: float = 0.0  # 0 in states from before it, until `reconfigure` gives them the configured one
     time_of_day: bool = False  # two more inputs per reading, the phase of its UTC day (False in states from before)
     time_of_day_harmonics: int = 1  # ... 2 per harmonic of the day: a Fourier series of the daily shape
@@ -694,7 +696,7 @@ class DeviceDetector:
             blend_weight = 1.0
         elif validation_error is not None:
             blend_weight, chosen, _ = validated_blend(local, weights, s.adoption_candidates,
-                                                      validation_error, self.architecture)
+                                                      validation_error, self.architecture, self._covariate_inputs())
             if blend_weight > 0.0:
                 self.set_weights(chosen)
             if subspace:
@@ -708,13 +710,23 @@ class DeviceDetector:
                 held = self.model.global_share
                 missing = 0.0 if held >= blend_weight else (blend_weight - held) / (1.0 - held)
                 if missing > 0.0:   # else nothing to take: the model stays exactly as it is
-                    self.set_weights(blend_weights(local, weights, missing, self.architecture))
+                    self.set_weights(blend_weights(local, weights, missing, self.architecture, self._covariate_inputs()))
                 self.model.global_share = max(held, blend_weight)
                 blend_weight = missing
             else:
                 self.set_weights(blend_weights(local, weights, blend_weight, self.architecture))
         self.global_version = int(version)
         return blend_weight
+
+    def _covariate_inputs(self) -> np.ndarray | None:
+        """The subspace model's inputs a global model is blended in given (`model.adoption.given_time_of_day`: the
+        time of day's, with their lags; `models.federation.blend_subspace_given`), as a boolean mask; None: none."""
+        s = self.settings
+        if not (s.adoption_given_time_of_day and s.time_of_day and isinstance(self.model, SubspaceModel)):
+            return None
+        mask = np.zeros(self.features.n_features, dtype=bool)
+        mask[self.features.value_columns(range(len(self.metric_names), len(self.input_names)))] = True
+        return mask
 
     def _validation_error(self) -> Callable[[Sequence[np.ndarray]], float] | None:
         """Weights ↦ the median score a model with those weights gives the device's held recent readings (its

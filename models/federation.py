@@ -39,13 +39,20 @@ from models.updates import codec_for, register_codec
 SUBSPACE_KIND = "subspace"
 
 
-def subspace_moments(weights: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, covariance) of subspace wire weights ``[L, μ, v]``: ``C = L Lᵀ`` with the exact variances v on its
-    diagonal."""
+def subspace_parts(weights: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The factor L (d, r), mean μ (d,) and variances v (d,) of subspace wire weights, float64; ValueError when
+    their shapes do not fit together."""
     factor, mean, var = (np.asarray(w, dtype=np.float64) for w in weights)
     if factor.ndim != 2 or mean.shape != (factor.shape[0],) or var.shape != mean.shape:
         raise ValueError(f"subspace weights must be [factor (d, r), mean (d,), variances (d,)], got shapes "
                          f"{[np.shape(w) for w in weights]}")
+    return factor, mean, var
+
+
+def subspace_moments(weights: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) of subspace wire weights ``[L, μ, v]``: ``C = L Lᵀ`` with the exact variances v on its
+    diagonal."""
+    factor, mean, var = subspace_parts(weights)
     C = factor @ factor.T
     C[np.diag_indices_from(C)] = np.maximum(var, 0.0)
     return mean, C
@@ -163,8 +170,7 @@ def blend_subspace(local: Sequence[np.ndarray], global_weights: Sequence[np.ndar
     low-rank part and the variances stay apart (unlike an eigendecomposition of the mixed covariance, which would
     fold each model's left-out variance into the components), so b = 0 gives back the local model."""
     (local_factor, local_mean, local_var), (global_factor, global_mean, global_var) = (
-        [np.asarray(w, dtype=np.float64) for w in weights] for weights in (local, global_weights))
-    subspace_moments(local), subspace_moments(global_weights)   # shape checks
+        subspace_parts(weights) for weights in (local, global_weights))
     if global_factor.shape != local_factor.shape:
         raise ValueError(f"subspace blend: factors of shapes {local_factor.shape} and {global_factor.shape}")
     delta = local_mean - global_mean
@@ -177,14 +183,74 @@ def blend_subspace(local: Sequence[np.ndarray], global_weights: Sequence[np.ndar
     return [w.astype(np.asarray(ref).dtype) for w, ref in zip(out, local)]
 
 
+COVARIATE_RCOND = 1e-6  # directions of the covariates' covariance below this share of its largest are float32
+#                        rounding of the wire weights (relative precision ~1e-7), not data: left out of the regression
+
+
+def blend_subspace_given(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], b: float,
+                         covariates: np.ndarray) -> list[np.ndarray]:
+    """`blend_subspace`, except that the two models' regressions of the other inputs on the `covariates` (a
+    boolean mask over the inputs) are not taken as variance of the other inputs where they disagree. The blend
+    keeps the mixture's means, the covariates' distribution and its regression of the other inputs on them (each
+    model's weighted by how much of the covariates' range it has seen); what it leaves out is the mixture's
+    ``b(1 − b)·(A_l − A_g)·C_TT·(A_l − A_g)ᵀ``-like part, the disagreement of the two regressions A. With the time
+    of day as the covariates, A is a device's daily shape: servers' shapes differ, and counting their difference
+    as variance of the metrics puts variance in the very direction of "the metrics at another hour's level", so
+    that such a reading then scores as normal. Regressions are those of the low-rank parts, ``A = L_M L_Tᵀ
+    (L_T L_Tᵀ)⁺``, so b = 0 gives back the local model; no d × d matrix is formed."""
+    T = np.asarray(covariates, dtype=bool)
+    M = ~T
+    (local_factor, local_mean, local_var), (global_factor, global_mean, global_var) = (
+        subspace_parts(weights) for weights in (local, global_weights))
+    if T.shape != local_mean.shape:
+        raise ValueError(f"subspace blend: a covariate mask of {T.shape[0]} inputs for a model of "
+                         f"{local_mean.shape[0]}")
+    if not T.any() or not M.any() or global_factor.shape != local_factor.shape:
+        return blend_subspace(local, global_weights, b)
+
+    def regression(factor: np.ndarray) -> np.ndarray:
+        """The low-rank part's regression of the other inputs on the covariates (A, shaped (others, covariates))."""
+        return factor[M] @ factor[T].T @ np.linalg.pinv(factor[T] @ factor[T].T, rcond=COVARIATE_RCOND,
+                                                        hermitian=True)
+
+    def left_given_covariates(factor: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The other inputs' factor and variances left once the covariates are known (a projection: stable even
+        where the covariates' own spread is small)."""
+        explained = regression(factor) @ factor[T]
+        return factor[M] - explained, np.maximum(var[M] - np.einsum("ij,ij->i", explained, explained), 0.0)
+
+    delta = local_mean - global_mean
+    mixture = np.hstack([math.sqrt(1.0 - b) * local_factor, math.sqrt(b) * global_factor,
+                         math.sqrt(b * (1.0 - b)) * delta[:, None]])   # the plain blend's factor, before truncation
+    shape = regression(mixture)
+    (own, own_var), (fleet, fleet_var) = (left_given_covariates(f, v) for f, v in
+                                          ((local_factor, local_var), (global_factor, global_var)))
+    left = np.hstack([math.sqrt(1.0 - b) * own, math.sqrt(b) * fleet, math.sqrt(b * (1.0 - b)) * delta[M, None]])
+    joint = np.zeros((len(local_mean), mixture.shape[1] + left.shape[1]))
+    joint[T, :mixture.shape[1]] = mixture[T]
+    joint[np.ix_(M, np.arange(mixture.shape[1]))] = shape @ mixture[T]
+    joint[np.ix_(M, np.arange(mixture.shape[1], joint.shape[1]))] = left
+    U, singular, _ = np.linalg.svd(joint, full_matrices=False)
+    r = local_factor.shape[1]
+    var = (1.0 - b) * local_var + b * global_var + b * (1.0 - b) * delta * delta
+    var[M] = (np.einsum("ij,ij->i", joint[M, :mixture.shape[1]], joint[M, :mixture.shape[1]])
+              + (1.0 - b) * own_var + b * fleet_var + b * (1.0 - b) * delta[M] ** 2)
+    out = [U[:, :r] * singular[:r], (1.0 - b) * local_mean + b * global_mean, var]
+    return [w.astype(np.asarray(ref).dtype) for w, ref in zip(out, local)]
+
+
 def blend_weights(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], blend_weight: float,
-                  architecture: str) -> list[np.ndarray]:
+                  architecture: str, covariates: np.ndarray | None = None) -> list[np.ndarray]:
     """``(1 − b)·local + b·global`` in the architecture's codec space (network weights as they are; for the
-    subspace model the mean and second moment, i.e. the mixture of the two distributions, not the factors)."""
+    subspace model the mean and second moment, i.e. the mixture of the two distributions, not the factors; with
+    `covariates`, a boolean mask of its inputs, the mixture of the other inputs' distributions given them:
+    `blend_subspace_given`)."""
     if not 0.0 <= blend_weight <= 1.0:
         raise ValueError(f"stream.blend_weight must be in [0, 1], got {blend_weight}")
     codec = codec_for(architecture)
     if isinstance(codec, SubspaceCodec):
+        if covariates is not None:
+            return blend_subspace_given(local, global_weights, blend_weight, covariates)
         return blend_subspace(local, global_weights, blend_weight)
     mixed = ((1.0 - blend_weight) * codec.federated_vector(local)
              + blend_weight * codec.federated_vector(global_weights))
@@ -216,16 +282,17 @@ def choose_blend_weight(candidates: Sequence[float], errors: Sequence[float], ti
 
 
 def validated_blend(local: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], candidates: Sequence[float],
-                    validation_error: Callable[[Sequence[np.ndarray]], float], architecture: str
-                    ) -> tuple[float, list[np.ndarray], list[float]]:
+                    validation_error: Callable[[Sequence[np.ndarray]], float], architecture: str,
+                    covariates: np.ndarray | None = None) -> tuple[float, list[np.ndarray], list[float]]:
     """Personalised adoption: blend ``(1 − b)·local + b·global`` (`blend_weights`) for every candidate share b,
     measure each blend's `validation_error` (the device's own error on its own held data, no labels) and keep
     the best (`choose_blend_weight`). Returns (chosen b, its weights, the errors in candidate order); b = 0 returns
-    `local` itself, untouched."""
+    `local` itself, untouched. `covariates`: as in `blend_weights`."""
     for b in candidates:
         if not 0.0 <= b <= 1.0:
             raise ValueError(f"model.adoption.candidates must be shares in [0, 1], got {list(candidates)}")
-    blends = [list(local) if b == 0.0 else blend_weights(local, global_weights, b, architecture) for b in candidates]
+    blends = [list(local) if b == 0.0 else blend_weights(local, global_weights, b, architecture, covariates)
+              for b in candidates]
     errors = [float(validation_error(w)) for w in blends]
     chosen = choose_blend_weight(candidates, errors)
     return chosen, blends[[float(b) for b in candidates].index(chosen)], errors

@@ -1,6 +1,8 @@
 """models.federation: aggregation strategies average in a space where averaging means something."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models.aggregation import FedAvg, Update, coordinate_median, fedavg
 from models.federation import SubspaceCodec, blend_weights, subspace_moments
@@ -152,3 +154,77 @@ def test_subspace_blend_of_low_rank_models_mixes_means_and_variances_exactly():
     delta = a.mean - b.mean
     np.testing.assert_allclose(mixed[1], 0.75 * a.mean + 0.25 * b.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mixed[2], 0.75 * a.variances + 0.25 * b.variances + 0.1875 * delta ** 2, rtol=1e-5)
+
+
+def daily_model(seed, phase, n=4000, d_metrics=5):
+    """A device whose metrics follow a daily cycle at its own `phase`, learned with the two time inputs (sin, cos
+    of the day) as its last inputs; full rank, so nothing is truncated."""
+    rng = np.random.default_rng(seed)
+    day = 2 * np.pi * np.arange(n) / 288
+    T = np.column_stack([np.sin(day), np.cos(day)])
+    mix = rng.normal(size=(2, d_metrics))
+    M = np.sin(day + phase)[:, None] * np.abs(mix[0]) + rng.normal(size=(n, 1)) @ mix[1:] + 0.1 * rng.normal(
+        size=(n, d_metrics))
+    X = np.hstack([M, T])
+    model = SubspaceModel(explained_variance=0.9, rank=X.shape[1], half_life=0)
+    model.learn_many(X)
+    return model, X
+
+
+def conditional(weights, T):
+    """The regression of the other inputs on the covariates T and the covariance left given them."""
+    _, C = subspace_moments(weights)
+    M = ~T
+    shape = C[np.ix_(M, T)] @ np.linalg.inv(C[np.ix_(T, T)])
+    return shape, C[np.ix_(M, M)] - shape @ C[np.ix_(T, M)]
+
+
+def test_a_blend_given_the_time_of_day_leaves_out_only_the_disagreement_of_the_daily_shapes():
+    (own, _), (fleet, _) = daily_model(1, phase=0.0), daily_model(2, phase=np.pi)
+    T = np.zeros(7, dtype=bool)
+    T[5:] = True
+    local, other = own.get_weights(), fleet.get_weights()
+    given = blend_weights(local, other, 0.4, own.architecture, covariates=T)
+    mixed = blend_weights(local, other, 0.4, own.architecture)          # the plain blend: the mixture
+    (mean_given, C_given), (mean_mixed, C_mixed) = subspace_moments(given), subspace_moments(mixed)
+    np.testing.assert_allclose(mean_given, mean_mixed, atol=1e-5)                    # the mixture's means,
+    np.testing.assert_allclose(C_given[:, T], C_mixed[:, T], atol=2e-4)               # time inputs, daily shape
+    (shape_l, rest_l), (shape_g, rest_g) = conditional(local, T), conditional(other, T)
+    delta = local[1][~T] - other[1][~T]
+    np.testing.assert_allclose(conditional(given, T)[1], 0.6 * rest_l + 0.4 * rest_g + 0.24 * np.outer(delta, delta),
+                               atol=2e-3)            # given the time of day: the two models' rest, mixed
+    disagreement = conditional(mixed, T)[1] - conditional(given, T)[1]
+    assert np.linalg.eigvalsh(disagreement).min() > -1e-3                     # what the plain blend adds ...
+    assert np.linalg.eigvalsh(disagreement).max() > 0.1 * np.abs(shape_l - shape_g).max() ** 2   # ... is large
+
+
+def test_a_blend_given_no_covariates_or_none_of_the_global_model_is_the_plain_blend_or_the_local_model():
+    (own, _), (fleet, _) = daily_model(3, phase=0.0), daily_model(4, phase=1.0)
+    local, other = own.get_weights(), fleet.get_weights()
+    none = np.zeros(7, dtype=bool)
+    for got, expected in zip(blend_weights(local, other, 0.3, own.architecture, covariates=none),
+                             blend_weights(local, other, 0.3, own.architecture)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    T = np.arange(7) >= 5
+    same = blend_weights(local, other, 0.0, own.architecture, covariates=T)
+    np.testing.assert_allclose(same[0] @ same[0].T, local[0] @ local[0].T, atol=1e-5)
+    np.testing.assert_allclose(same[1], local[1], atol=1e-6)
+    np.testing.assert_allclose(same[2], local[2], rtol=1e-6)
+    with pytest.raises(ValueError, match="covariate mask of 3 inputs"):
+        blend_weights(local, other, 0.3, own.architecture, covariates=np.ones(3, dtype=bool))
+
+
+@given(b=st.floats(0.0, 1.0), seed=st.integers(0, 50), rank=st.integers(2, 7))
+@settings(max_examples=40, deadline=None)
+def test_a_blend_given_covariates_is_finite_and_leaves_no_negative_variance(b, seed, rank):
+    rng = np.random.default_rng(seed)
+
+    def weights():
+        L = rng.normal(size=(7, rank)).astype(np.float32)
+        return [L, rng.normal(size=7).astype(np.float32),
+                ((L.astype(np.float64) ** 2).sum(axis=1) + rng.uniform(0.0, 1.0, 7)).astype(np.float32)]
+
+    factor, mean, var = blend_weights(weights(), weights(), b, f"subspace/7/r{rank}", covariates=np.arange(7) >= 5)
+    assert factor.shape == (7, rank) and factor.dtype == np.float32
+    assert np.isfinite(factor).all() and np.isfinite(mean).all()
+    assert (var >= (factor.astype(np.float64) ** 2).sum(axis=1) * (1 - 1e-4) - 1e-5).all()
