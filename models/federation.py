@@ -208,34 +208,39 @@ def blend_subspace_given(local: Sequence[np.ndarray], global_weights: Sequence[n
     if not T.any() or not M.any() or global_factor.shape != local_factor.shape:
         return blend_subspace(local, global_weights, b)
 
-    def regression(factor: np.ndarray) -> np.ndarray:
-        """The low-rank part's regression of the other inputs on the covariates (A, shaped (others, covariates))."""
-        return factor[M] @ factor[T].T @ np.linalg.pinv(factor[T] @ factor[T].T, rcond=COVARIATE_RCOND,
-                                                        hermitian=True)
+    def regression(factor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The low-rank part's regression A of the other inputs on the covariates, and a square root F of the
+        covariates' own part (``F Fᵀ = L_T L_Tᵀ``, without its float32-rounding directions)."""
+        spread, basis = np.linalg.eigh(factor[T] @ factor[T].T)
+        kept = spread > COVARIATE_RCOND * max(float(spread.max()), 0.0)
+        spread, basis = spread[kept], basis[:, kept]
+        return (factor[M] @ factor[T].T @ basis) / spread @ basis.T, basis * np.sqrt(spread)
 
     def left_given_covariates(factor: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The other inputs' factor and variances left once the covariates are known (a projection: stable even
         where the covariates' own spread is small)."""
-        explained = regression(factor) @ factor[T]
+        explained = regression(factor)[0] @ factor[T]
         return factor[M] - explained, np.maximum(var[M] - np.einsum("ij,ij->i", explained, explained), 0.0)
 
     delta = local_mean - global_mean
     mixture = np.hstack([math.sqrt(1.0 - b) * local_factor, math.sqrt(b) * global_factor,
                          math.sqrt(b * (1.0 - b)) * delta[:, None]])   # the plain blend's factor, before truncation
-    shape = regression(mixture)
+    shape, covariate_root = regression(mixture)
     (own, own_var), (fleet, fleet_var) = (left_given_covariates(f, v) for f, v in
                                           ((local_factor, local_var), (global_factor, global_var)))
     left = np.hstack([math.sqrt(1.0 - b) * own, math.sqrt(b) * fleet, math.sqrt(b * (1.0 - b)) * delta[M, None]])
-    joint = np.zeros((len(local_mean), mixture.shape[1] + left.shape[1]))
-    joint[T, :mixture.shape[1]] = mixture[T]
-    joint[np.ix_(M, np.arange(mixture.shape[1]))] = shape @ mixture[T]
-    joint[np.ix_(M, np.arange(mixture.shape[1], joint.shape[1]))] = left
-    U, singular, _ = np.linalg.svd(joint, full_matrices=False)
-    r = local_factor.shape[1]
+    q = covariate_root.shape[1]
+    joint = np.zeros((len(local_mean), q + left.shape[1]))
+    joint[T, :q] = covariate_root
+    joint[np.ix_(M, np.arange(q))] = shape @ covariate_root
+    joint[np.ix_(M, np.arange(q, joint.shape[1]))] = left
+    # the top r of the joint's columns' Gram: cheaper than an SVD of the tall joint, and exact for what is kept
+    spread, basis = np.linalg.eigh(joint.T @ joint)
+    top = np.argsort(spread)[::-1][:local_factor.shape[1]]
     var = (1.0 - b) * local_var + b * global_var + b * (1.0 - b) * delta * delta
-    var[M] = (np.einsum("ij,ij->i", joint[M, :mixture.shape[1]], joint[M, :mixture.shape[1]])
+    var[M] = (np.einsum("ij,ij->i", joint[M, :q], joint[M, :q])
               + (1.0 - b) * own_var + b * fleet_var + b * (1.0 - b) * delta[M] ** 2)
-    out = [U[:, :r] * singular[:r], (1.0 - b) * local_mean + b * global_mean, var]
+    out = [joint @ basis[:, top], (1.0 - b) * local_mean + b * global_mean, var]
     return [w.astype(np.asarray(ref).dtype) for w, ref in zip(out, local)]
 
 
