@@ -676,6 +676,10 @@ class DeviceDetector:
         device with much data of its own on itself; the networks blend their weights by that share each round).
         Returns the share of the global model blended in now.
 
+        With the time of day among a subspace model's inputs and `adoption_given_time_of_day`, every blend is
+        `models.federation.blend_subspace_given` (the device's and the fleet's differing daily shapes do not count
+        as variance of its metrics).
+
         For the subspace model `blend_weight` is the global models' share of the device's statistics after the
         adoption: its statistics still hold part of the global models adopted before (decayed by the readings
         learned since), so only the missing part is blended in. Blending b of each new global model every round
