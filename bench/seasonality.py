@@ -7,17 +7,17 @@ device of a multi-entity training CSV (ASD's by default; ``--train`` for any fle
 metrics that vary, the median of:
 
 - ``acf_*``: the autocorrelation at half a day, 1, 6, 7 and 8 days of the device's timestamps (a day is
-  `models.features.readings_per_day`: readings at the median interval of its timestamps); a weekly pattern shows as 7 days above 6
-  and 8;
+  `models.features.readings_per_day`: readings at the median interval of its timestamps); a weekly pattern shows
+  as 7 days above 6 and 8;
 - ``profile_share``: the share of a metric's variance held by its daily mean profile (its mean at each time of day,
   in slots of one interval), and ``profile_share_chance``, the same with the readings' slots shuffled (what a
   profile of that many slots holds by chance: the floor);
 - ``harmonics_1`` .. ``harmonics_4``: the share of the profile's power in its first 1, 2, 3, 4 harmonics (what 1..4
   `time_of_day_harmonics` can represent linearly);
 - ``cycle_days``: the metrics' period, in the timestamps' days: the first peak of their mean autocorrelation that
-  reaches `PERIOD_PEAK_SHARE` of its highest, after it first falls below 0 (about 1 when the clock and the load agree; far from 1 when the
-  timestamps' interval is not the sampling interval, and then the time-of-day inputs describe no cycle of the data:
-  set them off).
+  reaches `PERIOD_PEAK_SHARE` of its highest, after it first falls below 0 (about 1 when the clock and the load
+  agree; far from 1 when the timestamps' interval is not the sampling interval, and then the time-of-day inputs
+  describe no cycle of the data: set them off).
 
 Headline: the fleet's median `profile_share` beside its median `profile_share_chance` as the floor.
 """
@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import stop_cleanly_on_sigterm, training_fleet, training_fleet_parser, write_json  # noqa: E402  (beside this script)
+from bench_output import (stop_cleanly_on_sigterm, training_fleet, training_fleet_parser,  # noqa: E402
+                          write_json)  # beside this script
 from models.features import DAY_MS, readings_per_day  # noqa: E402
 
 LAGS_DAYS = (0.5, 1, 6, 7, 8)

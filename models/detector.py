@@ -714,7 +714,8 @@ class DeviceDetector:
                 held = self.model.global_share
                 missing = 0.0 if held >= blend_weight else (blend_weight - held) / (1.0 - held)
                 if missing > 0.0:   # else nothing to take: the model stays exactly as it is
-                    self.set_weights(blend_weights(local, weights, missing, self.architecture, self._covariate_inputs()))
+                    self.set_weights(blend_weights(local, weights, missing, self.architecture,
+                                                   self._covariate_inputs()))
                 self.model.global_share = max(held, blend_weight)
                 blend_weight = missing
             else:
