@@ -165,3 +165,24 @@ def test_prior_policy_gives_the_global_model_the_weight_of_a_fixed_number_of_rea
     for det, weights in ((young, before), (none, before_none)):
         for a, b in zip(det.get_weights(), weights):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_device_blends_given_its_time_of_day_only_when_configured():
+    """`adoption_given_time_of_day` routes a subspace device's blend through `blend_subspace_given` with its
+    time-of-day inputs (and their lags) as the covariates; off, or without the time of day, the plain blend."""
+    from models.federation import blend_weights
+
+    other = feed(make(adoption_policy="blend"), readings(600, seed=7, flip=True)).get_weights()
+    for given in (True, False):
+        det = feed(make(adoption_policy="blend", adoption_given_time_of_day=given), readings(600))
+        local = det.get_weights()
+        mask = det._covariate_inputs()
+        assert (mask is not None) == given
+        if given:   # the sine and cosine of the day, at every lag of the window
+            assert mask.sum() == 2 * det.settings.subspace_window and mask.shape == (det.features.n_features,)
+        det.adopt_global(other, version=1)
+        expected = blend_weights(local, other, 0.5, det.architecture, mask)
+        np.testing.assert_allclose(det.get_weights()[1], expected[1], atol=1e-6)
+        np.testing.assert_allclose(det.get_weights()[2], expected[2], rtol=1e-5)
+    assert make(adoption_given_time_of_day=True, time_of_day=False)._covariate_inputs() is None
+    assert "adoption_given_time_of_day" in det.settings.to_dict()
