@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_output import stop_cleanly_on_sigterm, training_fleet, training_fleet_parser, write_json  # noqa: E402  (beside this script)
+from bench_output import (stop_cleanly_on_sigterm, training_fleet, training_fleet_parser,  # noqa: E402
+                          write_json)  # beside this script
 from config import load_config  # noqa: E402
 from models.detector import DeviceDetector  # noqa: E402
 

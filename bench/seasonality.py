@@ -65,26 +65,28 @@ def slots_of_day(ts: np.ndarray, per_day: int) -> np.ndarray:
     return ((np.asarray(ts, dtype=np.int64) % DAY_MS) * per_day // DAY_MS).astype(np.int64)
 
 
-def profile_share(x: np.ndarray, slots: np.ndarray, per_day: int) -> float:
-    """Share of `x`'s variance held by its mean at each slot of the day."""
-    counts = np.bincount(slots, minlength=per_day)
-    means = np.bincount(slots, weights=x, minlength=per_day) / np.maximum(counts, 1)
-    total = x.var()
-    return float(means[slots].var() / total) if total > 0 else float("nan")
+def daily_profiles(X: np.ndarray, slots: np.ndarray, per_day: int) -> np.ndarray:
+    """(per_day, metrics): each metric's mean at each slot of the day; nan where no reading fell."""
+    sums = np.zeros((per_day, X.shape[1]))
+    np.add.at(sums, slots, X)
+    counts = np.bincount(slots, minlength=per_day)[:, None]
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def harmonic_shares(x: np.ndarray, slots: np.ndarray, per_day: int, harmonics: int = HARMONICS) -> np.ndarray:
-    """Cumulative share of the daily mean profile's power (its mean removed) in its first 1 .. `harmonics`
-    harmonics; slots nobody reported in take the profile's mean."""
-    counts = np.bincount(slots, minlength=per_day)
-    sums = np.bincount(slots, weights=x, minlength=per_day)
-    profile = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    profile = np.where(np.isnan(profile), np.nanmean(profile), profile) - np.nanmean(profile)
-    power = np.abs(np.fft.rfft(profile)[1:]) ** 2
-    if power.sum() == 0:
-        return np.full(harmonics, np.nan)
-    shares = np.cumsum(power) / power.sum()
-    return np.array([shares[min(k, len(shares)) - 1] for k in range(1, harmonics + 1)])
+def profile_share(X: np.ndarray, slots: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+    """Per metric, the share of its variance held by its daily mean profile (`daily_profiles` over `slots`)."""
+    total = X.var(axis=0)
+    return np.where(total > 0, profiles[slots].var(axis=0) / np.where(total > 0, total, 1.0), np.nan)
+
+
+def harmonic_shares(profiles: np.ndarray, harmonics: int = HARMONICS) -> np.ndarray:
+    """(metrics, harmonics): cumulative share of each daily mean profile's power (its mean removed) in its first
+    1 .. `harmonics` harmonics; slots nobody reported in take the profile's mean."""
+    centred = np.where(np.isnan(profiles), np.nanmean(profiles, axis=0), profiles) - np.nanmean(profiles, axis=0)
+    power = np.abs(np.fft.rfft(centred, axis=0)[1:]) ** 2
+    total = power.sum(axis=0)
+    shares = np.cumsum(power, axis=0) / np.where(total > 0, total, np.nan)
+    return shares[np.minimum(np.arange(harmonics), len(shares) - 1)].T
 
 
 def cycle_days(X: np.ndarray, per_day: int) -> float:
@@ -120,9 +122,10 @@ def device_row(X: np.ndarray, ts: np.ndarray, rng: np.random.Generator) -> dict:
         row[f"acf_{days:g}d"] = _median([autocorrelation(x, int(round(days * per_day))) for x in X.T])
     slots = slots_of_day(ts, per_day)
     shuffled = rng.permutation(slots)
-    row["profile_share"] = _median([profile_share(x, slots, per_day) for x in X.T])
-    row["profile_share_chance"] = _median([profile_share(x, shuffled, per_day) for x in X.T])
-    shares = np.array([harmonic_shares(x, slots, per_day) for x in X.T])
+    profiles = daily_profiles(X, slots, per_day)
+    row["profile_share"] = _median(profile_share(X, slots, profiles))
+    row["profile_share_chance"] = _median(profile_share(X, shuffled, daily_profiles(X, shuffled, per_day)))
+    shares = harmonic_shares(profiles)
     for k in range(1, HARMONICS + 1):
         row[f"harmonics_{k}"] = _median(shares[:, k - 1])
     row["cycle_days"] = _round(cycle_days(X, per_day))
